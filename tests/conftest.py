@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny synthetic datasets on disk, an isolated torchvision cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dr_resnet.synthetic import generate
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A lab-format synthetic dataset: 30 train, 12 test images, 80 px canvases."""
+    return generate(tmp_path_factory.mktemp("synthetic") / "lab", {"train": 30, "test": 12}, seed=3,
+                    fmt="lab", size=80, progress=False)
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty TORCH_HOME, with downloads pointed at a closed local port so they fail at once."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    return tmp_path / "torch_home"

@@ -1,0 +1,98 @@
+import pytest
+import torch
+import torchvision
+
+from dr_resnet.models import (WeightsNotFoundError, build_resnet, count_parameters, imagenet_cache_path,
+                              resnet18, resnet50)
+
+TORCHVISION = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}
+
+
+@pytest.mark.parametrize("depth,expected", [(18, 11_689_512), (50, 25_557_032)])
+def test_parameter_counts_match_torchvision(depth, expected):
+    assert count_parameters(build_resnet(depth, num_classes=1000)) == expected
+    assert count_parameters(TORCHVISION[depth]()) == expected
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_same_state_dict_gives_same_outputs_as_torchvision(depth):
+    torch.manual_seed(depth)
+    reference = TORCHVISION[depth]().eval()
+    # Non-trivial BN statistics, so a mix-up of running_mean/var or of BN order would show.
+    for m in reference.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    ours = build_resnet(depth, num_classes=1000)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    ours.eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), atol=1e-5, rtol=1e-5)
+    assert list(ours.state_dict()) == list(reference.state_dict())
+
+
+def test_factories_default_to_five_grades():
+    assert resnet18().fc.out_features == 5
+    assert resnet50().fc.in_features == 2048
+
+
+def test_zero_init_residual_zeroes_the_last_bn_of_every_block():
+    model = build_resnet(50, zero_init_residual=True)
+    blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
+    assert len(blocks) == 16
+    assert all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
+    assert torch.all(model.layer1[0].bn1.weight == 1)
+
+
+def _place_imagenet_file(depth: int) -> dict:
+    """A torchvision-format 1000-class state dict where torchvision's cache expects the IMAGENET1K_V1 file."""
+    torch.manual_seed(100 + depth)
+    state = TORCHVISION[depth]().state_dict()
+    path = imagenet_cache_path(depth)
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return state
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_imagenet_weights_load_from_torchvision_cache(torch_home, depth):
+    state = _place_imagenet_file(depth)
+    assert str(imagenet_cache_path(depth)).startswith(str(torch_home))
+    model = build_resnet(depth, num_classes=5, weights="imagenet")
+    loaded = model.state_dict()
+    for key, value in state.items():
+        if not key.startswith("fc."):
+            assert torch.equal(loaded[key], value), key
+    assert model.fc.out_features == 5
+
+
+def test_imagenet_weights_missing_offline_is_a_clear_error(torch_home):
+    with pytest.raises(WeightsNotFoundError) as info:
+        build_resnet(18, weights="imagenet")
+    message = str(info.value)
+    assert str(imagenet_cache_path(18)) in message
+    assert "resnet18-f37072fd.pth" in message and "model.weights=" in message
+
+
+def test_weights_from_a_checkpoint_file_with_ddp_prefix(tmp_path):
+    source = build_resnet(18)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}, path)
+    model = build_resnet(18, weights=path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_weights_file_that_does_not_fit_is_refused(tmp_path):
+    path = tmp_path / "r50.pt"
+    torch.save(build_resnet(50).state_dict(), path)
+    with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
+        build_resnet(18, weights=path)
+    with pytest.raises(WeightsNotFoundError, match="nothing.pt"):
+        build_resnet(18, weights=tmp_path / "nothing.pt")
+
+
+def test_unknown_depth_is_refused():
+    with pytest.raises(ValueError, match="depth must be one of \\[18, 50\\]"):
+        build_resnet(34)

@@ -1,0 +1,152 @@
+import csv
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dr_resnet.data import RetinopathyDataset
+from dr_resnet.formats import DatasetError, read_split
+from dr_resnet.preprocess import SKIPPED_FILE, Settings, crop_square, main, preprocess, retina_box
+from dr_resnet.synthetic import generate
+
+SIZE = 40
+
+
+def fundus(width=120, height=80, cx=70, cy=40, radius=30, colour=(180, 80, 40), noise=6, seed=0) -> np.ndarray:
+    """A bright disc on a noisy dark canvas (noise below the threshold, as JPEG borders are)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = rng.integers(0, noise, size=(height, width, 3)).astype(np.uint8)
+    image[(xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2] = colour
+    return image
+
+
+def bright_box(path) -> tuple[int, int, int, int]:
+    return retina_box(np.asarray(Image.open(path).convert("L")), 10)
+
+
+def test_retina_box_ignores_noise_and_specks():
+    image = fundus()
+    image[2, 2] = 255  # a single hot pixel in the border
+    grey = np.asarray(Image.fromarray(image).convert("L"))
+    box = retina_box(grey, 10)
+    assert np.abs(np.array(box) - (40, 10, 101, 71)).max() <= 1, box
+    assert retina_box(np.zeros((20, 20), np.uint8), 10) is None
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "CMYK", "P"])
+def test_modes_give_rgb_centred_square(tmp_path, mode):
+    path = tmp_path / f"eye.{'png' if mode in ('RGBA', 'P') else 'jpeg'}"
+    Image.fromarray(fundus()).convert(mode).save(path)
+    out = crop_square(path, Settings(size=SIZE))
+    assert out.mode == "RGB" and out.size == (SIZE, SIZE)
+    # The disc fills the square: bright at the centre, black in the corners.
+    pixels = np.asarray(out.convert("L"))
+    assert pixels[SIZE // 2, SIZE // 2] > 40 and max(pixels[0, 0], pixels[-1, -1]) < 10
+
+
+def test_clipped_disc_is_padded_to_a_centred_square(tmp_path):
+    # A disc wider than the canvas is tall (top and bottom cut off, as in many EyePACS photos).
+    Image.fromarray(fundus(width=200, height=60, cx=100, cy=30, radius=45)).save(tmp_path / "wide.png")
+    out = np.asarray(crop_square(tmp_path / "wide.png", Settings(size=90)).convert("L"))
+    rows = np.flatnonzero((out > 10).mean(axis=1) > 0.01)
+    assert 13 <= rows[0] <= 16 and 73 <= rows[-1] <= 76  # 60 of 90 rows are retina, centred
+    assert out[:12].max() < 10 and out[78:].max() < 10
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Stored landscape, a blue mark in the disc's upper left; EXIF says "rotate 90 CW to view" (6).
+    stored = fundus(width=160, height=80, cx=100, cy=40, radius=35)
+    stored[14:30, 74:90] = (30, 30, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "rotated.jpeg", exif=exif, quality=95)
+    Image.fromarray(stored).save(tmp_path / "stored.jpeg", quality=95)
+    out = np.asarray(crop_square(tmp_path / "rotated.jpeg", Settings(size=SIZE)), dtype=int)
+    unrotated = np.asarray(crop_square(tmp_path / "stored.jpeg", Settings(size=SIZE)), dtype=int)
+    turned = np.rot90(unrotated, k=-1)  # what a viewer shows
+    assert np.abs(out - turned).mean() < 2
+    assert np.abs(out - unrotated).mean() > 10
+
+
+def test_large_jpeg_uses_reduced_decode_and_matches_full_decode(tmp_path):
+    big = fundus(width=1600, height=1200, cx=800, cy=600, radius=560, noise=4)
+    Image.fromarray(big).save(tmp_path / "big.jpeg", quality=95)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    fast = np.asarray(crop_square(tmp_path / "big.jpeg", Settings(size=128)), dtype=int)
+    full = np.asarray(crop_square(tmp_path / "big.png", Settings(size=128)), dtype=int)
+    assert np.abs(fast - full).mean() < 2
+
+
+@pytest.fixture
+def raw(tmp_path):
+    return generate(tmp_path / "raw", {"train": 10, "test": 5}, seed=1, fmt="kaggle", size=96, progress=False)
+
+
+def test_preprocess_writes_a_dataset_of_the_same_format(raw, tmp_path):
+    dst = tmp_path / "out"
+    assert preprocess(raw, dst, Settings(size=SIZE), workers=2, progress=False) == []
+    assert (dst / "trainLabels.csv").read_bytes() == (raw / "trainLabels.csv").read_bytes()
+    for split, n in (("train", 10), ("test", 5)):
+        ds = RetinopathyDataset(dst, split)
+        assert ds.format == "kaggle" and len(ds) == n
+        assert all(Image.open(p).size == (SIZE, SIZE) for p in ds.paths)
+
+
+def test_rerun_skips_finished_images_and_refuses_other_settings(raw, tmp_path):
+    dst = tmp_path / "out"
+    preprocess(raw, dst, Settings(size=SIZE), progress=False)
+    done = read_split(dst, "train").paths
+    stamps = {p: p.stat().st_mtime_ns for p in done}
+    done[0].unlink()
+    preprocess(raw, dst, Settings(size=SIZE), progress=False)
+    assert done[0].exists()
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in done[1:])
+    with pytest.raises(DatasetError, match="was made with .*'size': 40.*--overwrite"):
+        preprocess(raw, dst, Settings(size=SIZE * 2), progress=False)
+    preprocess(raw, dst, Settings(size=SIZE * 2), overwrite=True, progress=False)
+    assert Image.open(done[1]).size == (SIZE * 2, SIZE * 2)
+
+
+def _break(raw):
+    """Row 3 of train: all black; row 5: truncated JPEG; row 2 of test: not an image."""
+    names = read_split(raw, "train").names
+    Image.new("RGB", (90, 70)).save(raw / "train" / f"{names[1]}.jpeg")
+    data = (raw / "train" / f"{names[3]}.jpeg").read_bytes()
+    (raw / "train" / f"{names[3]}.jpeg").write_bytes(data[: len(data) // 2])
+    test_name = read_split(raw, "test").names[0]
+    (raw / "test" / f"{test_name}.jpeg").write_bytes(b"garbage")
+    return names[1], names[3], test_name
+
+
+def test_bad_images_are_an_error_naming_each_file(raw, tmp_path):
+    black, truncated, garbage = _break(raw)
+    with pytest.raises(DatasetError) as info:
+        preprocess(raw, tmp_path / "out", Settings(size=SIZE), progress=False)
+    msg = str(info.value)
+    assert "3 image(s) could not be preprocessed" in msg and "--skip-bad" in msg
+    assert f"train row 3: {raw / 'train' / black}.jpeg: no retina found" in msg
+    assert f"train row 5: {raw / 'train' / truncated}.jpeg: cannot be decoded" in msg
+    assert f"test row 2: {raw / 'test' / garbage}.jpeg: not an image" in msg
+    assert not (tmp_path / "out" / "trainLabels.csv").exists()
+
+
+def test_skip_bad_leaves_them_out_and_lists_them(raw, tmp_path, capsys):
+    black, truncated, garbage = _break(raw)
+    dst = tmp_path / "out"
+    assert main(["--src", str(raw), "--dst", str(dst), "--size", str(SIZE), "--workers", "1", "--skip-bad"]) == 0
+    with open(dst / SKIPPED_FILE) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["split"], r["row"]) for r in rows] == [("test", "2"), ("train", "3"), ("train", "5")]
+    train = read_split(dst, "train")
+    assert len(train.names) == 8
+    assert black not in train.names and truncated not in train.names
+    assert len(read_split(dst, "test").names) == 4
+    err = capsys.readouterr()
+    assert "skipped 3 (listed in" in err.out and "no retina found" in err.err
+
+
+def test_cli_error_exits_2_with_one_line(tmp_path, capsys):
+    assert main(["--src", str(tmp_path), "--dst", str(tmp_path / "out")]) == 2
+    assert "no dataset split files found in" in capsys.readouterr().err
