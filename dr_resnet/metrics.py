@@ -1,0 +1,89 @@
+"""Grading metrics from a confusion matrix: accuracy, quadratic weighted kappa, per-class precision and
+recall, macro-F1, the majority-class baseline. numpy only (no torch), so reports can use it anywhere.
+
+Everything derives from the confusion matrix of counts (rows = true grade, columns = predicted), which
+is also what distributed evaluation sums across ranks: exact, whatever the world size.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from . import NUM_GRADES
+
+
+def confusion_matrix(targets: Sequence[int], predictions: Sequence[int], num_classes: int = NUM_GRADES) -> np.ndarray:
+    """Counts, rows = true class, columns = predicted class."""
+    targets, predictions = np.asarray(targets, dtype=np.int64), np.asarray(predictions, dtype=np.int64)
+    if targets.shape != predictions.shape:
+        raise ValueError(f"{targets.shape[0]} targets but {predictions.shape[0]} predictions")
+    for name, values in (("target", targets), ("prediction", predictions)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name} outside 0..{num_classes - 1}: {values[(values < 0) | (values >= num_classes)][:5]}")
+    return np.bincount(targets * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def row_normalised(cm: np.ndarray) -> np.ndarray:
+    """Each row divided by its total (recall on the diagonal); rows with no samples stay zero."""
+    totals = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, totals, out=np.zeros(cm.shape, dtype=float), where=totals > 0)
+
+
+def accuracy(cm: np.ndarray) -> float:
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else 0.0
+
+
+def quadratic_weighted_kappa(cm: np.ndarray) -> float:
+    """Cohen's kappa with quadratic weights (the Kaggle DR metric): 1 perfect, 0 chance level."""
+    cm = cm.astype(float)
+    total = cm.sum()
+    if total == 0:
+        return 0.0
+    n = cm.shape[0]
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    weights = (i - j) ** 2 / (n - 1) ** 2
+    expected = np.outer(cm.sum(axis=1), cm.sum(axis=0)) / total
+    denominator = (weights * expected).sum()
+    # All samples and predictions in one class: kappa is undefined; sklearn answers 0 (nan for a perfect
+    # single-class match). 0 keeps "best by QWK" comparisons well defined.
+    return float(1 - (weights * cm).sum() / denominator) if denominator > 0 else 0.0
+
+
+def per_class_recall(cm: np.ndarray) -> np.ndarray:
+    return np.diag(row_normalised(cm))
+
+
+def per_class_precision(cm: np.ndarray) -> np.ndarray:
+    totals = cm.sum(axis=0)
+    return np.divide(np.diag(cm), totals, out=np.zeros(cm.shape[0]), where=totals > 0)
+
+
+def macro_f1(cm: np.ndarray) -> float:
+    """Mean F1 over the classes present in targets or predictions (as scikit-learn's 'macro')."""
+    p, r = per_class_precision(cm), per_class_recall(cm)
+    f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
+    present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def majority_baseline(cm: np.ndarray) -> float:
+    """Accuracy of always predicting the most common true class."""
+    total = cm.sum()
+    return float(cm.sum(axis=1).max() / total) if total else 0.0
+
+
+def summarize(cm: np.ndarray) -> dict:
+    """Every metric of a confusion matrix, as plain Python values (JSON-ready)."""
+    return {
+        "num_samples": int(cm.sum()),
+        "accuracy": accuracy(cm),
+        "qwk": quadratic_weighted_kappa(cm),
+        "macro_f1": macro_f1(cm),
+        "per_class_recall": per_class_recall(cm).tolist(),
+        "per_class_precision": per_class_precision(cm).tolist(),
+        "majority_baseline": majority_baseline(cm),
+        "confusion_matrix": cm.astype(int).tolist(),
+    }

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from dr_resnet.metrics import (accuracy, confusion_matrix, macro_f1, majority_baseline, per_class_precision,
+                               per_class_recall, quadratic_weighted_kappa, row_normalised, summarize)
+
+
+def cases():
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 50, 1000):
+        t = rng.choice(5, size=n, p=[0.73, 0.07, 0.15, 0.03, 0.02])
+        noisy = np.where(rng.random(n) < 0.6, t, rng.integers(0, 5, n))
+        yield t, noisy
+    t = rng.integers(0, 5, 40)
+    yield t, t  # perfect
+    yield t, np.zeros(40, dtype=int)  # the majority-class collapse
+    yield np.array([0, 0, 1, 3]), np.array([0, 4, 1, 3])  # class 2 absent everywhere
+
+
+@pytest.mark.parametrize("targets,predictions", list(cases()))
+def test_against_scikit_learn(targets, predictions):
+    cm = confusion_matrix(targets, predictions)
+    labels = list(range(5))
+    np.testing.assert_array_equal(cm, skm.confusion_matrix(targets, predictions, labels=labels))
+    assert accuracy(cm) == pytest.approx(skm.accuracy_score(targets, predictions))
+    expected_kappa = skm.cohen_kappa_score(targets, predictions, labels=labels, weights="quadratic")
+    assert quadratic_weighted_kappa(cm) == pytest.approx(0.0 if np.isnan(expected_kappa) else expected_kappa)
+    np.testing.assert_allclose(per_class_recall(cm), skm.recall_score(targets, predictions, labels=labels,
+                                                                       average=None, zero_division=0))
+    np.testing.assert_allclose(per_class_precision(cm), skm.precision_score(targets, predictions, labels=labels,
+                                                                             average=None, zero_division=0))
+    assert macro_f1(cm) == pytest.approx(skm.f1_score(targets, predictions, average="macro", zero_division=0))
+    np.testing.assert_allclose(row_normalised(cm), np.nan_to_num(
+        skm.confusion_matrix(targets, predictions, labels=labels, normalize="true")))
+
+
+def test_majority_collapse_scores_baseline_accuracy_and_zero_kappa():
+    targets = np.array([0] * 73 + [1] * 7 + [2] * 15 + [3] * 3 + [4] * 2)
+    cm = confusion_matrix(targets, np.zeros(100, dtype=int))
+    assert accuracy(cm) == majority_baseline(cm) == 0.73
+    assert quadratic_weighted_kappa(cm) == 0.0
+    assert per_class_recall(cm).tolist() == [1, 0, 0, 0, 0]
+
+
+def test_summary_is_json_ready_and_rejects_bad_input():
+    import json
+    summary = summarize(confusion_matrix([0, 1, 2], [0, 1, 1]))
+    assert json.loads(json.dumps(summary))["confusion_matrix"][2] == [0, 1, 0, 0, 0]
+    assert summary["num_samples"] == 3
+    with pytest.raises(ValueError, match="prediction outside 0..4"):
+        confusion_matrix([0, 1], [0, 5])
+    with pytest.raises(ValueError, match="2 targets but 3 predictions"):
+        confusion_matrix([0, 1], [0, 1, 1])
