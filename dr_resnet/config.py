@@ -1,0 +1,213 @@
+"""Typed run configuration: the dataclasses hold every default; YAML files override them; command-line
+``section.key=value`` overrides come last. Unknown keys and bad values are errors naming the key.
+
+    --config configs/resnet50_pretrained.yaml train.epochs=40 data.root=/data/eyepacs_512
+
+A YAML file may start from another with ``inherit: base.yaml`` (a path relative to the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key (and file)."""
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 18  # 18 (BasicBlock) or 50 (Bottleneck)
+    weights: str = "none"  # none | imagenet | path to a state dict or checkpoint
+    zero_init_residual: bool = False
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic_128"
+    format: str = "auto"  # auto | lab | kaggle | aptos
+    train_split: str = "train"
+    test_split: str = "test"
+    image_size: int = 512
+    workers: int = 4  # data-loading processes per training process
+    max_rotation: float = 20.0  # degrees, random rotation within +-max_rotation (on the device)
+    flips: bool = True  # random horizontal and vertical flips (on the device)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32  # per process
+    eval_batch_size: int = 0  # per process; 0 means 2 x batch_size
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "none"  # none | cosine | onecycle
+    warmup_epochs: float = 0.0  # linear warm-up (cosine)
+    amp: str = "auto"  # auto | off | bf16 | fp16
+    sync_bn: bool = True  # SyncBatchNorm across processes (CUDA only)
+    channels_last: bool = True  # CUDA only
+    seed: int = 0
+    class_weights: str = "none"  # none | balanced (inverse class frequency in the loss)
+    log_every: int = 20  # batches between progress-bar updates of loss/accuracy
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"  # the run directory: config, metrics, checkpoints, figures
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled (WANDB_MODE wins)
+    project: str = "dr-resnet"
+    entity: str = ""
+    group: str = ""
+    name: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.depth": (18, 50),
+    "data.format": ("auto", "lab", "kaggle", "aptos"),
+    "train.scheduler": ("none", "cosine", "onecycle"),
+    "train.amp": ("auto", "off", "bf16", "fp16"),
+    "train.class_weights": ("none", "balanced"),
+    "wandb.mode": ("online", "offline", "disabled"),
+}
+POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.log_every")
+NON_NEGATIVE = ("data.workers", "data.max_rotation", "train.eval_batch_size", "train.momentum",
+                "train.weight_decay", "train.warmup_epochs")
+
+
+def _sections(cfg: Config) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _coerce(key: str, value: Any, kind: Any, origin: str) -> Any:
+    """value as the field's type; strings from the command line are parsed as YAML scalars first."""
+    if isinstance(value, str) and kind is not str:
+        try:
+            value = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{origin}: {key}={value!r} is not a valid value ({exc})") from None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if value is None:
+            return "none"
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{origin}: {key} must be {kind.__name__}, got {value!r}")
+
+
+def _apply(cfg: Config, updates: dict[str, Any], origin: str) -> None:
+    sections = _sections(cfg)
+    for section, values in updates.items():
+        if section not in sections:
+            raise ConfigError(f"{origin}: unknown section '{section}' (known: {', '.join(sections)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: '{section}' must be a mapping of keys to values")
+        target = sections[section]
+        hints = typing.get_type_hints(type(target))
+        for key, value in values.items():
+            if key not in hints:
+                known = ", ".join(f.name for f in dataclasses.fields(target))
+                raise ConfigError(f"{origin}: unknown key '{section}.{key}' (known in {section}: {known})")
+            setattr(target, key, _coerce(f"{section}.{key}", value, hints[key], origin))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """The file's updates, preceded by those of the files it inherits from."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: inherits from itself through {' -> '.join(str(p) for p in seen)}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            content = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    parent = content.pop("inherit", None)
+    chain = _read_yaml(path.parent / parent, seen + (path,)) if parent else []
+    return chain + [(content, str(path))]
+
+
+def parse_override(text: str) -> tuple[str, str, str]:
+    """'section.key=value' -> (section, key, value)."""
+    name, sep, value = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value (e.g. train.epochs=5)")
+    return section, key, value
+
+
+def validate(cfg: Config) -> None:
+    flat = {f"{s}.{k}": v for s, values in cfg.to_dict().items() for k, v in values.items()}
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(map(str, allowed))}")
+    for key in POSITIVE:
+        if not flat[key] > 0:
+            raise ConfigError(f"{key} must be > 0, got {flat[key]}")
+    for key in NON_NEGATIVE:
+        if not flat[key] >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
+    if not 0 <= cfg.train.momentum < 1:
+        raise ConfigError(f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
+    if cfg.train.warmup_epochs >= cfg.train.epochs and cfg.train.warmup_epochs > 0:
+        raise ConfigError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) must be below train.epochs ({cfg.train.epochs})")
+
+
+def load(config_file: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file (and what it inherits) <- overrides, validated."""
+    cfg = Config()
+    if config_file:
+        for updates, origin in _read_yaml(Path(config_file)):
+            _apply(cfg, updates, origin)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _apply(cfg, {section: {key: value}}, "command line")
+    validate(cfg)
+    return cfg
+
+
+def save(cfg: Config, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+def from_dict(content: dict[str, Any]) -> Config:
+    """A Config from a saved dict (a checkpoint's or config.yaml's), validated."""
+    cfg = Config()
+    _apply(cfg, content, "saved config")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,88 @@
+"""Evaluate any saved checkpoint on a split: metrics.json and the confusion-matrix PNG. Every image is
+counted exactly once, also under torchrun.
+
+    python -m dr_resnet.evaluate --checkpoint RUN/checkpoint_best.pt --data-root DIR [--split test] --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import GRADES, checkpoint, distributed, metrics
+from .augment import DeviceAugment
+from .config import ConfigError, from_dict
+from .data import RetinopathyDataset
+from .engine import ShardSampler, evaluate
+from .formats import DatasetError
+from .models import build_resnet
+from .train import resolve_precision
+
+log = logging.getLogger("dr_resnet.evaluate")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dr_resnet.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by dr_resnet.train")
+    p.add_argument("--data-root", required=True, help="dataset folder (lab, kaggle or aptos layout)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--format", default="auto", choices=("auto", "lab", "kaggle", "aptos"))
+    p.add_argument("--image-size", type=int, default=0, help="default: the size the checkpoint was trained at")
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--out", required=True, help="folder for metrics.json and confusion_matrix.png")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
+    state = checkpoint.load(args.checkpoint)
+    cfg = from_dict(state["config"])
+    model = build_resnet(cfg.model.depth, len(GRADES)).to(info.device)
+    model.load_state_dict(state["model"])
+    size = args.image_size or cfg.data.image_size
+    dataset = RetinopathyDataset(args.data_root, args.split, format=args.format, image_size=size)
+    loader = DataLoader(dataset, args.batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
+                        num_workers=args.workers, pin_memory=info.device.type == "cuda")
+    cm, loss = evaluate(model, loader, DeviceAugment(), info.device, resolve_precision(args.amp, info.device))
+    scores = metrics.summarize(cm)
+    result = {"checkpoint": str(args.checkpoint), "epoch": int(state["epoch"]), "data_root": str(args.data_root),
+              "split": args.split, "image_size": size, "loss": loss, **scores}
+    if info.is_main:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        from .plots import save_confusion_matrix
+
+        save_confusion_matrix(np.array(scores["confusion_matrix"]), out / "confusion_matrix.png",
+                              f"resnet{cfg.model.depth}, epoch {state['epoch']} on {args.split}: "
+                              f"acc {scores['accuracy']:.1%}, QWK {scores['qwk']:.3f}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = distributed.init()
+    distributed.setup_logging(info)
+    try:
+        result = run(args, info)
+        if info.is_main:
+            print(f"{result['num_samples']} images: accuracy {result['accuracy']:.1%} (majority baseline "
+                  f"{result['majority_baseline']:.1%}), QWK {result['qwk']:.3f}; wrote {Path(args.out) / 'metrics.json'}")
+        return 0
+    except (ConfigError, DatasetError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Train one run end to end. The same code path as 1 process, under torchrun (one node or several),
+under srun in an sbatch script, or from a submitit task.
+
+    python -m dr_resnet.train --config configs/demo.yaml [section.key=value ...]
+    torchrun --nproc_per_node 4 -m dr_resnet.train --config configs/resnet50_pretrained.yaml
+
+A run directory (output.dir) that holds a checkpoint is resumed: a larger train.epochs extends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import GRADES, checkpoint, config, distributed, metrics
+from .augment import DeviceAugment, epoch_generator
+from .config import Config, ConfigError
+from .data import RetinopathyDataset
+from .distributed import DistInfo
+from .engine import Precision, ShardSampler, evaluate, train_one_epoch
+from .formats import DatasetError
+from .models import WeightsNotFoundError, build_resnet
+
+log = logging.getLogger("dr_resnet.train")
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
+def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m dr_resnet.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 output.dir=runs/x")
+    args = p.parse_args(argv)
+    return args.config, args.overrides
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """auto: bf16 on CUDA that supports it, else fp16 on CUDA, else fp32 (this CPU has no bf16 units)."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return Precision(None)
+    if amp == "auto":
+        return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return Precision(torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
+    """Per-step learning-rate factor: constant, or linear warm-up then cosine decay to zero."""
+    def factor(step: int) -> float:
+        if scheduler == "none":
+            return 1.0
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def class_weights(counts: np.ndarray) -> torch.Tensor:
+    """Inverse frequency, scaled so a balanced set gets 1 per class (scikit-learn's 'balanced');
+    a class absent from training gets 0."""
+    counts = counts.astype(np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+@dataclass
+class Run:
+    """Everything built for one run, ready for the loop."""
+
+    cfg: Config
+    info: DistInfo
+    run_dir: Path
+    train_loader: DataLoader
+    test_loader: DataLoader
+    train_sampler: DistributedSampler
+    model: nn.Module  # bare module (for evaluation and checkpoints)
+    ddp_model: nn.Module  # what training calls
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    augment: DeviceAugment
+    precision: Precision
+    channels_last: bool
+    train_baseline: float
+    test_baseline: float
+
+
+def build(cfg: Config, info: DistInfo) -> Run:
+    d, t = cfg.data, cfg.train
+    cuda = info.device.type == "cuda"
+    train_ds = RetinopathyDataset(d.root, d.train_split, format=d.format, image_size=d.image_size)
+    test_ds = RetinopathyDataset(d.root, d.test_split, format=d.format, image_size=d.image_size)
+    if len(train_ds) < t.batch_size * info.world_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} x {info.world_size} process(es) is more than the "
+                          f"{len(train_ds)} training images in {d.root}: lower train.batch_size")
+    # drop_last twice: the sampler trims the epoch to a multiple of the world size, the loader drops
+    # a last short batch, so BatchNorm never sees a batch of one.
+    train_sampler = DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True, seed=t.seed, drop_last=True)
+    loader_args = dict(num_workers=d.workers, pin_memory=cuda, persistent_workers=d.workers > 0)
+    train_loader = DataLoader(train_ds, t.batch_size, sampler=train_sampler, drop_last=True,
+                              generator=torch.Generator(), **loader_args)
+    test_loader = DataLoader(test_ds, t.eval_batch_size or 2 * t.batch_size,
+                             sampler=ShardSampler(len(test_ds), info.rank, info.world_size), **loader_args)
+
+    torch.manual_seed(t.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
+    model = build_resnet(cfg.model.depth, len(GRADES), weights, cfg.model.zero_init_residual).to(info.device)
+    channels_last = t.channels_last and cuda
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model: nn.Module = model
+    if info.distributed:
+        if t.sync_bn and cuda:
+            ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif t.sync_bn:
+            log.info("SyncBatchNorm needs CUDA: on CPU each process keeps its own BatchNorm statistics")
+        ddp_model = DistributedDataParallel(ddp_model, device_ids=[info.device.index] if cuda else None)
+        model = ddp_model.module
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    steps = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.scheduler, round(t.warmup_epochs * steps), t.epochs * steps))
+    precision = resolve_precision(t.amp, info.device)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision.needs_scaler)
+    weight = class_weights(train_ds.class_counts).to(info.device) if t.class_weights == "balanced" else None
+    return Run(cfg, info, Path(cfg.output.dir), train_loader, test_loader, train_sampler, model, ddp_model,
+               optimizer, scheduler, scaler, nn.CrossEntropyLoss(weight=weight), DeviceAugment(d.max_rotation, d.flips),
+               precision, channels_last, train_ds.majority_baseline, test_ds.majority_baseline)
+
+
+def training_state(run: Run, epoch: int, best: dict) -> dict:
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
+            "best": best, "rng": checkpoint.rng_state(), "config": run.cfg.to_dict(), "wandb_id": None}
+
+
+def resume(run: Run) -> tuple[int, dict]:
+    """(epochs already done, best so far) from the run directory's last checkpoint, if any."""
+    path = run.run_dir / checkpoint.LAST
+    if not path.is_file():
+        return 0, {}
+    state = checkpoint.load(path)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    checkpoint.restore_rng(state["rng"])
+    log.info("resumed %s after epoch %d", path, state["epoch"])
+    return int(state["epoch"]), dict(state["best"])
+
+
+def read_metrics(run_dir: Path, up_to_epoch: int | None = None) -> list[dict]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if up_to_epoch is None or r["epoch"] <= up_to_epoch]
+
+
+def rewrite_metrics(run_dir: Path, rows: list[dict]) -> None:
+    """Keep exactly the epochs a checkpoint covers (an epoch logged after the last checkpoint is redone)."""
+    tmp = run_dir / f".{METRICS_FILE}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(run_dir / METRICS_FILE)
+
+
+def write_summary(run: Run, rows: list[dict]) -> dict:
+    best = max(rows, key=lambda r: (r["test_qwk"], -r["epoch"]))
+    final = rows[-1]
+    keys = ("epoch", "test_acc", "test_qwk", "test_loss", "test_macro_f1", "test_recall", "train_acc", "train_loss")
+    summary = {
+        "run": run.run_dir.name,
+        "depth": run.cfg.model.depth,
+        "weights": run.cfg.model.weights,
+        "epochs_completed": final["epoch"],
+        "epochs_planned": run.cfg.train.epochs,
+        "world_size": run.info.world_size,
+        "num_test_samples": int(np.sum(final["confusion_matrix"])),
+        "majority_baseline": run.test_baseline,
+        "train_majority_baseline": run.train_baseline,
+        "best": {k: best[k] for k in keys},
+        "final": {k: final[k] for k in keys},
+        "confusion_matrix": best["confusion_matrix"],
+        "final_confusion_matrix": final["confusion_matrix"],
+        "train_seconds_total": sum(r["epoch_seconds"] for r in rows),
+    }
+    (run.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    from .plots import save_confusion_matrix
+
+    save_confusion_matrix(np.array(best["confusion_matrix"]), run.run_dir / CONFUSION_PNG,
+                          f"resnet{run.cfg.model.depth} {run.run_dir.name}: epoch {best['epoch']}, "
+                          f"acc {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}")
+    return summary
+
+
+def fit(run: Run) -> dict | None:
+    """The epoch loop; returns the summary on rank 0."""
+    info, t = run.info, run.cfg.train
+    start_epoch, best = resume(run)
+    if info.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run.cfg, run.run_dir / "config.yaml")
+        rewrite_metrics(run.run_dir, read_metrics(run.run_dir, start_epoch))
+        log.info("%s: resnet%d (%s weights), %d train / %d test images, %d process(es) on %s, precision %s, "
+                 "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
+                 len(run.train_loader.dataset), len(run.test_loader.dataset), info.world_size, info.device,
+                 run.precision.dtype or "fp32", 100 * run.test_baseline)
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch, t.epochs):
+        epoch_start = time.perf_counter()
+        run.train_sampler.set_epoch(epoch)
+        bar = tqdm(total=len(run.train_loader) * t.batch_size, desc=f"epoch {epoch + 1}/{t.epochs}", unit="img",
+                   disable=not info.is_main, mininterval=1 if sys.stderr.isatty() else 30, leave=False)
+        lr = run.optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(run.ddp_model, run.train_loader, run.optimizer, run.scheduler, run.loss_fn,
+                                run.augment, epoch_generator(t.seed, epoch, info.rank), info.device,
+                                run.precision, run.scaler, run.channels_last, bar, t.log_every)
+        bar.close()
+        eval_start = time.perf_counter()
+        cm, test_loss = evaluate(run.model, run.test_loader, run.augment, info.device, run.precision, run.channels_last)
+        scores = metrics.summarize(cm)
+        row = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "train_acc")},
+               "test_loss": test_loss, "test_acc": scores["accuracy"], "test_qwk": scores["qwk"],
+               "test_macro_f1": scores["macro_f1"], "test_recall": scores["per_class_recall"], "lr": lr,
+               "images_per_s": stats["images_per_s"], "train_seconds": stats["train_seconds"],
+               "eval_seconds": time.perf_counter() - eval_start, "epoch_seconds": time.perf_counter() - epoch_start,
+               "confusion_matrix": scores["confusion_matrix"]}
+        improved = not best or row["test_qwk"] > best["value"]
+        if improved:
+            best = {"metric": "test_qwk", "value": row["test_qwk"], "epoch": epoch + 1}
+        if info.is_main:
+            with open(run.run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            state = training_state(run, epoch + 1, best)
+            checkpoint.save(state, run.run_dir / checkpoint.LAST)
+            if improved:
+                checkpoint.save(state, run.run_dir / checkpoint.BEST)
+            log.info("epoch %d/%d  train loss %.4f acc %.1f%%  test loss %.4f acc %.1f%% QWK %.3f  %.0f img/s  %.0fs",
+                     epoch + 1, t.epochs, row["train_loss"], 100 * row["train_acc"], test_loss,
+                     100 * row["test_acc"], row["test_qwk"], row["images_per_s"], row["epoch_seconds"])
+        distributed.barrier()  # no rank runs ahead of a checkpoint that is still being written
+    if not info.is_main:
+        return None
+    rows = read_metrics(run.run_dir)
+    return write_summary(run, rows) if rows else None
+
+
+def describe_summary(summary: dict) -> str:
+    b, f = summary["best"], summary["final"]
+    recall = " ".join(f"{r:.2f}" for r in b["test_recall"])
+    return (f"{summary['run']}: best epoch {b['epoch']}: accuracy {b['test_acc']:.1%} (majority baseline "
+            f"{summary['majority_baseline']:.1%}), QWK {b['test_qwk']:.3f}, recall per grade {recall}; "
+            f"final epoch {f['epoch']}: accuracy {f['test_acc']:.1%}, QWK {f['test_qwk']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_file, overrides = parse_args(argv)
+    try:
+        cfg = config.load(config_file, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    info = distributed.init()
+    distributed.setup_logging(info)
+    try:
+        summary = fit(build(cfg, info))
+        if summary:
+            print(describe_summary(summary), flush=True)
+        return 0
+    except (ConfigError, DatasetError, WeightsNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dr_resnet import config
+from dr_resnet.config import Config, ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_defaults_are_the_dataclasses():
+    cfg = config.load()
+    assert cfg == Config()
+    assert cfg.train.lr == 1e-3 and cfg.model.depth == 18 and cfg.wandb.mode == "disabled"
+
+
+@pytest.mark.parametrize("name,depth,weights", [("resnet18_pretrained", 18, "imagenet"), ("resnet18_scratch", 18, "none"),
+                                                ("resnet50_pretrained", 50, "imagenet"), ("resnet50_scratch", 50, "none")])
+def test_the_four_runs_inherit_the_lab_recipe(name, depth, weights):
+    cfg = config.load(CONFIGS / f"{name}.yaml")
+    assert (cfg.model.depth, cfg.model.weights, cfg.output.dir) == (depth, weights, f"runs/{name}")
+    assert (cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay, cfg.data.image_size) == (1e-3, 0.9, 5e-4, 512)
+
+
+def test_overrides_are_typed_and_win_over_files():
+    cfg = config.load(CONFIGS / "demo.yaml", ["train.epochs=9", "train.lr=0.2", "train.sync_bn=false",
+                                              "model.weights=/w/r18.pth", "data.max_rotation=5"])
+    assert cfg.train.epochs == 9 and cfg.train.lr == 0.2 and cfg.train.sync_bn is False
+    assert cfg.model.weights == "/w/r18.pth" and cfg.data.max_rotation == 5.0
+    assert cfg.data.image_size == 128  # from demo.yaml, over base.yaml's 512
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epochz=3", "unknown key 'train.epochz'"),
+    ("trian.epochs=3", "unknown section 'trian'"),
+    ("train.epochs=three", "train.epochs must be int, got 'three'"),
+    ("train.epochs=0", "train.epochs must be > 0"),
+    ("train.sync_bn=maybe", "train.sync_bn must be bool"),
+    ("model.depth=34", "model.depth=34 is not one of 18, 50"),
+    ("train.amp=fp8", "train.amp='fp8' is not one of auto, off, bf16, fp16"),
+    ("epochs=3", "not of the form section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.load(CONFIGS / "demo.yaml", [override])
+
+
+def test_bad_files_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=f"{bad}: train.lr must be float"):
+        config.load(bad)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("inherit: loop.yaml\n")
+    with pytest.raises(ConfigError, match="inherits from itself"):
+        config.load(loop)
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "missing.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = config.load(CONFIGS / "resnet50_pretrained.yaml", ["train.epochs=3"])
+    config.save(cfg, tmp_path / "config.yaml")
+    assert config.load(tmp_path / "config.yaml") == cfg
+    assert config.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg

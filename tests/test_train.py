@@ -1,0 +1,186 @@
+"""End to end: real torchrun with gloo on CPU, real files, real checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dr_resnet import checkpoint
+from dr_resnet.preprocess import Settings, preprocess
+from dr_resnet.synthetic import generate
+from dr_resnet.train import class_weights, lr_lambda, main
+
+REPO = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TIMING_KEYS = {"images_per_s", "train_seconds", "eval_seconds", "epoch_seconds"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """40 train / 13 test images at 48 px (13: no world size of 2 or 3 divides it)."""
+    base = tmp_path_factory.mktemp("tiny")
+    raw = generate(base / "raw", {"train": 40, "test": 13}, seed=11, size=64, progress=False)
+    preprocess(raw, base / "data", Settings(size=48), progress=False)
+    return base / "data"
+
+
+def overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=48",
+            "train.batch_size=8", "train.epochs=2", "data.workers=1", "train.lr=0.02", f"output.dir={run_dir}",
+            *extra]
+
+
+def torchrun(nproc: int, args: list[str], module: str = "dr_resnet.train", extra: list[str] = (),
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = TORCHRUN + ["--standalone", "--nproc_per_node", str(nproc), *extra, "-m", module, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny, tmp_path_factory) -> Path:
+    """3 epochs straight through, 2 processes."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = torchrun(2, overrides(tiny, run_dir, "train.epochs=3"))
+    assert "run: best epoch" in result.stdout
+    return run_dir
+
+
+def test_torchrun_two_processes_writes_the_run_directory(straight_run, tiny):
+    names = {p.name for p in straight_run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "summary.json",
+            "confusion_matrix.png"} <= names
+    rows = metrics_rows(straight_run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    required = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_qwk", "lr", "images_per_s",
+                "test_recall", "confusion_matrix", "epoch_seconds"}
+    assert all(required <= r.keys() for r in rows)
+    # 40 images, 2 ranks, batch 8: 2 full batches a rank, 32 images an epoch; 13 test images each epoch.
+    assert all(np.sum(r["confusion_matrix"]) == 13 for r in rows)
+    summary = json.loads((straight_run / "summary.json").read_text())
+    assert summary["num_test_samples"] == 13 and summary["world_size"] == 2
+    best = max(rows, key=lambda r: (r["test_qwk"], -r["epoch"]))
+    assert summary["best"]["epoch"] == best["epoch"] and summary["confusion_matrix"] == best["confusion_matrix"]
+    saved = yaml.safe_load((straight_run / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 3 and saved["data"]["root"] == str(tiny)
+    state = checkpoint.load(straight_run / "checkpoint_last.pt")
+    assert state["epoch"] == 3 and {"model", "optimizer", "scheduler", "scaler", "rng", "config", "best"} <= state.keys()
+    assert not any(k.startswith("module.") for k in state["model"]) and "layer4.1.bn2.running_var" in state["model"]
+    assert checkpoint.load(straight_run / "checkpoint_best.pt")["epoch"] == best["epoch"]
+
+
+def assert_same_training_state(a: Path, b: Path) -> None:
+    sa, sb = checkpoint.load(a / "checkpoint_last.pt"), checkpoint.load(b / "checkpoint_last.pt")
+    assert sa["epoch"] == sb["epoch"] and sa["model"].keys() == sb["model"].keys()
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+    for ma, mb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert torch.equal(ma["momentum_buffer"], mb["momentum_buffer"])
+    assert without_timing(metrics_rows(a)) == without_timing(metrics_rows(b))
+
+
+def test_rerun_resumes_drops_unsaved_epochs_and_extends(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    first = torchrun(2, overrides(tiny, run_dir, "train.scheduler=none"))
+    assert "resumed" not in first.stderr
+    before = metrics_rows(run_dir)
+    # An epoch logged after the last checkpoint (a crash between the two writes) is redone, not kept.
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 3, "stale": True}) + "\n")
+    second = torchrun(2, overrides(tiny, run_dir, "train.scheduler=none", "train.epochs=3"))
+    assert "resumed" in second.stderr and "after epoch 2" in second.stderr
+    rows = metrics_rows(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and "stale" not in rows[2]
+    assert rows[:2] == before
+    again = torchrun(2, overrides(tiny, run_dir, "train.scheduler=none", "train.epochs=3"))
+    assert "epoch 3/3" not in again.stderr and len(metrics_rows(run_dir)) == 3  # done: nothing to train
+
+
+def test_evaluation_is_exact_at_any_world_size(straight_run, tiny, tmp_path):
+    results = []
+    for nproc in (1, 2, 3):
+        out = tmp_path / f"eval{nproc}"
+        torchrun(nproc, ["--checkpoint", str(straight_run / "checkpoint_last.pt"), "--data-root", str(tiny),
+                         "--out", str(out), "--batch-size", "4", "--workers", "0"], module="dr_resnet.evaluate")
+        results.append(json.loads((out / "metrics.json").read_text()))
+        assert (out / "confusion_matrix.png").stat().st_size > 10_000
+    assert [r["num_samples"] for r in results] == [13, 13, 13]
+    assert results[0]["confusion_matrix"] == results[1]["confusion_matrix"] == results[2]["confusion_matrix"]
+    assert results[0]["qwk"] == results[1]["qwk"] == results[2]["qwk"]
+    assert results[0]["loss"] == pytest.approx(results[2]["loss"], rel=1e-6)
+    # Same model, same images: what training logged for its last epoch.
+    assert results[0]["confusion_matrix"] == metrics_rows(straight_run)[-1]["confusion_matrix"]
+    # The sampler this replaces would have counted padded duplicates: 14 and 15 images.
+    from torch.utils.data import DistributedSampler
+    assert [sum(len(DistributedSampler(range(13), w, r, shuffle=False)) for r in range(w)) for w in (2, 3)] == [14, 15]
+
+
+def _workers_of(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children]
+
+
+def test_killed_worker_restarts_and_ends_bitwise_equal_to_a_straight_run(straight_run, tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = TORCHRUN + ["--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "-m",
+                      "dr_resnet.train", *overrides(tiny, run_dir, "train.epochs=3")]
+    agent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoint_last.pt").exists() and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # waiting on another process's file: nothing to synchronise with
+        assert agent.poll() is None, "training ended before a worker could be killed"
+        workers = _workers_of(agent.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        output, _ = agent.communicate(timeout=300)
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, output
+    assert "resumed" in output
+    assert [r["epoch"] for r in metrics_rows(run_dir)] == [1, 2, 3]
+    # Stopped after epoch k, resumed: the same weights, optimizer state and metrics, bit for bit.
+    assert_same_training_state(straight_run, run_dir)
+
+
+def test_single_process_in_process_run_and_config_errors(tiny, tmp_path, capsys):
+    assert main(overrides(tiny, tmp_path / "one", "train.epochs=1", "train.warmup_epochs=0", "train.class_weights=balanced",
+                          "train.amp=bf16", "data.workers=0")) == 0
+    assert "one: best epoch 1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["num_test_samples"] == 13
+    assert main(overrides(tiny, tmp_path / "bad", "train.epochz=3")) == 2
+    assert "unknown key 'train.epochz'" in capsys.readouterr().err
+    assert main(overrides(tiny, tmp_path / "big", "train.batch_size=64")) == 2
+    assert not (tmp_path / "big" / "checkpoint_last.pt").exists()
+
+
+def test_class_weights_match_scikit_learn():
+    from sklearn.utils.class_weight import compute_class_weight
+    labels = np.array([0] * 30 + [1] * 5 + [2] * 10 + [3] * 3 + [4] * 2)
+    expected = compute_class_weight("balanced", classes=np.arange(5), y=labels)
+    np.testing.assert_allclose(class_weights(np.bincount(labels, minlength=5)).numpy(), expected, rtol=1e-6)
+    assert class_weights(np.array([4, 0, 4, 0, 0])).tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_learning_rate_schedules():
+    cosine = lr_lambda("cosine", warmup_steps=4, total_steps=20)
+    assert [cosine(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert cosine(12) == pytest.approx(0.5) and cosine(20) == pytest.approx(0.0)
+    assert lr_lambda("none", 4, 20)(7) == 1.0
