@@ -62,8 +62,8 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
         from .plots import save_confusion_matrix
 
         save_confusion_matrix(np.array(scores["confusion_matrix"]), out / "confusion_matrix.png",
-                              f"resnet{cfg.model.depth}, epoch {state['epoch']} on {args.split}: "
-                              f"acc {scores['accuracy']:.1%}, QWK {scores['qwk']:.3f}")
+                              f"resnet{cfg.model.depth}, epoch {state['epoch']}, {args.split} split\n"
+                              f"accuracy {scores['accuracy']:.1%}, QWK {scores['qwk']:.3f}")
     return result
 
 

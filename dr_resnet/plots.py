@@ -32,7 +32,7 @@ def draw_confusion_matrix(ax, cm: np.ndarray, title: str, labels: Sequence[str] 
     ax.set_yticks(range(len(labels)), [f"{lab} (n={n})" for lab, n in zip(labels, cm.sum(axis=1))])
     ax.set_xlabel("predicted grade")
     ax.set_ylabel("true grade")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     return image
 
 

@@ -206,8 +206,8 @@ def write_summary(run: Run, rows: list[dict]) -> dict:
     from .plots import save_confusion_matrix
 
     save_confusion_matrix(np.array(best["confusion_matrix"]), run.run_dir / CONFUSION_PNG,
-                          f"resnet{run.cfg.model.depth} {run.run_dir.name}: epoch {best['epoch']}, "
-                          f"acc {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}")
+                          f"resnet{run.cfg.model.depth} {run.run_dir.name}\nbest epoch {best['epoch']}: "
+                          f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}")
     return summary
 
 

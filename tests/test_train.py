@@ -141,7 +141,9 @@ def test_killed_worker_restarts_and_ends_bitwise_equal_to_a_straight_run(straigh
     run_dir = tmp_path / "run"
     cmd = TORCHRUN + ["--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "-m",
                       "dr_resnet.train", *overrides(tiny, run_dir, "train.epochs=3")]
-    agent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Restarted workers must not read the previous round's addresses from a shared store (pytorch #135712).
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    agent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.monotonic() + 240
         while not (run_dir / "checkpoint_last.pt").exists() and agent.poll() is None and time.monotonic() < deadline:

@@ -1,0 +1,200 @@
+"""Compare runs: accuracy and QWK curves per depth (pretrained vs scratch), confusion matrices side by
+side, and a results table. Works for any subset of runs; runs in progress are drawn up to their last
+epoch. Reads only the run directories' own files (metrics.jsonl, config.yaml), never W&B.
+
+    python -m dr_resnet.report RUNS_DIR [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .metrics import majority_baseline
+
+NOT_RUN_FILE = "not_run.json"  # written by a launcher for an arm it could not start (reason inside)
+COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
+
+
+@dataclass
+class RunRecord:
+    name: str
+    path: Path
+    depth: int
+    weights: str
+    epochs_planned: int
+    rows: list[dict]
+    not_run: str = ""  # why the run was not started, if it was not
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights.lower() != "none"
+
+    @property
+    def label(self) -> str:
+        return "pretrained" if self.pretrained else "scratch"
+
+    def best(self, key: str) -> dict | None:
+        return max(self.rows, key=lambda r: (r[key], -r["epoch"])) if self.rows else None
+
+    @property
+    def baseline(self) -> float | None:
+        return majority_baseline(np.array(self.rows[-1]["confusion_matrix"])) if self.rows else None
+
+
+def find_runs(root: Path) -> list[RunRecord]:
+    """Run directories under root (root itself, or up to two levels down), sorted by depth then name."""
+    candidates = [root] + sorted(p for p in root.glob("*") if p.is_dir()) + sorted(p for p in root.glob("*/*") if p.is_dir())
+    runs = []
+    for path in candidates:
+        config_file, not_run = path / "config.yaml", path / NOT_RUN_FILE
+        if not config_file.is_file():
+            continue
+        cfg = yaml.safe_load(config_file.read_text()) or {}
+        rows_file = path / "metrics.jsonl"
+        rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()] if rows_file.is_file() else []
+        reason = json.loads(not_run.read_text()).get("reason", "not run") if not_run.is_file() else ""
+        runs.append(RunRecord(path.name, path, int(cfg["model"]["depth"]), str(cfg["model"]["weights"]),
+                              int(cfg["train"]["epochs"]), rows, reason))
+    return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.name))
+
+
+def _pyplot():
+    from .plots import _pyplot
+
+    return _pyplot()
+
+
+def plot_curves(runs: list[RunRecord], depth: int, path: Path) -> None:
+    """Accuracy (train dashed, test solid, majority baseline dotted) and test QWK per epoch."""
+    plt = _pyplot()
+    fig, (acc_ax, qwk_ax) = plt.subplots(1, 2, figsize=(12, 4.6))
+    baselines = []
+    for run in runs:
+        if not run.rows:
+            continue
+        epochs = [r["epoch"] for r in run.rows]
+        colour = COLOURS[run.pretrained]
+        acc_ax.plot(epochs, [100 * r["train_acc"] for r in run.rows], "--", color=colour, label=f"{run.label} train")
+        acc_ax.plot(epochs, [100 * r["test_acc"] for r in run.rows], "-o", ms=3, color=colour, label=f"{run.label} test")
+        qwk_ax.plot(epochs, [r["test_qwk"] for r in run.rows], "-o", ms=3, color=colour, label=f"{run.label} test")
+        baselines.append(run.baseline)
+    if baselines:
+        acc_ax.axhline(100 * max(baselines), color="grey", ls=":", label=f"majority baseline ({100 * max(baselines):.1f}%)")
+    acc_ax.set(title=f"ResNet{depth}: accuracy per epoch", xlabel="epoch", ylabel="accuracy (%)")
+    qwk_ax.set(title=f"ResNet{depth}: test quadratic weighted kappa", xlabel="epoch", ylabel="QWK", ylim=(-0.05, 1.0))
+    qwk_ax.axhline(0, color="grey", ls=":", label="chance (and always-grade-0)")
+    not_run = [f"{r.label}: not run" for r in runs if r.not_run]
+    for ax in (acc_ax, qwk_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right", title="\n".join(not_run) or None, title_fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
+    from .plots import draw_confusion_matrix
+
+    plt = _pyplot()
+    shown = [r for r in runs if r.rows]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.4 * len(shown), 5.0), squeeze=False)
+    image = None
+    for ax, run in zip(axes[0], shown):
+        best = run.best("test_qwk")
+        image = draw_confusion_matrix(ax, np.array(best["confusion_matrix"]),
+                                      f"ResNet{run.depth} {run.label} ({run.name})\nbest epoch {best['epoch']}: "
+                                      f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of the true grade's images")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+COLUMNS = ["run", "depth", "weights", "status", "epochs", "best_test_acc", "best_acc_epoch", "best_qwk",
+           "best_qwk_epoch", "final_test_acc", "final_qwk", "majority_baseline", "recall_at_best_qwk", "train_minutes"]
+
+
+def result_rows(runs: list[RunRecord]) -> list[dict]:
+    table = []
+    for run in runs:
+        row = {"run": run.name, "depth": run.depth, "weights": run.weights, "epochs": f"{len(run.rows)}/{run.epochs_planned}"}
+        if run.not_run:
+            table.append({**row, "status": f"not run: {run.not_run}"})
+            continue
+        if not run.rows:
+            table.append({**row, "status": "no epoch yet"})
+            continue
+        acc, qwk, final = run.best("test_acc"), run.best("test_qwk"), run.rows[-1]
+        table.append({**row, "status": "done" if len(run.rows) >= run.epochs_planned else "in progress",
+                      "best_test_acc": acc["test_acc"], "best_acc_epoch": acc["epoch"], "best_qwk": qwk["test_qwk"],
+                      "best_qwk_epoch": qwk["epoch"], "final_test_acc": final["test_acc"], "final_qwk": final["test_qwk"],
+                      "majority_baseline": run.baseline, "recall_at_best_qwk": " ".join(f"{r:.2f}" for r in qwk["test_recall"]),
+                      "train_minutes": sum(r["epoch_seconds"] for r in run.rows) / 60})
+    return table
+
+
+def _cell(value) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def write_tables(table: list[dict], out: Path) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in table)
+    lines = ["# Results", "",
+             "Best epochs are chosen on the test split, as the lab recipe does; QWK = quadratic weighted kappa; "
+             "recall per grade 0..4 at the best-QWK epoch. Accuracy is only meaningful above the majority baseline.",
+             "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row.get(k)) for k in COLUMNS) + " |" for row in table]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def report(root: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write the figures and tables for every run under root; returns the files written."""
+    root = Path(root)
+    out = Path(out) if out else root
+    runs = find_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no run directories (with config.yaml) under {root}")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for depth in sorted({r.depth for r in runs}):
+        path = out / f"accuracy_resnet{depth}.png"
+        plot_curves([r for r in runs if r.depth == depth], depth, path)
+        written.append(path)
+    if any(r.rows for r in runs):
+        plot_confusion_matrices(runs, out / "confusion_matrices.png")
+        written.append(out / "confusion_matrices.png")
+    write_tables(result_rows(runs), out)
+    return written + [out / "results.md", out / "results.csv"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dr_resnet.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs_dir", help="a run directory, or a folder of them (e.g. a sweep folder)")
+    p.add_argument("--out", help="output folder (default: runs_dir)")
+    args = p.parse_args(argv)
+    try:
+        written = report(args.runs_dir, args.out)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

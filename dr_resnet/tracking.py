@@ -1,0 +1,175 @@
+"""Weights & Biases for the training loop: rank 0 only, bounded start, never raises into training.
+
+- Mode: `wandb.mode` from the config (online | offline | disabled); the WANDB_MODE variable wins.
+- Online with no API key: offline at once, with one warning (no interactive prompt, ever).
+- Online start that fails or outlasts `wandb.init_timeout`: offline, with one warning.
+- Any later W&B error: one warning, then tracking stops; training goes on.
+- The run id is made here and stored in the checkpoint, so a resumed or requeued run continues the
+  same W&B run (``resume="allow"``). Everything is logged against our own ``epoch`` axis, since an
+  offline run resumed in a new process restarts W&B's internal step at 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MODES = ("online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    mode: str = "disabled"
+    project: str = "dr-resnet"
+    entity: str = ""
+    group: str = ""  # the sweep's name: the W&B UI groups the four arms by it
+    name: str = ""  # the run's name (default: the run directory's name)
+    tags: tuple[str, ...] = ()
+    init_timeout: float = 20.0  # seconds for an online start before falling back to offline
+    log_checkpoint: bool = False  # upload the best checkpoint as an artifact at the end
+
+
+def new_run_id() -> str:
+    import wandb
+
+    return wandb.util.generate_id()
+
+
+class Tracker:
+    """W&B run of rank 0, or a no-op. Each method swallows W&B errors after one warning."""
+
+    def __init__(self, settings: TrackingSettings, run_dir: Path, run_id: str, config: dict[str, Any],
+                 is_main: bool = True) -> None:
+        self.settings, self.run_dir, self.run_id, self.config = settings, Path(run_dir), run_id, config
+        self.run = None
+        self.mode = "disabled"
+        self.start_seconds = 0.0
+        if is_main:
+            self._start()
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    def _requested_mode(self) -> str:
+        mode = os.environ.get("WANDB_MODE", "").strip().lower() or self.settings.mode
+        if mode == "dryrun":  # W&B's old name for offline
+            mode = "offline"
+        if mode not in MODES:
+            log.warning("W&B: unknown mode %r (WANDB_MODE or wandb.mode): tracking disabled", mode)
+            return "disabled"
+        return mode
+
+    def _start(self) -> None:
+        mode = self._requested_mode()
+        if mode == "disabled":
+            return
+        start = time.perf_counter()
+        try:
+            import wandb
+        except Exception as exc:  # a broken install must not stop training
+            log.warning("W&B: cannot import wandb (%s): tracking disabled", exc)
+            return
+        if mode == "online" and not self._has_api_key(wandb):
+            log.warning("W&B: no API key (run `wandb login` or set WANDB_API_KEY): logging offline to %s; "
+                        "upload later with `wandb sync`", self.run_dir / "wandb")
+            mode = "offline"
+        self.run = self._init(wandb, mode)
+        if self.run is None and mode == "online":
+            log.warning("W&B: online start failed or took over %.0f s: logging offline instead; "
+                        "upload later with `wandb sync %s`", self.settings.init_timeout, self.run_dir / "wandb")
+            self.run = self._init(wandb, "offline")
+        if self.run is not None:
+            self.mode = mode if self.run.settings.mode != "offline" else "offline"
+            self.run.define_metric("epoch")
+            self.run.define_metric("*", step_metric="epoch")
+        self.start_seconds = time.perf_counter() - start
+
+    @staticmethod
+    def _has_api_key(wandb) -> bool:
+        try:
+            return bool(wandb.login(prompt=False, verify=False))
+        except Exception:
+            return False
+
+    def _init(self, wandb, mode: str):
+        s = self.settings
+        try:
+            return wandb.init(
+                project=s.project, entity=s.entity or None, group=s.group or None, name=s.name or self.run_dir.name,
+                job_type="train", tags=list(s.tags) or None, config=self.config, dir=str(self.run_dir),
+                id=self.run_id, resume="allow", mode=mode, reinit="create_new",
+                settings=wandb.Settings(init_timeout=s.init_timeout, finish_timeout=30, console="off",
+                                        silent=True))
+        except Exception as exc:
+            log.warning("W&B: %s start failed: %s: %s", mode, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return None
+
+    def _guard(self, what: str, fn, *args, **kwargs) -> None:
+        if self.run is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:
+            log.warning("W&B: %s failed (%s: %s): tracking stops here, training goes on", what, type(exc).__name__, exc)
+            self._close()
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        """One epoch's metrics on the `epoch` axis; per-grade recall as recall/<grade> keys."""
+        values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for grade, recall in enumerate(row.get("test_recall", [])):
+            values[f"test_recall/grade_{grade}"] = recall
+        self._guard("log", lambda: self.run.log(values))
+
+    def log_summary(self, summary: dict[str, Any], confusion_png: Path | None) -> None:
+        """Best and final values, the majority baseline, and the confusion matrix (plot and image)."""
+        def write():
+            import wandb
+
+            best, final = summary["best"], summary["final"]
+            self.run.summary.update({
+                "best/test_acc": best["test_acc"], "best/test_qwk": best["test_qwk"], "best/epoch": best["epoch"],
+                "final/test_acc": final["test_acc"], "final/test_qwk": final["test_qwk"],
+                "majority_baseline": summary["majority_baseline"], "epochs_completed": summary["epochs_completed"],
+            })
+            cm = summary["confusion_matrix"]
+            y_true = [t for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]
+            y_pred = [p for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]
+            from . import GRADES
+
+            media: dict[str, Any] = {"epoch": summary["best"]["epoch"],
+                                     "confusion_matrix": wandb.plot.confusion_matrix(
+                                         y_true=y_true, preds=y_pred, class_names=list(GRADES))}
+            if confusion_png is not None and Path(confusion_png).is_file():
+                media["confusion_matrix_png"] = wandb.Image(str(confusion_png))
+            self.run.log(media)
+        self._guard("summary", write)
+
+    def log_checkpoint(self, path: Path) -> None:
+        if not self.settings.log_checkpoint:
+            return
+
+        def upload():
+            import wandb
+
+            artifact = wandb.Artifact(f"{self.run_id}-best", type="model")
+            artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
+        self._guard("checkpoint artifact", upload)
+
+    def _close(self) -> None:
+        run, self.run = self.run, None
+        try:
+            run.finish()
+        except Exception as exc:
+            log.warning("W&B: finish failed (%s): ignored", exc)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self._close()
