@@ -20,6 +20,7 @@ demo: $(VENV)/.installed
 	$(PY) -m dr_resnet.describe $(DATA)/synthetic_128
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m dr_resnet.train --config configs/demo.yaml \
 		data.root=$(DATA)/synthetic_128
+	$(PY) -m dr_resnet.report runs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -69,8 +69,10 @@ class WandbConfig:
     mode: str = "disabled"  # online | offline | disabled (WANDB_MODE wins)
     project: str = "dr-resnet"
     entity: str = ""
-    group: str = ""
-    name: str = ""
+    group: str = ""  # e.g. the sweep's name: the UI groups the four arms by it
+    name: str = ""  # default: the run directory's name
+    init_timeout: float = 20.0  # seconds an online start may take before falling back to offline
+    log_checkpoint: bool = False  # upload the best checkpoint as an artifact at the end
 
 
 @dataclass
@@ -93,7 +95,7 @@ CHOICES = {
     "train.class_weights": ("none", "balanced"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
-POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.log_every")
+POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.log_every", "wandb.init_timeout")
 NON_NEGATIVE = ("data.workers", "data.max_rotation", "train.eval_batch_size", "train.momentum",
                 "train.weight_decay", "train.warmup_epochs")
 

@@ -1,5 +1,6 @@
 """Retinopathy datasets over the three on-disk formats (see formats.py), decoded to uint8 tensors,
-and the train/test transforms."""
+and the per-sample train/test transforms. Everything is imported at module level: data workers are
+forked, and an import inside a worker can trip import hooks of the parent (W&B installs some)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from . import NUM_GRADES
 from .formats import DatasetError, read_split
@@ -28,8 +33,6 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 
 def _decode_with_pil(path: str | os.PathLike) -> Tensor:
-    from PIL import Image
-
     with Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
@@ -37,9 +40,6 @@ def _decode_with_pil(path: str | os.PathLike) -> Tensor:
 
 def load_image(path: str | os.PathLike, size: int | None = None) -> Tensor:
     """Decode to a uint8 RGB tensor (3, H, W); with size, pad to a centred square and resize to size x size."""
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2 import functional as F
-
     try:
         image = decode_image(str(path), mode=ImageReadMode.RGB)
     except RuntimeError:  # TIFF, BMP, CMYK JPEG...: what torchvision cannot read, PIL may
@@ -97,8 +97,6 @@ class RetinopathyDataset(Dataset):
 def training_transform(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                     max_rotation: float = 20.0) -> Callable[[Tensor], Tensor]:
     """Per-sample augmentation on a uint8 image: rotation within +-max_rotation, both flips, normalisation."""
-    from torchvision.transforms import v2
-
     return v2.Compose([v2.RandomRotation(max_rotation, interpolation=v2.InterpolationMode.BILINEAR),
                        v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
@@ -106,6 +104,4 @@ def training_transform(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[floa
 
 def evaluation_transform(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Callable[[Tensor], Tensor]:
     """Normalisation only."""
-    from torchvision.transforms import v2
-
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

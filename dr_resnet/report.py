@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ def plot_curves(runs: list[RunRecord], depth: int, path: Path) -> None:
     not_run = [f"{r.label}: not run" for r in runs if r.not_run]
     for ax in (acc_ax, qwk_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right", title="\n".join(not_run) or None, title_fontsize=8)
+        ax.legend(fontsize=8, loc="best", title="\n".join(not_run) or None, title_fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -102,19 +103,24 @@ def plot_curves(runs: list[RunRecord], depth: int, path: Path) -> None:
 
 
 def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
+    """Each run's best-QWK confusion matrix, row-normalised, two to a row."""
     from .plots import draw_confusion_matrix
 
     plt = _pyplot()
     shown = [r for r in runs if r.rows]
-    fig, axes = plt.subplots(1, len(shown), figsize=(5.4 * len(shown), 5.0), squeeze=False)
+    cols = min(2, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.6 * cols, 5.4 * rows), squeeze=False, layout="constrained")
     image = None
-    for ax, run in zip(axes[0], shown):
+    for ax, run in zip(axes.flat, shown):
         best = run.best("test_qwk")
         image = draw_confusion_matrix(ax, np.array(best["confusion_matrix"]),
                                       f"ResNet{run.depth} {run.label} ({run.name})\nbest epoch {best['epoch']}: "
                                       f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of the true grade's images")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    for ax in list(axes.flat)[len(shown):]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="share of the true grade's images")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import string
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +32,15 @@ class TrackingSettings:
     entity: str = ""
     group: str = ""  # the sweep's name: the W&B UI groups the four arms by it
     name: str = ""  # the run's name (default: the run directory's name)
+    job_type: str = "train"  # the arm, e.g. resnet18_pretrained: the UI filters and groups by it
     tags: tuple[str, ...] = ()
     init_timeout: float = 20.0  # seconds for an online start before falling back to offline
     log_checkpoint: bool = False  # upload the best checkpoint as an artifact at the end
 
 
 def new_run_id() -> str:
-    import wandb
-
-    return wandb.util.generate_id()
+    """8 characters of [a-z0-9], W&B's run-id alphabet; made here so the checkpoint can keep it."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 class Tracker:
@@ -82,6 +84,7 @@ class Tracker:
             mode = "offline"
         self.run = self._init(wandb, mode)
         if self.run is None and mode == "online":
+            self._teardown(wandb)  # the failed attempt's service still holds the run id
             log.warning("W&B: online start failed or took over %.0f s: logging offline instead; "
                         "upload later with `wandb sync %s`", self.settings.init_timeout, self.run_dir / "wandb")
             self.run = self._init(wandb, "offline")
@@ -90,6 +93,13 @@ class Tracker:
             self.run.define_metric("epoch")
             self.run.define_metric("*", step_metric="epoch")
         self.start_seconds = time.perf_counter() - start
+
+    @staticmethod
+    def _teardown(wandb) -> None:
+        try:
+            wandb.teardown()
+        except Exception as exc:
+            log.warning("W&B: teardown after a failed start: %s", exc)
 
     @staticmethod
     def _has_api_key(wandb) -> bool:
@@ -103,12 +113,13 @@ class Tracker:
         try:
             return wandb.init(
                 project=s.project, entity=s.entity or None, group=s.group or None, name=s.name or self.run_dir.name,
-                job_type="train", tags=list(s.tags) or None, config=self.config, dir=str(self.run_dir),
+                job_type=s.job_type, tags=list(s.tags) or None, config=self.config, dir=str(self.run_dir),
                 id=self.run_id, resume="allow", mode=mode, reinit="create_new",
                 settings=wandb.Settings(init_timeout=s.init_timeout, finish_timeout=30, console="off",
                                         silent=True))
         except Exception as exc:
-            log.warning("W&B: %s start failed: %s: %s", mode, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            log.warning("W&B: %s start failed (%s: %s)", mode, type(exc).__name__, first_line[:300])
             return None
 
     def _guard(self, what: str, fn, *args, **kwargs) -> None:
@@ -143,7 +154,7 @@ class Tracker:
             y_pred = [p for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]
             from . import GRADES
 
-            media: dict[str, Any] = {"epoch": summary["best"]["epoch"],
+            media: dict[str, Any] = {"epoch": summary["epochs_completed"],
                                      "confusion_matrix": wandb.plot.confusion_matrix(
                                          y_true=y_true, preds=y_pred, class_names=list(GRADES))}
             if confusion_png is not None and Path(confusion_png).is_file():

@@ -32,6 +32,7 @@ from .distributed import DistInfo
 from .engine import Precision, ShardSampler, evaluate, train_one_epoch
 from .formats import DatasetError
 from .models import WeightsNotFoundError, build_resnet
+from .tracking import Tracker, TrackingSettings, new_run_id
 
 log = logging.getLogger("dr_resnet.train")
 
@@ -146,17 +147,17 @@ def build(cfg: Config, info: DistInfo) -> Run:
                precision, channels_last, train_ds.majority_baseline, test_ds.majority_baseline)
 
 
-def training_state(run: Run, epoch: int, best: dict) -> dict:
+def training_state(run: Run, epoch: int, best: dict, wandb_id: str) -> dict:
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
-            "best": best, "rng": checkpoint.rng_state(), "config": run.cfg.to_dict(), "wandb_id": None}
+            "best": best, "rng": checkpoint.rng_state(), "config": run.cfg.to_dict(), "wandb_id": wandb_id}
 
 
-def resume(run: Run) -> tuple[int, dict]:
-    """(epochs already done, best so far) from the run directory's last checkpoint, if any."""
+def resume(run: Run) -> tuple[int, dict, str | None]:
+    """(epochs already done, best so far, W&B run id) from the run directory's last checkpoint, if any."""
     path = run.run_dir / checkpoint.LAST
     if not path.is_file():
-        return 0, {}
+        return 0, {}, None
     state = checkpoint.load(path)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -164,7 +165,7 @@ def resume(run: Run) -> tuple[int, dict]:
     run.scaler.load_state_dict(state["scaler"])
     checkpoint.restore_rng(state["rng"])
     log.info("resumed %s after epoch %d", path, state["epoch"])
-    return int(state["epoch"]), dict(state["best"])
+    return int(state["epoch"]), dict(state["best"]), state.get("wandb_id")
 
 
 def read_metrics(run_dir: Path, up_to_epoch: int | None = None) -> list[dict]:
@@ -182,7 +183,9 @@ def rewrite_metrics(run_dir: Path, rows: list[dict]) -> None:
     tmp.replace(run_dir / METRICS_FILE)
 
 
-def write_summary(run: Run, rows: list[dict]) -> dict:
+def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
+    """summary.json (after every epoch, so a run in progress has one), and the best epoch's confusion
+    matrix figure when `figure`."""
     best = max(rows, key=lambda r: (r["test_qwk"], -r["epoch"]))
     final = rows[-1]
     keys = ("epoch", "test_acc", "test_qwk", "test_loss", "test_macro_f1", "test_recall", "train_acc", "train_loss")
@@ -202,19 +205,34 @@ def write_summary(run: Run, rows: list[dict]) -> dict:
         "final_confusion_matrix": final["confusion_matrix"],
         "train_seconds_total": sum(r["epoch_seconds"] for r in rows),
     }
-    (run.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    from .plots import save_confusion_matrix
+    tmp = run.run_dir / f".{SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(run.run_dir / SUMMARY_FILE)
+    if figure:
+        from .plots import save_confusion_matrix
 
-    save_confusion_matrix(np.array(best["confusion_matrix"]), run.run_dir / CONFUSION_PNG,
-                          f"resnet{run.cfg.model.depth} {run.run_dir.name}\nbest epoch {best['epoch']}: "
-                          f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}")
+        save_confusion_matrix(np.array(best["confusion_matrix"]), run.run_dir / CONFUSION_PNG,
+                              f"resnet{run.cfg.model.depth} {run.run_dir.name}\nbest epoch {best['epoch']}: "
+                              f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}")
     return summary
+
+
+def start_tracking(run: Run, wandb_id: str | None) -> Tracker:
+    w, depth = run.cfg.wandb, run.cfg.model.depth
+    arm = f"resnet{depth}_{'scratch' if run.cfg.model.weights.lower() == 'none' else 'pretrained'}"
+    settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name or run.run_dir.name,
+                                job_type=arm, tags=(f"resnet{depth}", arm.split("_")[1]),
+                                init_timeout=w.init_timeout, log_checkpoint=w.log_checkpoint)
+    tracker = Tracker(settings, run.run_dir, wandb_id or new_run_id(), run.cfg.to_dict(), run.info.is_main)
+    if tracker.active:
+        log.info("W&B: %s run %s (start took %.1f s)", tracker.mode, tracker.run_id, tracker.start_seconds)
+    return tracker
 
 
 def fit(run: Run) -> dict | None:
     """The epoch loop; returns the summary on rank 0."""
     info, t = run.info, run.cfg.train
-    start_epoch, best = resume(run)
+    start_epoch, best, wandb_id = resume(run)
     if info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run.cfg, run.run_dir / "config.yaml")
@@ -223,8 +241,18 @@ def fit(run: Run) -> dict | None:
                  "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
                  len(run.train_loader.dataset), len(run.test_loader.dataset), info.world_size, info.device,
                  run.precision.dtype or "fp32", 100 * run.test_baseline)
+    tracker = start_tracking(run, wandb_id) if info.is_main else None
+    try:
+        return _epochs(run, start_epoch, best, tracker)
+    finally:
+        if tracker is not None:
+            tracker.finish()
+
+
+def _epochs(run: Run, start_epoch: int, best: dict, tracker: Tracker | None) -> dict | None:
     from tqdm import tqdm
 
+    info, t = run.info, run.cfg.train
     for epoch in range(start_epoch, t.epochs):
         epoch_start = time.perf_counter()
         run.train_sampler.set_epoch(epoch)
@@ -250,10 +278,12 @@ def fit(run: Run) -> dict | None:
         if info.is_main:
             with open(run.run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            state = training_state(run, epoch + 1, best)
+            state = training_state(run, epoch + 1, best, tracker.run_id)
             checkpoint.save(state, run.run_dir / checkpoint.LAST)
             if improved:
                 checkpoint.save(state, run.run_dir / checkpoint.BEST)
+            write_summary(run, read_metrics(run.run_dir), figure=False)
+            tracker.log_epoch(row)
             log.info("epoch %d/%d  train loss %.4f acc %.1f%%  test loss %.4f acc %.1f%% QWK %.3f  %.0f img/s  %.0fs",
                      epoch + 1, t.epochs, row["train_loss"], 100 * row["train_acc"], test_loss,
                      100 * row["test_acc"], row["test_qwk"], row["images_per_s"], row["epoch_seconds"])
@@ -261,7 +291,12 @@ def fit(run: Run) -> dict | None:
     if not info.is_main:
         return None
     rows = read_metrics(run.run_dir)
-    return write_summary(run, rows) if rows else None
+    if not rows:
+        return None
+    summary = write_summary(run, rows, figure=True)
+    tracker.log_summary(summary, run.run_dir / CONFUSION_PNG)
+    tracker.log_checkpoint(run.run_dir / checkpoint.BEST)
+    return summary
 
 
 def describe_summary(summary: dict) -> str:

@@ -1,0 +1,105 @@
+"""The four-run comparison report, from real (tiny) training runs."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from dr_resnet.models import imagenet_cache_path
+from dr_resnet.preprocess import Settings, preprocess
+from dr_resnet.report import NOT_RUN_FILE, main, report
+from dr_resnet.synthetic import generate
+from dr_resnet.train import main as train
+
+REPO = Path(__file__).resolve().parent.parent
+ARMS = {"resnet18_pretrained": (18, "imagenet"), "resnet18_scratch": (18, "none"),
+        "resnet50_pretrained": (50, "imagenet"), "resnet50_scratch": (50, "none")}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """The four arms, 2 epochs each on 24 images at 32 px; 'ImageNet' weights are a torchvision-format
+    state dict placed where torchvision's cache expects the real file."""
+    base = tmp_path_factory.mktemp("report")
+    raw = generate(base / "raw", {"train": 24, "test": 9}, seed=8, size=48, progress=False)
+    data = base / "data"
+    preprocess(raw, data, Settings(size=32), progress=False)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCH_HOME", str(base / "torch_home"))
+    for depth in (18, 50):
+        path = imagenet_cache_path(depth)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(getattr(torchvision.models, f"resnet{depth}")().state_dict(), path)
+    for arm, (depth, weights) in ARMS.items():
+        assert train(["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=32",
+                      "train.batch_size=8", "train.epochs=2", "train.warmup_epochs=0", "data.workers=0",
+                      f"model.depth={depth}", f"model.weights={weights}", f"output.dir={base / 'sweep' / arm}"]) == 0
+    mp.undo()
+    return base / "sweep"
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_csv(path: Path) -> dict[str, dict]:
+    with open(path) as f:
+        return {r["run"]: r for r in csv.DictReader(f)}
+
+
+def test_four_runs(sweep, tmp_path):
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    for name in ("accuracy_resnet18.png", "accuracy_resnet50.png", "confusion_matrices.png"):
+        assert (out / name).stat().st_size > 20_000, name
+    table = read_csv(out / "results.csv")
+    assert sorted(table) == sorted(ARMS)
+    for arm in ARMS:
+        rows = rows_of(sweep / arm)
+        best_acc = max(rows, key=lambda r: (r["test_acc"], -r["epoch"]))
+        best_qwk = max(rows, key=lambda r: (r["test_qwk"], -r["epoch"]))
+        row = table[arm]
+        assert float(row["best_test_acc"]) == pytest.approx(best_acc["test_acc"])
+        assert int(row["best_acc_epoch"]) == best_acc["epoch"]
+        assert float(row["best_qwk"]) == pytest.approx(best_qwk["test_qwk"])
+        assert int(row["best_qwk_epoch"]) == best_qwk["epoch"]
+        assert float(row["final_test_acc"]) == pytest.approx(rows[-1]["test_acc"])
+        assert row["status"] == "done" and row["epochs"] == "2/2"
+        assert row["weights"] == ARMS[arm][1]
+        assert f"| {arm} | {ARMS[arm][0]} | {ARMS[arm][1]} | done | 2/2 | {best_acc['test_acc']:.4f} |" in \
+            (out / "results.md").read_text()
+
+
+def test_one_run_in_place(sweep, tmp_path):
+    run = tmp_path / "resnet50_scratch"
+    shutil.copytree(sweep / "resnet50_scratch", run)
+    written = report(run)
+    assert {p.name for p in written} == {"accuracy_resnet50.png", "confusion_matrices.png", "results.md", "results.csv"}
+    assert list(read_csv(run / "results.csv")) == ["resnet50_scratch"]
+
+
+def test_runs_in_progress_and_arms_not_run(sweep, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep / "resnet18_scratch", runs / "resnet18_scratch")
+    shutil.copytree(sweep / "resnet18_pretrained", runs / "resnet18_pretrained")
+    # In progress: one epoch of two written so far.
+    metrics = runs / "resnet18_scratch" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+    # Not run: the launcher could not get ImageNet weights for this arm.
+    (runs / "resnet18_pretrained" / "metrics.jsonl").unlink()
+    (runs / "resnet18_pretrained" / NOT_RUN_FILE).write_text(json.dumps({"reason": "ImageNet weights missing"}))
+    report(runs)
+    table = read_csv(runs / "results.csv")
+    assert table["resnet18_scratch"]["status"] == "in progress" and table["resnet18_scratch"]["epochs"] == "1/2"
+    assert table["resnet18_pretrained"]["status"] == "not run: ImageNet weights missing"
+    assert "not run: ImageNet weights missing" in (runs / "results.md").read_text()
+    assert (runs / "accuracy_resnet18.png").is_file() and not (runs / "accuracy_resnet50.png").exists()
+
+
+def test_no_runs_is_a_clear_error(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no run directories" in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""W&B for real (offline mode, no network): what training logs can be read back from the run files,
+an unreachable server never stops training, a resumed run continues the same W&B run."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dr_resnet import checkpoint
+from dr_resnet.preprocess import Settings, preprocess
+from dr_resnet.synthetic import generate
+from dr_resnet.tracking import Tracker, TrackingSettings, new_run_id
+from dr_resnet.train import main
+
+REPO = Path(__file__).resolve().parent.parent
+WANDB = str(Path(sys.executable).parent / "wandb")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("tiny_wandb")
+    raw = generate(base / "raw", {"train": 24, "test": 9}, seed=2, size=48, progress=False)
+    preprocess(raw, base / "data", Settings(size=32), progress=False)
+    return base / "data"
+
+
+@pytest.fixture(autouse=True)
+def isolated_wandb(tmp_path, monkeypatch):
+    """No user settings, key or mode leak in; W&B files stay under tmp_path."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_ENTITY"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    import wandb
+    # W&B keeps process-wide settings (key, server): each test starts afresh. After a test that killed
+    # the service on purpose, the teardown finds its connection gone.
+    with contextlib.suppress(ConnectionError):
+        wandb.teardown()
+
+
+def train(data: Path, run_dir: Path, *extra: str) -> int:
+    return main(["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=32",
+                 "train.batch_size=8", "train.epochs=2", "train.warmup_epochs=0", "data.workers=1",
+                 f"output.dir={run_dir}", *extra])
+
+
+def inspect(run_folder: Path, *flags: str) -> list[dict]:
+    out = subprocess.run([WANDB, "leet", "inspect", "--json", *flags, str(run_folder)], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()] if not flags else [json.loads(out)]
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(tiny, run_dir, "wandb.mode=offline", "wandb.group=sweep-a") == 0
+    [folder] = offline_runs(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = [r["history"]["item"] for r in inspect(folder) if r.get("type") == "history"]
+    epochs = [h for h in history if "test_qwk" in h]
+    assert [h["epoch"] for h in epochs] == [1, 2]
+    for logged, row in zip(epochs, rows):
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "test_qwk", "lr", "images_per_s"):
+            assert logged[key] == pytest.approx(row[key], rel=1e-12), key
+        assert [logged[f"test_recall/grade_{g}"] for g in range(5)] == pytest.approx(row["test_recall"])
+    [state] = inspect(folder, "--summary")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert state["summary"]["best/test_qwk"] == pytest.approx(summary["best"]["test_qwk"])
+    assert state["summary"]["best/epoch"] == summary["best"]["epoch"]
+    assert state["summary"]["majority_baseline"] == pytest.approx(summary["majority_baseline"])
+    assert "confusion_matrix_table" in state["summary"] and "confusion_matrix_png" in state["summary"]
+    assert state["config"]["train"]["epochs"] == 2 and state["state"] == "finished"
+    assert state["run_id"] == checkpoint.load(run_dir / "checkpoint_last.pt")["wandb_id"]
+
+
+def test_resumed_run_continues_the_same_wandb_run(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train(tiny, run_dir, "wandb.mode=offline", "train.epochs=1") == 0
+    first_id = checkpoint.load(run_dir / "checkpoint_last.pt")["wandb_id"]
+    assert train(tiny, run_dir, "wandb.mode=offline", "train.epochs=2") == 0
+    folders = offline_runs(run_dir)
+    assert len(folders) == 2 and all(f.name.endswith(f"-{first_id}") for f in folders)
+    assert checkpoint.load(run_dir / "checkpoint_last.pt")["wandb_id"] == first_id
+    second = [r["history"]["item"] for r in inspect(folders[1]) if r.get("type") == "history"]
+    assert [h["epoch"] for h in second if "test_qwk" in h] == [2]  # only the new epoch, on the same axis
+
+
+def test_wandb_mode_variable_wins_and_disabled_writes_nothing(tiny, tmp_path, monkeypatch):
+    assert train(tiny, tmp_path / "off", "wandb.mode=offline", "train.epochs=1") == 0
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert train(tiny, tmp_path / "env", "wandb.mode=offline", "train.epochs=1") == 0
+    assert offline_runs(tmp_path / "off") and not (tmp_path / "env" / "wandb").exists()
+
+
+@pytest.fixture
+def silent_server():
+    """A local server that accepts connections and never answers: the worst case for a W&B start."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                pass
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+def test_unreachable_server_falls_back_offline_within_a_bounded_delay(tiny, tmp_path, monkeypatch, silent_server, caplog):
+    monkeypatch.setenv("WANDB_BASE_URL", silent_server)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    start = time.perf_counter()
+    tracker = Tracker(TrackingSettings(mode="online", init_timeout=3), tmp_path / "t", new_run_id(), {"x": 1})
+    delay = time.perf_counter() - start
+    assert tracker.mode == "offline" and tracker.active
+    assert delay < 3 + 20, delay  # measured: init_timeout + ~9 s
+    tracker.finish()
+    # And through training: the run finishes, its curves kept offline for `wandb sync`.
+    assert train(tiny, tmp_path / "run", "wandb.mode=online", "wandb.init_timeout=3", "train.epochs=1") == 0
+    assert "logging offline instead" in caplog.text
+    assert offline_runs(tmp_path / "run") and (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_no_api_key_goes_offline_at_once(tmp_path, caplog):
+    start = time.perf_counter()
+    tracker = Tracker(TrackingSettings(mode="online"), tmp_path / "t", new_run_id(), {})
+    assert tracker.mode == "offline" and time.perf_counter() - start < 10
+    assert "no API key" in caplog.text
+    tracker.finish()
+
+
+def test_wandb_dying_mid_run_never_reaches_training(tmp_path, caplog):
+    tracker = Tracker(TrackingSettings(mode="offline"), tmp_path / "t", new_run_id(), {})
+    tracker.log_epoch({"epoch": 1, "test_acc": 0.5})
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    core = [int(c) for c in children if "wandb-core" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert core, "no wandb-core service process found"
+    for pid in core:
+        os.kill(pid, signal.SIGKILL)
+    for epoch in (2, 3):
+        tracker.log_epoch({"epoch": epoch, "test_acc": 0.6})  # must not raise
+    tracker.log_summary({"best": {"test_acc": 1, "test_qwk": 1, "epoch": 1}, "final": {"test_acc": 1, "test_qwk": 1},
+                         "majority_baseline": 0.5, "epochs_completed": 3, "confusion_matrix": [[1]]}, None)
+    tracker.finish()
+    assert not tracker.active and "tracking stops here, training goes on" in caplog.text
