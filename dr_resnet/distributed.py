@@ -13,6 +13,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -98,6 +99,21 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def run_entry(work: Callable[[DistInfo], None], user_errors: tuple[type[Exception], ...]) -> int:
+    """The frame of every entry point: join the group, log per rank, run `work`, always leave the group.
+    A user error (bad data, config, missing file) is one logged line and exit code 2."""
+    info = init()
+    setup_logging(info)
+    try:
+        work(info)
+        return 0
+    except user_errors as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        teardown()
 
 
 def setup_logging(info: DistInfo) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from .engine import ShardSampler, evaluate
 from .formats import DatasetError
 from .models import build_resnet
 from .train import resolve_precision
-
-log = logging.getLogger("dr_resnet.evaluate")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,19 +66,13 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    info = distributed.init()
-    distributed.setup_logging(info)
-    try:
+
+    def work(info: distributed.DistInfo) -> None:
         result = run(args, info)
         if info.is_main:
             print(f"{result['num_samples']} images: accuracy {result['accuracy']:.1%} (majority baseline "
                   f"{result['majority_baseline']:.1%}), QWK {result['qwk']:.3f}; wrote {Path(args.out) / 'metrics.json'}")
-        return 0
-    except (ConfigError, DatasetError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
-    finally:
-        distributed.teardown()
+    return distributed.run_entry(work, (ConfigError, DatasetError, FileNotFoundError))
 
 
 if __name__ == "__main__":

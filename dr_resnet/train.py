@@ -314,18 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    info = distributed.init()
-    distributed.setup_logging(info)
-    try:
+
+    def work(info: DistInfo) -> None:
         summary = fit(build(cfg, info))
         if summary:
             print(describe_summary(summary), flush=True)
-        return 0
-    except (ConfigError, DatasetError, WeightsNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
-    finally:
-        distributed.teardown()
+    return distributed.run_entry(work, (ConfigError, DatasetError, WeightsNotFoundError))
 
 
 if __name__ == "__main__":

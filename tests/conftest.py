@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from dr_resnet.preprocess import Settings, preprocess
 from dr_resnet.synthetic import generate
+
+
+def preprocessed_dataset(base: Path, train: int, test: int, seed: int, size: int) -> Path:
+    """A lab-format synthetic dataset generated at 1.5 x size, preprocessed to size px: base / 'data'."""
+    raw = generate(base / "raw", {"train": train, "test": test}, seed=seed, size=size * 3 // 2, progress=False)
+    preprocess(raw, base / "data", Settings(size=size), progress=False)
+    return base / "data"
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,8 @@ import torch
 import torchvision
 
 from dr_resnet.models import imagenet_cache_path
-from dr_resnet.preprocess import Settings, preprocess
 from dr_resnet.report import NOT_RUN_FILE, main, report
-from dr_resnet.synthetic import generate
+from conftest import preprocessed_dataset
 from dr_resnet.train import main as train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,9 +24,7 @@ def sweep(tmp_path_factory) -> Path:
     """The four arms, 2 epochs each on 24 images at 32 px; 'ImageNet' weights are a torchvision-format
     state dict placed where torchvision's cache expects the real file."""
     base = tmp_path_factory.mktemp("report")
-    raw = generate(base / "raw", {"train": 24, "test": 9}, seed=8, size=48, progress=False)
-    data = base / "data"
-    preprocess(raw, data, Settings(size=32), progress=False)
+    data = preprocessed_dataset(base, 24, 9, seed=8, size=32)
     mp = pytest.MonkeyPatch()
     mp.setenv("TORCH_HOME", str(base / "torch_home"))
     for depth in (18, 50):

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from dr_resnet import checkpoint
-from dr_resnet.preprocess import Settings, preprocess
-from dr_resnet.synthetic import generate
+from conftest import preprocessed_dataset
 from dr_resnet.tracking import Tracker, TrackingSettings, new_run_id
 from dr_resnet.train import main
 
@@ -26,10 +25,7 @@ WANDB = str(Path(sys.executable).parent / "wandb")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("tiny_wandb")
-    raw = generate(base / "raw", {"train": 24, "test": 9}, seed=2, size=48, progress=False)
-    preprocess(raw, base / "data", Settings(size=32), progress=False)
-    return base / "data"
+    return preprocessed_dataset(tmp_path_factory.mktemp("tiny_wandb"), 24, 9, seed=2, size=32)
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +62,7 @@ def offline_runs(run_dir: Path) -> list[Path]:
 
 def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     run_dir = tmp_path / "run"
-    assert train(tiny, run_dir, "wandb.mode=offline", "wandb.group=sweep-a") == 0
+    assert train(tiny, run_dir, "wandb.mode=offline", "wandb.group=sweep-a", "wandb.log_checkpoint=true") == 0
     [folder] = offline_runs(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     history = [r["history"]["item"] for r in inspect(folder) if r.get("type") == "history"]
@@ -84,6 +80,11 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     assert "confusion_matrix_table" in state["summary"] and "confusion_matrix_png" in state["summary"]
     assert state["config"]["train"]["epochs"] == 2 and state["state"] == "finished"
     assert state["run_id"] == checkpoint.load(run_dir / "checkpoint_last.pt")["wandb_id"]
+    records = inspect(folder)
+    run_record = next(r for r in records if r.get("type") == "run")["run"]
+    assert run_record["run_group"] == "sweep-a" and run_record["job_type"] == "resnet18_scratch"
+    assert sorted(run_record["tags"]) == ["resnet18", "scratch"]
+    assert any(r.get("type") == "artifact" and r["artifact"]["type"] == "model" for r in records)
 
 
 def test_resumed_run_continues_the_same_wandb_run(tiny, tmp_path):

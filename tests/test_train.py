@@ -14,8 +14,7 @@ import torch
 import yaml
 
 from dr_resnet import checkpoint
-from dr_resnet.preprocess import Settings, preprocess
-from dr_resnet.synthetic import generate
+from conftest import preprocessed_dataset
 from dr_resnet.train import class_weights, lr_lambda, main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,10 +25,7 @@ TIMING_KEYS = {"images_per_s", "train_seconds", "eval_seconds", "epoch_seconds"}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """40 train / 13 test images at 48 px (13: no world size of 2 or 3 divides it)."""
-    base = tmp_path_factory.mktemp("tiny")
-    raw = generate(base / "raw", {"train": 40, "test": 13}, seed=11, size=64, progress=False)
-    preprocess(raw, base / "data", Settings(size=48), progress=False)
-    return base / "data"
+    return preprocessed_dataset(tmp_path_factory.mktemp("tiny"), 40, 13, seed=11, size=48)
 
 
 def overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
