@@ -13,14 +13,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 # The main job on the embedded default: synthetic EyePACS-like photos -> preprocessed 128 px dataset ->
-# ResNet18 from scratch under torchrun with 2 CPU processes (gloo) -> results summary.
+# the four-run sweep (ResNet18/50 x pretrained/scratch) with submitit's local executor, 2 CPU processes
+# a run (gloo) -> report. Without ImageNet weights in torchvision's cache, the pretrained arms say which
+# file is missing and are reported as not run.
 demo: $(VENV)/.installed
 	$(PY) -m dr_resnet.synthetic --out $(DATA)/synthetic_raw --train 1000 --test 250 --size 256 --seed 0
 	$(PY) -m dr_resnet.preprocess --src $(DATA)/synthetic_raw --dst $(DATA)/synthetic_128 --size 128
 	$(PY) -m dr_resnet.describe $(DATA)/synthetic_128
-	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m dr_resnet.train --config configs/demo.yaml \
-		data.root=$(DATA)/synthetic_128
-	$(PY) -m dr_resnet.report runs/demo
+	$(PY) -m launch.sweep --config configs/demo_sweep.yaml --executor local --tasks-per-node 2 \
+		--cpus-per-task 1 --time 120 data.root=$(DATA)/synthetic_128
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -185,8 +185,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
     if not 0 <= cfg.train.momentum < 1:
         raise ConfigError(f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
-    if cfg.train.warmup_epochs >= cfg.train.epochs and cfg.train.warmup_epochs > 0:
-        raise ConfigError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) must be below train.epochs ({cfg.train.epochs})")
+    if cfg.train.warmup_epochs > cfg.train.epochs:
+        raise ConfigError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) must not exceed train.epochs ({cfg.train.epochs})")
 
 
 def load(config_file: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:

@@ -20,7 +20,7 @@ import yaml
 
 from .metrics import majority_baseline
 
-NOT_RUN_FILE = "not_run.json"  # written by a launcher for an arm it could not start (reason inside)
+STATUS_FILE = "launch_status.json"  # a launcher's word on a run: {"status": "not run" | "failed", "reason": ...}
 COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
 
 
@@ -32,7 +32,7 @@ class RunRecord:
     weights: str
     epochs_planned: int
     rows: list[dict]
-    not_run: str = ""  # why the run was not started, if it was not
+    launch_status: str = ""  # "not run: <reason>" or "failed: <reason>", from the launcher
 
     @property
     def pretrained(self) -> bool:
@@ -55,13 +55,14 @@ def find_runs(root: Path) -> list[RunRecord]:
     candidates = [root] + sorted(p for p in root.glob("*") if p.is_dir()) + sorted(p for p in root.glob("*/*") if p.is_dir())
     runs = []
     for path in candidates:
-        config_file, not_run = path / "config.yaml", path / NOT_RUN_FILE
+        config_file, status_file = path / "config.yaml", path / STATUS_FILE
         if not config_file.is_file():
             continue
         cfg = yaml.safe_load(config_file.read_text()) or {}
         rows_file = path / "metrics.jsonl"
         rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()] if rows_file.is_file() else []
-        reason = json.loads(not_run.read_text()).get("reason", "not run") if not_run.is_file() else ""
+        status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+        reason = f"{status.get('status', 'failed')}: {status.get('reason', '')}" if status else ""
         runs.append(RunRecord(path.name, path, int(cfg["model"]["depth"]), str(cfg["model"]["weights"]),
                               int(cfg["train"]["epochs"]), rows, reason))
     return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.name))
@@ -92,7 +93,7 @@ def plot_curves(runs: list[RunRecord], depth: int, path: Path) -> None:
     acc_ax.set(title=f"ResNet{depth}: accuracy per epoch", xlabel="epoch", ylabel="accuracy (%)")
     qwk_ax.set(title=f"ResNet{depth}: test quadratic weighted kappa", xlabel="epoch", ylabel="QWK", ylim=(-0.05, 1.0))
     qwk_ax.axhline(0, color="grey", ls=":", label="chance (and always-grade-0)")
-    not_run = [f"{r.label}: not run" for r in runs if r.not_run]
+    not_run = [f"{r.label}: {r.launch_status.split(':')[0]}" for r in runs if r.launch_status]
     for ax in (acc_ax, qwk_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best", title="\n".join(not_run) or None, title_fontsize=8)
@@ -132,14 +133,15 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
     table = []
     for run in runs:
         row = {"run": run.name, "depth": run.depth, "weights": run.weights, "epochs": f"{len(run.rows)}/{run.epochs_planned}"}
-        if run.not_run:
-            table.append({**row, "status": f"not run: {run.not_run}"})
+        if run.launch_status and (run.launch_status.startswith("not run") or not run.rows):
+            table.append({**row, "status": run.launch_status})
             continue
         if not run.rows:
             table.append({**row, "status": "no epoch yet"})
             continue
         acc, qwk, final = run.best("test_acc"), run.best("test_qwk"), run.rows[-1]
-        table.append({**row, "status": "done" if len(run.rows) >= run.epochs_planned else "in progress",
+        progress = "done" if len(run.rows) >= run.epochs_planned else "in progress"
+        table.append({**row, "status": run.launch_status or progress,
                       "best_test_acc": acc["test_acc"], "best_acc_epoch": acc["epoch"], "best_qwk": qwk["test_qwk"],
                       "best_qwk_epoch": qwk["epoch"], "final_test_acc": final["test_acc"], "final_qwk": final["test_qwk"],
                       "majority_baseline": run.baseline, "recall_at_best_qwk": " ".join(f"{r:.2f}" for r in qwk["test_recall"]),

@@ -40,6 +40,7 @@ def test_overrides_are_typed_and_win_over_files():
     ("model.depth=34", "model.depth=34 is not one of 18, 50"),
     ("train.amp=fp8", "train.amp='fp8' is not one of auto, off, bf16, fp16"),
     ("epochs=3", "not of the form section.key=value"),
+    ("train.warmup_epochs=7", "train.warmup_epochs (7.0) must not exceed train.epochs (6)"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from dr_resnet.models import imagenet_cache_path
-from dr_resnet.report import NOT_RUN_FILE, main, report
+from dr_resnet.report import STATUS_FILE, main, report
 from conftest import preprocessed_dataset
 from dr_resnet.train import main as train
 
@@ -88,7 +88,7 @@ def test_runs_in_progress_and_arms_not_run(sweep, tmp_path):
     metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
     # Not run: the launcher could not get ImageNet weights for this arm.
     (runs / "resnet18_pretrained" / "metrics.jsonl").unlink()
-    (runs / "resnet18_pretrained" / NOT_RUN_FILE).write_text(json.dumps({"reason": "ImageNet weights missing"}))
+    (runs / "resnet18_pretrained" / STATUS_FILE).write_text(json.dumps({"status": "not run", "reason": "ImageNet weights missing"}))
     report(runs)
     table = read_csv(runs / "results.csv")
     assert table["resnet18_scratch"]["status"] == "in progress" and table["resnet18_scratch"]["epochs"] == "1/2"

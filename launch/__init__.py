@@ -1,0 +1,1 @@
+"""Cluster launchers: submitit sweeps of the four runs (``python -m launch.sweep``)."""

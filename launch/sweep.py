@@ -1,0 +1,227 @@
+"""Submit the four runs (ResNet18/50 x pretrained/scratch), or a subset, with submitit: one job per run,
+each task running the same training entry as torchrun. SLURM by default, or this machine's processes.
+
+    python -m launch.sweep --config configs/sweep.yaml --nodes 2 --gpus-per-node 4 --partition gpu --time 720
+    python -m launch.sweep --config configs/demo_sweep.yaml --executor local --tasks-per-node 2
+    python -m launch.sweep ... --dry-run          # print each job's sbatch script, submit nothing
+
+Each run's directory is SWEEP_DIR/<arm>/; submitit's logs are SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest
+(runs, job ids, arguments) is SWEEP_DIR/sweep.json. A pretrained arm whose ImageNet weights cannot be
+had is not trained from scratch instead: it is reported as not run, with the missing file named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dr_resnet import config
+from dr_resnet.config import ConfigError
+from dr_resnet.report import STATUS_FILE
+
+from .task import TrainTask
+
+
+@dataclass
+class Sweep:
+    """A sweep file: the recipe every arm starts from, each arm's own overrides, overrides for all."""
+
+    name: str
+    base_config: Path
+    arms: dict[str, list[str]]
+    overrides: list[str] = field(default_factory=list)
+    out: str = ""
+
+    @staticmethod
+    def load(path: str | Path) -> "Sweep":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"sweep file not found: {path}")
+        content = yaml.safe_load(path.read_text()) or {}
+        unknown = set(content) - {"name", "config", "arms", "overrides", "out"}
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} (known: name, config, arms, overrides, out)")
+        if not isinstance(content.get("arms"), dict) or not content["arms"]:
+            raise ConfigError(f"{path}: 'arms' must map arm names to lists of section.key=value overrides")
+        return Sweep(str(content.get("name") or path.stem), (path.parent / content.get("config", "base.yaml")).resolve(),
+                     {arm: [str(o) for o in (ovs or [])] for arm, ovs in content["arms"].items()},
+                     [str(o) for o in content.get("overrides") or []], str(content.get("out") or ""))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", default="configs/sweep.yaml", help="sweep file (arms and their recipe)")
+    p.add_argument("--runs", help="comma-separated subset of the arms (default: all)")
+    p.add_argument("--out", help="sweep folder (default: the sweep file's 'out', else runs/<name>)")
+    p.add_argument("--executor", choices=("slurm", "local"), default="slurm")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--tasks-per-node", type=int, help="processes per node (default: the GPUs per node, else 1)")
+    p.add_argument("--cpus-per-task", type=int, default=1)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    p.add_argument("--mem", type=int, help="memory per node in GB")
+    p.add_argument("--constraint")
+    p.add_argument("--exclude", help="nodes to avoid")
+    p.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit to checkpoint and requeue")
+    p.add_argument("--wait", action="store_true", help="wait for every job, then write the report; exit 1 if any failed")
+    p.add_argument("--dry-run", action="store_true", help="print each job's sbatch script; submit nothing")
+    p.add_argument("overrides", nargs="*", help="section.key=value for every run")
+    args = p.parse_args(argv)
+    args.tasks_per_node = args.tasks_per_node or max(1, args.gpus_per_node)
+    if args.executor == "local" and args.nodes != 1:
+        p.error("--executor local runs on this machine: --nodes must be 1")
+    return args
+
+
+def arm_argv(sweep: Sweep, arm: str, run_dir: Path, cli_overrides: list[str]) -> list[str]:
+    """The training arguments of one arm: recipe, arm, sweep-wide and command-line overrides, its folder."""
+    return ["--config", str(sweep.base_config), *sweep.arms[arm], *sweep.overrides, *cli_overrides,
+            f"output.dir={run_dir}", f"wandb.group={sweep.name}"]
+
+
+def missing_weights(cfg: config.Config) -> str:
+    """Why the arm's weights cannot be had ('' when they can); downloads ImageNet weights if possible."""
+    weights = cfg.model.weights
+    if weights.lower() == "none":
+        return ""
+    from dr_resnet.models import WeightsNotFoundError, imagenet_cache_path, load_imagenet_state_dict
+
+    if weights.lower() == "imagenet":
+        try:
+            load_imagenet_state_dict(cfg.model.depth)  # into torchvision's cache, where every task reads it
+            return ""
+        except WeightsNotFoundError as exc:
+            return f"ImageNet weights missing: {imagenet_cache_path(cfg.model.depth)}\n{exc}"
+    return "" if Path(weights).is_file() else f"weights file not found: {weights}"
+
+
+def make_executor(args: argparse.Namespace, folder: Path):
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.executor)
+    executor.update_parameters(nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+                               timeout_min=args.time, stderr_to_stdout=True)
+    if args.mem:
+        executor.update_parameters(mem_gb=args.mem)
+    if args.executor == "slurm":
+        slurm = {"slurm_partition": args.partition, "slurm_account": args.account, "slurm_qos": args.qos,
+                 "slurm_constraint": args.constraint, "slurm_exclude": args.exclude}
+        executor.update_parameters(slurm_signal_delay_s=args.signal_delay,
+                                   slurm_additional_parameters={"requeue": True, "open-mode": "append"},
+                                   **{k: v for k, v in slurm.items() if v})
+        if args.gpus_per_node:
+            executor.update_parameters(gpus_per_node=args.gpus_per_node)
+    elif args.gpus_per_node:
+        executor.update_parameters(gpus_per_node=args.gpus_per_node)
+    return executor
+
+
+def sbatch_script(executor, arm: str) -> str:
+    """The script submitit would hand to sbatch for this arm (submitit's own rendering, nothing sent)."""
+    inner = executor._executor  # the SlurmExecutor behind AutoExecutor
+    return inner._make_submission_file_text(inner._submitit_command_str, uid=arm)
+
+
+def set_status(run_dir: Path, cfg: config.Config, status: str = "", reason: str = "") -> None:
+    """Save the arm's resolved config (so the report lists it whatever happens) and the launcher's
+    status for it ('not run' or 'failed', with the reason), or clear that status."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(cfg, run_dir / "config.yaml")
+    path = run_dir / STATUS_FILE
+    if status:
+        path.write_text(json.dumps({"status": status, "reason": reason.splitlines()[0], "detail": reason}, indent=2) + "\n")
+    else:
+        path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        sweep = Sweep.load(args.config)
+        arms = args.runs.split(",") if args.runs else list(sweep.arms)
+        unknown = [a for a in arms if a not in sweep.arms]
+        if unknown:
+            raise ConfigError(f"--runs: unknown arm(s) {unknown} (in {args.config}: {', '.join(sweep.arms)})")
+        out = Path(args.out or sweep.out or f"runs/{sweep.name}").resolve()
+        plans = {}
+        for arm in arms:  # every arm's config is resolved (and so validated) before anything is submitted
+            run_dir = out / arm
+            argv_arm = arm_argv(sweep, arm, run_dir, args.overrides)
+            plans[arm] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    executor = make_executor(args, out / "submitit")
+    if args.dry_run:
+        for arm, (run_dir, argv_arm, _) in plans.items():
+            executor.update_parameters(name=arm)
+            text = sbatch_script(executor, arm) if args.executor == "slurm" else "(local executor: no sbatch script)"
+            print(f"# ---- {arm}: dr_resnet.train {shlex.join(argv_arm)}\n{text}\n")
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"name": sweep.name, "sweep_file": str(Path(args.config).resolve()), "executor": args.executor,
+                "command": [sys.executable, "-m", "launch.sweep", *(argv if argv is not None else sys.argv[1:])],
+                "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": {}}
+    jobs = {}
+    for arm, (run_dir, argv_arm, cfg) in plans.items():
+        reason = missing_weights(cfg)
+        if reason:
+            set_status(run_dir, cfg, "not run", reason)
+            print(f"{arm}: NOT RUN, never trained from scratch instead:\n  {reason}", file=sys.stderr)
+            manifest["runs"][arm] = {"status": "not run", "reason": reason, "run_dir": str(run_dir)}
+            continue
+        set_status(run_dir, cfg)
+        executor.update_parameters(name=arm)
+        job = executor.submit(TrainTask(argv_arm, threads=args.cpus_per_task))
+        jobs[arm] = job
+        manifest["runs"][arm] = {"status": "submitted", "job_id": job.job_id, "run_dir": str(run_dir),
+                                 "log": str(job.paths.stdout).replace("%t", "0"), "argv": argv_arm}
+        print(f"{arm}: job {job.job_id}  log {manifest['runs'][arm]['log']}")
+    (out / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"sweep folder {out} (manifest sweep.json)")
+    if args.executor == "slurm":
+        print(f"follow: squeue -j {','.join(j.job_id for j in jobs.values())}   tail -f {out}/submitit/*_0_log.out")
+    if not (args.wait or args.executor == "local"):  # local jobs are this process's children: always wait
+        print(f"report when done: python -m dr_resnet.report {out}")
+        return 0
+    return wait_and_report(jobs, plans, out)
+
+
+def wait_and_report(jobs: dict, plans: dict, out: Path) -> int:
+    from dr_resnet.report import report
+
+    failed = []
+    for arm, job in jobs.items():
+        try:
+            job.results()  # every task's result; raises the first failure
+            print(f"{arm}: done (job {job.job_id})")
+        except Exception as exc:
+            failed.append(arm)
+            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+            errors = [line for line in lines if "Error:" in line]  # the task's own exception, not the log path
+            reason = (errors or lines or [type(exc).__name__])[-1]
+            run_dir, _, cfg = plans[arm]
+            set_status(run_dir, cfg, "failed", f"job {job.job_id}: {reason}")
+            print(f"{arm}: FAILED (job {job.job_id}): {reason}", file=sys.stderr)
+    written = report(out)
+    print("report: " + ", ".join(str(p) for p in written))
+    results = (out / "results.md").read_text()
+    print(results)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

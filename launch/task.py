@@ -1,0 +1,37 @@
+"""The callable submitit runs in every task of a job: it turns submitit's JobEnvironment into the
+variables torchrun would set and calls the same `dr_resnet.train.main` as every other launch.
+
+It carries only the training arguments. On preemption or a time limit, `checkpoint()` resubmits a
+fresh task with the same arguments; training resumes from the run directory's last checkpoint (and
+continues the same W&B run, whose id that checkpoint holds), never from state kept in this object.
+"""
+
+from __future__ import annotations
+
+import os
+
+import submitit
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    def __init__(self, argv: list[str], threads: int = 0) -> None:
+        self.argv = list(argv)
+        self.threads = threads  # torch threads per task; 0: SLURM_CPUS_PER_TASK, else torch's default
+
+    def __call__(self) -> int:
+        import torch
+
+        from dr_resnet.train import main
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # Some SLURM set-ups (task/none) and submitit's local executor bind no CPUs: use what was asked for.
+        threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        code = main(self.argv)
+        if code != 0:
+            raise RuntimeError(f"dr_resnet.train exited with code {code}: the reason is logged above")
+        return code
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(TrainTask(self.argv, self.threads))

@@ -1,0 +1,138 @@
+"""Against a real SLURM: the project's own slurm/local_cluster.sh starts two emulated nodes on this
+machine (it installs Debian's slurm, munge and mariadb if needed). Skipped, with the reason, only where
+that cannot run: no root or no apt-get."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from conftest import preprocessed_dataset
+from dr_resnet import checkpoint
+from dr_resnet.models import imagenet_cache_path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = [REPO / "slurm" / "train.sbatch", REPO / "slurm" / "sweep.sh", REPO / "slurm" / "local_cluster.sh"]
+pytestmark = pytest.mark.slow
+
+
+def test_scripts_pass_shellcheck():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck; CI installs it)")
+    result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    start = subprocess.run(["bash", str(SCRIPTS[2]), "start", "2"], capture_output=True, text=True, timeout=900)
+    assert start.returncode == 0, start.stdout + start.stderr
+    yield
+    subprocess.run(["bash", str(SCRIPTS[2]), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return preprocessed_dataset(tmp_path_factory.mktemp("slurm_data"), 24, 9, seed=6, size=32)
+
+
+TINY = ["data.image_size=32", "train.batch_size=4", "data.workers=0", "train.warmup_epochs=0"]
+
+
+def epochs_logged(run_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1] if out.strip() else ""
+
+
+def wait_for_file(path: Path, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():  # another process writes it: nothing to synchronise with but the file
+        assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s"
+        time.sleep(0.2)
+
+
+def test_sweep_runs_all_four_arms_across_two_nodes(cluster, data, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # jobs inherit the environment
+    for depth in (18, 50):
+        path = imagenet_cache_path(depth)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(getattr(torchvision.models, f"resnet{depth}")().state_dict(), path)
+    out = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.sweep", "--config", str(REPO / "configs" / "demo_sweep.yaml"), "--executor",
+         "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "20", "--out", str(out),
+         "--wait", f"data.root={data}", "train.epochs=1", *TINY],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((out / "sweep.json").read_text())
+    for arm in ("resnet18_pretrained", "resnet18_scratch", "resnet50_pretrained", "resnet50_scratch"):
+        summary = json.loads((out / arm / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["num_test_samples"] == 9 and summary["epochs_completed"] == 1
+        assert job_state(manifest["runs"][arm]["job_id"]) == "COMPLETED"
+        log = Path(manifest["runs"][arm]["log"]).read_text()
+        assert "2 process(es)" in log
+    nodes = {subprocess.run(["sacct", "-n", "-X", "-P", "-j", manifest["runs"][a]["job_id"], "-o", "NodeList"],
+                            capture_output=True, text=True).stdout.strip() for a in manifest["runs"]}
+    assert nodes == {"n[1-2]"}
+    assert "| resnet50_pretrained | 50 | imagenet | done | 1/1 |" in (out / "results.md").read_text()
+
+
+def test_interrupted_job_is_requeued_and_finishes_every_epoch_once(cluster, data, tmp_path, monkeypatch):
+    import submitit
+
+    from launch.task import TrainTask
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+    # Over 10 minutes, or submitit counts the signal as a timeout rather than a preemption.
+    executor.update_parameters(nodes=1, tasks_per_node=2, cpus_per_task=1, timeout_min=30, name="interrupt")
+    job = executor.submit(TrainTask(["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", *TINY,
+                                     "train.epochs=4", f"output.dir={run_dir}"]))
+    wait_for_file(run_dir / "checkpoint_last.pt", 300)
+    job._interrupt()  # preemption: submitit's handler calls checkpoint() and requeues the job
+    job.results()
+    assert epochs_logged(run_dir) == [1, 2, 3, 4]
+    assert checkpoint.load(run_dir / "checkpoint_last.pt")["epoch"] == 4
+    log = "".join(Path(str(p).replace("%t", "0")).read_text() for p in (job.paths.stdout, job.paths.stderr))
+    assert "this job is preempted" in log and "Requeued job" in log and "resumed" in log
+    # One W&B run across the requeue: every offline folder carries the checkpoint's run id.
+    run_id = checkpoint.load(run_dir / "checkpoint_last.pt")["wandb_id"]
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) >= 2 and all(f.name.endswith(run_id) for f in folders)
+
+
+def test_sbatch_script_runs_two_nodes_and_requeues_on_usr1(cluster, data, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHON": sys.executable, "NPROC_PER_NODE": "1"}
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--nodes", "2", "--cpus-per-task", "1", "--output", str(tmp_path / "slurm-%j.out"),
+         str(SCRIPTS[0]), "--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", *TINY,
+         "train.epochs=4", f"output.dir={run_dir}"],
+        env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    wait_for_file(run_dir / "checkpoint_last.pt", 300)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)  # what --signal=B:USR1@120 sends
+    deadline = time.monotonic() + 300
+    while job_state(job_id) != "COMPLETED":
+        assert time.monotonic() < deadline and job_state(job_id) not in ("FAILED", "CANCELLED", "TIMEOUT")
+        time.sleep(1)
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert "USR1: the time limit is near; requeueing" in log and "(restart 1)" in log and "resumed" in log
+    assert epochs_logged(run_dir) == [1, 2, 3, 4]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["num_test_samples"] == 9
