@@ -96,7 +96,11 @@ def plot_curves(runs: list[RunRecord], depth: int, path: Path) -> None:
     not_run = [f"{r.label}: {r.launch_status.split(':')[0]}" for r in runs if r.launch_status]
     for ax in (acc_ax, qwk_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best", title="\n".join(not_run) or None, title_fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best", title="\n".join(not_run) or None, title_fontsize=8)
+        if not baselines:
+            ax.text(0.5, 0.5, "\n".join(["no epoch finished yet", *not_run]), ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
