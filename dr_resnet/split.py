@@ -1,0 +1,166 @@
+"""Patient-level train/test split: no patient's eyes on both sides, stratified by grade.
+
+EyePACS names are <patient>_left / <patient>_right; a per-image split (the common lab split) can put a
+patient's two eyes on both sides, and the near-duplicate eye inflates test scores. This pools every
+split under SRC, groups images by patient, moves whole patients to the test side until its grade
+balance matches the whole's, and writes DST in the same format (images hard-linked, or copied across
+file systems).
+
+    python -m dr_resnet.split --src DIR --dst DIR --test-fraction 0.2 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from . import NUM_GRADES
+from .formats import DatasetError, SplitLayout, find_splits, read_split
+
+EYES = ("_left", "_right")
+
+
+def patient_of(name: str) -> str:
+    """'10_left' -> '10'; a name without an eye suffix (APTOS ids) is its own patient."""
+    for eye in EYES:
+        if name.endswith(eye):
+            return name[: -len(eye)]
+    return name
+
+
+def assign(patients: dict[str, list[int]], labels: np.ndarray, test_fraction: float, seed: int) -> set[str]:
+    """The patients that go to test. Patients are shuffled, patients whose worse eye has a rarer grade
+    come first, and each joins the test side when that brings its per-grade image counts closer (L1)
+    to test_fraction of the whole's. Whole patients move, so no one sits on both sides."""
+    rng = np.random.default_rng(seed)
+    names = sorted(patients)
+    names = [names[i] for i in rng.permutation(len(names))]
+    counts = {p: np.bincount(labels[patients[p]], minlength=NUM_GRADES) for p in names}
+    frequency = np.bincount(labels, minlength=NUM_GRADES)
+    names.sort(key=lambda p: frequency[int(labels[patients[p]].max())])  # stable: the shuffle orders ties
+    target = test_fraction * frequency
+    current = np.zeros(NUM_GRADES)
+    test = set()
+    for patient in names:
+        if np.abs(current + counts[patient] - target).sum() < np.abs(current - target).sum():
+            test.add(patient)
+            current += counts[patient]
+    return _refine(names, counts, test, frequency, test_fraction)
+
+
+def _refine(names: list[str], counts: dict[str, np.ndarray], test: set[str], frequency: np.ndarray,
+            test_fraction: float, rounds: int = 500) -> set[str]:
+    """Move single patients across while that lowers the test side's worst grade-share deviation from
+    the whole's plus its size deviation (the greedy pass balances counts, not shares)."""
+    matrix = np.stack([counts[p] for p in names]).astype(float)
+    in_test = np.array([p in test for p in names])
+    whole, size_target = frequency / frequency.sum(), test_fraction * frequency.sum()
+
+    def cost(side_counts: np.ndarray) -> np.ndarray:
+        sizes = side_counts.sum(axis=-1, keepdims=True)
+        shares = side_counts / np.maximum(sizes, 1)
+        return np.abs(shares - whole).max(axis=-1) + np.abs(sizes[..., 0] - size_target) / frequency.sum()
+
+    for _ in range(rounds):
+        current = matrix[in_test].sum(axis=0)
+        moved = current + np.where(in_test, -1.0, 1.0)[:, None] * matrix  # every single move at once
+        costs = cost(moved)
+        best = int(costs.argmin())
+        if costs[best] >= cost(current) - 1e-12:
+            break
+        in_test[best] = not in_test[best]
+    return {p for p, t in zip(names, in_test) if t}
+
+
+def _place(src: Path, dst: Path, copy: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    if not copy:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another file system: fall back to a copy
+            pass
+    shutil.copy2(src, dst)
+
+
+def balance(labels: np.ndarray) -> np.ndarray:
+    return np.bincount(labels, minlength=NUM_GRADES) / max(1, len(labels))
+
+
+def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0, fmt: str = "auto",
+          copy: bool = False) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Write DST's train and test splits; returns {side: (names, labels)}."""
+    src, dst = Path(src), Path(dst)
+    found = find_splits(src)
+    if fmt != "auto":
+        found = [(name, f) for name, f in found if f == fmt]
+    if not found:
+        raise DatasetError(f"no dataset split files found in {src}")
+    formats = {f for _, f in found}
+    if len(formats) > 1:
+        raise DatasetError(f"{src} holds splits of several formats ({', '.join(sorted(formats))}): name one with --format")
+    if dst.resolve() == src.resolve():
+        raise DatasetError("--dst must differ from --src")
+    fmt = formats.pop()
+    names, paths, labels = [], [], []
+    for name, _ in found:
+        part = read_split(src, name, fmt)
+        names += part.names
+        paths += part.paths
+        labels += part.labels.tolist()
+    duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
+    if duplicates:
+        raise DatasetError(f"{src}: image names appear in more than one split: {duplicates[:10]}")
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    patients: dict[str, list[int]] = defaultdict(list)
+    for i, name in enumerate(names):
+        patients[patient_of(name)].append(i)
+    test_patients = assign(patients, labels_arr, test_fraction, seed)
+    sides = {"train": [i for i, n in enumerate(names) if patient_of(n) not in test_patients],
+             "test": [i for i, n in enumerate(names) if patient_of(n) in test_patients]}
+    result = {}
+    for side, rows in sides.items():
+        layout = SplitLayout.of(dst, side, fmt)
+        layout.image_dirs[0].mkdir(parents=True, exist_ok=True)
+        for i in rows:
+            _place(paths[i], layout.image_path(names[i], paths[i].suffix), copy)
+        layout.write_index([names[i] for i in rows], labels_arr[rows])
+        result[side] = ([names[i] for i in rows], labels_arr[rows])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dr_resnet.split", description=__doc__.split("\n\n")[0])
+    p.add_argument("--src", required=True, help="dataset folder (all its splits are pooled)")
+    p.add_argument("--dst", required=True, help="output dataset folder (train and test splits, same format)")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="auto", choices=("auto", "lab", "kaggle", "aptos"))
+    p.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
+    args = p.parse_args(argv)
+    if not 0 < args.test_fraction < 1:
+        p.error("--test-fraction must be between 0 and 1")
+    try:
+        result = split(args.src, args.dst, args.test_fraction, args.seed, args.format, args.copy)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    everything = np.concatenate([labels for _, labels in result.values()])
+    print(f"{'side':<6} {'images':>7} {'patients':>8}   " + "  ".join(f"grade {g}" for g in range(NUM_GRADES)))
+    for side, (names, labels) in [("all", ([], everything))] + list(result.items()):
+        patients = len({patient_of(n) for n in names}) if names else len({patient_of(n) for s in result.values() for n in s[0]})
+        shares = "  ".join(f"{100 * b:6.1f}%" for b in balance(labels))
+        print(f"{side:<6} {len(labels):>7} {patients:>8}   {shares}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
