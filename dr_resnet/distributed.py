@@ -87,13 +87,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj, src: int = 0):
-    """`obj` from rank src on every rank (a world of one returns it)."""
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (a world of one returns [obj])."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
 
 
 def barrier() -> None:

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from . import NUM_GRADES
 from .augment import DeviceAugment
-from .distributed import all_reduce_sum
+from .distributed import all_gather_objects, all_reduce_sum
+from .metrics import REFERABLE_GRADE
 
 
 @dataclass(frozen=True)
@@ -88,24 +89,52 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             "train_seconds": seconds, "images_per_s": count / seconds}
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """A whole split's evaluation, identical on every rank: the confusion matrix (counts), the mean
+    cross-entropy, and each image's probability of referable DR (grade >= 2) with its true grade."""
+
+    confusion_matrix: np.ndarray
+    loss: float
+    referable_scores: np.ndarray
+    targets: np.ndarray
+
+
+TTA_MODES = ("none", "flips")
+
+
+def _probabilities(model: nn.Module, inputs: Tensor, tta: str) -> Tensor:
+    """Softmax over grades; with tta='flips', averaged over the image and its h-, v- and hv-flips."""
+    views = [inputs] if tta == "none" else [inputs, inputs.flip(-1), inputs.flip(-2), inputs.flip(-1, -2)]
+    return torch.stack([model(v).float().softmax(dim=1) for v in views]).mean(dim=0)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, augment: DeviceAugment, device: torch.device,
-             precision: Precision, channels_last: bool = False) -> tuple[np.ndarray, float]:
-    """Confusion matrix (counts) and mean cross-entropy over the whole split, summed across processes.
+             precision: Precision, channels_last: bool = False, tta: str = "none") -> EvalResult:
+    """Every image of the split exactly once, summed (and gathered) across processes.
 
     Pass the bare model (not the DDP wrapper): shards may differ in length by one, and DDP's forward
     could wait on a collective that the other ranks never reach.
     """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
     model.eval()
     cm = torch.zeros(NUM_GRADES * NUM_GRADES, dtype=torch.float64, device=device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+    scores, targets = [], []
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
         with precision.autocast(device):
-            logits = model(augment.eval(images)).float()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").double()
-        cm += torch.bincount(labels * NUM_GRADES + logits.argmax(1), minlength=NUM_GRADES**2).double()
+            probs = _probabilities(model, augment.eval(images), tta)
+        loss_sum += nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double()
+        cm += torch.bincount(labels * NUM_GRADES + probs.argmax(1), minlength=NUM_GRADES**2).double()
+        scores.append(probs[:, REFERABLE_GRADE:].sum(dim=1).cpu())
+        targets.append(labels.cpu())
     totals = all_reduce_sum(torch.cat([cm, loss_sum]))
-    cm = totals[:-1].cpu().numpy().round().astype(np.int64).reshape(NUM_GRADES, NUM_GRADES)
-    count = cm.sum()
-    return cm, float(totals[-1].item() / count) if count else 0.0
+    cm_counts = totals[:-1].cpu().numpy().round().astype(np.int64).reshape(NUM_GRADES, NUM_GRADES)
+    count = cm_counts.sum()
+    local = (torch.cat(scores).numpy() if scores else np.zeros(0), torch.cat(targets).numpy() if targets else np.zeros(0, np.int64))
+    shards = all_gather_objects(local)
+    return EvalResult(cm_counts, float(totals[-1].item() / count) if count else 0.0,
+                      np.concatenate([s for s, _ in shards]), np.concatenate([t for _, t in shards]).astype(np.int64))

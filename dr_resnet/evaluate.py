@@ -19,7 +19,7 @@ from . import GRADES, checkpoint, distributed, metrics
 from .augment import DeviceAugment
 from .config import ConfigError, from_dict
 from .data import RetinopathyDataset
-from .engine import ShardSampler, evaluate
+from .engine import TTA_MODES, ShardSampler, evaluate
 from .formats import DatasetError
 from .models import build_resnet
 from .train import resolve_precision
@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--tta", default="none", choices=TTA_MODES,
+                   help="test-time augmentation: 'flips' averages the predictions over h-, v- and hv-flips")
     p.add_argument("--out", required=True, help="folder for metrics.json and confusion_matrix.png")
     return p.parse_args(argv)
 
@@ -48,10 +50,13 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     dataset = RetinopathyDataset(args.data_root, args.split, format=args.format, image_size=size)
     loader = DataLoader(dataset, args.batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
                         num_workers=args.workers, pin_memory=info.device.type == "cuda")
-    cm, loss = evaluate(model, loader, DeviceAugment(), info.device, resolve_precision(args.amp, info.device))
-    scores = metrics.summarize(cm)
+    evaluation = evaluate(model, loader, DeviceAugment(), info.device, resolve_precision(args.amp, info.device),
+                          tta=args.tta)
+    scores = metrics.summarize(evaluation.confusion_matrix)
+    auc = metrics.roc_auc(evaluation.targets >= metrics.REFERABLE_GRADE, evaluation.referable_scores)
     result = {"checkpoint": str(args.checkpoint), "epoch": int(state["epoch"]), "data_root": str(args.data_root),
-              "split": args.split, "image_size": size, "loss": loss, **scores}
+              "split": args.split, "image_size": size, "tta": args.tta, "loss": evaluation.loss, **scores,
+              "referable_auc": auc}
     if info.is_main:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args, info)
         if info.is_main:
             print(f"{result['num_samples']} images: accuracy {result['accuracy']:.1%} (majority baseline "
-                  f"{result['majority_baseline']:.1%}), QWK {result['qwk']:.3f}; wrote {Path(args.out) / 'metrics.json'}")
+                  f"{result['majority_baseline']:.1%}), QWK {result['qwk']:.3f}, referable DR (grade >= 2) "
+                  f"sensitivity {result['referable_sensitivity']:.2f} specificity {result['referable_specificity']:.2f} "
+                  f"AUC {result['referable_auc']:.3f}; wrote {Path(args.out) / 'metrics.json'}")
     return distributed.run_entry(work, (ConfigError, DatasetError, FileNotFoundError))
 
 

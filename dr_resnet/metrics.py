@@ -1,8 +1,9 @@
 """Grading metrics from a confusion matrix: accuracy, quadratic weighted kappa, per-class precision and
 recall, macro-F1, the majority-class baseline. numpy only (no torch), so reports can use it anywhere.
 
-Everything derives from the confusion matrix of counts (rows = true grade, columns = predicted), which
-is also what distributed evaluation sums across ranks: exact, whatever the world size.
+Everything but the ROC AUC derives from the confusion matrix of counts (rows = true grade, columns =
+predicted), which is also what distributed evaluation sums across ranks: exact, whatever the world size.
+The referable-DR AUC needs each image's score; evaluation gathers those from every rank.
 """
 
 from __future__ import annotations
@@ -75,6 +76,35 @@ def majority_baseline(cm: np.ndarray) -> float:
     return float(cm.sum(axis=1).max() / total) if total else 0.0
 
 
+REFERABLE_GRADE = 2  # moderate or worse: the screening question is "refer to an ophthalmologist?"
+
+
+def referable(cm: np.ndarray, threshold: int = REFERABLE_GRADE) -> dict:
+    """Sensitivity and specificity of "grade >= threshold" read off the confusion matrix."""
+    positive_true = cm[threshold:].sum()
+    negative_true = cm[:threshold].sum()
+    return {"referable_sensitivity": float(cm[threshold:, threshold:].sum() / positive_true) if positive_true else 0.0,
+            "referable_specificity": float(cm[:threshold, :threshold].sum() / negative_true) if negative_true else 0.0}
+
+
+def roc_auc(positive: Sequence[bool], scores: Sequence[float]) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative
+    (ties count half), from average ranks (Mann-Whitney U). 0.5 when a class is missing."""
+    positive, scores = np.asarray(positive, dtype=bool), np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return 0.5
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # Average ranks over runs of equal scores.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def summarize(cm: np.ndarray) -> dict:
     """Every metric of a confusion matrix, as plain Python values (JSON-ready)."""
     return {
@@ -85,5 +115,6 @@ def summarize(cm: np.ndarray) -> dict:
         "per_class_recall": per_class_recall(cm).tolist(),
         "per_class_precision": per_class_precision(cm).tolist(),
         "majority_baseline": majority_baseline(cm),
+        **referable(cm),
         "confusion_matrix": cm.astype(int).tolist(),
     }

@@ -130,7 +130,8 @@ def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
 
 
 COLUMNS = ["run", "depth", "weights", "status", "epochs", "best_test_acc", "best_acc_epoch", "best_qwk",
-           "best_qwk_epoch", "final_test_acc", "final_qwk", "majority_baseline", "recall_at_best_qwk", "train_minutes"]
+           "best_qwk_epoch", "final_test_acc", "final_qwk", "majority_baseline", "recall_at_best_qwk",
+           "referable_sens_at_best_qwk", "referable_spec_at_best_qwk", "referable_auc_at_best_qwk", "train_minutes"]
 
 
 def result_rows(runs: list[RunRecord]) -> list[dict]:
@@ -149,6 +150,9 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
                       "best_test_acc": acc["test_acc"], "best_acc_epoch": acc["epoch"], "best_qwk": qwk["test_qwk"],
                       "best_qwk_epoch": qwk["epoch"], "final_test_acc": final["test_acc"], "final_qwk": final["test_qwk"],
                       "majority_baseline": run.baseline, "recall_at_best_qwk": " ".join(f"{r:.2f}" for r in qwk["test_recall"]),
+                      "referable_sens_at_best_qwk": qwk.get("test_referable_sensitivity"),
+                      "referable_spec_at_best_qwk": qwk.get("test_referable_specificity"),
+                      "referable_auc_at_best_qwk": qwk.get("test_referable_auc"),
                       "train_minutes": sum(r["epoch_seconds"] for r in run.rows) / 60})
     return table
 
@@ -168,7 +172,8 @@ def write_tables(table: list[dict], out: Path) -> None:
         writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in table)
     lines = ["# Results", "",
              "Best epochs are chosen on the test split, as the lab recipe does; QWK = quadratic weighted kappa; "
-             "recall per grade 0..4 at the best-QWK epoch. Accuracy is only meaningful above the majority baseline.",
+             "recall per grade 0..4 at the best-QWK epoch; referable DR = grade >= 2 vs < 2 (sensitivity, "
+             "specificity, ROC AUC). Accuracy is only meaningful above the majority baseline.",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row.get(k)) for k in COLUMNS) + " |" for row in table]
     (out / "results.md").write_text("\n".join(lines) + "\n")

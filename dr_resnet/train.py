@@ -183,12 +183,19 @@ def rewrite_metrics(run_dir: Path, rows: list[dict]) -> None:
     tmp.replace(run_dir / METRICS_FILE)
 
 
+def selection_value(row: dict, select_by: str) -> float:
+    """Higher is better: test QWK, test accuracy, or minus the test loss."""
+    return {"qwk": row["test_qwk"], "accuracy": row["test_acc"], "loss": -row["test_loss"]}[select_by]
+
+
 def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
     """summary.json (after every epoch, so a run in progress has one), and the best epoch's confusion
-    matrix figure when `figure`."""
-    best = max(rows, key=lambda r: (r["test_qwk"], -r["epoch"]))
+    matrix figure when `figure`. The best epoch is chosen by train.select_by (ties: the earlier)."""
+    select_by = run.cfg.train.select_by
+    best = max(rows, key=lambda r: (selection_value(r, select_by), -r["epoch"]))
     final = rows[-1]
-    keys = ("epoch", "test_acc", "test_qwk", "test_loss", "test_macro_f1", "test_recall", "train_acc", "train_loss")
+    keys = ("epoch", "test_acc", "test_qwk", "test_loss", "test_macro_f1", "test_recall", "test_referable_sensitivity",
+            "test_referable_specificity", "test_referable_auc", "train_acc", "train_loss")
     summary = {
         "run": run.run_dir.name,
         "depth": run.cfg.model.depth,
@@ -197,6 +204,7 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
         "epochs_planned": run.cfg.train.epochs,
         "world_size": run.info.world_size,
         "num_test_samples": int(np.sum(final["confusion_matrix"])),
+        "selected_by": select_by,
         "majority_baseline": run.test_baseline,
         "train_majority_baseline": run.train_baseline,
         "best": {k: best[k] for k in keys},
@@ -212,7 +220,7 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
         from .plots import save_confusion_matrix
 
         save_confusion_matrix(np.array(best["confusion_matrix"]), run.run_dir / CONFUSION_PNG,
-                              f"resnet{run.cfg.model.depth} {run.run_dir.name}\nbest epoch {best['epoch']}: "
+                              f"resnet{run.cfg.model.depth} {run.run_dir.name}\nbest epoch {best['epoch']} (by {select_by}): "
                               f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}")
     return summary
 
@@ -264,17 +272,23 @@ def _epochs(run: Run, start_epoch: int, best: dict, tracker: Tracker | None) -> 
                                 run.precision, run.scaler, run.channels_last, bar, t.log_every)
         bar.close()
         eval_start = time.perf_counter()
-        cm, test_loss = evaluate(run.model, run.test_loader, run.augment, info.device, run.precision, run.channels_last)
-        scores = metrics.summarize(cm)
+        result = evaluate(run.model, run.test_loader, run.augment, info.device, run.precision, run.channels_last)
+        scores = metrics.summarize(result.confusion_matrix)
+        test_loss = result.loss
         row = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "train_acc")},
                "test_loss": test_loss, "test_acc": scores["accuracy"], "test_qwk": scores["qwk"],
-               "test_macro_f1": scores["macro_f1"], "test_recall": scores["per_class_recall"], "lr": lr,
+               "test_macro_f1": scores["macro_f1"], "test_recall": scores["per_class_recall"],
+               "test_referable_sensitivity": scores["referable_sensitivity"],
+               "test_referable_specificity": scores["referable_specificity"],
+               "test_referable_auc": metrics.roc_auc(result.targets >= metrics.REFERABLE_GRADE, result.referable_scores),
+               "lr": lr,
                "images_per_s": stats["images_per_s"], "train_seconds": stats["train_seconds"],
                "eval_seconds": time.perf_counter() - eval_start, "epoch_seconds": time.perf_counter() - epoch_start,
                "confusion_matrix": scores["confusion_matrix"]}
-        improved = not best or row["test_qwk"] > best["value"]
+        value = selection_value(row, t.select_by)
+        improved = not best or value > best["value"]
         if improved:
-            best = {"metric": "test_qwk", "value": row["test_qwk"], "epoch": epoch + 1}
+            best = {"metric": t.select_by, "value": value, "epoch": epoch + 1}
         if info.is_main:
             with open(run.run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")

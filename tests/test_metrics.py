@@ -52,3 +52,26 @@ def test_summary_is_json_ready_and_rejects_bad_input():
         confusion_matrix([0, 1], [0, 5])
     with pytest.raises(ValueError, match="2 targets but 3 predictions"):
         confusion_matrix([0, 1], [0, 1, 1])
+
+
+@pytest.mark.parametrize("targets,predictions", list(cases()))
+def test_referable_sensitivity_and_specificity(targets, predictions):
+    cm = confusion_matrix(targets, predictions)
+    from dr_resnet.metrics import referable
+    values = referable(cm)
+    truth, guess = np.asarray(targets) >= 2, np.asarray(predictions) >= 2
+    if truth.any():
+        assert values["referable_sensitivity"] == pytest.approx(skm.recall_score(truth, guess))
+    if (~truth).any():
+        assert values["referable_specificity"] == pytest.approx(skm.recall_score(~truth, ~guess))
+
+
+def test_roc_auc_against_scikit_learn():
+    from dr_resnet.metrics import roc_auc
+    rng = np.random.default_rng(4)
+    for n in (5, 40, 500):
+        positive = rng.random(n) < 0.3
+        positive[:2] = [True, False]
+        scores = np.round(rng.random(n) + positive * 0.4, 1)  # rounding makes ties
+        assert roc_auc(positive, scores) == pytest.approx(skm.roc_auc_score(positive, scores))
+    assert roc_auc([True, True], [0.1, 0.2]) == 0.5

@@ -66,7 +66,8 @@ def test_torchrun_two_processes_writes_the_run_directory(straight_run, tiny):
     rows = metrics_rows(straight_run)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     required = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_qwk", "lr", "images_per_s",
-                "test_recall", "confusion_matrix", "epoch_seconds"}
+                "test_recall", "confusion_matrix", "epoch_seconds", "test_referable_sensitivity",
+                "test_referable_specificity", "test_referable_auc"}
     assert all(required <= r.keys() for r in rows)
     # 40 images, 2 ranks, batch 8: 2 full batches a rank, 32 images an epoch; 13 test images each epoch.
     assert all(np.sum(r["confusion_matrix"]) == 13 for r in rows)
@@ -120,6 +121,20 @@ def test_evaluation_is_exact_at_any_world_size(straight_run, tiny, tmp_path):
     assert [r["num_samples"] for r in results] == [13, 13, 13]
     assert results[0]["confusion_matrix"] == results[1]["confusion_matrix"] == results[2]["confusion_matrix"]
     assert results[0]["qwk"] == results[1]["qwk"] == results[2]["qwk"]
+    # Referable AUC needs every image's score: gathered from all ranks, the same at any world size.
+    assert results[0]["referable_auc"] == pytest.approx(results[1]["referable_auc"]) == pytest.approx(results[2]["referable_auc"])
+    assert metrics_rows(straight_run)[-1]["test_referable_auc"] == pytest.approx(results[0]["referable_auc"])
+    # Test-time augmentation over flips: exact under any world size like the rest.
+    tta = []
+    for nproc in (1, 3):
+        out = tmp_path / f"tta{nproc}"
+        torchrun(nproc, ["--checkpoint", str(straight_run / "checkpoint_last.pt"), "--data-root", str(tiny),
+                         "--out", str(out), "--batch-size", "4", "--workers", "0", "--tta", "flips"],
+                 module="dr_resnet.evaluate")
+        tta.append(json.loads((out / "metrics.json").read_text()))
+    assert tta[0]["num_samples"] == tta[1]["num_samples"] == 13 and tta[0]["tta"] == "flips"
+    assert tta[0]["confusion_matrix"] == tta[1]["confusion_matrix"]
+    assert tta[0]["loss"] == pytest.approx(tta[1]["loss"], rel=1e-6) and tta[0]["loss"] != pytest.approx(results[0]["loss"])
     assert results[0]["loss"] == pytest.approx(results[2]["loss"], rel=1e-6)
     # Same model, same images: what training logged for its last epoch.
     assert results[0]["confusion_matrix"] == metrics_rows(straight_run)[-1]["confusion_matrix"]
@@ -163,6 +178,12 @@ def test_single_process_in_process_run_and_config_errors(tiny, tmp_path, capsys)
                           "train.amp=bf16", "data.workers=0")) == 0
     assert "one: best epoch 1" in capsys.readouterr().out
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["num_test_samples"] == 13
+    assert main(overrides(tiny, tmp_path / "loss", "train.select_by=loss", "data.workers=0")) == 0
+    rows = [json.loads(line) for line in (tmp_path / "loss" / "metrics.jsonl").read_text().splitlines()]
+    lowest = min(rows, key=lambda r: (r["test_loss"], r["epoch"]))["epoch"]
+    summary = json.loads((tmp_path / "loss" / "summary.json").read_text())
+    assert summary["selected_by"] == "loss" and summary["best"]["epoch"] == lowest
+    assert checkpoint.load(tmp_path / "loss" / "checkpoint_best.pt")["epoch"] == lowest
     assert main(overrides(tiny, tmp_path / "bad", "train.epochz=3")) == 2
     assert "unknown key 'train.epochz'" in capsys.readouterr().err
     assert main(overrides(tiny, tmp_path / "big", "train.batch_size=64")) == 2
