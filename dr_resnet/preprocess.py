@@ -41,6 +41,26 @@ class Settings:
     size: int = 512
     threshold: int = 10  # grey level above which a pixel is retina; JPEG noise in the border stays below
     quality: int = 95
+    normalize: str = "none"  # none | graham (local average colour subtracted, rim masked)
+
+
+NORMALIZATIONS = ("none", "graham")
+RIM_KEEP = 0.9  # Graham kept the inner 90% of the disc radius: the rim's blur artefacts go
+
+
+def graham_normalize(image: Image.Image, radius: float) -> Image.Image:
+    """Ben Graham's Kaggle-2015 preprocessing: 4 * (image - its Gaussian blur at sigma = radius / 30) + 128,
+    so local contrast (lesions, vessels) stays and illumination and pigment colour go; outside
+    RIM_KEEP x radius the image is set to the neutral 128."""
+    from PIL import ImageFilter
+
+    pixels = np.asarray(image, dtype=np.float32)
+    blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(radius / 30)), dtype=np.float32)
+    out = np.clip(4 * (pixels - blurred) + 128, 0, 255)
+    h, w = out.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    out[(xx - (w - 1) / 2) ** 2 + (yy - (h - 1) / 2) ** 2 > (RIM_KEEP * radius) ** 2] = 128
+    return Image.fromarray(out.round().astype(np.uint8))
 
 
 def retina_box(grey: np.ndarray, threshold: int, min_share: float = 0.05) -> tuple[int, int, int, int] | None:
@@ -100,7 +120,11 @@ def crop_square(src: Path, settings: Settings) -> Image.Image:
         cx, cy = (left + right) / 2, (top + bottom) / 2
         square = (round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2))
         # crop() fills what lies outside the image with black: the padding to a square comes free.
-        return image.crop(square).resize((settings.size, settings.size), Image.Resampling.LANCZOS)
+        out = image.crop(square).resize((settings.size, settings.size), Image.Resampling.LANCZOS)
+        if settings.normalize == "graham":
+            # The disc spans the square's width (a clipped disc still spans it in the other direction).
+            out = graham_normalize(out, settings.size / 2)
+        return out
     except BadImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -215,13 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=int, default=Settings.threshold,
                    help="grey level (0-255) above which a pixel counts as retina")
     p.add_argument("--quality", type=int, default=Settings.quality, help="JPEG quality")
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
+                   help="graham: subtract the local average colour (Gaussian at disc radius / 30), mask the rim")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave unreadable images out of the output split files and list them in skipped.csv")
     p.add_argument("--overwrite", action="store_true", help="redo images that already exist in --dst")
     args = p.parse_args(argv)
     if args.size < 8 or not 0 <= args.threshold < 255 or not 1 <= args.quality <= 100 or args.workers < 1:
         p.error("need --size >= 8, 0 <= --threshold < 255, 1 <= --quality <= 100, --workers >= 1")
-    settings = Settings(args.size, args.threshold, args.quality)
+    settings = Settings(args.size, args.threshold, args.quality, args.normalize)
     try:
         skipped = preprocess(args.src, args.dst, settings, args.workers, args.skip_bad, args.overwrite,
                              progress=sys.stderr.isatty())

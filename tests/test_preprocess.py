@@ -150,3 +150,31 @@ def test_skip_bad_leaves_them_out_and_lists_them(raw, tmp_path, capsys):
 def test_cli_error_exits_2_with_one_line(tmp_path, capsys):
     assert main(["--src", str(tmp_path), "--dst", str(tmp_path / "out")]) == 2
     assert "no dataset split files found in" in capsys.readouterr().err
+
+
+def test_graham_normalisation_removes_illumination_keeps_lesions_masks_the_rim():
+    from dr_resnet.preprocess import graham_normalize
+    size = 96
+    yy, xx = np.mgrid[0:size, 0:size]
+    shade = 120 + 60 * xx / size  # uneven illumination across the retina
+    image = np.stack([shade, shade * 0.5, shade * 0.25], axis=-1)
+    image[40:43, 40:43] -= 60  # a small dark lesion
+    out = np.asarray(graham_normalize(Image.fromarray(image.astype(np.uint8)), radius=size / 2), dtype=int)
+    assert out.shape == (size, size, 3) and out.min() >= 0 and out.max() <= 255
+    inner = out[25:35, 55:75]  # smooth retina away from the lesion: illumination gone, close to 128
+    assert np.abs(inner - 128).max() <= 4
+    assert out[41, 41, 0] < 60  # the lesion stands out, amplified
+    assert (out[0, 0] == 128).all() and (out[-1, -1] == 128).all()  # the rim beyond 0.9 R is neutral
+
+
+def test_graham_option_is_recorded_and_reruns_are_identical(raw, tmp_path):
+    dst = tmp_path / "out"
+    assert main(["--src", str(raw), "--dst", str(dst), "--size", "64", "--normalize", "graham", "--workers", "1"]) == 0
+    first = {p.name: p.read_bytes() for p in (dst / "train").iterdir()}
+    assert main(["--src", str(raw), "--dst", str(dst), "--size", "64", "--normalize", "graham", "--workers", "2",
+                 "--overwrite"]) == 0
+    assert {p.name: p.read_bytes() for p in (dst / "train").iterdir()} == first  # deterministic re-run
+    image = np.asarray(Image.open(next(iter(sorted((dst / "train").iterdir())))), dtype=int)
+    assert image.shape == (64, 64, 3) and abs(image.mean() - 128) < 12
+    with pytest.raises(DatasetError, match="'normalize': 'graham'"):
+        preprocess(raw, dst, Settings(size=64), progress=False)
