@@ -56,6 +56,7 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     seed: int = 0
     class_weights: str = "none"  # none | balanced (inverse class frequency in the loss)
+    sampler: str = "random"  # random (DistributedSampler) | balanced (every grade equally likely)
     select_by: str = "qwk"  # the best epoch (checkpoint_best.pt, summary "best"): qwk | accuracy | loss
     log_every: int = 20  # batches between progress-bar updates of loss/accuracy
 
@@ -95,6 +96,7 @@ CHOICES = {
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "train.class_weights": ("none", "balanced"),
     "train.select_by": ("qwk", "accuracy", "loss"),
+    "train.sampler": ("random", "balanced"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
 POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.log_every", "wandb.init_timeout")

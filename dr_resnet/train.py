@@ -32,6 +32,7 @@ from .distributed import DistInfo
 from .engine import Precision, ShardSampler, evaluate, train_one_epoch
 from .formats import DatasetError
 from .models import WeightsNotFoundError, build_resnet
+from .samplers import DistributedBalancedSampler
 from .tracking import Tracker, TrackingSettings, new_run_id
 
 log = logging.getLogger("dr_resnet.train")
@@ -89,7 +90,7 @@ class Run:
     run_dir: Path
     train_loader: DataLoader
     test_loader: DataLoader
-    train_sampler: DistributedSampler
+    train_sampler: DistributedSampler | DistributedBalancedSampler
     model: nn.Module  # bare module (for evaluation and checkpoints)
     ddp_model: nn.Module  # what training calls
     optimizer: torch.optim.Optimizer
@@ -113,7 +114,10 @@ def build(cfg: Config, info: DistInfo) -> Run:
                           f"{len(train_ds)} training images in {d.root}: lower train.batch_size")
     # drop_last twice: the sampler trims the epoch to a multiple of the world size, the loader drops
     # a last short batch, so BatchNorm never sees a batch of one.
-    train_sampler = DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True, seed=t.seed, drop_last=True)
+    if t.sampler == "balanced":
+        train_sampler = DistributedBalancedSampler(train_ds.labels, info.world_size, info.rank, seed=t.seed)
+    else:
+        train_sampler = DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True, seed=t.seed, drop_last=True)
     loader_args = dict(num_workers=d.workers, pin_memory=cuda, persistent_workers=d.workers > 0)
     train_loader = DataLoader(train_ds, t.batch_size, sampler=train_sampler, drop_last=True,
                               generator=torch.Generator(), **loader_args)

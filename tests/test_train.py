@@ -203,3 +203,9 @@ def test_learning_rate_schedules():
     assert [cosine(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert cosine(12) == pytest.approx(0.5) and cosine(20) == pytest.approx(0.0)
     assert lr_lambda("none", 4, 20)(7) == 1.0
+
+
+def test_balanced_sampler_trains(tiny, tmp_path):
+    assert main(overrides(tiny, tmp_path / "bal", "train.sampler=balanced", "train.epochs=1", "data.workers=0")) == 0
+    row = json.loads((tmp_path / "bal" / "metrics.jsonl").read_text())
+    assert row["epoch"] == 1 and np.sum(row["confusion_matrix"]) == 13
