@@ -27,6 +27,7 @@ class ModelConfig:
     depth: int = 18  # 18 (BasicBlock) or 50 (Bottleneck)
     weights: str = "none"  # none | imagenet | path to a state dict or checkpoint
     zero_init_residual: bool = False
+    head: str = "classification"  # classification (5 grades, cross-entropy) | regression (1 output, thresholds)
 
 
 @dataclass
@@ -56,6 +57,9 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     seed: int = 0
     class_weights: str = "none"  # none | balanced (inverse class frequency in the loss)
+    clip_grad_norm: float = 0.0  # clip the gradients' global norm to this (0: off); regression heads need it
+    regression_loss: str = "mse"  # mse | smooth_l1 (model.head=regression)
+    fit_thresholds: bool = True  # regression: re-fit the grade thresholds for QWK on the training outputs each epoch
     sampler: str = "random"  # random (DistributedSampler) | balanced (every grade equally likely)
     select_by: str = "qwk"  # the best epoch (checkpoint_best.pt, summary "best"): qwk | accuracy | loss
     log_every: int = 20  # batches between progress-bar updates of loss/accuracy
@@ -91,6 +95,8 @@ class Config:
 
 CHOICES = {
     "model.depth": (18, 50),
+    "model.head": ("classification", "regression"),
+    "train.regression_loss": ("mse", "smooth_l1"),
     "data.format": ("auto", "lab", "kaggle", "aptos"),
     "train.scheduler": ("none", "cosine", "onecycle"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
@@ -100,7 +106,7 @@ CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
 }
 POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.log_every", "wandb.init_timeout")
-NON_NEGATIVE = ("data.workers", "data.max_rotation", "train.eval_batch_size", "train.momentum",
+NON_NEGATIVE = ("data.workers", "data.max_rotation", "train.eval_batch_size", "train.momentum", "train.clip_grad_norm",
                 "train.weight_decay", "train.warmup_epochs")
 
 

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from . import NUM_GRADES
 from .augment import DeviceAugment
 from .distributed import all_gather_objects, all_reduce_sum
-from .metrics import REFERABLE_GRADE
 
 
 @dataclass(frozen=True)
@@ -55,38 +54,51 @@ def _to_device(images: Tensor, labels: Tensor, device: torch.device, channels_la
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, augment: DeviceAugment,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, head, augment: DeviceAugment,
                     generator: torch.Generator, device: torch.device, precision: Precision,
                     scaler: torch.amp.GradScaler, channels_last: bool = False, progress=None,
-                    log_every: int = 20) -> dict[str, float]:
-    """One pass over the loader; returns loss, accuracy and images summed over every process.
+                    log_every: int = 20, clip_grad_norm: float = 0.0) -> dict:
+    """One pass over the loader; returns loss, accuracy and images summed over every process (and, for
+    a head that fits thresholds, every rank's outputs and labels, to fit them on).
     `progress` (a tqdm bar) shows the loss every log_every batches (reading it syncs a GPU)."""
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+    kept_outputs, kept_labels = [], []
     start = time.perf_counter()
     show = progress is not None and not progress.disable
     for step, (images, labels) in enumerate(loader):
         images, labels = _to_device(images, labels, device, channels_last)
         inputs = augment.train(images, generator)
         with precision.autocast(device):
-            logits = model(inputs)
-            loss = loss_fn(logits.float(), labels)
+            outputs = model(inputs)
+            loss = head.loss(outputs, labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if clip_grad_norm > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         n = labels.shape[0]
-        totals += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
+        totals += torch.stack([loss.detach().double() * n, (head.predict_outputs(outputs.detach()) == labels).sum().double(),
                                torch.tensor(float(n), dtype=torch.float64, device=device)])
+        if head.fits_thresholds:
+            kept_outputs.append(outputs.detach().float().squeeze(1).cpu())
+            kept_labels.append(labels.cpu())
         if show:
             progress.update(n)
             if step % log_every == 0:
                 progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     seconds = time.perf_counter() - start
     loss_sum, correct, count = all_reduce_sum(totals).tolist()
-    return {"train_loss": loss_sum / count, "train_acc": correct / count, "train_images": int(count),
-            "train_seconds": seconds, "images_per_s": count / seconds}
+    stats = {"train_loss": loss_sum / count, "train_acc": correct / count, "train_images": int(count),
+             "train_seconds": seconds, "images_per_s": count / seconds}
+    if head.fits_thresholds:
+        shards = all_gather_objects((torch.cat(kept_outputs).numpy(), torch.cat(kept_labels).numpy()))
+        stats["outputs"] = np.concatenate([o for o, _ in shards])
+        stats["labels"] = np.concatenate([lab for _, lab in shards])
+    return stats
 
 
 @dataclass(frozen=True)
@@ -103,16 +115,16 @@ class EvalResult:
 TTA_MODES = ("none", "flips")
 
 
-def _probabilities(model: nn.Module, inputs: Tensor, tta: str) -> Tensor:
-    """Softmax over grades; with tta='flips', averaged over the image and its h-, v- and hv-flips."""
-    views = [inputs] if tta == "none" else [inputs, inputs.flip(-1), inputs.flip(-2), inputs.flip(-1, -2)]
-    return torch.stack([model(v).float().softmax(dim=1) for v in views]).mean(dim=0)
+def _views(inputs: Tensor, tta: str) -> list[Tensor]:
+    """The image alone, or with its h-, v- and hv-flips (tta='flips')."""
+    return [inputs] if tta == "none" else [inputs, inputs.flip(-1), inputs.flip(-2), inputs.flip(-1, -2)]
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, augment: DeviceAugment, device: torch.device,
-             precision: Precision, channels_last: bool = False, tta: str = "none") -> EvalResult:
-    """Every image of the split exactly once, summed (and gathered) across processes.
+             precision: Precision, head, channels_last: bool = False, tta: str = "none") -> EvalResult:
+    """Every image of the split exactly once, summed (and gathered) across processes. With TTA the
+    head averages its views (probabilities, or regression outputs) before predicting.
 
     Pass the bare model (not the DDP wrapper): shards may differ in length by one, and DDP's forward
     could wait on a collective that the other ranks never reach.
@@ -126,10 +138,10 @@ def evaluate(model: nn.Module, loader: Iterable, augment: DeviceAugment, device:
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
         with precision.autocast(device):
-            probs = _probabilities(model, augment.eval(images), tta)
-        loss_sum += nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double()
-        cm += torch.bincount(labels * NUM_GRADES + probs.argmax(1), minlength=NUM_GRADES**2).double()
-        scores.append(probs[:, REFERABLE_GRADE:].sum(dim=1).cpu())
+            aggregated = head.aggregate([model(v) for v in _views(augment.eval(images), tta)])
+        loss_sum += head.eval_loss_sum(aggregated, labels).double()
+        cm += torch.bincount(labels * NUM_GRADES + head.predict(aggregated), minlength=NUM_GRADES**2).double()
+        scores.append(head.referable_score(aggregated).cpu())
         targets.append(labels.cpu())
     totals = all_reduce_sum(torch.cat([cm, loss_sum]))
     cm_counts = totals[:-1].cpu().numpy().round().astype(np.int64).reshape(NUM_GRADES, NUM_GRADES)

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import GRADES, checkpoint, distributed, metrics
+from . import checkpoint, distributed, metrics
 from .augment import DeviceAugment
 from .config import ConfigError, from_dict
 from .data import RetinopathyDataset
 from .engine import TTA_MODES, ShardSampler, evaluate
 from .formats import DatasetError
+from .heads import build_head
 from .models import build_resnet
 from .train import resolve_precision
 
@@ -44,18 +45,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     state = checkpoint.load(args.checkpoint)
     cfg = from_dict(state["config"])
-    model = build_resnet(cfg.model.depth, len(GRADES)).to(info.device)
+    head = build_head(cfg.model.head, regression_loss=cfg.train.regression_loss)
+    head.load_state(state.get("head", {}))  # a regression head's fitted thresholds
+    model = build_resnet(cfg.model.depth, head.outputs).to(info.device)
     model.load_state_dict(state["model"])
     size = args.image_size or cfg.data.image_size
     dataset = RetinopathyDataset(args.data_root, args.split, format=args.format, image_size=size)
     loader = DataLoader(dataset, args.batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
                         num_workers=args.workers, pin_memory=info.device.type == "cuda")
     evaluation = evaluate(model, loader, DeviceAugment(), info.device, resolve_precision(args.amp, info.device),
-                          tta=args.tta)
+                          head, tta=args.tta)
     scores = metrics.summarize(evaluation.confusion_matrix)
     auc = metrics.roc_auc(evaluation.targets >= metrics.REFERABLE_GRADE, evaluation.referable_scores)
     result = {"checkpoint": str(args.checkpoint), "epoch": int(state["epoch"]), "data_root": str(args.data_root),
-              "split": args.split, "image_size": size, "tta": args.tta, "loss": evaluation.loss, **scores,
+              "split": args.split, "image_size": size, "head": cfg.model.head, **head.state(), "tta": args.tta,
+              "loss": evaluation.loss, **scores,
               "referable_auc": auc}
     if info.is_main:
         out = Path(args.out)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import GRADES, checkpoint, config, distributed, metrics
+from . import checkpoint, config, distributed, metrics
 from .augment import DeviceAugment, epoch_generator
 from .config import Config, ConfigError
 from .data import RetinopathyDataset
@@ -33,6 +33,7 @@ from .engine import Precision, ShardSampler, evaluate, train_one_epoch
 from .formats import DatasetError
 from .models import WeightsNotFoundError, build_resnet
 from .samplers import DistributedBalancedSampler
+from .heads import ClassificationHead, RegressionHead, build_head
 from .tracking import Tracker, TrackingSettings, new_run_id
 
 log = logging.getLogger("dr_resnet.train")
@@ -96,7 +97,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    loss_fn: nn.Module
+    head: ClassificationHead | RegressionHead
     augment: DeviceAugment
     precision: Precision
     channels_last: bool
@@ -126,7 +127,9 @@ def build(cfg: Config, info: DistInfo) -> Run:
 
     torch.manual_seed(t.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
-    model = build_resnet(cfg.model.depth, len(GRADES), weights, cfg.model.zero_init_residual).to(info.device)
+    weight = class_weights(train_ds.class_counts).to(info.device) if t.class_weights == "balanced" else None
+    head = build_head(cfg.model.head, weight, t.regression_loss, t.fit_thresholds)
+    model = build_resnet(cfg.model.depth, head.outputs, weights, cfg.model.zero_init_residual).to(info.device)
     channels_last = t.channels_last and cuda
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -145,16 +148,16 @@ def build(cfg: Config, info: DistInfo) -> Run:
         optimizer, lr_lambda(t.scheduler, round(t.warmup_epochs * steps), t.epochs * steps))
     precision = resolve_precision(t.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision.needs_scaler)
-    weight = class_weights(train_ds.class_counts).to(info.device) if t.class_weights == "balanced" else None
     return Run(cfg, info, Path(cfg.output.dir), train_loader, test_loader, train_sampler, model, ddp_model,
-               optimizer, scheduler, scaler, nn.CrossEntropyLoss(weight=weight), DeviceAugment(d.max_rotation, d.flips),
+               optimizer, scheduler, scaler, head, DeviceAugment(d.max_rotation, d.flips),
                precision, channels_last, train_ds.majority_baseline, test_ds.majority_baseline)
 
 
 def training_state(run: Run, epoch: int, best: dict, wandb_id: str) -> dict:
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
-            "best": best, "rng": checkpoint.rng_state(), "config": run.cfg.to_dict(), "wandb_id": wandb_id}
+            "best": best, "rng": checkpoint.rng_state(), "config": run.cfg.to_dict(), "wandb_id": wandb_id,
+            "head": run.head.state()}
 
 
 def resume(run: Run) -> tuple[int, dict, str | None]:
@@ -168,6 +171,7 @@ def resume(run: Run) -> tuple[int, dict, str | None]:
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     checkpoint.restore_rng(state["rng"])
+    run.head.load_state(state.get("head", {}))
     log.info("resumed %s after epoch %d", path, state["epoch"])
     return int(state["epoch"]), dict(state["best"]), state.get("wandb_id")
 
@@ -271,12 +275,16 @@ def _epochs(run: Run, start_epoch: int, best: dict, tracker: Tracker | None) -> 
         bar = tqdm(total=len(run.train_loader) * t.batch_size, desc=f"epoch {epoch + 1}/{t.epochs}", unit="img",
                    disable=not info.is_main, mininterval=1 if sys.stderr.isatty() else 30, leave=False)
         lr = run.optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(run.ddp_model, run.train_loader, run.optimizer, run.scheduler, run.loss_fn,
+        stats = train_one_epoch(run.ddp_model, run.train_loader, run.optimizer, run.scheduler, run.head,
                                 run.augment, epoch_generator(t.seed, epoch, info.rank), info.device,
-                                run.precision, run.scaler, run.channels_last, bar, t.log_every)
+                                run.precision, run.scaler, run.channels_last, bar, t.log_every, t.clip_grad_norm)
         bar.close()
+        extra = {}
+        if run.head.fits_thresholds:  # every rank fits on the same gathered outputs: the same thresholds
+            extra["thresholds"] = run.head.fit_thresholds(stats["outputs"], stats["labels"])
         eval_start = time.perf_counter()
-        result = evaluate(run.model, run.test_loader, run.augment, info.device, run.precision, run.channels_last)
+        result = evaluate(run.model, run.test_loader, run.augment, info.device, run.precision, run.head,
+                          run.channels_last)
         scores = metrics.summarize(result.confusion_matrix)
         test_loss = result.loss
         row = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "train_acc")},
@@ -288,7 +296,7 @@ def _epochs(run: Run, start_epoch: int, best: dict, tracker: Tracker | None) -> 
                "lr": lr,
                "images_per_s": stats["images_per_s"], "train_seconds": stats["train_seconds"],
                "eval_seconds": time.perf_counter() - eval_start, "epoch_seconds": time.perf_counter() - epoch_start,
-               "confusion_matrix": scores["confusion_matrix"]}
+               "confusion_matrix": scores["confusion_matrix"], **extra}
         value = selection_value(row, t.select_by)
         improved = not best or value > best["value"]
         if improved:

@@ -200,13 +200,31 @@ def main(argv: list[str] | None = None) -> int:
     return wait_and_report(jobs, plans, out)
 
 
+# SLURM states of a job that will still run (again). A failure read while a job is in one of them was
+# written by an attempt that SLURM has since requeued: preemption's `scontrol requeue` can kill the
+# handler that called it, which then reports a failure the requeued attempt later overwrites.
+ALIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+         "SUSPENDED", "RESIZING")
+
+
+def wait_for(job, poll_s: float = 5.0) -> list:
+    """Every task's result once the job has really ended (see ALIVE); raises the final failure."""
+    while True:
+        try:
+            return job.results()
+        except Exception:
+            if job.state.split()[0] not in ALIVE:
+                raise
+            time.sleep(poll_s)  # polling SLURM: there is nothing else to wait on
+
+
 def wait_and_report(jobs: dict, plans: dict, out: Path) -> int:
     from dr_resnet.report import report
 
     failed = []
     for arm, job in jobs.items():
         try:
-            job.results()  # every task's result; raises the first failure
+            wait_for(job)
             print(f"{arm}: done (job {job.job_id})")
         except Exception as exc:
             failed.append(arm)

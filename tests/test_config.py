@@ -23,6 +23,13 @@ def test_the_four_runs_inherit_the_lab_recipe(name, depth, weights):
     assert (cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay, cfg.data.image_size) == (1e-3, 0.9, 5e-4, 512)
 
 
+def test_kappa_recipe_combines_the_options():
+    cfg = config.load(CONFIGS / "resnet50_pretrained_kappa.yaml")
+    assert (cfg.model.depth, cfg.model.weights, cfg.model.head) == (50, "imagenet", "regression")
+    assert cfg.train.fit_thresholds and cfg.train.select_by == "qwk" and cfg.train.clip_grad_norm == 1.0
+    assert cfg.train.momentum == 0.9 and cfg.train.weight_decay == 5e-4  # still the lab recipe underneath
+
+
 def test_overrides_are_typed_and_win_over_files():
     cfg = config.load(CONFIGS / "demo.yaml", ["train.epochs=9", "train.lr=0.2", "train.sync_bn=false",
                                               "model.weights=/w/r18.pth", "data.max_rotation=5"])

@@ -95,6 +95,7 @@ def test_sweep_runs_all_four_arms_across_two_nodes(cluster, data, tmp_path, monk
 def test_interrupted_job_is_requeued_and_finishes_every_epoch_once(cluster, data, tmp_path, monkeypatch):
     import submitit
 
+    from launch.sweep import wait_for
     from launch.task import TrainTask
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -106,7 +107,7 @@ def test_interrupted_job_is_requeued_and_finishes_every_epoch_once(cluster, data
                                      "train.epochs=4", f"output.dir={run_dir}"]))
     wait_for_file(run_dir / "checkpoint_last.pt", 300)
     job._interrupt()  # preemption: submitit's handler calls checkpoint() and requeues the job
-    job.results()
+    wait_for(job)
     assert epochs_logged(run_dir) == [1, 2, 3, 4]
     assert checkpoint.load(run_dir / "checkpoint_last.pt")["epoch"] == 4
     log = "".join(Path(str(p).replace("%t", "0")).read_text() for p in (job.paths.stdout, job.paths.stderr))

@@ -209,3 +209,20 @@ def test_balanced_sampler_trains(tiny, tmp_path):
     assert main(overrides(tiny, tmp_path / "bal", "train.sampler=balanced", "train.epochs=1", "data.workers=0")) == 0
     row = json.loads((tmp_path / "bal" / "metrics.jsonl").read_text())
     assert row["epoch"] == 1 and np.sum(row["confusion_matrix"]) == 13
+
+
+def test_regression_head_fits_thresholds_and_evaluate_uses_them(tiny, tmp_path):
+    from dr_resnet.evaluate import main as evaluate_main
+    run_dir = tmp_path / "reg"
+    assert main(overrides(tiny, run_dir, "model.head=regression", "train.clip_grad_norm=1.0", "data.workers=0")) == 0
+    rows = metrics_rows(run_dir)
+    assert all(len(r["thresholds"]) == 4 and r["thresholds"] == sorted(r["thresholds"]) for r in rows)
+    state = checkpoint.load(run_dir / "checkpoint_last.pt")
+    assert state["head"]["thresholds"] == pytest.approx(rows[-1]["thresholds"])
+    assert state["model"]["fc.weight"].shape == (1, 512)
+    assert evaluate_main(["--checkpoint", str(run_dir / "checkpoint_last.pt"), "--data-root", str(tiny),
+                          "--out", str(tmp_path / "eval"), "--workers", "0"]) == 0
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert result["head"] == "regression" and result["thresholds"] == pytest.approx(rows[-1]["thresholds"])
+    assert result["confusion_matrix"] == rows[-1]["confusion_matrix"]
+    assert result["referable_auc"] == pytest.approx(rows[-1]["test_referable_auc"])

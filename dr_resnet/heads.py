@@ -1,0 +1,142 @@
+"""What the network's output means: five class scores (classification), or one number on the grade
+scale cut by thresholds (regression, as in the 2015 Kaggle winners' solutions). The loops in engine.py
+ask the head for the loss, the predicted grades and the referable-DR score, whatever the head.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import NUM_GRADES
+from .metrics import REFERABLE_GRADE, confusion_matrix, quadratic_weighted_kappa
+
+INITIAL_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
+log = logging.getLogger(__name__)
+
+
+class ClassificationHead:
+    """Cross-entropy over five grades; TTA averages the softmax probabilities."""
+
+    outputs = NUM_GRADES
+    fits_thresholds = False
+
+    def __init__(self, class_weight: Tensor | None = None) -> None:
+        self.criterion = nn.CrossEntropyLoss(weight=class_weight)
+
+    def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        return self.criterion(outputs.float(), labels)
+
+    def aggregate(self, views: Sequence[Tensor]) -> Tensor:
+        return torch.stack([v.float().softmax(dim=1) for v in views]).mean(dim=0)
+
+    def predict(self, aggregated: Tensor) -> Tensor:
+        return aggregated.argmax(dim=1)
+
+    def predict_outputs(self, outputs: Tensor) -> Tensor:
+        return outputs.argmax(dim=1)
+
+    def eval_loss_sum(self, aggregated: Tensor, labels: Tensor) -> Tensor:
+        """Plain (unweighted) cross-entropy of the aggregated probabilities."""
+        return nn.functional.nll_loss(aggregated.clamp_min(1e-12).log(), labels, reduction="sum")
+
+    def referable_score(self, aggregated: Tensor) -> Tensor:
+        return aggregated[:, REFERABLE_GRADE:].sum(dim=1)
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+
+class RegressionHead:
+    """One output regressed on the grade (MSE or smooth-L1); grades are the output cut at thresholds,
+    which start at 0.5, 1.5, 2.5, 3.5 and can be re-fitted for QWK after each epoch."""
+
+    outputs = 1
+
+    def __init__(self, loss: str = "mse", class_weight: Tensor | None = None, fit: bool = True,
+                 thresholds: Sequence[float] = INITIAL_THRESHOLDS) -> None:
+        if loss not in ("mse", "smooth_l1"):
+            raise ValueError(f"regression loss must be mse or smooth_l1, got {loss!r}")
+        self.loss_name, self.class_weight, self.fits_thresholds = loss, class_weight, fit
+        self.thresholds = torch.tensor(thresholds, dtype=torch.float32)
+
+    def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        values, targets = outputs.float().squeeze(1), labels.float()
+        if self.loss_name == "mse":
+            per_sample = (values - targets) ** 2
+        else:
+            per_sample = nn.functional.smooth_l1_loss(values, targets, reduction="none")
+        if self.class_weight is None:
+            return per_sample.mean()
+        weights = self.class_weight[labels]
+        return (per_sample * weights).sum() / weights.sum()
+
+    def aggregate(self, views: Sequence[Tensor]) -> Tensor:
+        return torch.stack([v.float().squeeze(1) for v in views]).mean(dim=0)
+
+    def predict(self, aggregated: Tensor) -> Tensor:
+        return torch.bucketize(aggregated, self.thresholds.to(aggregated.device), right=True)
+
+    def predict_outputs(self, outputs: Tensor) -> Tensor:
+        return self.predict(outputs.float().squeeze(1))
+
+    def eval_loss_sum(self, aggregated: Tensor, labels: Tensor) -> Tensor:
+        return ((aggregated - labels.float()) ** 2).sum()
+
+    def referable_score(self, aggregated: Tensor) -> Tensor:
+        return aggregated  # monotone in the predicted grade: what a ROC curve needs
+
+    def state(self) -> dict:
+        return {"thresholds": self.thresholds.tolist()}
+
+    def load_state(self, state: dict) -> None:
+        if "thresholds" in state:
+            self.thresholds = torch.tensor(state["thresholds"], dtype=torch.float32)
+
+    def fit_thresholds(self, values: np.ndarray, labels: np.ndarray) -> list[float]:
+        """Re-fit for QWK on these outputs; non-finite outputs (a diverging run) keep the thresholds."""
+        if np.isfinite(values).all() and len(values):
+            self.thresholds = torch.tensor(optimize_thresholds(values, labels, self.thresholds.tolist()),
+                                           dtype=torch.float32)
+        else:
+            log.warning("regression outputs are not finite (training diverged? lower train.lr): thresholds kept")
+        return self.thresholds.tolist()
+
+
+def qwk_at(values: np.ndarray, labels: np.ndarray, thresholds: Sequence[float]) -> float:
+    predictions = np.searchsorted(np.asarray(thresholds), values, side="right")
+    return quadratic_weighted_kappa(confusion_matrix(labels, predictions))
+
+
+def optimize_thresholds(values: np.ndarray, labels: np.ndarray, start: Sequence[float] = INITIAL_THRESHOLDS,
+                        passes: int = 3, steps: int = 41) -> list[float]:
+    """Coordinate ascent on QWK: each threshold in turn moves to the best of `steps` points between its
+    neighbours (kept in order), for `passes` rounds. Deterministic; never worse than `start`."""
+    values, labels = np.asarray(values, dtype=np.float64), np.asarray(labels)
+    best = list(map(float, start))
+    best_score = qwk_at(values, labels, best)
+    for _ in range(passes):
+        for i in range(len(best)):
+            low = best[i - 1] if i > 0 else min(values.min(), best[0]) - 0.5
+            high = best[i + 1] if i + 1 < len(best) else max(values.max(), best[-1]) + 0.5
+            for candidate in np.linspace(low, high, steps)[1:-1]:
+                trial = best[:i] + [float(candidate)] + best[i + 1:]
+                score = qwk_at(values, labels, trial)
+                if score > best_score + 1e-12:
+                    best, best_score = trial, score
+    return best
+
+
+def build_head(kind: str, class_weight: Tensor | None = None, regression_loss: str = "mse", fit_thresholds: bool = True):
+    if kind == "classification":
+        return ClassificationHead(class_weight)
+    if kind == "regression":
+        return RegressionHead(regression_loss, class_weight, fit_thresholds)
+    raise ValueError(f"model.head must be classification or regression, got {kind!r}")

@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import cohen_kappa_score
+
+from dr_resnet.heads import ClassificationHead, RegressionHead, optimize_thresholds, qwk_at
+
+
+def test_thresholds_cut_at_the_boundaries():
+    head = RegressionHead()
+    values = torch.tensor([-1.0, 0.49, 0.5, 1.2, 2.5, 3.49, 3.5, 9.0])
+    assert head.predict(values).tolist() == [0, 0, 1, 1, 3, 3, 4, 4]
+
+
+def test_optimised_thresholds_raise_qwk_and_never_lower_it():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(5, size=600, p=[0.7, 0.08, 0.15, 0.04, 0.03])
+    values = labels * 0.6 + rng.normal(0, 0.35, 600)  # a model that under-predicts: fixed cuts are off
+    start = [0.5, 1.5, 2.5, 3.5]
+    fitted = optimize_thresholds(values, labels, start)
+    assert fitted == sorted(fitted)
+    before, after = qwk_at(values, labels, start), qwk_at(values, labels, fitted)
+    predicted = np.searchsorted(fitted, values, side="right")
+    assert after == pytest.approx(cohen_kappa_score(labels, predicted, weights="quadratic"))
+    assert after > before + 0.05
+    assert qwk_at(values, labels, optimize_thresholds(values, labels, fitted)) >= after  # a re-fit never loses
+
+
+def test_non_finite_outputs_keep_the_thresholds():
+    head = RegressionHead()
+    assert head.fit_thresholds(np.array([0.1, np.nan, 2.0]), np.array([0, 1, 2])) == [0.5, 1.5, 2.5, 3.5]
+
+
+def test_losses_and_tta_aggregation():
+    outputs, labels = torch.tensor([[0.5], [3.0]]), torch.tensor([1, 3])
+    assert RegressionHead("mse").loss(outputs, labels).item() == pytest.approx((0.25 + 0.0) / 2)
+    weighted = RegressionHead("mse", class_weight=torch.tensor([1.0, 3.0, 1.0, 1.0, 1.0])).loss(outputs, labels)
+    assert weighted.item() == pytest.approx((3 * 0.25 + 0.0) / 4)
+    logits = torch.tensor([[2.0, 0, 0, 0, 0], [0, 0, 0, 0, 2.0]])
+    probs = ClassificationHead().aggregate([logits, logits.flip(1)])
+    assert torch.allclose(probs.sum(dim=1), torch.ones(2)) and torch.allclose(probs[0], probs[1])
+    assert ClassificationHead().referable_score(probs).shape == (2,)
