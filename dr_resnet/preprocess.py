@@ -154,7 +154,8 @@ def _job(args) -> tuple[int, str | None]:
 def _check_settings(dst: Path, settings: Settings, overwrite: bool) -> None:
     path = dst / SETTINGS_FILE
     if path.exists() and not overwrite:
-        before = json.loads(path.read_text())
+        # A key an older file lacks had its default then (the option did not exist yet).
+        before = {**asdict(Settings()), **json.loads(path.read_text())}
         if before != asdict(settings):
             raise DatasetError(f"{path}: {dst} was made with {before}, not {asdict(settings)}: "
                                f"use another --dst, or --overwrite to redo every image")

@@ -120,6 +120,15 @@ def _break(raw):
     return names[1], names[3], test_name
 
 
+def test_settings_from_an_older_version_still_match(raw, tmp_path):
+    dst = tmp_path / "out"
+    preprocess(raw, dst, Settings(size=SIZE), progress=False)
+    (dst / "preprocess.json").write_text('{"size": 40, "threshold": 10, "quality": 95}\n')  # before --normalize
+    preprocess(raw, dst, Settings(size=SIZE), progress=False)  # the same settings: accepted
+    with pytest.raises(DatasetError, match="'normalize': 'none'"):
+        preprocess(raw, dst, Settings(size=SIZE, normalize="graham"), progress=False)
+
+
 def test_bad_images_are_an_error_naming_each_file(raw, tmp_path):
     black, truncated, garbage = _break(raw)
     with pytest.raises(DatasetError) as info:
