@@ -11,7 +11,7 @@ from . import GRADES
 from .metrics import row_normalised
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +37,7 @@ def draw_confusion_matrix(ax, cm: np.ndarray, title: str, labels: Sequence[str] 
 
 
 def save_confusion_matrix(cm: np.ndarray, path: str | os.PathLike, title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
     image = draw_confusion_matrix(ax, np.asarray(cm), title)
     fig.colorbar(image, ax=ax, label="share of the true grade's images")

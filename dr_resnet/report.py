@@ -19,6 +19,8 @@ import numpy as np
 import yaml
 
 from .metrics import majority_baseline
+from .plots import pyplot
+from .rundir import read_metrics
 
 STATUS_FILE = "launch_status.json"  # a launcher's word on a run: {"status": "not run" | "failed", "reason": ...}
 COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
@@ -59,8 +61,7 @@ def find_runs(root: Path) -> list[RunRecord]:
         if not config_file.is_file():
             continue
         cfg = yaml.safe_load(config_file.read_text()) or {}
-        rows_file = path / "metrics.jsonl"
-        rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()] if rows_file.is_file() else []
+        rows = read_metrics(path)
         status = json.loads(status_file.read_text()) if status_file.is_file() else {}
         reason = f"{status.get('status', 'failed')}: {status.get('reason', '')}" if status else ""
         runs.append(RunRecord(path.name, path, int(cfg["model"]["depth"]), str(cfg["model"]["weights"]),
@@ -68,15 +69,9 @@ def find_runs(root: Path) -> list[RunRecord]:
     return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.name))
 
 
-def _pyplot():
-    from .plots import _pyplot
-
-    return _pyplot()
-
-
 def plot_curves(runs: list[RunRecord], depth: int, path: Path) -> None:
     """Accuracy (train dashed, test solid, majority baseline dotted) and test QWK per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (acc_ax, qwk_ax) = plt.subplots(1, 2, figsize=(12, 4.6))
     baselines = []
     for run in runs:
@@ -111,7 +106,7 @@ def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
     """Each run's best-QWK confusion matrix, row-normalised, two to a row."""
     from .plots import draw_confusion_matrix
 
-    plt = _pyplot()
+    plt = pyplot()
     shown = [r for r in runs if r.rows]
     cols = min(2, len(shown))
     rows = math.ceil(len(shown) / cols)

@@ -32,14 +32,13 @@ from .distributed import DistInfo
 from .engine import Precision, ShardSampler, evaluate, train_one_epoch
 from .formats import DatasetError
 from .models import WeightsNotFoundError, build_resnet
+from .rundir import SUMMARY_FILE, append_metrics, read_metrics, rewrite_metrics
 from .samplers import DistributedBalancedSampler
 from .heads import ClassificationHead, RegressionHead, build_head
 from .tracking import Tracker, TrackingSettings, new_run_id
 
 log = logging.getLogger("dr_resnet.train")
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 CONFUSION_PNG = "confusion_matrix.png"
 
 
@@ -176,21 +175,6 @@ def resume(run: Run) -> tuple[int, dict, str | None]:
     return int(state["epoch"]), dict(state["best"]), state.get("wandb_id")
 
 
-def read_metrics(run_dir: Path, up_to_epoch: int | None = None) -> list[dict]:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if up_to_epoch is None or r["epoch"] <= up_to_epoch]
-
-
-def rewrite_metrics(run_dir: Path, rows: list[dict]) -> None:
-    """Keep exactly the epochs a checkpoint covers (an epoch logged after the last checkpoint is redone)."""
-    tmp = run_dir / f".{METRICS_FILE}.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(run_dir / METRICS_FILE)
-
-
 def selection_value(row: dict, select_by: str) -> float:
     """Higher is better: test QWK, test accuracy, or minus the test loss."""
     return {"qwk": row["test_qwk"], "accuracy": row["test_acc"], "loss": -row["test_loss"]}[select_by]
@@ -247,25 +231,27 @@ def start_tracking(run: Run, wandb_id: str | None) -> Tracker:
 
 def fit(run: Run) -> dict | None:
     """The epoch loop; returns the summary on rank 0."""
-    info, t = run.info, run.cfg.train
+    info = run.info
     start_epoch, best, wandb_id = resume(run)
+    rows: list[dict] = []  # the epochs logged so far (rank 0 keeps them, to write the summary)
     if info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run.cfg, run.run_dir / "config.yaml")
-        rewrite_metrics(run.run_dir, read_metrics(run.run_dir, start_epoch))
+        rows = read_metrics(run.run_dir, start_epoch)
+        rewrite_metrics(run.run_dir, rows)
         log.info("%s: resnet%d (%s weights), %d train / %d test images, %d process(es) on %s, precision %s, "
                  "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
                  len(run.train_loader.dataset), len(run.test_loader.dataset), info.world_size, info.device,
                  run.precision.dtype or "fp32", 100 * run.test_baseline)
     tracker = start_tracking(run, wandb_id) if info.is_main else None
     try:
-        return _epochs(run, start_epoch, best, tracker)
+        return _epochs(run, start_epoch, best, rows, tracker)
     finally:
         if tracker is not None:
             tracker.finish()
 
 
-def _epochs(run: Run, start_epoch: int, best: dict, tracker: Tracker | None) -> dict | None:
+def _epochs(run: Run, start_epoch: int, best: dict, rows: list[dict], tracker: Tracker | None) -> dict | None:
     from tqdm import tqdm
 
     info, t = run.info, run.cfg.train
@@ -302,13 +288,13 @@ def _epochs(run: Run, start_epoch: int, best: dict, tracker: Tracker | None) -> 
         if improved:
             best = {"metric": t.select_by, "value": value, "epoch": epoch + 1}
         if info.is_main:
-            with open(run.run_dir / METRICS_FILE, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(run.run_dir, row)
+            rows.append(row)
             state = training_state(run, epoch + 1, best, tracker.run_id)
             checkpoint.save(state, run.run_dir / checkpoint.LAST)
             if improved:
                 checkpoint.save(state, run.run_dir / checkpoint.BEST)
-            write_summary(run, read_metrics(run.run_dir), figure=False)
+            write_summary(run, rows, figure=False)
             tracker.log_epoch(row)
             log.info("epoch %d/%d  train loss %.4f acc %.1f%%  test loss %.4f acc %.1f%% QWK %.3f  %.0f img/s  %.0fs",
                      epoch + 1, t.epochs, row["train_loss"], 100 * row["train_acc"], test_loss,
@@ -316,7 +302,6 @@ def _epochs(run: Run, start_epoch: int, best: dict, tracker: Tracker | None) -> 
         distributed.barrier()  # no rank runs ahead of a checkpoint that is still being written
     if not info.is_main:
         return None
-    rows = read_metrics(run.run_dir)
     if not rows:
         return None
     summary = write_summary(run, rows, figure=True)

@@ -1,7 +1,6 @@
 """The submitit launcher without SLURM: dry-run scripts, argument errors, a local-executor sweep."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,5 +1,4 @@
 import numpy as np
-import torch
 from scipy import stats
 
 from dr_resnet.samplers import DistributedBalancedSampler

@@ -1,0 +1,31 @@
+"""The run directory's per-epoch log, read and written in one place: training appends to it and
+trims it on resume; the report reads it. No torch here, so the report stays light."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def read_metrics(run_dir: Path, up_to_epoch: int | None = None) -> list[dict]:
+    """One dict per logged epoch (up to and including up_to_epoch, if given); [] if none yet."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if up_to_epoch is None or r["epoch"] <= up_to_epoch]
+
+
+def rewrite_metrics(run_dir: Path, rows: list[dict]) -> None:
+    """Keep exactly the epochs a checkpoint covers (an epoch logged after the last checkpoint is redone)."""
+    tmp = Path(run_dir) / f".{METRICS_FILE}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(Path(run_dir) / METRICS_FILE)
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    with open(Path(run_dir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
