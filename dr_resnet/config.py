@@ -40,6 +40,8 @@ class DataConfig:
     workers: int = 4  # data-loading processes per training process
     max_rotation: float = 20.0  # degrees, random rotation within +-max_rotation (on the device)
     flips: bool = True  # random horizontal and vertical flips (on the device)
+    val_fraction: float = 0.0  # hold out this share of the training split (whole patients, stratified by grade)
+    # for validation: the best epoch is then chosen on it, and regression thresholds can be fitted on it
 
 
 @dataclass
@@ -59,7 +61,9 @@ class TrainConfig:
     class_weights: str = "none"  # none | balanced (inverse class frequency in the loss)
     clip_grad_norm: float = 0.0  # clip the gradients' global norm to this (0: off); regression heads need it
     regression_loss: str = "mse"  # mse | smooth_l1 (model.head=regression)
-    fit_thresholds: bool = True  # regression: re-fit the grade thresholds for QWK on the training outputs each epoch
+    fit_thresholds: str = "train"  # regression: after each epoch re-fit the grade thresholds for QWK on
+    # train (an eval-mode pass over the training images) | val (the held-out part, data.val_fraction) |
+    # batches (the epoch's augmented training outputs: no extra pass) | none (keep 0.5, 1.5, 2.5, 3.5)
     sampler: str = "random"  # random (DistributedSampler) | balanced (every grade equally likely)
     select_by: str = "qwk"  # the best epoch (checkpoint_best.pt, summary "best"): qwk | accuracy | loss
     log_every: int = 20  # batches between progress-bar updates of loss/accuracy
@@ -97,6 +101,7 @@ CHOICES = {
     "model.depth": (18, 50),
     "model.head": ("classification", "regression"),
     "train.regression_loss": ("mse", "smooth_l1"),
+    "train.fit_thresholds": ("train", "val", "batches", "none"),
     "data.format": ("auto", "lab", "kaggle", "aptos"),
     "train.scheduler": ("none", "cosine", "onecycle"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
@@ -195,6 +200,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
     if not 0 <= cfg.train.momentum < 1:
         raise ConfigError(f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.train.fit_thresholds == "val" and cfg.data.val_fraction == 0:
+        raise ConfigError("train.fit_thresholds=val needs a held-out set: set data.val_fraction (e.g. 0.1)")
     if cfg.train.warmup_epochs > cfg.train.epochs:
         raise ConfigError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) must not exceed train.epochs ({cfg.train.epochs})")
 
@@ -218,7 +227,11 @@ def save(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def from_dict(content: dict[str, Any]) -> Config:
-    """A Config from a saved dict (a checkpoint's or config.yaml's), validated."""
+    """A Config from a saved dict (a checkpoint's or config.yaml's), validated. Checkpoints of version
+    0.1 stored train.fit_thresholds as a bool (true meant fitting on the epoch's training outputs)."""
+    legacy = content.get("train", {}).get("fit_thresholds")
+    if isinstance(legacy, bool):
+        content = {**content, "train": {**content["train"], "fit_thresholds": "batches" if legacy else "none"}}
     cfg = Config()
     _apply(cfg, content, "saved config")
     validate(cfg)

@@ -4,6 +4,7 @@ forked, and an import inside a worker can trip import hooks of the parent (W&B i
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -75,6 +76,14 @@ class RetinopathyDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def subset(self, keep: np.ndarray, split: str) -> "RetinopathyDataset":
+        """A dataset of the images where `keep` (a boolean mask) is true, named `split`."""
+        part = copy.copy(self)
+        rows = np.flatnonzero(keep)
+        part.names, part.paths, part.labels = [self.names[i] for i in rows], [self.paths[i] for i in rows], self.labels[rows]
+        part.split = split
+        return part
 
     def __getitem__(self, index: int):
         image = load_image(self.paths[index], self.image_size)

@@ -57,9 +57,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     scheduler: torch.optim.lr_scheduler.LRScheduler, head, augment: DeviceAugment,
                     generator: torch.Generator, device: torch.device, precision: Precision,
                     scaler: torch.amp.GradScaler, channels_last: bool = False, progress=None,
-                    log_every: int = 20, clip_grad_norm: float = 0.0) -> dict:
-    """One pass over the loader; returns loss, accuracy and images summed over every process (and, for
-    a head that fits thresholds, every rank's outputs and labels, to fit them on).
+                    log_every: int = 20, clip_grad_norm: float = 0.0, keep_outputs: bool = False) -> dict:
+    """One pass over the loader; returns loss, accuracy and images summed over every process (and, with
+    keep_outputs, every rank's outputs and labels, to fit a regression head's thresholds on).
     `progress` (a tqdm bar) shows the loss every log_every batches (reading it syncs a GPU)."""
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
@@ -83,7 +83,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         n = labels.shape[0]
         totals += torch.stack([loss.detach().double() * n, (head.predict_outputs(outputs.detach()) == labels).sum().double(),
                                torch.tensor(float(n), dtype=torch.float64, device=device)])
-        if head.fits_thresholds:
+        if keep_outputs:
             kept_outputs.append(outputs.detach().float().squeeze(1).cpu())
             kept_labels.append(labels.cpu())
         if show:
@@ -94,7 +94,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     loss_sum, correct, count = all_reduce_sum(totals).tolist()
     stats = {"train_loss": loss_sum / count, "train_acc": correct / count, "train_images": int(count),
              "train_seconds": seconds, "images_per_s": count / seconds}
-    if head.fits_thresholds:
+    if keep_outputs:
         shards = all_gather_objects((torch.cat(kept_outputs).numpy(), torch.cat(kept_labels).numpy()))
         stats["outputs"] = np.concatenate([o for o, _ in shards])
         stats["labels"] = np.concatenate([lab for _, lab in shards])
@@ -104,10 +104,13 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
 @dataclass(frozen=True)
 class EvalResult:
     """A whole split's evaluation, identical on every rank: the confusion matrix (counts), the mean
-    cross-entropy, and each image's probability of referable DR (grade >= 2) with its true grade."""
+    loss (cross-entropy, or squared error for regression), and per image (in shard order): the head's
+    output (class probabilities, or the regressed grade; TTA views averaged), the referable-DR score
+    (grade >= 2) and the true grade."""
 
     confusion_matrix: np.ndarray
     loss: float
+    outputs: np.ndarray
     referable_scores: np.ndarray
     targets: np.ndarray
 
@@ -134,19 +137,22 @@ def evaluate(model: nn.Module, loader: Iterable, augment: DeviceAugment, device:
     model.eval()
     cm = torch.zeros(NUM_GRADES * NUM_GRADES, dtype=torch.float64, device=device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-    scores, targets = [], []
+    outputs, targets = [], []
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
         with precision.autocast(device):
             aggregated = head.aggregate([model(v) for v in _views(augment.eval(images), tta)])
         loss_sum += head.eval_loss_sum(aggregated, labels).double()
         cm += torch.bincount(labels * NUM_GRADES + head.predict(aggregated), minlength=NUM_GRADES**2).double()
-        scores.append(head.referable_score(aggregated).cpu())
+        outputs.append(aggregated.float().cpu())
         targets.append(labels.cpu())
     totals = all_reduce_sum(torch.cat([cm, loss_sum]))
     cm_counts = totals[:-1].cpu().numpy().round().astype(np.int64).reshape(NUM_GRADES, NUM_GRADES)
     count = cm_counts.sum()
-    local = (torch.cat(scores).numpy() if scores else np.zeros(0), torch.cat(targets).numpy() if targets else np.zeros(0, np.int64))
+    local = (torch.cat(outputs).numpy() if outputs else np.zeros((0, head.outputs) if head.outputs > 1 else 0, np.float32),
+             torch.cat(targets).numpy() if targets else np.zeros(0, np.int64))
     shards = all_gather_objects(local)
-    return EvalResult(cm_counts, float(totals[-1].item() / count) if count else 0.0,
-                      np.concatenate([s for s, _ in shards]), np.concatenate([t for _, t in shards]).astype(np.int64))
+    gathered = np.concatenate([o for o, _ in shards])
+    return EvalResult(cm_counts, float(totals[-1].item() / count) if count else 0.0, gathered,
+                      head.referable_score(torch.from_numpy(gathered)).numpy(),
+                      np.concatenate([t for _, t in shards]).astype(np.int64))

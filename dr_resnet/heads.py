@@ -134,9 +134,10 @@ def optimize_thresholds(values: np.ndarray, labels: np.ndarray, start: Sequence[
     return best
 
 
-def build_head(kind: str, class_weight: Tensor | None = None, regression_loss: str = "mse", fit_thresholds: bool = True):
+def build_head(kind: str, class_weight: Tensor | None = None, regression_loss: str = "mse", fit_thresholds: str = "train"):
+    """fit_thresholds: where a regression head's thresholds are fitted (train.fit_thresholds), or none."""
     if kind == "classification":
         return ClassificationHead(class_weight)
     if kind == "regression":
-        return RegressionHead(regression_loss, class_weight, fit_thresholds)
+        return RegressionHead(regression_loss, class_weight, fit_thresholds != "none")
     raise ValueError(f"model.head must be classification or regression, got {kind!r}")

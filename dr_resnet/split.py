@@ -17,6 +17,7 @@ import shutil
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -52,6 +53,16 @@ def assign(patients: dict[str, list[int]], labels: np.ndarray, test_fraction: fl
             test.add(patient)
             current += counts[patient]
     return _refine(names, counts, test, frequency, test_fraction)
+
+
+def holdout_mask(names: Sequence[str], labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True for the images whose patients go to the held-out side (stratified, whole patients)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    patients: dict[str, list[int]] = defaultdict(list)
+    for i, name in enumerate(names):
+        patients[patient_of(name)].append(i)
+    held_out = assign(patients, labels, fraction, seed)
+    return np.array([patient_of(name) in held_out for name in names], dtype=bool)
 
 
 def _refine(names: list[str], counts: dict[str, np.ndarray], test: set[str], frequency: np.ndarray,
@@ -120,12 +131,8 @@ def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0,
     if duplicates:
         raise DatasetError(f"{src}: image names appear in more than one split: {duplicates[:10]}")
     labels_arr = np.asarray(labels, dtype=np.int64)
-    patients: dict[str, list[int]] = defaultdict(list)
-    for i, name in enumerate(names):
-        patients[patient_of(name)].append(i)
-    test_patients = assign(patients, labels_arr, test_fraction, seed)
-    sides = {"train": [i for i, n in enumerate(names) if patient_of(n) not in test_patients],
-             "test": [i for i, n in enumerate(names) if patient_of(n) in test_patients]}
+    in_test = holdout_mask(names, labels_arr, test_fraction, seed)
+    sides = {"train": np.flatnonzero(~in_test).tolist(), "test": np.flatnonzero(in_test).tolist()}
     result = {}
     for side, rows in sides.items():
         layout = SplitLayout.of(dst, side, fmt)

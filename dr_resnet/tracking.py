@@ -132,10 +132,14 @@ class Tracker:
             self._close()
 
     def log_epoch(self, row: dict[str, Any]) -> None:
-        """One epoch's metrics on the `epoch` axis; per-grade recall as recall/<grade> keys."""
+        """One epoch's metrics on the `epoch` axis; per-grade recall as <split>_recall/grade_<g> keys, a
+        regression head's thresholds as thresholds/<i>."""
         values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for grade, recall in enumerate(row.get("test_recall", [])):
-            values[f"test_recall/grade_{grade}"] = recall
+        for split in ("test", "val"):
+            for grade, recall in enumerate(row.get(f"{split}_recall", [])):
+                values[f"{split}_recall/grade_{grade}"] = recall
+        for i, threshold in enumerate(row.get("thresholds", [])):
+            values[f"thresholds/{i}"] = threshold
         self._guard("log", lambda: self.run.log(values))
 
     def log_summary(self, summary: dict[str, Any], confusion_png: Path | None) -> None:

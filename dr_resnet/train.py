@@ -10,6 +10,7 @@ A run directory (output.dir) that holds a checkpoint is resumed: a larger train.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -34,7 +35,8 @@ from .formats import DatasetError
 from .models import WeightsNotFoundError, build_resnet
 from .rundir import SUMMARY_FILE, append_metrics, read_metrics, rewrite_metrics
 from .samplers import DistributedBalancedSampler
-from .heads import ClassificationHead, RegressionHead, build_head
+from .heads import ClassificationHead, RegressionHead, build_head, qwk_at
+from .split import holdout_mask
 from .tracking import Tracker, TrackingSettings, new_run_id
 
 log = logging.getLogger("dr_resnet.train")
@@ -90,6 +92,8 @@ class Run:
     run_dir: Path
     train_loader: DataLoader
     test_loader: DataLoader
+    val_loader: DataLoader | None  # the held-out part of the training split (data.val_fraction)
+    fit_loader: DataLoader | None  # the training images in eval mode, for train.fit_thresholds=train
     train_sampler: DistributedSampler | DistributedBalancedSampler
     model: nn.Module  # bare module (for evaluation and checkpoints)
     ddp_model: nn.Module  # what training calls
@@ -109,6 +113,13 @@ def build(cfg: Config, info: DistInfo) -> Run:
     cuda = info.device.type == "cuda"
     train_ds = RetinopathyDataset(d.root, d.train_split, format=d.format, image_size=d.image_size)
     test_ds = RetinopathyDataset(d.root, d.test_split, format=d.format, image_size=d.image_size)
+    val_ds = None
+    if d.val_fraction > 0:
+        held_out = holdout_mask(train_ds.names, train_ds.labels, d.val_fraction, t.seed)
+        if held_out.all() or not held_out.any():
+            raise ConfigError(f"data.val_fraction={d.val_fraction} holds out {held_out.sum()} of the "
+                              f"{len(train_ds)} training images in {d.root}: choose a fraction that leaves both sides images")
+        train_ds, val_ds = train_ds.subset(~held_out, d.train_split), train_ds.subset(held_out, f"{d.train_split}:held-out")
     if len(train_ds) < t.batch_size * info.world_size:
         raise ConfigError(f"train.batch_size={t.batch_size} x {info.world_size} process(es) is more than the "
                           f"{len(train_ds)} training images in {d.root}: lower train.batch_size")
@@ -121,8 +132,13 @@ def build(cfg: Config, info: DistInfo) -> Run:
     loader_args = dict(num_workers=d.workers, pin_memory=cuda, persistent_workers=d.workers > 0)
     train_loader = DataLoader(train_ds, t.batch_size, sampler=train_sampler, drop_last=True,
                               generator=torch.Generator(), **loader_args)
-    test_loader = DataLoader(test_ds, t.eval_batch_size or 2 * t.batch_size,
-                             sampler=ShardSampler(len(test_ds), info.rank, info.world_size), **loader_args)
+
+    def eval_loader(dataset: RetinopathyDataset) -> DataLoader:  # every image once across the ranks, in order
+        return DataLoader(dataset, t.eval_batch_size or 2 * t.batch_size,
+                          sampler=ShardSampler(len(dataset), info.rank, info.world_size), **loader_args)
+    test_loader = eval_loader(test_ds)
+    val_loader = eval_loader(val_ds) if val_ds is not None else None
+    fit_loader = eval_loader(train_ds) if cfg.model.head == "regression" and t.fit_thresholds == "train" else None
 
     torch.manual_seed(t.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
@@ -147,7 +163,7 @@ def build(cfg: Config, info: DistInfo) -> Run:
         optimizer, lr_lambda(t.scheduler, round(t.warmup_epochs * steps), t.epochs * steps))
     precision = resolve_precision(t.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision.needs_scaler)
-    return Run(cfg, info, Path(cfg.output.dir), train_loader, test_loader, train_sampler, model, ddp_model,
+    return Run(cfg, info, Path(cfg.output.dir), train_loader, test_loader, val_loader, fit_loader, train_sampler, model, ddp_model,
                optimizer, scheduler, scaler, head, DeviceAugment(d.max_rotation, d.flips),
                precision, channels_last, train_ds.majority_baseline, test_ds.majority_baseline)
 
@@ -175,9 +191,48 @@ def resume(run: Run) -> tuple[int, dict, str | None]:
     return int(state["epoch"]), dict(state["best"]), state.get("wandb_id")
 
 
+def selected_on(row: dict) -> str:
+    """The split the best epoch is chosen on: the held-out part of the training split if there is
+    one, else the test split (the lab recipe's habit, which flatters the reported best)."""
+    return "val" if "val_qwk" in row else "test"
+
+
 def selection_value(row: dict, select_by: str) -> float:
-    """Higher is better: test QWK, test accuracy, or minus the test loss."""
-    return {"qwk": row["test_qwk"], "accuracy": row["test_acc"], "loss": -row["test_loss"]}[select_by]
+    """Higher is better: QWK, accuracy, or minus the loss, on the selection split."""
+    on = selected_on(row)
+    return {"qwk": row[f"{on}_qwk"], "accuracy": row[f"{on}_acc"], "loss": -row[f"{on}_loss"]}[select_by]
+
+
+def split_metrics(prefix: str, result) -> dict:
+    """One split's row entries from its evaluation, keys prefixed test_ or val_."""
+    scores = metrics.summarize(result.confusion_matrix)
+    return {f"{prefix}_loss": result.loss, f"{prefix}_acc": scores["accuracy"], f"{prefix}_qwk": scores["qwk"],
+            f"{prefix}_macro_f1": scores["macro_f1"], f"{prefix}_recall": scores["per_class_recall"],
+            f"{prefix}_referable_sensitivity": scores["referable_sensitivity"],
+            f"{prefix}_referable_specificity": scores["referable_specificity"],
+            f"{prefix}_referable_auc": metrics.roc_auc(result.targets >= metrics.REFERABLE_GRADE, result.referable_scores)}
+
+
+def rescored(result, head):
+    """The evaluation with its confusion matrix re-cut at the head's current thresholds."""
+    predictions = head.predict(torch.from_numpy(result.outputs)).numpy()
+    return dataclasses.replace(result, confusion_matrix=metrics.confusion_matrix(result.targets, predictions))
+
+
+def refit_thresholds(run: Run, stats: dict, val) -> dict:
+    """Re-fit the regression head's thresholds for QWK on the train.fit_thresholds set; every rank
+    fits on the same gathered outputs, so every rank ends with the same thresholds."""
+    source = run.cfg.train.fit_thresholds
+    if source == "batches":
+        values, labels = stats["outputs"], stats["labels"]
+    elif source == "val":
+        values, labels = val.outputs, val.targets
+    else:
+        fitted_on = evaluate(run.model, run.fit_loader, run.augment, run.info.device, run.precision, run.head,
+                             run.channels_last)
+        values, labels = fitted_on.outputs, fitted_on.targets
+    thresholds = run.head.fit_thresholds(values, labels)
+    return {"thresholds": thresholds, "thresholds_fit_qwk": qwk_at(values, labels, thresholds)}
 
 
 def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
@@ -186,8 +241,9 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
     select_by = run.cfg.train.select_by
     best = max(rows, key=lambda r: (selection_value(r, select_by), -r["epoch"]))
     final = rows[-1]
-    keys = ("epoch", "test_acc", "test_qwk", "test_loss", "test_macro_f1", "test_recall", "test_referable_sensitivity",
-            "test_referable_specificity", "test_referable_auc", "train_acc", "train_loss")
+    keys = ["epoch", "test_acc", "test_qwk", "test_loss", "test_macro_f1", "test_recall", "test_referable_sensitivity",
+            "test_referable_specificity", "test_referable_auc", "train_acc", "train_loss"]
+    keys += [k for k in ("val_acc", "val_qwk", "val_loss", "thresholds") if k in final]
     summary = {
         "run": run.run_dir.name,
         "depth": run.cfg.model.depth,
@@ -197,6 +253,7 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
         "world_size": run.info.world_size,
         "num_test_samples": int(np.sum(final["confusion_matrix"])),
         "selected_by": select_by,
+        "selected_on": selected_on(final),
         "majority_baseline": run.test_baseline,
         "train_majority_baseline": run.train_baseline,
         "best": {k: best[k] for k in keys},
@@ -212,7 +269,8 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
         from .plots import save_confusion_matrix
 
         save_confusion_matrix(np.array(best["confusion_matrix"]), run.run_dir / CONFUSION_PNG,
-                              f"resnet{run.cfg.model.depth} {run.run_dir.name}\nbest epoch {best['epoch']} (by {select_by}): "
+                              f"resnet{run.cfg.model.depth} {run.run_dir.name}\nbest epoch {best['epoch']} "
+                              f"(by {selected_on(final)} {select_by}): "
                               f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}")
     return summary
 
@@ -239,9 +297,10 @@ def fit(run: Run) -> dict | None:
         config.save(run.cfg, run.run_dir / "config.yaml")
         rows = read_metrics(run.run_dir, start_epoch)
         rewrite_metrics(run.run_dir, rows)
-        log.info("%s: resnet%d (%s weights), %d train / %d test images, %d process(es) on %s, precision %s, "
+        held_out = f"{len(run.val_loader.dataset)} held-out / " if run.val_loader else ""
+        log.info("%s: resnet%d (%s weights), %d train / %s%d test images, %d process(es) on %s, precision %s, "
                  "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
-                 len(run.train_loader.dataset), len(run.test_loader.dataset), info.world_size, info.device,
+                 len(run.train_loader.dataset), held_out, len(run.test_loader.dataset), info.world_size, info.device,
                  run.precision.dtype or "fp32", 100 * run.test_baseline)
     tracker = start_tracking(run, wandb_id) if info.is_main else None
     try:
@@ -263,30 +322,27 @@ def _epochs(run: Run, start_epoch: int, best: dict, rows: list[dict], tracker: T
         lr = run.optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(run.ddp_model, run.train_loader, run.optimizer, run.scheduler, run.head,
                                 run.augment, epoch_generator(t.seed, epoch, info.rank), info.device,
-                                run.precision, run.scaler, run.channels_last, bar, t.log_every, t.clip_grad_norm)
+                                run.precision, run.scaler, run.channels_last, bar, t.log_every, t.clip_grad_norm,
+                                keep_outputs=run.head.fits_thresholds and t.fit_thresholds == "batches")
         bar.close()
-        extra = {}
-        if run.head.fits_thresholds:  # every rank fits on the same gathered outputs: the same thresholds
-            extra["thresholds"] = run.head.fit_thresholds(stats["outputs"], stats["labels"])
         eval_start = time.perf_counter()
+        val = evaluate(run.model, run.val_loader, run.augment, info.device, run.precision, run.head,
+                       run.channels_last) if run.val_loader else None
+        fitted = refit_thresholds(run, stats, val) if run.head.fits_thresholds else {}
         result = evaluate(run.model, run.test_loader, run.augment, info.device, run.precision, run.head,
                           run.channels_last)
-        scores = metrics.summarize(result.confusion_matrix)
-        test_loss = result.loss
-        row = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "train_acc")},
-               "test_loss": test_loss, "test_acc": scores["accuracy"], "test_qwk": scores["qwk"],
-               "test_macro_f1": scores["macro_f1"], "test_recall": scores["per_class_recall"],
-               "test_referable_sensitivity": scores["referable_sensitivity"],
-               "test_referable_specificity": scores["referable_specificity"],
-               "test_referable_auc": metrics.roc_auc(result.targets >= metrics.REFERABLE_GRADE, result.referable_scores),
-               "lr": lr,
-               "images_per_s": stats["images_per_s"], "train_seconds": stats["train_seconds"],
-               "eval_seconds": time.perf_counter() - eval_start, "epoch_seconds": time.perf_counter() - epoch_start,
-               "confusion_matrix": scores["confusion_matrix"], **extra}
+        row = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "train_acc")}, **split_metrics("test", result)}
+        if val is not None:
+            val = rescored(val, run.head)  # cut at the thresholds fitted after it was evaluated
+            row.update(split_metrics("val", val), val_confusion_matrix=val.confusion_matrix.tolist())
+        row.update({"lr": lr, "images_per_s": stats["images_per_s"], "train_seconds": stats["train_seconds"],
+                    "eval_seconds": time.perf_counter() - eval_start, "epoch_seconds": time.perf_counter() - epoch_start,
+                    "confusion_matrix": result.confusion_matrix.tolist(), **fitted})
+        test_loss = row["test_loss"]
         value = selection_value(row, t.select_by)
         improved = not best or value > best["value"]
         if improved:
-            best = {"metric": t.select_by, "value": value, "epoch": epoch + 1}
+            best = {"metric": t.select_by, "on": selected_on(row), "value": value, "epoch": epoch + 1}
         if info.is_main:
             append_metrics(run.run_dir, row)
             rows.append(row)
@@ -296,8 +352,9 @@ def _epochs(run: Run, start_epoch: int, best: dict, rows: list[dict], tracker: T
                 checkpoint.save(state, run.run_dir / checkpoint.BEST)
             write_summary(run, rows, figure=False)
             tracker.log_epoch(row)
-            log.info("epoch %d/%d  train loss %.4f acc %.1f%%  test loss %.4f acc %.1f%% QWK %.3f  %.0f img/s  %.0fs",
-                     epoch + 1, t.epochs, row["train_loss"], 100 * row["train_acc"], test_loss,
+            held_out = f"val QWK {row['val_qwk']:.3f}  " if val is not None else ""
+            log.info("epoch %d/%d  train loss %.4f acc %.1f%%  %stest loss %.4f acc %.1f%% QWK %.3f  %.0f img/s  %.0fs",
+                     epoch + 1, t.epochs, row["train_loss"], 100 * row["train_acc"], held_out, test_loss,
                      100 * row["test_acc"], row["test_qwk"], row["images_per_s"], row["epoch_seconds"])
         distributed.barrier()  # no rank runs ahead of a checkpoint that is still being written
     if not info.is_main:

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ def test_the_four_runs_inherit_the_lab_recipe(name, depth, weights):
 def test_kappa_recipe_combines_the_options():
     cfg = config.load(CONFIGS / "resnet50_pretrained_kappa.yaml")
     assert (cfg.model.depth, cfg.model.weights, cfg.model.head) == (50, "imagenet", "regression")
-    assert cfg.train.fit_thresholds and cfg.train.select_by == "qwk" and cfg.train.clip_grad_norm == 1.0
+    assert cfg.train.fit_thresholds == "val" and cfg.data.val_fraction == 0.1
+    assert cfg.train.select_by == "qwk" and cfg.train.clip_grad_norm == 1.0
     assert cfg.train.momentum == 0.9 and cfg.train.weight_decay == 5e-4  # still the lab recipe underneath
 
 
@@ -48,9 +50,12 @@ def test_overrides_are_typed_and_win_over_files():
     ("train.amp=fp8", "train.amp='fp8' is not one of auto, off, bf16, fp16"),
     ("epochs=3", "not of the form section.key=value"),
     ("train.warmup_epochs=7", "train.warmup_epochs (7.0) must not exceed train.epochs (6)"),
+    ("train.fit_thresholds=true", "train.fit_thresholds='true' is not one of train, val, batches, none"),
+    ("train.fit_thresholds=val", "train.fit_thresholds=val needs a held-out set: set data.val_fraction"),
+    ("data.val_fraction=1", "data.val_fraction must be in [0, 1), got 1.0"),
 ])
 def test_bad_overrides_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         config.load(CONFIGS / "demo.yaml", [override])
 
 
@@ -65,6 +70,13 @@ def test_bad_files_are_named(tmp_path):
         config.load(loop)
     with pytest.raises(ConfigError, match="config file not found"):
         config.load(tmp_path / "missing.yaml")
+
+
+def test_checkpoints_of_version_0_1_still_load():
+    saved = config.Config().to_dict()
+    for legacy, now in ((True, "batches"), (False, "none")):
+        saved["train"]["fit_thresholds"] = legacy
+        assert config.from_dict(saved).train.fit_thresholds == now
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -22,7 +22,8 @@ ARMS = {"resnet18_pretrained": (18, "imagenet"), "resnet18_scratch": (18, "none"
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     """The four arms, 2 epochs each on 24 images at 32 px; 'ImageNet' weights are a torchvision-format
-    state dict placed where torchvision's cache expects the real file."""
+    state dict placed where torchvision's cache expects the real file. ResNet18 scratch holds out a
+    quarter of its training images to choose its epoch on."""
     base = tmp_path_factory.mktemp("report")
     data = preprocessed_dataset(base, 24, 9, seed=8, size=32)
     mp = pytest.MonkeyPatch()
@@ -34,7 +35,8 @@ def sweep(tmp_path_factory) -> Path:
     for arm, (depth, weights) in ARMS.items():
         assert train(["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=32",
                       "train.batch_size=8", "train.epochs=2", "train.warmup_epochs=0", "data.workers=0",
-                      f"model.depth={depth}", f"model.weights={weights}", f"output.dir={base / 'sweep' / arm}"]) == 0
+                      f"model.depth={depth}", f"model.weights={weights}", f"output.dir={base / 'sweep' / arm}",
+                      *(["data.val_fraction=0.25"] if arm == "resnet18_scratch" else [])]) == 0
     mp.undo()
     return base / "sweep"
 
@@ -67,6 +69,12 @@ def test_four_runs(sweep, tmp_path):
         assert float(row["final_test_acc"]) == pytest.approx(rows[-1]["test_acc"])
         assert row["status"] == "done" and row["epochs"] == "2/2"
         assert row["weights"] == ARMS[arm][1]
+        if arm == "resnet18_scratch":  # chose its epoch on its held-out images
+            chosen = max(rows, key=lambda r: (r["val_qwk"], -r["epoch"]))
+            assert int(row["val_chosen_epoch"]) == chosen["epoch"]
+            assert float(row["test_qwk_at_val_chosen"]) == pytest.approx(chosen["test_qwk"])
+        else:
+            assert row["val_chosen_epoch"] == row["test_qwk_at_val_chosen"] == ""
         assert f"| {arm} | {ARMS[arm][0]} | {ARMS[arm][1]} | done | 2/2 | {best_acc['test_acc']:.4f} |" in \
             (out / "results.md").read_text()
 

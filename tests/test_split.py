@@ -54,3 +54,19 @@ def test_other_formats(tmp_path, fmt):
 def test_patient_names():
     assert patient_of("10_left") == patient_of("10_right") == "10"
     assert patient_of("000c1434d8d7") == "000c1434d8d7"
+
+
+def test_holdout_mask_keeps_patients_whole_and_subset_keeps_rows(eyepacs):
+    from dr_resnet.data import RetinopathyDataset
+    from dr_resnet.split import holdout_mask
+
+    train = RetinopathyDataset(eyepacs, "train")
+    held = holdout_mask(train.names, train.labels, 0.1, seed=0)
+    assert np.array_equal(held, holdout_mask(train.names, train.labels, 0.1, seed=0))
+    val, rest = train.subset(held, "val"), train.subset(~held, "train")
+    assert len(val) + len(rest) == len(train) and abs(len(val) / len(train) - 0.1) < 0.01
+    assert not {patient_of(n) for n in val.names} & {patient_of(n) for n in rest.names}
+    rows = np.flatnonzero(held)
+    assert val.names == [train.names[i] for i in rows] and val.paths == [train.paths[i] for i in rows]
+    assert np.array_equal(val.labels, train.labels[rows]) and val.split == "val" and train.split == "train"
+    assert np.array_equal(val.class_counts + rest.class_counts, train.class_counts)

@@ -62,7 +62,8 @@ def offline_runs(run_dir: Path) -> list[Path]:
 
 def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     run_dir = tmp_path / "run"
-    assert train(tiny, run_dir, "wandb.mode=offline", "wandb.group=sweep-a", "wandb.log_checkpoint=true") == 0
+    assert train(tiny, run_dir, "wandb.mode=offline", "wandb.group=sweep-a", "wandb.log_checkpoint=true",
+                 "model.head=regression", "train.clip_grad_norm=1.0", "data.val_fraction=0.25") == 0
     [folder] = offline_runs(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     history = [r["history"]["item"] for r in inspect(folder) if r.get("type") == "history"]
@@ -72,6 +73,9 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "test_qwk", "lr", "images_per_s"):
             assert logged[key] == pytest.approx(row[key], rel=1e-12), key
         assert [logged[f"test_recall/grade_{g}"] for g in range(5)] == pytest.approx(row["test_recall"])
+        assert [logged[f"val_recall/grade_{g}"] for g in range(5)] == pytest.approx(row["val_recall"])
+        assert logged["val_qwk"] == pytest.approx(row["val_qwk"], rel=1e-12)
+        assert [logged[f"thresholds/{i}"] for i in range(4)] == pytest.approx(row["thresholds"])
     [state] = inspect(folder, "--summary")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert state["summary"]["best/test_qwk"] == pytest.approx(summary["best"]["test_qwk"])

@@ -226,3 +226,34 @@ def test_regression_head_fits_thresholds_and_evaluate_uses_them(tiny, tmp_path):
     assert result["head"] == "regression" and result["thresholds"] == pytest.approx(rows[-1]["thresholds"])
     assert result["confusion_matrix"] == rows[-1]["confusion_matrix"]
     assert result["referable_auc"] == pytest.approx(rows[-1]["test_referable_auc"])
+    # The thresholds were fitted on an eval-mode pass over the training split: evaluating the checkpoint
+    # there reproduces the QWK the fit reached.
+    assert evaluate_main(["--checkpoint", str(run_dir / "checkpoint_last.pt"), "--data-root", str(tiny),
+                          "--split", "train", "--out", str(tmp_path / "eval_train"), "--workers", "0"]) == 0
+    on_train = json.loads((tmp_path / "eval_train" / "metrics.json").read_text())
+    assert on_train["num_samples"] == 40 and on_train["qwk"] == pytest.approx(rows[-1]["thresholds_fit_qwk"])
+
+
+def test_held_out_validation_selects_the_epoch_and_fits_thresholds(tiny, tmp_path, capfd):
+    from dr_resnet.data import RetinopathyDataset
+    from dr_resnet.split import holdout_mask
+
+    run_dir = tmp_path / "val"
+    assert main(overrides(tiny, run_dir, "model.head=regression", "train.clip_grad_norm=1.0", "data.workers=0",
+                          "data.val_fraction=0.25", "train.fit_thresholds=val", "train.epochs=3", "train.seed=4")) == 0
+    train = RetinopathyDataset(tiny, "train")
+    held = holdout_mask(train.names, train.labels, 0.25, seed=4)
+    assert 0 < held.sum() < 40
+    assert f"{40 - held.sum()} train / {held.sum()} held-out / 13 test images" in capfd.readouterr().err
+    rows = metrics_rows(run_dir)
+    for r in rows:
+        assert np.array_equal(np.sum(r["val_confusion_matrix"], axis=1), np.bincount(train.labels[held], minlength=5))
+        assert np.sum(r["confusion_matrix"]) == 13
+        assert r["thresholds_fit_qwk"] == pytest.approx(r["val_qwk"])  # cut where they were fitted
+    summary = json.loads((run_dir / "summary.json").read_text())
+    chosen = max(rows, key=lambda r: (r["val_qwk"], -r["epoch"]))
+    assert summary["selected_on"] == "val" and summary["best"]["epoch"] == chosen["epoch"]
+    assert summary["best"]["val_qwk"] == chosen["val_qwk"] and summary["best"]["test_qwk"] == chosen["test_qwk"]
+    best = checkpoint.load(run_dir / "checkpoint_best.pt")
+    assert best["epoch"] == chosen["epoch"] and best["best"]["on"] == "val"
+    assert best["head"]["thresholds"] == pytest.approx(chosen["thresholds"])
