@@ -184,17 +184,21 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def build_resnet(depth: int, num_classes: int = NUM_GRADES, weights: str | os.PathLike | None = None,
-                 zero_init_residual: bool = False) -> ResNet:
+                 zero_init_residual: bool = False, head_bias: float | None = None) -> ResNet:
     """ResNet of `depth` (18 or 50) with a `num_classes` head.
 
     weights: None (random init), "imagenet" (backbone from IMAGENET1K_V1, fresh head unless
     num_classes == 1000) or a path to a state dict / checkpoint. A file whose head has another number
     of classes gives the backbone and a fresh head; every other key must match exactly.
+    head_bias: the output bias of a fresh head (a regression head starts at the mean training grade
+    instead of 0); a head loaded from `weights` keeps its own.
     """
     if depth not in ARCHITECTURES:
         raise ValueError(f"model depth must be one of {sorted(ARCHITECTURES)}, got {depth}")
     block, layers = ARCHITECTURES[depth]
     model = ResNet(block, layers, num_classes=num_classes, zero_init_residual=zero_init_residual)
+    if head_bias is not None:
+        nn.init.constant_(model.fc.bias, head_bias)
     if weights is None or str(weights).lower() in ("", "none", "scratch"):
         return model
     if str(weights).lower() == "imagenet":

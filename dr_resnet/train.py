@@ -144,7 +144,8 @@ def build(cfg: Config, info: DistInfo) -> Run:
     weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
     weight = class_weights(train_ds.class_counts).to(info.device) if t.class_weights == "balanced" else None
     head = build_head(cfg.model.head, weight, t.regression_loss, t.fit_thresholds)
-    model = build_resnet(cfg.model.depth, head.outputs, weights, cfg.model.zero_init_residual).to(info.device)
+    start = float(train_ds.labels.mean()) if cfg.model.head == "regression" else None  # the mean grade, not 0
+    model = build_resnet(cfg.model.depth, head.outputs, weights, cfg.model.zero_init_residual, start).to(info.device)
     channels_last = t.channels_last and cuda
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -27,7 +27,7 @@ def test_the_four_runs_inherit_the_lab_recipe(name, depth, weights):
 def test_kappa_recipe_combines_the_options():
     cfg = config.load(CONFIGS / "resnet50_pretrained_kappa.yaml")
     assert (cfg.model.depth, cfg.model.weights, cfg.model.head) == (50, "imagenet", "regression")
-    assert cfg.train.fit_thresholds == "val" and cfg.data.val_fraction == 0.1
+    assert cfg.train.fit_thresholds == "train" and cfg.data.val_fraction == 0.1
     assert cfg.train.select_by == "qwk" and cfg.train.clip_grad_norm == 1.0
     assert cfg.train.momentum == 0.9 and cfg.train.weight_decay == 5e-4  # still the lab recipe underneath
 

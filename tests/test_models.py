@@ -96,3 +96,14 @@ def test_weights_file_that_does_not_fit_is_refused(tmp_path):
 def test_unknown_depth_is_refused():
     with pytest.raises(ValueError, match="depth must be one of \\[18, 50\\]"):
         build_resnet(34)
+
+
+def test_head_bias_starts_a_fresh_head_and_leaves_a_loaded_one(tmp_path):
+    assert torch.equal(build_resnet(18, 1, head_bias=0.75).fc.bias, torch.tensor([0.75]))
+    regression = build_resnet(18, 1)
+    path = tmp_path / "regression.pt"
+    torch.save(regression.state_dict(), path)
+    assert torch.equal(build_resnet(18, 1, weights=path, head_bias=0.75).fc.bias, regression.fc.bias)
+    classifier = tmp_path / "classifier.pt"
+    torch.save(build_resnet(18, 5).state_dict(), classifier)  # another head: the backbone only
+    assert torch.equal(build_resnet(18, 1, weights=classifier, head_bias=0.75).fc.bias, torch.tensor([0.75]))
