@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import NUM_GRADES
+from . import metrics
 from .augment import DeviceAugment
 from .distributed import all_gather_objects, all_reduce_sum
 
@@ -114,6 +114,19 @@ class EvalResult:
     referable_scores: np.ndarray
     targets: np.ndarray
 
+    @classmethod
+    def of(cls, outputs: np.ndarray, targets: np.ndarray, head) -> "EvalResult":
+        """Score the head's outputs (a regression head cuts them at its current thresholds)."""
+        values, labels = torch.from_numpy(outputs), torch.from_numpy(targets)
+        cm = metrics.confusion_matrix(targets, head.predict(values).numpy())
+        loss = head.eval_loss_sum(values.double(), labels).item() / len(targets) if len(targets) else 0.0
+        return cls(cm, loss, outputs, head.referable_score(values).numpy(), targets)
+
+    def scores(self) -> dict:
+        """Every metric of metrics.summarize, plus the referable-DR ROC AUC."""
+        auc = metrics.roc_auc(self.targets >= metrics.REFERABLE_GRADE, self.referable_scores)
+        return {**metrics.summarize(self.confusion_matrix), "referable_auc": auc}
+
 
 TTA_MODES = ("none", "flips")
 
@@ -126,7 +139,7 @@ def _views(inputs: Tensor, tta: str) -> list[Tensor]:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, augment: DeviceAugment, device: torch.device,
              precision: Precision, head, channels_last: bool = False, tta: str = "none") -> EvalResult:
-    """Every image of the split exactly once, summed (and gathered) across processes. With TTA the
+    """Every image of the split exactly once, gathered across processes and scored. With TTA the
     head averages its views (probabilities, or regression outputs) before predicting.
 
     Pass the bare model (not the DDP wrapper): shards may differ in length by one, and DDP's forward
@@ -135,24 +148,15 @@ def evaluate(model: nn.Module, loader: Iterable, augment: DeviceAugment, device:
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
     model.eval()
-    cm = torch.zeros(NUM_GRADES * NUM_GRADES, dtype=torch.float64, device=device)
-    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     outputs, targets = [], []
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
         with precision.autocast(device):
             aggregated = head.aggregate([model(v) for v in _views(augment.eval(images), tta)])
-        loss_sum += head.eval_loss_sum(aggregated, labels).double()
-        cm += torch.bincount(labels * NUM_GRADES + head.predict(aggregated), minlength=NUM_GRADES**2).double()
         outputs.append(aggregated.float().cpu())
         targets.append(labels.cpu())
-    totals = all_reduce_sum(torch.cat([cm, loss_sum]))
-    cm_counts = totals[:-1].cpu().numpy().round().astype(np.int64).reshape(NUM_GRADES, NUM_GRADES)
-    count = cm_counts.sum()
     local = (torch.cat(outputs).numpy() if outputs else np.zeros((0, head.outputs) if head.outputs > 1 else 0, np.float32),
              torch.cat(targets).numpy() if targets else np.zeros(0, np.int64))
     shards = all_gather_objects(local)
-    gathered = np.concatenate([o for o, _ in shards])
-    return EvalResult(cm_counts, float(totals[-1].item() / count) if count else 0.0, gathered,
-                      head.referable_score(torch.from_numpy(gathered)).numpy(),
-                      np.concatenate([t for _, t in shards]).astype(np.int64))
+    return EvalResult.of(np.concatenate([o for o, _ in shards]),
+                         np.concatenate([t for _, t in shards]).astype(np.int64), head)

@@ -11,10 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 from torch.utils.data import DataLoader
 
-from . import checkpoint, distributed, metrics
+from . import checkpoint, distributed
 from .augment import DeviceAugment
 from .config import ConfigError, from_dict
 from .data import RetinopathyDataset
@@ -54,21 +53,18 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
                         num_workers=args.workers, pin_memory=info.device.type == "cuda")
     evaluation = evaluate(model, loader, DeviceAugment(), info.device, resolve_precision(args.amp, info.device),
                           head, tta=args.tta)
-    scores = metrics.summarize(evaluation.confusion_matrix)
-    auc = metrics.roc_auc(evaluation.targets >= metrics.REFERABLE_GRADE, evaluation.referable_scores)
     result = {"checkpoint": str(args.checkpoint), "epoch": int(state["epoch"]), "data_root": str(args.data_root),
               "split": args.split, "image_size": size, "head": cfg.model.head, **head.state(), "tta": args.tta,
-              "loss": evaluation.loss, **scores,
-              "referable_auc": auc}
+              "loss": evaluation.loss, **evaluation.scores()}
     if info.is_main:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         from .plots import save_confusion_matrix
 
-        save_confusion_matrix(np.array(scores["confusion_matrix"]), out / "confusion_matrix.png",
+        save_confusion_matrix(evaluation.confusion_matrix, out / "confusion_matrix.png",
                               f"resnet{cfg.model.depth}, epoch {state['epoch']}, {args.split} split\n"
-                              f"accuracy {scores['accuracy']:.1%}, QWK {scores['qwk']:.3f}")
+                              f"accuracy {result['accuracy']:.1%}, QWK {result['qwk']:.3f}")
     return result
 
 

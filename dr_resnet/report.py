@@ -20,7 +20,7 @@ import yaml
 
 from .metrics import majority_baseline
 from .plots import pyplot
-from .rundir import read_metrics
+from .rundir import read_metrics, selected_on
 
 STATUS_FILE = "launch_status.json"  # a launcher's word on a run: {"status": "not run" | "failed", "reason": ...}
 COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
@@ -50,11 +50,11 @@ class RunRecord:
     @property
     def has_val(self) -> bool:
         """Whether the run held out part of its training split (data.val_fraction) to choose epochs on."""
-        return bool(self.rows) and "val_qwk" in self.rows[-1]
+        return bool(self.rows) and selected_on(self.rows[-1]) == "val"
 
     def chosen(self) -> dict | None:
-        """The epoch the run itself selects: best QWK on its held-out set, else on test."""
-        return self.best("val_qwk" if self.has_val else "test_qwk")
+        """The epoch the run itself selects by QWK: on its held-out set, else on test."""
+        return self.best(f"{selected_on(self.rows[-1])}_qwk") if self.rows else None
 
     @property
     def baseline(self) -> float | None:

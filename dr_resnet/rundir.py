@@ -26,6 +26,12 @@ def rewrite_metrics(run_dir: Path, rows: list[dict]) -> None:
     tmp.replace(Path(run_dir) / METRICS_FILE)
 
 
+def selected_on(row: dict) -> str:
+    """The split a run chooses its best epoch on: the held-out part of its training split if it has
+    one (data.val_fraction), else the test split (the lab recipe's habit, which flatters the best)."""
+    return "val" if "val_qwk" in row else "test"
+
+
 def append_metrics(run_dir: Path, row: dict) -> None:
     with open(Path(run_dir) / METRICS_FILE, "a") as f:
         f.write(json.dumps(row) + "\n")

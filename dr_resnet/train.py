@@ -10,7 +10,6 @@ A run directory (output.dir) that holds a checkpoint is resumed: a larger train.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -25,15 +24,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import checkpoint, config, distributed, metrics
+from . import checkpoint, config, distributed
 from .augment import DeviceAugment, epoch_generator
 from .config import Config, ConfigError
 from .data import RetinopathyDataset
 from .distributed import DistInfo
-from .engine import Precision, ShardSampler, evaluate, train_one_epoch
+from .engine import EvalResult, Precision, ShardSampler, evaluate, train_one_epoch
 from .formats import DatasetError
 from .models import WeightsNotFoundError, build_resnet
-from .rundir import SUMMARY_FILE, append_metrics, read_metrics, rewrite_metrics
+from .rundir import SUMMARY_FILE, append_metrics, read_metrics, rewrite_metrics, selected_on
 from .samplers import DistributedBalancedSampler
 from .heads import ClassificationHead, RegressionHead, build_head, qwk_at
 from .split import holdout_mask
@@ -136,16 +135,16 @@ def build(cfg: Config, info: DistInfo) -> Run:
     def eval_loader(dataset: RetinopathyDataset) -> DataLoader:  # every image once across the ranks, in order
         return DataLoader(dataset, t.eval_batch_size or 2 * t.batch_size,
                           sampler=ShardSampler(len(dataset), info.rank, info.world_size), **loader_args)
+    weight = class_weights(train_ds.class_counts).to(info.device) if t.class_weights == "balanced" else None
+    head = build_head(cfg.model.head, weight, t.regression_loss, t.fit_thresholds)
     test_loader = eval_loader(test_ds)
     val_loader = eval_loader(val_ds) if val_ds is not None else None
-    fit_loader = eval_loader(train_ds) if cfg.model.head == "regression" and t.fit_thresholds == "train" else None
+    fit_loader = eval_loader(train_ds) if head.fits_thresholds and t.fit_thresholds == "train" else None
 
     torch.manual_seed(t.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
-    weight = class_weights(train_ds.class_counts).to(info.device) if t.class_weights == "balanced" else None
-    head = build_head(cfg.model.head, weight, t.regression_loss, t.fit_thresholds)
-    start = float(train_ds.labels.mean()) if cfg.model.head == "regression" else None  # the mean grade, not 0
-    model = build_resnet(cfg.model.depth, head.outputs, weights, cfg.model.zero_init_residual, start).to(info.device)
+    model = build_resnet(cfg.model.depth, head.outputs, weights, cfg.model.zero_init_residual,
+                         head.start_bias(train_ds.labels)).to(info.device)
     channels_last = t.channels_last and cuda
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -192,32 +191,18 @@ def resume(run: Run) -> tuple[int, dict, str | None]:
     return int(state["epoch"]), dict(state["best"]), state.get("wandb_id")
 
 
-def selected_on(row: dict) -> str:
-    """The split the best epoch is chosen on: the held-out part of the training split if there is
-    one, else the test split (the lab recipe's habit, which flatters the reported best)."""
-    return "val" if "val_qwk" in row else "test"
-
-
 def selection_value(row: dict, select_by: str) -> float:
     """Higher is better: QWK, accuracy, or minus the loss, on the selection split."""
     on = selected_on(row)
     return {"qwk": row[f"{on}_qwk"], "accuracy": row[f"{on}_acc"], "loss": -row[f"{on}_loss"]}[select_by]
 
 
-def split_metrics(prefix: str, result) -> dict:
+def split_metrics(prefix: str, result: EvalResult) -> dict:
     """One split's row entries from its evaluation, keys prefixed test_ or val_."""
-    scores = metrics.summarize(result.confusion_matrix)
-    return {f"{prefix}_loss": result.loss, f"{prefix}_acc": scores["accuracy"], f"{prefix}_qwk": scores["qwk"],
-            f"{prefix}_macro_f1": scores["macro_f1"], f"{prefix}_recall": scores["per_class_recall"],
-            f"{prefix}_referable_sensitivity": scores["referable_sensitivity"],
-            f"{prefix}_referable_specificity": scores["referable_specificity"],
-            f"{prefix}_referable_auc": metrics.roc_auc(result.targets >= metrics.REFERABLE_GRADE, result.referable_scores)}
-
-
-def rescored(result, head):
-    """The evaluation with its confusion matrix re-cut at the head's current thresholds."""
-    predictions = head.predict(torch.from_numpy(result.outputs)).numpy()
-    return dataclasses.replace(result, confusion_matrix=metrics.confusion_matrix(result.targets, predictions))
+    s = result.scores()
+    return {f"{prefix}_loss": result.loss, f"{prefix}_acc": s["accuracy"], f"{prefix}_qwk": s["qwk"],
+            f"{prefix}_macro_f1": s["macro_f1"], f"{prefix}_recall": s["per_class_recall"],
+            **{f"{prefix}_referable_{k}": s[f"referable_{k}"] for k in ("sensitivity", "specificity", "auc")}}
 
 
 def refit_thresholds(run: Run, stats: dict, val) -> dict:
@@ -334,7 +319,7 @@ def _epochs(run: Run, start_epoch: int, best: dict, rows: list[dict], tracker: T
                           run.channels_last)
         row = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "train_acc")}, **split_metrics("test", result)}
         if val is not None:
-            val = rescored(val, run.head)  # cut at the thresholds fitted after it was evaluated
+            val = EvalResult.of(val.outputs, val.targets, run.head)  # cut at the thresholds fitted since
             row.update(split_metrics("val", val), val_confusion_matrix=val.confusion_matrix.tolist())
         row.update({"lr": lr, "images_per_s": stats["images_per_s"], "train_seconds": stats["train_seconds"],
                     "eval_seconds": time.perf_counter() - eval_start, "epoch_seconds": time.perf_counter() - epoch_start,
