@@ -1,15 +1,18 @@
-# The README's commands. Each target makes its own virtual environment (.venv) on first use.
+# The README's commands. Each target but gpu-check makes its own virtual environment (.venv) on first
+# use, with the exact versions of constraints.txt (setup.cfg itself asks only for version ranges).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= data
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 # The main job on the embedded default: synthetic EyePACS-like photos -> preprocessed 128 px dataset ->
@@ -31,5 +34,23 @@ bench: $(VENV)/.installed
 	$(PY) bench/preprocess_speed.py
 	$(PY) bench/pipeline_efficiency.py
 
+# On a GPU machine: the GPU tier (tests/test_gpu.py) and the GPU benchmark, with that machine's own
+# python and CUDA build of torch (GPU_PYTHON; installed with --no-deps, so nothing replaces its torch).
+# Logs and tables go to GPU_OUT. Synthetic 512 px data for the benchmark is made once, in GPU_DATA.
+GPU_PYTHON ?= python3
+GPU_DATA ?= $(DATA)/gpu_512
+GPU_OUT ?= gpu-check
+gpu-check:
+	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e . || echo "(not installed: running from the source tree)"
+	mkdir -p $(GPU_OUT)
+	test -f $(GPU_DATA)/preprocess.json || { \
+		PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m dr_resnet.synthetic --out $(GPU_DATA)_raw --train 2600 --test 64 --size 600 --seed 0 && \
+		PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m dr_resnet.preprocess --src $(GPU_DATA)_raw --dst $(GPU_DATA) --size 512; }
+	status=0; \
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m pytest tests/test_gpu.py -m gpu -v 2>&1 | tee $(GPU_OUT)/gpu_tests.log || status=1; \
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) bench/gpu_throughput.py --data $(GPU_DATA) --out $(GPU_OUT)/gpu_throughput.md \
+		2>&1 | tee $(GPU_OUT)/gpu_throughput.log || status=1; \
+	exit $$status
+
 clean:
-	rm -rf $(VENV) $(DATA) runs *.egg-info .pytest_cache
+	rm -rf $(VENV) $(DATA) runs gpu-check *.egg-info .pytest_cache

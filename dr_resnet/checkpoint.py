@@ -1,8 +1,8 @@
 """Checkpoints: one dict with every piece of training state, written atomically, read with weights_only.
 
-Keys: model (plain state dict, torchvision names, no DDP prefix), optimizer, scheduler, scaler, epoch
-(epochs completed), best (the selection metric's best value and epoch), rng (torch CPU/CUDA states),
-config (the resolved config as a dict), wandb_id.
+Keys: model (plain state dict, torchvision names, no DDP or torch.compile prefix), optimizer, scheduler,
+scaler, precision (fp32, bf16 or fp16), epoch (epochs completed), best (the selection metric's best value
+and epoch), rng (torch's CPU state), config (the resolved config as a dict), wandb_id.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """The random state a resume needs: torch's CPU generator only. Nothing draws from the CUDA
+    generators (augmentation uses its own per-(seed, epoch, rank) generator, on the device), so their
+    states are not saved: they would tie a checkpoint to the number of GPUs that wrote it."""
+    return {"torch": torch.get_rng_state()}
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Restore rng_state's CPU state. CUDA states that earlier versions saved (one per GPU rank 0 could
+    see) are ignored, so a 4-GPU run resumes on 1 or 2 GPUs, or under per-task GPU binding."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

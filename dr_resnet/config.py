@@ -54,9 +54,13 @@ class TrainConfig:
     weight_decay: float = 5e-4
     scheduler: str = "none"  # none | cosine | onecycle
     warmup_epochs: float = 0.0  # linear warm-up (cosine)
-    amp: str = "auto"  # auto | off | bf16 | fp16
+    device: str = "auto"  # auto (one GPU per process if CUDA is there, else CPU) | cpu (gloo, even on a GPU box) | cuda
+    amp: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, fp32 on CPU) | off | bf16 | fp16
     sync_bn: bool = True  # SyncBatchNorm across processes (CUDA only)
     channels_last: bool = True  # CUDA only
+    cudnn_benchmark: bool = True  # cuDNN picks the fastest kernels for the fixed input size (CUDA only)
+    deterministic: bool = False  # deterministic CUDA kernels (slower; turns cudnn_benchmark off)
+    compile: bool = False  # torch.compile the model for training and evaluation
     seed: int = 0
     class_weights: str = "none"  # none | balanced (inverse class frequency in the loss)
     clip_grad_norm: float = 0.0  # clip the gradients' global norm to this (0: off); regression heads need it
@@ -105,6 +109,7 @@ CHOICES = {
     "data.format": ("auto", "lab", "kaggle", "aptos"),
     "train.scheduler": ("none", "cosine", "onecycle"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
     "train.class_weights": ("none", "balanced"),
     "train.select_by": ("qwk", "accuracy", "loss"),
     "train.sampler": ("random", "balanced"),

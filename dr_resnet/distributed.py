@@ -1,24 +1,49 @@
 """Process-group set-up from the environment that torchrun, srun or a submitit task leaves, and the few
 collective helpers training needs. One process with no such environment is a world of one.
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under plain ``srun`` we read
-SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, with the master on the job's first node. NCCL with one
-GPU per process on CUDA, gloo on CPU.
+torchrun (and submitit's export) set RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT. A plain ``srun`` job step sets SLURM_STEP_ID, and we read SLURM_PROCID /
+SLURM_STEP_NUM_TASKS / SLURM_LOCALID, with the master on the step's first node. A process started
+directly in an sbatch script (the batch step, no SLURM_STEP_ID) runs alone, whatever --ntasks says.
+On CUDA the group has NCCL for GPU tensors and gloo for CPU objects; on CPU, gloo.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
 
+from .runtime import DeviceError, select_device, too_many_processes
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process's rank comes from: 'torchrun' (also submitit), 'srun' or 'single'."""
+
+    launcher: str = "single"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int | None = 1
+    note: str = ""  # why a SLURM allocation with several tasks still gives a single process
+
+    def describe(self) -> str:
+        if self.launcher == "single":
+            return "one process" + (f" ({self.note})" if self.note else "")
+        return (f"{self.launcher}: rank {self.rank} of {self.world_size}, local rank {self.local_rank}"
+                + (f" of {self.local_world_size}" if self.local_world_size else ""))
 
 
 @dataclass(frozen=True)
@@ -27,6 +52,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launcher: str = "single"
 
     @property
     def is_main(self) -> bool:
@@ -34,7 +60,44 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group is up (launched by torchrun or srun, even as a world of one): DDP and
+        SyncBatchNorm run the same code at 1 GPU as at 64."""
+        return self.launcher != "single"
+
+
+def tasks_per_node(compressed: str) -> list[int]:
+    """SLURM's tasks-per-node list, e.g. '2(x3),1' -> [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for part in compressed.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match:
+            counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def launch_env(env: Mapping[str, str] = os.environ) -> LaunchEnv:
+    """The launcher's variables: torchrun's first, then an srun job step's, else a world of one."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        local_world = env.get("LOCAL_WORLD_SIZE")
+        return LaunchEnv("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                         int(local_world) if local_world else None)
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+        per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""))
+        if world > 1:
+            return LaunchEnv("srun", int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)),
+                             max(per_node) if per_node else None)
+        return LaunchEnv(note="an srun step of one task")
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return LaunchEnv(note=f"started in SLURM job {env.get('SLURM_JOB_ID', '?')}'s batch script, not by srun: "
+                              f"its {env['SLURM_NTASKS']} tasks are not used; use srun or torchrun for several processes")
+    return LaunchEnv()
+
+
+def env_ranks(env: Mapping[str, str] = os.environ) -> tuple[int, int, int]:
+    """(rank, world size, local rank) of launch_env."""
+    e = launch_env(env)
+    return e.rank, e.world_size, e.local_rank
 
 
 def _slurm_master_addr() -> str:
@@ -48,31 +111,46 @@ def _slurm_master_addr() -> str:
     return hosts[0]
 
 
-def env_ranks(env: os._Environ | dict = os.environ) -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's variables, else SLURM's, else a world of one."""
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
+def _gpu_identity(device: torch.device) -> str:
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return str(uuid) if uuid is not None else f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}#{device.index}"
 
 
-def init(timeout_minutes: float = 30) -> DistInfo:
+def shared_gpus(placements: list[tuple[str, str]]) -> str:
+    """'' when every (host, GPU) pair is distinct, else what `too_many_processes` says for the worst host."""
+    per_gpu = Counter(placements)
+    crowded = [(host, gpu) for (host, gpu), n in per_gpu.items() if n > 1]
+    if not crowded:
+        return ""
+    host = crowded[0][0]
+    processes = sum(n for (h, _), n in per_gpu.items() if h == host)
+    gpus = sum(1 for (h, _) in per_gpu if h == host)
+    return too_many_processes(processes, gpus, host)
+
+
+def init(device: str = "auto", timeout_minutes: float = 30) -> DistInfo:
     """Join the process group described by the environment; pick this process's device."""
-    rank, world_size, local_rank = env_ranks()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world_size == 1:
-        return DistInfo(device=device)
+    env = launch_env()
+    chosen = select_device(device, env.local_rank, env.local_world_size)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if env.launcher == "single":
+        return DistInfo(device=chosen)
     if "MASTER_ADDR" not in os.environ:  # plain srun: no launcher set these
         os.environ["MASTER_ADDR"] = _slurm_master_addr()
         os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
-    backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_minutes),
-                            device_id=device if cuda else None)
-    return DistInfo(rank, world_size, local_rank, device)
+    # Object collectives (and the GPU check below) go over gloo on the CPU; GPU tensors over NCCL,
+    # whose communicator starts lazily, after that check.
+    backend = "cpu:gloo,cuda:nccl" if chosen.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(minutes=timeout_minutes))
+    info = DistInfo(env.rank, env.world_size, env.local_rank, chosen, env.launcher)
+    if chosen.type == "cuda":
+        placements = all_gather_objects((socket.gethostname(), _gpu_identity(chosen)))
+        problem = shared_gpus(placements)
+        if problem:
+            raise DeviceError(problem)
+    return info
 
 
 def teardown() -> None:
@@ -80,44 +158,84 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def _group_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over all processes (in place, and returned); a no-op in a world of one."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _group_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order (a world of one returns [obj])."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _group_size() > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, obj)
         return gathered
     return [obj]
 
 
+def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Rebuild a split's per-image tensor, in dataset order, from every rank's shard (rank r holds
+    images r, r + w, r + 2w, ...; see engine.ShardSampler), on the tensor's device: one collective,
+    no trip through the host."""
+    world = _group_size()
+    if world == 1:
+        return local
+    longest = -(-total // world)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    shards = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(shards, padded)
+    # Row j of rank r is image j * w + r: stacking (longest, w) and reading row by row gives dataset order.
+    return torch.stack(shards, dim=1).reshape(longest * world, *local.shape[1:])[:total]
+
+
+def gather_equal(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's tensor of the same shape, concatenated in rank order (on the tensor's device)."""
+    world = _group_size()
+    if world == 1:
+        return local
+    shards = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(shards, local.contiguous())
+    return torch.cat(shards)
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _group_size() > 1:
         dist.barrier()
 
 
-def run_entry(work: Callable[[DistInfo], None], user_errors: tuple[type[Exception], ...]) -> int:
+def run_entry(work: Callable[[DistInfo], None], user_errors: tuple[type[Exception], ...], device: str = "auto") -> int:
     """The frame of every entry point: join the group, log per rank, run `work`, always leave the group.
-    A user error (bad data, config, missing file) is one logged line and exit code 2."""
-    info = init()
-    setup_logging(info)
+    A user error (bad data, config, missing file, processes that do not fit the GPUs) is one logged line
+    and exit code 2. The first line says how the process was launched and on what device."""
+    env = launch_env()
+    setup_logging(env.rank, env.world_size)
     try:
+        info = init(device)
+        log.info("launch: %s; device %s", env.describe(), _describe_device(info.device))
         work(info)
         return 0
-    except user_errors as exc:
+    except (DeviceError, *user_errors) as exc:
         log.error("%s", exc)
         return 2
     finally:
         teardown()
 
 
-def setup_logging(info: DistInfo) -> None:
+def _describe_device(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{device} ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
+
+
+def setup_logging(rank: int, world_size: int) -> None:
     """INFO on rank 0, WARNING elsewhere, each line tagged with its rank in multi-process runs."""
-    prefix = f"[rank {info.rank}] " if info.distributed else ""
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, force=True,
+    prefix = f"[rank {rank}] " if world_size > 1 else ""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
                         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

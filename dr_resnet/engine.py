@@ -1,10 +1,13 @@
-"""The loops: one training epoch, one exact evaluation. Nothing else lives here."""
+"""The loops: one training epoch, one exact evaluation. Nothing else lives here.
+
+On CUDA the hot loop never waits for the host: batches arrive pinned and are copied asynchronously,
+augmentation parameters are drawn on the GPU, loss and accuracy accumulate on the GPU and are reduced
+once per epoch, and the progress bar shows a loss copied back asynchronously (a few steps late).
+"""
 
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -13,23 +16,8 @@ from torch import Tensor, nn
 
 from . import metrics
 from .augment import DeviceAugment
-from .distributed import all_gather_objects, all_reduce_sum
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Autocast dtype (None: full fp32) and whether fp16 loss scaling is on."""
-
-    dtype: torch.dtype | None = None
-
-    def autocast(self, device: torch.device):
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.dtype)
-
-    @property
-    def needs_scaler(self) -> bool:
-        return self.dtype == torch.float16
+from .distributed import all_reduce_sum, gather_equal, gather_sharded
+from .runtime import Precision, Stopwatch
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):
@@ -46,67 +34,138 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         return len(self.indices)
 
 
-def _to_device(images: Tensor, labels: Tensor, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
-    images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(device, non_blocking=True)
+def _to_device(images: Tensor, labels: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, head, augment: DeviceAugment,
-                    generator: torch.Generator, device: torch.device, precision: Precision,
-                    scaler: torch.amp.GradScaler, channels_last: bool = False, progress=None,
-                    log_every: int = 20, clip_grad_norm: float = 0.0, keep_outputs: bool = False) -> dict:
-    """One pass over the loader; returns loss, accuracy and images summed over every process (and, with
-    keep_outputs, every rank's outputs and labels, to fit a regression head's thresholds on).
-    `progress` (a tqdm bar) shows the loss every log_every batches (reading it syncs a GPU)."""
-    model.train()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
-    kept_outputs, kept_labels = [], []
-    start = time.perf_counter()
-    show = progress is not None and not progress.disable
-    for step, (images, labels) in enumerate(loader):
-        images, labels = _to_device(images, labels, device, channels_last)
-        inputs = augment.train(images, generator)
-        with precision.autocast(device):
-            outputs = model(inputs)
-            loss = head.loss(outputs, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if clip_grad_norm > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+class LaggedValue:
+    """A device scalar for display without a host sync: `push` starts an asynchronous copy into pinned
+    memory (unless one is still on its way), `latest` returns the newest copy that has landed. On CPU
+    the value is read at once."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.buffer = torch.zeros((), dtype=torch.float64, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending = False
+        self.value: float | None = None
+
+    def push(self, value: Tensor) -> None:
+        if not self.cuda:
+            self.value = float(value)
+            return
+        self.latest()
+        if not self.pending:
+            self.buffer.copy_(value.detach(), non_blocking=True)
+            self.event.record()
+            self.pending = True
+
+    def latest(self) -> float | None:
+        if self.cuda and self.pending and self.event.query():
+            self.value, self.pending = float(self.buffer), False
+        return self.value
+
+
+@dataclass
+class EpochTotals:
+    """Loss and accuracy sums of one rank's epoch, kept on the device until `reduce`."""
+
+    device: torch.device
+    keep_outputs: bool = False
+    images: int = 0
+    sums: Tensor = field(init=False)  # loss x images, correct
+    outputs: list[Tensor] = field(default_factory=list)
+    labels: list[Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def add(self, loss: Tensor, outputs: Tensor, labels: Tensor, correct: Tensor) -> None:
         n = labels.shape[0]
-        totals += torch.stack([loss.detach().double() * n, (head.predict_outputs(outputs.detach()) == labels).sum().double(),
-                               torch.tensor(float(n), dtype=torch.float64, device=device)])
-        if keep_outputs:
-            kept_outputs.append(outputs.detach().float().squeeze(1).cpu())
-            kept_labels.append(labels.cpu())
-        if show:
-            progress.update(n)
-            if step % log_every == 0:
-                progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    seconds = time.perf_counter() - start
-    loss_sum, correct, count = all_reduce_sum(totals).tolist()
-    stats = {"train_loss": loss_sum / count, "train_acc": correct / count, "train_images": int(count),
-             "train_seconds": seconds, "images_per_s": count / seconds}
-    if keep_outputs:
-        shards = all_gather_objects((torch.cat(kept_outputs).numpy(), torch.cat(kept_labels).numpy()))
-        stats["outputs"] = np.concatenate([o for o, _ in shards])
-        stats["labels"] = np.concatenate([lab for _, lab in shards])
-    return stats
+        self.sums += torch.stack([loss.detach().double() * n, correct.double()])
+        self.images += n
+        if self.keep_outputs:
+            self.outputs.append(outputs.detach().float().squeeze(1))
+            self.labels.append(labels)
+
+    def mean_loss(self) -> Tensor:
+        return self.sums[0] / max(1, self.images)
+
+    def reduce(self, seconds: float) -> dict:
+        """Summed over every process (the epoch's one host sync); with keep_outputs, every rank's
+        outputs and labels too."""
+        count = torch.tensor([float(self.images)], dtype=torch.float64, device=self.device)
+        loss_sum, correct, images = all_reduce_sum(torch.cat([self.sums, count])).tolist()
+        stats = {"train_loss": loss_sum / images, "train_acc": correct / images, "train_images": int(images),
+                 "train_seconds": seconds, "images_per_s": images / seconds}
+        if self.keep_outputs:
+            stats["outputs"] = gather_equal(torch.cat(self.outputs)).cpu().numpy()
+            stats["labels"] = gather_equal(torch.cat(self.labels)).cpu().numpy()
+        return stats
+
+
+@dataclass
+class Trainer:
+    """What one training step needs. `model` is what training calls (DDP and/or compiled wrapper)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    head: object
+    augment: DeviceAugment
+    precision: Precision
+    device: torch.device
+    clip_grad_norm: float = 0.0
+
+    def step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One optimisation step on a uint8 batch already on the device; returns (loss, outputs)."""
+        inputs = self.augment.train(images, generator)
+        with self.precision.autocast(self.device):
+            outputs = self.model(inputs)
+            loss = self.head.loss(outputs, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss, outputs
+
+    def run_steps(self, loader: Iterable, generator: torch.Generator, totals: EpochTotals, progress=None,
+                  log_every: int = 20) -> None:
+        """The hot loop over `loader`. `progress` (a tqdm bar) shows the running loss every log_every batches."""
+        self.model.train()
+        shown = LaggedValue(self.device) if progress is not None and not progress.disable else None
+        for step, (images, labels) in enumerate(loader):
+            images, labels = _to_device(images, labels, self.device)
+            loss, outputs = self.step(images, labels, generator)
+            totals.add(loss, outputs, labels, (self.head.predict_outputs(outputs.detach()) == labels).sum())
+            if shown is not None:
+                progress.update(labels.shape[0])
+                if step % log_every == 0:
+                    shown.push(totals.mean_loss())
+                    if shown.latest() is not None:
+                        progress.set_postfix(loss=f"{shown.latest():.3f}", refresh=False)
+
+    def epoch(self, loader: Iterable, generator: torch.Generator, progress=None, log_every: int = 20,
+              keep_outputs: bool = False) -> dict:
+        """One pass over the loader; returns loss, accuracy and images summed over every process, the
+        time (the GPU's queued work included) and, with keep_outputs, every rank's outputs and labels."""
+        totals = EpochTotals(self.device, keep_outputs)
+        watch = Stopwatch(self.device)
+        self.run_steps(loader, generator, totals, progress, log_every)
+        return totals.reduce(watch.seconds())
 
 
 @dataclass(frozen=True)
 class EvalResult:
     """A whole split's evaluation, identical on every rank: the confusion matrix (counts), the mean
-    loss (cross-entropy, or squared error for regression), and per image (in shard order): the head's
-    output (class probabilities, or the regressed grade; TTA views averaged), the referable-DR score
-    (grade >= 2) and the true grade."""
+    loss (cross-entropy, or squared error for regression), and per image (in the split's order): the
+    head's output (class probabilities, or the regressed grade; TTA views averaged), the referable-DR
+    score (grade >= 2) and the true grade."""
 
     confusion_matrix: np.ndarray
     loss: float
@@ -138,9 +197,10 @@ def _views(inputs: Tensor, tta: str) -> list[Tensor]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, augment: DeviceAugment, device: torch.device,
-             precision: Precision, head, channels_last: bool = False, tta: str = "none") -> EvalResult:
-    """Every image of the split exactly once, gathered across processes and scored. With TTA the
-    head averages its views (probabilities, or regression outputs) before predicting.
+             precision: Precision, head, tta: str = "none") -> EvalResult:
+    """Every image of the split exactly once (`loader` samples with ShardSampler), gathered across
+    processes on the device, moved to the host once, and scored. With TTA the head averages its views
+    (probabilities, or regression outputs) before predicting.
 
     Pass the bare model (not the DDP wrapper): shards may differ in length by one, and DDP's forward
     could wait on a collective that the other ranks never reach.
@@ -150,13 +210,14 @@ def evaluate(model: nn.Module, loader: Iterable, augment: DeviceAugment, device:
     model.eval()
     outputs, targets = [], []
     for images, labels in loader:
-        images, labels = _to_device(images, labels, device, channels_last)
+        images, labels = _to_device(images, labels, device)
         with precision.autocast(device):
             aggregated = head.aggregate([model(v) for v in _views(augment.eval(images), tta)])
-        outputs.append(aggregated.float().cpu())
-        targets.append(labels.cpu())
-    local = (torch.cat(outputs).numpy() if outputs else np.zeros((0, head.outputs) if head.outputs > 1 else 0, np.float32),
-             torch.cat(targets).numpy() if targets else np.zeros(0, np.int64))
-    shards = all_gather_objects(local)
-    return EvalResult.of(np.concatenate([o for o, _ in shards]),
-                         np.concatenate([t for _, t in shards]).astype(np.int64), head)
+        outputs.append(aggregated.float())
+        targets.append(labels)
+    shape = (0, head.outputs) if head.outputs > 1 else (0,)
+    local_outputs = torch.cat(outputs) if outputs else torch.zeros(shape, device=device)
+    local_targets = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.int64, device=device)
+    total = len(loader.dataset)
+    return EvalResult.of(gather_sharded(local_outputs, total).cpu().numpy(),
+                         gather_sharded(local_targets, total).cpu().numpy().astype(np.int64), head)

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint, distributed
@@ -21,7 +22,7 @@ from .engine import TTA_MODES, ShardSampler, evaluate
 from .formats import DatasetError
 from .heads import build_head
 from .models import build_resnet
-from .train import resolve_precision
+from .runtime import DEVICES, PRECISIONS, configure_backends, resolve_precision
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=0, help="default: the size the checkpoint was trained at")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--amp", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: one GPU per process if CUDA is there")
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation: 'flips' averages the predictions over h-, v- and hv-flips")
     p.add_argument("--out", required=True, help="folder for metrics.json and confusion_matrix.png")
@@ -43,18 +46,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     state = checkpoint.load(args.checkpoint)
     cfg = from_dict(state["config"])
-    head = build_head(cfg.model.head, regression_loss=cfg.train.regression_loss)
+    cuda = info.device.type == "cuda"
+    # --amp off means full fp32 on the GPU too (no TF32 convolutions): what a CPU computes, to rounding.
+    configure_backends(info.device, cudnn_benchmark=True, deterministic=False, tf32=args.amp != "off")
+    precision = resolve_precision(args.amp, info.device, key="--amp")
+    head = build_head(cfg.model.head, regression_loss=cfg.train.regression_loss, device=info.device)
     head.load_state(state.get("head", {}))  # a regression head's fitted thresholds
     model = build_resnet(cfg.model.depth, head.outputs).to(info.device)
     model.load_state_dict(state["model"])
+    if cuda:  # as training does: the layout the GPU's convolutions want
+        model = model.to(memory_format=torch.channels_last)
     size = args.image_size or cfg.data.image_size
     dataset = RetinopathyDataset(args.data_root, args.split, format=args.format, image_size=size)
     loader = DataLoader(dataset, args.batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
-                        num_workers=args.workers, pin_memory=info.device.type == "cuda")
-    evaluation = evaluate(model, loader, DeviceAugment(), info.device, resolve_precision(args.amp, info.device),
-                          head, tta=args.tta)
+                        num_workers=args.workers, pin_memory=cuda)
+    evaluation = evaluate(model, loader, DeviceAugment(channels_last=cuda), info.device, precision, head, tta=args.tta)
     result = {"checkpoint": str(args.checkpoint), "epoch": int(state["epoch"]), "data_root": str(args.data_root),
               "split": args.split, "image_size": size, "head": cfg.model.head, **head.state(), "tta": args.tta,
+              "device": str(info.device), "precision": precision.name,
               "loss": evaluation.loss, **evaluation.scores()}
     if info.is_main:
         out = Path(args.out)
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['majority_baseline']:.1%}), QWK {result['qwk']:.3f}, referable DR (grade >= 2) "
                   f"sensitivity {result['referable_sensitivity']:.2f} specificity {result['referable_specificity']:.2f} "
                   f"AUC {result['referable_auc']:.3f}; wrote {Path(args.out) / 'metrics.json'}")
-    return distributed.run_entry(work, (ConfigError, DatasetError, FileNotFoundError))
+    return distributed.run_entry(work, (ConfigError, DatasetError, FileNotFoundError), device=args.device)
 
 
 if __name__ == "__main__":

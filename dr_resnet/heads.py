@@ -64,11 +64,13 @@ class RegressionHead:
     outputs = 1
 
     def __init__(self, loss: str = "mse", class_weight: Tensor | None = None, fit: bool = True,
-                 thresholds: Sequence[float] = INITIAL_THRESHOLDS) -> None:
+                 thresholds: Sequence[float] = INITIAL_THRESHOLDS, device: torch.device | str = "cpu") -> None:
         if loss not in ("mse", "smooth_l1"):
             raise ValueError(f"regression loss must be mse or smooth_l1, got {loss!r}")
         self.loss_name, self.class_weight, self.fits_thresholds = loss, class_weight, fit
-        self.thresholds = torch.tensor(thresholds, dtype=torch.float32)
+        # Kept on the training device: cutting outputs in the training step copies nothing.
+        self.device = torch.device(device)
+        self.thresholds = torch.tensor(thresholds, dtype=torch.float32, device=self.device)
 
     def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
         values, targets = outputs.float().squeeze(1), labels.float()
@@ -105,13 +107,13 @@ class RegressionHead:
 
     def load_state(self, state: dict) -> None:
         if "thresholds" in state:
-            self.thresholds = torch.tensor(state["thresholds"], dtype=torch.float32)
+            self.thresholds = torch.tensor(state["thresholds"], dtype=torch.float32, device=self.device)
 
     def fit_thresholds(self, values: np.ndarray, labels: np.ndarray) -> list[float]:
         """Re-fit for QWK on these outputs; non-finite outputs (a diverging run) keep the thresholds."""
         if np.isfinite(values).all() and len(values):
             self.thresholds = torch.tensor(optimize_thresholds(values, labels, self.thresholds.tolist()),
-                                           dtype=torch.float32)
+                                           dtype=torch.float32, device=self.device)
         else:
             log.warning("regression outputs are not finite (training diverged? lower train.lr): thresholds kept")
         return self.thresholds.tolist()
@@ -141,10 +143,12 @@ def optimize_thresholds(values: np.ndarray, labels: np.ndarray, start: Sequence[
     return best
 
 
-def build_head(kind: str, class_weight: Tensor | None = None, regression_loss: str = "mse", fit_thresholds: str = "train"):
-    """fit_thresholds: where a regression head's thresholds are fitted (train.fit_thresholds), or none."""
+def build_head(kind: str, class_weight: Tensor | None = None, regression_loss: str = "mse", fit_thresholds: str = "train",
+               device: torch.device | str = "cpu"):
+    """fit_thresholds: where a regression head's thresholds are fitted (train.fit_thresholds), or none;
+    device: where the training step runs."""
     if kind == "classification":
         return ClassificationHead(class_weight)
     if kind == "regression":
-        return RegressionHead(regression_loss, class_weight, fit_thresholds != "none")
+        return RegressionHead(regression_loss, class_weight, fit_thresholds != "none", device=device)
     raise ValueError(f"model.head must be classification or regression, got {kind!r}")

@@ -29,10 +29,11 @@ from .augment import DeviceAugment, epoch_generator
 from .config import Config, ConfigError
 from .data import RetinopathyDataset
 from .distributed import DistInfo
-from .engine import EvalResult, Precision, ShardSampler, evaluate, train_one_epoch
+from .engine import EvalResult, ShardSampler, Trainer, evaluate
 from .formats import DatasetError
 from .models import WeightsNotFoundError, build_resnet
 from .rundir import SUMMARY_FILE, append_metrics, read_metrics, rewrite_metrics, selected_on
+from .runtime import compile_model, configure_backends, resolve_precision
 from .samplers import DistributedBalancedSampler
 from .heads import ClassificationHead, RegressionHead, build_head, qwk_at
 from .split import holdout_mask
@@ -51,15 +52,6 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
-def resolve_precision(amp: str, device: torch.device) -> Precision:
-    """auto: bf16 on CUDA that supports it, else fp16 on CUDA, else fp32 (this CPU has no bf16 units)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return Precision(None)
-    if amp == "auto":
-        return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return Precision(torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
     """Per-step learning-rate factor: constant, or linear warm-up then cosine decay to zero."""
     def factor(step: int) -> float:
@@ -70,6 +62,16 @@ def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+def no_buffer_broadcast() -> dict:
+    """DDP's argument that stops it broadcasting buffers before each forward: SyncBatchNorm already keeps
+    the statistics equal on every rank. Newer torch renamed it (the old name warns there)."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def class_weights(counts: np.ndarray) -> torch.Tensor:
@@ -94,22 +96,26 @@ class Run:
     val_loader: DataLoader | None  # the held-out part of the training split (data.val_fraction)
     fit_loader: DataLoader | None  # the training images in eval mode, for train.fit_thresholds=train
     train_sampler: DistributedSampler | DistributedBalancedSampler
-    model: nn.Module  # bare module (for evaluation and checkpoints)
-    ddp_model: nn.Module  # what training calls
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    head: ClassificationHead | RegressionHead
-    augment: DeviceAugment
-    precision: Precision
-    channels_last: bool
+    model: nn.Module  # bare module (for checkpoints)
+    eval_model: nn.Module  # the bare module, compiled with train.compile
+    trainer: Trainer  # the training step: DDP (and compiled) model, optimizer, scheduler, scaler, head, augmentation
     train_baseline: float
     test_baseline: float
+
+    @property
+    def head(self) -> ClassificationHead | RegressionHead:
+        return self.trainer.head
+
+    def evaluate(self, loader: DataLoader) -> EvalResult:
+        t = self.trainer
+        return evaluate(self.eval_model, loader, t.augment, self.info.device, t.precision, t.head)
 
 
 def build(cfg: Config, info: DistInfo) -> Run:
     d, t = cfg.data, cfg.train
     cuda = info.device.type == "cuda"
+    configure_backends(info.device, t.cudnn_benchmark, t.deterministic)
+    precision = resolve_precision(t.amp, info.device)
     train_ds = RetinopathyDataset(d.root, d.train_split, format=d.format, image_size=d.image_size)
     test_ds = RetinopathyDataset(d.root, d.test_split, format=d.format, image_size=d.image_size)
     val_ds = None
@@ -128,15 +134,16 @@ def build(cfg: Config, info: DistInfo) -> Run:
         train_sampler = DistributedBalancedSampler(train_ds.labels, info.world_size, info.rank, seed=t.seed)
     else:
         train_sampler = DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True, seed=t.seed, drop_last=True)
-    loader_args = dict(num_workers=d.workers, pin_memory=cuda, persistent_workers=d.workers > 0)
-    train_loader = DataLoader(train_ds, t.batch_size, sampler=train_sampler, drop_last=True,
-                              generator=torch.Generator(), **loader_args)
+    # Only the training loader keeps its workers between epochs: the evaluation loaders run once an
+    # epoch and would otherwise hold data.workers idle processes each, per GPU.
+    train_loader = DataLoader(train_ds, t.batch_size, sampler=train_sampler, drop_last=True, num_workers=d.workers,
+                              pin_memory=cuda, persistent_workers=d.workers > 0, generator=torch.Generator())
 
     def eval_loader(dataset: RetinopathyDataset) -> DataLoader:  # every image once across the ranks, in order
-        return DataLoader(dataset, t.eval_batch_size or 2 * t.batch_size,
-                          sampler=ShardSampler(len(dataset), info.rank, info.world_size), **loader_args)
+        return DataLoader(dataset, t.eval_batch_size or 2 * t.batch_size, num_workers=d.workers, pin_memory=cuda,
+                          sampler=ShardSampler(len(dataset), info.rank, info.world_size))
     weight = class_weights(train_ds.class_counts).to(info.device) if t.class_weights == "balanced" else None
-    head = build_head(cfg.model.head, weight, t.regression_loss, t.fit_thresholds)
+    head = build_head(cfg.model.head, weight, t.regression_loss, t.fit_thresholds, device=info.device)
     test_loader = eval_loader(test_ds)
     val_loader = eval_loader(val_ds) if val_ds is not None else None
     fit_loader = eval_loader(train_ds) if head.fits_thresholds and t.fit_thresholds == "train" else None
@@ -150,29 +157,37 @@ def build(cfg: Config, info: DistInfo) -> Run:
         model = model.to(memory_format=torch.channels_last)
     ddp_model: nn.Module = model
     if info.distributed:
-        if t.sync_bn and cuda:
+        sync_bn = t.sync_bn and cuda
+        if sync_bn:
             ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            log.info("SyncBatchNorm over %d process(es); DDP does not broadcast buffers", info.world_size)
         elif t.sync_bn:
             log.info("SyncBatchNorm needs CUDA: on CPU each process keeps its own BatchNorm statistics")
-        ddp_model = DistributedDataParallel(ddp_model, device_ids=[info.device.index] if cuda else None)
+        ddp_model = DistributedDataParallel(ddp_model, device_ids=[info.device.index] if cuda else None,
+                                            **(no_buffer_broadcast() if sync_bn else {}))
         model = ddp_model.module
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    # Fused SGD on CUDA: one kernel for the update, and fp16's GradScaler checks for inf/NaN on the GPU
+    # instead of reading a flag back to the host every step.
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                **({"fused": True} if cuda else {}))
     steps = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t.scheduler, round(t.warmup_epochs * steps), t.epochs * steps))
-    precision = resolve_precision(t.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision.needs_scaler)
-    return Run(cfg, info, Path(cfg.output.dir), train_loader, test_loader, val_loader, fit_loader, train_sampler, model, ddp_model,
-               optimizer, scheduler, scaler, head, DeviceAugment(d.max_rotation, d.flips),
-               precision, channels_last, train_ds.majority_baseline, test_ds.majority_baseline)
+    augment = DeviceAugment(d.max_rotation, d.flips, channels_last=channels_last)
+    trainer = Trainer(compile_model(ddp_model, t.compile), optimizer, scheduler, scaler, head, augment, precision,
+                      info.device, t.clip_grad_norm)
+    return Run(cfg, info, Path(cfg.output.dir), train_loader, test_loader, val_loader, fit_loader, train_sampler, model,
+               compile_model(model, t.compile), trainer, train_ds.majority_baseline, test_ds.majority_baseline)
 
 
 def training_state(run: Run, epoch: int, best: dict, wandb_id: str) -> dict:
-    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
-            "best": best, "rng": checkpoint.rng_state(), "config": run.cfg.to_dict(), "wandb_id": wandb_id,
-            "head": run.head.state()}
+    t = run.trainer
+    return {"model": run.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "precision": t.precision.name,
+            "epoch": epoch, "best": best, "rng": checkpoint.rng_state(), "config": run.cfg.to_dict(),
+            "wandb_id": wandb_id, "head": run.head.state()}
 
 
 def resume(run: Run) -> tuple[int, dict, str | None]:
@@ -181,10 +196,18 @@ def resume(run: Run) -> tuple[int, dict, str | None]:
     if not path.is_file():
         return 0, {}, None
     state = checkpoint.load(path)
+    t = run.trainer
     run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    saved = state.get("precision")  # absent before 0.2
+    if saved is not None and saved != t.precision.name:
+        # A requeued job may land on another kind of GPU (or on CPU): carry on in this one's precision.
+        log.warning("%s was trained in %s; this process runs in %s (train.amp=%s on %s): continuing in %s%s", path,
+                    saved, t.precision.name, run.cfg.train.amp, run.info.device, t.precision.name,
+                    ", with a fresh fp16 loss scale" if t.precision.needs_scaler else "")
+    if t.scaler.is_enabled() and state["scaler"]:  # an fp16 run's scale; a fresh scaler otherwise
+        t.scaler.load_state_dict(state["scaler"])
     checkpoint.restore_rng(state["rng"])
     run.head.load_state(state.get("head", {}))
     log.info("resumed %s after epoch %d", path, state["epoch"])
@@ -214,8 +237,7 @@ def refit_thresholds(run: Run, stats: dict, val) -> dict:
     elif source == "val":
         values, labels = val.outputs, val.targets
     else:
-        fitted_on = evaluate(run.model, run.fit_loader, run.augment, run.info.device, run.precision, run.head,
-                             run.channels_last)
+        fitted_on = run.evaluate(run.fit_loader)
         values, labels = fitted_on.outputs, fitted_on.targets
     thresholds = run.head.fit_thresholds(values, labels)
     return {"thresholds": thresholds, "thresholds_fit_qwk": qwk_at(values, labels, thresholds)}
@@ -287,7 +309,7 @@ def fit(run: Run) -> dict | None:
         log.info("%s: resnet%d (%s weights), %d train / %s%d test images, %d process(es) on %s, precision %s, "
                  "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
                  len(run.train_loader.dataset), held_out, len(run.test_loader.dataset), info.world_size, info.device,
-                 run.precision.dtype or "fp32", 100 * run.test_baseline)
+                 run.trainer.precision.name, 100 * run.test_baseline)
     tracker = start_tracking(run, wandb_id) if info.is_main else None
     try:
         return _epochs(run, start_epoch, best, rows, tracker)
@@ -305,18 +327,14 @@ def _epochs(run: Run, start_epoch: int, best: dict, rows: list[dict], tracker: T
         run.train_sampler.set_epoch(epoch)
         bar = tqdm(total=len(run.train_loader) * t.batch_size, desc=f"epoch {epoch + 1}/{t.epochs}", unit="img",
                    disable=not info.is_main, mininterval=1 if sys.stderr.isatty() else 30, leave=False)
-        lr = run.optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(run.ddp_model, run.train_loader, run.optimizer, run.scheduler, run.head,
-                                run.augment, epoch_generator(t.seed, epoch, info.rank), info.device,
-                                run.precision, run.scaler, run.channels_last, bar, t.log_every, t.clip_grad_norm,
-                                keep_outputs=run.head.fits_thresholds and t.fit_thresholds == "batches")
+        lr = run.trainer.optimizer.param_groups[0]["lr"]
+        stats = run.trainer.epoch(run.train_loader, epoch_generator(t.seed, epoch, info.rank, info.device), bar,
+                                  t.log_every, keep_outputs=run.head.fits_thresholds and t.fit_thresholds == "batches")
         bar.close()
         eval_start = time.perf_counter()
-        val = evaluate(run.model, run.val_loader, run.augment, info.device, run.precision, run.head,
-                       run.channels_last) if run.val_loader else None
+        val = run.evaluate(run.val_loader) if run.val_loader else None
         fitted = refit_thresholds(run, stats, val) if run.head.fits_thresholds else {}
-        result = evaluate(run.model, run.test_loader, run.augment, info.device, run.precision, run.head,
-                          run.channels_last)
+        result = run.evaluate(run.test_loader)
         row = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "train_acc")}, **split_metrics("test", result)}
         if val is not None:
             val = EvalResult.of(val.outputs, val.targets, run.head)  # cut at the thresholds fitted since
@@ -373,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = fit(build(cfg, info))
         if summary:
             print(describe_summary(summary), flush=True)
-    return distributed.run_entry(work, (ConfigError, DatasetError, WeightsNotFoundError))
+    return distributed.run_entry(work, (ConfigError, DatasetError, WeightsNotFoundError), device=cfg.train.device)
 
 
 if __name__ == "__main__":

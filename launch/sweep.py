@@ -8,18 +8,26 @@ each task running the same training entry as torchrun. SLURM by default, or this
 Each run's directory is SWEEP_DIR/<arm>/; submitit's logs are SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest
 (runs, job ids, arguments) is SWEEP_DIR/sweep.json. A pretrained arm whose ImageNet weights cannot be
 had is not trained from scratch instead: it is reported as not run, with the missing file named.
+
+Resources: each task gets data.workers + 1 CPUs (the decoders and the training process) and each node
+tasks x (6 + data.workers) GB unless --cpus-per-task / --mem say otherwise; every srun passes
+--kill-on-bad-exit=1, so one crashed rank ends the job instead of leaving the others waiting in NCCL.
+The local executor with --gpus-per-node gives each arm GPUs of its own and runs the arms that do not
+fit once earlier ones have finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import submitit
 import yaml
 
 from dr_resnet import config
@@ -65,12 +73,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0)
     p.add_argument("--tasks-per-node", type=int, help="processes per node (default: the GPUs per node, else 1)")
-    p.add_argument("--cpus-per-task", type=int, default=1)
+    p.add_argument("--cpus-per-task", type=int, help="default: data.workers + 1 (the decoders and the training process)")
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--time", type=int, default=60, help="time limit in minutes")
-    p.add_argument("--mem", type=int, help="memory per node in GB")
+    p.add_argument("--mem", type=int, help="memory per node in GB (default: tasks per node x (6 + data.workers))")
+    p.add_argument("--visible-gpus", help="local executor: the GPUs the arms may use, e.g. 0,1,2,3 "
+                                          "(default: CUDA_VISIBLE_DEVICES, else every GPU torch sees)")
     p.add_argument("--constraint")
     p.add_argument("--exclude", help="nodes to avoid")
     p.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit to checkpoint and requeue")
@@ -106,31 +116,83 @@ def missing_weights(cfg: config.Config) -> str:
     return "" if Path(weights).is_file() else f"weights file not found: {weights}"
 
 
-def make_executor(args: argparse.Namespace, folder: Path):
-    import submitit
+@dataclass(frozen=True)
+class Resources:
+    """What each job asks for: CPUs per task, torch threads per task, memory per node (GB)."""
 
-    executor = submitit.AutoExecutor(folder=folder, cluster=args.executor)
-    executor.update_parameters(nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
-                               timeout_min=args.time, stderr_to_stdout=True)
-    if args.mem:
-        executor.update_parameters(mem_gb=args.mem)
-    if args.executor == "slurm":
-        slurm = {"slurm_partition": args.partition, "slurm_account": args.account, "slurm_qos": args.qos,
-                 "slurm_constraint": args.constraint, "slurm_exclude": args.exclude}
-        executor.update_parameters(slurm_signal_delay_s=args.signal_delay,
-                                   slurm_additional_parameters={"requeue": True, "open-mode": "append"},
-                                   **{k: v for k, v in slurm.items() if v})
+    cpus_per_task: int
+    threads: int
+    mem_gb: int
+
+
+def resources(args: argparse.Namespace, configs: list[config.Config]) -> Resources:
+    """--cpus-per-task / --mem, or defaults that fit the arms' data.workers: a decoder per core plus one
+    core for the training process; the training process keeps the cores its decoders do not use."""
+    workers = max(cfg.data.workers for cfg in configs)
+    cpus = args.cpus_per_task or workers + 1
+    return Resources(cpus, max(1, cpus - workers), args.mem or args.tasks_per_node * (6 + workers))
+
+
+def make_executor(args: argparse.Namespace, folder: Path, res: Resources):
+    """submitit's SLURM executor (or, for a dry run without SLURM installed, one that only renders
+    scripts), or its local executor."""
+    if args.executor == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(tasks_per_node=args.tasks_per_node, timeout_min=args.time)
         if args.gpus_per_node:
             executor.update_parameters(gpus_per_node=args.gpus_per_node)
-    elif args.gpus_per_node:
-        executor.update_parameters(gpus_per_node=args.gpus_per_node)
+        return executor
+    cls = ScriptOnlySlurmExecutor if args.dry_run else submitit.SlurmExecutor
+    executor = cls(folder=folder)
+    slurm = {"partition": args.partition, "account": args.account, "qos": args.qos, "constraint": args.constraint,
+             "exclude": args.exclude, "gpus_per_node": args.gpus_per_node}
+    executor.update_parameters(nodes=args.nodes, ntasks_per_node=args.tasks_per_node, cpus_per_task=res.cpus_per_task,
+                               time=args.time, mem=f"{res.mem_gb}GB", stderr_to_stdout=True,
+                               signal_delay_s=args.signal_delay,
+                               # srun no longer inherits sbatch's --cpus-per-task (SLURM 22.05+): name it.
+                               srun_args=["--kill-on-bad-exit=1", f"--cpus-per-task={res.cpus_per_task}"],
+                               additional_parameters={"requeue": True, "open-mode": "append"},
+                               **{k: v for k, v in slurm.items() if v})
     return executor
+
+
+class ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+    """Renders sbatch scripts on a machine without SLURM too (a dry run submits nothing)."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def name_job(executor, arm: str) -> None:
+    if hasattr(executor, "_submitit_command_str"):  # SLURM: the job's name in squeue
+        executor.update_parameters(job_name=arm)
 
 
 def sbatch_script(executor, arm: str) -> str:
     """The script submitit would hand to sbatch for this arm (submitit's own rendering, nothing sent)."""
-    inner = executor._executor  # the SlurmExecutor behind AutoExecutor
-    return inner._make_submission_file_text(inner._submitit_command_str, uid=arm)
+    return executor._make_submission_file_text(executor._submitit_command_str, uid=arm)
+
+
+def gpu_slots(visible: list[int], per_arm: int) -> list[list[int]]:
+    """Disjoint groups of `per_arm` GPUs from `visible`: one arm runs on each group at a time."""
+    if per_arm > len(visible):
+        raise ConfigError(f"--gpus-per-node {per_arm}: only {len(visible)} GPU(s) visible here ({visible}); "
+                          f"pass --visible-gpus or ask for fewer")
+    return [visible[i * per_arm:(i + 1) * per_arm] for i in range(len(visible) // per_arm)]
+
+
+def visible_gpus(spec: str | None) -> list[int]:
+    """--visible-gpus, else CUDA_VISIBLE_DEVICES (integer ids), else every GPU torch sees."""
+    text = spec if spec is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+    if text is not None:
+        try:
+            return [int(g) for g in text.split(",") if g.strip()]
+        except ValueError:
+            raise ConfigError(f"GPU ids must be integers, got {text!r} (--visible-gpus 0,1,...)") from None
+    import torch
+
+    return list(range(torch.cuda.device_count()))
 
 
 def set_status(run_dir: Path, cfg: config.Config, status: str = "", reason: str = "") -> None:
@@ -159,14 +221,20 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = out / arm
             argv_arm = arm_argv(sweep, arm, run_dir, args.overrides)
             plans[arm] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
+        res = resources(args, [cfg for _, _, cfg in plans.values()])
+        slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
+            if args.executor == "local" and args.gpus_per_node else []
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    executor = make_executor(args, out / "submitit")
+    executor = make_executor(args, out / "submitit", res)
+    if args.executor == "slurm":
+        print(f"each job: {args.nodes} node(s) x {args.tasks_per_node} task(s), {res.cpus_per_task} CPU(s) a task, "
+              f"{res.mem_gb} GB a node" + (f", {args.gpus_per_node} GPU(s) a node" if args.gpus_per_node else ""))
     if args.dry_run:
         for arm, (run_dir, argv_arm, _) in plans.items():
-            executor.update_parameters(name=arm)
+            name_job(executor, arm)
             text = sbatch_script(executor, arm) if args.executor == "slurm" else "(local executor: no sbatch script)"
             print(f"# ---- {arm}: dr_resnet.train {shlex.join(argv_arm)}\n{text}\n")
         return 0
@@ -174,8 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"name": sweep.name, "sweep_file": str(Path(args.config).resolve()), "executor": args.executor,
                 "command": [sys.executable, "-m", "launch.sweep", *(argv if argv is not None else sys.argv[1:])],
-                "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": {}}
+                "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "resources": res.__dict__, "runs": {}}
+
+    def write_manifest() -> None:
+        (out / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
     jobs = {}
+    scheduler = GpuSlots(slots) if slots else None
     for arm, (run_dir, argv_arm, cfg) in plans.items():
         reason = missing_weights(cfg)
         if reason:
@@ -183,14 +256,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arm}: NOT RUN, never trained from scratch instead:\n  {reason}", file=sys.stderr)
             manifest["runs"][arm] = {"status": "not run", "reason": reason, "run_dir": str(run_dir)}
             continue
+        entry = {}
+        if scheduler is not None:  # wait for GPUs of its own
+            entry["gpus"] = scheduler.acquire()
+            executor.update_parameters(visible_gpus=entry["gpus"])
         set_status(run_dir, cfg)
-        executor.update_parameters(name=arm)
-        job = executor.submit(TrainTask(argv_arm, threads=args.cpus_per_task))
+        name_job(executor, arm)
+        job = executor.submit(TrainTask(argv_arm, threads=res.threads))
+        if scheduler is not None:
+            scheduler.hold(job, entry["gpus"])
         jobs[arm] = job
         manifest["runs"][arm] = {"status": "submitted", "job_id": job.job_id, "run_dir": str(run_dir),
-                                 "log": str(job.paths.stdout).replace("%t", "0"), "argv": argv_arm}
-        print(f"{arm}: job {job.job_id}  log {manifest['runs'][arm]['log']}")
-    (out / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
+                                 "log": str(job.paths.stdout).replace("%t", "0"), "argv": argv_arm,
+                                 "submitted_at": time.time(), **entry}
+        write_manifest()
+        gpus = f"  GPU(s) {','.join(map(str, entry['gpus']))}" if "gpus" in entry else ""
+        print(f"{arm}: job {job.job_id}{gpus}  log {manifest['runs'][arm]['log']}", flush=True)
+    write_manifest()
     print(f"sweep folder {out} (manifest sweep.json)")
     if args.executor == "slurm":
         print(f"follow: squeue -j {','.join(j.job_id for j in jobs.values())}   tail -f {out}/submitit/*_0_log.out")
@@ -198,6 +280,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report when done: python -m dr_resnet.report {out}")
         return 0
     return wait_and_report(jobs, plans, out)
+
+
+class GpuSlots:
+    """The local executor's GPU groups: an arm gets a free group, or waits until a running arm's job
+    ends (submitit's local executor would otherwise give every job the same GPUs)."""
+
+    def __init__(self, slots: list[list[int]], poll_s: float = 2.0) -> None:
+        self.free, self.busy, self.poll_s = list(slots), [], poll_s
+
+    def acquire(self) -> list[int]:
+        while not self.free:
+            for job, slot in list(self.busy):
+                if job.done():
+                    self.busy.remove((job, slot))
+                    self.free.append(slot)
+            if not self.free:
+                time.sleep(self.poll_s)  # local jobs are child processes with no completion callback
+        return self.free.pop(0)
+
+    def hold(self, job, slot: list[int]) -> None:
+        self.busy.append((job, slot))
 
 
 # SLURM states of a job that will still run (again). A failure read while a job is in one of them was

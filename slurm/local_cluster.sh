@@ -19,14 +19,18 @@ MYSQL_SOCKET=/run/mysqld/mysqld.sock
 
 log() { echo "[local_cluster] $*" >&2; }
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
-    local limit=$1 what=$2
-    shift 2
+wait_for() {  # wait_for SECONDS DESCRIPTION LOGFILE COMMAND...: on a timeout, show the daemon's log
+    local limit=$1 what=$2 logfile=$3
+    shift 3
     for _ in $(seq "$((limit * 4))"); do
         if "$@" >/dev/null 2>&1; then return 0; fi
         sleep 0.25
     done
     log "timed out after ${limit}s waiting for $what"
+    if [ -s "$logfile" ]; then
+        log "last lines of $logfile:"
+        tail -n 20 "$logfile" | sed 's/^/    /' >&2
+    fi
     return 1
 }
 
@@ -116,7 +120,7 @@ start_munge() {
     chown munge:munge /etc/munge/munge.key
     chmod 400 /etc/munge/munge.key
     munge -n 2>/dev/null | unmunge >/dev/null 2>&1 || runuser -u munge -- /usr/sbin/munged
-    wait_for 20 munge sh -c 'munge -n | unmunge'
+    wait_for 20 munge /var/log/munge/munged.log sh -c 'munge -n | unmunge'
 }
 
 start_accounting() {
@@ -126,13 +130,16 @@ start_accounting() {
     if ! mariadb-admin --socket=$MYSQL_SOCKET ping >/dev/null 2>&1; then
         setsid mariadbd --user=mysql --bind-address=127.0.0.1 --socket=$MYSQL_SOCKET \
             --pid-file=/run/mysqld/mariadb.pid >/var/log/slurm/mariadb.log 2>&1 < /dev/null &
-        wait_for 60 mariadb mariadb-admin --socket=$MYSQL_SOCKET ping
+        wait_for 60 mariadb /var/log/slurm/mariadb.log mariadb-admin --socket=$MYSQL_SOCKET ping
     fi
+    # The account is this script's: a 'slurm' user left by another set-up, with another password, gets
+    # the password slurmdbd.conf names (otherwise slurmdbd cannot log in and never answers).
     mariadb --socket=$MYSQL_SOCKET -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
         CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
+        ALTER USER 'slurm'@'localhost' IDENTIFIED BY 'slurm';
         GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
     pgrep -x slurmdbd >/dev/null || slurmdbd
-    wait_for 60 slurmdbd sacctmgr -n show cluster
+    wait_for 60 slurmdbd /var/log/slurm/slurmdbd.log sacctmgr -n show cluster
     sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
 }
 
@@ -145,11 +152,11 @@ start() {
     start_munge
     start_accounting
     slurmctld
-    wait_for 60 slurmctld sh -c 'scontrol ping | grep -q UP'
+    wait_for 60 slurmctld /var/log/slurm/slurmctld.log sh -c 'scontrol ping | grep -q UP'
     for i in $(seq "$NODES"); do slurmd -N "n$i"; done
     # ReturnToService=2 brings nodes back; resume any left DOWN by an earlier, killed run.
     scontrol update nodename="n[1-$NODES]" state=resume >/dev/null 2>&1 || true
-    wait_for 60 "$NODES idle node(s)" sh -c "[ \$(sinfo -h -N -o '%T' | grep -c idle) -ge $NODES ]"
+    wait_for 60 "$NODES idle node(s)" /var/log/slurm/slurmd-n1.log sh -c "[ \$(sinfo -h -N -o '%T' | grep -c idle) -ge $NODES ]"
     log "cluster '$CLUSTER' up: $(sinfo -h -N -o '%N %T %c' | tr '\n' ' ')"
 }
 

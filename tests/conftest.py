@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from dr_resnet.preprocess import Settings, preprocess
 from dr_resnet.synthetic import generate
@@ -15,6 +16,16 @@ def preprocessed_dataset(base: Path, train: int, test: int, seed: int, size: int
     raw = generate(base / "raw", {"train": train, "test": test}, seed=seed, size=size * 3 // 2, progress=False)
     preprocess(raw, base / "data", Settings(size=size), progress=False)
     return base / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The GPU tier (marker gpu) is collected everywhere and skipped, with one reason, without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: the GPU tier (pytest -m gpu) runs with `make gpu-check` on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

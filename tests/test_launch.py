@@ -1,18 +1,23 @@
-"""The submitit launcher without SLURM: dry-run scripts, argument errors, a local-executor sweep."""
+"""The submitit launcher without SLURM: dry-run scripts, argument errors, a local-executor sweep; the
+sbatch script's process and CPU counts."""
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from conftest import preprocessed_dataset
-from launch.sweep import main
+from dr_resnet.config import ConfigError
+from launch.sweep import gpu_slots, main
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = str(REPO / "configs" / "sweep.yaml")
 
 
-def test_dry_run_prints_each_arms_sbatch_script_and_submits_nothing(tmp_path, capsys):
+def test_dry_run_prints_each_arms_sbatch_script_and_submits_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun, sbatch or scontrol: a dry run needs none
     assert main(["--config", SWEEP, "--out", str(tmp_path / "sweep"), "--nodes", "2", "--gpus-per-node", "4",
                  "--partition", "gpu", "--account", "lab", "--qos", "high", "--time", "720", "--mem", "200",
                  "--constraint", "a100", "--exclude", "node7", "--dry-run", "train.epochs=3"]) == 0
@@ -27,8 +32,71 @@ def test_dry_run_prints_each_arms_sbatch_script_and_submits_nothing(tmp_path, ca
                      "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
             assert line in script, (line, script)
         assert "train.epochs=3" in script and "output.dir=" in script
+        # base.yaml's 8 data workers + the training process; every srun ends the job when a rank dies.
+        assert "#SBATCH --cpus-per-task=9" in script
+        assert "srun --unbuffered" in script and "--kill-on-bad-exit=1 --cpus-per-task=9" in script
     assert "output.dir=" + str(tmp_path / "sweep" / "resnet50_scratch") in out
     assert not (tmp_path / "sweep").exists()
+
+
+def test_dry_run_defaults_fit_the_data_workers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--gpus-per-node", "4", "--dry-run",
+                 "--runs", "resnet18_scratch", "data.workers=6"]) == 0
+    out = capsys.readouterr().out
+    assert "4 task(s), 7 CPU(s) a task, 48 GB a node, 4 GPU(s) a node" in out  # 4 x (6 + 6) GB
+    assert "#SBATCH --cpus-per-task=7" in out and "#SBATCH --mem=48GB" in out
+    assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--dry-run", "--runs", "resnet18_scratch",
+                 "--cpus-per-task", "3", "--mem", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --cpus-per-task=3" in out and "#SBATCH --mem=20GB" in out and "--cpus-per-task=3" in out
+
+
+def sbatch_dry_run(tmp_path, **slurm) -> str:
+    env = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[1-2]",
+           "SLURM_NNODES": "2", **slurm}
+    result = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), "--config", "configs/base.yaml"],
+                            env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("slurm,processes", [
+    ({"SLURM_GPUS_ON_NODE": "4"}, 4), ({"SLURM_GPUS_PER_NODE": "a100:2"}, 2), ({"SLURM_GPUS_PER_NODE": "8"}, 8),
+    ({"SLURM_JOB_GPUS": "0,1,2"}, 3), ({}, 1), ({"SLURM_GPUS_ON_NODE": "4", "NPROC_PER_NODE": "2"}, 2)])
+def test_sbatch_script_counts_processes_from_slurms_gpus_and_gives_them_the_cpus(tmp_path, slurm, processes):
+    out = sbatch_dry_run(tmp_path, SLURM_CPUS_PER_TASK="36", **slurm)
+    command = out.strip().splitlines()[-1]
+    assert command.startswith("srun --kill-on-bad-exit=1 --cpus-per-task 36 ")
+    assert f"--nnodes 2 --nproc_per_node {processes} " in command and "--rdzv_id 4242" in command
+    assert command.endswith("-m dr_resnet.train --config configs/base.yaml")
+    assert f"2 node(s) x {processes} process(es)" in out and "36 CPU(s) a node" in out
+
+
+def test_gpu_slots_never_share_a_gpu():
+    assert gpu_slots([0, 1, 2, 3], 2) == [[0, 1], [2, 3]]
+    assert gpu_slots([4, 6, 7], 1) == [[4], [6], [7]]
+    assert gpu_slots([0, 1, 2], 2) == [[0, 1]]
+    with pytest.raises(ConfigError, match="--gpus-per-node 2: only 1 GPU"):
+        gpu_slots([0], 2)
+
+
+def test_local_executor_runs_arms_that_share_gpus_one_after_another(tmp_path, capsys):
+    """One GPU id for two arms: the second is submitted only once the first has ended (on this CPU
+    machine the jobs train on CPU; what is checked is the launcher's GPU bookkeeping)."""
+    data = preprocessed_dataset(tmp_path, 24, 9, seed=4, size=32)
+    out = tmp_path / "sweep"
+    code = main(["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--executor", "local", "--gpus-per-node", "1",
+                 "--visible-gpus", "0", "--runs", "resnet18_scratch,resnet50_scratch", "--out", str(out), "--time", "10",
+                 f"data.root={data}", "data.image_size=32", "train.batch_size=4", "train.epochs=1", "data.workers=0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert runs["resnet18_scratch"]["gpus"] == [0] and runs["resnet50_scratch"]["gpus"] == [0]
+    first_done = (out / "resnet18_scratch" / "summary.json").stat().st_mtime
+    assert runs["resnet50_scratch"]["submitted_at"] >= first_done
+    for arm in runs:
+        assert json.loads((out / arm / "summary.json").read_text())["epochs_completed"] == 1
 
 
 @pytest.mark.parametrize("args,message", [

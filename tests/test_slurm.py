@@ -47,7 +47,8 @@ def data(tmp_path_factory):
     return preprocessed_dataset(tmp_path_factory.mktemp("slurm_data"), 24, 9, seed=6, size=32)
 
 
-TINY = ["data.image_size=32", "train.batch_size=4", "data.workers=0", "train.warmup_epochs=0"]
+# CPU processes (gloo) also where the machine has a GPU: the emulated nodes share this one machine.
+TINY = ["data.image_size=32", "train.batch_size=4", "data.workers=0", "train.warmup_epochs=0", "train.device=cpu"]
 
 
 def epochs_logged(run_dir: Path) -> list[int]:
@@ -137,3 +138,35 @@ def test_sbatch_script_runs_two_nodes_and_requeues_on_usr1(cluster, data, tmp_pa
     assert epochs_logged(run_dir) == [1, 2, 3, 4]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["num_test_samples"] == 9
+
+
+def test_a_process_started_in_the_batch_script_runs_alone(cluster, data, tmp_path):
+    """`python -m dr_resnet.train` straight in an sbatch script with --ntasks 2 (no srun): one process,
+    at once, instead of waiting for a second rank that never comes."""
+    run_dir = tmp_path / "run"
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/bash\ncd {REPO}\nexec {sys.executable} -m dr_resnet.train --config "
+                      f"{REPO / 'configs' / 'demo.yaml'} data.root={data} {' '.join(TINY)} train.epochs=1 "
+                      f"output.dir={run_dir}\n")
+    job_id = subprocess.run(["sbatch", "--parsable", "--ntasks", "2", "--cpus-per-task", "1", "--output",
+                             str(tmp_path / "slurm-%j.out"), str(script)],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    deadline = time.monotonic() + 240
+    while job_state(job_id) != "COMPLETED":
+        assert time.monotonic() < deadline and job_state(job_id) not in ("FAILED", "CANCELLED", "TIMEOUT"), \
+            (tmp_path / f"slurm-{job_id}.out").read_text()
+        time.sleep(1)
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert f"launch: one process (started in SLURM job {job_id}'s batch script, not by srun: its 2 tasks" in log
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 1
+
+
+def test_local_cluster_takes_back_its_database_account(cluster):
+    """Another set-up left the accounting database's 'slurm' user with another password: the script
+    resets it instead of waiting for a slurmdbd that cannot log in. Restarts the cluster (kept last)."""
+    subprocess.run(["mariadb", "--socket=/run/mysqld/mysqld.sock", "-e",
+                    "ALTER USER 'slurm'@'localhost' IDENTIFIED BY 'set-by-someone-else'; FLUSH PRIVILEGES;"], check=True)
+    start = subprocess.run(["bash", str(SCRIPTS[2]), "start", "2"], capture_output=True, text=True, timeout=300)
+    assert start.returncode == 0, start.stderr
+    assert "cluster 'localcluster' up: n1 idle" in start.stderr
+    assert subprocess.run(["sacctmgr", "-n", "show", "cluster"], capture_output=True, text=True).returncode == 0

@@ -29,9 +29,10 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    """CPU (gloo) also on a GPU machine: these tests compare runs bit for bit and start 2-3 processes."""
     return ["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=48",
-            "train.batch_size=8", "train.epochs=2", "data.workers=1", "train.lr=0.02", f"output.dir={run_dir}",
-            *extra]
+            "train.batch_size=8", "train.epochs=2", "data.workers=1", "train.lr=0.02", "train.device=cpu",
+            f"output.dir={run_dir}", *extra]
 
 
 def torchrun(nproc: int, args: list[str], module: str = "dr_resnet.train", extra: list[str] = (),
@@ -115,7 +116,8 @@ def test_evaluation_is_exact_at_any_world_size(straight_run, tiny, tmp_path):
     for nproc in (1, 2, 3):
         out = tmp_path / f"eval{nproc}"
         torchrun(nproc, ["--checkpoint", str(straight_run / "checkpoint_last.pt"), "--data-root", str(tiny),
-                         "--out", str(out), "--batch-size", "4", "--workers", "0"], module="dr_resnet.evaluate")
+                         "--out", str(out), "--batch-size", "4", "--workers", "0", "--device", "cpu"],
+                 module="dr_resnet.evaluate")
         results.append(json.loads((out / "metrics.json").read_text()))
         assert (out / "confusion_matrix.png").stat().st_size > 10_000
     assert [r["num_samples"] for r in results] == [13, 13, 13]
@@ -129,7 +131,7 @@ def test_evaluation_is_exact_at_any_world_size(straight_run, tiny, tmp_path):
     for nproc in (1, 3):
         out = tmp_path / f"tta{nproc}"
         torchrun(nproc, ["--checkpoint", str(straight_run / "checkpoint_last.pt"), "--data-root", str(tiny),
-                         "--out", str(out), "--batch-size", "4", "--workers", "0", "--tta", "flips"],
+                         "--out", str(out), "--batch-size", "4", "--workers", "0", "--tta", "flips", "--device", "cpu"],
                  module="dr_resnet.evaluate")
         tta.append(json.loads((out / "metrics.json").read_text()))
     assert tta[0]["num_samples"] == tta[1]["num_samples"] == 13 and tta[0]["tta"] == "flips"
@@ -221,7 +223,7 @@ def test_regression_head_fits_thresholds_and_evaluate_uses_them(tiny, tmp_path):
     assert state["head"]["thresholds"] == pytest.approx(rows[-1]["thresholds"])
     assert state["model"]["fc.weight"].shape == (1, 512)
     assert evaluate_main(["--checkpoint", str(run_dir / "checkpoint_last.pt"), "--data-root", str(tiny),
-                          "--out", str(tmp_path / "eval"), "--workers", "0"]) == 0
+                          "--out", str(tmp_path / "eval"), "--workers", "0", "--device", "cpu"]) == 0
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert result["head"] == "regression" and result["thresholds"] == pytest.approx(rows[-1]["thresholds"])
     assert result["confusion_matrix"] == rows[-1]["confusion_matrix"]
@@ -229,7 +231,7 @@ def test_regression_head_fits_thresholds_and_evaluate_uses_them(tiny, tmp_path):
     # The thresholds were fitted on an eval-mode pass over the training split: evaluating the checkpoint
     # there reproduces the QWK the fit reached.
     assert evaluate_main(["--checkpoint", str(run_dir / "checkpoint_last.pt"), "--data-root", str(tiny),
-                          "--split", "train", "--out", str(tmp_path / "eval_train"), "--workers", "0"]) == 0
+                          "--split", "train", "--out", str(tmp_path / "eval_train"), "--workers", "0", "--device", "cpu"]) == 0
     on_train = json.loads((tmp_path / "eval_train" / "metrics.json").read_text())
     assert on_train["num_samples"] == 40 and on_train["qwk"] == pytest.approx(rows[-1]["thresholds_fit_qwk"])
 

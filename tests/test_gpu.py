@@ -1,0 +1,196 @@
+"""The GPU tier: what only a real CUDA device can show. `pytest -m gpu` (or `make gpu-check`) on a
+machine with one GPU or more; without CUDA every test here is skipped with one reason line.
+
+bf16 and fp16 steps, a training step that never waits for the host (CUDA's sync debug mode set to
+error), channels_last at conv1, a one-GPU torchrun run (NCCL, SyncBatchNorm, AMP) that resumes and
+whose checkpoint gives the same predictions on CPU, torch.compile, and two processes on one GPU
+refused with the counts."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import preprocessed_dataset
+from dr_resnet import checkpoint
+from dr_resnet.augment import DeviceAugment, epoch_generator
+from dr_resnet.engine import EpochTotals, ShardSampler, Trainer, evaluate
+from dr_resnet.heads import build_head
+from dr_resnet.models import build_resnet
+from dr_resnet.runtime import Precision, native_bf16, resolve_precision
+
+pytestmark = pytest.mark.gpu  # without CUDA, conftest.py skips every test so marked, with one reason
+
+REPO = Path(__file__).resolve().parent.parent
+CUDA = torch.device("cuda", 0)
+
+
+def gpu_trainer(head_kind: str, dtype: torch.dtype, clip: float = 1.0) -> Trainer:
+    """The training step as train.build assembles it on CUDA: channels_last, fused SGD, fp16's scaler."""
+    torch.manual_seed(0)
+    head = build_head(head_kind, device=CUDA)
+    model = build_resnet(18, head.outputs).to(CUDA).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    precision = Precision(dtype)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_scaler)
+    return Trainer(model, optimizer, scheduler, scaler, head, DeviceAugment(channels_last=True), precision, CUDA, clip)
+
+
+def pinned_batches(n: int, size: int = 128, batch: int = 16) -> list:
+    g = torch.Generator().manual_seed(n)
+    return [(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).pin_memory(),
+             torch.randint(0, 5, (batch,), generator=g).pin_memory()) for _ in range(n)]
+
+
+def test_auto_precision_on_this_gpu():
+    expected = torch.bfloat16 if torch.cuda.get_device_capability(CUDA) >= (8, 0) else torch.float16
+    assert resolve_precision("auto", CUDA).dtype == expected and native_bf16(CUDA) == (expected == torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mixed_precision_steps_have_finite_losses(dtype):
+    if dtype == torch.bfloat16 and not native_bf16(CUDA):
+        pytest.skip("this GPU has no native bf16")
+    trainer = gpu_trainer("classification", dtype)
+    totals = EpochTotals(CUDA)
+    trainer.run_steps(pinned_batches(6), epoch_generator(0, 0, 0, CUDA), totals)
+    stats = totals.reduce(seconds=1.0)
+    assert np.isfinite(stats["train_loss"]) and stats["train_images"] == 96
+    assert trainer.scaler.is_enabled() == (dtype == torch.float16)
+    if dtype == torch.float16:
+        assert trainer.scaler.get_scale() > 0
+
+
+@pytest.mark.parametrize("head_kind,dtype", [("classification", torch.bfloat16), ("regression", torch.bfloat16),
+                                             ("classification", torch.float16)], ids=["cls-bf16", "reg-bf16", "cls-fp16"])
+def test_training_steps_never_wait_for_the_host(head_kind, dtype):
+    if dtype == torch.bfloat16 and not native_bf16(CUDA):
+        pytest.skip("this GPU has no native bf16")
+    from tqdm import tqdm
+
+    trainer = gpu_trainer(head_kind, dtype)
+    totals = EpochTotals(CUDA, keep_outputs=head_kind == "regression")
+    trainer.run_steps(pinned_batches(3), epoch_generator(0, 0, 0, CUDA), totals)  # warm-up: cuDNN, allocator
+    torch.cuda.synchronize()
+    bar = tqdm(total=10 ** 6, file=io.StringIO(), disable=False)
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # with the progress bar's loss display on every step
+        trainer.run_steps(pinned_batches(5), epoch_generator(0, 1, 0, CUDA), totals, progress=bar, log_every=1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert totals.reduce(seconds=1.0)["train_images"] == 128
+
+
+def test_channels_last_reaches_the_first_convolution_in_the_built_run(tmp_path, tiny):
+    from dr_resnet import config
+    from dr_resnet.distributed import DistInfo
+    from dr_resnet.train import build
+
+    cfg = config.load(None, [f"data.root={tiny}", "data.image_size=64", "train.batch_size=8", "data.workers=0",
+                             "train.device=cuda", f"output.dir={tmp_path / 'run'}"])
+    run = build(cfg, DistInfo(device=CUDA))
+    layouts = []
+    run.model.conv1.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    stats = run.trainer.epoch(run.train_loader, epoch_generator(0, 0, 0, CUDA))
+    assert layouts and all(layouts) and np.isfinite(stats["train_loss"])
+    assert torch.backends.cudnn.benchmark  # train.cudnn_benchmark's default
+    assert isinstance(run.trainer.optimizer, torch.optim.SGD) and run.trainer.optimizer.defaults["fused"]
+
+
+def test_regression_output_is_not_rounded_by_bf16():
+    if not native_bf16(CUDA):
+        pytest.skip("this GPU has no native bf16")
+    torch.manual_seed(0)
+    model = build_resnet(18, 1).to(CUDA).eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(torch.randn(64, 3, 64, 64, device=CUDA))
+    assert out.dtype == torch.float32 and not torch.equal(out, out.bfloat16().float())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return preprocessed_dataset(tmp_path_factory.mktemp("gpu"), 64, 21, seed=8, size=64)
+
+
+def run_training(nproc: int, data: Path, run_dir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "dr_resnet.train", "--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}",
+           "data.image_size=64", "train.batch_size=8", "data.workers=2", "train.device=cuda", "train.amp=auto",
+           "train.sync_bn=true", f"output.dir={run_dir}", *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def evaluate_cli(checkpoint_path: Path, data: Path, out: Path, device: str) -> dict:
+    from dr_resnet.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--checkpoint", str(checkpoint_path), "--data-root", str(data), "--out", str(out),
+                          "--device", device, "--amp", "off", "--workers", "0"]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_one_gpu_torchrun_run_resumes_and_its_checkpoint_predicts_the_same_on_cpu(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_training(1, tiny, run_dir, "train.epochs=2")
+    log = first.stderr
+    assert "launch: torchrun: rank 0 of 1" in log and "device cuda:0" in log
+    assert "SyncBatchNorm over 1 process(es)" in log
+    expected = "bf16" if native_bf16(CUDA) else "fp16"
+    assert f"precision {expected}" in log
+    assert {"config.yaml", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "summary.json",
+            "confusion_matrix.png"} <= {p.name for p in run_dir.iterdir()}
+    second = run_training(1, tiny, run_dir, "train.epochs=3")
+    assert "resumed" in second.stderr and "after epoch 2" in second.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["train_loss"]) for r in rows)
+    state = checkpoint.load(run_dir / "checkpoint_last.pt")
+    assert state["precision"] == expected and set(state["rng"]) == {"torch"}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+
+    # The same checkpoint, evaluated in fp32 on the GPU and on the CPU: the same grades, close outputs.
+    on_gpu = evaluate_cli(run_dir / "checkpoint_last.pt", tiny, tmp_path / "gpu", "cuda")
+    on_cpu = evaluate_cli(run_dir / "checkpoint_last.pt", tiny, tmp_path / "cpu", "cpu")
+    assert on_gpu["device"] == "cuda:0" and on_cpu["device"] == "cpu"
+    assert on_gpu["confusion_matrix"] == on_cpu["confusion_matrix"] and on_gpu["num_samples"] == 21
+    assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=1e-4)
+    outputs = {}
+    for device in (CUDA, torch.device("cpu")):
+        head = build_head("classification", device=device)
+        model = build_resnet(18, head.outputs).to(device)
+        model.load_state_dict(state["model"])
+        from dr_resnet.data import RetinopathyDataset
+        dataset = RetinopathyDataset(tiny, "test", image_size=64)
+        loader = DataLoader(dataset, 8, sampler=ShardSampler(len(dataset), 0, 1))
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            outputs[device.type] = evaluate(model, loader, DeviceAugment(), device, Precision(), head).outputs
+    np.testing.assert_allclose(outputs["cuda"], outputs["cpu"], atol=1e-4)
+
+
+def test_compiled_training_resumes_with_plain_checkpoints(tiny, tmp_path):
+    run_dir = tmp_path / "compiled"
+    run_training(1, tiny, run_dir, "train.epochs=1", "train.compile=true")
+    second = run_training(1, tiny, run_dir, "train.epochs=2", "train.compile=true")
+    assert "resumed" in second.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(np.isfinite(r["test_loss"]) for r in rows)
+    state = checkpoint.load(run_dir / "checkpoint_last.pt")
+    assert set(state["model"]) == set(build_resnet(18).state_dict())  # no _orig_mod. prefix
+
+
+def test_more_processes_than_gpus_is_an_error_with_the_counts(tiny, tmp_path):
+    gpus = torch.cuda.device_count()
+    result = run_training(gpus + 1, tiny, tmp_path / "crowded", "train.epochs=1", check=False)
+    assert result.returncode != 0
+    assert f"{gpus + 1} processes on" in result.stderr and f"but {gpus} GPU(s) visible" in result.stderr
+    assert "train.device=cpu" in result.stderr
+    assert not (tmp_path / "crowded" / "checkpoint_last.pt").exists()

@@ -1,0 +1,264 @@
+"""The CUDA path's decisions, tested on CPU: precision per GPU generation, device choice per process,
+the launch environment, a training step that reads nothing back to the host, channels_last, cuDNN
+settings, the fp32 output layer, and resumes across GPU counts and precisions."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import preprocessed_dataset
+from dr_resnet import checkpoint
+from dr_resnet.augment import DeviceAugment, epoch_generator
+from dr_resnet.config import ConfigError
+from dr_resnet.distributed import launch_env, shared_gpus, tasks_per_node
+from dr_resnet.engine import EpochTotals, Trainer
+from dr_resnet.heads import build_head
+from dr_resnet.models import build_resnet
+from dr_resnet.runtime import (DeviceError, Precision, compile_model, configure_backends, resolve_precision,
+                               select_device)
+from dr_resnet.train import main
+
+REPO = Path(__file__).resolve().parent.parent
+CUDA0 = torch.device("cuda", 0)
+
+
+def fake_gpu(monkeypatch, capability=(8, 0), name="NVIDIA A100", count=1):
+    """This process sees `count` GPUs of one kind (no CUDA call is made)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.mark.parametrize("capability,name,expected", [
+    ((9, 0), "NVIDIA H100", torch.bfloat16), ((8, 0), "NVIDIA A100", torch.bfloat16),
+    ((7, 5), "Tesla T4", torch.float16), ((7, 0), "Tesla V100", torch.float16)])
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability, name, expected):
+    fake_gpu(monkeypatch, capability, name)
+    precision = resolve_precision("auto", CUDA0)
+    assert precision.dtype == expected
+    assert precision.needs_scaler == (expected == torch.float16)  # fp16 gets a GradScaler
+
+
+def test_bf16_on_a_gpu_without_native_bf16_is_an_error_naming_the_key(monkeypatch):
+    fake_gpu(monkeypatch, (7, 0), "Tesla V100")
+    with pytest.raises(ConfigError, match=r"train.amp=bf16: Tesla V100 \(compute capability 7.0\) has no native bf16"):
+        resolve_precision("bf16", CUDA0)
+    with pytest.raises(ConfigError, match="--amp=bf16"):
+        resolve_precision("bf16", CUDA0, key="--amp")
+    assert resolve_precision("fp16", CUDA0).dtype == torch.float16
+    assert resolve_precision("off", CUDA0).dtype is None
+    assert resolve_precision("auto", torch.device("cpu")).dtype is None  # CPU: fp32
+
+
+def test_device_choice_one_gpu_per_process(monkeypatch):
+    fake_gpu(monkeypatch, count=4)
+    assert select_device("auto", 2, 4) == torch.device("cuda", 2)
+    assert select_device("cpu", 2, 4) == torch.device("cpu")  # gloo on CPU even on a GPU machine
+    with pytest.raises(DeviceError) as error:
+        select_device("auto", 0, 8)  # 8 processes, 4 GPUs: every rank of the node refuses at once
+    assert "8 processes on this node but 4 GPU(s) visible" in str(error.value)
+    assert "--nproc_per_node 4" in str(error.value) and "train.device=cpu" in str(error.value)
+    with pytest.raises(DeviceError, match="5 processes on this node but 4 GPU"):
+        select_device("cuda", 4, None)  # local rank 4 without a known local world size
+    # One GPU visible: per-task GPU binding shows each task its own GPU as device 0.
+    fake_gpu(monkeypatch, count=1)
+    assert select_device("auto", 3, 4) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device("auto", 0, 1) == torch.device("cpu")
+    with pytest.raises(DeviceError, match="train.device=cuda but CUDA is not available"):
+        select_device("cuda", 0, 1)
+
+
+def test_processes_sharing_a_gpu_are_named_with_the_counts():
+    assert shared_gpus([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a")]) == ""
+    message = shared_gpus([("n1", "GPU-a"), ("n1", "GPU-a"), ("n1", "GPU-a"), ("n2", "GPU-c")])
+    assert "3 processes on n1 but 1 GPU(s) visible" in message and "--nproc_per_node 1" in message
+
+
+def test_launch_environment():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert launch_env(torchrun) == launch_env({**torchrun, "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"})
+    e = launch_env(torchrun)
+    assert (e.launcher, e.rank, e.world_size, e.local_rank, e.local_world_size) == ("torchrun", 3, 8, 1, 2)
+    step = {"SLURM_JOB_ID": "9", "SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8",
+            "SLURM_STEP_NUM_TASKS": "6", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2(x3)"}
+    e = launch_env(step)
+    assert (e.launcher, e.rank, e.world_size, e.local_rank, e.local_world_size) == ("srun", 5, 6, 1, 2)
+    # A plain `python -m ...` in an sbatch script with --ntasks 4: the batch step has no SLURM_STEP_ID.
+    batch = {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"}
+    e = launch_env(batch)
+    assert (e.launcher, e.world_size) == ("single", 1)
+    assert "batch script, not by srun: its 4 tasks are not used" in e.describe()
+    assert launch_env({}).describe() == "one process"
+    assert tasks_per_node("2(x3),1") == [2, 2, 2, 1] and tasks_per_node("4") == [4]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operators that on a GPU would make the host wait (a value read back) or copy host
+    data up (a tensor built from Python numbers)."""
+
+    WATCHED = ("aten._local_scalar_dense", "aten.lift_fresh", "aten.is_nonzero", "aten.equal", "aten.allclose")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in self.WATCHED:
+            self.seen[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def tiny_trainer(head_kind: str, channels_last: bool = False, clip: float = 1.0) -> Trainer:
+    torch.manual_seed(0)
+    head = build_head(head_kind, torch.ones(5))
+    model = build_resnet(18, head.outputs)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return Trainer(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), head,
+                   DeviceAugment(channels_last=channels_last), Precision(), torch.device("cpu"), clip)
+
+
+def batches(n: int, size: int = 32) -> list:
+    g = torch.Generator().manual_seed(n)
+    return [(torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g),
+             torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("head_kind", ["classification", "regression"])
+def test_training_steps_read_nothing_back_and_build_no_tensor_from_host_numbers(head_kind):
+    trainer = tiny_trainer(head_kind)
+    totals = EpochTotals(torch.device("cpu"), keep_outputs=True)
+    trainer.run_steps(batches(1), epoch_generator(0, 0, 0), totals)  # first-call set-up (constants) aside
+    with HostReads() as reads:
+        trainer.run_steps(batches(3), epoch_generator(0, 1, 0), totals)
+    assert reads.seen == Counter(), reads.seen
+    stats = totals.reduce(seconds=1.0)  # the once-an-epoch reduction is where values come back
+    assert stats["train_images"] == 16 and len(stats["outputs"]) == 16 and 0 <= stats["train_acc"] <= 1
+
+
+def test_channels_last_reaches_the_first_convolution():
+    trainer = tiny_trainer("classification", channels_last=True)
+    layouts = []
+    trainer.model.conv1.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    trainer.run_steps(batches(2), epoch_generator(0, 0, 0), EpochTotals(torch.device("cpu")))
+    assert layouts == [True, True]
+    images = batches(1)[0][0]
+    nchw = DeviceAugment().train(images, epoch_generator(0, 0, 0))
+    nhwc = DeviceAugment(channels_last=True).train(images, epoch_generator(0, 0, 0))
+    assert not nchw.is_contiguous(memory_format=torch.channels_last) and nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(nchw, nhwc)  # same values, other layout
+    assert torch.equal(DeviceAugment().eval(images), DeviceAugment(channels_last=True).eval(images))
+
+
+def test_output_layer_stays_fp32_under_autocast():
+    torch.manual_seed(0)
+    model = build_resnet(18, 1).eval()
+    seen = []
+    model.fc.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert seen == [torch.float32] and out.dtype == torch.float32
+    # Not rounded to bf16's grid (steps of 1/64 to 1/128 on the grade scale).
+    assert not torch.equal(out, out.to(torch.bfloat16).float())
+
+
+def test_cudnn_settings_follow_the_switches():
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    try:
+        configure_backends(CUDA0, cudnn_benchmark=True, deterministic=False)
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        configure_backends(CUDA0, cudnn_benchmark=False, deterministic=False)
+        assert not torch.backends.cudnn.benchmark
+        configure_backends(CUDA0, cudnn_benchmark=True, deterministic=True)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
+def test_compiled_model_checkpoints_without_the_compile_prefix():
+    trainer = tiny_trainer("classification")
+    bare = trainer.model
+    trainer.model = compile_model(bare, True, backend="eager")
+    trainer.run_steps(batches(2), epoch_generator(0, 0, 0), EpochTotals(torch.device("cpu")))
+    assert all(k.startswith("_orig_mod.") for k in trainer.model.state_dict())
+    assert set(bare.state_dict()) == set(build_resnet(18).state_dict())  # what checkpoints hold
+    assert compile_model(bare, False) is bare
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return preprocessed_dataset(tmp_path_factory.mktemp("runtime"), 24, 9, seed=5, size=32)
+
+
+def run_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=32",
+            "train.batch_size=8", "data.workers=0", "train.warmup_epochs=0", "train.device=cpu",
+            f"output.dir={run_dir}", *extra]
+
+
+def test_resume_ignores_cuda_rng_states_of_another_gpu_count(tiny, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    assert main(run_args(tiny, run_dir, "train.epochs=1")) == 0
+    state = checkpoint.load(run_dir / "checkpoint_last.pt")
+    assert set(state["rng"]) == {"torch"} and state["precision"] == "fp32"
+    # As a 4-GPU run of an earlier version saved it: one CUDA generator state per GPU.
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8) for _ in range(4)]
+    checkpoint.save(state, run_dir / "checkpoint_last.pt")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CUDA RNG state was restored")
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", refuse)
+    assert main(run_args(tiny, run_dir, "train.epochs=2")) == 0
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert set(checkpoint.load(run_dir / "checkpoint_last.pt")["rng"]) == {"torch"}
+
+
+def test_resume_under_another_precision_warns_and_continues(tiny, tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    assert main(run_args(tiny, run_dir, "train.epochs=1", "train.amp=off")) == 0
+    # A requeued job on other hardware: fp32 -> fp16 (a fresh loss scale) -> fp32 (the scale is dropped).
+    assert main(run_args(tiny, run_dir, "train.epochs=2", "train.amp=fp16")) == 0
+    err = capfd.readouterr().err
+    assert "was trained in fp32; this process runs in fp16" in err and "fresh fp16 loss scale" in err
+    fp16 = checkpoint.load(run_dir / "checkpoint_last.pt")
+    assert fp16["precision"] == "fp16" and fp16["scaler"]["scale"] > 0
+    assert main(run_args(tiny, run_dir, "train.epochs=3", "train.amp=off")) == 0
+    assert "was trained in fp16; this process runs in fp32" in capfd.readouterr().err
+    last = checkpoint.load(run_dir / "checkpoint_last.pt")
+    assert last["epoch"] == 3 and last["precision"] == "fp32" and last["scaler"] == {}
+
+
+def test_only_the_training_loader_keeps_its_workers(tiny, tmp_path):
+    from dr_resnet import config
+    from dr_resnet.distributed import DistInfo
+    from dr_resnet.train import build
+
+    cfg = config.load(str(REPO / "configs" / "demo.yaml"),
+                      run_args(tiny, tmp_path / "run")[2:] + ["data.workers=2", "data.val_fraction=0.3",
+                                                               "model.head=regression"])
+    run = build(cfg, DistInfo())
+    assert run.train_loader.persistent_workers and run.train_loader.num_workers == 2
+    for loader in (run.test_loader, run.val_loader, run.fit_loader):
+        assert loader.num_workers == 2 and not loader.persistent_workers
+
+
+def test_cuda_asked_for_on_a_machine_without_it_is_one_clear_error(tiny, tmp_path, capfd):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(run_args(tiny, tmp_path / "run", "train.device=cuda")) == 2
+    assert "train.device=cuda but CUDA is not available" in capfd.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
