@@ -59,7 +59,7 @@ class TrainConfig:
     sync_bn: bool = True  # SyncBatchNorm across processes (CUDA only)
     channels_last: bool = True  # CUDA only
     cudnn_benchmark: bool = True  # cuDNN picks the fastest kernels for the fixed input size (CUDA only)
-    deterministic: bool = False  # deterministic CUDA kernels (slower; turns cudnn_benchmark off)
+    deterministic: bool = False  # deterministic CUDA kernels where PyTorch has them (slower; cudnn_benchmark off)
     compile: bool = False  # torch.compile the model for training and evaluation
     seed: int = 0
     class_weights: str = "none"  # none | balanced (inverse class frequency in the loss)

@@ -262,3 +262,17 @@ def test_cuda_asked_for_on_a_machine_without_it_is_one_clear_error(tiny, tmp_pat
     assert main(run_args(tiny, tmp_path / "run", "train.device=cuda")) == 2
     assert "train.device=cuda but CUDA is not available" in capfd.readouterr().err
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+def test_ddp_with_sync_batchnorm_does_not_broadcast_buffers(tmp_path):
+    """The argument train.build passes DDP when SyncBatchNorm is on (its name changed across torch versions)."""
+    import torch.distributed as dist
+    from dr_resnet.train import no_buffer_broadcast
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        assert not torch.nn.parallel.DistributedDataParallel(model, **no_buffer_broadcast()).will_sync_module_buffers()
+        assert torch.nn.parallel.DistributedDataParallel(model).will_sync_module_buffers()
+    finally:
+        dist.destroy_process_group()
