@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dr_resnet.rundir import selected_row
+
 REPO = Path(__file__).resolve().parent.parent
 REGRESSION = ["model.head=regression", "train.clip_grad_norm=1.0"]
 ARMS = {
@@ -51,10 +53,10 @@ def train(run_dir: Path, data: Path, seed: int, val_fraction: float, overrides: 
 
 def scores(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    on_test = max(rows, key=lambda r: (r["test_qwk"], -r["epoch"]))
+    on_test = selected_row(rows, "qwk", on="test")
     result = {"chosen on test": on_test["test_qwk"], "final": rows[-1]["test_qwk"], "final acc": rows[-1]["test_acc"]}
     if "val_qwk" in rows[-1]:
-        result["chosen on held-out"] = max(rows, key=lambda r: (r["val_qwk"], -r["epoch"]))["test_qwk"]
+        result["chosen on held-out"] = selected_row(rows, "qwk", on="val")["test_qwk"]
     return result
 
 

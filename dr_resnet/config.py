@@ -52,8 +52,8 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    scheduler: str = "none"  # none | cosine | onecycle
-    warmup_epochs: float = 0.0  # linear warm-up (cosine)
+    scheduler: str = "none"  # none | cosine (linear warm-up, cosine to 0) | onecycle (lr/25 up to lr, down to lr/25e4)
+    warmup_epochs: float = 0.0  # cosine: linear warm-up; onecycle: the rising part (0: 30% of the run)
     device: str = "auto"  # auto (one GPU per process if CUDA is there, else CPU) | cpu (gloo, even on a GPU box) | cuda
     amp: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, fp32 on CPU) | off | bf16 | fp16
     sync_bn: bool = True  # SyncBatchNorm across processes (CUDA only)
@@ -140,6 +140,11 @@ def _coerce(key: str, value: Any, kind: Any, origin: str) -> Any:
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 and 3e-2 (no dot) as strings
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif kind is str:
         if value is None:
             return "none"

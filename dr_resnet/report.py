@@ -20,7 +20,7 @@ import yaml
 
 from .metrics import majority_baseline
 from .plots import pyplot
-from .rundir import read_metrics, selected_on
+from .rundir import read_metrics, selected_on, selected_row
 
 STATUS_FILE = "launch_status.json"  # a launcher's word on a run: {"status": "not run" | "failed", "reason": ...}
 COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
@@ -35,6 +35,7 @@ class RunRecord:
     epochs_planned: int
     rows: list[dict]
     launch_status: str = ""  # "not run: <reason>" or "failed: <reason>", from the launcher
+    select_by: str = "qwk"  # the run's train.select_by
 
     @property
     def pretrained(self) -> bool:
@@ -53,8 +54,9 @@ class RunRecord:
         return bool(self.rows) and selected_on(self.rows[-1]) == "val"
 
     def chosen(self) -> dict | None:
-        """The epoch the run itself selects by QWK: on its held-out set, else on test."""
-        return self.best(f"{selected_on(self.rows[-1])}_qwk") if self.rows else None
+        """The epoch the run itself selects (its checkpoint_best.pt): by its train.select_by, on its
+        held-out set, else on test."""
+        return selected_row(self.rows, self.select_by) if self.rows else None
 
     @property
     def baseline(self) -> float | None:
@@ -74,7 +76,7 @@ def find_runs(root: Path) -> list[RunRecord]:
         status = json.loads(status_file.read_text()) if status_file.is_file() else {}
         reason = f"{status.get('status', 'failed')}: {status.get('reason', '')}" if status else ""
         runs.append(RunRecord(path.name, path, int(cfg["model"]["depth"]), str(cfg["model"]["weights"]),
-                              int(cfg["train"]["epochs"]), rows, reason))
+                              int(cfg["train"]["epochs"]), rows, reason, str(cfg["train"].get("select_by", "qwk"))))
     return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.name))
 
 
@@ -115,8 +117,8 @@ def plot_curves(runs: list[RunRecord], depth: int, path: Path) -> None:
 
 
 def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
-    """Each run's confusion matrix at its chosen epoch (best QWK on the held-out set if it has one, else
-    on test), row-normalised, two to a row."""
+    """Each run's confusion matrix at its selected epoch (its train.select_by, on the held-out set if it
+    has one, else on test: the epoch of its checkpoint_best.pt), row-normalised, two to a row."""
     from .plots import draw_confusion_matrix
 
     plt = pyplot()
@@ -129,7 +131,7 @@ def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
         best = run.chosen()
         image = draw_confusion_matrix(ax, np.array(best["confusion_matrix"]),
                                       f"ResNet{run.depth} {run.label} ({run.name})\nepoch {best['epoch']} "
-                                      f"(best on {'held-out' if run.has_val else 'test'}), test: "
+                                      f"(best {run.select_by} on {'held-out' if run.has_val else 'test'}), test: "
                                       f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}")
     for ax in list(axes.flat)[len(shown):]:
         ax.set_visible(False)
@@ -138,7 +140,7 @@ def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
     plt.close(fig)
 
 
-COLUMNS = ["run", "depth", "weights", "status", "epochs", "best_test_acc", "best_acc_epoch", "best_qwk",
+COLUMNS = ["run", "depth", "weights", "status", "epochs", "selected_by", "selected_epoch", "best_test_acc", "best_acc_epoch", "best_qwk",
            "best_qwk_epoch", "val_chosen_epoch", "test_qwk_at_val_chosen", "final_test_acc", "final_qwk", "majority_baseline", "recall_at_best_qwk",
            "referable_sens_at_best_qwk", "referable_spec_at_best_qwk", "referable_auc_at_best_qwk", "train_minutes"]
 
@@ -156,6 +158,7 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
         acc, qwk, final = run.best("test_acc"), run.best("test_qwk"), run.rows[-1]
         progress = "done" if len(run.rows) >= run.epochs_planned else "in progress"
         table.append({**row, "status": run.launch_status or progress,
+                      "selected_by": f"{selected_on(final)} {run.select_by}", "selected_epoch": run.chosen()["epoch"],
                       "best_test_acc": acc["test_acc"], "best_acc_epoch": acc["epoch"], "best_qwk": qwk["test_qwk"],
                       "best_qwk_epoch": qwk["epoch"], "final_test_acc": final["test_acc"], "final_qwk": final["test_qwk"],
                       "majority_baseline": run.baseline, "recall_at_best_qwk": " ".join(f"{r:.2f}" for r in qwk["test_recall"]),
@@ -183,6 +186,8 @@ def write_tables(table: list[dict], out: Path) -> None:
         writer.writeheader()
         writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in table)
     lines = ["# Results", "",
+             "selected_epoch is each run's own choice (its train.select_by, on its held-out part if it has one, else "
+             "on test): the epoch of its checkpoint_best.pt. "
              "best_* columns choose the epoch on the test split, as the lab recipe does, which flatters them; runs "
              "with a held-out part of the training split (data.val_fraction) also give the test QWK at the epoch "
              "best on that part (test_qwk_at_val_chosen), the unbiased figure. QWK = quadratic weighted kappa; "

@@ -26,10 +26,28 @@ def rewrite_metrics(run_dir: Path, rows: list[dict]) -> None:
     tmp.replace(Path(run_dir) / METRICS_FILE)
 
 
+SELECT_BY = ("qwk", "accuracy", "loss")  # train.select_by
+
+
 def selected_on(row: dict) -> str:
     """The split a run chooses its best epoch on: the held-out part of its training split if it has
     one (data.val_fraction), else the test split (the lab recipe's habit, which flatters the best)."""
     return "val" if "val_qwk" in row else "test"
+
+
+def selection_value(row: dict, select_by: str, on: str | None = None) -> float:
+    """Higher is better: QWK, accuracy, or minus the loss, on the selection split (or on `on`)."""
+    on = on or selected_on(row)
+    if select_by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
+    return {"qwk": row[f"{on}_qwk"], "accuracy": row[f"{on}_acc"], "loss": -row[f"{on}_loss"]}[select_by]
+
+
+def selected_row(rows: list[dict], select_by: str, on: str | None = None) -> dict:
+    """THE selected epoch's row (train.select_by on the selection split; ties: the earlier epoch): the
+    epoch of checkpoint_best.pt, the summary's "best", the report's and the benchmarks' choice. `on`
+    forces a split ("test", "val"), for tables that show what choosing on test would give."""
+    return max(rows, key=lambda r: (selection_value(r, select_by, on), -r["epoch"]))
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:

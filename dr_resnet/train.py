@@ -32,7 +32,7 @@ from .distributed import DistInfo
 from .engine import EvalResult, ShardSampler, Trainer, evaluate
 from .formats import DatasetError
 from .models import WeightsNotFoundError, build_resnet
-from .rundir import SUMMARY_FILE, append_metrics, read_metrics, rewrite_metrics, selected_on
+from .rundir import SUMMARY_FILE, append_metrics, read_metrics, rewrite_metrics, selected_on, selected_row, selection_value
 from .runtime import compile_model, configure_backends, resolve_precision
 from .samplers import DistributedBalancedSampler
 from .heads import ClassificationHead, RegressionHead, build_head, qwk_at
@@ -52,11 +52,27 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
+ONECYCLE_DIV, ONECYCLE_FINAL_DIV, ONECYCLE_RISE = 25.0, 1e4, 0.3  # torch's OneCycleLR defaults
+
+
 def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
-    """Per-step learning-rate factor: constant, or linear warm-up then cosine decay to zero."""
+    """Per-step learning-rate factor. none: constant; cosine: linear warm-up, then cosine decay to 0;
+    onecycle: the one-cycle policy as torch's OneCycleLR (cosine annealing, learning rate only): from
+    lr/25 up to lr over warmup_steps (default 30% of the run), then down to lr/25/1e4. A factor of the
+    step (not a stateful scheduler), so a run extended with more epochs stretches its schedule."""
+    def cosine(start: float, end: float, fraction: float) -> float:
+        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction)))
+
+    rise = warmup_steps or round(ONECYCLE_RISE * total_steps)
+
     def factor(step: int) -> float:
         if scheduler == "none":
             return 1.0
+        if scheduler == "onecycle":
+            low = 1 / ONECYCLE_DIV
+            if step <= rise - 1:
+                return cosine(low, 1.0, step / max(1, rise - 1))
+            return cosine(1.0, low / ONECYCLE_FINAL_DIV, (step - rise + 1) / max(1, total_steps - rise))
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -190,11 +206,11 @@ def training_state(run: Run, epoch: int, best: dict, wandb_id: str) -> dict:
             "wandb_id": wandb_id, "head": run.head.state()}
 
 
-def resume(run: Run) -> tuple[int, dict, str | None]:
-    """(epochs already done, best so far, W&B run id) from the run directory's last checkpoint, if any."""
+def resume(run: Run) -> tuple[int, str | None]:
+    """(epochs already done, W&B run id) from the run directory's last checkpoint, if any."""
     path = run.run_dir / checkpoint.LAST
     if not path.is_file():
-        return 0, {}, None
+        return 0, None
     state = checkpoint.load(path)
     t = run.trainer
     run.model.load_state_dict(state["model"])
@@ -211,13 +227,7 @@ def resume(run: Run) -> tuple[int, dict, str | None]:
     checkpoint.restore_rng(state["rng"])
     run.head.load_state(state.get("head", {}))
     log.info("resumed %s after epoch %d", path, state["epoch"])
-    return int(state["epoch"]), dict(state["best"]), state.get("wandb_id")
-
-
-def selection_value(row: dict, select_by: str) -> float:
-    """Higher is better: QWK, accuracy, or minus the loss, on the selection split."""
-    on = selected_on(row)
-    return {"qwk": row[f"{on}_qwk"], "accuracy": row[f"{on}_acc"], "loss": -row[f"{on}_loss"]}[select_by]
+    return int(state["epoch"]), state.get("wandb_id")
 
 
 def split_metrics(prefix: str, result: EvalResult) -> dict:
@@ -247,7 +257,7 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
     """summary.json (after every epoch, so a run in progress has one), and the best epoch's confusion
     matrix figure when `figure`. The best epoch is chosen by train.select_by (ties: the earlier)."""
     select_by = run.cfg.train.select_by
-    best = max(rows, key=lambda r: (selection_value(r, select_by), -r["epoch"]))
+    best = selected_row(rows, select_by)
     final = rows[-1]
     keys = ["epoch", "test_acc", "test_qwk", "test_loss", "test_macro_f1", "test_recall", "test_referable_sensitivity",
             "test_referable_specificity", "test_referable_auc", "train_acc", "train_loss"]
@@ -298,7 +308,7 @@ def start_tracking(run: Run, wandb_id: str | None) -> Tracker:
 def fit(run: Run) -> dict | None:
     """The epoch loop; returns the summary on rank 0."""
     info = run.info
-    start_epoch, best, wandb_id = resume(run)
+    start_epoch, wandb_id = resume(run)
     rows: list[dict] = []  # the epochs logged so far (rank 0 keeps them, to write the summary)
     if info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -312,13 +322,13 @@ def fit(run: Run) -> dict | None:
                  run.trainer.precision.name, 100 * run.test_baseline)
     tracker = start_tracking(run, wandb_id) if info.is_main else None
     try:
-        return _epochs(run, start_epoch, best, rows, tracker)
+        return _epochs(run, start_epoch, rows, tracker)
     finally:
         if tracker is not None:
             tracker.finish()
 
 
-def _epochs(run: Run, start_epoch: int, best: dict, rows: list[dict], tracker: Tracker | None) -> dict | None:
+def _epochs(run: Run, start_epoch: int, rows: list[dict], tracker: Tracker | None) -> dict | None:
     from tqdm import tqdm
 
     info, t = run.info, run.cfg.train
@@ -343,13 +353,13 @@ def _epochs(run: Run, start_epoch: int, best: dict, rows: list[dict], tracker: T
                     "eval_seconds": time.perf_counter() - eval_start, "epoch_seconds": time.perf_counter() - epoch_start,
                     "confusion_matrix": result.confusion_matrix.tolist(), **fitted})
         test_loss = row["test_loss"]
-        value = selection_value(row, t.select_by)
-        improved = not best or value > best["value"]
-        if improved:
-            best = {"metric": t.select_by, "on": selected_on(row), "value": value, "epoch": epoch + 1}
         if info.is_main:
             append_metrics(run.run_dir, row)
             rows.append(row)
+            chosen = selected_row(rows, t.select_by)
+            improved = chosen["epoch"] == epoch + 1
+            best = {"metric": t.select_by, "on": selected_on(chosen), "value": selection_value(chosen, t.select_by),
+                    "epoch": chosen["epoch"]}
             state = training_state(run, epoch + 1, best, tracker.run_id)
             checkpoint.save(state, run.run_dir / checkpoint.LAST)
             if improved:

@@ -84,3 +84,30 @@ def test_saved_config_round_trips(tmp_path):
     config.save(cfg, tmp_path / "config.yaml")
     assert config.load(tmp_path / "config.yaml") == cfg
     assert config.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
+
+
+def test_every_float_field_takes_scientific_notation_from_both_places(tmp_path):
+    import dataclasses
+    import typing
+
+    floats = [f"{section}.{f.name}" for section, part in config._sections(Config()).items()
+              for f in dataclasses.fields(part) if typing.get_type_hints(type(part))[f.name] is float]
+    assert {"train.lr", "train.weight_decay", "train.momentum", "train.clip_grad_norm", "data.val_fraction"} <= set(floats)
+    cli = config.load(None, [f"{key}=2e-1" if key != "train.warmup_epochs" else f"{key}=1e0" for key in floats])
+    path = tmp_path / "sci.yaml"
+    path.write_text("train:\n  lr: 3e-2\n  weight_decay: 5e-4\ndata:\n  max_rotation: 2e1\n")
+    assert yaml.safe_load(path.read_text())["train"]["lr"] == "3e-2"  # YAML 1.1: a string, not a float
+    from_file = config.load(path)
+    for key in floats:
+        section, name = key.split(".")
+        expected = 1.0 if key == "train.warmup_epochs" else 0.2
+        assert getattr(getattr(cli, section), name) == expected, key
+    assert (from_file.train.lr, from_file.train.weight_decay, from_file.data.max_rotation) == (0.03, 5e-4, 20.0)
+    with pytest.raises(ConfigError, match="train.lr must be float, got 'fast'"):
+        config.load(None, ["train.lr=fast"])
+
+
+def test_every_scheduler_does_what_its_name_says():
+    assert set(config.CHOICES["train.scheduler"]) == {"none", "cosine", "onecycle"}
+    with pytest.raises(ConfigError, match=r"train.scheduler='step' is not one of none, cosine, onecycle"):
+        config.load(None, ["train.scheduler=step"])

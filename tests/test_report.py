@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+from dr_resnet import checkpoint
 from dr_resnet.models import imagenet_cache_path
 from dr_resnet.report import STATUS_FILE, main, report
 from conftest import preprocessed_dataset
@@ -75,8 +76,11 @@ def test_four_runs(sweep, tmp_path):
             assert float(row["test_qwk_at_val_chosen"]) == pytest.approx(chosen["test_qwk"])
         else:
             assert row["val_chosen_epoch"] == row["test_qwk_at_val_chosen"] == ""
-        assert f"| {arm} | {ARMS[arm][0]} | {ARMS[arm][1]} | done | 2/2 | {best_acc['test_acc']:.4f} |" in \
-            (out / "results.md").read_text()
+        # The run's own choice, as in its checkpoint_best.pt (on held-out images where it has them).
+        assert int(row["selected_epoch"]) == checkpoint.load(sweep / arm / "checkpoint_best.pt")["epoch"]
+        assert row["selected_by"] == ("val qwk" if arm == "resnet18_scratch" else "test qwk")
+        assert (f"| {arm} | {ARMS[arm][0]} | {ARMS[arm][1]} | done | 2/2 | {row['selected_by']} | {row['selected_epoch']} | "
+                f"{best_acc['test_acc']:.4f} |") in (out / "results.md").read_text()
 
 
 def test_one_run_in_place(sweep, tmp_path):

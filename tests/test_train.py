@@ -186,6 +186,13 @@ def test_single_process_in_process_run_and_config_errors(tiny, tmp_path, capsys)
     summary = json.loads((tmp_path / "loss" / "summary.json").read_text())
     assert summary["selected_by"] == "loss" and summary["best"]["epoch"] == lowest
     assert checkpoint.load(tmp_path / "loss" / "checkpoint_best.pt")["epoch"] == lowest
+    # The report selects the run's own epoch (by loss here), the one in checkpoint_best.pt.
+    from dr_resnet.report import report
+    report(tmp_path / "loss")
+    import csv
+    with open(tmp_path / "loss" / "results.csv") as f:
+        table = next(csv.DictReader(f))
+    assert int(table["selected_epoch"]) == lowest and table["selected_by"] == "test loss"
     assert main(overrides(tiny, tmp_path / "bad", "train.epochz=3")) == 2
     assert "unknown key 'train.epochz'" in capsys.readouterr().err
     assert main(overrides(tiny, tmp_path / "big", "train.batch_size=64")) == 2
@@ -205,6 +212,22 @@ def test_learning_rate_schedules():
     assert [cosine(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert cosine(12) == pytest.approx(0.5) and cosine(20) == pytest.approx(0.0)
     assert lr_lambda("none", 4, 20)(7) == 1.0
+
+
+@pytest.mark.parametrize("warmup_steps,pct_start", [(0, 0.3), (25, 0.25), (10, 0.1)])
+def test_onecycle_is_torchs_one_cycle_policy(warmup_steps, pct_start):
+    """The learning rate at every step equals torch's OneCycleLR (cosine, momentum not cycled)."""
+    total, max_lr = 100, 0.05
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=max_lr, momentum=0.9)
+    reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=pct_start,
+                                                    cycle_momentum=False)
+    ours = lr_lambda("onecycle", warmup_steps, total)
+    for step in range(total):
+        assert max_lr * ours(step) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12, abs=1e-15), step
+        optimizer.step()
+        if step < total - 1:
+            reference.step()
+    assert ours(0) == pytest.approx(1 / 25) and max(ours(s) for s in range(total)) == pytest.approx(1.0)
 
 
 def test_balanced_sampler_trains(tiny, tmp_path):
