@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .registry import DEPTHS, FORMAT_CHOICES
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key (and file)."""
@@ -24,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    depth: int = 18  # 18 (BasicBlock) or 50 (Bottleneck)
+    depth: int = 18  # 18, 34 (BasicBlock), 50, 101, 152 (Bottleneck): registry.ARCHITECTURES
     weights: str = "none"  # none | imagenet | path to a state dict or checkpoint
     zero_init_residual: bool = False
     head: str = "classification"  # classification (5 grades, cross-entropy) | regression (1 output, thresholds)
@@ -102,11 +104,11 @@ class Config:
 
 
 CHOICES = {
-    "model.depth": (18, 50),
+    "model.depth": DEPTHS,
     "model.head": ("classification", "regression"),
     "train.regression_loss": ("mse", "smooth_l1"),
     "train.fit_thresholds": ("train", "val", "batches", "none"),
-    "data.format": ("auto", "lab", "kaggle", "aptos"),
+    "data.format": FORMAT_CHOICES,
     "train.scheduler": ("none", "cosine", "onecycle"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),

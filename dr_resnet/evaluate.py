@@ -22,6 +22,7 @@ from .engine import TTA_MODES, ShardSampler, evaluate
 from .formats import DatasetError
 from .heads import build_head
 from .models import build_resnet
+from .registry import FORMAT_CHOICES
 from .runtime import DEVICES, PRECISIONS, configure_backends, resolve_precision
 
 
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by dr_resnet.train")
     p.add_argument("--data-root", required=True, help="dataset folder (lab, kaggle or aptos layout)")
     p.add_argument("--split", default="test")
-    p.add_argument("--format", default="auto", choices=("auto", "lab", "kaggle", "aptos"))
+    p.add_argument("--format", default="auto", choices=FORMAT_CHOICES)
     p.add_argument("--image-size", type=int, default=0, help="default: the size the checkpoint was trained at")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--workers", type=int, default=2)

@@ -20,9 +20,9 @@ from typing import Sequence
 import numpy as np
 
 from . import NUM_GRADES
+from .registry import FORMATS
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
-FORMATS = ("lab", "kaggle", "aptos")
 MAX_ROWS_SHOWN = 10
 
 

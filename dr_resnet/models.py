@@ -1,4 +1,5 @@
-"""ResNet18 (BasicBlock) and ResNet50 (Bottleneck), written by hand with torchvision's parameter names.
+"""ResNets written by hand with torchvision's parameter names: BasicBlock (18, 34) and Bottleneck (50,
+101, 152), the depths of registry.ARCHITECTURES.
 
 A torchvision ResNet state dict loads into these models with ``strict=True``, so ImageNet weights come
 from torchvision's own weight enums and cache (``$TORCH_HOME/hub/checkpoints``) or from any file.
@@ -13,6 +14,8 @@ from typing import Mapping
 
 import torch
 from torch import Tensor, nn
+
+from .registry import ARCHITECTURES, DEPTHS, Architecture
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +140,7 @@ class ResNet(nn.Module):
             return self.fc(features.float())
 
 
-ARCHITECTURES: dict[int, tuple[Block, list[int]]] = {
-    18: (BasicBlock, [2, 2, 2, 2]),
-    50: (Bottleneck, [3, 4, 6, 3]),
-}
+BLOCKS: dict[str, Block] = {"basic": BasicBlock, "bottleneck": Bottleneck}  # registry.Architecture.block
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -148,9 +148,15 @@ class WeightsNotFoundError(FileNotFoundError):
 
 
 def _imagenet_weights_enum(depth: int):
-    from torchvision.models import ResNet18_Weights, ResNet50_Weights
+    import torchvision.models
 
-    return {18: ResNet18_Weights.IMAGENET1K_V1, 50: ResNet50_Weights.IMAGENET1K_V1}[depth]
+    return getattr(torchvision.models, architecture(depth).weights).IMAGENET1K_V1
+
+
+def architecture(depth: int) -> Architecture:
+    if depth not in ARCHITECTURES:
+        raise ValueError(f"model depth must be one of {', '.join(map(str, DEPTHS))}, got {depth}")
+    return ARCHITECTURES[depth]
 
 
 def imagenet_cache_path(depth: int) -> Path:
@@ -189,7 +195,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def build_resnet(depth: int, num_classes: int = NUM_GRADES, weights: str | os.PathLike | None = None,
                  zero_init_residual: bool = False, head_bias: float | None = None) -> ResNet:
-    """ResNet of `depth` (18 or 50) with a `num_classes` head.
+    """ResNet of `depth` (registry.DEPTHS: 18, 34, 50, 101, 152) with a `num_classes` head.
 
     weights: None (random init), "imagenet" (backbone from IMAGENET1K_V1, fresh head unless
     num_classes == 1000) or a path to a state dict / checkpoint. A file whose head has another number
@@ -197,10 +203,8 @@ def build_resnet(depth: int, num_classes: int = NUM_GRADES, weights: str | os.Pa
     head_bias: the output bias of a fresh head (a regression head starts at the mean training grade
     instead of 0); a head loaded from `weights` keeps its own.
     """
-    if depth not in ARCHITECTURES:
-        raise ValueError(f"model depth must be one of {sorted(ARCHITECTURES)}, got {depth}")
-    block, layers = ARCHITECTURES[depth]
-    model = ResNet(block, layers, num_classes=num_classes, zero_init_residual=zero_init_residual)
+    arch = architecture(depth)
+    model = ResNet(BLOCKS[arch.block], list(arch.layers), num_classes=num_classes, zero_init_residual=zero_init_residual)
     if head_bias is not None:
         nn.init.constant_(model.fc.bias, head_bias)
     if weights is None or str(weights).lower() in ("", "none", "scratch"):

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import NUM_GRADES
 from .formats import DatasetError, SplitLayout, find_splits, read_split
+from .registry import FORMAT_CHOICES
 
 EYES = ("_left", "_right")
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dst", required=True, help="output dataset folder (train and test splits, same format)")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", default="auto", choices=("auto", "lab", "kaggle", "aptos"))
+    p.add_argument("--format", default="auto", choices=FORMAT_CHOICES)
     p.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
     args = p.parse_args(argv)
     if not 0 < args.test_fraction < 1:

@@ -46,7 +46,7 @@ def test_overrides_are_typed_and_win_over_files():
     ("train.epochs=three", "train.epochs must be int, got 'three'"),
     ("train.epochs=0", "train.epochs must be > 0"),
     ("train.sync_bn=maybe", "train.sync_bn must be bool"),
-    ("model.depth=34", "model.depth=34 is not one of 18, 50"),
+    ("model.depth=26", "model.depth=26 is not one of 18, 34, 50, 101, 152"),
     ("train.amp=fp8", "train.amp='fp8' is not one of auto, off, bf16, fp16"),
     ("epochs=3", "not of the form section.key=value"),
     ("train.warmup_epochs=7", "train.warmup_epochs (7.0) must not exceed train.epochs (6)"),

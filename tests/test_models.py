@@ -2,19 +2,27 @@ import pytest
 import torch
 import torchvision
 
+from dr_resnet import config
 from dr_resnet.models import (WeightsNotFoundError, build_resnet, count_parameters, imagenet_cache_path,
                               resnet18, resnet50)
+from dr_resnet.registry import DEPTHS
 
-TORCHVISION = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}
+TORCHVISION = {d: getattr(torchvision.models, f"resnet{d}") for d in DEPTHS}
 
 
-@pytest.mark.parametrize("depth,expected", [(18, 11_689_512), (50, 25_557_032)])
+def test_the_registry_holds_the_five_resnets():
+    assert DEPTHS == (18, 34, 50, 101, 152)
+    assert set(config.CHOICES["model.depth"]) == set(DEPTHS)  # what config validation accepts
+
+
+@pytest.mark.parametrize("depth,expected", [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032),
+                                            (101, 44_549_160), (152, 60_192_808)])
 def test_parameter_counts_match_torchvision(depth, expected):
     assert count_parameters(build_resnet(depth, num_classes=1000)) == expected
     assert count_parameters(TORCHVISION[depth]()) == expected
 
 
-@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize("depth", DEPTHS)
 def test_same_state_dict_gives_same_outputs_as_torchvision(depth):
     torch.manual_seed(depth)
     reference = TORCHVISION[depth]().eval()
@@ -55,7 +63,7 @@ def _place_imagenet_file(depth: int) -> dict:
     return state
 
 
-@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize("depth", DEPTHS)
 def test_imagenet_weights_load_from_torchvision_cache(torch_home, depth):
     state = _place_imagenet_file(depth)
     assert str(imagenet_cache_path(depth)).startswith(str(torch_home))
@@ -65,6 +73,7 @@ def test_imagenet_weights_load_from_torchvision_cache(torch_home, depth):
         if not key.startswith("fc."):
             assert torch.equal(loaded[key], value), key
     assert model.fc.out_features == 5
+    assert imagenet_cache_path(depth).name.startswith(f"resnet{depth}-")  # torchvision's own file name
 
 
 def test_imagenet_weights_missing_offline_is_a_clear_error(torch_home):
@@ -94,8 +103,10 @@ def test_weights_file_that_does_not_fit_is_refused(tmp_path):
 
 
 def test_unknown_depth_is_refused():
-    with pytest.raises(ValueError, match="depth must be one of \\[18, 50\\]"):
-        build_resnet(34)
+    with pytest.raises(ValueError, match="depth must be one of 18, 34, 50, 101, 152, got 26"):
+        build_resnet(26)
+    with pytest.raises(config.ConfigError, match="model.depth=26 is not one of 18, 34, 50, 101, 152"):
+        config.load(None, ["model.depth=26"])
 
 
 def test_head_bias_starts_a_fresh_head_and_leaves_a_loaded_one(tmp_path):
