@@ -119,9 +119,7 @@ def loop_rate(data: Path, depth: int, compiled: bool, batch: int, size: int, wor
         run.trainer.run_steps(itertools.islice(batches, steps), generator, EpochTotals(CUDA))
         return steps * batch / watch.seconds()
 
-    rate, peak = peak_gib(timed)
-    del batches, run
-    return rate, peak
+    return peak_gib(timed)
 
 
 def decode_rate(data: Path, size: int, images: int = 300) -> float:

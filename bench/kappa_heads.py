@@ -13,12 +13,11 @@ re-printed at no cost. Roughly 3-4 minutes a run on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-from dr_resnet.rundir import selected_row
+from dr_resnet.rundir import read_metrics, selected_row
 
 REPO = Path(__file__).resolve().parent.parent
 REGRESSION = ["model.head=regression", "train.clip_grad_norm=1.0"]
@@ -52,7 +51,7 @@ def train(run_dir: Path, data: Path, seed: int, val_fraction: float, overrides: 
 
 
 def scores(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     on_test = selected_row(rows, "qwk", on="test")
     result = {"chosen on test": on_test["test_qwk"], "final": rows[-1]["test_qwk"], "final acc": rows[-1]["test_acc"]}
     if "val_qwk" in rows[-1]:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -78,6 +77,7 @@ def pure_model_rate(depth: int, batch: int, size: int, steps: int = 8) -> float:
 
 
 def training_efficiency(root: Path, run_dir: Path, size: int, batch: int) -> None:
+    from dr_resnet.rundir import read_metrics
     from dr_resnet.train import main as train_main
 
     before = pure_model_rate(18, batch, size)
@@ -86,7 +86,7 @@ def training_efficiency(root: Path, run_dir: Path, size: int, batch: int) -> Non
     assert code == 0
     after = pure_model_rate(18, batch, size)
     pure = (before + after) / 2
-    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    row = read_metrics(run_dir)[-1]
     train_images = row["images_per_s"] * row["train_seconds"]
     whole = train_images / row["epoch_seconds"]
     print(f"[training] resnet18, {size} px, batch {batch}, 1 process, 1 thread, 1 data worker:")

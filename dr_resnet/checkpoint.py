@@ -2,7 +2,8 @@
 
 Keys: model (plain state dict, torchvision names, no DDP or torch.compile prefix), optimizer, scheduler,
 scaler, precision (fp32, bf16 or fp16), epoch (epochs completed), best (the selection metric's best value
-and epoch), rng (torch's CPU state), config (the resolved config as a dict), wandb_id.
+and epoch), rng (torch's CPU state), config (the resolved config as a dict), wandb_id, head (the head's
+state: a regression head's thresholds). File names: rundir.LAST_CHECKPOINT, rundir.BEST_CHECKPOINT.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-LAST = "checkpoint_last.pt"
-BEST = "checkpoint_best.pt"
 
 
 def save(state: dict[str, Any], path: str | os.PathLike) -> None:

@@ -23,6 +23,7 @@ from .formats import DatasetError
 from .heads import build_head
 from .models import build_resnet
 from .registry import FORMAT_CHOICES
+from .rundir import CONFUSION_PNG
 from .runtime import DEVICES, PRECISIONS, configure_backends, resolve_precision
 
 
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         from .plots import save_confusion_matrix
 
-        save_confusion_matrix(evaluation.confusion_matrix, out / "confusion_matrix.png",
+        save_confusion_matrix(evaluation.confusion_matrix, out / CONFUSION_PNG,
                               f"resnet{cfg.model.depth}, epoch {state['epoch']}, {args.split} split\n"
                               f"accuracy {result['accuracy']:.1%}, QWK {result['qwk']:.3f}")
     return result

@@ -20,9 +20,8 @@ import yaml
 
 from .metrics import majority_baseline
 from .plots import pyplot
-from .rundir import read_metrics, selected_on, selected_row
+from .rundir import CONFIG_FILE, STATUS_FILE, read_metrics, selected_on, selected_row
 
-STATUS_FILE = "launch_status.json"  # a launcher's word on a run: {"status": "not run" | "failed", "reason": ...}
 COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
 
 
@@ -68,7 +67,7 @@ def find_runs(root: Path) -> list[RunRecord]:
     candidates = [root] + sorted(p for p in root.glob("*") if p.is_dir()) + sorted(p for p in root.glob("*/*") if p.is_dir())
     runs = []
     for path in candidates:
-        config_file, status_file = path / "config.yaml", path / STATUS_FILE
+        config_file, status_file = path / CONFIG_FILE, path / STATUS_FILE
         if not config_file.is_file():
             continue
         cfg = yaml.safe_load(config_file.read_text()) or {}

@@ -1,13 +1,28 @@
-"""The run directory's per-epoch log, read and written in one place: training appends to it and
-trims it on resume; the report reads it. No torch here, so the report stays light."""
+"""The run directory: every file name in it, its per-epoch log (training appends to it and trims it on
+resume; the report reads it) and the rule that selects a run's epoch. Nothing else spells these
+names. No torch here, so the report stays light.
+
+    config.yaml           the resolved config                     (train, launch.sweep)
+    metrics.jsonl         one JSON object per epoch               (train; read by report, benchmarks)
+    summary.json          best and final metrics                  (train)
+    checkpoint_last.pt    the resume point                        (train, checkpoint.py's layout)
+    checkpoint_best.pt    the selected epoch's training state     (train)
+    confusion_matrix.png  the selected epoch's confusion matrix   (train; evaluate writes one in its --out)
+    launch_status.json    a launcher's word: not run / failed     (launch.sweep; read by report)
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+LAST_CHECKPOINT = "checkpoint_last.pt"
+BEST_CHECKPOINT = "checkpoint_best.pt"
+CONFUSION_PNG = "confusion_matrix.png"
+STATUS_FILE = "launch_status.json"  # {"status": "not run" | "failed", "reason": ..., "detail": ...}
 
 
 def read_metrics(run_dir: Path, up_to_epoch: int | None = None) -> list[dict]:

@@ -32,7 +32,8 @@ from .distributed import DistInfo
 from .engine import EvalResult, ShardSampler, Trainer, evaluate
 from .formats import DatasetError
 from .models import WeightsNotFoundError, build_resnet
-from .rundir import SUMMARY_FILE, append_metrics, read_metrics, rewrite_metrics, selected_on, selected_row, selection_value
+from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, SUMMARY_FILE, append_metrics,
+                     read_metrics, rewrite_metrics, selected_on, selected_row, selection_value)
 from .runtime import compile_model, configure_backends, resolve_precision
 from .samplers import DistributedBalancedSampler
 from .heads import ClassificationHead, RegressionHead, build_head, qwk_at
@@ -41,7 +42,6 @@ from .tracking import Tracker, TrackingSettings, new_run_id
 
 log = logging.getLogger("dr_resnet.train")
 
-CONFUSION_PNG = "confusion_matrix.png"
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
@@ -208,7 +208,7 @@ def training_state(run: Run, epoch: int, best: dict, wandb_id: str) -> dict:
 
 def resume(run: Run) -> tuple[int, str | None]:
     """(epochs already done, W&B run id) from the run directory's last checkpoint, if any."""
-    path = run.run_dir / checkpoint.LAST
+    path = run.run_dir / LAST_CHECKPOINT
     if not path.is_file():
         return 0, None
     state = checkpoint.load(path)
@@ -312,7 +312,7 @@ def fit(run: Run) -> dict | None:
     rows: list[dict] = []  # the epochs logged so far (rank 0 keeps them, to write the summary)
     if info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run.cfg, run.run_dir / "config.yaml")
+        config.save(run.cfg, run.run_dir / CONFIG_FILE)
         rows = read_metrics(run.run_dir, start_epoch)
         rewrite_metrics(run.run_dir, rows)
         held_out = f"{len(run.val_loader.dataset)} held-out / " if run.val_loader else ""
@@ -361,9 +361,9 @@ def _epochs(run: Run, start_epoch: int, rows: list[dict], tracker: Tracker | Non
             best = {"metric": t.select_by, "on": selected_on(chosen), "value": selection_value(chosen, t.select_by),
                     "epoch": chosen["epoch"]}
             state = training_state(run, epoch + 1, best, tracker.run_id)
-            checkpoint.save(state, run.run_dir / checkpoint.LAST)
+            checkpoint.save(state, run.run_dir / LAST_CHECKPOINT)
             if improved:
-                checkpoint.save(state, run.run_dir / checkpoint.BEST)
+                checkpoint.save(state, run.run_dir / BEST_CHECKPOINT)
             write_summary(run, rows, figure=False)
             tracker.log_epoch(row)
             held_out = f"val QWK {row['val_qwk']:.3f}  " if val is not None else ""
@@ -377,7 +377,7 @@ def _epochs(run: Run, start_epoch: int, rows: list[dict], tracker: Tracker | Non
         return None
     summary = write_summary(run, rows, figure=True)
     tracker.log_summary(summary, run.run_dir / CONFUSION_PNG)
-    tracker.log_checkpoint(run.run_dir / checkpoint.BEST)
+    tracker.log_checkpoint(run.run_dir / BEST_CHECKPOINT)
     return summary
 
 

@@ -32,7 +32,7 @@ import yaml
 
 from dr_resnet import config
 from dr_resnet.config import ConfigError
-from dr_resnet.report import STATUS_FILE
+from dr_resnet.rundir import CONFIG_FILE, STATUS_FILE
 
 from .task import TrainTask
 
@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit to checkpoint and requeue")
     p.add_argument("--wait", action="store_true", help="wait for every job, then write the report; exit 1 if any failed")
     p.add_argument("--dry-run", action="store_true", help="print each job's sbatch script; submit nothing")
+    p.add_argument("--print-arms", action="store_true",
+                   help="print each arm as a tab-separated line: name, recipe file, overrides (slurm/sweep.sh reads it)")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = p.parse_args(argv)
     args.tasks_per_node = args.tasks_per_node or max(1, args.gpus_per_node)
@@ -199,7 +201,7 @@ def set_status(run_dir: Path, cfg: config.Config, status: str = "", reason: str 
     """Save the arm's resolved config (so the report lists it whatever happens) and the launcher's
     status for it ('not run' or 'failed', with the reason), or clear that status."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(cfg, run_dir / "config.yaml")
+    config.save(cfg, run_dir / CONFIG_FILE)
     path = run_dir / STATUS_FILE
     if status:
         path.write_text(json.dumps({"status": status, "reason": reason.splitlines()[0], "detail": reason}, indent=2) + "\n")
@@ -227,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.print_arms:
+        for arm in plans:
+            print("\t".join([arm, str(sweep.base_config), *sweep.arms[arm], *sweep.overrides]))
+        return 0
 
     executor = make_executor(args, out / "submitit", res)
     if args.executor == "slurm":

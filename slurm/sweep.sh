@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Submit the four runs (ResNet18/50 x pretrained/scratch), one slurm/train.sbatch job each.
+# Submit the arms of a sweep file (default configs/sweep.yaml: the four runs ResNet18/50 x
+# pretrained/scratch), one slurm/train.sbatch job each. The arms are read from the sweep file through
+# `python -m launch.sweep --print-arms`, so they are defined in one place.
 #
 #   slurm/sweep.sh SWEEP_DIR [sbatch options...] -- [key=value ...]
 #   slurm/sweep.sh runs/sweep1 --nodes 2 --gpus-per-node 4 --partition gpu -- data.root=/data/eyepacs_512
 #
-# Each run writes SWEEP_DIR/<arm>/ and logs to SWEEP_DIR/<arm>/slurm-<job>.out. `python -m launch.sweep`
-# does the same through submitit, and also checks ImageNet weights before submitting.
+# Each run writes SWEEP_DIR/<arm>/ and logs to SWEEP_DIR/<arm>/slurm-<job>.out. Environment: PYTHON
+# (default python3, with dr_resnet installed), SWEEP_FILE (default configs/sweep.yaml), DRY_RUN=1
+# (print the sbatch commands, submit nothing). `python -m launch.sweep` does the same through
+# submitit, and also checks ImageNet weights before submitting.
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
@@ -21,11 +25,21 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do
 done
 [ $# -gt 0 ] && shift  # the --
 here=$(cd "$(dirname "$0")" && pwd)
-configs=$(cd "$here/../configs" && pwd)
+PYTHON=${PYTHON:-python3}
+SWEEP_FILE=${SWEEP_FILE:-$here/../configs/sweep.yaml}
+plan=$(cd "$here/.." && "$PYTHON" -m launch.sweep --config "$SWEEP_FILE" --print-arms)
 
-for arm in resnet18_pretrained resnet18_scratch resnet50_pretrained resnet50_scratch; do
+while IFS=$'\t' read -r -a fields; do
+    arm=${fields[0]}
+    recipe=${fields[1]}
+    arm_overrides=("${fields[@]:2}")
+    command=(sbatch --parsable --job-name "$arm" --output "$sweep_dir/$arm/slurm-%j.out" "${sbatch_args[@]}"
+        "$here/train.sbatch" --config "$recipe" "${arm_overrides[@]}" "output.dir=$sweep_dir/$arm"
+        "wandb.group=$(basename "$sweep_dir")" "$@")
+    if [ "${DRY_RUN:-0}" = 1 ]; then
+        echo "$arm: ${command[*]}"
+        continue
+    fi
     mkdir -p "$sweep_dir/$arm"
-    sbatch --parsable --job-name "$arm" --output "$sweep_dir/$arm/slurm-%j.out" "${sbatch_args[@]}" \
-        "$here/train.sbatch" --config "$configs/$arm.yaml" "output.dir=$sweep_dir/$arm" \
-        "wandb.group=$(basename "$sweep_dir")" "$@" | sed "s/^/$arm: job /"
-done
+    echo "$arm: job $("${command[@]}")"
+done <<<"$plan"

@@ -4,6 +4,7 @@ sbatch script's process and CPU counts."""
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,7 @@ def test_gpu_slots_never_share_a_gpu():
         gpu_slots([0], 2)
 
 
+@pytest.mark.slow
 def test_local_executor_runs_arms_that_share_gpus_one_after_another(tmp_path, capsys):
     """One GPU id for two arms: the second is submitted only once the first has ended (on this CPU
     machine the jobs train on CPU; what is checked is the launcher's GPU bookkeeping)."""
@@ -113,6 +115,7 @@ def test_errors_are_named_before_anything_is_submitted(tmp_path, capsys, args, m
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_scratch_arms_and_marks_missing_weights_not_run(tmp_path, torch_home, capsys):
     data = preprocessed_dataset(tmp_path, 24, 9, seed=4, size=32)
     out = tmp_path / "sweep"
@@ -135,6 +138,7 @@ def test_local_sweep_runs_scratch_arms_and_marks_missing_weights_not_run(tmp_pat
     assert (out / "accuracy_resnet18.png").is_file() and (out / "confusion_matrices.png").is_file()
 
 
+@pytest.mark.slow
 def test_wait_exits_1_when_a_run_fails(tmp_path, capsys):
     out = tmp_path / "sweep"
     code = main(["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--executor", "local", "--runs",
@@ -145,3 +149,22 @@ def test_wait_exits_1_when_a_run_fails(tmp_path, capsys):
     status = json.loads((out / "resnet18_scratch" / "launch_status.json").read_text())
     assert status["status"] == "failed" and "exited with code 2" in status["reason"]
     assert "| resnet18_scratch | 18 | none | failed: job " in (out / "results.md").read_text()
+
+
+def test_sbatch_sweep_script_reads_the_arms_from_the_sweep_file(tmp_path):
+    """slurm/sweep.sh submits the sweep file's arms, with their overrides: the arms live in one place."""
+    sweep_file = tmp_path / "two.yaml"
+    sweep_file.write_text(f"name: two\nconfig: {REPO / 'configs' / 'base.yaml'}\narms:\n"
+                          "  r34_scratch: [model.depth=34, model.weights=none]\n"
+                          "  r18_small: [model.depth=18, data.image_size=256]\noverrides: [train.epochs=3]\n")
+    env = {**os.environ, "DRY_RUN": "1", "SWEEP_FILE": str(sweep_file), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(REPO / "slurm" / "sweep.sh"), str(tmp_path / "runs"), "--nodes", "2", "--",
+                             "data.root=/data/x"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["r34_scratch", "r18_small"]
+    assert (f"--nodes 2 {REPO / 'slurm' / 'train.sbatch'} --config {REPO / 'configs' / 'base.yaml'} model.depth=34 "
+            f"model.weights=none train.epochs=3 output.dir={tmp_path / 'runs' / 'r34_scratch'} wandb.group=runs "
+            f"data.root=/data/x") in lines[0]
+    assert "model.depth=18 data.image_size=256 train.epochs=3" in lines[1]
+    assert not (tmp_path / "runs").exists()

@@ -11,7 +11,8 @@ import torchvision
 
 from dr_resnet import checkpoint
 from dr_resnet.models import imagenet_cache_path
-from dr_resnet.report import STATUS_FILE, main, report
+from dr_resnet.report import main, report
+from dr_resnet.rundir import STATUS_FILE
 from conftest import preprocessed_dataset
 from dr_resnet.train import main as train
 

@@ -136,6 +136,7 @@ def silent_server():
     server.close()
 
 
+@pytest.mark.slow
 def test_unreachable_server_falls_back_offline_within_a_bounded_delay(tiny, tmp_path, monkeypatch, silent_server, caplog):
     monkeypatch.setenv("WANDB_BASE_URL", silent_server)
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)

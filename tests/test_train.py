@@ -60,6 +60,7 @@ def straight_run(tiny, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_writes_the_run_directory(straight_run, tiny):
     names = {p.name for p in straight_run.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "summary.json",
@@ -94,6 +95,7 @@ def assert_same_training_state(a: Path, b: Path) -> None:
     assert without_timing(metrics_rows(a)) == without_timing(metrics_rows(b))
 
 
+@pytest.mark.slow
 def test_rerun_resumes_drops_unsaved_epochs_and_extends(tiny, tmp_path):
     run_dir = tmp_path / "run"
     first = torchrun(2, overrides(tiny, run_dir, "train.scheduler=none"))
@@ -111,6 +113,7 @@ def test_rerun_resumes_drops_unsaved_epochs_and_extends(tiny, tmp_path):
     assert "epoch 3/3" not in again.stderr and len(metrics_rows(run_dir)) == 3  # done: nothing to train
 
 
+@pytest.mark.slow
 def test_evaluation_is_exact_at_any_world_size(straight_run, tiny, tmp_path):
     results = []
     for nproc in (1, 2, 3):
@@ -150,6 +153,7 @@ def _workers_of(pid: int) -> list[int]:
     return [int(c) for c in children]
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_and_ends_bitwise_equal_to_a_straight_run(straight_run, tiny, tmp_path):
     run_dir = tmp_path / "run"
     cmd = TORCHRUN + ["--standalone", "--nproc_per_node", "2", "--max-restarts", "1", "-m",
