@@ -30,6 +30,7 @@ class ModelConfig:
     weights: str = "none"  # none | imagenet | path to a state dict or checkpoint
     zero_init_residual: bool = False
     head: str = "classification"  # classification (5 grades, cross-entropy) | regression (1 output, thresholds)
+    # | ordinal (4 "grade > k" outputs, binary cross-entropies, consistent decoding)
 
 
 @dataclass
@@ -105,7 +106,7 @@ class Config:
 
 CHOICES = {
     "model.depth": DEPTHS,
-    "model.head": ("classification", "regression"),
+    "model.head": ("classification", "regression", "ordinal"),
     "train.regression_loss": ("mse", "smooth_l1"),
     "train.fit_thresholds": ("train", "val", "batches", "none"),
     "data.format": FORMAT_CHOICES,

@@ -1,6 +1,7 @@
-"""What the network's output means: five class scores (classification), or one number on the grade
-scale cut by thresholds (regression, as in the 2015 Kaggle winners' solutions). The loops in engine.py
-ask the head for the loss, the predicted grades and the referable-DR score, whatever the head.
+"""What the network's output means: five class scores (classification), one number on the grade
+scale cut by thresholds (regression, as in the 2015 Kaggle winners' solutions), or four "grade > k"
+scores (ordinal). The loops in engine.py ask the head for the loss, the predicted grades and the
+referable-DR score, whatever the head.
 """
 
 from __future__ import annotations
@@ -119,6 +120,74 @@ class RegressionHead:
         return self.thresholds.tolist()
 
 
+class OrdinalHead:
+    """Cumulative-link outputs (as in CORAL / CORN): output k scores "grade > k" for k = 0..3, each a
+    binary cross-entropy against the ordered targets. Decoding is consistent: the cumulative
+    probabilities are made non-increasing (a running minimum), so the predicted grade, the number of
+    them above 0.5, always agrees with the class probabilities P(grade = k) = P(> k-1) - P(> k) they
+    imply. Aggregated outputs are those cumulative probabilities; TTA averages them."""
+
+    outputs = NUM_GRADES - 1
+    fits_thresholds = False
+
+    def __init__(self, class_weight: Tensor | None = None) -> None:
+        self.class_weight = class_weight
+
+    @staticmethod
+    def targets(labels: Tensor) -> Tensor:
+        """(N,) grades -> (N, 4) floats: [grade > 0, grade > 1, grade > 2, grade > 3]."""
+        ranks = torch.arange(NUM_GRADES - 1, device=labels.device)
+        return (labels.unsqueeze(1) > ranks).float()
+
+    @staticmethod
+    def cumulative(outputs: Tensor) -> Tensor:
+        """Logits -> non-increasing P(grade > k)."""
+        return torch.cummin(outputs.float().sigmoid(), dim=1).values
+
+    def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        per_sample = nn.functional.binary_cross_entropy_with_logits(outputs.float(), self.targets(labels),
+                                                                    reduction="none").sum(dim=1)
+        if self.class_weight is None:
+            return per_sample.mean()
+        weights = self.class_weight[labels]
+        return (per_sample * weights).sum() / weights.sum()
+
+    def aggregate(self, views: Sequence[Tensor]) -> Tensor:
+        return torch.stack([self.cumulative(v) for v in views]).mean(dim=0)
+
+    def predict(self, aggregated: Tensor) -> Tensor:
+        return (aggregated > 0.5).sum(dim=1)
+
+    def predict_outputs(self, outputs: Tensor) -> Tensor:
+        return self.predict(self.cumulative(outputs))
+
+    @staticmethod
+    def class_probabilities(aggregated: Tensor) -> Tensor:
+        """(N, 4) cumulative -> (N, 5) P(grade = k), non-negative and summing to 1."""
+        ones, zeros = aggregated.new_ones(len(aggregated), 1), aggregated.new_zeros(len(aggregated), 1)
+        above = torch.cat([ones, aggregated, zeros], dim=1)
+        return above[:, :-1] - above[:, 1:]
+
+    def eval_loss_sum(self, aggregated: Tensor, labels: Tensor) -> Tensor:
+        """The binary cross-entropies of the (aggregated) cumulative probabilities, summed."""
+        p = aggregated.clamp(1e-12, 1 - 1e-12)
+        return nn.functional.binary_cross_entropy(p, self.targets(labels).to(p.dtype), reduction="sum")
+
+    def referable_score(self, aggregated: Tensor) -> Tensor:
+        return aggregated[:, REFERABLE_GRADE - 1]  # P(grade > 1) = P(grade >= 2)
+
+    def start_bias(self, labels: np.ndarray) -> list[float]:
+        """Each output starts at the training split's log-odds of "grade > k" (a calibrated prior)."""
+        share = np.clip([(np.asarray(labels) > k).mean() for k in range(NUM_GRADES - 1)], 1e-3, 1 - 1e-3)
+        return np.log(share / (1 - share)).tolist()
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+
 def qwk_at(values: np.ndarray, labels: np.ndarray, thresholds: Sequence[float]) -> float:
     predictions = np.searchsorted(np.asarray(thresholds), values, side="right")
     return quadratic_weighted_kappa(confusion_matrix(labels, predictions))
@@ -151,4 +220,9 @@ def build_head(kind: str, class_weight: Tensor | None = None, regression_loss: s
         return ClassificationHead(class_weight)
     if kind == "regression":
         return RegressionHead(regression_loss, class_weight, fit_thresholds != "none", device=device)
-    raise ValueError(f"model.head must be classification or regression, got {kind!r}")
+    if kind == "ordinal":
+        return OrdinalHead(class_weight)
+    raise ValueError(f"model.head must be one of {', '.join(HEADS)}, got {kind!r}")
+
+
+HEADS = ("classification", "regression", "ordinal")  # model.head

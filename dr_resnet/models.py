@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -194,19 +194,20 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def build_resnet(depth: int, num_classes: int = NUM_GRADES, weights: str | os.PathLike | None = None,
-                 zero_init_residual: bool = False, head_bias: float | None = None) -> ResNet:
+                 zero_init_residual: bool = False, head_bias: float | Sequence[float] | None = None) -> ResNet:
     """ResNet of `depth` (registry.DEPTHS: 18, 34, 50, 101, 152) with a `num_classes` head.
 
     weights: None (random init), "imagenet" (backbone from IMAGENET1K_V1, fresh head unless
     num_classes == 1000) or a path to a state dict / checkpoint. A file whose head has another number
     of classes gives the backbone and a fresh head; every other key must match exactly.
-    head_bias: the output bias of a fresh head (a regression head starts at the mean training grade
-    instead of 0); a head loaded from `weights` keeps its own.
+    head_bias: the output bias of a fresh head, one value or one per output (a regression head starts at
+    the mean training grade, an ordinal head at its training prevalences); a loaded head keeps its own.
     """
     arch = architecture(depth)
     model = ResNet(BLOCKS[arch.block], list(arch.layers), num_classes=num_classes, zero_init_residual=zero_init_residual)
-    if head_bias is not None:
-        nn.init.constant_(model.fc.bias, head_bias)
+    if head_bias is not None:  # one value for every output, or one per output
+        with torch.no_grad():
+            model.fc.bias.copy_(torch.as_tensor(head_bias, dtype=model.fc.bias.dtype).expand_as(model.fc.bias))
     if weights is None or str(weights).lower() in ("", "none", "scratch"):
         return model
     if str(weights).lower() == "imagenet":

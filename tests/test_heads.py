@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import cohen_kappa_score
 
-from dr_resnet.heads import ClassificationHead, RegressionHead, optimize_thresholds, qwk_at
+from dr_resnet.heads import ClassificationHead, OrdinalHead, RegressionHead, optimize_thresholds, qwk_at
 
 
 def test_thresholds_cut_at_the_boundaries():
@@ -40,3 +40,31 @@ def test_losses_and_tta_aggregation():
     probs = ClassificationHead().aggregate([logits, logits.flip(1)])
     assert torch.allclose(probs.sum(dim=1), torch.ones(2)) and torch.allclose(probs[0], probs[1])
     assert ClassificationHead().referable_score(probs).shape == (2,)
+
+
+def test_ordinal_head_decodes_consistently():
+    head = OrdinalHead()
+    # Output 2 says "grade > 2" more strongly than output 1 says "grade > 1": the running minimum keeps
+    # the cumulative probabilities non-increasing, so grade and class probabilities agree.
+    logits = torch.tensor([[3.0, -1.0, 2.0, -4.0], [-3.0, -3.0, -3.0, -3.0], [5.0, 5.0, 5.0, 5.0], [4.0, 3.0, 0.5, -2.0]])
+    cumulative = head.aggregate([logits])
+    assert torch.all(cumulative[:, 1:] <= cumulative[:, :-1])
+    assert head.predict_outputs(logits).tolist() == [1, 0, 4, 3]
+    probabilities = OrdinalHead.class_probabilities(cumulative)
+    assert torch.all(probabilities >= 0) and torch.allclose(probabilities.sum(dim=1), torch.ones(4))
+    assert probabilities.argmax(dim=1).tolist() == [1, 0, 4, 3]
+    assert torch.allclose(head.referable_score(cumulative), probabilities[:, 2:].sum(dim=1))
+    assert OrdinalHead.targets(torch.tensor([0, 2, 4])).tolist() == [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_ordinal_loss_is_the_sum_of_four_binary_cross_entropies():
+    logits, labels = torch.tensor([[0.3, -0.2, 1.0, -2.0], [2.0, 1.5, 0.0, -1.0]]), torch.tensor([1, 3])
+    p = logits.sigmoid()
+    t = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 0]])
+    manual = -(t * p.log() + (1 - t) * (1 - p).log()).sum(dim=1)
+    assert OrdinalHead().loss(logits, labels).item() == pytest.approx(manual.mean().item(), rel=1e-6)
+    weighted = OrdinalHead(torch.tensor([1.0, 1.0, 1.0, 3.0, 1.0])).loss(logits, labels)
+    assert weighted.item() == pytest.approx(((manual[0] + 3 * manual[1]) / 4).item(), rel=1e-6)
+    # The output biases start at the training split's log-odds of "grade > k".
+    bias = OrdinalHead().start_bias(np.array([0, 0, 0, 0, 1, 2, 2, 4]))
+    assert torch.sigmoid(torch.tensor(bias)).tolist() == pytest.approx([0.5, 0.375, 0.125, 0.125])

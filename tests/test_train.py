@@ -286,3 +286,19 @@ def test_held_out_validation_selects_the_epoch_and_fits_thresholds(tiny, tmp_pat
     best = checkpoint.load(run_dir / "checkpoint_best.pt")
     assert best["epoch"] == chosen["epoch"] and best["best"]["on"] == "val"
     assert best["head"]["thresholds"] == pytest.approx(chosen["thresholds"])
+
+
+def test_ordinal_head_trains_and_evaluate_reproduces_its_epoch(tiny, tmp_path):
+    from dr_resnet.evaluate import main as evaluate_main
+    run_dir = tmp_path / "ordinal"
+    assert main(overrides(tiny, run_dir, "model.head=ordinal", "data.workers=0")) == 0
+    rows = metrics_rows(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2] and all(np.sum(r["confusion_matrix"]) == 13 for r in rows)
+    state = checkpoint.load(run_dir / "checkpoint_last.pt")
+    assert state["model"]["fc.weight"].shape == (4, 512) and state["config"]["model"]["head"] == "ordinal"
+    assert evaluate_main(["--checkpoint", str(run_dir / "checkpoint_last.pt"), "--data-root", str(tiny),
+                          "--out", str(tmp_path / "eval"), "--workers", "0", "--device", "cpu", "--tta", "none"]) == 0
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert result["head"] == "ordinal" and result["confusion_matrix"] == rows[-1]["confusion_matrix"]
+    assert result["referable_auc"] == pytest.approx(rows[-1]["test_referable_auc"])
+    assert result["loss"] == pytest.approx(rows[-1]["test_loss"], rel=1e-6)
