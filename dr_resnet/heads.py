@@ -24,7 +24,7 @@ class ClassificationHead:
     """Cross-entropy over five grades; TTA averages the softmax probabilities."""
 
     outputs = NUM_GRADES
-    fits_thresholds = False
+    fit_on = None  # nothing to fit at the end of an epoch
 
     def __init__(self, class_weight: Tensor | None = None) -> None:
         self.criterion = nn.CrossEntropyLoss(weight=class_weight)
@@ -57,6 +57,9 @@ class ClassificationHead:
     def load_state(self, state: dict) -> None:
         pass
 
+    def end_of_epoch(self, values: np.ndarray, labels: np.ndarray) -> dict:
+        return {}
+
 
 class RegressionHead:
     """One output regressed on the grade (MSE or smooth-L1); grades are the output cut at thresholds,
@@ -64,11 +67,15 @@ class RegressionHead:
 
     outputs = 1
 
-    def __init__(self, loss: str = "mse", class_weight: Tensor | None = None, fit: bool = True,
+    def __init__(self, loss: str = "mse", class_weight: Tensor | None = None, fit_on: str | None = "train",
                  thresholds: Sequence[float] = INITIAL_THRESHOLDS, device: torch.device | str = "cpu") -> None:
         if loss not in ("mse", "smooth_l1"):
             raise ValueError(f"regression loss must be mse or smooth_l1, got {loss!r}")
-        self.loss_name, self.class_weight, self.fits_thresholds = loss, class_weight, fit
+        if fit_on not in FIT_SOURCES:
+            raise ValueError(f"thresholds are fitted on one of {', '.join(map(str, FIT_SOURCES))}, got {fit_on!r}")
+        # fit_on: which outputs end_of_epoch wants (train.fit_thresholds): an eval-mode pass over the
+        # training images, the held-out images, the epoch's own training batches, or none (None).
+        self.loss_name, self.class_weight, self.fit_on = loss, class_weight, fit_on
         # Kept on the training device: cutting outputs in the training step copies nothing.
         self.device = torch.device(device)
         self.thresholds = torch.tensor(thresholds, dtype=torch.float32, device=self.device)
@@ -110,6 +117,11 @@ class RegressionHead:
         if "thresholds" in state:
             self.thresholds = torch.tensor(state["thresholds"], dtype=torch.float32, device=self.device)
 
+    def end_of_epoch(self, values: np.ndarray, labels: np.ndarray) -> dict:
+        """Re-fit the thresholds on the outputs fit_on names; what to log for the epoch."""
+        thresholds = self.fit_thresholds(values, labels)
+        return {"thresholds": thresholds, "thresholds_fit_qwk": qwk_at(values, labels, thresholds)}
+
     def fit_thresholds(self, values: np.ndarray, labels: np.ndarray) -> list[float]:
         """Re-fit for QWK on these outputs; non-finite outputs (a diverging run) keep the thresholds."""
         if np.isfinite(values).all() and len(values):
@@ -128,7 +140,7 @@ class OrdinalHead:
     imply. Aggregated outputs are those cumulative probabilities; TTA averages them."""
 
     outputs = NUM_GRADES - 1
-    fits_thresholds = False
+    fit_on = None
 
     def __init__(self, class_weight: Tensor | None = None) -> None:
         self.class_weight = class_weight
@@ -187,6 +199,9 @@ class OrdinalHead:
     def load_state(self, state: dict) -> None:
         pass
 
+    def end_of_epoch(self, values: np.ndarray, labels: np.ndarray) -> dict:
+        return {}
+
 
 def qwk_at(values: np.ndarray, labels: np.ndarray, thresholds: Sequence[float]) -> float:
     predictions = np.searchsorted(np.asarray(thresholds), values, side="right")
@@ -212,14 +227,23 @@ def optimize_thresholds(values: np.ndarray, labels: np.ndarray, start: Sequence[
     return best
 
 
+FIT_SOURCES = ("train", "val", "batches", None)  # the outputs a head's end_of_epoch can ask for (fit_on)
+
+
 def build_head(kind: str, class_weight: Tensor | None = None, regression_loss: str = "mse", fit_thresholds: str = "train",
                device: torch.device | str = "cpu"):
     """fit_thresholds: where a regression head's thresholds are fitted (train.fit_thresholds), or none;
-    device: where the training step runs."""
+    device: where the training step runs.
+
+    Every head has: outputs (the output layer's width), start_bias(labels), loss, aggregate (TTA views),
+    predict / predict_outputs (grades), eval_loss_sum, referable_score, state / load_state (for the
+    checkpoint), fit_on and end_of_epoch(values, labels) (what it wants to see after each epoch, and
+    what it logs)."""
     if kind == "classification":
         return ClassificationHead(class_weight)
     if kind == "regression":
-        return RegressionHead(regression_loss, class_weight, fit_thresholds != "none", device=device)
+        return RegressionHead(regression_loss, class_weight, None if fit_thresholds == "none" else fit_thresholds,
+                              device=device)
     if kind == "ordinal":
         return OrdinalHead(class_weight)
     raise ValueError(f"model.head must be one of {', '.join(HEADS)}, got {kind!r}")

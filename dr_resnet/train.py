@@ -36,7 +36,7 @@ from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOIN
                      read_metrics, rewrite_metrics, selected_on, selected_row, selection_value)
 from .runtime import compile_model, configure_backends, resolve_precision
 from .samplers import DistributedBalancedSampler
-from .heads import ClassificationHead, RegressionHead, build_head, qwk_at
+from .heads import ClassificationHead, OrdinalHead, RegressionHead, build_head
 from .split import holdout_mask
 from .tracking import Tracker, TrackingSettings, new_run_id
 
@@ -110,7 +110,7 @@ class Run:
     train_loader: DataLoader
     test_loader: DataLoader
     val_loader: DataLoader | None  # the held-out part of the training split (data.val_fraction)
-    fit_loader: DataLoader | None  # the training images in eval mode, for train.fit_thresholds=train
+    fit_loader: DataLoader | None  # the training images in eval mode, for a head whose fit_on is "train"
     train_sampler: DistributedSampler | DistributedBalancedSampler
     model: nn.Module  # bare module (for checkpoints)
     eval_model: nn.Module  # the bare module, compiled with train.compile
@@ -119,7 +119,7 @@ class Run:
     test_baseline: float
 
     @property
-    def head(self) -> ClassificationHead | RegressionHead:
+    def head(self) -> ClassificationHead | RegressionHead | OrdinalHead:
         return self.trainer.head
 
     def evaluate(self, loader: DataLoader) -> EvalResult:
@@ -162,7 +162,7 @@ def build(cfg: Config, info: DistInfo) -> Run:
     head = build_head(cfg.model.head, weight, t.regression_loss, t.fit_thresholds, device=info.device)
     test_loader = eval_loader(test_ds)
     val_loader = eval_loader(val_ds) if val_ds is not None else None
-    fit_loader = eval_loader(train_ds) if head.fits_thresholds and t.fit_thresholds == "train" else None
+    fit_loader = eval_loader(train_ds) if head.fit_on == "train" else None
 
     torch.manual_seed(t.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
@@ -238,10 +238,13 @@ def split_metrics(prefix: str, result: EvalResult) -> dict:
             **{f"{prefix}_referable_{k}": s[f"referable_{k}"] for k in ("sensitivity", "specificity", "auc")}}
 
 
-def refit_thresholds(run: Run, stats: dict, val) -> dict:
-    """Re-fit the regression head's thresholds for QWK on the train.fit_thresholds set; every rank
-    fits on the same gathered outputs, so every rank ends with the same thresholds."""
-    source = run.cfg.train.fit_thresholds
+def end_of_epoch(run: Run, stats: dict, val: EvalResult | None) -> dict:
+    """The head's end-of-epoch hook, given the outputs it asked for (head.fit_on): the epoch's training
+    batches, the held-out set's, or an eval-mode pass over the training images. Every rank passes the
+    same gathered outputs, so every rank's head ends the same. Returns what the head logs."""
+    source = run.head.fit_on
+    if source is None:
+        return {}
     if source == "batches":
         values, labels = stats["outputs"], stats["labels"]
     elif source == "val":
@@ -249,8 +252,7 @@ def refit_thresholds(run: Run, stats: dict, val) -> dict:
     else:
         fitted_on = run.evaluate(run.fit_loader)
         values, labels = fitted_on.outputs, fitted_on.targets
-    thresholds = run.head.fit_thresholds(values, labels)
-    return {"thresholds": thresholds, "thresholds_fit_qwk": qwk_at(values, labels, thresholds)}
+    return run.head.end_of_epoch(values, labels)
 
 
 def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
@@ -339,15 +341,15 @@ def _epochs(run: Run, start_epoch: int, rows: list[dict], tracker: Tracker | Non
                    disable=not info.is_main, mininterval=1 if sys.stderr.isatty() else 30, leave=False)
         lr = run.trainer.optimizer.param_groups[0]["lr"]
         stats = run.trainer.epoch(run.train_loader, epoch_generator(t.seed, epoch, info.rank, info.device), bar,
-                                  t.log_every, keep_outputs=run.head.fits_thresholds and t.fit_thresholds == "batches")
+                                  t.log_every, keep_outputs=run.head.fit_on == "batches")
         bar.close()
         eval_start = time.perf_counter()
         val = run.evaluate(run.val_loader) if run.val_loader else None
-        fitted = refit_thresholds(run, stats, val) if run.head.fits_thresholds else {}
+        fitted = end_of_epoch(run, stats, val)
         result = run.evaluate(run.test_loader)
         row = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "train_acc")}, **split_metrics("test", result)}
         if val is not None:
-            val = EvalResult.of(val.outputs, val.targets, run.head)  # cut at the thresholds fitted since
+            val = EvalResult.of(val.outputs, val.targets, run.head)  # scored by the head as its hook left it
             row.update(split_metrics("val", val), val_confusion_matrix=val.confusion_matrix.tolist())
         row.update({"lr": lr, "images_per_s": stats["images_per_s"], "train_seconds": stats["train_seconds"],
                     "eval_seconds": time.perf_counter() - eval_start, "epoch_seconds": time.perf_counter() - epoch_start,
