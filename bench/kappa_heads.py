@@ -1,4 +1,4 @@
-"""Cross-entropy vs the regression head on the demo scale, same seeds, side by side.
+"""Cross-entropy vs the regression and ordinal heads on the demo scale, same seeds, side by side.
 
 Each arm trains configs/demo.yaml (ResNet18 from scratch, 128 px, 6 epochs) under torchrun with 2
 processes for every seed, then one table prints each run's test QWK at the epoch chosen on test, at the
@@ -6,7 +6,7 @@ final epoch and, with --val-fraction, at the epoch chosen on the held-out images
 arm. Finished runs under --out are read, not retrained (a run directory resumes), so the table can be
 re-printed at no cost. Roughly 3-4 minutes a run on 2 CPU cores.
 
-    python bench/kappa_heads.py [--data data/synthetic_128] [--seeds 0 1 2] [--arms ce reg]
+    python bench/kappa_heads.py [--data data/synthetic_128] [--seeds 0 1 2] [--arms ce reg ord]
                                 [--val-fraction 0.1] [--out runs/bench_kappa_heads]
 """
 
@@ -26,6 +26,7 @@ ARMS = {
     "reg": REGRESSION + ["train.fit_thresholds=train"],  # thresholds fitted on an eval-mode pass over train
     "regbatches": REGRESSION + ["train.fit_thresholds=batches"],  # ...on the epoch's augmented outputs
     "regval": REGRESSION + ["train.fit_thresholds=val"],  # ...on the held-out images (needs --val-fraction)
+    "ord": ["model.head=ordinal"],  # four "grade > k" outputs, consistent decoding
 }
 
 

@@ -20,11 +20,25 @@ INITIAL_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
 log = logging.getLogger(__name__)
 
 
-class ClassificationHead:
+class StatelessHead:
+    """What a head with nothing to fit or keep has: no checkpoint state, no end-of-epoch hook."""
+
+    fit_on = None  # the outputs end_of_epoch wants to see (see FIT_SOURCES); None: nothing
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+    def end_of_epoch(self, values: np.ndarray, labels: np.ndarray) -> dict:
+        return {}
+
+
+class ClassificationHead(StatelessHead):
     """Cross-entropy over five grades; TTA averages the softmax probabilities."""
 
     outputs = NUM_GRADES
-    fit_on = None  # nothing to fit at the end of an epoch
 
     def __init__(self, class_weight: Tensor | None = None) -> None:
         self.criterion = nn.CrossEntropyLoss(weight=class_weight)
@@ -50,15 +64,6 @@ class ClassificationHead:
 
     def start_bias(self, labels: np.ndarray) -> None:
         return None  # the usual initialisation
-
-    def state(self) -> dict:
-        return {}
-
-    def load_state(self, state: dict) -> None:
-        pass
-
-    def end_of_epoch(self, values: np.ndarray, labels: np.ndarray) -> dict:
-        return {}
 
 
 class RegressionHead:
@@ -132,7 +137,7 @@ class RegressionHead:
         return self.thresholds.tolist()
 
 
-class OrdinalHead:
+class OrdinalHead(StatelessHead):
     """Cumulative-link outputs (as in CORAL / CORN): output k scores "grade > k" for k = 0..3, each a
     binary cross-entropy against the ordered targets. Decoding is consistent: the cumulative
     probabilities are made non-increasing (a running minimum), so the predicted grade, the number of
@@ -140,7 +145,6 @@ class OrdinalHead:
     imply. Aggregated outputs are those cumulative probabilities; TTA averages them."""
 
     outputs = NUM_GRADES - 1
-    fit_on = None
 
     def __init__(self, class_weight: Tensor | None = None) -> None:
         self.class_weight = class_weight
@@ -192,15 +196,6 @@ class OrdinalHead:
         """Each output starts at the training split's log-odds of "grade > k" (a calibrated prior)."""
         share = np.clip([(np.asarray(labels) > k).mean() for k in range(NUM_GRADES - 1)], 1e-3, 1 - 1e-3)
         return np.log(share / (1 - share)).tolist()
-
-    def state(self) -> dict:
-        return {}
-
-    def load_state(self, state: dict) -> None:
-        pass
-
-    def end_of_epoch(self, values: np.ndarray, labels: np.ndarray) -> dict:
-        return {}
 
 
 def qwk_at(values: np.ndarray, labels: np.ndarray, thresholds: Sequence[float]) -> float:
