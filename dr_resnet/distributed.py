@@ -111,6 +111,11 @@ def _slurm_master_addr() -> str:
     return hosts[0]
 
 
+def master_port(job_id: int) -> int:
+    """The rendezvous port of a SLURM job, the same on every node (slurm/train.sbatch asks here too)."""
+    return 20000 + job_id % 20000
+
+
 def _gpu_identity(device: torch.device) -> str:
     uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
     return str(uuid) if uuid is not None else f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}#{device.index}"
@@ -138,7 +143,7 @@ def init(device: str = "auto", timeout_minutes: float = 30) -> DistInfo:
         return DistInfo(device=chosen)
     if "MASTER_ADDR" not in os.environ:  # plain srun: no launcher set these
         os.environ["MASTER_ADDR"] = _slurm_master_addr()
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
+        os.environ.setdefault("MASTER_PORT", str(master_port(int(os.environ.get("SLURM_JOB_ID", 0)))))
     # Object collectives (and the GPU check below) go over gloo on the CPU; GPU tensors over NCCL,
     # whose communicator starts lazily, after that check.
     backend = "cpu:gloo,cuda:nccl" if chosen.type == "cuda" else "gloo"

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import preprocessed_dataset
 from dr_resnet.config import ConfigError
+from dr_resnet.distributed import master_port
 from launch.sweep import gpu_slots, main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ def test_dry_run_defaults_fit_the_data_workers(tmp_path, capsys, monkeypatch):
 
 def sbatch_dry_run(tmp_path, **slurm) -> str:
     env = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[1-2]",
-           "SLURM_NNODES": "2", **slurm}
+           "SLURM_NNODES": "2", "PYTHON": sys.executable, "PYTHONPATH": str(REPO), **slurm}
     result = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), "--config", "configs/base.yaml"],
                             env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -70,6 +71,7 @@ def test_sbatch_script_counts_processes_from_slurms_gpus_and_gives_them_the_cpus
     command = out.strip().splitlines()[-1]
     assert command.startswith("srun --kill-on-bad-exit=1 --cpus-per-task 36 ")
     assert f"--nnodes 2 --nproc_per_node {processes} " in command and "--rdzv_id 4242" in command
+    assert f":{master_port(4242)} " in command  # the rendezvous port rule of dr_resnet.distributed
     assert command.endswith("-m dr_resnet.train --config configs/base.yaml")
     assert f"2 node(s) x {processes} process(es)" in out and "36 CPU(s) a node" in out
 
