@@ -46,16 +46,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
-    state = checkpoint.load(args.checkpoint)
-    cfg = from_dict(state["config"])
+    state = checkpoint.TrainingState.load(args.checkpoint)
+    cfg = from_dict(state.config)
     cuda = info.device.type == "cuda"
     # --amp off means full fp32 on the GPU too (no TF32 convolutions): what a CPU computes, to rounding.
     configure_backends(info.device, cudnn_benchmark=True, deterministic=False, tf32=args.amp != "off")
     precision = resolve_precision(args.amp, info.device, key="--amp")
     head = build_head(cfg.model.head, regression_loss=cfg.train.regression_loss, device=info.device)
-    head.load_state(state.get("head", {}))  # a regression head's fitted thresholds
+    head.load_state(state.head)  # a regression head's fitted thresholds
     model = build_resnet(cfg.model.depth, head.outputs).to(info.device)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.model)
     if cuda:  # as training does: the layout the GPU's convolutions want
         model = model.to(memory_format=torch.channels_last)
     size = args.image_size or cfg.data.image_size
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     loader = DataLoader(dataset, args.batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
                         num_workers=args.workers, pin_memory=cuda)
     evaluation = evaluate(model, loader, DeviceAugment(channels_last=cuda), info.device, precision, head, tta=args.tta)
-    result = {"checkpoint": str(args.checkpoint), "epoch": int(state["epoch"]), "data_root": str(args.data_root),
+    result = {"checkpoint": str(args.checkpoint), "epoch": int(state.epoch), "data_root": str(args.data_root),
               "split": args.split, "image_size": size, "head": cfg.model.head, **head.state(), "tta": args.tta,
               "device": str(info.device), "precision": precision.name,
               "loss": evaluation.loss, **evaluation.scores()}
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
         from .plots import save_confusion_matrix
 
         save_confusion_matrix(evaluation.confusion_matrix, out / CONFUSION_PNG,
-                              f"resnet{cfg.model.depth}, epoch {state['epoch']}, {args.split} split\n"
+                              f"resnet{cfg.model.depth}, epoch {state.epoch}, {args.split} split\n"
                               f"accuracy {result['accuracy']:.1%}, QWK {result['qwk']:.3f}")
     return result
 
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['majority_baseline']:.1%}), QWK {result['qwk']:.3f}, referable DR (grade >= 2) "
                   f"sensitivity {result['referable_sensitivity']:.2f} specificity {result['referable_specificity']:.2f} "
                   f"AUC {result['referable_auc']:.3f}; wrote {Path(args.out) / 'metrics.json'}")
-    return distributed.run_entry(work, (ConfigError, DatasetError, FileNotFoundError), device=args.device)
+    return distributed.run_entry(work, (ConfigError, DatasetError, FileNotFoundError, checkpoint.CheckpointError),
+                                 device=args.device)
 
 
 if __name__ == "__main__":

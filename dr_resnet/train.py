@@ -194,16 +194,18 @@ def build(cfg: Config, info: DistInfo) -> Run:
     augment = DeviceAugment(d.max_rotation, d.flips, channels_last=channels_last)
     trainer = Trainer(compile_model(ddp_model, t.compile), optimizer, scheduler, scaler, head, augment, precision,
                       info.device, t.clip_grad_norm)
-    return Run(cfg, info, Path(cfg.output.dir), train_loader, test_loader, val_loader, fit_loader, train_sampler, model,
-               compile_model(model, t.compile), trainer, train_ds.majority_baseline, test_ds.majority_baseline)
+    return Run(cfg=cfg, info=info, run_dir=Path(cfg.output.dir), train_loader=train_loader, test_loader=test_loader,
+               val_loader=val_loader, fit_loader=fit_loader, train_sampler=train_sampler, model=model,
+               eval_model=compile_model(model, t.compile), trainer=trainer, train_baseline=train_ds.majority_baseline,
+               test_baseline=test_ds.majority_baseline)
 
 
-def training_state(run: Run, epoch: int, best: dict, wandb_id: str) -> dict:
+def training_state(run: Run, epoch: int, best: dict, wandb_id: str) -> checkpoint.TrainingState:
     t = run.trainer
-    return {"model": run.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-            "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "precision": t.precision.name,
-            "epoch": epoch, "best": best, "rng": checkpoint.rng_state(), "config": run.cfg.to_dict(),
-            "wandb_id": wandb_id, "head": run.head.state()}
+    return checkpoint.TrainingState(
+        model=run.model.state_dict(), optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(),
+        scaler=t.scaler.state_dict(), precision=t.precision.name, epoch=epoch, best=best, rng=checkpoint.rng_state(),
+        config=run.cfg.to_dict(), wandb_id=wandb_id, head=run.head.state())
 
 
 def resume(run: Run) -> tuple[int, str | None]:
@@ -211,23 +213,23 @@ def resume(run: Run) -> tuple[int, str | None]:
     path = run.run_dir / LAST_CHECKPOINT
     if not path.is_file():
         return 0, None
-    state = checkpoint.load(path)
+    state = checkpoint.TrainingState.load(path)
     t = run.trainer
-    run.model.load_state_dict(state["model"])
-    t.optimizer.load_state_dict(state["optimizer"])
-    t.scheduler.load_state_dict(state["scheduler"])
-    saved = state.get("precision")  # absent before 0.2
+    run.model.load_state_dict(state.model)
+    t.optimizer.load_state_dict(state.optimizer)
+    t.scheduler.load_state_dict(state.scheduler)
+    saved = state.precision  # None before 0.2
     if saved is not None and saved != t.precision.name:
         # A requeued job may land on another kind of GPU (or on CPU): carry on in this one's precision.
         log.warning("%s was trained in %s; this process runs in %s (train.amp=%s on %s): continuing in %s%s", path,
                     saved, t.precision.name, run.cfg.train.amp, run.info.device, t.precision.name,
                     ", with a fresh fp16 loss scale" if t.precision.needs_scaler else "")
-    if t.scaler.is_enabled() and state["scaler"]:  # an fp16 run's scale; a fresh scaler otherwise
-        t.scaler.load_state_dict(state["scaler"])
-    checkpoint.restore_rng(state["rng"])
-    run.head.load_state(state.get("head", {}))
-    log.info("resumed %s after epoch %d", path, state["epoch"])
-    return int(state["epoch"]), state.get("wandb_id")
+    if t.scaler.is_enabled() and state.scaler:  # an fp16 run's scale; a fresh scaler otherwise
+        t.scaler.load_state_dict(state.scaler)
+    checkpoint.restore_rng(state.rng)
+    run.head.load_state(state.head)
+    log.info("resumed %s after epoch %d", path, state.epoch)
+    return int(state.epoch), state.wandb_id
 
 
 def split_metrics(prefix: str, result: EvalResult) -> dict:
@@ -363,9 +365,9 @@ def _epochs(run: Run, start_epoch: int, rows: list[dict], tracker: Tracker | Non
             best = {"metric": t.select_by, "on": selected_on(chosen), "value": selection_value(chosen, t.select_by),
                     "epoch": chosen["epoch"]}
             state = training_state(run, epoch + 1, best, tracker.run_id)
-            checkpoint.save(state, run.run_dir / LAST_CHECKPOINT)
+            state.save(run.run_dir / LAST_CHECKPOINT)
             if improved:
-                checkpoint.save(state, run.run_dir / BEST_CHECKPOINT)
+                state.save(run.run_dir / BEST_CHECKPOINT)
             write_summary(run, rows, figure=False)
             tracker.log_epoch(row)
             held_out = f"val QWK {row['val_qwk']:.3f}  " if val is not None else ""

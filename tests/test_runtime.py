@@ -276,3 +276,26 @@ def test_ddp_with_sync_batchnorm_does_not_broadcast_buffers(tmp_path):
         assert torch.nn.parallel.DistributedDataParallel(model).will_sync_module_buffers()
     finally:
         dist.destroy_process_group()
+
+
+def test_training_state_reads_earlier_checkpoints_and_refuses_other_files(tiny, tmp_path, capfd):
+    from dr_resnet.evaluate import main as evaluate_main
+
+    run_dir = tmp_path / "run"
+    assert main(run_args(tiny, run_dir, "train.epochs=1")) == 0
+    state = checkpoint.TrainingState.load(run_dir / "checkpoint_last.pt")
+    assert state.epoch == 1 and state.precision == "fp32" and set(state.rng) == {"torch"}
+    written = checkpoint.load(run_dir / "checkpoint_last.pt")
+    assert set(written) == {"model", "optimizer", "scheduler", "scaler", "precision", "epoch", "best", "rng",
+                            "config", "wandb_id", "head"}  # exactly the keys checkpoint.py's docstring lists
+    old = {k: v for k, v in written.items() if k not in ("precision", "head")}  # as version 0.1 wrote it
+    checkpoint.save(old, tmp_path / "old.pt")
+    assert checkpoint.TrainingState.load(tmp_path / "old.pt").precision is None
+    torch.save(written["model"], tmp_path / "weights.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="weights.pt: not a dr_resnet training checkpoint"):
+        checkpoint.TrainingState.load(tmp_path / "weights.pt")
+    assert evaluate_main(["--checkpoint", str(tmp_path / "weights.pt"), "--data-root", str(tiny), "--out",
+                          str(tmp_path / "eval"), "--device", "cpu", "--workers", "0"]) == 2
+    assert "not a dr_resnet training checkpoint" in capfd.readouterr().err
+    assert evaluate_main(["--checkpoint", str(tmp_path / "old.pt"), "--data-root", str(tiny), "--out",
+                          str(tmp_path / "eval"), "--device", "cpu", "--workers", "0"]) == 0
