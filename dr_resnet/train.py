@@ -10,6 +10,7 @@ A run directory (output.dir) that holds a checkpoint is resumed: a larger train.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -41,7 +42,6 @@ from .split import holdout_mask
 from .tracking import Tracker, TrackingSettings, new_run_id
 
 log = logging.getLogger("dr_resnet.train")
-
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
@@ -83,8 +83,6 @@ def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
 def no_buffer_broadcast() -> dict:
     """DDP's argument that stops it broadcasting buffers before each forward: SyncBatchNorm already keeps
     the statistics equal on every rank. Newer torch renamed it (the old name warns there)."""
-    import inspect
-
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         return {"forward_sync_buffers": False}
     return {"broadcast_buffers": False}
