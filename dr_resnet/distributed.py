@@ -94,12 +94,6 @@ def launch_env(env: Mapping[str, str] = os.environ) -> LaunchEnv:
     return LaunchEnv()
 
 
-def env_ranks(env: Mapping[str, str] = os.environ) -> tuple[int, int, int]:
-    """(rank, world size, local rank) of launch_env."""
-    e = launch_env(env)
-    return e.rank, e.world_size, e.local_rank
-
-
 def _slurm_master_addr() -> str:
     nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     try:
@@ -133,9 +127,10 @@ def shared_gpus(placements: list[tuple[str, str]]) -> str:
     return too_many_processes(processes, gpus, host)
 
 
-def init(device: str = "auto", timeout_minutes: float = 30) -> DistInfo:
-    """Join the process group described by the environment; pick this process's device."""
-    env = launch_env()
+def init(device: str = "auto", timeout_minutes: float = 30, env: LaunchEnv | None = None) -> DistInfo:
+    """Join the process group described by the environment (`env`, else read now); pick this
+    process's device."""
+    env = env or launch_env()
     chosen = select_device(device, env.local_rank, env.local_world_size)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
@@ -183,6 +178,15 @@ def all_gather_objects(obj) -> list:
     return [obj]
 
 
+def _all_gather_rows(local: torch.Tensor, rows: int) -> list[torch.Tensor]:
+    """Every rank's `local`, zero-padded to `rows` rows, in rank order (one all_gather, on its device)."""
+    padded = local.new_zeros((rows, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    shards = [torch.empty_like(padded) for _ in range(_group_size())]
+    dist.all_gather(shards, padded)
+    return shards
+
+
 def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
     """Rebuild a split's per-image tensor, in dataset order, from every rank's shard (rank r holds
     images r, r + w, r + 2w, ...; see engine.ShardSampler), on the tensor's device: one collective,
@@ -191,22 +195,14 @@ def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
     if world == 1:
         return local
     longest = -(-total // world)
-    padded = local.new_zeros((longest, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    shards = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(shards, padded)
+    shards = _all_gather_rows(local, longest)
     # Row j of rank r is image j * w + r: stacking (longest, w) and reading row by row gives dataset order.
     return torch.stack(shards, dim=1).reshape(longest * world, *local.shape[1:])[:total]
 
 
 def gather_equal(local: torch.Tensor) -> torch.Tensor:
     """Every rank's tensor of the same shape, concatenated in rank order (on the tensor's device)."""
-    world = _group_size()
-    if world == 1:
-        return local
-    shards = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(shards, local.contiguous())
-    return torch.cat(shards)
+    return torch.cat(_all_gather_rows(local, local.shape[0])) if _group_size() > 1 else local
 
 
 def barrier() -> None:
@@ -221,7 +217,7 @@ def run_entry(work: Callable[[DistInfo], None], user_errors: tuple[type[Exceptio
     env = launch_env()
     setup_logging(env.rank, env.world_size)
     try:
-        info = init(device)
+        info = init(device, env=env)
         log.info("launch: %s; device %s", env.describe(), _describe_device(info.device))
         work(info)
         return 0

@@ -167,7 +167,7 @@ class ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
 
 
 def name_job(executor, arm: str) -> None:
-    if hasattr(executor, "_submitit_command_str"):  # SLURM: the job's name in squeue
+    if isinstance(executor, submitit.SlurmExecutor):  # SLURM: the job's name in squeue
         executor.update_parameters(job_name=arm)
 
 
