@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 REGRESSION = ["model.head=regression", "train.clip_grad_norm=1.0"]
 ARMS = {
     "ce": [],  # cross-entropy, argmax
-    "reg": REGRESSION + ["train.fit_thresholds=train"],  # thresholds fitted on an eval-mode pass over train
-    "regbatches": REGRESSION + ["train.fit_thresholds=batches"],  # ...on the epoch's augmented outputs
-    "regval": REGRESSION + ["train.fit_thresholds=val"],  # ...on the held-out images (needs --val-fraction)
+    "reg": REGRESSION + ["regression.fit_thresholds=train"],  # thresholds fitted on an eval-mode pass over train
+    "regbatches": REGRESSION + ["regression.fit_thresholds=batches"],  # ...on the epoch's augmented outputs
+    "regval": REGRESSION + ["regression.fit_thresholds=val"],  # ...on the held-out images (needs --val-fraction)
     "ord": ["model.head=ordinal"],  # four "grade > k" outputs, consistent decoding
 }
 

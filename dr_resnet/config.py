@@ -9,6 +9,7 @@ A YAML file may start from another with ``inherit: base.yaml`` (a path relative 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,11 @@ from typing import Any
 
 import yaml
 
-from .registry import DEPTHS, FORMAT_CHOICES
+from .registry import DEPTHS, FORMAT_CHOICES, HEADS
+
+
+log = logging.getLogger(__name__)
+SAVED = "saved config"  # the origin of a config read back from a run (no warnings for its old key names)
 
 
 class ConfigError(ValueError):
@@ -29,8 +34,18 @@ class ModelConfig:
     depth: int = 18  # 18, 34 (BasicBlock), 50, 101, 152 (Bottleneck): registry.ARCHITECTURES
     weights: str = "none"  # none | imagenet | path to a state dict or checkpoint
     zero_init_residual: bool = False
-    head: str = "classification"  # classification (5 grades, cross-entropy) | regression (1 output, thresholds)
-    # | ordinal (4 "grade > k" outputs, binary cross-entropies, consistent decoding)
+    head: str = "classification"  # classification (5 grades, cross-entropy) | regression (1 output, thresholds;
+    # its settings: the regression section) | ordinal (4 "grade > k" outputs, binary cross-entropies, consistent decoding)
+
+
+@dataclass
+class RegressionConfig:
+    """The regression head's settings (model.head=regression); the other heads have none."""
+
+    loss: str = "mse"  # mse | smooth_l1
+    fit_thresholds: str = "train"  # after each epoch re-fit the grade thresholds for QWK on train (an eval-mode
+    # pass over the training images) | val (the held-out part, data.val_fraction) | batches (the epoch's
+    # augmented training outputs: no extra pass) | none (keep 0.5, 1.5, 2.5, 3.5)
 
 
 @dataclass
@@ -67,10 +82,6 @@ class TrainConfig:
     seed: int = 0
     class_weights: str = "none"  # none | balanced (inverse class frequency in the loss)
     clip_grad_norm: float = 0.0  # clip the gradients' global norm to this (0: off); regression heads need it
-    regression_loss: str = "mse"  # mse | smooth_l1 (model.head=regression)
-    fit_thresholds: str = "train"  # regression: after each epoch re-fit the grade thresholds for QWK on
-    # train (an eval-mode pass over the training images) | val (the held-out part, data.val_fraction) |
-    # batches (the epoch's augmented training outputs: no extra pass) | none (keep 0.5, 1.5, 2.5, 3.5)
     sampler: str = "random"  # random (DistributedSampler) | balanced (every grade equally likely)
     select_by: str = "qwk"  # the best epoch (checkpoint_best.pt, summary "best"): qwk | accuracy | loss
     log_every: int = 20  # batches between progress-bar updates of loss/accuracy
@@ -95,6 +106,7 @@ class WandbConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -106,9 +118,9 @@ class Config:
 
 CHOICES = {
     "model.depth": DEPTHS,
-    "model.head": ("classification", "regression", "ordinal"),
-    "train.regression_loss": ("mse", "smooth_l1"),
-    "train.fit_thresholds": ("train", "val", "batches", "none"),
+    "model.head": HEADS,
+    "regression.loss": ("mse", "smooth_l1"),
+    "regression.fit_thresholds": ("train", "val", "batches", "none"),
     "data.format": FORMAT_CHOICES,
     "train.scheduler": ("none", "cosine", "onecycle"),
     "train.amp": ("auto", "off", "bf16", "fp16"),
@@ -119,6 +131,8 @@ CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
 }
 POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.log_every", "wandb.init_timeout")
+# Keys that moved (old name -> new name): files, overrides and checkpoints that use the old name still load.
+RENAMED = {"train.regression_loss": "regression.loss", "train.fit_thresholds": "regression.fit_thresholds"}
 NON_NEGATIVE = ("data.workers", "data.max_rotation", "train.eval_batch_size", "train.momentum", "train.clip_grad_norm",
                 "train.weight_decay", "train.warmup_epochs")
 
@@ -156,9 +170,24 @@ def _coerce(key: str, value: Any, kind: Any, origin: str) -> Any:
     raise ConfigError(f"{origin}: {key} must be {kind.__name__}, got {value!r}")
 
 
+def _renamed(updates: dict[str, Any], origin: str) -> dict[str, Any]:
+    """updates with keys of RENAMED under their new names (a warning for each, except in saved configs)."""
+    moved = [(section, key) for section, values in updates.items() if isinstance(values, dict)
+             for key in values if f"{section}.{key}" in RENAMED]
+    if not moved:
+        return updates
+    result = {section: dict(values) if isinstance(values, dict) else values for section, values in updates.items()}
+    for section, key in moved:
+        new_section, new_key = RENAMED[f"{section}.{key}"].split(".")
+        result.setdefault(new_section, {})[new_key] = result[section].pop(key)
+        if origin != SAVED:
+            log.warning("%s: %s.%s is now %s.%s (the old name still works)", origin, section, key, new_section, new_key)
+    return result
+
+
 def _apply(cfg: Config, updates: dict[str, Any], origin: str) -> None:
     sections = _sections(cfg)
-    for section, values in updates.items():
+    for section, values in _renamed(updates, origin).items():
         if section not in sections:
             raise ConfigError(f"{origin}: unknown section '{section}' (known: {', '.join(sections)})")
         if not isinstance(values, dict):
@@ -215,8 +244,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if cfg.train.fit_thresholds == "val" and cfg.data.val_fraction == 0:
-        raise ConfigError("train.fit_thresholds=val needs a held-out set: set data.val_fraction (e.g. 0.1)")
+    if cfg.model.head == "regression" and cfg.regression.fit_thresholds == "val" and cfg.data.val_fraction == 0:
+        raise ConfigError("regression.fit_thresholds=val needs a held-out set: set data.val_fraction (e.g. 0.1)")
     if cfg.train.warmup_epochs > cfg.train.epochs:
         raise ConfigError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) must not exceed train.epochs ({cfg.train.epochs})")
 
@@ -241,11 +270,12 @@ def save(cfg: Config, path: str | os.PathLike) -> None:
 
 def from_dict(content: dict[str, Any]) -> Config:
     """A Config from a saved dict (a checkpoint's or config.yaml's), validated. Checkpoints of version
-    0.1 stored train.fit_thresholds as a bool (true meant fitting on the epoch's training outputs)."""
+    0.1 stored train.fit_thresholds as a bool (true meant fitting on the epoch's training outputs); older
+    ones keep the regression settings in train (see RENAMED)."""
     legacy = content.get("train", {}).get("fit_thresholds")
     if isinstance(legacy, bool):
         content = {**content, "train": {**content["train"], "fit_thresholds": "batches" if legacy else "none"}}
     cfg = Config()
-    _apply(cfg, content, "saved config")
+    _apply(cfg, content, SAVED)
     validate(cfg)
     return cfg

@@ -104,6 +104,20 @@ class EpochTotals:
         return stats
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """What the loops run on: the device, the numeric precision, and the device-side augmentation, which
+    also writes the memory layout (channels_last) the model's first convolution wants."""
+
+    device: torch.device
+    precision: Precision = Precision()
+    augment: DeviceAugment = field(default_factory=DeviceAugment)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.augment.channels_last
+
+
 @dataclass
 class Trainer:
     """What one training step needs. `model` is what training calls (DDP and/or compiled wrapper)."""
@@ -113,15 +127,17 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     head: object
-    augment: DeviceAugment
-    precision: Precision
-    device: torch.device
+    runtime: Runtime
     clip_grad_norm: float = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
 
     def step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """One optimisation step on a uint8 batch already on the device; returns (loss, outputs)."""
-        inputs = self.augment.train(images, generator)
-        with self.precision.autocast(self.device):
+        inputs = self.runtime.augment.train(images, generator)
+        with self.runtime.precision.autocast(self.device):
             outputs = self.model(inputs)
             loss = self.head.loss(outputs, labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -196,8 +212,7 @@ def _views(inputs: Tensor, tta: str) -> list[Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, augment: DeviceAugment, device: torch.device,
-             precision: Precision, head, tta: str = "none") -> EvalResult:
+def evaluate(model: nn.Module, loader: Iterable, head, runtime: Runtime, tta: str = "none") -> EvalResult:
     """Every image of the split exactly once (`loader` samples with ShardSampler), gathered across
     processes on the device, moved to the host once, and scored. With TTA the head averages its views
     (probabilities, or regression outputs) before predicting.
@@ -208,11 +223,12 @@ def evaluate(model: nn.Module, loader: Iterable, augment: DeviceAugment, device:
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
     model.eval()
+    device = runtime.device
     outputs, targets = [], []
     for images, labels in loader:
         images, labels = _to_device(images, labels, device)
-        with precision.autocast(device):
-            aggregated = head.aggregate([model(v) for v in _views(augment.eval(images), tta)])
+        with runtime.precision.autocast(device):
+            aggregated = head.aggregate([model(v) for v in _views(runtime.augment.eval(images), tta)])
         outputs.append(aggregated.float())
         targets.append(labels)
     shape = (0, head.outputs) if head.outputs > 1 else (0,)

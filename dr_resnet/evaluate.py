@@ -11,20 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-
-from . import checkpoint, distributed
-from .augment import DeviceAugment
+from . import checkpoint, components, distributed
 from .config import ConfigError, from_dict
 from .data import RetinopathyDataset
-from .engine import TTA_MODES, ShardSampler, evaluate
+from .engine import TTA_MODES, evaluate
 from .formats import DatasetError
-from .heads import build_head
-from .models import build_resnet
 from .registry import FORMAT_CHOICES
 from .rundir import CONFUSION_PNG
-from .runtime import DEVICES, PRECISIONS, configure_backends, resolve_precision
+from .runtime import DEVICES, PRECISIONS, configure_backends
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,21 +42,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     state = checkpoint.TrainingState.load(args.checkpoint)
     cfg = from_dict(state.config)
-    cuda = info.device.type == "cuda"
     # --amp off means full fp32 on the GPU too (no TF32 convolutions): what a CPU computes, to rounding.
     configure_backends(info.device, cudnn_benchmark=True, deterministic=False, tf32=args.amp != "off")
-    precision = resolve_precision(args.amp, info.device, key="--amp")
-    head = build_head(cfg.model.head, regression_loss=cfg.train.regression_loss, device=info.device)
+    runtime = components.runtime(args.amp, info.device, key="--amp")  # channels_last on CUDA, as in training
+    head = components.head(cfg, None, info.device)
     head.load_state(state.head)  # a regression head's fitted thresholds
-    model = build_resnet(cfg.model.depth, head.outputs).to(info.device)
+    model = components.model(cfg, head, runtime, pretrained=False)
     model.load_state_dict(state.model)
-    if cuda:  # as training does: the layout the GPU's convolutions want
-        model = model.to(memory_format=torch.channels_last)
     size = args.image_size or cfg.data.image_size
     dataset = RetinopathyDataset(args.data_root, args.split, format=args.format, image_size=size)
-    loader = DataLoader(dataset, args.batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
-                        num_workers=args.workers, pin_memory=cuda)
-    evaluation = evaluate(model, loader, DeviceAugment(channels_last=cuda), info.device, precision, head, tta=args.tta)
+    loader = components.evaluation_loader(dataset, args.batch_size, args.workers, info)
+    evaluation = evaluate(model, loader, head, runtime, tta=args.tta)
+    precision = runtime.precision
     result = {"checkpoint": str(args.checkpoint), "epoch": int(state.epoch), "data_root": str(args.data_root),
               "split": args.split, "image_size": size, "head": cfg.model.head, **head.state(), "tta": args.tta,
               "device": str(info.device), "precision": precision.name,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import NUM_GRADES
+from .config import Config
 from .metrics import REFERABLE_GRADE, confusion_matrix, quadratic_weighted_kappa
 
 INITIAL_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
@@ -24,6 +25,10 @@ class StatelessHead:
     """What a head with nothing to fit or keep has: no checkpoint state, no end-of-epoch hook."""
 
     fit_on = None  # the outputs end_of_epoch wants to see (see FIT_SOURCES); None: nothing
+
+    @classmethod
+    def from_config(cls, cfg: Config, class_weight: Tensor | None, device: torch.device):
+        return cls(class_weight)
 
     def state(self) -> dict:
         return {}
@@ -72,13 +77,19 @@ class RegressionHead:
 
     outputs = 1
 
+    @classmethod
+    def from_config(cls, cfg: Config, class_weight: Tensor | None, device: torch.device) -> "RegressionHead":
+        """With the config's regression section: its loss, and where the thresholds are fitted."""
+        r = cfg.regression
+        return cls(r.loss, class_weight, None if r.fit_thresholds == "none" else r.fit_thresholds, device=device)
+
     def __init__(self, loss: str = "mse", class_weight: Tensor | None = None, fit_on: str | None = "train",
                  thresholds: Sequence[float] = INITIAL_THRESHOLDS, device: torch.device | str = "cpu") -> None:
         if loss not in ("mse", "smooth_l1"):
             raise ValueError(f"regression loss must be mse or smooth_l1, got {loss!r}")
         if fit_on not in FIT_SOURCES:
             raise ValueError(f"thresholds are fitted on one of {', '.join(map(str, FIT_SOURCES))}, got {fit_on!r}")
-        # fit_on: which outputs end_of_epoch wants (train.fit_thresholds): an eval-mode pass over the
+        # fit_on: which outputs end_of_epoch wants (regression.fit_thresholds): an eval-mode pass over the
         # training images, the held-out images, the epoch's own training batches, or none (None).
         self.loss_name, self.class_weight, self.fit_on = loss, class_weight, fit_on
         # Kept on the training device: cutting outputs in the training step copies nothing.
@@ -225,23 +236,26 @@ def optimize_thresholds(values: np.ndarray, labels: np.ndarray, start: Sequence[
 FIT_SOURCES = ("train", "val", "batches", None)  # the outputs a head's end_of_epoch can ask for (fit_on)
 
 
-def build_head(kind: str, class_weight: Tensor | None = None, regression_loss: str = "mse", fit_thresholds: str = "train",
-               device: torch.device | str = "cpu"):
-    """fit_thresholds: where a regression head's thresholds are fitted (train.fit_thresholds), or none;
-    device: where the training step runs.
+HEAD_TYPES = {"classification": ClassificationHead, "regression": RegressionHead, "ordinal": OrdinalHead}
+# registry.HEADS names them for the config (torch-free); a new head is a class here and a name there.
+
+
+def head_for(cfg: Config, class_weight: Tensor | None = None, device: torch.device | str = "cpu"):
+    """The head cfg.model.head names, with its settings from cfg (the regression section for regression);
+    class_weight: per-grade loss weights (train.class_weights); device: where the training step runs.
 
     Every head has: outputs (the output layer's width), start_bias(labels), loss, aggregate (TTA views),
     predict / predict_outputs (grades), eval_loss_sum, referable_score, state / load_state (for the
     checkpoint), fit_on and end_of_epoch(values, labels) (what it wants to see after each epoch, and
     what it logs)."""
-    if kind == "classification":
-        return ClassificationHead(class_weight)
-    if kind == "regression":
-        return RegressionHead(regression_loss, class_weight, None if fit_thresholds == "none" else fit_thresholds,
-                              device=device)
-    if kind == "ordinal":
-        return OrdinalHead(class_weight)
-    raise ValueError(f"model.head must be one of {', '.join(HEADS)}, got {kind!r}")
+    kind = cfg.model.head
+    if kind not in HEAD_TYPES:
+        raise ValueError(f"model.head must be one of {', '.join(HEAD_TYPES)}, got {kind!r}")
+    return HEAD_TYPES[kind].from_config(cfg, class_weight, torch.device(device))
 
 
-HEADS = ("classification", "regression", "ordinal")  # model.head
+def build_head(kind: str, class_weight: Tensor | None = None, device: torch.device | str = "cpu"):
+    """The head `kind` with its default settings (head_for with a default config)."""
+    cfg = Config()
+    cfg.model.head = kind
+    return head_for(cfg, class_weight, device)

@@ -1,6 +1,7 @@
 """Torch-free tables of what can be chosen: the ResNet architectures (block, layer counts, torchvision
-weights) and the dataset formats. Config validation, the CLIs' choices and the models read them here,
-so a new depth or format is one line (plus its reader, for a format)."""
+weights), the output heads and the dataset formats. Config validation, the CLIs' choices and the
+models read them here, so a new depth, head or format is one line (plus its code: heads.HEAD_TYPES
+for a head, formats.SplitLayout for a format)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,5 @@ DEPTHS = tuple(sorted(ARCHITECTURES))
 
 FORMATS = ("lab", "kaggle", "aptos")  # on-disk dataset layouts (formats.SplitLayout reads each)
 FORMAT_CHOICES = ("auto", *FORMATS)  # "auto": detected from the split files present
+
+HEADS = ("classification", "regression", "ordinal")  # model.head (heads.HEAD_TYPES implements each)

@@ -10,35 +10,30 @@ A run directory (output.dir) that holds a checkpoint is resumed: a larger train.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import checkpoint, config, distributed
-from .augment import DeviceAugment, epoch_generator
+from . import checkpoint, components, config, distributed
+from .augment import epoch_generator
 from .config import Config, ConfigError
 from .data import RetinopathyDataset
 from .distributed import DistInfo
-from .engine import EvalResult, ShardSampler, Trainer, evaluate
+from .engine import EvalResult, Trainer, evaluate
 from .formats import DatasetError
-from .models import WeightsNotFoundError, build_resnet
+from .models import WeightsNotFoundError
 from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, SUMMARY_FILE, append_metrics,
                      read_metrics, rewrite_metrics, selected_on, selected_row, selection_value)
-from .runtime import compile_model, configure_backends, resolve_precision
+from .runtime import compile_model
 from .samplers import DistributedBalancedSampler
-from .heads import ClassificationHead, OrdinalHead, RegressionHead, build_head
-from .split import holdout_mask
+from .heads import ClassificationHead, OrdinalHead, RegressionHead
 from .tracking import Tracker, TrackingSettings, new_run_id
 
 log = logging.getLogger("dr_resnet.train")
@@ -50,52 +45,6 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 output.dir=runs/x")
     args = p.parse_args(argv)
     return args.config, args.overrides
-
-
-ONECYCLE_DIV, ONECYCLE_FINAL_DIV, ONECYCLE_RISE = 25.0, 1e4, 0.3  # torch's OneCycleLR defaults
-
-
-def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
-    """Per-step learning-rate factor. none: constant; cosine: linear warm-up, then cosine decay to 0;
-    onecycle: the one-cycle policy as torch's OneCycleLR (cosine annealing, learning rate only): from
-    lr/25 up to lr over warmup_steps (default 30% of the run), then down to lr/25/1e4. A factor of the
-    step (not a stateful scheduler), so a run extended with more epochs stretches its schedule."""
-    def cosine(start: float, end: float, fraction: float) -> float:
-        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction)))
-
-    rise = warmup_steps or round(ONECYCLE_RISE * total_steps)
-
-    def factor(step: int) -> float:
-        if scheduler == "none":
-            return 1.0
-        if scheduler == "onecycle":
-            low = 1 / ONECYCLE_DIV
-            if step <= rise - 1:
-                return cosine(low, 1.0, step / max(1, rise - 1))
-            return cosine(1.0, low / ONECYCLE_FINAL_DIV, (step - rise + 1) / max(1, total_steps - rise))
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
-def no_buffer_broadcast() -> dict:
-    """DDP's argument that stops it broadcasting buffers before each forward: SyncBatchNorm already keeps
-    the statistics equal on every rank. Newer torch renamed it (the old name warns there)."""
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
-        return {"forward_sync_buffers": False}
-    return {"broadcast_buffers": False}
-
-
-def class_weights(counts: np.ndarray) -> torch.Tensor:
-    """Inverse frequency, scaled so a balanced set gets 1 per class (scikit-learn's 'balanced');
-    a class absent from training gets 0."""
-    counts = counts.astype(np.float64)
-    present = counts > 0
-    weights = np.zeros_like(counts)
-    weights[present] = counts.sum() / (present.sum() * counts[present])
-    return torch.tensor(weights, dtype=torch.float32)
 
 
 @dataclass
@@ -121,88 +70,40 @@ class Run:
         return self.trainer.head
 
     def evaluate(self, loader: DataLoader) -> EvalResult:
-        t = self.trainer
-        return evaluate(self.eval_model, loader, t.augment, self.info.device, t.precision, t.head)
+        return evaluate(self.eval_model, loader, self.head, self.trainer.runtime)
 
 
 def build(cfg: Config, info: DistInfo) -> Run:
-    d, t = cfg.data, cfg.train
-    cuda = info.device.type == "cuda"
-    configure_backends(info.device, t.cudnn_benchmark, t.deterministic)
-    precision = resolve_precision(t.amp, info.device)
-    train_ds = RetinopathyDataset(d.root, d.train_split, format=d.format, image_size=d.image_size)
-    test_ds = RetinopathyDataset(d.root, d.test_split, format=d.format, image_size=d.image_size)
-    val_ds = None
-    if d.val_fraction > 0:
-        held_out = holdout_mask(train_ds.names, train_ds.labels, d.val_fraction, t.seed)
-        if held_out.all() or not held_out.any():
-            raise ConfigError(f"data.val_fraction={d.val_fraction} holds out {held_out.sum()} of the "
-                              f"{len(train_ds)} training images in {d.root}: choose a fraction that leaves both sides images")
-        train_ds, val_ds = train_ds.subset(~held_out, d.train_split), train_ds.subset(held_out, f"{d.train_split}:held-out")
-    if len(train_ds) < t.batch_size * info.world_size:
-        raise ConfigError(f"train.batch_size={t.batch_size} x {info.world_size} process(es) is more than the "
-                          f"{len(train_ds)} training images in {d.root}: lower train.batch_size")
-    # drop_last twice: the sampler trims the epoch to a multiple of the world size, the loader drops
-    # a last short batch, so BatchNorm never sees a batch of one.
-    if t.sampler == "balanced":
-        train_sampler = DistributedBalancedSampler(train_ds.labels, info.world_size, info.rank, seed=t.seed)
-    else:
-        train_sampler = DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True, seed=t.seed, drop_last=True)
-    # Only the training loader keeps its workers between epochs: the evaluation loaders run once an
-    # epoch and would otherwise hold data.workers idle processes each, per GPU.
-    train_loader = DataLoader(train_ds, t.batch_size, sampler=train_sampler, drop_last=True, num_workers=d.workers,
-                              pin_memory=cuda, persistent_workers=d.workers > 0, generator=torch.Generator())
+    """The run's parts (components) assembled for training on this process's device."""
+    t = cfg.train
+    components.configure(cfg, info.device)
+    runtime = components.runtime(t.amp, info.device, cfg.data, t.channels_last)
+    data = components.datasets(cfg)
+    train_loader, train_sampler = components.training_loader(data.train, cfg, info)
 
-    def eval_loader(dataset: RetinopathyDataset) -> DataLoader:  # every image once across the ranks, in order
-        return DataLoader(dataset, t.eval_batch_size or 2 * t.batch_size, num_workers=d.workers, pin_memory=cuda,
-                          sampler=ShardSampler(len(dataset), info.rank, info.world_size))
-    weight = class_weights(train_ds.class_counts).to(info.device) if t.class_weights == "balanced" else None
-    head = build_head(cfg.model.head, weight, t.regression_loss, t.fit_thresholds, device=info.device)
-    test_loader = eval_loader(test_ds)
-    val_loader = eval_loader(val_ds) if val_ds is not None else None
-    fit_loader = eval_loader(train_ds) if head.fit_on == "train" else None
-
-    torch.manual_seed(t.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
-    model = build_resnet(cfg.model.depth, head.outputs, weights, cfg.model.zero_init_residual,
-                         head.start_bias(train_ds.labels)).to(info.device)
-    channels_last = t.channels_last and cuda
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ddp_model: nn.Module = model
-    if info.distributed:
-        sync_bn = t.sync_bn and cuda
-        if sync_bn:
-            ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            log.info("SyncBatchNorm over %d process(es); DDP does not broadcast buffers", info.world_size)
-        elif t.sync_bn:
-            log.info("SyncBatchNorm needs CUDA: on CPU each process keeps its own BatchNorm statistics")
-        ddp_model = DistributedDataParallel(ddp_model, device_ids=[info.device.index] if cuda else None,
-                                            **(no_buffer_broadcast() if sync_bn else {}))
-        model = ddp_model.module
-
-    # Fused SGD on CUDA: one kernel for the update, and fp16's GradScaler checks for inf/NaN on the GPU
-    # instead of reading a flag back to the host every step.
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                                **({"fused": True} if cuda else {}))
-    steps = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(t.scheduler, round(t.warmup_epochs * steps), t.epochs * steps))
-    scaler = torch.amp.GradScaler(info.device.type, enabled=precision.needs_scaler)
-    augment = DeviceAugment(d.max_rotation, d.flips, channels_last=channels_last)
-    trainer = Trainer(compile_model(ddp_model, t.compile), optimizer, scheduler, scaler, head, augment, precision,
-                      info.device, t.clip_grad_norm)
+    def eval_loader(dataset: RetinopathyDataset) -> DataLoader:
+        return components.evaluation_loader(dataset, t.eval_batch_size or 2 * t.batch_size, cfg.data.workers, info)
+    head = components.head(cfg, data.train, info.device)
+    test_loader = eval_loader(data.test)
+    val_loader = eval_loader(data.val) if data.val is not None else None
+    fit_loader = eval_loader(data.train) if head.fit_on == "train" else None
+    model = components.model(cfg, head, runtime, data.train.labels)
+    ddp_model = components.distributed_model(model, cfg, info)
+    model = getattr(ddp_model, "module", ddp_model)  # SyncBatchNorm's conversion makes a new module
+    o = components.optimisation(t, model, len(train_loader), runtime)
+    trainer = Trainer(compile_model(ddp_model, t.compile), o.optimizer, o.scheduler, o.scaler, head, runtime,
+                      t.clip_grad_norm)
     return Run(cfg=cfg, info=info, run_dir=Path(cfg.output.dir), train_loader=train_loader, test_loader=test_loader,
                val_loader=val_loader, fit_loader=fit_loader, train_sampler=train_sampler, model=model,
-               eval_model=compile_model(model, t.compile), trainer=trainer, train_baseline=train_ds.majority_baseline,
-               test_baseline=test_ds.majority_baseline)
+               eval_model=compile_model(model, t.compile), trainer=trainer, train_baseline=data.train.majority_baseline,
+               test_baseline=data.test.majority_baseline)
 
 
 def training_state(run: Run, epoch: int, best: dict, wandb_id: str) -> checkpoint.TrainingState:
     t = run.trainer
     return checkpoint.TrainingState(
         model=run.model.state_dict(), optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(),
-        scaler=t.scaler.state_dict(), precision=t.precision.name, epoch=epoch, best=best, rng=checkpoint.rng_state(),
+        scaler=t.scaler.state_dict(), precision=t.runtime.precision.name, epoch=epoch, best=best, rng=checkpoint.rng_state(),
         config=run.cfg.to_dict(), wandb_id=wandb_id, head=run.head.state())
 
 
@@ -217,11 +118,11 @@ def resume(run: Run) -> tuple[int, str | None]:
     t.optimizer.load_state_dict(state.optimizer)
     t.scheduler.load_state_dict(state.scheduler)
     saved = state.precision  # None before 0.2
-    if saved is not None and saved != t.precision.name:
+    if saved is not None and saved != t.runtime.precision.name:
         # A requeued job may land on another kind of GPU (or on CPU): carry on in this one's precision.
         log.warning("%s was trained in %s; this process runs in %s (train.amp=%s on %s): continuing in %s%s", path,
-                    saved, t.precision.name, run.cfg.train.amp, run.info.device, t.precision.name,
-                    ", with a fresh fp16 loss scale" if t.precision.needs_scaler else "")
+                    saved, t.runtime.precision.name, run.cfg.train.amp, run.info.device, t.runtime.precision.name,
+                    ", with a fresh fp16 loss scale" if t.runtime.precision.needs_scaler else "")
     if t.scaler.is_enabled() and state.scaler:  # an fp16 run's scale; a fresh scaler otherwise
         t.scaler.load_state_dict(state.scaler)
     checkpoint.restore_rng(state.rng)
@@ -321,7 +222,7 @@ def fit(run: Run) -> dict | None:
         log.info("%s: resnet%d (%s weights), %d train / %s%d test images, %d process(es) on %s, precision %s, "
                  "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
                  len(run.train_loader.dataset), held_out, len(run.test_loader.dataset), info.world_size, info.device,
-                 run.trainer.precision.name, 100 * run.test_baseline)
+                 run.trainer.runtime.precision.name, 100 * run.test_baseline)
     tracker = start_tracking(run, wandb_id) if info.is_main else None
     try:
         return _epochs(run, start_epoch, rows, tracker)

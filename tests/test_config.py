@@ -27,7 +27,7 @@ def test_the_four_runs_inherit_the_lab_recipe(name, depth, weights):
 def test_kappa_recipe_combines_the_options():
     cfg = config.load(CONFIGS / "resnet50_pretrained_kappa.yaml")
     assert (cfg.model.depth, cfg.model.weights, cfg.model.head) == (50, "imagenet", "regression")
-    assert cfg.train.fit_thresholds == "train" and cfg.data.val_fraction == 0.1
+    assert cfg.regression.fit_thresholds == "train" and cfg.data.val_fraction == 0.1
     assert cfg.train.select_by == "qwk" and cfg.train.clip_grad_norm == 1.0
     assert cfg.train.momentum == 0.9 and cfg.train.weight_decay == 5e-4  # still the lab recipe underneath
 
@@ -50,13 +50,39 @@ def test_overrides_are_typed_and_win_over_files():
     ("train.amp=fp8", "train.amp='fp8' is not one of auto, off, bf16, fp16"),
     ("epochs=3", "not of the form section.key=value"),
     ("train.warmup_epochs=7", "train.warmup_epochs (7.0) must not exceed train.epochs (6)"),
-    ("train.fit_thresholds=true", "train.fit_thresholds='true' is not one of train, val, batches, none"),
-    ("train.fit_thresholds=val", "train.fit_thresholds=val needs a held-out set: set data.val_fraction"),
+    ("regression.fit_thresholds=true", "regression.fit_thresholds='true' is not one of train, val, batches, none"),
+    ("regression.loss=l1", "regression.loss='l1' is not one of mse, smooth_l1"),
     ("data.val_fraction=1", "data.val_fraction must be in [0, 1), got 1.0"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         config.load(CONFIGS / "demo.yaml", [override])
+
+
+def test_thresholds_fitted_on_held_out_images_need_a_held_out_set():
+    with pytest.raises(ConfigError, match=re.escape("regression.fit_thresholds=val needs a held-out set: set data.val_fraction")):
+        config.load(CONFIGS / "demo.yaml", ["model.head=regression", "regression.fit_thresholds=val"])
+    assert config.load(CONFIGS / "demo.yaml", ["regression.fit_thresholds=val"]).model.head == "classification"  # unused
+
+
+def test_regression_settings_under_their_old_names_still_load(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  head: regression\ntrain:\n  regression_loss: smooth_l1\n  fit_thresholds: batches\n")
+    with caplog.at_level("WARNING", logger="dr_resnet.config"):
+        from_file = config.load(old)
+        from_cli = config.load(None, ["train.regression_loss=smooth_l1", "train.fit_thresholds=batches"])
+    for cfg in (from_file, from_cli):
+        assert (cfg.regression.loss, cfg.regression.fit_thresholds) == ("smooth_l1", "batches")
+    assert f"{old}: train.regression_loss is now regression.loss" in caplog.text
+    assert "command line: train.fit_thresholds is now regression.fit_thresholds" in caplog.text
+    saved = config.Config().to_dict()
+    del saved["regression"]
+    saved["train"].update(regression_loss="smooth_l1", fit_thresholds="val")  # a checkpoint's config before the move
+    saved["data"]["val_fraction"] = 0.2
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dr_resnet.config"):
+        assert config.from_dict(saved).regression == config.RegressionConfig("smooth_l1", "val")
+    assert caplog.text == ""  # a run's own saved config is not the user's to fix
 
 
 def test_bad_files_are_named(tmp_path):
@@ -74,9 +100,10 @@ def test_bad_files_are_named(tmp_path):
 
 def test_checkpoints_of_version_0_1_still_load():
     saved = config.Config().to_dict()
+    del saved["regression"]
     for legacy, now in ((True, "batches"), (False, "none")):
         saved["train"]["fit_thresholds"] = legacy
-        assert config.from_dict(saved).train.fit_thresholds == now
+        assert config.from_dict(saved).regression.fit_thresholds == now
 
 
 def test_saved_config_round_trips(tmp_path):

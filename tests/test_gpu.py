@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from conftest import preprocessed_dataset
 from dr_resnet import checkpoint
 from dr_resnet.augment import DeviceAugment, epoch_generator
-from dr_resnet.engine import EpochTotals, ShardSampler, Trainer, evaluate
+from dr_resnet.engine import EpochTotals, Runtime, ShardSampler, Trainer, evaluate
 from dr_resnet.heads import build_head
 from dr_resnet.models import build_resnet
 from dr_resnet.runtime import Precision, native_bf16, resolve_precision
@@ -40,7 +40,7 @@ def gpu_trainer(head_kind: str, dtype: torch.dtype, clip: float = 1.0) -> Traine
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     precision = Precision(dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_scaler)
-    return Trainer(model, optimizer, scheduler, scaler, head, DeviceAugment(channels_last=True), precision, CUDA, clip)
+    return Trainer(model, optimizer, scheduler, scaler, head, Runtime(CUDA, precision, DeviceAugment(channels_last=True)), clip)
 
 
 def pinned_batches(n: int, size: int = 128, batch: int = 16) -> list:
@@ -172,7 +172,7 @@ def test_one_gpu_torchrun_run_resumes_and_its_checkpoint_predicts_the_same_on_cp
         dataset = RetinopathyDataset(tiny, "test", image_size=64)
         loader = DataLoader(dataset, 8, sampler=ShardSampler(len(dataset), 0, 1))
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            outputs[device.type] = evaluate(model, loader, DeviceAugment(), device, Precision(), head).outputs
+            outputs[device.type] = evaluate(model, loader, head, Runtime(device)).outputs
     np.testing.assert_allclose(outputs["cuda"], outputs["cpu"], atol=1e-4)
 
 

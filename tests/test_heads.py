@@ -68,3 +68,27 @@ def test_ordinal_loss_is_the_sum_of_four_binary_cross_entropies():
     # The output biases start at the training split's log-odds of "grade > k".
     bias = OrdinalHead().start_bias(np.array([0, 0, 0, 0, 1, 2, 2, 4]))
     assert torch.sigmoid(torch.tensor(bias)).tolist() == pytest.approx([0.5, 0.375, 0.125, 0.125])
+
+
+def test_every_head_the_config_accepts_is_built_from_its_settings():
+    from dr_resnet import config, registry
+    from dr_resnet.heads import HEAD_TYPES, head_for
+
+    assert tuple(HEAD_TYPES) == registry.HEADS == config.CHOICES["model.head"]
+    for kind in registry.HEADS:
+        head = head_for(config.load(None, [f"model.head={kind}"]))
+        assert isinstance(head, HEAD_TYPES[kind]) and head.outputs == {"classification": 5, "regression": 1, "ordinal": 4}[kind]
+    regression = head_for(config.load(None, ["model.head=regression", "regression.loss=smooth_l1",
+                                             "regression.fit_thresholds=none"]))
+    assert (regression.loss_name, regression.fit_on) == ("smooth_l1", None)
+    outputs, labels = torch.tensor([[0.0], [3.0]]), torch.tensor([2, 3])
+    assert regression.loss(outputs, labels).item() == pytest.approx((1.5 + 0.0) / 2)  # smooth-L1 of (2, 0)
+
+
+def test_evaluation_builds_its_parts_without_the_training_module():
+    import subprocess
+    import sys
+
+    code = "import sys, dr_resnet.evaluate; print(sorted(m for m in sys.modules if m.startswith('dr_resnet.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "dr_resnet.components" in loaded and "dr_resnet.train'" not in loaded

@@ -15,7 +15,7 @@ from dr_resnet import checkpoint
 from dr_resnet.augment import DeviceAugment, epoch_generator
 from dr_resnet.config import ConfigError
 from dr_resnet.distributed import launch_env, shared_gpus, tasks_per_node
-from dr_resnet.engine import EpochTotals, Trainer
+from dr_resnet.engine import EpochTotals, Runtime, Trainer
 from dr_resnet.heads import build_head
 from dr_resnet.models import build_resnet
 from dr_resnet.runtime import (DeviceError, Precision, compile_model, configure_backends, resolve_precision,
@@ -124,7 +124,7 @@ def tiny_trainer(head_kind: str, channels_last: bool = False, clip: float = 1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return Trainer(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), head,
-                   DeviceAugment(channels_last=channels_last), Precision(), torch.device("cpu"), clip)
+                   Runtime(torch.device("cpu"), Precision(), DeviceAugment(channels_last=channels_last)), clip)
 
 
 def batches(n: int, size: int = 32) -> list:
@@ -267,7 +267,7 @@ def test_cuda_asked_for_on_a_machine_without_it_is_one_clear_error(tiny, tmp_pat
 def test_ddp_with_sync_batchnorm_does_not_broadcast_buffers(tmp_path):
     """The argument train.build passes DDP when SyncBatchNorm is on (its name changed across torch versions)."""
     import torch.distributed as dist
-    from dr_resnet.train import no_buffer_broadcast
+    from dr_resnet.components import no_buffer_broadcast
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -15,7 +15,8 @@ import yaml
 
 from dr_resnet import checkpoint
 from conftest import preprocessed_dataset
-from dr_resnet.train import class_weights, lr_lambda, main
+from dr_resnet.components import class_weights, lr_lambda
+from dr_resnet.train import main
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -269,7 +270,7 @@ def test_held_out_validation_selects_the_epoch_and_fits_thresholds(tiny, tmp_pat
 
     run_dir = tmp_path / "val"
     assert main(overrides(tiny, run_dir, "model.head=regression", "train.clip_grad_norm=1.0", "data.workers=0",
-                          "data.val_fraction=0.25", "train.fit_thresholds=val", "train.epochs=3", "train.seed=4")) == 0
+                          "data.val_fraction=0.25", "regression.fit_thresholds=val", "train.epochs=3", "train.seed=4")) == 0
     train = RetinopathyDataset(tiny, "train")
     held = holdout_mask(train.names, train.labels, 0.25, seed=4)
     assert 0 < held.sum() < 40

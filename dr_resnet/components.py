@@ -1,0 +1,203 @@
+"""The parts a run is made of, each built from the config in one place: the datasets and their loaders,
+the head, the model, the runtime the loops run on (device, precision, augmentation, memory layout) and
+the optimisation (optimizer, learning-rate schedule, loss scaler). ``train.build`` puts them together
+for training; ``evaluate`` builds the same head, model and runtime around a saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .augment import DeviceAugment
+from .config import Config, ConfigError, DataConfig, TrainConfig
+from .data import RetinopathyDataset
+from .distributed import DistInfo
+from .engine import Runtime, ShardSampler
+from .heads import head_for
+from .models import build_resnet
+from .runtime import configure_backends, resolve_precision
+from .samplers import DistributedBalancedSampler
+from .split import holdout_mask
+
+log = logging.getLogger(__name__)
+
+
+# -- data ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Datasets:
+    train: RetinopathyDataset
+    test: RetinopathyDataset
+    val: RetinopathyDataset | None  # the held-out part of the training split (data.val_fraction)
+
+
+def datasets(cfg: Config) -> Datasets:
+    """The training and test splits, and the held-out part of training (whole patients, stratified by
+    grade, seeded by train.seed) when data.val_fraction > 0."""
+    d, seed = cfg.data, cfg.train.seed
+    train = RetinopathyDataset(d.root, d.train_split, format=d.format, image_size=d.image_size)
+    test = RetinopathyDataset(d.root, d.test_split, format=d.format, image_size=d.image_size)
+    if d.val_fraction <= 0:
+        return Datasets(train, test, None)
+    held_out = holdout_mask(train.names, train.labels, d.val_fraction, seed)
+    if held_out.all() or not held_out.any():
+        raise ConfigError(f"data.val_fraction={d.val_fraction} holds out {held_out.sum()} of the "
+                          f"{len(train)} training images in {d.root}: choose a fraction that leaves both sides images")
+    return Datasets(train.subset(~held_out, d.train_split), test, train.subset(held_out, f"{d.train_split}:held-out"))
+
+
+def training_loader(dataset: RetinopathyDataset, cfg: Config, info: DistInfo
+                    ) -> tuple[DataLoader, DistributedSampler | DistributedBalancedSampler]:
+    """The shuffled (or grade-balanced) loader of this rank's share, and its sampler (set_epoch each epoch)."""
+    d, t = cfg.data, cfg.train
+    if len(dataset) < t.batch_size * info.world_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} x {info.world_size} process(es) is more than the "
+                          f"{len(dataset)} training images in {d.root}: lower train.batch_size")
+    # drop_last twice: the sampler trims the epoch to a multiple of the world size, the loader drops
+    # a last short batch, so BatchNorm never sees a batch of one.
+    if t.sampler == "balanced":
+        sampler = DistributedBalancedSampler(dataset.labels, info.world_size, info.rank, seed=t.seed)
+    else:
+        sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=t.seed, drop_last=True)
+    # Only the training loader keeps its workers between epochs: the evaluation loaders run once an
+    # epoch and would otherwise hold data.workers idle processes each, per GPU.
+    loader = DataLoader(dataset, t.batch_size, sampler=sampler, drop_last=True, num_workers=d.workers,
+                        pin_memory=info.device.type == "cuda", persistent_workers=d.workers > 0,
+                        generator=torch.Generator())
+    return loader, sampler
+
+
+def evaluation_loader(dataset: RetinopathyDataset, batch_size: int, workers: int, info: DistInfo) -> DataLoader:
+    """Every image once across the ranks, in the split's order (ShardSampler)."""
+    return DataLoader(dataset, batch_size, num_workers=workers, pin_memory=info.device.type == "cuda",
+                      sampler=ShardSampler(len(dataset), info.rank, info.world_size))
+
+
+def class_weights(counts: np.ndarray) -> torch.Tensor:
+    """Inverse frequency, scaled so a balanced set gets 1 per class (scikit-learn's 'balanced');
+    a class absent from training gets 0."""
+    counts = counts.astype(np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+# -- head, model, runtime ------------------------------------------------------------------------------
+
+def head(cfg: Config, train: RetinopathyDataset | None, device: torch.device):
+    """The head cfg.model.head names, with the loss weights of train.class_weights computed on `train`
+    (None, as at evaluation: unweighted)."""
+    weight = None
+    if train is not None and cfg.train.class_weights == "balanced":
+        weight = class_weights(train.class_counts).to(device)
+    return head_for(cfg, weight, device)
+
+
+def runtime(amp: str, device: torch.device, data: DataConfig | None = None, channels_last: bool = True,
+            key: str = "train.amp") -> Runtime:
+    """The precision train.amp (or --amp: `key` names it in errors) gives on `device`; channels_last on
+    CUDA only; training's rotation and flips from `data` (None: evaluation, normalisation only)."""
+    layout = channels_last and device.type == "cuda"
+    augment = DeviceAugment(data.max_rotation, data.flips, channels_last=layout) if data else DeviceAugment(channels_last=layout)
+    return Runtime(device, resolve_precision(amp, device, key=key), augment)
+
+
+def model(cfg: Config, head, runtime: Runtime, train_labels: np.ndarray | None = None,
+          pretrained: bool = True) -> nn.Module:
+    """The ResNet of cfg.model on the runtime's device and memory layout, seeded by train.seed (the same
+    initial weights on every rank); model.weights when `pretrained` (evaluation loads a checkpoint
+    instead); a fresh output layer's bias from the head's prior on `train_labels`."""
+    torch.manual_seed(cfg.train.seed)
+    weights = None if not pretrained or cfg.model.weights.lower() == "none" else cfg.model.weights
+    bias = head.start_bias(train_labels) if train_labels is not None else None
+    network = build_resnet(cfg.model.depth, head.outputs, weights, cfg.model.zero_init_residual, bias).to(runtime.device)
+    return network.to(memory_format=torch.channels_last) if runtime.channels_last else network
+
+
+def no_buffer_broadcast() -> dict:
+    """DDP's argument that stops it broadcasting buffers before each forward: SyncBatchNorm already keeps
+    the statistics equal on every rank. Newer torch renamed it (the old name warns there)."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def distributed_model(network: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
+    """DDP over the process group (with SyncBatchNorm on CUDA when train.sync_bn); the bare model alone
+    in one process. The bare module is the wrapper's .module."""
+    if not info.distributed:
+        return network
+    cuda = info.device.type == "cuda"
+    sync_bn = cfg.train.sync_bn and cuda
+    if sync_bn:
+        network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+        log.info("SyncBatchNorm over %d process(es); DDP does not broadcast buffers", info.world_size)
+    elif cfg.train.sync_bn:
+        log.info("SyncBatchNorm needs CUDA: on CPU each process keeps its own BatchNorm statistics")
+    return DistributedDataParallel(network, device_ids=[info.device.index] if cuda else None,
+                                   **(no_buffer_broadcast() if sync_bn else {}))
+
+
+def configure(cfg: Config, device: torch.device) -> None:
+    """cuDNN's settings for training (train.cudnn_benchmark, train.deterministic)."""
+    configure_backends(device, cfg.train.cudnn_benchmark, cfg.train.deterministic)
+
+
+# -- optimisation --------------------------------------------------------------------------------------
+
+ONECYCLE_DIV, ONECYCLE_FINAL_DIV, ONECYCLE_RISE = 25.0, 1e4, 0.3  # torch's OneCycleLR defaults
+
+
+def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int):
+    """Per-step learning-rate factor. none: constant; cosine: linear warm-up, then cosine decay to 0;
+    onecycle: the one-cycle policy as torch's OneCycleLR (cosine annealing, learning rate only): from
+    lr/25 up to lr over warmup_steps (default 30% of the run), then down to lr/25/1e4. A factor of the
+    step (not a stateful scheduler), so a run extended with more epochs stretches its schedule."""
+    def cosine(start: float, end: float, fraction: float) -> float:
+        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction)))
+
+    rise = warmup_steps or round(ONECYCLE_RISE * total_steps)
+
+    def factor(step: int) -> float:
+        if scheduler == "none":
+            return 1.0
+        if scheduler == "onecycle":
+            low = 1 / ONECYCLE_DIV
+            if step <= rise - 1:
+                return cosine(low, 1.0, step / max(1, rise - 1))
+            return cosine(1.0, low / ONECYCLE_FINAL_DIV, (step - rise + 1) / max(1, total_steps - rise))
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+@dataclass
+class Optimisation:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def optimisation(t: TrainConfig, network: nn.Module, steps_per_epoch: int, runtime: Runtime) -> Optimisation:
+    """SGD with train's learning rate, momentum and weight decay, its per-step schedule, and a loss scaler
+    that is on for fp16 only. Fused SGD on CUDA: one kernel for the update, and fp16's GradScaler checks
+    for inf/NaN on the GPU instead of reading a flag back to the host every step."""
+    cuda = runtime.device.type == "cuda"
+    optimizer = torch.optim.SGD(network.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                **({"fused": True} if cuda else {}))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.scheduler, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.needs_scaler)
+    return Optimisation(optimizer, scheduler, scaler)
