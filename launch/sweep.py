@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from dr_resnet import config
 from dr_resnet.config import ConfigError
 from dr_resnet.rundir import CONFIG_FILE, STATUS_FILE
 
+from . import requeue
 from .task import TrainTask
 
 
@@ -83,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                           "(default: CUDA_VISIBLE_DEVICES, else every GPU torch sees)")
     p.add_argument("--constraint")
     p.add_argument("--exclude", help="nodes to avoid")
-    p.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit to checkpoint and requeue")
+    p.add_argument("--signal-delay", type=int, default=requeue.SIGNAL_LEAD_S,
+                   help="seconds before the time limit to checkpoint and requeue")
     p.add_argument("--wait", action="store_true", help="wait for every job, then write the report; exit 1 if any failed")
     p.add_argument("--dry-run", action="store_true", help="print each job's sbatch script; submit nothing")
     p.add_argument("--print-arms", action="store_true",
@@ -144,7 +147,7 @@ def make_executor(args: argparse.Namespace, folder: Path, res: Resources):
         if args.gpus_per_node:
             executor.update_parameters(gpus_per_node=args.gpus_per_node)
         return executor
-    cls = ScriptOnlySlurmExecutor if args.dry_run else submitit.SlurmExecutor
+    cls = DryRunSlurmExecutor if args.dry_run else submitit.SlurmExecutor
     executor = cls(folder=folder)
     slurm = {"partition": args.partition, "account": args.account, "qos": args.qos, "constraint": args.constraint,
              "exclude": args.exclude, "gpus_per_node": args.gpus_per_node}
@@ -153,27 +156,61 @@ def make_executor(args: argparse.Namespace, folder: Path, res: Resources):
                                signal_delay_s=args.signal_delay,
                                # srun no longer inherits sbatch's --cpus-per-task (SLURM 22.05+): name it.
                                srun_args=["--kill-on-bad-exit=1", f"--cpus-per-task={res.cpus_per_task}"],
-                               additional_parameters={"requeue": True, "open-mode": "append"},
+                               additional_parameters=dict(requeue.REQUEUE),
                                **{k: v for k, v in slurm.items() if v})
     return executor
 
 
-class ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
-    """Renders sbatch scripts on a machine without SLURM too (a dry run submits nothing)."""
+class DryRunSlurmExecutor(submitit.SlurmExecutor):
+    """submitit's SLURM executor with sbatch left out, for a dry run (also where SLURM is not installed):
+    each submission's script, submitit's own as it would go to sbatch, is kept in `scripts` and nothing
+    is queued. It overrides two of the hooks submitit's executors are made of (the executor's affinity
+    and the submission command) and calls none of submitit's private methods."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder=folder)
+        self.scripts: list[str] = []
 
     @classmethod
     def affinity(cls) -> int:
         return 1
 
+    def _make_submission_command(self, submission_file_path: Path) -> list[str]:
+        self.scripts.append(Path(submission_file_path).read_text())
+        return [sys.executable, "-c", f"print('Submitted batch job {len(self.scripts)} (dry run)')"]
 
-def name_job(executor, arm: str) -> None:
-    if isinstance(executor, submitit.SlurmExecutor):  # SLURM: the job's name in squeue
-        executor.update_parameters(job_name=arm)
+
+def submit_each(executor, tasks: dict, slots: list[list[int]] = ()):
+    """Submit each named task (a picklable callable: a TrainTask, or any other, an evaluation say) as
+    one job on `executor`, named after it on SLURM. With GPU slots (the local executor), each job gets
+    a group of its own and waits until one is free. Yields (name, job, gpus or None) as each job goes in."""
+    scheduler = GpuSlots(list(slots)) if slots else None
+    for name, task in tasks.items():
+        gpus = None
+        if scheduler is not None:
+            gpus = scheduler.acquire()
+            executor.update_parameters(visible_gpus=gpus)
+        if isinstance(executor, submitit.SlurmExecutor):  # SLURM: the job's name in squeue
+            executor.update_parameters(job_name=name)
+        job = executor.submit(task)
+        if scheduler is not None:
+            scheduler.hold(job, gpus)
+        yield name, job, gpus
 
 
-def sbatch_script(executor, arm: str) -> str:
-    """The script submitit would hand to sbatch for this arm (submitit's own rendering, nothing sent)."""
-    return executor._make_submission_file_text(executor._submitit_command_str, uid=arm)
+def dry_run(args: argparse.Namespace, res: Resources, plans: dict, out: Path) -> None:
+    """Print each arm's training arguments and the sbatch script submitit writes for it; submit nothing
+    and write nothing under the sweep folder (submitit's files go to a temporary folder)."""
+    if args.executor != "slurm":
+        for arm, (_, argv_arm, _) in plans.items():
+            print(f"# ---- {arm}: dr_resnet.train {shlex.join(argv_arm)}\n(local executor: no sbatch script)\n")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        executor = make_executor(args, Path(tmp), res)
+        tasks = {arm: TrainTask(argv_arm, threads=res.threads) for arm, (_, argv_arm, _) in plans.items()}
+        for arm, _, _ in submit_each(executor, tasks):
+            text = executor.scripts[-1].replace(tmp, str(out / "submitit"))  # where a real submission keeps its logs
+            print(f"# ---- {arm}: dr_resnet.train {shlex.join(plans[arm][1])}\n{text}\n")
 
 
 def gpu_slots(visible: list[int], per_arm: int) -> list[list[int]]:
@@ -234,15 +271,11 @@ def main(argv: list[str] | None = None) -> int:
             print("\t".join([arm, str(sweep.base_config), *sweep.arms[arm], *sweep.overrides]))
         return 0
 
-    executor = make_executor(args, out / "submitit", res)
     if args.executor == "slurm":
         print(f"each job: {args.nodes} node(s) x {args.tasks_per_node} task(s), {res.cpus_per_task} CPU(s) a task, "
               f"{res.mem_gb} GB a node" + (f", {args.gpus_per_node} GPU(s) a node" if args.gpus_per_node else ""))
     if args.dry_run:
-        for arm, (run_dir, argv_arm, _) in plans.items():
-            name_job(executor, arm)
-            text = sbatch_script(executor, arm) if args.executor == "slurm" else "(local executor: no sbatch script)"
-            print(f"# ---- {arm}: dr_resnet.train {shlex.join(argv_arm)}\n{text}\n")
+        dry_run(args, res, plans, out)
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
@@ -253,31 +286,26 @@ def main(argv: list[str] | None = None) -> int:
     def write_manifest() -> None:
         (out / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
-    jobs = {}
-    scheduler = GpuSlots(slots) if slots else None
+    tasks = {}
     for arm, (run_dir, argv_arm, cfg) in plans.items():
         reason = missing_weights(cfg)
         if reason:
             set_status(run_dir, cfg, "not run", reason)
             print(f"{arm}: NOT RUN, never trained from scratch instead:\n  {reason}", file=sys.stderr)
             manifest["runs"][arm] = {"status": "not run", "reason": reason, "run_dir": str(run_dir)}
-            continue
-        entry = {}
-        if scheduler is not None:  # wait for GPUs of its own
-            entry["gpus"] = scheduler.acquire()
-            executor.update_parameters(visible_gpus=entry["gpus"])
-        set_status(run_dir, cfg)
-        name_job(executor, arm)
-        job = executor.submit(TrainTask(argv_arm, threads=res.threads))
-        if scheduler is not None:
-            scheduler.hold(job, entry["gpus"])
+        else:
+            set_status(run_dir, cfg)
+            tasks[arm] = TrainTask(argv_arm, threads=res.threads)
+    jobs = {}
+    for arm, job, gpus in submit_each(make_executor(args, out / "submitit", res), tasks, slots):
         jobs[arm] = job
-        manifest["runs"][arm] = {"status": "submitted", "job_id": job.job_id, "run_dir": str(run_dir),
-                                 "log": str(job.paths.stdout).replace("%t", "0"), "argv": argv_arm,
+        entry = {"gpus": gpus} if gpus is not None else {}
+        manifest["runs"][arm] = {"status": "submitted", "job_id": job.job_id, "run_dir": str(plans[arm][0]),
+                                 "log": str(job.paths.stdout).replace("%t", "0"), "argv": plans[arm][1],
                                  "submitted_at": time.time(), **entry}
         write_manifest()
-        gpus = f"  GPU(s) {','.join(map(str, entry['gpus']))}" if "gpus" in entry else ""
-        print(f"{arm}: job {job.job_id}{gpus}  log {manifest['runs'][arm]['log']}", flush=True)
+        shown = f"  GPU(s) {','.join(map(str, gpus))}" if gpus is not None else ""
+        print(f"{arm}: job {job.job_id}{shown}  log {manifest['runs'][arm]['log']}", flush=True)
     write_manifest()
     print(f"sweep folder {out} (manifest sweep.json)")
     if args.executor == "slurm":
@@ -309,20 +337,13 @@ class GpuSlots:
         self.busy.append((job, slot))
 
 
-# SLURM states of a job that will still run (again). A failure read while a job is in one of them was
-# written by an attempt that SLURM has since requeued: preemption's `scontrol requeue` can kill the
-# handler that called it, which then reports a failure the requeued attempt later overwrites.
-ALIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-         "SUSPENDED", "RESIZING")
-
-
 def wait_for(job, poll_s: float = 5.0) -> list:
-    """Every task's result once the job has really ended (see ALIVE); raises the final failure."""
+    """Every task's result once the job has really ended (see requeue.ALIVE); raises the final failure."""
     while True:
         try:
             return job.results()
         except Exception:
-            if job.state.split()[0] not in ALIVE:
+            if job.state.split()[0] not in requeue.ALIVE:
                 raise
             time.sleep(poll_s)  # polling SLURM: there is nothing else to wait on
 

@@ -170,3 +170,22 @@ def test_sbatch_sweep_script_reads_the_arms_from_the_sweep_file(tmp_path):
             f"data.root=/data/x") in lines[0]
     assert "model.depth=18 data.image_size=256 train.epochs=3" in lines[1]
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_batch_script_follows_the_one_requeue_policy():
+    from launch import requeue
+
+    directives = [line for line in (REPO / "slurm" / "train.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
+    for line in requeue.SBATCH_LINES:
+        assert line in directives, line
+    assert not [line for line in directives if "--signal" in line and line not in requeue.SBATCH_LINES]
+
+
+def test_the_launcher_calls_no_private_submitit_method():
+    import ast
+
+    tree = ast.parse((REPO / "launch" / "sweep.py").read_text())
+    called = {node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call)
+              and isinstance(node.func, ast.Attribute)}
+    read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert not {name for name in called | read if name.startswith("_") and not name.startswith("__")}

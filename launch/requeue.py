@@ -1,0 +1,24 @@
+"""The requeue policy, in one place: how a job outlives its time limit and preemption on SLURM.
+
+- SLURM signals the job SIGNAL_LEAD_S seconds before its time limit; the job then asks to be requeued
+  (submitit's handler for launch.sweep's jobs, the batch script's trap for slurm/train.sbatch) and the
+  next attempt resumes from the run directory's last checkpoint.
+- Every job may be requeued, and its log is appended to, not overwritten, by the next attempt.
+- A job in one of the ALIVE states will still run (again): a failure read while it is in one was
+  written by an attempt that SLURM has since requeued.
+
+launch.sweep passes these to submitit; slurm/train.sbatch spells them as #SBATCH lines (shell cannot
+import them), and a test keeps those lines equal to SBATCH_LINES.
+"""
+
+from __future__ import annotations
+
+SIGNAL_LEAD_S = 120  # seconds before the time limit
+REQUEUE = {"requeue": True, "open-mode": "append"}  # sbatch options every job gets
+BATCH_SIGNAL = "USR1"  # slurm/train.sbatch: to the batch shell (B:), whose trap calls scontrol requeue
+SBATCH_LINES = (f"#SBATCH --signal=B:{BATCH_SIGNAL}@{SIGNAL_LEAD_S}", "#SBATCH --requeue", "#SBATCH --open-mode=append")
+
+# SLURM states of a job that will still run (again). Preemption's `scontrol requeue` can kill the
+# handler that called it, which then reports a failure the requeued attempt later overwrites.
+ALIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+         "SUSPENDED", "RESIZING")
