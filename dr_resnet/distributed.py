@@ -18,6 +18,7 @@ import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -224,8 +225,14 @@ def run_entry(work: Callable[[DistInfo], None], user_errors: tuple[type[Exceptio
     except (DeviceError, *user_errors) as exc:
         log.error("%s", exc)
         return 2
+    except Exception:  # logged, so that a run log (log_to_file) holds it too; the exit code stays 1
+        log.exception("stopped by an unexpected error")
+        return 1
     finally:
         teardown()
+        for handler in [h for h in logging.getLogger().handlers if isinstance(h, RunLogHandler)]:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
 
 def _describe_device(device: torch.device) -> str:
@@ -235,8 +242,30 @@ def _describe_device(device: torch.device) -> str:
     return f"{device} ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
 
 
-def setup_logging(rank: int, world_size: int) -> None:
-    """INFO on rank 0, WARNING elsewhere, each line tagged with its rank in multi-process runs."""
+def _log_format(rank: int, world_size: int) -> str:
     prefix = f"[rank {rank}] " if world_size > 1 else ""
+    return f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(rank: int, world_size: int) -> None:
+    """INFO on rank 0, WARNING elsewhere, each line tagged with its rank in multi-process runs; Python's
+    warnings (e.g. from torch) are logged like the rest."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
-                        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format=_log_format(rank, world_size), datefmt="%H:%M:%S")
+    logging.captureWarnings(True)
+
+
+class RunLogHandler(logging.FileHandler):
+    """A run directory's log file (see log_to_file)."""
+
+
+def log_to_file(path: Path, info: DistInfo) -> None:
+    """Also log to `path`, appended to across resumes and requeues, with dates: rank 0 writes what it
+    logs (INFO and up), every other rank its warnings and errors, so a failed cluster job can be read
+    from its run directory alone. The one file written by every rank: each record is one append, and
+    a rank that never warns never opens it. Closed when run_entry ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = RunLogHandler(path, mode="a", encoding="utf-8", delay=info.rank != 0)
+    handler.setLevel(logging.INFO if info.rank == 0 else logging.WARNING)
+    handler.setFormatter(logging.Formatter(_log_format(info.rank, info.world_size), datefmt="%Y-%m-%d %H:%M:%S"))
+    logging.getLogger().addHandler(handler)

@@ -9,6 +9,7 @@ names. No torch here, so the report stays light.
     checkpoint_best.pt    the selected epoch's training state     (train)
     confusion_matrix.png  the selected epoch's confusion matrix   (train; evaluate writes one in its --out)
     launch_status.json    a launcher's word: not run / failed     (launch.sweep; read by report)
+    train.log             rank 0's log and every rank's warnings  (train; appended across resumes and requeues)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ SUMMARY_FILE = "summary.json"
 LAST_CHECKPOINT = "checkpoint_last.pt"
 BEST_CHECKPOINT = "checkpoint_best.pt"
 CONFUSION_PNG = "confusion_matrix.png"
+TRAIN_LOG = "train.log"
 STATUS_FILE = "launch_status.json"  # {"status": "not run" | "failed", "reason": ..., "detail": ...}
 
 

@@ -118,6 +118,17 @@ def compile_model(model: nn.Module, enabled: bool, backend: str = "inductor") ->
     return torch.compile(model, backend=backend) if enabled else model
 
 
+def environment() -> str:
+    """Host, Python, torch and its CUDA / cuDNN builds, and the GPUs visible: for the run log."""
+    import platform
+    import socket
+
+    cuda = (f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+            f"{torch.cuda.device_count()} GPU(s) {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+            else f"no CUDA (build {torch.version.cuda})")
+    return f"host {socket.gethostname()}, Python {platform.python_version()}, torch {torch.__version__}, {cuda}"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the GPU's queued work (for honest timings); nothing on CPU."""
     if device.type == "cuda":

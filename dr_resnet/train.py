@@ -21,7 +21,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import checkpoint, components, config, distributed
+from . import __version__, checkpoint, components, config, distributed
 from .augment import epoch_generator
 from .config import Config, ConfigError
 from .data import RetinopathyDataset
@@ -29,9 +29,9 @@ from .distributed import DistInfo
 from .engine import EvalResult, Trainer, evaluate
 from .formats import DatasetError
 from .models import WeightsNotFoundError
-from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, SUMMARY_FILE, append_metrics,
+from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, SUMMARY_FILE, TRAIN_LOG, append_metrics,
                      read_metrics, rewrite_metrics, selected_on, selected_row, selection_value)
-from .runtime import compile_model
+from .runtime import compile_model, environment
 from .samplers import DistributedBalancedSampler
 from .heads import ClassificationHead, OrdinalHead, RegressionHead
 from .tracking import Tracker, TrackingSettings, new_run_id
@@ -301,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def work(info: DistInfo) -> None:
+        distributed.log_to_file(Path(cfg.output.dir) / TRAIN_LOG, info)
+        log.info("dr_resnet %s: config %s%s", __version__, config_file or "(defaults)",
+                 f" + {' '.join(overrides)}" if overrides else "")
+        log.info("environment: %s; %d process(es) (%s) on %s", environment(), info.world_size, info.launcher,
+                 info.device)
         summary = fit(build(cfg, info))
         if summary:
             print(describe_summary(summary), flush=True)

@@ -303,3 +303,30 @@ def test_ordinal_head_trains_and_evaluate_reproduces_its_epoch(tiny, tmp_path):
     assert result["head"] == "ordinal" and result["confusion_matrix"] == rows[-1]["confusion_matrix"]
     assert result["referable_auc"] == pytest.approx(rows[-1]["test_referable_auc"])
     assert result["loss"] == pytest.approx(rows[-1]["test_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_run_log_holds_every_attempt_and_every_ranks_warnings(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    torchrun(2, overrides(tiny, run_dir, "train.epochs=1"))
+    state = checkpoint.load(run_dir / "checkpoint_last.pt")
+    checkpoint.save({**state, "precision": "bf16"}, run_dir / "checkpoint_last.pt")  # as if trained on another GPU
+    torchrun(2, overrides(tiny, run_dir, "train.epochs=2"))
+    text = (run_dir / "train.log").read_text()
+    lines = text.splitlines()
+    assert sum("environment: host" in line and "2 process(es) (torchrun)" in line for line in lines) == 2
+    assert sum("config " in line and "train.epochs=1" in line for line in lines) == 1  # the first attempt's
+    for epoch in ("epoch 1/1 ", "epoch 2/2 "):
+        assert sum(epoch in line for line in lines) == 1, epoch
+    assert "resumed" in text and "after epoch 1" in text
+    for rank in (0, 1):  # rank 1 logs its warnings only
+        assert sum(f"[rank {rank}] WARNING" in line and "was trained in bf16" in line for line in lines) == 1
+    assert not [line for line in lines if "[rank 1] INFO" in line]
+    assert lines[0][:4].isdigit() and lines[0][4] == "-"  # dated: a log read days later
+
+
+def test_a_stopped_run_says_why_in_its_run_log(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(overrides(tiny, run_dir, f"data.root={tmp_path / 'nowhere'}", "train.device=cpu")) == 2
+    text = (run_dir / "train.log").read_text()
+    assert "ERROR" in text and str(tmp_path / "nowhere") in text
