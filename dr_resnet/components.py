@@ -24,7 +24,7 @@ from .distributed import DistInfo
 from .engine import Runtime, ShardSampler
 from .heads import head_for
 from .models import build_resnet
-from .runtime import configure_backends, resolve_precision
+from .runtime import resolve_precision
 from .samplers import DistributedBalancedSampler
 from .split import holdout_mask
 
@@ -146,11 +146,6 @@ def distributed_model(network: nn.Module, cfg: Config, info: DistInfo) -> nn.Mod
         log.info("SyncBatchNorm needs CUDA: on CPU each process keeps its own BatchNorm statistics")
     return DistributedDataParallel(network, device_ids=[info.device.index] if cuda else None,
                                    **(no_buffer_broadcast() if sync_bn else {}))
-
-
-def configure(cfg: Config, device: torch.device) -> None:
-    """cuDNN's settings for training (train.cudnn_benchmark, train.deterministic)."""
-    configure_backends(device, cfg.train.cudnn_benchmark, cfg.train.deterministic)
 
 
 # -- optimisation --------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from .formats import DatasetError
 from .models import WeightsNotFoundError
 from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, SUMMARY_FILE, TRAIN_LOG, append_metrics,
                      read_metrics, rewrite_metrics, selected_on, selected_row, selection_value)
-from .runtime import compile_model, environment
+from .runtime import compile_model, configure_backends, environment
 from .samplers import DistributedBalancedSampler
 from .heads import ClassificationHead, OrdinalHead, RegressionHead
 from .tracking import Tracker, TrackingSettings, new_run_id
@@ -76,7 +76,7 @@ class Run:
 def build(cfg: Config, info: DistInfo) -> Run:
     """The run's parts (components) assembled for training on this process's device."""
     t = cfg.train
-    components.configure(cfg, info.device)
+    configure_backends(info.device, t.cudnn_benchmark, t.deterministic)
     runtime = components.runtime(t.amp, info.device, cfg.data, t.channels_last)
     data = components.datasets(cfg)
     train_loader, train_sampler = components.training_loader(data.train, cfg, info)
