@@ -7,27 +7,39 @@ The file holds one dict with exactly TrainingState's fields:
   scaler     the GradScaler's state_dict() ({} unless fp16)
   precision  fp32, bf16 or fp16 (absent before 0.2: None)
   epoch      epochs completed
+  position   {} at an epoch's end; in the middle of one (a timed or signalled checkpoint): where to go on,
+             see train.EpochPosition (the epoch, the images the processes have used, their count, the
+             epoch's learning rate and seconds so far, and per rank its augmentation stream and running
+             totals)
   best       the selection rule's choice so far: metric, split ("on"), value, epoch
   rng        torch's CPU random state ({"torch": ...}; earlier versions also held CUDA states, ignored)
   config     the resolved config as a dict (config.from_dict reads it, old keys included)
   wandb_id   the W&B run id, so a resumed run continues the same W&B run
   head       the head's state (a regression head's thresholds; absent before 0.1.1: {})
-File names: rundir.LAST_CHECKPOINT, rundir.BEST_CHECKPOINT.
+File names: rundir.LAST_CHECKPOINT, rundir.PREV_CHECKPOINT (the one before, kept until the next is
+complete), rundir.BEST_CHECKPOINT.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(ValueError):
-    """A file that is not a dr_resnet training checkpoint; the message names it and what is missing."""
+    """A file that is not a usable dr_resnet training checkpoint; the message names it and why."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions...); the message names the file."""
 
 
 @dataclass
@@ -45,9 +57,10 @@ class TrainingState:
     rng: dict[str, Any] = field(default_factory=dict)
     wandb_id: str | None = None
     head: dict[str, Any] = field(default_factory=dict)
+    position: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, path: str | os.PathLike) -> None:
-        save({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, path)
+    def save(self, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
+        save({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, path, keep_previous)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainingState":
@@ -63,12 +76,74 @@ class TrainingState:
         return cls(**{k: v for k, v in raw.items() if k in fields})
 
 
-def save(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a checkpoint."""
+def save(state: dict[str, Any], path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename: a reader (or a run
+    killed at any moment, even by a power cut) finds the old file or the new one, never half of one.
+    With keep_previous, the file `path` held until now is kept under that name. A write that fails
+    raises CheckpointWriteError, removes its temporary file, and leaves `path` as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
+    writer = None
+    try:
+        with open(tmp, "wb") as f:
+            writer = _Writer(f)
+            torch.save(state, writer)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = f"{path} is unchanged" if path.exists() else f"{path} was not written before"
+        cause = writer.error if writer is not None and writer.error is not None else exc
+        raise CheckpointWriteError(f"cannot write the checkpoint {path}: {_reason(cause)}; {kept}. Free disk space "
+                                   f"or fix the folder's permissions, then start the run again to resume") from exc
+    if keep_previous is not None and path.exists():
+        previous = Path(keep_previous)
+        link = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+        link.unlink(missing_ok=True)
+        os.link(path, link)  # the current file under a second name, then renamed: no moment without either
+        os.replace(link, previous)
     os.replace(tmp, path)
+    _sync_folder(path.parent)
+
+
+class _Writer:
+    """A file for torch.save that remembers the operating system's error: torch's zip writer replaces it
+    with its own ("unexpected pos ...")."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames durable (POSIX: a rename is on disk once its folder is synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for a failure: the OS's words for an OSError, else the first line of the message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()
+    return (text[0][:300] if text else type(exc).__name__)
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
@@ -76,6 +151,29 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_resumable(candidates: Sequence[Path]) -> tuple[TrainingState, Path] | None:
+    """The first of `candidates` (newest first) that is a readable training checkpoint, and its path;
+    None when none exists. A file that exists but is damaged (truncated, not a checkpoint) is reported
+    by name with a warning and the next one is tried; CheckpointError says what to do when none is usable."""
+    problems = []
+    for path in candidates:
+        if not Path(path).is_file():
+            continue
+        try:
+            state = TrainingState.load(path)
+        except Exception as exc:  # a damaged file can fail in many ways (zip, pickle, EOF, missing fields)
+            problems.append(f"{path} ({_reason(exc)})")
+            log.warning("cannot resume from %s: %s", path, _reason(exc))
+            continue
+        if problems:
+            log.warning("resuming from the previous checkpoint %s instead", path)
+        return state, Path(path)
+    if problems:
+        raise CheckpointError(f"no usable checkpoint to resume from: {'; '.join(problems)}. Delete these files to start "
+                              f"the run again from scratch, or set output.dir to a new directory")
+    return None
 
 
 def rng_state() -> dict[str, Any]:

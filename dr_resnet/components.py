@@ -6,7 +6,10 @@ for training; ``evaluate`` builds the same head, model and runtime around a save
 
 from __future__ import annotations
 
+import gc
 import inspect
+import multiprocessing
+import signal
 import logging
 import math
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from .augment import DeviceAugment
 from .config import Config, ConfigError, DataConfig, TrainConfig
@@ -24,8 +27,9 @@ from .distributed import DistInfo
 from .engine import Runtime, ShardSampler
 from .heads import head_for
 from .models import build_resnet
+from .preemption import STOP_SIGNALS
 from .runtime import resolve_precision
-from .samplers import DistributedBalancedSampler
+from .samplers import DistributedBalancedSampler, EpochSampler, ShuffledSampler
 from .split import holdout_mask
 
 log = logging.getLogger(__name__)
@@ -56,8 +60,9 @@ def datasets(cfg: Config) -> Datasets:
 
 
 def training_loader(dataset: RetinopathyDataset, cfg: Config, info: DistInfo
-                    ) -> tuple[DataLoader, DistributedSampler | DistributedBalancedSampler]:
-    """The shuffled (or grade-balanced) loader of this rank's share, and its sampler (set_epoch each epoch)."""
+                    ) -> tuple[DataLoader, EpochSampler]:
+    """The shuffled (or grade-balanced) loader of this rank's share, and its sampler (set_epoch each epoch,
+    with a start position when resuming in the middle of one)."""
     d, t = cfg.data, cfg.train
     if len(dataset) < t.batch_size * info.world_size:
         raise ConfigError(f"train.batch_size={t.batch_size} x {info.world_size} process(es) is more than the "
@@ -67,13 +72,34 @@ def training_loader(dataset: RetinopathyDataset, cfg: Config, info: DistInfo
     if t.sampler == "balanced":
         sampler = DistributedBalancedSampler(dataset.labels, info.world_size, info.rank, seed=t.seed)
     else:
-        sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=t.seed, drop_last=True)
+        sampler = ShuffledSampler(len(dataset), info.world_size, info.rank, seed=t.seed)
     # Only the training loader keeps its workers between epochs: the evaluation loaders run once an
     # epoch and would otherwise hold data.workers idle processes each, per GPU.
     loader = DataLoader(dataset, t.batch_size, sampler=sampler, drop_last=True, num_workers=d.workers,
                         pin_memory=info.device.type == "cuda", persistent_workers=d.workers > 0,
-                        generator=torch.Generator())
+                        generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
     return loader, sampler
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """In each data worker: leave the stop signals to the training process. torchrun and SLURM signal the
+    whole process group; a worker killed by that SIGTERM would fail the step before the training process
+    could write its checkpoint. They still end when their training process does (DataLoader's watchdog),
+    and `end_data_workers` ends any that are left when training stops."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def end_data_workers() -> None:
+    """End the data workers still running once training is over. They ignore SIGTERM, which is how
+    multiprocessing would end them at exit: collecting the loaders left behind (an error's traceback
+    held them) shuts their workers down the normal way; any still running are killed (SIGKILL: they hold
+    nothing to save)."""
+    gc.collect()
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=10)
 
 
 def evaluation_loader(dataset: RetinopathyDataset, batch_size: int, workers: int, info: DistInfo) -> DataLoader:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .registry import DEPTHS, FORMAT_CHOICES, HEADS
+from .registry import DEPTHS, FORMAT_CHOICES, HEADS, NONFINITE
 
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,9 @@ class TrainConfig:
     sampler: str = "random"  # random (DistributedSampler) | balanced (every grade equally likely)
     select_by: str = "qwk"  # the best epoch (checkpoint_best.pt, summary "best"): qwk | accuracy | loss
     log_every: int = 20  # batches between progress-bar updates of loss/accuracy
+    checkpoint_every_minutes: float = 20.0  # a resumable checkpoint inside an epoch after this long (0: at epoch ends only)
+    nonfinite: str = "stop"  # a non-finite loss or gradient: stop (an error naming the step) | skip (leave the step out)
+    nonfinite_skip_limit: float = 0.01  # with skip: stop when more than this share of an epoch's steps were left out
 
 
 @dataclass
@@ -128,13 +131,14 @@ CHOICES = {
     "train.class_weights": ("none", "balanced"),
     "train.select_by": ("qwk", "accuracy", "loss"),
     "train.sampler": ("random", "balanced"),
+    "train.nonfinite": NONFINITE,
     "wandb.mode": ("online", "offline", "disabled"),
 }
 POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.log_every", "wandb.init_timeout")
 # Keys that moved (old name -> new name): files, overrides and checkpoints that use the old name still load.
 RENAMED = {"train.regression_loss": "regression.loss", "train.fit_thresholds": "regression.fit_thresholds"}
 NON_NEGATIVE = ("data.workers", "data.max_rotation", "train.eval_batch_size", "train.momentum", "train.clip_grad_norm",
-                "train.weight_decay", "train.warmup_epochs")
+                "train.weight_decay", "train.warmup_epochs", "train.checkpoint_every_minutes", "train.nonfinite_skip_limit")
 
 
 def _sections(cfg: Config) -> dict[str, Any]:

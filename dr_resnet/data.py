@@ -33,6 +33,19 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
+class UnreadableImageError(DatasetError):
+    """An image of a split that cannot be read (any more): the message names the file, its row in the
+    split's file and the split. Raised in a data worker, it reaches the training process with the same
+    message (DataLoader re-raises a worker's error as its type built from a text that also holds the
+    worker's traceback: that text is cut back to the original message)."""
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 def _decode_with_pil(path: str | os.PathLike) -> Tensor:
     with Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"))
@@ -70,6 +83,8 @@ class RetinopathyDataset(Dataset):
         self.split = split
         index = read_split(self.root, split, format)
         self.format, self.names, self.paths, self.labels = index.format, index.names, index.paths, index.labels
+        self.rows = index.rows  # line of each image in the split's file
+        self.split_file = index.layout.csv_files[0]
         self.transform = transform
         self.image_size = image_size
         self.return_index = return_index
@@ -82,11 +97,18 @@ class RetinopathyDataset(Dataset):
         part = copy.copy(self)
         rows = np.flatnonzero(keep)
         part.names, part.paths, part.labels = [self.names[i] for i in rows], [self.paths[i] for i in rows], self.labels[rows]
+        part.rows = [self.rows[i] for i in rows]
         part.split = split
         return part
 
     def __getitem__(self, index: int):
-        image = load_image(self.paths[index], self.image_size)
+        try:
+            image = load_image(self.paths[index], self.image_size)
+        except (DatasetError, OSError) as exc:  # deleted, truncated or overwritten since the split was read
+            reason = str(exc).removeprefix(f"{self.paths[index]}: ")
+            raise UnreadableImageError(f"{self.paths[index]} (row {self.rows[index]} of {self.split_file}, split "
+                                       f"'{self.split}'): {reason}. Restore the file, or remove its row and "
+                                       f"start the run again (it resumes from its last checkpoint)") from None
         if self.transform is not None:
             image = self.transform(image)
         label = int(self.labels[index])

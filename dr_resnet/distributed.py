@@ -170,6 +170,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over all processes (in place, and returned); a no-op in a world of one. A CPU
+    tensor goes over gloo, also in a group whose GPU tensors use NCCL."""
+    if _group_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order (a world of one returns [obj])."""
     if _group_size() > 1:
@@ -211,17 +219,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def run_entry(work: Callable[[DistInfo], None], user_errors: tuple[type[Exception], ...], device: str = "auto") -> int:
+def run_entry(work: Callable[[DistInfo], int | None], user_errors: tuple[type[Exception], ...], device: str = "auto") -> int:
     """The frame of every entry point: join the group, log per rank, run `work`, always leave the group.
     A user error (bad data, config, missing file, processes that do not fit the GPUs) is one logged line
-    and exit code 2. The first line says how the process was launched and on what device."""
+    and exit code 2; `work` may return another exit code. The first line says how the process was
+    launched and on what device."""
     env = launch_env()
     setup_logging(env.rank, env.world_size)
     try:
         info = init(device, env=env)
         log.info("launch: %s; device %s", env.describe(), _describe_device(info.device))
-        work(info)
-        return 0
+        return work(info) or 0
     except (DeviceError, *user_errors) as exc:
         log.error("%s", exc)
         return 2

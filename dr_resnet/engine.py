@@ -8,7 +8,7 @@ once per epoch, and the progress bar shows a loss copied back asynchronously (a 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from . import metrics
 from .augment import DeviceAugment
-from .distributed import all_reduce_sum, gather_equal, gather_sharded
+from .distributed import all_reduce_max, all_reduce_sum, gather_equal, gather_sharded
+from .registry import NONFINITE
 from .runtime import Precision, Stopwatch
 
 
@@ -68,36 +69,78 @@ class LaggedValue:
 
 @dataclass
 class EpochTotals:
-    """Loss and accuracy sums of one rank's epoch, kept on the device until `reduce`."""
+    """One rank's running totals of an epoch, kept on the device until `reduce`: loss x images, correct
+    and images over the steps that counted, steps whose loss or gradient was not finite (the first one's
+    step and loss), and with keep_outputs the outputs and labels. `state`/`restore` carry them through
+    a mid-epoch checkpoint, so a resumed epoch sums exactly what an uninterrupted one would."""
 
     device: torch.device
     keep_outputs: bool = False
-    images: int = 0
-    sums: Tensor = field(init=False)  # loss x images, correct
+    images: int = 0  # seen, counted or not
+    sums: Tensor = field(init=False)  # loss x images, correct, images, over the finite steps
+    nonfinite: Tensor = field(init=False)  # steps with a non-finite loss or gradient
+    first_nonfinite: Tensor = field(init=False)  # (step, loss) of the first one; step -1 while none
     outputs: list[Tensor] = field(default_factory=list)
     labels: list[Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.first_nonfinite = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=self.device)
+        self.seen = LaggedValue(self.device)
 
-    def add(self, loss: Tensor, outputs: Tensor, labels: Tensor, correct: Tensor) -> None:
+    def add(self, step: int, loss: Tensor, outputs: Tensor, labels: Tensor, correct: Tensor, finite: Tensor) -> None:
         n = labels.shape[0]
-        self.sums += torch.stack([loss.detach().double() * n, correct.double()])
+        loss = loss.detach().double()
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.sums += torch.where(finite, torch.stack([loss * n, correct.double(), zero + n]), zero)
         self.images += n
+        bad = ~finite
+        self.nonfinite += bad
+        first = bad & (self.first_nonfinite[0] < 0)
+        self.first_nonfinite = torch.where(first, torch.stack([zero + step, loss]), self.first_nonfinite)
+        if self.device.type == "cuda":
+            self.seen.push(self.nonfinite)
         if self.keep_outputs:
             self.outputs.append(outputs.detach().float().squeeze(1))
             self.labels.append(labels)
 
     def mean_loss(self) -> Tensor:
-        return self.sums[0] / max(1, self.images)
+        return self.sums[0] / self.sums[2].clamp(min=1)
+
+    def nonfinite_seen(self) -> bool:
+        """Whether a non-finite step has been seen, as far as the host knows without waiting (on CUDA a
+        step or two late; exact on CPU)."""
+        if self.device.type != "cuda":
+            return bool(self.nonfinite)
+        return bool(self.seen.latest())
+
+    def first_nonfinite_step(self) -> tuple[int, float] | None:
+        """(step, loss) of the first non-finite step, waiting for the device; None if there was none."""
+        step, loss = self.first_nonfinite.tolist()
+        return None if step < 0 else (int(step), loss)
+
+    def state(self) -> dict:
+        """This rank's totals on the CPU, for a checkpoint."""
+        return {"images": self.images, "sums": self.sums.cpu(), "nonfinite": self.nonfinite.cpu(),
+                "outputs": torch.cat(self.outputs).cpu() if self.outputs else None,
+                "labels": torch.cat(self.labels).cpu() if self.labels else None}
+
+    def restore(self, state: dict) -> None:
+        self.images = int(state["images"])
+        self.sums = state["sums"].to(self.device, torch.float64)
+        self.nonfinite = state["nonfinite"].to(self.device)
+        if self.keep_outputs and state["outputs"] is not None:
+            self.outputs, self.labels = [state["outputs"].to(self.device)], [state["labels"].to(self.device)]
 
     def reduce(self, seconds: float) -> dict:
         """Summed over every process (the epoch's one host sync); with keep_outputs, every rank's
-        outputs and labels too."""
-        count = torch.tensor([float(self.images)], dtype=torch.float64, device=self.device)
-        loss_sum, correct, images = all_reduce_sum(torch.cat([self.sums, count])).tolist()
-        stats = {"train_loss": loss_sum / images, "train_acc": correct / images, "train_images": int(images),
-                 "train_seconds": seconds, "images_per_s": images / seconds}
+        outputs and labels too. train_loss and train_acc leave out steps with a non-finite loss or
+        gradient; nonfinite_steps counts them (the most any rank counted: every rank skips the same steps)."""
+        loss_sum, correct, images = all_reduce_sum(self.sums.clone()).tolist()
+        stats = {"train_loss": loss_sum / max(1.0, images), "train_acc": correct / max(1.0, images),
+                 "train_images": int(images), "train_seconds": seconds, "images_per_s": images / seconds,
+                 "nonfinite_steps": int(all_reduce_max(self.nonfinite.clone()))}
         if self.keep_outputs:
             stats["outputs"] = gather_equal(torch.cat(self.outputs)).cpu().numpy()
             stats["labels"] = gather_equal(torch.cat(self.labels)).cpu().numpy()
@@ -118,9 +161,30 @@ class Runtime:
         return self.augment.channels_last
 
 
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient; the message says where and what to try."""
+
+
+def total_grad_norm(parameters) -> Tensor:
+    """The gradients' global 2-norm, on the device (no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if hasattr(nn.utils, "get_total_norm"):  # torch >= 2.6
+        return nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 @dataclass
 class Trainer:
-    """What one training step needs. `model` is what training calls (DDP and/or compiled wrapper)."""
+    """What one training step needs. `model` is what training calls (DDP and/or compiled wrapper).
+
+    Every step checks its loss and gradient norm for inf/NaN on the device, without waiting for it.
+    nonfinite="stop": the step is taken anyway; the run is stopped at the next step boundary (see
+    preemption.StepBoundary) and nothing is saved after it. "skip": the optimizer leaves such a step out
+    (fused SGD on CUDA reads the flag on the device, as it does for fp16's GradScaler; on CPU the host
+    reads it), the BatchNorm statistics its forward pass moved are put back, and the epoch's totals
+    leave it out too. In fp16 the GradScaler already skips steps whose
+    gradients overflow, and lowers its scale: only a non-finite loss counts there.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -129,51 +193,87 @@ class Trainer:
     head: object
     runtime: Runtime
     clip_grad_norm: float = 0.0
+    nonfinite: str = "stop"
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
 
     @property
     def device(self) -> torch.device:
         return self.runtime.device
 
-    def step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """One optimisation step on a uint8 batch already on the device; returns (loss, outputs)."""
+    def step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """One optimisation step on a uint8 batch already on the device; returns (loss, outputs, finite):
+        finite is a device bool, false when the loss or the gradients held inf or NaN."""
         inputs = self.runtime.augment.train(images, generator)
+        skipping = self.nonfinite == "skip" and not self.scaler.is_enabled()
+        statistics = [(b, b.clone()) for b in self.model.buffers()] if skipping else []
         with self.runtime.precision.autocast(self.device):
             outputs = self.model(inputs)
             loss = self.head.loss(outputs, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        finite = torch.isfinite(loss.detach())
         if self.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-        self.scaler.step(self.optimizer)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        elif not self.scaler.is_enabled():
+            norm = total_grad_norm(self.model.parameters())
+        if not self.scaler.is_enabled():  # fp16: the scaler checks the gradients itself
+            finite = finite & torch.isfinite(norm)
+        if skipping:
+            self._step_unless(finite)
+            for buffer, before in statistics:  # BatchNorm's running statistics, as they were unless finite
+                buffer.copy_(torch.where(finite, buffer, before))
+        else:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss, outputs
+        return loss, outputs, finite
+
+    def _step_unless(self, finite: Tensor) -> None:
+        """optimizer.step() only where `finite`: on the device for optimizers that take the flag that
+        GradScaler gives them (fused SGD), else read on the host (free on CPU)."""
+        if getattr(self.optimizer, "_step_supports_amp_scaling", False) and self.device.type == "cuda":
+            self.optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif bool(finite):
+            self.optimizer.step()
 
     def run_steps(self, loader: Iterable, generator: torch.Generator, totals: EpochTotals, progress=None,
-                  log_every: int = 20) -> None:
-        """The hot loop over `loader`. `progress` (a tqdm bar) shows the running loss every log_every batches."""
+                  log_every: int = 20, first_step: int = 0, boundary: Callable[[int], None] | None = None) -> None:
+        """The hot loop over `loader`. `progress` (a tqdm bar) shows the running loss every log_every
+        batches. After each step, `boundary(steps done in the epoch)` may checkpoint or stop the run
+        (by raising); `first_step` is the steps done before (a resumed epoch)."""
         self.model.train()
         shown = LaggedValue(self.device) if progress is not None and not progress.disable else None
-        for step, (images, labels) in enumerate(loader):
+        for step, (images, labels) in enumerate(loader, start=first_step):
             images, labels = _to_device(images, labels, self.device)
-            loss, outputs = self.step(images, labels, generator)
-            totals.add(loss, outputs, labels, (self.head.predict_outputs(outputs.detach()) == labels).sum())
+            loss, outputs, finite = self.step(images, labels, generator)
+            totals.add(step, loss, outputs, labels, (self.head.predict_outputs(outputs.detach()) == labels).sum(), finite)
             if shown is not None:
                 progress.update(labels.shape[0])
                 if step % log_every == 0:
                     shown.push(totals.mean_loss())
                     if shown.latest() is not None:
                         progress.set_postfix(loss=f"{shown.latest():.3f}", refresh=False)
+            if boundary is not None:
+                boundary(step + 1)
 
     def epoch(self, loader: Iterable, generator: torch.Generator, progress=None, log_every: int = 20,
-              keep_outputs: bool = False) -> dict:
-        """One pass over the loader; returns loss, accuracy and images summed over every process, the
-        time (the GPU's queued work included) and, with keep_outputs, every rank's outputs and labels."""
-        totals = EpochTotals(self.device, keep_outputs)
+              keep_outputs: bool = False, totals: EpochTotals | None = None, first_step: int = 0,
+              boundary: Callable[[int], None] | None = None, seconds_before: float = 0.0) -> dict:
+        """One pass over the loader (the rest of one, from `first_step` with its `totals`, when resumed);
+        returns loss, accuracy and images summed over every process, the time (the GPU's queued work
+        included, plus `seconds_before`) and, with keep_outputs, every rank's outputs and labels."""
+        totals = totals or EpochTotals(self.device, keep_outputs)
         watch = Stopwatch(self.device)
-        self.run_steps(loader, generator, totals, progress, log_every)
-        return totals.reduce(watch.seconds())
+        self.run_steps(loader, generator, totals, progress, log_every, first_step, boundary)
+        return totals.reduce(seconds_before + watch.seconds())
 
 
 @dataclass(frozen=True)

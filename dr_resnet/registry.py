@@ -29,3 +29,5 @@ FORMATS = ("lab", "kaggle", "aptos")  # on-disk dataset layouts (formats.SplitLa
 FORMAT_CHOICES = ("auto", *FORMATS)  # "auto": detected from the split files present
 
 HEADS = ("classification", "regression", "ordinal")  # model.head (heads.HEAD_TYPES implements each)
+
+NONFINITE = ("stop", "skip")  # train.nonfinite: what a non-finite loss or gradient does (engine.Trainer)

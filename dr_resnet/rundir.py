@@ -5,7 +5,8 @@ names. No torch here, so the report stays light.
     config.yaml           the resolved config                     (train, launch.sweep)
     metrics.jsonl         one JSON object per epoch               (train; read by report, benchmarks)
     summary.json          best and final metrics                  (train)
-    checkpoint_last.pt    the resume point                        (train, checkpoint.py's layout)
+    checkpoint_last.pt    the resume point (end of epoch or mid-epoch) (train, checkpoint.py's layout)
+    checkpoint_prev.pt    the resume point before it, kept until the next one is complete (train)
     checkpoint_best.pt    the selected epoch's training state     (train)
     confusion_matrix.png  the selected epoch's confusion matrix   (train; evaluate writes one in its --out)
     launch_status.json    a launcher's word: not run / failed     (launch.sweep; read by report)
@@ -21,18 +22,34 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LAST_CHECKPOINT = "checkpoint_last.pt"
+PREV_CHECKPOINT = "checkpoint_prev.pt"
 BEST_CHECKPOINT = "checkpoint_best.pt"
 CONFUSION_PNG = "confusion_matrix.png"
 TRAIN_LOG = "train.log"
 STATUS_FILE = "launch_status.json"  # {"status": "not run" | "failed", "reason": ..., "detail": ...}
 
 
+class MetricsError(ValueError):
+    """A metrics log with a damaged line other than the last; the message names the file and line."""
+
+
 def read_metrics(run_dir: Path, up_to_epoch: int | None = None) -> list[dict]:
-    """One dict per logged epoch (up to and including up_to_epoch, if given); [] if none yet."""
+    """One dict per logged epoch (up to and including up_to_epoch, if given); [] if none yet. A last line
+    cut short (a process killed while appending it) is left out: its epoch has no checkpoint yet."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise MetricsError(f"{path}: line {number} is not JSON ({exc.msg}); the file is damaged") from exc
     return [r for r in rows if up_to_epoch is None or r["epoch"] <= up_to_epoch]
 
 

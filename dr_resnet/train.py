@@ -14,25 +14,28 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from . import __version__, checkpoint, components, config, distributed
 from .augment import epoch_generator
+from .checkpoint import CheckpointError, CheckpointWriteError
 from .config import Config, ConfigError
 from .data import RetinopathyDataset
 from .distributed import DistInfo
-from .engine import EvalResult, Trainer, evaluate
+from .engine import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
 from .formats import DatasetError
 from .models import WeightsNotFoundError
-from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, SUMMARY_FILE, TRAIN_LOG, append_metrics,
-                     read_metrics, rewrite_metrics, selected_on, selected_row, selection_value)
+from .preemption import RunStopped, StepBoundary, StopSignals
+from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, PREV_CHECKPOINT, SUMMARY_FILE, TRAIN_LOG,
+                     MetricsError, append_metrics, read_metrics, rewrite_metrics, selected_on, selected_row, selection_value)
 from .runtime import compile_model, configure_backends, environment
-from .samplers import DistributedBalancedSampler
+from .samplers import EpochSampler
 from .heads import ClassificationHead, OrdinalHead, RegressionHead
 from .tracking import Tracker, TrackingSettings, new_run_id
 
@@ -58,7 +61,7 @@ class Run:
     test_loader: DataLoader
     val_loader: DataLoader | None  # the held-out part of the training split (data.val_fraction)
     fit_loader: DataLoader | None  # the training images in eval mode, for a head whose fit_on is "train"
-    train_sampler: DistributedSampler | DistributedBalancedSampler
+    train_sampler: EpochSampler
     model: nn.Module  # bare module (for checkpoints)
     eval_model: nn.Module  # the bare module, compiled with train.compile
     trainer: Trainer  # the training step: DDP (and compiled) model, optimizer, scheduler, scaler, head, augmentation
@@ -92,27 +95,61 @@ def build(cfg: Config, info: DistInfo) -> Run:
     model = getattr(ddp_model, "module", ddp_model)  # SyncBatchNorm's conversion makes a new module
     o = components.optimisation(t, model, len(train_loader), runtime)
     trainer = Trainer(compile_model(ddp_model, t.compile), o.optimizer, o.scheduler, o.scaler, head, runtime,
-                      t.clip_grad_norm)
+                      t.clip_grad_norm, t.nonfinite)
     return Run(cfg=cfg, info=info, run_dir=Path(cfg.output.dir), train_loader=train_loader, test_loader=test_loader,
                val_loader=val_loader, fit_loader=fit_loader, train_sampler=train_sampler, model=model,
                eval_model=compile_model(model, t.compile), trainer=trainer, train_baseline=data.train.majority_baseline,
                test_baseline=data.test.majority_baseline)
 
 
-def training_state(run: Run, epoch: int, best: dict, wandb_id: str) -> checkpoint.TrainingState:
+def training_state(run: Run, epoch: int, best: dict, wandb_id: str, position: dict | None = None) -> checkpoint.TrainingState:
     t = run.trainer
     return checkpoint.TrainingState(
         model=run.model.state_dict(), optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(),
         scaler=t.scaler.state_dict(), precision=t.runtime.precision.name, epoch=epoch, best=best, rng=checkpoint.rng_state(),
-        config=run.cfg.to_dict(), wandb_id=wandb_id, head=run.head.state())
+        config=run.cfg.to_dict(), wandb_id=wandb_id, head=run.head.state(), position=position or {})
 
 
-def resume(run: Run) -> tuple[int, str | None]:
-    """(epochs already done, W&B run id) from the run directory's last checkpoint, if any."""
-    path = run.run_dir / LAST_CHECKPOINT
-    if not path.is_file():
-        return 0, None
-    state = checkpoint.TrainingState.load(path)
+def save_checkpoint(run: Run, state: checkpoint.TrainingState | None, best: bool = False) -> None:
+    """Rank 0 writes `state` (None on the other ranks) as the resume point, keeping the one before as
+    checkpoint_prev.pt, and as checkpoint_best.pt too when `best`. Every rank learns whether that
+    worked, so that a failed write stops them all with the same error instead of leaving them waiting."""
+    error = None
+    if run.info.is_main:
+        try:
+            state.save(run.run_dir / LAST_CHECKPOINT, keep_previous=run.run_dir / PREV_CHECKPOINT)
+            if best:
+                state.save(run.run_dir / BEST_CHECKPOINT)
+        except CheckpointWriteError as exc:
+            error = exc
+    if distributed.all_reduce_max(torch.tensor([int(error is not None)])).item():
+        raise error or CheckpointWriteError("rank 0 could not write the checkpoint (its error in train.log says why)")
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a run goes on: epochs completed, its W&B run id, and inside the next epoch (a mid-epoch
+    checkpoint's position; {} at an epoch's end)."""
+
+    epoch: int = 0
+    wandb_id: str | None = None
+    position: dict = field(default_factory=dict)
+
+
+def resume(run: Run) -> Resumed:
+    """The run directory's resume point: checkpoint_last.pt, or checkpoint_prev.pt when the last one is
+    damaged (rank 0 then moves the damaged file aside, so that the next checkpoint cannot take its place
+    as the previous one). Nothing: a fresh start."""
+    last = run.run_dir / LAST_CHECKPOINT
+    found = checkpoint.load_resumable([last, run.run_dir / PREV_CHECKPOINT])
+    if found is None:
+        return Resumed()
+    state, path = found
+    distributed.barrier()  # every rank has read its checkpoint before rank 0 moves anything
+    if path != last and run.info.is_main and last.exists():
+        damaged = last.with_name(last.name + ".damaged")
+        last.replace(damaged)
+        log.warning("moved the unreadable %s to %s", last, damaged)
     t = run.trainer
     run.model.load_state_dict(state.model)
     t.optimizer.load_state_dict(state.optimizer)
@@ -127,8 +164,21 @@ def resume(run: Run) -> tuple[int, str | None]:
         t.scaler.load_state_dict(state.scaler)
     checkpoint.restore_rng(state.rng)
     run.head.load_state(state.head)
-    log.info("resumed %s after epoch %d", path, state.epoch)
-    return int(state.epoch), state.wandb_id
+    where = state.position
+    if where:
+        log.info("resumed %s in epoch %d after step %d of %d", path, where["epoch"] + 1, where["step"], where["steps"])
+    else:
+        log.info("resumed %s after epoch %d", path, state.epoch)
+    return Resumed(int(state.epoch), state.wandb_id, where)
+
+
+def selection(rows: list[dict], select_by: str) -> dict:
+    """The selected epoch so far, as checkpoints record it ({} before the first epoch)."""
+    if not rows:
+        return {}
+    chosen = selected_row(rows, select_by)
+    return {"metric": select_by, "on": selected_on(chosen), "value": selection_value(chosen, select_by),
+            "epoch": chosen["epoch"]}
 
 
 def split_metrics(prefix: str, result: EvalResult) -> dict:
@@ -209,41 +259,38 @@ def start_tracking(run: Run, wandb_id: str | None) -> Tracker:
 
 
 def fit(run: Run) -> dict | None:
-    """The epoch loop; returns the summary on rank 0."""
+    """The epoch loop; returns the summary on rank 0. SIGTERM, SIGUSR1 and SIGUSR2 stop it at the next
+    step boundary after a checkpoint (RunStopped)."""
     info = run.info
-    start_epoch, wandb_id = resume(run)
+    resumed = resume(run)
     rows: list[dict] = []  # the epochs logged so far (rank 0 keeps them, to write the summary)
     if info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run.cfg, run.run_dir / CONFIG_FILE)
-        rows = read_metrics(run.run_dir, start_epoch)
+        rows = read_metrics(run.run_dir, resumed.epoch)
         rewrite_metrics(run.run_dir, rows)
         held_out = f"{len(run.val_loader.dataset)} held-out / " if run.val_loader else ""
         log.info("%s: resnet%d (%s weights), %d train / %s%d test images, %d process(es) on %s, precision %s, "
                  "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
                  len(run.train_loader.dataset), held_out, len(run.test_loader.dataset), info.world_size, info.device,
                  run.trainer.runtime.precision.name, 100 * run.test_baseline)
-    tracker = start_tracking(run, wandb_id) if info.is_main else None
+    tracker = start_tracking(run, resumed.wandb_id) if info.is_main else None
     try:
-        return _epochs(run, start_epoch, rows, tracker)
+        with StopSignals() as signals:
+            boundary = StepBoundary(run.cfg.train.checkpoint_every_minutes, signals, info.is_main)
+            return _epochs(run, resumed, rows, tracker, boundary)
     finally:
         if tracker is not None:
             tracker.finish()
 
 
-def _epochs(run: Run, start_epoch: int, rows: list[dict], tracker: Tracker | None) -> dict | None:
-    from tqdm import tqdm
-
+def _epochs(run: Run, resumed: Resumed, rows: list[dict], tracker: Tracker | None, boundary: StepBoundary) -> dict | None:
     info, t = run.info, run.cfg.train
-    for epoch in range(start_epoch, t.epochs):
+    wandb_id = tracker.run_id if tracker is not None else None
+    for epoch in range(resumed.epoch, t.epochs):
         epoch_start = time.perf_counter()
-        run.train_sampler.set_epoch(epoch)
-        bar = tqdm(total=len(run.train_loader) * t.batch_size, desc=f"epoch {epoch + 1}/{t.epochs}", unit="img",
-                   disable=not info.is_main, mininterval=1 if sys.stderr.isatty() else 30, leave=False)
-        lr = run.trainer.optimizer.param_groups[0]["lr"]
-        stats = run.trainer.epoch(run.train_loader, epoch_generator(t.seed, epoch, info.rank, info.device), bar,
-                                  t.log_every, keep_outputs=run.head.fit_on == "batches")
-        bar.close()
+        position = resumed.position if resumed.position.get("epoch") == epoch else {}
+        stats, lr = train_epoch(run, epoch, position, boundary, rows, wandb_id)
         eval_start = time.perf_counter()
         val = run.evaluate(run.val_loader) if run.val_loader else None
         fitted = end_of_epoch(run, stats, val)
@@ -252,28 +299,30 @@ def _epochs(run: Run, start_epoch: int, rows: list[dict], tracker: Tracker | Non
         if val is not None:
             val = EvalResult.of(val.outputs, val.targets, run.head)  # scored by the head as its hook left it
             row.update(split_metrics("val", val), val_confusion_matrix=val.confusion_matrix.tolist())
-        row.update({"lr": lr, "images_per_s": stats["images_per_s"], "train_seconds": stats["train_seconds"],
-                    "eval_seconds": time.perf_counter() - eval_start, "epoch_seconds": time.perf_counter() - epoch_start,
+        row.update({"lr": lr, "nonfinite_steps": stats["nonfinite_steps"], "images_per_s": stats["images_per_s"],
+                    "train_seconds": stats["train_seconds"], "eval_seconds": time.perf_counter() - eval_start,
+                    "epoch_seconds": time.perf_counter() - epoch_start + stats["resumed_seconds"],
                     "confusion_matrix": result.confusion_matrix.tolist(), **fitted})
-        test_loss = row["test_loss"]
+        state, improved = None, False
         if info.is_main:
             append_metrics(run.run_dir, row)
             rows.append(row)
-            chosen = selected_row(rows, t.select_by)
-            improved = chosen["epoch"] == epoch + 1
-            best = {"metric": t.select_by, "on": selected_on(chosen), "value": selection_value(chosen, t.select_by),
-                    "epoch": chosen["epoch"]}
-            state = training_state(run, epoch + 1, best, tracker.run_id)
-            state.save(run.run_dir / LAST_CHECKPOINT)
-            if improved:
-                state.save(run.run_dir / BEST_CHECKPOINT)
+            best = selection(rows, t.select_by)
+            improved = best["epoch"] == epoch + 1
+            state = training_state(run, epoch + 1, best, wandb_id)
+        save_checkpoint(run, state, best=improved)
+        boundary.checkpointed()
+        if info.is_main:
             write_summary(run, rows, figure=False)
             tracker.log_epoch(row)
             held_out = f"val QWK {row['val_qwk']:.3f}  " if val is not None else ""
-            log.info("epoch %d/%d  train loss %.4f acc %.1f%%  %stest loss %.4f acc %.1f%% QWK %.3f  %.0f img/s  %.0fs",
-                     epoch + 1, t.epochs, row["train_loss"], 100 * row["train_acc"], held_out, test_loss,
-                     100 * row["test_acc"], row["test_qwk"], row["images_per_s"], row["epoch_seconds"])
-        distributed.barrier()  # no rank runs ahead of a checkpoint that is still being written
+            skipped = f"  {row['nonfinite_steps']} non-finite step(s) left out" if row["nonfinite_steps"] else ""
+            log.info("epoch %d/%d  train loss %.4f acc %.1f%%  %stest loss %.4f acc %.1f%% QWK %.3f  %.0f img/s  %.0fs%s",
+                     epoch + 1, t.epochs, row["train_loss"], 100 * row["train_acc"], held_out, row["test_loss"],
+                     100 * row["test_acc"], row["test_qwk"], row["images_per_s"], row["epoch_seconds"], skipped)
+        decision = boundary.decide()  # a signal that came during evaluation: the checkpoint is written
+        if decision.stop_signal:
+            raise RunStopped(decision.stop_signal, f"after epoch {epoch + 1}")
     if not info.is_main:
         return None
     if not rows:
@@ -282,6 +331,107 @@ def _epochs(run: Run, start_epoch: int, rows: list[dict], tracker: Tracker | Non
     tracker.log_summary(summary, run.run_dir / CONFUSION_PNG)
     tracker.log_checkpoint(run.run_dir / BEST_CHECKPOINT)
     return summary
+
+
+def combined_totals(ranks: list[dict]) -> dict:
+    """Running totals that several ranks wrote, as one rank's (resuming with another number of processes)."""
+    outputs = [r["totals"]["outputs"] for r in ranks if r["totals"]["outputs"] is not None]
+    labels = [r["totals"]["labels"] for r in ranks if r["totals"]["labels"] is not None]
+    return {"images": sum(r["totals"]["images"] for r in ranks),
+            "sums": sum(r["totals"]["sums"] for r in ranks),
+            "nonfinite": max(r["totals"]["nonfinite"] for r in ranks),
+            "outputs": torch.cat(outputs) if outputs else None, "labels": torch.cat(labels) if labels else None}
+
+
+def restore_ranks(position: dict, generator: torch.Generator, totals: EpochTotals, info: DistInfo) -> None:
+    """Each rank's augmentation stream and running totals from a mid-epoch checkpoint. Resumed by another
+    number of processes, the epoch goes on with its remaining images shared out anew: fresh augmentation
+    streams, and rank 0 carries the totals so far. Close to, but not bit for bit, an uninterrupted run."""
+    ranks = position["ranks"]
+    if len(ranks) == info.world_size:
+        generator.set_state(ranks[info.rank]["augment"])
+        totals.restore(ranks[info.rank]["totals"])
+        return
+    if info.is_main:
+        log.warning("the checkpoint was written by %d process(es) in the middle of epoch %d; %d continue it with "
+                    "the epoch's remaining images: the result will not be bit for bit that of an uninterrupted run",
+                    len(ranks), position["epoch"] + 1, info.world_size)
+        totals.restore(combined_totals(ranks))
+
+
+def nonfinite_error(totals: EpochTotals, epoch: int, lrs: dict[int, float], t) -> NonFiniteError:
+    found = totals.first_nonfinite_step()
+    if found is None:
+        where = f"epoch {epoch + 1}: another process met a non-finite loss or gradient (its error says where)"
+    else:
+        step, loss = found
+        lr = lrs.get(step)
+        where = (f"epoch {epoch + 1}, step {step + 1}: non-finite loss or gradient (loss {loss:.4g}"
+                 + (f", learning rate {lr:.4g})" if lr is not None else ")"))
+    return NonFiniteError(f"{where}. Nothing was saved after it: the last checkpoint is untouched. Try a lower "
+                          f"train.lr (now {t.lr:g}), train.clip_grad_norm=1.0 (now {t.clip_grad_norm:g}), or "
+                          f"train.nonfinite=skip to leave such steps out")
+
+
+def train_epoch(run: Run, epoch: int, position: dict, boundary: StepBoundary, rows: list[dict],
+                wandb_id: str | None) -> tuple[dict, float]:
+    """The training steps of one epoch (from `position`, a mid-epoch checkpoint's, when resuming), with a
+    collective decision at every step boundary: write a resumable checkpoint (the clock, a signal), stop
+    (a signal: RunStopped), or fail (a non-finite step: NonFiniteError). Returns the epoch's training
+    statistics and the learning rate it started with."""
+    from tqdm import tqdm
+
+    info, t, trainer = run.info, run.cfg.train, run.trainer
+    first_step, began_with = position.get("step", 0), position.get("began_with", info.world_size)
+    start_images = position.get("images", 0)
+    run.train_sampler.set_epoch(epoch, start_images, began_with)
+    generator = epoch_generator(t.seed, epoch, info.rank, info.device)
+    totals = EpochTotals(info.device, keep_outputs=run.head.fit_on == "batches")
+    if position:
+        restore_ranks(position, generator, totals, info)
+    epoch_lr = position.get("lr", trainer.optimizer.param_groups[0]["lr"])
+    steps = first_step + len(run.train_loader)
+    started = time.perf_counter()
+    lrs = {first_step: trainer.optimizer.param_groups[0]["lr"]}  # each recent step's learning rate
+
+    def at_boundary(done: int) -> None:
+        lrs[done] = trainer.optimizer.param_groups[0]["lr"]
+        lrs.pop(done - 64, None)
+        watch_nonfinite = t.nonfinite == "stop"
+        decision = boundary.decide(watch_nonfinite and totals.nonfinite_seen())
+        if decision.nonfinite:
+            raise nonfinite_error(totals, epoch, lrs, t)
+        if not decision.checkpoint:
+            return
+        if watch_nonfinite and distributed.all_reduce_max(torch.tensor([int(totals.nonfinite)])).item():
+            raise nonfinite_error(totals, epoch, lrs, t)  # never a checkpoint of weights a bad step touched
+        here = {"epoch": epoch, "step": done, "steps": steps, "began_with": began_with, "world_size": info.world_size,
+                "images": start_images + (done - first_step) * t.batch_size * info.world_size, "lr": epoch_lr,
+                "seconds": position.get("seconds", 0.0) + time.perf_counter() - started,
+                "ranks": distributed.all_gather_objects({"augment": generator.get_state(), "totals": totals.state()})}
+        state = training_state(run, epoch, selection(rows, t.select_by), wandb_id, here) if info.is_main else None
+        save_checkpoint(run, state)
+        boundary.checkpointed()
+        log.info("checkpoint in epoch %d after step %d of %d", epoch + 1, done, steps)
+        if decision.stop_signal:
+            raise RunStopped(decision.stop_signal, f"in epoch {epoch + 1} after step {done} of {steps}")
+
+    bar = tqdm(total=steps * t.batch_size, initial=first_step * t.batch_size, desc=f"epoch {epoch + 1}/{t.epochs}",
+               unit="img", disable=not info.is_main, mininterval=1 if sys.stderr.isatty() else 30, leave=False)
+    try:
+        stats = trainer.epoch(run.train_loader, generator, bar, t.log_every, totals=totals, first_step=first_step,
+                              boundary=at_boundary, seconds_before=position.get("seconds", 0.0))
+    finally:
+        bar.close()
+    stats["resumed_seconds"] = position.get("seconds", 0.0)
+    if stats["nonfinite_steps"]:
+        if t.nonfinite == "stop":
+            raise nonfinite_error(totals, epoch, lrs, t)
+        if stats["nonfinite_steps"] > t.nonfinite_skip_limit * steps:
+            raise NonFiniteError(f"epoch {epoch + 1}: {stats['nonfinite_steps']} of {steps} steps had a non-finite loss "
+                                 f"or gradient, more than train.nonfinite_skip_limit={t.nonfinite_skip_limit:g} of them: "
+                                 f"the run is diverging. Try a lower train.lr or train.clip_grad_norm=1.0")
+    return stats, epoch_lr
 
 
 def describe_summary(summary: dict) -> str:
@@ -300,16 +450,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    def work(info: DistInfo) -> None:
+    def work(info: DistInfo) -> int:
         distributed.log_to_file(Path(cfg.output.dir) / TRAIN_LOG, info)
         log.info("dr_resnet %s: config %s%s", __version__, config_file or "(defaults)",
                  f" + {' '.join(overrides)}" if overrides else "")
         log.info("environment: %s; %d process(es) (%s) on %s", environment(), info.world_size, info.launcher,
                  info.device)
-        summary = fit(build(cfg, info))
+        try:
+            summary = fit(build(cfg, info))
+        except RunStopped as stop:
+            log.warning("%s", stop)
+            return stop.exit_code
         if summary:
             print(describe_summary(summary), flush=True)
-    return distributed.run_entry(work, (ConfigError, DatasetError, WeightsNotFoundError), device=cfg.train.device)
+        return 0
+    code = distributed.run_entry(work, (ConfigError, DatasetError, WeightsNotFoundError, CheckpointError, CheckpointWriteError,
+                                        MetricsError, NonFiniteError), device=cfg.train.device)
+    components.end_data_workers()
+    return code
 
 
 if __name__ == "__main__":

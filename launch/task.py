@@ -1,14 +1,17 @@
 """The callable submitit runs in every task of a job: it turns submitit's JobEnvironment into the
 variables torchrun would set and calls the same `dr_resnet.train.main` as every other launch.
 
-It carries only the training arguments. On preemption or a time limit, `checkpoint()` resubmits a
-fresh task with the same arguments; training resumes from the run directory's last checkpoint (and
-continues the same W&B run, whose id that checkpoint holds), never from state kept in this object.
+It carries only the training arguments. On preemption or a time limit, SLURM sends submitit's signal
+(SIGUSR2) to every task: training writes a checkpoint at its next step boundary and stops, then this
+task hands the signal to submitit's own handler, which calls `checkpoint()` (a fresh task with the same
+arguments) and requeues the job. Training resumes from the run directory's last checkpoint (and the
+same W&B run, whose id that checkpoint holds), never from state kept in this object.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 
 import submitit
 
@@ -29,9 +32,17 @@ class TrainTask(submitit.helpers.Checkpointable):
         if threads > 0:
             torch.set_num_threads(threads)
         code = main(self.argv)
-        if code != 0:
-            raise RuntimeError(f"dr_resnet.train exited with code {code}: the reason is logged above")
-        return code
+        if code == 0:
+            return code
+        stopped_by = code - 128 if code > 128 else None  # dr_resnet.train's exit code after a stop signal
+        if stopped_by in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            handler = signal.getsignal(stopped_by)
+            if callable(handler):  # submitit's: checkpoint() and requeue on rank 0, nothing on the others
+                handler(stopped_by, None)
+                return code
+            raise RuntimeError(f"dr_resnet.train stopped at {signal.Signals(stopped_by).name} after writing a "
+                               f"checkpoint: a requeued or resubmitted job resumes from it")
+        raise RuntimeError(f"dr_resnet.train exited with code {code}: the reason is logged above")
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(TrainTask(self.argv, self.threads))
