@@ -106,6 +106,13 @@ def save(state: dict[str, Any], path: str | os.PathLike, keep_previous: str | os
     _sync_folder(path.parent)
 
 
+def remove_unfinished(folder: Path) -> None:
+    """Delete the temporary files of checkpoint writes that a killed process left half done."""
+    for tmp in Path(folder).glob(".checkpoint_*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        log.info("removed %s, a checkpoint write that did not finish", tmp)
+
+
 class _Writer:
     """A file for torch.save that remembers the operating system's error: torch's zip writer replaces it
     with its own ("unexpected pos ...")."""

@@ -6,10 +6,10 @@ for training; ``evaluate`` builds the same head, model and runtime around a save
 
 from __future__ import annotations
 
-import gc
 import inspect
-import multiprocessing
+import os
 import signal
+import threading
 import logging
 import math
 from dataclasses import dataclass
@@ -83,23 +83,19 @@ def training_loader(dataset: RetinopathyDataset, cfg: Config, info: DistInfo
 
 def ignore_stop_signals(worker_id: int) -> None:
     """In each data worker: leave the stop signals to the training process. torchrun and SLURM signal the
-    whole process group; a worker killed by that SIGTERM would fail the step before the training process
-    could write its checkpoint. They still end when their training process does (DataLoader's watchdog),
-    and `end_data_workers` ends any that are left when training stops."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    whole process group or job; a worker killed by that SIGTERM would fail the step before the training
+    process could write its checkpoint. The signals are blocked and a thread waits for them: sent by the
+    training process itself (multiprocessing or DataLoader ending its workers), the worker exits at once;
+    sent by anyone else, it is ignored. Workers also end when their training process does."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    parent = os.getppid()
 
+    def wait_for_signals() -> None:
+        while True:
+            if signal.sigwaitinfo(STOP_SIGNALS).si_pid == parent:
+                os._exit(0)
 
-def end_data_workers() -> None:
-    """End the data workers still running once training is over. They ignore SIGTERM, which is how
-    multiprocessing would end them at exit: collecting the loaders left behind (an error's traceback
-    held them) shuts their workers down the normal way; any still running are killed (SIGKILL: they hold
-    nothing to save)."""
-    gc.collect()
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(timeout=10)
+    threading.Thread(target=wait_for_signals, daemon=True, name="stop-signals").start()
 
 
 def evaluation_loader(dataset: RetinopathyDataset, batch_size: int, workers: int, info: DistInfo) -> DataLoader:

@@ -266,6 +266,7 @@ def fit(run: Run) -> dict | None:
     rows: list[dict] = []  # the epochs logged so far (rank 0 keeps them, to write the summary)
     if info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_unfinished(run.run_dir)
         config.save(run.cfg, run.run_dir / CONFIG_FILE)
         rows = read_metrics(run.run_dir, resumed.epoch)
         rewrite_metrics(run.run_dir, rows)
@@ -466,7 +467,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     code = distributed.run_entry(work, (ConfigError, DatasetError, WeightsNotFoundError, CheckpointError, CheckpointWriteError,
                                         MetricsError, NonFiniteError), device=cfg.train.device)
-    components.end_data_workers()
     return code
 
 

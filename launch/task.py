@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import submitit
+
+
+PREEMPTION_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").removeprefix("SIG"))
+AFTER_STOP_WAIT_S = 300  # how long a stopped task waits to be requeued or ended before it fails
 
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -35,14 +40,20 @@ class TrainTask(submitit.helpers.Checkpointable):
         if code == 0:
             return code
         stopped_by = code - 128 if code > 128 else None  # dr_resnet.train's exit code after a stop signal
-        if stopped_by in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
-            handler = signal.getsignal(stopped_by)
-            if callable(handler):  # submitit's: checkpoint() and requeue on rank 0, nothing on the others
-                handler(stopped_by, None)
-                return code
-            raise RuntimeError(f"dr_resnet.train stopped at {signal.Signals(stopped_by).name} after writing a "
-                               f"checkpoint: a requeued or resubmitted job resumes from it")
-        raise RuntimeError(f"dr_resnet.train exited with code {code}: the reason is logged above")
+        if stopped_by not in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            raise RuntimeError(f"dr_resnet.train exited with code {code}: the reason is logged above")
+        # Training wrote a checkpoint and stopped, at submitit's preemption signal or at the SIGTERM that
+        # SLURM sends first when it preempts a job: hand over to submitit's preemption handler (restored
+        # when training stopped), which calls checkpoint() and requeues the job on rank 0 (a job being
+        # cancelled cannot be requeued, and stays cancelled). The other ranks wait for SLURM to end them.
+        handler = signal.getsignal(PREEMPTION_SIGNAL)
+        if callable(handler):
+            handler(PREEMPTION_SIGNAL, None)
+        deadline = time.monotonic() + AFTER_STOP_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(1)  # a signal's handler runs here (submitit's exits after requeueing)
+        raise RuntimeError(f"dr_resnet.train stopped at {signal.Signals(stopped_by).name} after writing a checkpoint, "
+                           f"and the job was neither requeued nor ended: a resubmitted job resumes from it")
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(TrainTask(self.argv, self.threads))

@@ -88,6 +88,27 @@ def test_training_steps_never_wait_for_the_host(head_kind, dtype):
     assert totals.reduce(seconds=1.0)["train_images"] == 128
 
 
+def test_a_skipped_non_finite_step_is_left_out_on_the_device():
+    """train.nonfinite=skip on CUDA: fused SGD reads the step's flag on the device (no host sync), and
+    neither the weights nor the BatchNorm statistics move."""
+    trainer = gpu_trainer("classification", torch.bfloat16, clip=0.0)
+    trainer.nonfinite = "skip"
+    trainer.run_steps(pinned_batches(2), epoch_generator(0, 0, 0, CUDA), EpochTotals(CUDA))
+    with torch.no_grad():
+        trainer.model.fc.bias[0] = float("nan")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    totals = EpochTotals(CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.run_steps(pinned_batches(3), epoch_generator(0, 1, 0, CUDA), totals)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "fc.bias")
+    assert int(totals.nonfinite) == 3 and float(totals.sums[2]) == 0
+
+
 def test_channels_last_reaches_the_first_convolution_in_the_built_run(tmp_path, tiny):
     from dr_resnet import config
     from dr_resnet.distributed import DistInfo

@@ -300,3 +300,19 @@ def test_training_state_reads_earlier_checkpoints_and_refuses_other_files(tiny, 
     assert "not a dr_resnet training checkpoint" in capfd.readouterr().err
     assert evaluate_main(["--checkpoint", str(tmp_path / "old.pt"), "--data-root", str(tiny), "--out",
                           str(tmp_path / "eval"), "--device", "cpu", "--workers", "0"]) == 0
+
+
+def test_a_skipped_non_finite_step_changes_no_weight_and_no_batchnorm_statistic():
+    trainer = tiny_trainer("classification", clip=0.0)
+    trainer.nonfinite = "skip"
+    trainer.run_steps(batches(1), epoch_generator(0, 0, 0), EpochTotals(torch.device("cpu")))  # momentum set
+    with torch.no_grad():
+        trainer.model.fc.bias[0] = float("nan")  # every output, loss and gradient is now NaN
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    totals = EpochTotals(torch.device("cpu"))
+    trainer.run_steps(batches(2), epoch_generator(0, 1, 0), totals)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "fc.bias")
+    assert torch.equal(before["fc.bias"].isnan(), after["fc.bias"].isnan())
+    assert int(totals.nonfinite) == 2 and totals.first_nonfinite_step()[0] == 0 and float(totals.sums[2]) == 0
+    assert trainer.scheduler.last_epoch == 3  # the schedule goes on: skipped steps still count as steps
