@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from dr_resnet import checkpoint
 from dr_resnet.preprocess import Settings, preprocess
 from dr_resnet.synthetic import generate
 
@@ -16,6 +18,28 @@ def preprocessed_dataset(base: Path, train: int, test: int, seed: int, size: int
     raw = generate(base / "raw", {"train": train, "test": test}, seed=seed, size=size * 3 // 2, progress=False)
     preprocess(raw, base / "data", Settings(size=size), progress=False)
     return base / "data"
+
+
+TIMING_KEYS = {"images_per_s", "train_seconds", "eval_seconds", "epoch_seconds"}
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def assert_same_training_state(a: Path, b: Path) -> None:
+    """Two run directories whose last checkpoints and metrics (timings aside) are equal, bit for bit."""
+    sa, sb = checkpoint.load(a / "checkpoint_last.pt"), checkpoint.load(b / "checkpoint_last.pt")
+    assert sa["epoch"] == sb["epoch"] and sa["model"].keys() == sb["model"].keys()
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+    for ma, mb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert torch.equal(ma["momentum_buffer"], mb["momentum_buffer"])
+    assert without_timing(metrics_rows(a)) == without_timing(metrics_rows(b))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,13 +14,12 @@ import torch
 import yaml
 
 from dr_resnet import checkpoint
-from conftest import preprocessed_dataset
+from conftest import assert_same_training_state, metrics_rows, preprocessed_dataset
 from dr_resnet.components import class_weights, lr_lambda
 from dr_resnet.train import main
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-TIMING_KEYS = {"images_per_s", "train_seconds", "eval_seconds", "epoch_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +41,6 @@ def torchrun(nproc: int, args: list[str], module: str = "dr_resnet.train", extra
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +75,6 @@ def test_torchrun_two_processes_writes_the_run_directory(straight_run, tiny):
     assert state["epoch"] == 3 and {"model", "optimizer", "scheduler", "scaler", "rng", "config", "best"} <= state.keys()
     assert not any(k.startswith("module.") for k in state["model"]) and "layer4.1.bn2.running_var" in state["model"]
     assert checkpoint.load(straight_run / "checkpoint_best.pt")["epoch"] == best["epoch"]
-
-
-def assert_same_training_state(a: Path, b: Path) -> None:
-    sa, sb = checkpoint.load(a / "checkpoint_last.pt"), checkpoint.load(b / "checkpoint_last.pt")
-    assert sa["epoch"] == sb["epoch"] and sa["model"].keys() == sb["model"].keys()
-    for key in sa["model"]:
-        assert torch.equal(sa["model"][key], sb["model"][key]), key
-    for ma, mb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
-        assert torch.equal(ma["momentum_buffer"], mb["momentum_buffer"])
-    assert without_timing(metrics_rows(a)) == without_timing(metrics_rows(b))
 
 
 @pytest.mark.slow
