@@ -12,7 +12,7 @@ SHELL := /bin/bash
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,export]'
 	touch $@
 
 # The main job on the embedded default: synthetic EyePACS-like photos -> preprocessed 128 px dataset ->

@@ -16,6 +16,11 @@ The file holds one dict with exactly TrainingState's fields:
   config     the resolved config as a dict (config.from_dict reads it, old keys included)
   wandb_id   the W&B run id, so a resumed run continues the same W&B run
   head       the head's state (a regression head's thresholds; absent before 0.1.1: {})
+  recipe     what photos go through before the network (recipe.Recipe.to_dict; absent before 0.2: {})
+  provenance where the model comes from: dr_resnet and torch versions, the data root, its splits' sizes
+             and class counts (absent before 0.2: {})
+  metrics    the metrics.jsonl row of the epoch this state completes ({} in the middle of an epoch, and
+             before 0.2)
 File names: rundir.LAST_CHECKPOINT, rundir.PREV_CHECKPOINT (the one before, kept until the next is
 complete), rundir.BEST_CHECKPOINT.
 """
@@ -58,6 +63,9 @@ class TrainingState:
     wandb_id: str | None = None
     head: dict[str, Any] = field(default_factory=dict)
     position: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
         save({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, path, keep_previous)

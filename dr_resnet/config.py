@@ -23,6 +23,7 @@ from .registry import DEPTHS, FORMAT_CHOICES, HEADS, NONFINITE
 
 log = logging.getLogger(__name__)
 SAVED = "saved config"  # the origin of a config read back from a run (no warnings for its old key names)
+COMMAND_LINE = "command line"  # the origin of section.key=value overrides
 
 
 class ConfigError(ValueError):
@@ -137,6 +138,9 @@ CHOICES = {
 POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.log_every", "wandb.init_timeout")
 # Keys that moved (old name -> new name): files, overrides and checkpoints that use the old name still load.
 RENAMED = {"train.regression_loss": "regression.loss", "train.fit_thresholds": "regression.fit_thresholds"}
+# Sections a run's config.yaml also holds that are records, not settings: training writes them (the
+# recipe: what photos went through, see recipe.py) and loading that file as a config skips them.
+RECORDED = ("recipe",)
 NON_NEGATIVE = ("data.workers", "data.max_rotation", "train.eval_batch_size", "train.momentum", "train.clip_grad_norm",
                 "train.weight_decay", "train.warmup_epochs", "train.checkpoint_every_minutes", "train.nonfinite_skip_limit")
 
@@ -192,6 +196,8 @@ def _renamed(updates: dict[str, Any], origin: str) -> dict[str, Any]:
 def _apply(cfg: Config, updates: dict[str, Any], origin: str) -> None:
     sections = _sections(cfg)
     for section, values in _renamed(updates, origin).items():
+        if section in RECORDED and origin != COMMAND_LINE:
+            continue
         if section not in sections:
             raise ConfigError(f"{origin}: unknown section '{section}' (known: {', '.join(sections)})")
         if not isinstance(values, dict):
@@ -262,14 +268,16 @@ def load(config_file: str | os.PathLike | None = None, overrides: list[str] = ()
             _apply(cfg, updates, origin)
     for text in overrides:
         section, key, value = parse_override(text)
-        _apply(cfg, {section: {key: value}}, "command line")
+        _apply(cfg, {section: {key: value}}, COMMAND_LINE)
     validate(cfg)
     return cfg
 
 
-def save(cfg: Config, path: str | os.PathLike) -> None:
+def save(cfg: Config, path: str | os.PathLike, recorded: dict[str, Any] | None = None) -> None:
+    """The config as YAML, followed by what training recorded about the run (RECORDED sections)."""
+    extra = {k: v for k, v in (recorded or {}).items() if k in RECORDED}
     with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        yaml.safe_dump({**cfg.to_dict(), **extra}, f, sort_keys=False)
 
 
 def from_dict(content: dict[str, Any]) -> Config:

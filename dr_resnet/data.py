@@ -61,14 +61,19 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> Tensor:
             image = _decode_with_pil(path)
         except (OSError, ValueError) as exc:
             raise DatasetError(f"{path}: cannot decode image ({exc})") from exc
-    if size is not None:
-        h, w = image.shape[-2:]
-        if h != w:
-            side = max(h, w)
-            left, top = (side - w) // 2, (side - h) // 2
-            image = F.pad(image, [left, top, side - w - left, side - h - top], fill=0)
-        if image.shape[-1] != size:
-            image = F.resize(image, [size, size], antialias=True)
+    return image if size is None else fit_square(image, size)
+
+
+def fit_square(image: Tensor, size: int) -> Tensor:
+    """A uint8 (3, H, W) image padded with black to a centred square and resized to size x size: what
+    the network sees of every image (training, evaluation, predict)."""
+    h, w = image.shape[-2:]
+    if h != w:
+        side = max(h, w)
+        left, top = (side - w) // 2, (side - h) // 2
+        image = F.pad(image, [left, top, side - w - left, side - h - top], fill=0)
+    if image.shape[-1] != size:
+        image = F.resize(image, [size, size], antialias=True)
     return image
 
 

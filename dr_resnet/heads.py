@@ -67,6 +67,13 @@ class ClassificationHead(StatelessHead):
     def referable_score(self, aggregated: Tensor) -> Tensor:
         return aggregated[:, REFERABLE_GRADE:].sum(dim=1)
 
+    def values(self, aggregated: Tensor) -> Tensor:
+        """What a prediction reports: P(grade = k), (N, 5)."""
+        return aggregated
+
+    def aggregated_of(self, values: Tensor) -> Tensor:
+        return values
+
     def start_bias(self, labels: np.ndarray) -> None:
         return None  # the usual initialisation
 
@@ -111,7 +118,9 @@ class RegressionHead:
         return torch.stack([v.float().squeeze(1) for v in views]).mean(dim=0)
 
     def predict(self, aggregated: Tensor) -> Tensor:
-        return torch.bucketize(aggregated, self.thresholds.to(aggregated.device), right=True)
+        """The number of thresholds at or below each output (torch.bucketize(right=True), in operations
+        that ONNX and TorchScript export)."""
+        return (aggregated.unsqueeze(1) >= self.thresholds.to(aggregated.device)).sum(dim=1)
 
     def predict_outputs(self, outputs: Tensor) -> Tensor:
         return self.predict(outputs.float().squeeze(1))
@@ -121,6 +130,13 @@ class RegressionHead:
 
     def referable_score(self, aggregated: Tensor) -> Tensor:
         return aggregated  # monotone in the predicted grade: what a ROC curve needs
+
+    def values(self, aggregated: Tensor) -> Tensor:
+        """What a prediction reports: the continuous score on the grade scale, (N,)."""
+        return aggregated
+
+    def aggregated_of(self, values: Tensor) -> Tensor:
+        return values
 
     def start_bias(self, labels: np.ndarray) -> float:
         """A fresh output starts at the mean training grade, not 0 (measured: +0.014 QWK on the demo)."""
@@ -168,8 +184,10 @@ class OrdinalHead(StatelessHead):
 
     @staticmethod
     def cumulative(outputs: Tensor) -> Tensor:
-        """Logits -> non-increasing P(grade > k)."""
-        return torch.cummin(outputs.float().sigmoid(), dim=1).values
+        """Logits -> non-increasing P(grade > k): the running minimum over k (written as minima of
+        prefixes, equal to torch.cummin, because ONNX has no cummin)."""
+        p = outputs.float().sigmoid()
+        return torch.stack([p[:, :k + 1].amin(dim=1) for k in range(p.shape[1])], dim=1)
 
     def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
         per_sample = nn.functional.binary_cross_entropy_with_logits(outputs.float(), self.targets(labels),
@@ -191,9 +209,18 @@ class OrdinalHead(StatelessHead):
     @staticmethod
     def class_probabilities(aggregated: Tensor) -> Tensor:
         """(N, 4) cumulative -> (N, 5) P(grade = k), non-negative and summing to 1."""
-        ones, zeros = aggregated.new_ones(len(aggregated), 1), aggregated.new_zeros(len(aggregated), 1)
-        above = torch.cat([ones, aggregated, zeros], dim=1)
+        ones = torch.ones_like(aggregated[:, :1])  # not new_ones(len(...)): a traced batch size stays dynamic
+        above = torch.cat([ones, aggregated, ones - 1], dim=1)
         return above[:, :-1] - above[:, 1:]
+
+    def values(self, aggregated: Tensor) -> Tensor:
+        """What a prediction reports: P(grade = k), (N, 5), implied by the cumulative probabilities."""
+        return self.class_probabilities(aggregated)
+
+    @staticmethod
+    def aggregated_of(values: Tensor) -> Tensor:
+        """(N, 5) P(grade = k) -> (N, 4) P(grade > k): the inverse of values (to rounding)."""
+        return values.flip(1).cumsum(dim=1).flip(1)[:, 1:]
 
     def eval_loss_sum(self, aggregated: Tensor, labels: Tensor) -> Tensor:
         """The binary cross-entropies of the (aggregated) cumulative probabilities, summed."""
@@ -245,7 +272,8 @@ def head_for(cfg: Config, class_weight: Tensor | None = None, device: torch.devi
     class_weight: per-grade loss weights (train.class_weights); device: where the training step runs.
 
     Every head has: outputs (the output layer's width), start_bias(labels), loss, aggregate (TTA views),
-    predict / predict_outputs (grades), eval_loss_sum, referable_score, state / load_state (for the
+    predict / predict_outputs (grades), eval_loss_sum, referable_score, values / aggregated_of (what a
+    prediction reports: grade probabilities, or the regression score), state / load_state (for the
     checkpoint), fit_on and end_of_epoch(values, labels) (what it wants to see after each epoch, and
     what it logs)."""
     kind = cfg.model.head

@@ -93,8 +93,10 @@ def _coarsest_scale(side: float, needed: int) -> int:
     return max([s for s in (1, 2, 4, 8) if side / s >= needed], default=1)
 
 
-def crop_square(src: Path, settings: Settings) -> Image.Image:
-    """The retina of `src`, centred in a black square of settings.size pixels."""
+def retina_square(src: Path, settings: Settings) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """`src` decoded (a JPEG at the coarsest DCT scale that keeps settings.size pixels across the retina)
+    and the square centred on its retina, as (left, top, right, bottom) fractions of the decoded width and
+    height: the same square maps onto any picture of the photo's geometry (a lesion mask, say)."""
     try:
         with Image.open(src) as probe:
             full_w, full_h = probe.size
@@ -119,17 +121,48 @@ def crop_square(src: Path, settings: Settings) -> Image.Image:
         side = max(right - left, bottom - top)
         cx, cy = (left + right) / 2, (top + bottom) / 2
         square = (round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2))
-        # crop() fills what lies outside the image with black: the padding to a square comes free.
-        out = image.crop(square).resize((settings.size, settings.size), Image.Resampling.LANCZOS)
-        if settings.normalize == "graham":
-            # The disc spans the square's width (a clipped disc still spans it in the other direction).
-            out = graham_normalize(out, settings.size / 2)
-        return out
+        return image, (square[0] / w, square[1] / h, square[2] / w, square[3] / h)
     except BadImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         kind = "not an image" if isinstance(exc, UnidentifiedImageError) else "cannot be decoded"
         raise BadImageError(f"{src}: {kind} ({exc})") from exc
+
+
+def cut_square(image: Image.Image, square: tuple[float, float, float, float], size: int,
+               resample: Image.Resampling = Image.Resampling.LANCZOS) -> Image.Image:
+    """The square (fractions of the width and height, from retina_square) of `image`, resized to size x size.
+    crop() fills what lies outside the image with black: the padding to a square comes free."""
+    w, h = image.size
+    box = (round(square[0] * w), round(square[1] * h), round(square[2] * w), round(square[3] * h))
+    return image.crop(box).resize((size, size), resample)
+
+
+def crop_square(src: Path, settings: Settings) -> Image.Image:
+    """The retina of `src`, centred in a black square of settings.size pixels (Graham-normalised if the
+    settings say so): what a prepared dataset holds, and what predict makes of a raw photo."""
+    image, square = retina_square(src, settings)
+    try:
+        out = cut_square(image, square, settings.size)
+    except (OSError, ValueError) as exc:  # a truncated file fails when its pixels are read
+        raise BadImageError(f"{src}: cannot be decoded ({exc})") from exc
+    if settings.normalize == "graham":
+        # The disc spans the square's width (a clipped disc still spans it in the other direction).
+        out = graham_normalize(out, settings.size / 2)
+    return out
+
+
+def read_settings(root: str | os.PathLike) -> Settings | None:
+    """The settings a prepared dataset was made with (its preprocess.json); None for a folder that
+    preprocess did not write. Keys an older file lacks had their defaults then."""
+    path = Path(root) / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        return Settings(**{**asdict(Settings()), **saved})
+    except (ValueError, TypeError) as exc:
+        raise DatasetError(f"{path}: not the settings file preprocess writes ({exc})") from exc
 
 
 def process_one(src: Path, dst: Path, settings: Settings) -> str | None:

@@ -6,7 +6,7 @@ lesions whose number and kind grow with the grade: microaneurysms (1+), haemorrh
 (2+), cotton-wool spots (3+), new vessels (4). Grades follow EyePACS's balance; names are
 ``<patient>_left|right`` as in EyePACS. Image i of a split depends only on (seed, split, i).
 
-    python -m dr_resnet.synthetic --out DIR --train N --test M --seed S [--format lab|kaggle|aptos] [--size PX]
+    python -m dr_resnet.synthetic --out DIR --train N --test M --seed S [--format lab|kaggle|aptos] [--size PX] [--lesion-masks]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .formats import FORMATS, SplitLayout
 # EyePACS training set: 25810 / 2443 / 5292 / 873 / 708 of 35126 images.
 EYEPACS_BALANCE = (0.7348, 0.0696, 0.1507, 0.0249, 0.0202)
 SPLIT_CODES = {"train": 0, "test": 1, "val": 2}
+LESION_MASKS_DIR = "lesion_masks"  # with --lesion-masks: <name>.png per image, 255 where a lesion was drawn
 
 
 def grade_counts(n: int, balance=EYEPACS_BALANCE, min_per_class: int = 1) -> np.ndarray:
@@ -94,8 +95,10 @@ def _polyline(rng, x, y, angle, length, steps, wiggle):
     return points
 
 
-def render_fundus(grade: int, seed: int, split: str, index: int, size: int = 512) -> Image.Image:
-    """One synthetic fundus photo of the given grade, deterministic in (seed, split, index)."""
+def render_fundus(grade: int, seed: int, split: str, index: int, size: int = 512,
+                  lesion_mask: bool = False) -> Image.Image | tuple[Image.Image, Image.Image]:
+    """One synthetic fundus photo of the given grade, deterministic in (seed, split, index); with
+    lesion_mask also the mask of its lesions (mode L, 255 where one was drawn, same size)."""
     rng = np.random.default_rng([seed, SPLIT_CODES.get(split, 9), index])
     height = max(32, int(round(size * rng.uniform(0.85, 1.15))))
     width = int(round(height * rng.uniform(1.0, 1.5)))
@@ -131,47 +134,64 @@ def render_fundus(grade: int, seed: int, split: str, index: int, size: int = 512
                   fill=vessel_colour, width=width_px, joint="curve")
 
     lesions = lesions_for_grade(grade, rng)
+    mask = Image.new("L", image.size)
+    mask_draw = ImageDraw.Draw(mask)
+
+    def lesion(shape: str, *args, fill, **kwargs) -> None:
+        """Draw a lesion on the photo and on the mask."""
+        getattr(draw, shape)(*args, fill=fill, **kwargs)
+        getattr(mask_draw, shape)(*args, fill=255, **kwargs)
+
     dark_red = (int(base[0] * 0.45), int(base[1] * 0.15), int(base[2] * 0.2))
     for _ in range(lesions.microaneurysms):
         x, y = _random_point_in_disc(rng, cx, cy, radius, 0.75)
         r = radius * rng.uniform(0.015, 0.025)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=dark_red)
+        lesion("ellipse", [x - r, y - r, x + r, y + r], fill=dark_red)
     for _ in range(lesions.haemorrhages):
         x, y = _random_point_in_disc(rng, cx, cy, radius, 0.8)
         rx, ry = radius * rng.uniform(0.03, 0.065), radius * rng.uniform(0.025, 0.055)
-        draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=dark_red)
+        lesion("ellipse", [x - rx, y - ry, x + rx, y + ry], fill=dark_red)
     for _ in range(lesions.exudates):
         x0, y0 = _random_point_in_disc(rng, cx, cy, radius, 0.7)
         for _ in range(int(rng.integers(1, 5))):  # exudates come in small clusters
             x, y = x0 + rng.normal(0, 0.03 * radius), y0 + rng.normal(0, 0.03 * radius)
             r = radius * rng.uniform(0.012, 0.022)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=(245, 225, 110))
+            lesion("ellipse", [x - r, y - r, x + r, y + r], fill=(245, 225, 110))
     for _ in range(lesions.cotton_wool):
         x, y = _random_point_in_disc(rng, cx, cy, radius, 0.7)
         rx, ry = radius * rng.uniform(0.045, 0.08), radius * rng.uniform(0.03, 0.06)
-        draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=(235, 215, 200))
+        lesion("ellipse", [x - rx, y - ry, x + rx, y + ry], fill=(235, 215, 200))
     for _ in range(lesions.new_vessels):
         near_disc = rng.uniform() < 0.5
         x, y = (ox, oy) if near_disc else _random_point_in_disc(rng, cx, cy, radius, 0.7)
         for _ in range(int(rng.integers(6, 12))):  # a tangle of fine, tortuous vessels
             line = _polyline(rng, x, y, rng.uniform(0, 2 * math.pi), radius * rng.uniform(0.1, 0.22), 8, 0.9)
-            draw.line(line, fill=(int(base[0] * 0.5), 10, 20), width=max(1, int(round(radius * 0.012))))
+            lesion("line", line, fill=(int(base[0] * 0.5), 10, 20), width=max(1, int(round(radius * 0.012))))
         if rng.uniform() < 0.5:  # pre-retinal haemorrhage: a large boat-shaped bleed
             x, y = _random_point_in_disc(rng, cx, cy, radius, 0.6)
             rx, ry = radius * rng.uniform(0.1, 0.16), radius * rng.uniform(0.06, 0.1)
-            draw.chord([x - rx, y - ry, x + rx, y + ry], 0, 180, fill=dark_red)
+            lesion("chord", [x - rx, y - ry, x + rx, y + ry], 0, 180, fill=dark_red)
 
     # Optics: slight defocus, then sensor noise everywhere (the black border is never exactly zero).
     image = image.filter(ImageFilter.GaussianBlur(radius * rng.uniform(0.002, 0.006)))
     pixels = np.asarray(image, dtype=np.int16)
     pixels[outside] = 0
     pixels += rng.integers(0, 4, size=(height, width, 1), dtype=np.int16)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    photo = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return (photo, mask) if lesion_mask else photo
+
+
+def lesion_mask_path(root: str | os.PathLike, name: str) -> Path:
+    """Where generate(..., lesion_masks=True) writes image `name`'s lesion mask (PNG, 255 on lesions)."""
+    return Path(root) / LESION_MASKS_DIR / f"{name}.png"
 
 
 def _write_one(job) -> None:
-    path, grade, seed, split, index, size = job
-    image = render_fundus(grade, seed, split, index, size)
+    path, grade, seed, split, index, size, mask_path = job
+    image = render_fundus(grade, seed, split, index, size, lesion_mask=mask_path is not None)
+    if mask_path is not None:
+        image, mask = image
+        mask.save(mask_path)
     tmp = path.with_name(path.name + ".tmp")
     quality = 75 + (index * 7) % 21  # JPEG noise of varying strength, as in the wild
     image.save(tmp, format="PNG" if path.suffix == ".png" else "JPEG", quality=quality)
@@ -179,8 +199,9 @@ def _write_one(job) -> None:
 
 
 def generate(out: str | os.PathLike, splits: dict[str, int], seed: int = 0, fmt: str = "lab",
-             size: int = 512, workers: int = 1, progress: bool = True) -> Path:
-    """Write a synthetic dataset with the given images per split; returns the output folder."""
+             size: int = 512, workers: int = 1, progress: bool = True, lesion_masks: bool = False) -> Path:
+    """Write a synthetic dataset with the given images per split (and with lesion_masks, each image's
+    lesion mask in LESION_MASKS_DIR); returns the output folder."""
     from tqdm import tqdm
 
     if fmt not in FORMATS:
@@ -194,7 +215,9 @@ def generate(out: str | os.PathLike, splits: dict[str, int], seed: int = 0, fmt:
         names, grades = image_names(n, split, fmt, seed), split_grades(n, seed, split)
         layout.image_dirs[0].mkdir(parents=True, exist_ok=True)
         layout.write_index(names, grades)
-        jobs += [(layout.image_path(name), int(g), seed, split, i, size)
+        if lesion_masks:
+            (out / LESION_MASKS_DIR).mkdir(parents=True, exist_ok=True)
+        jobs += [(layout.image_path(name), int(g), seed, split, i, size, lesion_mask_path(out, name) if lesion_masks else None)
                  for i, (name, g) in enumerate(zip(names, grades))]
     bar = tqdm(total=len(jobs), desc=f"synthetic fundus ({fmt})", unit="img", disable=not progress)
     if workers > 1:
@@ -218,11 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=FORMATS, default="lab")
     p.add_argument("--size", type=int, default=512, help="typical canvas height in pixels (varies +-15%%)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--lesion-masks", action="store_true",
+                   help=f"also write each image's lesion mask (OUT/{LESION_MASKS_DIR}/<name>.png, 255 on lesions)")
     args = p.parse_args(argv)
     if args.train < 0 or args.test < 0 or args.size < 32:
         p.error("--train/--test must be >= 0 and --size >= 32")
     out = generate(args.out, {"train": args.train, "test": args.test}, args.seed, args.format, args.size,
-                   args.workers, progress=sys.stderr.isatty())
+                   args.workers, progress=sys.stderr.isatty(), lesion_masks=args.lesion_masks)
     for split, n in (("train", args.train), ("test", args.test)):
         counts = grade_counts(n)
         print(f"{split}: {n} images, grades 0..4 = {counts.tolist()}")

@@ -32,6 +32,7 @@ from .engine import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
 from .formats import DatasetError
 from .models import WeightsNotFoundError
 from .preemption import RunStopped, StepBoundary, StopSignals
+from .recipe import Recipe
 from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, PREV_CHECKPOINT, SUMMARY_FILE, TRAIN_LOG,
                      MetricsError, append_metrics, read_metrics, rewrite_metrics, selected_on, selected_row, selection_value)
 from .runtime import compile_model, configure_backends, environment
@@ -67,6 +68,8 @@ class Run:
     trainer: Trainer  # the training step: DDP (and compiled) model, optimizer, scheduler, scaler, head, augmentation
     train_baseline: float
     test_baseline: float
+    recipe: Recipe  # what photos go through before the network: saved with every checkpoint
+    provenance: dict  # versions and the data's splits and class counts: saved with every checkpoint
 
     @property
     def head(self) -> ClassificationHead | RegressionHead | OrdinalHead:
@@ -99,15 +102,30 @@ def build(cfg: Config, info: DistInfo) -> Run:
     return Run(cfg=cfg, info=info, run_dir=Path(cfg.output.dir), train_loader=train_loader, test_loader=test_loader,
                val_loader=val_loader, fit_loader=fit_loader, train_sampler=train_sampler, model=model,
                eval_model=compile_model(model, t.compile), trainer=trainer, train_baseline=data.train.majority_baseline,
-               test_baseline=data.test.majority_baseline)
+               test_baseline=data.test.majority_baseline, recipe=Recipe.of_data(cfg.data.root, cfg.data.image_size),
+               provenance=provenance(cfg, data))
 
 
-def training_state(run: Run, epoch: int, best: dict, wandb_id: str, position: dict | None = None) -> checkpoint.TrainingState:
+def provenance(cfg: Config, data: components.Datasets) -> dict:
+    """What a model card says about where a model comes from: versions, and each split's size and grades."""
+    import torchvision
+
+    splits = {d.split: {"images": len(d), "class_counts": d.class_counts.tolist()}
+              for d in (data.train, data.val, data.test) if d is not None}
+    return {"dr_resnet": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "data": {"root": str(Path(cfg.data.root).resolve()), "format": data.train.format, "splits": splits}}
+
+
+def training_state(run: Run, epoch: int, best: dict, wandb_id: str, position: dict | None = None,
+                   metrics: dict | None = None) -> checkpoint.TrainingState:
+    """The state to save: after `epoch` epochs (with that epoch's metrics row), or inside the next one
+    (at `position`)."""
     t = run.trainer
     return checkpoint.TrainingState(
         model=run.model.state_dict(), optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(),
         scaler=t.scaler.state_dict(), precision=t.runtime.precision.name, epoch=epoch, best=best, rng=checkpoint.rng_state(),
-        config=run.cfg.to_dict(), wandb_id=wandb_id, head=run.head.state(), position=position or {})
+        config=run.cfg.to_dict(), wandb_id=wandb_id, head=run.head.state(), position=position or {},
+        recipe=run.recipe.to_dict(), provenance=run.provenance, metrics=metrics or {})
 
 
 def save_checkpoint(run: Run, state: checkpoint.TrainingState | None, best: bool = False) -> None:
@@ -267,7 +285,7 @@ def fit(run: Run) -> dict | None:
     if info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_unfinished(run.run_dir)
-        config.save(run.cfg, run.run_dir / CONFIG_FILE)
+        config.save(run.cfg, run.run_dir / CONFIG_FILE, recorded={"recipe": run.recipe.to_dict()})
         rows = read_metrics(run.run_dir, resumed.epoch)
         rewrite_metrics(run.run_dir, rows)
         held_out = f"{len(run.val_loader.dataset)} held-out / " if run.val_loader else ""
@@ -310,7 +328,7 @@ def _epochs(run: Run, resumed: Resumed, rows: list[dict], tracker: Tracker | Non
             rows.append(row)
             best = selection(rows, t.select_by)
             improved = best["epoch"] == epoch + 1
-            state = training_state(run, epoch + 1, best, wandb_id)
+            state = training_state(run, epoch + 1, best, wandb_id, metrics=row)
         save_checkpoint(run, state, best=improved)
         boundary.checkpointed()
         if info.is_main:

@@ -1,0 +1,233 @@
+"""Grade new fundus photos with a trained model: a training checkpoint or an exported model (ONNX,
+TorchScript). Raw photos of any size are prepared in memory by preprocess's own code, as the model's
+recipe says; photos already prepared for it are used as they are.
+
+    python -m dr_resnet.predict --checkpoint RUN/checkpoint_best.pt --images PHOTO_OR_FOLDER_OR_CSV ... \
+        [--out predictions.csv] [--tta flips] [--batch-size N] [--workers N] [--device auto|cpu|cuda] [--cam DIR]
+
+One CSV row per input image, in input order; an image that cannot be graded gets its row with the reason
+in the `error` column and the batch goes on. Exit code 0, or 1 when every image failed (--strict: any).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import NUM_GRADES
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .engine import TTA_MODES
+from .grading import Grader, ModelLoadError, load_grader
+from .metrics import REFERABLE_GRADE
+from .preprocess import BadImageError
+from .recipe import Recipe
+from .runtime import DEVICES, DeviceError, select_device
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff")
+CSV_IMAGE_COLUMNS = ("image", "path", "file", "filename", "id_code")  # the first one present names the images
+
+
+class InputError(ValueError):
+    """The --images arguments cannot be listed (a CSV without an image column, nothing found...)."""
+
+
+def _image_of(name: str, folder: Path) -> Path:
+    """A CSV's entry as a path: relative to the CSV's folder; without a suffix, the first image file of that
+    name (Kaggle and APTOS CSVs name images without one)."""
+    path = Path(name) if Path(name).is_absolute() else folder / name
+    if path.suffix.lower() in IMAGE_SUFFIXES or path.exists():
+        return path
+    for suffix in IMAGE_SUFFIXES:
+        if path.with_name(path.name + suffix).is_file():
+            return path.with_name(path.name + suffix)
+    return path
+
+
+def _read_csv(path: Path) -> list[Path]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+        column = next((columns[c] for c in CSV_IMAGE_COLUMNS if c in columns), None)
+        if column is None:
+            raise InputError(f"{path}: no image column (one of {', '.join(CSV_IMAGE_COLUMNS)}) in its header "
+                             f"{reader.fieldnames}")
+        images = []
+        for row_number, row in enumerate(reader, start=2):
+            name = (row[column] or "").strip()
+            if not name:
+                raise InputError(f"{path}: row {row_number} has an empty {column!r}")
+            images.append(_image_of(name, path.parent))
+    return images
+
+
+def list_images(inputs: list[str]) -> list[Path]:
+    """Every image the arguments name, in order: files as given, folders' images recursively (sorted),
+    CSVs' image column. A named file that does not exist is kept: its row reports it."""
+    images: list[Path] = []
+    for given in inputs:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise InputError(f"{path}: a folder without images ({', '.join(IMAGE_SUFFIXES)}, searched recursively)")
+            images += found
+        elif path.suffix.lower() == ".csv" and path.is_file():
+            images += _read_csv(path)
+        else:
+            images.append(path)
+    if not images:
+        raise InputError("no images given")
+    return images
+
+
+class PhotoDataset(Dataset):
+    """Item i: (the uint8 image the model gets, i, "") or, when photo i cannot be used, (zeros, i, why)."""
+
+    def __init__(self, paths: list[Path], recipe: Recipe) -> None:
+        self.paths, self.recipe = paths, recipe
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        size = self.recipe.image_size
+        if not self.paths[i].is_file():
+            return torch.zeros(3, size, size, dtype=torch.uint8), i, f"{self.paths[i]}: no such file"
+        try:
+            return self.recipe.prepare(self.paths[i]), i, ""
+        except BadImageError as exc:
+            return torch.zeros(3, size, size, dtype=torch.uint8), i, str(exc)
+
+
+def columns(head_kind: str) -> list[str]:
+    """The CSV's columns for a head (classification and ordinal: grade probabilities; regression: the score
+    and the thresholds that cut it)."""
+    reported = ["score", "thresholds"] if head_kind == "regression" else [f"p_grade{k}" for k in range(NUM_GRADES)]
+    return ["path", "grade", *reported, "referable_score", "referable", "error"]
+
+
+@dataclass
+class Counts:
+    graded: int = 0
+    failed: int = 0
+
+
+def _cam_names(paths: list[Path]) -> list[str]:
+    """A heat map's file name per image: its stem, with its row number where two stems are the same."""
+    stems = [p.stem for p in paths]
+    repeated = {s for s in stems if stems.count(s) > 1}
+    return [f"{s}_{i}.png" if s in repeated else f"{s}.png" for i, s in enumerate(stems)]
+
+
+def predict(grader: Grader, paths: list[Path], out: Path, tta: str = "none", batch_size: int = 32, workers: int = 2,
+            cam_dir: Path | None = None, progress: bool = True) -> Counts:
+    """Grade every photo, write `out` (rows in input order), and heat maps into cam_dir."""
+    from tqdm import tqdm
+
+    if cam_dir is not None:
+        if grader.network is None:
+            raise ModelLoadError(f"heat maps (--cam) need the PyTorch network: pass the training checkpoint, "
+                                 f"not the {grader.source} export")
+        cam_dir.mkdir(parents=True, exist_ok=True)
+        cam_names = _cam_names(paths)
+    loader = DataLoader(PhotoDataset(paths, grader.recipe), batch_size=batch_size, num_workers=workers,
+                        pin_memory=grader.device.type == "cuda")
+    thresholds = " ".join(f"{t:g}" for t in grader.head_state.get("thresholds", []))
+    header = columns(grader.head_kind) + (["cam"] if cam_dir is not None else [])
+    counts = Counts()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f, tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for images, indices, errors in loader:
+            ok = torch.tensor([not e for e in errors], dtype=torch.bool)
+            graded = grader.grade(images[ok], tta) if ok.any() else None
+            maps = _heat_maps(grader, images[ok], graded) if cam_dir is not None and graded is not None else None
+            k = 0
+            for j, (i, error) in enumerate(zip(indices.tolist(), errors)):
+                row = {"path": str(paths[i]), "error": error}
+                if not error:
+                    row.update(_reported(grader.head_kind, graded, k, thresholds))
+                    if maps is not None:
+                        from .cam import overlay
+
+                        overlay(images[j], maps[k]).save(cam_dir / cam_names[i])
+                        row["cam"] = str(cam_dir / cam_names[i])
+                    k += 1
+                    counts.graded += 1
+                else:
+                    counts.failed += 1
+                writer.writerow([row.get(c, "") for c in header])
+            bar.update(len(errors))
+    os.replace(tmp, out)
+    return counts
+
+
+def _reported(head_kind: str, graded, k: int, thresholds: str) -> dict:
+    grade = int(graded.grades[k])
+    row = {"grade": grade, "referable_score": f"{graded.referable[k]:.6g}", "referable": int(grade >= REFERABLE_GRADE)}
+    if head_kind == "regression":
+        row.update(score=f"{float(graded.values[k]):.6g}", thresholds=thresholds)
+    else:
+        row.update({f"p_grade{g}": f"{p:.6g}" for g, p in enumerate(graded.values[k])})
+    return row
+
+
+def _heat_maps(grader: Grader, images: torch.Tensor, graded) -> torch.Tensor:
+    from .cam import cam_targets, grad_cam
+
+    inputs = grader.model.normalize(images.to(grader.device))
+    targets = cam_targets(grader.head_kind, torch.from_numpy(np.asarray(graded.grades)).to(grader.device))
+    return grad_cam(grader.network, inputs, targets).cpu()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dr_resnet.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="a training checkpoint (.pt), or a model dr_resnet.export wrote (.onnx, .ts, or its folder)")
+    p.add_argument("--images", required=True, nargs="+", metavar="PATH",
+                   help="image files, folders (searched recursively), or CSVs with an image column")
+    p.add_argument("--out", default="predictions.csv", help="the CSV to write")
+    p.add_argument("--tta", default="none", choices=TTA_MODES, help="flips: average over h-, v- and hv-flips")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes preparing photos")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: a GPU if CUDA is there")
+    p.add_argument("--cam", metavar="DIR", help="write each photo with its Grad-CAM heat map (PNG) into DIR")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any image failed (default: only if all did)")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        p.error("need --batch-size >= 1 and --workers >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = select_device(args.device, 0, 1)
+        grader = load_grader(args.checkpoint, device)
+        paths = list_images(args.images)
+        counts = predict(grader, paths, Path(args.out), args.tta, args.batch_size, args.workers,
+                         Path(args.cam) if args.cam else None, progress=sys.stderr.isatty())
+    except (InputError, ModelLoadError, CheckpointError, ConfigError, DeviceError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = f", {counts.failed} failed (their reasons: the error column)" if counts.failed else ""
+    print(f"graded {counts.graded} of {len(paths)} images with {grader.describe()}{failed}; wrote {args.out}"
+          + (f" and heat maps in {args.cam}" if args.cam else ""))
+    if counts.graded == 0 or (args.strict and counts.failed):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
