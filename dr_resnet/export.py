@@ -77,7 +77,7 @@ def model_card(grader: CheckpointGrader, checkpoint: Path, fmt: str, model_file:
                                                                      "sampler", "amp")}},
         "metrics": selected_metrics(state, checkpoint),
         "versions": {"trained_with": {k: trained[k] for k in ("dr_resnet", "torch", "torchvision") if k in trained},
-                     "exported_with": {"dr_resnet": __version__, "torch": torch.__version__}},
+                     "exported_with": {"dr_resnet": __version__, "torch": str(torch.__version__)}},
         "export": {"format": fmt, "file": model_file.name, "checkpoint": str(checkpoint),
                    "sha256": hashlib.sha256(model_file.read_bytes()).hexdigest() if model_file.exists() else None},
         "intended_use": INTENDED_USE,
@@ -148,9 +148,9 @@ def _write_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metad
 
 def _write_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, metadata: str) -> None:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice; tracing is what TorchScript users load
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice: TorchScript is still what C++ and mobile load
         traced = torch.jit.trace(model, (example,), check_trace=False)
-    torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": metadata})
+        torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": metadata})
 
 
 def check_export(original: CheckpointGrader, exported_path: Path, images: torch.Tensor) -> float:

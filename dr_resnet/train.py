@@ -112,7 +112,7 @@ def provenance(cfg: Config, data: components.Datasets) -> dict:
 
     splits = {d.split: {"images": len(d), "class_counts": d.class_counts.tolist()}
               for d in (data.train, data.val, data.test) if d is not None}
-    return {"dr_resnet": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"dr_resnet": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "data": {"root": str(Path(cfg.data.root).resolve()), "format": data.train.format, "splits": splits}}
 
 

@@ -68,3 +68,34 @@ def torch_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     return tmp_path / "torch_home"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """Raw synthetic photos (72 px canvases of varying shape, black borders) in base/'raw' and their
+    preprocessed 48 px copies in base/'data'; 40 train, 24 test."""
+    base = tmp_path_factory.mktemp("photos")
+    preprocessed_dataset(base, 40, 24, seed=5, size=48)
+    return base
+
+
+def train_run(data: Path, run_dir: Path, *extra: str) -> Path:
+    args = ["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=48",
+            "train.batch_size=8", "train.epochs=3", "data.workers=0", "train.lr=0.02", "train.device=cpu",
+            f"output.dir={run_dir}", *extra]
+    from dr_resnet.train import main
+
+    assert main(args) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def runs(photos, tmp_path_factory) -> dict[str, Path]:
+    """A trained run directory per head (3 epochs on `photos`), for the predict and export tests."""
+    base = tmp_path_factory.mktemp("runs")
+    return {"classification": train_run(photos / "data", base / "cls"),
+            "regression": train_run(photos / "data", base / "reg", "model.head=regression", "train.clip_grad_norm=1.0"),
+            "ordinal": train_run(photos / "data", base / "ord", "model.head=ordinal")}

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from dr_resnet.formats import read_split
-from dr_resnet.synthetic import EYEPACS_BALANCE, grade_counts, lesions_for_grade, main, render_fundus, split_grades
+from dr_resnet.synthetic import EYEPACS_BALANCE, generate, grade_counts, lesions_for_grade, main, render_fundus, split_grades
 
 
 @pytest.mark.parametrize("n", [0, 4, 5, 12, 250, 1000, 35126])
@@ -80,3 +80,22 @@ def test_cli_writes_the_real_layout_deterministically(tmp_path, fmt, index_files
     if fmt != "aptos":
         assert a.names[:4] == ["10_left", "10_right", "11_left", "11_right"]
     assert Image.open(a.paths[0]).format == ("PNG" if fmt == "aptos" else "JPEG")
+
+
+def test_lesion_masks_mark_exactly_the_drawn_lesions(tmp_path):
+    from dr_resnet.synthetic import lesion_mask_path
+
+    with_masks = generate(tmp_path / "m", {"test": 12}, seed=2, size=64, progress=False, lesion_masks=True)
+    without = generate(tmp_path / "n", {"test": 12}, seed=2, size=64, progress=False)
+    labels = [int(x) for x in (with_masks / "test_label.csv").read_text().split()]
+    names = (with_masks / "test_img.csv").read_text().split()
+    assert len(names) == len(labels) == 12
+    for i, (name, grade) in enumerate(zip(names, labels)):
+        assert (with_masks / "images" / f"{name}.jpeg").read_bytes() == (without / "images" / f"{name}.jpeg").read_bytes()
+        with Image.open(lesion_mask_path(with_masks, name)) as mask, Image.open(with_masks / "images" / f"{name}.jpeg") as photo:
+            assert mask.size == photo.size and mask.mode == "L"
+            values = np.asarray(mask)
+        assert set(np.unique(values)) <= {0, 255}
+        assert (values.any()) == (grade > 0)  # grade 0 has no lesions; every other grade has some
+        photo, drawn = render_fundus(grade, 2, "test", i, 64, lesion_mask=True)
+        assert np.array_equal(np.asarray(drawn), values)
