@@ -28,13 +28,13 @@ def cam_targets(head_kind: str, grades: Tensor) -> Tensor | int:
     return grades
 
 
-def grad_cam(network: nn.Module, inputs: Tensor, targets: Tensor | int) -> Tensor:
+def grad_cam(network: nn.Module, inputs: Tensor, targets: Tensor | int, layer: str = CAM_LAYER) -> Tensor:
     """(N, H, W) maps in [0, 1] (each divided by its maximum; all zero where nothing speaks for the
-    target) at the inputs' size, from the normalised float `inputs`."""
+    target) at the inputs' size, from the normalised float `inputs`; `layer`: the stage explained."""
     from captum.attr import LayerAttribution, LayerGradCam
 
     with torch.enable_grad():
-        attribution = LayerGradCam(network, getattr(network, CAM_LAYER)).attribute(
+        attribution = LayerGradCam(network, getattr(network, layer)).attribute(
             inputs.float(), target=targets, relu_attributions=True)
     maps = LayerAttribution.interpolate(attribution.detach().float(), tuple(inputs.shape[-2:]),
                                         interpolate_mode="bilinear").squeeze(1).clamp(min=0)

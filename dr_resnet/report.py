@@ -2,7 +2,7 @@
 side, and a results table. Works for any subset of runs; runs in progress are drawn up to their last
 epoch. Reads only the run directories' own files (metrics.jsonl, config.yaml), never W&B.
 
-    python -m dr_resnet.report RUNS_DIR [--out DIR]
+    python -m dr_resnet.report RUNS_DIR [--out DIR] [--gallery]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import yaml
 
 from .metrics import majority_baseline
 from .plots import pyplot
-from .rundir import CONFIG_FILE, STATUS_FILE, read_metrics, selected_on, selected_row
+from .rundir import BEST_CHECKPOINT, CONFIG_FILE, STATUS_FILE, read_metrics, selected_on, selected_row
 
 COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
 
@@ -197,8 +197,27 @@ def write_tables(table: list[dict], out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def report(root: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Write the figures and tables for every run under root; returns the files written."""
+def galleries(runs: list[RunRecord], out: Path, per_cell: int = 2) -> list[Path]:
+    """Per run with a checkpoint_best.pt: test photos per grade, graded right and wrong, with their heat maps."""
+    from .gallery import save_gallery  # torch: only when asked for
+
+    written = []
+    for run in runs:
+        best = run.path / BEST_CHECKPOINT
+        if not best.is_file():
+            continue
+        cfg = yaml.safe_load((run.path / CONFIG_FILE).read_text())
+        path = out / f"gallery_{run.name}.png"
+        save_gallery(best, cfg["data"]["root"], cfg["data"].get("test_split", "test"), path,
+                     f"{run.name}: {cfg['data'].get('test_split', 'test')} photos graded right and wrong, with Grad-CAM "
+                     f"heat maps (predicted grade)", per_cell)
+        written.append(path)
+    return written
+
+
+def report(root: str | Path, out: str | Path | None = None, gallery: bool = False) -> list[Path]:
+    """Write the figures and tables for every run under root (and with gallery, each run's gallery of
+    heat maps); returns the files written."""
     root = Path(root)
     out = Path(out) if out else root
     runs = find_runs(root)
@@ -214,6 +233,8 @@ def report(root: str | Path, out: str | Path | None = None) -> list[Path]:
         plot_confusion_matrices(runs, out / "confusion_matrices.png")
         written.append(out / "confusion_matrices.png")
     write_tables(result_rows(runs), out)
+    if gallery:
+        written += galleries(runs, out)
     return written + [out / "results.md", out / "results.csv"]
 
 
@@ -221,9 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dr_resnet.report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs_dir", help="a run directory, or a folder of them (e.g. a sweep folder)")
     p.add_argument("--out", help="output folder (default: runs_dir)")
+    p.add_argument("--gallery", action="store_true",
+                   help="also draw, per run, test photos graded right and wrong with their Grad-CAM heat maps")
     args = p.parse_args(argv)
     try:
-        written = report(args.runs_dir, args.out)
+        written = report(args.runs_dir, args.out, args.gallery)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

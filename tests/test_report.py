@@ -113,3 +113,19 @@ def test_runs_in_progress_and_arms_not_run(sweep, tmp_path):
 def test_no_runs_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no run directories" in capsys.readouterr().err
+
+
+def test_gallery_shows_right_and_wrong_photos_per_grade_with_heat_maps(runs, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dr_resnet.gallery import pick
+
+    chosen = pick(np.array([0, 0, 0, 2, 2, 4]), np.array([0, 1, 0, 2, 0, 3]), per_cell=1)
+    assert chosen[(0, True)] == [0] and chosen[(0, False)] == [1] and chosen[(2, True)] == [3]
+    assert chosen[(2, False)] == [4] and chosen[(4, False)] == [5] and chosen[(1, True)] == []
+    written = report(runs["classification"].parent, tmp_path, gallery=True)
+    galleries = sorted(p.name for p in written if p.name.startswith("gallery_"))
+    assert galleries == ["gallery_cls.png", "gallery_ord.png", "gallery_reg.png"]
+    with Image.open(tmp_path / "gallery_cls.png") as im:
+        assert im.size[0] > 400 and im.size[1] > 600
