@@ -17,14 +17,18 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 
 # The main job on the embedded default: synthetic EyePACS-like photos -> preprocessed 128 px dataset ->
 # the four-run sweep (ResNet18/50 x pretrained/scratch) with submitit's local executor, 2 CPU processes
-# a run (gloo) -> report. Without ImageNet weights in torchvision's cache, the pretrained arms say which
-# file is missing and are reported as not run.
+# a run (gloo) -> report -> the best demo model (ResNet18 from scratch) grades new raw photos (1024 px
+# canvases, black borders) and draws their heat maps. Without ImageNet weights in torchvision's cache,
+# the pretrained arms say which file is missing and are reported as not run.
 demo: $(VENV)/.installed
-	$(PY) -m dr_resnet.synthetic --out $(DATA)/synthetic_raw --train 1000 --test 250 --size 256 --seed 0
+	$(PY) -m dr_resnet.synthetic --out $(DATA)/synthetic_raw --train 1000 --test 250 --size 256 --seed 0 --lesion-masks
 	$(PY) -m dr_resnet.preprocess --src $(DATA)/synthetic_raw --dst $(DATA)/synthetic_128 --size 128
 	$(PY) -m dr_resnet.describe $(DATA)/synthetic_128
 	$(PY) -m launch.sweep --config configs/demo_sweep.yaml --executor local --tasks-per-node 2 \
 		--cpus-per-task 1 --time 120 data.root=$(DATA)/synthetic_128
+	$(PY) -m dr_resnet.synthetic --out $(DATA)/new_photos --train 0 --test 6 --size 1024 --seed 7
+	$(PY) -m dr_resnet.predict --checkpoint runs/demo/resnet18_scratch/checkpoint_best.pt \
+		--images $(DATA)/new_photos/images --out runs/demo/new_photos.csv --cam runs/demo/heat_maps
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
