@@ -215,3 +215,20 @@ def test_more_processes_than_gpus_is_an_error_with_the_counts(tiny, tmp_path):
     assert f"{gpus + 1} processes on" in result.stderr and f"but {gpus} GPU(s) visible" in result.stderr
     assert "train.device=cpu" in result.stderr
     assert not (tmp_path / "crowded" / "checkpoint_last.pt").exists()
+
+
+def test_predict_on_the_gpu_grades_as_the_cpu_and_draws_heat_maps(runs, photos, tmp_path):
+    """predict --device cuda (bf16 autocast on recent GPUs, channels_last) against --device cpu (fp32)."""
+    import csv
+
+    from dr_resnet.predict import main as predict_main
+
+    images = [str(p) for p in sorted((photos / "raw" / "images").iterdir())[:16]]
+    for device in ("cpu", "cuda"):
+        args = ["--checkpoint", str(runs["ordinal"] / "checkpoint_best.pt"), "--images", *images, "--device", device,
+                "--out", str(tmp_path / f"{device}.csv"), "--workers", "2"]
+        assert predict_main(args + (["--cam", str(tmp_path / "cam")] if device == "cuda" else [])) == 0
+    rows = {d: list(csv.DictReader(open(tmp_path / f"{d}.csv"))) for d in ("cpu", "cuda")}
+    p = {d: np.array([[float(r[f"p_grade{k}"]) for k in range(5)] for r in rows[d]]) for d in rows}
+    assert np.abs(p["cpu"] - p["cuda"]).max() < 0.05  # bf16 rounding
+    assert len(list((tmp_path / "cam").iterdir())) == 16

@@ -1,0 +1,173 @@
+"""Uncertainty of the grading metrics: bootstrap 95% intervals, paired comparisons of two models on the
+same images, McNemar's test. numpy only.
+
+The bootstrap resamples patients when image names carry a patient id (EyePACS' <patient>_left|right:
+both eyes of a patient move together, as they are not independent), images otherwise; `unit` says
+which. It is vectorised: each resample is a vector of weights (how often each image was drawn), so a
+resample's confusion matrix is one matrix product and its referable-DR AUC one weighted rank sum;
+10,000 images x 2,000 resamples take seconds. Intervals are percentile intervals, seeded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import NUM_GRADES
+from .metrics import REFERABLE_GRADE
+
+METRICS = ("accuracy", "qwk", "macro_f1", "referable_sensitivity", "referable_specificity", "referable_auc")
+RESAMPLES, LEVEL = 2000, 0.95
+PATIENT_EYE = re.compile(r"^(?P<patient>.+)_(left|right)$")
+CHUNK_CELLS = 20_000_000  # weights held at once (resamples x images): bounds memory (~160 MB)
+
+
+def resampling_units(names: Sequence[str] | None) -> tuple[np.ndarray, str]:
+    """Each image's resampling unit (an integer) and what the units are: "patients" when every name is
+    <patient>_left|right, else "images"."""
+    if names is not None and len(names) and all(PATIENT_EYE.match(str(n)) for n in names):
+        patients = [PATIENT_EYE.match(str(n)).group("patient") for n in names]
+        return np.unique(patients, return_inverse=True)[1].astype(np.int64), "patients"
+    return np.arange(0 if names is None else len(names), dtype=np.int64), "images"
+
+
+def bootstrap_weights(units: np.ndarray, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """(r, N) arrays, chunk by chunk, `resamples` rows in all: row k counts how often each image is in
+    resample k (its unit drawn with replacement, as many units as there are)."""
+    rng = np.random.default_rng(seed)
+    n_units = int(units.max()) + 1 if len(units) else 0
+    chunk = max(1, CHUNK_CELLS // max(1, len(units)))
+    done = 0
+    while done < resamples:
+        rows = min(chunk, resamples - done)
+        counts = rng.multinomial(n_units, np.full(n_units, 1 / n_units), size=rows)
+        yield counts[:, units].astype(np.float64)
+        done += rows
+
+
+def weighted_confusion(labels: np.ndarray, grades: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(R, 5, 5) confusion matrices, one per row of weights."""
+    cells = np.eye(NUM_GRADES * NUM_GRADES)[labels * NUM_GRADES + grades]  # (N, 25) one-hot
+    return (weights @ cells).reshape(-1, NUM_GRADES, NUM_GRADES)
+
+
+def confusion_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, QWK, macro-F1, referable sensitivity and specificity of each (5, 5) matrix of cm
+    (R, 5, 5), as metrics.py computes them for one."""
+    cm = cm.astype(np.float64)
+    total = cm.sum(axis=(1, 2))
+    diagonal = np.diagonal(cm, axis1=1, axis2=2)
+    rows, cols = cm.sum(axis=2), cm.sum(axis=1)
+    safe = lambda a, b: np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)  # noqa: E731
+    i, j = np.meshgrid(np.arange(NUM_GRADES), np.arange(NUM_GRADES), indexing="ij")
+    w = (i - j) ** 2 / (NUM_GRADES - 1) ** 2
+    expected = safe(rows[:, :, None] * cols[:, None, :], total[:, None, None])
+    denominator = (w * expected).sum(axis=(1, 2))
+    qwk = np.where(denominator > 0, 1 - safe((w * cm).sum(axis=(1, 2)), denominator), 0.0)
+    precision, recall = safe(diagonal, cols), safe(diagonal, rows)
+    f1 = safe(2 * precision * recall, precision + recall)
+    present = (rows + cols) > 0
+    macro_f1 = safe((f1 * present).sum(axis=1), present.sum(axis=1))
+    k = REFERABLE_GRADE
+    return {"accuracy": safe(diagonal.sum(axis=1), total), "qwk": qwk, "macro_f1": macro_f1,
+            "referable_sensitivity": safe(cm[:, k:, k:].sum(axis=(1, 2)), cm[:, k:].sum(axis=(1, 2))),
+            "referable_specificity": safe(cm[:, :k, :k].sum(axis=(1, 2)), cm[:, :k].sum(axis=(1, 2)))}
+
+
+def weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(R,) ROC AUCs, one per row of weights: the weighted chance that a positive scores above a negative,
+    ties counting half (metrics.roc_auc for unit weights); 0.5 where a resample lacks a class."""
+    order = np.argsort(scores, kind="mergesort")
+    s, pos = scores[order], positive[order]
+    w = weights[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1  # each image's run of equal scores
+    ends = np.r_[starts[1:], len(s)]
+    negative_cum = np.concatenate([np.zeros((len(w), 1)), np.cumsum(w * ~pos, axis=1)], axis=1)
+    below = negative_cum[:, starts[group]]  # negatives scoring strictly lower
+    tied = negative_cum[:, ends[group]] - below
+    w_pos, w_neg = (w * pos).sum(axis=1), (w * ~pos).sum(axis=1)
+    wins = (w * pos * (below + 0.5 * tied)).sum(axis=1)
+    return np.divide(wins, w_pos * w_neg, out=np.full(len(w), 0.5), where=(w_pos > 0) & (w_neg > 0))
+
+
+def metrics_of(labels: np.ndarray, grades: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Every METRICS entry per row of weights."""
+    values = confusion_metrics(weighted_confusion(labels, grades, weights))
+    values["referable_auc"] = weighted_auc(labels >= REFERABLE_GRADE, scores, weights)
+    return values
+
+
+def _arrays(labels, grades, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    labels, grades = np.asarray(labels, dtype=np.int64), np.asarray(grades, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    if not labels.shape == grades.shape == scores.shape:
+        raise ValueError(f"{len(labels)} labels, {len(grades)} grades and {len(scores)} scores: one each per image")
+    return labels, grades, scores
+
+
+def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(samples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_intervals(labels: Sequence[int], grades: Sequence[int], scores: Sequence[float],
+                        names: Sequence[str] | None = None, resamples: int = RESAMPLES, seed: int = 0,
+                        level: float = LEVEL) -> dict:
+    """{"unit", "resamples", "level", and per metric {"value", "low", "high"}}: the metric on these
+    images and its bootstrap percentile interval."""
+    labels, grades, scores = _arrays(labels, grades, scores)
+    units, unit = resampling_units(names if names is not None else [str(i) for i in range(len(labels))])
+    point = metrics_of(labels, grades, scores, np.ones((1, len(labels))))
+    samples = {m: [] for m in METRICS}
+    for weights in bootstrap_weights(units, resamples, seed):
+        for m, v in metrics_of(labels, grades, scores, weights).items():
+            samples[m].append(v)
+    result: dict = {"unit": unit, "resamples": resamples, "level": level, "seed": seed}
+    for m in METRICS:
+        low, high = _interval(np.concatenate(samples[m]), level)
+        result[m] = {"value": float(point[m][0]), "low": low, "high": high}
+    return result
+
+
+def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
+    """McNemar's exact test on paired right/wrong: the images only A got right against those only B got
+    right, two-sided binomial p-value at 1/2."""
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        p = 1.0
+    else:  # P(X <= k) for X ~ Binomial(n, 1/2), summed in log space, doubled
+        logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
+        top = max(logs)
+        p = min(1.0, 2 * math.exp(top) * sum(math.exp(x - top) for x in logs))
+    return {"a_only_right": only_a, "b_only_right": only_b, "p_value": p}
+
+
+def paired_comparison(labels: Sequence[int], a: tuple[Sequence[int], Sequence[float]], b: tuple[Sequence[int], Sequence[float]],
+                      names: Sequence[str] | None = None, resamples: int = RESAMPLES, seed: int = 0,
+                      level: float = LEVEL, metrics: Sequence[str] = ("accuracy", "qwk", "referable_auc")) -> dict:
+    """A minus B on the same images ((grades, referable scores) each): per metric the difference and its
+    paired-bootstrap interval (both models scored on each resample), and McNemar's test."""
+    labels, a_grades, a_scores = _arrays(labels, *a)
+    _, b_grades, b_scores = _arrays(labels, *b)
+    units, unit = resampling_units(names if names is not None else [str(i) for i in range(len(labels))])
+    ones = np.ones((1, len(labels)))
+    point_a, point_b = metrics_of(labels, a_grades, a_scores, ones), metrics_of(labels, b_grades, b_scores, ones)
+    samples = {m: [] for m in metrics}
+    for weights in bootstrap_weights(units, resamples, seed):
+        va, vb = metrics_of(labels, a_grades, a_scores, weights), metrics_of(labels, b_grades, b_scores, weights)
+        for m in metrics:
+            samples[m].append(va[m] - vb[m])
+    result: dict = {"unit": unit, "resamples": resamples, "level": level, "images": len(labels)}
+    for m in metrics:
+        low, high = _interval(np.concatenate(samples[m]), level)
+        result[m] = {"a": float(point_a[m][0]), "b": float(point_b[m][0]),
+                     "difference": float(point_a[m][0] - point_b[m][0]), "low": low, "high": high}
+    result["mcnemar"] = mcnemar(a_grades == labels, b_grades == labels)
+    return result

@@ -1,0 +1,93 @@
+"""Bootstrap intervals, paired comparisons and McNemar's test: against metrics.py, scipy, and simulated
+predictions whose truth is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from dr_resnet import metrics, stats
+
+
+def random_predictions(n: int, seed: int, right: float = 0.8):
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(5, size=n, p=[0.6, 0.1, 0.15, 0.1, 0.05])
+    wrong = rng.random(n) > right
+    grades = np.where(wrong, rng.integers(0, 5, size=n), labels)
+    scores = np.clip((labels >= 2) * 0.5 + rng.normal(0.25, 0.25, size=n), 0, 1).round(2)  # ties on purpose
+    return labels, grades, scores
+
+
+def test_unit_weights_give_metrics_py_values():
+    labels, grades, scores = random_predictions(300, seed=1)
+    values = stats.metrics_of(labels, grades, scores, np.ones((1, 300)))
+    cm = metrics.confusion_matrix(labels, grades)
+    expected = {**metrics.summarize(cm), "referable_auc": metrics.roc_auc(labels >= 2, scores)}
+    expected["macro_f1"], expected["accuracy"] = metrics.macro_f1(cm), metrics.accuracy(cm)
+    for name in stats.METRICS:
+        assert values[name][0] == pytest.approx(expected[name], abs=1e-12), name
+
+
+def test_weights_equal_an_explicit_resample():
+    labels, grades, scores = random_predictions(200, seed=2)
+    drawn = np.random.default_rng(0).integers(0, 200, size=200)
+    weights = np.bincount(drawn, minlength=200)[None].astype(float)
+    values = stats.metrics_of(labels, grades, scores, weights)
+    cm = metrics.confusion_matrix(labels[drawn], grades[drawn])
+    assert values["qwk"][0] == pytest.approx(metrics.quadratic_weighted_kappa(cm), abs=1e-12)
+    assert values["referable_auc"][0] == pytest.approx(metrics.roc_auc(labels[drawn] >= 2, scores[drawn]), abs=1e-12)
+    assert values["referable_sensitivity"][0] == pytest.approx(metrics.referable(cm)["referable_sensitivity"])
+
+
+def test_patients_are_resampled_together():
+    names = [f"{10 + i // 2}_{'left' if i % 2 == 0 else 'right'}" for i in range(40)]
+    units, unit = stats.resampling_units(names)
+    assert unit == "patients" and units.max() == 19 and np.array_equal(units[0::2], units[1::2])
+    weights = np.concatenate(list(stats.bootstrap_weights(units, 500, seed=0)))
+    assert weights.shape == (500, 40) and np.array_equal(weights[:, 0::2], weights[:, 1::2])
+    assert np.all(weights.sum(axis=1) == 40)  # 20 patients drawn, two eyes each
+    assert stats.resampling_units(["a.jpeg", "b_left"])[1] == "images"
+
+
+def test_intervals_cover_the_truth_at_the_nominal_rate_and_match_the_normal_width():
+    """Predictions right with probability 0.8 on 400 images, 200 times: the 95% interval for accuracy
+    covers 0.8 about 95% of the time (binomial spread of the rate over 200 trials: 0.015), and is as
+    wide as the normal approximation's."""
+    truth, n, covered, widths = 0.8, 400, 0, []
+    for repetition in range(200):
+        rng = np.random.default_rng(repetition)
+        labels = rng.integers(0, 5, size=n)
+        grades = np.where(rng.random(n) < truth, labels, (labels + 1) % 5)
+        result = stats.bootstrap_intervals(labels, grades, rng.random(n), resamples=500, seed=repetition)
+        a = result["accuracy"]
+        covered += a["low"] <= truth <= a["high"]
+        widths.append(a["high"] - a["low"])
+    assert 0.91 <= covered / 200 <= 0.985
+    normal = 2 * 1.96 * np.sqrt(truth * (1 - truth) / n)
+    assert np.mean(widths) == pytest.approx(normal, rel=0.05)
+
+
+def test_paired_comparison_and_mcnemar():
+    labels, better, scores = random_predictions(500, seed=3, right=0.9)
+    rng = np.random.default_rng(4)
+    worse = np.where(rng.random(500) < 0.15, (labels + 2) % 5, better)
+    result = stats.paired_comparison(labels, (better, scores), (worse, scores), resamples=1000)
+    acc = result["accuracy"]
+    assert acc["difference"] == pytest.approx(np.mean(better == labels) - np.mean(worse == labels))
+    assert 0 < acc["low"] < acc["difference"] < acc["high"]
+    assert result["referable_auc"]["difference"] == 0.0 and result["referable_auc"]["low"] == 0.0
+    m = result["mcnemar"]
+    assert m["a_only_right"] == int(((better == labels) & (worse != labels)).sum()) and m["b_only_right"] == 0
+    assert m["p_value"] < 1e-6
+    # The same model against itself: no difference, p = 1.
+    same = stats.paired_comparison(labels, (better, scores), (better, scores), resamples=200)
+    assert same["qwk"] == {"a": same["qwk"]["a"], "b": same["qwk"]["a"], "difference": 0.0, "low": 0.0, "high": 0.0}
+    assert same["mcnemar"]["p_value"] == 1.0
+
+
+@pytest.mark.parametrize("only_a,only_b", [(3, 9), (40, 25), (0, 5), (120, 80)])
+def test_mcnemar_is_the_exact_binomial_test(only_a, only_b):
+    a = np.array([True] * only_a + [False] * only_b + [True] * 7)
+    b = np.array([False] * only_a + [True] * only_b + [True] * 7)
+    assert stats.mcnemar(a, b)["p_value"] == pytest.approx(binomtest(only_a, only_a + only_b, 0.5).pvalue, rel=1e-9)
