@@ -297,6 +297,11 @@ class EvalResult:
         loss = head.eval_loss_sum(values.double(), labels).item() / len(targets) if len(targets) else 0.0
         return cls(cm, loss, outputs, head.referable_score(values).numpy(), targets)
 
+    def per_image(self, head) -> tuple[np.ndarray, np.ndarray]:
+        """Each image's predicted grade and what the head reports (grade probabilities, or the score)."""
+        values = torch.from_numpy(self.outputs)
+        return head.predict(values).numpy(), head.values(values).numpy()
+
     def scores(self) -> dict:
         """Every metric of metrics.summarize, plus the referable-DR ROC AUC."""
         auc = metrics.roc_auc(self.targets >= metrics.REFERABLE_GRADE, self.referable_scores)

@@ -1,5 +1,5 @@
-"""Evaluate any saved checkpoint on a split: metrics.json and the confusion-matrix PNG. Every image is
-counted exactly once, also under torchrun.
+"""Evaluate any saved checkpoint on a split: metrics.json (with bootstrap 95% intervals), the per-image
+predictions.csv and the confusion-matrix PNG. Every image is counted exactly once, also under torchrun.
 
     python -m dr_resnet.evaluate --checkpoint RUN/checkpoint_best.pt --data-root DIR [--split test] --out DIR
 """
@@ -17,7 +17,9 @@ from .data import RetinopathyDataset
 from .engine import TTA_MODES, evaluate
 from .formats import DatasetError
 from .registry import FORMAT_CHOICES
-from .rundir import CONFUSION_PNG
+from .predictions import write_predictions
+from .rundir import CONFUSION_PNG, PREDICTIONS_FILE
+from .stats import RESAMPLES, bootstrap_intervals
 from .runtime import DEVICES, PRECISIONS, configure_backends
 
 
@@ -35,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: one GPU per process if CUDA is there")
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation: 'flips' averages the predictions over h-, v- and hv-flips")
-    p.add_argument("--out", required=True, help="folder for metrics.json and confusion_matrix.png")
+    p.add_argument("--resamples", type=int, default=RESAMPLES,
+                   help="bootstrap resamples for the 95%% intervals in metrics.json (0: none)")
+    p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv and confusion_matrix.png")
     return p.parse_args(argv)
 
 
@@ -54,14 +58,19 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     loader = components.evaluation_loader(dataset, args.batch_size, args.workers, info)
     evaluation = evaluate(model, loader, head, runtime, tta=args.tta)
     precision = runtime.precision
+    grades, values = evaluation.per_image(head)
+    intervals = bootstrap_intervals(evaluation.targets, grades, evaluation.referable_scores, dataset.names,
+                                    resamples=args.resamples) if args.resamples and info.is_main else None
     result = {"checkpoint": str(args.checkpoint), "epoch": int(state.epoch), "data_root": str(args.data_root),
               "split": args.split, "image_size": size, "head": cfg.model.head, **head.state(), "tta": args.tta,
               "device": str(info.device), "precision": precision.name,
-              "loss": evaluation.loss, **evaluation.scores()}
+              "loss": evaluation.loss, **evaluation.scores(), **({"intervals": intervals} if intervals else {})}
     if info.is_main:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_predictions(out / PREDICTIONS_FILE, dataset.names, evaluation.targets, grades, values,
+                          evaluation.referable_scores, cfg.model.head)
         from .plots import save_confusion_matrix
 
         save_confusion_matrix(evaluation.confusion_matrix, out / CONFUSION_PNG,
@@ -76,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     def work(info: distributed.DistInfo) -> None:
         result = run(args, info)
         if info.is_main:
+            ci = result.get("intervals")
+            qwk_ci = f" (95% CI {ci['qwk']['low']:.3f}-{ci['qwk']['high']:.3f}, resampling {ci['unit']})" if ci else ""
             print(f"{result['num_samples']} images: accuracy {result['accuracy']:.1%} (majority baseline "
-                  f"{result['majority_baseline']:.1%}), QWK {result['qwk']:.3f}, referable DR (grade >= 2) "
+                  f"{result['majority_baseline']:.1%}), QWK {result['qwk']:.3f}{qwk_ci}, referable DR (grade >= 2) "
                   f"sensitivity {result['referable_sensitivity']:.2f} specificity {result['referable_specificity']:.2f} "
                   f"AUC {result['referable_auc']:.3f}; wrote {Path(args.out) / 'metrics.json'}")
     return distributed.run_entry(work, (ConfigError, DatasetError, FileNotFoundError, checkpoint.CheckpointError),

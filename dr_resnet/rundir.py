@@ -9,6 +9,8 @@ names. No torch here, so the report stays light.
     checkpoint_prev.pt    the resume point before it, kept until the next one is complete (train)
     checkpoint_best.pt    the selected epoch's training state     (train)
     confusion_matrix.png  the selected epoch's confusion matrix   (train; evaluate writes one in its --out)
+    predictions.csv       the selected epoch's per-image test predictions (train; evaluate writes one in its --out)
+    predictions_val.csv   the same on the held-out part of the training split (train, with data.val_fraction)
     launch_status.json    a launcher's word: not run / failed     (launch.sweep; read by report)
     train.log             rank 0's log and every rank's warnings  (train; appended across resumes and requeues)
 """
@@ -26,6 +28,8 @@ PREV_CHECKPOINT = "checkpoint_prev.pt"
 BEST_CHECKPOINT = "checkpoint_best.pt"
 CONFUSION_PNG = "confusion_matrix.png"
 TRAIN_LOG = "train.log"
+PREDICTIONS_FILE = "predictions.csv"  # layout: predictions.py
+VAL_PREDICTIONS_FILE = "predictions_val.csv"
 STATUS_FILE = "launch_status.json"  # {"status": "not run" | "failed", "reason": ..., "detail": ...}
 
 

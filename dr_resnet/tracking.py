@@ -153,6 +153,11 @@ class Tracker:
                 "final/test_acc": final["test_acc"], "final/test_qwk": final["test_qwk"],
                 "majority_baseline": summary["majority_baseline"], "epochs_completed": summary["epochs_completed"],
             })
+            intervals = summary.get("intervals")
+            if intervals:  # the selected epoch's bootstrap 95% intervals: best/test_qwk_low, best/test_qwk_high, ...
+                self.run.summary.update({f"best/test_{m}_{end}": intervals[m][end] for m in intervals
+                                         if isinstance(intervals[m], dict) for end in ("low", "high")})
+                self.run.summary["best/intervals_resampled"] = intervals["unit"]
             cm = summary["confusion_matrix"]
             y_true = [t for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]
             y_pred = [p for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]

@@ -33,8 +33,11 @@ from .formats import DatasetError
 from .models import WeightsNotFoundError
 from .preemption import RunStopped, StepBoundary, StopSignals
 from .recipe import Recipe
-from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, PREV_CHECKPOINT, SUMMARY_FILE, TRAIN_LOG,
-                     MetricsError, append_metrics, read_metrics, rewrite_metrics, selected_on, selected_row, selection_value)
+from .predictions import read_predictions, write_predictions
+from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, PREDICTIONS_FILE, PREV_CHECKPOINT, SUMMARY_FILE,
+                     TRAIN_LOG, VAL_PREDICTIONS_FILE, MetricsError, append_metrics, read_metrics, rewrite_metrics, selected_on,
+                     selected_row, selection_value)
+from .stats import bootstrap_intervals
 from .runtime import compile_model, configure_backends, environment
 from .samplers import EpochSampler
 from .heads import ClassificationHead, OrdinalHead, RegressionHead
@@ -224,9 +227,25 @@ def end_of_epoch(run: Run, stats: dict, val: EvalResult | None) -> dict:
     return run.head.end_of_epoch(values, labels)
 
 
+def write_epoch_predictions(run: Run, test: EvalResult, val: EvalResult | None) -> None:
+    """The selected epoch's per-image predictions: predictions.csv (test) and predictions_val.csv."""
+    for result, loader, name in ((test, run.test_loader, PREDICTIONS_FILE), (val, run.val_loader, VAL_PREDICTIONS_FILE)):
+        if result is not None:
+            grades, values = result.per_image(run.head)
+            write_predictions(run.run_dir / name, loader.dataset.names, result.targets, grades, values,
+                              result.referable_scores, run.cfg.model.head)
+
+
+def selected_intervals(run_dir: Path) -> dict:
+    """Bootstrap 95% intervals of the selected epoch's test metrics, from its predictions.csv."""
+    found = read_predictions(run_dir / PREDICTIONS_FILE)
+    return bootstrap_intervals(found.labels, found.grades, found.referable_scores, found.names)
+
+
 def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
-    """summary.json (after every epoch, so a run in progress has one), and the best epoch's confusion
-    matrix figure when `figure`. The best epoch is chosen by train.select_by (ties: the earlier)."""
+    """summary.json (after every epoch, so a run in progress has one); at the end (`figure`) also the
+    selected epoch's bootstrap intervals and confusion-matrix figure. The best epoch is chosen by
+    train.select_by (ties: the earlier)."""
     select_by = run.cfg.train.select_by
     best = selected_row(rows, select_by)
     final = rows[-1]
@@ -251,6 +270,8 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
         "final_confusion_matrix": final["confusion_matrix"],
         "train_seconds_total": sum(r["epoch_seconds"] for r in rows),
     }
+    if figure and (run.run_dir / PREDICTIONS_FILE).is_file():
+        summary["intervals"] = selected_intervals(run.run_dir)
     tmp = run.run_dir / f".{SUMMARY_FILE}.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(run.run_dir / SUMMARY_FILE)
@@ -332,6 +353,8 @@ def _epochs(run: Run, resumed: Resumed, rows: list[dict], tracker: Tracker | Non
         save_checkpoint(run, state, best=improved)
         boundary.checkpointed()
         if info.is_main:
+            if improved:
+                write_epoch_predictions(run, result, val)
             write_summary(run, rows, figure=False)
             tracker.log_epoch(row)
             held_out = f"val QWK {row['val_qwk']:.3f}  " if val is not None else ""
@@ -456,8 +479,10 @@ def train_epoch(run: Run, epoch: int, position: dict, boundary: StepBoundary, ro
 def describe_summary(summary: dict) -> str:
     b, f = summary["best"], summary["final"]
     recall = " ".join(f"{r:.2f}" for r in b["test_recall"])
+    ci = summary.get("intervals")
+    qwk_ci = f" (95% CI {ci['qwk']['low']:.3f}-{ci['qwk']['high']:.3f}, resampling {ci['unit']})" if ci else ""
     return (f"{summary['run']}: best epoch {b['epoch']}: accuracy {b['test_acc']:.1%} (majority baseline "
-            f"{summary['majority_baseline']:.1%}), QWK {b['test_qwk']:.3f}, recall per grade {recall}; "
+            f"{summary['majority_baseline']:.1%}), QWK {b['test_qwk']:.3f}{qwk_ci}, recall per grade {recall}; "
             f"final epoch {f['epoch']}: accuracy {f['test_acc']:.1%}, QWK {f['test_qwk']:.3f}")
 
 

@@ -16,6 +16,7 @@ import yaml
 from dr_resnet import checkpoint
 from conftest import assert_same_training_state, metrics_rows, preprocessed_dataset
 from dr_resnet.components import class_weights, lr_lambda
+from dr_resnet.data import RetinopathyDataset
 from dr_resnet.train import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -311,3 +312,29 @@ def test_a_stopped_run_says_why_in_its_run_log(tiny, tmp_path):
     assert main(overrides(tiny, run_dir, f"data.root={tmp_path / 'nowhere'}", "train.device=cpu")) == 2
     text = (run_dir / "train.log").read_text()
     assert "ERROR" in text and str(tmp_path / "nowhere") in text
+
+
+@pytest.mark.parametrize("head", ["classification", "regression"])
+def test_selected_epoch_predictions_and_intervals_match_evaluate(runs, photos, tmp_path, head):
+    from dr_resnet.evaluate import main as evaluate_main
+    from dr_resnet.metrics import confusion_matrix
+    from dr_resnet.predictions import read_predictions
+
+    run_dir = runs[head]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    saved = read_predictions(run_dir / "predictions.csv")
+    assert len(saved.names) == 24 and saved.names == RetinopathyDataset(photos / "data", "test").names
+    assert confusion_matrix(saved.labels, saved.grades).tolist() == summary["confusion_matrix"]
+    intervals = summary["intervals"]
+    assert intervals["unit"] == "patients" and intervals["resamples"] == 2000
+    for name, key in (("accuracy", "test_acc"), ("qwk", "test_qwk"), ("referable_auc", "test_referable_auc")):
+        assert intervals[name]["value"] == pytest.approx(summary["best"][key], abs=1e-9)
+        assert intervals[name]["low"] <= intervals[name]["value"] <= intervals[name]["high"]
+    # evaluate on the selected checkpoint writes the same predictions and the same intervals.
+    assert evaluate_main(["--checkpoint", str(run_dir / "checkpoint_best.pt"), "--data-root", str(photos / "data"),
+                          "--out", str(tmp_path), "--workers", "0", "--device", "cpu"]) == 0
+    evaluated = read_predictions(tmp_path / "predictions.csv")
+    assert evaluated.names == saved.names and np.array_equal(evaluated.grades, saved.grades)
+    assert np.allclose(evaluated.referable_scores, saved.referable_scores, atol=1e-6)
+    assert evaluated.values.shape == ((24,) if head == "regression" else (24, 5))
+    assert json.loads((tmp_path / "metrics.json").read_text())["intervals"] == intervals

@@ -1,0 +1,80 @@
+"""Per-image predictions on a labelled split (predictions.csv): what training writes for its selected
+epoch and evaluate for its checkpoint, and what intervals and paired comparisons are computed from, so
+they work offline and on old runs. torch-free.
+
+Columns: image (its name in the split), true_grade, grade (predicted), p_grade0..p_grade4 (the
+classification and ordinal heads' grade probabilities) or score (the regression head's), and
+referable_score (grade >= 2; higher is more likely).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import NUM_GRADES
+
+
+def value_columns(head_kind: str) -> list[str]:
+    """What a head reports per image: the five grade probabilities, or the regression score."""
+    return ["score"] if head_kind == "regression" else [f"p_grade{k}" for k in range(NUM_GRADES)]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    names: list[str]
+    labels: np.ndarray
+    grades: np.ndarray
+    referable_scores: np.ndarray
+    values: np.ndarray  # (N, 5) probabilities or (N,) scores
+
+
+def write_predictions(path: str | os.PathLike, names: Sequence[str], labels: np.ndarray, grades: np.ndarray,
+                      values: np.ndarray, referable_scores: np.ndarray, head_kind: str) -> Path:
+    """Write predictions.csv atomically (a temporary file renamed)."""
+    path = Path(path)
+    columns = value_columns(head_kind)
+    values = np.asarray(values, dtype=np.float64).reshape(len(names), len(columns))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "true_grade", "grade", *columns, "referable_score"])
+        for name, label, grade, row, score in zip(names, labels, grades, values, referable_scores):
+            # 9 significant digits: every float32 reads back exactly (the AUC's ties stay as they were).
+            writer.writerow([name, int(label), int(grade), *(f"{v:.9g}" for v in row), f"{float(score):.9g}"])
+    os.replace(tmp, path)
+    return path
+
+
+class PredictionsError(ValueError):
+    """A predictions.csv that cannot be read; the message names the file and row."""
+
+
+def read_predictions(path: str | os.PathLike) -> Predictions:
+    path = Path(path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        needed = {"image", "true_grade", "grade", "referable_score"}
+        if not needed <= set(reader.fieldnames or []):
+            raise PredictionsError(f"{path}: not a predictions file (needs columns {', '.join(sorted(needed))})")
+        columns = [c for c in reader.fieldnames if c == "score" or c.startswith("p_grade")]
+        names, labels, grades, scores, values = [], [], [], [], []
+        for number, row in enumerate(reader, start=2):
+            try:
+                labels.append(int(row["true_grade"]))
+                grades.append(int(row["grade"]))
+                scores.append(float(row["referable_score"]))
+                values.append([float(row[c]) for c in columns])
+            except (TypeError, ValueError) as exc:
+                raise PredictionsError(f"{path}: row {number} is damaged ({exc})") from None
+            names.append(row["image"])
+    values_array = np.array(values, dtype=np.float64)
+    if columns == ["score"]:
+        values_array = values_array.reshape(-1)
+    return Predictions(names, np.array(labels, dtype=np.int64), np.array(grades, dtype=np.int64),
+                       np.array(scores, dtype=np.float64), values_array)
