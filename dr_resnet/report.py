@@ -20,9 +20,13 @@ import yaml
 
 from .metrics import majority_baseline
 from .plots import pyplot
-from .rundir import BEST_CHECKPOINT, CONFIG_FILE, STATUS_FILE, read_metrics, selected_on, selected_row
+from .predictions import Predictions, read_predictions
+from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, PREDICTIONS_FILE, STATUS_FILE, SUMMARY_FILE, read_metrics, selected_on,
+                     selected_row)
+from .stats import RESAMPLES, bootstrap_intervals, paired_comparison
 
 COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
+COMPARISONS_FILE = "comparisons.json"
 
 
 @dataclass
@@ -56,6 +60,22 @@ class RunRecord:
         """The epoch the run itself selects (its checkpoint_best.pt): by its train.select_by, on its
         held-out set, else on test."""
         return selected_row(self.rows, self.select_by) if self.rows else None
+
+    def predictions(self) -> Predictions | None:
+        """The selected epoch's per-image test predictions (predictions.csv), if the run wrote them."""
+        path = self.path / PREDICTIONS_FILE
+        return read_predictions(path) if path.is_file() else None
+
+    def intervals(self) -> dict | None:
+        """Bootstrap 95% intervals of the selected epoch's metrics: the run summary's, else computed from
+        its predictions.csv; None without either."""
+        summary = self.path / SUMMARY_FILE
+        if summary.is_file():
+            recorded = json.loads(summary.read_text()).get("intervals")
+            if recorded:
+                return recorded
+        found = self.predictions()
+        return bootstrap_intervals(found.labels, found.grades, found.referable_scores, found.names) if found else None
 
     @property
     def baseline(self) -> float | None:
@@ -139,7 +159,8 @@ def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
     plt.close(fig)
 
 
-COLUMNS = ["run", "depth", "weights", "status", "epochs", "selected_by", "selected_epoch", "best_test_acc", "best_acc_epoch", "best_qwk",
+COLUMNS = ["run", "depth", "weights", "status", "epochs", "selected_by", "selected_epoch", "selected_acc_95ci",
+           "selected_qwk_95ci", "selected_auc_95ci", "ci_resampled", "best_test_acc", "best_acc_epoch", "best_qwk",
            "best_qwk_epoch", "val_chosen_epoch", "test_qwk_at_val_chosen", "final_test_acc", "final_qwk", "majority_baseline", "recall_at_best_qwk",
            "referable_sens_at_best_qwk", "referable_spec_at_best_qwk", "referable_auc_at_best_qwk", "train_minutes"]
 
@@ -168,7 +189,77 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
         if run.has_val:
             chosen = run.chosen()
             table[-1].update(val_chosen_epoch=chosen["epoch"], test_qwk_at_val_chosen=chosen["test_qwk"])
+        intervals = run.intervals()
+        if intervals:
+            table[-1].update({f"selected_{short}_95ci": _with_interval(intervals[name])
+                              for short, name in (("acc", "accuracy"), ("qwk", "qwk"), ("auc", "referable_auc"))},
+                             ci_resampled=intervals["unit"])
     return table
+
+
+def _with_interval(entry: dict) -> str:
+    return f"{entry['value']:.3f} ({entry['low']:.3f}-{entry['high']:.3f})"
+
+
+PAIR_METRICS = (("accuracy", "accuracy"), ("qwk", "QWK"), ("referable_auc", "referable AUC"))
+
+
+def arm_pairs(runs: list[RunRecord]) -> list[tuple[str, RunRecord | None, RunRecord | None, str, str]]:
+    """The core experiment's pairs: pretrained vs scratch at each depth, ResNet18 vs ResNet50 at each
+    initialisation, as (question, A, B, A's name, B's name); a side with no run is None."""
+    def find(depth: int, pretrained: bool) -> RunRecord | None:
+        return next((r for r in runs if r.depth == depth and r.pretrained == pretrained), None)
+
+    depths = sorted({r.depth for r in runs})
+    pairs = [(f"pretraining at ResNet{d}", find(d, True), find(d, False), f"resnet{d} pretrained", f"resnet{d} scratch")
+             for d in depths]
+    for shallow, deep in zip(depths, depths[1:]):
+        for init in (True, False):
+            label = "pretrained" if init else "scratch"
+            pairs.append((f"depth {deep} vs {shallow}, {label}", find(deep, init), find(shallow, init),
+                          f"resnet{deep} {label}", f"resnet{shallow} {label}"))
+    return pairs
+
+
+def compare_arms(runs: list[RunRecord], resamples: int = RESAMPLES) -> list[dict]:
+    """For each pair of arm_pairs: A - B in accuracy, QWK and referable AUC at each run's selected epoch,
+    with paired-bootstrap 95% intervals and McNemar's test, from their predictions.csv; or why not."""
+    results = []
+    for question, a, b, name_a, name_b in arm_pairs(runs):
+        entry = {"comparison": question, "a": name_a, "b": name_b}
+        missing = [f"{n} {'has no run' if r is None else 'has no predictions.csv (' + (r.launch_status or 'no selected epoch yet') + ')'}"
+                   for n, r in ((name_a, a), (name_b, b)) if r is None or r.predictions() is None]
+        if missing:
+            results.append({**entry, "status": "not compared: " + "; ".join(missing)})
+            continue
+        pa, pb = a.predictions(), b.predictions()
+        if pa.names != pb.names or not np.array_equal(pa.labels, pb.labels):
+            results.append({**entry, "status": f"not compared: {a.name} and {b.name} were evaluated on different images "
+                                               f"({len(pa.names)} and {len(pb.names)}): a paired comparison needs the same test set"})
+            continue
+        paired = paired_comparison(pa.labels, (pa.grades, pa.referable_scores), (pb.grades, pb.referable_scores),
+                                   pa.names, resamples=resamples)
+        results.append({**entry, "status": "compared", "images": len(pa.names), "resampled": paired["unit"],
+                        **{m: paired[m] for m, _ in PAIR_METRICS}, "mcnemar": paired["mcnemar"]})
+    return results
+
+
+def comparison_lines(comparisons: list[dict]) -> list[str]:
+    lines = ["## Paired comparisons (A - B at each run's selected epoch, on the same test images)", "",
+             "95% intervals from a paired bootstrap (both runs scored on each resample); McNemar's exact test on the "
+             "images one run graded right and the other wrong. An interval that holds 0 means the test set cannot "
+             "tell the two apart.", "",
+             "| comparison | A | B | images | " + " | ".join(f"{label} A - B (95% CI)" for _, label in PAIR_METRICS)
+             + " | only A right / only B right | McNemar p |", "|---" * (7 + len(PAIR_METRICS)) + "|"]
+    for c in comparisons:
+        if c["status"] != "compared":
+            lines.append(f"| {c['comparison']} | {c['a']} | {c['b']} | {c['status']} |" + " |" * (3 + len(PAIR_METRICS)))
+            continue
+        cells = [f"{c[m]['difference']:+.3f} ({c[m]['low']:+.3f} to {c[m]['high']:+.3f})" for m, _ in PAIR_METRICS]
+        m = c["mcnemar"]
+        lines.append(f"| {c['comparison']} | {c['a']} | {c['b']} | {c['images']} ({c['resampled']}) | " + " | ".join(cells)
+                     + f" | {m['a_only_right']} / {m['b_only_right']} | {m['p_value']:.3g} |")
+    return lines
 
 
 def _cell(value) -> str:
@@ -179,7 +270,7 @@ def _cell(value) -> str:
     return str(value)
 
 
-def write_tables(table: list[dict], out: Path) -> None:
+def write_tables(table: list[dict], out: Path, comparisons: list[dict] = ()) -> None:
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
@@ -191,9 +282,14 @@ def write_tables(table: list[dict], out: Path) -> None:
              "with a held-out part of the training split (data.val_fraction) also give the test QWK at the epoch "
              "best on that part (test_qwk_at_val_chosen), the unbiased figure. QWK = quadratic weighted kappa; "
              "recall per grade 0..4 at the best-QWK epoch; referable DR = grade >= 2 vs < 2 (sensitivity, "
-             "specificity, ROC AUC). Accuracy is only meaningful above the majority baseline.",
+             "specificity, ROC AUC). Accuracy is only meaningful above the majority baseline. selected_*_95ci: "
+             "the selected epoch's accuracy, QWK and referable AUC with bootstrap 95% intervals (ci_resampled: "
+             "patients when image names carry a patient id, else images).",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row.get(k)) for k in COLUMNS) + " |" for row in table]
+    if comparisons:
+        lines += [""] + comparison_lines(comparisons)
+        (out / COMPARISONS_FILE).write_text(json.dumps(comparisons, indent=2) + "\n")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -232,7 +328,10 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     if any(r.rows for r in runs):
         plot_confusion_matrices(runs, out / "confusion_matrices.png")
         written.append(out / "confusion_matrices.png")
-    write_tables(result_rows(runs), out)
+    comparisons = compare_arms(runs)
+    write_tables(result_rows(runs), out, comparisons)
+    if comparisons:
+        written.append(out / COMPARISONS_FILE)
     if gallery:
         written += galleries(runs, out)
     return written + [out / "results.md", out / "results.csv"]

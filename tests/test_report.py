@@ -129,3 +129,60 @@ def test_gallery_shows_right_and_wrong_photos_per_grade_with_heat_maps(runs, tmp
     assert galleries == ["gallery_cls.png", "gallery_ord.png", "gallery_reg.png"]
     with Image.open(tmp_path / "gallery_cls.png") as im:
         assert im.size[0] > 400 and im.size[1] > 600
+
+
+def arm_copy(source: Path, target: Path, depth: int, weights: str) -> Path:
+    """A copy of a trained run directory presented as another arm (config.yaml's depth and weights)."""
+    import yaml
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.pt"))
+    cfg = yaml.safe_load((target / "config.yaml").read_text())
+    cfg["model"].update(depth=depth, weights=weights)
+    (target / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return target
+
+
+def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_path):
+    import numpy as np
+
+    from dr_resnet.predictions import read_predictions
+    from dr_resnet.stats import paired_comparison
+
+    sweep = tmp_path / "sweep"
+    arm_copy(runs["classification"], sweep / "resnet18_scratch", 18, "none")
+    arm_copy(runs["ordinal"], sweep / "resnet18_pretrained", 18, "imagenet")
+    arm_copy(runs["regression"], sweep / "resnet50_scratch", 50, "none")
+    # resnet50_pretrained could not run (its weights were missing), as in the demo.
+    import yaml
+
+    (sweep / "resnet50_pretrained").mkdir()
+    cfg = yaml.safe_load((sweep / "resnet50_scratch" / "config.yaml").read_text())
+    cfg["model"]["weights"] = "imagenet"
+    (sweep / "resnet50_pretrained" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (sweep / "resnet50_pretrained" / "launch_status.json").write_text(json.dumps({"status": "not run", "reason": "no weights"}))
+    report(sweep, tmp_path / "out")
+    comparisons = {c["comparison"]: c for c in json.loads((tmp_path / "out" / "comparisons.json").read_text())}
+    assert set(comparisons) == {"pretraining at ResNet18", "pretraining at ResNet50", "depth 50 vs 18, pretrained",
+                                "depth 50 vs 18, scratch"}
+    assert comparisons["pretraining at ResNet50"]["status"].startswith("not compared: resnet50 pretrained has no predictions.csv (not run")
+    pretraining = comparisons["pretraining at ResNet18"]
+    a, b = (read_predictions(runs[k] / "predictions.csv") for k in ("ordinal", "classification"))
+    expected = paired_comparison(a.labels, (a.grades, a.referable_scores), (b.grades, b.referable_scores), a.names)
+    assert pretraining["status"] == "compared" and pretraining["images"] == 24 and pretraining["resampled"] == "patients"
+    assert pretraining["qwk"] == expected["qwk"] and pretraining["mcnemar"] == expected["mcnemar"]
+    assert pretraining["accuracy"]["difference"] == pytest.approx(np.mean(a.grades == a.labels) - np.mean(b.grades == b.labels))
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "## Paired comparisons" in md and "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients) |" in md
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    summary = json.loads((runs["classification"] / "summary.json").read_text())
+    qwk = summary["intervals"]["qwk"]
+    assert rows["resnet18_scratch"]["selected_qwk_95ci"] == f"{qwk['value']:.3f} ({qwk['low']:.3f}-{qwk['high']:.3f})"
+    assert rows["resnet18_scratch"]["ci_resampled"] == "patients" and rows["resnet50_pretrained"]["selected_qwk_95ci"] == ""
+    # Runs evaluated on different images are refused, by name.
+    kept = (sweep / "resnet18_scratch" / "predictions.csv").read_text().splitlines()
+    (sweep / "resnet18_scratch" / "predictions.csv").write_text("\n".join(kept[:-3]) + "\n")
+    report(sweep, tmp_path / "out2")
+    refused = {c["comparison"]: c for c in json.loads((tmp_path / "out2" / "comparisons.json").read_text())}
+    assert "resnet18_pretrained and resnet18_scratch were evaluated on different images (24 and 21)" in \
+        refused["pretraining at ResNet18"]["status"]
