@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from .stats import RESAMPLES, bootstrap_intervals, paired_comparison
 
 COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
 COMPARISONS_FILE = "comparisons.json"
+SEED_FOLDER = re.compile(r"seed\d+")  # launch.sweep --seeds: SWEEP_DIR/<arm>/seed<k>/
 
 
 @dataclass
@@ -39,6 +41,8 @@ class RunRecord:
     rows: list[dict]
     launch_status: str = ""  # "not run: <reason>" or "failed: <reason>", from the launcher
     select_by: str = "qwk"  # the run's train.select_by
+    arm: str = ""  # the arm a seed replicate belongs to (SWEEP_DIR/<arm>/seed<k>/); else the run's own name
+    seed: int = 0  # train.seed
 
     @property
     def pretrained(self) -> bool:
@@ -94,34 +98,45 @@ def find_runs(root: Path) -> list[RunRecord]:
         rows = read_metrics(path)
         status = json.loads(status_file.read_text()) if status_file.is_file() else {}
         reason = f"{status.get('status', 'failed')}: {status.get('reason', '')}" if status else ""
-        runs.append(RunRecord(path.name, path, int(cfg["model"]["depth"]), str(cfg["model"]["weights"]),
-                              int(cfg["train"]["epochs"]), rows, reason, str(cfg["train"].get("select_by", "qwk"))))
-    return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.name))
+        replicate = SEED_FOLDER.fullmatch(path.name) is not None and path != root
+        name = f"{path.parent.name}/{path.name}" if replicate else path.name
+        runs.append(RunRecord(name, path, int(cfg["model"]["depth"]), str(cfg["model"]["weights"]),
+                              int(cfg["train"]["epochs"]), rows, reason, str(cfg["train"].get("select_by", "qwk")),
+                              path.parent.name if replicate else path.name, int(cfg["train"].get("seed", 0))))
+    return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.arm, r.seed))
 
 
 def plot_curves(runs: list[RunRecord], depth: int, path: Path) -> None:
-    """Accuracy (train dashed, test solid, majority baseline dotted) and test QWK per epoch."""
+    """Accuracy (train dashed, test solid, majority baseline dotted) and test QWK per epoch; an arm with
+    several seeds as their mean with a band of +-1 standard deviation."""
     plt = pyplot()
     fig, (acc_ax, qwk_ax) = plt.subplots(1, 2, figsize=(12, 4.6))
     baselines = []
-    for run in runs:
-        if not run.rows:
+    for pretrained in (True, False):
+        group = [r for r in runs if r.pretrained == pretrained and r.rows]
+        if not group:
             continue
-        epochs = [r["epoch"] for r in run.rows]
-        colour = COLOURS[run.pretrained]
-        acc_ax.plot(epochs, [100 * r["train_acc"] for r in run.rows], "--", color=colour, label=f"{run.label} train")
-        acc_ax.plot(epochs, [100 * r["test_acc"] for r in run.rows], "-o", ms=3, color=colour, label=f"{run.label} test")
-        qwk_ax.plot(epochs, [r["test_qwk"] for r in run.rows], "-o", ms=3, color=colour, label=f"{run.label} test")
-        if run.has_val:
-            qwk_ax.plot(epochs, [r.get("val_qwk", math.nan) for r in run.rows], ":s", ms=3, color=colour,
-                        label=f"{run.label} held-out")
-        baselines.append(run.baseline)
+        colour, label = COLOURS[pretrained], group[0].label
+        epochs = list(range(1, min(len(r.rows) for r in group) + 1))
+        curves = {k: np.array([[r.rows[e - 1].get(k, math.nan) for e in epochs] for r in group])
+                  for k in ("train_acc", "test_acc", "test_qwk", "val_qwk")}
+        if len(group) > 1:
+            label = f"{label} (mean of {len(group)} seeds, band +-1 sd)"
+            for ax, key, scale in ((acc_ax, "test_acc", 100), (qwk_ax, "test_qwk", 1)):
+                mean, sd = curves[key].mean(axis=0), curves[key].std(axis=0, ddof=1)
+                ax.fill_between(epochs, scale * (mean - sd), scale * (mean + sd), color=colour, alpha=0.2, lw=0)
+        acc_ax.plot(epochs, 100 * curves["train_acc"].mean(axis=0), "--", color=colour, label=f"{label} train")
+        acc_ax.plot(epochs, 100 * curves["test_acc"].mean(axis=0), "-o", ms=3, color=colour, label=f"{label} test")
+        qwk_ax.plot(epochs, curves["test_qwk"].mean(axis=0), "-o", ms=3, color=colour, label=f"{label} test")
+        if all(r.has_val for r in group):
+            qwk_ax.plot(epochs, curves["val_qwk"].mean(axis=0), ":s", ms=3, color=colour, label=f"{label} held-out")
+        baselines += [r.baseline for r in group]
     if baselines:
         acc_ax.axhline(100 * max(baselines), color="grey", ls=":", label=f"majority baseline ({100 * max(baselines):.1f}%)")
     acc_ax.set(title=f"ResNet{depth}: accuracy per epoch", xlabel="epoch", ylabel="accuracy (%)")
     qwk_ax.set(title=f"ResNet{depth}: quadratic weighted kappa", xlabel="epoch", ylabel="QWK", ylim=(-0.05, 1.0))
     qwk_ax.axhline(0, color="grey", ls=":", label="chance (and always-grade-0)")
-    not_run = [f"{r.label}: {r.launch_status.split(':')[0]}" for r in runs if r.launch_status]
+    not_run = sorted({f"{r.label}: {r.launch_status.split(':')[0]}" for r in runs if r.launch_status})
     for ax in (acc_ax, qwk_ax):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -204,11 +219,12 @@ def _with_interval(entry: dict) -> str:
 PAIR_METRICS = (("accuracy", "accuracy"), ("qwk", "QWK"), ("referable_auc", "referable AUC"))
 
 
-def arm_pairs(runs: list[RunRecord]) -> list[tuple[str, RunRecord | None, RunRecord | None, str, str]]:
+def arm_pairs(runs: list[RunRecord]) -> list[tuple[str, list[RunRecord], list[RunRecord], str, str]]:
     """The core experiment's pairs: pretrained vs scratch at each depth, ResNet18 vs ResNet50 at each
-    initialisation, as (question, A, B, A's name, B's name); a side with no run is None."""
-    def find(depth: int, pretrained: bool) -> RunRecord | None:
-        return next((r for r in runs if r.depth == depth and r.pretrained == pretrained), None)
+    initialisation, as (question, A's runs, B's runs, A's name, B's name); an arm's runs are its seeds
+    (none when it has no run)."""
+    def find(depth: int, pretrained: bool) -> list[RunRecord]:
+        return [r for r in runs if r.depth == depth and r.pretrained == pretrained]
 
     depths = sorted({r.depth for r in runs})
     pairs = [(f"pretraining at ResNet{d}", find(d, True), find(d, False), f"resnet{d} pretrained", f"resnet{d} scratch")
@@ -221,34 +237,81 @@ def arm_pairs(runs: list[RunRecord]) -> list[tuple[str, RunRecord | None, RunRec
     return pairs
 
 
+def _why_not(name: str, runs: list[RunRecord]) -> str:
+    if not runs:
+        return f"{name} has no run"
+    return f"{name} has no predictions.csv ({runs[0].launch_status or 'no selected epoch yet'})"
+
+
 def compare_arms(runs: list[RunRecord], resamples: int = RESAMPLES) -> list[dict]:
     """For each pair of arm_pairs: A - B in accuracy, QWK and referable AUC at each run's selected epoch,
-    with paired-bootstrap 95% intervals and McNemar's test, from their predictions.csv; or why not."""
+    with paired-bootstrap 95% intervals and McNemar's test, from their predictions.csv; arms with seeds
+    are paired seed by seed and pooled (the mean difference over the seeds they share); or why not."""
     results = []
-    for question, a, b, name_a, name_b in arm_pairs(runs):
+    for question, side_a, side_b, name_a, name_b in arm_pairs(runs):
         entry = {"comparison": question, "a": name_a, "b": name_b}
-        missing = [f"{n} {'has no run' if r is None else 'has no predictions.csv (' + (r.launch_status or 'no selected epoch yet') + ')'}"
-                   for n, r in ((name_a, a), (name_b, b)) if r is None or r.predictions() is None]
-        if missing:
-            results.append({**entry, "status": "not compared: " + "; ".join(missing)})
+        done_a = {r.seed: r for r in side_a if r.predictions() is not None}
+        done_b = {r.seed: r for r in side_b if r.predictions() is not None}
+        missing = [_why_not(n, side) for n, side, done in ((name_a, side_a, done_a), (name_b, side_b, done_b)) if not done]
+        seeds = sorted(set(done_a) & set(done_b))
+        if missing or not seeds:
+            reason = "; ".join(missing) or f"no seed in common ({sorted(done_a)} and {sorted(done_b)})"
+            results.append({**entry, "status": f"not compared: {reason}"})
             continue
-        pa, pb = a.predictions(), b.predictions()
-        if pa.names != pb.names or not np.array_equal(pa.labels, pb.labels):
-            results.append({**entry, "status": f"not compared: {a.name} and {b.name} were evaluated on different images "
-                                               f"({len(pa.names)} and {len(pb.names)}): a paired comparison needs the same test set"})
+        found_a, found_b = [done_a[k].predictions() for k in seeds], [done_b[k].predictions() for k in seeds]
+        first = found_a[0]
+        different = [(r.name, len(p.names)) for r, p in zip([done_a[k] for k in seeds] + [done_b[k] for k in seeds],
+                                                            found_a + found_b)
+                     if p.names != first.names or not np.array_equal(p.labels, first.labels)]
+        if different:
+            name, count = different[0]
+            results.append({**entry, "status": f"not compared: {done_a[seeds[0]].name} and {name} were evaluated on "
+                                               f"different images ({len(first.names)} and {count}): a paired "
+                                               f"comparison needs the same test set"})
             continue
-        paired = paired_comparison(pa.labels, (pa.grades, pa.referable_scores), (pb.grades, pb.referable_scores),
-                                   pa.names, resamples=resamples)
-        results.append({**entry, "status": "compared", "images": len(pa.names), "resampled": paired["unit"],
-                        **{m: paired[m] for m, _ in PAIR_METRICS}, "mcnemar": paired["mcnemar"]})
+        paired = paired_comparison(first.labels, [(p.grades, p.referable_scores) for p in found_a],
+                                   [(p.grades, p.referable_scores) for p in found_b], first.names, resamples=resamples)
+        mcnemar = paired["mcnemar"] if isinstance(paired["mcnemar"], list) else [paired["mcnemar"]]
+        results.append({**entry, "status": "compared", "images": len(first.names), "resampled": paired["unit"],
+                        "seeds": seeds, **{m: paired[m] for m, _ in PAIR_METRICS}, "mcnemar": mcnemar})
     return results
+
+
+def seed_summary(runs: list[RunRecord]) -> list[dict]:
+    """Per arm: its seeds' selected-epoch test accuracy, QWK and referable AUC, mean and standard deviation."""
+    arms: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        if run.rows:
+            arms.setdefault(run.arm, []).append(run)
+    table = []
+    for arm, group in arms.items():
+        chosen = [r.chosen() for r in group]
+        row = {"arm": arm, "seeds": [r.seed for r in group]}
+        for key, name in (("test_acc", "accuracy"), ("test_qwk", "qwk"), ("test_referable_auc", "referable_auc")):
+            values = np.array([c.get(key, math.nan) for c in chosen], dtype=float)
+            row[name] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
+                         "values": values.tolist()}
+        table.append(row)
+    return table
+
+
+def seed_lines(table: list[dict]) -> list[str]:
+    lines = ["## Seeds (each arm's selected epoch, mean and standard deviation over its seeds)", "",
+             "| arm | seeds | accuracy | QWK | referable AUC |", "|---|---|---|---|---|"]
+    for row in table:
+        cells = [f"{row[m]['mean']:.3f}" + (f" +- {row[m]['sd']:.3f}" if row[m]["sd"] is not None else "")
+                 for m in ("accuracy", "qwk", "referable_auc")]
+        lines.append(f"| {row['arm']} | {', '.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def comparison_lines(comparisons: list[dict]) -> list[str]:
     lines = ["## Paired comparisons (A - B at each run's selected epoch, on the same test images)", "",
              "95% intervals from a paired bootstrap (both runs scored on each resample); McNemar's exact test on the "
-             "images one run graded right and the other wrong. An interval that holds 0 means the test set cannot "
-             "tell the two apart.", "",
+             "images one run graded right and the other wrong (one per seed pair). Arms with several seeds are "
+             "compared seed by seed and averaged: the interval is the test set's uncertainty about that mean; the "
+             "seeds' own spread is in the Seeds table. An interval that holds 0 means the test set cannot tell "
+             "the two apart.", "",
              "| comparison | A | B | images | " + " | ".join(f"{label} A - B (95% CI)" for _, label in PAIR_METRICS)
              + " | only A right / only B right | McNemar p |", "|---" * (7 + len(PAIR_METRICS)) + "|"]
     for c in comparisons:
@@ -256,9 +319,11 @@ def comparison_lines(comparisons: list[dict]) -> list[str]:
             lines.append(f"| {c['comparison']} | {c['a']} | {c['b']} | {c['status']} |" + " |" * (3 + len(PAIR_METRICS)))
             continue
         cells = [f"{c[m]['difference']:+.3f} ({c[m]['low']:+.3f} to {c[m]['high']:+.3f})" for m, _ in PAIR_METRICS]
-        m = c["mcnemar"]
-        lines.append(f"| {c['comparison']} | {c['a']} | {c['b']} | {c['images']} ({c['resampled']}) | " + " | ".join(cells)
-                     + f" | {m['a_only_right']} / {m['b_only_right']} | {m['p_value']:.3g} |")
+        counts = ", ".join(f"{m['a_only_right']} / {m['b_only_right']}" for m in c["mcnemar"])
+        p_values = ", ".join(f"{m['p_value']:.3g}" for m in c["mcnemar"])
+        seeds = f", seeds {', '.join(map(str, c['seeds']))}" if len(c["seeds"]) > 1 else ""
+        lines.append(f"| {c['comparison']} | {c['a']} | {c['b']} | {c['images']} ({c['resampled']}{seeds}) | "
+                     + " | ".join(cells) + f" | {counts} | {p_values} |")
     return lines
 
 
@@ -270,7 +335,7 @@ def _cell(value) -> str:
     return str(value)
 
 
-def write_tables(table: list[dict], out: Path, comparisons: list[dict] = ()) -> None:
+def write_tables(table: list[dict], out: Path, comparisons: list[dict] = (), seeds: list[dict] = ()) -> None:
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
@@ -287,6 +352,8 @@ def write_tables(table: list[dict], out: Path, comparisons: list[dict] = ()) -> 
              "patients when image names carry a patient id, else images).",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row.get(k)) for k in COLUMNS) + " |" for row in table]
+    if any(len(row["seeds"]) > 1 for row in seeds):
+        lines += [""] + seed_lines(seeds)
     if comparisons:
         lines += [""] + comparison_lines(comparisons)
         (out / COMPARISONS_FILE).write_text(json.dumps(comparisons, indent=2) + "\n")
@@ -329,7 +396,7 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         plot_confusion_matrices(runs, out / "confusion_matrices.png")
         written.append(out / "confusion_matrices.png")
     comparisons = compare_arms(runs)
-    write_tables(result_rows(runs), out, comparisons)
+    write_tables(result_rows(runs), out, comparisons, seed_summary(runs))
     if comparisons:
         written.append(out / COMPARISONS_FILE)
     if gallery:

@@ -149,25 +149,40 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
     return {"a_only_right": only_a, "b_only_right": only_b, "p_value": p}
 
 
-def paired_comparison(labels: Sequence[int], a: tuple[Sequence[int], Sequence[float]], b: tuple[Sequence[int], Sequence[float]],
+Scored = tuple[Sequence[int], Sequence[float]]  # one run's (grades, referable scores) per image
+
+
+def paired_comparison(labels: Sequence[int], a: Scored | list[Scored], b: Scored | list[Scored],
                       names: Sequence[str] | None = None, resamples: int = RESAMPLES, seed: int = 0,
                       level: float = LEVEL, metrics: Sequence[str] = ("accuracy", "qwk", "referable_auc")) -> dict:
-    """A minus B on the same images ((grades, referable scores) each): per metric the difference and its
-    paired-bootstrap interval (both models scored on each resample), and McNemar's test."""
-    labels, a_grades, a_scores = _arrays(labels, *a)
-    _, b_grades, b_scores = _arrays(labels, *b)
+    """A minus B on the same images, each side one run's (grades, referable scores) or a list of them (the
+    seeds of an arm, paired seed by seed): per metric the difference of the (seed-averaged) metrics and
+    its paired-bootstrap interval (every run scored on each resample, so the interval is the test set's
+    uncertainty about that mean difference), and McNemar's test per pair of runs."""
+    side_a, side_b = (list(x) if isinstance(x, list) else [x] for x in (a, b))
+    if len(side_a) != len(side_b) or not side_a:
+        raise ValueError(f"paired runs: {len(side_a)} on one side, {len(side_b)} on the other")
+    labels = np.asarray(labels, dtype=np.int64)
+    runs_a = [_arrays(labels, *run)[1:] for run in side_a]
+    runs_b = [_arrays(labels, *run)[1:] for run in side_b]
     units, unit = resampling_units(names if names is not None else [str(i) for i in range(len(labels))])
+
+    def mean_metrics(runs, weights) -> dict[str, np.ndarray]:
+        per_run = [metrics_of(labels, grades, scores, weights) for grades, scores in runs]
+        return {m: np.mean([v[m] for v in per_run], axis=0) for m in metrics}
+
     ones = np.ones((1, len(labels)))
-    point_a, point_b = metrics_of(labels, a_grades, a_scores, ones), metrics_of(labels, b_grades, b_scores, ones)
+    point_a, point_b = mean_metrics(runs_a, ones), mean_metrics(runs_b, ones)
     samples = {m: [] for m in metrics}
     for weights in bootstrap_weights(units, resamples, seed):
-        va, vb = metrics_of(labels, a_grades, a_scores, weights), metrics_of(labels, b_grades, b_scores, weights)
+        va, vb = mean_metrics(runs_a, weights), mean_metrics(runs_b, weights)
         for m in metrics:
             samples[m].append(va[m] - vb[m])
-    result: dict = {"unit": unit, "resamples": resamples, "level": level, "images": len(labels)}
+    result: dict = {"unit": unit, "resamples": resamples, "level": level, "images": len(labels), "runs_per_side": len(runs_a)}
     for m in metrics:
         low, high = _interval(np.concatenate(samples[m]), level)
         result[m] = {"a": float(point_a[m][0]), "b": float(point_b[m][0]),
                      "difference": float(point_a[m][0] - point_b[m][0]), "low": low, "high": high}
-    result["mcnemar"] = mcnemar(a_grades == labels, b_grades == labels)
+    tests = [mcnemar(ga == labels, gb == labels) for (ga, _), (gb, _) in zip(runs_a, runs_b)]
+    result["mcnemar"] = tests[0] if len(tests) == 1 else tests
     return result

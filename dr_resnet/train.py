@@ -289,7 +289,7 @@ def start_tracking(run: Run, wandb_id: str | None) -> Tracker:
     w, depth = run.cfg.wandb, run.cfg.model.depth
     arm = f"resnet{depth}_{'scratch' if run.cfg.model.weights.lower() == 'none' else 'pretrained'}"
     settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name or run.run_dir.name,
-                                job_type=arm, tags=(f"resnet{depth}", arm.split("_")[1]),
+                                job_type=arm, tags=(f"resnet{depth}", arm.split("_")[1], f"seed{run.cfg.train.seed}"),
                                 init_timeout=w.init_timeout, log_checkpoint=w.log_checkpoint)
     tracker = Tracker(settings, run.run_dir, wandb_id or new_run_id(), run.cfg.to_dict(), run.info.is_main)
     if tracker.active:

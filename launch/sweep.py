@@ -5,7 +5,8 @@ each task running the same training entry as torchrun. SLURM by default, or this
     python -m launch.sweep --config configs/demo_sweep.yaml --executor local --tasks-per-node 2
     python -m launch.sweep ... --dry-run          # print each job's sbatch script, submit nothing
 
-Each run's directory is SWEEP_DIR/<arm>/; submitit's logs are SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest
+Each run's directory is SWEEP_DIR/<arm>/ (with --seeds 0,1,2: SWEEP_DIR/<arm>/seed<k>/, one W&B run each in
+the sweep's group, tagged with its seed); submitit's logs are SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest
 (runs, job ids, arguments) is SWEEP_DIR/sweep.json. A pretrained arm whose ImageNet weights cannot be
 had is not trained from scratch instead: it is reported as not run, with the missing file named.
 
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", default="configs/sweep.yaml", help="sweep file (arms and their recipe)")
     p.add_argument("--runs", help="comma-separated subset of the arms (default: all)")
+    p.add_argument("--seeds", help="comma-separated train.seed values: every arm once per seed, in "
+                                   "SWEEP_DIR/<arm>/seed<k>/ (default: one run per arm, in SWEEP_DIR/<arm>/)")
     p.add_argument("--out", help="sweep folder (default: the sweep file's 'out', else runs/<name>)")
     p.add_argument("--executor", choices=("slurm", "local"), default="slurm")
     p.add_argument("--nodes", type=int, default=1)
@@ -94,15 +97,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = p.parse_args(argv)
     args.tasks_per_node = args.tasks_per_node or max(1, args.gpus_per_node)
+    try:
+        args.seeds = [int(k) for k in args.seeds.split(",") if k.strip()] if args.seeds else []
+    except ValueError:
+        p.error(f"--seeds takes integers separated by commas, got {args.seeds!r}")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds: a seed appears twice ({args.seeds})")
     if args.executor == "local" and args.nodes != 1:
         p.error("--executor local runs on this machine: --nodes must be 1")
     return args
 
 
-def arm_argv(sweep: Sweep, arm: str, run_dir: Path, cli_overrides: list[str]) -> list[str]:
-    """The training arguments of one arm: recipe, arm, sweep-wide and command-line overrides, its folder."""
-    return ["--config", str(sweep.base_config), *sweep.arms[arm], *sweep.overrides, *cli_overrides,
+def arm_argv(sweep: Sweep, arm: str, run_dir: Path, cli_overrides: list[str], seed: int | None = None) -> list[str]:
+    """The training arguments of one arm: recipe, arm, sweep-wide and command-line overrides, its folder
+    (and with a seed, train.seed and a W&B run name that tells the seeds apart)."""
+    seeded = [f"train.seed={seed}", f"wandb.name={arm}_seed{seed}"] if seed is not None else []
+    return ["--config", str(sweep.base_config), *sweep.arms[arm], *sweep.overrides, *cli_overrides, *seeded,
             f"output.dir={run_dir}", f"wandb.group={sweep.name}"]
+
+
+def run_names(arms: list[str], seeds: list[int]) -> dict[str, tuple[str, str, int | None]]:
+    """Each run's name -> (arm, folder under the sweep folder, seed): one per arm, or one per arm and seed."""
+    if not seeds:
+        return {arm: (arm, arm, None) for arm in arms}
+    return {f"{arm}_seed{k}": (arm, f"{arm}/seed{k}", k) for arm in arms for k in seeds}
 
 
 def missing_weights(cfg: config.Config) -> str:
@@ -256,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--runs: unknown arm(s) {unknown} (in {args.config}: {', '.join(sweep.arms)})")
         out = Path(args.out or sweep.out or f"runs/{sweep.name}").resolve()
         plans = {}
-        for arm in arms:  # every arm's config is resolved (and so validated) before anything is submitted
-            run_dir = out / arm
-            argv_arm = arm_argv(sweep, arm, run_dir, args.overrides)
-            plans[arm] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
+        for name, (arm, folder, seed) in run_names(arms, args.seeds).items():
+            # every run's config is resolved (and so validated) before anything is submitted
+            run_dir = out / folder
+            argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed)
+            plans[name] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
         res = resources(args, [cfg for _, _, cfg in plans.values()])
         slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
             if args.executor == "local" and args.gpus_per_node else []
@@ -267,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.print_arms:
-        for arm in plans:
+        for arm in arms:
             print("\t".join([arm, str(sweep.base_config), *sweep.arms[arm], *sweep.overrides]))
         return 0
 

@@ -80,7 +80,10 @@ def test_four_runs(sweep, tmp_path):
         # The run's own choice, as in its checkpoint_best.pt (on held-out images where it has them).
         assert int(row["selected_epoch"]) == checkpoint.load(sweep / arm / "checkpoint_best.pt")["epoch"]
         assert row["selected_by"] == ("val qwk" if arm == "resnet18_scratch" else "test qwk")
+        selected = next(r for r in rows if r["epoch"] == int(row["selected_epoch"]))
+        assert row["selected_acc_95ci"].startswith(f"{selected['test_acc']:.3f} (") and row["ci_resampled"] == "patients"
         assert (f"| {arm} | {ARMS[arm][0]} | {ARMS[arm][1]} | done | 2/2 | {row['selected_by']} | {row['selected_epoch']} | "
+                f"{row['selected_acc_95ci']} | {row['selected_qwk_95ci']} | {row['selected_auc_95ci']} | patients | "
                 f"{best_acc['test_acc']:.4f} |") in (out / "results.md").read_text()
 
 
@@ -88,7 +91,8 @@ def test_one_run_in_place(sweep, tmp_path):
     run = tmp_path / "resnet50_scratch"
     shutil.copytree(sweep / "resnet50_scratch", run)
     written = report(run)
-    assert {p.name for p in written} == {"accuracy_resnet50.png", "confusion_matrices.png", "results.md", "results.csv"}
+    assert {p.name for p in written} == {"accuracy_resnet50.png", "confusion_matrices.png", "results.md", "results.csv",
+                                         "comparisons.json"}
     assert list(read_csv(run / "results.csv")) == ["resnet50_scratch"]
 
 
@@ -131,13 +135,14 @@ def test_gallery_shows_right_and_wrong_photos_per_grade_with_heat_maps(runs, tmp
         assert im.size[0] > 400 and im.size[1] > 600
 
 
-def arm_copy(source: Path, target: Path, depth: int, weights: str) -> Path:
-    """A copy of a trained run directory presented as another arm (config.yaml's depth and weights)."""
+def arm_copy(source: Path, target: Path, depth: int, weights: str, seed: int = 0) -> Path:
+    """A copy of a trained run directory presented as another arm (config.yaml's depth, weights, seed)."""
     import yaml
 
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.pt"))
     cfg = yaml.safe_load((target / "config.yaml").read_text())
     cfg["model"].update(depth=depth, weights=weights)
+    cfg["train"]["seed"] = seed
     (target / "config.yaml").write_text(yaml.safe_dump(cfg))
     return target
 
@@ -169,7 +174,7 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     a, b = (read_predictions(runs[k] / "predictions.csv") for k in ("ordinal", "classification"))
     expected = paired_comparison(a.labels, (a.grades, a.referable_scores), (b.grades, b.referable_scores), a.names)
     assert pretraining["status"] == "compared" and pretraining["images"] == 24 and pretraining["resampled"] == "patients"
-    assert pretraining["qwk"] == expected["qwk"] and pretraining["mcnemar"] == expected["mcnemar"]
+    assert pretraining["qwk"] == expected["qwk"] and pretraining["mcnemar"] == [expected["mcnemar"]]
     assert pretraining["accuracy"]["difference"] == pytest.approx(np.mean(a.grades == a.labels) - np.mean(b.grades == b.labels))
     md = (tmp_path / "out" / "results.md").read_text()
     assert "## Paired comparisons" in md and "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients) |" in md
@@ -186,3 +191,38 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     refused = {c["comparison"]: c for c in json.loads((tmp_path / "out2" / "comparisons.json").read_text())}
     assert "resnet18_pretrained and resnet18_scratch were evaluated on different images (24 and 21)" in \
         refused["pretraining at ResNet18"]["status"]
+
+
+def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
+    import numpy as np
+
+    from dr_resnet.predictions import read_predictions
+    from dr_resnet.stats import paired_comparison
+
+    sweep = tmp_path / "sweep"
+    replicates = {("resnet18_scratch", 0): "classification", ("resnet18_scratch", 1): "regression",
+                  ("resnet18_pretrained", 0): "ordinal", ("resnet18_pretrained", 1): "classification",
+                  ("resnet18_pretrained", 2): "regression"}
+    for (arm, seed), head in replicates.items():
+        arm_copy(runs[head], sweep / arm / f"seed{seed}", 18, "imagenet" if "pretrained" in arm else "none", seed)
+    report(sweep, tmp_path / "out")
+    with open(tmp_path / "out" / "results.csv") as f:
+        assert [r["run"] for r in csv.DictReader(f)] == ["resnet18_pretrained/seed0", "resnet18_pretrained/seed1",
+                                                        "resnet18_pretrained/seed2", "resnet18_scratch/seed0",
+                                                        "resnet18_scratch/seed1"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    chosen = {}
+    for (arm, seed), head in replicates.items():
+        summary = json.loads((runs[head] / "summary.json").read_text())
+        chosen.setdefault(arm, []).append(summary["best"]["test_qwk"])
+    qwk = np.array(chosen["resnet18_scratch"])
+    assert "| resnet18_scratch | 0, 1 | " in md and f"{qwk.mean():.3f} +- {qwk.std(ddof=1):.3f}" in md
+    [pooled] = json.loads((tmp_path / "out" / "comparisons.json").read_text())
+    assert pooled["status"] == "compared" and pooled["seeds"] == [0, 1] and len(pooled["mcnemar"]) == 2
+    a = [read_predictions(runs[h] / "predictions.csv") for h in ("ordinal", "classification")]
+    b = [read_predictions(runs[h] / "predictions.csv") for h in ("classification", "regression")]
+    expected = paired_comparison(a[0].labels, [(p.grades, p.referable_scores) for p in a],
+                                 [(p.grades, p.referable_scores) for p in b], a[0].names)
+    assert pooled["qwk"] == expected["qwk"]
+    assert "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients, seeds 0, 1) |" in md
+    assert (tmp_path / "out" / "accuracy_resnet18.png").is_file()

@@ -91,3 +91,20 @@ def test_mcnemar_is_the_exact_binomial_test(only_a, only_b):
     a = np.array([True] * only_a + [False] * only_b + [True] * 7)
     b = np.array([False] * only_a + [True] * only_b + [True] * 7)
     assert stats.mcnemar(a, b)["p_value"] == pytest.approx(binomtest(only_a, only_a + only_b, 0.5).pvalue, rel=1e-9)
+
+
+def test_seeds_pool_into_one_comparison():
+    """Two seeds a side: the difference is that of the seed means, and a single seed pair gives the
+    unpooled comparison."""
+    labels, grades, scores = random_predictions(300, seed=6)
+    rng = np.random.default_rng(7)
+    a = [(np.where(rng.random(300) < 0.1, (labels + 1) % 5, labels), scores) for _ in range(2)]
+    b = [(np.where(rng.random(300) < 0.3, (labels + 1) % 5, labels), scores) for _ in range(2)]
+    pooled = stats.paired_comparison(labels, a, b, resamples=300)
+    mean_acc = np.mean([np.mean(g == labels) for g, _ in a]) - np.mean([np.mean(g == labels) for g, _ in b])
+    assert pooled["accuracy"]["difference"] == pytest.approx(mean_acc) and pooled["runs_per_side"] == 2
+    assert pooled["accuracy"]["low"] < mean_acc < pooled["accuracy"]["high"] and len(pooled["mcnemar"]) == 2
+    single = stats.paired_comparison(labels, [a[0]], [b[0]], resamples=300)
+    assert single == stats.paired_comparison(labels, a[0], b[0], resamples=300)
+    with pytest.raises(ValueError, match="2 on one side, 1 on the other"):
+        stats.paired_comparison(labels, a, [b[0]])

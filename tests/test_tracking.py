@@ -81,13 +81,17 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     assert state["summary"]["best/test_qwk"] == pytest.approx(summary["best"]["test_qwk"])
     assert state["summary"]["best/epoch"] == summary["best"]["epoch"]
     assert state["summary"]["majority_baseline"] == pytest.approx(summary["majority_baseline"])
+    for metric in ("qwk", "accuracy", "referable_auc"):  # the selected epoch's 95% interval
+        assert state["summary"][f"best/test_{metric}_low"] == pytest.approx(summary["intervals"][metric]["low"])
+        assert state["summary"][f"best/test_{metric}_high"] == pytest.approx(summary["intervals"][metric]["high"])
+    assert state["summary"]["best/intervals_resampled"] == "patients"
     assert "confusion_matrix_table" in state["summary"] and "confusion_matrix_png" in state["summary"]
     assert state["config"]["train"]["epochs"] == 2 and state["state"] == "finished"
     assert state["run_id"] == checkpoint.load(run_dir / "checkpoint_last.pt")["wandb_id"]
     records = inspect(folder)
     run_record = next(r for r in records if r.get("type") == "run")["run"]
     assert run_record["run_group"] == "sweep-a" and run_record["job_type"] == "resnet18_scratch"
-    assert sorted(run_record["tags"]) == ["resnet18", "scratch"]
+    assert sorted(run_record["tags"]) == ["resnet18", "scratch", "seed0"]
     assert any(r.get("type") == "artifact" and r["artifact"]["type"] == "model" for r in records)
 
 
