@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import preprocessed_dataset
+from conftest import metrics_rows, preprocessed_dataset
 from dr_resnet.config import ConfigError
 from dr_resnet.distributed import master_port
 from launch.sweep import gpu_slots, main
@@ -39,6 +40,23 @@ def test_dry_run_prints_each_arms_sbatch_script_and_submits_nothing(tmp_path, ca
         assert "srun --unbuffered" in script and "--kill-on-bad-exit=1 --cpus-per-task=9" in script
     assert "output.dir=" + str(tmp_path / "sweep" / "resnet50_scratch") in out
     assert not (tmp_path / "sweep").exists()
+
+
+def test_seeds_give_each_arm_a_run_per_seed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--dry-run", "--runs", "resnet18_scratch",
+                 "--seeds", "0,2"]) == 0
+    scripts = capsys.readouterr().out.split("# ---- ")[1:]
+    assert [s.split(":")[0] for s in scripts] == ["resnet18_scratch_seed0", "resnet18_scratch_seed2"]
+    for seed, script in zip((0, 2), scripts):
+        for part in (f"train.seed={seed}", f"wandb.name=resnet18_scratch_seed{seed}", "wandb.group=",
+                     "output.dir=" + str(tmp_path / "s" / "resnet18_scratch" / f"seed{seed}")):
+            assert part in script.splitlines()[0], part
+    with pytest.raises(SystemExit):
+        main(["--config", SWEEP, "--dry-run", "--seeds", "0,x"])
+    with pytest.raises(SystemExit):
+        main(["--config", SWEEP, "--dry-run", "--seeds", "1,1"])
+    assert "a seed appears twice" in capsys.readouterr().err
 
 
 def test_dry_run_defaults_fit_the_data_workers(tmp_path, capsys, monkeypatch):
@@ -122,21 +140,32 @@ def test_local_sweep_runs_scratch_arms_and_marks_missing_weights_not_run(tmp_pat
     data = preprocessed_dataset(tmp_path, 24, 9, seed=4, size=32)
     out = tmp_path / "sweep"
     code = main(["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--executor", "local", "--tasks-per-node", "2",
-                 "--runs", "resnet18_pretrained,resnet18_scratch", "--out", str(out), "--time", "10",
+                 "--runs", "resnet18_pretrained,resnet18_scratch", "--out", str(out), "--time", "10", "--seeds", "0,1",
                  f"data.root={data}", "data.image_size=32", "train.batch_size=4", "train.epochs=1", "data.workers=0"])
     captured = capsys.readouterr()
     assert code == 0, captured.out + captured.err
-    assert "resnet18_pretrained: NOT RUN, never trained from scratch instead" in captured.err
+    assert "resnet18_pretrained_seed0: NOT RUN, never trained from scratch instead" in captured.err
     assert "resnet18-f37072fd.pth" in captured.err
-    reason = json.loads((out / "resnet18_pretrained" / "launch_status.json").read_text())["reason"]
-    assert reason.startswith("ImageNet weights missing:") and not (out / "resnet18_pretrained" / "metrics.jsonl").exists()
-    summary = json.loads((out / "resnet18_scratch" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["num_test_samples"] == 9
+    not_run = out / "resnet18_pretrained" / "seed0"
+    reason = json.loads((not_run / "launch_status.json").read_text())["reason"]
+    assert reason.startswith("ImageNet weights missing:") and not (not_run / "metrics.jsonl").exists()
+    for seed in (0, 1):
+        run_dir = out / "resnet18_scratch" / f"seed{seed}"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["num_test_samples"] == 9
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["seed"] == seed
+        assert (run_dir / "predictions.csv").is_file() and summary["intervals"]["unit"] == "patients"
+    # Two seeds train differently.
+    assert metrics_rows(out / "resnet18_scratch" / "seed0") != metrics_rows(out / "resnet18_scratch" / "seed1")
     manifest = json.loads((out / "sweep.json").read_text())
-    assert manifest["runs"]["resnet18_pretrained"]["status"] == "not run"
-    assert manifest["runs"]["resnet18_scratch"]["status"] == "submitted"
-    assert Path(manifest["runs"]["resnet18_scratch"]["log"]).is_file()
-    assert "| resnet18_pretrained | 18 | imagenet | not run: ImageNet weights missing:" in (out / "results.md").read_text()
+    assert manifest["runs"]["resnet18_pretrained_seed1"]["status"] == "not run"
+    assert manifest["runs"]["resnet18_scratch_seed1"]["status"] == "submitted"
+    assert Path(manifest["runs"]["resnet18_scratch_seed0"]["log"]).is_file()
+    results = (out / "results.md").read_text()
+    assert "| resnet18_pretrained/seed0 | 18 | imagenet | not run: ImageNet weights missing:" in results
+    assert "| resnet18_scratch | 0, 1 | " in results  # the seeds table
+    assert "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | not compared: resnet18 pretrained has no " \
+        "predictions.csv (not run: ImageNet weights missing" in results
     assert (out / "accuracy_resnet18.png").is_file() and (out / "confusion_matrices.png").is_file()
 
 
