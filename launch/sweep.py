@@ -38,6 +38,7 @@ from dr_resnet.rundir import CONFIG_FILE, STATUS_FILE
 
 from . import requeue
 from .task import TrainTask
+from .watch import LiveView, watch
 
 
 @dataclass
@@ -367,9 +368,14 @@ def wait_for(job, poll_s: float = 5.0) -> list:
             time.sleep(poll_s)  # polling SLURM: there is nothing else to wait on
 
 
-def wait_and_report(jobs: dict, plans: dict, out: Path) -> int:
+def wait_and_report(jobs: dict, plans: dict, out: Path, poll_s: float = 5.0) -> int:
+    """Show the live view (on a terminal) until every job has ended, then collect each job's result, mark
+    failed runs, and write and print the report; 1 if any run failed."""
     from dr_resnet.report import report
 
+    runs = {name: (run_dir, cfg.train.epochs) for name, (run_dir, _, cfg) in plans.items()}
+    watch(runs, lambda name: jobs[name].state if name in jobs else "not run",
+          lambda: all(job.done() for job in jobs.values()), LiveView(), poll_s)
     failed = []
     for arm, job in jobs.items():
         try:
