@@ -89,6 +89,8 @@ class TrainConfig:
     checkpoint_every_minutes: float = 20.0  # a resumable checkpoint inside an epoch after this long (0: at epoch ends only)
     nonfinite: str = "stop"  # a non-finite loss or gradient: stop (an error naming the step) | skip (leave the step out)
     nonfinite_skip_limit: float = 0.01  # with skip: stop when more than this share of an epoch's steps were left out
+    calibration: str = "none"  # none | temperature (fit a temperature on the held-out split after each epoch, for
+    # calibrated probabilities: classification and ordinal heads, needs data.val_fraction)
 
 
 @dataclass
@@ -133,6 +135,7 @@ CHOICES = {
     "train.select_by": ("qwk", "accuracy", "loss"),
     "train.sampler": ("random", "balanced"),
     "train.nonfinite": NONFINITE,
+    "train.calibration": ("none", "temperature"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
 POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.log_every", "wandb.init_timeout")
@@ -256,6 +259,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.model.head == "regression" and cfg.regression.fit_thresholds == "val" and cfg.data.val_fraction == 0:
         raise ConfigError("regression.fit_thresholds=val needs a held-out set: set data.val_fraction (e.g. 0.1)")
+    if cfg.train.calibration == "temperature" and (cfg.data.val_fraction == 0 or cfg.model.head == "regression"):
+        raise ConfigError("train.calibration=temperature fits the probabilities on a held-out set: set data.val_fraction "
+                          "(e.g. 0.1), with the classification or ordinal head (a regression head has no probabilities)")
     if cfg.train.warmup_epochs > cfg.train.epochs:
         raise ConfigError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) must not exceed train.epochs ({cfg.train.epochs})")
 

@@ -17,6 +17,7 @@ from .data import RetinopathyDataset
 from .engine import TTA_MODES, evaluate
 from .formats import DatasetError
 from .registry import FORMAT_CHOICES
+from .metrics import expected_calibration_error
 from .predictions import write_predictions
 from .rundir import CONFUSION_PNG, PREDICTIONS_FILE
 from .stats import RESAMPLES, bootstrap_intervals
@@ -61,10 +62,12 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     grades, values = evaluation.per_image(head)
     intervals = bootstrap_intervals(evaluation.targets, grades, evaluation.referable_scores, dataset.names,
                                     resamples=args.resamples) if args.resamples and info.is_main else None
+    calibration = expected_calibration_error(values, evaluation.targets) if head.outputs > 1 else None
     result = {"checkpoint": str(args.checkpoint), "epoch": int(state.epoch), "data_root": str(args.data_root),
               "split": args.split, "image_size": size, "head": cfg.model.head, **head.state(), "tta": args.tta,
               "device": str(info.device), "precision": precision.name,
-              "loss": evaluation.loss, **evaluation.scores(), **({"intervals": intervals} if intervals else {})}
+              "loss": evaluation.loss, **evaluation.scores(), **({"intervals": intervals} if intervals else {}),
+              **({"ece": calibration["ece"], "calibration_bins": calibration["bins"]} if calibration else {})}
     if info.is_main:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -15,10 +15,64 @@ from torch import Tensor, nn
 
 from . import NUM_GRADES
 from .config import Config
-from .metrics import REFERABLE_GRADE, confusion_matrix, quadratic_weighted_kappa
+from .metrics import REFERABLE_GRADE, confusion_matrix, expected_calibration_error, quadratic_weighted_kappa
 
 INITIAL_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
 log = logging.getLogger(__name__)
+
+
+class TemperatureScaled:
+    """A probability head whose logits are divided by a temperature before the probabilities (1: as
+    trained). With train.calibration=temperature it is fitted after each epoch on the held-out split
+    (fit_on="val") by minimising the negative log-likelihood, and travels in the checkpoint. Grades do
+    not change (a temperature keeps every logit's sign and order); probabilities and referable scores do."""
+
+    temperature: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: Config, class_weight: Tensor | None, device: torch.device):
+        return cls(class_weight, calibrate=cfg.train.calibration == "temperature")
+
+    def _calibrating(self, calibrate: bool) -> None:
+        self.temperature = 1.0
+        self.fit_on = "val" if calibrate else None  # the outputs end_of_epoch wants (see FIT_SOURCES)
+
+    def state(self) -> dict:
+        return {"temperature": self.temperature} if self.fit_on or self.temperature != 1.0 else {}
+
+    def load_state(self, state: dict) -> None:
+        self.temperature = float(state.get("temperature", 1.0))
+
+    def end_of_epoch(self, values: np.ndarray, labels: np.ndarray) -> dict:
+        """Fit the temperature on these (aggregated) held-out outputs; the ECE before and after."""
+        if self.fit_on is None:
+            return {}
+        logits = self.logits_of(np.asarray(values, dtype=np.float64)) * self.temperature  # back to the raw logits
+        if not np.isfinite(logits).all():
+            log.warning("held-out outputs are not finite: the temperature stays %.3f", self.temperature)
+            return {"temperature": self.temperature}
+        before = expected_calibration_error(self.probabilities_at(logits, 1.0), labels)["ece"]
+        self.temperature = fit_temperature(lambda t: self.nll_at(logits, labels, t))
+        after = expected_calibration_error(self.probabilities_at(logits, self.temperature), labels)["ece"]
+        return {"temperature": self.temperature, "val_ece_before": before, "val_ece_after": after}
+
+
+def fit_temperature(nll, low: float = 0.05, high: float = 20.0, steps: int = 60) -> float:
+    """The temperature minimising nll(t), by golden-section search on log t in [low, high]."""
+    a, b = np.log(low), np.log(high)
+    ratio = (np.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = nll(np.exp(c)), nll(np.exp(d))
+    for _ in range(steps):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = nll(np.exp(c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = nll(np.exp(d))
+    return float(np.exp((a + b) / 2))
 
 
 class StatelessHead:
@@ -40,22 +94,40 @@ class StatelessHead:
         return {}
 
 
-class ClassificationHead(StatelessHead):
-    """Cross-entropy over five grades; TTA averages the softmax probabilities."""
+class ClassificationHead(TemperatureScaled):
+    """Cross-entropy over five grades; TTA averages the softmax probabilities (of the logits divided by
+    the temperature: see TemperatureScaled)."""
 
     outputs = NUM_GRADES
 
-    def __init__(self, class_weight: Tensor | None = None) -> None:
+    def __init__(self, class_weight: Tensor | None = None, calibrate: bool = False) -> None:
         self.criterion = nn.CrossEntropyLoss(weight=class_weight)
+        self._calibrating(calibrate)
 
     def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
         return self.criterion(outputs.float(), labels)
 
     def aggregate(self, views: Sequence[Tensor]) -> Tensor:
-        return torch.stack([v.float().softmax(dim=1) for v in views]).mean(dim=0)
+        return torch.stack([(v.float() / self.temperature).softmax(dim=1) for v in views]).mean(dim=0)
 
     def predict(self, aggregated: Tensor) -> Tensor:
         return aggregated.argmax(dim=1)
+
+    @staticmethod
+    def logits_of(probabilities: np.ndarray) -> np.ndarray:
+        """Logits (up to a constant per image) of softmax probabilities divided by the temperature."""
+        return np.log(np.clip(probabilities, 1e-12, 1))
+
+    @staticmethod
+    def probabilities_at(logits: np.ndarray, temperature: float) -> np.ndarray:
+        z = logits / temperature
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    @staticmethod
+    def nll_at(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+        p = ClassificationHead.probabilities_at(logits, temperature)
+        return float(-np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, 1))))
 
     def predict_outputs(self, outputs: Tensor) -> Tensor:
         return outputs.argmax(dim=1)
@@ -164,7 +236,7 @@ class RegressionHead:
         return self.thresholds.tolist()
 
 
-class OrdinalHead(StatelessHead):
+class OrdinalHead(TemperatureScaled):
     """Cumulative-link outputs (as in CORAL / CORN): output k scores "grade > k" for k = 0..3, each a
     binary cross-entropy against the ordered targets. Decoding is consistent: the cumulative
     probabilities are made non-increasing (a running minimum), so the predicted grade, the number of
@@ -173,8 +245,9 @@ class OrdinalHead(StatelessHead):
 
     outputs = NUM_GRADES - 1
 
-    def __init__(self, class_weight: Tensor | None = None) -> None:
+    def __init__(self, class_weight: Tensor | None = None, calibrate: bool = False) -> None:
         self.class_weight = class_weight
+        self._calibrating(calibrate)
 
     @staticmethod
     def targets(labels: Tensor) -> Tensor:
@@ -198,10 +271,29 @@ class OrdinalHead(StatelessHead):
         return (per_sample * weights).sum() / weights.sum()
 
     def aggregate(self, views: Sequence[Tensor]) -> Tensor:
-        return torch.stack([self.cumulative(v) for v in views]).mean(dim=0)
+        return torch.stack([self.cumulative(v.float() / self.temperature) for v in views]).mean(dim=0)
 
     def predict(self, aggregated: Tensor) -> Tensor:
         return (aggregated > 0.5).sum(dim=1)
+
+    @staticmethod
+    def logits_of(cumulative: np.ndarray) -> np.ndarray:
+        """The logits of cumulative probabilities (divided by the temperature)."""
+        c = np.clip(cumulative, 1e-7, 1 - 1e-7)
+        return np.log(c / (1 - c))
+
+    @staticmethod
+    def probabilities_at(logits: np.ndarray, temperature: float) -> np.ndarray:
+        """P(grade = k), (N, 5), at this temperature (cumulative made non-increasing, as in decoding)."""
+        c = np.minimum.accumulate(1 / (1 + np.exp(-logits / temperature)), axis=1)
+        above = np.concatenate([np.ones((len(c), 1)), c, np.zeros((len(c), 1))], axis=1)
+        return above[:, :-1] - above[:, 1:]
+
+    @staticmethod
+    def nll_at(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+        c = np.clip(1 / (1 + np.exp(-logits / temperature)), 1e-12, 1 - 1e-12)
+        targets = np.asarray(labels)[:, None] > np.arange(NUM_GRADES - 1)
+        return float(-np.mean(np.sum(np.where(targets, np.log(c), np.log(1 - c)), axis=1)))
 
     def predict_outputs(self, outputs: Tensor) -> Tensor:
         return self.predict(self.cumulative(outputs))

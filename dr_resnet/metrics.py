@@ -118,3 +118,26 @@ def summarize(cm: np.ndarray) -> dict:
         **referable(cm),
         "confusion_matrix": cm.astype(int).tolist(),
     }
+
+
+CALIBRATION_BINS = 15
+
+
+def expected_calibration_error(probabilities: np.ndarray, targets: Sequence[int], bins: int = CALIBRATION_BINS) -> dict:
+    """Top-label calibration of (N, 5) grade probabilities: images binned by their highest probability
+    (equal-width bins); ECE = the bins' |accuracy - mean confidence| weighted by their share of images.
+    Also each non-empty bin's confidence, accuracy and count (a reliability diagram's points)."""
+    probabilities, targets = np.asarray(probabilities, dtype=np.float64), np.asarray(targets)
+    if len(targets) == 0:
+        return {"ece": 0.0, "bins": []}
+    confidence = probabilities.max(axis=1)
+    right = probabilities.argmax(axis=1) == targets
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    ece, points = 0.0, []
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            conf, acc = float(confidence[inside].mean()), float(right[inside].mean())
+            ece += inside.mean() * abs(acc - conf)
+            points.append({"confidence": conf, "accuracy": acc, "count": int(inside.sum())})
+    return {"ece": float(ece), "bins": points}

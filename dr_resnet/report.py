@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .metrics import majority_baseline
+from .metrics import expected_calibration_error, majority_baseline
 from .plots import pyplot
 from .predictions import Predictions, read_predictions
 from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, PREDICTIONS_FILE, STATUS_FILE, SUMMARY_FILE, read_metrics, selected_on,
@@ -150,6 +150,34 @@ def plot_curves(runs: list[RunRecord], depth: int, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_calibration(runs: list[RunRecord], path: Path) -> bool:
+    """Reliability diagram: per run with grade probabilities in its predictions.csv, the accuracy of its
+    images binned by their top probability against that probability (the diagonal is perfect
+    calibration), with its expected calibration error. False (nothing drawn) when no run has any."""
+    shown = [(r, r.predictions()) for r in runs]
+    shown = [(r, p) for r, p in shown if p is not None and p.values.ndim == 2]
+    if not shown:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5.2))
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
+    for run, found in shown:
+        calibration = expected_calibration_error(found.values, found.labels)
+        points = calibration["bins"]
+        before = run.chosen().get("test_ece_before")
+        extra = f", {before:.3f} before temperature scaling" if before is not None else ""
+        ax.plot([b["confidence"] for b in points], [b["accuracy"] for b in points], "-o", ms=3,
+                label=f"{run.name}: ECE {calibration['ece']:.3f}{extra}")
+    ax.set(title="Reliability at each run's selected epoch (test)", xlabel="top grade probability (binned)",
+           ylabel="share graded right", xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
     """Each run's confusion matrix at its selected epoch (its train.select_by, on the held-out set if it
     has one, else on test: the epoch of its checkpoint_best.pt), row-normalised, two to a row."""
@@ -175,7 +203,7 @@ def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
 
 
 COLUMNS = ["run", "depth", "weights", "status", "epochs", "selected_by", "selected_epoch", "selected_acc_95ci",
-           "selected_qwk_95ci", "selected_auc_95ci", "ci_resampled", "best_test_acc", "best_acc_epoch", "best_qwk",
+           "selected_qwk_95ci", "selected_auc_95ci", "ci_resampled", "selected_ece", "ece_before_temperature", "best_test_acc", "best_acc_epoch", "best_qwk",
            "best_qwk_epoch", "val_chosen_epoch", "test_qwk_at_val_chosen", "final_test_acc", "final_qwk", "majority_baseline", "recall_at_best_qwk",
            "referable_sens_at_best_qwk", "referable_spec_at_best_qwk", "referable_auc_at_best_qwk", "train_minutes"]
 
@@ -204,6 +232,8 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
         if run.has_val:
             chosen = run.chosen()
             table[-1].update(val_chosen_epoch=chosen["epoch"], test_qwk_at_val_chosen=chosen["test_qwk"])
+        chosen = run.chosen()
+        table[-1].update(selected_ece=chosen.get("test_ece"), ece_before_temperature=chosen.get("test_ece_before"))
         intervals = run.intervals()
         if intervals:
             table[-1].update({f"selected_{short}_95ci": _with_interval(intervals[name])
@@ -349,7 +379,9 @@ def write_tables(table: list[dict], out: Path, comparisons: list[dict] = (), see
              "recall per grade 0..4 at the best-QWK epoch; referable DR = grade >= 2 vs < 2 (sensitivity, "
              "specificity, ROC AUC). Accuracy is only meaningful above the majority baseline. selected_*_95ci: "
              "the selected epoch's accuracy, QWK and referable AUC with bootstrap 95% intervals (ci_resampled: "
-             "patients when image names carry a patient id, else images).",
+             "patients when image names carry a patient id, else images). selected_ece: the selected epoch's "
+             "expected calibration error of its top grade probability (0 = calibrated); ece_before_temperature: the "
+             "same without its fitted temperature (train.calibration=temperature).",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row.get(k)) for k in COLUMNS) + " |" for row in table]
     if any(len(row["seeds"]) > 1 for row in seeds):
@@ -395,6 +427,8 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     if any(r.rows for r in runs):
         plot_confusion_matrices(runs, out / "confusion_matrices.png")
         written.append(out / "confusion_matrices.png")
+    if plot_calibration(runs, out / "calibration.png"):
+        written.append(out / "calibration.png")
     comparisons = compare_arms(runs)
     write_tables(result_rows(runs), out, comparisons, seed_summary(runs))
     if comparisons:

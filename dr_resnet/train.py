@@ -37,6 +37,7 @@ from .predictions import read_predictions, write_predictions
 from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, PREDICTIONS_FILE, PREV_CHECKPOINT, SUMMARY_FILE,
                      TRAIN_LOG, VAL_PREDICTIONS_FILE, MetricsError, append_metrics, read_metrics, rewrite_metrics, selected_on,
                      selected_row, selection_value)
+from .metrics import expected_calibration_error
 from .stats import bootstrap_intervals
 from .runtime import compile_model, configure_backends, environment
 from .samplers import EpochSampler
@@ -210,6 +211,19 @@ def split_metrics(prefix: str, result: EvalResult) -> dict:
             **{f"{prefix}_referable_{k}": s[f"referable_{k}"] for k in ("sensitivity", "specificity", "auc")}}
 
 
+def calibration_metrics(head, result: EvalResult) -> dict:
+    """A probability head's top-label expected calibration error on the test split (test_ece); with a
+    fitted temperature also what it was without (test_ece_before)."""
+    if head.outputs == 1:  # regression: no probabilities
+        return {}
+    probabilities = head.values(torch.from_numpy(result.outputs)).numpy()
+    found = {"test_ece": expected_calibration_error(probabilities, result.targets)["ece"]}
+    if head.fit_on == "val" and hasattr(head, "temperature"):
+        raw = head.logits_of(result.outputs.astype(np.float64)) * head.temperature
+        found["test_ece_before"] = expected_calibration_error(head.probabilities_at(raw, 1.0), result.targets)["ece"]
+    return found
+
+
 def end_of_epoch(run: Run, stats: dict, val: EvalResult | None) -> dict:
     """The head's end-of-epoch hook, given the outputs it asked for (head.fit_on): the epoch's training
     batches, the held-out set's, or an eval-mode pass over the training images. Every rank passes the
@@ -251,7 +265,8 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
     final = rows[-1]
     keys = ["epoch", "test_acc", "test_qwk", "test_loss", "test_macro_f1", "test_recall", "test_referable_sensitivity",
             "test_referable_specificity", "test_referable_auc", "train_acc", "train_loss"]
-    keys += [k for k in ("val_acc", "val_qwk", "val_loss", "thresholds") if k in final]
+    keys += [k for k in ("val_acc", "val_qwk", "val_loss", "thresholds", "temperature", "test_ece", "test_ece_before")
+             if k in final]
     summary = {
         "run": run.run_dir.name,
         "depth": run.cfg.model.depth,
@@ -335,7 +350,8 @@ def _epochs(run: Run, resumed: Resumed, rows: list[dict], tracker: Tracker | Non
         val = run.evaluate(run.val_loader) if run.val_loader else None
         fitted = end_of_epoch(run, stats, val)
         result = run.evaluate(run.test_loader)
-        row = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "train_acc")}, **split_metrics("test", result)}
+        row = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "train_acc")}, **split_metrics("test", result),
+               **calibration_metrics(run.head, result)}
         if val is not None:
             val = EvalResult.of(val.outputs, val.targets, run.head)  # scored by the head as its hook left it
             row.update(split_metrics("val", val), val_confusion_matrix=val.confusion_matrix.tolist())

@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import cohen_kappa_score
 
-from dr_resnet.heads import ClassificationHead, OrdinalHead, RegressionHead, optimize_thresholds, qwk_at
+from dr_resnet.heads import ClassificationHead, OrdinalHead, RegressionHead, build_head, optimize_thresholds, qwk_at
 
 
 def test_thresholds_cut_at_the_boundaries():
@@ -92,3 +92,40 @@ def test_evaluation_builds_its_parts_without_the_training_module():
     code = "import sys, dr_resnet.evaluate; print(sorted(m for m in sys.modules if m.startswith('dr_resnet.')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "dr_resnet.components" in loaded and "dr_resnet.train'" not in loaded
+
+
+def test_expected_calibration_error_by_hand():
+    from dr_resnet.metrics import expected_calibration_error
+
+    p = np.array([[0.95, 0.05, 0, 0, 0], [0.92, 0.08, 0, 0, 0], [0.1, 0.55, 0.35, 0, 0], [0.2, 0.2, 0.6, 0, 0]])
+    labels = np.array([0, 1, 1, 1])
+    result = expected_calibration_error(p, labels, bins=10)
+    # bins: [0.9, 1.0): confidence 0.935, accuracy 0.5; [0.5, 0.6): 0.55, 1.0; [0.6, 0.7): 0.6, 0.0
+    expected = 0.5 * abs(0.5 - 0.935) + 0.25 * abs(1 - 0.55) + 0.25 * abs(0 - 0.6)
+    assert result["ece"] == pytest.approx(expected)
+    assert [b["count"] for b in result["bins"]] == [1, 1, 2]
+
+
+@pytest.mark.parametrize("kind", ["classification", "ordinal"])
+def test_temperature_fit_recovers_a_known_temperature(kind):
+    """Outcomes drawn from the probabilities at temperature 2.5 of given logits: fitting on them finds
+    2.5, and the fitted probabilities are better calibrated than the raw ones."""
+    rng = np.random.default_rng(0)
+    n, true_t = 20_000, 2.5
+    head = build_head(kind)
+    head.fit_on = "val"
+    logits = rng.normal(0, 4, size=(n, head.outputs))
+    if kind == "ordinal":
+        logits = np.sort(logits, axis=1)[:, ::-1] + np.linspace(1, -1, 4)  # ordered, as a trained ordinal head's
+    probabilities = head.probabilities_at(logits, true_t)
+    labels = np.array([rng.choice(5, p=p / p.sum()) for p in probabilities])
+    aggregated = head.aggregate([torch.tensor(logits, dtype=torch.float32)]).numpy()  # what evaluation hands over
+    logged = head.end_of_epoch(aggregated, labels)
+    assert head.temperature == pytest.approx(true_t, rel=0.05) and logged["temperature"] == head.temperature
+    assert logged["val_ece_after"] < logged["val_ece_before"] and logged["val_ece_after"] < 0.02
+    # The temperature travels in the state and changes the probabilities, never the grades.
+    again = build_head(kind)
+    again.load_state(head.state())
+    scaled = again.aggregate([torch.tensor(logits, dtype=torch.float32)])
+    assert torch.equal(again.predict(scaled), build_head(kind).predict(build_head(kind).aggregate([torch.tensor(logits, dtype=torch.float32)])))
+    assert np.allclose(again.values(scaled).numpy(), head.probabilities_at(logits, head.temperature), atol=1e-5)

@@ -92,7 +92,7 @@ def test_one_run_in_place(sweep, tmp_path):
     shutil.copytree(sweep / "resnet50_scratch", run)
     written = report(run)
     assert {p.name for p in written} == {"accuracy_resnet50.png", "confusion_matrices.png", "results.md", "results.csv",
-                                         "comparisons.json"}
+                                         "comparisons.json", "calibration.png"}
     assert list(read_csv(run / "results.csv")) == ["resnet50_scratch"]
 
 

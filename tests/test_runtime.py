@@ -287,9 +287,11 @@ def test_training_state_reads_earlier_checkpoints_and_refuses_other_files(tiny, 
     assert state.epoch == 1 and state.precision == "fp32" and set(state.rng) == {"torch"}
     written = checkpoint.load(run_dir / "checkpoint_last.pt")
     assert set(written) == {"model", "optimizer", "scheduler", "scaler", "precision", "epoch", "best", "rng",
-                            "config", "wandb_id", "head", "position"}  # exactly the keys checkpoint.py's docstring lists
+                            "config", "wandb_id", "head", "position", "recipe", "provenance", "metrics"}
+    # (exactly the keys checkpoint.py's docstring lists)
     assert written["position"] == {}  # written at the epoch's end
-    old = {k: v for k, v in written.items() if k not in ("precision", "head", "position")}  # as version 0.1 wrote it
+    old = {k: v for k, v in written.items()  # as version 0.1 wrote it
+           if k not in ("precision", "head", "position", "recipe", "provenance", "metrics")}
     checkpoint.save(old, tmp_path / "old.pt")
     assert checkpoint.TrainingState.load(tmp_path / "old.pt").precision is None
     torch.save(written["model"], tmp_path / "weights.pt")

@@ -338,3 +338,39 @@ def test_selected_epoch_predictions_and_intervals_match_evaluate(runs, photos, t
     assert np.allclose(evaluated.referable_scores, saved.referable_scores, atol=1e-6)
     assert evaluated.values.shape == ((24,) if head == "regression" else (24, 5))
     assert json.loads((tmp_path / "metrics.json").read_text())["intervals"] == intervals
+
+
+def test_temperature_calibration_travels_to_evaluate_predict_and_export(photos, tmp_path, capsys):
+    from conftest import train_run
+    from dr_resnet.evaluate import main as evaluate_main
+    from dr_resnet.export import export
+    from dr_resnet.grading import load_grader
+    from dr_resnet.predictions import read_predictions
+
+    assert main(["train.calibration=temperature", f"data.root={photos / 'data'}"]) == 2
+    assert "train.calibration=temperature fits the probabilities on a held-out set" in capsys.readouterr().err
+    run_dir = train_run(photos / "data", tmp_path / "run", "data.val_fraction=0.25", "train.calibration=temperature")
+    rows = metrics_rows(run_dir)
+    assert all(r["temperature"] > 0 and {"val_ece_before", "val_ece_after", "test_ece", "test_ece_before"} <= set(r)
+               for r in rows)
+    best = checkpoint.load(run_dir / "checkpoint_best.pt")
+    chosen = next(r for r in rows if r["epoch"] == best["epoch"])
+    assert best["head"] == {"temperature": chosen["temperature"]}
+    # The selected checkpoint's probabilities are the network's softmax at that temperature, in evaluate,
+    # predict and the export alike.
+    assert evaluate_main(["--checkpoint", str(run_dir / "checkpoint_best.pt"), "--data-root", str(photos / "data"),
+                          "--out", str(tmp_path / "eval"), "--workers", "0", "--device", "cpu"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["temperature"] == chosen["temperature"] and evaluated["ece"] == pytest.approx(chosen["test_ece"], abs=1e-6)
+    grader = load_grader(run_dir / "checkpoint_best.pt", torch.device("cpu"))
+    test = RetinopathyDataset(photos / "data", "test")
+    images = torch.stack([grader.recipe.prepare(p) for p in test.paths])
+    with torch.no_grad():
+        logits = grader.network(grader.model.normalize(images))
+    expected = (logits / chosen["temperature"]).softmax(dim=1).numpy()
+    assert np.allclose(grader.grade(images).values, expected, atol=1e-6)
+    assert np.allclose(read_predictions(tmp_path / "eval" / "predictions.csv").values, expected, atol=1e-5)
+    exported = load_grader(export(run_dir / "checkpoint_best.pt", "torchscript", tmp_path / "ts")[0], torch.device("cpu"))
+    assert np.allclose(exported.grade(images).values, expected, atol=1e-6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best"]["temperature"] == chosen["temperature"] and summary["best"]["test_ece"] == chosen["test_ece"]
