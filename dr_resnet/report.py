@@ -1,6 +1,8 @@
 """Compare runs: accuracy and QWK curves per depth (pretrained vs scratch), confusion matrices side by
 side, and a results table. Works for any subset of runs; runs in progress are drawn up to their last
-epoch. Reads only the run directories' own files (metrics.jsonl, config.yaml), never W&B.
+epoch. Reads only the run directories' own files (metrics.jsonl, config.yaml, predictions.csv), never
+W&B. Writes the figures, results.md / results.csv, comparisons.json and report.html (all of it on one
+self-contained page).
 
     python -m dr_resnet.report RUNS_DIR [--out DIR] [--gallery]
 """
@@ -22,12 +24,23 @@ import yaml
 from .metrics import expected_calibration_error, majority_baseline
 from .plots import pyplot
 from .predictions import Predictions, read_predictions
+from .report_html import write_html
 from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, PREDICTIONS_FILE, STATUS_FILE, SUMMARY_FILE, read_metrics, selected_on,
                      selected_row)
 from .stats import RESAMPLES, bootstrap_intervals, paired_comparison
 
 COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
 COMPARISONS_FILE = "comparisons.json"
+FIGURE_CAPTIONS = {"confusion_matrices.png": "confusion matrices at each run's selected epoch (row-normalised)",
+                   "calibration.png": "reliability diagram: top grade probability against the share graded right"}
+
+
+def caption(figure: Path) -> str:
+    if figure.name.startswith("accuracy_resnet"):
+        return f"ResNet{figure.stem.removeprefix('accuracy_resnet')}: accuracy and QWK per epoch, pretrained and scratch"
+    if figure.name.startswith("gallery_"):
+        return f"{figure.stem.removeprefix('gallery_')}: test photos graded right and wrong, with Grad-CAM heat maps"
+    return FIGURE_CAPTIONS.get(figure.name, figure.stem)
 SEED_FOLDER = re.compile(r"seed\d+")  # launch.sweep --seeds: SWEEP_DIR/<arm>/seed<k>/
 
 
@@ -270,7 +283,11 @@ def arm_pairs(runs: list[RunRecord]) -> list[tuple[str, list[RunRecord], list[Ru
 def _why_not(name: str, runs: list[RunRecord]) -> str:
     if not runs:
         return f"{name} has no run"
-    return f"{name} has no predictions.csv ({runs[0].launch_status or 'no selected epoch yet'})"
+    run = runs[0]
+    if run.launch_status or not run.rows:
+        return f"{name} has no predictions.csv ({run.launch_status or 'no selected epoch yet'})"
+    return (f"{name} has no predictions.csv (trained before dr-resnet 0.2 wrote one: python -m dr_resnet.evaluate "
+            f"--checkpoint {run.path / BEST_CHECKPOINT} --out {run.path} writes it)")
 
 
 def compare_arms(runs: list[RunRecord], resamples: int = RESAMPLES) -> list[dict]:
@@ -429,13 +446,16 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         written.append(out / "confusion_matrices.png")
     if plot_calibration(runs, out / "calibration.png"):
         written.append(out / "calibration.png")
-    comparisons = compare_arms(runs)
-    write_tables(result_rows(runs), out, comparisons, seed_summary(runs))
+    comparisons, table, seeds = compare_arms(runs), result_rows(runs), seed_summary(runs)
+    write_tables(table, out, comparisons, seeds)
     if comparisons:
         written.append(out / COMPARISONS_FILE)
     if gallery:
         written += galleries(runs, out)
-    return written + [out / "results.md", out / "results.csv"]
+    figures = [(p, caption(p)) for p in [*(w for w in written if w.suffix == ".png" and not w.name.startswith("gallery_")),
+                                         *sorted(out.glob("gallery_*.png"))]]  # a gallery drawn earlier is shown too
+    page = write_html(out, f"dr-resnet report: {root.resolve().name}", table, comparisons, seeds, figures)
+    return written + [out / "results.md", out / "results.csv", page]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,42 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
     assert pooled["qwk"] == expected["qwk"]
     assert "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients, seeds 0, 1) |" in md
     assert (tmp_path / "out" / "accuracy_resnet18.png").is_file()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on this machine (no sandbox: tests may run as root), logging the page's console."""
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                           "--v=0", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+def test_report_html_loads_in_a_real_browser_with_its_tables_and_figures(runs, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    written = report(runs["classification"].parent, tmp_path, gallery=True)
+    page = tmp_path / "report.html"
+    assert page in written
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text  # self-contained: nothing to fetch
+    figures = sorted(p.name for p in written if p.suffix == ".png")
+    assert text.count('src="data:image/png;base64,') == len(figures) == 6  # curves, matrices, calibration, 3 galleries
+    dom = chromium("--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr
+    assert f'data-figures-shown="{len(figures)}"' in dom.stdout  # every embedded figure decoded by the browser
+    for run in ("cls", "reg", "ord"):
+        assert f"<td>{run}</td>" in dom.stdout
+    assert 'id="comparisons"' in dom.stdout and "(95% CI)" in dom.stdout
+    assert "Uncaught" not in dom.stderr and "CONSOLE" not in dom.stderr  # no script error, no failed load
+    shot = tmp_path / "shot.png"
+    result = chromium(f"--screenshot={shot}", "--window-size=1280,2400", "--hide-scrollbars", page.as_uri())
+    assert result.returncode == 0 and shot.is_file(), result.stderr
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (2400, 1280)
+    top, rest = pixels[:500], pixels[500:]
+    assert (top.sum(axis=2) < 200).sum() > 2000  # the title and the results table: dark text on white
+    colourful = (rest.max(axis=2) - rest.min(axis=2)) > 100  # the figures' coloured curves, matrices, heat maps
+    assert colourful.sum() > 20_000
