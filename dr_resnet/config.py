@@ -107,6 +107,7 @@ class WandbConfig:
     name: str = ""  # default: the run directory's name
     init_timeout: float = 20.0  # seconds an online start may take before falling back to offline
     log_checkpoint: bool = False  # upload the best checkpoint as an artifact at the end
+    log_predictions: bool = False  # log the selected epoch's per-image test predictions as a W&B Table at the end
 
 
 @dataclass

@@ -36,6 +36,7 @@ class TrackingSettings:
     tags: tuple[str, ...] = ()
     init_timeout: float = 20.0  # seconds for an online start before falling back to offline
     log_checkpoint: bool = False  # upload the best checkpoint as an artifact at the end
+    log_predictions: bool = False  # log the selected epoch's per-image predictions as a W&B Table at the end
 
 
 def new_run_id() -> str:
@@ -182,6 +183,19 @@ class Tracker:
             artifact.add_file(str(path))
             self.run.log_artifact(artifact)
         self._guard("checkpoint artifact", upload)
+
+    def log_predictions(self, path: Path) -> None:
+        """The selected epoch's predictions.csv as a W&B Table ("predictions"), so arms can be compared
+        image by image in the W&B UI too."""
+        if not self.settings.log_predictions or not Path(path).is_file():
+            return
+
+        def write():
+            import pandas
+            import wandb
+
+            self.run.log({"predictions": wandb.Table(dataframe=pandas.read_csv(path))})
+        self._guard("predictions table", write)
 
     def _close(self) -> None:
         run, self.run = self.run, None

@@ -305,7 +305,8 @@ def start_tracking(run: Run, wandb_id: str | None) -> Tracker:
     arm = f"resnet{depth}_{'scratch' if run.cfg.model.weights.lower() == 'none' else 'pretrained'}"
     settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name or run.run_dir.name,
                                 job_type=arm, tags=(f"resnet{depth}", arm.split("_")[1], f"seed{run.cfg.train.seed}"),
-                                init_timeout=w.init_timeout, log_checkpoint=w.log_checkpoint)
+                                init_timeout=w.init_timeout, log_checkpoint=w.log_checkpoint,
+                                log_predictions=w.log_predictions)
     tracker = Tracker(settings, run.run_dir, wandb_id or new_run_id(), run.cfg.to_dict(), run.info.is_main)
     if tracker.active:
         log.info("W&B: %s run %s (start took %.1f s)", tracker.mode, tracker.run_id, tracker.start_seconds)
@@ -388,6 +389,7 @@ def _epochs(run: Run, resumed: Resumed, rows: list[dict], tracker: Tracker | Non
     summary = write_summary(run, rows, figure=True)
     tracker.log_summary(summary, run.run_dir / CONFUSION_PNG)
     tracker.log_checkpoint(run.run_dir / BEST_CHECKPOINT)
+    tracker.log_predictions(run.run_dir / PREDICTIONS_FILE)
     return summary
 
 

@@ -63,7 +63,8 @@ def offline_runs(run_dir: Path) -> list[Path]:
 def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     run_dir = tmp_path / "run"
     assert train(tiny, run_dir, "wandb.mode=offline", "wandb.group=sweep-a", "wandb.log_checkpoint=true",
-                 "model.head=regression", "train.clip_grad_norm=1.0", "data.val_fraction=0.25") == 0
+                 "wandb.log_predictions=true", "model.head=regression", "train.clip_grad_norm=1.0",
+                 "data.val_fraction=0.25") == 0
     [folder] = offline_runs(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     history = [r["history"]["item"] for r in inspect(folder) if r.get("type") == "history"]
@@ -93,6 +94,13 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     assert run_record["run_group"] == "sweep-a" and run_record["job_type"] == "resnet18_scratch"
     assert sorted(run_record["tags"]) == ["resnet18", "scratch", "seed0"]
     assert any(r.get("type") == "artifact" and r["artifact"]["type"] == "model" for r in records)
+    # The selected epoch's predictions as a Table (wandb.log_predictions): every test image, its columns.
+    [logged] = [h for h in history if h.get("predictions._type") == "table-file"]
+    assert logged["predictions.nrows"] == 9
+    table = folder / "files" / logged["predictions.path"]
+    content = json.loads(table.read_text())
+    predictions = (run_dir / "predictions.csv").read_text().splitlines()
+    assert content["columns"] == predictions[0].split(",") and len(content["data"]) == len(predictions) - 1 == 9
 
 
 def test_resumed_run_continues_the_same_wandb_run(tiny, tmp_path):
