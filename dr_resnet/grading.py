@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, components
 from .config import from_dict
 from .engine import TTA_MODES, _views
-from .heads import build_head, head_for
-from .models import build_resnet
+from .heads import build_head
 from .recipe import Recipe
-from .runtime import Precision, resolve_precision
+from .runtime import Precision
 
 ONNX_SUFFIX, TORCHSCRIPT_SUFFIX = ".onnx", ".ts"
 METADATA_KEY = "dr_resnet"  # the JSON an exported file carries: recipe, head, model card
@@ -100,16 +99,16 @@ class CheckpointGrader(Grader):
         self.state, self.config, self.device = state, cfg, device
         self.recipe = (Recipe.from_dict(state.recipe) if state.recipe
                        else Recipe.assume(cfg.data.root, cfg.data.image_size, str(path)))
-        head = head_for(cfg, None, device)
+        # The head, network and runtime evaluation builds (channels_last and autocast on CUDA).
+        runtime = components.runtime(amp, device, key="--amp")
+        head = components.head(cfg, None, device)
         head.load_state(state.head)
         self.head_kind, self.head_state = cfg.model.head, head.state()
-        network = build_resnet(cfg.model.depth, head.outputs)
-        network.load_state_dict(state.model)
-        self.network = network.to(device).eval()
-        if device.type == "cuda":
-            self.network = self.network.to(memory_format=torch.channels_last)
+        self.network = components.model(cfg, head, runtime, pretrained=False)
+        self.network.load_state_dict(state.model)
+        self.network.eval()
         self.model = GradingModel(self.network, head, self.recipe).to(device).eval()
-        self.precision: Precision = resolve_precision(amp, device, key="--amp")
+        self.precision: Precision = runtime.precision
 
     @torch.no_grad()
     def grade(self, images: Tensor, tta: str = "none") -> Graded:

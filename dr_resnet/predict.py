@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import NUM_GRADES
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .engine import TTA_MODES
 from .grading import Grader, ModelLoadError, load_grader
 from .metrics import REFERABLE_GRADE
+from .predictions import value_columns
 from .preprocess import BadImageError
 from .recipe import Recipe
 from .runtime import DEVICES, DeviceError, select_device
@@ -109,9 +109,9 @@ class PhotoDataset(Dataset):
 
 
 def columns(head_kind: str) -> list[str]:
-    """The CSV's columns for a head (classification and ordinal: grade probabilities; regression: the score
-    and the thresholds that cut it)."""
-    reported = ["score", "thresholds"] if head_kind == "regression" else [f"p_grade{k}" for k in range(NUM_GRADES)]
+    """The CSV's columns for a head: what it reports per image (predictions.value_columns: grade
+    probabilities, or the regression score followed by the thresholds that cut it)."""
+    reported = value_columns(head_kind) + (["thresholds"] if head_kind == "regression" else [])
     return ["path", "grade", *reported, "referable_score", "referable", "error"]
 
 
@@ -179,7 +179,7 @@ def _reported(head_kind: str, graded, k: int, thresholds: str) -> dict:
     if head_kind == "regression":
         row.update(score=f"{float(graded.values[k]):.6g}", thresholds=thresholds)
     else:
-        row.update({f"p_grade{g}": f"{p:.6g}" for g, p in enumerate(graded.values[k])})
+        row.update({name: f"{p:.6g}" for name, p in zip(value_columns(head_kind), graded.values[k])})
     return row
 
 

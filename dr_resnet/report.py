@@ -1,5 +1,5 @@
-"""Compare runs: accuracy and QWK curves per depth (pretrained vs scratch), confusion matrices side by
-side, and a results table. Works for any subset of runs; runs in progress are drawn up to their last
+"""Compare runs (see arms.py for what is compared): accuracy and QWK curves per depth (pretrained vs
+scratch), confusion matrices side by side, calibration, and the results, seeds and comparison tables. Works for any subset of runs; runs in progress are drawn up to their last
 epoch. Reads only the run directories' own files (metrics.jsonl, config.yaml, predictions.csv), never
 W&B. Writes the figures, results.md / results.csv, comparisons.json and report.html (all of it on one
 self-contained page).
@@ -13,21 +13,17 @@ import argparse
 import csv
 import json
 import math
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from .metrics import expected_calibration_error, majority_baseline
+from .arms import PAIR_METRICS, RunRecord, compare_arms, find_runs, seed_summary
+from .metrics import expected_calibration_error
 from .plots import pyplot
-from .predictions import Predictions, read_predictions
 from .report_html import write_html
-from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, PREDICTIONS_FILE, STATUS_FILE, SUMMARY_FILE, read_metrics, selected_on,
-                     selected_row)
-from .stats import RESAMPLES, bootstrap_intervals, paired_comparison
+from .rundir import BEST_CHECKPOINT, CONFIG_FILE, selected_on
 
 COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
 COMPARISONS_FILE = "comparisons.json"
@@ -41,84 +37,6 @@ def caption(figure: Path) -> str:
     if figure.name.startswith("gallery_"):
         return f"{figure.stem.removeprefix('gallery_')}: test photos graded right and wrong, with Grad-CAM heat maps"
     return FIGURE_CAPTIONS.get(figure.name, figure.stem)
-SEED_FOLDER = re.compile(r"seed\d+")  # launch.sweep --seeds: SWEEP_DIR/<arm>/seed<k>/
-
-
-@dataclass
-class RunRecord:
-    name: str
-    path: Path
-    depth: int
-    weights: str
-    epochs_planned: int
-    rows: list[dict]
-    launch_status: str = ""  # "not run: <reason>" or "failed: <reason>", from the launcher
-    select_by: str = "qwk"  # the run's train.select_by
-    arm: str = ""  # the arm a seed replicate belongs to (SWEEP_DIR/<arm>/seed<k>/); else the run's own name
-    seed: int = 0  # train.seed
-
-    @property
-    def pretrained(self) -> bool:
-        return self.weights.lower() != "none"
-
-    @property
-    def label(self) -> str:
-        return "pretrained" if self.pretrained else "scratch"
-
-    def best(self, key: str) -> dict | None:
-        return max(self.rows, key=lambda r: (r[key], -r["epoch"])) if self.rows else None
-
-    @property
-    def has_val(self) -> bool:
-        """Whether the run held out part of its training split (data.val_fraction) to choose epochs on."""
-        return bool(self.rows) and selected_on(self.rows[-1]) == "val"
-
-    def chosen(self) -> dict | None:
-        """The epoch the run itself selects (its checkpoint_best.pt): by its train.select_by, on its
-        held-out set, else on test."""
-        return selected_row(self.rows, self.select_by) if self.rows else None
-
-    def predictions(self) -> Predictions | None:
-        """The selected epoch's per-image test predictions (predictions.csv), if the run wrote them."""
-        path = self.path / PREDICTIONS_FILE
-        return read_predictions(path) if path.is_file() else None
-
-    def intervals(self) -> dict | None:
-        """Bootstrap 95% intervals of the selected epoch's metrics: the run summary's, else computed from
-        its predictions.csv; None without either."""
-        summary = self.path / SUMMARY_FILE
-        if summary.is_file():
-            recorded = json.loads(summary.read_text()).get("intervals")
-            if recorded:
-                return recorded
-        found = self.predictions()
-        return bootstrap_intervals(found.labels, found.grades, found.referable_scores, found.names) if found else None
-
-    @property
-    def baseline(self) -> float | None:
-        return majority_baseline(np.array(self.rows[-1]["confusion_matrix"])) if self.rows else None
-
-
-def find_runs(root: Path) -> list[RunRecord]:
-    """Run directories under root (root itself, or up to two levels down), sorted by depth then name."""
-    candidates = [root] + sorted(p for p in root.glob("*") if p.is_dir()) + sorted(p for p in root.glob("*/*") if p.is_dir())
-    runs = []
-    for path in candidates:
-        config_file, status_file = path / CONFIG_FILE, path / STATUS_FILE
-        if not config_file.is_file():
-            continue
-        cfg = yaml.safe_load(config_file.read_text()) or {}
-        rows = read_metrics(path)
-        status = json.loads(status_file.read_text()) if status_file.is_file() else {}
-        reason = f"{status.get('status', 'failed')}: {status.get('reason', '')}" if status else ""
-        replicate = SEED_FOLDER.fullmatch(path.name) is not None and path != root
-        name = f"{path.parent.name}/{path.name}" if replicate else path.name
-        runs.append(RunRecord(name, path, int(cfg["model"]["depth"]), str(cfg["model"]["weights"]),
-                              int(cfg["train"]["epochs"]), rows, reason, str(cfg["train"].get("select_by", "qwk")),
-                              path.parent.name if replicate else path.name, int(cfg["train"].get("seed", 0))))
-    return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.arm, r.seed))
-
-
 def plot_curves(runs: list[RunRecord], depth: int, path: Path) -> None:
     """Accuracy (train dashed, test solid, majority baseline dotted) and test QWK per epoch; an arm with
     several seeds as their mean with a band of +-1 standard deviation."""
@@ -167,7 +85,7 @@ def plot_calibration(runs: list[RunRecord], path: Path) -> bool:
     """Reliability diagram: per run with grade probabilities in its predictions.csv, the accuracy of its
     images binned by their top probability against that probability (the diagonal is perfect
     calibration), with its expected calibration error. False (nothing drawn) when no run has any."""
-    shown = [(r, r.predictions()) for r in runs]
+    shown = [(r, r.predictions()) for r in runs if r.rows]
     shown = [(r, p) for r, p in shown if p is not None and p.values.ndim == 2]
     if not shown:
         return False
@@ -257,89 +175,6 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
 
 def _with_interval(entry: dict) -> str:
     return f"{entry['value']:.3f} ({entry['low']:.3f}-{entry['high']:.3f})"
-
-
-PAIR_METRICS = (("accuracy", "accuracy"), ("qwk", "QWK"), ("referable_auc", "referable AUC"))
-
-
-def arm_pairs(runs: list[RunRecord]) -> list[tuple[str, list[RunRecord], list[RunRecord], str, str]]:
-    """The core experiment's pairs: pretrained vs scratch at each depth, ResNet18 vs ResNet50 at each
-    initialisation, as (question, A's runs, B's runs, A's name, B's name); an arm's runs are its seeds
-    (none when it has no run)."""
-    def find(depth: int, pretrained: bool) -> list[RunRecord]:
-        return [r for r in runs if r.depth == depth and r.pretrained == pretrained]
-
-    depths = sorted({r.depth for r in runs})
-    pairs = [(f"pretraining at ResNet{d}", find(d, True), find(d, False), f"resnet{d} pretrained", f"resnet{d} scratch")
-             for d in depths]
-    for shallow, deep in zip(depths, depths[1:]):
-        for init in (True, False):
-            label = "pretrained" if init else "scratch"
-            pairs.append((f"depth {deep} vs {shallow}, {label}", find(deep, init), find(shallow, init),
-                          f"resnet{deep} {label}", f"resnet{shallow} {label}"))
-    return pairs
-
-
-def _why_not(name: str, runs: list[RunRecord]) -> str:
-    if not runs:
-        return f"{name} has no run"
-    run = runs[0]
-    if run.launch_status or not run.rows:
-        return f"{name} has no predictions.csv ({run.launch_status or 'no selected epoch yet'})"
-    return (f"{name} has no predictions.csv (trained before dr-resnet 0.2 wrote one: python -m dr_resnet.evaluate "
-            f"--checkpoint {run.path / BEST_CHECKPOINT} --out {run.path} writes it)")
-
-
-def compare_arms(runs: list[RunRecord], resamples: int = RESAMPLES) -> list[dict]:
-    """For each pair of arm_pairs: A - B in accuracy, QWK and referable AUC at each run's selected epoch,
-    with paired-bootstrap 95% intervals and McNemar's test, from their predictions.csv; arms with seeds
-    are paired seed by seed and pooled (the mean difference over the seeds they share); or why not."""
-    results = []
-    for question, side_a, side_b, name_a, name_b in arm_pairs(runs):
-        entry = {"comparison": question, "a": name_a, "b": name_b}
-        done_a = {r.seed: r for r in side_a if r.predictions() is not None}
-        done_b = {r.seed: r for r in side_b if r.predictions() is not None}
-        missing = [_why_not(n, side) for n, side, done in ((name_a, side_a, done_a), (name_b, side_b, done_b)) if not done]
-        seeds = sorted(set(done_a) & set(done_b))
-        if missing or not seeds:
-            reason = "; ".join(missing) or f"no seed in common ({sorted(done_a)} and {sorted(done_b)})"
-            results.append({**entry, "status": f"not compared: {reason}"})
-            continue
-        found_a, found_b = [done_a[k].predictions() for k in seeds], [done_b[k].predictions() for k in seeds]
-        first = found_a[0]
-        different = [(r.name, len(p.names)) for r, p in zip([done_a[k] for k in seeds] + [done_b[k] for k in seeds],
-                                                            found_a + found_b)
-                     if p.names != first.names or not np.array_equal(p.labels, first.labels)]
-        if different:
-            name, count = different[0]
-            results.append({**entry, "status": f"not compared: {done_a[seeds[0]].name} and {name} were evaluated on "
-                                               f"different images ({len(first.names)} and {count}): a paired "
-                                               f"comparison needs the same test set"})
-            continue
-        paired = paired_comparison(first.labels, [(p.grades, p.referable_scores) for p in found_a],
-                                   [(p.grades, p.referable_scores) for p in found_b], first.names, resamples=resamples)
-        mcnemar = paired["mcnemar"] if isinstance(paired["mcnemar"], list) else [paired["mcnemar"]]
-        results.append({**entry, "status": "compared", "images": len(first.names), "resampled": paired["unit"],
-                        "seeds": seeds, **{m: paired[m] for m, _ in PAIR_METRICS}, "mcnemar": mcnemar})
-    return results
-
-
-def seed_summary(runs: list[RunRecord]) -> list[dict]:
-    """Per arm: its seeds' selected-epoch test accuracy, QWK and referable AUC, mean and standard deviation."""
-    arms: dict[str, list[RunRecord]] = {}
-    for run in runs:
-        if run.rows:
-            arms.setdefault(run.arm, []).append(run)
-    table = []
-    for arm, group in arms.items():
-        chosen = [r.chosen() for r in group]
-        row = {"arm": arm, "seeds": [r.seed for r in group]}
-        for key, name in (("test_acc", "accuracy"), ("test_qwk", "qwk"), ("test_referable_auc", "referable_auc")):
-            values = np.array([c.get(key, math.nan) for c in chosen], dtype=float)
-            row[name] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
-                         "values": values.tolist()}
-        table.append(row)
-    return table
 
 
 def seed_lines(table: list[dict]) -> list[str]:

@@ -85,7 +85,7 @@ def test_four_runs(sweep, tmp_path):
         assert row["selected_acc_95ci"].startswith(f"{selected['test_acc']:.3f} (") and row["ci_resampled"] == "patients"
         assert (f"| {arm} | {ARMS[arm][0]} | {ARMS[arm][1]} | done | 2/2 | {row['selected_by']} | {row['selected_epoch']} | "
                 f"{row['selected_acc_95ci']} | {row['selected_qwk_95ci']} | {row['selected_auc_95ci']} | patients | "
-                f"{best_acc['test_acc']:.4f} |") in (out / "results.md").read_text()
+                f"{selected['test_ece']:.4f} | - | {best_acc['test_acc']:.4f} |") in (out / "results.md").read_text()
 
 
 def test_one_run_in_place(sweep, tmp_path):
@@ -93,7 +93,7 @@ def test_one_run_in_place(sweep, tmp_path):
     shutil.copytree(sweep / "resnet50_scratch", run)
     written = report(run)
     assert {p.name for p in written} == {"accuracy_resnet50.png", "confusion_matrices.png", "results.md", "results.csv",
-                                         "comparisons.json", "calibration.png"}
+                                         "comparisons.json", "calibration.png", "report.html"}
     assert list(read_csv(run / "results.csv")) == ["resnet50_scratch"]
 
 
