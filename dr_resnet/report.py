@@ -195,10 +195,10 @@ def comparison_lines(comparisons: list[dict]) -> list[str]:
              "seeds' own spread is in the Seeds table. An interval that holds 0 means the test set cannot tell "
              "the two apart.", "",
              "| comparison | A | B | images | " + " | ".join(f"{label} A - B (95% CI)" for _, label in PAIR_METRICS)
-             + " | only A right / only B right | McNemar p |", "|---" * (7 + len(PAIR_METRICS)) + "|"]
+             + " | only A right / only B right | McNemar p |", "|---" * (6 + len(PAIR_METRICS)) + "|"]
     for c in comparisons:
         if c["status"] != "compared":
-            lines.append(f"| {c['comparison']} | {c['a']} | {c['b']} | {c['status']} |" + " |" * (3 + len(PAIR_METRICS)))
+            lines.append(f"| {c['comparison']} | {c['a']} | {c['b']} | {c['status']} |" + " |" * (2 + len(PAIR_METRICS)))
             continue
         cells = [f"{c[m]['difference']:+.3f} ({c[m]['low']:+.3f} to {c[m]['high']:+.3f})" for m, _ in PAIR_METRICS]
         counts = ", ".join(f"{m['a_only_right']} / {m['b_only_right']}" for m in c["mcnemar"])
