@@ -130,6 +130,8 @@ def expected_calibration_error(probabilities: np.ndarray, targets: Sequence[int]
     probabilities, targets = np.asarray(probabilities, dtype=np.float64), np.asarray(targets)
     if len(targets) == 0:
         return {"ece": 0.0, "bins": []}
+    if not np.isfinite(probabilities).all():  # a diverged model: no calibration to speak of
+        return {"ece": float("nan"), "bins": []}
     confidence = probabilities.max(axis=1)
     right = probabilities.argmax(axis=1) == targets
     which = np.minimum((confidence * bins).astype(int), bins - 1)

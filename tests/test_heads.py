@@ -129,3 +129,10 @@ def test_temperature_fit_recovers_a_known_temperature(kind):
     scaled = again.aggregate([torch.tensor(logits, dtype=torch.float32)])
     assert torch.equal(again.predict(scaled), build_head(kind).predict(build_head(kind).aggregate([torch.tensor(logits, dtype=torch.float32)])))
     assert np.allclose(again.values(scaled).numpy(), head.probabilities_at(logits, head.temperature), atol=1e-5)
+
+
+def test_calibration_of_non_finite_probabilities_is_not_a_number():
+    from dr_resnet.metrics import expected_calibration_error
+
+    result = expected_calibration_error(np.full((3, 5), np.nan), [0, 1, 2])
+    assert np.isnan(result["ece"]) and result["bins"] == []

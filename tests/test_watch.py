@@ -44,8 +44,17 @@ def test_the_view_redraws_in_place_on_a_terminal_and_is_silent_elsewhere(runs):
             current["state"] = next(states)
             return current["state"] == "COMPLETED"
         watch({"resnet18_scratch": (runs["classification"], 3)}, lambda name: current["state"], finished, view, poll_s=0)
-    shown = os.read(primary, 65536).decode()
+    chunks = []
+    while True:  # everything the terminal received, until the closed writer's end (EIO on Linux)
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
     os.close(primary)
+    shown = b"".join(chunks).decode()
     assert shown.count("resnet18_scratch") == 3 and shown.count("\x1b[2F") == 2  # drawn 3 times, twice over itself
     assert "done" in shown.rsplit("\x1b[2F", 1)[1]
     quiet = io.StringIO()
