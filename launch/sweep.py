@@ -306,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     def write_manifest() -> None:
         (out / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
-    tasks = {}
+    tasks, reasons = {}, {}
     for arm, (run_dir, argv_arm, cfg) in plans.items():
-        reason = missing_weights(cfg)
+        weights = (cfg.model.weights, cfg.model.depth)  # the seeds of an arm share it: looked up once
+        reason = reasons[weights] if weights in reasons else reasons.setdefault(weights, missing_weights(cfg))
         if reason:
             set_status(run_dir, cfg, "not run", reason)
             print(f"{arm}: NOT RUN, never trained from scratch instead:\n  {reason}", file=sys.stderr)
