@@ -9,6 +9,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,12 @@ class RunRecord:
         return selected_row(self.rows, self.select_by) if self.rows else None
 
     def predictions(self) -> Predictions | None:
-        """The selected epoch's per-image test predictions (predictions.csv), if the run wrote them."""
+        """The selected epoch's per-image test predictions (predictions.csv), if the run wrote them; read
+        once (the comparisons, the intervals and the calibration figure all ask)."""
+        return self._predictions
+
+    @cached_property
+    def _predictions(self) -> Predictions | None:
         path = self.path / PREDICTIONS_FILE
         return read_predictions(path) if path.is_file() else None
 

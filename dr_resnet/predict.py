@@ -134,6 +134,8 @@ def predict(grader: Grader, paths: list[Path], out: Path, tta: str = "none", bat
     from tqdm import tqdm
 
     if cam_dir is not None:
+        from .cam import overlay  # matplotlib: only when heat maps are asked for
+
         if grader.network is None:
             raise ModelLoadError(f"heat maps (--cam) need the PyTorch network: pass the training checkpoint, "
                                  f"not the {grader.source} export")
@@ -159,8 +161,6 @@ def predict(grader: Grader, paths: list[Path], out: Path, tta: str = "none", bat
                 if not error:
                     row.update(_reported(grader.head_kind, graded, k, thresholds))
                     if maps is not None:
-                        from .cam import overlay
-
                         overlay(images[j], maps[k]).save(cam_dir / cam_names[i])
                         row["cam"] = str(cam_dir / cam_names[i])
                     k += 1

@@ -309,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     tasks, reasons = {}, {}
     for arm, (run_dir, argv_arm, cfg) in plans.items():
         weights = (cfg.model.weights, cfg.model.depth)  # the seeds of an arm share it: looked up once
-        reason = reasons[weights] if weights in reasons else reasons.setdefault(weights, missing_weights(cfg))
+        if weights not in reasons:
+            reasons[weights] = missing_weights(cfg)
+        reason = reasons[weights]
         if reason:
             set_status(run_dir, cfg, "not run", reason)
             print(f"{arm}: NOT RUN, never trained from scratch instead:\n  {reason}", file=sys.stderr)

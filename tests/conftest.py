@@ -82,13 +82,18 @@ def photos(tmp_path_factory) -> Path:
     return base
 
 
+def demo_args(data: Path, run_dir: Path, *extra: str, batch_size: int = 8, epochs: int = 2, workers: int = 1) -> list[str]:
+    """dr_resnet.train's arguments: the demo recipe on a 48 px test dataset, on CPU (gloo also on a GPU
+    machine: tests compare runs bit for bit and start several processes); `extra` overrides come last."""
+    return ["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=48",
+            f"train.batch_size={batch_size}", f"train.epochs={epochs}", f"data.workers={workers}", "train.lr=0.02",
+            "train.device=cpu", f"output.dir={run_dir}", *extra]
+
+
 def train_run(data: Path, run_dir: Path, *extra: str) -> Path:
-    args = ["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=48",
-            "train.batch_size=8", "train.epochs=3", "data.workers=0", "train.lr=0.02", "train.device=cpu",
-            f"output.dir={run_dir}", *extra]
     from dr_resnet.train import main
 
-    assert main(args) == 0
+    assert main(demo_args(data, run_dir, *extra, epochs=3, workers=0)) == 0
     return run_dir
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_same_training_state, preprocessed_dataset, without_timing
+from conftest import assert_same_training_state, demo_args, preprocessed_dataset, without_timing
 from conftest import metrics_rows as rows
 from dr_resnet import checkpoint
 from dr_resnet.train import main
@@ -30,9 +30,7 @@ def data(tmp_path_factory) -> Path:
 
 def args(data: Path, run_dir: Path, *extra: str) -> list[str]:
     """Batch 2 of 40 images: 10 steps an epoch in 2 processes (20 in one), with a data worker each."""
-    return ["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=48",
-            "train.batch_size=2", "train.epochs=2", "data.workers=1", "train.lr=0.02", "train.device=cpu",
-            f"output.dir={run_dir}", *extra]
+    return demo_args(data, run_dir, *extra, batch_size=2)
 
 
 def start(nproc: int, argv: list[str], log: Path) -> subprocess.Popen:

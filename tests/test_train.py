@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from dr_resnet import checkpoint
-from conftest import assert_same_training_state, metrics_rows, preprocessed_dataset
+from conftest import assert_same_training_state, demo_args, metrics_rows, preprocessed_dataset
 from dr_resnet.components import class_weights, lr_lambda
 from dr_resnet.data import RetinopathyDataset
 from dr_resnet.train import main
@@ -30,10 +30,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    """CPU (gloo) also on a GPU machine: these tests compare runs bit for bit and start 2-3 processes."""
-    return ["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=48",
-            "train.batch_size=8", "train.epochs=2", "data.workers=1", "train.lr=0.02", "train.device=cpu",
-            f"output.dir={run_dir}", *extra]
+    return demo_args(data, run_dir, *extra)
 
 
 def torchrun(nproc: int, args: list[str], module: str = "dr_resnet.train", extra: list[str] = (),
