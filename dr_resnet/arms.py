@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .metrics import majority_baseline
+from .config import is_pretrained
+from .metrics import collapse, majority_baseline
 from .predictions import Predictions, read_predictions
 from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, PREDICTIONS_FILE, STATUS_FILE, SUMMARY_FILE, read_metrics, selected_on,
                      selected_row)
@@ -39,14 +40,11 @@ class RunRecord:
 
     @property
     def pretrained(self) -> bool:
-        return self.weights.lower() != "none"
+        return is_pretrained(self.weights)
 
     @property
     def label(self) -> str:
         return "pretrained" if self.pretrained else "scratch"
-
-    def best(self, key: str) -> dict | None:
-        return max(self.rows, key=lambda r: (r[key], -r["epoch"])) if self.rows else None
 
     @property
     def has_val(self) -> bool:
@@ -54,9 +52,14 @@ class RunRecord:
         return bool(self.rows) and selected_on(self.rows[-1]) == "val"
 
     def chosen(self) -> dict | None:
-        """The epoch the run itself selects (its checkpoint_best.pt): by its train.select_by, on its
-        held-out set, else on test."""
+        """The epoch the run itself selects (its checkpoint_best.pt): by its train.select_by on its
+        held-out set, else its final epoch."""
         return selected_row(self.rows, self.select_by) if self.rows else None
+
+    @property
+    def collapsed(self) -> str:
+        """Why the selected epoch looks collapsed ('' when it does not, or before any epoch)."""
+        return collapse(np.array(self.chosen()["confusion_matrix"])) if self.rows else ""
 
     def predictions(self) -> Predictions | None:
         """The selected epoch's per-image test predictions (predictions.csv), if the run wrote them; read
@@ -169,19 +172,25 @@ def compare_arms(runs: list[RunRecord], resamples: int = RESAMPLES) -> list[dict
     return results
 
 
+SEED_COLUMNS = (("accuracy", "accuracy"), ("qwk", "QWK"), ("referable_auc", "referable AUC"),
+                ("final_accuracy", "final-epoch accuracy"), ("final_qwk", "final-epoch QWK"))  # seed_summary's, shown
+
+
 def seed_summary(runs: list[RunRecord]) -> list[dict]:
-    """Per arm: its seeds' selected-epoch test accuracy, QWK and referable AUC, mean and standard deviation."""
+    """Per arm: its seeds' test accuracy, QWK and referable AUC at the selected epoch and (final_*) at the
+    final epoch, mean and standard deviation; and the seeds whose selected epoch collapsed."""
     arms: dict[str, list[RunRecord]] = {}
     for run in runs:
         if run.rows:
             arms.setdefault(run.arm, []).append(run)
     table = []
     for arm, group in arms.items():
-        chosen = [r.chosen() for r in group]
-        row = {"arm": arm, "seeds": [r.seed for r in group]}
-        for key, name in (("test_acc", "accuracy"), ("test_qwk", "qwk"), ("test_referable_auc", "referable_auc")):
-            values = np.array([c.get(key, math.nan) for c in chosen], dtype=float)
-            row[name] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
-                         "values": values.tolist()}
+        epochs = {"": [r.chosen() for r in group], "final_": [r.rows[-1] for r in group]}
+        row = {"arm": arm, "seeds": [r.seed for r in group], "collapsed": [r.seed for r in group if r.collapsed]}
+        for prefix, rows in epochs.items():
+            for key, name in (("test_acc", "accuracy"), ("test_qwk", "qwk"), ("test_referable_auc", "referable_auc")):
+                values = np.array([c.get(key, math.nan) for c in rows], dtype=float)
+                row[prefix + name] = {"mean": float(values.mean()), "values": values.tolist(),
+                                      "sd": float(values.std(ddof=1)) if len(values) > 1 else None}
         table.append(row)
     return table

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .augment import DeviceAugment
+from . import config
 from .config import Config, ConfigError, DataConfig, TrainConfig
 from .data import RetinopathyDataset
 from .distributed import DistInfo
@@ -29,7 +30,7 @@ from .heads import head_for
 from .models import build_resnet
 from .preemption import STOP_SIGNALS
 from .runtime import resolve_precision
-from .samplers import DistributedBalancedSampler, EpochSampler, ShuffledSampler
+from .samplers import DistributedBalancedSampler, EpochSampler, ProgressiveSampler, ShuffledSampler
 from .split import holdout_mask
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,27 @@ class Datasets:
 
 def datasets(cfg: Config) -> Datasets:
     """The training and test splits, and the held-out part of training (whole patients, stratified by
-    grade, seeded by train.seed) when data.val_fraction > 0."""
-    d, seed = cfg.data, cfg.train.seed
+    grade, drawn by data.split_seed: the same images whatever train.seed) when data.val_fraction > 0
+    and it would hold at least data.min_val_images; below that, a warning names the sizes and nothing
+    is held out (the final epoch is then the run's result)."""
+    d = cfg.data
     train = RetinopathyDataset(d.root, d.train_split, format=d.format, image_size=d.image_size)
     test = RetinopathyDataset(d.root, d.test_split, format=d.format, image_size=d.image_size)
     if d.val_fraction <= 0:
         return Datasets(train, test, None)
-    held_out = holdout_mask(train.names, train.labels, d.val_fraction, seed)
-    if held_out.all() or not held_out.any():
-        raise ConfigError(f"data.val_fraction={d.val_fraction} holds out {held_out.sum()} of the "
-                          f"{len(train)} training images in {d.root}: choose a fraction that leaves both sides images")
+    held_out = holdout_mask(train.names, train.labels, d.val_fraction, d.split_seed)
+    if held_out.sum() < d.min_val_images:
+        if config.needs_held_out(cfg):
+            raise ConfigError(f"{config.needs_held_out(cfg)} fits on the held-out part, but data.val_fraction="
+                              f"{d.val_fraction:g} holds out {held_out.sum()} of the {len(train)} training images in "
+                              f"{d.root}, fewer than data.min_val_images={d.min_val_images}: raise data.val_fraction")
+        log.warning("data.val_fraction=%g would hold out %d of the %d training images in %s, fewer than "
+                    "data.min_val_images=%d: nothing is held out, and the final epoch is the result",
+                    d.val_fraction, held_out.sum(), len(train), d.root, d.min_val_images)
+        return Datasets(train, test, None)
+    if held_out.all():
+        raise ConfigError(f"data.val_fraction={d.val_fraction} holds out all {len(train)} training images in {d.root}: "
+                          f"choose a fraction that leaves images to train on")
     return Datasets(train.subset(~held_out, d.train_split), test, train.subset(held_out, f"{d.train_split}:held-out"))
 
 
@@ -69,10 +81,12 @@ def training_loader(dataset: RetinopathyDataset, cfg: Config, info: DistInfo
                           f"{len(dataset)} training images in {d.root}: lower train.batch_size")
     # drop_last twice: the sampler trims the epoch to a multiple of the world size, the loader drops
     # a last short batch, so BatchNorm never sees a batch of one.
-    if t.sampler == "balanced":
+    if t.sampler == "progressive":
+        sampler = ProgressiveSampler(dataset.labels, t.epochs, t.natural_from, info.world_size, info.rank, seed=t.seed)
+    elif t.sampler == "balanced":
         sampler = DistributedBalancedSampler(dataset.labels, info.world_size, info.rank, seed=t.seed)
     else:
-        sampler = ShuffledSampler(len(dataset), info.world_size, info.rank, seed=t.seed)
+        sampler = ShuffledSampler(dataset.labels, info.world_size, info.rank, seed=t.seed)
     # Only the training loader keeps its workers between epochs: the evaluation loaders run once an
     # epoch and would otherwise hold data.workers idle processes each, per GPU.
     loader = DataLoader(dataset, t.batch_size, sampler=sampler, drop_last=True, num_workers=d.workers,
@@ -134,14 +148,15 @@ def runtime(amp: str, device: torch.device, data: DataConfig | None = None, chan
     return Runtime(device, resolve_precision(amp, device, key=key), augment)
 
 
-def model(cfg: Config, head, runtime: Runtime, train_labels: np.ndarray | None = None,
+def model(cfg: Config, head, runtime: Runtime, first_shares: np.ndarray | None = None,
           pretrained: bool = True) -> nn.Module:
     """The ResNet of cfg.model on the runtime's device and memory layout, seeded by train.seed (the same
     initial weights on every rank); model.weights when `pretrained` (evaluation loads a checkpoint
-    instead); a fresh output layer's bias from the head's prior on `train_labels`."""
+    instead); a fresh output layer's bias from the head's prior on `first_shares`, the grade shares
+    of the first training epoch (the sampler's grade_shares(0))."""
     torch.manual_seed(cfg.train.seed)
-    weights = None if not pretrained or cfg.model.weights.lower() == "none" else cfg.model.weights
-    bias = head.start_bias(train_labels) if train_labels is not None else None
+    weights = cfg.model.weights if pretrained and cfg.model.pretrained else None
+    bias = head.start_bias(first_shares) if first_shares is not None else None
     network = build_resnet(cfg.model.depth, head.outputs, weights, cfg.model.zero_init_residual, bias).to(runtime.device)
     return network.to(memory_format=torch.channels_last) if runtime.channels_last else network
 
@@ -207,12 +222,13 @@ class Optimisation:
     scaler: torch.amp.GradScaler
 
 
-def optimisation(t: TrainConfig, network: nn.Module, steps_per_epoch: int, runtime: Runtime) -> Optimisation:
-    """SGD with train's learning rate, momentum and weight decay, its per-step schedule, and a loss scaler
-    that is on for fp16 only. Fused SGD on CUDA: one kernel for the update, and fp16's GradScaler checks
-    for inf/NaN on the GPU instead of reading a flag back to the host every step."""
+def optimisation(t: TrainConfig, lr: float, network: nn.Module, steps_per_epoch: int, runtime: Runtime) -> Optimisation:
+    """SGD with learning rate `lr` (config.learning_rate's), train's momentum and weight decay, its
+    per-step schedule, and a loss scaler that is on for fp16 only. Fused SGD on CUDA: one kernel for the
+    update, and fp16's GradScaler checks for inf/NaN on the GPU instead of reading a flag back to the
+    host every step."""
     cuda = runtime.device.type == "cuda"
-    optimizer = torch.optim.SGD(network.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                 **({"fused": True} if cuda else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t.scheduler, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch))

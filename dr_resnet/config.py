@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,26 @@ class ConfigError(ValueError):
 class ModelConfig:
     depth: int = 18  # 18, 34 (BasicBlock), 50, 101, 152 (Bottleneck): registry.ARCHITECTURES
     weights: str = "none"  # none | imagenet | path to a state dict or checkpoint
-    zero_init_residual: bool = False
+    zero_init_residual: bool = True  # each residual block's last BatchNorm weight starts at 0, so every block starts
+    # as the identity (Goyal et al. 2017; torchvision's reference recipes): gradients 22x smaller at the start for
+    # ResNet50 from scratch. Loaded weights (model.weights) replace it: no effect on pretrained arms
     head: str = "classification"  # classification (5 grades, cross-entropy) | regression (1 output, thresholds;
     # its settings: the regression section) | ordinal (4 "grade > k" outputs, binary cross-entropies, consistent decoding)
+
+    @property
+    def pretrained(self) -> bool:
+        return is_pretrained(self.weights)
+
+    @property
+    def arm(self) -> str:
+        """The arm of the core experiment this model is: resnet18_scratch, resnet50_pretrained, ..."""
+        return f"resnet{self.depth}_{'pretrained' if self.pretrained else 'scratch'}"
+
+
+def is_pretrained(weights: str) -> bool:
+    """Whether model.weights loads weights (imagenet, or a file) rather than training from scratch: THE
+    rule for "is this arm pretrained?" (learning rate, arm names, W&B tags, the report's pairs)."""
+    return str(weights).strip().lower() not in ("", "none", "scratch")
 
 
 @dataclass
@@ -57,22 +75,31 @@ class DataConfig:
     test_split: str = "test"
     image_size: int = 512
     workers: int = 4  # data-loading processes per training process
-    max_rotation: float = 20.0  # degrees, random rotation within +-max_rotation (on the device)
+    max_rotation: float = 180.0  # degrees, random rotation within +-max_rotation (on the device); 180: any angle,
+    # since a fundus photo's orientation carries no grade
     flips: bool = True  # random horizontal and vertical flips (on the device)
-    val_fraction: float = 0.0  # hold out this share of the training split (whole patients, stratified by grade)
-    # for validation: the best epoch is then chosen on it, and regression thresholds can be fitted on it
+    val_fraction: float = 0.1  # hold out this share of the training split (whole patients, stratified by grade):
+    # the epoch is chosen on it (train.select_by), the temperature (and regression.fit_thresholds=val) fitted on it.
+    # 0, or a held-out part under min_val_images: nothing is chosen, the final epoch is the result
+    min_val_images: int = 50  # a held-out part smaller than this would choose epochs by noise: nothing is held out
+    # then (a warning names the sizes), unless something must be fitted there (an error then)
+    split_seed: int = 0  # which patients are held out: its own seed, so train.seed varies the training, not the data
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 30
-    batch_size: int = 32  # per process
+    batch_size: int = 32  # per process: the global batch is batch_size x processes
     eval_batch_size: int = 0  # per process; 0 means 2 x batch_size
-    lr: float = 1e-3
+    lr: float | None = None  # auto (None): the linear-scaling rule, lr_base_* x global batch / lr_base_batch, with
+    # the rate of the run's initialisation; a number: that learning rate, whatever the batch
+    lr_base_scratch: float = 0.1  # per lr_base_batch images of global batch, for a network trained from scratch
+    lr_base_pretrained: float = 0.01  # the same for a network started from loaded weights (fine-tuning: a tenth)
+    lr_base_batch: int = 256  # the linear-scaling rule's reference batch (Goyal et al. 2017)
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    scheduler: str = "none"  # none | cosine (linear warm-up, cosine to 0) | onecycle (lr/25 up to lr, down to lr/25e4)
-    warmup_epochs: float = 0.0  # cosine: linear warm-up; onecycle: the rising part (0: 30% of the run)
+    scheduler: str = "cosine"  # none | cosine (linear warm-up, cosine to 0) | onecycle (lr/25 up to lr, down to lr/25e4)
+    warmup_epochs: float = 5.0  # cosine: linear warm-up; onecycle: the rising part (0: 30% of the run)
     device: str = "auto"  # auto (one GPU per process if CUDA is there, else CPU) | cpu (gloo, even on a GPU box) | cuda
     amp: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, fp32 on CPU) | off | bf16 | fp16
     sync_bn: bool = True  # SyncBatchNorm across processes (CUDA only)
@@ -82,9 +109,13 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training and evaluation
     seed: int = 0
     class_weights: str = "none"  # none | balanced (inverse class frequency in the loss)
-    clip_grad_norm: float = 0.0  # clip the gradients' global norm to this (0: off); regression heads need it
-    sampler: str = "random"  # random (DistributedSampler) | balanced (every grade equally likely)
-    select_by: str = "qwk"  # the best epoch (checkpoint_best.pt, summary "best"): qwk | accuracy | loss
+    clip_grad_norm: float = 1.0  # clip the gradients' global norm to this (0: off); the norm before clipping is
+    # logged per epoch (grad_norm_mean, grad_norm_max, clipped_share)
+    sampler: str = "progressive"  # progressive (grades near-uniform at first, the natural distribution from
+    # natural_from of the run on) | random (DistributedSampler's order) | balanced (every grade equally likely)
+    natural_from: float = 0.6  # progressive: the share of the run by which sampling reaches the natural distribution
+    select_by: str = "qwk"  # the selected epoch (checkpoint_best.pt, summary "selected"), on the held-out part:
+    # qwk | accuracy | loss. Without a held-out part the final epoch is the result
     log_every: int = 20  # batches between progress-bar updates of loss/accuracy
     checkpoint_every_minutes: float = 20.0  # a resumable checkpoint inside an epoch after this long (0: at epoch ends only)
     nonfinite: str = "stop"  # a non-finite loss or gradient: stop (an error naming the step) | skip (leave the step out)
@@ -134,27 +165,61 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.class_weights": ("none", "balanced"),
     "train.select_by": ("qwk", "accuracy", "loss"),
-    "train.sampler": ("random", "balanced"),
+    "train.sampler": ("progressive", "random", "balanced"),
     "train.nonfinite": NONFINITE,
     "train.calibration": ("none", "temperature"),
     "wandb.mode": ("online", "offline", "disabled"),
 }
-POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.log_every", "wandb.init_timeout")
+POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.lr_base_scratch",
+            "train.lr_base_pretrained", "train.lr_base_batch", "train.log_every", "wandb.init_timeout")
 # Keys that moved (old name -> new name): files, overrides and checkpoints that use the old name still load.
 RENAMED = {"train.regression_loss": "regression.loss", "train.fit_thresholds": "regression.fit_thresholds"}
 # Sections a run's config.yaml also holds that are records, not settings: training writes them (the
 # recipe: what photos went through, see recipe.py) and loading that file as a config skips them.
-RECORDED = ("recipe",)
-NON_NEGATIVE = ("data.workers", "data.max_rotation", "train.eval_batch_size", "train.momentum", "train.clip_grad_norm",
+RECORDED = ("recipe", "effective")  # effective: the values the run derived (learning rate, global batch, ...)
+NON_NEGATIVE = ("data.workers", "data.min_val_images", "data.max_rotation", "train.natural_from", "train.eval_batch_size", "train.momentum", "train.clip_grad_norm",
                 "train.weight_decay", "train.warmup_epochs", "train.checkpoint_every_minutes", "train.nonfinite_skip_limit")
+
+
+@dataclass(frozen=True)
+class LearningRate:
+    """The learning rate a run trains with, and how it came about (logged at start, kept in config.yaml)."""
+
+    lr: float
+    global_batch: int
+    rule: str  # e.g. "0.1 x 32 / 256 (scratch, linear scaling)" or "train.lr (fixed)"
+
+
+def learning_rate(train: TrainConfig, pretrained: bool, processes: int) -> LearningRate:
+    """THE learning-rate rule: train.lr when it is set, else the initialisation's base rate scaled linearly
+    with the global batch (batch_size x processes). The same recipe on 1, 2 or 8 processes gives the same
+    learning rate per image: changing the number of processes changes the global batch, and the rate with it."""
+    global_batch = train.batch_size * processes
+    if train.lr is not None:
+        return LearningRate(train.lr, global_batch, "train.lr (fixed, whatever the batch)")
+    base, init = (train.lr_base_pretrained, "pretrained") if pretrained else (train.lr_base_scratch, "scratch")
+    return LearningRate(base * global_batch / train.lr_base_batch, global_batch,
+                        f"{base:g} x {global_batch} / {train.lr_base_batch} ({init}, linear scaling)")
 
 
 def _sections(cfg: Config) -> dict[str, Any]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
+AUTO = ("auto", "none", "null")  # what an optional field (`float | None`) reads as None: derived by the run
+
+
 def _coerce(key: str, value: Any, kind: Any, origin: str) -> Any:
-    """value as the field's type; strings from the command line are parsed as YAML scalars first."""
+    """value as the field's type; strings from the command line are parsed as YAML scalars first. An
+    optional field (`float | None`) also takes auto (None)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind):
+        if value is None or (isinstance(value, str) and value.strip().lower() in AUTO):
+            return None
+        inner = [k for k in typing.get_args(kind) if k is not type(None)][0]
+        try:
+            return _coerce(key, value, inner, origin)
+        except ConfigError:
+            raise ConfigError(f"{origin}: {key} must be {inner.__name__} or auto, got {value!r}") from None
     if isinstance(value, str) and kind is not str:
         try:
             value = yaml.safe_load(value) if value.strip() else value
@@ -243,13 +308,22 @@ def parse_override(text: str) -> tuple[str, str, str]:
     return section, key, value
 
 
+def needs_held_out(cfg: Config) -> str:
+    """What in cfg fits on the held-out part ('' when nothing does): a run that has none fails then."""
+    if cfg.model.head == "regression" and cfg.regression.fit_thresholds == "val":
+        return "regression.fit_thresholds=val"
+    if cfg.train.calibration == "temperature":
+        return "train.calibration=temperature"
+    return ""
+
+
 def validate(cfg: Config) -> None:
     flat = {f"{s}.{k}": v for s, values in cfg.to_dict().items() for k, v in values.items()}
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(map(str, allowed))}")
     for key in POSITIVE:
-        if not flat[key] > 0:
+        if flat[key] is not None and not flat[key] > 0:
             raise ConfigError(f"{key} must be > 0, got {flat[key]}")
     for key in NON_NEGATIVE:
         if not flat[key] >= 0:
@@ -263,6 +337,8 @@ def validate(cfg: Config) -> None:
     if cfg.train.calibration == "temperature" and (cfg.data.val_fraction == 0 or cfg.model.head == "regression"):
         raise ConfigError("train.calibration=temperature fits the probabilities on a held-out set: set data.val_fraction "
                           "(e.g. 0.1), with the classification or ordinal head (a regression head has no probabilities)")
+    if not 0 <= cfg.train.natural_from <= 1:
+        raise ConfigError(f"train.natural_from must be in [0, 1] (a share of the run), got {cfg.train.natural_from}")
     if cfg.train.warmup_epochs > cfg.train.epochs:
         raise ConfigError(f"train.warmup_epochs ({cfg.train.warmup_epochs}) must not exceed train.epochs ({cfg.train.epochs})")
 

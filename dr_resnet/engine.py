@@ -80,6 +80,7 @@ class EpochTotals:
     sums: Tensor = field(init=False)  # loss x images, correct, images, over the finite steps
     nonfinite: Tensor = field(init=False)  # steps with a non-finite loss or gradient
     first_nonfinite: Tensor = field(init=False)  # (step, loss) of the first one; step -1 while none
+    grad: Tensor = field(init=False)  # the gradients' global norm before clipping: sum, max, steps clipped, steps
     outputs: list[Tensor] = field(default_factory=list)
     labels: list[Tensor] = field(default_factory=list)
 
@@ -87,6 +88,7 @@ class EpochTotals:
         self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
         self.first_nonfinite = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=self.device)
+        self.grad = torch.zeros(4, dtype=torch.float64, device=self.device)
         self.seen = LaggedValue(self.device)
 
     def add(self, step: int, loss: Tensor, outputs: Tensor, labels: Tensor, correct: Tensor, finite: Tensor) -> None:
@@ -105,6 +107,17 @@ class EpochTotals:
             self.outputs.append(outputs.detach().float().squeeze(1))
             self.labels.append(labels)
 
+    def add_grad_norm(self, norm: Tensor, clip: float, finite: Tensor) -> None:
+        """A finite step's gradient norm before clipping (on the device: no host sync). An fp16 step whose
+        scaled gradients overflowed (the scaler skips it) has no norm to count either."""
+        norm = norm.detach().double()
+        counted = finite & torch.isfinite(norm)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        safe = torch.where(counted, norm, zero)
+        clipped = (safe > clip).double() if clip > 0 else zero
+        self.grad = torch.stack([self.grad[0] + safe, torch.maximum(self.grad[1], safe), self.grad[2] + clipped,
+                                 self.grad[3] + counted.double()])
+
     def mean_loss(self) -> Tensor:
         return self.sums[0] / self.sums[2].clamp(min=1)
 
@@ -122,7 +135,7 @@ class EpochTotals:
 
     def state(self) -> dict:
         """This rank's totals on the CPU, for a checkpoint."""
-        return {"images": self.images, "sums": self.sums.cpu(), "nonfinite": self.nonfinite.cpu(),
+        return {"images": self.images, "sums": self.sums.cpu(), "nonfinite": self.nonfinite.cpu(), "grad": self.grad.cpu(),
                 "outputs": torch.cat(self.outputs).cpu() if self.outputs else None,
                 "labels": torch.cat(self.labels).cpu() if self.labels else None}
 
@@ -130,6 +143,8 @@ class EpochTotals:
         self.images = int(state["images"])
         self.sums = state["sums"].to(self.device, torch.float64)
         self.nonfinite = state["nonfinite"].to(self.device)
+        if "grad" in state:  # not in checkpoints written before 0.3
+            self.grad = state["grad"].to(self.device, torch.float64)
         if self.keep_outputs and state["outputs"] is not None:
             self.outputs, self.labels = [state["outputs"].to(self.device)], [state["labels"].to(self.device)]
 
@@ -141,6 +156,10 @@ class EpochTotals:
         stats = {"train_loss": loss_sum / max(1.0, images), "train_acc": correct / max(1.0, images),
                  "train_images": int(images), "train_seconds": seconds, "images_per_s": images / seconds,
                  "nonfinite_steps": int(all_reduce_max(self.nonfinite.clone()))}
+        # DDP gives every rank the same gradients, so the same norms: the max over ranks is any rank's.
+        norm_sum, norm_max, clipped, steps = all_reduce_max(self.grad.clone()).tolist()
+        if steps:
+            stats.update(grad_norm_mean=norm_sum / steps, grad_norm_max=norm_max, clipped_share=clipped / steps)
         if self.keep_outputs:
             stats["outputs"] = gather_equal(torch.cat(self.outputs)).cpu().numpy()
             stats["labels"] = gather_equal(torch.cat(self.labels)).cpu().numpy()
@@ -203,9 +222,11 @@ class Trainer:
     def device(self) -> torch.device:
         return self.runtime.device
 
-    def step(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """One optimisation step on a uint8 batch already on the device; returns (loss, outputs, finite):
-        finite is a device bool, false when the loss or the gradients held inf or NaN."""
+    def step(self, images: Tensor, labels: Tensor, generator: torch.Generator
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """One optimisation step on a uint8 batch already on the device; returns (loss, outputs, finite,
+        norm): finite is a device bool, false when the loss or the gradients held inf or NaN; norm the
+        gradients' global norm before clipping (None in fp16 without clipping: the scaler checks alone)."""
         inputs = self.runtime.augment.train(images, generator)
         skipping = self.nonfinite == "skip" and not self.scaler.is_enabled()
         statistics = [(b, b.clone()) for b in self.model.buffers()] if skipping else []
@@ -215,6 +236,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         finite = torch.isfinite(loss.detach())
+        norm = None
         if self.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
@@ -230,7 +252,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss, outputs, finite
+        return loss, outputs, finite, norm
 
     def _step_unless(self, finite: Tensor) -> None:
         """optimizer.step() only where `finite`: on the device for optimizers that take the flag that
@@ -253,8 +275,10 @@ class Trainer:
         shown = LaggedValue(self.device) if progress is not None and not progress.disable else None
         for step, (images, labels) in enumerate(loader, start=first_step):
             images, labels = _to_device(images, labels, self.device)
-            loss, outputs, finite = self.step(images, labels, generator)
+            loss, outputs, finite, norm = self.step(images, labels, generator)
             totals.add(step, loss, outputs, labels, (self.head.predict_outputs(outputs.detach()) == labels).sum(), finite)
+            if norm is not None:
+                totals.add_grad_norm(norm, self.clip_grad_norm, finite)
             if shown is not None:
                 progress.update(labels.shape[0])
                 if step % log_every == 0:

@@ -61,7 +61,7 @@ def model_card(grader: CheckpointGrader, checkpoint: Path, fmt: str, model_file:
     data = trained.get("data") or {"root": cfg.data.root, "splits": {}, "note": "not recorded (checkpoint before 0.2)"}
     head = {"kind": grader.head_kind, "outputs": grader.model.head.outputs, **grader.head_state}
     return {
-        "name": f"resnet{cfg.model.depth}_{'scratch' if cfg.model.weights.lower() == 'none' else 'pretrained'}",
+        "name": cfg.model.arm,
         "architecture": {"name": f"ResNet-{cfg.model.depth}", "block": arch.block, "layers": list(arch.layers),
                          "parameters": count_parameters(grader.network), "initial_weights": cfg.model.weights},
         "head": head,
@@ -110,8 +110,11 @@ def card_markdown(card: dict) -> str:
         counts = info["class_counts"]
         share = ", ".join(f"{c} ({c / max(1, info['images']):.0%})" for c in counts)
         lines.append(f"- {split}: {info['images']} images; grades 0..4: {share}")
-    lines += [f"- selected epoch {t['selected_epoch']} of {t['epochs']}"
-              + (f" by {t['selection'].get('metric')} on {t['selection'].get('on')}" if t["selection"] else ""), "",
+    how = ""
+    if t["selection"]:
+        how = (" (the final epoch: nothing held out)" if t["selection"].get("on") == "final"
+               else f" by {t['selection'].get('metric')} on {t['selection'].get('on')}")
+    lines += [f"- selected epoch {t['selected_epoch']} of {t['epochs']}{how}", "",
               "## Metrics at the selected epoch", ""]
     if not m:
         lines.append("Not recorded.")

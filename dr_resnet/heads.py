@@ -146,8 +146,11 @@ class ClassificationHead(TemperatureScaled):
     def aggregated_of(self, values: Tensor) -> Tensor:
         return values
 
-    def start_bias(self, labels: np.ndarray) -> None:
-        return None  # the usual initialisation
+    def start_bias(self, shares: np.ndarray) -> list[float]:
+        """Each grade's output starts at the log of its share of what the run trains on first: the
+        untrained network then predicts that prior, instead of a uniform guess that the first steps
+        must first unlearn (a zero bias costs ~0.8 nats more on the natural EyePACS balance)."""
+        return np.log(np.clip(np.asarray(shares, dtype=np.float64), 1e-3, 1)).tolist()
 
 
 class RegressionHead:
@@ -210,9 +213,10 @@ class RegressionHead:
     def aggregated_of(self, values: Tensor) -> Tensor:
         return values
 
-    def start_bias(self, labels: np.ndarray) -> float:
-        """A fresh output starts at the mean training grade, not 0 (measured: +0.014 QWK on the demo)."""
-        return float(np.mean(labels))
+    def start_bias(self, shares: np.ndarray) -> float:
+        """A fresh output starts at the mean grade of what the run trains on first, not 0 (measured:
+        +0.014 QWK on the demo)."""
+        return float(np.dot(np.arange(NUM_GRADES), shares))
 
     def state(self) -> dict:
         return {"thresholds": self.thresholds.tolist()}
@@ -322,10 +326,10 @@ class OrdinalHead(TemperatureScaled):
     def referable_score(self, aggregated: Tensor) -> Tensor:
         return aggregated[:, REFERABLE_GRADE - 1]  # P(grade > 1) = P(grade >= 2)
 
-    def start_bias(self, labels: np.ndarray) -> list[float]:
-        """Each output starts at the training split's log-odds of "grade > k" (a calibrated prior)."""
-        share = np.clip([(np.asarray(labels) > k).mean() for k in range(NUM_GRADES - 1)], 1e-3, 1 - 1e-3)
-        return np.log(share / (1 - share)).tolist()
+    def start_bias(self, shares: np.ndarray) -> list[float]:
+        """Each output starts at the log-odds of "grade > k" in what the run trains on first (a calibrated prior)."""
+        above = np.clip(np.cumsum(np.asarray(shares, dtype=np.float64)[::-1])[::-1][1:], 1e-3, 1 - 1e-3)
+        return np.log(above / (1 - above)).tolist()
 
 
 def qwk_at(values: np.ndarray, labels: np.ndarray, thresholds: Sequence[float]) -> float:
@@ -363,7 +367,7 @@ def head_for(cfg: Config, class_weight: Tensor | None = None, device: torch.devi
     """The head cfg.model.head names, with its settings from cfg (the regression section for regression);
     class_weight: per-grade loss weights (train.class_weights); device: where the training step runs.
 
-    Every head has: outputs (the output layer's width), start_bias(labels), loss, aggregate (TTA views),
+    Every head has: outputs (the output layer's width), start_bias(grade shares), loss, aggregate (TTA views),
     predict / predict_outputs (grades), eval_loss_sum, referable_score, values / aggregated_of (what a
     prediction reports: grade probabilities, or the regression score), state / load_state (for the
     checkpoint), fit_on and end_of_epoch(values, labels) (what it wants to see after each epoch, and

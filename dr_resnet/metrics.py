@@ -76,6 +76,26 @@ def majority_baseline(cm: np.ndarray) -> float:
     return float(cm.sum(axis=1).max() / total) if total else 0.0
 
 
+COLLAPSE_SHARE = 0.95  # a run predicting one grade for this share of the images or more has collapsed
+
+
+def collapse(cm: np.ndarray) -> str:
+    """Why an evaluation looks like a collapsed run ('' when it does not): one grade predicted for at
+    least COLLAPSE_SHARE of the images, or an accuracy below the majority-class baseline, the failure a
+    from-scratch run on EyePACS's 73% of grade 0 falls into."""
+    total = cm.sum()
+    if not total:
+        return ""
+    predicted = cm.sum(axis=0)
+    top = int(predicted.argmax())
+    reasons = []
+    if predicted[top] >= COLLAPSE_SHARE * total:
+        reasons.append(f"grade {top} predicted for {predicted[top] / total:.1%} of the images")
+    if accuracy(cm) < majority_baseline(cm):
+        reasons.append(f"accuracy {accuracy(cm):.1%} below the majority baseline {majority_baseline(cm):.1%}")
+    return "; ".join(reasons)
+
+
 REFERABLE_GRADE = 2  # moderate or worse: the screening question is "refer to an ophthalmologist?"
 
 

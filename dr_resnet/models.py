@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .config import is_pretrained
 from .registry import ARCHITECTURES, DEPTHS, Architecture
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def build_resnet(depth: int, num_classes: int = NUM_GRADES, weights: str | os.Pa
     if head_bias is not None:  # one value for every output, or one per output
         with torch.no_grad():
             model.fc.bias.copy_(torch.as_tensor(head_bias, dtype=model.fc.bias.dtype).expand_as(model.fc.bias))
-    if weights is None or str(weights).lower() in ("", "none", "scratch"):
+    if weights is None or not is_pretrained(weights):
         return model
     if str(weights).lower() == "imagenet":
         state, source = load_imagenet_state_dict(depth), f"torchvision IMAGENET1K_V1 ({imagenet_cache_path(depth)})"

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .arms import PAIR_METRICS, RunRecord, compare_arms, find_runs, seed_summary
+from .arms import PAIR_METRICS, SEED_COLUMNS, RunRecord, compare_arms, find_runs, seed_summary
 from .metrics import expected_calibration_error
 from .plots import pyplot
 from .report_html import write_html
-from .rundir import BEST_CHECKPOINT, CONFIG_FILE, selected_on
+from .rundir import BEST_CHECKPOINT, CONFIG_FILE, FINAL
 
 COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
 COMPARISONS_FILE = "comparisons.json"
@@ -110,8 +110,8 @@ def plot_calibration(runs: list[RunRecord], path: Path) -> bool:
 
 
 def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
-    """Each run's confusion matrix at its selected epoch (its train.select_by, on the held-out set if it
-    has one, else on test: the epoch of its checkpoint_best.pt), row-normalised, two to a row."""
+    """Each run's confusion matrix at its selected epoch (its train.select_by on the held-out set if it
+    has one, else its final epoch: the epoch of its checkpoint_best.pt), row-normalised, two to a row."""
     from .plots import draw_confusion_matrix
 
     plt = pyplot()
@@ -124,8 +124,9 @@ def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
         best = run.chosen()
         image = draw_confusion_matrix(ax, np.array(best["confusion_matrix"]),
                                       f"ResNet{run.depth} {run.label} ({run.name})\nepoch {best['epoch']} "
-                                      f"(best {run.select_by} on {'held-out' if run.has_val else 'test'}), test: "
-                                      f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}")
+                                      f"({f'best held-out {run.select_by}' if run.has_val else 'final'}), test: "
+                                      f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}"
+                                      + (" - COLLAPSED" if run.collapsed else ""))
     for ax in list(axes.flat)[len(shown):]:
         ax.set_visible(False)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="share of the true grade's images")
@@ -133,13 +134,14 @@ def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
     plt.close(fig)
 
 
-COLUMNS = ["run", "depth", "weights", "status", "epochs", "selected_by", "selected_epoch", "selected_acc_95ci",
-           "selected_qwk_95ci", "selected_auc_95ci", "ci_resampled", "selected_ece", "ece_before_temperature", "best_test_acc", "best_acc_epoch", "best_qwk",
-           "best_qwk_epoch", "val_chosen_epoch", "test_qwk_at_val_chosen", "final_test_acc", "final_qwk", "majority_baseline", "recall_at_best_qwk",
-           "referable_sens_at_best_qwk", "referable_spec_at_best_qwk", "referable_auc_at_best_qwk", "train_minutes"]
+COLUMNS = ["run", "depth", "weights", "status", "epochs", "selected_by", "selected_epoch", "collapsed", "selected_test_acc",
+           "selected_qwk", "selected_acc_95ci", "selected_qwk_95ci", "selected_auc_95ci", "ci_resampled", "selected_ece",
+           "ece_before_temperature", "recall_at_selected", "referable_sens_at_selected", "referable_spec_at_selected",
+           "final_test_acc", "final_qwk", "majority_baseline", "train_minutes"]
 
 
 def result_rows(runs: list[RunRecord]) -> list[dict]:
+    """One row per run at its selected epoch (and its final epoch): nothing here is chosen on test."""
     table = []
     for run in runs:
         row = {"run": run.name, "depth": run.depth, "weights": run.weights, "epochs": f"{len(run.rows)}/{run.epochs_planned}"}
@@ -149,22 +151,18 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
         if not run.rows:
             table.append({**row, "status": "no epoch yet"})
             continue
-        acc, qwk, final = run.best("test_acc"), run.best("test_qwk"), run.rows[-1]
+        chosen, final = run.chosen(), run.rows[-1]
         progress = "done" if len(run.rows) >= run.epochs_planned else "in progress"
-        table.append({**row, "status": run.launch_status or progress,
-                      "selected_by": f"{selected_on(final)} {run.select_by}", "selected_epoch": run.chosen()["epoch"],
-                      "best_test_acc": acc["test_acc"], "best_acc_epoch": acc["epoch"], "best_qwk": qwk["test_qwk"],
-                      "best_qwk_epoch": qwk["epoch"], "final_test_acc": final["test_acc"], "final_qwk": final["test_qwk"],
-                      "majority_baseline": run.baseline, "recall_at_best_qwk": " ".join(f"{r:.2f}" for r in qwk["test_recall"]),
-                      "referable_sens_at_best_qwk": qwk.get("test_referable_sensitivity"),
-                      "referable_spec_at_best_qwk": qwk.get("test_referable_specificity"),
-                      "referable_auc_at_best_qwk": qwk.get("test_referable_auc"),
+        how = f"held-out {run.select_by}" if run.has_val else FINAL
+        table.append({**row, "status": run.launch_status or progress, "selected_by": how, "selected_epoch": chosen["epoch"],
+                      "collapsed": run.collapsed or "no", "selected_test_acc": chosen["test_acc"],
+                      "selected_qwk": chosen["test_qwk"], "selected_ece": chosen.get("test_ece"),
+                      "ece_before_temperature": chosen.get("test_ece_before"),
+                      "recall_at_selected": " ".join(f"{r:.2f}" for r in chosen["test_recall"]),
+                      "referable_sens_at_selected": chosen.get("test_referable_sensitivity"),
+                      "referable_spec_at_selected": chosen.get("test_referable_specificity"),
+                      "final_test_acc": final["test_acc"], "final_qwk": final["test_qwk"], "majority_baseline": run.baseline,
                       "train_minutes": sum(r["epoch_seconds"] for r in run.rows) / 60})
-        if run.has_val:
-            chosen = run.chosen()
-            table[-1].update(val_chosen_epoch=chosen["epoch"], test_qwk_at_val_chosen=chosen["test_qwk"])
-        chosen = run.chosen()
-        table[-1].update(selected_ece=chosen.get("test_ece"), ece_before_temperature=chosen.get("test_ece_before"))
         intervals = run.intervals()
         if intervals:
             table[-1].update({f"selected_{short}_95ci": _with_interval(intervals[name])
@@ -178,13 +176,16 @@ def _with_interval(entry: dict) -> str:
 
 
 def seed_lines(table: list[dict]) -> list[str]:
-    lines = ["## Seeds (each arm's selected epoch, mean and standard deviation over its seeds)", "",
-             "| arm | seeds | accuracy | QWK | referable AUC |", "|---|---|---|---|---|"]
+    lines = ["## Seeds (each arm's selected and final epochs, mean and standard deviation over its seeds)", "",
+             "| arm | seeds | collapsed | " + " | ".join(label for _, label in SEED_COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(SEED_COLUMNS)]
     for row in table:
         cells = [f"{row[m]['mean']:.3f}" + (f" +- {row[m]['sd']:.3f}" if row[m]["sd"] is not None else "")
-                 for m in ("accuracy", "qwk", "referable_auc")]
-        lines.append(f"| {row['arm']} | {', '.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
+                 for m, _ in SEED_COLUMNS]
+        collapsed = f"{len(row['collapsed'])} (seed {', '.join(map(str, row['collapsed']))})" if row["collapsed"] else "0"
+        lines.append(f"| {row['arm']} | {', '.join(map(str, row['seeds']))} | {collapsed} | " + " | ".join(cells) + " |")
     return lines
+
 
 
 def comparison_lines(comparisons: list[dict]) -> list[str]:
@@ -223,13 +224,12 @@ def write_tables(table: list[dict], out: Path, comparisons: list[dict] = (), see
         writer.writeheader()
         writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in table)
     lines = ["# Results", "",
-             "selected_epoch is each run's own choice (its train.select_by, on its held-out part if it has one, else "
-             "on test): the epoch of its checkpoint_best.pt. "
-             "best_* columns choose the epoch on the test split, as the lab recipe does, which flatters them; runs "
-             "with a held-out part of the training split (data.val_fraction) also give the test QWK at the epoch "
-             "best on that part (test_qwk_at_val_chosen), the unbiased figure. QWK = quadratic weighted kappa; "
-             "recall per grade 0..4 at the best-QWK epoch; referable DR = grade >= 2 vs < 2 (sensitivity, "
-             "specificity, ROC AUC). Accuracy is only meaningful above the majority baseline. selected_*_95ci: "
+             "selected_epoch is each run's own choice, never made on the test split: the best epoch by its "
+             "train.select_by on the held-out part of its training split (selected_by: held-out ...), or its final "
+             "epoch when nothing was held out (selected_by: final); it is the epoch of its checkpoint_best.pt. "
+             "collapsed: why the selected epoch looks collapsed (one grade predicted for 95% of the test images or "
+             "more, or accuracy below the majority baseline). QWK = quadratic weighted kappa; recall per grade 0..4 "
+             "at the selected epoch; referable DR = grade >= 2 vs < 2 (sensitivity, specificity, ROC AUC). Accuracy is only meaningful above the majority baseline. selected_*_95ci: "
              "the selected epoch's accuracy, QWK and referable AUC with bootstrap 95% intervals (ci_resampled: "
              "patients when image names carry a patient id, else images). selected_ece: the selected epoch's "
              "expected calibration error of its top grade probability (0 = calibrated); ece_before_temperature: the "

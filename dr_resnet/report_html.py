@@ -8,6 +8,8 @@ import base64
 import html
 from pathlib import Path
 
+from .arms import SEED_COLUMNS
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 h1, h2 { font-weight: 600; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
@@ -27,10 +29,11 @@ ON_LOAD = ("window.addEventListener('load', () => { document.body.dataset.figure
 
 # The results table's columns on the page: (column of results.csv, heading)
 PAGE_COLUMNS = (("run", "run"), ("status", "status"), ("epochs", "epochs"), ("selected_by", "selected by"),
-                ("selected_epoch", "epoch"), ("selected_acc_95ci", "accuracy (95% CI)"),
+                ("selected_epoch", "epoch"), ("collapsed", "collapsed"), ("selected_acc_95ci", "accuracy (95% CI)"),
                 ("selected_qwk_95ci", "QWK (95% CI)"), ("selected_auc_95ci", "referable AUC (95% CI)"),
                 ("ci_resampled", "resampled"), ("selected_ece", "ECE"), ("majority_baseline", "majority baseline"),
-                ("recall_at_best_qwk", "recall per grade (best-QWK epoch)"), ("train_minutes", "minutes"))
+                ("recall_at_selected", "recall per grade"), ("final_qwk", "final-epoch QWK"),
+                ("train_minutes", "minutes"))
 
 
 def _cell(value, nowrap: bool = False) -> str:
@@ -53,7 +56,7 @@ def _results(table: list[dict]) -> str:
     rows = []
     for row in table:
         cls = ' class="notrun"' if str(row.get("status", "")).startswith(("not run", "failed")) else ""
-        rows.append(f"<tr{cls}>" + "".join(_cell(row.get(k), nowrap=k.endswith(("95ci", "recall_at_best_qwk")))
+        rows.append(f"<tr{cls}>" + "".join(_cell(row.get(k), nowrap=k.endswith(("95ci", "recall_at_selected")))
                                            for k, _ in PAGE_COLUMNS) + "</tr>")
     return f'<div class="wide"><table id="results"><tr>{head}</tr>{"".join(rows)}</table></div>'
 
@@ -83,9 +86,12 @@ def _seeds(seeds: list[dict]) -> str:
     for row in seeds:
         cells = "".join(f'<td class="num">{row[m]["mean"]:.3f}' + (f" &plusmn; {row[m]['sd']:.3f}" if row[m]["sd"] is not None
                                                                   else "") + "</td>"
-                        for m in ("accuracy", "qwk", "referable_auc"))
-        rows.append(f"<tr><td>{html.escape(row['arm'])}</td><td>{', '.join(map(str, row['seeds']))}</td>{cells}</tr>")
-    return ('<table id="seeds"><tr><th>arm</th><th>seeds</th><th>accuracy</th><th>QWK</th><th>referable AUC</th></tr>'
+                        for m, _ in SEED_COLUMNS)
+        collapsed = ", ".join(map(str, row["collapsed"])) or "none"
+        rows.append(f"<tr><td>{html.escape(row['arm'])}</td><td>{', '.join(map(str, row['seeds']))}</td>"
+                    f"<td>{collapsed}</td>{cells}</tr>")
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in SEED_COLUMNS)
+    return (f'<table id="seeds"><tr><th>arm</th><th>seeds</th><th>collapsed seeds</th>{head}</tr>'
             + "".join(rows) + "</table>")
 
 
@@ -93,8 +99,9 @@ def write_html(out: Path, title: str, table: list[dict], comparisons: list[dict]
                figures: list[tuple[Path, str]]) -> Path:
     """out/report.html from the results table, the paired comparisons, the seed summary and (figure, caption)s."""
     parts = [f"<h1>{html.escape(title)}</h1>",
-             '<p class="note">Each run at its selected epoch (its train.select_by on its held-out set if it has one, '
-             "else on test), with bootstrap 95% intervals. QWK: quadratic weighted kappa; referable DR: grade &ge; 2; "
+             '<p class="note">Each run at its selected epoch (its train.select_by on the held-out part of its training '
+             "split if it has one, else its final epoch; never chosen on test), with bootstrap 95% intervals. "
+             "Collapsed: one grade predicted for 95% of the test images or more, or accuracy below the majority baseline. QWK: quadratic weighted kappa; referable DR: grade &ge; 2; "
              "ECE: expected calibration error of the top grade probability. Accuracy means something only above the "
              "majority baseline.</p>",
              "<h2>Results</h2>", _results(table)]

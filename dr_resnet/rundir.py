@@ -4,7 +4,7 @@ names. No torch here, so the report stays light.
 
     config.yaml           the resolved config                     (train, launch.sweep)
     metrics.jsonl         one JSON object per epoch               (train; read by report, benchmarks)
-    summary.json          best and final metrics                  (train)
+    summary.json          selected and final epochs' metrics, collapse flag (train)
     checkpoint_last.pt    the resume point (end of epoch or mid-epoch) (train, checkpoint.py's layout)
     checkpoint_prev.pt    the resume point before it, kept until the next one is complete (train)
     checkpoint_best.pt    the selected epoch's training state     (train)
@@ -65,26 +65,31 @@ def rewrite_metrics(run_dir: Path, rows: list[dict]) -> None:
 
 
 SELECT_BY = ("qwk", "accuracy", "loss")  # train.select_by
+FINAL = "final"  # selected_on when a run has no held-out part: its final epoch is its result
 
 
 def selected_on(row: dict) -> str:
-    """The split a run chooses its best epoch on: the held-out part of its training split if it has
-    one (data.val_fraction), else the test split (the lab recipe's habit, which flatters the best)."""
-    return "val" if "val_qwk" in row else "test"
+    """How a run chooses its epoch: on the held-out part of its training split ("val") if it has one
+    (data.val_fraction), else it takes its final epoch ("final"). Never on the test split."""
+    return "val" if "val_qwk" in row else FINAL
 
 
-def selection_value(row: dict, select_by: str, on: str | None = None) -> float:
-    """Higher is better: QWK, accuracy, or minus the loss, on the selection split (or on `on`)."""
-    on = on or selected_on(row)
+def selection_value(row: dict, select_by: str, on: str = "val") -> float:
+    """Higher is better: QWK, accuracy, or minus the loss, on split `on` ("val", or "test" for tables
+    that show how optimistic choosing on test would be)."""
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
     return {"qwk": row[f"{on}_qwk"], "accuracy": row[f"{on}_acc"], "loss": -row[f"{on}_loss"]}[select_by]
 
 
 def selected_row(rows: list[dict], select_by: str, on: str | None = None) -> dict:
-    """THE selected epoch's row (train.select_by on the selection split; ties: the earlier epoch): the
-    epoch of checkpoint_best.pt, the summary's "best", the report's and the benchmarks' choice. `on`
-    forces a split ("test", "val"), for tables that show what choosing on test would give."""
+    """THE selected epoch's row: the best by train.select_by on the held-out part (ties: the earlier
+    epoch), or the final epoch without one. It is the epoch of checkpoint_best.pt, the summary's
+    "selected", the report's and the benchmarks' choice. `on="test"` forces the choice on the test
+    split, only for showing how optimistic that would be: never a result."""
+    on = on or selected_on(rows[-1])
+    if on == FINAL:
+        return rows[-1]
     return max(rows, key=lambda r: (selection_value(r, select_by, on), -r["epoch"]))
 
 

@@ -144,21 +144,24 @@ class Tracker:
         self._guard("log", lambda: self.run.log(values))
 
     def log_summary(self, summary: dict[str, Any], confusion_png: Path | None) -> None:
-        """Best and final values, the majority baseline, and the confusion matrix (plot and image)."""
+        """The selected and final epochs' values, the majority baseline, the collapse flag, and the
+        confusion matrix (plot and image)."""
         def write():
             import wandb
 
-            best, final = summary["best"], summary["final"]
+            selected, final = summary["selected"], summary["final"]
             self.run.summary.update({
-                "best/test_acc": best["test_acc"], "best/test_qwk": best["test_qwk"], "best/epoch": best["epoch"],
+                "selected/test_acc": selected["test_acc"], "selected/test_qwk": selected["test_qwk"],
+                "selected/epoch": selected["epoch"], "selected/on": summary["selected_on"],
                 "final/test_acc": final["test_acc"], "final/test_qwk": final["test_qwk"],
                 "majority_baseline": summary["majority_baseline"], "epochs_completed": summary["epochs_completed"],
+                "collapsed": bool(summary.get("collapsed")), "collapsed_reason": summary.get("collapsed", ""),
             })
             intervals = summary.get("intervals")
-            if intervals:  # the selected epoch's bootstrap 95% intervals: best/test_qwk_low, best/test_qwk_high, ...
-                self.run.summary.update({f"best/test_{m}_{end}": intervals[m][end] for m in intervals
+            if intervals:  # the selected epoch's bootstrap 95% intervals: selected/test_qwk_low, ..._high, ...
+                self.run.summary.update({f"selected/test_{m}_{end}": intervals[m][end] for m in intervals
                                          if isinstance(intervals[m], dict) for end in ("low", "high")})
-                self.run.summary["best/intervals_resampled"] = intervals["unit"]
+                self.run.summary["selected/intervals_resampled"] = intervals["unit"]
             cm = summary["confusion_matrix"]
             y_true = [t for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]
             y_pred = [p for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]

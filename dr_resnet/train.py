@@ -35,9 +35,9 @@ from .preemption import RunStopped, StepBoundary, StopSignals
 from .recipe import Recipe
 from .predictions import read_predictions, write_predictions
 from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, PREDICTIONS_FILE, PREV_CHECKPOINT, SUMMARY_FILE,
-                     TRAIN_LOG, VAL_PREDICTIONS_FILE, MetricsError, append_metrics, read_metrics, rewrite_metrics, selected_on,
+                     FINAL, TRAIN_LOG, VAL_PREDICTIONS_FILE, MetricsError, append_metrics, read_metrics, rewrite_metrics, selected_on,
                      selected_row, selection_value)
-from .metrics import expected_calibration_error
+from .metrics import collapse, expected_calibration_error
 from .stats import bootstrap_intervals
 from .runtime import compile_model, configure_backends, environment
 from .samplers import EpochSampler
@@ -74,6 +74,7 @@ class Run:
     test_baseline: float
     recipe: Recipe  # what photos go through before the network: saved with every checkpoint
     provenance: dict  # versions and the data's splits and class counts: saved with every checkpoint
+    learning_rate: config.LearningRate  # the rate config.learning_rate's rule gives this run, and how
 
     @property
     def head(self) -> ClassificationHead | RegressionHead | OrdinalHead:
@@ -97,17 +98,18 @@ def build(cfg: Config, info: DistInfo) -> Run:
     test_loader = eval_loader(data.test)
     val_loader = eval_loader(data.val) if data.val is not None else None
     fit_loader = eval_loader(data.train) if head.fit_on == "train" else None
-    model = components.model(cfg, head, runtime, data.train.labels)
+    model = components.model(cfg, head, runtime, train_sampler.grade_shares(0))
     ddp_model = components.distributed_model(model, cfg, info)
     model = getattr(ddp_model, "module", ddp_model)  # SyncBatchNorm's conversion makes a new module
-    o = components.optimisation(t, model, len(train_loader), runtime)
+    lr = config.learning_rate(t, cfg.model.pretrained, info.world_size)
+    o = components.optimisation(t, lr.lr, model, len(train_loader), runtime)
     trainer = Trainer(compile_model(ddp_model, t.compile), o.optimizer, o.scheduler, o.scaler, head, runtime,
                       t.clip_grad_norm, t.nonfinite)
     return Run(cfg=cfg, info=info, run_dir=Path(cfg.output.dir), train_loader=train_loader, test_loader=test_loader,
                val_loader=val_loader, fit_loader=fit_loader, train_sampler=train_sampler, model=model,
                eval_model=compile_model(model, t.compile), trainer=trainer, train_baseline=data.train.majority_baseline,
                test_baseline=data.test.majority_baseline, recipe=Recipe.of_data(cfg.data.root, cfg.data.image_size),
-               provenance=provenance(cfg, data))
+               provenance=provenance(cfg, data), learning_rate=lr)
 
 
 def provenance(cfg: Config, data: components.Datasets) -> dict:
@@ -199,8 +201,28 @@ def selection(rows: list[dict], select_by: str) -> dict:
     if not rows:
         return {}
     chosen = selected_row(rows, select_by)
-    return {"metric": select_by, "on": selected_on(chosen), "value": selection_value(chosen, select_by),
-            "epoch": chosen["epoch"]}
+    on = selected_on(chosen)
+    value = selection_value(chosen, select_by) if on != FINAL else None
+    return {"metric": select_by, "on": on, "value": value, "epoch": chosen["epoch"]}
+
+
+def effective_settings(run: Run) -> dict:
+    """What the run derived from its config and the processes it runs on: the `effective` section of
+    its config.yaml, logged at start. The learning rate is the one the optimizer holds: a run resumed
+    by another number of processes keeps the rate it began with (with a warning)."""
+    t, lr, steps = run.cfg.train, run.learning_rate, len(run.train_loader)
+    trained_with = run.trainer.optimizer.param_groups[0]["initial_lr"]
+    if abs(trained_with - lr.lr) > 1e-12 * max(1.0, lr.lr):
+        log.warning("this run began with learning rate %.6g; for %d process(es) the rule gives %.6g (%s): it keeps "
+                    "%.6g, so that its schedule goes on unchanged", trained_with, run.info.world_size, lr.lr, lr.rule,
+                    trained_with)
+    sampler = run.train_sampler
+    return {"processes": run.info.world_size, "global_batch": lr.global_batch, "lr": trained_with, "lr_rule": lr.rule,
+            "steps_per_epoch": steps, "warmup_steps": round(t.warmup_epochs * steps) if t.scheduler != "none" else 0,
+            "total_steps": t.epochs * steps, "first_epoch_grade_shares": [round(float(x), 4) for x in sampler.grade_shares(0)],
+            "final_epoch_grade_shares": [round(float(x), 4) for x in sampler.grade_shares(t.epochs - 1)],
+            "held_out_images": len(run.val_loader.dataset) if run.val_loader else 0,
+            "selection": f"best held-out {t.select_by}" if run.val_loader else "the final epoch (nothing held out)"}
 
 
 def split_metrics(prefix: str, result: EvalResult) -> dict:
@@ -258,8 +280,9 @@ def selected_intervals(run_dir: Path) -> dict:
 
 def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
     """summary.json (after every epoch, so a run in progress has one); at the end (`figure`) also the
-    selected epoch's bootstrap intervals and confusion-matrix figure. The best epoch is chosen by
-    train.select_by (ties: the earlier)."""
+    selected epoch's bootstrap intervals and confusion-matrix figure. The epoch is selected by
+    train.select_by on the held-out part (ties: the earlier), else it is the final one; `collapsed`
+    says why the selected epoch looks collapsed (metrics.collapse; '' when it does not)."""
     select_by = run.cfg.train.select_by
     best = selected_row(rows, select_by)
     final = rows[-1]
@@ -275,11 +298,12 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
         "epochs_planned": run.cfg.train.epochs,
         "world_size": run.info.world_size,
         "num_test_samples": int(np.sum(final["confusion_matrix"])),
-        "selected_by": select_by,
+        "selected_by": select_by if selected_on(final) != FINAL else FINAL,
         "selected_on": selected_on(final),
         "majority_baseline": run.test_baseline,
         "train_majority_baseline": run.train_baseline,
-        "best": {k: best[k] for k in keys},
+        "collapsed": collapse(np.array(best["confusion_matrix"])),
+        "selected": {k: best[k] for k in keys},
         "final": {k: final[k] for k in keys},
         "confusion_matrix": best["confusion_matrix"],
         "final_confusion_matrix": final["confusion_matrix"],
@@ -293,16 +317,17 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
     if figure:
         from .plots import save_confusion_matrix
 
+        how = f"best held-out {select_by}" if selected_on(final) != FINAL else "final"
         save_confusion_matrix(np.array(best["confusion_matrix"]), run.run_dir / CONFUSION_PNG,
-                              f"resnet{run.cfg.model.depth} {run.run_dir.name}\nbest epoch {best['epoch']} "
-                              f"(by {selected_on(final)} {select_by}): "
-                              f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}")
+                              f"resnet{run.cfg.model.depth} {run.run_dir.name}\nepoch {best['epoch']} ({how}), test: "
+                              f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}"
+                              + (" - COLLAPSED" if summary["collapsed"] else ""))
     return summary
 
 
 def start_tracking(run: Run, wandb_id: str | None) -> Tracker:
     w, depth = run.cfg.wandb, run.cfg.model.depth
-    arm = f"resnet{depth}_{'scratch' if run.cfg.model.weights.lower() == 'none' else 'pretrained'}"
+    arm = run.cfg.model.arm
     settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name or run.run_dir.name,
                                 job_type=arm, tags=(f"resnet{depth}", arm.split("_")[1], f"seed{run.cfg.train.seed}"),
                                 init_timeout=w.init_timeout, log_checkpoint=w.log_checkpoint,
@@ -322,7 +347,8 @@ def fit(run: Run) -> dict | None:
     if info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_unfinished(run.run_dir)
-        config.save(run.cfg, run.run_dir / CONFIG_FILE, recorded={"recipe": run.recipe.to_dict()})
+        effective = effective_settings(run)
+        config.save(run.cfg, run.run_dir / CONFIG_FILE, recorded={"recipe": run.recipe.to_dict(), "effective": effective})
         rows = read_metrics(run.run_dir, resumed.epoch)
         rewrite_metrics(run.run_dir, rows)
         held_out = f"{len(run.val_loader.dataset)} held-out / " if run.val_loader else ""
@@ -330,6 +356,11 @@ def fit(run: Run) -> dict | None:
                  "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
                  len(run.train_loader.dataset), held_out, len(run.test_loader.dataset), info.world_size, info.device,
                  run.trainer.runtime.precision.name, 100 * run.test_baseline)
+        log.info("learning rate %.6g (%s), global batch %d, %d warm-up steps of %d; sampler %s, grade shares %s in "
+                 "epoch 1, %s in epoch %d; epoch selection: %s", effective["lr"], effective["lr_rule"],
+                 effective["global_batch"], effective["warmup_steps"], effective["total_steps"], run.cfg.train.sampler,
+                 effective["first_epoch_grade_shares"], effective["final_epoch_grade_shares"], run.cfg.train.epochs,
+                 effective["selection"])
     tracker = start_tracking(run, resumed.wandb_id) if info.is_main else None
     try:
         with StopSignals() as signals:
@@ -356,6 +387,9 @@ def _epochs(run: Run, resumed: Resumed, rows: list[dict], tracker: Tracker | Non
         if val is not None:
             val = EvalResult.of(val.outputs, val.targets, run.head)  # scored by the head as its hook left it
             row.update(split_metrics("val", val), val_confusion_matrix=val.confusion_matrix.tolist())
+        row.update({k: stats[k] for k in ("grad_norm_mean", "grad_norm_max", "clipped_share") if k in stats})
+        if run.cfg.train.clip_grad_norm <= 0:
+            row.pop("clipped_share", None)
         row.update({"lr": lr, "nonfinite_steps": stats["nonfinite_steps"], "images_per_s": stats["images_per_s"],
                     "train_seconds": stats["train_seconds"], "eval_seconds": time.perf_counter() - eval_start,
                     "epoch_seconds": time.perf_counter() - epoch_start + stats["resumed_seconds"],
@@ -495,13 +529,17 @@ def train_epoch(run: Run, epoch: int, position: dict, boundary: StepBoundary, ro
 
 
 def describe_summary(summary: dict) -> str:
-    b, f = summary["best"], summary["final"]
+    """The run's last line: the selected epoch's test figures (and how it was selected), the final epoch's,
+    and COLLAPSED with the reason when the selected epoch looks collapsed."""
+    b, f = summary["selected"], summary["final"]
     recall = " ".join(f"{r:.2f}" for r in b["test_recall"])
     ci = summary.get("intervals")
     qwk_ci = f" (95% CI {ci['qwk']['low']:.3f}-{ci['qwk']['high']:.3f}, resampling {ci['unit']})" if ci else ""
-    return (f"{summary['run']}: best epoch {b['epoch']}: accuracy {b['test_acc']:.1%} (majority baseline "
-            f"{summary['majority_baseline']:.1%}), QWK {b['test_qwk']:.3f}{qwk_ci}, recall per grade {recall}; "
-            f"final epoch {f['epoch']}: accuracy {f['test_acc']:.1%}, QWK {f['test_qwk']:.3f}")
+    how = "final epoch, nothing held out" if summary["selected_on"] == FINAL else f"best held-out {summary['selected_by']}"
+    collapsed = f"; COLLAPSED: {summary['collapsed']}" if summary.get("collapsed") else ""
+    return (f"{summary['run']}: selected epoch {b['epoch']} ({how}): test accuracy {b['test_acc']:.1%} (majority "
+            f"baseline {summary['majority_baseline']:.1%}), QWK {b['test_qwk']:.3f}{qwk_ci}, recall per grade {recall}; "
+            f"final epoch {f['epoch']}: accuracy {f['test_acc']:.1%}, QWK {f['test_qwk']:.3f}{collapsed}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,7 +127,7 @@ def run_names(arms: list[str], seeds: list[int]) -> dict[str, tuple[str, str, in
 def missing_weights(cfg: config.Config) -> str:
     """Why the arm's weights cannot be had ('' when they can); downloads ImageNet weights if possible."""
     weights = cfg.model.weights
-    if weights.lower() == "none":
+    if not cfg.model.pretrained:
         return ""
     from dr_resnet.models import WeightsNotFoundError, imagenet_cache_path, load_imagenet_state_dict
 

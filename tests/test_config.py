@@ -1,3 +1,4 @@
+import dataclasses
 import re
 from pathlib import Path
 
@@ -13,23 +14,60 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def test_defaults_are_the_dataclasses():
     cfg = config.load()
     assert cfg == Config()
-    assert cfg.train.lr == 1e-3 and cfg.model.depth == 18 and cfg.wandb.mode == "disabled"
+    assert cfg.train.lr is None and cfg.model.depth == 18 and cfg.wandb.mode == "disabled"
+    # base.yaml writes the defaults out: loading it changes nothing but the data and output folders.
+    base = config.load(CONFIGS / "base.yaml")
+    assert base.train == Config().train and base.model == Config().model
+    assert dataclasses.replace(base.data, root=Config().data.root, workers=4, image_size=512) == Config().data
 
 
-@pytest.mark.parametrize("name,depth,weights", [("resnet18_pretrained", 18, "imagenet"), ("resnet18_scratch", 18, "none"),
-                                                ("resnet50_pretrained", 50, "imagenet"), ("resnet50_scratch", 50, "none")])
-def test_the_four_runs_inherit_the_lab_recipe(name, depth, weights):
+@pytest.mark.parametrize("name,depth,weights,lr", [("resnet18_pretrained", 18, "imagenet", 0.01),
+                                                   ("resnet18_scratch", 18, "none", 0.1),
+                                                   ("resnet50_pretrained", 50, "imagenet", 0.01),
+                                                   ("resnet50_scratch", 50, "none", 0.1)])
+def test_the_four_runs_share_the_fair_recipe_with_their_initialisations_rate(name, depth, weights, lr):
     cfg = config.load(CONFIGS / f"{name}.yaml")
     assert (cfg.model.depth, cfg.model.weights, cfg.output.dir) == (depth, weights, f"runs/{name}")
-    assert (cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay, cfg.data.image_size) == (1e-3, 0.9, 5e-4, 512)
+    assert cfg.model.arm == name and cfg.model.pretrained == (weights != "none")
+    # Everything but the initialisation is the same for the four runs.
+    other = config.load(CONFIGS / "resnet18_scratch.yaml")
+    assert (cfg.train, cfg.data) == (other.train, other.data)
+    assert config.learning_rate(cfg.train, cfg.model.pretrained, processes=8).lr == pytest.approx(lr)  # 8 x 32 = 256
+
+
+def test_the_lab_recipe_is_kept_for_reproduction():
+    lab = config.load(CONFIGS / "lab.yaml")
+    assert (lab.train.lr, lab.train.scheduler, lab.train.sampler, lab.train.clip_grad_norm) == (1e-3, "none", "random", 0.0)
+    assert (lab.model.zero_init_residual, lab.data.max_rotation, lab.data.val_fraction) == (False, 20.0, 0.0)
+    for processes in (1, 4, 8):  # a fixed rate: the same whatever the batch
+        assert config.learning_rate(lab.train, False, processes).lr == 1e-3
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_the_learning_rate_rule_scales_with_the_global_batch(processes):
+    cfg = config.load(CONFIGS / "resnet18_scratch.yaml", ["train.batch_size=16"])
+    scratch = config.learning_rate(cfg.train, False, processes)
+    pretrained = config.learning_rate(cfg.train, True, processes)
+    assert scratch.global_batch == pretrained.global_batch == 16 * processes
+    assert scratch.lr == pytest.approx(0.1 * 16 * processes / 256) and pretrained.lr == pytest.approx(scratch.lr / 10)
+    assert scratch.rule == f"0.1 x {16 * processes} / 256 (scratch, linear scaling)"
+    assert pretrained.rule == f"0.01 x {16 * processes} / 256 (pretrained, linear scaling)"
+    # The rate per image is the recipe: it does not change with the number of processes.
+    assert scratch.lr / scratch.global_batch == pytest.approx(0.1 / 256)
+    # The demo's short schedule: the same rule at 4x the base rates (0.05 from scratch on its 2 processes).
+    demo = config.load(CONFIGS / "demo.yaml").train
+    assert config.learning_rate(demo, False, processes).lr == pytest.approx(4 * scratch.lr)
+    assert config.learning_rate(demo, True, processes).lr == pytest.approx(4 * pretrained.lr)
+    fixed = config.learning_rate(config.load(CONFIGS / "demo.yaml", ["train.lr=0.02"]).train, False, processes)
+    assert fixed.lr == 0.02 and fixed.rule.startswith("train.lr (fixed")
+    assert config.load(CONFIGS / "demo.yaml", ["train.lr=0.02", "train.lr=auto"]).train.lr is None
 
 
 def test_kappa_recipe_combines_the_options():
     cfg = config.load(CONFIGS / "resnet50_pretrained_kappa.yaml")
     assert (cfg.model.depth, cfg.model.weights, cfg.model.head) == (50, "imagenet", "regression")
     assert cfg.regression.fit_thresholds == "train" and cfg.data.val_fraction == 0.1
-    assert cfg.train.select_by == "qwk" and cfg.train.clip_grad_norm == 1.0
-    assert cfg.train.momentum == 0.9 and cfg.train.weight_decay == 5e-4  # still the lab recipe underneath
+    assert cfg.train == config.load(CONFIGS / "resnet50_pretrained.yaml").train  # the fair recipe underneath
 
 
 def test_overrides_are_typed_and_win_over_files():
@@ -53,6 +91,10 @@ def test_overrides_are_typed_and_win_over_files():
     ("regression.fit_thresholds=true", "regression.fit_thresholds='true' is not one of train, val, batches, none"),
     ("regression.loss=l1", "regression.loss='l1' is not one of mse, smooth_l1"),
     ("data.val_fraction=1", "data.val_fraction must be in [0, 1), got 1.0"),
+    ("train.lr=fast", "train.lr must be float or auto, got 'fast'"),
+    ("train.lr=-1", "train.lr must be > 0, got -1.0"),
+    ("train.sampler=weighted", "train.sampler='weighted' is not one of progressive, random, balanced"),
+    ("train.natural_from=1.5", "train.natural_from must be in [0, 1] (a share of the run), got 1.5"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -61,7 +103,7 @@ def test_bad_overrides_name_the_key(override, message):
 
 def test_thresholds_fitted_on_held_out_images_need_a_held_out_set():
     with pytest.raises(ConfigError, match=re.escape("regression.fit_thresholds=val needs a held-out set: set data.val_fraction")):
-        config.load(CONFIGS / "demo.yaml", ["model.head=regression", "regression.fit_thresholds=val"])
+        config.load(CONFIGS / "demo.yaml", ["model.head=regression", "regression.fit_thresholds=val", "data.val_fraction=0"])
     assert config.load(CONFIGS / "demo.yaml", ["regression.fit_thresholds=val"]).model.head == "classification"  # unused
 
 
@@ -88,7 +130,7 @@ def test_regression_settings_under_their_old_names_still_load(tmp_path, caplog):
 def test_bad_files_are_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: fast\n")
-    with pytest.raises(ConfigError, match=f"{bad}: train.lr must be float"):
+    with pytest.raises(ConfigError, match=f"{bad}: train.lr must be float or auto"):
         config.load(bad)
     loop = tmp_path / "loop.yaml"
     loop.write_text("inherit: loop.yaml\n")
@@ -107,18 +149,17 @@ def test_checkpoints_of_version_0_1_still_load():
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = config.load(CONFIGS / "resnet50_pretrained.yaml", ["train.epochs=3"])
+    cfg = config.load(CONFIGS / "resnet50_pretrained.yaml", ["train.epochs=7"])
     config.save(cfg, tmp_path / "config.yaml")
     assert config.load(tmp_path / "config.yaml") == cfg
     assert config.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
 
 
 def test_every_float_field_takes_scientific_notation_from_both_places(tmp_path):
-    import dataclasses
     import typing
 
     floats = [f"{section}.{f.name}" for section, part in config._sections(Config()).items()
-              for f in dataclasses.fields(part) if typing.get_type_hints(type(part))[f.name] is float]
+              for f in dataclasses.fields(part) if typing.get_type_hints(type(part))[f.name] in (float, float | None)]
     assert {"train.lr", "train.weight_decay", "train.momentum", "train.clip_grad_norm", "data.val_fraction"} <= set(floats)
     cli = config.load(None, [f"{key}=2e-1" if key != "train.warmup_epochs" else f"{key}=1e0" for key in floats])
     path = tmp_path / "sci.yaml"
@@ -130,7 +171,7 @@ def test_every_float_field_takes_scientific_notation_from_both_places(tmp_path):
         expected = 1.0 if key == "train.warmup_epochs" else 0.2
         assert getattr(getattr(cli, section), name) == expected, key
     assert (from_file.train.lr, from_file.train.weight_decay, from_file.data.max_rotation) == (0.03, 5e-4, 20.0)
-    with pytest.raises(ConfigError, match="train.lr must be float, got 'fast'"):
+    with pytest.raises(ConfigError, match="train.lr must be float or auto, got 'fast'"):
         config.load(None, ["train.lr=fast"])
 
 

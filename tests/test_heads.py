@@ -65,9 +65,27 @@ def test_ordinal_loss_is_the_sum_of_four_binary_cross_entropies():
     assert OrdinalHead().loss(logits, labels).item() == pytest.approx(manual.mean().item(), rel=1e-6)
     weighted = OrdinalHead(torch.tensor([1.0, 1.0, 1.0, 3.0, 1.0])).loss(logits, labels)
     assert weighted.item() == pytest.approx(((manual[0] + 3 * manual[1]) / 4).item(), rel=1e-6)
-    # The output biases start at the training split's log-odds of "grade > k".
-    bias = OrdinalHead().start_bias(np.array([0, 0, 0, 0, 1, 2, 2, 4]))
+    # The output biases start at the log-odds of "grade > k" in the first epoch's grade shares.
+    bias = OrdinalHead().start_bias(np.bincount([0, 0, 0, 0, 1, 2, 2, 4], minlength=5) / 8)
     assert torch.sigmoid(torch.tensor(bias)).tolist() == pytest.approx([0.5, 0.375, 0.125, 0.125])
+
+
+@pytest.mark.parametrize("shares", [[0.2] * 5, [0.73, 0.07, 0.15, 0.03, 0.02]])
+def test_every_head_starts_at_the_prior_of_its_first_epoch(shares):
+    """A fresh output layer (zero weights: the bias alone) predicts the grade shares it is trained on first."""
+    from dr_resnet.models import build_resnet
+
+    shares = np.array(shares)
+    for kind in ("classification", "regression", "ordinal"):
+        head = build_head(kind)
+        model = build_resnet(18, head.outputs, head_bias=head.start_bias(shares)).eval()
+        torch.nn.init.zeros_(model.fc.weight)
+        with torch.no_grad():
+            values = head.values(head.aggregate([model(torch.randn(2, 3, 32, 32))]))
+        if kind == "regression":  # the mean grade
+            assert values.tolist() == pytest.approx([float(np.dot(np.arange(5), shares))] * 2, abs=1e-6)
+        else:  # the grade probabilities themselves
+            assert values[0].tolist() == pytest.approx(shares.tolist(), abs=1e-6) and torch.equal(values[0], values[1])
 
 
 def test_every_head_the_config_accepts_is_built_from_its_settings():

@@ -23,7 +23,7 @@ def test_dry_run_prints_each_arms_sbatch_script_and_submits_nothing(tmp_path, ca
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun, sbatch or scontrol: a dry run needs none
     assert main(["--config", SWEEP, "--out", str(tmp_path / "sweep"), "--nodes", "2", "--gpus-per-node", "4",
                  "--partition", "gpu", "--account", "lab", "--qos", "high", "--time", "720", "--mem", "200",
-                 "--constraint", "a100", "--exclude", "node7", "--dry-run", "train.epochs=3"]) == 0
+                 "--constraint", "a100", "--exclude", "node7", "--dry-run", "train.epochs=8"]) == 0
     out = capsys.readouterr().out
     scripts = out.split("# ---- ")[1:]
     assert [s.split(":")[0] for s in scripts] == ["resnet18_pretrained", "resnet18_scratch", "resnet50_pretrained",
@@ -34,7 +34,7 @@ def test_dry_run_prints_each_arms_sbatch_script_and_submits_nothing(tmp_path, ca
                      "#SBATCH --mem=200GB", "#SBATCH --constraint=a100", "#SBATCH --exclude=node7",
                      "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
             assert line in script, (line, script)
-        assert "train.epochs=3" in script and "output.dir=" in script
+        assert "train.epochs=8" in script and "output.dir=" in script
         # base.yaml's 8 data workers + the training process; every srun ends the job when a rank dies.
         assert "#SBATCH --cpus-per-task=9" in script
         assert "srun --unbuffered" in script and "--kill-on-bad-exit=1 --cpus-per-task=9" in script
@@ -187,7 +187,7 @@ def test_sbatch_sweep_script_reads_the_arms_from_the_sweep_file(tmp_path):
     sweep_file = tmp_path / "two.yaml"
     sweep_file.write_text(f"name: two\nconfig: {REPO / 'configs' / 'base.yaml'}\narms:\n"
                           "  r34_scratch: [model.depth=34, model.weights=none]\n"
-                          "  r18_small: [model.depth=18, data.image_size=256]\noverrides: [train.epochs=3]\n")
+                          "  r18_small: [model.depth=18, data.image_size=256]\noverrides: [train.epochs=8]\n")
     env = {**os.environ, "DRY_RUN": "1", "SWEEP_FILE": str(sweep_file), "PYTHON": sys.executable}
     result = subprocess.run(["bash", str(REPO / "slurm" / "sweep.sh"), str(tmp_path / "runs"), "--nodes", "2", "--",
                              "data.root=/data/x"], env=env, capture_output=True, text=True)
@@ -195,9 +195,9 @@ def test_sbatch_sweep_script_reads_the_arms_from_the_sweep_file(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["r34_scratch", "r18_small"]
     assert (f"--nodes 2 {REPO / 'slurm' / 'train.sbatch'} --config {REPO / 'configs' / 'base.yaml'} model.depth=34 "
-            f"model.weights=none train.epochs=3 output.dir={tmp_path / 'runs' / 'r34_scratch'} wandb.group=runs "
+            f"model.weights=none train.epochs=8 output.dir={tmp_path / 'runs' / 'r34_scratch'} wandb.group=runs "
             f"data.root=/data/x") in lines[0]
-    assert "model.depth=18 data.image_size=256 train.epochs=3" in lines[1]
+    assert "model.depth=18 data.image_size=256 train.epochs=8" in lines[1]
     assert not (tmp_path / "runs").exists()
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from dr_resnet.metrics import (accuracy, confusion_matrix, macro_f1, majority_baseline, per_class_precision,
+from dr_resnet.metrics import (accuracy, collapse, confusion_matrix, macro_f1, majority_baseline, per_class_precision,
                                per_class_recall, quadratic_weighted_kappa, row_normalised, summarize)
 
 
@@ -41,6 +41,23 @@ def test_majority_collapse_scores_baseline_accuracy_and_zero_kappa():
     assert accuracy(cm) == majority_baseline(cm) == 0.73
     assert quadratic_weighted_kappa(cm) == 0.0
     assert per_class_recall(cm).tolist() == [1, 0, 0, 0, 0]
+    assert collapse(cm) == "grade 0 predicted for 100.0% of the images"
+
+
+def test_collapse_is_one_grade_for_95_percent_of_the_images_or_accuracy_below_the_majority():
+    targets = np.array([0] * 73 + [1] * 7 + [2] * 15 + [3] * 3 + [4] * 2)
+    right = targets.copy()
+    assert collapse(confusion_matrix(targets, right)) == ""
+    # 95 of 100 graded 0 (the rest right): collapsed, though accuracy is above the majority's 73%.
+    mostly_zero = np.where(np.arange(100) < 95, 0, targets)
+    assert collapse(confusion_matrix(targets, mostly_zero)) == "grade 0 predicted for 95.0% of the images"
+    almost = np.where(np.arange(100) < 94, 0, targets)  # 94%: not collapsed
+    assert collapse(confusion_matrix(targets, almost)) == ""
+    # Spread over the grades but below the majority baseline (seed 2's selected epoch: 61.6% < 72.4%).
+    wrong = np.where(np.arange(100) % 3 == 0, (targets + 2) % 5, targets)
+    cm = confusion_matrix(targets, wrong)
+    assert collapse(cm) == f"accuracy {accuracy(cm):.1%} below the majority baseline 73.0%"
+    assert collapse(np.zeros((5, 5), dtype=int)) == ""
 
 
 def test_summary_is_json_ready_and_rejects_bad_input():

@@ -10,7 +10,10 @@ import pytest
 import torch
 import torchvision
 
+import numpy as np
+
 from dr_resnet import checkpoint
+from dr_resnet.metrics import collapse
 from dr_resnet.models import imagenet_cache_path
 from dr_resnet.report import main, report
 from dr_resnet.rundir import STATUS_FILE
@@ -39,7 +42,8 @@ def sweep(tmp_path_factory) -> Path:
         assert train(["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=32",
                       "train.batch_size=8", "train.epochs=2", "train.warmup_epochs=0", "data.workers=0",
                       f"model.depth={depth}", f"model.weights={weights}", f"output.dir={base / 'sweep' / arm}",
-                      *(["data.val_fraction=0.25"] if arm == "resnet18_scratch" else [])]) == 0
+                      *(["data.val_fraction=0.25", "data.min_val_images=1"] if arm == "resnet18_scratch"
+                        else ["data.val_fraction=0"])]) == 0
     mp.undo()
     return base / "sweep"
 
@@ -62,30 +66,30 @@ def test_four_runs(sweep, tmp_path):
     assert sorted(table) == sorted(ARMS)
     for arm in ARMS:
         rows = rows_of(sweep / arm)
-        best_acc = max(rows, key=lambda r: (r["test_acc"], -r["epoch"]))
-        best_qwk = max(rows, key=lambda r: (r["test_qwk"], -r["epoch"]))
         row = table[arm]
-        assert float(row["best_test_acc"]) == pytest.approx(best_acc["test_acc"])
-        assert int(row["best_acc_epoch"]) == best_acc["epoch"]
-        assert float(row["best_qwk"]) == pytest.approx(best_qwk["test_qwk"])
-        assert int(row["best_qwk_epoch"]) == best_qwk["epoch"]
         assert float(row["final_test_acc"]) == pytest.approx(rows[-1]["test_acc"])
+        assert float(row["final_qwk"]) == pytest.approx(rows[-1]["test_qwk"])
         assert row["status"] == "done" and row["epochs"] == "2/2"
         assert row["weights"] == ARMS[arm][1]
-        if arm == "resnet18_scratch":  # chose its epoch on its held-out images
+        # Nothing chosen on test: the best held-out QWK where the run held images out, else the final epoch.
+        assert not any(column.startswith("best") for column in row)
+        if arm == "resnet18_scratch":
             chosen = max(rows, key=lambda r: (r["val_qwk"], -r["epoch"]))
-            assert int(row["val_chosen_epoch"]) == chosen["epoch"]
-            assert float(row["test_qwk_at_val_chosen"]) == pytest.approx(chosen["test_qwk"])
+            assert row["selected_by"] == "held-out qwk"
         else:
-            assert row["val_chosen_epoch"] == row["test_qwk_at_val_chosen"] == ""
-        # The run's own choice, as in its checkpoint_best.pt (on held-out images where it has them).
-        assert int(row["selected_epoch"]) == checkpoint.load(sweep / arm / "checkpoint_best.pt")["epoch"]
-        assert row["selected_by"] == ("val qwk" if arm == "resnet18_scratch" else "test qwk")
-        selected = next(r for r in rows if r["epoch"] == int(row["selected_epoch"]))
-        assert row["selected_acc_95ci"].startswith(f"{selected['test_acc']:.3f} (") and row["ci_resampled"] == "patients"
+            chosen = rows[-1]
+            assert row["selected_by"] == "final"
+        # The run's own choice, as in its checkpoint_best.pt.
+        assert int(row["selected_epoch"]) == chosen["epoch"] == checkpoint.load(sweep / arm / "checkpoint_best.pt")["epoch"]
+        assert float(row["selected_qwk"]) == pytest.approx(chosen["test_qwk"])
+        assert float(row["selected_test_acc"]) == pytest.approx(chosen["test_acc"])
+        assert row["recall_at_selected"] == " ".join(f"{r:.2f}" for r in chosen["test_recall"])
+        assert row["collapsed"] == (collapse(np.array(chosen["confusion_matrix"])) or "no")
+        assert row["selected_acc_95ci"].startswith(f"{chosen['test_acc']:.3f} (") and row["ci_resampled"] == "patients"
         assert (f"| {arm} | {ARMS[arm][0]} | {ARMS[arm][1]} | done | 2/2 | {row['selected_by']} | {row['selected_epoch']} | "
+                f"{row['collapsed']} | {chosen['test_acc']:.4f} | {chosen['test_qwk']:.4f} | "
                 f"{row['selected_acc_95ci']} | {row['selected_qwk_95ci']} | {row['selected_auc_95ci']} | patients | "
-                f"{selected['test_ece']:.4f} | - | {best_acc['test_acc']:.4f} |") in (out / "results.md").read_text()
+                f"{chosen['test_ece']:.4f} | - |") in (out / "results.md").read_text()
 
 
 def test_one_run_in_place(sweep, tmp_path):
@@ -215,9 +219,12 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
     chosen = {}
     for (arm, seed), head in replicates.items():
         summary = json.loads((runs[head] / "summary.json").read_text())
-        chosen.setdefault(arm, []).append(summary["best"]["test_qwk"])
+        chosen.setdefault(arm, []).append(summary["selected"]["test_qwk"])
     qwk = np.array(chosen["resnet18_scratch"])
     assert "| resnet18_scratch | 0, 1 | " in md and f"{qwk.mean():.3f} +- {qwk.std(ddof=1):.3f}" in md
+    # The final epochs too (the fixtures' runs hold nothing out, so the same values), and the collapsed seeds.
+    seeds = md[md.index("## Seeds"):]
+    assert seeds.count(f"{qwk.mean():.3f} +- {qwk.std(ddof=1):.3f}") == 2 and "final-epoch QWK" in seeds
     [pooled] = json.loads((tmp_path / "out" / "comparisons.json").read_text())
     assert pooled["status"] == "compared" and pooled["seeds"] == [0, 1] and len(pooled["mcnemar"]) == 2
     a = [read_predictions(runs[h] / "predictions.csv") for h in ("ordinal", "classification")]

@@ -248,7 +248,7 @@ def test_only_the_training_loader_keeps_its_workers(tiny, tmp_path):
     from dr_resnet.train import build
 
     cfg = config.load(str(REPO / "configs" / "demo.yaml"),
-                      run_args(tiny, tmp_path / "run")[2:] + ["data.workers=2", "data.val_fraction=0.3",
+                      run_args(tiny, tmp_path / "run")[2:] + ["data.workers=2", "data.val_fraction=0.3", "data.min_val_images=1",
                                                                "model.head=regression"])
     run = build(cfg, DistInfo())
     assert run.train_loader.persistent_workers and run.train_loader.num_workers == 2

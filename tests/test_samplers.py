@@ -3,7 +3,7 @@ import pytest
 from scipy import stats
 from torch.utils.data import DistributedSampler
 
-from dr_resnet.samplers import DistributedBalancedSampler, ShuffledSampler
+from dr_resnet.samplers import DistributedBalancedSampler, ProgressiveSampler, ShuffledSampler
 
 LABELS = np.array([0] * 730 + [1] * 70 + [2] * 150 + [3] * 26 + [4] * 24)  # EyePACS-like, 1000 images
 
@@ -39,15 +39,16 @@ def test_ranks_take_disjoint_shares_of_one_reproducible_epoch():
 def test_shuffled_sampler_gives_distributed_samplers_order(length, world):
     for epoch in (0, 3):
         for rank in range(world):
-            ours = ShuffledSampler(length, world, rank, seed=5)
+            ours = ShuffledSampler(np.zeros(length, dtype=int), world, rank, seed=5)
             torchs = DistributedSampler(range(length), world, rank, shuffle=True, seed=5, drop_last=True)
             ours.set_epoch(epoch)
             torchs.set_epoch(epoch)
             assert list(ours) == list(torchs) and len(ours) == len(torchs)
 
 
-@pytest.mark.parametrize("make", [lambda w, r: ShuffledSampler(50, w, r, seed=2),
-                                  lambda w, r: DistributedBalancedSampler(LABELS[::20], w, r, seed=2)])
+@pytest.mark.parametrize("make", [lambda w, r: ShuffledSampler(LABELS[::20], w, r, seed=2),
+                                  lambda w, r: DistributedBalancedSampler(LABELS[::20], w, r, seed=2),
+                                  lambda w, r: ProgressiveSampler(LABELS[::20], 10, 0.6, w, r, seed=2)])
 def test_a_resumed_epoch_continues_each_ranks_share_where_it_stopped(make):
     world, batch, steps = 2, 4, 3
     full = [make(world, r) for r in range(world)]
@@ -70,3 +71,38 @@ def test_a_resumed_epoch_continues_each_ranks_share_where_it_stopped(make):
     assert sorted(taken) == sorted(rest[: len(rest) // 3 * 3]) and len(by_three[0]) == len(rest) // 3
     with pytest.raises(ValueError, match="outside an epoch of 50"):
         by_three[0].set_epoch(1, start=51, began_with=2)
+
+
+def test_progressive_sampler_moves_from_uniform_grades_to_the_natural_distribution():
+    """10 epochs, natural from 60% of the run: epoch e draws grades with shares (1 - m) uniform + m natural,
+    m = e / 6, capped at 1; from epoch 6 on an epoch is ShuffledSampler's permutation of every image."""
+    natural = np.bincount(LABELS) / len(LABELS)
+    sampler = ProgressiveSampler(LABELS, epochs=10, natural_from=0.6, seed=3)
+    assert [sampler.natural_weight(e) for e in range(10)] == pytest.approx([0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1, 1, 1, 1])
+    assert sampler.grade_shares(0) == pytest.approx([0.2] * 5)
+    assert sampler.grade_shares(3) == pytest.approx(0.5 * np.full(5, 0.2) + 0.5 * natural)
+    for epoch in (0, 3):
+        counts = np.zeros(5)
+        for seed in range(20):  # 20 epochs' worth of draws, seeds apart
+            s = ProgressiveSampler(LABELS, 10, 0.6, seed=seed)
+            s.set_epoch(epoch)
+            counts += np.bincount(LABELS[list(s)], minlength=5)
+        expected = sampler.grade_shares(epoch) * counts.sum()
+        assert stats.chisquare(counts, expected).pvalue > 0.01, (epoch, counts, expected)
+    for epoch in (6, 9):
+        sampler.set_epoch(epoch)
+        shuffled = ShuffledSampler(LABELS, seed=3)
+        shuffled.set_epoch(epoch)
+        assert list(sampler) == list(shuffled) and sorted(sampler) == list(range(len(LABELS)))
+    # A grade with no image gets no share, and nothing is drawn from it.
+    missing = ProgressiveSampler(LABELS[LABELS != 3], 10, 0.6)
+    assert missing.grade_shares(0) == pytest.approx([0.25, 0.25, 0.25, 0, 0.25])
+    # natural_from=0: the natural distribution from the first epoch on.
+    assert ProgressiveSampler(LABELS, 10, 0.0).grade_shares(0) == pytest.approx(natural)
+
+
+def test_every_sampler_reports_the_grade_shares_of_its_first_epoch():
+    natural = np.bincount(LABELS) / len(LABELS)
+    assert ShuffledSampler(LABELS).grade_shares(0) == pytest.approx(natural)
+    assert DistributedBalancedSampler(LABELS).grade_shares(0) == pytest.approx([0.2] * 5)
+    assert ProgressiveSampler(LABELS, 6).grade_shares(0) == pytest.approx([0.2] * 5)

@@ -64,7 +64,7 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     run_dir = tmp_path / "run"
     assert train(tiny, run_dir, "wandb.mode=offline", "wandb.group=sweep-a", "wandb.log_checkpoint=true",
                  "wandb.log_predictions=true", "model.head=regression", "train.clip_grad_norm=1.0",
-                 "data.val_fraction=0.25") == 0
+                 "data.val_fraction=0.25", "data.min_val_images=1") == 0
     [folder] = offline_runs(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     history = [r["history"]["item"] for r in inspect(folder) if r.get("type") == "history"]
@@ -79,13 +79,15 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
         assert [logged[f"thresholds/{i}"] for i in range(4)] == pytest.approx(row["thresholds"])
     [state] = inspect(folder, "--summary")
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert state["summary"]["best/test_qwk"] == pytest.approx(summary["best"]["test_qwk"])
-    assert state["summary"]["best/epoch"] == summary["best"]["epoch"]
+    assert state["summary"]["selected/test_qwk"] == pytest.approx(summary["selected"]["test_qwk"])
+    assert state["summary"]["selected/epoch"] == summary["selected"]["epoch"] and state["summary"]["selected/on"] == "val"
+    assert state["summary"]["collapsed"] is bool(summary["collapsed"])
+    assert state["summary"]["collapsed_reason"] == summary["collapsed"]
     assert state["summary"]["majority_baseline"] == pytest.approx(summary["majority_baseline"])
     for metric in ("qwk", "accuracy", "referable_auc"):  # the selected epoch's 95% interval
-        assert state["summary"][f"best/test_{metric}_low"] == pytest.approx(summary["intervals"][metric]["low"])
-        assert state["summary"][f"best/test_{metric}_high"] == pytest.approx(summary["intervals"][metric]["high"])
-    assert state["summary"]["best/intervals_resampled"] == "patients"
+        assert state["summary"][f"selected/test_{metric}_low"] == pytest.approx(summary["intervals"][metric]["low"])
+        assert state["summary"][f"selected/test_{metric}_high"] == pytest.approx(summary["intervals"][metric]["high"])
+    assert state["summary"]["selected/intervals_resampled"] == "patients"
     assert "confusion_matrix_table" in state["summary"] and "confusion_matrix_png" in state["summary"]
     assert state["config"]["train"]["epochs"] == 2 and state["state"] == "finished"
     assert state["run_id"] == checkpoint.load(run_dir / "checkpoint_last.pt")["wandb_id"]
@@ -182,7 +184,8 @@ def test_wandb_dying_mid_run_never_reaches_training(tmp_path, caplog):
         os.kill(pid, signal.SIGKILL)
     for epoch in (2, 3):
         tracker.log_epoch({"epoch": epoch, "test_acc": 0.6})  # must not raise
-    tracker.log_summary({"best": {"test_acc": 1, "test_qwk": 1, "epoch": 1}, "final": {"test_acc": 1, "test_qwk": 1},
+    tracker.log_summary({"selected": {"test_acc": 1, "test_qwk": 1, "epoch": 1}, "selected_on": "final",
+                         "final": {"test_acc": 1, "test_qwk": 1},
                          "majority_baseline": 0.5, "epochs_completed": 3, "confusion_matrix": [[1]]}, None)
     tracker.finish()
     assert not tracker.active and "tracking stops here, training goes on" in caplog.text

@@ -46,7 +46,7 @@ def straight_run(tiny, tmp_path_factory) -> Path:
     """3 epochs straight through, 2 processes."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     result = torchrun(2, overrides(tiny, run_dir, "train.epochs=3"))
-    assert "run: best epoch" in result.stdout
+    assert "run: selected epoch 3 (final epoch, nothing held out)" in result.stdout
     return run_dir
 
 
@@ -59,20 +59,27 @@ def test_torchrun_two_processes_writes_the_run_directory(straight_run, tiny):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     required = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_qwk", "lr", "images_per_s",
                 "test_recall", "confusion_matrix", "epoch_seconds", "test_referable_sensitivity",
-                "test_referable_specificity", "test_referable_auc"}
+                "test_referable_specificity", "test_referable_auc", "grad_norm_mean", "grad_norm_max", "clipped_share"}
     assert all(required <= r.keys() for r in rows)
+    assert all(0 < r["grad_norm_mean"] <= r["grad_norm_max"] and 0 <= r["clipped_share"] <= 1 for r in rows)
     # 40 images, 2 ranks, batch 8: 2 full batches a rank, 32 images an epoch; 13 test images each epoch.
     assert all(np.sum(r["confusion_matrix"]) == 13 for r in rows)
     summary = json.loads((straight_run / "summary.json").read_text())
     assert summary["num_test_samples"] == 13 and summary["world_size"] == 2
-    best = max(rows, key=lambda r: (r["test_qwk"], -r["epoch"]))
-    assert summary["best"]["epoch"] == best["epoch"] and summary["confusion_matrix"] == best["confusion_matrix"]
+    # 40 training images hold out 4 at data.val_fraction=0.1, under data.min_val_images: nothing is held out,
+    # and the final epoch is the result (never the best on test).
+    assert summary["selected_on"] == summary["selected_by"] == "final" and summary["selected"]["epoch"] == 3
+    assert summary["confusion_matrix"] == rows[-1]["confusion_matrix"] and "val_qwk" not in rows[-1]
     saved = yaml.safe_load((straight_run / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 3 and saved["data"]["root"] == str(tiny)
+    # The learning rate the rule gave (demo_args fixes train.lr=0.02), and what else the run derived.
+    assert saved["effective"]["processes"] == 2 and saved["effective"]["global_batch"] == 16
+    assert saved["effective"]["lr"] == 0.02 and saved["effective"]["held_out_images"] == 0
+    assert saved["effective"]["first_epoch_grade_shares"] == pytest.approx([0.2] * 5)
     state = checkpoint.load(straight_run / "checkpoint_last.pt")
     assert state["epoch"] == 3 and {"model", "optimizer", "scheduler", "scaler", "rng", "config", "best"} <= state.keys()
     assert not any(k.startswith("module.") for k in state["model"]) and "layer4.1.bn2.running_var" in state["model"]
-    assert checkpoint.load(straight_run / "checkpoint_best.pt")["epoch"] == best["epoch"]
+    assert checkpoint.load(straight_run / "checkpoint_best.pt")["epoch"] == 3
 
 
 @pytest.mark.slow
@@ -162,13 +169,14 @@ def test_killed_worker_restarts_and_ends_bitwise_equal_to_a_straight_run(straigh
 def test_single_process_in_process_run_and_config_errors(tiny, tmp_path, capsys):
     assert main(overrides(tiny, tmp_path / "one", "train.epochs=1", "train.warmup_epochs=0", "train.class_weights=balanced",
                           "train.amp=bf16", "data.workers=0")) == 0
-    assert "one: best epoch 1" in capsys.readouterr().out
+    assert "one: selected epoch 1 (final epoch, nothing held out)" in capsys.readouterr().out
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["num_test_samples"] == 13
-    assert main(overrides(tiny, tmp_path / "loss", "train.select_by=loss", "data.workers=0")) == 0
+    assert main(overrides(tiny, tmp_path / "loss", "train.select_by=loss", "data.workers=0", "data.val_fraction=0.25",
+                          "data.min_val_images=1", "train.epochs=3")) == 0
     rows = [json.loads(line) for line in (tmp_path / "loss" / "metrics.jsonl").read_text().splitlines()]
-    lowest = min(rows, key=lambda r: (r["test_loss"], r["epoch"]))["epoch"]
+    lowest = min(rows, key=lambda r: (r["val_loss"], r["epoch"]))["epoch"]
     summary = json.loads((tmp_path / "loss" / "summary.json").read_text())
-    assert summary["selected_by"] == "loss" and summary["best"]["epoch"] == lowest
+    assert summary["selected_by"] == "loss" and summary["selected"]["epoch"] == lowest
     assert checkpoint.load(tmp_path / "loss" / "checkpoint_best.pt")["epoch"] == lowest
     # The report selects the run's own epoch (by loss here), the one in checkpoint_best.pt.
     from dr_resnet.report import report
@@ -176,7 +184,7 @@ def test_single_process_in_process_run_and_config_errors(tiny, tmp_path, capsys)
     import csv
     with open(tmp_path / "loss" / "results.csv") as f:
         table = next(csv.DictReader(f))
-    assert int(table["selected_epoch"]) == lowest and table["selected_by"] == "test loss"
+    assert int(table["selected_epoch"]) == lowest and table["selected_by"] == "held-out loss"
     assert main(overrides(tiny, tmp_path / "bad", "train.epochz=3")) == 2
     assert "unknown key 'train.epochz'" in capsys.readouterr().err
     assert main(overrides(tiny, tmp_path / "big", "train.batch_size=64")) == 2
@@ -249,9 +257,10 @@ def test_held_out_validation_selects_the_epoch_and_fits_thresholds(tiny, tmp_pat
 
     run_dir = tmp_path / "val"
     assert main(overrides(tiny, run_dir, "model.head=regression", "train.clip_grad_norm=1.0", "data.workers=0",
-                          "data.val_fraction=0.25", "regression.fit_thresholds=val", "train.epochs=3", "train.seed=4")) == 0
+                          "data.val_fraction=0.25", "data.min_val_images=1", "regression.fit_thresholds=val",
+                          "train.epochs=3", "train.seed=4")) == 0
     train = RetinopathyDataset(tiny, "train")
-    held = holdout_mask(train.names, train.labels, 0.25, seed=4)
+    held = holdout_mask(train.names, train.labels, 0.25, seed=0)  # data.split_seed's draw, whatever train.seed
     assert 0 < held.sum() < 40
     assert f"{40 - held.sum()} train / {held.sum()} held-out / 13 test images" in capfd.readouterr().err
     rows = metrics_rows(run_dir)
@@ -261,8 +270,8 @@ def test_held_out_validation_selects_the_epoch_and_fits_thresholds(tiny, tmp_pat
         assert r["thresholds_fit_qwk"] == pytest.approx(r["val_qwk"])  # cut where they were fitted
     summary = json.loads((run_dir / "summary.json").read_text())
     chosen = max(rows, key=lambda r: (r["val_qwk"], -r["epoch"]))
-    assert summary["selected_on"] == "val" and summary["best"]["epoch"] == chosen["epoch"]
-    assert summary["best"]["val_qwk"] == chosen["val_qwk"] and summary["best"]["test_qwk"] == chosen["test_qwk"]
+    assert summary["selected_on"] == "val" and summary["selected"]["epoch"] == chosen["epoch"]
+    assert summary["selected"]["val_qwk"] == chosen["val_qwk"] and summary["selected"]["test_qwk"] == chosen["test_qwk"]
     best = checkpoint.load(run_dir / "checkpoint_best.pt")
     assert best["epoch"] == chosen["epoch"] and best["best"]["on"] == "val"
     assert best["head"]["thresholds"] == pytest.approx(chosen["thresholds"])
@@ -325,7 +334,7 @@ def test_selected_epoch_predictions_and_intervals_match_evaluate(runs, photos, t
     intervals = summary["intervals"]
     assert intervals["unit"] == "patients" and intervals["resamples"] == 2000
     for name, key in (("accuracy", "test_acc"), ("qwk", "test_qwk"), ("referable_auc", "test_referable_auc")):
-        assert intervals[name]["value"] == pytest.approx(summary["best"][key], abs=1e-9)
+        assert intervals[name]["value"] == pytest.approx(summary["selected"][key], abs=1e-9)
         assert intervals[name]["low"] <= intervals[name]["value"] <= intervals[name]["high"]
     # evaluate on the selected checkpoint writes the same predictions and the same intervals.
     assert evaluate_main(["--checkpoint", str(run_dir / "checkpoint_best.pt"), "--data-root", str(photos / "data"),
@@ -344,9 +353,14 @@ def test_temperature_calibration_travels_to_evaluate_predict_and_export(photos, 
     from dr_resnet.grading import load_grader
     from dr_resnet.predictions import read_predictions
 
-    assert main(["train.calibration=temperature", f"data.root={photos / 'data'}"]) == 2
+    assert main(["train.calibration=temperature", f"data.root={photos / 'data'}", "data.val_fraction=0"]) == 2
     assert "train.calibration=temperature fits the probabilities on a held-out set" in capsys.readouterr().err
-    run_dir = train_run(photos / "data", tmp_path / "run", "data.val_fraction=0.25", "train.calibration=temperature")
+    # A held-out part too small to use (4 of 40 images) is an error when something must be fitted on it.
+    assert main(["train.calibration=temperature", f"data.root={photos / 'data'}"]) == 2
+    assert ("train.calibration=temperature fits on the held-out part, but data.val_fraction=0.1 holds out 4 of the 40 "
+            "training images") in capsys.readouterr().err
+    run_dir = train_run(photos / "data", tmp_path / "run", "data.val_fraction=0.25", "data.min_val_images=1",
+                        "train.calibration=temperature")
     rows = metrics_rows(run_dir)
     assert all(r["temperature"] > 0 and {"val_ece_before", "val_ece_after", "test_ece", "test_ece_before"} <= set(r)
                for r in rows)
@@ -370,4 +384,52 @@ def test_temperature_calibration_travels_to_evaluate_predict_and_export(photos, 
     exported = load_grader(export(run_dir / "checkpoint_best.pt", "torchscript", tmp_path / "ts")[0], torch.device("cpu"))
     assert np.allclose(exported.grade(images).values, expected, atol=1e-6)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["best"]["temperature"] == chosen["temperature"] and summary["best"]["test_ece"] == chosen["test_ece"]
+    assert summary["selected"]["temperature"] == chosen["temperature"] and summary["selected"]["test_ece"] == chosen["test_ece"]
+
+
+def test_the_held_out_part_is_drawn_by_its_own_seed_not_train_seed(tiny):
+    from dr_resnet import components, config
+
+    def held_out(*extra):
+        cfg = config.load(REPO / "configs" / "demo.yaml", [f"data.root={tiny}", "data.val_fraction=0.25",
+                                                           "data.min_val_images=1", *extra])
+        return components.datasets(cfg).val.names
+
+    assert held_out("train.seed=0") == held_out("train.seed=5") == held_out("train.seed=5", "data.split_seed=0")
+    assert held_out("data.split_seed=1") != held_out()
+    assert len(held_out()) == 10  # whole patients, stratified: a quarter of the 40 images
+
+
+def test_the_learning_rate_rule_is_what_a_run_trains_with(tiny, tmp_path, capfd):
+    run_dir = tmp_path / "auto"
+    assert main(overrides(tiny, run_dir, "train.lr=auto", "train.epochs=1", "data.workers=0")) == 0
+    expected = 0.4 * 8 / 256  # the demo's scratch rate: 0.4 per 256 images, one process of 8
+    state = checkpoint.load(run_dir / "checkpoint_last.pt")
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(expected)
+    effective = yaml.safe_load((run_dir / "config.yaml").read_text())["effective"]
+    assert effective["lr"] == pytest.approx(expected) and effective["lr_rule"] == "0.4 x 8 / 256 (scratch, linear scaling)"
+    assert f"learning rate {expected:.6g} (0.4 x 8 / 256 (scratch, linear scaling))" in capfd.readouterr().err
+    assert config_lr(run_dir) is None  # the config keeps "auto": the rule, not its value for one process count
+
+
+def config_lr(run_dir: Path):
+    from dr_resnet import config
+
+    return config.load(run_dir / "config.yaml").train.lr
+
+
+def test_a_collapsed_run_is_flagged_everywhere(tiny, tmp_path, capsys):
+    """Natural sampling, the prior-initialised output bias and a learning rate too small to move it: every
+    test image is graded 0. The summary, the last line and the report say so."""
+    run_dir = tmp_path / "collapsed"
+    assert main(overrides(tiny, run_dir, "train.sampler=random", "train.lr=1e-9", "train.epochs=1", "data.workers=0")) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["collapsed"].startswith("grade 0 predicted for 100.0% of the images")
+    assert np.array(summary["confusion_matrix"])[:, 1:].sum() == 0
+    assert "; COLLAPSED: grade 0 predicted for 100.0% of the images" in capsys.readouterr().out
+    from dr_resnet.report import report
+
+    report(run_dir)
+    import csv
+    with open(run_dir / "results.csv") as f:
+        assert next(csv.DictReader(f))["collapsed"] == summary["collapsed"]
