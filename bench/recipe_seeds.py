@@ -20,6 +20,7 @@ About 7 minutes (ResNet18) and 15 (ResNet50) a run on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -29,25 +30,24 @@ import numpy as np
 
 from dr_resnet.metrics import collapse
 from dr_resnet.rundir import read_metrics, selected_row
+from kappa_heads import ensure_data  # the demo's dataset, made if absent (bench/ is this script's folder)
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"margin_min": 0.10, "qwk_min": 0.75, "qwk_sd_max": 0.05, "margin_mean_min": 0.15}
 
 
-def ensure_data(root: Path) -> None:
-    """The demo's dataset (what `make demo` writes), made if absent."""
-    if root.is_dir():
-        return
-    raw = root.parent / "synthetic_raw"
-    for cmd in (["dr_resnet.synthetic", "--out", str(raw), "--train", "1000", "--test", "250", "--size", "256", "--seed", "0"],
-                ["dr_resnet.preprocess", "--src", str(raw), "--dst", str(root), "--size", "128"]):
-        subprocess.run([sys.executable, "-m", *cmd], check=True, cwd=REPO)
+def finished(run_dir: Path) -> bool:
+    """Whether the run has completed every planned epoch and written its final summary."""
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return False
+    content = json.loads(summary.read_text())
+    return content["epochs_completed"] >= content["epochs_planned"] and "intervals" in content
 
 
 def train(out: Path, arm: str, seed: int, data: Path, overrides: list[str]) -> None:
     run_dir = out / arm / f"seed{seed}"
-    rows = read_metrics(run_dir)
-    if rows and rows[-1]["epoch"] >= 6 and (run_dir / "summary.json").is_file() and "intervals" in (run_dir / "summary.json").read_text():
+    if finished(run_dir):
         return
     log = out / f"{arm}_seed{seed}.log"
     out.mkdir(parents=True, exist_ok=True)
@@ -62,10 +62,10 @@ def train(out: Path, arm: str, seed: int, data: Path, overrides: list[str]) -> N
 
 
 def run_figures(run_dir: Path) -> dict | None:
-    """A finished run's figures at its selected and final epochs (None if it has no epoch)."""
-    rows = read_metrics(run_dir)
-    if not rows:
+    """A finished run's figures at its selected and final epochs (None if it has not finished)."""
+    if not finished(run_dir):
         return None
+    rows = read_metrics(run_dir)
     majority = float(np.sum(rows[-1]["confusion_matrix"], axis=1).max() / np.sum(rows[-1]["confusion_matrix"]))
     chosen = selected_row(rows, "qwk")  # the run's own rule: held-out QWK, or its final epoch
     first = next((r["epoch"] for r in rows if r["test_qwk"] >= 0.5), None)

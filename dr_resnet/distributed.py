@@ -214,6 +214,15 @@ def gather_equal(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(_all_gather_rows(local, local.shape[0])) if _group_size() > 1 else local
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank; a no-op in a world of one. Without
+    SyncBatchNorm each rank's last training step leaves its own statistics, while the checkpoint holds
+    rank 0's: evaluating with rank 0's makes every rank's shard scored by the model that is saved."""
+    if _group_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if _group_size() > 1:
         dist.barrier()

@@ -379,6 +379,7 @@ def _epochs(run: Run, resumed: Resumed, rows: list[dict], tracker: Tracker | Non
         position = resumed.position if resumed.position.get("epoch") == epoch else {}
         stats, lr = train_epoch(run, epoch, position, boundary, rows, wandb_id)
         eval_start = time.perf_counter()
+        distributed.broadcast_buffers(run.model)  # evaluate the model the checkpoint saves (rank 0's statistics)
         val = run.evaluate(run.val_loader) if run.val_loader else None
         fitted = end_of_epoch(run, stats, val)
         result = run.evaluate(run.test_loader)

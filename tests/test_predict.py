@@ -77,7 +77,7 @@ def test_predict_on_raw_photos_agrees_with_predict_on_their_prepared_copies(runs
     # most, 1 of 64 grades swapped at a margin of 0.007).
     top_two = np.sort(p_prepared, axis=1)[:, -2:]
     clear = top_two[:, 1] - top_two[:, 0] > 2 * np.abs(p_raw - p_prepared).max()
-    assert clear.sum() >= 40
+    assert clear.sum() >= 32  # at least half the photos are checked
     grades_raw, grades_prepared = p_raw.argmax(axis=1), p_prepared.argmax(axis=1)
     assert np.array_equal(grades_raw[clear], grades_prepared[clear])
     assert [int(r["grade"]) for r in from_raw] == grades_raw.tolist()
