@@ -82,7 +82,8 @@ def training_efficiency(root: Path, run_dir: Path, size: int, batch: int) -> Non
 
     before = pure_model_rate(18, batch, size)
     code = train_main(["model.depth=18", f"data.root={root}", f"data.image_size={size}", "data.workers=1",
-                       f"train.batch_size={batch}", "train.epochs=1", "train.lr=0.01", f"output.dir={run_dir}"])
+                       f"train.batch_size={batch}", "train.epochs=1", "train.warmup_epochs=0", "train.lr=0.01",
+                       f"output.dir={run_dir}"])
     assert code == 0
     after = pure_model_rate(18, batch, size)
     pure = (before + after) / 2
