@@ -177,8 +177,8 @@ RENAMED = {"train.regression_loss": "regression.loss", "train.fit_thresholds": "
 # Sections a run's config.yaml also holds that are records, not settings: training writes them (the
 # recipe: what photos went through, see recipe.py) and loading that file as a config skips them.
 RECORDED = ("recipe", "effective")  # effective: the values the run derived (learning rate, global batch, ...)
-NON_NEGATIVE = ("data.workers", "data.min_val_images", "data.max_rotation", "train.natural_from", "train.eval_batch_size", "train.momentum", "train.clip_grad_norm",
-                "train.weight_decay", "train.warmup_epochs", "train.checkpoint_every_minutes", "train.nonfinite_skip_limit")
+NON_NEGATIVE = ("data.workers", "data.min_val_images", "data.max_rotation", "train.natural_from", "train.eval_batch_size",
+                "train.momentum", "train.clip_grad_norm", "train.weight_decay", "train.warmup_epochs", "train.checkpoint_every_minutes", "train.nonfinite_skip_limit")
 
 
 @dataclass(frozen=True)
