@@ -81,6 +81,7 @@ class EpochTotals:
     nonfinite: Tensor = field(init=False)  # steps with a non-finite loss or gradient
     first_nonfinite: Tensor = field(init=False)  # (step, loss) of the first one; step -1 while none
     grad: Tensor = field(init=False)  # the gradients' global norm before clipping: sum, max, steps clipped, steps
+    clipping: bool = False  # whether the norms were clipped (clipped_share is reported only then)
     outputs: list[Tensor] = field(default_factory=list)
     labels: list[Tensor] = field(default_factory=list)
 
@@ -114,7 +115,8 @@ class EpochTotals:
         counted = finite & torch.isfinite(norm)
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         safe = torch.where(counted, norm, zero)
-        clipped = (safe > clip).double() if clip > 0 else zero
+        self.clipping = clip > 0
+        clipped = (safe > clip).double() if self.clipping else zero
         self.grad = torch.stack([self.grad[0] + safe, torch.maximum(self.grad[1], safe), self.grad[2] + clipped,
                                  self.grad[3] + counted.double()])
 
@@ -159,7 +161,9 @@ class EpochTotals:
         # DDP gives every rank the same gradients, so the same norms: the max over ranks is any rank's.
         norm_sum, norm_max, clipped, steps = all_reduce_max(self.grad.clone()).tolist()
         if steps:
-            stats.update(grad_norm_mean=norm_sum / steps, grad_norm_max=norm_max, clipped_share=clipped / steps)
+            stats.update(grad_norm_mean=norm_sum / steps, grad_norm_max=norm_max)
+            if self.clipping:
+                stats["clipped_share"] = clipped / steps
         if self.keep_outputs:
             stats["outputs"] = gather_equal(torch.cat(self.outputs)).cpu().numpy()
             stats["labels"] = gather_equal(torch.cat(self.labels)).cpu().numpy()

@@ -389,8 +389,6 @@ def _epochs(run: Run, resumed: Resumed, rows: list[dict], tracker: Tracker | Non
             val = EvalResult.of(val.outputs, val.targets, run.head)  # scored by the head as its hook left it
             row.update(split_metrics("val", val), val_confusion_matrix=val.confusion_matrix.tolist())
         row.update({k: stats[k] for k in ("grad_norm_mean", "grad_norm_max", "clipped_share") if k in stats})
-        if run.cfg.train.clip_grad_norm <= 0:
-            row.pop("clipped_share", None)
         row.update({"lr": lr, "nonfinite_steps": stats["nonfinite_steps"], "images_per_s": stats["images_per_s"],
                     "train_seconds": stats["train_seconds"], "eval_seconds": time.perf_counter() - eval_start,
                     "epoch_seconds": time.perf_counter() - epoch_start + stats["resumed_seconds"],
