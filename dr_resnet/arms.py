@@ -18,8 +18,8 @@ import yaml
 from .config import is_pretrained
 from .metrics import collapse, majority_baseline
 from .predictions import Predictions, read_predictions
-from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, PREDICTIONS_FILE, STATUS_FILE, SUMMARY_FILE, read_metrics, selected_on,
-                     selected_row)
+from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, FINAL_PREDICTIONS_FILE, LAST_CHECKPOINT, PREDICTIONS_FILE, STATUS_FILE,
+                     SUMMARY_FILE, read_metrics, selected_on, selected_row)
 from .stats import RESAMPLES, bootstrap_intervals, paired_comparison
 
 SEED_FOLDER = re.compile(r"seed\d+")  # launch.sweep --seeds: SWEEP_DIR/<arm>/seed<k>/
@@ -61,15 +61,16 @@ class RunRecord:
         """Why the selected epoch looks collapsed ('' when it does not, or before any epoch)."""
         return collapse(np.array(self.chosen()["confusion_matrix"])) if self.rows else ""
 
-    def predictions(self) -> Predictions | None:
-        """The selected epoch's per-image test predictions (predictions.csv), if the run wrote them; read
-        once (the comparisons, the intervals and the calibration figure all ask)."""
-        return self._predictions
+    def predictions(self, epoch: str = "selected") -> Predictions | None:
+        """The selected (or `epoch="final"`: the final planned) epoch's per-image test predictions,
+        predictions.csv or predictions_final.csv, if the run wrote them; each read once (the comparisons,
+        the intervals and the calibration figure all ask)."""
+        return self._predictions[epoch]
 
     @cached_property
-    def _predictions(self) -> Predictions | None:
-        path = self.path / PREDICTIONS_FILE
-        return read_predictions(path) if path.is_file() else None
+    def _predictions(self) -> dict[str, Predictions | None]:
+        paths = {"selected": self.path / PREDICTIONS_FILE, "final": self.path / FINAL_PREDICTIONS_FILE}
+        return {epoch: read_predictions(path) if path.is_file() else None for epoch, path in paths.items()}
 
     def intervals(self) -> dict | None:
         """Bootstrap 95% intervals of the selected epoch's metrics: the run summary's, else computed from
@@ -128,32 +129,45 @@ def arm_pairs(runs: list[RunRecord]) -> list[tuple[str, list[RunRecord], list[Ru
     return pairs
 
 
-def _why_not(name: str, runs: list[RunRecord]) -> str:
+def _why_not(name: str, runs: list[RunRecord], epoch: str) -> str:
+    file = PREDICTIONS_FILE if epoch == "selected" else FINAL_PREDICTIONS_FILE
     if not runs:
         return f"{name} has no run"
     run = runs[0]
     if run.launch_status or not run.rows:
-        return f"{name} has no predictions.csv ({run.launch_status or 'no selected epoch yet'})"
-    return (f"{name} has no predictions.csv (trained before dr-resnet 0.2 wrote one: python -m dr_resnet.evaluate "
-            f"--checkpoint {run.path / BEST_CHECKPOINT} --out {run.path} writes it)")
+        return f"{name} has no {file} ({run.launch_status or 'no selected epoch yet'})"
+    if epoch == "final" and run.rows[-1]["epoch"] < run.epochs_planned:
+        return f"{name} has no {file} (epoch {run.rows[-1]['epoch']} of {run.epochs_planned}: not finished)"
+    checkpoint, since = (BEST_CHECKPOINT, "0.2") if epoch == "selected" else (LAST_CHECKPOINT, "0.3.1")
+    return (f"{name} has no {file} (trained before dr-resnet {since} wrote one: python -m dr_resnet.evaluate "
+            f"--checkpoint {run.path / checkpoint} --out DIR writes DIR/{PREDICTIONS_FILE}; copy it to "
+            f"{run.path / file})")
 
 
-def compare_arms(runs: list[RunRecord], resamples: int = RESAMPLES) -> list[dict]:
-    """For each pair of arm_pairs: A - B in accuracy, QWK and referable AUC at each run's selected epoch,
-    with paired-bootstrap 95% intervals and McNemar's test, from their predictions.csv; arms with seeds
-    are paired seed by seed and pooled (the mean difference over the seeds they share); or why not."""
+COMPARED_EPOCHS = ("selected", "final")  # compare_arms(epoch=...): the report compares the arms at both
+
+
+def compare_arms(runs: list[RunRecord], resamples: int = RESAMPLES, epoch: str = "selected") -> list[dict]:
+    """For each pair of arm_pairs: A - B in accuracy, QWK and referable AUC at each run's selected epoch
+    (predictions.csv) or `epoch="final"` its final planned epoch (predictions_final.csv), with
+    paired-bootstrap 95% intervals and McNemar's test; arms with seeds are paired seed by seed and pooled
+    (the mean difference over the seeds they share); or why not."""
+    if epoch not in COMPARED_EPOCHS:
+        raise ValueError(f"epoch must be one of {', '.join(COMPARED_EPOCHS)}, got {epoch!r}")
     results = []
     for question, side_a, side_b, name_a, name_b in arm_pairs(runs):
-        entry = {"comparison": question, "a": name_a, "b": name_b}
-        done_a = {r.seed: r for r in side_a if r.predictions() is not None}
-        done_b = {r.seed: r for r in side_b if r.predictions() is not None}
-        missing = [_why_not(n, side) for n, side, done in ((name_a, side_a, done_a), (name_b, side_b, done_b)) if not done]
+        entry = {"comparison": question, "epoch": epoch, "a": name_a, "b": name_b}
+        done_a = {r.seed: r for r in side_a if r.predictions(epoch) is not None}
+        done_b = {r.seed: r for r in side_b if r.predictions(epoch) is not None}
+        missing = [_why_not(n, side, epoch) for n, side, done in ((name_a, side_a, done_a), (name_b, side_b, done_b))
+                   if not done]
         seeds = sorted(set(done_a) & set(done_b))
         if missing or not seeds:
             reason = "; ".join(missing) or f"no seed in common ({sorted(done_a)} and {sorted(done_b)})"
             results.append({**entry, "status": f"not compared: {reason}"})
             continue
-        found_a, found_b = [done_a[k].predictions() for k in seeds], [done_b[k].predictions() for k in seeds]
+        found_a, found_b = ([done_a[k].predictions(epoch) for k in seeds],
+                            [done_b[k].predictions(epoch) for k in seeds])
         first = found_a[0]
         different = [(r.name, len(p.names)) for r, p in zip([done_a[k] for k in seeds] + [done_b[k] for k in seeds],
                                                             found_a + found_b)

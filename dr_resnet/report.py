@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .arms import PAIR_METRICS, SEED_COLUMNS, RunRecord, compare_arms, find_runs, seed_summary
+from .arms import COMPARED_EPOCHS, PAIR_METRICS, SEED_COLUMNS, RunRecord, compare_arms, find_runs, seed_summary
 from .metrics import expected_calibration_error
 from .plots import pyplot
 from .report_html import write_html
@@ -188,15 +188,29 @@ def seed_lines(table: list[dict]) -> list[str]:
 
 
 
+EPOCH_TITLES = {"selected": "each run's selected epoch", "final": "each run's final epoch"}
+
+
 def comparison_lines(comparisons: list[dict]) -> list[str]:
-    lines = ["## Paired comparisons (A - B at each run's selected epoch, on the same test images)", "",
-             "95% intervals from a paired bootstrap (both runs scored on each resample); McNemar's exact test on the "
-             "images one run graded right and the other wrong (one per seed pair). Arms with several seeds are "
+    lines = ["## Paired comparisons (A - B on the same test images)", "",
+             "At each run's selected epoch (chosen on its held-out part, else its final epoch) and at its final "
+             "epoch (predictions_final.csv). 95% intervals from a paired bootstrap (both runs scored on each "
+             "resample); McNemar's exact test on the images one run graded right and the other wrong (one per seed pair). Arms with several seeds are "
              "compared seed by seed and averaged: the interval is the test set's uncertainty about that mean; the "
              "seeds' own spread is in the Seeds table. An interval that holds 0 means the test set cannot tell "
              "the two apart.", "",
              "| comparison | A | B | images | " + " | ".join(f"{label} A - B (95% CI)" for _, label in PAIR_METRICS)
              + " | only A right / only B right | McNemar p |", "|---" * (6 + len(PAIR_METRICS)) + "|"]
+    for epoch, title in EPOCH_TITLES.items():
+        shown = [c for c in comparisons if c["epoch"] == epoch]
+        if shown:
+            lines.append(f"| **at {title}** |" + " |" * (5 + len(PAIR_METRICS)))
+        lines += _comparison_rows(shown)
+    return lines
+
+
+def _comparison_rows(comparisons: list[dict]) -> list[str]:
+    lines = []
     for c in comparisons:
         if c["status"] != "compared":
             lines.append(f"| {c['comparison']} | {c['a']} | {c['b']} | {c['status']} |" + " |" * (2 + len(PAIR_METRICS)))
@@ -281,7 +295,8 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         written.append(out / "confusion_matrices.png")
     if plot_calibration(runs, out / "calibration.png"):
         written.append(out / "calibration.png")
-    comparisons, table, seeds = compare_arms(runs), result_rows(runs), seed_summary(runs)
+    comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(runs, epoch=epoch)]
+    table, seeds = result_rows(runs), seed_summary(runs)
     write_tables(table, out, comparisons, seeds)
     if comparisons:
         written.append(out / COMPARISONS_FILE)

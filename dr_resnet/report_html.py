@@ -65,8 +65,11 @@ def _comparisons(comparisons: list[dict]) -> str:
     head = ("<tr><th>comparison</th><th>A</th><th>B</th><th>images</th><th>accuracy A - B (95% CI)</th>"
             "<th>QWK A - B (95% CI)</th><th>referable AUC A - B (95% CI)</th><th>only A right / only B right</th>"
             "<th>McNemar p</th></tr>")
-    rows = []
+    rows, epoch = [], None
     for c in comparisons:
+        if c["epoch"] != epoch:
+            epoch = c["epoch"]
+            rows.append(f'<tr class="group"><th colspan="9">at each run\'s {html.escape(epoch)} epoch</th></tr>')
         start = f"<td>{html.escape(c['comparison'])}</td><td>{html.escape(c['a'])}</td><td>{html.escape(c['b'])}</td>"
         if c["status"] != "compared":
             rows.append(f'<tr class="notrun">{start}<td colspan="6">{html.escape(c["status"])}</td></tr>')
@@ -110,7 +113,8 @@ def write_html(out: Path, title: str, table: list[dict], comparisons: list[dict]
                   _seeds(seeds)]
     if comparisons:
         parts += ["<h2>Paired comparisons</h2>",
-                  '<p class="note">A - B on the same test images, paired bootstrap 95% intervals (both runs scored on '
+                  '<p class="note">A - B on the same test images, at each run\'s selected epoch and at its final '
+                  "epoch, paired bootstrap 95% intervals (both runs scored on "
                   "each resample; arms with seeds averaged seed by seed) and McNemar's exact test. An interval that "
                   "holds 0: the test set cannot tell the two apart.</p>", _comparisons(comparisons)]
     parts += ["<h2>Figures</h2>"] + [_figure(path, caption) for path, caption in figures if path.is_file()]

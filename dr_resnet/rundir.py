@@ -11,6 +11,7 @@ names. No torch here, so the report stays light.
     confusion_matrix.png  the selected epoch's confusion matrix   (train; evaluate writes one in its --out)
     predictions.csv       the selected epoch's per-image test predictions (train; evaluate writes one in its --out)
     predictions_val.csv   the same on the held-out part of the training split (train, with data.val_fraction)
+    predictions_final.csv the final planned epoch's per-image test predictions (train; the report's final-epoch comparisons)
     launch_status.json    a launcher's word: not run / failed     (launch.sweep; read by report)
     train.log             rank 0's log and every rank's warnings  (train; appended across resumes and requeues)
 """
@@ -30,6 +31,7 @@ CONFUSION_PNG = "confusion_matrix.png"
 TRAIN_LOG = "train.log"
 PREDICTIONS_FILE = "predictions.csv"  # layout: predictions.py
 VAL_PREDICTIONS_FILE = "predictions_val.csv"
+FINAL_PREDICTIONS_FILE = "predictions_final.csv"
 STATUS_FILE = "launch_status.json"  # {"status": "not run" | "failed", "reason": ..., "detail": ...}
 
 

@@ -34,9 +34,9 @@ from .models import WeightsNotFoundError
 from .preemption import RunStopped, StepBoundary, StopSignals
 from .recipe import Recipe
 from .predictions import read_predictions, write_predictions
-from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, LAST_CHECKPOINT, PREDICTIONS_FILE, PREV_CHECKPOINT, SUMMARY_FILE,
-                     FINAL, TRAIN_LOG, VAL_PREDICTIONS_FILE, MetricsError, append_metrics, read_metrics, rewrite_metrics, selected_on,
-                     selected_row, selection_value)
+from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, FINAL, FINAL_PREDICTIONS_FILE, LAST_CHECKPOINT,
+                     PREDICTIONS_FILE, PREV_CHECKPOINT, SUMMARY_FILE, TRAIN_LOG, VAL_PREDICTIONS_FILE, MetricsError,
+                     append_metrics, read_metrics, rewrite_metrics, selected_on, selected_row, selection_value)
 from .metrics import collapse, expected_calibration_error
 from .stats import bootstrap_intervals
 from .runtime import compile_model, configure_backends, environment
@@ -263,9 +263,12 @@ def end_of_epoch(run: Run, stats: dict, val: EvalResult | None) -> dict:
     return run.head.end_of_epoch(values, labels)
 
 
-def write_epoch_predictions(run: Run, test: EvalResult, val: EvalResult | None) -> None:
-    """The selected epoch's per-image predictions: predictions.csv (test) and predictions_val.csv."""
-    for result, loader, name in ((test, run.test_loader, PREDICTIONS_FILE), (val, run.val_loader, VAL_PREDICTIONS_FILE)):
+def write_epoch_predictions(run: Run, test: EvalResult, val: EvalResult | None, final: bool = False) -> None:
+    """An epoch's per-image predictions: the selected epoch's predictions.csv (test) and predictions_val.csv,
+    or (`final`) the final planned epoch's predictions_final.csv (test)."""
+    files = (((test, run.test_loader, FINAL_PREDICTIONS_FILE),) if final else
+             ((test, run.test_loader, PREDICTIONS_FILE), (val, run.val_loader, VAL_PREDICTIONS_FILE)))
+    for result, loader, name in files:
         if result is not None:
             grades, values = result.per_image(run.head)
             write_predictions(run.run_dir / name, loader.dataset.names, result.targets, grades, values,
@@ -405,6 +408,8 @@ def _epochs(run: Run, resumed: Resumed, rows: list[dict], tracker: Tracker | Non
         if info.is_main:
             if improved:
                 write_epoch_predictions(run, result, val)
+            if epoch + 1 == t.epochs:
+                write_epoch_predictions(run, result, None, final=True)
             write_summary(run, rows, figure=False)
             tracker.log_epoch(row)
             held_out = f"val QWK {row['val_qwk']:.3f}  " if val is not None else ""

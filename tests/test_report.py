@@ -171,7 +171,9 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     (sweep / "resnet50_pretrained" / "config.yaml").write_text(yaml.safe_dump(cfg))
     (sweep / "resnet50_pretrained" / "launch_status.json").write_text(json.dumps({"status": "not run", "reason": "no weights"}))
     report(sweep, tmp_path / "out")
-    comparisons = {c["comparison"]: c for c in json.loads((tmp_path / "out" / "comparisons.json").read_text())}
+    every = json.loads((tmp_path / "out" / "comparisons.json").read_text())
+    assert [c["epoch"] for c in every] == ["selected"] * 4 + ["final"] * 4
+    comparisons = {c["comparison"]: c for c in every if c["epoch"] == "selected"}
     assert set(comparisons) == {"pretraining at ResNet18", "pretraining at ResNet50", "depth 50 vs 18, pretrained",
                                 "depth 50 vs 18, scratch"}
     assert comparisons["pretraining at ResNet50"]["status"].startswith("not compared: resnet50 pretrained has no predictions.csv (not run")
@@ -193,9 +195,18 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     kept = (sweep / "resnet18_scratch" / "predictions.csv").read_text().splitlines()
     (sweep / "resnet18_scratch" / "predictions.csv").write_text("\n".join(kept[:-3]) + "\n")
     report(sweep, tmp_path / "out2")
-    refused = {c["comparison"]: c for c in json.loads((tmp_path / "out2" / "comparisons.json").read_text())}
+    refused = {(c["comparison"], c["epoch"]): c for c in json.loads((tmp_path / "out2" / "comparisons.json").read_text())}
     assert "resnet18_pretrained and resnet18_scratch were evaluated on different images (24 and 21)" in \
-        refused["pretraining at ResNet18"]["status"]
+        refused["pretraining at ResNet18", "selected"]["status"]
+    # The final epochs are compared from predictions_final.csv, untouched here: nothing was held out, so the
+    # final epoch is the selected one and the figures are the same as before the cut.
+    final = refused["pretraining at ResNet18", "final"]
+    assert final["status"] == "compared" and final["qwk"] == pretraining["qwk"]
+    (sweep / "resnet18_scratch" / "predictions_final.csv").unlink()
+    report(sweep, tmp_path / "out3")
+    gone = {(c["comparison"], c["epoch"]): c for c in json.loads((tmp_path / "out3" / "comparisons.json").read_text())}
+    assert gone["pretraining at ResNet18", "final"]["status"].startswith(
+        "not compared: resnet18 scratch has no predictions_final.csv (trained before dr-resnet 0.3.1")
 
 
 def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
@@ -225,7 +236,8 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
     # The final epochs too (the fixtures' runs hold nothing out, so the same values), and the collapsed seeds.
     seeds = md[md.index("## Seeds"):]
     assert seeds.count(f"{qwk.mean():.3f} +- {qwk.std(ddof=1):.3f}") == 2 and "final-epoch QWK" in seeds
-    [pooled] = json.loads((tmp_path / "out" / "comparisons.json").read_text())
+    pooled, pooled_final = json.loads((tmp_path / "out" / "comparisons.json").read_text())
+    assert pooled_final["epoch"] == "final" and pooled_final["qwk"] == pooled["qwk"]  # nothing held out: the same epoch
     assert pooled["status"] == "compared" and pooled["seeds"] == [0, 1] and len(pooled["mcnemar"]) == 2
     a = [read_predictions(runs[h] / "predictions.csv") for h in ("ordinal", "classification")]
     b = [read_predictions(runs[h] / "predictions.csv") for h in ("classification", "regression")]

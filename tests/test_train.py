@@ -275,6 +275,13 @@ def test_held_out_validation_selects_the_epoch_and_fits_thresholds(tiny, tmp_pat
     best = checkpoint.load(run_dir / "checkpoint_best.pt")
     assert best["epoch"] == chosen["epoch"] and best["best"]["on"] == "val"
     assert best["head"]["thresholds"] == pytest.approx(chosen["thresholds"])
+    # predictions.csv is the selected epoch's, predictions_final.csv the final epoch's (the report compares both).
+    from dr_resnet.metrics import confusion_matrix
+    from dr_resnet.predictions import read_predictions
+
+    for name, row in (("predictions.csv", chosen), ("predictions_final.csv", rows[-1])):
+        found = read_predictions(run_dir / name)
+        assert confusion_matrix(found.labels, found.grades).tolist() == row["confusion_matrix"], name
 
 
 def test_ordinal_head_trains_and_evaluate_reproduces_its_epoch(tiny, tmp_path):
