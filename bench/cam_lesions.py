@@ -69,7 +69,8 @@ def main() -> None:
             s["retina_only_ratio"] = lesion_scores(retina.astype(np.float32), mask)["energy_ratio"]
             scores[int(split.labels[i])].append(s)
             correct[int(split.labels[i])].append(int(grades[k]) == int(split.labels[i]))
-    lines = [f"Grad-CAM ({args.layer}) of {args.checkpoint} ({grader.describe()}) on {args.data} {args.split}, photos with lesions",
+    lines = [f"Grad-CAM ({args.layer}) of {args.checkpoint} ({grader.describe()}) on {args.data} {args.split}, "
+             "photos with lesions",
              "", "| grade | photos | graded right | map mass on lesions | lesion area | energy ratio | retina-only ratio "
              "| pointing hits | pointing chance |", "|---|---|---|---|---|---|---|---|---|"]
     everything = []

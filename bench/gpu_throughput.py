@@ -181,7 +181,8 @@ def main() -> int:
     configure_backends(CUDA, cudnn_benchmark=True, deterministic=False)
     data = Path(args.data)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    lines = [f"GPU: {torch.cuda.get_device_name(CUDA)} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(CUDA)))}, "
+    capability = ".".join(map(str, torch.cuda.get_device_capability(CUDA)))
+    lines = [f"GPU: {torch.cuda.get_device_name(CUDA)} (compute capability {capability}, "
              f"{torch.cuda.get_device_properties(CUDA).total_memory / 2 ** 30:.0f} GiB), {os.cpu_count()} CPU cores; "
              f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
              f"torchvision {torchvision.__version__}",

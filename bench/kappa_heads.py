@@ -3,7 +3,8 @@
 Each arm trains configs/demo.yaml (ResNet18 from scratch, 128 px, 6 epochs) under torchrun with 2
 processes for every seed, then one table prints each run's test QWK at the final epoch and, with
 --val-fraction, at the epoch chosen on the held-out images; then the means per arm. The column "on
-test (optimistic)" shows what choosing the epoch on the test split would give: never a result. Finished runs under --out are read, not retrained (a run directory resumes), so the table can be
+test (optimistic)" shows what choosing the epoch on the test split would give: never a result.
+Finished runs under --out are read, not retrained (a run directory resumes), so the table can be
 re-printed at no cost. Roughly 3-4 minutes a run on 2 CPU cores.
 
     python bench/kappa_heads.py [--data data/synthetic_128] [--seeds 0 1 2] [--arms ce reg ord]

@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from kappa_heads import ensure_data  # the demo's dataset, made if absent (bench/ is this script's folder)
 
 from dr_resnet.metrics import collapse
 from dr_resnet.rundir import read_metrics, selected_row
-from kappa_heads import ensure_data  # the demo's dataset, made if absent (bench/ is this script's folder)
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"margin_min": 0.10, "qwk_min": 0.75, "qwk_sd_max": 0.05, "margin_mean_min": 0.15}
@@ -57,7 +57,8 @@ def train(out: Path, arm: str, seed: int, data: Path, overrides: list[str]) -> N
     started = time.perf_counter()
     with open(log, "a") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
-    print(f"{arm} seed {seed}: {'done' if code == 0 else f'failed (see {log})'} in {(time.perf_counter() - started) / 60:.1f} min",
+    outcome = "done" if code == 0 else f"failed (see {log})"
+    print(f"{arm} seed {seed}: {outcome} in {(time.perf_counter() - started) / 60:.1f} min",
           flush=True)
 
 

@@ -18,8 +18,18 @@ import yaml
 from .config import is_pretrained
 from .metrics import collapse, majority_baseline
 from .predictions import Predictions, read_predictions
-from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, FINAL_PREDICTIONS_FILE, LAST_CHECKPOINT, PREDICTIONS_FILE, STATUS_FILE,
-                     SUMMARY_FILE, read_metrics, selected_on, selected_row)
+from .rundir import (
+    BEST_CHECKPOINT,
+    CONFIG_FILE,
+    FINAL_PREDICTIONS_FILE,
+    LAST_CHECKPOINT,
+    PREDICTIONS_FILE,
+    STATUS_FILE,
+    SUMMARY_FILE,
+    read_metrics,
+    selected_on,
+    selected_row,
+)
 from .stats import RESAMPLES, bootstrap_intervals, paired_comparison
 
 SEED_FOLDER = re.compile(r"seed\d+")  # launch.sweep --seeds: SWEEP_DIR/<arm>/seed<k>/

@@ -36,14 +36,17 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import UserError
+from .files import atomic_path, sync_folder, temporary_name
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that is not a usable dr_resnet training checkpoint; the message names it and why."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(UserError, RuntimeError):
     """A checkpoint could not be written (disk full, permissions...); the message names the file."""
 
 
@@ -72,8 +75,14 @@ class TrainingState:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainingState":
-        """Read a checkpoint written by any version; a file that is no training state names what is missing."""
-        raw = load(path)
+        """Read a checkpoint written by any version; a file that is no training state names what is missing,
+        a damaged one (truncated, not a torch file) says so."""
+        try:
+            raw = load(path)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # a damaged file fails in many ways (zip, pickle, EOF)
+            raise CheckpointError(f"{path}: cannot be read as a checkpoint ({_reason(exc)})") from None
         fields = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
@@ -90,28 +99,26 @@ def save(state: dict[str, Any], path: str | os.PathLike, keep_previous: str | os
     With keep_previous, the file `path` held until now is kept under that name. A write that fails
     raises CheckpointWriteError, removes its temporary file, and leaves `path` as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    writer = None
-    try:
-        with open(tmp, "wb") as f:
-            writer = _Writer(f)
-            torch.save(state, writer)
-            f.flush()
-            os.fsync(f.fileno())
-    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write as RuntimeError
-        tmp.unlink(missing_ok=True)
-        kept = f"{path} is unchanged" if path.exists() else f"{path} was not written before"
-        cause = writer.error if writer is not None and writer.error is not None else exc
-        raise CheckpointWriteError(f"cannot write the checkpoint {path}: {_reason(cause)}; {kept}. Free disk space "
-                                   f"or fix the folder's permissions, then start the run again to resume") from exc
-    if keep_previous is not None and path.exists():
-        previous = Path(keep_previous)
-        link = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
-        link.unlink(missing_ok=True)
-        os.link(path, link)  # the current file under a second name, then renamed: no moment without either
-        os.replace(link, previous)
-    os.replace(tmp, path)
-    _sync_folder(path.parent)
+    with atomic_path(path) as tmp:
+        writer = None
+        try:
+            with open(tmp, "wb") as f:
+                writer = _Writer(f)
+                torch.save(state, writer)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write as RuntimeError
+            kept = f"{path} is unchanged" if path.exists() else f"{path} was not written before"
+            cause = writer.error if writer is not None and writer.error is not None else exc
+            raise CheckpointWriteError(f"cannot write the checkpoint {path}: {_reason(cause)}; {kept}. Free disk "
+                                       f"space or fix the folder's permissions, then start the run again to resume") from exc
+        if keep_previous is not None and path.exists():
+            previous = Path(keep_previous)
+            link = temporary_name(previous)
+            link.unlink(missing_ok=True)
+            os.link(path, link)  # the current file under a second name, then renamed: no moment without either
+            os.replace(link, previous)
+    sync_folder(path.parent)  # POSIX: a rename is on disk once its folder is synced
 
 
 def remove_unfinished(folder: Path) -> None:
@@ -137,20 +144,6 @@ class _Writer:
 
     def flush(self) -> None:
         self.file.flush()
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the renames durable (POSIX: a rename is on disk once its folder is synced)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _reason(exc: BaseException) -> str:

@@ -7,11 +7,11 @@ for training; ``evaluate`` builds the same head, model and runtime around a save
 from __future__ import annotations
 
 import inspect
+import logging
+import math
 import os
 import signal
 import threading
-import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from . import checkpoint, config
 from .augment import DeviceAugment
-from . import config
 from .config import Config, ConfigError, DataConfig, TrainConfig
 from .data import RetinopathyDataset
 from .distributed import DistInfo
@@ -234,3 +234,28 @@ def optimisation(t: TrainConfig, lr: float, network: nn.Module, steps_per_epoch:
         optimizer, lr_lambda(t.scheduler, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.needs_scaler)
     return Optimisation(optimizer, scheduler, scaler)
+
+
+@dataclass
+class TrainedModel:
+    """A training checkpoint made ready to evaluate or serve: its state and config, its head with its
+    fitted state (thresholds, temperature), its network in eval mode, the runtime evaluation uses."""
+
+    state: checkpoint.TrainingState
+    cfg: Config
+    head: object
+    network: nn.Module
+    runtime: Runtime
+
+
+def trained_model(path: str | os.PathLike, device: torch.device, amp: str = "auto", key: str = "--amp") -> TrainedModel:
+    """THE way a saved training state becomes a model (evaluate, grading and so predict, export, gallery):
+    built as training built it (channels_last and autocast on CUDA), never with pretrained weights."""
+    state = checkpoint.TrainingState.load(path)
+    cfg = config.from_dict(state.config)
+    run = runtime(amp, device, key=key)
+    trained_head = head(cfg, None, device)
+    trained_head.load_state(state.head)
+    network = model(cfg, trained_head, run, pretrained=False)
+    network.load_state_dict(state.model)
+    return TrainedModel(state, cfg, trained_head, network.eval(), run)

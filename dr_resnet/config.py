@@ -19,22 +19,22 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 from .registry import DEPTHS, FORMAT_CHOICES, HEADS, NONFINITE
-
 
 log = logging.getLogger(__name__)
 SAVED = "saved config"  # the origin of a config read back from a run (no warnings for its old key names)
 COMMAND_LINE = "command line"  # the origin of section.key=value overrides
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key (and file)."""
 
 
 @dataclass
 class ModelConfig:
     depth: int = 18  # 18, 34 (BasicBlock), 50, 101, 152 (Bottleneck): registry.ARCHITECTURES
-    weights: str = "none"  # none | imagenet | path to a state dict or checkpoint
+    weights: str = "none"  # none (or scratch) | imagenet | path to a state dict or checkpoint
     zero_init_residual: bool = True  # each residual block's last BatchNorm weight starts at 0, so every block starts
     # as the identity (Goyal et al. 2017; torchvision's reference recipes): gradients 22x smaller at the start for
     # ResNet50 from scratch. Loaded weights (model.weights) replace it: no effect on pretrained arms
@@ -51,10 +51,22 @@ class ModelConfig:
         return f"resnet{self.depth}_{'pretrained' if self.pretrained else 'scratch'}"
 
 
+SCRATCH_WEIGHTS = ("", "none", "scratch")  # model.weights that mean "from scratch" (validation writes them "none")
+
+
 def is_pretrained(weights: str) -> bool:
     """Whether model.weights loads weights (imagenet, or a file) rather than training from scratch: THE
     rule for "is this arm pretrained?" (learning rate, arm names, W&B tags, the report's pairs)."""
-    return str(weights).strip().lower() not in ("", "none", "scratch")
+    return str(weights).strip().lower() not in SCRATCH_WEIGHTS
+
+
+def normalised_weights(weights: str) -> str:
+    """model.weights as every reader sees it: "none" for any spelling of scratch, "imagenet" in any case,
+    else the path as given."""
+    text = str(weights).strip()
+    if not is_pretrained(text):
+        return "none"
+    return "imagenet" if text.lower() == "imagenet" else text
 
 
 @dataclass
@@ -178,7 +190,8 @@ RENAMED = {"train.regression_loss": "regression.loss", "train.fit_thresholds": "
 # recipe: what photos went through, see recipe.py) and loading that file as a config skips them.
 RECORDED = ("recipe", "effective")  # effective: the values the run derived (learning rate, global batch, ...)
 NON_NEGATIVE = ("data.workers", "data.min_val_images", "data.max_rotation", "train.natural_from", "train.eval_batch_size",
-                "train.momentum", "train.clip_grad_norm", "train.weight_decay", "train.warmup_epochs", "train.checkpoint_every_minutes", "train.nonfinite_skip_limit")
+                "train.momentum", "train.clip_grad_norm", "train.weight_decay", "train.warmup_epochs",
+                "train.checkpoint_every_minutes", "train.nonfinite_skip_limit")
 
 
 @dataclass(frozen=True)
@@ -318,6 +331,7 @@ def needs_held_out(cfg: Config) -> str:
 
 
 def validate(cfg: Config) -> None:
+    cfg.model.weights = normalised_weights(cfg.model.weights)
     flat = {f"{s}.{k}": v for s, values in cfg.to_dict().items() for k, v in values.items()}
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:

@@ -138,6 +138,7 @@ def training_transform(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[floa
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
-def evaluation_transform(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Callable[[Tensor], Tensor]:
+def evaluation_transform(mean: Sequence[float] = IMAGENET_MEAN,
+                         std: Sequence[float] = IMAGENET_STD) -> Callable[[Tensor], Tensor]:
     """Normalisation only."""
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 from . import GRADES, NUM_GRADES
+from .errors import run_command
 from .formats import DatasetError, find_splits, read_split
 
 
@@ -33,12 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dr_resnet.describe", description=__doc__.split("\n\n")[0])
     p.add_argument("root", help="dataset folder (lab, kaggle or aptos layout)")
     args = p.parse_args(argv)
-    try:
-        print(describe(args.root))
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: print(describe(args.root)))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from .errors import USER_ERRORS
 from .runtime import DeviceError, select_device, too_many_processes
 
 log = logging.getLogger(__name__)
@@ -228,10 +229,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def run_entry(work: Callable[[DistInfo], int | None], user_errors: tuple[type[Exception], ...], device: str = "auto") -> int:
-    """The frame of every entry point: join the group, log per rank, run `work`, always leave the group.
-    A user error (bad data, config, missing file, processes that do not fit the GPUs) is one logged line
-    and exit code 2; `work` may return another exit code. The first line says how the process was
+def run_entry(work: Callable[[DistInfo], int | None], device: str = "auto") -> int:
+    """The frame of every distributed entry point: join the group, log per rank, run `work`, always leave
+    the group. A user error (errors.USER_ERRORS: bad data, config, missing file, processes that do not fit
+    the GPUs) is one logged line and exit code 2; `work` may return another exit code. The first line says how the process was
     launched and on what device."""
     env = launch_env()
     setup_logging(env.rank, env.world_size)
@@ -239,7 +240,7 @@ def run_entry(work: Callable[[DistInfo], int | None], user_errors: tuple[type[Ex
         info = init(device, env=env)
         log.info("launch: %s; device %s", env.describe(), _describe_device(info.device))
         return work(info) or 0
-    except (DeviceError, *user_errors) as exc:
+    except USER_ERRORS as exc:
         log.error("%s", exc)
         return 2
     except Exception:  # logged, so that a run log (log_to_file) holds it too; the exit code stays 1

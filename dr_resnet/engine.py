@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import metrics
 from .augment import DeviceAugment
 from .distributed import all_reduce_max, all_reduce_sum, gather_equal, gather_sharded
+from .errors import UserError
 from .registry import NONFINITE
 from .runtime import Precision, Stopwatch
 
@@ -184,7 +185,7 @@ class Runtime:
         return self.augment.channels_last
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Training met a non-finite loss or gradient; the message says where and what to try."""
 
 

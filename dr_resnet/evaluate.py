@@ -11,17 +11,15 @@ import json
 import sys
 from pathlib import Path
 
-from . import checkpoint, components, distributed
-from .config import ConfigError, from_dict
+from . import components, distributed
 from .data import RetinopathyDataset
 from .engine import TTA_MODES, evaluate
-from .formats import DatasetError
-from .registry import FORMAT_CHOICES
 from .metrics import expected_calibration_error
 from .predictions import write_predictions
+from .registry import FORMAT_CHOICES
 from .rundir import CONFUSION_PNG, PREDICTIONS_FILE
-from .stats import RESAMPLES, bootstrap_intervals
 from .runtime import DEVICES, PRECISIONS, configure_backends
+from .stats import RESAMPLES, bootstrap_intervals
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,15 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
-    state = checkpoint.TrainingState.load(args.checkpoint)
-    cfg = from_dict(state.config)
     # --amp off means full fp32 on the GPU too (no TF32 convolutions): what a CPU computes, to rounding.
     configure_backends(info.device, cudnn_benchmark=True, deterministic=False, tf32=args.amp != "off")
-    runtime = components.runtime(args.amp, info.device, key="--amp")  # channels_last on CUDA, as in training
-    head = components.head(cfg, None, info.device)
-    head.load_state(state.head)  # a regression head's fitted thresholds
-    model = components.model(cfg, head, runtime, pretrained=False)
-    model.load_state_dict(state.model)
+    trained = components.trained_model(args.checkpoint, info.device, args.amp)
+    state, cfg, head, model, runtime = trained.state, trained.cfg, trained.head, trained.network, trained.runtime
     size = args.image_size or cfg.data.image_size
     dataset = RetinopathyDataset(args.data_root, args.split, format=args.format, image_size=size)
     loader = components.evaluation_loader(dataset, args.batch_size, args.workers, info)
@@ -94,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['majority_baseline']:.1%}), QWK {result['qwk']:.3f}{qwk_ci}, referable DR (grade >= 2) "
                   f"sensitivity {result['referable_sensitivity']:.2f} specificity {result['referable_specificity']:.2f} "
                   f"AUC {result['referable_auc']:.3f}; wrote {Path(args.out) / 'metrics.json'}")
-    return distributed.run_entry(work, (ConfigError, DatasetError, FileNotFoundError, checkpoint.CheckpointError),
-                                 device=args.device)
+    return distributed.run_entry(work, device=args.device)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from . import GRADES, __version__
-from .checkpoint import CheckpointError, TrainingState
-from .config import ConfigError
-from .grading import (METADATA_KEY, ONNX_SUFFIX, OUTPUT_NAMES, TORCHSCRIPT_SUFFIX, CheckpointGrader, ModelLoadError,
-                      load_grader)
+from .checkpoint import TrainingState
+from .errors import USER_ERRORS, UserError
+from .grading import METADATA_KEY, ONNX_SUFFIX, OUTPUT_NAMES, TORCHSCRIPT_SUFFIX, CheckpointGrader, load_grader
 from .models import architecture, count_parameters
 from .rundir import read_metrics
 
@@ -37,7 +36,7 @@ INTENDED_USE = ("Research on diabetic-retinopathy grading. Not a medical device:
                 "clinical use, and its figures hold for its test data only.")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The export could not be written or does not reproduce PyTorch's outputs; the message says which."""
 
 
@@ -69,8 +68,8 @@ def model_card(grader: CheckpointGrader, checkpoint: Path, fmt: str, model_file:
         "recipe": grader.recipe.to_dict() | ({"assumed": True} if grader.recipe.assumed else {}),
         "inputs": {"images": "uint8 RGB (N, 3, S, S) with S = recipe.image_size, prepared as recipe.preprocess says"},
         "outputs": {"grade": "int64 (N,): the predicted grade 0..4",
-                    "values": ("float (N,): the score on the grade scale, cut at the thresholds" if grader.head_kind == "regression"
-                               else "float (N, 5): the probability of each grade"),
+                    "values": ("float (N,): the score on the grade scale, cut at the thresholds"
+                               if grader.head_kind == "regression" else "float (N, 5): the probability of each grade"),
                     "referable_score": "float (N,): the referable-DR score (grade >= 2); higher is more likely"},
         "training": {"data": data, "epochs": cfg.train.epochs, "selected_epoch": state.epoch, "selection": state.best,
                      "recipe": {k: getattr(cfg.train, k) for k in ("lr", "batch_size", "scheduler", "class_weights",
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         path, card, difference = export(args.checkpoint, args.format, args.out)
-    except (ExportError, ModelLoadError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"exported {card['name']} ({card['head']['kind']} head, {card['recipe']['image_size']} px) to {path}; "

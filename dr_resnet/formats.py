@@ -20,13 +20,14 @@ from typing import Sequence
 import numpy as np
 
 from . import NUM_GRADES
+from .errors import UserError
 from .registry import FORMATS
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 MAX_ROWS_SHOWN = 10
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A split on disk is unusable; the message names the file, the rows and the fix."""
 
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, components
-from .config import from_dict
+from . import components
 from .engine import TTA_MODES, _views
+from .errors import UserError
 from .heads import build_head
 from .recipe import Recipe
 from .runtime import Precision
@@ -62,7 +62,7 @@ class Graded:
     referable: np.ndarray
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A file that is no usable dr_resnet model; the message names it and why."""
 
 
@@ -89,26 +89,15 @@ class CheckpointGrader(Grader):
     source = "checkpoint"
 
     def __init__(self, path: str | os.PathLike, device: torch.device, amp: str = "auto") -> None:
-        try:
-            state = checkpoint.TrainingState.load(path)
-        except (checkpoint.CheckpointError, FileNotFoundError):
-            raise
-        except Exception as exc:  # a damaged file fails in many ways (zip, pickle, EOF)
-            raise ModelLoadError(f"{path}: cannot be read as a checkpoint ({exc})") from None
-        cfg = from_dict(state.config)
+        trained = components.trained_model(path, device, amp)
+        state, cfg = trained.state, trained.cfg
         self.state, self.config, self.device = state, cfg, device
         self.recipe = (Recipe.from_dict(state.recipe) if state.recipe
                        else Recipe.assume(cfg.data.root, cfg.data.image_size, str(path)))
-        # The head, network and runtime evaluation builds (channels_last and autocast on CUDA).
-        runtime = components.runtime(amp, device, key="--amp")
-        head = components.head(cfg, None, device)
-        head.load_state(state.head)
-        self.head_kind, self.head_state = cfg.model.head, head.state()
-        self.network = components.model(cfg, head, runtime, pretrained=False)
-        self.network.load_state_dict(state.model)
-        self.network.eval()
-        self.model = GradingModel(self.network, head, self.recipe).to(device).eval()
-        self.precision: Precision = runtime.precision
+        self.head_kind, self.head_state = cfg.model.head, trained.head.state()
+        self.network = trained.network
+        self.model = GradingModel(self.network, trained.head, self.recipe).to(device).eval()
+        self.precision: Precision = trained.runtime.precision
 
     @torch.no_grad()
     def grade(self, images: Tensor, tta: str = "none") -> Graded:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import is_pretrained
+from .errors import UserError
 from .registry import ARCHITECTURES, DEPTHS, Architecture
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class ResNet(nn.Module):
 BLOCKS: dict[str, Block] = {"basic": BasicBlock, "bottleneck": Bottleneck}  # registry.Architecture.block
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """Pretrained weights were asked for and cannot be had; never answered by a silent random init."""
 
 

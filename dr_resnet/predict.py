@@ -22,21 +22,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
 from .engine import TTA_MODES
+from .errors import USER_ERRORS, UserError
+from .files import atomic_write
 from .grading import Grader, ModelLoadError, load_grader
 from .metrics import REFERABLE_GRADE
 from .predictions import value_columns
 from .preprocess import BadImageError
 from .recipe import Recipe
-from .runtime import DEVICES, DeviceError, select_device
+from .runtime import DEVICES, select_device
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff")
 CSV_IMAGE_COLUMNS = ("image", "path", "file", "filename", "id_code")  # the first one present names the images
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The --images arguments cannot be listed (a CSV without an image column, nothing found...)."""
 
 
@@ -147,8 +147,7 @@ def predict(grader: Grader, paths: list[Path], out: Path, tta: str = "none", bat
     header = columns(grader.head_kind) + (["cam"] if cam_dir is not None else [])
     counts = Counts()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f, tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
+    with atomic_write(out, newline="") as f, tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
         writer = csv.writer(f)
         writer.writerow(header)
         for images, indices, errors in loader:
@@ -169,7 +168,6 @@ def predict(grader: Grader, paths: list[Path], out: Path, tta: str = "none", bat
                     counts.failed += 1
                 writer.writerow([row.get(c, "") for c in header])
             bar.update(len(errors))
-    os.replace(tmp, out)
     return counts
 
 
@@ -218,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = list_images(args.images)
         counts = predict(grader, paths, Path(args.out), args.tta, args.batch_size, args.workers,
                          Path(args.cam) if args.cam else None, progress=sys.stderr.isatty())
-    except (InputError, ModelLoadError, CheckpointError, ConfigError, DeviceError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failed = f", {counts.failed} failed (their reasons: the error column)" if counts.failed else ""

@@ -18,6 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from . import NUM_GRADES
+from .errors import UserError
+from .files import atomic_write
 
 
 def value_columns(head_kind: str) -> list[str]:
@@ -40,18 +42,16 @@ def write_predictions(path: str | os.PathLike, names: Sequence[str], labels: np.
     path = Path(path)
     columns = value_columns(head_kind)
     values = np.asarray(values, dtype=np.float64).reshape(len(names), len(columns))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "true_grade", "grade", *columns, "referable_score"])
         for name, label, grade, row, score in zip(names, labels, grades, values, referable_scores):
             # 9 significant digits: every float32 reads back exactly (the AUC's ties stay as they were).
             writer.writerow([name, int(label), int(grade), *(f"{v:.9g}" for v in row), f"{float(score):.9g}"])
-    os.replace(tmp, path)
     return path
 
 
-class PredictionsError(ValueError):
+class PredictionsError(UserError, ValueError):
     """A predictions.csv that cannot be read; the message names the file and row."""
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError, run_command
+from .files import atomic_path
 from .formats import DatasetError, Split, SplitLayout, find_splits, read_split
 
 SETTINGS_FILE = "preprocess.json"
@@ -32,7 +34,7 @@ SKIPPED_FILE = "skipped.csv"
 LOCATE_SIDE = 256  # pixels on the short side of the copy the retina is located on
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     """An image cannot be used; the message names the file and why."""
 
 
@@ -173,9 +175,8 @@ def process_one(src: Path, dst: Path, settings: Settings) -> str | None:
         image = crop_square(src, settings)
     except BadImageError as exc:
         return str(exc)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="JPEG", quality=settings.quality)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        image.save(tmp, format="JPEG", quality=settings.quality)
     return None
 
 
@@ -282,17 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.size < 8 or not 0 <= args.threshold < 255 or not 1 <= args.quality <= 100 or args.workers < 1:
         p.error("need --size >= 8, 0 <= --threshold < 255, 1 <= --quality <= 100, --workers >= 1")
     settings = Settings(args.size, args.threshold, args.quality, args.normalize)
-    try:
+
+    def work() -> None:
         skipped = preprocess(args.src, args.dst, settings, args.workers, args.skip_bad, args.overwrite,
                              progress=sys.stderr.isatty())
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for split, row, file, reason in skipped:
-        print(f"skipped {split} row {row}: {reason}", file=sys.stderr)
-    summary = f", skipped {len(skipped)} (listed in {Path(args.dst) / SKIPPED_FILE})" if skipped else ""
-    print(f"preprocessed {args.src} -> {args.dst} at {args.size}px{summary}")
-    return 0
+        for split, row, file, reason in skipped:
+            print(f"skipped {split} row {row}: {reason}", file=sys.stderr)
+        summary = f", skipped {len(skipped)} (listed in {Path(args.dst) / SKIPPED_FILE})" if skipped else ""
+        print(f"preprocessed {args.src} -> {args.dst} at {args.size}px{summary}")
+    return run_command(work)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Compare runs (see arms.py for what is compared): accuracy and QWK curves per depth (pretrained vs
-scratch), confusion matrices side by side, calibration, and the results, seeds and comparison tables. Works for any subset of runs; runs in progress are drawn up to their last
-epoch. Reads only the run directories' own files (metrics.jsonl, config.yaml, predictions.csv), never
-W&B. Writes the figures, results.md / results.csv, comparisons.json and report.html (all of it on one
-self-contained page).
+scratch), confusion matrices side by side, calibration, and the results, seeds and comparison tables.
+Works for any subset of runs; runs in progress are drawn up to their last epoch. Reads only the run
+directories' own files (metrics.jsonl, config.yaml, predictions.csv), never W&B. Writes the figures,
+results.md / results.csv, comparisons.json and report.html (all of it on one self-contained page).
 
     python -m dr_resnet.report RUNS_DIR [--out DIR] [--gallery]
 """
@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 
 from .arms import COMPARED_EPOCHS, PAIR_METRICS, SEED_COLUMNS, RunRecord, compare_arms, find_runs, seed_summary
+from .errors import run_command
 from .metrics import expected_calibration_error
 from .plots import pyplot
 from .report_html import write_html
@@ -195,7 +196,8 @@ def comparison_lines(comparisons: list[dict]) -> list[str]:
     lines = ["## Paired comparisons (A - B on the same test images)", "",
              "At each run's selected epoch (chosen on its held-out part, else its final epoch) and at its final "
              "epoch (predictions_final.csv). 95% intervals from a paired bootstrap (both runs scored on each "
-             "resample); McNemar's exact test on the images one run graded right and the other wrong (one per seed pair). Arms with several seeds are "
+             "resample); McNemar's exact test on the images one run graded right and the other wrong (one per "
+             "seed pair). Arms with several seeds are "
              "compared seed by seed and averaged: the interval is the test set's uncertainty about that mean; the "
              "seeds' own spread is in the Seeds table. An interval that holds 0 means the test set cannot tell "
              "the two apart.", "",
@@ -243,7 +245,8 @@ def write_tables(table: list[dict], out: Path, comparisons: list[dict] = (), see
              "epoch when nothing was held out (selected_by: final); it is the epoch of its checkpoint_best.pt. "
              "collapsed: why the selected epoch looks collapsed (one grade predicted for 95% of the test images or "
              "more, or accuracy below the majority baseline). QWK = quadratic weighted kappa; recall per grade 0..4 "
-             "at the selected epoch; referable DR = grade >= 2 vs < 2 (sensitivity, specificity, ROC AUC). Accuracy is only meaningful above the majority baseline. selected_*_95ci: "
+             "at the selected epoch; referable DR = grade >= 2 vs < 2 (sensitivity, specificity, ROC AUC). "
+             "Accuracy is only meaningful above the majority baseline. selected_*_95ci: "
              "the selected epoch's accuracy, QWK and referable AUC with bootstrap 95% intervals (ci_resampled: "
              "patients when image names carry a patient id, else images). selected_ece: the selected epoch's "
              "expected calibration error of its top grade probability (0 = calibrated); ece_before_temperature: the "
@@ -315,13 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gallery", action="store_true",
                    help="also draw, per run, test photos graded right and wrong with their Grad-CAM heat maps")
     args = p.parse_args(argv)
-    try:
+
+    def work() -> None:
         written = report(args.runs_dir, args.out, args.gallery)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print("wrote " + ", ".join(str(p) for p in written))
-    return 0
+        print("wrote " + ", ".join(str(p) for p in written))
+    return run_command(work)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ def write_html(out: Path, title: str, table: list[dict], comparisons: list[dict]
     parts = [f"<h1>{html.escape(title)}</h1>",
              '<p class="note">Each run at its selected epoch (its train.select_by on the held-out part of its training '
              "split if it has one, else its final epoch; never chosen on test), with bootstrap 95% intervals. "
-             "Collapsed: one grade predicted for 95% of the test images or more, or accuracy below the majority baseline. QWK: quadratic weighted kappa; referable DR: grade &ge; 2; "
+             "Collapsed: one grade predicted for 95% of the test images or more, or accuracy below the majority "
+             "baseline. QWK: quadratic weighted kappa; referable DR: grade &ge; 2; "
              "ECE: expected calibration error of the top grade probability. Accuracy means something only above the "
              "majority baseline.</p>",
              "<h2>Results</h2>", _results(table)]

@@ -21,6 +21,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import UserError
+from .files import write_text
+
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -35,7 +38,7 @@ FINAL_PREDICTIONS_FILE = "predictions_final.csv"
 STATUS_FILE = "launch_status.json"  # {"status": "not run" | "failed", "reason": ..., "detail": ...}
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
     """A metrics log with a damaged line other than the last; the message names the file and line."""
 
 
@@ -61,9 +64,7 @@ def read_metrics(run_dir: Path, up_to_epoch: int | None = None) -> list[dict]:
 
 def rewrite_metrics(run_dir: Path, rows: list[dict]) -> None:
     """Keep exactly the epochs a checkpoint covers (an epoch logged after the last checkpoint is redone)."""
-    tmp = Path(run_dir) / f".{METRICS_FILE}.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(Path(run_dir) / METRICS_FILE)
+    write_text(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 SELECT_BY = ("qwk", "accuracy", "loss")  # train.select_by

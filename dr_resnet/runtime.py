@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ PRECISIONS = ("auto", "off", "bf16", "fp16")
 NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere and later; V100 (7.0) and T4 (7.5) emulate bf16, slowly
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """The processes and the GPUs do not fit together (or CUDA was asked for and is absent)."""
 
 

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from . import NUM_GRADES
+from .errors import USER_ERRORS
 from .formats import DatasetError, SplitLayout, find_splits, read_split
 from .registry import FORMAT_CHOICES
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--test-fraction must be between 0 and 1")
     try:
         result = split(args.src, args.dst, args.test_fraction, args.seed, args.format, args.copy)
-    except DatasetError as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     everything = np.concatenate([labels for _, labels in result.values()])

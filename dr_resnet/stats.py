@@ -11,27 +11,27 @@ resample's confusion matrix is one matrix product and its referable-DR AUC one w
 from __future__ import annotations
 
 import math
-import re
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from . import NUM_GRADES
 from .metrics import REFERABLE_GRADE
+from .split import patient_of
 
 METRICS = ("accuracy", "qwk", "macro_f1", "referable_sensitivity", "referable_specificity", "referable_auc")
 RESAMPLES, LEVEL = 2000, 0.95
-PATIENT_EYE = re.compile(r"^(?P<patient>.+)_(left|right)$")
 CHUNK_CELLS = 20_000_000  # weights held at once (resamples x images): bounds memory (~160 MB)
 
 
 def resampling_units(names: Sequence[str] | None) -> tuple[np.ndarray, str]:
-    """Each image's resampling unit (an integer) and what the units are: "patients" when every name is
-    <patient>_left|right, else "images"."""
-    if names is not None and len(names) and all(PATIENT_EYE.match(str(n)) for n in names):
-        patients = [PATIENT_EYE.match(str(n)).group("patient") for n in names]
-        return np.unique(patients, return_inverse=True)[1].astype(np.int64), "patients"
-    return np.arange(0 if names is None else len(names), dtype=np.int64), "images"
+    """Each image's resampling unit (an integer): its patient, by split.patient_of (the patient-level
+    split's own rule: a name without an eye suffix is its own patient); and what the units are: "patients"
+    when some image shares its patient with another, else "images"."""
+    if names is None or not len(names):
+        return np.arange(0, dtype=np.int64), "images"
+    units = np.unique([patient_of(str(n)) for n in names], return_inverse=True)[1].astype(np.int64)
+    return units, "patients" if units.max() + 1 < len(names) else "images"
 
 
 def bootstrap_weights(units: np.ndarray, resamples: int, seed: int) -> Iterator[np.ndarray]:

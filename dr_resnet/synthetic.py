@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from . import NUM_GRADES
+from .errors import run_command
+from .files import atomic_path
 from .formats import FORMATS, SplitLayout
 
 # EyePACS training set: 25810 / 2443 / 5292 / 873 / 708 of 35126 images.
@@ -192,10 +194,9 @@ def _write_one(job) -> None:
     if mask_path is not None:
         image, mask = image
         mask.save(mask_path)
-    tmp = path.with_name(path.name + ".tmp")
     quality = 75 + (index * 7) % 21  # JPEG noise of varying strength, as in the wild
-    image.save(tmp, format="PNG" if path.suffix == ".png" else "JPEG", quality=quality)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG" if path.suffix == ".png" else "JPEG", quality=quality)
 
 
 def generate(out: str | os.PathLike, splits: dict[str, int], seed: int = 0, fmt: str = "lab",
@@ -246,13 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.train < 0 or args.test < 0 or args.size < 32:
         p.error("--train/--test must be >= 0 and --size >= 32")
-    out = generate(args.out, {"train": args.train, "test": args.test}, args.seed, args.format, args.size,
-                   args.workers, progress=sys.stderr.isatty(), lesion_masks=args.lesion_masks)
-    for split, n in (("train", args.train), ("test", args.test)):
-        counts = grade_counts(n)
-        print(f"{split}: {n} images, grades 0..4 = {counts.tolist()}")
-    print(f"wrote {args.format} dataset to {out}")
-    return 0
+
+    def work() -> None:
+        out = generate(args.out, {"train": args.train, "test": args.test}, args.seed, args.format, args.size,
+                       args.workers, progress=sys.stderr.isatty(), lesion_masks=args.lesion_masks)
+        for split, n in (("train", args.train), ("test", args.test)):
+            print(f"{split}: {n} images, grades 0..4 = {grade_counts(n).tolist()}")
+        print(f"wrote {args.format} dataset to {out}")
+    return run_command(work)
 
 
 if __name__ == "__main__":

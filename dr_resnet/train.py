@@ -24,24 +24,39 @@ from torch.utils.data import DataLoader
 
 from . import __version__, checkpoint, components, config, distributed
 from .augment import epoch_generator
-from .checkpoint import CheckpointError, CheckpointWriteError
+from .checkpoint import CheckpointWriteError
 from .config import Config, ConfigError
 from .data import RetinopathyDataset
 from .distributed import DistInfo
 from .engine import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
-from .formats import DatasetError
-from .models import WeightsNotFoundError
+from .files import write_text
+from .heads import ClassificationHead, OrdinalHead, RegressionHead
+from .metrics import collapse, expected_calibration_error
+from .predictions import read_predictions, write_predictions
 from .preemption import RunStopped, StepBoundary, StopSignals
 from .recipe import Recipe
-from .predictions import read_predictions, write_predictions
-from .rundir import (BEST_CHECKPOINT, CONFIG_FILE, CONFUSION_PNG, FINAL, FINAL_PREDICTIONS_FILE, LAST_CHECKPOINT,
-                     PREDICTIONS_FILE, PREV_CHECKPOINT, SUMMARY_FILE, TRAIN_LOG, VAL_PREDICTIONS_FILE, MetricsError,
-                     append_metrics, read_metrics, rewrite_metrics, selected_on, selected_row, selection_value)
-from .metrics import collapse, expected_calibration_error
-from .stats import bootstrap_intervals
+from .rundir import (
+    BEST_CHECKPOINT,
+    CONFIG_FILE,
+    CONFUSION_PNG,
+    FINAL,
+    FINAL_PREDICTIONS_FILE,
+    LAST_CHECKPOINT,
+    PREDICTIONS_FILE,
+    PREV_CHECKPOINT,
+    SUMMARY_FILE,
+    TRAIN_LOG,
+    VAL_PREDICTIONS_FILE,
+    append_metrics,
+    read_metrics,
+    rewrite_metrics,
+    selected_on,
+    selected_row,
+    selection_value,
+)
 from .runtime import compile_model, configure_backends, environment
 from .samplers import EpochSampler
-from .heads import ClassificationHead, OrdinalHead, RegressionHead
+from .stats import bootstrap_intervals
 from .tracking import Tracker, TrackingSettings, new_run_id
 
 log = logging.getLogger("dr_resnet.train")
@@ -314,9 +329,7 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
     }
     if figure and (run.run_dir / PREDICTIONS_FILE).is_file():
         summary["intervals"] = selected_intervals(run.run_dir)
-    tmp = run.run_dir / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(run.run_dir / SUMMARY_FILE)
+    write_text(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     if figure:
         from .plots import save_confusion_matrix
 
@@ -568,8 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         if summary:
             print(describe_summary(summary), flush=True)
         return 0
-    code = distributed.run_entry(work, (ConfigError, DatasetError, WeightsNotFoundError, CheckpointError, CheckpointWriteError,
-                                        MetricsError, NonFiniteError), device=cfg.train.device)
+    code = distributed.run_entry(work, device=cfg.train.device)
     return code
 
 

@@ -34,6 +34,7 @@ import yaml
 
 from dr_resnet import config
 from dr_resnet.config import ConfigError
+from dr_resnet.errors import USER_ERRORS
 from dr_resnet.rundir import CONFIG_FILE, STATUS_FILE
 
 from . import requeue
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         res = resources(args, [cfg for _, _, cfg in plans.values()])
         slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
             if args.executor == "local" and args.gpus_per_node else []
-    except ConfigError as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.print_arms:
@@ -392,7 +393,11 @@ def wait_and_report(jobs: dict, plans: dict, out: Path, poll_s: float = 5.0) -> 
             run_dir, _, cfg = plans[arm]
             set_status(run_dir, cfg, "failed", f"job {job.job_id}: {reason}")
             print(f"{arm}: FAILED (job {job.job_id}): {reason}", file=sys.stderr)
-    written = report(out)
+    try:
+        written = report(out)
+    except USER_ERRORS as exc:  # a damaged run file: the runs are done, the report says which file to mend
+        print(f"report: error: {exc}", file=sys.stderr)
+        return 2
     print("report: " + ", ".join(str(p) for p in written))
     results = (out / "results.md").read_text()
     print(results)

@@ -16,7 +16,6 @@ import time
 
 import submitit
 
-
 PREEMPTION_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").removeprefix("SIG"))
 AFTER_STOP_WAIT_S = 300  # how long a stopped task waits to be requeued or ended before it fails
 

@@ -65,7 +65,8 @@ def render(views: list[RunView], elapsed: float) -> list[str]:
     for v in views:
         acc = f"{v.test_acc:6.1%}" if v.test_acc is not None else "     -"
         qwk = f"{v.test_qwk:5.3f}" if v.test_qwk is not None else "    -"
-        lines.append(f"{v.name:<{width}}  {v.state:<8}  {v.epoch:>2}/{v.epochs:<2}   {acc}    {qwk}  {_duration(v.seconds_left):>9}")
+        left = _duration(v.seconds_left)
+        lines.append(f"{v.name:<{width}}  {v.state:<8}  {v.epoch:>2}/{v.epochs:<2}   {acc}    {qwk}  {left:>9}")
     return lines
 
 

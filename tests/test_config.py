@@ -35,6 +35,17 @@ def test_the_four_runs_share_the_fair_recipe_with_their_initialisations_rate(nam
     assert config.learning_rate(cfg.train, cfg.model.pretrained, processes=8).lr == pytest.approx(lr)  # 8 x 32 = 256
 
 
+@pytest.mark.parametrize("written", ["scratch", "Scratch", "none", "NONE", " none ", ""])
+def test_every_spelling_of_scratch_is_scratch_everywhere(written):
+    from launch.sweep import missing_weights
+
+    cfg = config.load(None, [f"model.weights={written}"])
+    assert cfg.model.weights == "none" and not cfg.model.pretrained and cfg.model.arm == "resnet18_scratch"
+    assert missing_weights(cfg) == ""  # the sweep runs it (it marked "scratch" NOT RUN: "weights file not found")
+    assert config.load(None, ["model.weights=ImageNet"]).model.weights == "imagenet"
+    assert config.load(None, ["model.weights=w/r50.pt"]).model.weights == "w/r50.pt"
+
+
 def test_the_lab_recipe_is_kept_for_reproduction():
     lab = config.load(CONFIGS / "lab.yaml")
     assert (lab.train.lr, lab.train.scheduler, lab.train.sampler, lab.train.clip_grad_norm) == (1e-3, "none", "random", 0.0)

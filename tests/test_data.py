@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dr_resnet.data import IMAGENET_MEAN, IMAGENET_STD, RetinopathyDataset, load_image, evaluation_transform, training_transform
+from dr_resnet.data import IMAGENET_MEAN, IMAGENET_STD, RetinopathyDataset, evaluation_transform, load_image, training_transform
 from dr_resnet.formats import DatasetError, detect_format, find_splits, read_split
 from dr_resnet.synthetic import generate, grade_counts
 

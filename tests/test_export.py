@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_predict import read_rows
 
 from dr_resnet import checkpoint
 from dr_resnet.data import RetinopathyDataset
@@ -17,7 +18,6 @@ from dr_resnet.grading import load_grader
 from dr_resnet.predict import main as predict_main
 from dr_resnet.preprocess import Settings
 from dr_resnet.recipe import Recipe
-from test_predict import read_rows
 
 EXPORT_TOLERANCE = 1e-5  # largest difference of a probability or score from PyTorch's (fp32, CPU; measured below 1e-6)
 

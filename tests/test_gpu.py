@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import preprocessed_dataset
 from torch.utils.data import DataLoader
 
-from conftest import preprocessed_dataset
 from dr_resnet import checkpoint
 from dr_resnet.augment import DeviceAugment, epoch_generator
 from dr_resnet.engine import EpochTotals, Runtime, ShardSampler, Trainer, evaluate

@@ -145,7 +145,8 @@ def test_temperature_fit_recovers_a_known_temperature(kind):
     again = build_head(kind)
     again.load_state(head.state())
     scaled = again.aggregate([torch.tensor(logits, dtype=torch.float32)])
-    assert torch.equal(again.predict(scaled), build_head(kind).predict(build_head(kind).aggregate([torch.tensor(logits, dtype=torch.float32)])))
+    fresh = build_head(kind)
+    assert torch.equal(again.predict(scaled), fresh.predict(fresh.aggregate([torch.tensor(logits, dtype=torch.float32)])))
     assert np.allclose(again.values(scaled).numpy(), head.probabilities_at(logits, head.temperature), atol=1e-5)
 
 

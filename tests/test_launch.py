@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import metrics_rows, preprocessed_dataset
+
 from dr_resnet.config import ConfigError
 from dr_resnet.distributed import master_port
 from launch.sweep import gpu_slots, main

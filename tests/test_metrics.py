@@ -2,8 +2,18 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from dr_resnet.metrics import (accuracy, collapse, confusion_matrix, macro_f1, majority_baseline, per_class_precision,
-                               per_class_recall, quadratic_weighted_kappa, row_normalised, summarize)
+from dr_resnet.metrics import (
+    accuracy,
+    collapse,
+    confusion_matrix,
+    macro_f1,
+    majority_baseline,
+    per_class_precision,
+    per_class_recall,
+    quadratic_weighted_kappa,
+    row_normalised,
+    summarize,
+)
 
 
 def cases():

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import metrics_rows
 from PIL import Image
 
-from conftest import metrics_rows
 from dr_resnet import checkpoint, config
 from dr_resnet.cam import cam_targets, grad_cam, lesion_scores
 from dr_resnet.data import RetinopathyDataset, load_image
@@ -84,7 +84,8 @@ def test_predict_on_raw_photos_agrees_with_predict_on_their_prepared_copies(runs
     assert len(set(grades_prepared)) > 1  # the model tells photos apart: the comparison means something
     # Without the JPEG step the two are the same image: the raw photo goes through preprocess's own code.
     recipe = Recipe(48, Settings(size=48))
-    assert torch.equal(recipe.prepare(raw[0]), torch.from_numpy(np.array(crop_square(raw[0], Settings(size=48)))).permute(2, 0, 1))
+    cropped = np.array(crop_square(raw[0], Settings(size=48)))
+    assert torch.equal(recipe.prepare(raw[0]), torch.from_numpy(cropped).permute(2, 0, 1))
 
 
 def test_prepared_photos_are_used_as_they_are(photos, tmp_path):

@@ -6,18 +6,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
-
-import numpy as np
+from conftest import preprocessed_dataset
 
 from dr_resnet import checkpoint
 from dr_resnet.metrics import collapse
 from dr_resnet.models import imagenet_cache_path
 from dr_resnet.report import main, report
 from dr_resnet.rundir import STATUS_FILE
-from conftest import preprocessed_dataset
 from dr_resnet.train import main as train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,7 +109,8 @@ def test_runs_in_progress_and_arms_not_run(sweep, tmp_path):
     metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
     # Not run: the launcher could not get ImageNet weights for this arm.
     (runs / "resnet18_pretrained" / "metrics.jsonl").unlink()
-    (runs / "resnet18_pretrained" / STATUS_FILE).write_text(json.dumps({"status": "not run", "reason": "ImageNet weights missing"}))
+    status = {"status": "not run", "reason": "ImageNet weights missing"}
+    (runs / "resnet18_pretrained" / STATUS_FILE).write_text(json.dumps(status))
     report(runs)
     table = read_csv(runs / "results.csv")
     assert table["resnet18_scratch"]["status"] == "in progress" and table["resnet18_scratch"]["epochs"] == "1/2"
@@ -122,6 +122,18 @@ def test_runs_in_progress_and_arms_not_run(sweep, tmp_path):
 def test_no_runs_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no run directories" in capsys.readouterr().err
+
+
+def test_a_damaged_metrics_log_is_one_line_naming_the_file_and_line(sweep, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep / "resnet18_scratch", runs / "resnet18_scratch")
+    log = runs / "resnet18_scratch" / "metrics.jsonl"
+    first, second = log.read_text().splitlines()
+    log.write_text(first[: len(first) // 2] + "\n" + second + "\n")  # line 1 cut short, line 2 whole
+    assert main([str(runs), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {log}: line 1 is not JSON (")
+    assert err.endswith("the file is damaged")
 
 
 def test_gallery_shows_right_and_wrong_photos_per_grade_with_heat_maps(runs, tmp_path):
@@ -176,7 +188,8 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     comparisons = {c["comparison"]: c for c in every if c["epoch"] == "selected"}
     assert set(comparisons) == {"pretraining at ResNet18", "pretraining at ResNet50", "depth 50 vs 18, pretrained",
                                 "depth 50 vs 18, scratch"}
-    assert comparisons["pretraining at ResNet50"]["status"].startswith("not compared: resnet50 pretrained has no predictions.csv (not run")
+    assert comparisons["pretraining at ResNet50"]["status"].startswith(
+        "not compared: resnet50 pretrained has no predictions.csv (not run")
     pretraining = comparisons["pretraining at ResNet18"]
     a, b = (read_predictions(runs[k] / "predictions.csv") for k in ("ordinal", "classification"))
     expected = paired_comparison(a.labels, (a.grades, a.referable_scores), (b.grades, b.referable_scores), a.names)
@@ -184,7 +197,8 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     assert pretraining["qwk"] == expected["qwk"] and pretraining["mcnemar"] == [expected["mcnemar"]]
     assert pretraining["accuracy"]["difference"] == pytest.approx(np.mean(a.grades == a.labels) - np.mean(b.grades == b.labels))
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "## Paired comparisons" in md and "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients) |" in md
+    assert "## Paired comparisons" in md
+    assert "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients) |" in md
     with open(tmp_path / "out" / "results.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
     summary = json.loads((runs["classification"] / "summary.json").read_text())

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import preprocessed_dataset
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import preprocessed_dataset
 from dr_resnet import checkpoint
 from dr_resnet.augment import DeviceAugment, epoch_generator
 from dr_resnet.config import ConfigError
@@ -18,8 +18,7 @@ from dr_resnet.distributed import launch_env, shared_gpus, tasks_per_node
 from dr_resnet.engine import EpochTotals, Runtime, Trainer
 from dr_resnet.heads import build_head
 from dr_resnet.models import build_resnet
-from dr_resnet.runtime import (DeviceError, Precision, compile_model, configure_backends, resolve_precision,
-                               select_device)
+from dr_resnet.runtime import DeviceError, Precision, compile_model, configure_backends, resolve_precision, select_device
 from dr_resnet.train import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -267,6 +266,7 @@ def test_cuda_asked_for_on_a_machine_without_it_is_one_clear_error(tiny, tmp_pat
 def test_ddp_with_sync_batchnorm_does_not_broadcast_buffers(tmp_path):
     """The argument train.build passes DDP when SyncBatchNorm is on (its name changed across torch versions)."""
     import torch.distributed as dist
+
     from dr_resnet.components import no_buffer_broadcast
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-
 from conftest import preprocessed_dataset
+
 from dr_resnet import checkpoint
 from dr_resnet.models import imagenet_cache_path
 

@@ -47,7 +47,11 @@ def test_patients_are_resampled_together():
     weights = np.concatenate(list(stats.bootstrap_weights(units, 500, seed=0)))
     assert weights.shape == (500, 40) and np.array_equal(weights[:, 0::2], weights[:, 1::2])
     assert np.all(weights.sum(axis=1) == 40)  # 20 patients drawn, two eyes each
-    assert stats.resampling_units(["a.jpeg", "b_left"])[1] == "images"
+    # One rule with the patient-level split (split.patient_of): a name without an eye suffix is its own
+    # patient, whatever the other names are.
+    units, unit = stats.resampling_units(["7_left", "c4f2", "7_right", "b_left"])
+    assert unit == "patients" and units.tolist() == [0, 2, 0, 1]
+    assert stats.resampling_units(["a.jpeg", "b_left"])[1] == "images"  # no two images share a patient
 
 
 def test_intervals_cover_the_truth_at_the_nominal_rate_and_match_the_normal_width():

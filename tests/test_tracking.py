@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import preprocessed_dataset
 
 from dr_resnet import checkpoint
-from conftest import preprocessed_dataset
 from dr_resnet.tracking import Tracker, TrackingSettings, new_run_id
 from dr_resnet.train import main
 

@@ -7,8 +7,8 @@ import io
 import os
 
 import pytest
-
 from conftest import metrics_rows
+
 from launch.watch import LiveView, render, view_of, watch
 
 
