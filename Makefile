@@ -31,6 +31,7 @@ demo: $(VENV)/.installed
 		--images $(DATA)/new_photos/images --out runs/demo/new_photos.csv --cam runs/demo/heat_maps
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import preprocessed_dataset
 from torch.utils.data import DataLoader
 
 from dr_resnet import checkpoint
@@ -25,9 +24,10 @@ from dr_resnet.heads import build_head
 from dr_resnet.models import build_resnet
 from dr_resnet.runtime import Precision, native_bf16, resolve_precision
 
+from helpers import REPO, preprocessed_dataset
+
 pytestmark = pytest.mark.gpu  # without CUDA, conftest.py skips every test so marked, with one reason
 
-REPO = Path(__file__).resolve().parent.parent
 CUDA = torch.device("cuda", 0)
 
 

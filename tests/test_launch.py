@@ -9,13 +9,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import metrics_rows, preprocessed_dataset
 
 from dr_resnet.config import ConfigError
 from dr_resnet.distributed import master_port
 from launch.sweep import gpu_slots, main
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import (
+    REPO,
+    metrics_rows,
+    preprocessed_dataset,
+)
+
 SWEEP = str(REPO / "configs" / "sweep.yaml")
 
 

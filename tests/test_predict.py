@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import metrics_rows
 from PIL import Image
 
 from dr_resnet import checkpoint, config
@@ -24,6 +23,8 @@ from dr_resnet.metrics import confusion_matrix
 from dr_resnet.predict import main as predict_main
 from dr_resnet.preprocess import Settings, crop_square, preprocess
 from dr_resnet.recipe import Recipe
+
+from helpers import metrics_rows
 
 RAW_VS_PREPARED_TOLERANCE = 0.03  # largest change of a grade probability from preprocess's JPEG (quality 95) re-encoding
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import preprocessed_dataset
 
 from dr_resnet import checkpoint
 from dr_resnet.metrics import collapse
@@ -19,7 +18,11 @@ from dr_resnet.report import main, report
 from dr_resnet.rundir import STATUS_FILE
 from dr_resnet.train import main as train
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import (
+    REPO,
+    preprocessed_dataset,
+)
+
 ARMS = {"resnet18_pretrained": (18, "imagenet"), "resnet18_scratch": (18, "none"),
         "resnet50_pretrained": (50, "imagenet"), "resnet50_scratch": (50, "none")}
 

@@ -14,13 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_training_state, demo_args, preprocessed_dataset, without_timing
-from conftest import metrics_rows as rows
 
 from dr_resnet import checkpoint
 from dr_resnet.train import main
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import (
+    REPO,
+    assert_same_training_state,
+    demo_args,
+    preprocessed_dataset,
+    without_timing,
+)
+from helpers import metrics_rows as rows
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import preprocessed_dataset
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dr_resnet import checkpoint
@@ -21,7 +20,11 @@ from dr_resnet.models import build_resnet
 from dr_resnet.runtime import DeviceError, Precision, compile_model, configure_backends, resolve_precision, select_device
 from dr_resnet.train import main
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import (
+    REPO,
+    preprocessed_dataset,
+)
+
 CUDA0 = torch.device("cuda", 0)
 
 

@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import preprocessed_dataset
 
 from dr_resnet import checkpoint
 from dr_resnet.models import imagenet_cache_path
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import (
+    REPO,
+    preprocessed_dataset,
+)
+
 SCRIPTS = [REPO / "slurm" / "train.sbatch", REPO / "slurm" / "sweep.sh", REPO / "slurm" / "local_cluster.sh"]
 pytestmark = pytest.mark.slow
 

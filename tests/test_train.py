@@ -12,14 +12,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import assert_same_training_state, demo_args, metrics_rows, preprocessed_dataset
 
 from dr_resnet import checkpoint
 from dr_resnet.components import class_weights, lr_lambda
 from dr_resnet.data import RetinopathyDataset
 from dr_resnet.train import main
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import (
+    REPO,
+    assert_same_training_state,
+    demo_args,
+    metrics_rows,
+    preprocessed_dataset,
+)
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
@@ -354,12 +360,12 @@ def test_selected_epoch_predictions_and_intervals_match_evaluate(runs, photos, t
 
 
 def test_temperature_calibration_travels_to_evaluate_predict_and_export(photos, tmp_path, capsys):
-    from conftest import train_run
-
     from dr_resnet.evaluate import main as evaluate_main
     from dr_resnet.export import export
     from dr_resnet.grading import load_grader
     from dr_resnet.predictions import read_predictions
+
+    from helpers import train_run
 
     assert main(["train.calibration=temperature", f"data.root={photos / 'data'}", "data.val_fraction=0"]) == 2
     assert "train.calibration=temperature fits the probabilities on a held-out set" in capsys.readouterr().err
