@@ -4,6 +4,7 @@ import csv
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,27 @@ def test_report_html_loads_in_a_real_browser_with_its_tables_and_figures(runs, t
     assert (top.sum(axis=2) < 200).sum() > 2000  # the title and the results table: dark text on white
     colourful = (rest.max(axis=2) - rest.min(axis=2)) > 100  # the figures' coloured curves, matrices, heat maps
     assert colourful.sum() > 20_000
+
+
+TORCH_BLOCKED = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ImportError(f"torch is not installed here ({name})")
+sys.meta_path.insert(0, NoTorch())
+from dr_resnet.report import main
+code = main(sys.argv[1:])
+assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")]
+sys.exit(code)
+"""
+
+
+def test_the_results_layer_and_the_report_run_without_torch(sweep, tmp_path):
+    """metrics, stats, predictions, arms, rundir and the report import no torch: the report runs on a
+    laptop that has none (torch made unimportable in a fresh interpreter)."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", TORCH_BLOCKED, str(sweep), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert {"results.md", "results.csv", "comparisons.json", "report.html"} <= {p.name for p in out.iterdir()}
