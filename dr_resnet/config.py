@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -27,18 +27,36 @@ SAVED = "saved config"  # the origin of a config read back from a run (no warnin
 COMMAND_LINE = "command line"  # the origin of section.key=value overrides
 
 
+# The allowed values of every key that has a fixed set: the field's type says them, and validation, the
+# CLIs' choices (runtime.DEVICES, PRECISIONS, rundir.SELECT_BY, tracking.MODES) and CHOICES read them here.
+Depth = Literal[DEPTHS]  # registry.ARCHITECTURES
+HeadKind = Literal[HEADS]  # heads.HEAD_TYPES
+DataFormat = Literal[FORMAT_CHOICES]  # formats.SplitLayout
+NonFinite = Literal[NONFINITE]  # engine.Trainer
+RegressionLoss = Literal["mse", "smooth_l1"]
+FitThresholds = Literal["train", "val", "batches", "none"]
+Scheduler = Literal["none", "cosine", "onecycle"]
+Amp = Literal["auto", "off", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+ClassWeights = Literal["none", "balanced"]
+SelectBy = Literal["qwk", "accuracy", "loss"]
+Sampler = Literal["progressive", "random", "balanced"]
+Calibration = Literal["none", "temperature"]
+WandbMode = Literal["online", "offline", "disabled"]
+
+
 class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key (and file)."""
 
 
 @dataclass
 class ModelConfig:
-    depth: int = 18  # 18, 34 (BasicBlock), 50, 101, 152 (Bottleneck): registry.ARCHITECTURES
+    depth: Depth = 18  # 18, 34 (BasicBlock), 50, 101, 152 (Bottleneck): registry.ARCHITECTURES
     weights: str = "none"  # none (or scratch) | imagenet | path to a state dict or checkpoint
     zero_init_residual: bool = True  # each residual block's last BatchNorm weight starts at 0, so every block starts
     # as the identity (Goyal et al. 2017; torchvision's reference recipes): gradients 22x smaller at the start for
     # ResNet50 from scratch. Loaded weights (model.weights) replace it: no effect on pretrained arms
-    head: str = "classification"  # classification (5 grades, cross-entropy) | regression (1 output, thresholds;
+    head: HeadKind = "classification"  # classification (5 grades, cross-entropy) | regression (1 output, thresholds;
     # its settings: the regression section) | ordinal (4 "grade > k" outputs, binary cross-entropies, consistent decoding)
 
     @property
@@ -73,8 +91,8 @@ def normalised_weights(weights: str) -> str:
 class RegressionConfig:
     """The regression head's settings (model.head=regression); the other heads have none."""
 
-    loss: str = "mse"  # mse | smooth_l1
-    fit_thresholds: str = "train"  # after each epoch re-fit the grade thresholds for QWK on train (an eval-mode
+    loss: RegressionLoss = "mse"  # mse | smooth_l1
+    fit_thresholds: FitThresholds = "train"  # after each epoch re-fit the grade thresholds for QWK on train (an eval-mode
     # pass over the training images) | val (the held-out part, data.val_fraction) | batches (the epoch's
     # augmented training outputs: no extra pass) | none (keep 0.5, 1.5, 2.5, 3.5)
 
@@ -82,7 +100,7 @@ class RegressionConfig:
 @dataclass
 class DataConfig:
     root: str = "data/synthetic_128"
-    format: str = "auto"  # auto | lab | kaggle | aptos
+    format: DataFormat = "auto"  # auto | lab | kaggle | aptos
     train_split: str = "train"
     test_split: str = "test"
     image_size: int = 512
@@ -110,30 +128,30 @@ class TrainConfig:
     lr_base_batch: int = 256  # the linear-scaling rule's reference batch (Goyal et al. 2017)
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    scheduler: str = "cosine"  # none | cosine (linear warm-up, cosine to 0) | onecycle (lr/25 up to lr, down to lr/25e4)
+    scheduler: Scheduler = "cosine"  # none | cosine (linear warm-up, cosine to 0) | onecycle (lr/25 up to lr, down to lr/25e4)
     warmup_epochs: float = 5.0  # cosine: linear warm-up; onecycle: the rising part (0: 30% of the run)
-    device: str = "auto"  # auto (one GPU per process if CUDA is there, else CPU) | cpu (gloo, even on a GPU box) | cuda
-    amp: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, fp32 on CPU) | off | bf16 | fp16
+    device: Device = "auto"  # auto (one GPU per process if CUDA is there, else CPU) | cpu (gloo, even on a GPU box) | cuda
+    amp: Amp = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, fp32 on CPU) | off | bf16 | fp16
     sync_bn: bool = True  # SyncBatchNorm across processes (CUDA only)
     channels_last: bool = True  # CUDA only
     cudnn_benchmark: bool = True  # cuDNN picks the fastest kernels for the fixed input size (CUDA only)
     deterministic: bool = False  # deterministic CUDA kernels where PyTorch has them (slower; cudnn_benchmark off)
     compile: bool = False  # torch.compile the model for training and evaluation
     seed: int = 0
-    class_weights: str = "none"  # none | balanced (inverse class frequency in the loss)
+    class_weights: ClassWeights = "none"  # none | balanced (inverse class frequency in the loss)
     clip_grad_norm: float = 5.0  # clip the gradients' global norm to this (0: off): a guard against spikes, above
     # the usual norm (at 1.0 it clipped every demo step, which slowed ResNet50 most); the norm before clipping is
     # logged per epoch (grad_norm_mean, grad_norm_max, clipped_share)
-    sampler: str = "progressive"  # progressive (grades near-uniform at first, the natural distribution from
+    sampler: Sampler = "progressive"  # progressive (grades near-uniform at first, the natural distribution from
     # natural_from of the run on) | random (DistributedSampler's order) | balanced (every grade equally likely)
     natural_from: float = 0.6  # progressive: the share of the run by which sampling reaches the natural distribution
-    select_by: str = "qwk"  # the selected epoch (checkpoint_best.pt, summary "selected"), on the held-out part:
+    select_by: SelectBy = "qwk"  # the selected epoch (checkpoint_best.pt, summary "selected"), on the held-out part:
     # qwk | accuracy | loss. Without a held-out part the final epoch is the result
     log_every: int = 20  # batches between progress-bar updates of loss/accuracy
     checkpoint_every_minutes: float = 20.0  # a resumable checkpoint inside an epoch after this long (0: at epoch ends only)
-    nonfinite: str = "stop"  # a non-finite loss or gradient: stop (an error naming the step) | skip (leave the step out)
+    nonfinite: NonFinite = "stop"  # a non-finite loss or gradient: stop (an error naming the step) | skip (leave the step out)
     nonfinite_skip_limit: float = 0.01  # with skip: stop when more than this share of an epoch's steps were left out
-    calibration: str = "none"  # none | temperature (fit a temperature on the held-out split after each epoch, for
+    calibration: Calibration = "none"  # none | temperature (fit a temperature on the held-out split after each epoch, for
     # calibrated probabilities: classification and ordinal heads, needs data.val_fraction)
 
 
@@ -144,7 +162,7 @@ class OutputConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"  # online | offline | disabled (WANDB_MODE wins)
+    mode: WandbMode = "disabled"  # online | offline | disabled (WANDB_MODE wins)
     project: str = "dr-resnet"
     entity: str = ""
     group: str = ""  # e.g. the sweep's name: the UI groups the four arms by it
@@ -167,22 +185,17 @@ class Config:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "model.depth": DEPTHS,
-    "model.head": HEADS,
-    "regression.loss": ("mse", "smooth_l1"),
-    "regression.fit_thresholds": ("train", "val", "batches", "none"),
-    "data.format": FORMAT_CHOICES,
-    "train.scheduler": ("none", "cosine", "onecycle"),
-    "train.amp": ("auto", "off", "bf16", "fp16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.class_weights": ("none", "balanced"),
-    "train.select_by": ("qwk", "accuracy", "loss"),
-    "train.sampler": ("progressive", "random", "balanced"),
-    "train.nonfinite": NONFINITE,
-    "train.calibration": ("none", "temperature"),
-    "wandb.mode": ("online", "offline", "disabled"),
-}
+def _choices() -> dict[str, tuple]:
+    """{"section.key": allowed values} for every key whose type is a Literal."""
+    found = {}
+    for section, kind in typing.get_type_hints(Config).items():
+        for key, hint in typing.get_type_hints(kind).items():
+            if typing.get_origin(hint) is Literal:
+                found[f"{section}.{key}"] = typing.get_args(hint)
+    return found
+
+
+CHOICES = _choices()
 POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.lr_base_scratch",
             "train.lr_base_pretrained", "train.lr_base_batch", "train.log_every", "wandb.init_timeout")
 # Keys that moved (old name -> new name): files, overrides and checkpoints that use the old name still load.
@@ -226,6 +239,12 @@ AUTO = ("auto", "none", "null")  # what an optional field (`float | None`) reads
 def _coerce(key: str, value: Any, kind: Any, origin: str) -> Any:
     """value as the field's type; strings from the command line are parsed as YAML scalars first. An
     optional field (`float | None`) also takes auto (None)."""
+    if typing.get_origin(kind) is Literal:
+        allowed = typing.get_args(kind)
+        chosen = _coerce(key, value, type(allowed[0]), origin)
+        if chosen not in allowed:
+            raise ConfigError(f"{origin}: {key}={chosen!r} is not one of {', '.join(map(str, allowed))}")
+        return chosen
     if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind):
         if value is None or (isinstance(value, str) and value.strip().lower() in AUTO):
             return None

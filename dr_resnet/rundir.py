@@ -19,8 +19,10 @@ names. No torch here, so the report stays light.
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
+from .config import SelectBy
 from .errors import UserError
 from .files import write_text
 
@@ -67,7 +69,7 @@ def rewrite_metrics(run_dir: Path, rows: list[dict]) -> None:
     write_text(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-SELECT_BY = ("qwk", "accuracy", "loss")  # train.select_by
+SELECT_BY = typing.get_args(SelectBy)  # train.select_by
 FINAL = "final"  # selected_on when a run has no held-out part: its final epoch is its result
 
 

@@ -6,19 +6,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from . import config
 from .config import ConfigError
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "off", "bf16", "fp16")
+DEVICES = typing.get_args(config.Device)  # --device, train.device
+PRECISIONS = typing.get_args(config.Amp)  # --amp, train.amp
 NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere and later; V100 (7.0) and T4 (7.5) emulate bf16, slowly
 
 

@@ -16,13 +16,16 @@ import os
 import secrets
 import string
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import WandbMode
+
 log = logging.getLogger(__name__)
 
-MODES = ("online", "offline", "disabled")
+MODES = typing.get_args(WandbMode)  # wandb.mode
 
 
 @dataclass(frozen=True)
