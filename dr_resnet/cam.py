@@ -15,15 +15,18 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .registry import HEAD_SPECS
+
 CAM_LAYER = "layer4"
 OVERLAY_ALPHA = 0.45  # the heat map's weight where it is hottest
 
 
 def cam_targets(head_kind: str, grades: Tensor) -> Tensor | int:
     """The output each image's map explains (see the module's docstring)."""
-    if head_kind == "regression":
+    target = HEAD_SPECS[head_kind].cam_target
+    if target == "score":
         return 0
-    if head_kind == "ordinal":
+    if target == "above previous":
         return (grades - 1).clamp(min=0)
     return grades
 

@@ -26,7 +26,7 @@ from .config import Config, ConfigError, DataConfig, TrainConfig
 from .data import RetinopathyDataset
 from .distributed import DistInfo
 from .engine import Runtime, ShardSampler
-from .heads import head_for
+from .heads import Head, head_for
 from .models import build_resnet
 from .preemption import STOP_SIGNALS
 from .runtime import resolve_precision
@@ -130,7 +130,7 @@ def class_weights(counts: np.ndarray) -> torch.Tensor:
 
 # -- head, model, runtime ------------------------------------------------------------------------------
 
-def head(cfg: Config, train: RetinopathyDataset | None, device: torch.device):
+def head(cfg: Config, train: RetinopathyDataset | None, device: torch.device) -> Head:
     """The head cfg.model.head names, with the loss weights of train.class_weights computed on `train`
     (None, as at evaluation: unweighted)."""
     weight = None
@@ -148,7 +148,7 @@ def runtime(amp: str, device: torch.device, data: DataConfig | None = None, chan
     return Runtime(device, resolve_precision(amp, device, key=key), augment)
 
 
-def model(cfg: Config, head, runtime: Runtime, first_shares: np.ndarray | None = None,
+def model(cfg: Config, head: Head, runtime: Runtime, first_shares: np.ndarray | None = None,
           pretrained: bool = True) -> nn.Module:
     """The ResNet of cfg.model on the runtime's device and memory layout, seeded by train.seed (the same
     initial weights on every rank); model.weights when `pretrained` (evaluation loads a checkpoint
@@ -243,7 +243,7 @@ class TrainedModel:
 
     state: checkpoint.TrainingState
     cfg: Config
-    head: object
+    head: Head
     network: nn.Module
     runtime: Runtime
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UserError
-from .registry import DEPTHS, FORMAT_CHOICES, HEADS, NONFINITE
+from .registry import DEPTHS, FORMAT_CHOICES, HEAD_SPECS, HEADS, NONFINITE
 
 log = logging.getLogger(__name__)
 SAVED = "saved config"  # the origin of a config read back from a run (no warnings for its old key names)
@@ -343,7 +343,7 @@ def parse_override(text: str) -> tuple[str, str, str]:
 
 def needs_held_out(cfg: Config) -> str:
     """What in cfg fits on the held-out part ('' when nothing does): a run that has none fails then."""
-    if cfg.model.head == "regression" and cfg.regression.fit_thresholds == "val":
+    if HEAD_SPECS[cfg.model.head].has_thresholds and cfg.regression.fit_thresholds == "val":
         return "regression.fit_thresholds=val"
     if cfg.train.calibration == "temperature":
         return "train.calibration=temperature"
@@ -366,9 +366,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if cfg.model.head == "regression" and cfg.regression.fit_thresholds == "val" and cfg.data.val_fraction == 0:
+    if HEAD_SPECS[cfg.model.head].has_thresholds and cfg.regression.fit_thresholds == "val" and cfg.data.val_fraction == 0:
         raise ConfigError("regression.fit_thresholds=val needs a held-out set: set data.val_fraction (e.g. 0.1)")
-    if cfg.train.calibration == "temperature" and (cfg.data.val_fraction == 0 or cfg.model.head == "regression"):
+    if cfg.train.calibration == "temperature" and (cfg.data.val_fraction == 0
+                                                   or not HEAD_SPECS[cfg.model.head].has_probabilities):
         raise ConfigError("train.calibration=temperature fits the probabilities on a held-out set: set data.val_fraction "
                           "(e.g. 0.1), with the classification or ordinal head (a regression head has no probabilities)")
     if not 0 <= cfg.train.natural_from <= 1:

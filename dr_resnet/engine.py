@@ -8,7 +8,7 @@ once per epoch, and the progress bar shows a loss copied back asynchronously (a 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from .distributed import all_reduce_max, all_reduce_sum, gather_equal, gather_sh
 from .errors import UserError
 from .registry import NONFINITE
 from .runtime import Precision, Stopwatch
+
+if TYPE_CHECKING:
+    from .heads import Head
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):
@@ -214,7 +217,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    head: object
+    head: Head
     runtime: Runtime
     clip_grad_norm: float = 0.0
     nonfinite: str = "stop"
@@ -346,7 +349,7 @@ def _views(inputs: Tensor, tta: str) -> list[Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, head, runtime: Runtime, tta: str = "none") -> EvalResult:
+def evaluate(model: nn.Module, loader: Iterable, head: Head, runtime: Runtime, tta: str = "none") -> EvalResult:
     """Every image of the split exactly once (`loader` samples with ShardSampler), gathered across
     processes on the device, moved to the host once, and scored. With TTA the head averages its views
     (probabilities, or regression outputs) before predicting.

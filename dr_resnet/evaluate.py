@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     grades, values = evaluation.per_image(head)
     intervals = bootstrap_intervals(evaluation.targets, grades, evaluation.referable_scores, dataset.names,
                                     resamples=args.resamples) if args.resamples and info.is_main else None
-    calibration = expected_calibration_error(values, evaluation.targets) if head.outputs > 1 else None
+    calibration = expected_calibration_error(values, evaluation.targets) if head.spec.has_probabilities else None
     result = {"checkpoint": str(args.checkpoint), "epoch": int(state.epoch), "data_root": str(args.data_root),
               "split": args.split, "image_size": size, "head": cfg.model.head, **head.state(), "tta": args.tta,
               "device": str(info.device), "precision": precision.name,

@@ -27,6 +27,7 @@ from .checkpoint import TrainingState
 from .errors import USER_ERRORS, UserError
 from .grading import METADATA_KEY, ONNX_SUFFIX, OUTPUT_NAMES, TORCHSCRIPT_SUFFIX, CheckpointGrader, load_grader
 from .models import architecture, count_parameters
+from .registry import HEAD_SPECS
 from .rundir import read_metrics
 
 FORMATS = {"onnx": ONNX_SUFFIX, "torchscript": TORCHSCRIPT_SUFFIX}
@@ -69,7 +70,8 @@ def model_card(grader: CheckpointGrader, checkpoint: Path, fmt: str, model_file:
         "inputs": {"images": "uint8 RGB (N, 3, S, S) with S = recipe.image_size, prepared as recipe.preprocess says"},
         "outputs": {"grade": "int64 (N,): the predicted grade 0..4",
                     "values": ("float (N,): the score on the grade scale, cut at the thresholds"
-                               if grader.head_kind == "regression" else "float (N, 5): the probability of each grade"),
+                               if HEAD_SPECS[grader.head_kind].has_thresholds
+                               else "float (N, 5): the probability of each grade"),
                     "referable_score": "float (N,): the referable-DR score (grade >= 2); higher is more likely"},
         "training": {"data": data, "epochs": cfg.train.epochs, "selected_epoch": state.epoch, "selection": state.best,
                      "recipe": {k: getattr(cfg.train, k) for k in ("lr", "batch_size", "scheduler", "class_weights",

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import components
 from .engine import TTA_MODES, _views
 from .errors import UserError
-from .heads import build_head
+from .heads import Head, build_head
 from .recipe import Recipe
 from .runtime import Precision
 
@@ -36,7 +36,7 @@ class GradingModel(nn.Module):
     regression score) and the referable-DR score (N,). `grade` with tta="flips" averages the head's
     outputs over the image and its flips first, as evaluation does."""
 
-    def __init__(self, network: nn.Module, head, recipe: Recipe) -> None:
+    def __init__(self, network: nn.Module, head: Head, recipe: Recipe) -> None:
         super().__init__()
         self.network, self.head = network, head
         self.register_buffer("mean", torch.tensor(recipe.mean).view(1, -1, 1, 1) * 255)

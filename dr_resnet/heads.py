@@ -7,7 +7,7 @@ referable-DR score, whatever the head.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -16,9 +16,33 @@ from torch import Tensor, nn
 from . import NUM_GRADES
 from .config import Config
 from .metrics import REFERABLE_GRADE, confusion_matrix, expected_calibration_error, quadratic_weighted_kappa
+from .registry import HEAD_SPECS, HeadSpec
 
 INITIAL_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
 log = logging.getLogger(__name__)
+
+
+class Head(Protocol):
+    """What every head is to the rest of the code: the loops, the model builder, evaluation, grading and
+    the checkpoint ask it, never its kind. `aggregated` is the head's own form of the (TTA-averaged)
+    outputs; `values` what a prediction reports (registry.HeadSpec.value_columns)."""
+
+    spec: HeadSpec  # what the outputs mean, torch-free (registry.HEAD_SPECS)
+    outputs: int  # the output layer's width
+    fit_on: str | None  # the outputs end_of_epoch wants (FIT_SOURCES); None: nothing to fit
+
+    def start_bias(self, shares: np.ndarray) -> float | list[float]: ...
+    def loss(self, outputs: Tensor, labels: Tensor) -> Tensor: ...
+    def aggregate(self, views: Sequence[Tensor]) -> Tensor: ...
+    def predict(self, aggregated: Tensor) -> Tensor: ...
+    def predict_outputs(self, outputs: Tensor) -> Tensor: ...
+    def eval_loss_sum(self, aggregated: Tensor, labels: Tensor) -> Tensor: ...
+    def referable_score(self, aggregated: Tensor) -> Tensor: ...
+    def values(self, aggregated: Tensor) -> Tensor: ...
+    def aggregated_of(self, values: Tensor) -> Tensor: ...
+    def state(self) -> dict: ...
+    def load_state(self, state: dict) -> None: ...
+    def end_of_epoch(self, values: np.ndarray, labels: np.ndarray) -> dict: ...
 
 
 class TemperatureScaled:
@@ -75,30 +99,12 @@ def fit_temperature(nll, low: float = 0.05, high: float = 20.0, steps: int = 60)
     return float(np.exp((a + b) / 2))
 
 
-class StatelessHead:
-    """What a head with nothing to fit or keep has: no checkpoint state, no end-of-epoch hook."""
-
-    fit_on = None  # the outputs end_of_epoch wants to see (see FIT_SOURCES); None: nothing
-
-    @classmethod
-    def from_config(cls, cfg: Config, class_weight: Tensor | None, device: torch.device):
-        return cls(class_weight)
-
-    def state(self) -> dict:
-        return {}
-
-    def load_state(self, state: dict) -> None:
-        pass
-
-    def end_of_epoch(self, values: np.ndarray, labels: np.ndarray) -> dict:
-        return {}
-
-
 class ClassificationHead(TemperatureScaled):
     """Cross-entropy over five grades; TTA averages the softmax probabilities (of the logits divided by
     the temperature: see TemperatureScaled)."""
 
-    outputs = NUM_GRADES
+    spec = HEAD_SPECS["classification"]
+    outputs = spec.outputs
 
     def __init__(self, class_weight: Tensor | None = None, calibrate: bool = False) -> None:
         self.criterion = nn.CrossEntropyLoss(weight=class_weight)
@@ -157,7 +163,8 @@ class RegressionHead:
     """One output regressed on the grade (MSE or smooth-L1); grades are the output cut at thresholds,
     which start at 0.5, 1.5, 2.5, 3.5 and can be re-fitted for QWK after each epoch."""
 
-    outputs = 1
+    spec = HEAD_SPECS["regression"]
+    outputs = spec.outputs
 
     @classmethod
     def from_config(cls, cfg: Config, class_weight: Tensor | None, device: torch.device) -> "RegressionHead":
@@ -247,7 +254,8 @@ class OrdinalHead(TemperatureScaled):
     them above 0.5, always agrees with the class probabilities P(grade = k) = P(> k-1) - P(> k) they
     imply. Aggregated outputs are those cumulative probabilities; TTA averages them."""
 
-    outputs = NUM_GRADES - 1
+    spec = HEAD_SPECS["ordinal"]
+    outputs = spec.outputs
 
     def __init__(self, class_weight: Tensor | None = None, calibrate: bool = False) -> None:
         self.class_weight = class_weight
@@ -363,7 +371,7 @@ HEAD_TYPES = {"classification": ClassificationHead, "regression": RegressionHead
 # registry.HEADS names them for the config (torch-free); a new head is a class here and a name there.
 
 
-def head_for(cfg: Config, class_weight: Tensor | None = None, device: torch.device | str = "cpu"):
+def head_for(cfg: Config, class_weight: Tensor | None = None, device: torch.device | str = "cpu") -> Head:
     """The head cfg.model.head names, with its settings from cfg (the regression section for regression);
     class_weight: per-grade loss weights (train.class_weights); device: where the training step runs.
 
@@ -378,7 +386,7 @@ def head_for(cfg: Config, class_weight: Tensor | None = None, device: torch.devi
     return HEAD_TYPES[kind].from_config(cfg, class_weight, torch.device(device))
 
 
-def build_head(kind: str, class_weight: Tensor | None = None, device: torch.device | str = "cpu"):
+def build_head(kind: str, class_weight: Tensor | None = None, device: torch.device | str = "cpu") -> Head:
     """The head `kind` with its default settings (head_for with a default config)."""
     cfg = Config()
     cfg.model.head = kind

@@ -30,6 +30,7 @@ from .metrics import REFERABLE_GRADE
 from .predictions import value_columns
 from .preprocess import BadImageError
 from .recipe import Recipe
+from .registry import HEAD_SPECS
 from .runtime import DEVICES, select_device
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff")
@@ -111,7 +112,7 @@ class PhotoDataset(Dataset):
 def columns(head_kind: str) -> list[str]:
     """The CSV's columns for a head: what it reports per image (predictions.value_columns: grade
     probabilities, or the regression score followed by the thresholds that cut it)."""
-    reported = value_columns(head_kind) + (["thresholds"] if head_kind == "regression" else [])
+    reported = value_columns(head_kind) + (["thresholds"] if HEAD_SPECS[head_kind].has_thresholds else [])
     return ["path", "grade", *reported, "referable_score", "referable", "error"]
 
 
@@ -174,10 +175,10 @@ def predict(grader: Grader, paths: list[Path], out: Path, tta: str = "none", bat
 def _reported(head_kind: str, graded, k: int, thresholds: str) -> dict:
     grade = int(graded.grades[k])
     row = {"grade": grade, "referable_score": f"{graded.referable[k]:.6g}", "referable": int(grade >= REFERABLE_GRADE)}
-    if head_kind == "regression":
-        row.update(score=f"{float(graded.values[k]):.6g}", thresholds=thresholds)
-    else:
-        row.update({name: f"{p:.6g}" for name, p in zip(value_columns(head_kind), graded.values[k])})
+    values = np.atleast_1d(graded.values[k])
+    row.update({name: f"{float(v):.6g}" for name, v in zip(value_columns(head_kind), values)})
+    if HEAD_SPECS[head_kind].has_thresholds:
+        row["thresholds"] = thresholds
     return row
 
 

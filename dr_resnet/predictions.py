@@ -17,14 +17,14 @@ from typing import Sequence
 
 import numpy as np
 
-from . import NUM_GRADES
 from .errors import UserError
 from .files import atomic_write
+from .registry import HEAD_SPECS
 
 
 def value_columns(head_kind: str) -> list[str]:
     """What a head reports per image: the five grade probabilities, or the regression score."""
-    return ["score"] if head_kind == "regression" else [f"p_grade{k}" for k in range(NUM_GRADES)]
+    return HEAD_SPECS[head_kind].value_columns
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Torch-free tables of what can be chosen: the ResNet architectures (block, layer counts, torchvision
 weights), the output heads and the dataset formats. Config validation, the CLIs' choices and the
 models read them here, so a new depth, head or format is one line (plus its code: heads.HEAD_TYPES
-for a head, formats.SplitLayout for a format)."""
+for a head, formats.SplitLayout for a format). A head's spec says what its outputs mean to the code
+that never builds the head (predictions, exports, heat maps)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,37 @@ DEPTHS = tuple(sorted(ARCHITECTURES))
 FORMATS = ("lab", "kaggle", "aptos")  # on-disk dataset layouts (formats.SplitLayout reads each)
 FORMAT_CHOICES = ("auto", *FORMATS)  # "auto": detected from the split files present
 
-HEADS = ("classification", "regression", "ordinal")  # model.head (heads.HEAD_TYPES implements each)
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a head's outputs mean, for the code that never holds the head itself (predictions.csv,
+    predict's CSV, exported models, model cards, heat maps, config checks): torch-free."""
+
+    kind: str
+    outputs: int  # the output layer's width
+    reports: str  # what a prediction reports per image: "probabilities" (of the five grades) or "score"
+    # (one number on the grade scale, cut at thresholds that travel with the model)
+    cam_target: str  # the output a heat map explains: "grade" (the predicted grade's), "score" (the only
+    # output) or "above previous" (ordinal: "grade > g - 1", the boundary the prediction crossed last)
+
+    @property
+    def has_probabilities(self) -> bool:
+        return self.reports == "probabilities"
+
+    @property
+    def has_thresholds(self) -> bool:
+        return self.reports == "score"
+
+    @property
+    def value_columns(self) -> list[str]:
+        """The per-image columns of what it reports (predictions.csv, predict's CSV)."""
+        return [f"p_grade{k}" for k in range(5)] if self.has_probabilities else ["score"]
+
+
+HEAD_SPECS: dict[str, HeadSpec] = {s.kind: s for s in (
+    HeadSpec("classification", 5, "probabilities", "grade"),
+    HeadSpec("regression", 1, "score", "score"),
+    HeadSpec("ordinal", 4, "probabilities", "above previous"),
+)}
+HEADS = tuple(HEAD_SPECS)  # model.head (heads.HEAD_TYPES implements each)
 
 NONFINITE = ("stop", "skip")  # train.nonfinite: what a non-finite loss or gradient does (engine.Trainer)

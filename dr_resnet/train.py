@@ -30,7 +30,7 @@ from .data import RetinopathyDataset
 from .distributed import DistInfo
 from .engine import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
 from .files import write_text
-from .heads import ClassificationHead, OrdinalHead, RegressionHead
+from .heads import Head
 from .metrics import collapse, expected_calibration_error
 from .predictions import read_predictions, write_predictions
 from .preemption import RunStopped, StepBoundary, StopSignals
@@ -92,7 +92,7 @@ class Run:
     learning_rate: config.LearningRate  # the rate config.learning_rate's rule gives this run, and how
 
     @property
-    def head(self) -> ClassificationHead | RegressionHead | OrdinalHead:
+    def head(self) -> Head:
         return self.trainer.head
 
     def evaluate(self, loader: DataLoader) -> EvalResult:
@@ -248,14 +248,14 @@ def split_metrics(prefix: str, result: EvalResult) -> dict:
             **{f"{prefix}_referable_{k}": s[f"referable_{k}"] for k in ("sensitivity", "specificity", "auc")}}
 
 
-def calibration_metrics(head, result: EvalResult) -> dict:
+def calibration_metrics(head: Head, result: EvalResult) -> dict:
     """A probability head's top-label expected calibration error on the test split (test_ece); with a
     fitted temperature also what it was without (test_ece_before)."""
-    if head.outputs == 1:  # regression: no probabilities
+    if not head.spec.has_probabilities:  # regression: a score
         return {}
     probabilities = head.values(torch.from_numpy(result.outputs)).numpy()
     found = {"test_ece": expected_calibration_error(probabilities, result.targets)["ece"]}
-    if head.fit_on == "val" and hasattr(head, "temperature"):
+    if head.fit_on == "val" and head.spec.has_probabilities:  # a fitted temperature
         raw = head.logits_of(result.outputs.astype(np.float64)) * head.temperature
         found["test_ece_before"] = expected_calibration_error(head.probabilities_at(raw, 1.0), result.targets)["ece"]
     return found
