@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 
 from .config import is_pretrained
-from .metrics import collapse, majority_baseline
+from .metrics import METRICS, collapse, majority_baseline
 from .predictions import Predictions, read_predictions
 from .rundir import (
     BEST_CHECKPOINT,
@@ -118,7 +118,8 @@ def find_runs(root: Path) -> list[RunRecord]:
     return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.arm, r.seed))
 
 
-PAIR_METRICS = (("accuracy", "accuracy"), ("qwk", "QWK"), ("referable_auc", "referable AUC"))
+COMPARED = ("accuracy", "qwk", "referable_auc")  # the paired comparisons' and the seed table's metrics
+PAIR_METRICS = tuple((name, METRICS[name].label) for name in COMPARED)
 
 
 def arm_pairs(runs: list[RunRecord]) -> list[tuple[str, list[RunRecord], list[RunRecord], str, str]]:
@@ -196,8 +197,8 @@ def compare_arms(runs: list[RunRecord], resamples: int = RESAMPLES, epoch: str =
     return results
 
 
-SEED_COLUMNS = (("accuracy", "accuracy"), ("qwk", "QWK"), ("referable_auc", "referable AUC"),
-                ("final_accuracy", "final-epoch accuracy"), ("final_qwk", "final-epoch QWK"))  # seed_summary's, shown
+SEED_COLUMNS = (*PAIR_METRICS, *((f"final_{name}", f"final-epoch {METRICS[name].label}") for name in ("accuracy", "qwk")))
+# seed_summary's columns that the tables show
 
 
 def seed_summary(runs: list[RunRecord]) -> list[dict]:

@@ -1,6 +1,12 @@
 """Grading metrics from a confusion matrix: accuracy, quadratic weighted kappa, per-class precision and
 recall, macro-F1, the majority-class baseline. numpy only (no torch), so reports can use it anywhere.
 
+Each reported metric is declared once, in METRICS: its name (the key of metrics.jsonl's test_<name>,
+the summary, the intervals), its label, its format and one vectorised function over a stack of
+confusion matrices (R, 5, 5) -> (R,), which the one-matrix functions below and the bootstrap in
+stats.py (one matrix per resample) both call. The referable-DR AUC needs each image's score instead
+(roc_auc here; stats.weighted_auc per resample).
+
 Everything but the ROC AUC derives from the confusion matrix of counts (rows = true grade, columns =
 predicted), which is also what distributed evaluation sums across ranks: exact, whatever the world size.
 The referable-DR AUC needs each image's score; evaluation gathers those from every rank.
@@ -8,11 +14,14 @@ The referable-DR AUC needs each image's score; evaluation gathers those from eve
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
 from . import NUM_GRADES
+
+REFERABLE_GRADE = 2  # moderate or worse: the screening question is "refer to an ophthalmologist?"
 
 
 def confusion_matrix(targets: Sequence[int], predictions: Sequence[int], num_classes: int = NUM_GRADES) -> np.ndarray:
@@ -32,25 +41,84 @@ def row_normalised(cm: np.ndarray) -> np.ndarray:
     return np.divide(cm, totals, out=np.zeros(cm.shape, dtype=float), where=totals > 0)
 
 
+def _safe(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a / b, 0 where b is 0."""
+    return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)
+
+
+# -- the metrics of stacks of confusion matrices, (R, n, n) counts or weights -> (R,) ---------------------
+
+def batch_accuracy(cm: np.ndarray) -> np.ndarray:
+    return _safe(np.diagonal(cm, axis1=1, axis2=2).sum(axis=1), cm.sum(axis=(1, 2)))
+
+
+def batch_qwk(cm: np.ndarray) -> np.ndarray:
+    """Cohen's kappa with quadratic weights (the Kaggle DR metric): 1 perfect, 0 chance level. All
+    samples and predictions in one class leave kappa undefined; sklearn answers 0 (nan for a perfect
+    single-class match); 0 here keeps "best by QWK" comparisons well defined."""
+    n = cm.shape[1]
+    total, rows, cols = cm.sum(axis=(1, 2)), cm.sum(axis=2), cm.sum(axis=1)
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    w = (i - j) ** 2 / (n - 1) ** 2
+    expected = _safe(rows[:, :, None] * cols[:, None, :], total[:, None, None])
+    denominator = (w * expected).sum(axis=(1, 2))
+    return np.where(denominator > 0, 1 - _safe((w * cm).sum(axis=(1, 2)), denominator), 0.0)
+
+
+def batch_macro_f1(cm: np.ndarray) -> np.ndarray:
+    """Mean F1 over the classes present in targets or predictions (as scikit-learn's 'macro')."""
+    diagonal, rows, cols = np.diagonal(cm, axis1=1, axis2=2), cm.sum(axis=2), cm.sum(axis=1)
+    precision, recall = _safe(diagonal, cols), _safe(diagonal, rows)
+    f1 = _safe(2 * precision * recall, precision + recall)
+    present = (rows + cols) > 0
+    return _safe((f1 * present).sum(axis=1), present.sum(axis=1))
+
+
+def batch_referable_sensitivity(cm: np.ndarray) -> np.ndarray:
+    k = REFERABLE_GRADE
+    return _safe(cm[:, k:, k:].sum(axis=(1, 2)), cm[:, k:].sum(axis=(1, 2)))
+
+
+def batch_referable_specificity(cm: np.ndarray) -> np.ndarray:
+    k = REFERABLE_GRADE
+    return _safe(cm[:, :k, :k].sum(axis=(1, 2)), cm[:, :k].sum(axis=(1, 2)))
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # test_<name> in metrics.jsonl and the summary; the key of intervals and comparisons
+    label: str  # what tables, figures and W&B panels call it
+    fmt: str  # how a value is printed
+    of_confusion: Callable[[np.ndarray], np.ndarray] | None  # (R, 5, 5) -> (R,); None: from per-image scores
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("accuracy", "accuracy", ".3f", batch_accuracy),
+    Metric("qwk", "QWK", ".3f", batch_qwk),
+    Metric("macro_f1", "macro-F1", ".3f", batch_macro_f1),
+    Metric("referable_sensitivity", "referable sensitivity", ".3f", batch_referable_sensitivity),
+    Metric("referable_specificity", "referable specificity", ".3f", batch_referable_specificity),
+    Metric("referable_auc", "referable AUC", ".3f", None),  # roc_auc; stats.weighted_auc per resample
+)}
+
+
+def of_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Every METRICS entry that a confusion matrix gives, per matrix of a stack (R, 5, 5)."""
+    cm = cm.astype(np.float64)
+    return {m.name: m.of_confusion(cm) for m in METRICS.values() if m.of_confusion is not None}
+
+
+def _one(metric, cm: np.ndarray) -> float:
+    return float(metric(np.asarray(cm, dtype=np.float64)[None])[0])
+
+
 def accuracy(cm: np.ndarray) -> float:
-    total = cm.sum()
-    return float(np.trace(cm) / total) if total else 0.0
+    return _one(batch_accuracy, cm)
 
 
 def quadratic_weighted_kappa(cm: np.ndarray) -> float:
-    """Cohen's kappa with quadratic weights (the Kaggle DR metric): 1 perfect, 0 chance level."""
-    cm = cm.astype(float)
-    total = cm.sum()
-    if total == 0:
-        return 0.0
-    n = cm.shape[0]
-    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    weights = (i - j) ** 2 / (n - 1) ** 2
-    expected = np.outer(cm.sum(axis=1), cm.sum(axis=0)) / total
-    denominator = (weights * expected).sum()
-    # All samples and predictions in one class: kappa is undefined; sklearn answers 0 (nan for a perfect
-    # single-class match). 0 keeps "best by QWK" comparisons well defined.
-    return float(1 - (weights * cm).sum() / denominator) if denominator > 0 else 0.0
+    """Cohen's kappa with quadratic weights of one confusion matrix (batch_qwk)."""
+    return _one(batch_qwk, cm)
 
 
 def per_class_recall(cm: np.ndarray) -> np.ndarray:
@@ -64,10 +132,7 @@ def per_class_precision(cm: np.ndarray) -> np.ndarray:
 
 def macro_f1(cm: np.ndarray) -> float:
     """Mean F1 over the classes present in targets or predictions (as scikit-learn's 'macro')."""
-    p, r = per_class_precision(cm), per_class_recall(cm)
-    f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
-    present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
-    return float(f1[present].mean()) if present.any() else 0.0
+    return _one(batch_macro_f1, cm)
 
 
 def majority_baseline(cm: np.ndarray) -> float:
@@ -96,15 +161,10 @@ def collapse(cm: np.ndarray) -> str:
     return "; ".join(reasons)
 
 
-REFERABLE_GRADE = 2  # moderate or worse: the screening question is "refer to an ophthalmologist?"
-
-
-def referable(cm: np.ndarray, threshold: int = REFERABLE_GRADE) -> dict:
-    """Sensitivity and specificity of "grade >= threshold" read off the confusion matrix."""
-    positive_true = cm[threshold:].sum()
-    negative_true = cm[:threshold].sum()
-    return {"referable_sensitivity": float(cm[threshold:, threshold:].sum() / positive_true) if positive_true else 0.0,
-            "referable_specificity": float(cm[:threshold, :threshold].sum() / negative_true) if negative_true else 0.0}
+def referable(cm: np.ndarray) -> dict:
+    """Sensitivity and specificity of "grade >= REFERABLE_GRADE" read off the confusion matrix."""
+    return {"referable_sensitivity": _one(batch_referable_sensitivity, cm),
+            "referable_specificity": _one(batch_referable_specificity, cm)}
 
 
 def roc_auc(positive: Sequence[bool], scores: Sequence[float]) -> float:

@@ -8,7 +8,7 @@ import base64
 import html
 from pathlib import Path
 
-from .arms import SEED_COLUMNS
+from .arms import PAIR_METRICS, SEED_COLUMNS
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -62,20 +62,22 @@ def _results(table: list[dict]) -> str:
 
 
 def _comparisons(comparisons: list[dict]) -> str:
-    head = ("<tr><th>comparison</th><th>A</th><th>B</th><th>images</th><th>accuracy A - B (95% CI)</th>"
-            "<th>QWK A - B (95% CI)</th><th>referable AUC A - B (95% CI)</th><th>only A right / only B right</th>"
-            "<th>McNemar p</th></tr>")
+    head = ("<tr><th>comparison</th><th>A</th><th>B</th><th>images</th>"
+            + "".join(f"<th>{html.escape(label)} A - B (95% CI)</th>" for _, label in PAIR_METRICS)
+            + "<th>only A right / only B right</th><th>McNemar p</th></tr>")
     rows, epoch = [], None
     for c in comparisons:
         if c["epoch"] != epoch:
             epoch = c["epoch"]
-            rows.append(f'<tr class="group"><th colspan="9">at each run\'s {html.escape(epoch)} epoch</th></tr>')
+            title = f"at each run's {html.escape(epoch)} epoch"
+            rows.append(f'<tr class="group"><th colspan="{6 + len(PAIR_METRICS)}">{title}</th></tr>')
         start = f"<td>{html.escape(c['comparison'])}</td><td>{html.escape(c['a'])}</td><td>{html.escape(c['b'])}</td>"
         if c["status"] != "compared":
-            rows.append(f'<tr class="notrun">{start}<td colspan="6">{html.escape(c["status"])}</td></tr>')
+            span = 3 + len(PAIR_METRICS)
+            rows.append(f'<tr class="notrun">{start}<td colspan="{span}">{html.escape(c["status"])}</td></tr>')
             continue
         cells = "".join(f'<td class="num">{c[m]["difference"]:+.3f} ({c[m]["low"]:+.3f} to {c[m]["high"]:+.3f})</td>'
-                        for m in ("accuracy", "qwk", "referable_auc"))
+                        for m, _ in PAIR_METRICS)
         counts = ", ".join(f"{m['a_only_right']} / {m['b_only_right']}" for m in c["mcnemar"])
         p_values = ", ".join(f"{m['p_value']:.3g}" for m in c["mcnemar"])
         seeds = f", seeds {', '.join(map(str, c['seeds']))}" if len(c["seeds"]) > 1 else ""

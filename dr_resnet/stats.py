@@ -16,10 +16,11 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import NUM_GRADES
-from .metrics import REFERABLE_GRADE
+from .metrics import METRICS as DECLARED
+from .metrics import REFERABLE_GRADE, of_confusion
 from .split import patient_of
 
-METRICS = ("accuracy", "qwk", "macro_f1", "referable_sensitivity", "referable_specificity", "referable_auc")
+METRICS = tuple(DECLARED)  # every declared metric gets an interval
 RESAMPLES, LEVEL = 2000, 0.95
 CHUNK_CELLS = 20_000_000  # weights held at once (resamples x images): bounds memory (~160 MB)
 
@@ -54,29 +55,6 @@ def weighted_confusion(labels: np.ndarray, grades: np.ndarray, weights: np.ndarr
     return (weights @ cells).reshape(-1, NUM_GRADES, NUM_GRADES)
 
 
-def confusion_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Accuracy, QWK, macro-F1, referable sensitivity and specificity of each (5, 5) matrix of cm
-    (R, 5, 5), as metrics.py computes them for one."""
-    cm = cm.astype(np.float64)
-    total = cm.sum(axis=(1, 2))
-    diagonal = np.diagonal(cm, axis1=1, axis2=2)
-    rows, cols = cm.sum(axis=2), cm.sum(axis=1)
-    safe = lambda a, b: np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)  # noqa: E731
-    i, j = np.meshgrid(np.arange(NUM_GRADES), np.arange(NUM_GRADES), indexing="ij")
-    w = (i - j) ** 2 / (NUM_GRADES - 1) ** 2
-    expected = safe(rows[:, :, None] * cols[:, None, :], total[:, None, None])
-    denominator = (w * expected).sum(axis=(1, 2))
-    qwk = np.where(denominator > 0, 1 - safe((w * cm).sum(axis=(1, 2)), denominator), 0.0)
-    precision, recall = safe(diagonal, cols), safe(diagonal, rows)
-    f1 = safe(2 * precision * recall, precision + recall)
-    present = (rows + cols) > 0
-    macro_f1 = safe((f1 * present).sum(axis=1), present.sum(axis=1))
-    k = REFERABLE_GRADE
-    return {"accuracy": safe(diagonal.sum(axis=1), total), "qwk": qwk, "macro_f1": macro_f1,
-            "referable_sensitivity": safe(cm[:, k:, k:].sum(axis=(1, 2)), cm[:, k:].sum(axis=(1, 2))),
-            "referable_specificity": safe(cm[:, :k, :k].sum(axis=(1, 2)), cm[:, :k].sum(axis=(1, 2)))}
-
-
 def weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """(R,) ROC AUCs, one per row of weights: the weighted chance that a positive scores above a negative,
     ties counting half (metrics.roc_auc for unit weights); 0.5 where a resample lacks a class."""
@@ -95,8 +73,9 @@ def weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) 
 
 
 def metrics_of(labels: np.ndarray, grades: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
-    """Every METRICS entry per row of weights."""
-    values = confusion_metrics(weighted_confusion(labels, grades, weights))
+    """Every METRICS entry per row of weights: the confusion-matrix metrics as metrics.py declares them,
+    on one weighted matrix per row; the referable AUC by weighted ranks."""
+    values = of_confusion(weighted_confusion(labels, grades, weights))
     values["referable_auc"] = weighted_auc(labels >= REFERABLE_GRADE, scores, weights)
     return values
 
