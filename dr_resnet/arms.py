@@ -75,12 +75,19 @@ class RunRecord:
         """The selected (or `epoch="final"`: the final planned) epoch's per-image test predictions,
         predictions.csv or predictions_final.csv, if the run wrote them; each read once (the comparisons,
         the intervals and the calibration figure all ask)."""
-        return self._predictions[epoch]
+        return self._selected_predictions if epoch == "selected" else self._final_predictions
 
     @cached_property
-    def _predictions(self) -> dict[str, Predictions | None]:
-        paths = {"selected": self.path / PREDICTIONS_FILE, "final": self.path / FINAL_PREDICTIONS_FILE}
-        return {epoch: read_predictions(path) if path.is_file() else None for epoch, path in paths.items()}
+    def _selected_predictions(self) -> Predictions | None:
+        return self._read(PREDICTIONS_FILE)
+
+    @cached_property
+    def _final_predictions(self) -> Predictions | None:
+        return self._read(FINAL_PREDICTIONS_FILE)
+
+    def _read(self, name: str) -> Predictions | None:
+        path = self.path / name
+        return read_predictions(path) if path.is_file() else None
 
     def intervals(self) -> dict | None:
         """Bootstrap 95% intervals of the selected epoch's metrics: the run summary's, else computed from

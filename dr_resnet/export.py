@@ -24,7 +24,7 @@ import torch
 
 from . import GRADES, __version__
 from .checkpoint import TrainingState
-from .errors import USER_ERRORS, UserError
+from .errors import UserError, run_command
 from .grading import METADATA_KEY, ONNX_SUFFIX, OUTPUT_NAMES, TORCHSCRIPT_SUFFIX, CheckpointGrader, load_grader
 from .models import architecture, count_parameters
 from .registry import HEAD_SPECS
@@ -197,14 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", required=True, choices=tuple(FORMATS))
     p.add_argument("--out", required=True, help="folder for the model and its model card")
     args = p.parse_args(argv)
-    try:
+
+    def work() -> None:
         path, card, difference = export(args.checkpoint, args.format, args.out)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"exported {card['name']} ({card['head']['kind']} head, {card['recipe']['image_size']} px) to {path}; "
-          f"matches PyTorch to {difference:.1e}; model card: {Path(args.out) / CARD_MD}")
-    return 0
+        print(f"exported {card['name']} ({card['head']['kind']} head, {card['recipe']['image_size']} px) to {path}; "
+              f"matches PyTorch to {difference:.1e}; model card: {Path(args.out) / CARD_MD}")
+    return run_command(work)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from . import NUM_GRADES
-from .errors import USER_ERRORS
+from .errors import run_command
 from .formats import DatasetError, SplitLayout, find_splits, read_split
 from .registry import FORMAT_CHOICES
 
@@ -157,18 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.test_fraction < 1:
         p.error("--test-fraction must be between 0 and 1")
-    try:
-        result = split(args.src, args.dst, args.test_fraction, args.seed, args.format, args.copy)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _report(split(args.src, args.dst, args.test_fraction, args.seed, args.format,
+                                              args.copy)))
+
+
+def _report(result: dict) -> None:
+    """The split's table: images, patients and grade shares per side."""
     everything = np.concatenate([labels for _, labels in result.values()])
     print(f"{'side':<6} {'images':>7} {'patients':>8}   " + "  ".join(f"grade {g}" for g in range(NUM_GRADES)))
     for side, (names, labels) in [("all", ([], everything))] + list(result.items()):
         patients = len({patient_of(n) for n in names}) if names else len({patient_of(n) for s in result.values() for n in s[0]})
         shares = "  ".join(f"{100 * b:6.1f}%" for b in balance(labels))
         print(f"{side:<6} {len(labels):>7} {patients:>8}   {shares}")
-    return 0
 
 
 if __name__ == "__main__":
