@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from dr_resnet import stats
+from dr_resnet.results import stats
 
 
 def main() -> None:

@@ -20,13 +20,13 @@ import torch
 from PIL import Image
 
 from dr_resnet import GRADES
-from dr_resnet.cam import CAM_LAYER, cam_targets, grad_cam, lesion_scores
-from dr_resnet.data import fit_square
-from dr_resnet.formats import read_split
-from dr_resnet.grading import load_grader
-from dr_resnet.preprocess import cut_square, retina_square
-from dr_resnet.recipe import BLACK_LEVEL
-from dr_resnet.synthetic import lesion_mask_path
+from dr_resnet.data.dataset import fit_square
+from dr_resnet.data.formats import read_split
+from dr_resnet.data.preprocess import cut_square, retina_square
+from dr_resnet.data.recipe import BLACK_LEVEL
+from dr_resnet.data.synthetic import lesion_mask_path
+from dr_resnet.serving.cam import CAM_LAYER, cam_targets, grad_cam, lesion_scores
+from dr_resnet.serving.grading import load_grader
 
 POINTING_TOLERANCE = 0.03  # of the image side
 

@@ -33,13 +33,13 @@ import torch
 import torchvision
 
 from dr_resnet import config
-from dr_resnet.augment import epoch_generator
-from dr_resnet.data import RetinopathyDataset
-from dr_resnet.distributed import DistInfo
-from dr_resnet.engine import EpochTotals
-from dr_resnet.models import build_resnet
-from dr_resnet.runtime import Stopwatch, configure_backends
-from dr_resnet.train import build
+from dr_resnet.data.augment import epoch_generator
+from dr_resnet.data.dataset import RetinopathyDataset
+from dr_resnet.model.resnet import build_resnet
+from dr_resnet.training.distributed import DistInfo
+from dr_resnet.training.loop import EpochTotals
+from dr_resnet.training.runtime import Stopwatch, configure_backends
+from dr_resnet.training.train import build
 
 CUDA = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # under torchrun: this process's GPU
 

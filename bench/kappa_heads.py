@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dr_resnet.rundir import read_metrics, selected_row
+from dr_resnet.results.rundir import read_metrics, selected_row
 
 REPO = Path(__file__).resolve().parent.parent
 REGRESSION = ["model.head=regression", "train.clip_grad_norm=1.0"]

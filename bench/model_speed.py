@@ -15,7 +15,7 @@ import time
 import torch
 import torchvision
 
-from dr_resnet.models import build_resnet
+from dr_resnet.model.resnet import build_resnet
 
 
 def images_per_s(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:

@@ -31,8 +31,8 @@ def worker_throughput(root: Path, rounds: int = 3) -> None:
     from PIL import Image
     from torchvision import transforms as T
 
-    from dr_resnet.augment import DeviceAugment, epoch_generator
-    from dr_resnet.data import RetinopathyDataset
+    from dr_resnet.data.augment import DeviceAugment, epoch_generator
+    from dr_resnet.data.dataset import RetinopathyDataset
 
     dataset = RetinopathyDataset(root, "train")
     lab = T.Compose([T.RandomRotation(20), T.RandomHorizontalFlip(), T.RandomVerticalFlip(), T.ToTensor(),
@@ -61,7 +61,7 @@ def worker_throughput(root: Path, rounds: int = 3) -> None:
 
 
 def pure_model_rate(depth: int, batch: int, size: int, steps: int = 8) -> float:
-    from dr_resnet.models import build_resnet
+    from dr_resnet.model.resnet import build_resnet
 
     model = build_resnet(depth).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -77,8 +77,8 @@ def pure_model_rate(depth: int, batch: int, size: int, steps: int = 8) -> float:
 
 
 def training_efficiency(root: Path, run_dir: Path, size: int, batch: int) -> None:
-    from dr_resnet.rundir import read_metrics
-    from dr_resnet.train import main as train_main
+    from dr_resnet.results.rundir import read_metrics
+    from dr_resnet.training.train import main as train_main
 
     before = pure_model_rate(18, batch, size)
     code = train_main(["model.depth=18", f"data.root={root}", f"data.image_size={size}", "data.workers=1",
@@ -104,8 +104,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     args = p.parse_args()
     torch.set_num_threads(1)
-    from dr_resnet.preprocess import Settings, preprocess
-    from dr_resnet.synthetic import generate
+    from dr_resnet.data.preprocess import Settings, preprocess
+    from dr_resnet.data.synthetic import generate
 
     work = Path(tempfile.mkdtemp(prefix="bench_pipe_"))
     try:

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dr_resnet.checkpoint import TrainingState
 from dr_resnet.config import Config
-from dr_resnet.grading import load_grader
-from dr_resnet.models import build_resnet
-from dr_resnet.predict import predict
-from dr_resnet.preprocess import Settings, crop_square
-from dr_resnet.recipe import Recipe
-from dr_resnet.synthetic import render_fundus
+from dr_resnet.data.preprocess import Settings, crop_square
+from dr_resnet.data.recipe import Recipe
+from dr_resnet.data.synthetic import render_fundus
+from dr_resnet.model.resnet import build_resnet
+from dr_resnet.serving.grading import load_grader
+from dr_resnet.serving.predict import predict
+from dr_resnet.training.checkpoint import TrainingState
 
 DISTINCT = 6  # photos rendered; the rest are copies (a copy costs the same to decode)
 

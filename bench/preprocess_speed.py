@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
-    from dr_resnet.synthetic import generate
+    from dr_resnet.data.synthetic import generate
 
     work = Path(tempfile.mkdtemp(prefix="bench_pre_"))
     try:

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from kappa_heads import ensure_data  # the demo's dataset, made if absent (bench/ is this script's folder)
 
-from dr_resnet.metrics import collapse
-from dr_resnet.rundir import read_metrics, selected_row
+from dr_resnet.results.metrics import collapse
+from dr_resnet.results.rundir import read_metrics, selected_row
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"margin_min": 0.10, "qwk_min": 0.75, "qwk_sd_max": 0.05, "margin_mean_min": 0.15}

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
-from .registry import DEPTHS, FORMAT_CHOICES, HEAD_SPECS, HEADS, NONFINITE
+from dr_resnet.errors import UserError
+from dr_resnet.registry import DEPTHS, FORMAT_CHOICES, HEAD_SPECS, HEADS, NONFINITE
 
 log = logging.getLogger(__name__)
 SAVED = "saved config"  # the origin of a config read back from a run (no warnings for its old key names)

@@ -35,7 +35,7 @@ import yaml
 from dr_resnet import config
 from dr_resnet.config import ConfigError
 from dr_resnet.errors import USER_ERRORS
-from dr_resnet.rundir import CONFIG_FILE, STATUS_FILE
+from dr_resnet.results.rundir import CONFIG_FILE, STATUS_FILE
 
 from . import requeue
 from .task import TrainTask
@@ -130,7 +130,7 @@ def missing_weights(cfg: config.Config) -> str:
     weights = cfg.model.weights
     if not cfg.model.pretrained:
         return ""
-    from dr_resnet.models import WeightsNotFoundError, imagenet_cache_path, load_imagenet_state_dict
+    from dr_resnet.model.resnet import WeightsNotFoundError, imagenet_cache_path, load_imagenet_state_dict
 
     if weights.lower() == "imagenet":
         try:
@@ -375,7 +375,7 @@ def wait_for(job, poll_s: float = 5.0) -> list:
 def wait_and_report(jobs: dict, plans: dict, out: Path, poll_s: float = 5.0) -> int:
     """Show the live view (on a terminal) until every job has ended, then collect each job's result, mark
     failed runs, and write and print the report; 1 if any run failed."""
-    from dr_resnet.report import report
+    from dr_resnet.results.report import report
 
     runs = {name: (run_dir, cfg.train.epochs) for name, (run_dir, _, cfg) in plans.items()}
     watch(runs, lambda name: jobs[name].state if name in jobs else "not run",

@@ -28,7 +28,7 @@ class TrainTask(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         import torch
 
-        from dr_resnet.train import main
+        from dr_resnet.training.train import main
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         # Some SLURM set-ups (task/none) and submitit's local executor bind no CPUs: use what was asked for.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
-from dr_resnet.rundir import MetricsError, read_metrics
+from dr_resnet.results.rundir import MetricsError, read_metrics
 
 # submitit's job states (SLURM's, and the local executor's) -> what the view says
 STATES = {"PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "requeued", "REQUEUE_HOLD": "requeued",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dr_resnet.synthetic import generate
+from dr_resnet.data.synthetic import generate
 
 from helpers import preprocessed_dataset, train_run
 

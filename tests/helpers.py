@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from dr_resnet import checkpoint
-from dr_resnet.preprocess import Settings, preprocess
-from dr_resnet.synthetic import generate
+from dr_resnet.data.preprocess import Settings, preprocess
+from dr_resnet.data.synthetic import generate
+from dr_resnet.training import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def train_run(data: Path, run_dir: Path, *extra: str) -> Path:
     photo at one grade after 3 epochs; without it, and with every grade equally likely
     (train.sampler=balanced), the grades move. The clip stays at the 1.0 these tests were measured with
     (the recipe's 5.0 guard leaves this tiny model's probabilities closer together)."""
-    from dr_resnet.train import main
+    from dr_resnet.training.train import main
 
     assert main(demo_args(data, run_dir, "train.sampler=balanced", "model.zero_init_residual=false",
                           "train.clip_grad_norm=1.0", *extra, epochs=3, workers=0)) == 0

@@ -5,8 +5,8 @@ from scipy import stats
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from dr_resnet.augment import AugmentParams, DeviceAugment, apply_params, epoch_generator, normalize, sample_params
-from dr_resnet.data import evaluation_transform
+from dr_resnet.data.augment import AugmentParams, DeviceAugment, apply_params, epoch_generator, normalize, sample_params
+from dr_resnet.data.dataset import evaluation_transform
 
 
 def test_angles_and_flips_follow_torchvisions_distribution():

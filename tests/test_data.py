@@ -4,9 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from dr_resnet.data import IMAGENET_MEAN, IMAGENET_STD, RetinopathyDataset, evaluation_transform, load_image, training_transform
-from dr_resnet.formats import DatasetError, detect_format, find_splits, read_split
-from dr_resnet.synthetic import generate, grade_counts
+from dr_resnet.data.dataset import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RetinopathyDataset,
+    evaluation_transform,
+    load_image,
+    training_transform,
+)
+from dr_resnet.data.formats import DatasetError, detect_format, find_splits, read_split
+from dr_resnet.data.synthetic import generate, grade_counts
 
 
 @pytest.fixture(scope="module")

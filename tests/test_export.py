@@ -10,14 +10,14 @@ import pytest
 import torch
 from test_predict import read_rows
 
-from dr_resnet import checkpoint
-from dr_resnet.data import RetinopathyDataset
-from dr_resnet.export import CARD_JSON, CARD_MD, export
-from dr_resnet.export import main as export_main
-from dr_resnet.grading import load_grader
-from dr_resnet.predict import main as predict_main
-from dr_resnet.preprocess import Settings
-from dr_resnet.recipe import Recipe
+from dr_resnet.data.dataset import RetinopathyDataset
+from dr_resnet.data.preprocess import Settings
+from dr_resnet.data.recipe import Recipe
+from dr_resnet.serving.export import CARD_JSON, CARD_MD, export
+from dr_resnet.serving.export import main as export_main
+from dr_resnet.serving.grading import load_grader
+from dr_resnet.serving.predict import main as predict_main
+from dr_resnet.training import checkpoint
 
 EXPORT_TOLERANCE = 1e-5  # largest difference of a probability or score from PyTorch's (fp32, CPU; measured below 1e-6)
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dr_resnet import checkpoint
-from dr_resnet.augment import DeviceAugment, epoch_generator
-from dr_resnet.engine import EpochTotals, Runtime, ShardSampler, Trainer, evaluate
-from dr_resnet.heads import build_head
-from dr_resnet.models import build_resnet
-from dr_resnet.runtime import Precision, native_bf16, resolve_precision
+from dr_resnet.data.augment import DeviceAugment, epoch_generator
+from dr_resnet.model.heads import build_head
+from dr_resnet.model.resnet import build_resnet
+from dr_resnet.training import checkpoint
+from dr_resnet.training.loop import EpochTotals, Runtime, ShardSampler, Trainer, evaluate
+from dr_resnet.training.runtime import Precision, native_bf16, resolve_precision
 
 from helpers import REPO, preprocessed_dataset
 
@@ -111,8 +111,8 @@ def test_a_skipped_non_finite_step_is_left_out_on_the_device():
 
 def test_channels_last_reaches_the_first_convolution_in_the_built_run(tmp_path, tiny):
     from dr_resnet import config
-    from dr_resnet.distributed import DistInfo
-    from dr_resnet.train import build
+    from dr_resnet.training.distributed import DistInfo
+    from dr_resnet.training.train import build
 
     cfg = config.load(None, [f"data.root={tiny}", "data.image_size=64", "train.batch_size=8", "data.workers=0",
                              "train.device=cuda", f"output.dir={tmp_path / 'run'}"])
@@ -153,7 +153,7 @@ def run_training(nproc: int, data: Path, run_dir: Path, *extra: str, check: bool
 
 
 def evaluate_cli(checkpoint_path: Path, data: Path, out: Path, device: str) -> dict:
-    from dr_resnet.evaluate import main as evaluate_main
+    from dr_resnet.training.evaluate import main as evaluate_main
 
     assert evaluate_main(["--checkpoint", str(checkpoint_path), "--data-root", str(data), "--out", str(out),
                           "--device", device, "--amp", "off", "--workers", "0"]) == 0
@@ -189,7 +189,7 @@ def test_one_gpu_torchrun_run_resumes_and_its_checkpoint_predicts_the_same_on_cp
         head = build_head("classification", device=device)
         model = build_resnet(18, head.outputs).to(device)
         model.load_state_dict(state["model"])
-        from dr_resnet.data import RetinopathyDataset
+        from dr_resnet.data.dataset import RetinopathyDataset
         dataset = RetinopathyDataset(tiny, "test", image_size=64)
         loader = DataLoader(dataset, 8, sampler=ShardSampler(len(dataset), 0, 1))
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
@@ -221,7 +221,7 @@ def test_predict_on_the_gpu_grades_as_the_cpu_and_draws_heat_maps(runs, photos, 
     """predict --device cuda (bf16 autocast on recent GPUs, channels_last) against --device cpu (fp32)."""
     import csv
 
-    from dr_resnet.predict import main as predict_main
+    from dr_resnet.serving.predict import main as predict_main
 
     images = [str(p) for p in sorted((photos / "raw" / "images").iterdir())[:16]]
     for device in ("cpu", "cuda"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import cohen_kappa_score
 
-from dr_resnet.heads import ClassificationHead, OrdinalHead, RegressionHead, build_head, optimize_thresholds, qwk_at
+from dr_resnet.model.heads import ClassificationHead, OrdinalHead, RegressionHead, build_head, optimize_thresholds, qwk_at
 
 
 def test_thresholds_cut_at_the_boundaries():
@@ -73,7 +73,7 @@ def test_ordinal_loss_is_the_sum_of_four_binary_cross_entropies():
 @pytest.mark.parametrize("shares", [[0.2] * 5, [0.73, 0.07, 0.15, 0.03, 0.02]])
 def test_every_head_starts_at_the_prior_of_its_first_epoch(shares):
     """A fresh output layer (zero weights: the bias alone) predicts the grade shares it is trained on first."""
-    from dr_resnet.models import build_resnet
+    from dr_resnet.model.resnet import build_resnet
 
     shares = np.array(shares)
     for kind in ("classification", "regression", "ordinal"):
@@ -90,7 +90,7 @@ def test_every_head_starts_at_the_prior_of_its_first_epoch(shares):
 
 def test_every_head_the_config_accepts_is_built_from_its_settings():
     from dr_resnet import config, registry
-    from dr_resnet.heads import HEAD_TYPES, head_for
+    from dr_resnet.model.heads import HEAD_TYPES, head_for
 
     assert tuple(HEAD_TYPES) == registry.HEADS == config.CHOICES["model.head"]
     for kind in registry.HEADS:
@@ -113,7 +113,7 @@ def test_evaluation_builds_its_parts_without_the_training_module():
 
 
 def test_expected_calibration_error_by_hand():
-    from dr_resnet.metrics import expected_calibration_error
+    from dr_resnet.results.metrics import expected_calibration_error
 
     p = np.array([[0.95, 0.05, 0, 0, 0], [0.92, 0.08, 0, 0, 0], [0.1, 0.55, 0.35, 0, 0], [0.2, 0.2, 0.6, 0, 0]])
     labels = np.array([0, 1, 1, 1])
@@ -151,7 +151,7 @@ def test_temperature_fit_recovers_a_known_temperature(kind):
 
 
 def test_calibration_of_non_finite_probabilities_is_not_a_number():
-    from dr_resnet.metrics import expected_calibration_error
+    from dr_resnet.results.metrics import expected_calibration_error
 
     result = expected_calibration_error(np.full((3, 5), np.nan), [0, 1, 2])
     assert np.isnan(result["ece"]) and result["bins"] == []

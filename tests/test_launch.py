@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dr_resnet.config import ConfigError
-from dr_resnet.distributed import master_port
+from dr_resnet.training.distributed import master_port
 from launch.sweep import gpu_slots, main
 
 from helpers import (

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from dr_resnet.metrics import (
+from dr_resnet.results.metrics import (
     accuracy,
     collapse,
     confusion_matrix,
@@ -84,7 +84,7 @@ def test_summary_is_json_ready_and_rejects_bad_input():
 @pytest.mark.parametrize("targets,predictions", list(cases()))
 def test_referable_sensitivity_and_specificity(targets, predictions):
     cm = confusion_matrix(targets, predictions)
-    from dr_resnet.metrics import referable
+    from dr_resnet.results.metrics import referable
     values = referable(cm)
     truth, guess = np.asarray(targets) >= 2, np.asarray(predictions) >= 2
     if truth.any():
@@ -94,7 +94,7 @@ def test_referable_sensitivity_and_specificity(targets, predictions):
 
 
 def test_roc_auc_against_scikit_learn():
-    from dr_resnet.metrics import roc_auc
+    from dr_resnet.results.metrics import roc_auc
     rng = np.random.default_rng(4)
     for n in (5, 40, 500):
         positive = rng.random(n) < 0.3

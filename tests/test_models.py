@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from dr_resnet import config
-from dr_resnet.models import WeightsNotFoundError, build_resnet, count_parameters, imagenet_cache_path, resnet18, resnet50
+from dr_resnet.model.resnet import WeightsNotFoundError, build_resnet, count_parameters, imagenet_cache_path, resnet18, resnet50
 from dr_resnet.registry import DEPTHS
 
 TORCHVISION = {d: getattr(torchvision.models, f"resnet{d}") for d in DEPTHS}

@@ -14,15 +14,16 @@ import torch
 import yaml
 from PIL import Image
 
-from dr_resnet import checkpoint, config
-from dr_resnet.cam import cam_targets, grad_cam, lesion_scores
-from dr_resnet.data import RetinopathyDataset, load_image
-from dr_resnet.evaluate import main as evaluate_main
-from dr_resnet.grading import load_grader
-from dr_resnet.metrics import confusion_matrix
-from dr_resnet.predict import main as predict_main
-from dr_resnet.preprocess import Settings, crop_square, preprocess
-from dr_resnet.recipe import Recipe
+from dr_resnet import config
+from dr_resnet.data.dataset import RetinopathyDataset, load_image
+from dr_resnet.data.preprocess import Settings, crop_square, preprocess
+from dr_resnet.data.recipe import Recipe
+from dr_resnet.results.metrics import confusion_matrix
+from dr_resnet.serving.cam import cam_targets, grad_cam, lesion_scores
+from dr_resnet.serving.grading import load_grader
+from dr_resnet.serving.predict import main as predict_main
+from dr_resnet.training import checkpoint
+from dr_resnet.training.evaluate import main as evaluate_main
 
 from helpers import metrics_rows
 
@@ -245,7 +246,7 @@ def test_cam_writes_a_heat_map_per_graded_photo(runs, photos, tmp_path):
             with Image.open(row["cam"]) as im:
                 assert im.size == (48, 48) and im.mode == "RGB"
     # An exported model has no network to explain: a clear error.
-    from dr_resnet.export import export
+    from dr_resnet.serving.export import export
     path, _, _ = export(runs["regression"] / "checkpoint_best.pt", "torchscript", tmp_path / "exported")
     assert predict_main(["--checkpoint", str(path), "--images", str(sources[0]), "--cam", str(tmp_path / "c2")]) == 2
 

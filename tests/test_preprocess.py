@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dr_resnet.data import RetinopathyDataset
-from dr_resnet.formats import DatasetError, read_split
-from dr_resnet.preprocess import SKIPPED_FILE, Settings, crop_square, main, preprocess, retina_box
-from dr_resnet.synthetic import generate
+from dr_resnet.data.dataset import RetinopathyDataset
+from dr_resnet.data.formats import DatasetError, read_split
+from dr_resnet.data.preprocess import SKIPPED_FILE, Settings, crop_square, main, preprocess, retina_box
+from dr_resnet.data.synthetic import generate
 
 SIZE = 40
 
@@ -161,7 +161,7 @@ def test_cli_error_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_graham_normalisation_removes_illumination_keeps_lesions_masks_the_rim():
-    from dr_resnet.preprocess import graham_normalize
+    from dr_resnet.data.preprocess import graham_normalize
     size = 96
     yy, xx = np.mgrid[0:size, 0:size]
     shade = 120 + 60 * xx / size  # uneven illumination across the retina

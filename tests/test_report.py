@@ -12,12 +12,12 @@ import pytest
 import torch
 import torchvision
 
-from dr_resnet import checkpoint
-from dr_resnet.metrics import collapse
-from dr_resnet.models import imagenet_cache_path
-from dr_resnet.report import main, report
-from dr_resnet.rundir import STATUS_FILE
-from dr_resnet.train import main as train
+from dr_resnet.model.resnet import imagenet_cache_path
+from dr_resnet.results.metrics import collapse
+from dr_resnet.results.report import main, report
+from dr_resnet.results.rundir import STATUS_FILE
+from dr_resnet.training import checkpoint
+from dr_resnet.training.train import main as train
 
 from helpers import (
     REPO,
@@ -144,7 +144,7 @@ def test_gallery_shows_right_and_wrong_photos_per_grade_with_heat_maps(runs, tmp
     import numpy as np
     from PIL import Image
 
-    from dr_resnet.gallery import pick
+    from dr_resnet.serving.gallery import pick
 
     chosen = pick(np.array([0, 0, 0, 2, 2, 4]), np.array([0, 1, 0, 2, 0, 3]), per_cell=1)
     assert chosen[(0, True)] == [0] and chosen[(0, False)] == [1] and chosen[(2, True)] == [3]
@@ -171,8 +171,8 @@ def arm_copy(source: Path, target: Path, depth: int, weights: str, seed: int = 0
 def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_path):
     import numpy as np
 
-    from dr_resnet.predictions import read_predictions
-    from dr_resnet.stats import paired_comparison
+    from dr_resnet.results.predictions import read_predictions
+    from dr_resnet.results.stats import paired_comparison
 
     sweep = tmp_path / "sweep"
     arm_copy(runs["classification"], sweep / "resnet18_scratch", 18, "none")
@@ -230,8 +230,8 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
 def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
     import numpy as np
 
-    from dr_resnet.predictions import read_predictions
-    from dr_resnet.stats import paired_comparison
+    from dr_resnet.results.predictions import read_predictions
+    from dr_resnet.results.stats import paired_comparison
 
     sweep = tmp_path / "sweep"
     replicates = {("resnet18_scratch", 0): "classification", ("resnet18_scratch", 1): "regression",
@@ -312,7 +312,7 @@ class NoTorch(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in ("torch", "torchvision"):
             raise ImportError(f"torch is not installed here ({name})")
 sys.meta_path.insert(0, NoTorch())
-from dr_resnet.report import main
+from dr_resnet.results.report import main
 code = main(sys.argv[1:])
 assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")]
 sys.exit(code)

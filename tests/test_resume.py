@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dr_resnet import checkpoint
-from dr_resnet.train import main
+from dr_resnet.training import checkpoint
+from dr_resnet.training.train import main
 
 from helpers import (
     REPO,

@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dr_resnet import checkpoint
-from dr_resnet.augment import DeviceAugment, epoch_generator
 from dr_resnet.config import ConfigError
-from dr_resnet.distributed import launch_env, shared_gpus, tasks_per_node
-from dr_resnet.engine import EpochTotals, Runtime, Trainer
-from dr_resnet.heads import build_head
-from dr_resnet.models import build_resnet
-from dr_resnet.runtime import DeviceError, Precision, compile_model, configure_backends, resolve_precision, select_device
-from dr_resnet.train import main
+from dr_resnet.data.augment import DeviceAugment, epoch_generator
+from dr_resnet.model.heads import build_head
+from dr_resnet.model.resnet import build_resnet
+from dr_resnet.training import checkpoint
+from dr_resnet.training.distributed import launch_env, shared_gpus, tasks_per_node
+from dr_resnet.training.loop import EpochTotals, Runtime, Trainer
+from dr_resnet.training.runtime import DeviceError, Precision, compile_model, configure_backends, resolve_precision, select_device
+from dr_resnet.training.train import main
 
 from helpers import (
     REPO,
@@ -246,8 +246,8 @@ def test_resume_under_another_precision_warns_and_continues(tiny, tmp_path, capf
 
 def test_only_the_training_loader_keeps_its_workers(tiny, tmp_path):
     from dr_resnet import config
-    from dr_resnet.distributed import DistInfo
-    from dr_resnet.train import build
+    from dr_resnet.training.distributed import DistInfo
+    from dr_resnet.training.train import build
 
     cfg = config.load(str(REPO / "configs" / "demo.yaml"),
                       run_args(tiny, tmp_path / "run")[2:] + ["data.workers=2", "data.val_fraction=0.3", "data.min_val_images=1",
@@ -270,7 +270,7 @@ def test_ddp_with_sync_batchnorm_does_not_broadcast_buffers(tmp_path):
     """The argument train.build passes DDP when SyncBatchNorm is on (its name changed across torch versions)."""
     import torch.distributed as dist
 
-    from dr_resnet.components import no_buffer_broadcast
+    from dr_resnet.training.components import no_buffer_broadcast
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -282,7 +282,7 @@ def test_ddp_with_sync_batchnorm_does_not_broadcast_buffers(tmp_path):
 
 
 def test_training_state_reads_earlier_checkpoints_and_refuses_other_files(tiny, tmp_path, capfd):
-    from dr_resnet.evaluate import main as evaluate_main
+    from dr_resnet.training.evaluate import main as evaluate_main
 
     run_dir = tmp_path / "run"
     assert main(run_args(tiny, run_dir, "train.epochs=1")) == 0

@@ -3,7 +3,7 @@ import pytest
 from scipy import stats
 from torch.utils.data import DistributedSampler
 
-from dr_resnet.samplers import DistributedBalancedSampler, ProgressiveSampler, ShuffledSampler
+from dr_resnet.data.samplers import DistributedBalancedSampler, ProgressiveSampler, ShuffledSampler
 
 LABELS = np.array([0] * 730 + [1] * 70 + [2] * 150 + [3] * 26 + [4] * 24)  # EyePACS-like, 1000 images
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torchvision
 
-from dr_resnet import checkpoint
-from dr_resnet.models import imagenet_cache_path
+from dr_resnet.model.resnet import imagenet_cache_path
+from dr_resnet.training import checkpoint
 
 from helpers import (
     REPO,

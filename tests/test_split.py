@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from dr_resnet.formats import read_split
-from dr_resnet.split import main, patient_of, split
-from dr_resnet.synthetic import generate
+from dr_resnet.data.formats import read_split
+from dr_resnet.data.split import main, patient_of, split
+from dr_resnet.data.synthetic import generate
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def test_patient_names():
 
 
 def test_holdout_mask_keeps_patients_whole_and_subset_keeps_rows(eyepacs):
-    from dr_resnet.data import RetinopathyDataset
-    from dr_resnet.split import holdout_mask
+    from dr_resnet.data.dataset import RetinopathyDataset
+    from dr_resnet.data.split import holdout_mask
 
     train = RetinopathyDataset(eyepacs, "train")
     held = holdout_mask(train.names, train.labels, 0.1, seed=0)

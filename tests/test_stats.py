@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from dr_resnet import metrics, stats
+from dr_resnet.results import metrics, stats
 
 
 def random_predictions(n: int, seed: int, right: float = 0.8):

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dr_resnet.formats import read_split
-from dr_resnet.synthetic import EYEPACS_BALANCE, generate, grade_counts, lesions_for_grade, main, render_fundus, split_grades
+from dr_resnet.data.formats import read_split
+from dr_resnet.data.synthetic import EYEPACS_BALANCE, generate, grade_counts, lesions_for_grade, main, render_fundus, split_grades
 
 
 @pytest.mark.parametrize("n", [0, 4, 5, 12, 250, 1000, 35126])
@@ -83,7 +83,7 @@ def test_cli_writes_the_real_layout_deterministically(tmp_path, fmt, index_files
 
 
 def test_lesion_masks_mark_exactly_the_drawn_lesions(tmp_path):
-    from dr_resnet.synthetic import lesion_mask_path
+    from dr_resnet.data.synthetic import lesion_mask_path
 
     with_masks = generate(tmp_path / "m", {"test": 12}, seed=2, size=64, progress=False, lesion_masks=True)
     without = generate(tmp_path / "n", {"test": 12}, seed=2, size=64, progress=False)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dr_resnet import checkpoint
-from dr_resnet.tracking import Tracker, TrackingSettings, new_run_id
-from dr_resnet.train import main
+from dr_resnet.training import checkpoint
+from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
+from dr_resnet.training.train import main
 
 from helpers import (
     REPO,

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from dr_resnet import checkpoint
-from dr_resnet.components import class_weights, lr_lambda
-from dr_resnet.data import RetinopathyDataset
-from dr_resnet.train import main
+from dr_resnet.data.dataset import RetinopathyDataset
+from dr_resnet.training import checkpoint
+from dr_resnet.training.components import class_weights, lr_lambda
+from dr_resnet.training.train import main
 
 from helpers import (
     REPO,
@@ -185,7 +185,7 @@ def test_single_process_in_process_run_and_config_errors(tiny, tmp_path, capsys)
     assert summary["selected_by"] == "loss" and summary["selected"]["epoch"] == lowest
     assert checkpoint.load(tmp_path / "loss" / "checkpoint_best.pt")["epoch"] == lowest
     # The report selects the run's own epoch (by loss here), the one in checkpoint_best.pt.
-    from dr_resnet.report import report
+    from dr_resnet.results.report import report
     report(tmp_path / "loss")
     import csv
     with open(tmp_path / "loss" / "results.csv") as f:
@@ -235,7 +235,7 @@ def test_balanced_sampler_trains(tiny, tmp_path):
 
 
 def test_regression_head_fits_thresholds_and_evaluate_uses_them(tiny, tmp_path):
-    from dr_resnet.evaluate import main as evaluate_main
+    from dr_resnet.training.evaluate import main as evaluate_main
     run_dir = tmp_path / "reg"
     assert main(overrides(tiny, run_dir, "model.head=regression", "train.clip_grad_norm=1.0", "data.workers=0")) == 0
     rows = metrics_rows(run_dir)
@@ -258,8 +258,8 @@ def test_regression_head_fits_thresholds_and_evaluate_uses_them(tiny, tmp_path):
 
 
 def test_held_out_validation_selects_the_epoch_and_fits_thresholds(tiny, tmp_path, capfd):
-    from dr_resnet.data import RetinopathyDataset
-    from dr_resnet.split import holdout_mask
+    from dr_resnet.data.dataset import RetinopathyDataset
+    from dr_resnet.data.split import holdout_mask
 
     run_dir = tmp_path / "val"
     assert main(overrides(tiny, run_dir, "model.head=regression", "train.clip_grad_norm=1.0", "data.workers=0",
@@ -282,8 +282,8 @@ def test_held_out_validation_selects_the_epoch_and_fits_thresholds(tiny, tmp_pat
     assert best["epoch"] == chosen["epoch"] and best["best"]["on"] == "val"
     assert best["head"]["thresholds"] == pytest.approx(chosen["thresholds"])
     # predictions.csv is the selected epoch's, predictions_final.csv the final epoch's (the report compares both).
-    from dr_resnet.metrics import confusion_matrix
-    from dr_resnet.predictions import read_predictions
+    from dr_resnet.results.metrics import confusion_matrix
+    from dr_resnet.results.predictions import read_predictions
 
     for name, row in (("predictions.csv", chosen), ("predictions_final.csv", rows[-1])):
         found = read_predictions(run_dir / name)
@@ -291,7 +291,7 @@ def test_held_out_validation_selects_the_epoch_and_fits_thresholds(tiny, tmp_pat
 
 
 def test_ordinal_head_trains_and_evaluate_reproduces_its_epoch(tiny, tmp_path):
-    from dr_resnet.evaluate import main as evaluate_main
+    from dr_resnet.training.evaluate import main as evaluate_main
     run_dir = tmp_path / "ordinal"
     assert main(overrides(tiny, run_dir, "model.head=ordinal", "data.workers=0")) == 0
     rows = metrics_rows(run_dir)
@@ -335,9 +335,9 @@ def test_a_stopped_run_says_why_in_its_run_log(tiny, tmp_path):
 
 @pytest.mark.parametrize("head", ["classification", "regression"])
 def test_selected_epoch_predictions_and_intervals_match_evaluate(runs, photos, tmp_path, head):
-    from dr_resnet.evaluate import main as evaluate_main
-    from dr_resnet.metrics import confusion_matrix
-    from dr_resnet.predictions import read_predictions
+    from dr_resnet.results.metrics import confusion_matrix
+    from dr_resnet.results.predictions import read_predictions
+    from dr_resnet.training.evaluate import main as evaluate_main
 
     run_dir = runs[head]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -360,10 +360,10 @@ def test_selected_epoch_predictions_and_intervals_match_evaluate(runs, photos, t
 
 
 def test_temperature_calibration_travels_to_evaluate_predict_and_export(photos, tmp_path, capsys):
-    from dr_resnet.evaluate import main as evaluate_main
-    from dr_resnet.export import export
-    from dr_resnet.grading import load_grader
-    from dr_resnet.predictions import read_predictions
+    from dr_resnet.results.predictions import read_predictions
+    from dr_resnet.serving.export import export
+    from dr_resnet.serving.grading import load_grader
+    from dr_resnet.training.evaluate import main as evaluate_main
 
     from helpers import train_run
 
@@ -402,7 +402,8 @@ def test_temperature_calibration_travels_to_evaluate_predict_and_export(photos, 
 
 
 def test_the_held_out_part_is_drawn_by_its_own_seed_not_train_seed(tiny):
-    from dr_resnet import components, config
+    from dr_resnet import config
+    from dr_resnet.training import components
 
     def held_out(*extra):
         cfg = config.load(REPO / "configs" / "demo.yaml", [f"data.root={tiny}", "data.val_fraction=0.25",
@@ -441,7 +442,7 @@ def test_a_collapsed_run_is_flagged_everywhere(tiny, tmp_path, capsys):
     assert summary["collapsed"].startswith("grade 0 predicted for 100.0% of the images")
     assert np.array(summary["confusion_matrix"])[:, 1:].sum() == 0
     assert "; COLLAPSED: grade 0 predicted for 100.0% of the images" in capsys.readouterr().out
-    from dr_resnet.report import report
+    from dr_resnet.results.report import report
 
     report(run_dir)
     import csv

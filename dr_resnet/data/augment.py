@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from dr_resnet.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from . import NUM_GRADES
-from .formats import DatasetError, read_split
+from dr_resnet import NUM_GRADES
+from dr_resnet.data.formats import DatasetError, read_split
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 
-from . import GRADES, NUM_GRADES
-from .errors import run_command
-from .formats import DatasetError, find_splits, read_split
+from dr_resnet import GRADES, NUM_GRADES
+from dr_resnet.errors import run_command
+from dr_resnet.data.formats import DatasetError, find_splits, read_split
 
 
 def describe(root: str) -> str:

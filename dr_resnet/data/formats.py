@@ -19,9 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from . import NUM_GRADES
-from .errors import UserError
-from .registry import FORMATS
+from dr_resnet import NUM_GRADES
+from dr_resnet.errors import UserError
+from dr_resnet.registry import FORMATS
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 MAX_ROWS_SHOWN = 10

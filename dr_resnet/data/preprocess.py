@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserError, run_command
-from .files import atomic_path
-from .formats import DatasetError, Split, SplitLayout, find_splits, read_split
+from dr_resnet.errors import UserError, run_command
+from dr_resnet.files import atomic_path
+from dr_resnet.data.formats import DatasetError, Split, SplitLayout, find_splits, read_split
 
 SETTINGS_FILE = "preprocess.json"
 SKIPPED_FILE = "skipped.csv"

@@ -21,9 +21,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, fit_square, load_image
-from .formats import DatasetError
-from .preprocess import BadImageError, Settings, crop_square, read_settings
+from dr_resnet.data.dataset import IMAGENET_MEAN, IMAGENET_STD, fit_square, load_image
+from dr_resnet.data.formats import DatasetError
+from dr_resnet.data.preprocess import BadImageError, Settings, crop_square, read_settings
 
 log = logging.getLogger(__name__)
 BLACK_LEVEL = Settings.threshold  # an image with no pixel above this has no retina

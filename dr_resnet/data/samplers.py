@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from . import NUM_GRADES
+from dr_resnet import NUM_GRADES
 
 
 class EpochSampler(Sampler[int]):

@@ -21,10 +21,10 @@ from typing import Sequence
 
 import numpy as np
 
-from . import NUM_GRADES
-from .errors import run_command
-from .formats import DatasetError, SplitLayout, find_splits, read_split
-from .registry import FORMAT_CHOICES
+from dr_resnet import NUM_GRADES
+from dr_resnet.errors import run_command
+from dr_resnet.data.formats import DatasetError, SplitLayout, find_splits, read_split
+from dr_resnet.registry import FORMAT_CHOICES
 
 EYES = ("_left", "_right")
 

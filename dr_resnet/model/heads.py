@@ -1,6 +1,6 @@
 """What the network's output means: five class scores (classification), one number on the grade
 scale cut by thresholds (regression, as in the 2015 Kaggle winners' solutions), or four "grade > k"
-scores (ordinal). The loops in engine.py ask the head for the loss, the predicted grades and the
+scores (ordinal). The loops in training/loop.py ask the head for the loss, the predicted grades and the
 referable-DR score, whatever the head.
 """
 
@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import NUM_GRADES
-from .config import Config
-from .metrics import REFERABLE_GRADE, confusion_matrix, expected_calibration_error, quadratic_weighted_kappa
-from .registry import HEAD_SPECS, HeadSpec
+from dr_resnet import NUM_GRADES
+from dr_resnet.config import Config
+from dr_resnet.registry import HEAD_SPECS, HeadSpec
+from dr_resnet.results.metrics import REFERABLE_GRADE, confusion_matrix, expected_calibration_error, quadratic_weighted_kappa
 
 INITIAL_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .config import is_pretrained
-from .errors import UserError
-from .registry import ARCHITECTURES, DEPTHS, Architecture
+from dr_resnet.config import is_pretrained
+from dr_resnet.errors import UserError
+from dr_resnet.registry import ARCHITECTURES, DEPTHS, Architecture
 
 log = logging.getLogger(__name__)
 

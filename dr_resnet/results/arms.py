@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .config import is_pretrained
-from .metrics import METRICS, collapse, majority_baseline
-from .predictions import Predictions, read_predictions
-from .rundir import (
+from dr_resnet.config import is_pretrained
+from dr_resnet.results.metrics import METRICS, collapse, majority_baseline
+from dr_resnet.results.predictions import Predictions, read_predictions
+from dr_resnet.results.rundir import (
     BEST_CHECKPOINT,
     CONFIG_FILE,
     FINAL_PREDICTIONS_FILE,
@@ -30,7 +30,7 @@ from .rundir import (
     selected_on,
     selected_row,
 )
-from .stats import RESAMPLES, bootstrap_intervals, paired_comparison
+from dr_resnet.results.stats import RESAMPLES, bootstrap_intervals, paired_comparison
 
 SEED_FOLDER = re.compile(r"seed\d+")  # launch.sweep --seeds: SWEEP_DIR/<arm>/seed<k>/
 

@@ -8,7 +8,7 @@ import base64
 import html
 from pathlib import Path
 
-from .arms import PAIR_METRICS, SEED_COLUMNS
+from dr_resnet.results.arms import PAIR_METRICS, SEED_COLUMNS
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import NUM_GRADES
+from dr_resnet import NUM_GRADES
 
 REFERABLE_GRADE = 2  # moderate or worse: the screening question is "refer to an ophthalmologist?"
 

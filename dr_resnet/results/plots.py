@@ -7,8 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import GRADES
-from .metrics import row_normalised
+from dr_resnet import GRADES
+from dr_resnet.results.metrics import row_normalised
 
 
 def pyplot():

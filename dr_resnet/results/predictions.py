@@ -17,9 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import UserError
-from .files import atomic_write
-from .registry import HEAD_SPECS
+from dr_resnet.errors import UserError
+from dr_resnet.files import atomic_write
+from dr_resnet.registry import HEAD_SPECS
 
 
 def value_columns(head_kind: str) -> list[str]:

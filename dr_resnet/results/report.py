@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .arms import COMPARED_EPOCHS, PAIR_METRICS, SEED_COLUMNS, RunRecord, compare_arms, find_runs, seed_summary
-from .errors import run_command
-from .metrics import expected_calibration_error
-from .plots import pyplot
-from .report_html import write_html
-from .rundir import BEST_CHECKPOINT, CONFIG_FILE, FINAL
+from dr_resnet.errors import run_command
+from dr_resnet.results.arms import COMPARED_EPOCHS, PAIR_METRICS, SEED_COLUMNS, RunRecord, compare_arms, find_runs, seed_summary
+from dr_resnet.results.html import write_html
+from dr_resnet.results.metrics import expected_calibration_error
+from dr_resnet.results.plots import pyplot
+from dr_resnet.results.rundir import BEST_CHECKPOINT, CONFIG_FILE, FINAL
 
 COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
 COMPARISONS_FILE = "comparisons.json"
@@ -113,7 +113,7 @@ def plot_calibration(runs: list[RunRecord], path: Path) -> bool:
 def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
     """Each run's confusion matrix at its selected epoch (its train.select_by on the held-out set if it
     has one, else its final epoch: the epoch of its checkpoint_best.pt), row-normalised, two to a row."""
-    from .plots import draw_confusion_matrix
+    from dr_resnet.results.plots import draw_confusion_matrix
 
     plt = pyplot()
     shown = [r for r in runs if r.rows]
@@ -263,7 +263,7 @@ def write_tables(table: list[dict], out: Path, comparisons: list[dict] = (), see
 
 def galleries(runs: list[RunRecord], out: Path, per_cell: int = 2) -> list[Path]:
     """Per run with a checkpoint_best.pt: test photos per grade, graded right and wrong, with their heat maps."""
-    from .gallery import save_gallery  # torch: only when asked for
+    from dr_resnet.serving.gallery import save_gallery  # torch: only when asked for
 
     written = []
     for run in runs:

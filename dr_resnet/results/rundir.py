@@ -22,9 +22,9 @@ import json
 import typing
 from pathlib import Path
 
-from .config import SelectBy
-from .errors import UserError
-from .files import write_text
+from dr_resnet.config import SelectBy
+from dr_resnet.errors import UserError
+from dr_resnet.files import write_text
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"

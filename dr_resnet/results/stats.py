@@ -15,10 +15,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import NUM_GRADES
-from .metrics import METRICS as DECLARED
-from .metrics import REFERABLE_GRADE, of_confusion
-from .split import patient_of
+from dr_resnet import NUM_GRADES
+from dr_resnet.data.split import patient_of
+from dr_resnet.results.metrics import METRICS as DECLARED
+from dr_resnet.results.metrics import REFERABLE_GRADE, of_confusion
 
 METRICS = tuple(DECLARED)  # every declared metric gets an interval
 RESAMPLES, LEVEL = 2000, 0.95

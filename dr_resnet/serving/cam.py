@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .registry import HEAD_SPECS
+from dr_resnet.registry import HEAD_SPECS
 
 CAM_LAYER = "layer4"
 OVERLAY_ALPHA = 0.45  # the heat map's weight where it is hottest

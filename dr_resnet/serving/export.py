@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import GRADES, __version__
-from .checkpoint import TrainingState
-from .errors import UserError, run_command
-from .grading import METADATA_KEY, ONNX_SUFFIX, OUTPUT_NAMES, TORCHSCRIPT_SUFFIX, CheckpointGrader, load_grader
-from .models import architecture, count_parameters
-from .registry import HEAD_SPECS
-from .rundir import read_metrics
+from dr_resnet import GRADES, __version__
+from dr_resnet.errors import UserError, run_command
+from dr_resnet.model.resnet import architecture, count_parameters
+from dr_resnet.registry import HEAD_SPECS
+from dr_resnet.results.rundir import read_metrics
+from dr_resnet.serving.grading import METADATA_KEY, ONNX_SUFFIX, OUTPUT_NAMES, TORCHSCRIPT_SUFFIX, CheckpointGrader, load_grader
+from dr_resnet.training.checkpoint import TrainingState
 
 FORMATS = {"onnx": ONNX_SUFFIX, "torchscript": TORCHSCRIPT_SUFFIX}
 CARD_JSON, CARD_MD = "model_card.json", "model_card.md"

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import GRADES
-from .cam import cam_targets, grad_cam, overlay
-from .data import RetinopathyDataset
-from .grading import load_grader
-from .plots import pyplot
+from dr_resnet import GRADES
+from dr_resnet.data.dataset import RetinopathyDataset
+from dr_resnet.results.plots import pyplot
+from dr_resnet.serving.cam import cam_targets, grad_cam, overlay
+from dr_resnet.serving.grading import load_grader
 
 
 def pick(labels: np.ndarray, grades: np.ndarray, per_cell: int) -> dict[tuple[int, bool], list[int]]:

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import components
-from .engine import TTA_MODES, _views
-from .errors import UserError
-from .heads import Head, build_head
-from .recipe import Recipe
-from .runtime import Precision
+from dr_resnet.data.recipe import Recipe
+from dr_resnet.errors import UserError
+from dr_resnet.model.heads import Head, build_head
+from dr_resnet.training import components
+from dr_resnet.training.loop import TTA_MODES, _views
+from dr_resnet.training.runtime import Precision
 
 ONNX_SUFFIX, TORCHSCRIPT_SUFFIX = ".onnx", ".ts"
 METADATA_KEY = "dr_resnet"  # the JSON an exported file carries: recipe, head, model card

@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .engine import TTA_MODES
-from .errors import USER_ERRORS, UserError
-from .files import atomic_write
-from .grading import Grader, ModelLoadError, load_grader
-from .metrics import REFERABLE_GRADE
-from .predictions import value_columns
-from .preprocess import BadImageError
-from .recipe import Recipe
-from .registry import HEAD_SPECS
-from .runtime import DEVICES, select_device
+from dr_resnet.data.preprocess import BadImageError
+from dr_resnet.data.recipe import Recipe
+from dr_resnet.errors import USER_ERRORS, UserError
+from dr_resnet.files import atomic_write
+from dr_resnet.registry import HEAD_SPECS
+from dr_resnet.results.metrics import REFERABLE_GRADE
+from dr_resnet.results.predictions import value_columns
+from dr_resnet.serving.grading import Grader, ModelLoadError, load_grader
+from dr_resnet.training.loop import TTA_MODES
+from dr_resnet.training.runtime import DEVICES, select_device
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff")
 CSV_IMAGE_COLUMNS = ("image", "path", "file", "filename", "id_code")  # the first one present names the images
@@ -135,7 +135,7 @@ def predict(grader: Grader, paths: list[Path], out: Path, tta: str = "none", bat
     from tqdm import tqdm
 
     if cam_dir is not None:
-        from .cam import overlay  # matplotlib: only when heat maps are asked for
+        from dr_resnet.serving.cam import overlay  # matplotlib: only when heat maps are asked for
 
         if grader.network is None:
             raise ModelLoadError(f"heat maps (--cam) need the PyTorch network: pass the training checkpoint, "
@@ -183,7 +183,7 @@ def _reported(head_kind: str, graded, k: int, thresholds: str) -> dict:
 
 
 def _heat_maps(grader: Grader, images: torch.Tensor, graded) -> torch.Tensor:
-    from .cam import cam_targets, grad_cam
+    from dr_resnet.serving.cam import cam_targets, grad_cam
 
     inputs = grader.model.normalize(images.to(grader.device))
     targets = cam_targets(grader.head_kind, torch.from_numpy(np.asarray(graded.grades)).to(grader.device))

@@ -36,8 +36,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import UserError
-from .files import atomic_path, sync_folder, temporary_name
+from dr_resnet.errors import UserError
+from dr_resnet.files import atomic_path, sync_folder, temporary_name
 
 log = logging.getLogger(__name__)
 

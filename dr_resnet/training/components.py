@@ -20,18 +20,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from . import checkpoint, config
-from .augment import DeviceAugment
-from .config import Config, ConfigError, DataConfig, TrainConfig
-from .data import RetinopathyDataset
-from .distributed import DistInfo
-from .engine import Runtime, ShardSampler
-from .heads import Head, head_for
-from .models import build_resnet
-from .preemption import STOP_SIGNALS
-from .runtime import resolve_precision
-from .samplers import DistributedBalancedSampler, EpochSampler, ProgressiveSampler, ShuffledSampler
-from .split import holdout_mask
+from dr_resnet import config
+from dr_resnet.config import Config, ConfigError, DataConfig, TrainConfig
+from dr_resnet.data.augment import DeviceAugment
+from dr_resnet.data.dataset import RetinopathyDataset
+from dr_resnet.data.samplers import DistributedBalancedSampler, EpochSampler, ProgressiveSampler, ShuffledSampler
+from dr_resnet.data.split import holdout_mask
+from dr_resnet.model.heads import Head, head_for
+from dr_resnet.model.resnet import build_resnet
+from dr_resnet.training import checkpoint
+from dr_resnet.training.distributed import DistInfo
+from dr_resnet.training.loop import Runtime, ShardSampler
+from dr_resnet.training.preemption import STOP_SIGNALS
+from dr_resnet.training.runtime import resolve_precision
 
 log = logging.getLogger(__name__)
 

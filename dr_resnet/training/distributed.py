@@ -24,8 +24,8 @@ from typing import Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from .errors import USER_ERRORS
-from .runtime import DeviceError, select_device, too_many_processes
+from dr_resnet.errors import USER_ERRORS
+from dr_resnet.training.runtime import DeviceError, select_device, too_many_processes
 
 log = logging.getLogger(__name__)
 

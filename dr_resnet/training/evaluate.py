@@ -11,15 +11,15 @@ import json
 import sys
 from pathlib import Path
 
-from . import components, distributed
-from .data import RetinopathyDataset
-from .engine import TTA_MODES, evaluate
-from .metrics import expected_calibration_error
-from .predictions import write_predictions
-from .registry import FORMAT_CHOICES
-from .rundir import CONFUSION_PNG, PREDICTIONS_FILE
-from .runtime import DEVICES, PRECISIONS, configure_backends
-from .stats import RESAMPLES, bootstrap_intervals
+from dr_resnet.data.dataset import RetinopathyDataset
+from dr_resnet.registry import FORMAT_CHOICES
+from dr_resnet.results.metrics import expected_calibration_error
+from dr_resnet.results.predictions import write_predictions
+from dr_resnet.results.rundir import CONFUSION_PNG, PREDICTIONS_FILE
+from dr_resnet.results.stats import RESAMPLES, bootstrap_intervals
+from dr_resnet.training import components, distributed
+from dr_resnet.training.loop import TTA_MODES, evaluate
+from dr_resnet.training.runtime import DEVICES, PRECISIONS, configure_backends
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         write_predictions(out / PREDICTIONS_FILE, dataset.names, evaluation.targets, grades, values,
                           evaluation.referable_scores, cfg.model.head)
-        from .plots import save_confusion_matrix
+        from dr_resnet.results.plots import save_confusion_matrix
 
         save_confusion_matrix(evaluation.confusion_matrix, out / CONFUSION_PNG,
                               f"resnet{cfg.model.depth}, epoch {state.epoch}, {args.split} split\n"

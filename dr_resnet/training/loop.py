@@ -14,15 +14,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import metrics
-from .augment import DeviceAugment
-from .distributed import all_reduce_max, all_reduce_sum, gather_equal, gather_sharded
-from .errors import UserError
-from .registry import NONFINITE
-from .runtime import Precision, Stopwatch
+from dr_resnet.data.augment import DeviceAugment
+from dr_resnet.errors import UserError
+from dr_resnet.registry import NONFINITE
+from dr_resnet.results import metrics
+from dr_resnet.training.distributed import all_reduce_max, all_reduce_sum, gather_equal, gather_sharded
+from dr_resnet.training.runtime import Precision, Stopwatch
 
 if TYPE_CHECKING:
-    from .heads import Head
+    from dr_resnet.model.heads import Head
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .distributed import all_reduce_max
+from dr_resnet.training.distributed import all_reduce_max
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import config
-from .config import ConfigError
-from .errors import UserError
+from dr_resnet import config
+from dr_resnet.config import ConfigError
+from dr_resnet.errors import UserError
 
 log = logging.getLogger(__name__)
 

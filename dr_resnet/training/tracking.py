@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import WandbMode
+from dr_resnet.config import WandbMode
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class Tracker:
             cm = summary["confusion_matrix"]
             y_true = [t for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]
             y_pred = [p for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]
-            from . import GRADES
+            from dr_resnet import GRADES
 
             media: dict[str, Any] = {"epoch": summary["epochs_completed"],
                                      "confusion_matrix": wandb.plot.confusion_matrix(

@@ -22,20 +22,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import __version__, checkpoint, components, config, distributed
-from .augment import epoch_generator
-from .checkpoint import CheckpointWriteError
-from .config import Config, ConfigError
-from .data import RetinopathyDataset
-from .distributed import DistInfo
-from .engine import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
-from .files import write_text
-from .heads import Head
-from .metrics import collapse, expected_calibration_error
-from .predictions import read_predictions, write_predictions
-from .preemption import RunStopped, StepBoundary, StopSignals
-from .recipe import Recipe
-from .rundir import (
+from dr_resnet import __version__, config
+from dr_resnet.config import Config, ConfigError
+from dr_resnet.data.augment import epoch_generator
+from dr_resnet.data.dataset import RetinopathyDataset
+from dr_resnet.data.recipe import Recipe
+from dr_resnet.data.samplers import EpochSampler
+from dr_resnet.files import write_text
+from dr_resnet.model.heads import Head
+from dr_resnet.results.metrics import collapse, expected_calibration_error
+from dr_resnet.results.predictions import read_predictions, write_predictions
+from dr_resnet.results.rundir import (
     BEST_CHECKPOINT,
     CONFIG_FILE,
     CONFUSION_PNG,
@@ -54,10 +51,14 @@ from .rundir import (
     selected_row,
     selection_value,
 )
-from .runtime import compile_model, configure_backends, environment
-from .samplers import EpochSampler
-from .stats import bootstrap_intervals
-from .tracking import Tracker, TrackingSettings, new_run_id
+from dr_resnet.results.stats import bootstrap_intervals
+from dr_resnet.training import checkpoint, components, distributed
+from dr_resnet.training.checkpoint import CheckpointWriteError
+from dr_resnet.training.distributed import DistInfo
+from dr_resnet.training.loop import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
+from dr_resnet.training.preemption import RunStopped, StepBoundary, StopSignals
+from dr_resnet.training.runtime import compile_model, configure_backends, environment
+from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
 
 log = logging.getLogger("dr_resnet.train")
 
@@ -331,7 +332,7 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
         summary["intervals"] = selected_intervals(run.run_dir)
     write_text(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     if figure:
-        from .plots import save_confusion_matrix
+        from dr_resnet.results.plots import save_confusion_matrix
 
         how = f"best held-out {select_by}" if selected_on(final) != FINAL else "final"
         save_confusion_matrix(np.array(best["confusion_matrix"]), run.run_dir / CONFUSION_PNG,

@@ -1,0 +1,10 @@
+"""`python -m dr_resnet.evaluate`: the command; the code is in dr_resnet.training.evaluate."""
+
+import sys
+
+from dr_resnet.training.evaluate import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""`python -m dr_resnet.report`: the command; the code is in dr_resnet.results.report."""
+
+import sys
+
+from dr_resnet.results.report import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

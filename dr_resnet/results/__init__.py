@@ -1,0 +1,1 @@
+"""Torch-free results: run folders, metrics, statistics, predictions, arms and the report."""

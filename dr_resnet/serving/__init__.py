@@ -1,0 +1,1 @@
+"""Using a trained model: grading from any file, predict, export with a model card, heat maps."""

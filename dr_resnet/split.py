@@ -1,0 +1,10 @@
+"""`python -m dr_resnet.split`: the command; the code is in dr_resnet.data.split."""
+
+import sys
+
+from dr_resnet.data.split import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

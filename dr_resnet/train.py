@@ -1,0 +1,10 @@
+"""`python -m dr_resnet.train`: the command; the code is in dr_resnet.training.train."""
+
+import sys
+
+from dr_resnet.training.train import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The one training path: components, the loops, runtime, distributed, checkpoints, tracking, evaluation."""
