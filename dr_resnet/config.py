@@ -398,6 +398,30 @@ def save(cfg: Config, path: str | os.PathLike, recorded: dict[str, Any] | None =
         yaml.safe_dump({**cfg.to_dict(), **extra}, f, sort_keys=False)
 
 
+# Keys that say where and how a run ran, not what was trained: runs that differ only in these are seeds (or
+# reruns) of one arm. The report groups runs by every other key (results/arms.py).
+NOT_THE_ARM = ("train.seed", "train.device", "train.compile", "train.cudnn_benchmark", "train.deterministic",
+               "train.channels_last", "train.log_every", "train.checkpoint_every_minutes", "train.eval_batch_size",
+               "data.workers", "output.", "wandb.")
+
+
+def settings_of(content: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (config.yaml's dict) as flat section.key -> value, with the defaults of keys it
+    lacks (older runs) and old key names under their new ones; records (RECORDED) skipped, nothing validated."""
+    flat = {f"{section}.{key}": value for section, values in Config().to_dict().items() for key, value in values.items()}
+    for section, values in _renamed(content, SAVED).items():
+        if section not in RECORDED and isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+    if "model.weights" in flat:
+        flat["model.weights"] = normalised_weights(flat["model.weights"])
+    return flat
+
+
+def defines_the_arm(key: str) -> bool:
+    """Whether a flat config key is part of what an arm is (see NOT_THE_ARM)."""
+    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NOT_THE_ARM)
+
+
 def from_dict(content: dict[str, Any]) -> Config:
     """A Config from a saved dict (a checkpoint's or config.yaml's), validated. Checkpoints of version
     0.1 stored train.fit_thresholds as a bool (true meant fitting on the epoch's training outputs); older

@@ -109,7 +109,7 @@ def test_evaluation_builds_its_parts_without_the_training_module():
 
     code = "import sys, dr_resnet.evaluate; print(sorted(m for m in sys.modules if m.startswith('dr_resnet.')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "dr_resnet.components" in loaded and "dr_resnet.train'" not in loaded
+    assert "dr_resnet.training.components" in loaded and "dr_resnet.training.train'" not in loaded
 
 
 def test_expected_calibration_error_by_hand():

@@ -156,12 +156,13 @@ def test_gallery_shows_right_and_wrong_photos_per_grade_with_heat_maps(runs, tmp
         assert im.size[0] > 400 and im.size[1] > 600
 
 
-def arm_copy(source: Path, target: Path, depth: int, weights: str, seed: int = 0) -> Path:
-    """A copy of a trained run directory presented as another arm (config.yaml's depth, weights, seed)."""
+def arm_copy(source: Path, target: Path, depth: int, weights: str, seed: int = 0, like: Path | None = None) -> Path:
+    """A copy of a trained run directory presented as another arm (config.yaml's depth, weights, seed); with
+    `like`, the rest of its config is that run's (seeds of one arm share everything else)."""
     import yaml
 
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.pt"))
-    cfg = yaml.safe_load((target / "config.yaml").read_text())
+    cfg = yaml.safe_load(((like or target) / "config.yaml").read_text())
     cfg["model"].update(depth=depth, weights=weights)
     cfg["train"]["seed"] = seed
     (target / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -238,7 +239,8 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
                   ("resnet18_pretrained", 0): "ordinal", ("resnet18_pretrained", 1): "classification",
                   ("resnet18_pretrained", 2): "regression"}
     for (arm, seed), head in replicates.items():
-        arm_copy(runs[head], sweep / arm / f"seed{seed}", 18, "imagenet" if "pretrained" in arm else "none", seed)
+        arm_copy(runs[head], sweep / arm / f"seed{seed}", 18, "imagenet" if "pretrained" in arm else "none", seed,
+                 like=runs["classification"])
     report(sweep, tmp_path / "out")
     with open(tmp_path / "out" / "results.csv") as f:
         assert [r["run"] for r in csv.DictReader(f)] == ["resnet18_pretrained/seed0", "resnet18_pretrained/seed1",
@@ -250,7 +252,7 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
         summary = json.loads((runs[head] / "summary.json").read_text())
         chosen.setdefault(arm, []).append(summary["selected"]["test_qwk"])
     qwk = np.array(chosen["resnet18_scratch"])
-    assert "| resnet18_scratch | 0, 1 | " in md and f"{qwk.mean():.3f} +- {qwk.std(ddof=1):.3f}" in md
+    assert "| resnet18 scratch | 0, 1 | " in md and f"{qwk.mean():.3f} +- {qwk.std(ddof=1):.3f}" in md
     # The final epochs too (the fixtures' runs hold nothing out, so the same values), and the collapsed seeds.
     seeds = md[md.index("## Seeds"):]
     assert seeds.count(f"{qwk.mean():.3f} +- {qwk.std(ddof=1):.3f}") == 2 and "final-epoch QWK" in seeds
@@ -264,6 +266,47 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
     assert pooled["qwk"] == expected["qwk"]
     assert "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients, seeds 0, 1) |" in md
     assert (tmp_path / "out" / "accuracy_resnet18.png").is_file()
+
+
+def test_arms_are_the_runs_that_trained_the_same_thing(runs, tmp_path):
+    """Two ResNet50-pretrained runs that differ in their head are two arms (named by it, drawn and listed
+    apart) compared with each other; seeds of one arm pool; a per-arm recipe key is not a factor."""
+    import yaml
+
+    from dr_resnet.results.arms import find_runs, group_arms
+    from dr_resnet.results.predictions import read_predictions
+    from dr_resnet.results.stats import paired_comparison
+
+    sweep = tmp_path / "sweep"
+    arm_copy(runs["classification"], sweep / "r50_cls" / "seed0", 50, "imagenet")
+    arm_copy(runs["regression"], sweep / "r50_cls" / "seed1", 50, "imagenet", seed=1, like=runs["classification"])
+    arm_copy(runs["ordinal"], sweep / "r50_ord", 50, "imagenet")
+    arm_copy(runs["regression"], sweep / "r50_scratch", 50, "none", like=runs["classification"])
+    config = sweep / "r50_scratch" / "config.yaml"  # the scratch arm's own learning rate: its recipe, not a factor
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"]["lr_base_scratch"] = 0.2
+    cfg["output"]["dir"], cfg["data"]["workers"] = "elsewhere", 3  # where it ran: not what it is
+    config.write_text(yaml.safe_dump(cfg))
+    arms = group_arms(find_runs(sweep))
+    assert [(a.name, [r.name for r in a.runs]) for a in arms] == [
+        ("resnet50 pretrained, model.head=classification", ["r50_cls/seed0", "r50_cls/seed1"]),
+        ("resnet50 pretrained, model.head=ordinal", ["r50_ord"]),
+        ("resnet50 scratch, model.head=classification", ["r50_scratch"])]
+    report(sweep, tmp_path / "out")
+    comparisons = {(c["comparison"], c["epoch"]): c for c in json.loads((tmp_path / "out" / "comparisons.json").read_text())}
+    heads = comparisons["model.head: classification vs ordinal at resnet50 pretrained", "selected"]
+    assert heads["a"] == "resnet50 pretrained, model.head=classification" and heads["seeds"] == [0]
+    a, b = (read_predictions(runs[k] / "predictions.csv") for k in ("classification", "ordinal"))
+    assert heads["qwk"] == paired_comparison(a.labels, (a.grades, a.referable_scores), (b.grades, b.referable_scores),
+                                             a.names)["qwk"]
+    pretraining = comparisons["pretraining at ResNet50, model.head=classification", "selected"]
+    assert pretraining["status"] == "compared" and pretraining["b"] == "resnet50 scratch, model.head=classification"
+    assert comparisons["pretraining at ResNet50, model.head=ordinal", "selected"]["status"] == (
+        "not compared: resnet50 scratch, model.head=ordinal has no run")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| resnet50 pretrained, model.head=classification | 0, 1 | " in md  # the seeds table: one arm of two
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("<tr") == md.count("\n| ")  # the same tables, heading rows and rows, on the page
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -1,21 +1,23 @@
 """The runs under a folder and how they compare: each run directory's record (config, metrics log,
-launcher status, predictions, intervals), seed replicates grouped by arm, and the core experiment's
-paired comparisons (pretrained vs scratch, ResNet50 vs ResNet18) with paired-bootstrap intervals and
-McNemar's test. Reads only run-directory files; numpy only (no torch)."""
+launcher status, predictions, intervals); arms, the runs grouped by what was trained (every config key
+but the seed and where it ran: config.NOT_THE_ARM), named by depth, initialisation and any other key
+that tells arms of the same depth and initialisation apart; and the paired comparisons between arms
+that differ in one factor (pretrained vs scratch, ResNet50 vs ResNet18, or such a key), with
+paired-bootstrap intervals and McNemar's test. Reads only run-directory files; numpy only (no torch)."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from dr_resnet.config import is_pretrained
+from dr_resnet.config import defines_the_arm, is_pretrained, settings_of
 from dr_resnet.results.metrics import METRICS, collapse, majority_baseline
 from dr_resnet.results.predictions import Predictions, read_predictions
 from dr_resnet.results.rundir import (
@@ -45,16 +47,13 @@ class RunRecord:
     rows: list[dict]
     launch_status: str = ""  # "not run: <reason>" or "failed: <reason>", from the launcher
     select_by: str = "qwk"  # the run's train.select_by
-    arm: str = ""  # the arm a seed replicate belongs to (SWEEP_DIR/<arm>/seed<k>/); else the run's own name
     seed: int = 0  # train.seed
+    settings: dict = field(default_factory=dict)  # its config.yaml, flat (config.settings_of)
+    arm: str = ""  # the name of the arm it is a seed of (group_arms)
 
     @property
     def pretrained(self) -> bool:
         return is_pretrained(self.weights)
-
-    @property
-    def label(self) -> str:
-        return "pretrained" if self.pretrained else "scratch"
 
     @property
     def has_val(self) -> bool:
@@ -119,38 +118,122 @@ def find_runs(root: Path) -> list[RunRecord]:
         reason = f"{status.get('status', 'failed')}: {status.get('reason', '')}" if status else ""
         replicate = SEED_FOLDER.fullmatch(path.name) is not None and path != root
         name = f"{path.parent.name}/{path.name}" if replicate else path.name
-        runs.append(RunRecord(name, path, int(cfg["model"]["depth"]), str(cfg["model"]["weights"]),
-                              int(cfg["train"]["epochs"]), rows, reason, str(cfg["train"].get("select_by", "qwk")),
-                              path.parent.name if replicate else path.name, int(cfg["train"].get("seed", 0))))
-    return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.arm, r.seed))
+        settings = settings_of(cfg)
+        runs.append(RunRecord(name, path, int(settings["model.depth"]), str(settings["model.weights"]),
+                              int(settings["train.epochs"]), rows, reason, str(settings["train.select_by"]),
+                              int(settings["train.seed"]), settings))
+    runs = sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.name, r.seed))
+    group_arms(runs)
+    return runs
+
+
+@dataclass
+class Arm:
+    """Runs that trained the same thing (every key but config.NOT_THE_ARM alike): its seeds."""
+
+    depth: int
+    pretrained: bool
+    factors: dict  # the keys (beyond depth and initialisation) that tell it apart from the arms beside it
+    runs: list[RunRecord]
+
+    @property
+    def label(self) -> str:
+        """pretrained / scratch, and its factors: how a ResNet{depth} figure tells its arms apart."""
+        return ", ".join(["pretrained" if self.pretrained else "scratch", *(f"{k}={v}" for k, v in self.factors.items())])
+
+    @property
+    def name(self) -> str:
+        return f"resnet{self.depth} {self.label}"
+
+    @property
+    def done(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.rows]
+
+
+def _identity(run: RunRecord) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in run.settings.items() if defines_the_arm(k)))
+
+
+def group_arms(runs: list[RunRecord]) -> list[Arm]:
+    """The runs grouped into arms, each run's `arm` set to its arm's name. A key that differs between arms
+    is a factor (named in the arm's name) where arms of one depth and initialisation differ in it; a key
+    that follows depth and initialisation (a per-arm learning rate, the head of an arm's recipe) is part
+    of what those arms are and is not named."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault(_identity(run), []).append(run)
+    values = [dict(identity) for identity in groups]
+    differing = sorted({k for v in values for k in v if len({str(o.get(k)) for o in values}) > 1})
+    cells: dict[tuple, list[dict]] = {}
+    for members, v in zip(groups.values(), values):
+        cells.setdefault((members[0].depth, members[0].pretrained), []).append(v)
+    factors = [k for k in differing if any(len({c.get(k) for c in cell}) > 1 for cell in cells.values())]
+    arms = []
+    for members, v in zip(groups.values(), values):
+        arm = Arm(members[0].depth, members[0].pretrained, {k: v.get(k) for k in factors}, sorted(members, key=lambda r: r.seed))
+        for run in members:
+            run.arm = arm.name
+        arms.append(arm)
+    return sorted(arms, key=lambda a: (a.depth, not a.pretrained, tuple(a.factors.values())))
 
 
 COMPARED = ("accuracy", "qwk", "referable_auc")  # the paired comparisons' and the seed table's metrics
 PAIR_METRICS = tuple((name, METRICS[name].label) for name in COMPARED)
 
 
-def arm_pairs(runs: list[RunRecord]) -> list[tuple[str, list[RunRecord], list[RunRecord], str, str]]:
-    """The core experiment's pairs: pretrained vs scratch at each depth, ResNet18 vs ResNet50 at each
-    initialisation, as (question, A's runs, B's runs, A's name, B's name); an arm's runs are its seeds
-    (none when it has no run)."""
-    def find(depth: int, pretrained: bool) -> list[RunRecord]:
-        return [r for r in runs if r.depth == depth and r.pretrained == pretrained]
+@dataclass
+class Pair:
+    """A paired comparison: arm A against arm B (None: no run of it), differing in one factor."""
 
-    depths = sorted({r.depth for r in runs})
-    pairs = [(f"pretraining at ResNet{d}", find(d, True), find(d, False), f"resnet{d} pretrained", f"resnet{d} scratch")
-             for d in depths]
-    for shallow, deep in zip(depths, depths[1:]):
-        for init in (True, False):
-            label = "pretrained" if init else "scratch"
-            pairs.append((f"depth {deep} vs {shallow}, {label}", find(deep, init), find(shallow, init),
-                          f"resnet{deep} {label}", f"resnet{shallow} {label}"))
+    question: str
+    a: Arm | None
+    b: Arm | None
+    name_a: str
+    name_b: str
+
+
+def arm_pairs(arms: list[Arm]) -> list[Pair]:
+    """The comparisons between arms that differ in one factor: pretrained vs scratch at each depth and
+    ResNet50 vs ResNet18 at each initialisation (the core experiment: an arm it lacks is named, with no
+    run), for each setting of the other factors; and, per other factor, its values against each other
+    with everything else alike."""
+    def find(depth: int, pretrained: bool, factors: dict) -> Arm | None:
+        return next((a for a in arms if (a.depth, a.pretrained, a.factors) == (depth, pretrained, factors)), None)
+
+    def named(depth: int, pretrained: bool, factors: dict) -> str:
+        return Arm(depth, pretrained, factors, []).name
+
+    depths = sorted({a.depth for a in arms})
+    settings = []
+    for arm in arms:
+        if arm.factors not in settings:
+            settings.append(arm.factors)
+    pairs = []
+    for factors in settings:
+        where = "".join(f", {k}={v}" for k, v in factors.items())
+        for d in depths:
+            pairs.append(Pair(f"pretraining at ResNet{d}{where}", find(d, True, factors), find(d, False, factors),
+                              named(d, True, factors), named(d, False, factors)))
+        for shallow, deep in zip(depths, depths[1:]):
+            for init in (True, False):
+                pairs.append(Pair(f"depth {deep} vs {shallow}, {'pretrained' if init else 'scratch'}{where}",
+                                  find(deep, init, factors), find(shallow, init, factors),
+                                  named(deep, init, factors), named(shallow, init, factors)))
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            apart = [k for k in a.factors if a.factors[k] != b.factors[k]]
+            if (a.depth, a.pretrained) == (b.depth, b.pretrained) and len(apart) == 1:
+                key = apart[0]
+                alike = Arm(a.depth, a.pretrained, {k: v for k, v in a.factors.items() if k != key}, [])
+                pairs.append(Pair(f"{key}: {a.factors[key]} vs {b.factors[key]} at {alike.name}", a, b, a.name, b.name))
     return pairs
 
 
-def _why_not(name: str, runs: list[RunRecord], epoch: str) -> str:
+def _why_not(name: str, arm: Arm | None, epoch: str) -> str:
     file = PREDICTIONS_FILE if epoch == "selected" else FINAL_PREDICTIONS_FILE
-    if not runs:
+    if arm is None or not arm.runs:
         return f"{name} has no run"
+    runs = arm.runs
     run = runs[0]
     if run.launch_status or not run.rows:
         return f"{name} has no {file} ({run.launch_status or 'no selected epoch yet'})"
@@ -165,7 +248,7 @@ def _why_not(name: str, runs: list[RunRecord], epoch: str) -> str:
 COMPARED_EPOCHS = ("selected", "final")  # compare_arms(epoch=...): the report compares the arms at both
 
 
-def compare_arms(runs: list[RunRecord], resamples: int = RESAMPLES, epoch: str = "selected") -> list[dict]:
+def compare_arms(arms: list[Arm], resamples: int = RESAMPLES, epoch: str = "selected") -> list[dict]:
     """For each pair of arm_pairs: A - B in accuracy, QWK and referable AUC at each run's selected epoch
     (predictions.csv) or `epoch="final"` its final planned epoch (predictions_final.csv), with
     paired-bootstrap 95% intervals and McNemar's test; arms with seeds are paired seed by seed and pooled
@@ -173,11 +256,11 @@ def compare_arms(runs: list[RunRecord], resamples: int = RESAMPLES, epoch: str =
     if epoch not in COMPARED_EPOCHS:
         raise ValueError(f"epoch must be one of {', '.join(COMPARED_EPOCHS)}, got {epoch!r}")
     results = []
-    for question, side_a, side_b, name_a, name_b in arm_pairs(runs):
-        entry = {"comparison": question, "epoch": epoch, "a": name_a, "b": name_b}
-        done_a = {r.seed: r for r in side_a if r.predictions(epoch) is not None}
-        done_b = {r.seed: r for r in side_b if r.predictions(epoch) is not None}
-        missing = [_why_not(n, side, epoch) for n, side, done in ((name_a, side_a, done_a), (name_b, side_b, done_b))
+    for pair in arm_pairs(arms):
+        entry = {"comparison": pair.question, "epoch": epoch, "a": pair.name_a, "b": pair.name_b}
+        done_a, done_b = ({r.seed: r for r in arm.runs if r.predictions(epoch) is not None} if arm else {}
+                          for arm in (pair.a, pair.b))
+        missing = [_why_not(n, arm, epoch) for n, arm, done in ((pair.name_a, pair.a, done_a), (pair.name_b, pair.b, done_b))
                    if not done]
         seeds = sorted(set(done_a) & set(done_b))
         if missing or not seeds:
@@ -208,17 +291,16 @@ SEED_COLUMNS = (*PAIR_METRICS, *((f"final_{name}", f"final-epoch {METRICS[name].
 # seed_summary's columns that the tables show
 
 
-def seed_summary(runs: list[RunRecord]) -> list[dict]:
-    """Per arm: its seeds' test accuracy, QWK and referable AUC at the selected epoch and (final_*) at the
-    final epoch, mean and standard deviation; and the seeds whose selected epoch collapsed."""
-    arms: dict[str, list[RunRecord]] = {}
-    for run in runs:
-        if run.rows:
-            arms.setdefault(run.arm, []).append(run)
+def seed_summary(arms: list[Arm]) -> list[dict]:
+    """Per arm with a finished epoch: its seeds' test accuracy, QWK and referable AUC at the selected epoch
+    and (final_*) at the final epoch, mean and standard deviation; and the seeds whose selected epoch collapsed."""
     table = []
-    for arm, group in arms.items():
+    for arm in arms:
+        group = arm.done
+        if not group:
+            continue
         epochs = {"": [r.chosen() for r in group], "final_": [r.rows[-1] for r in group]}
-        row = {"arm": arm, "seeds": [r.seed for r in group], "collapsed": [r.seed for r in group if r.collapsed]}
+        row = {"arm": arm.name, "seeds": [r.seed for r in group], "collapsed": [r.seed for r in group if r.collapsed]}
         for prefix, rows in epochs.items():
             for key, name in (("test_acc", "accuracy"), ("test_qwk", "qwk"), ("test_referable_auc", "referable_auc")):
                 values = np.array([c.get(key, math.nan) for c in rows], dtype=float)

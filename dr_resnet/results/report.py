@@ -20,13 +20,15 @@ import numpy as np
 import yaml
 
 from dr_resnet.errors import run_command
-from dr_resnet.results.arms import COMPARED_EPOCHS, PAIR_METRICS, SEED_COLUMNS, RunRecord, compare_arms, find_runs, seed_summary
+from dr_resnet.results.arms import COMPARED_EPOCHS, Arm, RunRecord, compare_arms, find_runs, group_arms, seed_summary
 from dr_resnet.results.html import write_html
 from dr_resnet.results.metrics import expected_calibration_error
 from dr_resnet.results.plots import pyplot
 from dr_resnet.results.rundir import BEST_CHECKPOINT, CONFIG_FILE, FINAL
+from dr_resnet.results.tables import COLUMNS, Table, comparisons_table, markdown, results_table, seeds_table
 
-COLOURS = {True: "tab:blue", False: "tab:orange"}  # pretrained, scratch
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
+# a depth's arms in order: pretrained first, so the core experiment is blue (pretrained) and orange (scratch)
 COMPARISONS_FILE = "comparisons.json"
 FIGURE_CAPTIONS = {"confusion_matrices.png": "confusion matrices at each run's selected epoch (row-normalised)",
                    "calibration.png": "reliability diagram: top grade probability against the share graded right"}
@@ -34,21 +36,21 @@ FIGURE_CAPTIONS = {"confusion_matrices.png": "confusion matrices at each run's s
 
 def caption(figure: Path) -> str:
     if figure.name.startswith("accuracy_resnet"):
-        return f"ResNet{figure.stem.removeprefix('accuracy_resnet')}: accuracy and QWK per epoch, pretrained and scratch"
+        return f"ResNet{figure.stem.removeprefix('accuracy_resnet')}: accuracy and QWK per epoch, per arm"
     if figure.name.startswith("gallery_"):
         return f"{figure.stem.removeprefix('gallery_')}: test photos graded right and wrong, with Grad-CAM heat maps"
     return FIGURE_CAPTIONS.get(figure.name, figure.stem)
-def plot_curves(runs: list[RunRecord], depth: int, path: Path) -> None:
-    """Accuracy (train dashed, test solid, majority baseline dotted) and test QWK per epoch; an arm with
-    several seeds as their mean with a band of +-1 standard deviation."""
+def plot_curves(arms: list[Arm], depth: int, path: Path) -> None:
+    """Per arm of one depth: accuracy (train dashed, test solid, majority baseline dotted) and test QWK per
+    epoch; an arm with several seeds as their mean with a band of +-1 standard deviation."""
     plt = pyplot()
     fig, (acc_ax, qwk_ax) = plt.subplots(1, 2, figsize=(12, 4.6))
     baselines = []
-    for pretrained in (True, False):
-        group = [r for r in runs if r.pretrained == pretrained and r.rows]
+    for index, arm in enumerate(arms):
+        group = arm.done
         if not group:
             continue
-        colour, label = COLOURS[pretrained], group[0].label
+        colour, label = COLOURS[index % len(COLOURS)], arm.label
         epochs = list(range(1, min(len(r.rows) for r in group) + 1))
         curves = {k: np.array([[r.rows[e - 1].get(k, math.nan) for e in epochs] for r in group])
                   for k in ("train_acc", "test_acc", "test_qwk", "val_qwk")}
@@ -68,7 +70,7 @@ def plot_curves(runs: list[RunRecord], depth: int, path: Path) -> None:
     acc_ax.set(title=f"ResNet{depth}: accuracy per epoch", xlabel="epoch", ylabel="accuracy (%)")
     qwk_ax.set(title=f"ResNet{depth}: quadratic weighted kappa", xlabel="epoch", ylabel="QWK", ylim=(-0.05, 1.0))
     qwk_ax.axhline(0, color="grey", ls=":", label="chance (and always-grade-0)")
-    not_run = sorted({f"{r.label}: {r.launch_status.split(':')[0]}" for r in runs if r.launch_status})
+    not_run = sorted({f"{a.label}: {r.launch_status.split(':')[0]}" for a in arms for r in a.runs if r.launch_status})
     for ax in (acc_ax, qwk_ax):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -124,7 +126,7 @@ def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
     for ax, run in zip(axes.flat, shown):
         best = run.chosen()
         image = draw_confusion_matrix(ax, np.array(best["confusion_matrix"]),
-                                      f"ResNet{run.depth} {run.label} ({run.name})\nepoch {best['epoch']} "
+                                      f"{run.arm} ({run.name})\nepoch {best['epoch']} "
                                       f"({f'best held-out {run.select_by}' if run.has_val else 'final'}), test: "
                                       f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}"
                                       + (" - COLLAPSED" if run.collapsed else ""))
@@ -133,12 +135,6 @@ def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="share of the true grade's images")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-COLUMNS = ["run", "depth", "weights", "status", "epochs", "selected_by", "selected_epoch", "collapsed", "selected_test_acc",
-           "selected_qwk", "selected_acc_95ci", "selected_qwk_95ci", "selected_auc_95ci", "ci_resampled", "selected_ece",
-           "ece_before_temperature", "recall_at_selected", "referable_sens_at_selected", "referable_spec_at_selected",
-           "final_test_acc", "final_qwk", "majority_baseline", "train_minutes"]
 
 
 def result_rows(runs: list[RunRecord]) -> list[dict]:
@@ -176,87 +172,27 @@ def _with_interval(entry: dict) -> str:
     return f"{entry['value']:.3f} ({entry['low']:.3f}-{entry['high']:.3f})"
 
 
-def seed_lines(table: list[dict]) -> list[str]:
-    lines = ["## Seeds (each arm's selected and final epochs, mean and standard deviation over its seeds)", "",
-             "| arm | seeds | collapsed | " + " | ".join(label for _, label in SEED_COLUMNS) + " |",
-             "|---|---|---|" + "---|" * len(SEED_COLUMNS)]
-    for row in table:
-        cells = [f"{row[m]['mean']:.3f}" + (f" +- {row[m]['sd']:.3f}" if row[m]["sd"] is not None else "")
-                 for m, _ in SEED_COLUMNS]
-        collapsed = f"{len(row['collapsed'])} (seed {', '.join(map(str, row['collapsed']))})" if row["collapsed"] else "0"
-        lines.append(f"| {row['arm']} | {', '.join(map(str, row['seeds']))} | {collapsed} | " + " | ".join(cells) + " |")
-    return lines
+def tables_of(rows: list[dict], comparisons: list[dict], seeds: list[dict]) -> list[Table]:
+    """The report's tables, the same for results.md and report.html: results; seeds when an arm has several;
+    the paired comparisons when there are any."""
+    tables = [results_table(rows)]
+    if any(len(row["seeds"]) > 1 for row in seeds):
+        tables.append(seeds_table(seeds))
+    if comparisons:
+        tables.append(comparisons_table(comparisons))
+    return tables
 
 
-
-EPOCH_TITLES = {"selected": "each run's selected epoch", "final": "each run's final epoch"}
-
-
-def comparison_lines(comparisons: list[dict]) -> list[str]:
-    lines = ["## Paired comparisons (A - B on the same test images)", "",
-             "At each run's selected epoch (chosen on its held-out part, else its final epoch) and at its final "
-             "epoch (predictions_final.csv). 95% intervals from a paired bootstrap (both runs scored on each "
-             "resample); McNemar's exact test on the images one run graded right and the other wrong (one per "
-             "seed pair). Arms with several seeds are "
-             "compared seed by seed and averaged: the interval is the test set's uncertainty about that mean; the "
-             "seeds' own spread is in the Seeds table. An interval that holds 0 means the test set cannot tell "
-             "the two apart.", "",
-             "| comparison | A | B | images | " + " | ".join(f"{label} A - B (95% CI)" for _, label in PAIR_METRICS)
-             + " | only A right / only B right | McNemar p |", "|---" * (6 + len(PAIR_METRICS)) + "|"]
-    for epoch, title in EPOCH_TITLES.items():
-        shown = [c for c in comparisons if c["epoch"] == epoch]
-        if shown:
-            lines.append(f"| **at {title}** |" + " |" * (5 + len(PAIR_METRICS)))
-        lines += _comparison_rows(shown)
-    return lines
-
-
-def _comparison_rows(comparisons: list[dict]) -> list[str]:
-    lines = []
-    for c in comparisons:
-        if c["status"] != "compared":
-            lines.append(f"| {c['comparison']} | {c['a']} | {c['b']} | {c['status']} |" + " |" * (2 + len(PAIR_METRICS)))
-            continue
-        cells = [f"{c[m]['difference']:+.3f} ({c[m]['low']:+.3f} to {c[m]['high']:+.3f})" for m, _ in PAIR_METRICS]
-        counts = ", ".join(f"{m['a_only_right']} / {m['b_only_right']}" for m in c["mcnemar"])
-        p_values = ", ".join(f"{m['p_value']:.3g}" for m in c["mcnemar"])
-        seeds = f", seeds {', '.join(map(str, c['seeds']))}" if len(c["seeds"]) > 1 else ""
-        lines.append(f"| {c['comparison']} | {c['a']} | {c['b']} | {c['images']} ({c['resampled']}{seeds}) | "
-                     + " | ".join(cells) + f" | {counts} | {p_values} |")
-    return lines
-
-
-def _cell(value) -> str:
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-def write_tables(table: list[dict], out: Path, comparisons: list[dict] = (), seeds: list[dict] = ()) -> None:
+def write_tables(rows: list[dict], out: Path, tables: list[Table], comparisons: list[dict] = ()) -> None:
+    """results.csv (every value, unformatted), results.md (the tables) and comparisons.json."""
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
-        writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in table)
-    lines = ["# Results", "",
-             "selected_epoch is each run's own choice, never made on the test split: the best epoch by its "
-             "train.select_by on the held-out part of its training split (selected_by: held-out ...), or its final "
-             "epoch when nothing was held out (selected_by: final); it is the epoch of its checkpoint_best.pt. "
-             "collapsed: why the selected epoch looks collapsed (one grade predicted for 95% of the test images or "
-             "more, or accuracy below the majority baseline). QWK = quadratic weighted kappa; recall per grade 0..4 "
-             "at the selected epoch; referable DR = grade >= 2 vs < 2 (sensitivity, specificity, ROC AUC). "
-             "Accuracy is only meaningful above the majority baseline. selected_*_95ci: "
-             "the selected epoch's accuracy, QWK and referable AUC with bootstrap 95% intervals (ci_resampled: "
-             "patients when image names carry a patient id, else images). selected_ece: the selected epoch's "
-             "expected calibration error of its top grade probability (0 = calibrated); ece_before_temperature: the "
-             "same without its fitted temperature (train.calibration=temperature).",
-             "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row.get(k)) for k in COLUMNS) + " |" for row in table]
-    if any(len(row["seeds"]) > 1 for row in seeds):
-        lines += [""] + seed_lines(seeds)
+        writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
+    lines = []
+    for table in tables:
+        lines += (["" ] if lines else []) + markdown(table, level=1 if table.id == "results" else 2)
     if comparisons:
-        lines += [""] + comparison_lines(comparisons)
         (out / COMPARISONS_FILE).write_text(json.dumps(comparisons, indent=2) + "\n")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -289,25 +225,27 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         raise FileNotFoundError(f"no run directories (with config.yaml) under {root}")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for depth in sorted({r.depth for r in runs}):
+    arms = group_arms(runs)
+    for depth in sorted({a.depth for a in arms}):
         path = out / f"accuracy_resnet{depth}.png"
-        plot_curves([r for r in runs if r.depth == depth], depth, path)
+        plot_curves([a for a in arms if a.depth == depth], depth, path)
         written.append(path)
     if any(r.rows for r in runs):
         plot_confusion_matrices(runs, out / "confusion_matrices.png")
         written.append(out / "confusion_matrices.png")
     if plot_calibration(runs, out / "calibration.png"):
         written.append(out / "calibration.png")
-    comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(runs, epoch=epoch)]
-    table, seeds = result_rows(runs), seed_summary(runs)
-    write_tables(table, out, comparisons, seeds)
+    comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(arms, epoch=epoch)]
+    rows = result_rows(runs)
+    tables = tables_of(rows, comparisons, seed_summary(arms))
+    write_tables(rows, out, tables, comparisons)
     if comparisons:
         written.append(out / COMPARISONS_FILE)
     if gallery:
         written += galleries(runs, out)
     figures = [(p, caption(p)) for p in [*(w for w in written if w.suffix == ".png" and not w.name.startswith("gallery_")),
                                          *sorted(out.glob("gallery_*.png"))]]  # a gallery drawn earlier is shown too
-    page = write_html(out, f"dr-resnet report: {root.resolve().name}", table, comparisons, seeds, figures)
+    page = write_html(out, f"dr-resnet report: {root.resolve().name}", tables, figures)
     return written + [out / "results.md", out / "results.csv", page]
 
 
