@@ -21,7 +21,7 @@ from dr_resnet.data.augment import DeviceAugment, epoch_generator
 from dr_resnet.model.heads import build_head
 from dr_resnet.model.resnet import build_resnet
 from dr_resnet.training import checkpoint
-from dr_resnet.training.loop import EpochTotals, Runtime, ShardSampler, Trainer, evaluate
+from dr_resnet.training.loop import EpochTotals, Execution, ShardSampler, Trainer, evaluate
 from dr_resnet.training.runtime import Precision, native_bf16, resolve_precision
 
 from helpers import REPO, preprocessed_dataset
@@ -40,7 +40,7 @@ def gpu_trainer(head_kind: str, dtype: torch.dtype, clip: float = 1.0) -> Traine
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     precision = Precision(dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_scaler)
-    return Trainer(model, optimizer, scheduler, scaler, head, Runtime(CUDA, precision, DeviceAugment(channels_last=True)), clip)
+    return Trainer(model, optimizer, scheduler, scaler, head, Execution(CUDA, precision, DeviceAugment(channels_last=True)), clip)
 
 
 def pinned_batches(n: int, size: int = 128, batch: int = 16) -> list:
@@ -193,7 +193,7 @@ def test_one_gpu_torchrun_run_resumes_and_its_checkpoint_predicts_the_same_on_cp
         dataset = RetinopathyDataset(tiny, "test", image_size=64)
         loader = DataLoader(dataset, 8, sampler=ShardSampler(len(dataset), 0, 1))
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            outputs[device.type] = evaluate(model, loader, head, Runtime(device)).outputs
+            outputs[device.type] = evaluate(model, loader, head, Execution(device)).outputs
     np.testing.assert_allclose(outputs["cuda"], outputs["cpu"], atol=1e-4)
 
 

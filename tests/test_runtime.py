@@ -16,7 +16,7 @@ from dr_resnet.model.heads import build_head
 from dr_resnet.model.resnet import build_resnet
 from dr_resnet.training import checkpoint
 from dr_resnet.training.distributed import launch_env, shared_gpus, tasks_per_node
-from dr_resnet.training.loop import EpochTotals, Runtime, Trainer
+from dr_resnet.training.loop import EpochTotals, Execution, Trainer
 from dr_resnet.training.runtime import DeviceError, Precision, compile_model, configure_backends, resolve_precision, select_device
 from dr_resnet.training.train import main
 
@@ -126,7 +126,7 @@ def tiny_trainer(head_kind: str, channels_last: bool = False, clip: float = 1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return Trainer(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), head,
-                   Runtime(torch.device("cpu"), Precision(), DeviceAugment(channels_last=channels_last)), clip)
+                   Execution(torch.device("cpu"), Precision(), DeviceAugment(channels_last=channels_last)), clip)
 
 
 def batches(n: int, size: int = 32) -> list:

@@ -191,10 +191,7 @@ class RegressionHead:
             per_sample = (values - targets) ** 2
         else:
             per_sample = nn.functional.smooth_l1_loss(values, targets, reduction="none")
-        if self.class_weight is None:
-            return per_sample.mean()
-        weights = self.class_weight[labels]
-        return (per_sample * weights).sum() / weights.sum()
+        return weighted_mean(per_sample, labels, self.class_weight)
 
     def aggregate(self, views: Sequence[Tensor]) -> Tensor:
         return torch.stack([v.float().squeeze(1) for v in views]).mean(dim=0)
@@ -277,10 +274,7 @@ class OrdinalHead(TemperatureScaled):
     def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
         per_sample = nn.functional.binary_cross_entropy_with_logits(outputs.float(), self.targets(labels),
                                                                     reduction="none").sum(dim=1)
-        if self.class_weight is None:
-            return per_sample.mean()
-        weights = self.class_weight[labels]
-        return (per_sample * weights).sum() / weights.sum()
+        return weighted_mean(per_sample, labels, self.class_weight)
 
     def aggregate(self, views: Sequence[Tensor]) -> Tensor:
         return torch.stack([self.cumulative(v.float() / self.temperature) for v in views]).mean(dim=0)
@@ -369,6 +363,15 @@ FIT_SOURCES = ("train", "val", "batches", None)  # the outputs a head's end_of_e
 
 HEAD_TYPES = {"classification": ClassificationHead, "regression": RegressionHead, "ordinal": OrdinalHead}
 # registry.HEADS names them for the config (torch-free); a new head is a class here and a name there.
+
+
+def weighted_mean(per_sample: Tensor, labels: Tensor, class_weight: Tensor | None) -> Tensor:
+    """The batch's loss from per-image losses: their mean, or with per-grade weights (train.class_weights)
+    the weighted mean (each image counts its grade's weight), as CrossEntropyLoss(weight=...) reduces."""
+    if class_weight is None:
+        return per_sample.mean()
+    weights = class_weight[labels]
+    return (per_sample * weights).sum() / weights.sum()
 
 
 def head_for(cfg: Config, class_weight: Tensor | None = None, device: torch.device | str = "cpu") -> Head:

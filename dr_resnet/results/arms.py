@@ -302,8 +302,8 @@ def seed_summary(arms: list[Arm]) -> list[dict]:
         epochs = {"": [r.chosen() for r in group], "final_": [r.rows[-1] for r in group]}
         row = {"arm": arm.name, "seeds": [r.seed for r in group], "collapsed": [r.seed for r in group if r.collapsed]}
         for prefix, rows in epochs.items():
-            for key, name in (("test_acc", "accuracy"), ("test_qwk", "qwk"), ("test_referable_auc", "referable_auc")):
-                values = np.array([c.get(key, math.nan) for c in rows], dtype=float)
+            for name in COMPARED:
+                values = np.array([c.get(METRICS[name].key("test"), math.nan) for c in rows], dtype=float)
                 row[prefix + name] = {"mean": float(values.mean()), "values": values.tolist(),
                                       "sd": float(values.std(ddof=1)) if len(values) > 1 else None}
         table.append(row)

@@ -90,16 +90,33 @@ class Metric:
     label: str  # what tables, figures and W&B panels call it
     fmt: str  # how a value is printed
     of_confusion: Callable[[np.ndarray], np.ndarray] | None  # (R, 5, 5) -> (R,); None: from per-image scores
+    short: str = ""  # its key in an epoch row, after the split: test_<short>, val_<short> ('' = its name)
+    headline: bool = False  # in the W&B run summary (selected/ and final/) besides the epoch rows
+
+    @property
+    def column(self) -> str:
+        return self.short or self.name
+
+    def key(self, split: str) -> str:
+        """Its key in metrics.jsonl's epoch rows and the summary: test_acc, val_qwk, ..."""
+        return f"{split}_{self.column}"
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("accuracy", "accuracy", ".3f", batch_accuracy),
-    Metric("qwk", "QWK", ".3f", batch_qwk),
+    Metric("accuracy", "accuracy", ".1%", batch_accuracy, short="acc", headline=True),
+    Metric("qwk", "QWK", ".3f", batch_qwk, headline=True),
     Metric("macro_f1", "macro-F1", ".3f", batch_macro_f1),
     Metric("referable_sensitivity", "referable sensitivity", ".3f", batch_referable_sensitivity),
     Metric("referable_specificity", "referable specificity", ".3f", batch_referable_specificity),
     Metric("referable_auc", "referable AUC", ".3f", None),  # roc_auc; stats.weighted_auc per resample
 )}
+
+
+def epoch_entries(split: str, scores: dict, loss: float) -> dict:
+    """One split's entries of an epoch row: its loss, every METRICS entry (Metric.key) and the recall per
+    grade, from `scores` (summarize's, with the referable AUC)."""
+    return {f"{split}_loss": loss, **{m.key(split): scores[m.name] for m in METRICS.values()},
+            f"{split}_recall": scores["per_class_recall"]}
 
 
 def of_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:

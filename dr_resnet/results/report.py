@@ -163,7 +163,7 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
         intervals = run.intervals()
         if intervals:
             table[-1].update({f"selected_{short}_95ci": _with_interval(intervals[name])
-                              for short, name in (("acc", "accuracy"), ("qwk", "qwk"), ("auc", "referable_auc"))},
+                              for short, name in (("acc", "accuracy"), ("qwk", "qwk"), ("auc", "referable_auc"))},  # COLUMNS
                              ci_resampled=intervals["unit"])
     return table
 

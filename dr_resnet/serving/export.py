@@ -26,6 +26,7 @@ from dr_resnet import GRADES, __version__
 from dr_resnet.errors import UserError, run_command
 from dr_resnet.model.resnet import architecture, count_parameters
 from dr_resnet.registry import HEAD_SPECS
+from dr_resnet.results.metrics import METRICS
 from dr_resnet.results.rundir import read_metrics
 from dr_resnet.serving.grading import METADATA_KEY, ONNX_SUFFIX, OUTPUT_NAMES, TORCHSCRIPT_SUFFIX, CheckpointGrader, load_grader
 from dr_resnet.training.checkpoint import TrainingState
@@ -46,10 +47,10 @@ def selected_metrics(state: TrainingState, checkpoint: Path) -> dict:
     row = state.metrics or next((r for r in read_metrics(checkpoint.parent) if r["epoch"] == state.epoch), {})
     if not row:
         return {}
-    keep = ("loss", "acc", "qwk", "macro_f1", "recall", "referable_sensitivity", "referable_specificity", "referable_auc")
+    keep = ("loss", *(m.column for m in METRICS.values()), "recall")  # test_<keep>, val_<keep> in the row
     out = {"epoch": row["epoch"]}
     for split, name in (("test", "test"), ("val", "held_out")):
-        if f"{split}_qwk" in row:
+        if METRICS["qwk"].key(split) in row:
             out[name] = {k: row[f"{split}_{k}"] for k in keep if f"{split}_{k}" in row}
     return out
 
@@ -122,11 +123,9 @@ def card_markdown(card: dict) -> str:
     for name in ("test", "held_out"):
         if name in m:
             s = m[name]
-            lines.append(f"- {name.replace('_', '-')}: accuracy {s['acc']:.1%}, QWK {s['qwk']:.3f}, macro F1 "
-                         f"{s.get('macro_f1', float('nan')):.3f}, recall per grade "
-                         f"{' '.join(f'{x:.2f}' for x in s.get('recall', []))}, referable DR sensitivity "
-                         f"{s.get('referable_sensitivity', float('nan')):.2f} specificity "
-                         f"{s.get('referable_specificity', float('nan')):.2f} AUC {s.get('referable_auc', float('nan')):.3f}")
+            values = [f"{m.label} {format(s[m.column], m.fmt)}" for m in METRICS.values() if m.column in s]
+            recall = " ".join(f"{x:.2f}" for x in s.get("recall", []))
+            lines.append(f"- {name.replace('_', '-')}: {', '.join(values)}, recall per grade {recall}")
     v = card["versions"]
     lines += ["", "## Versions", "",
               f"- trained with: {', '.join(f'{k} {x}' for k, x in v['trained_with'].items()) or 'not recorded'}",

@@ -97,7 +97,7 @@ class CheckpointGrader(Grader):
         self.head_kind, self.head_state = cfg.model.head, trained.head.state()
         self.network = trained.network
         self.model = GradingModel(self.network, trained.head, self.recipe).to(device).eval()
-        self.precision: Precision = trained.runtime.precision
+        self.precision: Precision = trained.execution.precision
 
     @torch.no_grad()
     def grade(self, images: Tensor, tta: str = "none") -> Graded:

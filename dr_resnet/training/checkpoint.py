@@ -8,7 +8,7 @@ The file holds one dict with exactly TrainingState's fields:
   precision  fp32, bf16 or fp16 (absent before 0.2: None)
   epoch      epochs completed
   position   {} at an epoch's end; in the middle of one (a timed or signalled checkpoint): where to go on,
-             see train.EpochPosition (the epoch, the images the processes have used, their count, the
+             see EpochPosition (the epoch, the images the processes have used, their count, the
              epoch's learning rate and seconds so far, and per rank its augmentation stream and running
              totals)
   best       the selection rule's choice so far: metric, split ("on"), value, epoch
@@ -48,6 +48,36 @@ class CheckpointError(UserError, ValueError):
 
 class CheckpointWriteError(UserError, RuntimeError):
     """A checkpoint could not be written (disk full, permissions...); the message names the file."""
+
+
+@dataclass(frozen=True)
+class EpochPosition:
+    """Where a checkpoint inside an epoch stopped, and what going on from there needs (TrainingState.position
+    holds it as a plain dict: a checkpoint holds no classes)."""
+
+    epoch: int  # 0-based
+    step: int  # steps done in the epoch
+    steps: int  # the epoch's steps
+    began_with: int  # processes that began the epoch (the sampler's share-out)
+    world_size: int  # processes that wrote this position
+    images: int  # images the processes have used in the epoch so far
+    lr: float | None  # the learning rate the epoch started with (its metrics row's; None: not recorded)
+    seconds: float  # training seconds in the epoch so far
+    ranks: list  # per rank: {"augment": its augmentation stream's state, "totals": EpochTotals.state()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def of(cls, saved: dict[str, Any]) -> "EpochPosition | None":
+        """A checkpoint's position, or None at an epoch's end ({}); what older versions did not record
+        takes what they assumed (the writers' count of processes, no seconds)."""
+        if not saved:
+            return None
+        ranks = saved["ranks"]
+        return cls(saved["epoch"], saved["step"], saved.get("steps", saved["step"]), saved.get("began_with", len(ranks)),
+                   saved.get("world_size", len(ranks)), saved.get("images", 0), saved.get("lr"), saved.get("seconds", 0.0),
+                   ranks)
 
 
 @dataclass

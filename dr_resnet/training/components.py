@@ -1,7 +1,7 @@
 """The parts a run is made of, each built from the config in one place: the datasets and their loaders,
-the head, the model, the runtime the loops run on (device, precision, augmentation, memory layout) and
+the head, the model, the execution the loops run on (device, precision, augmentation, memory layout) and
 the optimisation (optimizer, learning-rate schedule, loss scaler). ``train.build`` puts them together
-for training; ``evaluate`` builds the same head, model and runtime around a saved checkpoint.
+for training; ``evaluate`` builds the same head, model and execution around a saved checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dr_resnet.model.heads import Head, head_for
 from dr_resnet.model.resnet import build_resnet
 from dr_resnet.training import checkpoint
 from dr_resnet.training.distributed import DistInfo
-from dr_resnet.training.loop import Runtime, ShardSampler
+from dr_resnet.training.loop import Execution, ShardSampler
 from dr_resnet.training.preemption import STOP_SIGNALS
 from dr_resnet.training.runtime import resolve_precision
 
@@ -129,7 +129,7 @@ def class_weights(counts: np.ndarray) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-# -- head, model, runtime ------------------------------------------------------------------------------
+# -- head, model, execution ------------------------------------------------------------------------------
 
 def head(cfg: Config, train: RetinopathyDataset | None, device: torch.device) -> Head:
     """The head cfg.model.head names, with the loss weights of train.class_weights computed on `train`
@@ -140,26 +140,26 @@ def head(cfg: Config, train: RetinopathyDataset | None, device: torch.device) ->
     return head_for(cfg, weight, device)
 
 
-def runtime(amp: str, device: torch.device, data: DataConfig | None = None, channels_last: bool = True,
-            key: str = "train.amp") -> Runtime:
+def execution(amp: str, device: torch.device, data: DataConfig | None = None, channels_last: bool = True,
+              key: str = "train.amp") -> Execution:
     """The precision train.amp (or --amp: `key` names it in errors) gives on `device`; channels_last on
     CUDA only; training's rotation and flips from `data` (None: evaluation, normalisation only)."""
     layout = channels_last and device.type == "cuda"
     augment = DeviceAugment(data.max_rotation, data.flips, channels_last=layout) if data else DeviceAugment(channels_last=layout)
-    return Runtime(device, resolve_precision(amp, device, key=key), augment)
+    return Execution(device, resolve_precision(amp, device, key=key), augment)
 
 
-def model(cfg: Config, head: Head, runtime: Runtime, first_shares: np.ndarray | None = None,
+def model(cfg: Config, head: Head, execution: Execution, first_shares: np.ndarray | None = None,
           pretrained: bool = True) -> nn.Module:
-    """The ResNet of cfg.model on the runtime's device and memory layout, seeded by train.seed (the same
+    """The ResNet of cfg.model on the execution's device and memory layout, seeded by train.seed (the same
     initial weights on every rank); model.weights when `pretrained` (evaluation loads a checkpoint
     instead); a fresh output layer's bias from the head's prior on `first_shares`, the grade shares
     of the first training epoch (the sampler's grade_shares(0))."""
     torch.manual_seed(cfg.train.seed)
     weights = cfg.model.weights if pretrained and cfg.model.pretrained else None
     bias = head.start_bias(first_shares) if first_shares is not None else None
-    network = build_resnet(cfg.model.depth, head.outputs, weights, cfg.model.zero_init_residual, bias).to(runtime.device)
-    return network.to(memory_format=torch.channels_last) if runtime.channels_last else network
+    network = build_resnet(cfg.model.depth, head.outputs, weights, cfg.model.zero_init_residual, bias).to(execution.device)
+    return network.to(memory_format=torch.channels_last) if execution.channels_last else network
 
 
 def no_buffer_broadcast() -> dict:
@@ -223,30 +223,30 @@ class Optimisation:
     scaler: torch.amp.GradScaler
 
 
-def optimisation(t: TrainConfig, lr: float, network: nn.Module, steps_per_epoch: int, runtime: Runtime) -> Optimisation:
+def optimisation(t: TrainConfig, lr: float, network: nn.Module, steps_per_epoch: int, execution: Execution) -> Optimisation:
     """SGD with learning rate `lr` (config.learning_rate's), train's momentum and weight decay, its
     per-step schedule, and a loss scaler that is on for fp16 only. Fused SGD on CUDA: one kernel for the
     update, and fp16's GradScaler checks for inf/NaN on the GPU instead of reading a flag back to the
     host every step."""
-    cuda = runtime.device.type == "cuda"
+    cuda = execution.device.type == "cuda"
     optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                 **({"fused": True} if cuda else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t.scheduler, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.needs_scaler)
+    scaler = torch.amp.GradScaler(execution.device.type, enabled=execution.precision.needs_scaler)
     return Optimisation(optimizer, scheduler, scaler)
 
 
 @dataclass
 class TrainedModel:
     """A training checkpoint made ready to evaluate or serve: its state and config, its head with its
-    fitted state (thresholds, temperature), its network in eval mode, the runtime evaluation uses."""
+    fitted state (thresholds, temperature), its network in eval mode, the execution evaluation uses."""
 
     state: checkpoint.TrainingState
     cfg: Config
     head: Head
     network: nn.Module
-    runtime: Runtime
+    execution: Execution
 
 
 def trained_model(path: str | os.PathLike, device: torch.device, amp: str = "auto", key: str = "--amp") -> TrainedModel:
@@ -254,7 +254,7 @@ def trained_model(path: str | os.PathLike, device: torch.device, amp: str = "aut
     built as training built it (channels_last and autocast on CUDA), never with pretrained weights."""
     state = checkpoint.TrainingState.load(path)
     cfg = config.from_dict(state.config)
-    run = runtime(amp, device, key=key)
+    run = execution(amp, device, key=key)
     trained_head = head(cfg, None, device)
     trained_head.load_state(state.head)
     network = model(cfg, trained_head, run, pretrained=False)

@@ -46,12 +46,12 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     # --amp off means full fp32 on the GPU too (no TF32 convolutions): what a CPU computes, to rounding.
     configure_backends(info.device, cudnn_benchmark=True, deterministic=False, tf32=args.amp != "off")
     trained = components.trained_model(args.checkpoint, info.device, args.amp)
-    state, cfg, head, model, runtime = trained.state, trained.cfg, trained.head, trained.network, trained.runtime
+    state, cfg, head, model, execution = trained.state, trained.cfg, trained.head, trained.network, trained.execution
     size = args.image_size or cfg.data.image_size
     dataset = RetinopathyDataset(args.data_root, args.split, format=args.format, image_size=size)
     loader = components.evaluation_loader(dataset, args.batch_size, args.workers, info)
-    evaluation = evaluate(model, loader, head, runtime, tta=args.tta)
-    precision = runtime.precision
+    evaluation = evaluate(model, loader, head, execution, tta=args.tta)
+    precision = execution.precision
     grades, values = evaluation.per_image(head)
     intervals = bootstrap_intervals(evaluation.targets, grades, evaluation.referable_scores, dataset.names,
                                     resamples=args.resamples) if args.resamples and info.is_main else None

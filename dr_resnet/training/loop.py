@@ -175,7 +175,7 @@ class EpochTotals:
 
 
 @dataclass(frozen=True)
-class Runtime:
+class Execution:
     """What the loops run on: the device, the numeric precision, and the device-side augmentation, which
     also writes the memory layout (channels_last) the model's first convolution wants."""
 
@@ -218,7 +218,7 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     head: Head
-    runtime: Runtime
+    execution: Execution
     clip_grad_norm: float = 0.0
     nonfinite: str = "stop"
 
@@ -228,17 +228,17 @@ class Trainer:
 
     @property
     def device(self) -> torch.device:
-        return self.runtime.device
+        return self.execution.device
 
     def step(self, images: Tensor, labels: Tensor, generator: torch.Generator
              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """One optimisation step on a uint8 batch already on the device; returns (loss, outputs, finite,
         norm): finite is a device bool, false when the loss or the gradients held inf or NaN; norm the
         gradients' global norm before clipping (None in fp16 without clipping: the scaler checks alone)."""
-        inputs = self.runtime.augment.train(images, generator)
+        inputs = self.execution.augment.train(images, generator)
         skipping = self.nonfinite == "skip" and not self.scaler.is_enabled()
         statistics = [(b, b.clone()) for b in self.model.buffers()] if skipping else []
-        with self.runtime.precision.autocast(self.device):
+        with self.execution.precision.autocast(self.device):
             outputs = self.model(inputs)
             loss = self.head.loss(outputs, labels)
         self.optimizer.zero_grad(set_to_none=True)
@@ -349,7 +349,7 @@ def _views(inputs: Tensor, tta: str) -> list[Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, head: Head, runtime: Runtime, tta: str = "none") -> EvalResult:
+def evaluate(model: nn.Module, loader: Iterable, head: Head, execution: Execution, tta: str = "none") -> EvalResult:
     """Every image of the split exactly once (`loader` samples with ShardSampler), gathered across
     processes on the device, moved to the host once, and scored. With TTA the head averages its views
     (probabilities, or regression outputs) before predicting.
@@ -360,12 +360,12 @@ def evaluate(model: nn.Module, loader: Iterable, head: Head, runtime: Runtime, t
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
     model.eval()
-    device = runtime.device
+    device = execution.device
     outputs, targets = [], []
     for images, labels in loader:
         images, labels = _to_device(images, labels, device)
-        with runtime.precision.autocast(device):
-            aggregated = head.aggregate([model(v) for v in _views(runtime.augment.eval(images), tta)])
+        with execution.precision.autocast(device):
+            aggregated = head.aggregate([model(v) for v in _views(execution.augment.eval(images), tta)])
         outputs.append(aggregated.float())
         targets.append(labels)
     shape = (0, head.outputs) if head.outputs > 1 else (0,)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dr_resnet.config import WandbMode
+from dr_resnet.results.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +154,10 @@ class Tracker:
             import wandb
 
             selected, final = summary["selected"], summary["final"]
+            headline = [m.key("test") for m in METRICS.values() if m.headline]  # test_acc, test_qwk
             self.run.summary.update({
-                "selected/test_acc": selected["test_acc"], "selected/test_qwk": selected["test_qwk"],
+                **{f"selected/{k}": selected[k] for k in headline}, **{f"final/{k}": final[k] for k in headline},
                 "selected/epoch": selected["epoch"], "selected/on": summary["selected_on"],
-                "final/test_acc": final["test_acc"], "final/test_qwk": final["test_qwk"],
                 "majority_baseline": summary["majority_baseline"], "epochs_completed": summary["epochs_completed"],
                 "collapsed": bool(summary.get("collapsed")), "collapsed_reason": summary.get("collapsed", ""),
             })

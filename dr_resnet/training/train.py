@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +23,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dr_resnet import __version__, config
-from dr_resnet.config import Config, ConfigError
+from dr_resnet.config import Config, ConfigError, TrainConfig
 from dr_resnet.data.augment import epoch_generator
 from dr_resnet.data.dataset import RetinopathyDataset
 from dr_resnet.data.recipe import Recipe
 from dr_resnet.data.samplers import EpochSampler
 from dr_resnet.files import write_text
 from dr_resnet.model.heads import Head
-from dr_resnet.results.metrics import collapse, expected_calibration_error
+from dr_resnet.results.metrics import METRICS, collapse, epoch_entries, expected_calibration_error
 from dr_resnet.results.predictions import read_predictions, write_predictions
 from dr_resnet.results.rundir import (
     BEST_CHECKPOINT,
@@ -53,7 +53,7 @@ from dr_resnet.results.rundir import (
 )
 from dr_resnet.results.stats import bootstrap_intervals
 from dr_resnet.training import checkpoint, components, distributed
-from dr_resnet.training.checkpoint import CheckpointWriteError
+from dr_resnet.training.checkpoint import CheckpointWriteError, EpochPosition
 from dr_resnet.training.distributed import DistInfo
 from dr_resnet.training.loop import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
 from dr_resnet.training.preemption import RunStopped, StepBoundary, StopSignals
@@ -97,14 +97,14 @@ class Run:
         return self.trainer.head
 
     def evaluate(self, loader: DataLoader) -> EvalResult:
-        return evaluate(self.eval_model, loader, self.head, self.trainer.runtime)
+        return evaluate(self.eval_model, loader, self.head, self.trainer.execution)
 
 
 def build(cfg: Config, info: DistInfo) -> Run:
     """The run's parts (components) assembled for training on this process's device."""
     t = cfg.train
     configure_backends(info.device, t.cudnn_benchmark, t.deterministic)
-    runtime = components.runtime(t.amp, info.device, cfg.data, t.channels_last)
+    execution = components.execution(t.amp, info.device, cfg.data, t.channels_last)
     data = components.datasets(cfg)
     train_loader, train_sampler = components.training_loader(data.train, cfg, info)
 
@@ -114,12 +114,12 @@ def build(cfg: Config, info: DistInfo) -> Run:
     test_loader = eval_loader(data.test)
     val_loader = eval_loader(data.val) if data.val is not None else None
     fit_loader = eval_loader(data.train) if head.fit_on == "train" else None
-    model = components.model(cfg, head, runtime, train_sampler.grade_shares(0))
+    model = components.model(cfg, head, execution, train_sampler.grade_shares(0))
     ddp_model = components.distributed_model(model, cfg, info)
     model = getattr(ddp_model, "module", ddp_model)  # SyncBatchNorm's conversion makes a new module
     lr = config.learning_rate(t, cfg.model.pretrained, info.world_size)
-    o = components.optimisation(t, lr.lr, model, len(train_loader), runtime)
-    trainer = Trainer(compile_model(ddp_model, t.compile), o.optimizer, o.scheduler, o.scaler, head, runtime,
+    o = components.optimisation(t, lr.lr, model, len(train_loader), execution)
+    trainer = Trainer(compile_model(ddp_model, t.compile), o.optimizer, o.scheduler, o.scaler, head, execution,
                       t.clip_grad_norm, t.nonfinite)
     return Run(cfg=cfg, info=info, run_dir=Path(cfg.output.dir), train_loader=train_loader, test_loader=test_loader,
                val_loader=val_loader, fit_loader=fit_loader, train_sampler=train_sampler, model=model,
@@ -138,16 +138,17 @@ def provenance(cfg: Config, data: components.Datasets) -> dict:
             "data": {"root": str(Path(cfg.data.root).resolve()), "format": data.train.format, "splits": splits}}
 
 
-def training_state(run: Run, epoch: int, best: dict, wandb_id: str, position: dict | None = None,
+def training_state(run: Run, epoch: int, best: dict, wandb_id: str, position: EpochPosition | None = None,
                    metrics: dict | None = None) -> checkpoint.TrainingState:
     """The state to save: after `epoch` epochs (with that epoch's metrics row), or inside the next one
     (at `position`)."""
-    t = run.trainer
+    trainer = run.trainer
     return checkpoint.TrainingState(
-        model=run.model.state_dict(), optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(),
-        scaler=t.scaler.state_dict(), precision=t.runtime.precision.name, epoch=epoch, best=best, rng=checkpoint.rng_state(),
-        config=run.cfg.to_dict(), wandb_id=wandb_id, head=run.head.state(), position=position or {},
-        recipe=run.recipe.to_dict(), provenance=run.provenance, metrics=metrics or {})
+        model=run.model.state_dict(), optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
+        scaler=trainer.scaler.state_dict(), precision=trainer.execution.precision.name, epoch=epoch, best=best,
+        rng=checkpoint.rng_state(), config=run.cfg.to_dict(), wandb_id=wandb_id, head=run.head.state(),
+        position=position.to_dict() if position else {}, recipe=run.recipe.to_dict(), provenance=run.provenance,
+        metrics=metrics or {})
 
 
 def save_checkpoint(run: Run, state: checkpoint.TrainingState | None, best: bool = False) -> None:
@@ -169,11 +170,11 @@ def save_checkpoint(run: Run, state: checkpoint.TrainingState | None, best: bool
 @dataclass(frozen=True)
 class Resumed:
     """Where a run goes on: epochs completed, its W&B run id, and inside the next epoch (a mid-epoch
-    checkpoint's position; {} at an epoch's end)."""
+    checkpoint's position; None at an epoch's end)."""
 
     epoch: int = 0
     wandb_id: str | None = None
-    position: dict = field(default_factory=dict)
+    position: EpochPosition | None = None
 
 
 def resume(run: Run) -> Resumed:
@@ -190,23 +191,24 @@ def resume(run: Run) -> Resumed:
         damaged = last.with_name(last.name + ".damaged")
         last.replace(damaged)
         log.warning("moved the unreadable %s to %s", last, damaged)
-    t = run.trainer
+    trainer = run.trainer
+    precision = trainer.execution.precision
     run.model.load_state_dict(state.model)
-    t.optimizer.load_state_dict(state.optimizer)
-    t.scheduler.load_state_dict(state.scheduler)
+    trainer.optimizer.load_state_dict(state.optimizer)
+    trainer.scheduler.load_state_dict(state.scheduler)
     saved = state.precision  # None before 0.2
-    if saved is not None and saved != t.runtime.precision.name:
+    if saved is not None and saved != precision.name:
         # A requeued job may land on another kind of GPU (or on CPU): carry on in this one's precision.
         log.warning("%s was trained in %s; this process runs in %s (train.amp=%s on %s): continuing in %s%s", path,
-                    saved, t.runtime.precision.name, run.cfg.train.amp, run.info.device, t.runtime.precision.name,
-                    ", with a fresh fp16 loss scale" if t.runtime.precision.needs_scaler else "")
-    if t.scaler.is_enabled() and state.scaler:  # an fp16 run's scale; a fresh scaler otherwise
-        t.scaler.load_state_dict(state.scaler)
+                    saved, precision.name, run.cfg.train.amp, run.info.device, precision.name,
+                    ", with a fresh fp16 loss scale" if precision.needs_scaler else "")
+    if trainer.scaler.is_enabled() and state.scaler:  # an fp16 run's scale; a fresh scaler otherwise
+        trainer.scaler.load_state_dict(state.scaler)
     checkpoint.restore_rng(state.rng)
     run.head.load_state(state.head)
-    where = state.position
+    where = EpochPosition.of(state.position)
     if where:
-        log.info("resumed %s in epoch %d after step %d of %d", path, where["epoch"] + 1, where["step"], where["steps"])
+        log.info("resumed %s in epoch %d after step %d of %d", path, where.epoch + 1, where.step, where.steps)
     else:
         log.info("resumed %s after epoch %d", path, state.epoch)
     return Resumed(int(state.epoch), state.wandb_id, where)
@@ -243,10 +245,7 @@ def effective_settings(run: Run) -> dict:
 
 def split_metrics(prefix: str, result: EvalResult) -> dict:
     """One split's row entries from its evaluation, keys prefixed test_ or val_."""
-    s = result.scores()
-    return {f"{prefix}_loss": result.loss, f"{prefix}_acc": s["accuracy"], f"{prefix}_qwk": s["qwk"],
-            f"{prefix}_macro_f1": s["macro_f1"], f"{prefix}_recall": s["per_class_recall"],
-            **{f"{prefix}_referable_{k}": s[f"referable_{k}"] for k in ("sensitivity", "specificity", "auc")}}
+    return epoch_entries(prefix, result.scores(), result.loss)
 
 
 def calibration_metrics(head: Head, result: EvalResult) -> dict:
@@ -305,10 +304,9 @@ def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
     select_by = run.cfg.train.select_by
     best = selected_row(rows, select_by)
     final = rows[-1]
-    keys = ["epoch", "test_acc", "test_qwk", "test_loss", "test_macro_f1", "test_recall", "test_referable_sensitivity",
-            "test_referable_specificity", "test_referable_auc", "train_acc", "train_loss"]
-    keys += [k for k in ("val_acc", "val_qwk", "val_loss", "thresholds", "temperature", "test_ece", "test_ece_before")
-             if k in final]
+    keys = ["epoch", *(k for k in final if k.startswith("test_") and not k.startswith("test_ece")), "train_acc", "train_loss"]
+    keys += [k for k in (*(m.key("val") for m in METRICS.values()), "val_loss", "thresholds", "temperature", "test_ece",
+                         "test_ece_before") if k in final]
     summary = {
         "run": run.run_dir.name,
         "depth": run.cfg.model.depth,
@@ -372,7 +370,7 @@ def fit(run: Run) -> dict | None:
         log.info("%s: resnet%d (%s weights), %d train / %s%d test images, %d process(es) on %s, precision %s, "
                  "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
                  len(run.train_loader.dataset), held_out, len(run.test_loader.dataset), info.world_size, info.device,
-                 run.trainer.runtime.precision.name, 100 * run.test_baseline)
+                 run.trainer.execution.precision.name, 100 * run.test_baseline)
         log.info("learning rate %.6g (%s), global batch %d, %d warm-up steps of %d; sampler %s, grade shares %s in "
                  "epoch 1, %s in epoch %d; epoch selection: %s", effective["lr"], effective["lr_rule"],
                  effective["global_batch"], effective["warmup_steps"], effective["total_steps"], run.cfg.train.sampler,
@@ -393,7 +391,7 @@ def _epochs(run: Run, resumed: Resumed, rows: list[dict], tracker: Tracker | Non
     wandb_id = tracker.run_id if tracker is not None else None
     for epoch in range(resumed.epoch, t.epochs):
         epoch_start = time.perf_counter()
-        position = resumed.position if resumed.position.get("epoch") == epoch else {}
+        position = resumed.position if resumed.position and resumed.position.epoch == epoch else None
         stats, lr = train_epoch(run, epoch, position, boundary, rows, wandb_id)
         eval_start = time.perf_counter()
         distributed.broadcast_buffers(run.model)  # evaluate the model the checkpoint saves (rank 0's statistics)
@@ -455,11 +453,11 @@ def combined_totals(ranks: list[dict]) -> dict:
             "outputs": torch.cat(outputs) if outputs else None, "labels": torch.cat(labels) if labels else None}
 
 
-def restore_ranks(position: dict, generator: torch.Generator, totals: EpochTotals, info: DistInfo) -> None:
+def restore_ranks(position: EpochPosition, generator: torch.Generator, totals: EpochTotals, info: DistInfo) -> None:
     """Each rank's augmentation stream and running totals from a mid-epoch checkpoint. Resumed by another
     number of processes, the epoch goes on with its remaining images shared out anew: fresh augmentation
     streams, and rank 0 carries the totals so far. Close to, but not bit for bit, an uninterrupted run."""
-    ranks = position["ranks"]
+    ranks = position.ranks
     if len(ranks) == info.world_size:
         generator.set_state(ranks[info.rank]["augment"])
         totals.restore(ranks[info.rank]["totals"])
@@ -467,11 +465,12 @@ def restore_ranks(position: dict, generator: torch.Generator, totals: EpochTotal
     if info.is_main:
         log.warning("the checkpoint was written by %d process(es) in the middle of epoch %d; %d continue it with "
                     "the epoch's remaining images: the result will not be bit for bit that of an uninterrupted run",
-                    len(ranks), position["epoch"] + 1, info.world_size)
+                    len(ranks), position.epoch + 1, info.world_size)
         totals.restore(combined_totals(ranks))
 
 
-def nonfinite_error(totals: EpochTotals, epoch: int, lrs: dict[int, float], t) -> NonFiniteError:
+def nonfinite_error(totals: EpochTotals, epoch: int, lrs: dict[int, float], train: TrainConfig, lr: float) -> NonFiniteError:
+    """Where the first non-finite step was and what to try; `lr` is the run's learning rate (train.lr may be auto)."""
     found = totals.first_nonfinite_step()
     if found is None:
         where = f"epoch {epoch + 1}: another process met a non-finite loss or gradient (its error says where)"
@@ -481,11 +480,12 @@ def nonfinite_error(totals: EpochTotals, epoch: int, lrs: dict[int, float], t) -
         where = (f"epoch {epoch + 1}, step {step + 1}: non-finite loss or gradient (loss {loss:.4g}"
                  + (f", learning rate {lr:.4g})" if lr is not None else ")"))
     return NonFiniteError(f"{where}. Nothing was saved after it: the last checkpoint is untouched. Try a lower "
-                          f"train.lr (now {t.lr:g}), train.clip_grad_norm=1.0 (now {t.clip_grad_norm:g}), or "
+                          f"train.lr (now {'auto: ' if train.lr is None else ''}{lr:g}), train.clip_grad_norm=1.0 (now "
+                          f"{train.clip_grad_norm:g}), or "
                           f"train.nonfinite=skip to leave such steps out")
 
 
-def train_epoch(run: Run, epoch: int, position: dict, boundary: StepBoundary, rows: list[dict],
+def train_epoch(run: Run, epoch: int, position: EpochPosition | None, boundary: StepBoundary, rows: list[dict],
                 wandb_id: str | None) -> tuple[dict, float]:
     """The training steps of one epoch (from `position`, a mid-epoch checkpoint's, when resuming), with a
     collective decision at every step boundary: write a resumable checkpoint (the clock, a signal), stop
@@ -494,14 +494,15 @@ def train_epoch(run: Run, epoch: int, position: dict, boundary: StepBoundary, ro
     from tqdm import tqdm
 
     info, t, trainer = run.info, run.cfg.train, run.trainer
-    first_step, began_with = position.get("step", 0), position.get("began_with", info.world_size)
-    start_images = position.get("images", 0)
+    first_step, began_with = (position.step, position.began_with) if position else (0, info.world_size)
+    start_images, seconds_before = (position.images, position.seconds) if position else (0, 0.0)
     run.train_sampler.set_epoch(epoch, start_images, began_with)
     generator = epoch_generator(t.seed, epoch, info.rank, info.device)
     totals = EpochTotals(info.device, keep_outputs=run.head.fit_on == "batches")
     if position:
         restore_ranks(position, generator, totals, info)
-    epoch_lr = position.get("lr", trainer.optimizer.param_groups[0]["lr"])
+    epoch_lr = position.lr if position and position.lr is not None else trainer.optimizer.param_groups[0]["lr"]
+    base_lr = trainer.optimizer.param_groups[0]["initial_lr"]  # the run's rate (train.lr may say auto)
     steps = first_step + len(run.train_loader)
     started = time.perf_counter()
     lrs = {first_step: trainer.optimizer.param_groups[0]["lr"]}  # each recent step's learning rate
@@ -512,15 +513,15 @@ def train_epoch(run: Run, epoch: int, position: dict, boundary: StepBoundary, ro
         watch_nonfinite = t.nonfinite == "stop"
         decision = boundary.decide(watch_nonfinite and totals.nonfinite_seen())
         if decision.nonfinite:
-            raise nonfinite_error(totals, epoch, lrs, t)
+            raise nonfinite_error(totals, epoch, lrs, t, base_lr)
         if not decision.checkpoint:
             return
         if watch_nonfinite and distributed.all_reduce_max(torch.tensor([int(totals.nonfinite)])).item():
-            raise nonfinite_error(totals, epoch, lrs, t)  # never a checkpoint of weights a bad step touched
-        here = {"epoch": epoch, "step": done, "steps": steps, "began_with": began_with, "world_size": info.world_size,
-                "images": start_images + (done - first_step) * t.batch_size * info.world_size, "lr": epoch_lr,
-                "seconds": position.get("seconds", 0.0) + time.perf_counter() - started,
-                "ranks": distributed.all_gather_objects({"augment": generator.get_state(), "totals": totals.state()})}
+            raise nonfinite_error(totals, epoch, lrs, t, base_lr)  # never a checkpoint of weights a bad step touched
+        here = EpochPosition(epoch, done, steps, began_with, info.world_size,
+                             start_images + (done - first_step) * t.batch_size * info.world_size, epoch_lr,
+                             seconds_before + time.perf_counter() - started,
+                             distributed.all_gather_objects({"augment": generator.get_state(), "totals": totals.state()}))
         state = training_state(run, epoch, selection(rows, t.select_by), wandb_id, here) if info.is_main else None
         save_checkpoint(run, state)
         boundary.checkpointed()
@@ -532,13 +533,13 @@ def train_epoch(run: Run, epoch: int, position: dict, boundary: StepBoundary, ro
                unit="img", disable=not info.is_main, mininterval=1 if sys.stderr.isatty() else 30, leave=False)
     try:
         stats = trainer.epoch(run.train_loader, generator, bar, t.log_every, totals=totals, first_step=first_step,
-                              boundary=at_boundary, seconds_before=position.get("seconds", 0.0))
+                              boundary=at_boundary, seconds_before=seconds_before)
     finally:
         bar.close()
-    stats["resumed_seconds"] = position.get("seconds", 0.0)
+    stats["resumed_seconds"] = seconds_before
     if stats["nonfinite_steps"]:
         if t.nonfinite == "stop":
-            raise nonfinite_error(totals, epoch, lrs, t)
+            raise nonfinite_error(totals, epoch, lrs, t, base_lr)
         if stats["nonfinite_steps"] > t.nonfinite_skip_limit * steps:
             raise NonFiniteError(f"epoch {epoch + 1}: {stats['nonfinite_steps']} of {steps} steps had a non-finite loss "
                                  f"or gradient, more than train.nonfinite_skip_limit={t.nonfinite_skip_limit:g} of them: "
