@@ -102,3 +102,25 @@ def test_roc_auc_against_scikit_learn():
         scores = np.round(rng.random(n) + positive * 0.4, 1)  # rounding makes ties
         assert roc_auc(positive, scores) == pytest.approx(skm.roc_auc_score(positive, scores))
     assert roc_auc([True, True], [0.1, 0.2]) == 0.5
+
+
+def test_a_metric_declared_once_reaches_the_epoch_rows_and_the_bootstrap(monkeypatch):
+    """Adding a metric is its METRICS entry: the epoch row (test_<name>) and the intervals' batched
+    computation pick it up with nothing else changed."""
+    import numpy as np
+
+    from dr_resnet.results import metrics
+    from dr_resnet.results.stats import bootstrap_intervals
+
+    def grade4_recall(cm):
+        return cm[:, 4, 4] / np.maximum(cm[:, 4].sum(axis=1), 1)
+
+    monkeypatch.setitem(metrics.METRICS, "grade4_recall", metrics.Metric("grade4_recall", "grade-4 recall", ".3f", grade4_recall))
+    labels = np.array([0, 0, 1, 2, 3, 4, 4, 4, 4, 0])
+    grades = np.array([0, 1, 1, 2, 3, 4, 4, 2, 0, 0])
+    cm = metrics.confusion_matrix(labels, grades)
+    row = metrics.epoch_entries("test", {**metrics.summarize(cm), "referable_auc": 0.5}, loss=0.25)
+    assert row["test_grade4_recall"] == 0.5 and row["test_acc"] == 0.7 and row["test_loss"] == 0.25
+    intervals = bootstrap_intervals(labels, grades, (grades >= 2).astype(float), [f"p{i}" for i in range(10)], resamples=200)
+    found = intervals["grade4_recall"]
+    assert found["value"] == 0.5 and found["low"] <= 0.5 <= found["high"] and found["low"] < found["high"]

@@ -206,13 +206,10 @@ def summarize(cm: np.ndarray) -> dict:
     """Every metric of a confusion matrix, as plain Python values (JSON-ready)."""
     return {
         "num_samples": int(cm.sum()),
-        "accuracy": accuracy(cm),
-        "qwk": quadratic_weighted_kappa(cm),
-        "macro_f1": macro_f1(cm),
+        **{name: float(values[0]) for name, values in of_confusion(np.asarray(cm)[None]).items()},  # METRICS
         "per_class_recall": per_class_recall(cm).tolist(),
         "per_class_precision": per_class_precision(cm).tolist(),
         "majority_baseline": majority_baseline(cm),
-        **referable(cm),
         "confusion_matrix": cm.astype(int).tolist(),
     }
 

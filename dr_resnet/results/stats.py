@@ -17,10 +17,8 @@ import numpy as np
 
 from dr_resnet import NUM_GRADES
 from dr_resnet.data.split import patient_of
-from dr_resnet.results.metrics import METRICS as DECLARED
-from dr_resnet.results.metrics import REFERABLE_GRADE, of_confusion
+from dr_resnet.results.metrics import METRICS, REFERABLE_GRADE, of_confusion
 
-METRICS = tuple(DECLARED)  # every declared metric gets an interval
 RESAMPLES, LEVEL = 2000, 0.95
 CHUNK_CELLS = 20_000_000  # weights held at once (resamples x images): bounds memory (~160 MB)
 
