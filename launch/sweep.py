@@ -34,7 +34,7 @@ import yaml
 
 from dr_resnet import config
 from dr_resnet.config import ConfigError
-from dr_resnet.errors import USER_ERRORS
+from dr_resnet.errors import run_command
 from dr_resnet.results.rundir import CONFIG_FILE, STATUS_FILE
 
 from . import requeue
@@ -268,25 +268,27 @@ def set_status(run_dir: Path, cfg: config.Config, status: str = "", reason: str 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        sweep = Sweep.load(args.config)
-        arms = args.runs.split(",") if args.runs else list(sweep.arms)
-        unknown = [a for a in arms if a not in sweep.arms]
-        if unknown:
-            raise ConfigError(f"--runs: unknown arm(s) {unknown} (in {args.config}: {', '.join(sweep.arms)})")
-        out = Path(args.out or sweep.out or f"runs/{sweep.name}").resolve()
-        plans = {}
-        for name, (arm, folder, seed) in run_names(arms, args.seeds).items():
-            # every run's config is resolved (and so validated) before anything is submitted
-            run_dir = out / folder
-            argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed)
-            plans[name] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
-        res = resources(args, [cfg for _, _, cfg in plans.values()])
-        slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
-            if args.executor == "local" and args.gpus_per_node else []
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: launch(args, argv))
+
+
+def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Resolve (and so validate) every run's config before anything is submitted, then print, submit or run
+    the jobs; with --wait (always for local jobs) the live view and the report."""
+    sweep = Sweep.load(args.config)
+    arms = args.runs.split(",") if args.runs else list(sweep.arms)
+    unknown = [a for a in arms if a not in sweep.arms]
+    if unknown:
+        raise ConfigError(f"--runs: unknown arm(s) {unknown} (in {args.config}: {', '.join(sweep.arms)})")
+    out = Path(args.out or sweep.out or f"runs/{sweep.name}").resolve()
+    plans = {}
+    for name, (arm, folder, seed) in run_names(arms, args.seeds).items():
+        # every run's config is resolved (and so validated) before anything is submitted
+        run_dir = out / folder
+        argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed)
+        plans[name] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
+    res = resources(args, [cfg for _, _, cfg in plans.values()])
+    slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
+        if args.executor == "local" and args.gpus_per_node else []
     if args.print_arms:
         for arm in arms:
             print("\t".join([arm, str(sweep.base_config), *sweep.arms[arm], *sweep.overrides]))
@@ -393,11 +395,7 @@ def wait_and_report(jobs: dict, plans: dict, out: Path, poll_s: float = 5.0) -> 
             run_dir, _, cfg = plans[arm]
             set_status(run_dir, cfg, "failed", f"job {job.job_id}: {reason}")
             print(f"{arm}: FAILED (job {job.job_id}): {reason}", file=sys.stderr)
-    try:
-        written = report(out)
-    except USER_ERRORS as exc:  # a damaged run file: the runs are done, the report says which file to mend
-        print(f"report: error: {exc}", file=sys.stderr)
-        return 2
+    written = report(out)  # a damaged run file: one line naming it (main's frame), exit 2: the runs are done
     print("report: " + ", ".join(str(p) for p in written))
     results = (out / "results.md").read_text()
     print(results)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dr_resnet.data.preprocess import BadImageError
 from dr_resnet.data.recipe import Recipe
-from dr_resnet.errors import USER_ERRORS, UserError
+from dr_resnet.errors import UserError, run_command
 from dr_resnet.files import atomic_write
 from dr_resnet.registry import HEAD_SPECS
 from dr_resnet.results.metrics import REFERABLE_GRADE
@@ -211,21 +211,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def work() -> int:
         device = select_device(args.device, 0, 1)
         grader = load_grader(args.checkpoint, device)
         paths = list_images(args.images)
         counts = predict(grader, paths, Path(args.out), args.tta, args.batch_size, args.workers,
                          Path(args.cam) if args.cam else None, progress=sys.stderr.isatty())
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    failed = f", {counts.failed} failed (their reasons: the error column)" if counts.failed else ""
-    print(f"graded {counts.graded} of {len(paths)} images with {grader.describe()}{failed}; wrote {args.out}"
-          + (f" and heat maps in {args.cam}" if args.cam else ""))
-    if counts.graded == 0 or (args.strict and counts.failed):
-        return 1
-    return 0
+        failed = f", {counts.failed} failed (their reasons: the error column)" if counts.failed else ""
+        print(f"graded {counts.graded} of {len(paths)} images with {grader.describe()}{failed}; wrote {args.out}"
+              + (f" and heat maps in {args.cam}" if args.cam else ""))
+        return 1 if counts.graded == 0 or (args.strict and counts.failed) else 0
+    return run_command(work)
 
 
 if __name__ == "__main__":

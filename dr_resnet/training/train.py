@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +91,8 @@ class Run:
     recipe: Recipe  # what photos go through before the network: saved with every checkpoint
     provenance: dict  # versions and the data's splits and class counts: saved with every checkpoint
     learning_rate: config.LearningRate  # the rate config.learning_rate's rule gives this run, and how
+    rows: list[dict] = field(default_factory=list)  # the epochs logged so far (rank 0's: the summary and selection)
+    wandb_id: str | None = None  # the W&B run this run logs to (rank 0), saved in every checkpoint
 
     @property
     def head(self) -> Head:
@@ -138,15 +140,16 @@ def provenance(cfg: Config, data: components.Datasets) -> dict:
             "data": {"root": str(Path(cfg.data.root).resolve()), "format": data.train.format, "splits": splits}}
 
 
-def training_state(run: Run, epoch: int, best: dict, wandb_id: str, position: EpochPosition | None = None,
+def training_state(run: Run, epoch: int, position: EpochPosition | None = None,
                    metrics: dict | None = None) -> checkpoint.TrainingState:
     """The state to save: after `epoch` epochs (with that epoch's metrics row), or inside the next one
-    (at `position`)."""
+    (at `position`); the selection so far from the run's rows."""
     trainer = run.trainer
     return checkpoint.TrainingState(
         model=run.model.state_dict(), optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
-        scaler=trainer.scaler.state_dict(), precision=trainer.execution.precision.name, epoch=epoch, best=best,
-        rng=checkpoint.rng_state(), config=run.cfg.to_dict(), wandb_id=wandb_id, head=run.head.state(),
+        scaler=trainer.scaler.state_dict(), precision=trainer.execution.precision.name, epoch=epoch,
+        best=selection(run.rows, run.cfg.train.select_by), rng=checkpoint.rng_state(), config=run.cfg.to_dict(),
+        wandb_id=run.wandb_id, head=run.head.state(),
         position=position.to_dict() if position else {}, recipe=run.recipe.to_dict(), provenance=run.provenance,
         metrics=metrics or {})
 
@@ -296,12 +299,12 @@ def selected_intervals(run_dir: Path) -> dict:
     return bootstrap_intervals(found.labels, found.grades, found.referable_scores, found.names)
 
 
-def write_summary(run: Run, rows: list[dict], figure: bool) -> dict:
+def write_summary(run: Run, figure: bool) -> dict:
     """summary.json (after every epoch, so a run in progress has one); at the end (`figure`) also the
     selected epoch's bootstrap intervals and confusion-matrix figure. The epoch is selected by
     train.select_by on the held-out part (ties: the earlier), else it is the final one; `collapsed`
     says why the selected epoch looks collapsed (metrics.collapse; '' when it does not)."""
-    select_by = run.cfg.train.select_by
+    select_by, rows = run.cfg.train.select_by, run.rows
     best = selected_row(rows, select_by)
     final = rows[-1]
     keys = ["epoch", *(k for k in final if k.startswith("test_") and not k.startswith("test_ece")), "train_acc", "train_loss"]
@@ -358,14 +361,13 @@ def fit(run: Run) -> dict | None:
     step boundary after a checkpoint (RunStopped)."""
     info = run.info
     resumed = resume(run)
-    rows: list[dict] = []  # the epochs logged so far (rank 0 keeps them, to write the summary)
     if info.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_unfinished(run.run_dir)
         effective = effective_settings(run)
         config.save(run.cfg, run.run_dir / CONFIG_FILE, recorded={"recipe": run.recipe.to_dict(), "effective": effective})
-        rows = read_metrics(run.run_dir, resumed.epoch)
-        rewrite_metrics(run.run_dir, rows)
+        run.rows = read_metrics(run.run_dir, resumed.epoch)
+        rewrite_metrics(run.run_dir, run.rows)
         held_out = f"{len(run.val_loader.dataset)} held-out / " if run.val_loader else ""
         log.info("%s: resnet%d (%s weights), %d train / %s%d test images, %d process(es) on %s, precision %s, "
                  "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
@@ -377,66 +379,84 @@ def fit(run: Run) -> dict | None:
                  effective["first_epoch_grade_shares"], effective["final_epoch_grade_shares"], run.cfg.train.epochs,
                  effective["selection"])
     tracker = start_tracking(run, resumed.wandb_id) if info.is_main else None
+    run.wandb_id = tracker.run_id if tracker is not None else None
     try:
         with StopSignals() as signals:
             boundary = StepBoundary(run.cfg.train.checkpoint_every_minutes, signals, info.is_main)
-            return _epochs(run, resumed, rows, tracker, boundary)
+            for epoch in range(resumed.epoch, run.cfg.train.epochs):
+                position = resumed.position if resumed.position and resumed.position.epoch == epoch else None
+                one_epoch(run, epoch, position, tracker, boundary)
+            return finish(run, tracker) if info.is_main and run.rows else None
     finally:
         if tracker is not None:
             tracker.finish()
 
 
-def _epochs(run: Run, resumed: Resumed, rows: list[dict], tracker: Tracker | None, boundary: StepBoundary) -> dict | None:
-    info, t = run.info, run.cfg.train
-    wandb_id = tracker.run_id if tracker is not None else None
-    for epoch in range(resumed.epoch, t.epochs):
-        epoch_start = time.perf_counter()
-        position = resumed.position if resumed.position and resumed.position.epoch == epoch else None
-        stats, lr = train_epoch(run, epoch, position, boundary, rows, wandb_id)
-        eval_start = time.perf_counter()
-        distributed.broadcast_buffers(run.model)  # evaluate the model the checkpoint saves (rank 0's statistics)
-        val = run.evaluate(run.val_loader) if run.val_loader else None
-        fitted = end_of_epoch(run, stats, val)
-        result = run.evaluate(run.test_loader)
-        row = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "train_acc")}, **split_metrics("test", result),
-               **calibration_metrics(run.head, result)}
-        if val is not None:
-            val = EvalResult.of(val.outputs, val.targets, run.head)  # scored by the head as its hook left it
-            row.update(split_metrics("val", val), val_confusion_matrix=val.confusion_matrix.tolist())
-        row.update({k: stats[k] for k in ("grad_norm_mean", "grad_norm_max", "clipped_share") if k in stats})
-        row.update({"lr": lr, "nonfinite_steps": stats["nonfinite_steps"], "images_per_s": stats["images_per_s"],
-                    "train_seconds": stats["train_seconds"], "eval_seconds": time.perf_counter() - eval_start,
-                    "epoch_seconds": time.perf_counter() - epoch_start + stats["resumed_seconds"],
-                    "confusion_matrix": result.confusion_matrix.tolist(), **fitted})
-        state, improved = None, False
-        if info.is_main:
-            append_metrics(run.run_dir, row)
-            rows.append(row)
-            best = selection(rows, t.select_by)
-            improved = best["epoch"] == epoch + 1
-            state = training_state(run, epoch + 1, best, wandb_id, metrics=row)
-        save_checkpoint(run, state, best=improved)
-        boundary.checkpointed()
-        if info.is_main:
-            if improved:
-                write_epoch_predictions(run, result, val)
-            if epoch + 1 == t.epochs:
-                write_epoch_predictions(run, result, None, final=True)
-            write_summary(run, rows, figure=False)
-            tracker.log_epoch(row)
-            held_out = f"val QWK {row['val_qwk']:.3f}  " if val is not None else ""
-            skipped = f"  {row['nonfinite_steps']} non-finite step(s) left out" if row["nonfinite_steps"] else ""
-            log.info("epoch %d/%d  train loss %.4f acc %.1f%%  %stest loss %.4f acc %.1f%% QWK %.3f  %.0f img/s  %.0fs%s",
-                     epoch + 1, t.epochs, row["train_loss"], 100 * row["train_acc"], held_out, row["test_loss"],
-                     100 * row["test_acc"], row["test_qwk"], row["images_per_s"], row["epoch_seconds"], skipped)
-        decision = boundary.decide()  # a signal that came during evaluation: the checkpoint is written
-        if decision.stop_signal:
-            raise RunStopped(decision.stop_signal, f"after epoch {epoch + 1}")
-    if not info.is_main:
-        return None
-    if not rows:
-        return None
-    summary = write_summary(run, rows, figure=True)
+def one_epoch(run: Run, epoch: int, position: EpochPosition | None, tracker: Tracker | None,
+              boundary: StepBoundary) -> None:
+    """Train an epoch (from `position` when resuming inside it), score it, record it; stop after its
+    checkpoint if a signal came during evaluation."""
+    started = time.perf_counter()
+    stats, lr = train_epoch(run, epoch, position, boundary)
+    row, test, val = score_epoch(run, epoch, stats, lr, started)
+    record_epoch(run, epoch, row, test, val, tracker)
+    boundary.checkpointed()  # record_epoch wrote the end-of-epoch checkpoint
+    decision = boundary.decide()  # a signal that came during evaluation: the checkpoint is written
+    if decision.stop_signal:
+        raise RunStopped(decision.stop_signal, f"after epoch {epoch + 1}")
+
+
+def score_epoch(run: Run, epoch: int, stats: dict, lr: float, started: float) -> tuple[dict, EvalResult, EvalResult | None]:
+    """The epoch's metrics row: training statistics, the head's end-of-epoch fit, the held-out and test
+    evaluations (every rank takes part); with the test and held-out results."""
+    eval_start = time.perf_counter()
+    distributed.broadcast_buffers(run.model)  # evaluate the model the checkpoint saves (rank 0's statistics)
+    val = run.evaluate(run.val_loader) if run.val_loader else None
+    fitted = end_of_epoch(run, stats, val)
+    result = run.evaluate(run.test_loader)
+    row = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "train_acc")}, **split_metrics("test", result),
+           **calibration_metrics(run.head, result)}
+    if val is not None:
+        val = EvalResult.of(val.outputs, val.targets, run.head)  # scored by the head as its hook left it
+        row.update(split_metrics("val", val), val_confusion_matrix=val.confusion_matrix.tolist())
+    row.update({k: stats[k] for k in ("grad_norm_mean", "grad_norm_max", "clipped_share") if k in stats})
+    row.update({"lr": lr, "nonfinite_steps": stats["nonfinite_steps"], "images_per_s": stats["images_per_s"],
+                "train_seconds": stats["train_seconds"], "eval_seconds": time.perf_counter() - eval_start,
+                "epoch_seconds": time.perf_counter() - started + stats["resumed_seconds"],
+                "confusion_matrix": result.confusion_matrix.tolist(), **fitted})
+    return row, result, val
+
+
+def record_epoch(run: Run, epoch: int, row: dict, test: EvalResult, val: EvalResult | None, tracker: Tracker | None) -> None:
+    """Rank 0 appends the row to metrics.jsonl; every rank takes part in the checkpoint (and
+    checkpoint_best.pt when the selection moved to this epoch); rank 0 then writes the epoch's
+    predictions, the summary, W&B and the log line."""
+    state, improved = None, False
+    if run.info.is_main:
+        append_metrics(run.run_dir, row)
+        run.rows.append(row)
+        improved = selection(run.rows, run.cfg.train.select_by)["epoch"] == epoch + 1
+        state = training_state(run, epoch + 1, metrics=row)
+    save_checkpoint(run, state, best=improved)
+    if not run.info.is_main:
+        return
+    if improved:
+        write_epoch_predictions(run, test, val)
+    if epoch + 1 == run.cfg.train.epochs:
+        write_epoch_predictions(run, test, None, final=True)
+    write_summary(run, figure=False)
+    tracker.log_epoch(row)
+    held_out = f"val QWK {row['val_qwk']:.3f}  " if val is not None else ""
+    skipped = f"  {row['nonfinite_steps']} non-finite step(s) left out" if row["nonfinite_steps"] else ""
+    log.info("epoch %d/%d  train loss %.4f acc %.1f%%  %stest loss %.4f acc %.1f%% QWK %.3f  %.0f img/s  %.0fs%s",
+             epoch + 1, run.cfg.train.epochs, row["train_loss"], 100 * row["train_acc"], held_out, row["test_loss"],
+             100 * row["test_acc"], row["test_qwk"], row["images_per_s"], row["epoch_seconds"], skipped)
+
+
+def finish(run: Run, tracker: Tracker) -> dict:
+    """Rank 0 after the last epoch: the summary with its intervals and figure, and W&B's summary, best
+    checkpoint and predictions table."""
+    summary = write_summary(run, figure=True)
     tracker.log_summary(summary, run.run_dir / CONFUSION_PNG)
     tracker.log_checkpoint(run.run_dir / BEST_CHECKPOINT)
     tracker.log_predictions(run.run_dir / PREDICTIONS_FILE)
@@ -485,8 +505,7 @@ def nonfinite_error(totals: EpochTotals, epoch: int, lrs: dict[int, float], trai
                           f"train.nonfinite=skip to leave such steps out")
 
 
-def train_epoch(run: Run, epoch: int, position: EpochPosition | None, boundary: StepBoundary, rows: list[dict],
-                wandb_id: str | None) -> tuple[dict, float]:
+def train_epoch(run: Run, epoch: int, position: EpochPosition | None, boundary: StepBoundary) -> tuple[dict, float]:
     """The training steps of one epoch (from `position`, a mid-epoch checkpoint's, when resuming), with a
     collective decision at every step boundary: write a resumable checkpoint (the clock, a signal), stop
     (a signal: RunStopped), or fail (a non-finite step: NonFiniteError). Returns the epoch's training
@@ -522,7 +541,7 @@ def train_epoch(run: Run, epoch: int, position: EpochPosition | None, boundary: 
                              start_images + (done - first_step) * t.batch_size * info.world_size, epoch_lr,
                              seconds_before + time.perf_counter() - started,
                              distributed.all_gather_objects({"augment": generator.get_state(), "totals": totals.state()}))
-        state = training_state(run, epoch, selection(rows, t.select_by), wandb_id, here) if info.is_main else None
+        state = training_state(run, epoch, here) if info.is_main else None
         save_checkpoint(run, state)
         boundary.checkpointed()
         log.info("checkpoint in epoch %d after step %d of %d", epoch + 1, done, steps)
