@@ -32,7 +32,7 @@ COMMAND_LINE = "command line"  # the origin of section.key=value overrides
 Depth = Literal[DEPTHS]  # registry.ARCHITECTURES
 HeadKind = Literal[HEADS]  # heads.HEAD_TYPES
 DataFormat = Literal[FORMAT_CHOICES]  # formats.SplitLayout
-NonFinite = Literal[NONFINITE]  # engine.Trainer
+NonFinite = Literal[NONFINITE]  # loop.Trainer
 RegressionLoss = Literal["mse", "smooth_l1"]
 FitThresholds = Literal["train", "val", "batches", "none"]
 Scheduler = Literal["none", "cosine", "onecycle"]

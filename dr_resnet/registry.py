@@ -1,7 +1,7 @@
 """Torch-free tables of what can be chosen: the ResNet architectures (block, layer counts, torchvision
 weights), the output heads and the dataset formats. Config validation, the CLIs' choices and the
-models read them here, so a new depth, head or format is one line (plus its code: heads.HEAD_TYPES
-for a head, formats.SplitLayout for a format). A head's spec says what its outputs mean to the code
+models read them here, so a new depth, head or format is one line (plus its code: model/heads.py HEAD_TYPES
+for a head, data/formats.py for a format). A head's spec says what its outputs mean to the code
 that never builds the head (predictions, exports, heat maps)."""
 
 from __future__ import annotations
@@ -62,4 +62,4 @@ HEAD_SPECS: dict[str, HeadSpec] = {s.kind: s for s in (
 )}
 HEADS = tuple(HEAD_SPECS)  # model.head (heads.HEAD_TYPES implements each)
 
-NONFINITE = ("stop", "skip")  # train.nonfinite: what a non-finite loss or gradient does (engine.Trainer)
+NONFINITE = ("stop", "skip")  # train.nonfinite: what a non-finite loss or gradient does (loop.Trainer)

@@ -194,8 +194,9 @@ def test_a_non_finite_step_stops_the_run_and_saves_nothing_after_it(data, tmp_pa
     run_dir = tmp_path / "run"
     # lr 1e30 (auto: the scaling rule's, 1e30 x 4 / 4): the first step is finite, the weights it leaves overflow
     # the second one.
-    assert main(args(data, run_dir, "data.workers=0", "train.batch_size=4", "train.epochs=1", "train.lr_base_scratch=1e30",
-                     "train.lr_base_batch=4", "train.scheduler=none", "train.checkpoint_every_minutes=1e-9")) == 2
+    assert main(args(data, run_dir, "data.workers=0", "train.batch_size=4", "train.epochs=1", "train.lr=auto",
+                     "train.lr_base_scratch=1e30", "train.lr_base_batch=4", "train.scheduler=none",
+                     "train.checkpoint_every_minutes=1e-9")) == 2
     err = capfd.readouterr().err
     assert "epoch 1, step 2: non-finite loss or gradient (loss nan, learning rate 1e+30)" in err
     assert "train.lr (now auto: 1e+30)" in err

@@ -199,7 +199,7 @@ def _all_gather_rows(local: torch.Tensor, rows: int) -> list[torch.Tensor]:
 
 def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
     """Rebuild a split's per-image tensor, in dataset order, from every rank's shard (rank r holds
-    images r, r + w, r + 2w, ...; see engine.ShardSampler), on the tensor's device: one collective,
+    images r, r + w, r + 2w, ...; see loop.ShardSampler), on the tensor's device: one collective,
     no trip through the host."""
     world = _group_size()
     if world == 1:
