@@ -321,3 +321,65 @@ def test_a_skipped_non_finite_step_changes_no_weight_and_no_batchnorm_statistic(
     assert torch.equal(before["fc.bias"].isnan(), after["fc.bias"].isnan())
     assert int(totals.nonfinite) == 2 and totals.first_nonfinite_step()[0] == 0 and float(totals.sums[2]) == 0
     assert trainer.scheduler.last_epoch == 3  # the schedule goes on: skipped steps still count as steps
+
+
+def _linear_with_grads(seed: int) -> tuple[torch.nn.Module, list[list[torch.Tensor]]]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(2)]
+    return model, grads
+
+
+def _step(optimizer: torch.optim.Optimizer, model: torch.nn.Module, grads: list[torch.Tensor], skip: bool = False) -> None:
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    if skip:  # what GradScaler (an fp16 overflow) and train.nonfinite=skip hand fused SGD
+        optimizer.found_inf = torch.ones(())
+        optimizer.step()
+        del optimizer.found_inf
+    else:
+        optimizer.step()
+
+
+def test_fused_sgd_after_a_skipped_first_step_equals_plain_sgd_after_one_step():
+    """Fused SGD (CUDA's optimizer, also on CPU) whose first step is skipped: the weights after the next
+    step are finite and equal plain SGD's single step (its momentum buffers start at zero, not uninitialised)."""
+    from dr_resnet.training.components import sgd
+
+    fused_model, grads = _linear_with_grads(0)
+    plain_model, _ = _linear_with_grads(0)
+    fused = sgd(fused_model.parameters(), 0.1, 0.9, 5e-4, fused=True)
+    plain = sgd(plain_model.parameters(), 0.1, 0.9, 5e-4, fused=False)
+    _step(fused, fused_model, grads[0], skip=True)
+    _step(fused, fused_model, grads[1])
+    _step(plain, plain_model, grads[1])
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # Zeroed buffers change no update: two steps with and without them are equal bit for bit.
+    reference, _ = _linear_with_grads(0)
+    torch_sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    ours_model, _ = _linear_with_grads(0)
+    ours = sgd(ours_model.parameters(), 0.1, 0.9, 5e-4, fused=False)
+    for g in grads:
+        _step(torch_sgd, reference, g)
+        _step(ours, ours_model, g)
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), ours_model.parameters()))
+
+
+def test_an_optimizer_state_from_another_device_keeps_this_process_flags():
+    """A CPU-written optimizer state (no fused flag) loaded into CUDA's fused SGD: the optimizer stays fused,
+    so GradScaler's found_inf (fp16, nonfinite=skip) still works; a state without momentum gets zeros."""
+    from dr_resnet.training.components import load_optimizer_state, sgd
+
+    writer_model, grads = _linear_with_grads(1)
+    writer = sgd(writer_model.parameters(), 0.1, 0.9, 5e-4, fused=False)
+    _step(writer, writer_model, grads[0])
+    model, _ = _linear_with_grads(1)
+    optimizer = sgd(model.parameters(), 0.1, 0.9, 5e-4, fused=True)
+    load_optimizer_state(optimizer, writer.state_dict())
+    assert all(group["fused"] for group in optimizer.param_groups)
+    _step(optimizer, model, grads[1], skip=True)  # a plain load_state_dict: "Expected ... found_inf to be None"
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).state_dict()  # before any step: no buffers
+    load_optimizer_state(optimizer, fresh)
+    assert all(torch.equal(optimizer.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in model.parameters())

@@ -223,14 +223,46 @@ class Optimisation:
     scaler: torch.amp.GradScaler
 
 
+def sgd(parameters, lr: float, momentum: float, weight_decay: float, fused: bool) -> torch.optim.SGD:
+    """SGD whose momentum buffers exist, zeroed, before the first step. Fused SGD otherwise allocates them
+    uninitialised in its first step and returns early when that step is skipped (fp16's first overflow,
+    train.nonfinite=skip): the next step would read that memory into the weights. A zero buffer gives the
+    same first update bit for bit (0 x momentum + gradient)."""
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                **({"fused": True} if fused else {}))
+    zero_momentum(optimizer)
+    return optimizer
+
+
+def zero_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """A zero momentum buffer for every parameter that has none yet (see sgd)."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0):
+            for p in group["params"]:
+                if optimizer.state[p].get("momentum_buffer") is None:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+PROCESS_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # how this process runs the update
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """A checkpoint's optimizer state, keeping how this process runs the update: load_state_dict would
+    take the writer's flags (a CPU checkpoint resumed on CUDA: fused off while the optimizer still takes
+    GradScaler's found_inf, which then fails). Momentum buffers the checkpoint lacks start at zero."""
+    flags = [{k: g[k] for k in PROCESS_FLAGS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, own in zip(optimizer.param_groups, flags):
+        group.update(own)
+    zero_momentum(optimizer)
+
+
 def optimisation(t: TrainConfig, lr: float, network: nn.Module, steps_per_epoch: int, execution: Execution) -> Optimisation:
     """SGD with learning rate `lr` (config.learning_rate's), train's momentum and weight decay, its
     per-step schedule, and a loss scaler that is on for fp16 only. Fused SGD on CUDA: one kernel for the
     update, and fp16's GradScaler checks for inf/NaN on the GPU instead of reading a flag back to the
     host every step."""
-    cuda = execution.device.type == "cuda"
-    optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                                **({"fused": True} if cuda else {}))
+    optimizer = sgd(network.parameters(), lr, t.momentum, t.weight_decay, fused=execution.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t.scheduler, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(execution.device.type, enabled=execution.precision.needs_scaler)

@@ -197,7 +197,7 @@ def resume(run: Run) -> Resumed:
     trainer = run.trainer
     precision = trainer.execution.precision
     run.model.load_state_dict(state.model)
-    trainer.optimizer.load_state_dict(state.optimizer)
+    components.load_optimizer_state(trainer.optimizer, state.optimizer)
     trainer.scheduler.load_state_dict(state.scheduler)
     saved = state.precision  # None before 0.2
     if saved is not None and saved != precision.name:
