@@ -383,3 +383,29 @@ def test_an_optimizer_state_from_another_device_keeps_this_process_flags():
     fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).state_dict()  # before any step: no buffers
     load_optimizer_state(optimizer, fresh)
     assert all(torch.equal(optimizer.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in model.parameters())
+
+
+def test_a_mid_epoch_position_from_another_kind_of_device_goes_on_with_fresh_streams(caplog):
+    """A CUDA-written mid-epoch position resumed on CPU (or the reverse): the generator states do not fit,
+    so the epoch goes on with fresh augmentation streams and a warning; the running totals carry over.
+    A checkpoint from before the device was recorded is tried, and falls back the same way."""
+    from dr_resnet.training.checkpoint import EpochPosition
+    from dr_resnet.training.distributed import DistInfo
+    from dr_resnet.training.train import restore_ranks
+
+    writer = EpochTotals(torch.device("cpu"))
+    writer.images = 12
+    cuda_stream = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)  # seed, offset
+    for device in ("cuda", ""):
+        position = EpochPosition(0, 3, 10, 1, 1, 12, 0.1, 5.0, [{"augment": cuda_stream, "totals": writer.state()}], device)
+        generator, totals = epoch_generator(0, 0, 0), EpochTotals(torch.device("cpu"))
+        with caplog.at_level("WARNING"):
+            restore_ranks(EpochPosition.of(position.to_dict()), generator, totals, DistInfo())
+        assert torch.equal(generator.get_state(), epoch_generator(0, 0, 0).get_state())  # fresh: the epoch's own
+        assert totals.images == 12 and "fresh augmentation streams" in caplog.text
+        caplog.clear()
+    same = EpochPosition(0, 3, 10, 1, 1, 12, 0.1, 5.0, [{"augment": epoch_generator(5, 0, 0).get_state(),
+                                                          "totals": writer.state()}], "cpu")
+    generator = epoch_generator(0, 0, 0)
+    restore_ranks(same, generator, EpochTotals(torch.device("cpu")), DistInfo())
+    assert torch.equal(generator.get_state(), epoch_generator(5, 0, 0).get_state())  # the writer's stream

@@ -64,6 +64,7 @@ class EpochPosition:
     lr: float | None  # the learning rate the epoch started with (its metrics row's; None: not recorded)
     seconds: float  # training seconds in the epoch so far
     ranks: list  # per rank: {"augment": its augmentation stream's state, "totals": EpochTotals.state()}
+    device: str = ""  # the writers' device type (cuda, cpu): their streams' states fit only that kind of generator
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,7 +78,7 @@ class EpochPosition:
         ranks = saved["ranks"]
         return cls(saved["epoch"], saved["step"], saved.get("steps", saved["step"]), saved.get("began_with", len(ranks)),
                    saved.get("world_size", len(ranks)), saved.get("images", 0), saved.get("lr"), saved.get("seconds", 0.0),
-                   ranks)
+                   ranks, saved.get("device", ""))
 
 
 @dataclass

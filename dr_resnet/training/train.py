@@ -476,11 +476,21 @@ def combined_totals(ranks: list[dict]) -> dict:
 def restore_ranks(position: EpochPosition, generator: torch.Generator, totals: EpochTotals, info: DistInfo) -> None:
     """Each rank's augmentation stream and running totals from a mid-epoch checkpoint. Resumed by another
     number of processes, the epoch goes on with its remaining images shared out anew: fresh augmentation
-    streams, and rank 0 carries the totals so far. Close to, but not bit for bit, an uninterrupted run."""
+    streams, and rank 0 carries the totals so far; on another kind of device (a CPU checkpoint on a GPU),
+    fresh streams. Close to, but not bit for bit, an uninterrupted run."""
     ranks = position.ranks
     if len(ranks) == info.world_size:
-        generator.set_state(ranks[info.rank]["augment"])
         totals.restore(ranks[info.rank]["totals"])
+        if position.device in ("", generator.device.type):
+            try:
+                generator.set_state(ranks[info.rank]["augment"])
+                return
+            except RuntimeError:  # written before 0.4 (no device recorded) on another kind of device
+                pass
+        if info.is_main:
+            log.warning("the checkpoint was written on %s in the middle of epoch %d; this run goes on on %s with fresh "
+                        "augmentation streams: close to, but not bit for bit, an uninterrupted run",
+                        position.device or "another kind of device", position.epoch + 1, generator.device.type)
         return
     if info.is_main:
         log.warning("the checkpoint was written by %d process(es) in the middle of epoch %d; %d continue it with "
@@ -540,7 +550,8 @@ def train_epoch(run: Run, epoch: int, position: EpochPosition | None, boundary: 
         here = EpochPosition(epoch, done, steps, began_with, info.world_size,
                              start_images + (done - first_step) * t.batch_size * info.world_size, epoch_lr,
                              seconds_before + time.perf_counter() - started,
-                             distributed.all_gather_objects({"augment": generator.get_state(), "totals": totals.state()}))
+                             distributed.all_gather_objects({"augment": generator.get_state(), "totals": totals.state()}),
+                             generator.device.type)
         state = training_state(run, epoch, here) if info.is_main else None
         save_checkpoint(run, state)
         boundary.checkpointed()
