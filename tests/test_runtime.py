@@ -409,3 +409,31 @@ def test_a_mid_epoch_position_from_another_kind_of_device_goes_on_with_fresh_str
     generator = epoch_generator(0, 0, 0)
     restore_ranks(same, generator, EpochTotals(torch.device("cpu")), DistInfo())
     assert torch.equal(generator.get_state(), epoch_generator(5, 0, 0).get_state())  # the writer's stream
+
+
+def test_a_schedule_resumed_on_another_process_count_goes_on_from_the_same_share_of_training():
+    """4 -> 2 processes after epoch 10 of 30 (10 -> 20 steps an epoch): the cosine goes on from a third of
+    the run and reaches 0 at the last step, as an uninterrupted run on either count would."""
+    import math
+
+    from dr_resnet.training.components import lr_lambda, move_schedule
+
+    def scheduler(steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", 0, 30 * steps_per_epoch))
+
+    four = scheduler(10)
+    for _ in range(100):
+        four.optimizer.step()
+        four.step()
+    two = scheduler(20)
+    two.load_state_dict(four.state_dict())
+    assert two.last_epoch == 100  # the writer's steps: a third of its run, a sixth of this one's
+    assert move_schedule(two, 10, 20) and two.last_epoch == 200
+    expected = 0.4 * 0.5 * (1 + math.cos(math.pi / 3))
+    assert two.get_last_lr()[0] == pytest.approx(expected) and two.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    for _ in range(400):
+        two.optimizer.step()
+        two.step()
+    assert two.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    assert not move_schedule(two, 30, 20)  # the same count of processes: nothing moves

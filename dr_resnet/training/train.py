@@ -199,6 +199,13 @@ def resume(run: Run) -> Resumed:
     run.model.load_state_dict(state.model)
     components.load_optimizer_state(trainer.optimizer, state.optimizer)
     trainer.scheduler.load_state_dict(state.scheduler)
+    where = EpochPosition.of(state.position)
+    written_at = trainer.scheduler.last_epoch
+    if components.move_schedule(trainer.scheduler, where.epoch + where.step / where.steps if where else state.epoch,
+                                len(run.train_loader)):
+        log.warning("%s was written at step %d of its schedule; with %d steps an epoch here the run goes on from "
+                    "step %d, the same share of the training", path, written_at, len(run.train_loader),
+                    trainer.scheduler.last_epoch)
     saved = state.precision  # None before 0.2
     if saved is not None and saved != precision.name:
         # A requeued job may land on another kind of GPU (or on CPU): carry on in this one's precision.
@@ -209,7 +216,6 @@ def resume(run: Run) -> Resumed:
         trainer.scaler.load_state_dict(state.scaler)
     checkpoint.restore_rng(state.rng)
     run.head.load_state(state.head)
-    where = EpochPosition.of(state.position)
     if where:
         log.info("resumed %s in epoch %d after step %d of %d", path, where.epoch + 1, where.step, where.steps)
     else:
