@@ -437,3 +437,23 @@ def test_a_schedule_resumed_on_another_process_count_goes_on_from_the_same_share
         two.step()
     assert two.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
     assert not move_schedule(two, 30, 20)  # the same count of processes: nothing moves
+
+
+def test_a_stop_signal_to_the_process_group_spares_the_evaluation_workers(tiny):
+    """torchrun, SLURM and submitit signal the whole process group: an evaluation loader's worker that
+    gets SIGTERM keeps serving batches, so the epoch ends and its checkpoint is written."""
+    import signal
+    import subprocess
+
+    from dr_resnet.data.dataset import RetinopathyDataset
+    from dr_resnet.training.components import evaluation_loader
+    from dr_resnet.training.distributed import DistInfo
+
+    loader = evaluation_loader(RetinopathyDataset(tiny, "test", image_size=32), 2, 1, DistInfo())
+    batches = iter(loader)
+    next(batches)  # the worker is up and has run its init
+    # From another process, as torchrun's or SLURM's signal to the process group reaches it (a signal from
+    # the training process itself is DataLoader ending its workers: they exit).
+    subprocess.run(["kill", f"-{signal.SIGTERM.value}", str(batches._workers[0].pid)], check=True)
+    rest = list(batches)
+    assert sum(len(labels) for _, labels in rest) == len(loader.dataset) - 2

@@ -114,9 +114,10 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def evaluation_loader(dataset: RetinopathyDataset, batch_size: int, workers: int, info: DistInfo) -> DataLoader:
-    """Every image once across the ranks, in the split's order (ShardSampler)."""
+    """Every image once across the ranks, in the split's order (ShardSampler); its workers leave the stop
+    signals to the training process too (a signal during evaluation: the epoch's checkpoint still comes)."""
     return DataLoader(dataset, batch_size, num_workers=workers, pin_memory=info.device.type == "cuda",
-                      sampler=ShardSampler(len(dataset), info.rank, info.world_size))
+                      sampler=ShardSampler(len(dataset), info.rank, info.world_size), worker_init_fn=ignore_stop_signals)
 
 
 def class_weights(counts: np.ndarray) -> torch.Tensor:
