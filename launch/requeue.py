@@ -17,6 +17,11 @@ SIGNAL_LEAD_S = 120  # seconds before the time limit
 REQUEUE = {"requeue": True, "open-mode": "append"}  # sbatch options every job gets
 BATCH_SIGNAL = "USR1"  # slurm/train.sbatch: to the batch shell (B:), whose trap calls scontrol requeue
 SBATCH_LINES = (f"#SBATCH --signal=B:{BATCH_SIGNAL}@{SIGNAL_LEAD_S}", "#SBATCH --requeue", "#SBATCH --open-mode=append")
+# torchrun passes the stop signal on to its workers, then kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+# (default 30 s): too short to finish a step and write and fsync a ResNet50 checkpoint on a busy shared file
+# system. The batch script gives them the signal's lead time less a margin for the requeue itself.
+SHUTDOWN_S = SIGNAL_LEAD_S - 20
+SHUTDOWN_LINE = f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-{SHUTDOWN_S}}}"
 
 # SLURM states of a job that will still run (again). Preemption's `scontrol requeue` can kill the
 # handler that called it, which then reports a failure the requeued attempt later overwrites.

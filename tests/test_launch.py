@@ -212,6 +212,9 @@ def test_the_batch_script_follows_the_one_requeue_policy():
     for line in requeue.SBATCH_LINES:
         assert line in directives, line
     assert not [line for line in directives if "--signal" in line and line not in requeue.SBATCH_LINES]
+    # torchrun's grace for the workers' checkpoint after the signal: the lead time less a margin, not its 30 s
+    assert requeue.SHUTDOWN_LINE in (REPO / "slurm" / "train.sbatch").read_text().splitlines()
+    assert 30 < requeue.SHUTDOWN_S < requeue.SIGNAL_LEAD_S
 
 
 def test_the_launcher_calls_no_private_submitit_method():

@@ -3,6 +3,7 @@ the launch environment, a training step that reads nothing back to the host, cha
 settings, the fp32 output layer, and resumes across GPU counts and precisions."""
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -457,3 +458,14 @@ def test_a_stop_signal_to_the_process_group_spares_the_evaluation_workers(tiny):
     subprocess.run(["kill", f"-{signal.SIGTERM.value}", str(batches._workers[0].pid)], check=True)
     rest = list(batches)
     assert sum(len(labels) for _, labels in rest) == len(loader.dataset) - 2
+
+
+def test_data_workers_beyond_the_cpus_a_process_may_use_are_named_with_a_fit():
+    from dr_resnet.training.runtime import cpu_shortfall, usable_cpus
+
+    assert cpu_shortfall(8, 4, 36) == ""  # 4 GPUs x (8 workers + 1): the README's 36
+    message = cpu_shortfall(8, 4, 8)  # train.sbatch's old default of 8 CPUs for such a node
+    assert "data.workers=8 x 4 process(es)" in message and "want 36 CPUs" in message and "use 8" in message
+    assert message.endswith("set data.workers=1")
+    assert cpu_shortfall(2, 4, 3).endswith("set data.workers=0")
+    assert 1 <= usable_cpus() <= (os.cpu_count() or 1)

@@ -121,6 +121,23 @@ def compile_model(model: nn.Module, enabled: bool, backend: str = "inductor") ->
     return torch.compile(model, backend=backend) if enabled else model
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (SLURM's --cpus-per-task, taskset), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_shortfall(workers: int, processes: int, cpus: int) -> str:
+    """Why `processes` training processes on a node with `workers` data workers each would queue for
+    `cpus` CPUs ('' when they fit): each process and each worker wants a core."""
+    wanted = processes * (workers + 1)
+    if wanted <= cpus:
+        return ""
+    fits = max(0, cpus // processes - 1)
+    return (f"data.workers={workers} x {processes} process(es) on this node, plus the processes themselves, want "
+            f"{wanted} CPUs; this process may use {cpus} (sbatch --cpus-per-task, taskset): the workers will "
+            f"queue for the cores. Give the job {wanted} CPUs a node or set data.workers={fits}")
+
+
 def environment() -> str:
     """Host, Python, torch and its CUDA / cuDNN builds, and the GPUs visible: for the run log."""
     import platform

@@ -54,10 +54,10 @@ from dr_resnet.results.rundir import (
 from dr_resnet.results.stats import bootstrap_intervals
 from dr_resnet.training import checkpoint, components, distributed
 from dr_resnet.training.checkpoint import CheckpointWriteError, EpochPosition
-from dr_resnet.training.distributed import DistInfo
+from dr_resnet.training.distributed import DistInfo, launch_env
 from dr_resnet.training.loop import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
 from dr_resnet.training.preemption import RunStopped, StepBoundary, StopSignals
-from dr_resnet.training.runtime import compile_model, configure_backends, environment
+from dr_resnet.training.runtime import compile_model, configure_backends, cpu_shortfall, environment, usable_cpus
 from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
 
 log = logging.getLogger("dr_resnet.train")
@@ -106,6 +106,9 @@ def build(cfg: Config, info: DistInfo) -> Run:
     """The run's parts (components) assembled for training on this process's device."""
     t = cfg.train
     configure_backends(info.device, t.cudnn_benchmark, t.deterministic)
+    shortfall = cpu_shortfall(cfg.data.workers, launch_env().local_world_size or 1, usable_cpus())
+    if shortfall and info.local_rank == 0:  # once a node
+        log.warning(shortfall)
     execution = components.execution(t.amp, info.device, cfg.data, t.channels_last)
     data = components.datasets(cfg)
     train_loader, train_sampler = components.training_loader(data.train, cfg, info)
