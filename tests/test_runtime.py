@@ -469,3 +469,31 @@ def test_data_workers_beyond_the_cpus_a_process_may_use_are_named_with_a_fit():
     assert message.endswith("set data.workers=1")
     assert cpu_shortfall(2, 4, 3).endswith("set data.workers=0")
     assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
+
+
+def _gather_uneven(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from dr_resnet.training.distributed import gather_rows
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        rows = 5 if rank == 0 else 3  # rank 0 carries the rows of an epoch begun by more processes
+        gathered = gather_rows(torch.arange(rows * 2, dtype=torch.float32).reshape(rows, 2) + 100 * rank)
+        torch.save(gathered, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rows_gathered_from_ranks_that_hold_different_counts():
+    """regression.fit_thresholds=batches after a mid-epoch resume on another number of processes: the
+    ranks hold different numbers of outputs; every rank gets all of them, in rank order, nothing padded."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_gather_uneven, args=(f"{folder}/store", f"{folder}/out"), nprocs=2, start_method="spawn")
+        expected = torch.cat([torch.arange(10.0).reshape(5, 2), torch.arange(6.0).reshape(3, 2) + 100])
+        for rank in (0, 1):
+            assert torch.equal(torch.load(f"{folder}/out.{rank}", weights_only=True), expected)

@@ -210,9 +210,15 @@ def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
     return torch.stack(shards, dim=1).reshape(longest * world, *local.shape[1:])[:total]
 
 
-def gather_equal(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's tensor of the same shape, concatenated in rank order (on the tensor's device)."""
-    return torch.cat(_all_gather_rows(local, local.shape[0])) if _group_size() > 1 else local
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order (on the tensor's device). Ranks may hold different
+    numbers of rows (an epoch resumed by another number of processes: rank 0 carries the rows so far):
+    the lengths are gathered first, every shard padded to the longest and trimmed after."""
+    if _group_size() == 1:
+        return local
+    lengths = torch.cat(_all_gather_rows(torch.tensor([local.shape[0]], device=local.device), 1)).tolist()
+    shards = _all_gather_rows(local, max(lengths))
+    return torch.cat([shard[:n] for shard, n in zip(shards, lengths)])
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

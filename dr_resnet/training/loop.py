@@ -18,7 +18,7 @@ from dr_resnet.data.augment import DeviceAugment
 from dr_resnet.errors import UserError
 from dr_resnet.registry import NONFINITE
 from dr_resnet.results import metrics
-from dr_resnet.training.distributed import all_reduce_max, all_reduce_sum, gather_equal, gather_sharded
+from dr_resnet.training.distributed import all_reduce_max, all_reduce_sum, gather_rows, gather_sharded
 from dr_resnet.training.runtime import Precision, Stopwatch
 
 if TYPE_CHECKING:
@@ -169,8 +169,8 @@ class EpochTotals:
             if self.clipping:
                 stats["clipped_share"] = clipped / steps
         if self.keep_outputs:
-            stats["outputs"] = gather_equal(torch.cat(self.outputs)).cpu().numpy()
-            stats["labels"] = gather_equal(torch.cat(self.labels)).cpu().numpy()
+            stats["outputs"] = gather_rows(torch.cat(self.outputs)).cpu().numpy()
+            stats["labels"] = gather_rows(torch.cat(self.labels)).cpu().numpy()
         return stats
 
 
