@@ -29,7 +29,8 @@ def real_images(photos) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("head,fmt", [("classification", "onnx"), ("classification", "torchscript"),
-                                      ("regression", "onnx"), ("regression", "torchscript"), ("ordinal", "onnx")])
+                                      ("regression", "onnx"), ("regression", "torchscript"), ("ordinal", "onnx"),
+                                      ("ordinal", "torchscript")])
 def test_exported_model_equals_pytorch_on_real_images(runs, photos, tmp_path, head, fmt):
     ckpt = runs[head] / "checkpoint_best.pt"
     path, card, difference = export(ckpt, fmt, tmp_path / "out")
@@ -44,6 +45,14 @@ def test_exported_model_equals_pytorch_on_real_images(runs, photos, tmp_path, he
         assert np.abs(want.referable - got.referable).max() <= EXPORT_TOLERANCE
     one = exported.grade(images[:1])
     assert one.grades.shape == (1,) and one.grades[0] == original.grade(images[:1]).grades[0]
+    # Made on the CPU, it must run on a GPU too: no device is baked into the graph (predict --device cuda).
+    if fmt == "torchscript":
+        graph = str(torch.jit.load(path, map_location="cpu").inlined_graph)
+        assert "Device" not in graph and 'value="cpu"' not in graph
+    else:
+        import onnx
+
+        assert not [n for n in onnx.load(path).graph.node for a in n.attribute if a.s in (b"cpu", b"cuda")]
 
 
 def test_model_card_and_predict_on_an_export(runs, photos, tmp_path, capsys):

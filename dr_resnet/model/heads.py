@@ -181,9 +181,8 @@ class RegressionHead:
         # fit_on: which outputs end_of_epoch wants (regression.fit_thresholds): an eval-mode pass over the
         # training images, the held-out images, the epoch's own training batches, or none (None).
         self.loss_name, self.class_weight, self.fit_on = loss, class_weight, fit_on
-        # Kept on the training device: cutting outputs in the training step copies nothing.
         self.device = torch.device(device)
-        self.thresholds = torch.tensor(thresholds, dtype=torch.float32, device=self.device)
+        self.thresholds = thresholds
 
     def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
         values, targets = outputs.float().squeeze(1), labels.float()
@@ -196,10 +195,21 @@ class RegressionHead:
     def aggregate(self, views: Sequence[Tensor]) -> Tensor:
         return torch.stack([v.float().squeeze(1) for v in views]).mean(dim=0)
 
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """The cut points, float32 values held as Python numbers: compared with an output as scalars, so the
+        training step copies nothing to the device and an exported graph holds no device (a tensor of them
+        would be traced with the device of the export, and a TorchScript made on the CPU fail on a GPU)."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, values: Sequence[float]) -> None:
+        self._thresholds = tuple(float(x) for x in np.asarray(values, dtype=np.float32))
+
     def predict(self, aggregated: Tensor) -> Tensor:
         """The number of thresholds at or below each output (torch.bucketize(right=True), in operations
         that ONNX and TorchScript export)."""
-        return (aggregated.unsqueeze(1) >= self.thresholds.to(aggregated.device)).sum(dim=1)
+        return torch.stack([aggregated >= cut for cut in self.thresholds], dim=1).sum(dim=1)
 
     def predict_outputs(self, outputs: Tensor) -> Tensor:
         return self.predict(outputs.float().squeeze(1))
@@ -223,11 +233,11 @@ class RegressionHead:
         return float(np.dot(np.arange(NUM_GRADES), shares))
 
     def state(self) -> dict:
-        return {"thresholds": self.thresholds.tolist()}
+        return {"thresholds": list(self.thresholds)}
 
     def load_state(self, state: dict) -> None:
         if "thresholds" in state:
-            self.thresholds = torch.tensor(state["thresholds"], dtype=torch.float32, device=self.device)
+            self.thresholds = state["thresholds"]
 
     def end_of_epoch(self, values: np.ndarray, labels: np.ndarray) -> dict:
         """Re-fit the thresholds on the outputs fit_on names; what to log for the epoch."""
@@ -237,11 +247,10 @@ class RegressionHead:
     def fit_thresholds(self, values: np.ndarray, labels: np.ndarray) -> list[float]:
         """Re-fit for QWK on these outputs; non-finite outputs (a diverging run) keep the thresholds."""
         if np.isfinite(values).all() and len(values):
-            self.thresholds = torch.tensor(optimize_thresholds(values, labels, self.thresholds.tolist()),
-                                           dtype=torch.float32, device=self.device)
+            self.thresholds = optimize_thresholds(values, labels, list(self.thresholds))
         else:
             log.warning("regression outputs are not finite (training diverged? lower train.lr): thresholds kept")
-        return self.thresholds.tolist()
+        return list(self.thresholds)
 
 
 class OrdinalHead(TemperatureScaled):
