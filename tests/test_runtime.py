@@ -324,6 +324,24 @@ def test_a_skipped_non_finite_step_changes_no_weight_and_no_batchnorm_statistic(
     assert trainer.scheduler.last_epoch == 3  # the schedule goes on: skipped steps still count as steps
 
 
+
+def test_fp16_with_skip_puts_back_the_statistics_of_an_overflowing_forward_pass():
+    """fp16 (GradScaler) and train.nonfinite=skip: a forward pass that overflows fp16 leaves NaN/inf
+    BatchNorm statistics; they are put back, so later evaluations stay finite (CPU autocast in fp16)."""
+    trainer = tiny_trainer("classification", clip=0.0)
+    trainer.nonfinite = "skip"
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    trainer.execution = Execution(torch.device("cpu"), Precision(torch.float16), DeviceAugment())
+    trainer.run_steps(batches(1), epoch_generator(0, 0, 0), EpochTotals(torch.device("cpu")))
+    with torch.no_grad():
+        trainer.model.conv1.weight.mul_(1e7)  # the first convolution now overflows fp16's range
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "running" in k or "tracked" in k}
+    totals = EpochTotals(torch.device("cpu"))
+    trainer.run_steps(batches(2), epoch_generator(0, 1, 0), totals)
+    after = trainer.model.state_dict()
+    assert int(totals.nonfinite) == 2 and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def _linear_with_grads(seed: int) -> tuple[torch.nn.Module, list[list[torch.Tensor]]]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))

@@ -209,8 +209,9 @@ class Trainer:
     preemption.StepBoundary) and nothing is saved after it. "skip": the optimizer leaves such a step out
     (fused SGD on CUDA reads the flag on the device, as it does for fp16's GradScaler; on CPU the host
     reads it), the BatchNorm statistics its forward pass moved are put back, and the epoch's totals
-    leave it out too. In fp16 the GradScaler already skips steps whose
-    gradients overflow, and lowers its scale: only a non-finite loss counts there.
+    leave it out too. In fp16 the GradScaler already skips steps whose gradients overflow, and lowers its
+    scale: only a non-finite loss counts there, and the statistics are put back when the loss or they
+    are not finite (an overflowing forward pass).
     """
 
     model: nn.Module
@@ -236,7 +237,7 @@ class Trainer:
         norm): finite is a device bool, false when the loss or the gradients held inf or NaN; norm the
         gradients' global norm before clipping (None in fp16 without clipping: the scaler checks alone)."""
         inputs = self.execution.augment.train(images, generator)
-        skipping = self.nonfinite == "skip" and not self.scaler.is_enabled()
+        skipping = self.nonfinite == "skip"
         statistics = [(b, b.clone()) for b in self.model.buffers()] if skipping else []
         with self.execution.precision.autocast(self.device):
             outputs = self.model(inputs)
@@ -252,12 +253,14 @@ class Trainer:
             norm = total_grad_norm(self.model.parameters())
         if not self.scaler.is_enabled():  # fp16: the scaler checks the gradients itself
             finite = finite & torch.isfinite(norm)
-        if skipping:
+        if skipping and not self.scaler.is_enabled():
             self._step_unless(finite)
-            for buffer, before in statistics:  # BatchNorm's running statistics, as they were unless finite
-                buffer.copy_(torch.where(finite, buffer, before))
         else:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # fp16: the scaler skips steps whose gradients overflowed
+        if statistics:  # BatchNorm's running statistics, as they were unless the step's forward pass was finite
+            intact = finite & torch.stack([torch.isfinite(b).all() for b, _ in statistics if b.is_floating_point()]).all()
+            for buffer, before in statistics:
+                buffer.copy_(torch.where(intact, buffer, before))
         self.scaler.update()
         self.scheduler.step()
         return loss, outputs, finite, norm
