@@ -262,3 +262,35 @@ def test_lesion_scores_count_mass_area_and_pointing():
     assert scores["pointing_chance"] == pytest.approx(16 / 100)  # 4x4 once grown by a pixel
     heat[5, 5] = 10
     assert not lesion_scores(heat, mask)["pointing_hit"]
+
+
+def test_grad_cam_keeps_no_graph_for_the_parameters():
+    """Grad-CAM needs the gradient of layer4's output only: what autograd saves for backward is a small
+    share of what it saves with every parameter's graph (as predict did before), the maps are the same
+    bit for bit, and the parameters are trainable again afterwards."""
+    from captum.attr import LayerGradCam
+
+    from dr_resnet.model.resnet import build_resnet
+
+    torch.manual_seed(0)
+    network = build_resnet(18, 5).eval()
+    inputs, targets = torch.randn(2, 3, 96, 96), torch.tensor([1, 3])
+
+    def saved_bytes(work) -> tuple[int, object]:
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = work()
+        return total[0], result
+
+    ours, maps = saved_bytes(lambda: grad_cam(network, inputs, targets))
+    with torch.enable_grad():
+        every, _ = saved_bytes(lambda: LayerGradCam(network, network.layer4).attribute(inputs, target=targets))
+    assert ours < every / 4, (ours, every)
+    assert all(p.requires_grad for p in network.parameters())
+    for p in network.parameters():
+        p.requires_grad_(False)
+    assert torch.equal(maps, grad_cam(network, inputs, targets))  # frozen or not: the same maps

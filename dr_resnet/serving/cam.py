@@ -33,12 +33,21 @@ def cam_targets(head_kind: str, grades: Tensor) -> Tensor | int:
 
 def grad_cam(network: nn.Module, inputs: Tensor, targets: Tensor | int, layer: str = CAM_LAYER) -> Tensor:
     """(N, H, W) maps in [0, 1] (each divided by its maximum; all zero where nothing speaks for the
-    target) at the inputs' size, from the normalised float `inputs`; `layer`: the stage explained."""
+    target) at the inputs' size, from the normalised float `inputs`; `layer`: the stage explained. Only the
+    layer's output needs a gradient: the parameters are frozen meanwhile, so autograd keeps no graph for
+    them (ResNet50 at 512 px in a batch would otherwise hold every layer's activations, as training does)."""
     from captum.attr import LayerAttribution, LayerGradCam
 
-    with torch.enable_grad():
-        attribution = LayerGradCam(network, getattr(network, layer)).attribute(
-            inputs.float(), target=targets, relu_attributions=True)
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            attribution = LayerGradCam(network, getattr(network, layer)).attribute(
+                inputs.float(), target=targets, relu_attributions=True)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     maps = LayerAttribution.interpolate(attribution.detach().float(), tuple(inputs.shape[-2:]),
                                         interpolate_mode="bilinear").squeeze(1).clamp(min=0)
     peak = maps.flatten(1).amax(dim=1).clamp(min=1e-12).view(-1, 1, 1)
