@@ -515,3 +515,15 @@ def test_rows_gathered_from_ranks_that_hold_different_counts():
         expected = torch.cat([torch.arange(10.0).reshape(5, 2), torch.arange(6.0).reshape(3, 2) + 100])
         for rank in (0, 1):
             assert torch.equal(torch.load(f"{folder}/out.{rank}", weights_only=True), expected)
+
+
+def test_compile_with_sync_batchnorm_on_several_gpus_is_refused_naming_both_keys():
+    from dr_resnet import config
+    from dr_resnet.training.components import distributed_model
+    from dr_resnet.training.distributed import DistInfo
+
+    cfg = config.load(None, ["train.compile=true", "train.sync_bn=true"])
+    gpus = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cuda", 0), launcher="torchrun")
+    with pytest.raises(ConfigError, match="train.compile=true with train.sync_bn=true on 2 GPU") as refused:
+        distributed_model(torch.nn.BatchNorm2d(3), cfg, gpus)  # refused before any GPU is touched
+    assert "train.sync_bn=false" in str(refused.value) and "train.compile=false" in str(refused.value)

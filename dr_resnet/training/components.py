@@ -178,6 +178,11 @@ def distributed_model(network: nn.Module, cfg: Config, info: DistInfo) -> nn.Mod
         return network
     cuda = info.device.type == "cuda"
     sync_bn = cfg.train.sync_bn and cuda
+    if sync_bn and cfg.train.compile:
+        raise ConfigError(f"train.compile=true with train.sync_bn=true on {info.world_size} GPU process(es): "
+                          "torch.compile breaks its graph at every SyncBatchNorm layer (some torch versions crash "
+                          "there), which undoes what compiling is for; set train.sync_bn=false (each GPU keeps its own "
+                          "BatchNorm statistics: fine from about 32 images a GPU) or train.compile=false")
     if sync_bn:
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
         log.info("SyncBatchNorm over %d process(es); DDP does not broadcast buffers", info.world_size)
