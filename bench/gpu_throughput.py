@@ -99,25 +99,35 @@ def pure_pair(depth: int, compiled: bool, batch: int, size: int, steps: int, rou
 
 
 def loop_rate(data: Path, depth: int, compiled: bool, batch: int, size: int, workers: int, steps: int,
-              warmup: int) -> tuple[float, float]:
-    """(c): the training loop as dr_resnet.train builds it, timed over `steps` batches after `warmup`;
-    (images/s, peak GiB)."""
+              warmup: int, rounds: int = 3) -> tuple[float, float]:
+    """(c): the training loop as dr_resnet.train builds it; (median images/s over `rounds` windows of `steps`
+    batches, peak GiB). Untimed first: `warmup` batches (workers up, kernels chosen or compiled), then the
+    batches the workers decoded meanwhile (prefetch_factor 2 each), so that no window is served from a queue
+    filled before it began. Epochs follow one another as in training (the loader keeps its workers)."""
     cfg = config.load(None, [f"data.root={data}", f"data.image_size={size}", f"train.batch_size={batch}",
                              f"data.workers={workers}", f"model.depth={depth}", "train.device=cuda", "train.amp=bf16",
                              f"train.compile={str(compiled).lower()}", "output.dir=/tmp/dr_resnet_bench_unused"])
     run = build(cfg, DistInfo(device=CUDA))
-    needed = (warmup + steps) * batch
-    if len(run.train_loader.dataset) < needed:
-        sys.exit(f"error: {data} has {len(run.train_loader.dataset)} training images; the loop needs {needed} "
-                 f"((warm-up {warmup} + steps {steps}) x batch {batch})")
-    batches = iter(run.train_loader)
+    if len(run.train_loader) < 1:
+        sys.exit(f"error: {data} has {len(run.train_loader.dataset)} training images: fewer than one batch of {batch}")
+
+    def endless():
+        for epoch in itertools.count():
+            run.train_sampler.set_epoch(epoch)
+            yield from run.train_loader
+
+    batches = endless()
     generator = epoch_generator(0, 0, 0, CUDA)
-    run.trainer.run_steps(itertools.islice(batches, warmup), generator, EpochTotals(CUDA))  # workers up, compiled
+    prefetched = 2 * workers  # DataLoader's default prefetch_factor per worker
+    run.trainer.run_steps(itertools.islice(batches, warmup + prefetched), generator, EpochTotals(CUDA))
 
     def timed() -> float:
-        watch = Stopwatch(CUDA)
-        run.trainer.run_steps(itertools.islice(batches, steps), generator, EpochTotals(CUDA))
-        return steps * batch / watch.seconds()
+        rates = []
+        for _ in range(rounds):
+            watch = Stopwatch(CUDA)
+            run.trainer.run_steps(itertools.islice(batches, steps), generator, EpochTotals(CUDA))
+            rates.append(steps * batch / watch.seconds())
+        return statistics.median(rates)
 
     return peak_gib(timed)
 
@@ -187,7 +197,8 @@ def main() -> int:
              f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
              f"torchvision {torchvision.__version__}",
              f"batch {args.batch} at {args.size} px, bf16 autocast, channels_last, fused SGD; medians of {args.rounds} "
-             f"rounds x {args.steps} steps; (c) over {args.steps} batches after {args.warmup} warm-up batches", ""]
+             f"rounds x {args.steps} steps; (c) the median of {args.rounds} windows of {args.steps} batches, after "
+             f"{args.warmup} warm-up batches and the batches the workers had decoded meanwhile", ""]
     lines += ["| model | mode | (a) torchvision img/s | (b) dr_resnet img/s | (b)/(a) | (c) loop img/s, "
               f"{args.workers} workers | (c)/(b) | (d) peak GiB (b) / (c) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
@@ -197,7 +208,7 @@ def main() -> int:
             start = time.perf_counter()
             pure, _ = pure_pair(depth, mode == "compiled", args.batch, args.size, args.steps, args.rounds)
             loop, loop_peak = loop_rate(data, depth, mode == "compiled", args.batch, args.size, args.workers,
-                                        args.steps, args.warmup)
+                                        args.steps, args.warmup, args.rounds)
             if mode == "eager":
                 eager_b[depth] = pure.ours
             speedup = f" ({pure.ours / eager_b[depth]:.2f}x eager)" if mode == "compiled" else ""
@@ -209,7 +220,7 @@ def main() -> int:
               "| data workers | (c) loop img/s | (c)/(b) |", "| --- | --- | --- |"]
     depth = min(eager_b)
     for workers in (int(w) for w in args.worker_sweep.split(",") if w):
-        loop, _ = loop_rate(data, depth, False, args.batch, args.size, workers, args.steps, args.warmup)
+        loop, _ = loop_rate(data, depth, False, args.batch, args.size, workers, args.steps, args.warmup, args.rounds)
         lines.append(f"| {workers} | {loop:.0f} | {loop / eager_b[depth]:.3f} |")
         print(lines[-1], flush=True)
     per_core = decode_rate(data, args.size)

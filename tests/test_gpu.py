@@ -197,6 +197,7 @@ def test_one_gpu_torchrun_run_resumes_and_its_checkpoint_predicts_the_same_on_cp
     np.testing.assert_allclose(outputs["cuda"], outputs["cpu"], atol=1e-4)
 
 
+@pytest.mark.slow  # torch.compile: make gpu-check-full, not the quick tier
 def test_compiled_training_resumes_with_plain_checkpoints(tiny, tmp_path):
     run_dir = tmp_path / "compiled"
     run_training(1, tiny, run_dir, "train.epochs=1", "train.compile=true")
@@ -221,6 +222,8 @@ def test_predict_on_the_gpu_grades_as_the_cpu_and_draws_heat_maps(runs, photos, 
     """predict --device cuda (bf16 autocast on recent GPUs, channels_last) against --device cpu (fp32)."""
     import csv
 
+    pytest.importorskip("captum", reason="the heat maps (--cam) need captum")
+
     from dr_resnet.serving.predict import main as predict_main
 
     images = [str(p) for p in sorted((photos / "raw" / "images").iterdir())[:16]]
@@ -232,3 +235,67 @@ def test_predict_on_the_gpu_grades_as_the_cpu_and_draws_heat_maps(runs, photos, 
     p = {d: np.array([[float(r[f"p_grade{k}"]) for k in range(5)] for r in rows[d]]) for d in rows}
     assert np.abs(p["cpu"] - p["cuda"]).max() < 0.05  # bf16 rounding
     assert len(list((tmp_path / "cam").iterdir())) == 16
+
+
+def test_fp16_fused_sgd_after_an_overflowing_first_step_equals_plain_sgd():
+    """fp16's GradScaler skips a first step whose scaled gradients overflow (likely for ResNet50 from
+    scratch at 512 px): fused SGD's next step must leave finite weights, equal to plain SGD's one step."""
+    import copy
+
+    from dr_resnet.training.components import sgd
+
+    torch.manual_seed(0)
+    model = build_resnet(18, 5).to(CUDA)
+    reference = copy.deepcopy(model)
+    images = torch.randn(8, 3, 64, 64, device=CUDA)
+    labels = torch.randint(0, 5, (8,), device=CUDA)
+
+    def step(network, optimizer, scaler) -> None:
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = torch.nn.functional.cross_entropy(network(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    fused = sgd(model.parameters(), 0.01, 0.9, 5e-4, fused=True)
+    overflowing = torch.amp.GradScaler("cuda", init_scale=2.0**100, backoff_factor=2.0**-90)
+    step(model, fused, overflowing)
+    assert overflowing.get_scale() == 2.0**10  # the first step was skipped
+    step(model, fused, overflowing)
+    plain = sgd(reference.parameters(), 0.01, 0.9, 5e-4, fused=False)
+    step(reference, plain, torch.amp.GradScaler("cuda", init_scale=2.0**10))
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("head", ["classification", "regression", "ordinal"])
+def test_exports_made_on_the_cpu_grade_on_the_gpu(runs, photos, tmp_path, head, fmt):
+    """An export made on the CPU, run with predict --device cuda: no device is baked into it."""
+    if fmt == "onnx":
+        onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX exports need onnxruntime")
+        pytest.importorskip("onnx", reason="ONNX exports need onnx")
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            pytest.skip("onnxruntime has no CUDA provider here (onnxruntime-gpu): an ONNX export runs on the CPU")
+    from dr_resnet.serving.export import export
+    from dr_resnet.serving.grading import load_grader
+
+    path, _, _ = export(runs[head] / "checkpoint_best.pt", fmt, tmp_path / "out")
+    images = torch.stack([load_grader(path, torch.device("cpu")).recipe.prepare(p)
+                          for p in sorted((photos / "raw" / "images").iterdir())[:8]])
+    on_cpu, on_gpu = load_grader(path, torch.device("cpu")).grade(images), load_grader(path, CUDA).grade(images)
+    assert np.array_equal(on_cpu.grades, on_gpu.grades)
+    assert np.abs(on_cpu.values - on_gpu.values).max() < 1e-3
+
+
+def test_a_cpu_checkpoint_resumes_on_the_gpu_in_fp16_with_skip(tiny, tmp_path):
+    """A run begun on the CPU goes on on the GPU (fused SGD, fp16's scaler, train.nonfinite=skip): the
+    optimizer keeps this process's flags, and the epochs after the move are finite."""
+    run_dir = tmp_path / "moved"
+    run_training(1, tiny, run_dir, "train.epochs=1", "train.device=cpu")
+    second = run_training(1, tiny, run_dir, "train.epochs=2", "train.amp=fp16", "train.nonfinite=skip")
+    assert "resumed" in second.stderr and "precision fp16" in second.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(np.isfinite(r["test_loss"]) for r in rows)
