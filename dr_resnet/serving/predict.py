@@ -153,8 +153,11 @@ def predict(grader: Grader, paths: list[Path], out: Path, tta: str = "none", bat
         writer.writerow(header)
         for images, indices, errors in loader:
             ok = torch.tensor([not e for e in errors], dtype=torch.bool)
-            graded = grader.grade(images[ok], tta) if ok.any() else None
-            maps = _heat_maps(grader, images[ok], graded) if cam_dir is not None and graded is not None else None
+            # The batch as the loader pinned it when every photo decoded (indexing copies it to pageable
+            # memory, whose copy to the GPU can no longer overlap); only the good ones otherwise.
+            good = images if ok.all() else images[ok]
+            graded = grader.grade(good, tta) if ok.any() else None
+            maps = _heat_maps(grader, good, graded) if cam_dir is not None and graded is not None else None
             k = 0
             for j, (i, error) in enumerate(zip(indices.tolist(), errors)):
                 row = {"path": str(paths[i]), "error": error}
