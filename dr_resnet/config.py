@@ -42,6 +42,7 @@ ClassWeights = Literal["none", "balanced"]
 SelectBy = Literal["qwk", "accuracy", "loss"]
 Sampler = Literal["progressive", "random", "balanced"]
 Calibration = Literal["none", "temperature"]
+Resume = Literal["auto", "never", "must"]
 WandbMode = Literal["online", "offline", "disabled"]
 
 
@@ -149,6 +150,8 @@ class TrainConfig:
     # qwk | accuracy | loss. Without a held-out part the final epoch is the result
     log_every: int = 20  # batches between progress-bar updates of loss/accuracy
     checkpoint_every_minutes: float = 20.0  # a resumable checkpoint inside an epoch after this long (0: at epoch ends only)
+    resume: Resume = "auto"  # a checkpoint in output.dir: auto (resume it if the config agrees: see ON_RESUME) |
+    # never (move the folder's files aside into replaced-<time>/ and start over) | must (an error without one)
     nonfinite: NonFinite = "stop"  # a non-finite loss or gradient: stop (an error naming the step) | skip (leave the step out)
     nonfinite_skip_limit: float = 0.01  # with skip: stop when more than this share of an epoch's steps were left out
     calibration: Calibration = "none"  # none | temperature (fit a temperature on the held-out split after each epoch, for
@@ -403,6 +406,24 @@ def save(cfg: Config, path: str | os.PathLike, recorded: dict[str, Any] | None =
 NOT_THE_ARM = ("train.seed", "train.device", "train.compile", "train.cudnn_benchmark", "train.deterministic",
                "train.channels_last", "train.log_every", "train.checkpoint_every_minutes", "train.eval_batch_size",
                "data.workers", "output.", "wandb.")
+
+
+# Keys a resumed run may change: how long it goes on (train.epochs extends it), where and how it runs, what
+# it logs, and what a bad step does. Any other difference from the checkpoint's config stops the resume
+# (train.resume, the `resume` function in training/train.py).
+ON_RESUME = ("train.epochs", "train.resume", "train.device", "train.amp", "train.compile", "train.cudnn_benchmark",
+             "train.deterministic", "train.channels_last", "train.sync_bn", "train.log_every",
+             "train.checkpoint_every_minutes", "train.eval_batch_size", "train.nonfinite", "train.nonfinite_skip_limit",
+             "data.workers", "output.", "wandb.")
+
+
+def changed_on_resume(saved: dict[str, Any], requested: Config) -> list[str]:
+    """The keys (beyond ON_RESUME) whose requested value differs from the checkpoint's config, as
+    "key: old -> new"."""
+    before, after = settings_of(saved), settings_of(requested.to_dict())
+    return [f"{key}: {before.get(key)} -> {after[key]}" for key in after
+            if str(before.get(key)) != str(after[key])
+            and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in ON_RESUME)]
 
 
 def settings_of(content: dict[str, Any]) -> dict[str, Any]:

@@ -448,3 +448,31 @@ def test_a_collapsed_run_is_flagged_everywhere(tiny, tmp_path, capsys):
     import csv
     with open(run_dir / "results.csv") as f:
         assert next(csv.DictReader(f))["collapsed"] == summary["collapsed"]
+
+
+def test_resume_refuses_a_changed_config_and_starts_over_only_when_told(tiny, tmp_path, capfd):
+    """Re-running into a folder with a checkpoint: train.epochs extends it; a changed learning rate or
+    depth is refused, naming each key with its old and new value (no epoch trained, config.yaml as it
+    was); train.resume=never moves the old files aside and starts over; train.resume=must needs one."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    assert main(overrides(tiny, run_dir, "train.epochs=1", "data.workers=0")) == 0
+    saved = (run_dir / "config.yaml").read_text()
+    capfd.readouterr()
+    assert main(overrides(tiny, run_dir, "train.epochs=2", "data.workers=0", "train.lr=0.5", "model.depth=50")) == 2
+    err = capfd.readouterr().err
+    assert "train.lr: 0.02 -> 0.5" in err and "model.depth: 18 -> 50" in err and "train.epochs" not in err.split("config:")[1]
+    assert "output.dir" in err and "train.resume=never" in err and "Traceback" not in err
+    assert len(metrics_rows(run_dir)) == 1 and (run_dir / "config.yaml").read_text() == saved
+    assert main(overrides(tiny, run_dir, "train.epochs=2", "data.workers=0", "train.lr=0.5", "train.resume=never")) == 0
+    aside = list(run_dir.glob("replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "checkpoint_last.pt").is_file() and len(metrics_rows(aside[0])) == 1
+    rows = metrics_rows(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2] and yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"] == 0.5
+    assert checkpoint.load(run_dir / "checkpoint_last.pt")["optimizer"]["param_groups"][0]["initial_lr"] == 0.5
+    assert main(overrides(tiny, run_dir, "train.epochs=3", "data.workers=0", "train.lr=0.5", "data.workers=1")) == 0
+    assert [r["epoch"] for r in metrics_rows(run_dir)] == [1, 2, 3]  # extended; data.workers may change
+    capfd.readouterr()
+    assert main(overrides(tiny, tmp_path / "empty", "train.resume=must")) == 2
+    assert "train.resume=must: no checkpoint to resume in" in capfd.readouterr().err

@@ -187,11 +187,24 @@ def resume(run: Run) -> Resumed:
     """The run directory's resume point: checkpoint_last.pt, or checkpoint_prev.pt when the last one is
     damaged (rank 0 then moves the damaged file aside, so that the next checkpoint cannot take its place
     as the previous one). Nothing: a fresh start."""
-    last = run.run_dir / LAST_CHECKPOINT
+    policy, last = run.cfg.train.resume, run.run_dir / LAST_CHECKPOINT
+    if policy == "never":
+        if run.info.is_main:
+            set_aside(run.run_dir)
+        distributed.barrier()
+        return Resumed()
     found = checkpoint.load_resumable([last, run.run_dir / PREV_CHECKPOINT])
     if found is None:
+        if policy == "must":
+            raise ConfigError(f"train.resume=must: no checkpoint to resume in {run.run_dir}")
         return Resumed()
     state, path = found
+    changed = config.changed_on_resume(state.config, run.cfg)
+    if changed:
+        raise ConfigError(f"{path} was trained with another config: {'; '.join(changed)}. Resuming would train on "
+                          f"with the checkpoint's settings while config.yaml claimed these; set output.dir to a new "
+                          f"folder, or train.resume=never to start over in {run.run_dir} (its files are moved aside "
+                          f"into a replaced-<time> folder, nothing is deleted)")
     distributed.barrier()  # every rank has read its checkpoint before rank 0 moves anything
     if path != last and run.info.is_main and last.exists():
         damaged = last.with_name(last.name + ".damaged")
@@ -224,6 +237,21 @@ def resume(run: Run) -> Resumed:
     else:
         log.info("resumed %s after epoch %d", path, state.epoch)
     return Resumed(int(state.epoch), state.wandb_id, where)
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """train.resume=never: the run folder's files (its train.log stays: it holds every attempt) moved into
+    run_dir/replaced-<time>/; None when there is nothing to move."""
+    files = [p for p in run_dir.iterdir() if p.name != TRAIN_LOG and not p.name.startswith("replaced-")] \
+        if run_dir.is_dir() else []
+    if not files:
+        return None
+    aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in files:
+        path.rename(aside / path.name)
+    log.warning("train.resume=never: moved %d file(s) of the earlier run to %s; starting over", len(files), aside)
+    return aside
 
 
 def selection(rows: list[dict], select_by: str) -> dict:
