@@ -92,11 +92,24 @@ def test_weights_from_a_checkpoint_file_with_ddp_prefix(tmp_path):
         assert torch.equal(model.state_dict()[key], value), key
 
 
-def test_weights_file_that_does_not_fit_is_refused(tmp_path):
+def test_weights_file_that_does_not_fit_is_refused_in_one_line_naming_both(tmp_path):
+    from dr_resnet.errors import UserError
+    from dr_resnet.model.resnet import WeightsMismatchError, architecture_of
+
     path = tmp_path / "r50.pt"
     torch.save(build_resnet(50).state_dict(), path)
-    with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
+    with pytest.raises(WeightsMismatchError) as refused:
         build_resnet(18, weights=path)
+    message = str(refused.value)
+    assert isinstance(refused.value, UserError) and "\n" not in message
+    assert message == (f"{path} holds ResNet50 weights; model.depth=18 builds a ResNet18: set model.depth=50 or give "
+                       "weights of a ResNet18")
+    assert [architecture_of(build_resnet(d).state_dict()) for d in DEPTHS] == list(DEPTHS)
+    shrunk = build_resnet(18).state_dict()
+    shrunk["layer1.0.conv1.weight"] = shrunk["layer1.0.conv1.weight"][:32]  # right blocks, a wrong shape
+    torch.save(shrunk, tmp_path / "shrunk.pt")
+    with pytest.raises(WeightsMismatchError, match="do not fit ResNet18: size mismatch for layer1.0.conv1.weight"):
+        build_resnet(18, weights=tmp_path / "shrunk.pt")
     with pytest.raises(WeightsNotFoundError, match="nothing.pt"):
         build_resnet(18, weights=tmp_path / "nothing.pt")
 

@@ -216,22 +216,44 @@ def build_resnet(depth: int, num_classes: int = NUM_GRADES, weights: str | os.Pa
         state, source = load_imagenet_state_dict(depth), f"torchvision IMAGENET1K_V1 ({imagenet_cache_path(depth)})"
     else:
         state, source = load_state_dict_file(weights), str(weights)
-    _load_backbone(model, state, source)
+    _load_backbone(model, state, source, depth)
     return model
 
 
-def _load_backbone(model: ResNet, state: Mapping[str, Tensor], source: str) -> None:
+class WeightsMismatchError(UserError, ValueError):
+    """Weights of another architecture than the model asks for; the message names both."""
+
+
+def architecture_of(state: Mapping[str, Tensor]) -> int | None:
+    """The registry depth whose block and stage sizes these ResNet weights have (None: none of them)."""
+    layers = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+    block = "bottleneck" if any(".conv3." in k for k in state) else "basic"
+    return next((a.depth for a in ARCHITECTURES.values() if (a.block, a.layers) == (block, layers)), None)
+
+
+def _load_backbone(model: ResNet, state: Mapping[str, Tensor], source: str, wanted: int) -> None:
+    """`state` into the ResNet{wanted} `model` (see build_resnet); another architecture is one error naming both."""
     head_shape = model.fc.weight.shape
     state = dict(state)
+    found = architecture_of(state)
+    if found != wanted:
+        what = f"ResNet{found} weights" if found else "no ResNet's weights (of registry.ARCHITECTURES)"
+        hint = f": set model.depth={found} or give weights of a ResNet{wanted}" if found else ""
+        raise WeightsMismatchError(f"{source} holds {what}; model.depth={wanted} builds a ResNet{wanted}{hint}")
     if "fc.weight" in state and state["fc.weight"].shape != head_shape:
         log.info("weights from %s: head has %d classes, model %d: keeping a fresh head",
                  source, state["fc.weight"].shape[0], head_shape[0])
         del state["fc.weight"], state["fc.bias"]
         missing, unexpected = model.load_state_dict(state, strict=False)
         if set(missing) != {"fc.weight", "fc.bias"} or unexpected:
-            raise ValueError(f"weights from {source} do not fit resnet: missing {missing}, unexpected {unexpected}")
+            raise WeightsMismatchError(f"weights from {source} do not fit ResNet{wanted}: {len(missing)} key(s) "
+                                       f"missing (first {missing[:3]}), {len(unexpected)} unexpected")
     else:
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:  # a shape or key that does not fit: torch lists each on its own line
+            raise WeightsMismatchError(f"weights from {source} do not fit ResNet{wanted}: "
+                                       f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
     log.info("loaded weights from %s", source)
 
 
