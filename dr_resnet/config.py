@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,11 +101,11 @@ class RegressionConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data/synthetic_128"
+    root: str = "data/synthetic_128"  # the dataset folder (a format below; python -m dr_resnet.preprocess writes one)
     format: DataFormat = "auto"  # auto | lab | kaggle | aptos
-    train_split: str = "train"
-    test_split: str = "test"
-    image_size: int = 512
+    train_split: str = "train"  # the split trained on (and its held-out part)
+    test_split: str = "test"  # the split every epoch is tested on (never chosen on)
+    image_size: int = 512  # pixels a side the network sees (photos are resized to it)
     workers: int = 4  # data-loading processes per training process
     max_rotation: float = 180.0  # degrees, random rotation within +-max_rotation (on the device); 180: any angle,
     # since a fundus photo's orientation carries no grade
@@ -119,7 +120,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 30  # a larger value in a resumed run extends it
     batch_size: int = 32  # per process: the global batch is batch_size x processes
     eval_batch_size: int = 0  # per process; 0 means 2 x batch_size
     lr: float | None = None  # auto (None): the linear-scaling rule, lr_base_* x global batch / lr_base_batch, with
@@ -127,8 +128,8 @@ class TrainConfig:
     lr_base_scratch: float = 0.1  # per lr_base_batch images of global batch, for a network trained from scratch
     lr_base_pretrained: float = 0.01  # the same for a network started from loaded weights (fine-tuning: a tenth)
     lr_base_batch: int = 256  # the linear-scaling rule's reference batch (Goyal et al. 2017)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD's
+    weight_decay: float = 5e-4  # SGD's L2 penalty
     scheduler: Scheduler = "cosine"  # none | cosine (linear warm-up, cosine to 0) | onecycle (lr/25 up to lr, down to lr/25e4)
     warmup_epochs: float = 5.0  # cosine: linear warm-up; onecycle: the rising part (0: 30% of the run)
     device: Device = "auto"  # auto (one GPU per process if CUDA is there, else CPU) | cpu (gloo, even on a GPU box) | cuda
@@ -138,7 +139,7 @@ class TrainConfig:
     cudnn_benchmark: bool = True  # cuDNN picks the fastest kernels for the fixed input size (CUDA only)
     deterministic: bool = False  # deterministic CUDA kernels where PyTorch has them (slower; cudnn_benchmark off)
     compile: bool = False  # torch.compile the model for training and evaluation
-    seed: int = 0
+    seed: int = 0  # the training's randomness (initial weights, order, augmentation); not the held-out split's
     class_weights: ClassWeights = "none"  # none | balanced (inverse class frequency in the loss)
     clip_grad_norm: float = 5.0  # clip the gradients' global norm to this (0: off): a guard against spikes, above
     # the usual norm (at 1.0 it clipped every demo step, which slowed ResNet50 most); the norm before clipping is
@@ -166,8 +167,8 @@ class OutputConfig:
 @dataclass
 class WandbConfig:
     mode: WandbMode = "disabled"  # online | offline | disabled (WANDB_MODE wins)
-    project: str = "dr-resnet"
-    entity: str = ""
+    project: str = "dr-resnet"  # the W&B project
+    entity: str = ""  # the W&B team or user ('' : the logged-in default)
     group: str = ""  # e.g. the sweep's name: the UI groups the four arms by it
     name: str = ""  # default: the run directory's name
     init_timeout: float = 20.0  # seconds an online start may take before falling back to offline
@@ -333,6 +334,55 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
     parent = content.pop("inherit", None)
     chain = _read_yaml(path.parent / parent, seen + (path,)) if parent else []
     return chain + [(content, str(path))]
+
+
+@dataclass(frozen=True)
+class KeyHelp:
+    key: str  # section.key
+    kind: str  # its type as written in the dataclass
+    default: Any
+    choices: tuple  # the allowed values of a Literal field; () otherwise
+    text: str  # the comment beside the field (and the comment lines under it)
+
+
+def key_help() -> list[KeyHelp]:
+    """Every config key with its type, default, allowed values and the comment that documents it in this
+    file: the one source of `train --help`, so the help cannot drift from the dataclasses."""
+    import inspect
+    import re
+
+    found = []
+    for section, kind in typing.get_type_hints(Config).items():
+        comments: dict[str, list[str]] = {}
+        last = None
+        for line in inspect.getsource(kind).splitlines():
+            field_line = re.match(r"\s+(\w+): [^=]+?=[^#]*?(?:#\s*(.*))?$", line)
+            if field_line:
+                last = field_line.group(1)
+                comments[last] = [field_line.group(2) or ""]
+            elif last and re.match(r"\s+#", line):
+                comments[last].append(line.strip().lstrip("#").strip())
+            else:
+                last = None
+        defaults = kind()
+        for f in dataclasses.fields(kind):
+            hint = typing.get_type_hints(kind)[f.name]
+            choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+            name = "auto or float" if f.type in ("float | None", float | None) else getattr(hint, "__name__", str(hint))
+            found.append(KeyHelp(f"{section}.{f.name}", "one of" if choices else name, getattr(defaults, f.name),
+                                 choices, " ".join(t for t in comments.get(f.name, []) if t)))
+    return found
+
+
+def help_text() -> str:
+    """The key table `train --help` prints."""
+    lines = ["config keys (set as section.key=value, after --config; --print-config shows the result):"]
+    for k in key_help():
+        default = "auto" if k.default is None else k.default
+        kind = f"one of {', '.join(map(str, k.choices))}" if k.choices else k.kind
+        lines.append(f"  {k.key} = {default}  ({kind})")
+        lines += textwrap.wrap(k.text, width=110, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 def parse_override(text: str) -> tuple[str, str, str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -63,12 +64,14 @@ from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
 log = logging.getLogger("dr_resnet.train")
 
 
-def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m dr_resnet.train", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    prog = "dr-train" if Path(sys.argv[0]).name == "dr-train" else "python -m dr_resnet.train"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=config.help_text(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (see configs/)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 output.dir=runs/x")
-    args = p.parse_args(argv)
-    return args.config, args.overrides
+    return p.parse_args(argv)
 
 
 @dataclass
@@ -629,12 +632,16 @@ def describe_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_file, overrides = parse_args(argv)
+    args = parse_args(argv)
+    config_file, overrides = args.config, args.overrides
     try:
         cfg = config.load(config_file, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
 
     def work(info: DistInfo) -> int:
         distributed.log_to_file(Path(cfg.output.dir) / TRAIN_LOG, info)
