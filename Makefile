@@ -7,7 +7,7 @@ DATA ?= data
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: demo test bench gpu-install gpu-check gpu-check-full gpu-bench clean
+.PHONY: demo test test-fast bench gpu-install gpu-check gpu-check-full gpu-bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# The developers' loop: ruff and the tests not marked slow (no SLURM cluster, no multi-process resume runs).
+test-fast: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not slow"
 
 bench: $(VENV)/.installed
 	$(PY) bench/model_speed.py

@@ -8,6 +8,8 @@
 #   slurm/local_cluster.sh status          sinfo and the daemons' pids
 #
 # Nodes are n1 (and n2): slurmd daemons on 127.0.0.1, ports 17001/17002, each with this machine's CPUs.
+# It writes /etc/slurm/slurm.conf and slurmdbd.conf (files it did not write are kept as *.dr-resnet-backup
+# and put back by `stop`) and one marked line in /etc/hosts (removed by `stop`).
 set -euo pipefail
 
 NODES=${2:-2}
@@ -17,7 +19,32 @@ STATE=/var/spool/slurmctld
 RUN=/run/dr-resnet-slurm
 MYSQL_SOCKET=/run/mysqld/mysqld.sock
 
+MARK="# written by dr-resnet slurm/local_cluster.sh"
+
 log() { echo "[local_cluster] $*" >&2; }
+
+back_up() {  # a config file someone else wrote is kept aside once, and put back by `stop`
+    if [ -f "$1" ] && ! grep -qF "$MARK" "$1" && [ ! -e "$1.dr-resnet-backup" ]; then
+        cp -p "$1" "$1.dr-resnet-backup"
+        log "kept the existing $1 as $1.dr-resnet-backup (stop puts it back)"
+    fi
+}
+
+restore() {  # undo write_config: the files it replaced back, its own removed, its /etc/hosts line gone
+    local file
+    for file in "$CONF" /etc/slurm/slurmdbd.conf; do
+        if [ -e "$file.dr-resnet-backup" ]; then
+            mv -f "$file.dr-resnet-backup" "$file"
+        elif [ -f "$file" ] && grep -qF "$MARK" "$file"; then
+            rm -f "$file"
+        fi
+    done
+    if grep -q "# dr-resnet local cluster$" /etc/hosts 2>/dev/null; then
+        grep -v "# dr-resnet local cluster$" /etc/hosts >/etc/hosts.dr-resnet.tmp || true
+        cat /etc/hosts.dr-resnet.tmp >/etc/hosts  # in place: /etc/hosts may be a bind mount
+        rm -f /etc/hosts.dr-resnet.tmp
+    fi
+}
 
 wait_for() {  # wait_for SECONDS DESCRIPTION LOGFILE COMMAND...: on a timeout, show the daemon's log
     local limit=$1 what=$2 logfile=$3
@@ -58,7 +85,10 @@ write_config() {
     cpus=$(nproc)
     mem=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9 / '"$NODES"'}' /proc/meminfo)
     mkdir -p /etc/slurm "$STATE" /var/spool/slurmd /var/log/slurm "$RUN"
+    back_up "$CONF"
+    back_up /etc/slurm/slurmdbd.conf
     {
+        echo "$MARK"
         echo "ClusterName=$CLUSTER"
         echo "SlurmctldHost=$host(127.0.0.1)"
         echo "SlurmUser=root"
@@ -94,6 +124,7 @@ write_config() {
         echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
     } >"$CONF"
     cat >/etc/slurm/slurmdbd.conf <<EOF
+$MARK
 AuthType=auth/munge
 DbdHost=localhost
 SlurmUser=root
@@ -170,7 +201,9 @@ stop() {
         kill -9 "$pid" 2>/dev/null || true
         rm -f "$pidfile"
     done
-    [ "${1:-}" = quiet ] || log "stopped"
+    [ "${1:-}" = quiet ] && return 0
+    restore
+    log "stopped; the files it replaced under /etc are back"
 }
 
 status() {
