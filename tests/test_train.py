@@ -476,3 +476,17 @@ def test_resume_refuses_a_changed_config_and_starts_over_only_when_told(tiny, tm
     capfd.readouterr()
     assert main(overrides(tiny, tmp_path / "empty", "train.resume=must")) == 2
     assert "train.resume=must: no checkpoint to resume in" in capfd.readouterr().err
+
+
+def test_a_user_error_under_torchrun_is_printed_once_and_names_the_root_cause(tmp_path):
+    """Every rank meets the same bad data.root: one error line, not one per rank, and torchrun's failure
+    summary names the error (its error file) instead of <N/A>."""
+    missing = tmp_path / "nowhere"
+    cmd = TORCHRUN + ["--standalone", "--nproc_per_node", "2", "-m", "dr_resnet.train", "--config",
+                      str(REPO / "configs" / "demo.yaml"), f"data.root={missing}", "train.device=cpu",
+                      f"output.dir={tmp_path / 'run'}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if "ERROR dr_resnet" in line]
+    assert len(ours) == 1 and f"data root {missing} is not a directory" in ours[0], result.stderr[-3000:]
+    assert f"DatasetError: data root {missing} is not a directory" in result.stderr  # the summary's root cause

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import subprocess
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
@@ -247,7 +248,9 @@ def run_entry(work: Callable[[DistInfo], int | None], device: str = "auto") -> i
         log.info("launch: %s; device %s", env.describe(), _describe_device(info.device))
         return work(info) or 0
     except USER_ERRORS as exc:
-        log.error("%s", exc)
+        _record_for_torchrun(exc)  # every rank's error file: whichever torchrun finds first names the cause
+        if first_to_report(env):  # every rank usually meets the same error: one line, not one per rank
+            log.error("%s", exc)
         return 2
     except Exception:  # logged, so that a run log (log_to_file) holds it too; the exit code stays 1
         log.exception("stopped by an unexpected error")
@@ -257,6 +260,30 @@ def run_entry(work: Callable[[DistInfo], int | None], device: str = "auto") -> i
         for handler in [h for h in logging.getLogger().handlers if isinstance(h, RunLogHandler)]:
             logging.getLogger().removeHandler(handler)
             handler.close()
+
+
+def first_to_report(env: LaunchEnv) -> bool:
+    """Whether this process is the first of its launch on this node to report an error: torchrun's workers
+    share their parent (the agent, once per restart), so the first to create a marker named after it
+    reports and the others stay quiet. Other launchers: every process reports."""
+    if env.launcher != "torchrun" or env.world_size == 1:
+        return True
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    marker = Path(tempfile.gettempdir()) / f"dr_resnet_error_{os.getppid()}_{restart}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _record_for_torchrun(exc: BaseException) -> None:
+    """The error in torchrun's error file (TORCHELASTIC_ERROR_FILE), so that its failure summary names the
+    root cause instead of <N/A>."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(exc)
 
 
 def _describe_device(device: torch.device) -> str:
