@@ -167,10 +167,10 @@ class OutputConfig:
 @dataclass
 class WandbConfig:
     mode: WandbMode = "disabled"  # online | offline | disabled (WANDB_MODE wins)
-    project: str = "dr-resnet"  # the W&B project
+    project: str = ""  # the W&B project ('' : WANDB_PROJECT if set, else dr-resnet)
     entity: str = ""  # the W&B team or user ('' : the logged-in default)
-    group: str = ""  # e.g. the sweep's name: the UI groups the four arms by it
-    name: str = ""  # default: the run directory's name
+    group: str = ""  # the sweep folder's name (both launchers set it): the UI groups the arms by it ('' : WANDB_RUN_GROUP)
+    name: str = ""  # '' : WANDB_NAME if set, else the run directory's name
     init_timeout: float = 20.0  # seconds an online start may take before falling back to offline
     log_checkpoint: bool = False  # upload the best checkpoint as an artifact at the end
     log_predictions: bool = False  # log the selected epoch's per-image test predictions as a W&B Table at the end

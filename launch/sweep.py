@@ -110,12 +110,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def arm_argv(sweep: Sweep, arm: str, run_dir: Path, cli_overrides: list[str], seed: int | None = None) -> list[str]:
+def arm_argv(sweep: Sweep, arm: str, run_dir: Path, cli_overrides: list[str], seed: int | None = None,
+             group: str = "") -> list[str]:
     """The training arguments of one arm: recipe, arm, sweep-wide and command-line overrides, its folder
-    (and with a seed, train.seed and a W&B run name that tells the seeds apart)."""
+    (and with a seed, train.seed and a W&B run name that tells the seeds apart). The W&B group is the
+    sweep folder's name (`group`), as slurm/sweep.sh sets it: one rule for both launchers."""
     seeded = [f"train.seed={seed}", f"wandb.name={arm}_seed{seed}"] if seed is not None else []
     return ["--config", str(sweep.base_config), *sweep.arms[arm], *sweep.overrides, *cli_overrides, *seeded,
-            f"output.dir={run_dir}", f"wandb.group={sweep.name}"]
+            f"output.dir={run_dir}", f"wandb.group={group or sweep.name}"]
 
 
 def run_names(arms: list[str], seeds: list[int]) -> dict[str, tuple[str, str, int | None]]:
@@ -284,7 +286,7 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
     for name, (arm, folder, seed) in run_names(arms, args.seeds).items():
         # every run's config is resolved (and so validated) before anything is submitted
         run_dir = out / folder
-        argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed)
+        argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed, group=out.name)
         plans[name] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
     res = resources(args, [cfg for _, _, cfg in plans.values()])
     slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \

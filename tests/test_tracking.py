@@ -36,7 +36,8 @@ def isolated_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_ENTITY"):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_NAME",
+                "WANDB_TAGS", "WANDB_RUN_GROUP"):
         monkeypatch.delenv(var, raising=False)
     yield
     import wandb
@@ -95,8 +96,10 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     assert state["run_id"] == checkpoint.load(run_dir / "checkpoint_last.pt")["wandb_id"]
     records = inspect(folder)
     run_record = next(r for r in records if r.get("type") == "run")["run"]
-    assert run_record["run_group"] == "sweep-a" and run_record["job_type"] == "resnet18_scratch"
-    assert sorted(run_record["tags"]) == ["resnet18", "scratch", "seed0"]
+    assert run_record["run_group"] == "sweep-a" and run_record["job_type"] == "train"  # W&B's meaning: what it does
+    assert sorted(run_record["tags"]) == ["resnet18", "resnet18_scratch", "scratch", "seed0"]
+    assert state["config"]["run"] == {"arm": "resnet18_scratch", "depth": 18, "initialisation": "scratch", "seed": 0}
+    assert run_record["project"] == "dr-resnet" and run_record["display_name"] == "run"
     assert any(r.get("type") == "artifact" and r["artifact"]["type"] == "model" for r in records)
     # The selected epoch's predictions as a Table (wandb.log_predictions): every test image, its columns.
     [logged] = [h for h in history if h.get("predictions._type") == "table-file"]
@@ -105,6 +108,22 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     content = json.loads(table.read_text())
     predictions = (run_dir / "predictions.csv").read_text().splitlines()
     assert content["columns"] == predictions[0].split(",") and len(content["data"]) == len(predictions) - 1 == 9
+
+
+def test_wandb_variables_fill_what_the_config_leaves_empty(tiny, tmp_path, monkeypatch):
+    """WANDB_PROJECT, WANDB_NAME and WANDB_TAGS count where the config sets nothing; a config value wins."""
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.setenv("WANDB_NAME", "env-name")
+    monkeypatch.setenv("WANDB_TAGS", "cohort-b, night")
+    run_dir = tmp_path / "run"
+    assert train(tiny, run_dir, "wandb.mode=offline", "train.epochs=1") == 0
+    record = next(r for r in inspect(offline_runs(run_dir)[0]) if r.get("type") == "run")["run"]
+    assert record["project"] == "from-env" and record["display_name"] == "env-name"
+    assert {"cohort-b", "night", "resnet18_scratch"} <= set(record["tags"])
+    other = tmp_path / "other"
+    assert train(tiny, other, "wandb.mode=offline", "train.epochs=1", "wandb.project=mine", "wandb.name=given") == 0
+    record = next(r for r in inspect(offline_runs(other)[0]) if r.get("type") == "run")["run"]
+    assert record["project"] == "mine" and record["display_name"] == "given"
 
 
 def test_resumed_run_continues_the_same_wandb_run(tiny, tmp_path):

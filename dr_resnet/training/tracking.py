@@ -27,17 +27,18 @@ from dr_resnet.results.metrics import METRICS
 log = logging.getLogger(__name__)
 
 MODES = typing.get_args(WandbMode)  # wandb.mode
+DEFAULT_PROJECT = "dr-resnet"  # wandb.project when neither the config nor WANDB_PROJECT names one
 
 
 @dataclass(frozen=True)
 class TrackingSettings:
     mode: str = "disabled"
-    project: str = "dr-resnet"
+    project: str = ""  # '' : WANDB_PROJECT, else DEFAULT_PROJECT
     entity: str = ""
-    group: str = ""  # the sweep's name: the W&B UI groups the four arms by it
-    name: str = ""  # the run's name (default: the run directory's name)
-    job_type: str = "train"  # the arm, e.g. resnet18_pretrained: the UI filters and groups by it
-    tags: tuple[str, ...] = ()
+    group: str = ""  # the sweep folder's name: the W&B UI groups the four arms by it ('' : WANDB_RUN_GROUP)
+    name: str = ""  # the run's name ('' : WANDB_NAME, else the run directory's name)
+    job_type: str = "train"  # what the run does: train, eval (W&B's meaning; the arm is a tag and in the config)
+    tags: tuple[str, ...] = ()  # WANDB_TAGS (comma-separated) are added
     init_timeout: float = 20.0  # seconds for an online start before falling back to offline
     log_checkpoint: bool = False  # upload the best checkpoint as an artifact at the end
     log_predictions: bool = False  # log the selected epoch's per-image predictions as a W&B Table at the end
@@ -115,10 +116,13 @@ class Tracker:
 
     def _init(self, wandb, mode: str):
         s = self.settings
+        env_tags = [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+        tags = list(dict.fromkeys([*s.tags, *env_tags]))
         try:
-            return wandb.init(
-                project=s.project, entity=s.entity or None, group=s.group or None, name=s.name or self.run_dir.name,
-                job_type=s.job_type, tags=list(s.tags) or None, config=self.config, dir=str(self.run_dir),
+            return wandb.init(  # a field the config leaves empty: W&B's own WANDB_* variable, then our default
+                project=s.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, entity=s.entity or None,
+                group=s.group or None, name=s.name or os.environ.get("WANDB_NAME") or self.run_dir.name,
+                job_type=s.job_type, tags=tags or None, config=self.config, dir=str(self.run_dir),
                 id=self.run_id, resume="allow", mode=mode, reinit="create_new",
                 settings=wandb.Settings(init_timeout=s.init_timeout, finish_timeout=30, console="off",
                                         silent=True))

@@ -385,12 +385,14 @@ def write_summary(run: Run, figure: bool) -> dict:
 
 def start_tracking(run: Run, wandb_id: str | None) -> Tracker:
     w, depth = run.cfg.wandb, run.cfg.model.depth
-    arm = run.cfg.model.arm
-    settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name or run.run_dir.name,
-                                job_type=arm, tags=(f"resnet{depth}", arm.split("_")[1], f"seed{run.cfg.train.seed}"),
+    arm, initialisation = run.cfg.model.arm, "pretrained" if run.cfg.model.pretrained else "scratch"
+    settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name, job_type="train",
+                                tags=(arm, f"resnet{depth}", initialisation, f"seed{run.cfg.train.seed}"),
                                 init_timeout=w.init_timeout, log_checkpoint=w.log_checkpoint,
                                 log_predictions=w.log_predictions)
-    tracker = Tracker(settings, run.run_dir, wandb_id or new_run_id(), run.cfg.to_dict(), run.info.is_main)
+    described = {**run.cfg.to_dict(), "run": {"arm": arm, "depth": depth, "initialisation": initialisation,
+                                              "seed": run.cfg.train.seed}}  # filters in the W&B UI
+    tracker = Tracker(settings, run.run_dir, wandb_id or new_run_id(), described, run.info.is_main)
     if tracker.active:
         log.info("W&B: %s run %s (start took %.1f s)", tracker.mode, tracker.run_id, tracker.start_seconds)
     return tracker
