@@ -100,7 +100,16 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     assert sorted(run_record["tags"]) == ["resnet18", "resnet18_scratch", "scratch", "seed0"]
     assert state["config"]["run"] == {"arm": "resnet18_scratch", "depth": 18, "initialisation": "scratch", "seed": 0}
     assert run_record["project"] == "dr-resnet" and run_record["display_name"] == "run"
-    assert any(r.get("type") == "artifact" and r["artifact"]["type"] == "model" for r in records)
+    # The selected checkpoint as a model artifact each time the selection moved, and at the end with the
+    # intervals: named model-<run id>, aliases best, latest and epoch-<n>, the metrics in its metadata.
+    models = [r["artifact"] for r in records if r.get("type") == "artifact" and r["artifact"]["type"] == "model"]
+    improved = [r["epoch"] for i, r in enumerate(rows) if r["val_qwk"] > max([-1.0] + [q["val_qwk"] for q in rows[:i]])]
+    assert len(models) == len(improved) + 1 and {m["name"] for m in models} == {f"model-{state['run_id']}"}
+    final = json.loads(models[-1]["metadata"])
+    assert set(models[-1]["aliases"]) == {"best", "latest", f"epoch-{summary['selected']['epoch']}"}
+    assert final["epoch"] == summary["selected"]["epoch"] and final["arm"] == "resnet18_scratch"
+    assert final["val_qwk"] == pytest.approx(summary["selected"]["val_qwk"]) and final["intervals"] == summary["intervals"]
+    assert final["recipe"]["image_size"] == 32 and "intervals" not in json.loads(models[0]["metadata"])
     # The selected epoch's predictions as a Table (wandb.log_predictions): every test image, its columns.
     [logged] = [h for h in history if h.get("predictions._type") == "table-file"]
     assert logged["predictions.nrows"] == 9

@@ -183,16 +183,21 @@ class Tracker:
             self.run.log(media)
         self._guard("summary", write)
 
-    def log_checkpoint(self, path: Path) -> None:
-        if not self.settings.log_checkpoint:
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any]) -> None:
+        """The selected checkpoint as a model artifact, model-<run id> (the name Lightning's logger uses),
+        each time the selection moves to a new epoch and once more at the end (with the intervals), with
+        the aliases `best`, `latest` and `epoch-<n>` and `metadata` (selected epoch, its held-out and test
+        metrics, the recipe): the W&B model registry links to `best`."""
+        if not self.settings.log_checkpoint or not Path(path).is_file():
             return
 
         def upload():
             import wandb
 
-            artifact = wandb.Artifact(f"{self.run_id}-best", type="model")
+            artifact = wandb.Artifact(f"model-{self.run_id}", type="model", metadata=metadata)
             artifact.add_file(str(path))
-            self.run.log_artifact(artifact)
+            aliases = ["best", "latest"] + ([f"epoch-{metadata['epoch']}"] if "epoch" in metadata else [])
+            self.run.log_artifact(artifact, aliases=aliases)
         self._guard("checkpoint artifact", upload)
 
     def log_predictions(self, path: Path) -> None:

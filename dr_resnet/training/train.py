@@ -484,6 +484,7 @@ def record_epoch(run: Run, epoch: int, row: dict, test: EvalResult, val: EvalRes
         return
     if improved:
         write_epoch_predictions(run, test, val)
+        tracker.log_checkpoint(run.run_dir / BEST_CHECKPOINT, checkpoint_metadata(run, row))
     if epoch + 1 == run.cfg.train.epochs:
         write_epoch_predictions(run, test, None, final=True)
     write_summary(run, figure=False)
@@ -495,12 +496,22 @@ def record_epoch(run: Run, epoch: int, row: dict, test: EvalResult, val: EvalRes
              100 * row["test_acc"], row["test_qwk"], row["images_per_s"], row["epoch_seconds"], skipped)
 
 
+def checkpoint_metadata(run: Run, row: dict) -> dict:
+    """What a model artifact says about its checkpoint: the selected epoch, how it was selected, its
+    held-out and test metrics (METRICS), the arm and the recipe."""
+    keys = [m.key(split) for split in ("test", "val") for m in METRICS.values()]
+    return {"epoch": row["epoch"], "selected_on": selected_on(row), "select_by": run.cfg.train.select_by,
+            "arm": run.cfg.model.arm, "head": run.cfg.model.head, "recipe": run.recipe.to_dict(),
+            **{k: row[k] for k in keys if k in row}}
+
+
 def finish(run: Run, tracker: Tracker) -> dict:
     """Rank 0 after the last epoch: the summary with its intervals and figure, and W&B's summary, best
     checkpoint and predictions table."""
     summary = write_summary(run, figure=True)
     tracker.log_summary(summary, run.run_dir / CONFUSION_PNG)
-    tracker.log_checkpoint(run.run_dir / BEST_CHECKPOINT)
+    tracker.log_checkpoint(run.run_dir / BEST_CHECKPOINT,
+                           {**checkpoint_metadata(run, summary["selected"]), "intervals": summary.get("intervals", {})})
     tracker.log_predictions(run.run_dir / PREDICTIONS_FILE)
     return summary
 
