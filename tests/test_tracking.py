@@ -217,3 +217,26 @@ def test_wandb_dying_mid_run_never_reaches_training(tmp_path, caplog):
                          "majority_baseline": 0.5, "epochs_completed": 3, "confusion_matrix": [[1]]}, None)
     tracker.finish()
     assert not tracker.active and "tracking stops here, training goes on" in caplog.text
+
+
+def test_evaluate_logs_an_eval_run_beside_its_training_run(tiny, tmp_path):
+    """evaluate --wandb offline: an eval run (job_type eval) in the training run's group, its metrics and
+    intervals in the summary under the split's name, the confusion matrix, the arm and split as tags."""
+    from dr_resnet.training.evaluate import main as evaluate_main
+
+    run_dir = tmp_path / "run"
+    assert train(tiny, run_dir, "train.epochs=1", "wandb.group=sweep-b") == 0  # trained without W&B
+    out = tmp_path / "eval"
+    assert evaluate_main(["--checkpoint", str(run_dir / "checkpoint_best.pt"), "--data-root", str(tiny), "--out", str(out),
+                          "--device", "cpu", "--workers", "0", "--resamples", "200", "--wandb", "offline"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    [folder] = offline_runs(out)
+    records = inspect(folder)
+    record = next(r for r in records if r.get("type") == "run")["run"]
+    assert record["job_type"] == "eval" and record["run_group"] == "sweep-b" and record["display_name"] == "run-eval-test"
+    assert {"resnet18_scratch", "split-test", "seed0"} <= set(record["tags"])
+    [state] = inspect(folder, "--summary")
+    assert state["summary"]["test/qwk"] == pytest.approx(metrics["qwk"])
+    assert state["summary"]["test/qwk_low"] == pytest.approx(metrics["intervals"]["qwk"]["low"])
+    assert state["summary"]["test/num_samples"] == metrics["num_samples"] == 9
+    assert "confusion_matrix_table" in state["summary"] and state["config"]["evaluation"]["split"] == "test"

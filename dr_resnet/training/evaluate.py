@@ -20,6 +20,7 @@ from dr_resnet.results.stats import RESAMPLES, bootstrap_intervals
 from dr_resnet.training import components, distributed
 from dr_resnet.training.loop import TTA_MODES, evaluate
 from dr_resnet.training.runtime import DEVICES, PRECISIONS, configure_backends
+from dr_resnet.training.tracking import MODES, Tracker, TrackingSettings, new_run_id
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resamples", type=int, default=RESAMPLES,
                    help="bootstrap resamples for the 95%% intervals in metrics.json (0: none)")
     p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv and confusion_matrix.png")
+    p.add_argument("--wandb", default="disabled", choices=MODES,
+                   help="log the evaluation as a W&B run (job_type eval) in the training run's group, with the "
+                        "training run's project and entity (WANDB_MODE wins)")
     return p.parse_args(argv)
 
 
@@ -72,7 +76,27 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
         save_confusion_matrix(evaluation.confusion_matrix, out / CONFUSION_PNG,
                               f"resnet{cfg.model.depth}, epoch {state.epoch}, {args.split} split\n"
                               f"accuracy {result['accuracy']:.1%}, QWK {result['qwk']:.3f}")
+        track(args, cfg, result, out)
     return result
+
+
+def track(args: argparse.Namespace, cfg, result: dict, out: Path) -> None:
+    """--wandb: the evaluation as an eval run beside its training run (same project, entity and group;
+    the arm, depth, initialisation, seed and split as tags)."""
+    w, arm = cfg.wandb, cfg.model.arm
+    initialisation = "pretrained" if cfg.model.pretrained else "scratch"
+    trained = Path(args.checkpoint).resolve().parent.name
+    settings = TrackingSettings(args.wandb, w.project, w.entity, w.group, f"{trained}-eval-{args.split}", job_type="eval",
+                                tags=(arm, f"resnet{cfg.model.depth}", initialisation, f"seed{cfg.train.seed}",
+                                      f"split-{args.split}"), init_timeout=w.init_timeout)
+    described = {**cfg.to_dict(), "run": {"arm": arm, "depth": cfg.model.depth, "initialisation": initialisation,
+                                          "seed": cfg.train.seed},
+                 "evaluation": {k: result[k] for k in ("checkpoint", "epoch", "data_root", "split", "tta", "precision")}}
+    tracker = Tracker(settings, out, new_run_id(), described)
+    try:
+        tracker.log_evaluation(result, out / CONFUSION_PNG)
+    finally:
+        tracker.finish()
 
 
 def main(argv: list[str] | None = None) -> int:

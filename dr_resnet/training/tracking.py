@@ -44,6 +44,19 @@ class TrackingSettings:
     log_predictions: bool = False  # log the selected epoch's per-image predictions as a W&B Table at the end
 
 
+def _confusion_media(wandb, cm: list[list[int]], png: Path | None) -> dict[str, Any]:
+    """A confusion matrix of counts as W&B's plot (and its PNG when there is one)."""
+    from dr_resnet import GRADES
+
+    y_true = [t for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]
+    y_pred = [p for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]
+    media: dict[str, Any] = {"confusion_matrix": wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred,
+                                                                             class_names=list(GRADES))}
+    if png is not None and Path(png).is_file():
+        media["confusion_matrix_png"] = wandb.Image(str(png))
+    return media
+
+
 def new_run_id() -> str:
     """8 characters of [a-z0-9], W&B's run-id alphabet; made here so the checkpoint can keep it."""
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
@@ -170,18 +183,24 @@ class Tracker:
                 self.run.summary.update({f"selected/test_{m}_{end}": intervals[m][end] for m in intervals
                                          if isinstance(intervals[m], dict) for end in ("low", "high")})
                 self.run.summary["selected/intervals_resampled"] = intervals["unit"]
-            cm = summary["confusion_matrix"]
-            y_true = [t for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]
-            y_pred = [p for t, row in enumerate(cm) for p, n in enumerate(row) for _ in range(n)]
-            from dr_resnet import GRADES
-
-            media: dict[str, Any] = {"epoch": summary["epochs_completed"],
-                                     "confusion_matrix": wandb.plot.confusion_matrix(
-                                         y_true=y_true, preds=y_pred, class_names=list(GRADES))}
-            if confusion_png is not None and Path(confusion_png).is_file():
-                media["confusion_matrix_png"] = wandb.Image(str(confusion_png))
-            self.run.log(media)
+            self.run.log({"epoch": summary["epochs_completed"], **_confusion_media(wandb, summary["confusion_matrix"],
+                                                                                  confusion_png)})
         self._guard("summary", write)
+
+    def log_evaluation(self, result: dict[str, Any], confusion_png: Path | None) -> None:
+        """An evaluation (dr_resnet.evaluate's metrics.json): its numbers and 95% intervals in the run
+        summary under the split's name (test/qwk, test/qwk_low, ...), and its confusion matrix."""
+        def write():
+            import wandb
+
+            split = result["split"]
+            self.run.summary.update({f"{split}/{k}": v for k, v in result.items()
+                                     if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            intervals = result.get("intervals") or {}
+            self.run.summary.update({f"{split}/{m}_{end}": intervals[m][end] for m in intervals
+                                     if isinstance(intervals[m], dict) for end in ("low", "high")})
+            self.run.log(_confusion_media(wandb, result["confusion_matrix"], confusion_png))
+        self._guard("evaluation", write)
 
     def log_checkpoint(self, path: Path, metadata: dict[str, Any]) -> None:
         """The selected checkpoint as a model artifact, model-<run id> (the name Lightning's logger uses),
