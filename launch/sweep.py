@@ -69,8 +69,10 @@ class Sweep:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    prog = "dr-sweep" if Path(sys.argv[0]).name == "dr-sweep" else "python -m launch.sweep"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1] + "\n\n" + config.help_text())
     p.add_argument("--config", default="configs/sweep.yaml", help="sweep file (arms and their recipe)")
     p.add_argument("--runs", help="comma-separated subset of the arms (default: all)")
     p.add_argument("--seeds", help="comma-separated train.seed values: every arm once per seed, in "
@@ -96,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print each job's sbatch script; submit nothing")
     p.add_argument("--print-arms", action="store_true",
                    help="print each arm as a tab-separated line: name, recipe file, overrides (slurm/sweep.sh reads it)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print each run's resolved config (YAML documents, one per run) and exit; submit nothing")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = p.parse_args(argv)
     args.tasks_per_node = args.tasks_per_node or max(1, args.gpus_per_node)
@@ -291,6 +295,10 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
     res = resources(args, [cfg for _, _, cfg in plans.values()])
     slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
         if args.executor == "local" and args.gpus_per_node else []
+    if args.print_config:
+        print("\n".join(f"--- # {name}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip()
+                        for name, (_, _, cfg) in plans.items()))
+        return 0
     if args.print_arms:
         for arm in arms:
             print("\t".join([arm, str(sweep.base_config), *sweep.arms[arm], *sweep.overrides]))

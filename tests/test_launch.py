@@ -225,3 +225,22 @@ def test_the_launcher_calls_no_private_submitit_method():
               and isinstance(node.func, ast.Attribute)}
     read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     assert not {name for name in called | read if name.startswith("_") and not name.startswith("__")}
+
+
+def test_the_sweep_prints_each_runs_resolved_config_and_lists_every_key(tmp_path, capsys):
+    import yaml
+
+    from dr_resnet import config
+
+    assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--runs", "resnet18_scratch,resnet50_scratch",
+                 "--seeds", "3", "--print-config", "train.epochs=8"]) == 0
+    documents = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["output"]["dir"] for d in documents] == [str(tmp_path / "s" / arm / "seed3")
+                                                       for arm in ("resnet18_scratch", "resnet50_scratch")]
+    assert [d["model"]["depth"] for d in documents] == [18, 50]
+    assert all(d["train"]["epochs"] == 8 and d["train"]["seed"] == 3 for d in documents)
+    assert not (tmp_path / "s").exists()  # nothing submitted, no folder made
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"  {k.key} = " in text for k in config.key_help())
