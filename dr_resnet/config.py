@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import textwrap
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -161,7 +162,9 @@ class TrainConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/default"  # the run directory: config, metrics, checkpoints, figures
+    dir: str = ""  # the run directory: config, metrics, checkpoints, figures. '' : a new one per run,
+    # runs/<config file's name>-<launch id> (torchrun's run id, SLURM's job, else the start time), so a rerun
+    # starts its own run; launchers and the configs/ files name theirs, so that a requeued job resumes
 
 
 @dataclass
@@ -440,8 +443,22 @@ def load(config_file: str | os.PathLike | None = None, overrides: list[str] = ()
     for text in overrides:
         section, key, value = parse_override(text)
         _apply(cfg, {section: {key: value}}, COMMAND_LINE)
+    if not cfg.output.dir.strip():
+        cfg.output.dir = new_run_dir(config_file)
     validate(cfg)
     return cfg
+
+
+def new_run_dir(config_file: str | os.PathLike | None) -> str:
+    """runs/<config name>-<launch id>: the same folder for every process of one launch (torchrun's run id,
+    SLURM's job and step; a single process: its start time to the second), a new one for the next launch."""
+    env = os.environ
+    launch = env.get("TORCHELASTIC_RUN_ID", "none")
+    if launch == "none":  # torchrun without --rdzv-id (or no torchrun): what every process shares
+        launch = (f"job{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', 0)}" if env.get("SLURM_PROCID")
+                  else f"port{env['MASTER_PORT']}" if env.get("MASTER_PORT")
+                  else time.strftime("%Y%m%d-%H%M%S"))
+    return str(Path("runs") / f"{Path(config_file).stem if config_file else 'default'}-{launch[:24]}")
 
 
 def save(cfg: Config, path: str | os.PathLike, recorded: dict[str, Any] | None = None) -> None:

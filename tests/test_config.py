@@ -13,7 +13,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 def test_defaults_are_the_dataclasses():
     cfg = config.load()
-    assert cfg == Config()
+    assert dataclasses.replace(cfg, output=Config().output) == Config()  # output.dir: a new folder per run
+    assert cfg.output.dir.startswith("runs/default-")
     assert cfg.train.lr is None and cfg.model.depth == 18 and cfg.wandb.mode == "disabled"
     # base.yaml writes the defaults out: loading it changes nothing but the data and output folders.
     base = config.load(CONFIGS / "base.yaml")
@@ -214,3 +215,21 @@ def test_train_help_lists_every_key_and_print_config_shows_the_resolved_config(c
     printed = yaml.safe_load(capsys.readouterr().out)
     expected = config.load(CONFIGS / "demo.yaml", ["train.epochs=3", "model.weights=scratch"]).to_dict()
     assert printed == expected and printed["train"]["epochs"] == 3 and printed["model"]["weights"] == "none"
+
+
+def test_a_run_without_output_dir_gets_its_own_folder_shared_by_its_processes(monkeypatch):
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    single = config.load(CONFIGS / "demo.yaml", ["output.dir="]).output.dir
+    assert single.startswith("runs/demo-20") and len(single) == len("runs/demo-20261201-101500")  # its start time
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "4f1c2a9e-7b7d-4f3e-9d1e-0123456789ab")  # torchrun --standalone
+    assert config.load(None).output.dir == "runs/default-4f1c2a9e-7b7d-4f3e-9d1e-"  # every rank the same
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun without --rdzv-id: the rendezvous port
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert config.load(None).output.dir == "runs/default-port29500"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_JOB_ID", "812")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert config.load(None).output.dir == "runs/default-job812.0"  # plain srun: the job step
+    assert config.load(None, ["output.dir=runs/mine"]).output.dir == "runs/mine"  # given: kept
