@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -326,11 +327,19 @@ def test_run_log_holds_every_attempt_and_every_ranks_warnings(tiny, tmp_path):
     assert lines[0][:4].isdigit() and lines[0][4] == "-"  # dated: a log read days later
 
 
-def test_a_stopped_run_says_why_in_its_run_log(tiny, tmp_path):
+def test_a_stopped_run_says_why_in_its_run_log_and_a_failed_start_leaves_no_folder(tiny, tmp_path, capfd):
+    """A run that fails before it began (bad data) leaves no folder behind, its error on stderr; a run
+    folder that holds a run keeps the reason in its train.log."""
     run_dir = tmp_path / "run"
     assert main(overrides(tiny, run_dir, f"data.root={tmp_path / 'nowhere'}", "train.device=cpu")) == 2
+    assert str(tmp_path / "nowhere") in capfd.readouterr().err and not run_dir.exists()
+    assert main(overrides(tiny, run_dir, "train.epochs=1", "data.workers=0")) == 0
+    moved = tmp_path / "moved"
+    tiny_copy = shutil.copytree(tiny, moved)
+    shutil.rmtree(tiny_copy)  # the data went away before the run was extended
+    assert main(overrides(tiny, run_dir, "train.epochs=2", "data.workers=0", f"data.root={moved}")) == 2
     text = (run_dir / "train.log").read_text()
-    assert "ERROR" in text and str(tmp_path / "nowhere") in text
+    assert "ERROR" in text and str(moved) in text and (run_dir / "checkpoint_last.pt").is_file()
 
 
 @pytest.mark.parametrize("head", ["classification", "regression"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -670,8 +671,20 @@ def main(argv: list[str] | None = None) -> int:
         if summary:
             print(describe_summary(summary), flush=True)
         return 0
+    run_dir = Path(cfg.output.dir)
+    fresh = not run_dir.exists()
     code = distributed.run_entry(work, device=cfg.train.device)
+    if code != 0 and fresh:
+        remove_if_never_started(run_dir)
     return code
+
+
+def remove_if_never_started(run_dir: Path) -> None:
+    """A run folder this launch made, holding nothing but its train.log (the run failed before its first
+    checkpoint: bad data, config, devices), is removed: its error was printed, and a stale folder would
+    make the next launch look like a resume. Anything more is kept."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {TRAIN_LOG}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
