@@ -244,3 +244,16 @@ def test_the_sweep_prints_each_runs_resolved_config_and_lists_every_key(tmp_path
         main(["--help"])
     text = capsys.readouterr().out
     assert all(f"  {k.key} = " in text for k in config.key_help())
+
+
+def test_the_slurm_tests_leave_the_machine_alone_unless_asked(tmp_path):
+    """Without DR_RESNET_SLURM_TESTS=1 the tests that would install SLURM and write /etc skip, saying how
+    to run them; nothing under /etc/slurm is written."""
+    env = {k: v for k, v in os.environ.items() if k != "DR_RESNET_SLURM_TESTS"}
+    before = sorted(Path("/etc/slurm").iterdir()) if Path("/etc/slurm").is_dir() else None
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                           str(REPO / "tests" / "test_slurm.py"), "-k", "sweep_runs_all_four_arms"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0 and "1 skipped" in done.stdout, done.stdout[-2000:]
+    assert "set DR_RESNET_SLURM_TESTS=1 to run them" in done.stdout
+    assert (sorted(Path("/etc/slurm").iterdir()) if Path("/etc/slurm").is_dir() else None) == before
