@@ -9,6 +9,7 @@ A YAML file may start from another with ``inherit: base.yaml`` (a path relative 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import textwrap
@@ -67,9 +68,13 @@ class ModelConfig:
         return is_pretrained(self.weights)
 
     @property
+    def initialisation(self) -> str:
+        return initialisation(self.pretrained)
+
+    @property
     def arm(self) -> str:
         """The arm of the core experiment this model is: resnet18_scratch, resnet50_pretrained, ..."""
-        return f"resnet{self.depth}_{'pretrained' if self.pretrained else 'scratch'}"
+        return f"resnet{self.depth}_{self.initialisation}"
 
 
 SCRATCH_WEIGHTS = ("", "none", "scratch")  # model.weights that mean "from scratch" (validation writes them "none")
@@ -79,6 +84,11 @@ def is_pretrained(weights: str) -> bool:
     """Whether model.weights loads weights (imagenet, or a file) rather than training from scratch: THE
     rule for "is this arm pretrained?" (learning rate, arm names, W&B tags, the report's pairs)."""
     return str(weights).strip().lower() not in SCRATCH_WEIGHTS
+
+
+def initialisation(pretrained: bool) -> str:
+    """How an arm starts, as names, tags and tables say it: pretrained or scratch."""
+    return "pretrained" if pretrained else "scratch"
 
 
 def normalised_weights(weights: str) -> str:
@@ -348,7 +358,8 @@ class KeyHelp:
     text: str  # the comment beside the field (and the comment lines under it)
 
 
-def key_help() -> list[KeyHelp]:
+@functools.cache
+def key_help() -> tuple[KeyHelp, ...]:
     """Every config key with its type, default, allowed values and the comment that documents it in this
     file: the one source of `train --help`, so the help cannot drift from the dataclasses."""
     import inspect
@@ -374,7 +385,7 @@ def key_help() -> list[KeyHelp]:
             name = "auto or float" if f.type in ("float | None", float | None) else getattr(hint, "__name__", str(hint))
             found.append(KeyHelp(f"{section}.{f.name}", "one of" if choices else name, getattr(defaults, f.name),
                                  choices, " ".join(t for t in comments.get(f.name, []) if t)))
-    return found
+    return tuple(found)
 
 
 def help_text() -> str:
@@ -464,8 +475,12 @@ def new_run_dir(config_file: str | os.PathLike | None) -> str:
 def save(cfg: Config, path: str | os.PathLike, recorded: dict[str, Any] | None = None) -> None:
     """The config as YAML, followed by what training recorded about the run (RECORDED sections)."""
     extra = {k: v for k, v in (recorded or {}).items() if k in RECORDED}
-    with open(path, "w") as f:
-        yaml.safe_dump({**cfg.to_dict(), **extra}, f, sort_keys=False)
+    Path(path).write_text(to_yaml(cfg, extra))
+
+
+def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:
+    """The config as config.yaml and --print-config write it (sections in the dataclasses' order)."""
+    return yaml.safe_dump({**cfg.to_dict(), **(extra or {})}, sort_keys=False)
 
 
 # Keys that say where and how a run ran, not what was trained: runs that differ only in these are seeds (or
@@ -490,7 +505,7 @@ def changed_on_resume(saved: dict[str, Any], requested: Config) -> list[str]:
     before, after = settings_of(saved), settings_of(requested.to_dict())
     return [f"{key}: {before.get(key)} -> {after[key]}" for key in after
             if str(before.get(key)) != str(after[key])
-            and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in ON_RESUME)]
+            and not listed(key, ON_RESUME)]
 
 
 def settings_of(content: dict[str, Any]) -> dict[str, Any]:
@@ -507,7 +522,12 @@ def settings_of(content: dict[str, Any]) -> dict[str, Any]:
 
 def defines_the_arm(key: str) -> bool:
     """Whether a flat config key is part of what an arm is (see NOT_THE_ARM)."""
-    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NOT_THE_ARM)
+    return not listed(key, NOT_THE_ARM)
+
+
+def listed(key: str, keys: tuple[str, ...]) -> bool:
+    """Whether a flat section.key is in `keys`, where "section." stands for every key of the section."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
 
 
 def from_dict(content: dict[str, Any]) -> Config:

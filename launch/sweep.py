@@ -296,7 +296,7 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
     slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
         if args.executor == "local" and args.gpus_per_node else []
     if args.print_config:
-        print("\n".join(f"--- # {name}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip()
+        print("\n".join(f"--- # {name}\n" + config.to_yaml(cfg).rstrip()
                         for name, (_, _, cfg) in plans.items()))
         return 0
     if args.print_arms:

@@ -181,8 +181,7 @@ class RegressionHead:
         # fit_on: which outputs end_of_epoch wants (regression.fit_thresholds): an eval-mode pass over the
         # training images, the held-out images, the epoch's own training batches, or none (None).
         self.loss_name, self.class_weight, self.fit_on = loss, class_weight, fit_on
-        self.device = torch.device(device)
-        self.thresholds = thresholds
+        self.thresholds = thresholds  # host numbers: no device to keep (see the property)
 
     def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
         values, targets = outputs.float().squeeze(1), labels.float()

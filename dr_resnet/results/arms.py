@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from dr_resnet.config import defines_the_arm, is_pretrained, settings_of
+from dr_resnet.config import defines_the_arm, initialisation, is_pretrained, settings_of
 from dr_resnet.results.metrics import METRICS, collapse, majority_baseline
 from dr_resnet.results.predictions import Predictions, read_predictions
 from dr_resnet.results.rundir import (
@@ -122,9 +122,7 @@ def find_runs(root: Path) -> list[RunRecord]:
         runs.append(RunRecord(name, path, int(settings["model.depth"]), str(settings["model.weights"]),
                               int(settings["train.epochs"]), rows, reason, str(settings["train.select_by"]),
                               int(settings["train.seed"]), settings))
-    runs = sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.name, r.seed))
-    group_arms(runs)
-    return runs
+    return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.name, r.seed))
 
 
 @dataclass
@@ -139,7 +137,7 @@ class Arm:
     @property
     def label(self) -> str:
         """pretrained / scratch, and its factors: how a ResNet{depth} figure tells its arms apart."""
-        return ", ".join(["pretrained" if self.pretrained else "scratch", *(f"{k}={v}" for k, v in self.factors.items())])
+        return ", ".join([initialisation(self.pretrained), *(f"{k}={v}" for k, v in self.factors.items())])
 
     @property
     def name(self) -> str:
@@ -216,7 +214,7 @@ def arm_pairs(arms: list[Arm]) -> list[Pair]:
                               named(d, True, factors), named(d, False, factors)))
         for shallow, deep in zip(depths, depths[1:]):
             for init in (True, False):
-                pairs.append(Pair(f"depth {deep} vs {shallow}, {'pretrained' if init else 'scratch'}{where}",
+                pairs.append(Pair(f"depth {deep} vs {shallow}, {initialisation(init)}{where}",
                                   find(deep, init, factors), find(shallow, init, factors),
                                   named(deep, init, factors), named(shallow, init, factors)))
     for i, a in enumerate(arms):

@@ -20,7 +20,7 @@ from dr_resnet.results.stats import RESAMPLES, bootstrap_intervals
 from dr_resnet.training import components, distributed
 from dr_resnet.training.loop import TTA_MODES, evaluate
 from dr_resnet.training.runtime import DEVICES, PRECISIONS, configure_backends
-from dr_resnet.training.tracking import MODES, Tracker, TrackingSettings, new_run_id
+from dr_resnet.training.tracking import MODES, Tracker, TrackingSettings, identity, identity_tags, new_run_id
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -83,14 +83,11 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
 def track(args: argparse.Namespace, cfg, result: dict, out: Path) -> None:
     """--wandb: the evaluation as an eval run beside its training run (same project, entity and group;
     the arm, depth, initialisation, seed and split as tags)."""
-    w, arm = cfg.wandb, cfg.model.arm
-    initialisation = "pretrained" if cfg.model.pretrained else "scratch"
+    w, who = cfg.wandb, identity(cfg.model, cfg.train.seed)
     trained = Path(args.checkpoint).resolve().parent.name
     settings = TrackingSettings(args.wandb, w.project, w.entity, w.group, f"{trained}-eval-{args.split}", job_type="eval",
-                                tags=(arm, f"resnet{cfg.model.depth}", initialisation, f"seed{cfg.train.seed}",
-                                      f"split-{args.split}"), init_timeout=w.init_timeout)
-    described = {**cfg.to_dict(), "run": {"arm": arm, "depth": cfg.model.depth, "initialisation": initialisation,
-                                          "seed": cfg.train.seed},
+                                tags=(*identity_tags(who), f"split-{args.split}"), init_timeout=w.init_timeout)
+    described = {**cfg.to_dict(), "run": who,
                  "evaluation": {k: result[k] for k in ("checkpoint", "epoch", "data_root", "split", "tta", "precision")}}
     tracker = Tracker(settings, out, new_run_id(), described)
     try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dr_resnet.config import WandbMode
+from dr_resnet.config import ModelConfig, WandbMode
 from dr_resnet.results.metrics import METRICS
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,15 @@ def _confusion_media(wandb, cm: list[list[int]], png: Path | None) -> dict[str, 
     if png is not None and Path(png).is_file():
         media["confusion_matrix_png"] = wandb.Image(str(png))
     return media
+
+
+def identity(model: ModelConfig, seed: int) -> dict[str, Any]:
+    """What a run is, for the W&B UI's filters (the config's `run` section) and its tags."""
+    return {"arm": model.arm, "depth": model.depth, "initialisation": model.initialisation, "seed": seed}
+
+
+def identity_tags(run: dict[str, Any]) -> tuple[str, ...]:
+    return (run["arm"], f"resnet{run['depth']}", run["initialisation"], f"seed{run['seed']}")
 
 
 def new_run_id() -> str:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -60,7 +59,7 @@ from dr_resnet.training.distributed import DistInfo, launch_env
 from dr_resnet.training.loop import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
 from dr_resnet.training.preemption import RunStopped, StepBoundary, StopSignals
 from dr_resnet.training.runtime import compile_model, configure_backends, cpu_shortfall, environment, usable_cpus
-from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
+from dr_resnet.training.tracking import Tracker, TrackingSettings, identity, identity_tags, new_run_id
 
 log = logging.getLogger("dr_resnet.train")
 
@@ -385,15 +384,11 @@ def write_summary(run: Run, figure: bool) -> dict:
 
 
 def start_tracking(run: Run, wandb_id: str | None) -> Tracker:
-    w, depth = run.cfg.wandb, run.cfg.model.depth
-    arm, initialisation = run.cfg.model.arm, "pretrained" if run.cfg.model.pretrained else "scratch"
-    settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name, job_type="train",
-                                tags=(arm, f"resnet{depth}", initialisation, f"seed{run.cfg.train.seed}"),
+    w, who = run.cfg.wandb, identity(run.cfg.model, run.cfg.train.seed)
+    settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name, job_type="train", tags=identity_tags(who),
                                 init_timeout=w.init_timeout, log_checkpoint=w.log_checkpoint,
                                 log_predictions=w.log_predictions)
-    described = {**run.cfg.to_dict(), "run": {"arm": arm, "depth": depth, "initialisation": initialisation,
-                                              "seed": run.cfg.train.seed}}  # filters in the W&B UI
-    tracker = Tracker(settings, run.run_dir, wandb_id or new_run_id(), described, run.info.is_main)
+    tracker = Tracker(settings, run.run_dir, wandb_id or new_run_id(), {**run.cfg.to_dict(), "run": who}, run.info.is_main)
     if tracker.active:
         log.info("W&B: %s run %s (start took %.1f s)", tracker.mode, tracker.run_id, tracker.start_seconds)
     return tracker
@@ -654,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print(config.to_yaml(cfg), end="")
         return 0
 
     def work(info: DistInfo) -> int:
