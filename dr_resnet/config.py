@@ -113,9 +113,22 @@ class RegressionConfig:
 @dataclass
 class DataConfig:
     root: str = "data/synthetic_128"  # the dataset folder (a format below; python -m dr_resnet.preprocess writes one)
-    format: DataFormat = "auto"  # auto | lab | kaggle | aptos
+    format: DataFormat = "auto"  # auto (lab, kaggle, aptos or folders, detected) | lab | kaggle | aptos | folders
+    # ({split}/{grade}/ image folders) | csv (any table: the keys below) | eyepacs | idrid | messidor2 | ddr (those
+    # datasets as shipped; the README's dataset table)
     train_split: str = "train"  # the split trained on (and its held-out part)
     test_split: str = "test"  # the split every epoch is tested on (never chosen on)
+    train_csv: str = ""  # csv format: the training split's table (relative to data.root)
+    test_csv: str = ""  # csv format: the test split's table (relative to data.root)
+    train_images: str = ""  # csv format: the training split's image folder (relative to data.root; '' : the root)
+    test_images: str = ""  # csv format: the test split's image folder (relative to data.root; '' : the root)
+    image_column: str = "image"  # csv format: the column of image names (with or without extension)
+    label_column: str = "level"  # csv format: the column of grades (0..4, or labels data.label_map maps)
+    image_suffix: str = ""  # csv format: the extension of names given without one, e.g. .jpg (others are tried too)
+    filter: str = ""  # any table format: only rows with column=value (several: comma-separated, all must hold),
+    # e.g. adjudicated_gradable=1; the count left out is logged
+    label_map: str = ""  # any table format: the dataset's labels as grades, label=grade pairs (comma-separated);
+    # a label mapped to drop leaves its rows out (counted in the log), e.g. 5=drop
     image_size: int = 512  # pixels a side the network sees (photos are resized to it)
     workers: int = 4  # data-loading processes per training process
     max_rotation: float = 180.0  # degrees, random rotation within +-max_rotation (on the device); 180: any angle,
@@ -408,6 +421,19 @@ def parse_override(text: str) -> tuple[str, str, str]:
     return section, key, value
 
 
+def data_settings(overrides: typing.Sequence[str] = (), **values: Any) -> DataConfig:
+    """The data section from `values` and data.key=value overrides, checked as train checks them: the
+    settings of the commands that read a dataset without training (describe, preprocess, evaluate)."""
+    cfg = Config()
+    _apply(cfg, {"data": values}, COMMAND_LINE)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section != "data":
+            raise ConfigError(f"override {text!r}: only data.* keys say how to read a dataset here")
+        _apply(cfg, {section: {key: value}}, COMMAND_LINE)
+    return cfg.data
+
+
 def needs_held_out(cfg: Config) -> str:
     """What in cfg fits on the held-out part ('' when nothing does): a run that has none fails then."""
     if HEAD_SPECS[cfg.model.head].has_thresholds and cfg.regression.fit_thresholds == "val":
@@ -439,6 +465,9 @@ def validate(cfg: Config) -> None:
                                                    or not HEAD_SPECS[cfg.model.head].has_probabilities):
         raise ConfigError("train.calibration=temperature fits the probabilities on a held-out set: set data.val_fraction "
                           "(e.g. 0.1), with the classification or ordinal head (a regression head has no probabilities)")
+    if cfg.data.format == "csv" and not (cfg.data.train_csv and cfg.data.test_csv):
+        raise ConfigError("data.format=csv reads the tables data.train_csv and data.test_csv (relative to data.root): "
+                          "set both (and data.image_column, data.label_column where they are not image, level)")
     if not 0 <= cfg.train.natural_from <= 1:
         raise ConfigError(f"train.natural_from must be in [0, 1] (a share of the run), got {cfg.train.natural_from}")
     if cfg.train.warmup_epochs > cfg.train.epochs:

@@ -26,8 +26,10 @@ ARCHITECTURES: dict[int, Architecture] = {a.depth: a for a in (
 )}
 DEPTHS = tuple(sorted(ARCHITECTURES))
 
-FORMATS = ("lab", "kaggle", "aptos")  # on-disk dataset layouts (formats.SplitLayout reads each)
-FORMAT_CHOICES = ("auto", *FORMATS)  # "auto": detected from the split files present
+FORMATS = ("lab", "kaggle", "aptos")  # the layouts dr-resnet also writes (formats.SplitLayout; synthetic, preprocess)
+DATASETS = ("eyepacs", "idrid", "messidor2", "ddr")  # public datasets as shipped (formats.PRESETS), read only
+READ_FORMATS = (*FORMATS, "csv", "folders", *DATASETS)  # csv: any table (the data.*_csv keys); folders: {split}/{grade}/
+FORMAT_CHOICES = ("auto", *READ_FORMATS)  # "auto": lab, kaggle, aptos or folders, detected from the files present
 
 @dataclass(frozen=True)
 class HeadSpec:

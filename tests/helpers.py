@@ -63,3 +63,93 @@ def train_run(data: Path, run_dir: Path, *extra: str) -> Path:
     assert main(demo_args(data, run_dir, "train.sampler=balanced", "model.zero_init_residual=false",
                           "train.clip_grad_norm=1.0", *extra, epochs=3, workers=0)) == 0
     return run_dir
+
+
+IDRID_LABELS = "2. Groundtruths/{} IDRiD_Disease Grading_{} Labels.csv"
+
+
+def published_copy(src: Path, dst: Path, kind: str) -> dict[str, list[tuple[str, int]]]:
+    """The images of a dataset `src` (splits train, test; a detected format) laid out as `kind` ships them
+    (file names, headers, extensions, label columns, quirks); returns the (name, grade) rows each
+    split must read, in order. Mirrors the publishers' layouts, not dr-resnet's code."""
+    import csv
+    import shutil
+
+    from PIL import Image
+
+    from dr_resnet.data.formats import read_split
+
+    splits = {name: read_split(src, name) for name in ("train", "test")}
+    expected: dict[str, list[tuple[str, int]]] = {}
+
+    def place(path: Path, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.suffix.lower() in (".jpeg", ".jpg") and path.suffix.lower() in (".jpeg", ".jpg"):
+            shutil.copyfile(path, target)
+        else:
+            Image.open(path).save(target)
+
+    def write(path: Path, rows: list[list[str]], delimiter: str = ",") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            csv.writer(f, delimiter=delimiter).writerows(rows)
+
+    if kind == "eyepacs":  # trainLabels.csv; the released test labels with the leaderboard column Usage
+        for name, split in splits.items():
+            for n, p in zip(split.names, split.paths):
+                place(p, dst / name / f"{n}.jpeg")
+        write(dst / "trainLabels.csv", [["image", "level"], *([n, str(g)] for n, g in zip(splits["train"].names,
+                                                                                            splits["train"].labels))])
+        test = splits["test"]
+        usage = ["Public" if i % 3 == 0 else "Private" for i in range(len(test.names))]
+        write(dst / "retinopathy_solution.csv", [["image", "level", "Usage"],
+                                                 *([n, str(g), u] for n, g, u in zip(test.names, test.labels, usage))])
+        expected = {"train": list(zip(splits["train"].names, map(int, splits["train"].labels))),
+                    "test": list(zip(test.names, map(int, test.labels))),
+                    "public": [(n, int(g)) for n, g, u in zip(test.names, test.labels, usage) if u == "Public"],
+                    "private": [(n, int(g)) for n, g, u in zip(test.names, test.labels, usage) if u == "Private"]}
+    elif kind == "idrid":  # IDRiD_001 ... without extension, .jpg files; the training CSV has empty trailing
+        # columns and a row of empty cells at its end, the header a stray space ("Risk of macular edema ")
+        for (name, split), (letter, title, folder) in zip(splits.items(), (("a.", "Training", "a. Training Set"),
+                                                                        ("b.", "Testing", "b. Testing Set"))):
+            names = [f"IDRiD_{i + 1:03d}" for i in range(len(split.names))]
+            for n, p in zip(names, split.paths):
+                place(p, dst / "1. Original Images" / folder / f"{n}.jpg")
+            extra = ["", "", ""] if name == "train" else []
+            rows = [["Image name", "Retinopathy grade", "Risk of macular edema ", *extra],
+                    *([n, str(g), str(int(g) % 3), *extra] for n, g in zip(names, split.labels))]
+            write(dst / IDRID_LABELS.format(letter, title), rows + ([["", "", "", *extra]] if extra else []))
+            expected[name] = list(zip(names, map(int, split.labels)))
+    elif kind == "messidor2":  # one set; names with their extension (.png and .JPG), ungradable rows without grade
+        rows, kept = [["image_id", "adjudicated_dr_grade", "adjudicated_dme", "adjudicated_gradable"]], []
+        everything = [(n, g, p) for s in splits.values() for n, g, p in zip(s.names, s.labels, s.paths)]
+        for i, (n, g, p) in enumerate(everything):
+            file = f"IM{i:06d}.JPG" if i % 2 else f"2005{i:04d}_{n}.png"
+            place(p, dst / "IMAGES" / file)
+            if i % 7 == 3:
+                rows.append([file, "", "", "0"])
+            else:
+                rows.append([file, str(g), "0", "1"])
+                kept.append((file, int(g)))
+        write(dst / "messidor_data.csv", rows)
+        expected = {"test": kept}
+    elif kind == "ddr":  # DR_grading: <split>.txt lines "<file> <grade>", grade 5 = ungradable
+        for name, split in splits.items():
+            lines, kept = [], []
+            for i, (n, g, p) in enumerate(zip(split.names, split.labels, split.paths)):
+                file = f"007-{i:04d}-{name[:2]}.jpg"
+                place(p, dst / name / file)
+                grade = 5 if i % 5 == 4 else int(g)
+                lines.append([file, str(grade)])
+                if grade != 5:
+                    kept.append((file, grade))
+            write(dst / f"{name}.txt", lines, delimiter=" ")
+            expected[name] = kept
+    elif kind == "folders":  # {split}/{grade}/<name>.png
+        for name, split in splits.items():
+            for n, g, p in zip(split.names, split.labels, split.paths):
+                place(p, dst / name / str(int(g)) / f"{n}.png")
+            expected[name] = sorted(zip(split.names, map(int, split.labels)), key=lambda r: (r[1], r[0]))
+    else:
+        raise ValueError(kind)
+    return expected

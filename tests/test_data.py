@@ -125,12 +125,12 @@ def test_kaggle_header_and_short_rows(tmp_path):
     root = tmp_path / "k"
     (root / "train").mkdir(parents=True)
     (root / "trainLabels.csv").write_text("image,grade\n1_left,0\n")
-    with pytest.raises(DatasetError, match=r"lacks column\(s\) \['level'\]"):
+    with pytest.raises(DatasetError, match=r"header \['image', 'grade'\] lacks column\(s\) 'level' \(label column\)"):
         read_split(root, "train")
     (root / "trainLabels.csv").write_text("image,level\n1_left,0\n1_right\n")
     (root / "train" / "1_left.jpeg").write_bytes(b"x")
     (root / "train" / "1_right.jpeg").write_bytes(b"x")
-    with pytest.raises(DatasetError, match=r"trainLabels.csv: not 2 fields in 1 row\(s\): 3"):
+    with pytest.raises(DatasetError, match=r"trainLabels.csv: fewer than the 2 fields its columns need in 1 row\(s\): 3"):
         read_split(root, "train")
 
 

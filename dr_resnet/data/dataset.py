@@ -1,4 +1,4 @@
-"""Retinopathy datasets over the three on-disk formats (see formats.py), decoded to uint8 tensors,
+"""Retinopathy datasets over the on-disk formats (see formats.py), decoded to uint8 tensors,
 and the per-sample train/test transforms. Everything is imported at module level: data workers are
 forked, and an import inside a worker can trip import hooks of the parent (W&B installs some)."""
 
@@ -20,7 +20,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from dr_resnet import NUM_GRADES
-from dr_resnet.data.formats import DatasetError, read_split
+from dr_resnet.data.formats import DatasetError, TableOptions, read_split
+from dr_resnet.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,21 +79,23 @@ def fit_square(image: Tensor, size: int) -> Tensor:
 
 
 class RetinopathyDataset(Dataset):
-    """Fundus images with grades 0..4. ``ds[i]`` is ``(image, label)``, or ``(image, label, i)`` with
-    return_index (a stable sample index, for exact distributed evaluation). Without a transform the
+    """Fundus images with grades 0..4 in any data.format (options: a table format's data.* keys).
+    ``ds[i]`` is ``(image, label)``, or ``(image, label, i)`` with return_index (a stable sample index, for exact distributed evaluation). Without a transform the
     image is uint8 (3, S, S), ready for batched augmentation on the device."""
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None,
-                 format: str = "auto", image_size: int | None = None, return_index: bool = False) -> None:
+                 format: str = "auto", image_size: int | None = None, return_index: bool = False,
+                 options: TableOptions | None = None, prepare: Callable[[Path], Tensor] | None = None) -> None:
         self.root = Path(root)
         self.split = split
-        index = read_split(self.root, split, format)
+        index = read_split(self.root, split, format, options)
         self.format, self.names, self.paths, self.labels = index.format, index.names, index.paths, index.labels
         self.rows = index.rows  # line of each image in the split's file
-        self.split_file = index.layout.csv_files[0]
+        self.split_file = index.index_file
         self.transform = transform
         self.image_size = image_size
         self.return_index = return_index
+        self.prepare = prepare  # path -> uint8 (3, S, S): a model's recipe (evaluate on raw photos); None: load_image
 
     def __len__(self) -> int:
         return len(self.names)
@@ -108,8 +111,9 @@ class RetinopathyDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image = load_image(self.paths[index], self.image_size)
-        except (DatasetError, OSError) as exc:  # deleted, truncated or overwritten since the split was read
+            image = (self.prepare(self.paths[index]) if self.prepare is not None
+                     else load_image(self.paths[index], self.image_size))
+        except (UserError, OSError) as exc:  # deleted, truncated or overwritten since the split was read
             reason = str(exc).removeprefix(f"{self.paths[index]}: ")
             raise UnreadableImageError(f"{self.paths[index]} (row {self.rows[index]} of {self.split_file}, split "
                                        f"'{self.split}'): {reason}. Restore the file, or remove its row and "

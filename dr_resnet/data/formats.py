@@ -1,19 +1,26 @@
 """On-disk dataset formats: detect them, read and validate a split's index, write one.
 
-  lab     {split}_img.csv + {split}_label.csv, headerless, one value a line; images/<name>.jpeg or <name>.jpeg
-  kaggle  {split}Labels.csv with header image,level; images {split}/<image>.jpeg
-  aptos   {split}.csv with header id_code,diagnosis; images {split}_images/<id_code>.png
+  lab        {split}_img.csv + {split}_label.csv, headerless, one value a line; images/<name>.jpeg or <name>.jpeg
+  kaggle     {split}Labels.csv with header image,level; images {split}/<image>.jpeg
+  aptos      {split}.csv with header id_code,diagnosis; images {split}_images/<id_code>.png
+  folders    {split}/{grade}/<name>.<ext>, a folder per grade 0..4 (torchvision's ImageFolder convention)
+  csv        any table with a header: data.train_csv / data.test_csv and data.train_images / data.test_images
+             (relative to the root), data.image_column, data.label_column, data.image_suffix
+  eyepacs, idrid, messidor2, ddr: those datasets as their publishers ship them (PRESETS)
 
-Every problem in a split (missing image, bad label, unequal CSVs, duplicates, no rows) is found at once
-and raised as one DatasetError naming the file and rows. Nothing is skipped. No torch here: the
-preprocessing and synthetic-data CLIs use this module and must start fast.
+Every table format also takes data.filter (rows kept: column=value, all of them) and data.label_map (the
+dataset's labels to grades 0..4; a label mapped to "drop" leaves its rows out): rows left out are counted
+in a log line, never silently. Every problem in a split (missing image, bad label, unequal CSVs,
+duplicates, no rows) is found at once and raised as one DatasetError naming the file and rows. Nothing
+is skipped. No torch here: the preprocessing and synthetic-data CLIs use this module and must start fast.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +28,9 @@ import numpy as np
 
 from dr_resnet import NUM_GRADES
 from dr_resnet.errors import UserError
-from dr_resnet.registry import FORMATS
+from dr_resnet.registry import DATASETS, FORMAT_CHOICES, FORMATS
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 MAX_ROWS_SHOWN = 10
@@ -49,7 +58,7 @@ class SplitLayout:
             return SplitLayout("kaggle", (root / f"{split}Labels.csv",), (root / split,), ".jpeg")
         if fmt == "aptos":
             return SplitLayout("aptos", (root / f"{split}.csv",), (root / f"{split}_images",), ".png")
-        raise DatasetError(f"unknown data format {fmt!r}: use one of auto, {', '.join(FORMATS)}")
+        raise DatasetError(f"{fmt} is a format dr-resnet reads but does not write: write lab, kaggle or aptos")
 
     def present(self) -> bool:
         return all(p.is_file() for p in self.csv_files)
@@ -72,10 +81,157 @@ class SplitLayout:
 
 HEADERS = {"kaggle": ("image", "level"), "aptos": ("id_code", "diagnosis")}
 SPLIT_FILE_SUFFIX = {"lab": "_img.csv", "kaggle": "Labels.csv", "aptos": ".csv"}
+DETECTED = ("lab", "kaggle", "aptos", "folders")  # what data.format=auto recognises; the others are named
+DROP = "drop"  # a data.label_map target that leaves the label's rows out (counted in the log)
+
+
+@dataclass(frozen=True)
+class TableOptions:
+    """The data.* keys that say how to read a table: the csv format's files and columns, and any table
+    format's filter and label map. `files` maps a split to its (table, image folder), relative to the root."""
+
+    files: tuple[tuple[str, str, str], ...] = ()  # (split, table, image folder)
+    image_column: str = "image"
+    label_column: str = "level"
+    image_suffix: str = ""
+    filter: str = ""
+    label_map: str = ""
+
+    @staticmethod
+    def of(data) -> "TableOptions":
+        """From a DataConfig: data.train_csv/train_images belong to data.train_split, the test ones to data.test_split."""
+        files = tuple((split, table, images) for split, table, images in (
+            (data.train_split, data.train_csv, data.train_images), (data.test_split, data.test_csv, data.test_images))
+            if table)
+        return TableOptions(files, data.image_column, data.label_column, data.image_suffix, data.filter, data.label_map)
+
+    def filters(self) -> tuple[tuple[str, str], ...]:
+        return _pairs(self.filter, "data.filter", "column=value")
+
+    def labels(self) -> tuple[tuple[str, str], ...]:
+        return _pairs(self.label_map, "data.label_map", f"label=grade (0..{NUM_GRADES - 1} or {DROP})")
+
+
+def _pairs(text: str, key: str, form: str) -> tuple[tuple[str, str], ...]:
+    """'a=1, b=2' as (("a", "1"), ("b", "2")); an error naming the key for anything else."""
+    pairs = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        left, sep, right = part.partition("=")
+        if not sep or not left.strip():
+            raise DatasetError(f"{key}={text!r}: {part!r} is not {form} (several: comma-separated)")
+        pairs.append((left.strip(), right.strip()))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class Table:
+    """Where one split of a table format lives and how to read it."""
+
+    file: Path
+    images: Path
+    image_column: str | int  # a header name, or a position in headerless files
+    label_column: str | int
+    suffix: str = ""  # the image extension when names carry none (others are tried too)
+    header: bool = True
+    delimiter: str = ","
+    filters: tuple[tuple[str, str], ...] = ()
+    label_map: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A dataset as its publisher ships it: each split's table and image folder ("*": any split name, as
+    {split}), its columns, the image extension, and the filters a split always carries."""
+
+    tables: dict[str, tuple[str, str]]
+    image_column: str | int
+    label_column: str | int
+    suffix: str
+    header: bool = True
+    delimiter: str = ","
+    split_filters: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    label_map: tuple[tuple[str, str], ...] = ()
+    views: tuple[str, ...] = ()  # splits that are parts of another (EyePACS' leaderboard halves of its test split)
+
+    def table(self, root: Path, split: str, options: TableOptions) -> Table | None:
+        place = self.tables.get(split) or self.tables.get("*")
+        if place is None:
+            return None
+        file, images = (p.format(split=split) for p in place)
+        user_map = dict(options.labels())
+        return Table(root / file, root / images, self.image_column, self.label_column, self.suffix, self.header,
+                     self.delimiter, self.split_filters.get(split, ()) + options.filters(),
+                     tuple({**dict(self.label_map), **user_map}.items()))
+
+    def splits(self) -> list[str]:
+        """The splits the dataset ships (what describe and preprocess go through), views aside."""
+        return [s for s in self.tables if s != "*" and s not in self.views]
+
+
+_IDRID = "2. Groundtruths/{} IDRiD_Disease Grading_{} Labels.csv"
+PRESETS: dict[str, Preset] = {
+    "kaggle": Preset({"*": ("{split}Labels.csv", "{split}")}, "image", "level", ".jpeg"),
+    "aptos": Preset({"*": ("{split}.csv", "{split}_images")}, "id_code", "diagnosis", ".png"),
+    # Kaggle's Diabetic Retinopathy Detection: trainLabels.csv; the test labels released afterwards
+    # (retinopathy_solution.csv, column Usage: the public and private leaderboard halves)
+    "eyepacs": Preset({"train": ("trainLabels.csv", "train"), "test": ("retinopathy_solution.csv", "test"),
+                       "public": ("retinopathy_solution.csv", "test"), "private": ("retinopathy_solution.csv", "test")},
+                      "image", "level", ".jpeg",
+                      split_filters={"public": (("Usage", "Public"),), "private": (("Usage", "Private"),)},
+                      views=("public", "private")),
+    # IDRiD, part B (disease grading), unpacked: the root is the "B. Disease Grading" folder
+    "idrid": Preset({"train": (_IDRID.format("a.", "Training"), "1. Original Images/a. Training Set"),
+                     "test": (_IDRID.format("b.", "Testing"), "1. Original Images/b. Testing Set")},
+                    "Image name", "Retinopathy grade", ".jpg"),
+    # Messidor-2: ADCIS's IMAGES folder beside Google's adjudicated grades (messidor_data.csv, Kaggle
+    # google-brain/messidor2-dr-grades); the ungradable images carry no grade and are left out
+    "messidor2": Preset({"test": ("messidor_data.csv", "IMAGES")}, "image_id", "adjudicated_dr_grade", ".png",
+                        split_filters={"test": (("adjudicated_gradable", "1"),)}),
+    # DDR's grading part (the root is DR_grading): {split}.txt lines "<file> <grade>"; grade 5 is ungradable
+    "ddr": Preset({"train": ("train.txt", "train"), "valid": ("valid.txt", "valid"), "test": ("test.txt", "test")},
+                  0, 1, ".jpg", header=False, delimiter=" ", label_map=(("5", DROP),)),
+}
+
+
+def table_of(root: Path, split: str, fmt: str, options: TableOptions | None = None) -> Table | None:
+    """The table of a split in a table format (None where the format has no such split)."""
+    options = options or TableOptions()
+    if fmt in PRESETS:
+        return PRESETS[fmt].table(root, split, options)
+    if fmt == "csv":
+        place = {s: (t, i) for s, t, i in options.files}.get(split)
+        if place is None:
+            return None
+        return Table(root / place[0], root / place[1], options.image_column, options.label_column,
+                     options.image_suffix, filters=options.filters(), label_map=options.labels())
+    return None
+
+
+def split_names(root: Path, fmt: str, options: TableOptions | None = None) -> list[str]:
+    """The splits a named format defines whose files are all there."""
+    options = options or TableOptions()
+    if fmt == "csv":
+        names = [s for s, _, _ in options.files]
+    elif fmt in PRESETS and PRESETS[fmt].splits():
+        names = PRESETS[fmt].splits()
+    else:
+        return [s for s, f in find_splits(root) if f == fmt]
+    return [s for s in names if _present(root, s, fmt, options)]
+
+
+def _present(root: Path, split: str, fmt: str, options: TableOptions | None = None) -> bool:
+    if fmt == "lab":
+        return SplitLayout.of(root, split, fmt).present()
+    if fmt == "folders":
+        return (root / split).is_dir() and any((root / split / str(g)).is_dir() for g in range(NUM_GRADES))
+    table = table_of(root, split, fmt, options)
+    return table is not None and table.file.is_file()
 
 
 def find_splits(root: str | os.PathLike) -> list[tuple[str, str]]:
-    """(split, format) of every split under root whose index files are all there, sorted by name."""
+    """(split, format) of every split under root in a format data.format=auto detects, sorted by name."""
     root = Path(root)
     found = set()
     for fmt, suffix in SPLIT_FILE_SUFFIX.items():
@@ -84,19 +240,22 @@ def find_splits(root: str | os.PathLike) -> list[tuple[str, str]]:
             if split and SplitLayout.of(root, split, fmt).present() and (
                     fmt != "aptos" or (root / f"{split}_images").is_dir()):
                 found.add((split, fmt))
+    if root.is_dir():
+        found.update((d.name, "folders") for d in root.iterdir() if _present(root, d.name, "folders"))
     return sorted(found)
 
 
 def detect_format(root: str | os.PathLike, split: str) -> str:
     """The one format whose split files exist under root; an error if none or several do."""
     root = Path(root)
-    found = [f for f in FORMATS if SplitLayout.of(root, split, f).present()]
+    found = [f for f in DETECTED if _present(root, split, f)]
     if len(found) == 1:
         return found[0]
     if not found:
         expected = "; ".join(f"{f}: " + " + ".join(p.name for p in SplitLayout.of(root, split, f).csv_files)
                              for f in FORMATS)
-        raise DatasetError(f"no '{split}' split found in {root} (expected one of {expected})")
+        raise DatasetError(f"no '{split}' split found in {root} (expected one of {expected}; folders: {split}/0 .. "
+                           f"{split}/4; other layouts: data.format=csv or one of {', '.join(DATASETS)})")
     raise DatasetError(f"{root} holds '{split}' split files of several formats ({', '.join(found)}): "
                        f"name one with data.format=...")
 
@@ -107,9 +266,11 @@ def _problem(path: Path, what: str, rows: Sequence[int], fix: str = "") -> str:
     return f"{path}: {what} in {len(rows)} row(s): {shown}{more}" + (f" ({fix})" if fix else "")
 
 
-def _read_rows(path: Path) -> list[list[str]]:
+def _read_rows(path: Path, delimiter: str = ",") -> list[list[str]]:
     with open(path, newline="", encoding="utf-8-sig") as f:
-        return list(csv.reader(f))
+        if delimiter == " ":  # whitespace-separated lists (DDR): any run of blanks separates
+            return [line.split() for line in f.read().splitlines()]
+        return list(csv.reader(f, delimiter=delimiter))
 
 
 def _read_single_column(path: Path, problems: list[str]) -> list[tuple[int, str]]:
@@ -125,31 +286,73 @@ def _read_single_column(path: Path, problems: list[str]) -> list[tuple[int, str]
     return values
 
 
-def _read_with_header(path: Path, name_col: str, label_col: str,
-                      problems: list[str]) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-    rows = _read_rows(path)
-    if not rows:
-        problems.append(f"{path}: empty file (expected a header '{name_col},{label_col}')")
-        return [], []
-    header = [c.strip() for c in rows[0]]
-    missing = [c for c in (name_col, label_col) if c not in header]
-    if missing:
-        problems.append(f"{path}: header {header} lacks column(s) {missing} (expected '{name_col},{label_col}')")
-        return [], []
-    ni, li = header.index(name_col), header.index(label_col)
+def _same(cell: str, wanted: str) -> bool:
+    """A filter's match: equal text, or equal numbers ("1" matches "1.0")."""
+    if cell == wanted:
+        return True
+    try:
+        return float(cell) == float(wanted)
+    except ValueError:
+        return False
+
+
+def _read_table(table: Table, problems: list[str]) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(line, image name) and (line, label text) of the rows a table keeps. Header names are matched
+    without stray spaces; trailing empty columns and blank lines are no rows; rows that data.filter or a
+    label mapped to drop leave out are counted in the log."""
+    path = table.file
+    rows = _read_rows(path, table.delimiter)
+    if table.header:
+        if not rows:
+            problems.append(f"{path}: empty file (expected a header naming '{table.image_column}' and "
+                            f"'{table.label_column}')")
+            return [], []
+        header = [c.strip() for c in rows[0]]
+        wanted = [("image column", table.image_column), ("label column", table.label_column),
+                  *(("filter column", c) for c, _ in table.filters)]
+        missing = [f"{c!r} ({role})" for role, c in wanted if c not in header]
+        if missing:
+            problems.append(f"{path}: header {[h for h in header if h]} lacks column(s) {', '.join(missing)}")
+            return [], []
+        column = {c: header.index(c) for c in (table.image_column, table.label_column, *(c for c, _ in table.filters))}
+        body, first = rows[1:], 2
+    else:
+        column = {table.image_column: table.image_column, table.label_column: table.label_column}
+        body, first = rows, 1
+    needed = max(column.values()) + 1
     names, labels, short = [], [], []
-    for line, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
+    filtered = dropped = 0
+    label_map = dict(table.label_map)
+    for line, row in enumerate(body, start=first):
+        cells = [c.strip() for c in row]
+        if not any(cells):
+            continue  # a blank line, or one of empty cells only
+        if len(cells) < needed:
             short.append(line)
             continue
-        names.append((line, row[ni].strip()))
-        labels.append((line, row[li].strip()))
+        if not all(_same(cells[column[c]], v) for c, v in table.filters):
+            filtered += 1
+            continue
+        label = cells[column[table.label_column]]
+        label = label_map.get(label, label)
+        if label == DROP:
+            dropped += 1
+            continue
+        names.append((line, cells[column[table.image_column]]))
+        labels.append((line, label))
     if short:
-        problems.append(_problem(path, f"not {len(header)} fields", short))
+        problems.append(_problem(path, f"fewer than the {needed} fields its columns need", short))
+    if filtered:
+        log.info("%s: %d row(s) left out by the filter %s", path,
+                 filtered, ", ".join(f"{c}={v}" for c, v in table.filters))
+    if dropped:
+        log.info("%s: %d row(s) left out by the label map (%s)", path, dropped,
+                 ", ".join(f"{k}={v}" for k, v in table.label_map if v == DROP))
     return names, labels
 
 
-def _parse_labels(path: Path, labels: list[tuple[int, str]], problems: list[str]) -> list[int]:
+def _parse_labels(path: Path, labels: list[tuple[int, str]], problems: list[str],
+                  mapped: bool = False) -> list[int]:
     parsed, bad = [], []
     for line, text in labels:
         if text.isdigit() and int(text) < NUM_GRADES:
@@ -158,8 +361,9 @@ def _parse_labels(path: Path, labels: list[tuple[int, str]], problems: list[str]
             bad.append(line)
             parsed.append(-1)
     if bad:
+        fix = "map the dataset's labels with data.label_map" if not mapped else "check data.label_map"
         problems.append(_problem(path, f"label not an integer in 0..{NUM_GRADES - 1}", bad,
-                                 f"e.g. row {bad[0]} reads {dict(labels)[bad[0]]!r}"))
+                                 f"e.g. row {bad[0]} reads {dict(labels)[bad[0]]!r}; {fix}"))
     return parsed
 
 
@@ -170,9 +374,11 @@ class _DirIndex:
         self.dirs = [(d, {e.name for e in os.scandir(d) if e.is_file()} if d.is_dir() else set()) for d in dirs]
 
     def find(self, name: str, extension: str) -> Path | None:
-        stem_has_ext = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-        candidates = [name] if stem_has_ext else [name + extension] + [name + e for e in IMAGE_EXTENSIONS
-                                                                        if e != extension]
+        """The file of an image name: the name as given when it has an image extension, else the name with
+        `extension` or any other image extension (a preprocessed copy holds <stem>.jpeg for a.png)."""
+        stem = image_stem(name)
+        others = [stem + e for e in (*IMAGE_EXTENSIONS, *(x.upper() for x in IMAGE_EXTENSIONS)) if e != extension]
+        candidates = ([name] if stem != name else []) + [stem + extension] + others
         for d, files in self.dirs:
             for c in candidates:
                 if c in files:
@@ -180,9 +386,16 @@ class _DirIndex:
         return None
 
 
+def image_stem(name: str) -> str:
+    """An image name without its image extension (IM002385.JPG -> IM002385; a name without one as it is)."""
+    base, ext = os.path.splitext(name)
+    return base if ext.lower() in IMAGE_EXTENSIONS else name
+
+
 @dataclass(frozen=True)
 class Split:
-    """A validated split: image i is `names[i]` at `paths[i]` with grade `labels[i]`, from line `rows[i]`."""
+    """A validated split: image i is `names[i]` at `paths[i]` with grade `labels[i]`, from line `rows[i]`
+    of `index_file` (folders: the i-th image of the split's folder, by grade then name)."""
 
     root: Path
     name: str
@@ -191,36 +404,84 @@ class Split:
     paths: list[Path]
     labels: np.ndarray
     rows: list[int]
+    index_file: Path
+    table: Table | None = None  # how a table format's split was read (None: lab, folders)
 
     @property
     def layout(self) -> SplitLayout:
         return SplitLayout.of(self.root, self.name, self.format)
 
 
-def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto") -> Split:
+def _read_folders(root: Path, split: str, problems: list[str]) -> tuple[list, list, list]:
+    """(line, name), (line, grade text), (line, path) of {split}/{grade}/*: names are file names without
+    extension; a folder that is not a grade, or a file that is not an image, is a problem."""
+    base = root / split
+    entries, odd_dirs, odd_files = [], [], []
+    for grade_dir in sorted(p for p in base.iterdir() if not p.name.startswith(".")):
+        if not grade_dir.is_dir():
+            odd_files.append(grade_dir.name)
+            continue
+        if not (grade_dir.name.isdigit() and int(grade_dir.name) < NUM_GRADES):
+            odd_dirs.append(grade_dir.name)
+            continue
+        for f in sorted(p for p in grade_dir.iterdir() if not p.name.startswith(".")):
+            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():
+                entries.append((f.stem, grade_dir.name, f))
+            else:
+                odd_files.append(f"{grade_dir.name}/{f.name}")
+    if odd_dirs:
+        problems.append(f"{base}: folder(s) {odd_dirs} are not grades: the folders format holds one folder per grade, "
+                        f"named 0..{NUM_GRADES - 1}")
+    if odd_files:
+        shown = ", ".join(odd_files[:MAX_ROWS_SHOWN]) + (" ..." if len(odd_files) > MAX_ROWS_SHOWN else "")
+        problems.append(f"{base}: {len(odd_files)} entr(ies) that are not images in a grade folder: {shown} "
+                        f"(images end in {', '.join(IMAGE_EXTENSIONS)})")
+    numbered = list(enumerate(entries, start=1))
+    return ([(i, n) for i, (n, _, _) in numbered], [(i, g) for i, (_, g, _) in numbered],
+            [p for _, (_, _, p) in numbered])
+
+
+def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
+               options: TableOptions | None = None) -> Split:
     """Read and validate a split; raises one DatasetError listing every problem."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"data root {root} is not a directory")
     fmt = detect_format(root, split) if fmt == "auto" else fmt
-    layout = SplitLayout.of(root, split, fmt)
-    for p in layout.csv_files:
-        if not p.is_file():
-            raise DatasetError(f"{p} not found ({fmt} format needs {', '.join(q.name for q in layout.csv_files)})")
     problems: list[str] = []
+    found_paths = None
+    table = None
     if fmt == "lab":
+        layout = SplitLayout.of(root, split, fmt)
+        for p in layout.csv_files:
+            if not p.is_file():
+                raise DatasetError(f"{p} not found (lab format needs {', '.join(q.name for q in layout.csv_files)})")
         names = _read_single_column(layout.csv_files[0], problems)
         label_cells = _read_single_column(layout.csv_files[1], problems)
-        label_file = layout.csv_files[1]
+        name_file, label_file = layout.csv_files
         if len(names) != len(label_cells):
-            problems.append(f"{layout.csv_files[0]} has {len(names)} rows but {label_file} has "
+            problems.append(f"{name_file} has {len(names)} rows but {label_file} has "
                             f"{len(label_cells)}: row i of one must be the label of row i of the other")
+        image_dirs, extension = layout.image_dirs, layout.extension
+    elif fmt == "folders":
+        name_file = label_file = root / split
+        if not name_file.is_dir():
+            raise DatasetError(f"{name_file} not found (folders format: {split}/0 .. {split}/{NUM_GRADES - 1})")
+        names, label_cells, found_paths = _read_folders(root, split, problems)
+        image_dirs, extension = (), ""
     else:
-        name_col, label_col = ("image", "level") if fmt == "kaggle" else ("id_code", "diagnosis")
-        names, label_cells = _read_with_header(layout.csv_files[0], name_col, label_col, problems)
-        label_file = layout.csv_files[0]
-    name_file = layout.csv_files[0]
-    labels = _parse_labels(label_file, label_cells, problems)
+        table = table_of(root, split, fmt, options)
+        if table is None:
+            defined = split_names(root, fmt, options) if fmt != "csv" else [s for s, _, _ in (options or TableOptions()).files]
+            how = ("set data.train_csv / data.test_csv (and the image folders) for the splits you use"
+                   if fmt == "csv" else f"its splits: {', '.join(PRESETS[fmt].splits())}")
+            raise DatasetError(f"{fmt} format has no '{split}' split in {root} ({how}; found: {', '.join(defined) or 'none'})")
+        if not table.file.is_file():
+            raise DatasetError(f"{table.file} not found ({fmt} format, '{split}' split)")
+        names, label_cells = _read_table(table, problems)
+        name_file = label_file = table.file
+        image_dirs, extension = (table.images,), table.suffix
+    labels = _parse_labels(label_file, label_cells, problems, mapped=bool(table and table.label_map))
 
     if not names and not problems:
         problems.append(f"{name_file}: the '{split}' split has no rows")
@@ -235,19 +496,40 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto")
         problems.append(_problem(name_file, "duplicate image name", duplicates,
                                  f"e.g. row {duplicates[0]} repeats row {first_seen[dict(names)[duplicates[0]]]}"))
 
-    index = _DirIndex(layout.image_dirs)
-    paths, missing = [], []
-    for line, name in names:
-        path = index.find(name, layout.extension)
-        if path is None:
-            missing.append(line)
-        paths.append(path)
-    if missing:
-        where = " or ".join(str(d) for d in layout.image_dirs)
-        example = dict(names)[missing[0]]
-        problems.append(_problem(name_file, "image file missing", missing,
-                                 f"e.g. {example}{layout.extension} not in {where}"))
+    if found_paths is not None:
+        paths = found_paths
+    else:
+        index = _DirIndex(image_dirs)
+        paths, missing = [], []
+        for line, name in names:
+            path = index.find(name, extension)
+            if path is None:
+                missing.append(line)
+            paths.append(path)
+        if missing:
+            where = " or ".join(str(d) for d in image_dirs)
+            example = dict(names)[missing[0]]
+            shown = example if os.path.splitext(example)[1].lower() in IMAGE_EXTENSIONS else f"{example}{extension}"
+            problems.append(_problem(name_file, "image file missing", missing, f"e.g. {shown} not in {where}"))
     if problems:
         raise DatasetError(f"{fmt} split '{split}' in {root} is not usable:\n  " + "\n  ".join(problems))
     return Split(root, split, fmt, [n for _, n in names], paths, np.asarray(labels, dtype=np.int64),
-                 [line for line, _ in names])
+                 [line for line, _ in names], name_file, table)
+
+
+def add_format_arguments(parser) -> None:
+    """--format and data.KEY=VALUE arguments: how the commands that read a dataset without training
+    (describe, preprocess, evaluate) are told its layout, with train's keys and checks."""
+    parser.add_argument("--format", default="auto", choices=FORMAT_CHOICES,
+                        help="the dataset's layout (data.format; auto detects lab, kaggle, aptos and folders)")
+    parser.add_argument("data_keys", nargs="*", metavar="data.KEY=VALUE",
+                        help="how to read a table: data.test_csv, data.test_images, data.image_column, data.label_column, "
+                             "data.image_suffix, data.filter, data.label_map (train --help says each)")
+
+
+def format_arguments(args) -> tuple[str, TableOptions]:
+    """(data.format, TableOptions) from the arguments add_format_arguments declared."""
+    from dr_resnet.config import data_settings
+
+    data = data_settings(args.data_keys, format=args.format)
+    return data.format, TableOptions.of(data)

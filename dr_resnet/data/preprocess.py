@@ -2,7 +2,8 @@
 
     python -m dr_resnet.preprocess --src RAW --dst OUT --size 512 --workers N [--skip-bad]
 
-OUT is a dataset of the same format as RAW (split files copied). Fast on 3-18 MP EyePACS photos: JPEGs
+OUT is a dataset of the same format and layout as RAW (split files copied, images as <name>.jpeg; a
+format other than lab, kaggle, aptos and folders is named with --format and its data.* keys). Fast on 3-18 MP EyePACS photos: JPEGs
 are decoded twice at reduced DCT scale (PIL ``draft``), once at 1/8 to find the retina and once at the
 coarsest scale that still gives `size` pixels across it. Re-running skips finished images (each is
 written to a temporary name and renamed). Unreadable images are an error naming each file, or with
@@ -27,7 +28,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dr_resnet.errors import UserError, run_command
 from dr_resnet.files import atomic_path
-from dr_resnet.data.formats import DatasetError, Split, SplitLayout, find_splits, read_split
+from dr_resnet.data.formats import (FORMATS, DatasetError, Split, SplitLayout, TableOptions, add_format_arguments,
+                                     find_splits, format_arguments, image_stem, read_split, split_names)
 
 SETTINGS_FILE = "preprocess.json"
 SKIPPED_FILE = "skipped.csv"
@@ -197,37 +199,83 @@ def _check_settings(dst: Path, settings: Settings, overwrite: bool) -> None:
     path.write_text(json.dumps(asdict(settings)) + "\n")
 
 
+def _target(split: Split, i: int, dst: Path) -> Path:
+    """Where image i of a split goes in the output: the same place in the same layout, as <stem>.jpeg."""
+    name = split.names[i]
+    if split.format in FORMATS:
+        return SplitLayout.of(dst, split.name, split.format).image_path(name, ".jpeg")
+    if split.format == "folders":
+        return dst / split.name / str(int(split.labels[i])) / f"{name}.jpeg"
+    return dst / split.table.images.relative_to(split.root) / f"{image_stem(name)}.jpeg"
+
+
 def _write_split_files(split: Split, dst: Path, bad: set[int]) -> None:
-    """Copy the split's index files; without the bad rows if there are any."""
-    out_layout = SplitLayout.of(dst, split.name, split.format)
-    if not bad:
-        for src_file, dst_file in zip(split.layout.csv_files, out_layout.csv_files):
-            shutil.copyfile(src_file, dst_file)
+    """The split's index in the output: copied, or without the bad rows if there are any. A folders
+    split's index is its folders (a bad image is not written)."""
+    if split.format == "folders":
         return
-    keep = [i for i in range(len(split.names)) if i not in bad]
-    out_layout.write_index([split.names[i] for i in keep], split.labels[keep])
+    if split.format in FORMATS:
+        out_layout = SplitLayout.of(dst, split.name, split.format)
+        if not bad:
+            for src_file, dst_file in zip(split.layout.csv_files, out_layout.csv_files):
+                shutil.copyfile(src_file, dst_file)
+            return
+        keep = [i for i in range(len(split.names)) if i not in bad]
+        out_layout.write_index([split.names[i] for i in keep], split.labels[keep])
+        return
+    target = dst / split.index_file.relative_to(split.root)  # a table: every row kept but the bad images'
+    target.parent.mkdir(parents=True, exist_ok=True)
+    bad_lines = {split.rows[i] for i in bad}
+    table = split.table
+    with open(split.index_file, newline="", encoding="utf-8-sig") as f:
+        lines = f.read().splitlines(keepends=True) if table.delimiter == " " else list(csv.reader(f))
+    with atomic_path(target) as tmp, open(tmp, "w", newline="") as out:
+        writer = None if table.delimiter == " " else csv.writer(out, delimiter=table.delimiter)
+        for line, record in enumerate(lines, start=1):
+            if line in bad_lines:
+                continue
+            if writer is None:
+                out.write(record)
+            else:
+                writer.writerow(record)
+
+
+def _output_collisions(splits: list[Split], dst: Path) -> None:
+    """Two images of a split that would be written to one file (a.png and a.jpg both become a.jpeg)."""
+    for split in splits:
+        seen: dict[Path, int] = {}
+        for i in range(len(split.names)):
+            target = _target(split, i, dst)
+            if target in seen:
+                raise DatasetError(f"{split.index_file}: rows {split.rows[seen[target]]} and {split.rows[i]} "
+                                   f"({split.names[seen[target]]}, {split.names[i]}) would both be written as "
+                                   f"{target}: rename one")
+            seen[target] = i
 
 
 def preprocess(src: str | os.PathLike, dst: str | os.PathLike, settings: Settings, workers: int = 1,
-               skip_bad: bool = False, overwrite: bool = False, progress: bool = True) -> list[tuple[str, int, str, str]]:
-    """Preprocess every split under src into dst; returns the skipped (split, row, file, reason)."""
+               skip_bad: bool = False, overwrite: bool = False, progress: bool = True, fmt: str = "auto",
+               options: TableOptions | None = None) -> list[tuple[str, int, str, str]]:
+    """Preprocess every split under src (of data.format `fmt`; auto: the splits of every detected
+    format) into dst, in the same layout; returns the skipped (split, row, file, reason)."""
     from tqdm import tqdm
 
     src, dst = Path(src), Path(dst)
-    found = find_splits(src)
+    found = find_splits(src) if fmt == "auto" else [(s, fmt) for s in split_names(src, fmt, options)]
     if not found:
         raise DatasetError(f"no dataset split files found in {src} (lab: <split>_img.csv + <split>_label.csv; "
-                           f"kaggle: <split>Labels.csv; aptos: <split>.csv + <split>_images/)")
+                           f"kaggle: <split>Labels.csv; aptos: <split>.csv + <split>_images/; folders: <split>/0..4/; "
+                           f"another layout: --format and its data.* keys)")
     if dst.resolve() == src.resolve():
         raise DatasetError(f"--dst must differ from --src ({src})")
+    splits = [read_split(src, name, f, options) for name, f in found]  # every index validated before any work
+    _output_collisions(splits, dst)
     _check_settings(dst, settings, overwrite)
-    splits = [read_split(src, name, fmt) for name, fmt in found]  # every index validated before any work
     jobs, owners = [], []
     for split in splits:
-        out_layout = SplitLayout.of(dst, split.name, split.format)
-        out_layout.image_dirs[0].mkdir(parents=True, exist_ok=True)
-        for i, (name, path) in enumerate(zip(split.names, split.paths)):
-            target = out_layout.image_path(name, ".jpeg")
+        for i, path in enumerate(split.paths):
+            target = _target(split, i, dst)
+            target.parent.mkdir(parents=True, exist_ok=True)
             if overwrite and target.exists():
                 target.unlink()
             jobs.append((len(jobs), path, target, settings))
@@ -267,7 +315,7 @@ def preprocess(src: str | os.PathLike, dst: str | os.PathLike, settings: Setting
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dr_resnet.preprocess", description=__doc__.split("\n\n")[0])
-    p.add_argument("--src", required=True, help="raw dataset folder (lab, kaggle or aptos layout)")
+    p.add_argument("--src", required=True, help="raw dataset folder (any data.format; see --format)")
     p.add_argument("--dst", required=True, help="output dataset folder")
     p.add_argument("--size", type=int, default=Settings.size, help="output side in pixels")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
@@ -279,14 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-bad", action="store_true",
                    help="leave unreadable images out of the output split files and list them in skipped.csv")
     p.add_argument("--overwrite", action="store_true", help="redo images that already exist in --dst")
+    add_format_arguments(p)
     args = p.parse_args(argv)
     if args.size < 8 or not 0 <= args.threshold < 255 or not 1 <= args.quality <= 100 or args.workers < 1:
         p.error("need --size >= 8, 0 <= --threshold < 255, 1 <= --quality <= 100, --workers >= 1")
     settings = Settings(args.size, args.threshold, args.quality, args.normalize)
 
     def work() -> None:
+        fmt, options = format_arguments(args)
         skipped = preprocess(args.src, args.dst, settings, args.workers, args.skip_bad, args.overwrite,
-                             progress=sys.stderr.isatty())
+                             progress=sys.stderr.isatty(), fmt=fmt, options=options)
         for split, row, file, reason in skipped:
             print(f"skipped {split} row {row}: {reason}", file=sys.stderr)
         summary = f", skipped {len(skipped)} (listed in {Path(args.dst) / SKIPPED_FILE})" if skipped else ""

@@ -55,6 +55,11 @@ class Recipe:
                     "photos prepared otherwise would be graded wrongly", source, where)
         return cls(image_size, settings, assumed=True)
 
+    @classmethod
+    def of_trained(cls, recorded: dict | None, data_root: str | os.PathLike, image_size: int, source: str) -> "Recipe":
+        """A trained model's recipe: the one its checkpoint records, else assumed (see assume)."""
+        return cls.from_dict(recorded) if recorded else cls.assume(data_root, image_size, source)
+
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "preprocess": asdict(self.preprocess) if self.preprocess else None,
                 "mean": list(self.mean), "std": list(self.std),

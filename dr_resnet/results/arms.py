@@ -23,11 +23,13 @@ from dr_resnet.results.predictions import Predictions, read_predictions
 from dr_resnet.results.rundir import (
     BEST_CHECKPOINT,
     CONFIG_FILE,
+    EVALUATIONS_DIR,
     FINAL_PREDICTIONS_FILE,
     LAST_CHECKPOINT,
     PREDICTIONS_FILE,
     STATUS_FILE,
     SUMMARY_FILE,
+    MetricsError,
     read_metrics,
     selected_on,
     selected_row,
@@ -98,6 +100,17 @@ class RunRecord:
                 return recorded
         found = self.predictions()
         return bootstrap_intervals(found.labels, found.grades, found.referable_scores, found.names) if found else None
+
+    def evaluations(self) -> list[dict]:
+        """evaluate's results of this run on other datasets or splits (RUN/evaluations/<dataset>-<split>/
+        metrics.json), by folder name."""
+        found = []
+        for path in sorted((self.path / EVALUATIONS_DIR).glob("*/metrics.json")):
+            try:
+                found.append(json.loads(path.read_text()))
+            except ValueError as exc:
+                raise MetricsError(f"{path}: not the metrics.json evaluate writes ({exc}): run evaluate again") from None
+        return found
 
     @property
     def baseline(self) -> float | None:

@@ -25,7 +25,7 @@ from dr_resnet.results.html import write_html
 from dr_resnet.results.metrics import expected_calibration_error
 from dr_resnet.results.plots import pyplot
 from dr_resnet.results.rundir import BEST_CHECKPOINT, CONFIG_FILE, FINAL
-from dr_resnet.results.tables import COLUMNS, Table, comparisons_table, markdown, results_table, seeds_table
+from dr_resnet.results.tables import COLUMNS, Table, comparisons_table, datasets_table, markdown, results_table, seeds_table
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 # a depth's arms in order: pretrained first, so the core experiment is blue (pretrained) and orange (scratch)
@@ -172,14 +172,47 @@ def _with_interval(entry: dict) -> str:
     return f"{entry['value']:.3f} ({entry['low']:.3f}-{entry['high']:.3f})"
 
 
-def tables_of(rows: list[dict], comparisons: list[dict], seeds: list[dict]) -> list[Table]:
+def dataset_rows(runs: list[RunRecord], rows: list[dict]) -> list[dict]:
+    """For each run that evaluate scored on other datasets or splits: its own test split at the selected
+    epoch, then each evaluation, with the same metrics and intervals."""
+    own = {row["run"]: row for row in rows}
+    table = []
+    for run in runs:
+        evaluations = run.evaluations()
+        if not evaluations:
+            continue
+        row, chosen = own[run.name], run.chosen()
+        if chosen is not None:
+            table.append({"run": run.name, "dataset": Path(str(run.settings["data.root"])).name,
+                          "split": f"{run.settings.get('data.test_split', 'test')} (its own)",
+                          "images": int(np.sum(chosen["confusion_matrix"])), "epoch": chosen["epoch"],
+                          "accuracy": row.get("selected_acc_95ci", chosen["test_acc"]),
+                          "qwk": row.get("selected_qwk_95ci", chosen["test_qwk"]),
+                          "referable_auc": row.get("selected_auc_95ci"),
+                          "sensitivity": chosen.get("test_referable_sensitivity"),
+                          "specificity": chosen.get("test_referable_specificity"), "majority_baseline": run.baseline})
+        for found in evaluations:
+            ci = found.get("intervals") or {}
+            shown = {name: _with_interval(ci[name]) if name in ci else found.get(name)
+                     for name in ("accuracy", "qwk", "referable_auc")}
+            table.append({"run": run.name, "dataset": found.get("dataset", Path(found["data_root"]).name),
+                          "split": found["split"], "images": found.get("num_samples"), "epoch": found["epoch"], **shown,
+                          "sensitivity": found.get("referable_sensitivity"),
+                          "specificity": found.get("referable_specificity"),
+                          "majority_baseline": found.get("majority_baseline")})
+    return table
+
+
+def tables_of(rows: list[dict], comparisons: list[dict], seeds: list[dict], datasets: list[dict] = ()) -> list[Table]:
     """The report's tables, the same for results.md and report.html: results; seeds when an arm has several;
-    the paired comparisons when there are any."""
+    the paired comparisons when there are any; other datasets when evaluate scored a run on any."""
     tables = [results_table(rows)]
     if any(len(row["seeds"]) > 1 for row in seeds):
         tables.append(seeds_table(seeds))
     if comparisons:
         tables.append(comparisons_table(comparisons))
+    if datasets:
+        tables.append(datasets_table(datasets))
     return tables
 
 
@@ -237,7 +270,7 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         written.append(out / "calibration.png")
     comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(arms, epoch=epoch)]
     rows = result_rows(runs)
-    tables = tables_of(rows, comparisons, seed_summary(arms))
+    tables = tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows))
     write_tables(rows, out, tables, comparisons)
     if comparisons:
         written.append(out / COMPARISONS_FILE)

@@ -37,6 +37,7 @@ TRAIN_LOG = "train.log"
 PREDICTIONS_FILE = "predictions.csv"  # layout: predictions.py
 VAL_PREDICTIONS_FILE = "predictions_val.csv"
 FINAL_PREDICTIONS_FILE = "predictions_final.csv"
+EVALUATIONS_DIR = "evaluations"  # evaluate's results on other datasets and splits: evaluations/<dataset>-<split>/
 STATUS_FILE = "launch_status.json"  # {"status": "not run" | "failed", "reason": ..., "detail": ...}
 
 

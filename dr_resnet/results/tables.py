@@ -126,6 +126,27 @@ def comparisons_table(comparisons: list[dict]) -> Table:
     return table
 
 
+DATASET_COLUMNS = (("run", "run"), ("dataset", "dataset"), ("split", "split"), ("images", "images"),
+                   ("epoch", "epoch"), ("accuracy", "accuracy (95% CI)"), ("qwk", "QWK (95% CI)"),
+                   ("referable_auc", "referable AUC (95% CI)"), ("sensitivity", "referable sensitivity"),
+                   ("specificity", "referable specificity"), ("majority_baseline", "majority baseline"))
+DATASETS_NOTE = (
+    "Each run's selected epoch (checkpoint_best.pt, or the checkpoint evaluate was given) on its own test split and on "
+    "every dataset and split `dr-evaluate` scored it on (RUN/evaluations/): the same metrics and bootstrap intervals, "
+    "side by side. A drop from the run's own test split to another dataset is the domain shift a model meets in a new "
+    "clinic.")
+
+
+def datasets_table(rows: list[dict]) -> Table:
+    columns = [Column(key, heading) for key, heading in DATASET_COLUMNS]
+    table = Table("datasets", "Test results on other datasets (external validation)", DATASETS_NOTE, columns,
+                  numeric=frozenset(("images", "epoch", "accuracy", "qwk", "referable_auc", "sensitivity", "specificity",
+                                     "majority_baseline")))
+    for row in rows:
+        table.rows.append(Row([number(row.get(key), 3) for key, _ in DATASET_COLUMNS]))
+    return table
+
+
 def markdown(table: Table, level: int = 2) -> list[str]:
     """The table as markdown lines: its title, its note, every column."""
     width = len(table.columns)

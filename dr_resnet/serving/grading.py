@@ -92,8 +92,7 @@ class CheckpointGrader(Grader):
         trained = components.trained_model(path, device, amp)
         state, cfg = trained.state, trained.cfg
         self.state, self.config, self.device = state, cfg, device
-        self.recipe = (Recipe.from_dict(state.recipe) if state.recipe
-                       else Recipe.assume(cfg.data.root, cfg.data.image_size, str(path)))
+        self.recipe = Recipe.of_trained(state.recipe, cfg.data.root, cfg.data.image_size, str(path))
         self.head_kind, self.head_state = cfg.model.head, trained.head.state()
         self.network = trained.network
         self.model = GradingModel(self.network, trained.head, self.recipe).to(device).eval()

@@ -24,6 +24,7 @@ from dr_resnet import config
 from dr_resnet.config import Config, ConfigError, DataConfig, TrainConfig
 from dr_resnet.data.augment import DeviceAugment
 from dr_resnet.data.dataset import RetinopathyDataset
+from dr_resnet.data.formats import TableOptions
 from dr_resnet.data.samplers import DistributedBalancedSampler, EpochSampler, ProgressiveSampler, ShuffledSampler
 from dr_resnet.data.split import holdout_mask
 from dr_resnet.model.heads import Head, head_for
@@ -52,8 +53,9 @@ def datasets(cfg: Config) -> Datasets:
     and it would hold at least data.min_val_images; below that, a warning names the sizes and nothing
     is held out (the final epoch is then the run's result)."""
     d = cfg.data
-    train = RetinopathyDataset(d.root, d.train_split, format=d.format, image_size=d.image_size)
-    test = RetinopathyDataset(d.root, d.test_split, format=d.format, image_size=d.image_size)
+    options = TableOptions.of(d)
+    train = RetinopathyDataset(d.root, d.train_split, format=d.format, image_size=d.image_size, options=options)
+    test = RetinopathyDataset(d.root, d.test_split, format=d.format, image_size=d.image_size, options=options)
     if d.val_fraction <= 0:
         return Datasets(train, test, None)
     held_out = holdout_mask(train.names, train.labels, d.val_fraction, d.split_seed)

@@ -1,21 +1,30 @@
-"""Evaluate any saved checkpoint on a split: metrics.json (with bootstrap 95% intervals), the per-image
-predictions.csv and the confusion-matrix PNG. Every image is counted exactly once, also under torchrun.
+"""Evaluate any saved checkpoint on a split of any dataset, the training one or another (external
+validation): metrics.json (with bootstrap 95% intervals), the per-image predictions.csv and the
+confusion-matrix PNG. Every image is counted exactly once, also under torchrun. Each photo goes through
+the model's recipe as predict does: a copy preprocessed with the training recipe is used as it is, a
+raw photo is cropped, squared and resized first.
 
-    python -m dr_resnet.evaluate --checkpoint RUN/checkpoint_best.pt --data-root DIR [--split test] --out DIR
+    python -m dr_resnet.evaluate --checkpoint RUN/checkpoint_best.pt --data-root DIR [--split test]
+        [--format F data.KEY=VALUE ...] [--out DIR]
+
+Without --out the results go to RUN/evaluations/<data root's name>-<split>/, where the report finds them
+and shows them beside the run's own test split.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from dr_resnet.data.dataset import RetinopathyDataset
-from dr_resnet.registry import FORMAT_CHOICES
+from dr_resnet.data.formats import add_format_arguments, format_arguments
+from dr_resnet.data.recipe import Recipe
 from dr_resnet.results.metrics import expected_calibration_error
 from dr_resnet.results.predictions import write_predictions
-from dr_resnet.results.rundir import CONFUSION_PNG, PREDICTIONS_FILE
+from dr_resnet.results.rundir import CONFUSION_PNG, EVALUATIONS_DIR, PREDICTIONS_FILE
 from dr_resnet.results.stats import RESAMPLES, bootstrap_intervals
 from dr_resnet.training import components, distributed
 from dr_resnet.training.loop import TTA_MODES, evaluate
@@ -26,9 +35,8 @@ from dr_resnet.training.tracking import MODES, Tracker, TrackingSettings, identi
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dr_resnet.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by dr_resnet.train")
-    p.add_argument("--data-root", required=True, help="dataset folder (lab, kaggle or aptos layout)")
+    p.add_argument("--data-root", required=True, help="dataset folder (any data.format: see --format)")
     p.add_argument("--split", default="test")
-    p.add_argument("--format", default="auto", choices=FORMAT_CHOICES)
     p.add_argument("--image-size", type=int, default=0, help="default: the size the checkpoint was trained at")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--workers", type=int, default=2)
@@ -39,11 +47,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="test-time augmentation: 'flips' averages the predictions over h-, v- and hv-flips")
     p.add_argument("--resamples", type=int, default=RESAMPLES,
                    help="bootstrap resamples for the 95%% intervals in metrics.json (0: none)")
-    p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv and confusion_matrix.png")
+    p.add_argument("--out", default="", help="folder for metrics.json, predictions.csv and confusion_matrix.png "
+                                           "(default: RUN/evaluations/<data root's name>-<split>)")
     p.add_argument("--wandb", default="disabled", choices=MODES,
                    help="log the evaluation as a W&B run (job_type eval) in the training run's group, with the "
                         "training run's project and entity (WANDB_MODE wins)")
-    return p.parse_args(argv)
+    add_format_arguments(p)
+    args = p.parse_args(argv)
+    if not args.out:
+        args.out = str(default_out(args.checkpoint, args.data_root, args.split))
+    return args
+
+
+def default_out(checkpoint: str | Path, data_root: str | Path, split: str) -> Path:
+    """Where an evaluation goes without --out: beside the checkpoint, named by the dataset and split."""
+    return Path(checkpoint).resolve().parent / EVALUATIONS_DIR / f"{Path(data_root).resolve().name}-{split}"
 
 
 def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
@@ -51,8 +69,13 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     configure_backends(info.device, cudnn_benchmark=True, deterministic=False, tf32=args.amp != "off")
     trained = components.trained_model(args.checkpoint, info.device, args.amp)
     state, cfg, head, model, execution = trained.state, trained.cfg, trained.head, trained.network, trained.execution
-    size = args.image_size or cfg.data.image_size
-    dataset = RetinopathyDataset(args.data_root, args.split, format=args.format, image_size=size)
+    recipe = Recipe.of_trained(state.recipe, cfg.data.root, cfg.data.image_size, str(args.checkpoint))
+    if args.image_size:
+        recipe = dataclasses.replace(recipe, image_size=args.image_size)
+    size = recipe.image_size
+    fmt, options = format_arguments(args)
+    dataset = RetinopathyDataset(args.data_root, args.split, format=fmt, image_size=size, options=options,
+                                 prepare=recipe.prepare)
     loader = components.evaluation_loader(dataset, args.batch_size, args.workers, info)
     evaluation = evaluate(model, loader, head, execution, tta=args.tta)
     precision = execution.precision
@@ -61,7 +84,8 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
                                     resamples=args.resamples) if args.resamples and info.is_main else None
     calibration = expected_calibration_error(values, evaluation.targets) if head.spec.has_probabilities else None
     result = {"checkpoint": str(args.checkpoint), "epoch": int(state.epoch), "data_root": str(args.data_root),
-              "split": args.split, "image_size": size, "head": cfg.model.head, **head.state(), "tta": args.tta,
+              "dataset": Path(args.data_root).resolve().name, "format": dataset.format, "split": args.split,
+              "image_size": size, "head": cfg.model.head, **head.state(), "tta": args.tta,
               "device": str(info.device), "precision": precision.name,
               "loss": evaluation.loss, **evaluation.scores(), **({"intervals": intervals} if intervals else {}),
               **({"ece": calibration["ece"], "calibration_bins": calibration["bins"]} if calibration else {})}
