@@ -86,8 +86,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
-    p.add_argument("--time", type=int, default=60, help="time limit in minutes")
-    p.add_argument("--mem", type=int, help="memory per node in GB (default: tasks per node x (6 + data.workers))")
+    p.add_argument("--time", default="60", help="time limit: minutes, or SLURM's formats (12:00:00, 1-00:00:00, 2-12)")
+    p.add_argument("--mem", help="memory per node: SLURM's format (64G, 64000M, 1T) or a number of GB "
+                                 "(default: tasks per node x (6 + data.workers) GB)")
+    p.add_argument("--gres", help="generic resources, as sbatch takes them (gpu:4, gpu:a100:4): in place of "
+                                  "--gpus-per-node on clusters that count GPUs so; its GPU count sets the tasks per node")
+    p.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="a shell line the job runs before training (repeat: in order), e.g. 'module load cuda/12.4'")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option (repeat), e.g. --slurm mail-type=END --slurm reservation=ml")
+    p.add_argument("--array", action="store_true",
+                   help="submit every run (arms x seeds) as one SLURM job array; each keeps its own folder")
+    p.add_argument("--array-parallelism", type=int, help="with --array (implied): at most this many runs at once")
     p.add_argument("--visible-gpus", help="local executor: the GPUs the arms may use, e.g. 0,1,2,3 "
                                           "(default: CUDA_VISIBLE_DEVICES, else every GPU torch sees)")
     p.add_argument("--constraint")
@@ -102,7 +112,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="print each run's resolved config (YAML documents, one per run) and exit; submit nothing")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = p.parse_args(argv)
-    args.tasks_per_node = args.tasks_per_node or max(1, args.gpus_per_node)
+    try:
+        args.time = slurm_minutes(args.time)
+        args.mem = slurm_memory(args.mem) if args.mem else None
+        args.slurm = dict(slurm_option(o) for o in args.slurm)
+        gres_gpus = gpus_in_gres(args.gres) if args.gres else 0
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.gres and args.gpus_per_node:
+        p.error("--gres and --gpus-per-node both ask for GPUs: give one")
+    if args.array_parallelism is not None:
+        if args.array_parallelism < 1:
+            p.error("--array-parallelism must be >= 1")
+        args.array = True
+    args.tasks_per_node = args.tasks_per_node or max(1, args.gpus_per_node or gres_gpus)
     try:
         args.seeds = [int(k) for k in args.seeds.split(",") if k.strip()] if args.seeds else []
     except ValueError:
@@ -111,7 +134,67 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--seeds: a seed appears twice ({args.seeds})")
     if args.executor == "local" and args.nodes != 1:
         p.error("--executor local runs on this machine: --nodes must be 1")
+    if args.executor == "local" and args.array and args.gpus_per_node:
+        p.error("--array with the local executor's GPU groups: leave --array out (each run waits for a free group)")
     return args
+
+
+def slurm_minutes(text: str | int) -> int:
+    """A time limit in minutes from SLURM's formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (partial minutes up)."""
+    value = str(text).strip()
+    days, dash, rest = value.partition("-")
+    if not dash:
+        days, rest = "0", value
+    try:
+        parts = [int(x) for x in rest.split(":")]
+        day_count = int(days)
+    except ValueError:
+        raise ValueError(f"--time {text!r} is not minutes or SLURM's D-HH:MM:SS") from None
+    if dash:  # D-H, D-H:M, D-H:M:S
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        hours, minutes, seconds = 0, parts[0], 0
+    elif len(parts) == 2:
+        hours, minutes, seconds = 0, parts[0], parts[1]
+    else:
+        hours, minutes, seconds = parts[:3]
+    if len(parts) > 3 or min(day_count, hours, minutes, seconds) < 0:
+        raise ValueError(f"--time {text!r} is not minutes or SLURM's D-HH:MM:SS")
+    total = day_count * 1440 + hours * 60 + minutes + (1 if seconds else 0)
+    if total <= 0:
+        raise ValueError(f"--time {text!r}: the time limit must be positive")
+    return total
+
+
+def slurm_memory(text: str) -> str:
+    """--mem as sbatch takes it: a number with K, M, G or T (64G), or a bare number of GB (64 -> 64G)."""
+    value = str(text).strip().upper().removesuffix("B")
+    number, unit = (value[:-1], value[-1]) if value[-1:] in "KMGT" else (value, "G")
+    if not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"--mem {text!r} is not a memory size (64G, 64000M, 1T, or a number of GB)")
+    return f"{int(number)}{unit}"
+
+
+def slurm_option(text: str) -> tuple[str, str]:
+    """--slurm KEY=VALUE (KEY as sbatch spells it, without the dashes) -> (key, value); KEY alone: a flag."""
+    key, sep, value = text.partition("=")
+    key = key.strip().lstrip("-")
+    if not key or " " in key:
+        raise ValueError(f"--slurm {text!r} is not KEY=VALUE (an sbatch option without its dashes, e.g. mail-type=END)")
+    return key, value.strip() if sep else True
+
+
+def gpus_in_gres(gres: str) -> int:
+    """The GPUs a --gres asks for per node (gpu:4, gpu:a100:4 -> 4; gpu -> 1; no gpu entry -> 0)."""
+    for entry in gres.split(","):
+        fields = entry.strip().split(":")
+        if fields[0] == "gpu":
+            if len(fields) == 1:
+                return 1
+            if not fields[-1].isdigit():
+                raise ValueError(f"--gres {gres!r}: the GPU count must end the entry (gpu:4, gpu:a100:4)")
+            return int(fields[-1])
+    return 0
 
 
 def arm_argv(sweep: Sweep, arm: str, run_dir: Path, cli_overrides: list[str], seed: int | None = None,
@@ -149,11 +232,11 @@ def missing_weights(cfg: config.Config) -> str:
 
 @dataclass(frozen=True)
 class Resources:
-    """What each job asks for: CPUs per task, torch threads per task, memory per node (GB)."""
+    """What each job asks for: CPUs per task, torch threads per task, memory per node (sbatch's format)."""
 
     cpus_per_task: int
     threads: int
-    mem_gb: int
+    mem: str
 
 
 def resources(args: argparse.Namespace, configs: list[config.Config]) -> Resources:
@@ -161,7 +244,7 @@ def resources(args: argparse.Namespace, configs: list[config.Config]) -> Resourc
     core for the training process; the training process keeps the cores its decoders do not use."""
     workers = max(cfg.data.workers for cfg in configs)
     cpus = args.cpus_per_task or workers + 1
-    return Resources(cpus, max(1, cpus - workers), args.mem or args.tasks_per_node * (6 + workers))
+    return Resources(cpus, max(1, cpus - workers), args.mem or f"{args.tasks_per_node * (6 + workers)}G")
 
 
 def make_executor(args: argparse.Namespace, folder: Path, res: Resources):
@@ -176,13 +259,15 @@ def make_executor(args: argparse.Namespace, folder: Path, res: Resources):
     cls = DryRunSlurmExecutor if args.dry_run else submitit.SlurmExecutor
     executor = cls(folder=folder)
     slurm = {"partition": args.partition, "account": args.account, "qos": args.qos, "constraint": args.constraint,
-             "exclude": args.exclude, "gpus_per_node": args.gpus_per_node}
+             "exclude": args.exclude, "gpus_per_node": args.gpus_per_node, "gres": args.gres,
+             "setup": list(args.setup) or None, "array_parallelism": args.array_parallelism}
     executor.update_parameters(nodes=args.nodes, ntasks_per_node=args.tasks_per_node, cpus_per_task=res.cpus_per_task,
-                               time=args.time, mem=f"{res.mem_gb}GB", stderr_to_stdout=True,
+                               time=args.time, mem=res.mem, stderr_to_stdout=True,
                                signal_delay_s=args.signal_delay,
                                # srun no longer inherits sbatch's --cpus-per-task (SLURM 22.05+): name it.
                                srun_args=["--kill-on-bad-exit=1", f"--cpus-per-task={res.cpus_per_task}"],
-                               additional_parameters=dict(requeue.REQUEUE),
+                               # --slurm KEY=VALUE last: the cluster's own word wins
+                               additional_parameters={**requeue.REQUEUE, **args.slurm},
                                **{k: v for k, v in slurm.items() if v})
     return executor
 
@@ -206,10 +291,19 @@ class DryRunSlurmExecutor(submitit.SlurmExecutor):
         return [sys.executable, "-c", f"print('Submitted batch job {len(self.scripts)} (dry run)')"]
 
 
-def submit_each(executor, tasks: dict, slots: list[list[int]] = ()):
+def submit_each(executor, tasks: dict, slots: list[list[int]] = (), array_name: str = ""):
     """Submit each named task (a picklable callable: a TrainTask, or any other, an evaluation say) as
-    one job on `executor`, named after it on SLURM. With GPU slots (the local executor), each job gets
-    a group of its own and waits until one is free. Yields (name, job, gpus or None) as each job goes in."""
+    one job on `executor`, named after it on SLURM; with array_name, all of them as one job array of
+    that name (submitit's batch submission). With GPU slots (the local executor), each job gets a group
+    of its own and waits until one is free. Yields (name, job, gpus or None) as each job goes in."""
+    if array_name:
+        if isinstance(executor, submitit.SlurmExecutor):
+            executor.update_parameters(job_name=array_name)
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks.values()]
+        for name, job in zip(tasks, jobs):
+            yield name, job, None
+        return
     scheduler = GpuSlots(list(slots)) if slots else None
     for name, task in tasks.items():
         gpus = None
@@ -234,6 +328,15 @@ def dry_run(args: argparse.Namespace, res: Resources, plans: dict, out: Path) ->
     with tempfile.TemporaryDirectory() as tmp:
         executor = make_executor(args, Path(tmp), res)
         tasks = {arm: TrainTask(argv_arm, threads=res.threads) for arm, (_, argv_arm, _) in plans.items()}
+        if args.array:  # the one script an array submission writes: submitit's batch() sets map_count so
+            executor.update_parameters(job_name=out.name)
+            executor.parameters["map_count"] = len(tasks)  # (its --array=0-N%P line and %A_%a log names)
+            for index, (arm, (_, argv_arm, _)) in enumerate(plans.items()):
+                print(f"# ---- array task {index}: {arm}: dr_resnet.train {shlex.join(argv_arm)}")
+            first = next(iter(tasks))
+            executor.submit(tasks[first])
+            print(executor.scripts[-1].replace(tmp, str(out / "submitit")).replace("%j", "%A_%a"))
+            return
         for arm, _, _ in submit_each(executor, tasks):
             text = executor.scripts[-1].replace(tmp, str(out / "submitit"))  # where a real submission keeps its logs
             print(f"# ---- {arm}: dr_resnet.train {shlex.join(plans[arm][1])}\n{text}\n")
@@ -306,7 +409,9 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     if args.executor == "slurm":
         print(f"each job: {args.nodes} node(s) x {args.tasks_per_node} task(s), {res.cpus_per_task} CPU(s) a task, "
-              f"{res.mem_gb} GB a node" + (f", {args.gpus_per_node} GPU(s) a node" if args.gpus_per_node else ""))
+              f"{res.mem} a node" + (f", {args.gpus_per_node} GPU(s) a node" if args.gpus_per_node else "")
+              + (f", --gres {args.gres}" if args.gres else "")
+              + (f"; one job array of {len(plans)} runs" if args.array else ""))
     if args.dry_run:
         dry_run(args, res, plans, out)
         return 0
@@ -333,7 +438,8 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
             set_status(run_dir, cfg)
             tasks[arm] = TrainTask(argv_arm, threads=res.threads)
     jobs = {}
-    for arm, job, gpus in submit_each(make_executor(args, out / "submitit", res), tasks, slots):
+    array_name = out.name if args.array else ""
+    for arm, job, gpus in submit_each(make_executor(args, out / "submitit", res), tasks, slots, array_name):
         jobs[arm] = job
         entry = {"gpus": gpus} if gpus is not None else {}
         manifest["runs"][arm] = {"status": "submitted", "job_id": job.job_id, "run_dir": str(plans[arm][0]),

@@ -8,12 +8,19 @@
 #
 # Each run writes SWEEP_DIR/<arm>/ and logs to SWEEP_DIR/<arm>/slurm-<job>.out. Environment: PYTHON
 # (default python3, with dr_resnet installed), SWEEP_FILE (default configs/sweep.yaml), DRY_RUN=1
-# (print the sbatch commands, submit nothing). `python -m launch.sweep` does the same through
-# submitit, and also checks ImageNet weights before submitting.
+# (print the sbatch commands, submit nothing), SETUP (shell lines each job runs first: train.sbatch's
+# hook, e.g. SETUP='module load cuda/12.4'). `python -m launch.sweep` does the same through submitit,
+# and also checks ImageNet weights before submitting.
 set -euo pipefail
 
-if [ $# -lt 1 ]; then
-    echo "usage: $0 SWEEP_DIR [sbatch options...] -- [key=value ...]" >&2
+usage="usage: $0 SWEEP_DIR [sbatch options...] -- [key=value ...]"
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    echo "$usage"
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    exit 0
+fi
+if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
+    echo "$usage (SWEEP_DIR first; --help says more)" >&2
     exit 2
 fi
 sweep_dir=$1

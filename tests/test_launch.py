@@ -12,7 +12,7 @@ import yaml
 
 from dr_resnet.config import ConfigError
 from dr_resnet.training.distributed import master_port
-from launch.sweep import gpu_slots, main
+from launch.sweep import gpu_slots, main, slurm_minutes
 
 from helpers import (
     REPO,
@@ -35,7 +35,7 @@ def test_dry_run_prints_each_arms_sbatch_script_and_submits_nothing(tmp_path, ca
     for script in scripts:
         for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
                      "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --qos=high", "#SBATCH --time=720",
-                     "#SBATCH --mem=200GB", "#SBATCH --constraint=a100", "#SBATCH --exclude=node7",
+                     "#SBATCH --mem=200G", "#SBATCH --constraint=a100", "#SBATCH --exclude=node7",
                      "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
             assert line in script, (line, script)
         assert "train.epochs=8" in script and "output.dir=" in script
@@ -68,12 +68,75 @@ def test_dry_run_defaults_fit_the_data_workers(tmp_path, capsys, monkeypatch):
     assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--gpus-per-node", "4", "--dry-run",
                  "--runs", "resnet18_scratch", "data.workers=6"]) == 0
     out = capsys.readouterr().out
-    assert "4 task(s), 7 CPU(s) a task, 48 GB a node, 4 GPU(s) a node" in out  # 4 x (6 + 6) GB
-    assert "#SBATCH --cpus-per-task=7" in out and "#SBATCH --mem=48GB" in out
+    assert "4 task(s), 7 CPU(s) a task, 48G a node, 4 GPU(s) a node" in out  # 4 x (6 + 6) GB
+    assert "#SBATCH --cpus-per-task=7" in out and "#SBATCH --mem=48G" in out
     assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--dry-run", "--runs", "resnet18_scratch",
                  "--cpus-per-task", "3", "--mem", "20"]) == 0
     out = capsys.readouterr().out
-    assert "#SBATCH --cpus-per-task=3" in out and "#SBATCH --mem=20GB" in out and "--cpus-per-task=3" in out
+    assert "#SBATCH --cpus-per-task=3" in out and "#SBATCH --mem=20G" in out and "--cpus-per-task=3" in out
+
+
+@pytest.mark.parametrize("text,minutes", [("90", 90), ("12:00:00", 720), ("1-00:00:00", 1440), ("2-12", 3600),
+                                          ("1-2:30", 1590), ("45:30", 46), ("0:30:00", 30)])
+def test_time_limits_in_slurms_formats(text, minutes):
+    assert slurm_minutes(text) == minutes
+
+
+def test_the_clusters_own_options_reach_the_script_submitit_writes(tmp_path, capsys, monkeypatch):
+    """SLURM's time and memory formats, --gres in place of --gpus-per-node, setup lines before srun in
+    their order, and any other sbatch option through --slurm, in the exact script a submission writes."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--runs", "resnet18_scratch", "--dry-run",
+                 "--time", "1-00:00:00", "--mem", "64g", "--gres", "gpu:a100:4", "--setup", "module load cuda/12.4",
+                 "--setup", "source ~/venvs/dr/bin/activate", "--slurm", "mail-type=END", "--slurm=--hint=nomultithread",
+                 "--slurm", "exclusive"]) == 0
+    script = capsys.readouterr().out.split("# ---- ")[1]
+    lines = script.splitlines()
+    for line in ("#SBATCH --time=1440", "#SBATCH --mem=64G", "#SBATCH --gres=gpu:a100:4", "#SBATCH --ntasks-per-node=4",
+                 "#SBATCH --mail-type=END", "#SBATCH --hint=nomultithread", "#SBATCH --exclusive"):
+        assert line in lines, line
+    assert not any(line.startswith("#SBATCH --gpus-per-node") for line in lines)
+    setup = lines.index("module load cuda/12.4")
+    assert lines[setup + 1] == "source ~/venvs/dr/bin/activate"
+    assert setup < next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    for bad, message in ((["--time", "1-xx"], "--time '1-xx' is not minutes"), (["--mem", "lots"], "--mem 'lots'"),
+                         (["--gres", "gpu:4", "--gpus-per-node", "4"], "--gres and --gpus-per-node")):
+        with pytest.raises(SystemExit):
+            main(["--config", SWEEP, "--dry-run", *bad])
+        assert message in capsys.readouterr().err
+
+
+def test_an_array_sweep_is_one_script_with_a_task_per_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["--config", SWEEP, "--out", str(tmp_path / "grid"), "--runs", "resnet18_scratch,resnet50_scratch",
+                 "--seeds", "0,1", "--array-parallelism", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "one job array of 4 runs" in out
+    tasks = [line.split(": ")[1] for line in out.splitlines() if line.startswith("# ---- array task")]
+    assert tasks == ["resnet18_scratch_seed0", "resnet18_scratch_seed1", "resnet50_scratch_seed0", "resnet50_scratch_seed1"]
+    lines = out.splitlines()
+    assert "#SBATCH --array=0-3%2" in lines and "#SBATCH --job-name=grid" in lines
+    assert f"#SBATCH --output={tmp_path / 'grid' / 'submitit'}/%A_%a_0_log.out" in lines
+    assert out.count("#!/bin/bash") == 1 and not (tmp_path / "grid").exists()
+
+
+@pytest.mark.slow
+def test_a_local_array_sweep_of_two_arms_and_two_seeds_runs_each_in_its_folder(tmp_path, capsys):
+    data = preprocessed_dataset(tmp_path, 24, 9, seed=4, size=32)
+    out = tmp_path / "grid"
+    assert main(["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--out", str(out), "--executor", "local",
+                 "--runs", "resnet18_scratch,resnet50_scratch", "--seeds", "0,1", "--array",
+                 f"data.root={data}", "data.image_size=32", "train.epochs=1", "train.batch_size=8", "data.workers=0",
+                 "train.warmup_epochs=0", "data.val_fraction=0"]) == 0
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert sorted(manifest["runs"]) == ["resnet18_scratch_seed0", "resnet18_scratch_seed1", "resnet50_scratch_seed0",
+                                        "resnet50_scratch_seed1"]
+    for arm in ("resnet18_scratch", "resnet50_scratch"):
+        for seed in (0, 1):
+            run = out / arm / f"seed{seed}"
+            assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 1
+            assert yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"] == seed
+    assert "resnet50_scratch/seed1" in (out / "results.md").read_text()
 
 
 def sbatch_dry_run(tmp_path, **slurm) -> str:
@@ -96,6 +159,20 @@ def test_sbatch_script_counts_processes_from_slurms_gpus_and_gives_them_the_cpus
     assert f":{master_port(4242)} " in command  # the rendezvous port rule of dr_resnet.distributed
     assert command.endswith("-m dr_resnet.train --config configs/base.yaml")
     assert f"2 node(s) x {processes} process(es)" in out and "36 CPU(s) a node" in out
+
+
+def test_the_sbatch_script_runs_its_setup_first_and_says_how_to_submit_it_outside_slurm(tmp_path):
+    """SETUP runs before anything needs Python (here it chooses the interpreter the job uses); outside a
+    SLURM job the script says how to submit it; slurm/sweep.sh --help prints its usage."""
+    out = sbatch_dry_run(tmp_path, PYTHON="no-such-python", SETUP=f"export MARK=1; PYTHON={sys.executable}")
+    assert out.splitlines()[0] == f"setup: export MARK=1; PYTHON={sys.executable}"
+    assert f"--cpus-per-task 1 {sys.executable} -m torch.distributed.run" in out.strip().splitlines()[-1]
+    outside = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), "--config", "configs/base.yaml"],
+                             env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, cwd=tmp_path)
+    assert outside.returncode == 2 and "is a SLURM batch script: submit it with sbatch" in outside.stderr
+    usage = subprocess.run(["bash", str(REPO / "slurm" / "sweep.sh"), "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: ") and "SETUP (shell lines" in usage.stdout
+    assert not (tmp_path / "--help").exists()
 
 
 def test_gpu_slots_never_share_a_gpu():

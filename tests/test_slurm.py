@@ -74,30 +74,35 @@ def wait_for_file(path: Path, seconds: float) -> None:
         time.sleep(0.2)
 
 
-def test_sweep_runs_all_four_arms_across_two_nodes(cluster, data, tmp_path, monkeypatch):
+def test_an_array_sweep_runs_two_arms_and_two_seeds_across_two_nodes(cluster, data, tmp_path, monkeypatch):
+    """Two arms x two seeds as one SLURM job array (two tasks at a time), each run on both nodes, in its
+    own folder, with its own seed; the report lists every run."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # jobs inherit the environment
-    for depth in (18, 50):
-        path = imagenet_cache_path(depth)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(getattr(torchvision.models, f"resnet{depth}")().state_dict(), path)
+    path = imagenet_cache_path(50)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.resnet50().state_dict(), path)
     out = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, "-m", "launch.sweep", "--config", str(REPO / "configs" / "demo_sweep.yaml"), "--executor",
-         "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "20", "--out", str(out),
+         "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "0:20:00", "--out", str(out),
+         "--runs", "resnet18_scratch,resnet50_pretrained", "--seeds", "0,1", "--array-parallelism", "2",
          "--wait", f"data.root={data}", "train.epochs=1", *TINY],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     manifest = json.loads((out / "sweep.json").read_text())
-    for arm in ("resnet18_pretrained", "resnet18_scratch", "resnet50_pretrained", "resnet50_scratch"):
-        summary = json.loads((out / arm / "summary.json").read_text())
-        assert summary["world_size"] == 2 and summary["num_test_samples"] == 9 and summary["epochs_completed"] == 1
-        assert job_state(manifest["runs"][arm]["job_id"]) == "COMPLETED"
-        log = Path(manifest["runs"][arm]["log"]).read_text()
-        assert "2 process(es)" in log
+    array_ids = {manifest["runs"][name]["job_id"].split("_")[0] for name in manifest["runs"]}
+    assert len(manifest["runs"]) == 4 and len(array_ids) == 1  # one array job
+    for arm in ("resnet18_scratch", "resnet50_pretrained"):
+        for seed in (0, 1):
+            name = f"{arm}_seed{seed}"
+            summary = json.loads((out / arm / f"seed{seed}" / "summary.json").read_text())
+            assert summary["world_size"] == 2 and summary["num_test_samples"] == 9 and summary["epochs_completed"] == 1
+            assert job_state(manifest["runs"][name]["job_id"]) == "COMPLETED"
+            assert "2 process(es)" in Path(manifest["runs"][name]["log"]).read_text()
     nodes = {subprocess.run(["sacct", "-n", "-X", "-P", "-j", manifest["runs"][a]["job_id"], "-o", "NodeList"],
                             capture_output=True, text=True).stdout.strip() for a in manifest["runs"]}
     assert nodes == {"n[1-2]"}
-    assert "| resnet50_pretrained | 50 | imagenet | done | 1/1 |" in (out / "results.md").read_text()
+    assert "| resnet50_pretrained/seed1 | 50 | imagenet | done | 1/1 |" in (out / "results.md").read_text()
 
 
 def test_interrupted_job_is_requeued_and_finishes_every_epoch_once(cluster, data, tmp_path, monkeypatch):
