@@ -11,6 +11,7 @@ import torch
 
 from dr_resnet import GRADES
 from dr_resnet.data.dataset import RetinopathyDataset
+from dr_resnet.data.formats import TableOptions
 from dr_resnet.results.plots import pyplot
 from dr_resnet.serving.cam import cam_targets, grad_cam, overlay
 from dr_resnet.serving.grading import load_grader
@@ -31,7 +32,8 @@ def save_gallery(checkpoint: str | os.PathLike, data_root: str | os.PathLike, sp
     """Grade up to max_per_grade photos of each grade of the split (in its order) and draw per_cell right and
     per_cell wrong ones per grade with their maps."""
     grader = load_grader(checkpoint, torch.device("cpu"))
-    dataset = RetinopathyDataset(data_root, split)
+    trained = grader.config.data  # the split is read as the run read it (its format and table keys)
+    dataset = RetinopathyDataset(data_root, split, format=trained.format, options=TableOptions.of(trained))
     rows = np.concatenate([np.flatnonzero(dataset.labels == g)[:max_per_grade] for g in range(len(GRADES))])
     rows.sort()
     images = torch.stack([grader.recipe.prepare(dataset.paths[i]) for i in rows])
