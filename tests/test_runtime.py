@@ -315,9 +315,11 @@ def test_a_skipped_non_finite_step_changes_no_weight_and_no_batchnorm_statistic(
     with torch.no_grad():
         trainer.model.fc.bias[0] = float("nan")  # every output, loss and gradient is now NaN
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    copies = [t.data_ptr() for t in trainer._statistics[1]]  # the statistics' copies, made at the first step
     totals = EpochTotals(torch.device("cpu"))
     trainer.run_steps(batches(2), epoch_generator(0, 1, 0), totals)
     after = trainer.model.state_dict()
+    assert [t.data_ptr() for t in trainer._statistics[1]] == copies  # reused, not cloned again each step
     assert all(torch.equal(before[k], after[k]) for k in before if k != "fc.bias")
     assert torch.equal(before["fc.bias"].isnan(), after["fc.bias"].isnan())
     assert int(totals.nonfinite) == 2 and totals.first_nonfinite_step()[0] == 0 and float(totals.sums[2]) == 0

@@ -222,6 +222,7 @@ class Trainer:
     execution: Execution
     clip_grad_norm: float = 0.0
     nonfinite: str = "stop"
+    _statistics: tuple[list[Tensor], list[Tensor]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE:
@@ -238,7 +239,7 @@ class Trainer:
         gradients' global norm before clipping (None in fp16 without clipping: the scaler checks alone)."""
         inputs = self.execution.augment.train(images, generator)
         skipping = self.nonfinite == "skip"
-        statistics = [(b, b.clone()) for b in self.model.buffers()] if skipping else []
+        buffers, before = self._save_statistics() if skipping else ([], [])
         with self.execution.precision.autocast(self.device):
             outputs = self.model(inputs)
             loss = self.head.loss(outputs, labels)
@@ -257,13 +258,24 @@ class Trainer:
             self._step_unless(finite)
         else:
             self.scaler.step(self.optimizer)  # fp16: the scaler skips steps whose gradients overflowed
-        if statistics:  # BatchNorm's running statistics, as they were unless the step's forward pass was finite
-            intact = finite & torch.stack([torch.isfinite(b).all() for b, _ in statistics if b.is_floating_point()]).all()
-            for buffer, before in statistics:
-                buffer.copy_(torch.where(intact, buffer, before))
+        if buffers:  # BatchNorm's running statistics, as they were unless the step's forward pass was finite
+            intact = finite & torch.stack([torch.isfinite(b).all() for b in buffers if b.is_floating_point()]).all()
+            for buffer, saved in zip(buffers, before):
+                buffer.copy_(torch.where(intact, buffer, saved))
         self.scaler.update()
         self.scheduler.step()
         return loss, outputs, finite, norm
+
+    def _save_statistics(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The model's buffers and their copy before this step: one foreach copy into copies made once
+        (a clone of every buffer each step was a small allocation and kernel per BatchNorm tensor)."""
+        buffers = list(self.model.buffers())
+        if self._statistics is None or len(self._statistics[1]) != len(buffers) or any(
+                a.shape != b.shape or a.device != b.device for a, b in zip(self._statistics[1], buffers)):
+            self._statistics = (buffers, [torch.empty_like(b) for b in buffers])
+        if buffers:
+            torch._foreach_copy_(self._statistics[1], buffers)
+        return buffers, self._statistics[1]
 
     def _step_unless(self, finite: Tensor) -> None:
         """optimizer.step() only where `finite`: on the device for optimizers that take the flag that
