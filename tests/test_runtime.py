@@ -529,3 +529,27 @@ def test_compile_with_sync_batchnorm_on_several_gpus_is_refused_naming_both_keys
     with pytest.raises(ConfigError, match="train.compile=true with train.sync_bn=true on 2 GPU") as refused:
         distributed_model(torch.nn.BatchNorm2d(3), cfg, gpus)  # refused before any GPU is touched
     assert "train.sync_bn=false" in str(refused.value) and "train.compile=false" in str(refused.value)
+
+
+def test_a_compiled_evaluation_pads_the_ragged_last_batch_to_one_shape():
+    """fixed_batch (what a run with train.compile asks for): the model sees one batch shape, so a compiled
+    graph is not recompiled for the short last batch, and every image's output is what it was unpadded."""
+    import numpy as np
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dr_resnet.training.loop import evaluate
+
+    trainer = tiny_trainer("classification")
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=g),
+                         torch.randint(0, 5, (10,), generator=g))
+    loader = DataLoader(data, batch_size=4)
+    shapes = []
+    trainer.model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    plain = evaluate(trainer.model, loader, trainer.head, trainer.execution)
+    assert [s[0] for s in shapes] == [4, 4, 2]
+    padded = evaluate(trainer.model, loader, trainer.head, trainer.execution, fixed_batch=True)
+    assert [s[0] for s in shapes[3:]] == [4, 4, 4]
+    assert np.array_equal(padded.targets, plain.targets) and len(padded.outputs) == 10
+    assert np.allclose(padded.outputs, plain.outputs, atol=1e-6)
+    assert np.array_equal(padded.confusion_matrix, plain.confusion_matrix)

@@ -364,24 +364,32 @@ def _views(inputs: Tensor, tta: str) -> list[Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, head: Head, execution: Execution, tta: str = "none") -> EvalResult:
+def evaluate(model: nn.Module, loader: Iterable, head: Head, execution: Execution, tta: str = "none",
+             fixed_batch: bool = False) -> EvalResult:
     """Every image of the split exactly once (`loader` samples with ShardSampler), gathered across
     processes on the device, moved to the host once, and scored. With TTA the head averages its views
     (probabilities, or regression outputs) before predicting.
 
     Pass the bare model (not the DDP wrapper): shards may differ in length by one, and DDP's forward
-    could wait on a collective that the other ranks never reach.
+    could wait on a collective that the other ranks never reach. fixed_batch (a compiled model): a short
+    last batch is padded with black images to the loader's batch size and their outputs dropped, so one
+    compiled graph serves every batch instead of a recompile for the ragged one (in eval mode each
+    image's output does not depend on the others in its batch).
     """
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
     model.eval()
     device = execution.device
     outputs, targets = [], []
+    full = getattr(loader, "batch_size", None) if fixed_batch else None
     for images, labels in loader:
         images, labels = _to_device(images, labels, device)
+        count = images.shape[0]
+        if full and count < full:
+            images = torch.cat([images, images.new_zeros((full - count, *images.shape[1:]))])
         with execution.precision.autocast(device):
             aggregated = head.aggregate([model(v) for v in _views(execution.augment.eval(images), tta)])
-        outputs.append(aggregated.float())
+        outputs.append(aggregated[:count].float())
         targets.append(labels)
     shape = (0, head.outputs) if head.outputs > 1 else (0,)
     local_outputs = torch.cat(outputs) if outputs else torch.zeros(shape, device=device)

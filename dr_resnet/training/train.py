@@ -102,7 +102,8 @@ class Run:
         return self.trainer.head
 
     def evaluate(self, loader: DataLoader) -> EvalResult:
-        return evaluate(self.eval_model, loader, self.head, self.trainer.execution)
+        compiled = self.eval_model is not self.model  # train.compile: one graph for the ragged last batch too
+        return evaluate(self.eval_model, loader, self.head, self.trainer.execution, fixed_batch=compiled)
 
 
 def build(cfg: Config, info: DistInfo) -> Run:
