@@ -105,29 +105,37 @@ def test_an_array_sweep_runs_two_arms_and_two_seeds_across_two_nodes(cluster, da
     assert "| resnet50_pretrained/seed1 | 50 | imagenet | done | 1/1 |" in (out / "results.md").read_text()
 
 
-def test_interrupted_job_is_requeued_and_finishes_every_epoch_once(cluster, data, tmp_path, monkeypatch):
+def test_an_interrupted_array_task_is_requeued_and_finishes_every_epoch_once(cluster, data, tmp_path, monkeypatch):
+    """Two runs as one job array (what launch.sweep --array submits); one task is preempted: it alone is
+    requeued, resumes and logs every epoch once under the same W&B run; the other finishes untouched."""
     import submitit
 
     from launch.sweep import wait_for
     from launch.task import TrainTask
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run_dir = tmp_path / "run"
+    runs = [tmp_path / "run0", tmp_path / "run1"]
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
     # Over 10 minutes, or submitit counts the signal as a timeout rather than a preemption.
     executor.update_parameters(nodes=1, tasks_per_node=2, cpus_per_task=1, timeout_min=30, name="interrupt")
-    job = executor.submit(TrainTask(["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", *TINY,
-                                     "train.epochs=4", f"output.dir={run_dir}"]))
-    wait_for_file(run_dir / "checkpoint_last.pt", 300)
-    job._interrupt()  # preemption: submitit's handler calls checkpoint() and requeues the job
-    wait_for(job)
-    assert epochs_logged(run_dir) == [1, 2, 3, 4]
-    assert checkpoint.load(run_dir / "checkpoint_last.pt")["epoch"] == 4
-    log = "".join(Path(str(p).replace("%t", "0")).read_text() for p in (job.paths.stdout, job.paths.stderr))
-    assert "this job is preempted" in log and "Requeued job" in log and "resumed" in log
+    with executor.batch():
+        jobs = [executor.submit(TrainTask(["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", *TINY,
+                                           "train.epochs=4", f"output.dir={run_dir}"])) for run_dir in runs]
+    assert len({job.job_id.split("_")[0] for job in jobs}) == 1  # one array
+    wait_for_file(runs[0] / "checkpoint_last.pt", 300)
+    jobs[0]._interrupt()  # preemption: submitit's handler calls checkpoint() and requeues the task
+    for job in jobs:
+        wait_for(job)
+    for run_dir in runs:
+        assert epochs_logged(run_dir) == [1, 2, 3, 4]
+        assert checkpoint.load(run_dir / "checkpoint_last.pt")["epoch"] == 4
+    logs = ["".join(Path(str(p).replace("%t", "0")).read_text() for p in (job.paths.stdout, job.paths.stderr))
+            for job in jobs]
+    assert "this job is preempted" in logs[0] and "Requeued job" in logs[0] and "resumed" in logs[0]
+    assert "preempted" not in logs[1] and "resumed" not in logs[1]
     # One W&B run across the requeue: every offline folder carries the checkpoint's run id.
-    run_id = checkpoint.load(run_dir / "checkpoint_last.pt")["wandb_id"]
-    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    run_id = checkpoint.load(runs[0] / "checkpoint_last.pt")["wandb_id"]
+    folders = sorted((runs[0] / "wandb").glob("offline-run-*"))
     assert len(folders) >= 2 and all(f.name.endswith(run_id) for f in folders)
 
 
