@@ -33,6 +33,7 @@ from dr_resnet.registry import DATASETS, FORMAT_CHOICES, FORMATS
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
+_ANY_CASE_EXTENSIONS = (*IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS))  # what _DirIndex tries
 MAX_ROWS_SHOWN = 10
 
 
@@ -54,10 +55,10 @@ class SplitLayout:
         if fmt == "lab":
             return SplitLayout("lab", (root / f"{split}_img.csv", root / f"{split}_label.csv"),
                                (root / "images", root), ".jpeg")
-        if fmt == "kaggle":
-            return SplitLayout("kaggle", (root / f"{split}Labels.csv",), (root / split,), ".jpeg")
-        if fmt == "aptos":
-            return SplitLayout("aptos", (root / f"{split}.csv",), (root / f"{split}_images",), ".png")
+        if fmt in FORMATS:  # kaggle, aptos: where their PRESETS entry reads them
+            preset = PRESETS[fmt]
+            table, images = (p.format(split=split) for p in preset.tables["*"])
+            return SplitLayout(fmt, (root / table,), (root / images,), preset.suffix)
         raise DatasetError(f"{fmt} is a format dr-resnet reads but does not write: write lab, kaggle or aptos")
 
     def present(self) -> bool:
@@ -75,11 +76,10 @@ class SplitLayout:
             return
         with open(self.csv_files[0], "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(HEADERS[self.format])
+            writer.writerow((PRESETS[self.format].image_column, PRESETS[self.format].label_column))
             writer.writerows(zip(names, (int(g) for g in labels)))
 
 
-HEADERS = {"kaggle": ("image", "level"), "aptos": ("id_code", "diagnosis")}
 SPLIT_FILE_SUFFIX = {"lab": "_img.csv", "kaggle": "Labels.csv", "aptos": ".csv"}
 DETECTED = ("lab", "kaggle", "aptos", "folders")  # what data.format=auto recognises; the others are named
 DROP = "drop"  # a data.label_map target that leaves the label's rows out (counted in the log)
@@ -377,7 +377,7 @@ class _DirIndex:
         """The file of an image name: the name as given when it has an image extension, else the name with
         `extension` or any other image extension (a preprocessed copy holds <stem>.jpeg for a.png)."""
         stem = image_stem(name)
-        others = [stem + e for e in (*IMAGE_EXTENSIONS, *(x.upper() for x in IMAGE_EXTENSIONS)) if e != extension]
+        others = [stem + e for e in _ANY_CASE_EXTENSIONS if e != extension]
         candidates = ([name] if stem != name else []) + [stem + extension] + others
         for d, files in self.dirs:
             for c in candidates:
@@ -472,7 +472,7 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
     else:
         table = table_of(root, split, fmt, options)
         if table is None:
-            defined = split_names(root, fmt, options) if fmt != "csv" else [s for s, _, _ in (options or TableOptions()).files]
+            defined = split_names(root, fmt, options)
             how = ("set data.train_csv / data.test_csv (and the image folders) for the splits you use"
                    if fmt == "csv" else f"its splits: {', '.join(PRESETS[fmt].splits())}")
             raise DatasetError(f"{fmt} format has no '{split}' split in {root} ({how}; found: {', '.join(defined) or 'none'})")

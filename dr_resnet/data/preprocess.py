@@ -240,17 +240,20 @@ def _write_split_files(split: Split, dst: Path, bad: set[int]) -> None:
                 writer.writerow(record)
 
 
-def _output_collisions(splits: list[Split], dst: Path) -> None:
-    """Two images of a split that would be written to one file (a.png and a.jpg both become a.jpeg)."""
+def _targets(splits: list[Split], dst: Path) -> list[list[Path]]:
+    """Each split's output file per image; an error where two images would be written to one file (a.png
+    and a.jpg both become a.jpeg)."""
+    found = []
     for split in splits:
-        seen: dict[Path, int] = {}
-        for i in range(len(split.names)):
-            target = _target(split, i, dst)
+        targets, seen = [_target(split, i, dst) for i in range(len(split.names))], {}
+        for i, target in enumerate(targets):
             if target in seen:
                 raise DatasetError(f"{split.index_file}: rows {split.rows[seen[target]]} and {split.rows[i]} "
                                    f"({split.names[seen[target]]}, {split.names[i]}) would both be written as "
                                    f"{target}: rename one")
             seen[target] = i
+        found.append(targets)
+    return found
 
 
 def preprocess(src: str | os.PathLike, dst: str | os.PathLike, settings: Settings, workers: int = 1,
@@ -269,12 +272,11 @@ def preprocess(src: str | os.PathLike, dst: str | os.PathLike, settings: Setting
     if dst.resolve() == src.resolve():
         raise DatasetError(f"--dst must differ from --src ({src})")
     splits = [read_split(src, name, f, options) for name, f in found]  # every index validated before any work
-    _output_collisions(splits, dst)
+    targets = _targets(splits, dst)
     _check_settings(dst, settings, overwrite)
     jobs, owners = [], []
-    for split in splits:
-        for i, path in enumerate(split.paths):
-            target = _target(split, i, dst)
+    for split, split_targets in zip(splits, targets):
+        for i, (path, target) in enumerate(zip(split.paths, split_targets)):
             target.parent.mkdir(parents=True, exist_ok=True)
             if overwrite and target.exists():
                 target.unlink()

@@ -267,15 +267,16 @@ class Trainer:
         return loss, outputs, finite, norm
 
     def _save_statistics(self) -> tuple[list[Tensor], list[Tensor]]:
-        """The model's buffers and their copy before this step: one foreach copy into copies made once
-        (a clone of every buffer each step was a small allocation and kernel per BatchNorm tensor)."""
-        buffers = list(self.model.buffers())
-        if self._statistics is None or len(self._statistics[1]) != len(buffers) or any(
-                a.shape != b.shape or a.device != b.device for a, b in zip(self._statistics[1], buffers)):
+        """The model's buffers and their copy before this step: one foreach copy into copies made at the
+        first step (a clone of every buffer each step was a small allocation and kernel per BatchNorm
+        tensor). The buffers are the model's own tensors for the whole run: loading a state copies into them."""
+        if self._statistics is None:
+            buffers = list(self.model.buffers())
             self._statistics = (buffers, [torch.empty_like(b) for b in buffers])
+        buffers, copies = self._statistics
         if buffers:
-            torch._foreach_copy_(self._statistics[1], buffers)
-        return buffers, self._statistics[1]
+            torch._foreach_copy_(copies, buffers)
+        return buffers, copies
 
     def _step_unless(self, finite: Tensor) -> None:
         """optimizer.step() only where `finite`: on the device for optimizers that take the flag that
