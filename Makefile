@@ -55,7 +55,7 @@ bench: $(VENV)/.installed
 GPU_PYTHON ?= python3
 GPU_DATA ?= $(DATA)/gpu_512
 GPU_OUT ?= gpu-check
-GPU_PYTEST = PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m pytest tests/test_gpu.py -v -p no:cacheprovider
+GPU_PYTEST = PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 GPU_OUT=$(CURDIR)/$(GPU_OUT) $(GPU_PYTHON) -m pytest tests/test_gpu.py -v -p no:cacheprovider
 gpu-install:
 	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e . || echo "(not installed: running from the source tree)"
 	mkdir -p $(GPU_OUT)

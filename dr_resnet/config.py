@@ -158,7 +158,8 @@ class TrainConfig:
     warmup_epochs: float = 5.0  # cosine: linear warm-up; onecycle: the rising part (0: 30% of the run)
     device: Device = "auto"  # auto (one GPU per process if CUDA is there, else CPU) | cpu (gloo, even on a GPU box) | cuda
     amp: Amp = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, fp32 on CPU) | off | bf16 | fp16
-    sync_bn: bool = True  # SyncBatchNorm across processes (CUDA only)
+    sync_bn: bool | None = None  # SyncBatchNorm across GPU processes (CUDA only). auto (None): on 2+ GPUs when each
+    # GPU's batch is below 16 images, where per-GPU statistics get noisy; true | false force it
     channels_last: bool = True  # CUDA only
     cudnn_benchmark: bool = True  # cuDNN picks the fastest kernels for the fixed input size (CUDA only)
     deterministic: bool = False  # deterministic CUDA kernels where PyTorch has them (slower; cudnn_benchmark off)

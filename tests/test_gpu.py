@@ -3,11 +3,12 @@ machine with one GPU or more; without CUDA every test here is skipped with one r
 
 bf16 and fp16 steps, a training step that never waits for the host (CUDA's sync debug mode set to
 error), channels_last at conv1, a one-GPU torchrun run (NCCL, SyncBatchNorm, AMP) that resumes and
-whose checkpoint gives the same predictions on CPU, torch.compile, and two processes on one GPU
-refused with the counts."""
+whose checkpoint gives the same predictions on CPU, torch.compile, two processes on one GPU refused
+with the counts, and on 2+ GPUs the host waits of a DDP step with and without SyncBatchNorm."""
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,7 +166,7 @@ def test_one_gpu_torchrun_run_resumes_and_its_checkpoint_predicts_the_same_on_cp
     first = run_training(1, tiny, run_dir, "train.epochs=2")
     log = first.stderr
     assert "launch: torchrun: rank 0 of 1" in log and "device cuda:0" in log
-    assert "SyncBatchNorm over 1 process(es)" in log
+    assert "SyncBatchNorm (train.sync_bn=true on 1 GPU process(es))" in log
     expected = "bf16" if native_bf16(CUDA) else "fp16"
     assert f"precision {expected}" in log
     assert {"config.yaml", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "summary.json",
@@ -299,3 +300,23 @@ def test_a_cpu_checkpoint_resumes_on_the_gpu_in_fp16_with_skip(tiny, tmp_path):
     assert "resumed" in second.stderr and "precision fp16" in second.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(np.isfinite(r["test_loss"]) for r in rows)
+
+
+def test_host_syncs_per_step_on_two_gpus_with_and_without_sync_batchnorm(tmp_path):
+    """2+ GPUs under torchrun: DDP's training step never makes the host wait without SyncBatchNorm (the
+    default from 16 images a GPU); PyTorch's SyncBatchNorm makes it wait in its forward. The counts go
+    to $GPU_OUT/host_syncs.json when make gpu-check sets it."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
+    found = {}
+    for sync_bn in ("false", "true"):
+        out = tmp_path / f"{sync_bn}.json"
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                 str(REPO / "tests" / "gpu_host_syncs.py"), "--sync-bn", sync_bn, "--out", str(out)],
+                                capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert result.returncode == 0, result.stdout + result.stderr
+        found[sync_bn] = json.loads(out.read_text())
+    if os.environ.get("GPU_OUT"):
+        Path(os.environ["GPU_OUT"], "host_syncs.json").write_text(json.dumps(found, indent=1))
+    assert found["false"]["host_syncs"] == [0, 0]
+    assert all(count > 0 for count in found["true"]["host_syncs"])

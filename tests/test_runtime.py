@@ -4,6 +4,7 @@ settings, the fp32 output layer, and resumes across GPU counts and precisions.""
 
 import json
 import os
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -15,8 +16,15 @@ from dr_resnet.config import ConfigError
 from dr_resnet.data.augment import DeviceAugment, epoch_generator
 from dr_resnet.model.heads import build_head
 from dr_resnet.model.resnet import build_resnet
-from dr_resnet.training import checkpoint
-from dr_resnet.training.distributed import launch_env, shared_gpus, tasks_per_node
+from dr_resnet.training import checkpoint, distributed
+from dr_resnet.training.distributed import (
+    LaunchEnv,
+    choose_gloo_interface,
+    interface_of,
+    launch_env,
+    shared_gpus,
+    tasks_per_node,
+)
 from dr_resnet.training.loop import EpochTotals, Execution, Trainer
 from dr_resnet.training.runtime import DeviceError, Precision, compile_model, configure_backends, resolve_precision, select_device
 from dr_resnet.training.train import main
@@ -83,6 +91,18 @@ def test_processes_sharing_a_gpu_are_named_with_the_counts():
     assert "3 processes on n1 but 1 GPU(s) visible" in message and "--nproc_per_node 1" in message
 
 
+def test_totals_restored_after_an_epochs_last_step_report_what_the_epoch_did():
+    """A mid-epoch checkpoint can follow an epoch's last step; the resumed epoch then runs no step, and
+    its row must still say how many steps were clipped."""
+    totals = EpochTotals(torch.device("cpu"))
+    for norm in (0.5, 3.0, 4.0):
+        totals.add_grad_norm(torch.tensor(norm), 2.0, torch.tensor(True))
+    resumed = EpochTotals(torch.device("cpu"))
+    resumed.restore(totals.state())
+    expected = totals.reduce(1.0)
+    assert expected["clipped_share"] == 2 / 3 and resumed.reduce(1.0) == expected
+
+
 def test_launch_environment():
     torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
     assert launch_env(torchrun) == launch_env({**torchrun, "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"})
@@ -99,6 +119,27 @@ def test_launch_environment():
     assert "batch script, not by srun: its 4 tasks are not used" in e.describe()
     assert launch_env({}).describe() == "one process"
     assert tasks_per_node("2(x3),1") == [2, 2, 2, 1] and tasks_per_node("4") == [4]
+
+
+def test_a_group_spanning_machines_gives_gloo_the_interface_towards_the_master(monkeypatch):
+    """gloo binds to the address of this machine's hostname, which /etc/hosts often maps to a loopback
+    address (this project's machines: 127.0.0.1): unreachable from other nodes. A group spanning
+    machines gets the interface that reaches MASTER_ADDR instead (the default route's when the master's
+    name is loopback here); one machine, or a GLOO_SOCKET_IFNAME the user set, is left alone."""
+    assert interface_of("127.0.0.1") == "lo" and interface_of("192.0.2.254") is None
+    outward = distributed._source_address("192.0.2.1")
+    if outward is None:
+        pytest.skip("this machine has no default route")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    choose_gloo_interface(LaunchEnv("torchrun", 0, 2, 0, 2))  # one machine
+    assert "GLOO_SOCKET_IFNAME" not in os.environ
+    choose_gloo_interface(LaunchEnv("srun", 3, 4, 1, 2))  # two machines, the master's name loopback here
+    assert os.environ["GLOO_SOCKET_IFNAME"] == interface_of(outward) != "lo"
+    monkeypatch.setenv("MASTER_ADDR", socket.gethostname())
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")
+    choose_gloo_interface(LaunchEnv("srun", 3, 4, 1, 2))
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "ib0"
 
 
 class HostReads(TorchDispatchMode):
@@ -519,6 +560,28 @@ def test_rows_gathered_from_ranks_that_hold_different_counts():
             assert torch.equal(torch.load(f"{folder}/out.{rank}", weights_only=True), expected)
 
 
+def test_sync_batchnorm_by_default_only_where_each_gpus_batch_is_small(caplog):
+    """auto: SyncBatchNorm on 2+ GPUs below 16 images a GPU, not at 16 and above, never on CPU or one
+    process, never with compile (a warning where the batch is small); true/false force it on GPUs (true
+    also on one, the code path of many)."""
+    from dr_resnet import config
+    from dr_resnet.training.components import SYNC_BN_BELOW, sync_batchnorm
+
+    def chosen(*overrides, world=4, cuda=True):
+        return sync_batchnorm(config.load(None, list(overrides)).train, world, cuda)[0]
+
+    assert config.load(None, []).train.sync_bn is None and SYNC_BN_BELOW == 16
+    assert chosen("train.batch_size=8") and chosen("train.batch_size=15")
+    assert not chosen("train.batch_size=16") and not chosen("train.batch_size=32")
+    assert not chosen("train.batch_size=8", world=1) and not chosen("train.batch_size=8", cuda=False)
+    assert chosen("train.batch_size=32", "train.sync_bn=true") and not chosen("train.batch_size=8", "train.sync_bn=false")
+    assert not chosen("train.sync_bn=true", cuda=False) and chosen("train.sync_bn=true", world=1)
+    with caplog.at_level("WARNING"):
+        assert not chosen("train.batch_size=8", "train.compile=true")
+    assert "8 images a GPU is below 16, where SyncBatchNorm would help, but train.compile=true" in caplog.text
+    assert config.load(None, ["train.sync_bn=auto"]).train.sync_bn is None
+
+
 def test_compile_with_sync_batchnorm_on_several_gpus_is_refused_naming_both_keys():
     from dr_resnet import config
     from dr_resnet.training.components import distributed_model
@@ -553,3 +616,77 @@ def test_a_compiled_evaluation_pads_the_ragged_last_batch_to_one_shape():
     assert np.array_equal(padded.targets, plain.targets) and len(padded.outputs) == 10
     assert np.allclose(padded.outputs, plain.outputs, atol=1e-6)
     assert np.array_equal(padded.confusion_matrix, plain.confusion_matrix)
+
+
+def _boundaries(rank: int, store: str, out: str) -> None:
+    import signal
+
+    import torch.distributed as dist
+
+    from dr_resnet.training.preemption import StepBoundary, StopSignals
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        seen = {}
+        for scenario in ("clock and signal", "non-finite", "settle"):
+            signals = StopSignals()  # not entered: the test sets what a handler would record
+            boundary = StepBoundary(1e-9 if scenario == "clock and signal" else 0, signals, is_main=rank == 0)
+            decisions = []
+            for done in range(1, 7):
+                if rank == 1 and done == 3 and scenario == "clock and signal":
+                    signals.received = int(signal.SIGTERM)
+                nonfinite = scenario == "non-finite" and rank == 1 and done >= 2
+                decision = boundary.decide(nonfinite)
+                decisions.append((done, decision.checkpoint, decision.stop_signal, decision.nonfinite))
+                if decision.checkpoint:
+                    boundary.checkpointed()
+                if decision.stop_signal or decision.nonfinite:
+                    break
+                boundary.send(nonfinite)
+                if scenario == "settle" and done == 3:
+                    break
+            if scenario == "settle":  # the flags of boundary 3 in flight; a signal comes to rank 1 after them
+                signals.received = int(signal.SIGTERM) if rank == 1 else None
+                settled = boundary.settle()
+                decisions.append(("settled", settled.checkpoint, settled.stop_signal, settled.nonfinite))
+            seen[scenario] = decisions
+        torch.save(seen, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_step_decision_of_two_processes_arrives_one_step_later_and_agrees():
+    """2+ processes: the flags sent after step k are acted on after step k + 1 by every rank alike; a
+    checkpoint can still follow every step (the clock's flag is read after the checkpoint it asked for);
+    settle() at an epoch's end waits for every rank's flags now."""
+    import signal
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    term = int(signal.SIGTERM)
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_boundaries, args=(f"{folder}/store", f"{folder}/out"), nprocs=2, start_method="spawn")
+        ranks = [torch.load(f"{folder}/out.{rank}", weights_only=False) for rank in (0, 1)]
+    assert ranks[0] == ranks[1]
+    seen = ranks[0]
+    # Rank 0's clock is due at every boundary; rank 1's signal comes at boundary 3 and stops both after 4.
+    assert seen["clock and signal"] == [(1, False, None, False), (2, True, None, False), (3, True, None, False),
+                                        (4, True, term, False)]
+    assert seen["non-finite"] == [(1, False, None, False), (2, False, None, False), (3, False, None, True)]
+    assert seen["settle"] == [(1, False, None, False), (2, False, None, False), (3, False, None, False),
+                              ("settled", True, term, False)]
+
+
+def test_one_process_decides_at_each_boundary_on_its_own_flags():
+    import signal
+
+    from dr_resnet.training.preemption import StepBoundary, StopSignals
+
+    signals = StopSignals()
+    boundary = StepBoundary(0, signals, is_main=True)
+    decision = boundary.decide()
+    assert not decision.checkpoint and decision.stop_signal is None and not decision.nonfinite
+    assert boundary.decide(nonfinite_seen=True).nonfinite
+    signals.received = int(signal.SIGUSR1)
+    assert boundary.decide().stop_signal == signal.SIGUSR1 and boundary.decide().checkpoint

@@ -173,23 +173,47 @@ def no_buffer_broadcast() -> dict:
     return {"broadcast_buffers": False}
 
 
+SYNC_BN_BELOW = 16  # images per GPU: BatchNorm's ImageNet error is flat from 32 down to 16 and rises below 8
+# (Wu & He, "Group Normalization", 2018, figure 1); above it SyncBatchNorm only adds its per-layer exchanges
+
+
+def sync_batchnorm(train: TrainConfig, world_size: int, cuda: bool) -> tuple[bool, str]:
+    """Whether this run's BatchNorm layers share their statistics across its GPU processes, and why:
+    train.sync_bn=true/false as asked (true also on one GPU, the code path of 64), auto on 2+ GPUs below
+    SYNC_BN_BELOW images a GPU. Refuses train.sync_bn=true with compile."""
+    gpus = f"{world_size} GPU process(es)"
+    if not cuda:
+        return False, "each process keeps its own BatchNorm statistics (SyncBatchNorm needs CUDA)"
+    if train.sync_bn and train.compile:
+        raise ConfigError(f"train.compile=true with train.sync_bn=true on {gpus}: torch.compile breaks its graph at "
+                          "every SyncBatchNorm layer (some torch versions crash there), which undoes what compiling is "
+                          "for; set train.sync_bn=false or auto (each GPU keeps its own BatchNorm statistics: fine from "
+                          f"about {SYNC_BN_BELOW} images a GPU) or train.compile=false")
+    if train.sync_bn is not None:
+        return train.sync_bn, f"train.sync_bn={str(train.sync_bn).lower()} on {gpus}"
+    if world_size < 2:
+        return False, "train.sync_bn=auto on one GPU: its BatchNorm sees the whole batch"
+    small = train.batch_size < SYNC_BN_BELOW
+    if small and train.compile:
+        log.warning("train.sync_bn=auto: %d images a GPU is below %d, where SyncBatchNorm would help, but train.compile="
+                    "true cannot have it; each GPU keeps its own BatchNorm statistics", train.batch_size, SYNC_BN_BELOW)
+        return False, "train.sync_bn=auto with train.compile=true"
+    return small, (f"train.sync_bn=auto on {gpus}: {train.batch_size} images a GPU is "
+                   f"{'below' if small else 'at least'} {SYNC_BN_BELOW}")
+
+
 def distributed_model(network: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
-    """DDP over the process group (with SyncBatchNorm on CUDA when train.sync_bn); the bare model alone
+    """DDP over the process group (with SyncBatchNorm where `sync_batchnorm` says); the bare model alone
     in one process. The bare module is the wrapper's .module."""
     if not info.distributed:
         return network
     cuda = info.device.type == "cuda"
-    sync_bn = cfg.train.sync_bn and cuda
-    if sync_bn and cfg.train.compile:
-        raise ConfigError(f"train.compile=true with train.sync_bn=true on {info.world_size} GPU process(es): "
-                          "torch.compile breaks its graph at every SyncBatchNorm layer (some torch versions crash "
-                          "there), which undoes what compiling is for; set train.sync_bn=false (each GPU keeps its own "
-                          "BatchNorm statistics: fine from about 32 images a GPU) or train.compile=false")
+    sync_bn, why = sync_batchnorm(cfg.train, info.world_size, cuda)
     if sync_bn:
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
-        log.info("SyncBatchNorm over %d process(es); DDP does not broadcast buffers", info.world_size)
-    elif cfg.train.sync_bn:
-        log.info("SyncBatchNorm needs CUDA: on CPU each process keeps its own BatchNorm statistics")
+        log.info("SyncBatchNorm (%s); DDP does not broadcast buffers", why)
+    else:
+        log.info("no SyncBatchNorm (%s)", why)
     return DistributedDataParallel(network, device_ids=[info.device.index] if cuda else None,
                                    **(no_buffer_broadcast() if sync_bn else {}))
 

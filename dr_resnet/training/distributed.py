@@ -130,6 +130,64 @@ def shared_gpus(placements: list[tuple[str, str]]) -> str:
     return too_many_processes(processes, gpus, host)
 
 
+def interface_of(address: str) -> str | None:
+    """The name of the network interface that holds the IPv4 `address`, or None."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            try:
+                request = struct.pack("256s", name.encode()[:15])
+                held = socket.inet_ntoa(fcntl.ioctl(probe.fileno(), 0x8915, request)[20:24])  # SIOCGIFADDR
+            except OSError:  # no IPv4 address on it
+                continue
+            if held == address:
+                return name
+    return None
+
+
+def _source_address(host: str) -> str | None:
+    """This machine's IPv4 address that packets to `host` leave from (no packet is sent), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+def interface_towards(host: str) -> str | None:
+    """The interface a group spanning several machines should use to reach `host` (the master): the one
+    its route leaves by, or, where `host` is this machine under a loopback address (a hostname that this
+    machine's /etc/hosts maps to 127.0.1.1), the one of the default route; None if neither is known."""
+    source = _source_address(host)
+    if source is None or source.startswith("127."):
+        source = _source_address("192.0.2.1")  # a documentation address (RFC 5737): only the route is looked up
+    if source is None or source.startswith("127."):
+        return None
+    return interface_of(source)
+
+
+def choose_gloo_interface(env: LaunchEnv) -> None:
+    """gloo takes the address this machine's hostname resolves to, unless GLOO_SOCKET_IFNAME names an
+    interface; where the hostname maps to a loopback address (common in /etc/hosts) ranks on other
+    machines cannot reach it. For a group spanning machines, with GLOO_SOCKET_IFNAME unset, use the
+    interface that reaches the master."""
+    spans_machines = env.local_world_size is None or env.local_world_size < env.world_size
+    if not spans_machines or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    name = interface_towards(os.environ["MASTER_ADDR"])
+    if name is None:
+        log.warning("no network interface towards MASTER_ADDR=%s found; gloo uses the address of this machine's "
+                    "hostname (set GLOO_SOCKET_IFNAME to choose)", os.environ["MASTER_ADDR"])
+        return
+    os.environ["GLOO_SOCKET_IFNAME"] = name
+    if env.rank == 0:
+        log.info("gloo uses interface %s (towards MASTER_ADDR=%s; set GLOO_SOCKET_IFNAME to choose another)",
+                 name, os.environ["MASTER_ADDR"])
+
+
 def init(device: str = "auto", timeout_minutes: float = 30, env: LaunchEnv | None = None) -> DistInfo:
     """Join the process group described by the environment (`env`, else read now); pick this
     process's device."""
@@ -145,6 +203,7 @@ def init(device: str = "auto", timeout_minutes: float = 30, env: LaunchEnv | Non
     # Object collectives (and the GPU check below) go over gloo on the CPU; GPU tensors over NCCL,
     # whose communicator starts lazily, after that check.
     backend = "cpu:gloo,cuda:nccl" if chosen.type == "cuda" else "gloo"
+    choose_gloo_interface(env)
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(minutes=timeout_minutes))
     info = DistInfo(env.rank, env.world_size, env.local_rank, chosen, env.launcher)
@@ -165,6 +224,11 @@ def _group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def is_distributed() -> bool:
+    """Whether this process is one of 2+ in a process group."""
+    return _group_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over all processes (in place, and returned); a no-op in a world of one."""
     if _group_size() > 1:
@@ -178,6 +242,12 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if _group_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def all_reduce_max_async(tensor: torch.Tensor):
+    """Start an element-wise maximum over all processes in place (2+ processes); returns the work to
+    `wait()` on before reading `tensor`. Every rank must start the same collectives in the same order."""
+    return dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
 
 
 def all_gather_objects(obj) -> list:

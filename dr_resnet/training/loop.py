@@ -142,6 +142,7 @@ class EpochTotals:
     def state(self) -> dict:
         """This rank's totals on the CPU, for a checkpoint."""
         return {"images": self.images, "sums": self.sums.cpu(), "nonfinite": self.nonfinite.cpu(), "grad": self.grad.cpu(),
+                "clipping": self.clipping,
                 "outputs": torch.cat(self.outputs).cpu() if self.outputs else None,
                 "labels": torch.cat(self.labels).cpu() if self.labels else None}
 
@@ -151,6 +152,7 @@ class EpochTotals:
         self.nonfinite = state["nonfinite"].to(self.device)
         if "grad" in state:  # not in checkpoints written before 0.3
             self.grad = state["grad"].to(self.device, torch.float64)
+        self.clipping = bool(state.get("clipping", self.clipping))  # an epoch resumed after its last step adds no norm
         if self.keep_outputs and state["outputs"] is not None:
             self.outputs, self.labels = [state["outputs"].to(self.device)], [state["labels"].to(self.device)]
 

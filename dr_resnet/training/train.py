@@ -57,7 +57,7 @@ from dr_resnet.training import checkpoint, components, distributed
 from dr_resnet.training.checkpoint import CheckpointWriteError, EpochPosition
 from dr_resnet.training.distributed import DistInfo, launch_env
 from dr_resnet.training.loop import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
-from dr_resnet.training.preemption import RunStopped, StepBoundary, StopSignals
+from dr_resnet.training.preemption import Decision, RunStopped, StepBoundary, StopSignals
 from dr_resnet.training.runtime import compile_model, configure_backends, cpu_shortfall, environment, usable_cpus
 from dr_resnet.training.tracking import Tracker, TrackingSettings, identity, identity_tags, new_run_id
 
@@ -284,6 +284,7 @@ def effective_settings(run: Run) -> dict:
             "total_steps": t.epochs * steps, "first_epoch_grade_shares": [round(float(x), 4) for x in sampler.grade_shares(0)],
             "final_epoch_grade_shares": [round(float(x), 4) for x in sampler.grade_shares(t.epochs - 1)],
             "held_out_images": len(run.val_loader.dataset) if run.val_loader else 0,
+            "sync_bn": components.sync_batchnorm(t, run.info.world_size, run.info.device.type == "cuda")[0],
             "selection": f"best held-out {t.select_by}" if run.val_loader else "the final epoch (nothing held out)"}
 
 
@@ -440,7 +441,7 @@ def one_epoch(run: Run, epoch: int, position: EpochPosition | None, tracker: Tra
     row, test, val = score_epoch(run, epoch, stats, lr, started)
     record_epoch(run, epoch, row, test, val, tracker)
     boundary.checkpointed()  # record_epoch wrote the end-of-epoch checkpoint
-    decision = boundary.decide()  # a signal that came during evaluation: the checkpoint is written
+    decision = boundary.settle()  # a signal that came during evaluation: the checkpoint is written
     if decision.stop_signal:
         raise RunStopped(decision.stop_signal, f"after epoch {epoch + 1}")
 
@@ -585,16 +586,19 @@ def train_epoch(run: Run, epoch: int, position: EpochPosition | None, boundary: 
     steps = first_step + len(run.train_loader)
     started = time.perf_counter()
     lrs = {first_step: trainer.optimizer.param_groups[0]["lr"]}  # each recent step's learning rate
+    watch_nonfinite = t.nonfinite == "stop"
 
     def at_boundary(done: int) -> None:
         lrs[done] = trainer.optimizer.param_groups[0]["lr"]
         lrs.pop(done - 64, None)
-        watch_nonfinite = t.nonfinite == "stop"
         decision = boundary.decide(watch_nonfinite and totals.nonfinite_seen())
         if decision.nonfinite:
             raise nonfinite_error(totals, epoch, lrs, t, base_lr)
-        if not decision.checkpoint:
-            return
+        if decision.checkpoint:
+            checkpoint_here(done, decision)
+        boundary.send(watch_nonfinite and totals.nonfinite_seen())
+
+    def checkpoint_here(done: int, decision: Decision) -> None:
         if watch_nonfinite and distributed.all_reduce_max(torch.tensor([int(totals.nonfinite)])).item():
             raise nonfinite_error(totals, epoch, lrs, t, base_lr)  # never a checkpoint of weights a bad step touched
         here = EpochPosition(epoch, done, steps, began_with, info.world_size,
