@@ -9,7 +9,8 @@ bf16, channels_last, eager and torch.compile'd:
   (e) images/s one CPU core decodes, and so how many cores one GPU needs
   compiled vs eager                                   target >= 1.1x
 
-Under torchrun with 2+ GPUs it also times (b) with DDP, with and without SyncBatchNorm.
+Under torchrun with 2+ GPUs it also times (b) with DDP: eager without SyncBatchNorm (the default from 16
+images a GPU), eager with it, and compiled without it (what train.compile runs on several GPUs).
 
     python bench/gpu_throughput.py --data DIR [--depths 18,50] [--batch 64] [--workers 8] [--worker-sweep 4,8,16]
         [--steps 30] [--rounds 3] [--no-compile] [--out docs/gpu_throughput.md]
@@ -148,16 +149,22 @@ def decode_rate(data: Path, size: int, images: int = 300) -> float:
         torch.set_num_threads(threads)
 
 
-def sync_bn_cost(depth: int, batch: int, size: int, steps: int, rounds: int) -> tuple[float, float] | None:
-    """(b) under DDP across this torchrun's GPUs, with and without SyncBatchNorm; None in a world of one."""
+def ddp_rates(depth: int, batch: int, size: int, steps: int, rounds: int, compiled: bool) -> dict[str, float] | None:
+    """(b) under DDP across this torchrun's GPUs (images/s per GPU): eager without SyncBatchNorm (the
+    default from 16 images a GPU), eager with it, and compiled without it (the configuration training
+    compiles: train.compile refuses SyncBatchNorm); None in a world of one."""
     import torch.distributed as dist
+
+    from dr_resnet.training.runtime import compile_model
 
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return None
     if not dist.is_initialized():
         dist.init_process_group("nccl")
     rates = {}
-    for sync in (False, True):
+    for name, sync, compile_it in (("eager", False, False), ("sync_bn", True, False), ("compiled", False, True)):
+        if compile_it and not compiled:
+            continue
         torch.manual_seed(0)
         model = build_resnet(depth, 5).to(CUDA, memory_format=torch.channels_last)
         if sync:
@@ -165,8 +172,8 @@ def sync_bn_cost(depth: int, batch: int, size: int, steps: int, rounds: int) -> 
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[CUDA.index], broadcast_buffers=not sync)
         x = torch.randn(batch, 3, size, size, device=CUDA).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 5, (batch,), device=CUDA)
-        rates[sync] = statistics.median(pure_rate(ddp, x, y, steps) for _ in range(rounds))
-    return rates[False], rates[True]
+        rates[name] = statistics.median(pure_rate(compile_model(ddp, compile_it), x, y, steps) for _ in range(rounds))
+    return rates
 
 
 def main() -> int:
@@ -228,10 +235,12 @@ def main() -> int:
               + ", ".join(f"{rate / per_core:.1f} cores for resnet{d} (eager)" for d, rate in sorted(eager_b.items()))
               + " (decoders only; add one for the training process)."]
     for d in eager_b:
-        cost = sync_bn_cost(d, args.batch, args.size, args.steps, args.rounds)
-        if cost is not None:
-            lines.append(f"SyncBatchNorm, resnet{d}, DDP over {os.environ['WORLD_SIZE']} GPUs: {cost[0]:.0f} img/s per GPU "
-                         f"without, {cost[1]:.0f} with ({cost[1] / cost[0]:.3f})")
+        rates = ddp_rates(d, args.batch, args.size, args.steps, args.rounds, compiled=not args.no_compile)
+        if rates is not None:
+            lines.append(f"DDP over {os.environ['WORLD_SIZE']} GPUs, resnet{d}, (b) img/s per GPU: {rates['eager']:.0f} eager; "
+                         f"{rates['sync_bn']:.0f} with SyncBatchNorm ({rates['sync_bn'] / rates['eager']:.3f})"
+                         + (f"; {rates['compiled']:.0f} compiled ({rates['compiled'] / rates['eager']:.2f}x eager)"
+                            if "compiled" in rates else ""))
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         lines.append("SyncBatchNorm: not timed (one GPU: it only costs across GPUs; run this under torchrun "
                      "--nproc_per_node N on N GPUs)")

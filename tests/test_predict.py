@@ -27,7 +27,7 @@ from dr_resnet.training.evaluate import main as evaluate_main
 
 from helpers import metrics_rows, published_copy
 
-RAW_VS_PREPARED_TOLERANCE = 0.03  # largest change of a grade probability from preprocess's JPEG (quality 95) re-encoding
+RAW_VS_PREPARED_TOLERANCE = 0.06  # largest change of a grade probability from preprocess's JPEG (quality 95) step
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -61,9 +61,25 @@ def test_training_records_the_recipe_provenance_and_epoch_metrics(runs, photos):
 
 
 def test_predict_on_raw_photos_agrees_with_predict_on_their_prepared_copies(runs, photos, tmp_path):
+    """predict on raw photos sees what predict on preprocess's copies sees, but for the copies' JPEG
+    step: each raw photo becomes exactly the image preprocess crops, and each copy is exactly that image
+    saved as preprocess saves it. The model's outputs then differ by what JPEG's rounding does to them
+    (on a barely trained model whose probabilities lie within hundredths of each other, so grades near a
+    tie may swap and are not compared; how far a probability moves depends on the model the CPU's float
+    rounding trained: at most 0.024 on one machine, 0.032 on another, with the same code)."""
+    import io
+
     names = sorted(p.stem for p in (photos / "raw" / "images").iterdir())
     raw = [next((photos / "raw" / "images").glob(f"{n}.*")) for n in names]
     prepared = [photos / "data" / "images" / f"{n}.jpeg" for n in names]
+    settings = Settings(size=48)
+    recipe = Recipe(48, settings)
+    for photo, copy in zip(raw, prepared):
+        cropped = crop_square(photo, settings)
+        assert torch.equal(recipe.prepare(photo), torch.from_numpy(np.array(cropped)).permute(2, 0, 1)), photo
+        encoded = io.BytesIO()
+        cropped.save(encoded, format="JPEG", quality=settings.quality)
+        assert encoded.getvalue() == copy.read_bytes(), copy
     ckpt = runs["classification"] / "checkpoint_best.pt"
     for name, images in (("raw", raw), ("prepared", prepared)):
         assert predict_main(["--checkpoint", str(ckpt), "--images", str(image_list(tmp_path / f"{name}.csv", images)),
@@ -74,17 +90,10 @@ def test_predict_on_raw_photos_agrees_with_predict_on_their_prepared_copies(runs
     p_raw = np.array([[float(r[f"p_grade{k}"]) for k in range(5)] for r in from_raw])
     p_prepared = np.array([[float(r[f"p_grade{k}"]) for k in range(5)] for r in from_prepared])
     assert np.abs(p_raw - p_prepared).max() < RAW_VS_PREPARED_TOLERANCE
-    # Typical photos change far less than the worst one (0.005 on average here, on a barely trained model
-    # whose probabilities lie within a few hundredths of each other, so that grades near a tie may swap:
-    # they are not compared, the probabilities are).
-    assert np.abs(p_raw - p_prepared).mean() < RAW_VS_PREPARED_TOLERANCE / 3
+    assert np.abs(p_raw - p_prepared).mean() < RAW_VS_PREPARED_TOLERANCE / 6  # 0.005 on average here
     grades_raw, grades_prepared = p_raw.argmax(axis=1), p_prepared.argmax(axis=1)
     assert [int(r["grade"]) for r in from_raw] == grades_raw.tolist()
     assert len(set(grades_prepared)) > 1  # the model tells photos apart: the comparison means something
-    # Without the JPEG step the two are the same image: the raw photo goes through preprocess's own code.
-    recipe = Recipe(48, Settings(size=48))
-    cropped = np.array(crop_square(raw[0], Settings(size=48)))
-    assert torch.equal(recipe.prepare(raw[0]), torch.from_numpy(cropped).permute(2, 0, 1))
 
 
 def test_prepared_photos_are_used_as_they_are(photos, tmp_path):
