@@ -82,6 +82,7 @@ def test_torchrun_two_processes_writes_the_run_directory(straight_run, tiny):
     # The learning rate the rule gave (demo_args fixes train.lr=0.02), and what else the run derived.
     assert saved["effective"]["processes"] == 2 and saved["effective"]["global_batch"] == 16
     assert saved["effective"]["lr"] == 0.02 and saved["effective"]["held_out_images"] == 0
+    assert saved["effective"]["sync_bn"] is False  # CPU processes: SyncBatchNorm needs CUDA
     assert saved["effective"]["first_epoch_grade_shares"] == pytest.approx([0.2] * 5)
     state = checkpoint.load(straight_run / "checkpoint_last.pt")
     assert state["epoch"] == 3 and {"model", "optimizer", "scheduler", "scaler", "rng", "config", "best"} <= state.keys()

@@ -284,7 +284,7 @@ def effective_settings(run: Run) -> dict:
             "total_steps": t.epochs * steps, "first_epoch_grade_shares": [round(float(x), 4) for x in sampler.grade_shares(0)],
             "final_epoch_grade_shares": [round(float(x), 4) for x in sampler.grade_shares(t.epochs - 1)],
             "held_out_images": len(run.val_loader.dataset) if run.val_loader else 0,
-            "sync_bn": components.sync_batchnorm(t, run.info.world_size, run.info.device.type == "cuda")[0],
+            "sync_bn": any(isinstance(m, torch.nn.SyncBatchNorm) for m in run.model.modules()),
             "selection": f"best held-out {t.select_by}" if run.val_loader else "the final epoch (nothing held out)"}
 
 
