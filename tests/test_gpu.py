@@ -166,7 +166,7 @@ def test_one_gpu_torchrun_run_resumes_and_its_checkpoint_predicts_the_same_on_cp
     first = run_training(1, tiny, run_dir, "train.epochs=2")
     log = first.stderr
     assert "launch: torchrun: rank 0 of 1" in log and "device cuda:0" in log
-    assert "SyncBatchNorm (train.sync_bn=true on 1 GPU process(es))" in log
+    assert "SyncBatchNorm on: train.sync_bn=true on 1 GPU process(es)" in log
     expected = "bf16" if native_bf16(CUDA) else "fp16"
     assert f"precision {expected}" in log
     assert {"config.yaml", "metrics.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "summary.json",

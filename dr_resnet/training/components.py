@@ -183,7 +183,7 @@ def sync_batchnorm(train: TrainConfig, world_size: int, cuda: bool) -> tuple[boo
     SYNC_BN_BELOW images a GPU. Refuses train.sync_bn=true with compile."""
     gpus = f"{world_size} GPU process(es)"
     if not cuda:
-        return False, "each process keeps its own BatchNorm statistics (SyncBatchNorm needs CUDA)"
+        return False, "it needs CUDA; each process keeps its own BatchNorm statistics"
     if train.sync_bn and train.compile:
         raise ConfigError(f"train.compile=true with train.sync_bn=true on {gpus}: torch.compile breaks its graph at "
                           "every SyncBatchNorm layer (some torch versions crash there), which undoes what compiling is "
@@ -211,9 +211,9 @@ def distributed_model(network: nn.Module, cfg: Config, info: DistInfo) -> nn.Mod
     sync_bn, why = sync_batchnorm(cfg.train, info.world_size, cuda)
     if sync_bn:
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
-        log.info("SyncBatchNorm (%s); DDP does not broadcast buffers", why)
+        log.info("SyncBatchNorm on: %s; DDP does not broadcast buffers", why)
     else:
-        log.info("no SyncBatchNorm (%s)", why)
+        log.info("SyncBatchNorm off: %s", why)
     return DistributedDataParallel(network, device_ids=[info.device.index] if cuda else None,
                                    **(no_buffer_broadcast() if sync_bn else {}))
 
