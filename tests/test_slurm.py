@@ -155,6 +155,7 @@ def test_sbatch_script_runs_two_nodes_and_requeues_on_usr1(cluster, data, tmp_pa
         time.sleep(1)
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "USR1: the time limit is near; requeueing" in log and "(restart 1)" in log and "resumed" in log
+    assert "gloo uses interface" in log  # two nodes: gloo told which interface reaches the master
     assert epochs_logged(run_dir) == [1, 2, 3, 4]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["num_test_samples"] == 9
