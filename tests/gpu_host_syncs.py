@@ -18,7 +18,7 @@ from dr_resnet import config
 from dr_resnet.data.augment import DeviceAugment, epoch_generator
 from dr_resnet.model.heads import build_head
 from dr_resnet.model.resnet import build_resnet
-from dr_resnet.training.components import distributed_model
+from dr_resnet.training.components import distributed_model, sgd
 from dr_resnet.training.distributed import init
 from dr_resnet.training.loop import EpochTotals, Execution, Trainer
 from dr_resnet.training.runtime import resolve_precision
@@ -48,7 +48,7 @@ def main() -> None:
         head = build_head("classification", device=info.device)
         network = build_resnet(18, head.outputs).to(info.device).to(memory_format=torch.channels_last)
         ddp = distributed_model(network, cfg, info)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, fused=info.device.type == "cuda")
+        optimizer = sgd(ddp.parameters(), 0.01, 0.9, 5e-4, fused=cuda)  # training's optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         precision = resolve_precision("auto", info.device)
         scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_scaler)

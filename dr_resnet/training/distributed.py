@@ -231,7 +231,7 @@ def is_distributed() -> bool:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over all processes (in place, and returned); a no-op in a world of one."""
-    if _group_size() > 1:
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -239,7 +239,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum over all processes (in place, and returned); a no-op in a world of one. A CPU
     tensor goes over gloo, also in a group whose GPU tensors use NCCL."""
-    if _group_size() > 1:
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
@@ -252,7 +252,7 @@ def all_reduce_max_async(tensor: torch.Tensor):
 
 def all_gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order (a world of one returns [obj])."""
-    if _group_size() > 1:
+    if is_distributed():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, obj)
         return gathered
@@ -296,13 +296,13 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm's running statistics) on every rank; a no-op in a world of one. Without
     SyncBatchNorm each rank's last training step leaves its own statistics, while the checkpoint holds
     rank 0's: evaluating with rank 0's makes every rank's shard scored by the model that is saved."""
-    if _group_size() > 1:
+    if is_distributed():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
 
 
 def barrier() -> None:
-    if _group_size() > 1:
+    if is_distributed():
         dist.barrier()
 
 

@@ -591,12 +591,13 @@ def train_epoch(run: Run, epoch: int, position: EpochPosition | None, boundary: 
     def at_boundary(done: int) -> None:
         lrs[done] = trainer.optimizer.param_groups[0]["lr"]
         lrs.pop(done - 64, None)
-        decision = boundary.decide(watch_nonfinite and totals.nonfinite_seen())
+        seen = watch_nonfinite and totals.nonfinite_seen()
+        decision = boundary.decide(seen)
         if decision.nonfinite:
             raise nonfinite_error(totals, epoch, lrs, t, base_lr)
         if decision.checkpoint:
             checkpoint_here(done, decision)
-        boundary.send(watch_nonfinite and totals.nonfinite_seen())
+        boundary.send(seen)
 
     def checkpoint_here(done: int, decision: Decision) -> None:
         if watch_nonfinite and distributed.all_reduce_max(torch.tensor([int(totals.nonfinite)])).item():
