@@ -130,7 +130,9 @@ def test_a_group_spanning_machines_gives_gloo_the_interface_towards_the_master(m
     outward = distributed._source_address("192.0.2.1")
     if outward is None:
         pytest.skip("this machine has no default route")
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    # choose_gloo_interface writes os.environ itself: a copy, so that nothing leaks into later tests (SLURM
+    # jobs inherit this process's environment)
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "GLOO_SOCKET_IFNAME"})
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     choose_gloo_interface(LaunchEnv("torchrun", 0, 2, 0, 2))  # one machine
     assert "GLOO_SOCKET_IFNAME" not in os.environ
