@@ -125,6 +125,8 @@ class DataConfig:
     image_column: str = "image"  # csv format: the column of image names (with or without extension)
     label_column: str = "level"  # csv format: the column of grades (0..4, or labels data.label_map maps)
     image_suffix: str = ""  # csv format: the extension of names given without one, e.g. .jpg (others are tried too)
+    patient_column: str = ""  # any table format: the column naming each image's patient ('' : from the name,
+    # <patient>_left|right, else each image its own patient); the split, held-out part and bootstrap keep patients whole
     filter: str = ""  # any table format: only rows with column=value (several: comma-separated, all must hold),
     # e.g. adjudicated_gradable=1; the count left out is logged
     label_map: str = ""  # any table format: the dataset's labels as grades, label=grade pairs (comma-separated);

@@ -26,6 +26,8 @@ ARCHITECTURES: dict[int, Architecture] = {a.depth: a for a in (
 )}
 DEPTHS = tuple(sorted(ARCHITECTURES))
 
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")  # what counts as a photo (lower case)
+
 FORMATS = ("lab", "kaggle", "aptos")  # the layouts dr-resnet also writes (formats.SplitLayout; synthetic, preprocess)
 DATASETS = ("eyepacs", "idrid", "messidor2", "ddr")  # public datasets as shipped (formats.PRESETS), read only
 READ_FORMATS = (*FORMATS, "csv", "folders", *DATASETS)  # csv: any table (the data.*_csv keys); folders: {split}/{grade}/

@@ -91,9 +91,10 @@ def test_predict_on_raw_photos_agrees_with_predict_on_their_prepared_copies(runs
     p_prepared = np.array([[float(r[f"p_grade{k}"]) for k in range(5)] for r in from_prepared])
     assert np.abs(p_raw - p_prepared).max() < RAW_VS_PREPARED_TOLERANCE
     assert np.abs(p_raw - p_prepared).mean() < RAW_VS_PREPARED_TOLERANCE / 6  # 0.005 on average here
-    grades_raw, grades_prepared = p_raw.argmax(axis=1), p_prepared.argmax(axis=1)
+    grades_raw = p_raw.argmax(axis=1)
     assert [int(r["grade"]) for r in from_raw] == grades_raw.tolist()
-    assert len(set(grades_prepared)) > 1  # the model tells photos apart: the comparison means something
+    # The model tells photos apart by more than JPEG's rounding moves them: the comparison means something.
+    assert np.abs(p_prepared - p_prepared.mean(axis=0)).max() > 2 * np.abs(p_raw - p_prepared).max()
 
 
 def test_prepared_photos_are_used_as_they_are(photos, tmp_path):

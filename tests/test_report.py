@@ -197,7 +197,7 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
         "not compared: resnet50 pretrained has no predictions.csv (not run")
     pretraining = comparisons["pretraining at ResNet18"]
     a, b = (read_predictions(runs[k] / "predictions.csv") for k in ("ordinal", "classification"))
-    expected = paired_comparison(a.labels, (a.grades, a.referable_scores), (b.grades, b.referable_scores), a.names)
+    expected = paired_comparison(a.labels, (a.grades, a.referable_scores), (b.grades, b.referable_scores), a.patients)
     assert pretraining["status"] == "compared" and pretraining["images"] == 24 and pretraining["resampled"] == "patients"
     assert pretraining["qwk"] == expected["qwk"] and pretraining["mcnemar"] == [expected["mcnemar"]]
     assert pretraining["accuracy"]["difference"] == pytest.approx(np.mean(a.grades == a.labels) - np.mean(b.grades == b.labels))
@@ -262,7 +262,7 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
     a = [read_predictions(runs[h] / "predictions.csv") for h in ("ordinal", "classification")]
     b = [read_predictions(runs[h] / "predictions.csv") for h in ("classification", "regression")]
     expected = paired_comparison(a[0].labels, [(p.grades, p.referable_scores) for p in a],
-                                 [(p.grades, p.referable_scores) for p in b], a[0].names)
+                                 [(p.grades, p.referable_scores) for p in b], a[0].patients)
     assert pooled["qwk"] == expected["qwk"]
     assert "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients, seeds 0, 1) |" in md
     assert (tmp_path / "out" / "accuracy_resnet18.png").is_file()
@@ -298,7 +298,7 @@ def test_arms_are_the_runs_that_trained_the_same_thing(runs, tmp_path):
     assert heads["a"] == "resnet50 pretrained, model.head=classification" and heads["seeds"] == [0]
     a, b = (read_predictions(runs[k] / "predictions.csv") for k in ("classification", "ordinal"))
     assert heads["qwk"] == paired_comparison(a.labels, (a.grades, a.referable_scores), (b.grades, b.referable_scores),
-                                             a.names)["qwk"]
+                                             a.patients)["qwk"]
     pretraining = comparisons["pretraining at ResNet50, model.head=classification", "selected"]
     assert pretraining["status"] == "compared" and pretraining["b"] == "resnet50 scratch, model.head=classification"
     assert comparisons["pretraining at ResNet50, model.head=ordinal", "selected"]["status"] == (

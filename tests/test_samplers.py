@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 from torch.utils.data import DistributedSampler
 
 from dr_resnet.data.samplers import DistributedBalancedSampler, ProgressiveSampler, ShuffledSampler
+from dr_resnet.seeds import derive_seed
 
 LABELS = np.array([0] * 730 + [1] * 70 + [2] * 150 + [3] * 26 + [4] * 24)  # EyePACS-like, 1000 images
 
@@ -36,14 +38,46 @@ def test_ranks_take_disjoint_shares_of_one_reproducible_epoch():
 
 
 @pytest.mark.parametrize("length,world", [(40, 1), (40, 2), (13, 2), (13, 3), (101, 4)])
-def test_shuffled_sampler_gives_distributed_samplers_order(length, world):
+def test_shuffled_sampler_shares_out_like_distributed_sampler(length, world):
+    """DistributedSampler's sharing (shuffle=True, drop_last=True): rank r of w takes r, r + w, ... of one
+    permutation cut to a multiple of w; only the permutation's seed differs (theirs is seed + epoch)."""
     for epoch in (0, 3):
+        torch_lengths = {len(DistributedSampler(range(length), world, r, shuffle=True, drop_last=True)) for r in range(world)}
+        shares = []
         for rank in range(world):
             ours = ShuffledSampler(np.zeros(length, dtype=int), world, rank, seed=5)
-            torchs = DistributedSampler(range(length), world, rank, shuffle=True, seed=5, drop_last=True)
             ours.set_epoch(epoch)
-            torchs.set_epoch(epoch)
-            assert list(ours) == list(torchs) and len(ours) == len(torchs)
+            shares.append(list(ours))
+            assert {len(ours)} == torch_lengths
+        order = torch.randperm(length, generator=torch.Generator().manual_seed(derive_seed(5, "order", epoch))).tolist()
+        assert shares == [order[: length // world * world][r::world] for r in range(world)]
+
+
+SAMPLERS = {"shuffled": lambda seed: ShuffledSampler(LABELS, seed=seed),
+            "balanced": lambda seed: DistributedBalancedSampler(LABELS, seed=seed),
+            "progressive": lambda seed: ProgressiveSampler(LABELS, 10, 0.6, seed=seed)}
+
+
+@pytest.mark.parametrize("kind", SAMPLERS)
+def test_two_seeds_share_no_epoch_order(kind):
+    """seed + epoch made seed 0's epoch e + 1 seed 1's epoch e: no order may recur across seeds and epochs."""
+    orders = []
+    for seed in range(4):
+        sampler = SAMPLERS[kind](seed)
+        for epoch in range(10):
+            sampler.set_epoch(epoch)
+            orders.append(tuple(sampler))
+    assert len(set(orders)) == len(orders)
+
+
+def test_derived_seeds_differ_by_every_key_and_repeat_exactly():
+    keys = [(s, p, *k) for s in (0, 1, 2**32) for p in ("order", "augment") for k in [(), (0,), (1,), (0, 1), (1, 0)]]
+    seeds = [derive_seed(s, p, *k) for s, p, *k in keys]
+    assert len(set(seeds)) == len(keys)
+    assert seeds == [derive_seed(s, p, *k) for s, p, *k in keys]
+    assert all(0 <= x < 2**63 for x in seeds)
+    with pytest.raises(ValueError, match="unknown seed purpose"):
+        derive_seed(0, "shuffle")
 
 
 @pytest.mark.parametrize("make", [lambda w, r: ShuffledSampler(LABELS[::20], w, r, seed=2),

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from dr_resnet.data.formats import read_split
-from dr_resnet.data.split import main, patient_of, split
+from dr_resnet.data.split import main, split
 from dr_resnet.data.synthetic import generate
+from dr_resnet.patients import patient_of
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_same_seed_same_split_other_seed_other_split(eyepacs, tmp_path):
 def test_other_formats(tmp_path, fmt):
     src = generate(tmp_path / "raw", {"train": 30, "test": 10}, seed=1, fmt=fmt, size=32, progress=False)
     result = split(src, tmp_path / "out", 0.25, seed=0)
-    assert sum(len(names) for names, _ in result.values()) == 40
+    assert sum(len(names) for names, _, _ in result.values()) == 40
     assert len(read_split(tmp_path / "out", "test").names) == len(result["test"][0])
 
 
@@ -61,8 +62,8 @@ def test_holdout_mask_keeps_patients_whole_and_subset_keeps_rows(eyepacs):
     from dr_resnet.data.split import holdout_mask
 
     train = RetinopathyDataset(eyepacs, "train")
-    held = holdout_mask(train.names, train.labels, 0.1, seed=0)
-    assert np.array_equal(held, holdout_mask(train.names, train.labels, 0.1, seed=0))
+    held = holdout_mask(train.patients, train.labels, 0.1, seed=0)
+    assert np.array_equal(held, holdout_mask(train.patients, train.labels, 0.1, seed=0))
     val, rest = train.subset(held, "val"), train.subset(~held, "train")
     assert len(val) + len(rest) == len(train) and abs(len(val) / len(train) - 0.1) < 0.01
     assert not {patient_of(n) for n in val.names} & {patient_of(n) for n in rest.names}

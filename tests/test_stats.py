@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
+from dr_resnet.patients import patients_of
 from dr_resnet.results import metrics, stats
 
 
@@ -42,16 +43,15 @@ def test_weights_equal_an_explicit_resample():
 
 def test_patients_are_resampled_together():
     names = [f"{10 + i // 2}_{'left' if i % 2 == 0 else 'right'}" for i in range(40)]
-    units, unit = stats.resampling_units(names)
+    units, unit = stats.resampling_units(patients_of(names))
     assert unit == "patients" and units.max() == 19 and np.array_equal(units[0::2], units[1::2])
     weights = np.concatenate(list(stats.bootstrap_weights(units, 500, seed=0)))
     assert weights.shape == (500, 40) and np.array_equal(weights[:, 0::2], weights[:, 1::2])
     assert np.all(weights.sum(axis=1) == 40)  # 20 patients drawn, two eyes each
-    # One rule with the patient-level split (split.patient_of): a name without an eye suffix is its own
-    # patient, whatever the other names are.
-    units, unit = stats.resampling_units(["7_left", "c4f2", "7_right", "b_left"])
+    # The units are the patient ids as given (dr_resnet.patients decides them, for the split too).
+    units, unit = stats.resampling_units(patients_of(["7_left", "c4f2", "7_right.jpeg", "b_left"]))
     assert unit == "patients" and units.tolist() == [0, 2, 0, 1]
-    assert stats.resampling_units(["a.jpeg", "b_left"])[1] == "images"  # no two images share a patient
+    assert stats.resampling_units(patients_of(["a.jpeg", "b_left"]))[1] == "images"  # no two images share a patient
 
 
 def test_intervals_cover_the_truth_at_the_nominal_rate_and_match_the_normal_width():

@@ -268,7 +268,7 @@ def test_held_out_validation_selects_the_epoch_and_fits_thresholds(tiny, tmp_pat
                           "data.val_fraction=0.25", "data.min_val_images=1", "regression.fit_thresholds=val",
                           "train.epochs=3", "train.seed=4")) == 0
     train = RetinopathyDataset(tiny, "train")
-    held = holdout_mask(train.names, train.labels, 0.25, seed=0)  # data.split_seed's draw, whatever train.seed
+    held = holdout_mask(train.patients, train.labels, 0.25, seed=0)  # data.split_seed's draw, whatever train.seed
     assert 0 < held.sum() < 40
     assert f"{40 - held.sum()} train / {held.sum()} held-out / 13 test images" in capfd.readouterr().err
     rows = metrics_rows(run_dir)

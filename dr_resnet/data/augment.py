@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dr_resnet.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from dr_resnet.seeds import derive_seed
 
 
 @dataclass(frozen=True)
@@ -107,4 +108,4 @@ def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device | str
     """The augmentation random stream of one rank in one epoch: a pure function of (seed, epoch, rank),
     so a resumed run draws exactly what an uninterrupted one would. On the training device, so that
     drawing the parameters costs no copy (a CUDA stream differs from the CPU one for the same seed)."""
-    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + rank) % 2**63)
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, "augment", epoch, rank))

@@ -90,6 +90,7 @@ class RetinopathyDataset(Dataset):
         self.split = split
         index = read_split(self.root, split, format, options)
         self.format, self.names, self.paths, self.labels = index.format, index.names, index.paths, index.labels
+        self.patients = index.patients  # each image's patient (dr_resnet.patients)
         self.rows = index.rows  # line of each image in the split's file
         self.split_file = index.index_file
         self.transform = transform
@@ -105,6 +106,7 @@ class RetinopathyDataset(Dataset):
         part = copy.copy(self)
         rows = np.flatnonzero(keep)
         part.names, part.paths, part.labels = [self.names[i] for i in rows], [self.paths[i] for i in rows], self.labels[rows]
+        part.patients = [self.patients[i] for i in rows]
         part.rows = [self.rows[i] for i in rows]
         part.split = split
         return part

@@ -1,5 +1,6 @@
-"""Print each split of a dataset: format, images, grade balance, and the majority-class baseline that
-accuracy must beat (about 73% on EyePACS). Validates every row on the way.
+"""Print each split of a dataset: format, images, patients, grade balance, and the majority-class baseline
+that accuracy must beat (about 73% on EyePACS); and the patients that two splits share (a test split that
+shares patients with training gives optimistic figures). Validates every row on the way.
 
     python -m dr_resnet.describe DATA_ROOT [--format F] [data.KEY=VALUE ...]
 """
@@ -16,6 +17,7 @@ from dr_resnet import GRADES, NUM_GRADES
 from dr_resnet.errors import run_command
 from dr_resnet.data.formats import (DatasetError, TableOptions, add_format_arguments, find_splits, format_arguments,
                                      read_split, split_names)
+from dr_resnet.patients import identity_of, shared_patients
 
 
 def describe(root: str, fmt: str = "auto", options: TableOptions | None = None) -> str:
@@ -23,12 +25,24 @@ def describe(root: str, fmt: str = "auto", options: TableOptions | None = None) 
     if not found:
         raise DatasetError(f"no dataset split files found in {root}" + (f" ({fmt} format)" if fmt != "auto" else ""))
     lines = [f"{root}"]
+    patients = {}
     for name, split_format in found:
         split = read_split(root, name, split_format, options)
+        patients[name] = split.patients
         counts = np.bincount(split.labels, minlength=NUM_GRADES)
         total = counts.sum()
         shares = "  ".join(f"{g.split()[0]}: {c} ({c / total:.1%})" for g, c in zip(GRADES, counts))
-        lines.append(f"  {name} ({split_format}): {total} images   {shares}   majority baseline {counts.max() / total:.1%}")
+        lines.append(f"  {name} ({split_format}): {total} images, {len(set(split.patients))} patients   {shares}   "
+                     f"majority baseline {counts.max() / total:.1%}")
+    column = options.patient_column if options else ""
+    lines.append(f"  patients: {identity_of([p for found in patients.values() for p in found], column)}")
+    names = list(patients)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = shared_patients(patients[a], patients[b])
+            lines.append(f"  patients in both '{a}' and '{b}': {len(both)}"
+                         + (f" (e.g. {both[0]!r}): figures tested on one after training on the other may be optimistic"
+                            if both else ""))
     return "\n".join(lines)
 
 

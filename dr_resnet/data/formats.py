@@ -28,11 +28,11 @@ import numpy as np
 
 from dr_resnet import NUM_GRADES
 from dr_resnet.errors import UserError
-from dr_resnet.registry import DATASETS, FORMAT_CHOICES, FORMATS
+from dr_resnet.patients import patients_of
+from dr_resnet.registry import DATASETS, FORMAT_CHOICES, FORMATS, IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 _ANY_CASE_EXTENSIONS = (*IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS))  # what _DirIndex tries
 MAX_ROWS_SHOWN = 10
 
@@ -96,6 +96,7 @@ class TableOptions:
     image_suffix: str = ""
     filter: str = ""
     label_map: str = ""
+    patient_column: str = ""
 
     @staticmethod
     def of(data) -> "TableOptions":
@@ -103,7 +104,8 @@ class TableOptions:
         files = tuple((split, table, images) for split, table, images in (
             (data.train_split, data.train_csv, data.train_images), (data.test_split, data.test_csv, data.test_images))
             if table)
-        return TableOptions(files, data.image_column, data.label_column, data.image_suffix, data.filter, data.label_map)
+        return TableOptions(files, data.image_column, data.label_column, data.image_suffix, data.filter, data.label_map,
+                            data.patient_column)
 
     def filters(self) -> tuple[tuple[str, str], ...]:
         return _pairs(self.filter, "data.filter", "column=value")
@@ -138,6 +140,7 @@ class Table:
     delimiter: str = ","
     filters: tuple[tuple[str, str], ...] = ()
     label_map: tuple[tuple[str, str], ...] = ()
+    patient_column: str | int | None = None  # the patient of each row (None: from the image name)
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ class Preset:
         user_map = dict(options.labels())
         return Table(root / file, root / images, self.image_column, self.label_column, self.suffix, self.header,
                      self.delimiter, self.split_filters.get(split, ()) + options.filters(),
-                     tuple({**dict(self.label_map), **user_map}.items()))
+                     tuple({**dict(self.label_map), **user_map}.items()), options.patient_column or None)
 
     def splits(self) -> list[str]:
         """The splits the dataset ships (what describe and preprocess go through), views aside."""
@@ -205,7 +208,8 @@ def table_of(root: Path, split: str, fmt: str, options: TableOptions | None = No
         if place is None:
             return None
         return Table(root / place[0], root / place[1], options.image_column, options.label_column,
-                     options.image_suffix, filters=options.filters(), label_map=options.labels())
+                     options.image_suffix, filters=options.filters(), label_map=options.labels(),
+                     patient_column=options.patient_column or None)
     return None
 
 
@@ -296,8 +300,9 @@ def _same(cell: str, wanted: str) -> bool:
         return False
 
 
-def _read_table(table: Table, problems: list[str]) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-    """(line, image name) and (line, label text) of the rows a table keeps. Header names are matched
+def _read_table(table: Table, problems: list[str]) -> tuple[list[tuple[int, str]], list[tuple[int, str]], list[str] | None]:
+    """(line, image name), (line, label text) and the patient (None without table.patient_column) of the
+    rows a table keeps. An empty patient cell is a problem naming its rows. Header names are matched
     without stray spaces; trailing empty columns and blank lines are no rows; rows that data.filter or a
     label mapped to drop leave out are counted in the log."""
     path = table.file
@@ -306,21 +311,22 @@ def _read_table(table: Table, problems: list[str]) -> tuple[list[tuple[int, str]
         if not rows:
             problems.append(f"{path}: empty file (expected a header naming '{table.image_column}' and "
                             f"'{table.label_column}')")
-            return [], []
+            return [], [], None
         header = [c.strip() for c in rows[0]]
         wanted = [("image column", table.image_column), ("label column", table.label_column),
-                  *(("filter column", c) for c, _ in table.filters)]
+                  *(("filter column", c) for c, _ in table.filters),
+                  *([("patient column", table.patient_column)] if table.patient_column is not None else [])]
         missing = [f"{c!r} ({role})" for role, c in wanted if c not in header]
         if missing:
             problems.append(f"{path}: header {[h for h in header if h]} lacks column(s) {', '.join(missing)}")
-            return [], []
-        column = {c: header.index(c) for c in (table.image_column, table.label_column, *(c for c, _ in table.filters))}
+            return [], [], None
+        column = {c: header.index(c) for role, c in wanted}
         body, first = rows[1:], 2
     else:
-        column = {table.image_column: table.image_column, table.label_column: table.label_column}
+        column = {c: c for c in (table.image_column, table.label_column, table.patient_column) if c is not None}
         body, first = rows, 1
     needed = max(column.values()) + 1
-    names, labels, short = [], [], []
+    names, labels, patients, short, no_patient = [], [], [], [], []
     filtered = dropped = 0
     label_map = dict(table.label_map)
     for line, row in enumerate(body, start=first):
@@ -340,15 +346,21 @@ def _read_table(table: Table, problems: list[str]) -> tuple[list[tuple[int, str]
             continue
         names.append((line, cells[column[table.image_column]]))
         labels.append((line, label))
+        if table.patient_column is not None:
+            patients.append(cells[column[table.patient_column]])
+            if not patients[-1]:
+                no_patient.append(line)
     if short:
         problems.append(_problem(path, f"fewer than the {needed} fields its columns need", short))
+    if no_patient:
+        problems.append(_problem(path, f"empty patient id (column {table.patient_column!r})", no_patient))
     if filtered:
         log.info("%s: %d row(s) left out by the filter %s", path,
                  filtered, ", ".join(f"{c}={v}" for c, v in table.filters))
     if dropped:
         log.info("%s: %d row(s) left out by the label map (%s)", path, dropped,
                  ", ".join(f"{k}={v}" for k, v in table.label_map if v == DROP))
-    return names, labels
+    return names, labels, (patients if table.patient_column is not None else None)
 
 
 def _parse_labels(path: Path, labels: list[tuple[int, str]], problems: list[str],
@@ -406,6 +418,7 @@ class Split:
     rows: list[int]
     index_file: Path
     table: Table | None = None  # how a table format's split was read (None: lab, folders)
+    patients: list[str] = field(default_factory=list)  # each image's patient (patients.patients_of)
 
     @property
     def layout(self) -> SplitLayout:
@@ -448,9 +461,13 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
     if not root.is_dir():
         raise DatasetError(f"data root {root} is not a directory")
     fmt = detect_format(root, split) if fmt == "auto" else fmt
+    if options is not None and options.patient_column and fmt in ("lab", "folders"):
+        raise DatasetError(f"data.patient_column={options.patient_column} names a table column, but the {fmt} format "
+                           f"in {root} has no table: leave it empty (patients then come from the image names)")
     problems: list[str] = []
     found_paths = None
     table = None
+    explicit_patients = None
     if fmt == "lab":
         layout = SplitLayout.of(root, split, fmt)
         for p in layout.csv_files:
@@ -478,7 +495,7 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
             raise DatasetError(f"{fmt} format has no '{split}' split in {root} ({how}; found: {', '.join(defined) or 'none'})")
         if not table.file.is_file():
             raise DatasetError(f"{table.file} not found ({fmt} format, '{split}' split)")
-        names, label_cells = _read_table(table, problems)
+        names, label_cells, explicit_patients = _read_table(table, problems)
         name_file = label_file = table.file
         image_dirs, extension = (table.images,), table.suffix
     labels = _parse_labels(label_file, label_cells, problems, mapped=bool(table and table.label_map))
@@ -513,8 +530,9 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
             problems.append(_problem(name_file, "image file missing", missing, f"e.g. {shown} not in {where}"))
     if problems:
         raise DatasetError(f"{fmt} split '{split}' in {root} is not usable:\n  " + "\n  ".join(problems))
-    return Split(root, split, fmt, [n for _, n in names], paths, np.asarray(labels, dtype=np.int64),
-                 [line for line, _ in names], name_file, table)
+    plain_names = [n for _, n in names]
+    return Split(root, split, fmt, plain_names, paths, np.asarray(labels, dtype=np.int64),
+                 [line for line, _ in names], name_file, table, patients_of(plain_names, explicit_patients))
 
 
 def add_format_arguments(parser) -> None:

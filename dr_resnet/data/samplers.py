@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Sampler
 
 from dr_resnet import NUM_GRADES
+from dr_resnet.seeds import derive_seed
 
 
 class EpochSampler(Sampler[int]):
@@ -65,7 +66,7 @@ class EpochSampler(Sampler[int]):
 
 
 class ShuffledSampler(EpochSampler):
-    """A random permutation per epoch, seeded by seed + epoch, cut to a multiple of the process count:
+    """A random permutation per epoch, seeded by (seed, epoch), cut to a multiple of the process count:
     the order of DistributedSampler(shuffle=True, drop_last=True)."""
 
     def __init__(self, labels: Sequence[int], num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
@@ -84,8 +85,13 @@ class ShuffledSampler(EpochSampler):
 
 
 def shuffled_order(length: int, seed: int, epoch: int, count: int) -> torch.Tensor:
-    """The first `count` of a random permutation of `length` samples, seeded by seed + epoch."""
-    return torch.randperm(length, generator=torch.Generator().manual_seed(seed + epoch))[:count]
+    """The first `count` of a random permutation of `length` samples, drawn from (seed, epoch)'s stream."""
+    return torch.randperm(length, generator=order_generator(seed, epoch))[:count]
+
+
+def order_generator(seed: int, epoch: int) -> torch.Generator:
+    """The stream one epoch's sample order is drawn from (seeds.derive_seed: no two (seed, epoch) share it)."""
+    return torch.Generator().manual_seed(derive_seed(seed, "order", epoch))
 
 
 def natural_shares(labels: np.ndarray) -> np.ndarray:
@@ -117,7 +123,7 @@ class DistributedBalancedSampler(EpochSampler):
         return self.num_samples // processes * processes  # the same count on every rank: no rank waits
 
     def epoch_order(self, processes: int | None = None) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = order_generator(self.seed, self.epoch)
         return torch.multinomial(self.weights, self.epoch_length(processes or self.num_replicas), replacement=True,
                                  generator=generator)
 
@@ -159,6 +165,6 @@ class ProgressiveSampler(EpochSampler):
             return shuffled_order(len(self.labels), self.seed, self.epoch, self.epoch_length(processes))
         counts = np.bincount(self.labels, minlength=NUM_GRADES)
         per_image = self.grade_shares(self.epoch)[self.labels] / counts[self.labels]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = order_generator(self.seed, self.epoch)
         return torch.multinomial(torch.as_tensor(per_image, dtype=torch.float64), self.epoch_length(processes),
                                  replacement=True, generator=generator)

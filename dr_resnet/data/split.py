@@ -25,23 +25,13 @@ from dr_resnet import NUM_GRADES
 from dr_resnet.errors import run_command
 from dr_resnet.data.formats import DatasetError, SplitLayout, find_splits, read_split
 from dr_resnet.registry import FORMAT_CHOICES
-
-EYES = ("_left", "_right")
-
-
-def patient_of(name: str) -> str:
-    """'10_left' -> '10'; a name without an eye suffix (APTOS ids) is its own patient."""
-    for eye in EYES:
-        if name.endswith(eye):
-            return name[: -len(eye)]
-    return name
-
+from dr_resnet.seeds import derive_seed
 
 def assign(patients: dict[str, list[int]], labels: np.ndarray, test_fraction: float, seed: int) -> set[str]:
     """The patients that go to test. Patients are shuffled, patients whose worse eye has a rarer grade
     come first, and each joins the test side when that brings its per-grade image counts closer (L1)
     to test_fraction of the whole's. Whole patients move, so no one sits on both sides."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(derive_seed(seed, "holdout"))
     names = sorted(patients)
     names = [names[i] for i in rng.permutation(len(names))]
     counts = {p: np.bincount(labels[patients[p]], minlength=NUM_GRADES) for p in names}
@@ -57,14 +47,15 @@ def assign(patients: dict[str, list[int]], labels: np.ndarray, test_fraction: fl
     return _refine(names, counts, test, frequency, test_fraction)
 
 
-def holdout_mask(names: Sequence[str], labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """True for the images whose patients go to the held-out side (stratified, whole patients)."""
+def holdout_mask(patients: Sequence[str], labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True for the images whose patients (one id per image: dr_resnet.patients) go to the held-out side
+    (stratified, whole patients)."""
     labels = np.asarray(labels, dtype=np.int64)
-    patients: dict[str, list[int]] = defaultdict(list)
-    for i, name in enumerate(names):
-        patients[patient_of(name)].append(i)
-    held_out = assign(patients, labels, fraction, seed)
-    return np.array([patient_of(name) in held_out for name in names], dtype=bool)
+    images: dict[str, list[int]] = defaultdict(list)
+    for i, patient in enumerate(patients):
+        images[patient].append(i)
+    held_out = assign(images, labels, fraction, seed)
+    return np.array([patient in held_out for patient in patients], dtype=bool)
 
 
 def _refine(names: list[str], counts: dict[str, np.ndarray], test: set[str], frequency: np.ndarray,
@@ -109,8 +100,8 @@ def balance(labels: np.ndarray) -> np.ndarray:
 
 
 def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0, fmt: str = "auto",
-          copy: bool = False) -> dict[str, tuple[list[str], np.ndarray]]:
-    """Write DST's train and test splits; returns {side: (names, labels)}."""
+          copy: bool = False) -> dict[str, tuple[list[str], np.ndarray, list[str]]]:
+    """Write DST's train and test splits; returns {side: (names, labels, patients)}."""
     src, dst = Path(src), Path(dst)
     found = find_splits(src)
     if fmt != "auto":
@@ -123,17 +114,18 @@ def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0,
     if dst.resolve() == src.resolve():
         raise DatasetError("--dst must differ from --src")
     fmt = formats.pop()
-    names, paths, labels = [], [], []
+    names, paths, labels, patients = [], [], [], []
     for name, _ in found:
         part = read_split(src, name, fmt)
         names += part.names
         paths += part.paths
         labels += part.labels.tolist()
+        patients += part.patients
     duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
     if duplicates:
         raise DatasetError(f"{src}: image names appear in more than one split: {duplicates[:10]}")
     labels_arr = np.asarray(labels, dtype=np.int64)
-    in_test = holdout_mask(names, labels_arr, test_fraction, seed)
+    in_test = holdout_mask(patients, labels_arr, test_fraction, seed)
     sides = {"train": np.flatnonzero(~in_test).tolist(), "test": np.flatnonzero(in_test).tolist()}
     result = {}
     for side, rows in sides.items():
@@ -142,7 +134,7 @@ def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0,
         for i in rows:
             _place(paths[i], layout.image_path(names[i], paths[i].suffix), copy)
         layout.write_index([names[i] for i in rows], labels_arr[rows])
-        result[side] = ([names[i] for i in rows], labels_arr[rows])
+        result[side] = ([names[i] for i in rows], labels_arr[rows], [patients[i] for i in rows])
     return result
 
 
@@ -163,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(result: dict) -> None:
     """The split's table: images, patients and grade shares per side."""
-    everything = np.concatenate([labels for _, labels in result.values()])
+    everything = np.concatenate([labels for _, labels, _ in result.values()])
+    every_patient = [p for _, _, patients in result.values() for p in patients]
     print(f"{'side':<6} {'images':>7} {'patients':>8}   " + "  ".join(f"grade {g}" for g in range(NUM_GRADES)))
-    for side, (names, labels) in [("all", ([], everything))] + list(result.items()):
-        patients = len({patient_of(n) for n in names}) if names else len({patient_of(n) for s in result.values() for n in s[0]})
+    for side, (labels, patients) in [("all", (everything, every_patient))] + [(k, (v[1], v[2])) for k, v in result.items()]:
         shares = "  ".join(f"{100 * b:6.1f}%" for b in balance(labels))
-        print(f"{side:<6} {len(labels):>7} {patients:>8}   {shares}")
+        print(f"{side:<6} {len(labels):>7} {len(set(patients)):>8}   {shares}")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class RunRecord:
             if recorded:
                 return recorded
         found = self.predictions()
-        return bootstrap_intervals(found.labels, found.grades, found.referable_scores, found.names) if found else None
+        return bootstrap_intervals(found.labels, found.grades, found.referable_scores, found.patients) if found else None
 
     def evaluations(self) -> list[dict]:
         """evaluate's results of this run on other datasets or splits (RUN/evaluations/<dataset>-<split>/
@@ -291,7 +291,7 @@ def compare_arms(arms: list[Arm], resamples: int = RESAMPLES, epoch: str = "sele
                                                f"comparison needs the same test set"})
             continue
         paired = paired_comparison(first.labels, [(p.grades, p.referable_scores) for p in found_a],
-                                   [(p.grades, p.referable_scores) for p in found_b], first.names, resamples=resamples)
+                                   [(p.grades, p.referable_scores) for p in found_b], first.patients, resamples=resamples)
         mcnemar = paired["mcnemar"] if isinstance(paired["mcnemar"], list) else [paired["mcnemar"]]
         results.append({**entry, "status": "compared", "images": len(first.names), "resampled": paired["unit"],
                         "seeds": seeds, **{m: paired[m] for m, _ in PAIR_METRICS}, "mcnemar": mcnemar})

@@ -1,11 +1,12 @@
 """Uncertainty of the grading metrics: bootstrap 95% intervals, paired comparisons of two models on the
 same images, McNemar's test. numpy only.
 
-The bootstrap resamples patients when image names carry a patient id (EyePACS' <patient>_left|right:
-both eyes of a patient move together, as they are not independent), images otherwise; `unit` says
-which. It is vectorised: each resample is a vector of weights (how often each image was drawn), so a
-resample's confusion matrix is one matrix product and its referable-DR AUC one weighted rank sum;
-10,000 images x 2,000 resamples take seconds. Intervals are percentile intervals, seeded.
+The bootstrap resamples patients (each image's id from dr_resnet.patients: EyePACS' <patient>_left|right,
+or a table's patient column; both eyes of a patient move together, as they are not independent) when some
+patient has several images, images otherwise; `unit` says which. It is vectorised: each resample is a
+vector of weights (how often each image was drawn), so a resample's confusion matrix is one matrix
+product and its referable-DR AUC one weighted rank sum; 10,000 images x 2,000 resamples take seconds.
+Intervals are percentile intervals, seeded.
 """
 
 from __future__ import annotations
@@ -16,27 +17,26 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dr_resnet import NUM_GRADES
-from dr_resnet.data.split import patient_of
 from dr_resnet.results.metrics import METRICS, REFERABLE_GRADE, of_confusion
+from dr_resnet.seeds import derive_seed
 
 RESAMPLES, LEVEL = 2000, 0.95
 CHUNK_CELLS = 20_000_000  # weights held at once (resamples x images): bounds memory (~160 MB)
 
 
-def resampling_units(names: Sequence[str] | None) -> tuple[np.ndarray, str]:
-    """Each image's resampling unit (an integer): its patient, by split.patient_of (the patient-level
-    split's own rule: a name without an eye suffix is its own patient); and what the units are: "patients"
-    when some image shares its patient with another, else "images"."""
-    if names is None or not len(names):
+def resampling_units(patients: Sequence[str] | None) -> tuple[np.ndarray, str]:
+    """Each image's resampling unit (an integer) from its patient id (dr_resnet.patients: one per image);
+    and what the units are: "patients" when some image shares its patient with another, else "images"."""
+    if patients is None or not len(patients):
         return np.arange(0, dtype=np.int64), "images"
-    units = np.unique([patient_of(str(n)) for n in names], return_inverse=True)[1].astype(np.int64)
-    return units, "patients" if units.max() + 1 < len(names) else "images"
+    units = np.unique([str(p) for p in patients], return_inverse=True)[1].astype(np.int64)
+    return units, "patients" if units.max() + 1 < len(patients) else "images"
 
 
 def bootstrap_weights(units: np.ndarray, resamples: int, seed: int) -> Iterator[np.ndarray]:
     """(r, N) arrays, chunk by chunk, `resamples` rows in all: row k counts how often each image is in
     resample k (its unit drawn with replacement, as many units as there are)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(derive_seed(seed, "bootstrap"))
     n_units = int(units.max()) + 1 if len(units) else 0
     chunk = max(1, CHUNK_CELLS // max(1, len(units)))
     done = 0
@@ -93,12 +93,12 @@ def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
 
 
 def bootstrap_intervals(labels: Sequence[int], grades: Sequence[int], scores: Sequence[float],
-                        names: Sequence[str] | None = None, resamples: int = RESAMPLES, seed: int = 0,
+                        patients: Sequence[str] | None = None, resamples: int = RESAMPLES, seed: int = 0,
                         level: float = LEVEL) -> dict:
     """{"unit", "resamples", "level", and per metric {"value", "low", "high"}}: the metric on these
     images and its bootstrap percentile interval."""
     labels, grades, scores = _arrays(labels, grades, scores)
-    units, unit = resampling_units(names if names is not None else [str(i) for i in range(len(labels))])
+    units, unit = resampling_units(patients if patients is not None else [str(i) for i in range(len(labels))])
     point = metrics_of(labels, grades, scores, np.ones((1, len(labels))))
     samples = {m: [] for m in METRICS}
     for weights in bootstrap_weights(units, resamples, seed):
@@ -130,7 +130,7 @@ Scored = tuple[Sequence[int], Sequence[float]]  # one run's (grades, referable s
 
 
 def paired_comparison(labels: Sequence[int], a: Scored | list[Scored], b: Scored | list[Scored],
-                      names: Sequence[str] | None = None, resamples: int = RESAMPLES, seed: int = 0,
+                      patients: Sequence[str] | None = None, resamples: int = RESAMPLES, seed: int = 0,
                       level: float = LEVEL, metrics: Sequence[str] = ("accuracy", "qwk", "referable_auc")) -> dict:
     """A minus B on the same images, each side one run's (grades, referable scores) or a list of them (the
     seeds of an arm, paired seed by seed): per metric the difference of the (seed-averaged) metrics and
@@ -142,7 +142,7 @@ def paired_comparison(labels: Sequence[int], a: Scored | list[Scored], b: Scored
     labels = np.asarray(labels, dtype=np.int64)
     runs_a = [_arrays(labels, *run)[1:] for run in side_a]
     runs_b = [_arrays(labels, *run)[1:] for run in side_b]
-    units, unit = resampling_units(names if names is not None else [str(i) for i in range(len(labels))])
+    units, unit = resampling_units(patients if patients is not None else [str(i) for i in range(len(labels))])
 
     def mean_metrics(runs, weights) -> dict[str, np.ndarray]:
         per_run = [metrics_of(labels, grades, scores, weights) for grades, scores in runs]

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from dr_resnet import config
+from dr_resnet import config, patients
 from dr_resnet.config import Config, ConfigError, DataConfig, TrainConfig
 from dr_resnet.data.augment import DeviceAugment
 from dr_resnet.data.dataset import RetinopathyDataset
@@ -29,6 +29,7 @@ from dr_resnet.data.samplers import DistributedBalancedSampler, EpochSampler, Pr
 from dr_resnet.data.split import holdout_mask
 from dr_resnet.model.heads import Head, head_for
 from dr_resnet.model.resnet import build_resnet
+from dr_resnet.seeds import derive_seed
 from dr_resnet.training import checkpoint
 from dr_resnet.training.distributed import DistInfo
 from dr_resnet.training.loop import Execution, ShardSampler
@@ -46,6 +47,10 @@ class Datasets:
     test: RetinopathyDataset
     val: RetinopathyDataset | None  # the held-out part of the training split (data.val_fraction)
 
+    def patient_overlap(self, column: str = "") -> dict:
+        """patients.overlap of these splits: the patients shared between training, held-out part and test."""
+        return patients.overlap(self.train.patients, self.test.patients, self.val.patients if self.val else (), column)
+
 
 def datasets(cfg: Config) -> Datasets:
     """The training and test splits, and the held-out part of training (whole patients, stratified by
@@ -58,7 +63,7 @@ def datasets(cfg: Config) -> Datasets:
     test = RetinopathyDataset(d.root, d.test_split, format=d.format, image_size=d.image_size, options=options)
     if d.val_fraction <= 0:
         return Datasets(train, test, None)
-    held_out = holdout_mask(train.names, train.labels, d.val_fraction, d.split_seed)
+    held_out = holdout_mask(train.patients, train.labels, d.val_fraction, d.split_seed)
     if held_out.sum() < d.min_val_images:
         if config.needs_held_out(cfg):
             raise ConfigError(f"{config.needs_held_out(cfg)} fits on the held-out part, but data.val_fraction="
@@ -158,7 +163,7 @@ def model(cfg: Config, head: Head, execution: Execution, first_shares: np.ndarra
     initial weights on every rank); model.weights when `pretrained` (evaluation loads a checkpoint
     instead); a fresh output layer's bias from the head's prior on `first_shares`, the grade shares
     of the first training epoch (the sampler's grade_shares(0))."""
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(derive_seed(cfg.train.seed, "init"))
     weights = cfg.model.weights if pretrained and cfg.model.pretrained else None
     bias = head.start_bias(first_shares) if first_shares is not None else None
     network = build_resnet(cfg.model.depth, head.outputs, weights, cfg.model.zero_init_residual, bias).to(execution.device)

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     evaluation = evaluate(model, loader, head, execution, tta=args.tta)
     precision = execution.precision
     grades, values = evaluation.per_image(head)
-    intervals = bootstrap_intervals(evaluation.targets, grades, evaluation.referable_scores, dataset.names,
+    intervals = bootstrap_intervals(evaluation.targets, grades, evaluation.referable_scores, dataset.patients,
                                     resamples=args.resamples) if args.resamples and info.is_main else None
     calibration = expected_calibration_error(values, evaluation.targets) if head.spec.has_probabilities else None
     result = {"checkpoint": str(args.checkpoint), "epoch": int(state.epoch), "data_root": str(args.data_root),
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         write_predictions(out / PREDICTIONS_FILE, dataset.names, evaluation.targets, grades, values,
-                          evaluation.referable_scores, cfg.model.head)
+                          evaluation.referable_scores, cfg.model.head, dataset.patients, int(state.epoch))
         from dr_resnet.results.plots import save_confusion_matrix
 
         save_confusion_matrix(evaluation.confusion_matrix, out / CONFUSION_PNG,

@@ -31,6 +31,7 @@ from dr_resnet.data.recipe import Recipe
 from dr_resnet.data.samplers import EpochSampler
 from dr_resnet.files import write_text
 from dr_resnet.model.heads import Head
+from dr_resnet.patients import overlap_warnings
 from dr_resnet.results.metrics import METRICS, collapse, epoch_entries, expected_calibration_error
 from dr_resnet.results.predictions import read_predictions, write_predictions
 from dr_resnet.results.rundir import (
@@ -94,6 +95,7 @@ class Run:
     recipe: Recipe  # what photos go through before the network: saved with every checkpoint
     provenance: dict  # versions and the data's splits and class counts: saved with every checkpoint
     learning_rate: config.LearningRate  # the rate config.learning_rate's rule gives this run, and how
+    patients: dict  # patients.overlap: how patients were identified, and any shared between the splits
     rows: list[dict] = field(default_factory=list)  # the epochs logged so far (rank 0's: the summary and selection)
     wandb_id: str | None = None  # the W&B run this run logs to (rank 0), saved in every checkpoint
 
@@ -134,7 +136,7 @@ def build(cfg: Config, info: DistInfo) -> Run:
                val_loader=val_loader, fit_loader=fit_loader, train_sampler=train_sampler, model=model,
                eval_model=compile_model(model, t.compile), trainer=trainer, train_baseline=data.train.majority_baseline,
                test_baseline=data.test.majority_baseline, recipe=Recipe.of_data(cfg.data.root, cfg.data.image_size),
-               provenance=provenance(cfg, data), learning_rate=lr)
+               provenance=provenance(cfg, data), learning_rate=lr, patients=data.patient_overlap(cfg.data.patient_column))
 
 
 def provenance(cfg: Config, data: components.Datasets) -> dict:
@@ -338,7 +340,7 @@ def write_epoch_predictions(run: Run, test: EvalResult, val: EvalResult | None, 
 def selected_intervals(run_dir: Path) -> dict:
     """Bootstrap 95% intervals of the selected epoch's test metrics, from its predictions.csv."""
     found = read_predictions(run_dir / PREDICTIONS_FILE)
-    return bootstrap_intervals(found.labels, found.grades, found.referable_scores, found.names)
+    return bootstrap_intervals(found.labels, found.grades, found.referable_scores, found.patients)
 
 
 def write_summary(run: Run, figure: bool) -> dict:
@@ -370,6 +372,8 @@ def write_summary(run: Run, figure: bool) -> dict:
         "confusion_matrix": best["confusion_matrix"],
         "final_confusion_matrix": final["confusion_matrix"],
         "train_seconds_total": sum(r["epoch_seconds"] for r in rows),
+        "patients_in_train_and_test": run.patients["patients_in_train_and_test"],
+        "patients": run.patients,
     }
     if figure and (run.run_dir / PREDICTIONS_FILE).is_file():
         summary["intervals"] = selected_intervals(run.run_dir)
@@ -418,6 +422,10 @@ def fit(run: Run) -> dict | None:
                  effective["global_batch"], effective["warmup_steps"], effective["total_steps"], run.cfg.train.sampler,
                  effective["first_epoch_grade_shares"], effective["final_epoch_grade_shares"], run.cfg.train.epochs,
                  effective["selection"])
+        log.info("patients: %s; %d in training, %d in test", run.patients["identity"], run.patients["train_patients"],
+                 run.patients["test_patients"])
+        for line in overlap_warnings(run.patients, run.cfg.data.test_split):
+            log.warning(line)
     tracker = start_tracking(run, resumed.wandb_id) if info.is_main else None
     run.wandb_id = tracker.run_id if tracker is not None else None
     try:
