@@ -97,3 +97,44 @@ def test_predictions_carry_each_images_patient_and_epoch(tmp_path):
     old.write_text("image,true_grade,grade,score,referable_score\n7_left,1,1,1.0,0.1\n7_right,2,2,2.0,0.9\n")
     found = read_predictions(old)
     assert found.patients == ["7", "7"] and found.epoch is None
+
+
+def test_patients_in_both_training_and_test_are_counted_warned_and_reported(tmp_path, capfd):
+    """A per-image split (the lab's) puts a patient's eyes on both sides: describe, training's log and
+    summary.json and the report all say how many."""
+    import json
+
+    from dr_resnet.data.describe import main as describe_main
+    from dr_resnet.results.report import report
+    from dr_resnet.training.train import main as train_main
+
+    from helpers import demo_args, preprocessed_dataset
+
+    root = preprocessed_dataset(tmp_path / "d", 40, 13, seed=5, size=48)
+    train_names = (root / "train_img.csv").read_text().split()
+    train_labels = (root / "train_label.csv").read_text().split()
+    moved = [i for i, n in enumerate(train_names) if n in ("10_right", "11_right", "12_right")]
+    assert len(moved) == 3
+    with open(root / "test_img.csv", "a") as f:
+        f.writelines(f"{train_names[i]}\n" for i in moved)
+    with open(root / "test_label.csv", "a") as f:
+        f.writelines(f"{train_labels[i]}\n" for i in moved)
+    (root / "train_img.csv").write_text("".join(f"{n}\n" for i, n in enumerate(train_names) if i not in moved))
+    (root / "train_label.csv").write_text("".join(f"{g}\n" for i, g in enumerate(train_labels) if i not in moved))
+
+    assert describe_main([str(root)]) == 0
+    out = capfd.readouterr().out
+    assert "  train (lab): 37 images, 20 patients" in out and "  test (lab): 16 images, 10 patients" in out
+    assert "patients in both 'test' and 'train': 3 (e.g. '10')" in out
+    assert "patients: from the image names (<patient>_left / <patient>_right)" in out
+
+    run_dir = tmp_path / "run"
+    assert train_main(demo_args(root, run_dir, "train.epochs=1", workers=0)) == 0
+    assert ("3 of the 10 patients of the 'test' split also have images in training (e.g. patient '10'): test figures "
+            "may be optimistic") in capfd.readouterr().err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["patients_in_train_and_test"] == 3 and summary["patients"]["patients_in_train_and_held_out"] == 0
+    report(run_dir, tmp_path / "report")
+    with open(tmp_path / "report" / "results.csv") as f:
+        assert next(csv.DictReader(f))["patients_in_train_and_test"] == "3"
+    assert "test patients also in training" in (tmp_path / "report" / "report.html").read_text()

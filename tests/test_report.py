@@ -93,6 +93,23 @@ def test_four_runs(sweep, tmp_path):
                 f"{row['collapsed']} | {chosen['test_acc']:.4f} | {chosen['test_qwk']:.4f} | "
                 f"{row['selected_acc_95ci']} | {row['selected_qwk_95ci']} | {row['selected_auc_95ci']} | patients | "
                 f"{chosen['test_ece']:.4f} | - |") in (out / "results.md").read_text()
+    # The four arms make 4 comparisons at each of 2 epochs: their count is said and Holm's correction marked.
+    from dr_resnet.results.stats import holm
+
+    comparisons = json.loads((out / "comparisons.json").read_text())
+    made = [c for c in comparisons if c["status"] == "compared"]
+    assert len(made) == 8 and [c["holm"] for c in made] == holm([c["qwk"]["p_value"] for c in made])
+    assert "8 comparisons were made in this report" in (out / "results.md").read_text()
+    # The run with a held-out part has referable DR at the screening operating points, fitted there; every
+    # finished run has its final epoch's interval.
+    summary = json.loads((sweep / "resnet18_scratch" / "summary.json").read_text())
+    assert [p["target_specificity"] for p in summary["operating_points"]] == [0.90, 0.98]
+    assert "## Referable DR at screening operating points" in (out / "results.md").read_text()
+    assert "| resnet18_scratch | 90% |" in (out / "results.md").read_text()
+    for arm in ARMS:
+        final = json.loads((sweep / arm / "summary.json").read_text())["final_intervals"]["qwk"]
+        assert table[arm]["final_qwk_95ci"] == f"{final['value']:.3f} ({final['low']:.3f}-{final['high']:.3f})"
+        assert final["value"] == pytest.approx(rows_of(sweep / arm)[-1]["test_qwk"])
 
 
 def test_one_run_in_place(sweep, tmp_path):
@@ -265,6 +282,15 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
                                  [(p.grades, p.referable_scores) for p in b], a[0].patients)
     assert pooled["qwk"] == expected["qwk"]
     assert "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients, seeds 0, 1) |" in md
+    # A seed still going (1 of its 2 epochs) is not counted in the seed table, which says so.
+    going = arm_copy(runs["ordinal"], sweep / "resnet18_scratch" / "seed2", 18, "none", 2, like=runs["classification"])
+    lines = (going / "metrics.jsonl").read_text().splitlines()
+    (going / "metrics.jsonl").write_text(lines[0] + "\n")
+    report(sweep, tmp_path / "out2")
+    seeds_md = (tmp_path / "out2" / "results.md").read_text()
+    seeds_md = seeds_md[seeds_md.index("## Seeds"):]
+    assert "| resnet18 scratch | 0, 1 (1 more still going) | " in seeds_md
+    assert f"{qwk.mean():.3f} +- {qwk.std(ddof=1):.3f}" in seeds_md and "1 run(s) still going are not counted" in seeds_md
     assert (tmp_path / "out" / "accuracy_resnet18.png").is_file()
 
 

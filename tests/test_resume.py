@@ -175,7 +175,7 @@ def test_damaged_checkpoints_fall_back_to_the_previous_one_or_say_what_to_delete
 def test_a_failed_checkpoint_write_stops_with_one_message_and_keeps_the_previous_one(data, tmp_path):
     run_dir = tmp_path / "run"
     assert main(args(data, run_dir, "data.workers=0", "train.batch_size=8", "train.epochs=1")) == 0
-    before = (run_dir / "checkpoint_last.pt").read_bytes()
+    before = {name: (run_dir / name).read_bytes() for name in ("checkpoint_last.pt", "checkpoint_best.pt")}
 
     def small_files_only():  # a real failed write: the kernel refuses to grow a file past 20 MB (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, 20 * 2**20))
@@ -184,9 +184,10 @@ def test_a_failed_checkpoint_write_stops_with_one_message_and_keeps_the_previous
                              *args(data, run_dir, "data.workers=0", "train.batch_size=8", "train.epochs=2")],
                             cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=small_files_only)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"cannot write the checkpoint {run_dir / 'checkpoint_last.pt'}: File too large" in result.stderr
+    # checkpoint_best.pt is written first (a resume point always has its selected epoch's best checkpoint).
+    assert f"cannot write the checkpoint {run_dir / 'checkpoint_best.pt'}: File too large" in result.stderr
     assert "is unchanged" in result.stderr and "Traceback" not in result.stderr
-    assert (run_dir / "checkpoint_last.pt").read_bytes() == before
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
     assert not list(run_dir.glob(".*.tmp"))
 
 

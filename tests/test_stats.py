@@ -3,6 +3,8 @@ predictions whose truth is known."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from scipy.stats import binomtest
@@ -86,7 +88,8 @@ def test_paired_comparison_and_mcnemar():
     assert m["p_value"] < 1e-6
     # The same model against itself: no difference, p = 1.
     same = stats.paired_comparison(labels, (better, scores), (better, scores), resamples=200)
-    assert same["qwk"] == {"a": same["qwk"]["a"], "b": same["qwk"]["a"], "difference": 0.0, "low": 0.0, "high": 0.0}
+    assert same["qwk"] == {"a": same["qwk"]["a"], "b": same["qwk"]["a"], "difference": 0.0, "low": 0.0, "high": 0.0,
+                           "p_value": 1.0}
     assert same["mcnemar"]["p_value"] == 1.0
 
 
@@ -112,3 +115,75 @@ def test_seeds_pool_into_one_comparison():
     assert single == stats.paired_comparison(labels, a[0], b[0], resamples=300)
     with pytest.raises(ValueError, match="2 on one side, 1 on the other"):
         stats.paired_comparison(labels, a, [b[0]])
+
+
+def test_mcnemar_clustered_by_patient_holds_its_level_where_the_per_image_test_does_not():
+    """Two eyes of a patient share their discordance (no difference between the models): the per-image
+    test counts each patient twice and rejects far more often than 5%; the clustered one holds 5%."""
+    units = np.repeat(np.arange(200), 2)
+    per_image, clustered = [], []
+    for repetition in range(400):
+        rng = np.random.default_rng(repetition)
+        discordant = rng.random(200) < 0.2
+        a_wins = rng.random(200) < 0.5
+        a = np.repeat(~discordant | a_wins, 2)
+        b = np.repeat(~discordant | ~a_wins, 2)
+        per_image.append(stats.mcnemar(a, b)["p_value"] < 0.05)
+        found = stats.mcnemar(a, b, units)
+        assert found["test"] == "clustered by patient"
+        clustered.append(found["p_value"] < 0.05)
+    assert np.mean(per_image) > 0.12 and 0.02 <= np.mean(clustered) <= 0.085
+    # One image a patient: the exact test.
+    a, b = np.array([1, 1, 1, 0, 0, 1], dtype=bool), np.array([0, 0, 1, 1, 0, 1], dtype=bool)
+    two = stats.mcnemar(np.r_[a, a], np.r_[b, b], np.r_[np.arange(6), np.arange(6) + 6])
+    assert two["test"] == "exact"
+    pairs = stats.mcnemar(np.r_[a, True], np.r_[b, True], np.r_[np.arange(6), 0])
+    # Patients' d: +1, +1, 0, -1, 0, 0 (the 7th image, patient 0's second, both right): X2 = 1^2 / 3.
+    assert pairs["p_value"] == pytest.approx(math.erfc(math.sqrt(1 / 3 / 2)))
+
+
+def test_seed_pairs_and_patients_are_both_resampled_when_an_arm_has_seeds():
+    """Seed pairs whose differences disagree: the hierarchical interval holds the spread between seeds
+    (wider than the test set's alone), each pair's own difference is reported, and the signs counted."""
+    labels, _, scores = random_predictions(400, seed=8, right=0.85)
+    rng = np.random.default_rng(9)
+    noise = [0.02, 0.30, 0.05, 0.25]  # B's error rate per seed: A wins by a lot, then barely
+    a = [(np.where(rng.random(400) < 0.12, (labels + 1) % 5, labels), scores) for _ in noise]
+    b = [(np.where(rng.random(400) < r, (labels + 1) % 5, labels), scores) for r in noise]
+    names = [f"{i // 2}_{'left' if i % 2 else 'right'}" for i in range(400)]
+    found = stats.paired_comparison(labels, a, b, patients_of(names), resamples=400)
+    acc = found["accuracy"]
+    singles = [stats.paired_comparison(labels, x, y, patients_of(names), resamples=50)["accuracy"]["difference"]
+               for x, y in zip(a, b)]
+    assert acc["per_seed"] == pytest.approx(singles) and acc["difference"] == pytest.approx(np.mean(singles))
+    assert acc["seeds_agree"] == int(np.sum(np.sign(singles) == np.sign(np.mean(singles))))
+    assert acc["seeds_high"] - acc["seeds_low"] > 1.5 * (acc["high"] - acc["low"])
+    assert all(len(m) == 4 for m in [found["mcnemar"]]) and found["mcnemar"][0]["test"] == "clustered by patient"
+    assert 0 < acc["p_value"] <= 1
+
+
+def test_holm_rejects_in_steps():
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]
+    assert stats.holm([0.01, 0.02, 0.03]) == [True, True, True]  # 0.01 <= 0.05/3, 0.02 <= 0.05/2, 0.03 <= 0.05
+    assert stats.holm([0.2, 0.001]) == [False, True]
+    assert stats.holm([]) == []
+
+
+def test_operating_points_fit_the_threshold_on_held_out_and_measure_on_test():
+    val_labels = np.array([0] * 50 + [3] * 10)
+    val_scores = np.r_[np.arange(50) / 50, np.full(10, 0.99)]  # negatives 0.00 .. 0.98
+    threshold = stats.specificity_threshold(val_labels >= 2, val_scores, 0.90)
+    assert np.mean(val_scores[:50] < threshold) >= 0.90 and np.mean(val_scores[:50] < np.nextafter(threshold, 0)) < 0.9 + 1e-9
+    assert threshold == pytest.approx(0.88)  # 45 of 50 negatives (0.00 .. 0.88) must lie below it
+    labels, _, scores = random_predictions(300, seed=11)
+    names = [f"{i // 2}_{'left' if i % 2 else 'right'}" for i in range(300)]
+    points = stats.operating_points((val_labels, val_scores), (labels, scores), patients_of(names), resamples=300)
+    assert [p["target_specificity"] for p in points] == [0.90, 0.98]
+    for p in points:
+        refer, positive = scores >= p["threshold"], labels >= 2
+        assert p["sensitivity"]["value"] == pytest.approx(refer[positive].mean())
+        assert p["specificity"]["value"] == pytest.approx((~refer[~positive]).mean())
+        assert p["sensitivity"]["low"] <= p["sensitivity"]["value"] <= p["sensitivity"]["high"] and p["unit"] == "patients"
+        assert p["held_out_specificity"] >= p["target_specificity"]
+    with pytest.raises(ValueError, match="no negative"):
+        stats.specificity_threshold(np.ones(3, dtype=bool), np.zeros(3), 0.9)

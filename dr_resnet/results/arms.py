@@ -26,15 +26,17 @@ from dr_resnet.results.rundir import (
     EVALUATIONS_DIR,
     FINAL_PREDICTIONS_FILE,
     LAST_CHECKPOINT,
+    METRICS_FILE,
     PREDICTIONS_FILE,
     STATUS_FILE,
     SUMMARY_FILE,
     MetricsError,
+    pending_files,
     read_metrics,
     selected_on,
     selected_row,
 )
-from dr_resnet.results.stats import RESAMPLES, bootstrap_intervals, paired_comparison
+from dr_resnet.results.stats import RESAMPLES, bootstrap_intervals, holm, paired_comparison
 
 SEED_FOLDER = re.compile(r"seed\d+")  # launch.sweep --seeds: SWEEP_DIR/<arm>/seed<k>/
 
@@ -80,11 +82,35 @@ class RunRecord:
 
     @cached_property
     def _selected_predictions(self) -> Predictions | None:
-        return self._read(PREDICTIONS_FILE)
+        return None if self.predictions_problem else self._read(PREDICTIONS_FILE)
 
     @cached_property
     def _final_predictions(self) -> Predictions | None:
-        return self._read(FINAL_PREDICTIONS_FILE)
+        found = self._read(FINAL_PREDICTIONS_FILE)
+        final = self.rows[-1]["epoch"] if self.rows else None
+        return found if found is not None and found.epoch in (None, final) else None
+
+    @cached_property
+    def summary(self) -> dict:
+        """Its summary.json ({} before the first epoch)."""
+        path = self.path / SUMMARY_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @cached_property
+    def predictions_problem(self) -> str:
+        """Why the selected epoch's predictions cannot be trusted to be that epoch's ('' when they can): a
+        kill came between them and checkpoint_best.pt, or predictions.csv holds another epoch."""
+        pending = pending_files(self.path)
+        if pending:
+            return (f"stopped while writing a newly selected epoch's files ({pending[0].name} is left): running its "
+                    f"command again resumes the run and completes them")
+        found = self._read(PREDICTIONS_FILE)
+        chosen = self.chosen()
+        if found is not None and found.epoch is not None and chosen is not None and found.epoch != chosen["epoch"]:
+            return (f"{PREDICTIONS_FILE} holds epoch {found.epoch}'s predictions but the run selects epoch "
+                    f"{chosen['epoch']} ({METRICS_FILE}): not used; running its command again resumes the run and "
+                    f"rewrites them")
+        return ""
 
     def _read(self, name: str) -> Predictions | None:
         path = self.path / name
@@ -93,11 +119,11 @@ class RunRecord:
     def intervals(self) -> dict | None:
         """Bootstrap 95% intervals of the selected epoch's metrics: the run summary's, else computed from
         its predictions.csv; None without either."""
-        summary = self.path / SUMMARY_FILE
-        if summary.is_file():
-            recorded = json.loads(summary.read_text()).get("intervals")
-            if recorded:
-                return recorded
+        if self.predictions_problem:
+            return None
+        recorded = self.summary.get("intervals")
+        if recorded:
+            return recorded
         found = self.predictions()
         return bootstrap_intervals(found.labels, found.grades, found.referable_scores, found.patients) if found else None
 
@@ -158,7 +184,13 @@ class Arm:
 
     @property
     def done(self) -> list[RunRecord]:
+        """Its runs with at least one epoch."""
         return [r for r in self.runs if r.rows]
+
+    @property
+    def finished(self) -> list[RunRecord]:
+        """Its runs that completed every planned epoch (a run still going would lend its last epoch as final)."""
+        return [r for r in self.runs if r.rows and r.rows[-1]["epoch"] >= r.epochs_planned]
 
 
 def _identity(run: RunRecord) -> tuple:
@@ -246,6 +278,8 @@ def _why_not(name: str, arm: Arm | None, epoch: str) -> str:
         return f"{name} has no run"
     runs = arm.runs
     run = runs[0]
+    if epoch == "selected" and run.predictions_problem:
+        return f"{name}: {run.predictions_problem}"
     if run.launch_status or not run.rows:
         return f"{name} has no {file} ({run.launch_status or 'no selected epoch yet'})"
     if epoch == "final" and run.rows[-1]["epoch"] < run.epochs_planned:
@@ -298,20 +332,37 @@ def compare_arms(arms: list[Arm], resamples: int = RESAMPLES, epoch: str = "sele
     return results
 
 
+HOLM_FROM = 8  # comparisons in one report from which their count is said and Holm's correction marked
+HOLM_METRIC = "qwk"  # the metric whose p-values the correction runs over (the experiment's primary metric)
+
+
+def mark_multiplicity(comparisons: list[dict], alpha: float = 0.05) -> int:
+    """With HOLM_FROM or more compared pairs in one report, mark each one's `holm`: whether its QWK
+    difference stays significant under Holm's correction over all of them (both epochs: one family).
+    Returns the number of comparisons made."""
+    made = [c for c in comparisons if c["status"] == "compared"]
+    if len(made) >= HOLM_FROM:
+        for c, kept in zip(made, holm([c[HOLM_METRIC]["p_value"] for c in made], alpha)):
+            c["holm"] = kept
+    return len(made)
+
+
 SEED_COLUMNS = (*PAIR_METRICS, *((f"final_{name}", f"final-epoch {METRICS[name].label}") for name in ("accuracy", "qwk")))
 # seed_summary's columns that the tables show
 
 
 def seed_summary(arms: list[Arm]) -> list[dict]:
-    """Per arm with a finished epoch: its seeds' test accuracy, QWK and referable AUC at the selected epoch
-    and (final_*) at the final epoch, mean and standard deviation; and the seeds whose selected epoch collapsed."""
+    """Per arm with a finished run: its finished seeds' test accuracy, QWK and referable AUC at the selected
+    epoch and (final_*) at the final epoch, mean and standard deviation; the seeds whose selected epoch
+    collapsed; and how many of its runs are still going (not counted)."""
     table = []
     for arm in arms:
-        group = arm.done
+        group = arm.finished
         if not group:
             continue
         epochs = {"": [r.chosen() for r in group], "final_": [r.rows[-1] for r in group]}
-        row = {"arm": arm.name, "seeds": [r.seed for r in group], "collapsed": [r.seed for r in group if r.collapsed]}
+        row = {"arm": arm.name, "seeds": [r.seed for r in group], "collapsed": [r.seed for r in group if r.collapsed],
+               "unfinished": len(arm.done) - len(group)}
         for prefix, rows in epochs.items():
             for name in COMPARED:
                 values = np.array([c.get(METRICS[name].key("test"), math.nan) for c in rows], dtype=float)

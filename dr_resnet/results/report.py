@@ -20,12 +20,30 @@ import numpy as np
 import yaml
 
 from dr_resnet.errors import run_command
-from dr_resnet.results.arms import COMPARED_EPOCHS, Arm, RunRecord, compare_arms, find_runs, group_arms, seed_summary
+from dr_resnet.results.arms import (
+    COMPARED_EPOCHS,
+    Arm,
+    RunRecord,
+    compare_arms,
+    find_runs,
+    group_arms,
+    mark_multiplicity,
+    seed_summary,
+)
 from dr_resnet.results.html import write_html
 from dr_resnet.results.metrics import expected_calibration_error
 from dr_resnet.results.plots import pyplot
 from dr_resnet.results.rundir import BEST_CHECKPOINT, CONFIG_FILE, FINAL
-from dr_resnet.results.tables import COLUMNS, Table, comparisons_table, datasets_table, markdown, results_table, seeds_table
+from dr_resnet.results.tables import (
+    COLUMNS,
+    Table,
+    comparisons_table,
+    datasets_table,
+    markdown,
+    operating_points_table,
+    results_table,
+    seeds_table,
+)
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 # a depth's arms in order: pretrained first, so the core experiment is blue (pretrained) and orange (scratch)
@@ -151,7 +169,10 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
         chosen, final = run.chosen(), run.rows[-1]
         progress = "done" if len(run.rows) >= run.epochs_planned else "in progress"
         how = f"held-out {run.select_by}" if run.has_val else FINAL
-        table.append({**row, "status": run.launch_status or progress, "selected_by": how, "selected_epoch": chosen["epoch"],
+        status = run.launch_status or progress
+        if run.predictions_problem:
+            status += f"; predictions not used: {run.predictions_problem}"
+        table.append({**row, "status": status, "selected_by": how, "selected_epoch": chosen["epoch"],
                       "collapsed": run.collapsed or "no", "selected_test_acc": chosen["test_acc"],
                       "selected_qwk": chosen["test_qwk"], "selected_ece": chosen.get("test_ece"),
                       "ece_before_temperature": chosen.get("test_ece_before"),
@@ -159,6 +180,9 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
                       "referable_sens_at_selected": chosen.get("test_referable_sensitivity"),
                       "referable_spec_at_selected": chosen.get("test_referable_specificity"),
                       "final_test_acc": final["test_acc"], "final_qwk": final["test_qwk"], "majority_baseline": run.baseline,
+                      "patients_in_train_and_test": run.summary.get("patients_in_train_and_test"),
+                      "final_qwk_95ci": (_with_interval(run.summary["final_intervals"]["qwk"])
+                                         if "final_intervals" in run.summary and run.predictions("final") else None),
                       "train_minutes": sum(r["epoch_seconds"] for r in run.rows) / 60})
         intervals = run.intervals()
         if intervals:
@@ -203,11 +227,21 @@ def dataset_rows(runs: list[RunRecord], rows: list[dict]) -> list[dict]:
     return table
 
 
-def tables_of(rows: list[dict], comparisons: list[dict], seeds: list[dict], datasets: list[dict] = ()) -> list[Table]:
-    """The report's tables, the same for results.md and report.html: results; seeds when an arm has several;
-    the paired comparisons when there are any; other datasets when evaluate scored a run on any."""
+def operating_rows(runs: list[RunRecord]) -> list[dict]:
+    """Each run's referable-DR operating points (summary.json's, fitted on its held-out part)."""
+    return [{"run": run.name, "points": run.summary["operating_points"]} for run in runs
+            if run.summary.get("operating_points") and not run.predictions_problem]
+
+
+def tables_of(rows: list[dict], comparisons: list[dict], seeds: list[dict], datasets: list[dict] = (),
+              operating: list[dict] = ()) -> list[Table]:
+    """The report's tables, the same for results.md and report.html: results; referable DR at screening
+    operating points when a run has them; seeds when an arm has several; the paired comparisons when there
+    are any; other datasets when evaluate scored a run on any."""
     tables = [results_table(rows)]
-    if any(len(row["seeds"]) > 1 for row in seeds):
+    if operating:
+        tables.append(operating_points_table(operating))
+    if any(len(row["seeds"]) + row["unfinished"] > 1 for row in seeds):
         tables.append(seeds_table(seeds))
     if comparisons:
         tables.append(comparisons_table(comparisons))
@@ -257,6 +291,9 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     if not runs:
         raise FileNotFoundError(f"no run directories (with config.yaml) under {root}")
     out.mkdir(parents=True, exist_ok=True)
+    for run in runs:  # one line each, also in the results table's status
+        if run.predictions_problem:
+            print(f"{run.name}: predictions not used: {run.predictions_problem}", file=sys.stderr)
     written = []
     arms = group_arms(runs)
     for depth in sorted({a.depth for a in arms}):
@@ -269,8 +306,9 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     if plot_calibration(runs, out / "calibration.png"):
         written.append(out / "calibration.png")
     comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(arms, epoch=epoch)]
+    mark_multiplicity(comparisons)
     rows = result_rows(runs)
-    tables = tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows))
+    tables = tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows), operating_rows(runs))
     write_tables(rows, out, tables, comparisons)
     if comparisons:
         written.append(out / COMPARISONS_FILE)

@@ -12,6 +12,9 @@ names. No torch here, so the report stays light.
     predictions.csv       the selected epoch's per-image test predictions (train; evaluate writes one in its --out)
     predictions_val.csv   the same on the held-out part of the training split (train, with data.val_fraction)
     predictions_final.csv the final planned epoch's per-image test predictions (train; the report's final-epoch comparisons)
+    *.csv.pending         a newly selected epoch's predictions, written before its checkpoint_best.pt and renamed in
+                          place after it (commit_pending): a kill between leaves the old pair and a pending file that
+                          the next start renames or deletes (settle_pending), and that the report refuses to guess on
     launch_status.json    a launcher's word: not run / failed     (launch.sweep; read by report)
     train.log             rank 0's log and every rank's warnings  (train; appended across resumes and requeues)
 """
@@ -39,6 +42,8 @@ VAL_PREDICTIONS_FILE = "predictions_val.csv"
 FINAL_PREDICTIONS_FILE = "predictions_final.csv"
 EVALUATIONS_DIR = "evaluations"  # evaluate's results on other datasets and splits: evaluations/<dataset>-<split>/
 STATUS_FILE = "launch_status.json"  # {"status": "not run" | "failed", "reason": ..., "detail": ...}
+SELECTED_PREDICTIONS = (PREDICTIONS_FILE, VAL_PREDICTIONS_FILE)  # the files that go with checkpoint_best.pt
+PENDING_SUFFIX = ".pending"
 
 
 class MetricsError(UserError, ValueError):
@@ -102,3 +107,38 @@ def selected_row(rows: list[dict], select_by: str, on: str | None = None) -> dic
 def append_metrics(run_dir: Path, row: dict) -> None:
     with open(Path(run_dir) / METRICS_FILE, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def pending_path(path: Path) -> Path:
+    """Where a selected epoch's predictions file waits for its checkpoint_best.pt."""
+    return path.with_name(path.name + PENDING_SUFFIX)
+
+
+def pending_files(run_dir: Path) -> list[Path]:
+    """The selected-epoch predictions still waiting (a kill came between them and their checkpoint)."""
+    return [p for p in (pending_path(Path(run_dir) / n) for n in SELECTED_PREDICTIONS) if p.is_file()]
+
+
+def commit_pending(run_dir: Path) -> None:
+    """checkpoint_best.pt is written: its predictions take their place (a rename each)."""
+    for path in pending_files(run_dir):
+        path.replace(path.with_name(path.name.removesuffix(PENDING_SUFFIX)))
+
+
+def settle_pending(run_dir: Path, selected_epoch: int | None) -> list[str]:
+    """At a (re)start, before training: pending predictions of the epoch the resumed run selects have their
+    checkpoint_best.pt (it is written before the checkpoint the run resumed from) and are renamed in
+    place; any others belong to an epoch about to be redone and are deleted. Returns what was done."""
+    from dr_resnet.results.predictions import read_predictions
+
+    done = []
+    for path in pending_files(run_dir):
+        epoch = read_predictions(path).epoch
+        final = path.with_name(path.name.removesuffix(PENDING_SUFFIX))
+        if epoch is not None and epoch == selected_epoch:
+            path.replace(final)
+            done.append(f"completed {final.name} of epoch {epoch}, whose checkpoint_best.pt was written")
+        else:
+            path.unlink()
+            done.append(f"removed {path.name} of epoch {epoch}, stopped before its checkpoint: the epoch is redone")
+    return done

@@ -111,11 +111,21 @@ def bootstrap_intervals(labels: Sequence[int], grades: Sequence[int], scores: Se
     return result
 
 
-def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
-    """McNemar's exact test on paired right/wrong: the images only A got right against those only B got
-    right, two-sided binomial p-value at 1/2."""
+def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool], units: np.ndarray | None = None) -> dict:
+    """McNemar's test on paired right/wrong: the images only A got right against those only B got right.
+    Images of one patient (`units`: resampling_units' ids) are not independent: where some patient has
+    several images, the clustered form (Durkalski et al. 2003, equal weight per image): X2 = (sum_k d_k)^2 /
+    sum_k d_k^2, d_k = patient k's images only A got right minus those only B got right, chi-square with 1
+    degree of freedom under no difference (it is McNemar's chi-square when every patient has one image).
+    Otherwise the exact test: two-sided binomial p-value at 1/2."""
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    if units is not None and len(units) and int(units.max()) + 1 < len(units):
+        d = np.bincount(units, weights=(a & ~b).astype(float) - (~a & b), minlength=int(units.max()) + 1)
+        spread = float(np.sum(d ** 2))
+        statistic = float(d.sum()) ** 2 / spread if spread > 0 else 0.0
+        p = math.erfc(math.sqrt(statistic / 2))  # chi-square, 1 degree of freedom
+        return {"a_only_right": only_a, "b_only_right": only_b, "p_value": p, "test": "clustered by patient"}
     n, k = only_a + only_b, min(only_a, only_b)
     if n == 0:
         p = 1.0
@@ -123,7 +133,17 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
         logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
         top = max(logs)
         p = min(1.0, 2 * math.exp(top) * sum(math.exp(x - top) for x in logs))
-    return {"a_only_right": only_a, "b_only_right": only_b, "p_value": p}
+    return {"a_only_right": only_a, "b_only_right": only_b, "p_value": p, "test": "exact"}
+
+
+def bootstrap_p_value(differences: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of a difference being 0: twice the smaller share of resamples on either
+    side of 0 (at least one resample's worth: a p-value is never reported as 0)."""
+    d = np.asarray(differences, dtype=float)
+    d = d[~np.isnan(d)]
+    if not len(d):
+        return 1.0
+    return float(min(1.0, 2 * max(min(np.mean(d <= 0), np.mean(d >= 0)), 1 / len(d))))
 
 
 Scored = tuple[Sequence[int], Sequence[float]]  # one run's (grades, referable scores) per image
@@ -133,9 +153,13 @@ def paired_comparison(labels: Sequence[int], a: Scored | list[Scored], b: Scored
                       patients: Sequence[str] | None = None, resamples: int = RESAMPLES, seed: int = 0,
                       level: float = LEVEL, metrics: Sequence[str] = ("accuracy", "qwk", "referable_auc")) -> dict:
     """A minus B on the same images, each side one run's (grades, referable scores) or a list of them (the
-    seeds of an arm, paired seed by seed): per metric the difference of the (seed-averaged) metrics and
-    its paired-bootstrap interval (every run scored on each resample, so the interval is the test set's
-    uncertainty about that mean difference), and McNemar's test per pair of runs."""
+    seeds of an arm, paired seed by seed). Per metric: the difference of the (seed-averaged) metrics; its
+    paired-bootstrap interval over patients (low, high: the test set's uncertainty about that mean, every
+    run scored on each resample); with several seed pairs also the hierarchical interval (seeds_low,
+    seeds_high: seed pairs and patients both resampled, so the spread between seeds counts too), each
+    seed pair's own difference and how many of them share the mean's sign; and a bootstrap p-value (from
+    the hierarchical resamples when there are several seeds). McNemar's test per pair of runs, clustered
+    by patient where patients have several images."""
     side_a, side_b = (list(x) if isinstance(x, list) else [x] for x in (a, b))
     if len(side_a) != len(side_b) or not side_a:
         raise ValueError(f"paired runs: {len(side_a)} on one side, {len(side_b)} on the other")
@@ -143,23 +167,96 @@ def paired_comparison(labels: Sequence[int], a: Scored | list[Scored], b: Scored
     runs_a = [_arrays(labels, *run)[1:] for run in side_a]
     runs_b = [_arrays(labels, *run)[1:] for run in side_b]
     units, unit = resampling_units(patients if patients is not None else [str(i) for i in range(len(labels))])
+    pairs = len(runs_a)
 
-    def mean_metrics(runs, weights) -> dict[str, np.ndarray]:
-        per_run = [metrics_of(labels, grades, scores, weights) for grades, scores in runs]
-        return {m: np.mean([v[m] for v in per_run], axis=0) for m in metrics}
+    def per_pair(weights) -> dict[str, np.ndarray]:  # (pairs, R) differences, A_k - B_k
+        va = [metrics_of(labels, grades, scores, weights) for grades, scores in runs_a]
+        vb = [metrics_of(labels, grades, scores, weights) for grades, scores in runs_b]
+        return {m: np.stack([x[m] - y[m] for x, y in zip(va, vb)]) for m in metrics}
 
     ones = np.ones((1, len(labels)))
-    point_a, point_b = mean_metrics(runs_a, ones), mean_metrics(runs_b, ones)
-    samples = {m: [] for m in metrics}
+    point_a = {m: float(np.mean([metrics_of(labels, g, s, ones)[m][0] for g, s in runs_a])) for m in metrics}
+    point_b = {m: float(np.mean([metrics_of(labels, g, s, ones)[m][0] for g, s in runs_b])) for m in metrics}
+    own = per_pair(ones)  # each seed pair's difference on the test set as it is
+    pooled, hierarchical = {m: [] for m in metrics}, {m: [] for m in metrics}
+    seed_draws = np.random.default_rng(derive_seed(seed, "bootstrap", 1))
     for weights in bootstrap_weights(units, resamples, seed):
-        va, vb = mean_metrics(runs_a, weights), mean_metrics(runs_b, weights)
+        differences = per_pair(weights)
+        drawn = seed_draws.multinomial(pairs, np.full(pairs, 1 / pairs), size=len(weights)).T / pairs  # (pairs, R)
         for m in metrics:
-            samples[m].append(va[m] - vb[m])
-    result: dict = {"unit": unit, "resamples": resamples, "level": level, "images": len(labels), "runs_per_side": len(runs_a)}
+            pooled[m].append(differences[m].mean(axis=0))
+            hierarchical[m].append((differences[m] * drawn).sum(axis=0))
+    result: dict = {"unit": unit, "resamples": resamples, "level": level, "images": len(labels), "runs_per_side": pairs}
     for m in metrics:
-        low, high = _interval(np.concatenate(samples[m]), level)
-        result[m] = {"a": float(point_a[m][0]), "b": float(point_b[m][0]),
-                     "difference": float(point_a[m][0] - point_b[m][0]), "low": low, "high": high}
-    tests = [mcnemar(ga == labels, gb == labels) for (ga, _), (gb, _) in zip(runs_a, runs_b)]
+        low, high = _interval(np.concatenate(pooled[m]), level)
+        difference = point_a[m] - point_b[m]
+        entry = {"a": point_a[m], "b": point_b[m], "difference": difference, "low": low, "high": high}
+        samples = np.concatenate(hierarchical[m] if pairs > 1 else pooled[m])
+        if pairs > 1:
+            entry["seeds_low"], entry["seeds_high"] = _interval(samples, level)
+            entry["per_seed"] = own[m][:, 0].tolist()
+            entry["seeds_agree"] = int(np.sum(np.sign(own[m][:, 0]) == np.sign(difference))) if difference else 0
+        entry["p_value"] = bootstrap_p_value(samples) if difference else 1.0
+        result[m] = entry
+    tests = [mcnemar(ga == labels, gb == labels, units) for (ga, _), (gb, _) in zip(runs_a, runs_b)]
     result["mcnemar"] = tests[0] if len(tests) == 1 else tests
     return result
+
+
+def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
+    """Holm's step-down correction: which of the hypotheses are rejected with the family-wise error rate
+    held at alpha (p-values in any order; the answer in the same order)."""
+    order = np.argsort(p_values, kind="stable")
+    rejected = [False] * len(p_values)
+    for rank, i in enumerate(order):
+        if p_values[i] > alpha / (len(p_values) - rank):
+            break
+        rejected[i] = True
+    return rejected
+
+
+SCREENING_SPECIFICITIES = (0.90, 0.98)  # the operating points Gulshan et al. (2016) report for referable DR
+
+
+def specificity_threshold(positive: np.ndarray, scores: np.ndarray, specificity: float) -> float:
+    """The lowest referral threshold (refer when score >= it) at which at least `specificity` of the
+    negatives score below it: fitted on held-out images, never on test."""
+    negatives = np.sort(np.asarray(scores, dtype=np.float64)[~np.asarray(positive, dtype=bool)])
+    if not len(negatives):
+        raise ValueError("no negative (grade < 2) image to fit a specificity on")
+    k = math.ceil(specificity * len(negatives))  # negatives that must score strictly below the threshold
+    if k == 0:
+        return float(negatives[0])
+    return float(np.nextafter(negatives[k - 1], np.inf))
+
+
+def operating_points(held_out: tuple[Sequence[int], Sequence[float]], test: tuple[Sequence[int], Sequence[float]],
+                     patients: Sequence[str] | None = None, specificities: Sequence[float] = SCREENING_SPECIFICITIES,
+                     resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> list[dict]:
+    """Referable DR (grade >= 2) at screening operating points: for each target specificity, the threshold
+    on the referable score fitted on the held-out (labels, scores), then the test split's sensitivity and
+    specificity at it with patient-bootstrap intervals (test `patients`, one per image)."""
+    val_positive = np.asarray(held_out[0]) >= REFERABLE_GRADE
+    positive = np.asarray(test[0]) >= REFERABLE_GRADE
+    scores = np.asarray(test[1], dtype=np.float64)
+    units, unit = resampling_units(patients if patients is not None else [str(i) for i in range(len(scores))])
+    found = []
+    for target in specificities:
+        threshold = specificity_threshold(val_positive, held_out[1], target)
+        refer = scores >= threshold
+        point = {"sensitivity": float(refer[positive].mean()) if positive.any() else math.nan,
+                 "specificity": float((~refer[~positive]).mean()) if (~positive).any() else math.nan}
+        samples = {"sensitivity": [], "specificity": []}
+        for weights in bootstrap_weights(units, resamples, seed):
+            for name, members, hit in (("sensitivity", positive, refer), ("specificity", ~positive, ~refer)):
+                total = (weights * members).sum(axis=1)
+                samples[name].append(np.divide((weights * (members & hit)).sum(axis=1), total,
+                                               out=np.full(len(weights), np.nan), where=total > 0))
+        entry = {"target_specificity": target, "threshold": threshold,
+                 "held_out_specificity": float((np.asarray(held_out[1]) < threshold)[~val_positive].mean()),
+                 "unit": unit}
+        for name in samples:
+            low, high = _interval(np.concatenate(samples[name]), level)
+            entry[name] = {"value": point[name], "low": low, "high": high}
+        found.append(entry)
+    return found

@@ -51,8 +51,10 @@ RESULT_COLUMNS = (("run", "run"), ("depth", None), ("weights", None), ("status",
                   ("selected_qwk_95ci", "QWK (95% CI)"), ("selected_auc_95ci", "referable AUC (95% CI)"),
                   ("ci_resampled", "resampled"), ("selected_ece", "ECE"), ("ece_before_temperature", None),
                   ("recall_at_selected", "recall per grade"), ("referable_sens_at_selected", None),
-                  ("referable_spec_at_selected", None), ("final_test_acc", None), ("final_qwk", "final-epoch QWK"),
-                  ("majority_baseline", "majority baseline"), ("train_minutes", "minutes"))
+                  ("referable_spec_at_selected", None), ("final_test_acc", None), ("final_qwk", None),
+                  ("final_qwk_95ci", "final-epoch QWK (95% CI)"),
+                  ("majority_baseline", "majority baseline"),
+                  ("patients_in_train_and_test", "test patients also in training"), ("train_minutes", "minutes"))
 COLUMNS = [key for key, _ in RESULT_COLUMNS]  # results.csv
 
 RESULTS_NOTE = (
@@ -65,7 +67,10 @@ RESULTS_NOTE = (
     "the selected epoch's accuracy, QWK and referable AUC with bootstrap 95% intervals (ci_resampled: patients when "
     "image names carry a patient id, else images). selected_ece: the selected epoch's expected calibration error of "
     "its top grade probability (0 = calibrated); ece_before_temperature: the same without its fitted temperature "
-    "(train.calibration=temperature).")
+    "(train.calibration=temperature). final_qwk_95ci: the final planned epoch's QWK with its bootstrap interval "
+    "(predictions_final.csv). patients_in_train_and_test: test patients with images in training too (the "
+    "other eye, or a second visit): where above 0, the test figures may be optimistic; split by patient "
+    "(python -m dr_resnet.split).")
 
 
 def results_table(rows: list[dict]) -> Table:
@@ -83,32 +88,45 @@ def results_table(rows: list[dict]) -> Table:
 def seeds_table(seeds: list[dict]) -> Table:
     columns = [Column("arm", "arm"), Column("seeds", "seeds"), Column("collapsed", "collapsed seeds"),
                *(Column(key, label) for key, label in SEED_COLUMNS)]
-    table = Table("seeds", "Seeds", "Each arm's selected and final epochs: mean +- standard deviation over its seeds.",
-                  columns, numeric=frozenset(key for key, _ in SEED_COLUMNS))
+    note = "Each arm's selected and final epochs: mean +- standard deviation over its seeds that finished every epoch."
+    unfinished = sum(row["unfinished"] for row in seeds)
+    if unfinished:
+        note += f" {unfinished} run(s) still going are not counted (seeds column)."
+    table = Table("seeds", "Seeds", note, columns, numeric=frozenset(key for key, _ in SEED_COLUMNS))
     for row in seeds:
         cells = [f"{row[m]['mean']:.3f}" + (f" +- {row[m]['sd']:.3f}" if row[m]["sd"] is not None else "")
                  for m, _ in SEED_COLUMNS]
         collapsed = f"{len(row['collapsed'])} (seed {', '.join(map(str, row['collapsed']))})" if row["collapsed"] else "0"
-        table.rows.append(Row([row["arm"], ", ".join(map(str, row["seeds"])), collapsed, *cells]))
+        going = f" ({row['unfinished']} more still going)" if row["unfinished"] else ""
+        table.rows.append(Row([row["arm"], ", ".join(map(str, row["seeds"])) + going, collapsed, *cells]))
     return table
 
 
 COMPARISONS_NOTE = (
     "A - B on the same test images, at each run's selected epoch (chosen on its held-out part, else its final epoch) "
-    "and at its final epoch (predictions_final.csv). 95% intervals from a paired bootstrap (both runs scored on each "
-    "resample); McNemar's exact test on the images one run graded right and the other wrong (one per seed pair). Arms "
-    "with several seeds are compared seed by seed and averaged: the interval is the test set's uncertainty about that "
-    "mean; the seeds' own spread is in the Seeds table. An interval that holds 0 means the test set cannot tell the "
-    "two apart.")
+    "and at its final epoch (predictions_final.csv). 95% intervals from a paired bootstrap that resamples patients "
+    "(both runs scored on each resample; images where no image shares a patient). Arms with several seeds are paired "
+    "seed by seed and averaged, and the interval then resamples the seed pairs too (hierarchical: the spread between "
+    "seeds counts, not only the test set's); 'seeds agree' counts the seed pairs whose own QWK difference has the "
+    "mean's sign. QWK p: the bootstrap's two-sided p-value for a QWK difference of 0. McNemar's test on the images one "
+    "run graded right and the other wrong (one per seed pair): clustered by patient (Durkalski et al. 2003) where "
+    "patients have several images, exact otherwise. An interval that holds 0 means the data cannot tell the two "
+    "apart.")
 EPOCH_TITLES = {"selected": "each run's selected epoch", "final": "each run's final epoch"}
 
 
 def comparisons_table(comparisons: list[dict]) -> Table:
     columns = [Column("comparison", "comparison"), Column("a", "A"), Column("b", "B"), Column("images", "images"),
                *(Column(key, f"{label} A - B (95% CI)") for key, label in PAIR_METRICS),
+               Column("agree", "seeds agree"), Column("qwk_p", "QWK p"),
                Column("counts", "only A right / only B right"), Column("p", "McNemar p")]
-    table = Table("comparisons", "Paired comparisons (A - B on the same test images)", COMPARISONS_NOTE, columns,
-                  numeric=frozenset([*(key for key, _ in PAIR_METRICS), "counts", "p"]))
+    made = [c for c in comparisons if c["status"] == "compared"]
+    note = COMPARISONS_NOTE
+    if any("holm" in c for c in made):
+        note += (f" {len(made)} comparisons were made in this report: a QWK p marked * stays below 0.05 after Holm's "
+                 f"correction over all {len(made)}; unmarked ones may be chance findings.")
+    table = Table("comparisons", "Paired comparisons (A - B on the same test images)", note, columns,
+                  numeric=frozenset([*(key for key, _ in PAIR_METRICS), "agree", "qwk_p", "counts", "p"]))
     for epoch, title in EPOCH_TITLES.items():
         shown = [c for c in comparisons if c["epoch"] == epoch]
         if shown:
@@ -118,11 +136,39 @@ def comparisons_table(comparisons: list[dict]) -> Table:
             if c["status"] != "compared":
                 table.rows.append(Row([*start, c["status"]], "notrun"))
                 continue
-            seeds = f", seeds {', '.join(map(str, c['seeds']))}" if len(c["seeds"]) > 1 else ""
-            cells = [f"{c[m]['difference']:+.3f} ({c[m]['low']:+.3f} to {c[m]['high']:+.3f})" for m, _ in PAIR_METRICS]
+            several = len(c["seeds"]) > 1
+            seeds = f", seeds {', '.join(map(str, c['seeds']))}" if several else ""
+            low, high = ("seeds_low", "seeds_high") if several else ("low", "high")
+            cells = [f"{c[m]['difference']:+.3f} ({c[m][low]:+.3f} to {c[m][high]:+.3f})" for m, _ in PAIR_METRICS]
+            agree = f"{c['qwk']['seeds_agree']} of {len(c['seeds'])}" if several else "-"
+            qwk_p = f"{c['qwk']['p_value']:.3g}" + ("*" if c.get("holm") else "")
             counts = ", ".join(f"{m['a_only_right']} / {m['b_only_right']}" for m in c["mcnemar"])
             p_values = ", ".join(f"{m['p_value']:.3g}" for m in c["mcnemar"])
-            table.rows.append(Row([*start, f"{c['images']} ({c['resampled']}{seeds})", *cells, counts, p_values]))
+            table.rows.append(Row([*start, f"{c['images']} ({c['resampled']}{seeds})", *cells, agree, qwk_p, counts,
+                                   p_values]))
+    return table
+
+
+OPERATING_NOTE = (
+    "Referable DR (grade >= 2) at the screening operating points Gulshan et al. (2016) report: for each target "
+    "specificity, the referral threshold on the referable score is fitted on the run's held-out part "
+    "(predictions_val.csv; its specificity there is shown), then the test split's sensitivity and specificity at that "
+    "threshold, with patient-bootstrap 95% intervals. Nothing is fitted on test; a run without a held-out part has no "
+    "row.")
+
+
+def operating_points_table(rows: list[dict]) -> Table:
+    columns = [Column("run", "run"), Column("target", "target specificity"), Column("threshold", "threshold"),
+               Column("held_out", "held-out specificity"), Column("sensitivity", "test sensitivity (95% CI)"),
+               Column("specificity", "test specificity (95% CI)")]
+    table = Table("operating_points", "Referable DR at screening operating points", OPERATING_NOTE, columns,
+                  numeric=frozenset(("target", "threshold", "held_out", "sensitivity", "specificity")))
+    for row in rows:
+        for point in row["points"]:
+            table.rows.append(Row([row["run"], f"{point['target_specificity']:.0%}", f"{point['threshold']:.4g}",
+                                   f"{point['held_out_specificity']:.3f}",
+                                   *(f"{point[k]['value']:.3f} ({point[k]['low']:.3f}-{point[k]['high']:.3f})"
+                                     for k in ("sensitivity", "specificity"))]))
     return table
 
 

@@ -47,13 +47,16 @@ from dr_resnet.results.rundir import (
     TRAIN_LOG,
     VAL_PREDICTIONS_FILE,
     append_metrics,
+    commit_pending,
+    pending_path,
     read_metrics,
     rewrite_metrics,
     selected_on,
     selected_row,
     selection_value,
+    settle_pending,
 )
-from dr_resnet.results.stats import bootstrap_intervals
+from dr_resnet.results.stats import bootstrap_intervals, operating_points
 from dr_resnet.training import checkpoint, components, distributed
 from dr_resnet.training.checkpoint import CheckpointWriteError, EpochPosition
 from dr_resnet.training.distributed import DistInfo, launch_env
@@ -165,14 +168,15 @@ def training_state(run: Run, epoch: int, position: EpochPosition | None = None,
 
 def save_checkpoint(run: Run, state: checkpoint.TrainingState | None, best: bool = False) -> None:
     """Rank 0 writes `state` (None on the other ranks) as the resume point, keeping the one before as
-    checkpoint_prev.pt, and as checkpoint_best.pt too when `best`. Every rank learns whether that
+    checkpoint_prev.pt, and (first) as checkpoint_best.pt too when `best`. Every rank learns whether that
     worked, so that a failed write stops them all with the same error instead of leaving them waiting."""
     error = None
     if run.info.is_main:
         try:
-            state.save(run.run_dir / LAST_CHECKPOINT, keep_previous=run.run_dir / PREV_CHECKPOINT)
+            # The best first: a resume point that selects an epoch always finds that epoch's checkpoint_best.pt.
             if best:
                 state.save(run.run_dir / BEST_CHECKPOINT)
+            state.save(run.run_dir / LAST_CHECKPOINT, keep_previous=run.run_dir / PREV_CHECKPOINT)
         except CheckpointWriteError as exc:
             error = exc
     if distributed.all_reduce_max(torch.tensor([int(error is not None)])).item():
@@ -325,22 +329,37 @@ def end_of_epoch(run: Run, stats: dict, val: EvalResult | None) -> dict:
     return run.head.end_of_epoch(values, labels)
 
 
-def write_epoch_predictions(run: Run, test: EvalResult, val: EvalResult | None, final: bool = False) -> None:
-    """An epoch's per-image predictions: the selected epoch's predictions.csv (test) and predictions_val.csv,
-    or (`final`) the final planned epoch's predictions_final.csv (test)."""
-    files = (((test, run.test_loader, FINAL_PREDICTIONS_FILE),) if final else
-             ((test, run.test_loader, PREDICTIONS_FILE), (val, run.val_loader, VAL_PREDICTIONS_FILE)))
-    for result, loader, name in files:
+def write_epoch_predictions(run: Run, epoch: int, test: EvalResult, val: EvalResult | None, final: bool = False) -> None:
+    """Epoch `epoch`'s per-image predictions: the selected epoch's predictions.csv (test) and
+    predictions_val.csv as pending files (commit_pending puts them in place once checkpoint_best.pt is
+    written), or (`final`) the final planned epoch's predictions_final.csv (test)."""
+    files = (((test, run.test_loader, run.run_dir / FINAL_PREDICTIONS_FILE),) if final else
+             ((test, run.test_loader, pending_path(run.run_dir / PREDICTIONS_FILE)),
+              (val, run.val_loader, pending_path(run.run_dir / VAL_PREDICTIONS_FILE))))
+    for result, loader, path in files:
         if result is not None:
             grades, values = result.per_image(run.head)
-            write_predictions(run.run_dir / name, loader.dataset.names, result.targets, grades, values,
-                              result.referable_scores, run.cfg.model.head)
+            write_predictions(path, loader.dataset.names, result.targets, grades, values, result.referable_scores,
+                              run.cfg.model.head, loader.dataset.patients, epoch)
 
 
-def selected_intervals(run_dir: Path) -> dict:
-    """Bootstrap 95% intervals of the selected epoch's test metrics, from its predictions.csv."""
-    found = read_predictions(run_dir / PREDICTIONS_FILE)
-    return bootstrap_intervals(found.labels, found.grades, found.referable_scores, found.patients)
+def uncertainty(run_dir: Path) -> dict:
+    """What the summary says of its figures' uncertainty, from the predictions files there are: bootstrap
+    95% intervals of the selected epoch's test metrics (intervals) and of the final epoch's
+    (final_intervals); and, with a held-out part, referable DR at screening operating points (thresholds
+    fitted on the held-out predictions, sensitivity and specificity on test)."""
+    found = {}
+    if (run_dir / PREDICTIONS_FILE).is_file():
+        test = read_predictions(run_dir / PREDICTIONS_FILE)
+        found["intervals"] = bootstrap_intervals(test.labels, test.grades, test.referable_scores, test.patients)
+        if (run_dir / VAL_PREDICTIONS_FILE).is_file():
+            val = read_predictions(run_dir / VAL_PREDICTIONS_FILE)
+            found["operating_points"] = operating_points((val.labels, val.referable_scores),
+                                                         (test.labels, test.referable_scores), test.patients)
+    if (run_dir / FINAL_PREDICTIONS_FILE).is_file():
+        final = read_predictions(run_dir / FINAL_PREDICTIONS_FILE)
+        found["final_intervals"] = bootstrap_intervals(final.labels, final.grades, final.referable_scores, final.patients)
+    return found
 
 
 def write_summary(run: Run, figure: bool) -> dict:
@@ -372,11 +391,12 @@ def write_summary(run: Run, figure: bool) -> dict:
         "confusion_matrix": best["confusion_matrix"],
         "final_confusion_matrix": final["confusion_matrix"],
         "train_seconds_total": sum(r["epoch_seconds"] for r in rows),
+        "checkpoint_best_epoch": best["epoch"],  # the epoch of checkpoint_best.pt and of predictions.csv
         "patients_in_train_and_test": run.patients["patients_in_train_and_test"],
         "patients": run.patients,
     }
-    if figure and (run.run_dir / PREDICTIONS_FILE).is_file():
-        summary["intervals"] = selected_intervals(run.run_dir)
+    if figure:
+        summary.update(uncertainty(run.run_dir))
     write_text(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     if figure:
         from dr_resnet.results.plots import save_confusion_matrix
@@ -412,6 +432,8 @@ def fit(run: Run) -> dict | None:
         config.save(run.cfg, run.run_dir / CONFIG_FILE, recorded={"recipe": run.recipe.to_dict(), "effective": effective})
         run.rows = read_metrics(run.run_dir, resumed.epoch)
         rewrite_metrics(run.run_dir, run.rows)
+        for done in settle_pending(run.run_dir, selection(run.rows, run.cfg.train.select_by).get("epoch")):
+            log.info("%s: %s", run.run_dir, done)
         held_out = f"{len(run.val_loader.dataset)} held-out / " if run.val_loader else ""
         log.info("%s: resnet%d (%s weights), %d train / %s%d test images, %d process(es) on %s, precision %s, "
                  "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
@@ -484,15 +506,17 @@ def record_epoch(run: Run, epoch: int, row: dict, test: EvalResult, val: EvalRes
         append_metrics(run.run_dir, row)
         run.rows.append(row)
         improved = selection(run.rows, run.cfg.train.select_by)["epoch"] == epoch + 1
+        if improved:  # pending until checkpoint_best.pt is written: a kill leaves the old pair whole
+            write_epoch_predictions(run, epoch + 1, test, val)
         state = training_state(run, epoch + 1, metrics=row)
     save_checkpoint(run, state, best=improved)
     if not run.info.is_main:
         return
     if improved:
-        write_epoch_predictions(run, test, val)
+        commit_pending(run.run_dir)
         tracker.log_checkpoint(run.run_dir / BEST_CHECKPOINT, checkpoint_metadata(run, row))
     if epoch + 1 == run.cfg.train.epochs:
-        write_epoch_predictions(run, test, None, final=True)
+        write_epoch_predictions(run, epoch + 1, test, None, final=True)
     write_summary(run, figure=False)
     tracker.log_epoch(row)
     held_out = f"val QWK {row['val_qwk']:.3f}  " if val is not None else ""
