@@ -79,7 +79,10 @@ def test_kappa_recipe_combines_the_options():
     cfg = config.load(CONFIGS / "resnet50_pretrained_kappa.yaml")
     assert (cfg.model.depth, cfg.model.weights, cfg.model.head) == (50, "imagenet", "regression")
     assert cfg.regression.fit_thresholds == "train" and cfg.data.val_fraction == 0.1
-    assert cfg.train == config.load(CONFIGS / "resnet50_pretrained.yaml").train  # the fair recipe underneath
+    # The fair recipe underneath, but for the clip the regression head was measured with (issue 30).
+    fair = config.load(CONFIGS / "resnet50_pretrained.yaml").train
+    assert cfg.train.clip_grad_norm == 1.0 and fair.clip_grad_norm == 5.0
+    assert cfg.train == dataclasses.replace(fair, clip_grad_norm=1.0)
 
 
 def test_overrides_are_typed_and_win_over_files():
@@ -233,3 +236,23 @@ def test_a_run_without_output_dir_gets_its_own_folder_shared_by_its_processes(mo
     monkeypatch.setenv("SLURM_STEP_ID", "0")
     assert config.load(None).output.dir == "runs/default-job812.0"  # plain srun: the job step
     assert config.load(None, ["output.dir=runs/mine"]).output.dir == "runs/mine"  # given: kept
+
+
+@pytest.mark.parametrize("sweep_file", ["sweep.yaml", "demo_sweep.yaml"])
+def test_the_arms_of_the_shipped_sweeps_differ_only_in_depth_and_weights(sweep_file):
+    """The four-run comparison is fair only if nothing but the two factors tells its arms apart (each arm's
+    learning rate then follows its initialisation by the one rule, not a key of its own)."""
+    from launch.sweep import Sweep, arm_argv
+
+    from helpers import REPO
+
+    sweep = Sweep.load(REPO / "configs" / sweep_file)
+    flat = {}
+    for arm in sweep.arms:
+        argv = arm_argv(sweep, arm, Path("runs") / arm, [])
+        cfg = config.load(argv[1], argv[2:])
+        flat[arm] = {k: str(v) for k, v in config.settings_of(cfg.to_dict()).items() if not k.startswith(("output.", "wandb."))}
+    differing = {k for arm in flat for k in flat[arm] if len({str(flat[a].get(k)) for a in flat}) > 1}
+    assert differing == {"model.depth", "model.weights"}
+    assert {(flat[a]["model.depth"], flat[a]["model.weights"]) for a in flat} == {
+        ("18", "imagenet"), ("18", "none"), ("50", "imagenet"), ("50", "none")}

@@ -164,3 +164,21 @@ def test_training_reads_its_splits_through_the_csv_keys(copies, tmp_path):
     assert np.sum(row["confusion_matrix"]) == len(expected["test"]) == 9
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]
     assert saved["format"] == "csv" and saved["image_column"] == "Image name" and saved["image_suffix"] == ".jpg"
+
+
+def test_commands_take_options_and_data_keys_in_any_order(source, tmp_path, capsys):
+    """`describe DIR --format F data.KEY=VALUE`, the README's order, and keys before the options."""
+    split = read_split(source, "test", "kaggle")
+    (tmp_path / "pics").mkdir()
+    with open(tmp_path / "grades.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "level"])
+        for n, g, p in zip(split.names, split.labels, split.paths):
+            (tmp_path / "pics" / f"{n}.jpeg").write_bytes(p.read_bytes())
+            writer.writerow([n, int(g)])
+    keys = ["data.test_csv=grades.csv", "data.test_images=pics", "data.image_column=file"]
+    assert describe_main([str(tmp_path), "--format", "csv", *keys]) == 0
+    first = capsys.readouterr().out
+    assert f"test (csv): {len(split.names)} images" in first
+    assert describe_main([str(tmp_path), *keys[:1], "--format", "csv", *keys[1:]]) == 0
+    assert capsys.readouterr().out == first

@@ -396,3 +396,23 @@ def test_the_results_layer_and_the_report_run_without_torch(sweep, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert {"results.md", "results.csv", "comparisons.json", "report.html"} <= {p.name for p in out.iterdir()}
+
+
+def test_runs_of_one_comparison_that_ran_in_other_precisions_are_named(runs, tmp_path, capsys):
+    """amp=auto on a mixed cluster can give one arm bf16 and the other fp16: the configs agree, what ran
+    differs. The report says so, naming the runs, in one line and beside the comparison."""
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    for arm, weights in (("resnet18_pretrained", "imagenet"), ("resnet18_scratch", "none")):
+        arm_copy(runs["classification"], sweep / arm, 18, weights, like=runs["classification"])
+    cfg = yaml.safe_load((sweep / "resnet18_scratch" / "config.yaml").read_text())
+    assert cfg["effective"]["precision"] == "fp32"
+    cfg["effective"]["precision"] = "bf16"
+    (sweep / "resnet18_scratch" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    report(sweep, tmp_path / "out")
+    expected = "runs differ in precision fp32 (resnet18_pretrained); bf16 (resnet18_scratch)"
+    assert f"warning: pretraining at ResNet18: {expected}" in capsys.readouterr().err
+    comparisons = json.loads((tmp_path / "out" / "comparisons.json").read_text())
+    assert {c["warning"] for c in comparisons if c["status"] == "compared"} == {expected}
+    assert f"(warning: {expected})" in (tmp_path / "out" / "results.md").read_text()

@@ -107,3 +107,18 @@ def test_the_report_refuses_predictions_of_another_epoch_than_the_selected_one(u
     report(run_dir, tmp_path / "report")
     assert ("predictions.csv holds epoch 1's predictions but the run selects epoch 2 (metrics.jsonl): not used"
             in capsys.readouterr().err)
+
+
+def test_held_out_rows_are_scored_at_the_temperature_fitted_that_epoch(data, tmp_path):
+    """With train.calibration=temperature the held-out loss in metrics.jsonl and predictions_val.csv are
+    both at the temperature fitted at the end of that very epoch (not the previous epoch's)."""
+    run_dir = tmp_path / "run"
+    assert train.main(demo_args(data, run_dir, "train.epochs=2", "train.calibration=temperature",
+                                "data.val_fraction=0.25", "data.min_val_images=1", workers=0)) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    chosen = next(r for r in rows if r["epoch"] == summary["selected"]["epoch"])
+    val = read_predictions(run_dir / "predictions_val.csv")
+    assert val.epoch == chosen["epoch"] and len({r["temperature"] for r in rows}) == 2  # it moved between epochs
+    nll = -np.mean(np.log(val.values[np.arange(len(val.labels)), val.labels]))
+    assert nll == pytest.approx(chosen["val_loss"], rel=1e-5)

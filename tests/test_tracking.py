@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dr_resnet.training import checkpoint
 from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
@@ -93,6 +94,12 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     assert state["summary"]["selected/intervals_resampled"] == "patients"
     assert "confusion_matrix_table" in state["summary"] and "confusion_matrix_png" in state["summary"]
     assert state["config"]["train"]["epochs"] == 2 and state["state"] == "finished"
+    # What the run derived, not the config's "auto" (None): the rate it trained with, global batch, precision.
+    effective = yaml.safe_load((run_dir / "config.yaml").read_text())["effective"]
+    assert state["config"]["train"]["lr"] == pytest.approx(effective["lr"]) and effective["lr"] > 0
+    assert state["config"]["effective"]["global_batch"] == effective["global_batch"] == 8
+    assert state["config"]["effective"]["precision"] == effective["precision"] == "fp32"
+    assert state["config"]["effective"]["first_epoch_grade_shares"] == effective["first_epoch_grade_shares"]
     assert state["run_id"] == checkpoint.load(run_dir / "checkpoint_last.pt")["wandb_id"]
     records = inspect(folder)
     run_record = next(r for r in records if r.get("type") == "run")["run"]

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dr_resnet.describe", description=__doc__.split("\n\n")[0])
     p.add_argument("root", help="dataset folder")
     add_format_arguments(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     return run_command(lambda: print(describe(args.root, *format_arguments(args))))
 
 

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="leave unreadable images out of the output split files and list them in skipped.csv")
     p.add_argument("--overwrite", action="store_true", help="redo images that already exist in --dst")
     add_format_arguments(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if args.size < 8 or not 0 <= args.threshold < 255 or not 1 <= args.quality <= 100 or args.workers < 1:
         p.error("need --size >= 8, 0 <= --threshold < 255, 1 <= --quality <= 100, --workers >= 1")
     settings = Settings(args.size, args.threshold, args.quality, args.normalize)

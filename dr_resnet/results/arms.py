@@ -54,6 +54,7 @@ class RunRecord:
     seed: int = 0  # train.seed
     settings: dict = field(default_factory=dict)  # its config.yaml, flat (config.settings_of)
     arm: str = ""  # the name of the arm it is a seed of (group_arms)
+    effective: dict = field(default_factory=dict)  # config.yaml's `effective` section: what the run derived
 
     @property
     def pretrained(self) -> bool:
@@ -160,7 +161,7 @@ def find_runs(root: Path) -> list[RunRecord]:
         settings = settings_of(cfg)
         runs.append(RunRecord(name, path, int(settings["model.depth"]), str(settings["model.weights"]),
                               int(settings["train.epochs"]), rows, reason, str(settings["train.select_by"]),
-                              int(settings["train.seed"]), settings))
+                              int(settings["train.seed"]), settings, effective=cfg.get("effective") or {}))
     return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.name, r.seed))
 
 
@@ -291,6 +292,21 @@ def _why_not(name: str, arm: Arm | None, epoch: str) -> str:
 
 
 COMPARED_EPOCHS = ("selected", "final")  # compare_arms(epoch=...): the report compares the arms at both
+ALIKE = ("precision", "global_batch")  # what the runs of one comparison must share beyond their config (effective)
+
+
+def unlike(runs: list[RunRecord]) -> str:
+    """What the runs of one comparison derived differently, though their configs agree (train.amp=auto on a
+    mixed cluster, a global batch that follows the process count), naming the runs; '' when alike."""
+    found = []
+    for key in ALIKE:
+        values: dict[str, list[str]] = {}
+        for run in runs:
+            if key in run.effective:
+                values.setdefault(str(run.effective[key]), []).append(run.name)
+        if len(values) > 1:
+            found.append(f"{key.replace('_', ' ')} " + "; ".join(f"{v} ({', '.join(names)})" for v, names in values.items()))
+    return "runs differ in " + " and ".join(found) if found else ""
 
 
 def compare_arms(arms: list[Arm], resamples: int = RESAMPLES, epoch: str = "selected") -> list[dict]:
@@ -327,8 +343,10 @@ def compare_arms(arms: list[Arm], resamples: int = RESAMPLES, epoch: str = "sele
         paired = paired_comparison(first.labels, [(p.grades, p.referable_scores) for p in found_a],
                                    [(p.grades, p.referable_scores) for p in found_b], first.patients, resamples=resamples)
         mcnemar = paired["mcnemar"] if isinstance(paired["mcnemar"], list) else [paired["mcnemar"]]
+        warning = unlike([done_a[k] for k in seeds] + [done_b[k] for k in seeds])
         results.append({**entry, "status": "compared", "images": len(first.names), "resampled": paired["unit"],
-                        "seeds": seeds, **{m: paired[m] for m, _ in PAIR_METRICS}, "mcnemar": mcnemar})
+                        "seeds": seeds, **{m: paired[m] for m, _ in PAIR_METRICS}, "mcnemar": mcnemar,
+                        **({"warning": warning} if warning else {})})
     return results
 
 

@@ -307,6 +307,8 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         written.append(out / "calibration.png")
     comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(arms, epoch=epoch)]
     mark_multiplicity(comparisons)
+    for warning in dict.fromkeys(f"{c['comparison']}: {c['warning']}" for c in comparisons if c.get("warning")):
+        print(f"warning: {warning}", file=sys.stderr)
     rows = result_rows(runs)
     tables = tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows), operating_rows(runs))
     write_tables(rows, out, tables, comparisons)

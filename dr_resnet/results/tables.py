@@ -132,7 +132,7 @@ def comparisons_table(comparisons: list[dict]) -> Table:
         if shown:
             table.rows.append(Row([f"at {title}"], "group"))
         for c in shown:
-            start = [c["comparison"], c["a"], c["b"]]
+            start = [c["comparison"] + (f" (warning: {c['warning']})" if c.get("warning") else ""), c["a"], c["b"]]
             if c["status"] != "compared":
                 table.rows.append(Row([*start, c["status"]], "notrun"))
                 continue

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="log the evaluation as a W&B run (job_type eval) in the training run's group, with the "
                         "training run's project and entity (WANDB_MODE wins)")
     add_format_arguments(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if not args.out:
         args.out = str(default_out(args.checkpoint, args.data_root, args.split))
     return args

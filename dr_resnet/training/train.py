@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML file (see configs/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 output.dir=runs/x")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 @dataclass
@@ -286,6 +286,7 @@ def effective_settings(run: Run) -> dict:
                     trained_with)
     sampler = run.train_sampler
     return {"processes": run.info.world_size, "global_batch": lr.global_batch, "lr": trained_with, "lr_rule": lr.rule,
+            "precision": run.trainer.execution.precision.name, "sampler": t.sampler,
             "steps_per_epoch": steps, "warmup_steps": round(t.warmup_epochs * steps) if t.scheduler != "none" else 0,
             "total_steps": t.epochs * steps, "first_epoch_grade_shares": [round(float(x), 4) for x in sampler.grade_shares(0)],
             "final_epoch_grade_shares": [round(float(x), 4) for x in sampler.grade_shares(t.epochs - 1)],
@@ -409,12 +410,18 @@ def write_summary(run: Run, figure: bool) -> dict:
     return summary
 
 
-def start_tracking(run: Run, wandb_id: str | None) -> Tracker:
+def start_tracking(run: Run, wandb_id: str | None, effective: dict) -> Tracker:
+    """Rank 0's W&B run. Its config is the run's config with what the run derived from it: train.lr as the
+    rate it trains with (the rule's when train.lr is auto) and the whole `effective` section (global batch,
+    warm-up, precision, the sampler's grade shares), so that runs compare on what they ran."""
     w, who = run.cfg.wandb, identity(run.cfg.model, run.cfg.train.seed)
+    logged = run.cfg.to_dict()
+    logged["train"] = {**logged["train"], "lr": effective["lr"]}
     settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name, job_type="train", tags=identity_tags(who),
                                 init_timeout=w.init_timeout, log_checkpoint=w.log_checkpoint,
                                 log_predictions=w.log_predictions)
-    tracker = Tracker(settings, run.run_dir, wandb_id or new_run_id(), {**run.cfg.to_dict(), "run": who}, run.info.is_main)
+    tracker = Tracker(settings, run.run_dir, wandb_id or new_run_id(), {**logged, "effective": effective, "run": who},
+                      run.info.is_main)
     if tracker.active:
         log.info("W&B: %s run %s (start took %.1f s)", tracker.mode, tracker.run_id, tracker.start_seconds)
     return tracker
@@ -448,7 +455,11 @@ def fit(run: Run) -> dict | None:
                  run.patients["test_patients"])
         for line in overlap_warnings(run.patients, run.cfg.data.test_split):
             log.warning(line)
-    tracker = start_tracking(run, resumed.wandb_id) if info.is_main else None
+        if run.head.fit_on == "val" and run.head.spec.has_thresholds and run.cfg.train.select_by == "qwk":
+            log.warning("regression.fit_thresholds=val fits the thresholds for QWK on the held-out images whose QWK "
+                        "then selects the epoch: the held-out QWK is in-sample (optimistic); fit_thresholds=train "
+                        "leaves the held-out part out of sample")
+    tracker = start_tracking(run, resumed.wandb_id, effective) if info.is_main else None
     run.wandb_id = tracker.run_id if tracker is not None else None
     try:
         with StopSignals() as signals:
