@@ -50,20 +50,21 @@ def shared_patients(a: Sequence[str], b: Sequence[str]) -> list[str]:
     return sorted(set(a) & set(b))
 
 
-def identity_of(patients: Sequence[str], column: str = "") -> str:
-    """How a split's patients were told apart, in words for the log and summary.json."""
-    if column:
-        return f"the table's column {column!r}"
+def identity_of(patients: Sequence[str], source: str = "") -> str:
+    """How a split's patients were told apart, in words for the log and summary.json (`source`: where they
+    came from when not from the names, e.g. "the table's column 'subject'")."""
+    if source:
+        return f"from {source}"
     if per_image(patients):
         return "per image (the names carry no patient: each image counts as its own patient)"
     return "from the image names (<patient>_left / <patient>_right)"
 
 
-def overlap(train: Sequence[str], test: Sequence[str], held_out: Sequence[str] = (), column: str = "") -> dict:
+def overlap(train: Sequence[str], test: Sequence[str], held_out: Sequence[str] = (), source: str = "") -> dict:
     """What summary.json records of the splits' patients: how they were identified, and the patients with
     images on both sides of training and test (and of training and its held-out part), with an example."""
     in_test, in_held_out = shared_patients(train, test), shared_patients(train, held_out)
-    return {"identity": identity_of([*train, *held_out], column), "train_patients": len(set(train)),
+    return {"identity": identity_of([*train, *held_out], source), "train_patients": len(set(train)),
             "test_patients": len(set(test)), "patients_in_train_and_test": len(in_test),
             "patients_in_train_and_held_out": len(in_held_out),
             "example": (in_test or in_held_out or [""])[0]}

@@ -120,11 +120,14 @@ def published_copy(src: Path, dst: Path, kind: str) -> dict[str, list[tuple[str,
                     *([n, str(g), str(int(g) % 3), *extra] for n, g in zip(names, split.labels))]
             write(dst / IDRID_LABELS.format(letter, title), rows + ([["", "", "", *extra]] if extra else []))
             expected[name] = list(zip(names, map(int, split.labels)))
-    elif kind == "messidor2":  # one set; names with their extension (.png and .JPG), ungradable rows without grade
+    elif kind == "messidor2":  # one set; names with their extension (.png and .JPG), ungradable rows without grade;
+        # ADCIS's messidor-2.csv pairs each exam's two images ("left;right" rows), images 2k and 2k + 1 here
         rows, kept = [["image_id", "adjudicated_dr_grade", "adjudicated_dme", "adjudicated_gradable"]], []
         everything = [(n, g, p) for s in splits.values() for n, g, p in zip(s.names, s.labels, s.paths)]
+        files = []
         for i, (n, g, p) in enumerate(everything):
             file = f"IM{i:06d}.JPG" if i % 2 else f"2005{i:04d}_{n}.png"
+            files.append(file)
             place(p, dst / "IMAGES" / file)
             if i % 7 == 3:
                 rows.append([file, "", "", "0"])
@@ -132,6 +135,8 @@ def published_copy(src: Path, dst: Path, kind: str) -> dict[str, list[tuple[str,
                 rows.append([file, str(g), "0", "1"])
                 kept.append((file, int(g)))
         write(dst / "messidor_data.csv", rows)
+        write(dst / "messidor-2.csv", [["left", "right"], *([files[i], files[i + 1]] for i in range(0, len(files) - 1, 2))],
+              delimiter=";")
         expected = {"test": kept}
     elif kind == "ddr":  # DR_grading: <split>.txt lines "<file> <grade>", grade 5 = ungradable
         for name, split in splits.items():

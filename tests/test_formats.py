@@ -182,3 +182,28 @@ def test_commands_take_options_and_data_keys_in_any_order(source, tmp_path, caps
     assert f"test (csv): {len(split.names)} images" in first
     assert describe_main([str(tmp_path), *keys[:1], "--format", "csv", *keys[1:]]) == 0
     assert capsys.readouterr().out == first
+
+
+def test_messidor2_pairs_make_each_exam_one_patient(copies, tmp_path, caplog):
+    """messidor-2.csv pairs each exam's two images: one patient, kept whole by the held-out draw and the
+    bootstrap; without the file each image is its own patient, with a warning naming it."""
+    import shutil
+
+    from dr_resnet.data.split import holdout_mask
+
+    root, expected = copies["messidor2"]
+    split = read_split(root, "test", "messidor2")
+    pairs = [line.split(";") for line in (root / "messidor-2.csv").read_text().split()[1:]]
+    exam = {name: left.rsplit(".", 1)[0] for left, right in pairs for name in (left, right)}
+    # An image in no pair (the copy's 21st) is its own patient.
+    assert split.patients == [exam.get(n, n.rsplit(".", 1)[0]) for n in split.names]
+    assert split.patient_source == "the pairs in messidor-2.csv"
+    assert len(set(split.patients)) < len(split.names)  # some exam has both images graded
+    held = holdout_mask(split.patients, split.labels, 0.3, seed=0)
+    assert not {p for p, h in zip(split.patients, held) if h} & {p for p, h in zip(split.patients, held) if not h}
+    alone = tmp_path / "no_pairs"
+    shutil.copytree(root, alone)
+    (alone / "messidor-2.csv").unlink()
+    with caplog.at_level(logging.WARNING, logger="dr_resnet.data.formats"):
+        unpaired = read_split(alone, "test", "messidor2")
+    assert len(set(unpaired.patients)) == len(unpaired.names) and "messidor-2.csv not found" in caplog.text

@@ -91,6 +91,7 @@ class RetinopathyDataset(Dataset):
         index = read_split(self.root, split, format, options)
         self.format, self.names, self.paths, self.labels = index.format, index.names, index.paths, index.labels
         self.patients = index.patients  # each image's patient (dr_resnet.patients)
+        self.patient_source = index.patient_source  # where they come from, when not from the names
         self.rows = index.rows  # line of each image in the split's file
         self.split_file = index.index_file
         self.transform = transform

@@ -25,17 +25,16 @@ def describe(root: str, fmt: str = "auto", options: TableOptions | None = None) 
     if not found:
         raise DatasetError(f"no dataset split files found in {root}" + (f" ({fmt} format)" if fmt != "auto" else ""))
     lines = [f"{root}"]
-    patients = {}
+    patients, source = {}, ""
     for name, split_format in found:
         split = read_split(root, name, split_format, options)
-        patients[name] = split.patients
+        patients[name], source = split.patients, source or split.patient_source
         counts = np.bincount(split.labels, minlength=NUM_GRADES)
         total = counts.sum()
         shares = "  ".join(f"{g.split()[0]}: {c} ({c / total:.1%})" for g, c in zip(GRADES, counts))
         lines.append(f"  {name} ({split_format}): {total} images, {len(set(split.patients))} patients   {shares}   "
                      f"majority baseline {counts.max() / total:.1%}")
-    column = options.patient_column if options else ""
-    lines.append(f"  patients: {identity_of([p for found in patients.values() for p in found], column)}")
+    lines.append(f"  patients: {identity_of([p for found in patients.values() for p in found], source)}")
     names = list(patients)
     for i, a in enumerate(names):
         for b in names[i + 1:]:

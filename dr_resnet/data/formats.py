@@ -157,6 +157,7 @@ class Preset:
     split_filters: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     label_map: tuple[tuple[str, str], ...] = ()
     views: tuple[str, ...] = ()  # splits that are parts of another (EyePACS' leaderboard halves of its test split)
+    pairs: str = ""  # a file of the images one patient's exam holds, a row each (Messidor-2's messidor-2.csv)
 
     def table(self, root: Path, split: str, options: TableOptions) -> Table | None:
         place = self.tables.get(split) or self.tables.get("*")
@@ -190,8 +191,9 @@ PRESETS: dict[str, Preset] = {
                     "Image name", "Retinopathy grade", ".jpg"),
     # Messidor-2: ADCIS's IMAGES folder beside Google's adjudicated grades (messidor_data.csv, Kaggle
     # google-brain/messidor2-dr-grades); the ungradable images carry no grade and are left out
+    # messidor-2.csv (ADCIS) pairs each exam's two images, "left;right" a row: a patient each
     "messidor2": Preset({"test": ("messidor_data.csv", "IMAGES")}, "image_id", "adjudicated_dr_grade", ".png",
-                        split_filters={"test": (("adjudicated_gradable", "1"),)}),
+                        split_filters={"test": (("adjudicated_gradable", "1"),)}, pairs="messidor-2.csv"),
     # DDR's grading part (the root is DR_grading): {split}.txt lines "<file> <grade>"; grade 5 is ungradable
     "ddr": Preset({"train": ("train.txt", "train"), "valid": ("valid.txt", "valid"), "test": ("test.txt", "test")},
                   0, 1, ".jpg", header=False, delimiter=" ", label_map=(("5", DROP),)),
@@ -398,6 +400,25 @@ class _DirIndex:
         return None
 
 
+def read_pairs(path: Path, names: Sequence[str]) -> list[str]:
+    """Each image's patient from a pairs file (rows of one exam's images, ';' or ',' between them, an
+    optional header row): the exam's first image's stem; an image in no row is its own patient (counted
+    in the log). Names match without case or extension."""
+    exam_of: dict[str, str] = {}
+    text = path.read_text(encoding="utf-8-sig")
+    for number, line in enumerate(text.splitlines(), start=1):
+        cells = [c.strip() for c in line.replace(";", ",").split(",") if c.strip()]
+        if not cells or (number == 1 and not any(image_stem(c) != c for c in cells)):
+            continue  # a blank line, or a header ("left;right"): no cell is an image file name
+        for cell in cells:
+            exam_of[image_stem(cell).lower()] = image_stem(cells[0])
+    patients = [exam_of.get(image_stem(n).lower(), "") for n in names]
+    alone = sum(1 for p in patients if not p)
+    if alone:
+        log.info("%s: %d of %d image(s) are in no pair: each counts as its own patient", path, alone, len(names))
+    return [p or image_stem(n) for p, n in zip(patients, names)]
+
+
 def image_stem(name: str) -> str:
     """An image name without its image extension (IM002385.JPG -> IM002385; a name without one as it is)."""
     base, ext = os.path.splitext(name)
@@ -419,6 +440,7 @@ class Split:
     index_file: Path
     table: Table | None = None  # how a table format's split was read (None: lab, folders)
     patients: list[str] = field(default_factory=list)  # each image's patient (patients.patients_of)
+    patient_source: str = ""  # where the patients come from when not from the names: a column, a pairs file
 
     @property
     def layout(self) -> SplitLayout:
@@ -467,7 +489,7 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
     problems: list[str] = []
     found_paths = None
     table = None
-    explicit_patients = None
+    explicit_patients, patient_source = None, ""
     if fmt == "lab":
         layout = SplitLayout.of(root, split, fmt)
         for p in layout.csv_files:
@@ -496,6 +518,15 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
         if not table.file.is_file():
             raise DatasetError(f"{table.file} not found ({fmt} format, '{split}' split)")
         names, label_cells, explicit_patients = _read_table(table, problems)
+        pairs = root / PRESETS[fmt].pairs if fmt in PRESETS and PRESETS[fmt].pairs else None
+        if explicit_patients is None and pairs is not None:
+            if pairs.is_file():
+                explicit_patients, patient_source = read_pairs(pairs, [n for _, n in names]), f"the pairs in {pairs.name}"
+            else:
+                log.warning("%s not found: each %s image counts as its own patient (the bootstrap resamples images, "
+                            "and a patient's two eyes may be split apart)", pairs, fmt)
+        elif explicit_patients is not None:
+            patient_source = f"the table's column {table.patient_column!r}"
         name_file = label_file = table.file
         image_dirs, extension = (table.images,), table.suffix
     labels = _parse_labels(label_file, label_cells, problems, mapped=bool(table and table.label_map))
@@ -532,7 +563,7 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
         raise DatasetError(f"{fmt} split '{split}' in {root} is not usable:\n  " + "\n  ".join(problems))
     plain_names = [n for _, n in names]
     return Split(root, split, fmt, plain_names, paths, np.asarray(labels, dtype=np.int64),
-                 [line for line, _ in names], name_file, table, patients_of(plain_names, explicit_patients))
+                 [line for line, _ in names], name_file, table, patients_of(plain_names, explicit_patients), patient_source)
 
 
 def add_format_arguments(parser) -> None:

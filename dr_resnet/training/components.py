@@ -47,9 +47,10 @@ class Datasets:
     test: RetinopathyDataset
     val: RetinopathyDataset | None  # the held-out part of the training split (data.val_fraction)
 
-    def patient_overlap(self, column: str = "") -> dict:
+    def patient_overlap(self) -> dict:
         """patients.overlap of these splits: the patients shared between training, held-out part and test."""
-        return patients.overlap(self.train.patients, self.test.patients, self.val.patients if self.val else (), column)
+        return patients.overlap(self.train.patients, self.test.patients, self.val.patients if self.val else (),
+                                self.train.patient_source)
 
 
 def datasets(cfg: Config) -> Datasets:

@@ -139,7 +139,7 @@ def build(cfg: Config, info: DistInfo) -> Run:
                val_loader=val_loader, fit_loader=fit_loader, train_sampler=train_sampler, model=model,
                eval_model=compile_model(model, t.compile), trainer=trainer, train_baseline=data.train.majority_baseline,
                test_baseline=data.test.majority_baseline, recipe=Recipe.of_data(cfg.data.root, cfg.data.image_size),
-               provenance=provenance(cfg, data), learning_rate=lr, patients=data.patient_overlap(cfg.data.patient_column))
+               provenance=provenance(cfg, data), learning_rate=lr, patients=data.patient_overlap())
 
 
 def provenance(cfg: Config, data: components.Datasets) -> dict:
