@@ -135,12 +135,20 @@ def test_describe_and_preprocess_take_every_format(copies, kind, tmp_path, capsy
     out = capsys.readouterr().out
     for split in split_names(root, kind):
         assert f"  {split} ({kind}): {len(expected[split])} images" in out
-    # The preprocessed copy is the same layout: read with the same format, the same rows and grades.
-    preprocess(root, tmp_path / "prepared", Settings(size=32), progress=False, fmt=kind)
+    # The rows a dataset's own rules leave out are said by describe and preprocess, with why.
+    rules = {"messidor2": "row(s) left out by the filter adjudicated_gradable=1",
+             "ddr": "row(s) left out by the label map (5=drop)"}
+    if kind in rules:
+        assert rules[kind] in out
+    said = []
+    # The preprocessed copy is the same layout: read with the same format, the same rows and grades; its
+    # tables hold exactly the rows prepared.
+    preprocess(root, tmp_path / "prepared", Settings(size=32), progress=False, fmt=kind, say=said.append)
+    assert any(rules[kind] in line for line in said) if kind in rules else said == []
     for split in split_names(root, kind):
         before, after = read_split(root, split, kind), read_split(tmp_path / "prepared", split, kind)
         assert after.names == before.names and np.array_equal(after.labels, before.labels)
-        assert all(p.suffix == ".jpeg" for p in after.paths)
+        assert all(p.suffix == ".jpeg" for p in after.paths) and after.left_out == []
 
 
 def test_training_reads_its_splits_through_the_csv_keys(copies, tmp_path):
@@ -207,3 +215,30 @@ def test_messidor2_pairs_make_each_exam_one_patient(copies, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dr_resnet.data.formats"):
         unpaired = read_split(alone, "test", "messidor2")
     assert len(set(unpaired.patients)) == len(unpaired.names) and "messidor-2.csv not found" in caplog.text
+
+
+def test_a_filtered_copy_holds_what_was_kept_and_records_the_filter(source, tmp_path, capsys):
+    """preprocess with data.filter prepares the kept rows only: the copy's table holds just those (so it
+    reads without the filter) and preprocess.json records the filter and what it left out."""
+    import json
+
+    from dr_resnet.data.preprocess import main as preprocess_main
+
+    split = read_split(source, "test", "kaggle")
+    (tmp_path / "raw" / "pics").mkdir(parents=True)
+    with open(tmp_path / "raw" / "grades.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "level", "site"])
+        for i, (n, g, p) in enumerate(zip(split.names, split.labels, split.paths)):
+            (tmp_path / "raw" / "pics" / f"{n}.jpeg").write_bytes(p.read_bytes())
+            writer.writerow([n, int(g), "a" if i < 6 else "b"])
+    keys = ["data.test_csv=grades.csv", "data.test_images=pics"]
+    assert preprocess_main(["--src", str(tmp_path / "raw"), "--dst", str(tmp_path / "out"), "--size", "32",
+                            "--workers", "1", "--format", "csv", *keys, "data.filter=site=a"]) == 0
+    assert "test: 3 row(s) left out by the filter site=a (grades.csv)" in capsys.readouterr().out
+    copy = read_split(tmp_path / "out", "test", "csv", TableOptions.of(data_settings(keys, format="csv")))
+    assert copy.names == split.names[:6] and copy.labels.tolist() == split.labels[:6].tolist()
+    recorded = json.loads((tmp_path / "out" / "preprocess.json").read_text())["selection"]
+    assert recorded["filter"] == "site=a" and recorded["left_out"] == {"test": ["3 row(s) left out by the filter site=a"]}
+    assert describe_main([str(tmp_path / "out"), "--format", "csv", *keys]) == 0
+    assert "test (csv): 6 images" in capsys.readouterr().out

@@ -34,6 +34,7 @@ def describe(root: str, fmt: str = "auto", options: TableOptions | None = None) 
         shares = "  ".join(f"{g.split()[0]}: {c} ({c / total:.1%})" for g, c in zip(GRADES, counts))
         lines.append(f"  {name} ({split_format}): {total} images, {len(set(split.patients))} patients   {shares}   "
                      f"majority baseline {counts.max() / total:.1%}")
+        lines += [f"    {line} ({split.index_file.name})" for line in split.left_out]
     lines.append(f"  patients: {identity_of([p for found in patients.values() for p in found], source)}")
     names = list(patients)
     for i, a in enumerate(names):

@@ -302,11 +302,12 @@ def _same(cell: str, wanted: str) -> bool:
         return False
 
 
-def _read_table(table: Table, problems: list[str]) -> tuple[list[tuple[int, str]], list[tuple[int, str]], list[str] | None]:
+def _read_table(table: Table, problems: list[str], left_out: list[str]
+                ) -> tuple[list[tuple[int, str]], list[tuple[int, str]], list[str] | None]:
     """(line, image name), (line, label text) and the patient (None without table.patient_column) of the
     rows a table keeps. An empty patient cell is a problem naming its rows. Header names are matched
     without stray spaces; trailing empty columns and blank lines are no rows; rows that data.filter or a
-    label mapped to drop leave out are counted in the log."""
+    label mapped to drop leave out are counted in the log and in `left_out` (a line per rule)."""
     path = table.file
     rows = _read_rows(path, table.delimiter)
     if table.header:
@@ -357,11 +358,12 @@ def _read_table(table: Table, problems: list[str]) -> tuple[list[tuple[int, str]
     if no_patient:
         problems.append(_problem(path, f"empty patient id (column {table.patient_column!r})", no_patient))
     if filtered:
-        log.info("%s: %d row(s) left out by the filter %s", path,
-                 filtered, ", ".join(f"{c}={v}" for c, v in table.filters))
+        left_out.append(f"{filtered} row(s) left out by the filter {', '.join(f'{c}={v}' for c, v in table.filters)}")
     if dropped:
-        log.info("%s: %d row(s) left out by the label map (%s)", path, dropped,
-                 ", ".join(f"{k}={v}" for k, v in table.label_map if v == DROP))
+        left_out.append(f"{dropped} row(s) left out by the label map "
+                        f"({', '.join(f'{k}={v}' for k, v in table.label_map if v == DROP)})")
+    for line in left_out:
+        log.info("%s: %s", path, line)
     return names, labels, (patients if table.patient_column is not None else None)
 
 
@@ -441,6 +443,7 @@ class Split:
     table: Table | None = None  # how a table format's split was read (None: lab, folders)
     patients: list[str] = field(default_factory=list)  # each image's patient (patients.patients_of)
     patient_source: str = ""  # where the patients come from when not from the names: a column, a pairs file
+    left_out: list[str] = field(default_factory=list)  # the rows the format's rules left out, a line per rule
 
     @property
     def layout(self) -> SplitLayout:
@@ -490,6 +493,7 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
     found_paths = None
     table = None
     explicit_patients, patient_source = None, ""
+    left_out: list[str] = []
     if fmt == "lab":
         layout = SplitLayout.of(root, split, fmt)
         for p in layout.csv_files:
@@ -517,7 +521,7 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
             raise DatasetError(f"{fmt} format has no '{split}' split in {root} ({how}; found: {', '.join(defined) or 'none'})")
         if not table.file.is_file():
             raise DatasetError(f"{table.file} not found ({fmt} format, '{split}' split)")
-        names, label_cells, explicit_patients = _read_table(table, problems)
+        names, label_cells, explicit_patients = _read_table(table, problems, left_out)
         pairs = root / PRESETS[fmt].pairs if fmt in PRESETS and PRESETS[fmt].pairs else None
         if explicit_patients is None and pairs is not None:
             if pairs.is_file():
@@ -563,7 +567,8 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
         raise DatasetError(f"{fmt} split '{split}' in {root} is not usable:\n  " + "\n  ".join(problems))
     plain_names = [n for _, n in names]
     return Split(root, split, fmt, plain_names, paths, np.asarray(labels, dtype=np.int64),
-                 [line for line, _ in names], name_file, table, patients_of(plain_names, explicit_patients), patient_source)
+                 [line for line, _ in names], name_file, table, patients_of(plain_names, explicit_patients), patient_source,
+                 left_out)
 
 
 def add_format_arguments(parser) -> None:

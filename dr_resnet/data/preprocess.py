@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -31,6 +33,7 @@ from dr_resnet.files import atomic_path
 from dr_resnet.data.formats import (FORMATS, DatasetError, Split, SplitLayout, TableOptions, add_format_arguments,
                                      find_splits, format_arguments, image_stem, read_split, split_names)
 
+log = logging.getLogger("dr_resnet.preprocess")
 SETTINGS_FILE = "preprocess.json"
 SKIPPED_FILE = "skipped.csv"
 LOCATE_SIDE = 256  # pixels on the short side of the copy the retina is located on
@@ -164,7 +167,7 @@ def read_settings(root: str | os.PathLike) -> Settings | None:
         return None
     try:
         saved = json.loads(path.read_text())
-        return Settings(**{**asdict(Settings()), **saved})
+        return Settings(**{**asdict(Settings()), **{k: v for k, v in saved.items() if k in asdict(Settings())}})
     except (ValueError, TypeError) as exc:
         raise DatasetError(f"{path}: not the settings file preprocess writes ({exc})") from exc
 
@@ -187,16 +190,19 @@ def _job(args) -> tuple[int, str | None]:
     return i, process_one(src, dst, settings)
 
 
-def _check_settings(dst: Path, settings: Settings, overwrite: bool) -> None:
+def _check_settings(dst: Path, settings: Settings, overwrite: bool, selection: dict) -> None:
+    """preprocess.json: the image settings (a second run with others is refused) and which rows the copy
+    holds (`selection`: the format, data.filter, data.label_map and what they left out)."""
     path = dst / SETTINGS_FILE
     if path.exists() and not overwrite:
         # A key an older file lacks had its default then (the option did not exist yet).
-        before = {**asdict(Settings()), **json.loads(path.read_text())}
+        saved = json.loads(path.read_text())
+        before = {**asdict(Settings()), **{k: v for k, v in saved.items() if k in asdict(Settings())}}
         if before != asdict(settings):
             raise DatasetError(f"{path}: {dst} was made with {before}, not {asdict(settings)}: "
                                f"use another --dst, or --overwrite to redo every image")
     dst.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(settings)) + "\n")
+    path.write_text(json.dumps({**asdict(settings), "selection": selection}) + "\n")
 
 
 def _target(split: Split, i: int, dst: Path) -> Path:
@@ -223,16 +229,18 @@ def _write_split_files(split: Split, dst: Path, bad: set[int]) -> None:
         keep = [i for i in range(len(split.names)) if i not in bad]
         out_layout.write_index([split.names[i] for i in keep], split.labels[keep])
         return
-    target = dst / split.index_file.relative_to(split.root)  # a table: every row kept but the bad images'
+    # A table: its header and the rows the split kept (a filter's or a dropped label's rows have no prepared
+    # image), but the bad images'.
+    target = dst / split.index_file.relative_to(split.root)
     target.parent.mkdir(parents=True, exist_ok=True)
-    bad_lines = {split.rows[i] for i in bad}
+    kept_lines = set(split.rows) - {split.rows[i] for i in bad}
     table = split.table
     with open(split.index_file, newline="", encoding="utf-8-sig") as f:
         lines = f.read().splitlines(keepends=True) if table.delimiter == " " else list(csv.reader(f))
     with atomic_path(target) as tmp, open(tmp, "w", newline="") as out:
         writer = None if table.delimiter == " " else csv.writer(out, delimiter=table.delimiter)
         for line, record in enumerate(lines, start=1):
-            if line in bad_lines:
+            if line not in kept_lines and not (table.header and line == 1):
                 continue
             if writer is None:
                 out.write(record)
@@ -258,9 +266,11 @@ def _targets(splits: list[Split], dst: Path) -> list[list[Path]]:
 
 def preprocess(src: str | os.PathLike, dst: str | os.PathLike, settings: Settings, workers: int = 1,
                skip_bad: bool = False, overwrite: bool = False, progress: bool = True, fmt: str = "auto",
-               options: TableOptions | None = None) -> list[tuple[str, int, str, str]]:
+               options: TableOptions | None = None, say: Callable[[str], None] = log.info
+               ) -> list[tuple[str, int, str, str]]:
     """Preprocess every split under src (of data.format `fmt`; auto: the splits of every detected
-    format) into dst, in the same layout; returns the skipped (split, row, file, reason)."""
+    format) into dst, in the same layout, its tables holding exactly the rows prepared; returns the
+    skipped (split, row, file, reason). `say` is told the rows the format's rules left out."""
     from tqdm import tqdm
 
     src, dst = Path(src), Path(dst)
@@ -272,8 +282,13 @@ def preprocess(src: str | os.PathLike, dst: str | os.PathLike, settings: Setting
     if dst.resolve() == src.resolve():
         raise DatasetError(f"--dst must differ from --src ({src})")
     splits = [read_split(src, name, f, options) for name, f in found]  # every index validated before any work
+    for split in splits:  # the rows the format's own rules leave out, said before any work
+        for line in split.left_out:
+            say(f"{split.name}: {line} ({split.index_file.name}): not prepared, not in {dst}'s table")
     targets = _targets(splits, dst)
-    _check_settings(dst, settings, overwrite)
+    options = options or TableOptions()
+    _check_settings(dst, settings, overwrite, {"format": fmt, "filter": options.filter, "label_map": options.label_map,
+                                               "left_out": {s.name: s.left_out for s in splits if s.left_out}})
     jobs, owners = [], []
     for split, split_targets in zip(splits, targets):
         for i, (path, target) in enumerate(zip(split.paths, split_targets)):
@@ -338,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         fmt, options = format_arguments(args)
         skipped = preprocess(args.src, args.dst, settings, args.workers, args.skip_bad, args.overwrite,
-                             progress=sys.stderr.isatty(), fmt=fmt, options=options)
+                             progress=sys.stderr.isatty(), fmt=fmt, options=options, say=print)
         for split, row, file, reason in skipped:
             print(f"skipped {split} row {row}: {reason}", file=sys.stderr)
         summary = f", skipped {len(skipped)} (listed in {Path(args.dst) / SKIPPED_FILE})" if skipped else ""
