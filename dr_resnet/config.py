@@ -45,6 +45,7 @@ ClassWeights = Literal["none", "balanced"]
 SelectBy = Literal["qwk", "accuracy", "loss"]
 Sampler = Literal["progressive", "random", "balanced"]
 Calibration = Literal["none", "temperature"]
+BadImages = Literal["stop", "skip"]  # data/check.py
 Resume = Literal["auto", "never", "must"]
 WandbMode = Literal["online", "offline", "disabled"]
 
@@ -132,6 +133,9 @@ class DataConfig:
     label_map: str = ""  # any table format: the dataset's labels as grades, label=grade pairs (comma-separated);
     # a label mapped to drop leaves its rows out (counted in the log), e.g. 5=drop
     image_size: int = 512  # pixels a side the network sees (photos are resized to it)
+    bad_images: BadImages = "stop"  # photos that cannot be decoded to their last byte, or are blank, found at start
+    # (checked once, cached per file): stop (an error naming every one) | skip (train and test without them,
+    # named in the log, summary.json and the report)
     workers: int = 4  # data-loading processes per training process
     max_rotation: float = 180.0  # degrees, random rotation within +-max_rotation (on the device); 180: any angle,
     # since a fundus photo's orientation carries no grade

@@ -242,3 +242,50 @@ def test_a_filtered_copy_holds_what_was_kept_and_records_the_filter(source, tmp_
     assert recorded["filter"] == "site=a" and recorded["left_out"] == {"test": ["3 row(s) left out by the filter site=a"]}
     assert describe_main([str(tmp_path / "out"), "--format", "csv", *keys]) == 0
     assert "test (csv): 6 images" in capsys.readouterr().out
+
+
+def test_aptos_as_shipped_with_its_unlabelled_test_csv(tmp_path, capsys):
+    """APTOS 2019's test.csv has only id_code (its labels were never published): describe lists it as
+    unlabelled, preprocess prepares its images, split pools only the labelled rows, and training names
+    the ways to a labelled test part."""
+    from dr_resnet.data.split import main as split_main
+    from dr_resnet.training.train import main as train_main
+
+    from helpers import demo_args
+
+    root = generate(tmp_path / "aptos", {"train": 16, "test": 6}, seed=3, fmt="aptos", size=48, progress=False)
+    ids = [row[0] for row in csv.reader(open(root / "test.csv"))][1:]
+    (root / "test.csv").write_text("id_code\n" + "".join(f"{i}\n" for i in ids))
+    assert describe_main([str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "test (aptos): 6 images, unlabelled (prediction only: test.csv has no grades)" in out
+    assert "train (aptos): 16 images" in out
+    preprocess(root, tmp_path / "prepared", Settings(size=32), progress=False)
+    prepared = read_split(tmp_path / "prepared", "test", "aptos", unlabelled_ok=True)
+    assert not prepared.labelled and prepared.names == ids and all(p.suffix == ".jpeg" for p in prepared.paths)
+    assert split_main(["--src", str(root), "--dst", str(tmp_path / "split"), "--test-fraction", "0.25"]) == 0
+    assert "left out the 'test' split: test.csv has no grades (prediction only)" in capsys.readouterr().out
+    pooled = read_split(tmp_path / "split", "train", "aptos").names + read_split(tmp_path / "split", "test", "aptos").names
+    assert sorted(pooled) == sorted(read_split(root, "train", "aptos").names)
+    assert train_main(demo_args(tmp_path / "prepared", tmp_path / "run", "data.format=aptos", workers=0)) == 2
+    err = capsys.readouterr().err
+    assert "test.csv has no 'diagnosis' column: the aptos 'test' split" in err and "python -m dr_resnet.split" in err
+    assert "data.test_csv" in err
+
+
+def test_grades_written_as_whole_floats_read_as_integers(source, tmp_path):
+    """A table pandas saved again writes 2.0 for 2: read as 2; 2.5 is still an error naming the row."""
+    split = read_split(source, "test", "kaggle")
+    (tmp_path / "test").mkdir()
+    rows = [["image", "level"]]
+    for n, g, p in zip(split.names, split.labels, split.paths):
+        (tmp_path / "test" / f"{n}.jpeg").write_bytes(p.read_bytes())
+        rows.append([n, f"{float(g)}"])
+    with open(tmp_path / "testLabels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    assert read_split(tmp_path, "test", "kaggle").labels.tolist() == split.labels.tolist()
+    rows[2][1] = "2.5"
+    with open(tmp_path / "testLabels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(DatasetError, match="label not an integer in 0..4 in 1 row"):
+        read_split(tmp_path, "test", "kaggle")

@@ -122,3 +122,29 @@ def test_held_out_rows_are_scored_at_the_temperature_fitted_that_epoch(data, tmp
     assert val.epoch == chosen["epoch"] and len({r["temperature"] for r in rows}) == 2  # it moved between epochs
     nll = -np.mean(np.log(val.values[np.arange(len(val.labels)), val.labels]))
     assert nll == pytest.approx(chosen["val_loss"], rel=1e-5)
+
+
+def test_a_run_whose_last_launch_crashed_is_reported_failed_with_its_reason(data, tmp_path):
+    """A photo gone after the first epoch stops the next launch with an error: the report shows the run as
+    failed with the one-line reason its train.log ends with, not as in progress; a later launch that goes
+    on clears it."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    run_dir = tmp_path / "run"
+    assert train.main(demo_args(copy, run_dir, "train.epochs=1", workers=0)) == 0
+    photo = copy / "images" / f"{(copy / 'train_img.csv').read_text().split()[0]}.jpeg"
+    kept = photo.read_bytes()
+    photo.unlink()
+    assert train.main(demo_args(copy, run_dir, "train.epochs=2", workers=0)) == 2
+    report(run_dir, tmp_path / "report")
+    with open(tmp_path / "report" / "results.csv") as f:
+        status = next(csv.DictReader(f))["status"]
+    assert status.startswith("failed: lab split 'train'") and "image file missing" in status, status
+    assert "\n" not in status
+    photo.write_bytes(kept)
+    assert train.main(demo_args(copy, run_dir, "train.epochs=2", workers=0)) == 0
+    report(run_dir, tmp_path / "report")
+    with open(tmp_path / "report" / "results.csv") as f:
+        assert next(csv.DictReader(f))["status"] == "done"

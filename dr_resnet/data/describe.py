@@ -27,8 +27,12 @@ def describe(root: str, fmt: str = "auto", options: TableOptions | None = None) 
     lines = [f"{root}"]
     patients, source = {}, ""
     for name, split_format in found:
-        split = read_split(root, name, split_format, options)
+        split = read_split(root, name, split_format, options, unlabelled_ok=True)
         patients[name], source = split.patients, source or split.patient_source
+        if not split.labelled:
+            lines.append(f"  {name} ({split_format}): {len(split.names)} images, unlabelled (prediction only: "
+                         f"{split.index_file.name} has no grades)")
+            continue
         counts = np.bincount(split.labels, minlength=NUM_GRADES)
         total = counts.sum()
         shares = "  ".join(f"{g.split()[0]}: {c} ({c / total:.1%})" for g, c in zip(GRADES, counts))

@@ -18,6 +18,7 @@ is skipped. No torch here: the preprocessing and synthetic-data CLIs use this mo
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -68,14 +69,18 @@ class SplitLayout:
         """Where a writer puts image `name` (the first image folder; native extension unless given)."""
         return self.image_dirs[0] / f"{name}{extension or self.extension}"
 
-    def write_index(self, names: Sequence[str], labels: Sequence[int]) -> None:
-        """Write the split's index file(s) in this format."""
+    def write_index(self, names: Sequence[str], labels: Sequence[int] | None) -> None:
+        """Write the split's index file(s) in this format (labels None: an unlabelled table, names only)."""
         if self.format == "lab":
             self.csv_files[0].write_text("".join(f"{n}\n" for n in names))
             self.csv_files[1].write_text("".join(f"{int(g)}\n" for g in labels))
             return
         with open(self.csv_files[0], "w", newline="") as f:
             writer = csv.writer(f)
+            if labels is None:
+                writer.writerow((PRESETS[self.format].image_column,))
+                writer.writerows((n,) for n in names)
+                return
             writer.writerow((PRESETS[self.format].image_column, PRESETS[self.format].label_column))
             writer.writerows(zip(names, (int(g) for g in labels)))
 
@@ -302,12 +307,14 @@ def _same(cell: str, wanted: str) -> bool:
         return False
 
 
-def _read_table(table: Table, problems: list[str], left_out: list[str]
+def _read_table(table: Table, problems: list[str], left_out: list[str], unlabelled: list[bool]
                 ) -> tuple[list[tuple[int, str]], list[tuple[int, str]], list[str] | None]:
     """(line, image name), (line, label text) and the patient (None without table.patient_column) of the
     rows a table keeps. An empty patient cell is a problem naming its rows. Header names are matched
     without stray spaces; trailing empty columns and blank lines are no rows; rows that data.filter or a
-    label mapped to drop leave out are counted in the log and in `left_out` (a line per rule)."""
+    label mapped to drop leave out are counted in the log and in `left_out` (a line per rule). A header
+    with the image column but not the label column is an unlabelled split (`unlabelled` gets True; the
+    label texts are then the names)."""
     path = table.file
     rows = _read_rows(path, table.delimiter)
     if table.header:
@@ -316,6 +323,9 @@ def _read_table(table: Table, problems: list[str], left_out: list[str]
                             f"'{table.label_column}')")
             return [], [], None
         header = [c.strip() for c in rows[0]]
+        if table.label_column not in header and table.image_column in header:
+            unlabelled.append(True)  # e.g. APTOS's test.csv: the labels were never published
+            table = dataclasses.replace(table, label_column=table.image_column, label_map=())
         wanted = [("image column", table.image_column), ("label column", table.label_column),
                   *(("filter column", c) for c, _ in table.filters),
                   *([("patient column", table.patient_column)] if table.patient_column is not None else [])]
@@ -367,12 +377,22 @@ def _read_table(table: Table, problems: list[str], left_out: list[str]
     return names, labels, (patients if table.patient_column is not None else None)
 
 
+def _whole_number(text: str) -> int | None:
+    """'2' or '2.0' (a table pandas saved again) -> 2; anything else, 2.5 included, None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() else None
+
+
 def _parse_labels(path: Path, labels: list[tuple[int, str]], problems: list[str],
                   mapped: bool = False) -> list[int]:
     parsed, bad = [], []
     for line, text in labels:
-        if text.isdigit() and int(text) < NUM_GRADES:
-            parsed.append(int(text))
+        grade = _whole_number(text)
+        if grade is not None and 0 <= grade < NUM_GRADES:
+            parsed.append(grade)
         else:
             bad.append(line)
             parsed.append(-1)
@@ -444,6 +464,7 @@ class Split:
     patients: list[str] = field(default_factory=list)  # each image's patient (patients.patients_of)
     patient_source: str = ""  # where the patients come from when not from the names: a column, a pairs file
     left_out: list[str] = field(default_factory=list)  # the rows the format's rules left out, a line per rule
+    labelled: bool = True  # False: a prediction-only split (its table has no label column); labels are -1
 
     @property
     def layout(self) -> SplitLayout:
@@ -480,8 +501,10 @@ def _read_folders(root: Path, split: str, problems: list[str]) -> tuple[list, li
 
 
 def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
-               options: TableOptions | None = None) -> Split:
-    """Read and validate a split; raises one DatasetError listing every problem."""
+               options: TableOptions | None = None, unlabelled_ok: bool = False) -> Split:
+    """Read and validate a split; raises one DatasetError listing every problem. A split whose table has
+    no label column (APTOS's test.csv) is an error naming the ways to a labelled test part, or, with
+    `unlabelled_ok` (describe, preprocess, split, predict), a Split with `labelled` False and labels -1."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"data root {root} is not a directory")
@@ -494,6 +517,7 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
     table = None
     explicit_patients, patient_source = None, ""
     left_out: list[str] = []
+    unlabelled: list[bool] = []
     if fmt == "lab":
         layout = SplitLayout.of(root, split, fmt)
         for p in layout.csv_files:
@@ -521,7 +545,7 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
             raise DatasetError(f"{fmt} format has no '{split}' split in {root} ({how}; found: {', '.join(defined) or 'none'})")
         if not table.file.is_file():
             raise DatasetError(f"{table.file} not found ({fmt} format, '{split}' split)")
-        names, label_cells, explicit_patients = _read_table(table, problems, left_out)
+        names, label_cells, explicit_patients = _read_table(table, problems, left_out, unlabelled)
         pairs = root / PRESETS[fmt].pairs if fmt in PRESETS and PRESETS[fmt].pairs else None
         if explicit_patients is None and pairs is not None:
             if pairs.is_file():
@@ -533,7 +557,14 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
             patient_source = f"the table's column {table.patient_column!r}"
         name_file = label_file = table.file
         image_dirs, extension = (table.images,), table.suffix
-    labels = _parse_labels(label_file, label_cells, problems, mapped=bool(table and table.label_map))
+    if unlabelled and not unlabelled_ok:
+        how = "data.test_csv (format csv) names a labelled table" if split != "train" else "name a labelled split"
+        raise DatasetError(f"{table.file} has no '{table.label_column}' column: the {fmt} '{split}' split in {root} is "
+                           f"unlabelled (prediction only: python -m dr_resnet.predict --images). To train and test, "
+                           f"test on labelled images: python -m dr_resnet.split --src {root} --dst DIR pools the "
+                           f"labelled splits and splits them by patient, or {how}")
+    labels = ([-1] * len(names) if unlabelled else
+              _parse_labels(label_file, label_cells, problems, mapped=bool(table and table.label_map)))
 
     if not names and not problems:
         problems.append(f"{name_file}: the '{split}' split has no rows")
@@ -568,7 +599,7 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
     plain_names = [n for _, n in names]
     return Split(root, split, fmt, plain_names, paths, np.asarray(labels, dtype=np.int64),
                  [line for line, _ in names], name_file, table, patients_of(plain_names, explicit_patients), patient_source,
-                 left_out)
+                 left_out, not unlabelled)
 
 
 def add_format_arguments(parser) -> None:

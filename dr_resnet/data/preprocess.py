@@ -227,7 +227,7 @@ def _write_split_files(split: Split, dst: Path, bad: set[int]) -> None:
                 shutil.copyfile(src_file, dst_file)
             return
         keep = [i for i in range(len(split.names)) if i not in bad]
-        out_layout.write_index([split.names[i] for i in keep], split.labels[keep])
+        out_layout.write_index([split.names[i] for i in keep], split.labels[keep] if split.labelled else None)
         return
     # A table: its header and the rows the split kept (a filter's or a dropped label's rows have no prepared
     # image), but the bad images'.
@@ -281,7 +281,8 @@ def preprocess(src: str | os.PathLike, dst: str | os.PathLike, settings: Setting
                            f"another layout: --format and its data.* keys)")
     if dst.resolve() == src.resolve():
         raise DatasetError(f"--dst must differ from --src ({src})")
-    splits = [read_split(src, name, f, options) for name, f in found]  # every index validated before any work
+    # Every index validated before any work; an unlabelled split (prediction only) is prepared too.
+    splits = [read_split(src, name, f, options, unlabelled_ok=True) for name, f in found]
     for split in splits:  # the rows the format's own rules leave out, said before any work
         for line in split.left_out:
             say(f"{split.name}: {line} ({split.index_file.name}): not prepared, not in {dst}'s table")

@@ -12,12 +12,13 @@ file systems).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -26,6 +27,8 @@ from dr_resnet.errors import run_command
 from dr_resnet.data.formats import DatasetError, SplitLayout, find_splits, read_split
 from dr_resnet.registry import FORMAT_CHOICES
 from dr_resnet.seeds import derive_seed
+
+log = logging.getLogger("dr_resnet.split")
 
 def assign(patients: dict[str, list[int]], labels: np.ndarray, test_fraction: float, seed: int) -> set[str]:
     """The patients that go to test. Patients are shuffled, patients whose worse eye has a rarer grade
@@ -100,8 +103,10 @@ def balance(labels: np.ndarray) -> np.ndarray:
 
 
 def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0, fmt: str = "auto",
-          copy: bool = False) -> dict[str, tuple[list[str], np.ndarray, list[str]]]:
-    """Write DST's train and test splits; returns {side: (names, labels, patients)}."""
+          copy: bool = False, say: Callable[[str], None] = log.info) -> dict[str, tuple[list[str], np.ndarray, list[str]]]:
+    """Write DST's train and test splits from every labelled split under SRC (an unlabelled one, such as
+    APTOS's test.csv, is prediction only: left out, and `say` is told); returns {side: (names, labels,
+    patients)}."""
     src, dst = Path(src), Path(dst)
     found = find_splits(src)
     if fmt != "auto":
@@ -116,11 +121,16 @@ def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0,
     fmt = formats.pop()
     names, paths, labels, patients = [], [], [], []
     for name, _ in found:
-        part = read_split(src, name, fmt)
+        part = read_split(src, name, fmt, unlabelled_ok=True)
+        if not part.labelled:
+            say(f"left out the '{name}' split: {part.index_file.name} has no grades (prediction only)")
+            continue
         names += part.names
         paths += part.paths
         labels += part.labels.tolist()
         patients += part.patients
+    if not names:
+        raise DatasetError(f"{src}: no split has grades ({', '.join(n for n, _ in found)}): nothing to split")
     duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
     if duplicates:
         raise DatasetError(f"{src}: image names appear in more than one split: {duplicates[:10]}")
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.test_fraction < 1:
         p.error("--test-fraction must be between 0 and 1")
     return run_command(lambda: _report(split(args.src, args.dst, args.test_fraction, args.seed, args.format,
-                                              args.copy)))
+                                              args.copy, say=print)))
 
 
 def _report(result: dict) -> None:

@@ -31,6 +31,7 @@ from dr_resnet.results.rundir import (
     STATUS_FILE,
     SUMMARY_FILE,
     MetricsError,
+    last_launch_error,
     pending_files,
     read_metrics,
     selected_on,
@@ -90,6 +91,11 @@ class RunRecord:
         found = self._read(FINAL_PREDICTIONS_FILE)
         final = self.rows[-1]["epoch"] if self.rows else None
         return found if found is not None and found.epoch in (None, final) else None
+
+    @cached_property
+    def failure(self) -> str:
+        """Why its last launch ended with an error (its train.log), '' when it did not."""
+        return last_launch_error(self.path)
 
     @cached_property
     def summary(self) -> dict:

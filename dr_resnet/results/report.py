@@ -164,12 +164,12 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
             table.append({**row, "status": run.launch_status})
             continue
         if not run.rows:
-            table.append({**row, "status": "no epoch yet"})
+            table.append({**row, "status": f"failed: {run.failure}" if run.failure else "no epoch yet"})
             continue
         chosen, final = run.chosen(), run.rows[-1]
         progress = "done" if len(run.rows) >= run.epochs_planned else "in progress"
         how = f"held-out {run.select_by}" if run.has_val else FINAL
-        status = run.launch_status or progress
+        status = run.launch_status or (f"failed: {run.failure}" if run.failure else progress)
         if run.predictions_problem:
             status += f"; predictions not used: {run.predictions_problem}"
         table.append({**row, "status": status, "selected_by": how, "selected_epoch": chosen["epoch"],
@@ -181,6 +181,7 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
                       "referable_spec_at_selected": chosen.get("test_referable_specificity"),
                       "final_test_acc": final["test_acc"], "final_qwk": final["test_qwk"], "majority_baseline": run.baseline,
                       "patients_in_train_and_test": run.summary.get("patients_in_train_and_test"),
+                      "skipped_images": len(run.summary["skipped_images"]) if "skipped_images" in run.summary else None,
                       "final_qwk_95ci": (_with_interval(run.summary["final_intervals"]["qwk"])
                                          if "final_intervals" in run.summary and run.predictions("final") else None),
                       "train_minutes": sum(r["epoch_seconds"] for r in run.rows) / 60})

@@ -22,6 +22,7 @@ names. No torch here, so the report stays light.
 from __future__ import annotations
 
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -142,3 +143,31 @@ def settle_pending(run_dir: Path, selected_epoch: int | None) -> list[str]:
             path.unlink()
             done.append(f"removed {path.name} of epoch {epoch}, stopped before its checkpoint: the epoch is redone")
     return done
+
+
+LAUNCH_LINE = re.compile(r" INFO dr_resnet\.train: dr_resnet \S+: config ")  # train.log's first line of every launch
+ERROR_LINE = re.compile(r"^\S+ \S+ (?:\[rank \d+\] )?ERROR \S+: (.*)$")
+
+
+def last_launch_error(run_dir: Path) -> str:
+    """Why the run's last launch ended with an error, in one line, from its train.log ('' when it did
+    not, or there is no log): the user error it logged, or an unexpected error's last traceback line."""
+    path = Path(run_dir) / TRAIN_LOG
+    if not path.is_file():
+        return ""
+    lines = path.read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if LAUNCH_LINE.search(line)]
+    last = lines[starts[-1]:] if starts else lines
+    for i, line in enumerate(last):
+        found = ERROR_LINE.match(line)
+        if found:
+            more = []  # the message's further lines (a data error lists its problems), or a traceback
+            for following in last[i + 1:]:
+                if re.match(r"^\d{4}-\d\d-\d\d ", following):
+                    break
+                more.append(following.strip())
+            more = [m for m in more if m]
+            if more and more[0].startswith("Traceback"):
+                return f"{found.group(1)}: {more[-1]}"  # an unexpected error: the exception is the last line
+            return " ".join([found.group(1), *more])
+    return ""

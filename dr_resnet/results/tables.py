@@ -54,7 +54,8 @@ RESULT_COLUMNS = (("run", "run"), ("depth", None), ("weights", None), ("status",
                   ("referable_spec_at_selected", None), ("final_test_acc", None), ("final_qwk", None),
                   ("final_qwk_95ci", "final-epoch QWK (95% CI)"),
                   ("majority_baseline", "majority baseline"),
-                  ("patients_in_train_and_test", "test patients also in training"), ("train_minutes", "minutes"))
+                  ("patients_in_train_and_test", "test patients also in training"),
+                  ("skipped_images", "photos skipped"), ("train_minutes", "minutes"))
 COLUMNS = [key for key, _ in RESULT_COLUMNS]  # results.csv
 
 RESULTS_NOTE = (
@@ -70,7 +71,8 @@ RESULTS_NOTE = (
     "(train.calibration=temperature). final_qwk_95ci: the final planned epoch's QWK with its bootstrap interval "
     "(predictions_final.csv). patients_in_train_and_test: test patients with images in training too (the "
     "other eye, or a second visit): where above 0, the test figures may be optimistic; split by patient "
-    "(python -m dr_resnet.split).")
+    "(python -m dr_resnet.split). skipped_images: photos left out because they cannot be decoded or are blank "
+    "(data.bad_images=skip; summary.json names each).")
 
 
 def results_table(rows: list[dict]) -> Table:

@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from dr_resnet import config, patients
 from dr_resnet.config import Config, ConfigError, DataConfig, TrainConfig
+from dr_resnet.data import check
 from dr_resnet.data.augment import DeviceAugment
 from dr_resnet.data.dataset import RetinopathyDataset
 from dr_resnet.data.formats import TableOptions
@@ -46,6 +47,7 @@ class Datasets:
     train: RetinopathyDataset
     test: RetinopathyDataset
     val: RetinopathyDataset | None  # the held-out part of the training split (data.val_fraction)
+    skipped: list[dict] = field(default_factory=list)  # photos data.bad_images=skip left out (check.screen)
 
     def patient_overlap(self) -> dict:
         """patients.overlap of these splits: the patients shared between training, held-out part and test."""
@@ -62,8 +64,12 @@ def datasets(cfg: Config) -> Datasets:
     options = TableOptions.of(d)
     train = RetinopathyDataset(d.root, d.train_split, format=d.format, image_size=d.image_size, options=options)
     test = RetinopathyDataset(d.root, d.test_split, format=d.format, image_size=d.image_size, options=options)
+    checked, skipped = check.screen({"train": train, "test": test}, d.bad_images, max(1, d.workers), d.image_size,
+                                    "Replace or remove them, or set data.bad_images=skip to train and test without them "
+                                    "(they are then named in the log, summary.json and the report)", log)
+    train, test = checked["train"], checked["test"]
     if d.val_fraction <= 0:
-        return Datasets(train, test, None)
+        return Datasets(train, test, None, skipped)
     held_out = holdout_mask(train.patients, train.labels, d.val_fraction, d.split_seed)
     if held_out.sum() < d.min_val_images:
         if config.needs_held_out(cfg):
@@ -73,11 +79,12 @@ def datasets(cfg: Config) -> Datasets:
         log.warning("data.val_fraction=%g would hold out %d of the %d training images in %s, fewer than "
                     "data.min_val_images=%d: nothing is held out, and the final epoch is the result",
                     d.val_fraction, held_out.sum(), len(train), d.root, d.min_val_images)
-        return Datasets(train, test, None)
+        return Datasets(train, test, None, skipped)
     if held_out.all():
         raise ConfigError(f"data.val_fraction={d.val_fraction} holds out all {len(train)} training images in {d.root}: "
                           f"choose a fraction that leaves images to train on")
-    return Datasets(train.subset(~held_out, d.train_split), test, train.subset(held_out, f"{d.train_split}:held-out"))
+    return Datasets(train.subset(~held_out, d.train_split), test, train.subset(held_out, f"{d.train_split}:held-out"),
+                    skipped)
 
 
 def training_loader(dataset: RetinopathyDataset, cfg: Config, info: DistInfo

@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
+from dr_resnet.data import check
 from dr_resnet.data.dataset import RetinopathyDataset
 from dr_resnet.data.formats import add_format_arguments, format_arguments
 from dr_resnet.data.recipe import Recipe
@@ -30,6 +32,8 @@ from dr_resnet.training import components, distributed
 from dr_resnet.training.loop import TTA_MODES, evaluate
 from dr_resnet.training.runtime import DEVICES, PRECISIONS, configure_backends
 from dr_resnet.training.tracking import MODES, Tracker, TrackingSettings, identity, identity_tags, new_run_id
+
+log = logging.getLogger("dr_resnet.evaluate")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: one GPU per process if CUDA is there")
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation: 'flips' averages the predictions over h-, v- and hv-flips")
+    p.add_argument("--bad-images", default="stop", choices=("stop", "skip"),
+                   help="photos that cannot be decoded or are blank, found before evaluating: stop (naming every one) "
+                        "or skip (evaluate without them, named in metrics.json)")
     p.add_argument("--resamples", type=int, default=RESAMPLES,
                    help="bootstrap resamples for the 95%% intervals in metrics.json (0: none)")
     p.add_argument("--out", default="", help="folder for metrics.json, predictions.csv and confusion_matrix.png "
@@ -76,6 +83,10 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     fmt, options = format_arguments(args)
     dataset = RetinopathyDataset(args.data_root, args.split, format=fmt, image_size=size, options=options,
                                  prepare=recipe.prepare)
+    checked, skipped = check.screen({args.split: dataset}, args.bad_images, max(1, args.workers), size,
+                                    "Replace or remove them, or pass --bad-images skip to evaluate without them",
+                                    log)
+    dataset = checked[args.split]
     loader = components.evaluation_loader(dataset, args.batch_size, args.workers, info)
     evaluation = evaluate(model, loader, head, execution, tta=args.tta)
     precision = execution.precision
@@ -88,6 +99,7 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
               "image_size": size, "head": cfg.model.head, **head.state(), "tta": args.tta,
               "device": str(info.device), "precision": precision.name,
               "loss": evaluation.loss, **evaluation.scores(), **({"intervals": intervals} if intervals else {}),
+              **({"skipped_images": skipped} if skipped else {}),
               **({"ece": calibration["ece"], "calibration_bins": calibration["bins"]} if calibration else {})}
     if info.is_main:
         out = Path(args.out)

@@ -99,6 +99,7 @@ class Run:
     provenance: dict  # versions and the data's splits and class counts: saved with every checkpoint
     learning_rate: config.LearningRate  # the rate config.learning_rate's rule gives this run, and how
     patients: dict  # patients.overlap: how patients were identified, and any shared between the splits
+    skipped_images: list[dict] = field(default_factory=list)  # photos data.bad_images=skip left out
     rows: list[dict] = field(default_factory=list)  # the epochs logged so far (rank 0's: the summary and selection)
     wandb_id: str | None = None  # the W&B run this run logs to (rank 0), saved in every checkpoint
 
@@ -139,7 +140,8 @@ def build(cfg: Config, info: DistInfo) -> Run:
                val_loader=val_loader, fit_loader=fit_loader, train_sampler=train_sampler, model=model,
                eval_model=compile_model(model, t.compile), trainer=trainer, train_baseline=data.train.majority_baseline,
                test_baseline=data.test.majority_baseline, recipe=Recipe.of_data(cfg.data.root, cfg.data.image_size),
-               provenance=provenance(cfg, data), learning_rate=lr, patients=data.patient_overlap())
+               provenance=provenance(cfg, data), learning_rate=lr, patients=data.patient_overlap(),
+               skipped_images=data.skipped)
 
 
 def provenance(cfg: Config, data: components.Datasets) -> dict:
@@ -395,6 +397,7 @@ def write_summary(run: Run, figure: bool) -> dict:
         "checkpoint_best_epoch": best["epoch"],  # the epoch of checkpoint_best.pt and of predictions.csv
         "patients_in_train_and_test": run.patients["patients_in_train_and_test"],
         "patients": run.patients,
+        "skipped_images": run.skipped_images,  # data.bad_images=skip: split, row, file and why, each
     }
     if figure:
         summary.update(uncertainty(run.run_dir))
@@ -703,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work(info: DistInfo) -> int:
         distributed.log_to_file(Path(cfg.output.dir) / TRAIN_LOG, info)
+        # train.log's first line of each launch (results/rundir.py's LAUNCH_LINE finds the last launch by it)
         log.info("dr_resnet %s: config %s%s", __version__, config_file or "(defaults)",
                  f" + {' '.join(overrides)}" if overrides else "")
         log.info("environment: %s; %d process(es) (%s) on %s", environment(), info.world_size, info.launcher,
