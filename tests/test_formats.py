@@ -289,3 +289,19 @@ def test_grades_written_as_whole_floats_read_as_integers(source, tmp_path):
         csv.writer(f).writerows(rows)
     with pytest.raises(DatasetError, match="label not an integer in 0..4 in 1 row"):
         read_split(tmp_path, "test", "kaggle")
+
+
+def test_split_pools_eyepacs_as_shipped_and_refuses_what_it_cannot_write(copies, tmp_path, capsys):
+    """On an EyePACS root (trainLabels.csv and retinopathy_solution.csv) split pools both splits, not
+    trainLabels.csv alone, and writes the kaggle layout; a layout it cannot write is refused by name."""
+    from dr_resnet.data.split import main as split_main
+
+    root, expected = copies["eyepacs"]
+    assert split_main(["--src", str(root), "--dst", str(tmp_path / "out"), "--test-fraction", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "EyePACS as shipped (--format eyepacs)" in out and "pooling the eyepacs split(s) train, test" in out
+    written = read_split(tmp_path / "out", "train", "kaggle").names + read_split(tmp_path / "out", "test", "kaggle").names
+    assert sorted(written) == sorted(n for s in ("train", "test") for n, _ in expected[s])
+    for kind in ("idrid", "messidor2", "csv"):
+        assert split_main(["--src", str(root), "--dst", str(tmp_path / kind), "--format", kind]) == 2
+        assert f"--format {kind} is read but not written" in capsys.readouterr().err

@@ -229,5 +229,6 @@ def test_an_image_that_became_unreadable_is_named_with_its_row(data, tmp_path, c
     # Every image once an epoch (the progressive sampler draws with replacement and might skip this one).
     assert main(args(broken, tmp_path / "run", "train.batch_size=8", "train.epochs=1", "train.sampler=random")) == 2
     err = capfd.readouterr().err
-    assert f"{image} (row 3 of {broken / 'train_img.csv'}, split 'train'): cannot decode image" in err
+    # Found by the check at start (data/check.py), before any step: named with its row and split.
+    assert f"{image} (row 3, split 'train'): cannot be decoded" in err
     assert "Traceback" not in err and "DataLoader worker" not in err

@@ -313,8 +313,9 @@ def _read_table(table: Table, problems: list[str], left_out: list[str], unlabell
     rows a table keeps. An empty patient cell is a problem naming its rows. Header names are matched
     without stray spaces; trailing empty columns and blank lines are no rows; rows that data.filter or a
     label mapped to drop leave out are counted in the log and in `left_out` (a line per rule). A header
-    with the image column but not the label column is an unlabelled split (`unlabelled` gets True; the
-    label texts are then the names)."""
+    of the image column and no other but the filters' and the patient's is an unlabelled split
+    (`unlabelled` gets True; the label texts are then the names); any other header without the label
+    column is a problem naming it."""
     path = table.file
     rows = _read_rows(path, table.delimiter)
     if table.header:
@@ -323,8 +324,9 @@ def _read_table(table: Table, problems: list[str], left_out: list[str], unlabell
                             f"'{table.label_column}')")
             return [], [], None
         header = [c.strip() for c in rows[0]]
-        if table.label_column not in header and table.image_column in header:
-            unlabelled.append(True)  # e.g. APTOS's test.csv: the labels were never published
+        known = {table.image_column, table.patient_column, *(c for c, _ in table.filters)}
+        if table.label_column not in header and table.image_column in header and set(filter(None, header)) <= known:
+            unlabelled.append(True)  # e.g. APTOS's test.csv (id_code alone): the labels were never published
             table = dataclasses.replace(table, label_column=table.image_column, label_map=())
         wanted = [("image column", table.image_column), ("label column", table.label_column),
                   *(("filter column", c) for c, _ in table.filters),

@@ -24,11 +24,13 @@ import numpy as np
 
 from dr_resnet import NUM_GRADES
 from dr_resnet.errors import run_command
-from dr_resnet.data.formats import DatasetError, SplitLayout, find_splits, read_split
-from dr_resnet.registry import FORMAT_CHOICES
+from dr_resnet.data.formats import DatasetError, SplitLayout, find_splits, image_stem, read_split, split_names
+from dr_resnet.registry import FORMAT_CHOICES, FORMATS
 from dr_resnet.seeds import derive_seed
 
 log = logging.getLogger("dr_resnet.split")
+WRITTEN_AS = {"eyepacs": "kaggle"}  # published layouts split writes, and the layout it writes them in
+EYEPACS_MARK = "retinopathy_solution.csv"  # the released test labels: an EyePACS root as shipped
 
 def assign(patients: dict[str, list[int]], labels: np.ndarray, test_fraction: float, seed: int) -> set[str]:
     """The patients that go to test. Patients are shuffled, patients whose worse eye has a rarer grade
@@ -108,9 +110,19 @@ def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0,
     APTOS's test.csv, is prediction only: left out, and `say` is told); returns {side: (names, labels,
     patients)}."""
     src, dst = Path(src), Path(dst)
-    found = find_splits(src)
-    if fmt != "auto":
-        found = [(name, f) for name, f in found if f == fmt]
+    if fmt == "auto" and (src / EYEPACS_MARK).is_file():  # its trainLabels.csv alone would look like kaggle
+        say(f"{src / EYEPACS_MARK} found: EyePACS as shipped (--format eyepacs), its train and test splits pooled")
+        fmt = "eyepacs"
+    if fmt not in ("auto", *FORMATS, *WRITTEN_AS):
+        raise DatasetError(f"split writes the lab, kaggle and aptos layouts, and EyePACS as shipped (as kaggle); "
+                           f"--format {fmt} is read but not written: train on it as it is, or hold out by patient with "
+                           f"data.val_fraction and data.patient_column")
+    if fmt in WRITTEN_AS:
+        found = [(name, fmt) for name in split_names(src, fmt)]
+    else:
+        found = find_splits(src)
+        if fmt != "auto":
+            found = [(name, f) for name, f in found if f == fmt]
     if not found:
         raise DatasetError(f"no dataset split files found in {src}")
     formats = {f for _, f in found}
@@ -119,6 +131,7 @@ def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0,
     if dst.resolve() == src.resolve():
         raise DatasetError("--dst must differ from --src")
     fmt = formats.pop()
+    say(f"pooling the {fmt} split(s) {', '.join(name for name, _ in found)} of {src}")
     names, paths, labels, patients = [], [], [], []
     for name, _ in found:
         part = read_split(src, name, fmt, unlabelled_ok=True)
@@ -139,10 +152,10 @@ def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0,
     sides = {"train": np.flatnonzero(~in_test).tolist(), "test": np.flatnonzero(in_test).tolist()}
     result = {}
     for side, rows in sides.items():
-        layout = SplitLayout.of(dst, side, fmt)
+        layout = SplitLayout.of(dst, side, WRITTEN_AS.get(fmt, fmt))
         layout.image_dirs[0].mkdir(parents=True, exist_ok=True)
         for i in rows:
-            _place(paths[i], layout.image_path(names[i], paths[i].suffix), copy)
+            _place(paths[i], layout.image_path(image_stem(names[i]), paths[i].suffix), copy)
         layout.write_index([names[i] for i in rows], labels_arr[rows])
         result[side] = ([names[i] for i in rows], labels_arr[rows], [patients[i] for i in rows])
     return result
