@@ -60,6 +60,18 @@ def test_eyepacs_public_and_private_halves_make_the_test_split(copies):
     assert len(public.names) == len(expected["public"]) == 3
 
 
+def test_describe_shows_eyepacs_halves_and_names_the_formats_to_try(copies, capsys):
+    root, expected = copies["eyepacs"]
+    assert describe_main([str(root), "--format", "eyepacs"]) == 0
+    out = capsys.readouterr().out
+    assert "    of which public: 3 images (Usage=Public)" in out
+    assert f"    of which private: {len(expected['private'])} images (Usage=Private)" in out
+    idrid, _ = copies["idrid"]
+    assert describe_main([str(idrid)]) == 2
+    err = capsys.readouterr().err
+    assert "auto detects lab, kaggle, aptos, folders; name another layout with --format (eyepacs | idrid" in err
+
+
 def test_folders_are_detected_and_a_folder_that_is_not_a_grade_is_named(copies, tmp_path):
     import shutil
 
@@ -305,3 +317,14 @@ def test_split_pools_eyepacs_as_shipped_and_refuses_what_it_cannot_write(copies,
     for kind in ("idrid", "messidor2", "csv"):
         assert split_main(["--src", str(root), "--dst", str(tmp_path / kind), "--format", kind]) == 2
         assert f"--format {kind} is read but not written" in capsys.readouterr().err
+
+
+def test_two_files_whose_extensions_differ_only_in_case_are_an_error_naming_both(source, tmp_path):
+    import shutil
+
+    shutil.copytree(source, tmp_path / "k")
+    name = read_split(tmp_path / "k", "test", "kaggle").names[2]
+    jpeg = tmp_path / "k" / "test" / f"{name}.jpeg"
+    shutil.copyfile(jpeg, jpeg.with_suffix(".JPEG"))
+    message = str(pytest.raises(DatasetError, read_split, tmp_path / "k", "test", "kaggle").value)
+    assert f"image '{name}' is {jpeg} and {jpeg.with_suffix('.JPEG')}" in message

@@ -330,6 +330,9 @@ def test_arms_are_the_runs_that_trained_the_same_thing(runs, tmp_path):
     assert comparisons["pretraining at ResNet50, model.head=ordinal", "selected"]["status"] == (
         "not compared: resnet50 scratch, model.head=ordinal has no run")
     md = (tmp_path / "out" / "results.md").read_text()
+    # The comparisons an absent arm rules out: one line in the table, not a row per pair and epoch.
+    assert md.count("| not compared: no run of resnet50 scratch, model.head=ordinal |") == 1
+    assert "ordinal has no run" not in md
     assert "| resnet50 pretrained, model.head=classification | 0, 1 | " in md  # the seeds table: one arm of two
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count("<tr") == md.count("\n| ")  # the same tables, heading rows and rows, on the page

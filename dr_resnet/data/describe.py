@@ -15,15 +15,19 @@ import numpy as np
 
 from dr_resnet import GRADES, NUM_GRADES
 from dr_resnet.errors import run_command
-from dr_resnet.data.formats import (DatasetError, TableOptions, add_format_arguments, find_splits, format_arguments,
-                                     read_split, split_names)
+from dr_resnet.data.formats import (DETECTED, PRESETS, DatasetError, TableOptions, add_format_arguments, find_splits,
+                                     format_arguments, read_split, split_names)
 from dr_resnet.patients import identity_of, shared_patients
+from dr_resnet.registry import DATASETS
 
 
 def describe(root: str, fmt: str = "auto", options: TableOptions | None = None) -> str:
     found = find_splits(root) if fmt == "auto" else [(s, fmt) for s in split_names(Path(root), fmt, options)]
     if not found:
-        raise DatasetError(f"no dataset split files found in {root}" + (f" ({fmt} format)" if fmt != "auto" else ""))
+        hint = (f" ({fmt} format)" if fmt != "auto" else
+                f": auto detects {', '.join(DETECTED)}; name another layout with --format "
+                f"({' | '.join(DATASETS)}, as their publishers ship them, or csv with data.train_csv / data.test_csv)")
+        raise DatasetError(f"no dataset split files found in {root}{hint}")
     lines = [f"{root}"]
     patients, source = {}, ""
     for name, split_format in found:
@@ -39,6 +43,12 @@ def describe(root: str, fmt: str = "auto", options: TableOptions | None = None) 
         lines.append(f"  {name} ({split_format}): {total} images, {len(set(split.patients))} patients   {shares}   "
                      f"majority baseline {counts.max() / total:.1%}")
         lines += [f"    {line} ({split.index_file.name})" for line in split.left_out]
+        if split_format in PRESETS:  # parts of it the dataset names (EyePACS' public and private leaderboard halves)
+            for view in PRESETS[split_format].views:
+                part = read_split(root, view, split_format, options)
+                if PRESETS[split_format].tables[view][0] == split.index_file.name:
+                    lines.append(f"    of which {view}: {len(part.names)} images "
+                                 f"({' '.join(f'{c}={v}' for c, v in part.table.filters)})")
     lines.append(f"  patients: {identity_of([p for found in patients.values() for p in found], source)}")
     names = list(patients)
     for i, a in enumerate(names):

@@ -410,6 +410,7 @@ class _DirIndex:
 
     def __init__(self, dirs: Sequence[Path]) -> None:
         self.dirs = [(d, {e.name for e in os.scandir(d) if e.is_file()} if d.is_dir() else set()) for d in dirs]
+        self.ambiguous: list[tuple[str, list[Path]]] = []  # names that two files answer to (a.jpeg and a.JPEG)
 
     def find(self, name: str, extension: str) -> Path | None:
         """The file of an image name: the name as given when it has an image extension, else the name with
@@ -418,9 +419,12 @@ class _DirIndex:
         others = [stem + e for e in _ANY_CASE_EXTENSIONS if e != extension]
         candidates = ([name] if stem != name else []) + [stem + extension] + others
         for d, files in self.dirs:
-            for c in candidates:
-                if c in files:
-                    return d / c
+            found = [c for c in candidates if c in files]
+            if found:
+                same = [c for c in found if c.lower() == found[0].lower()]
+                if len(same) > 1 and found[0] != name:  # the name does not say which of them
+                    self.ambiguous.append((name, [d / c for c in same]))
+                return d / found[0]
         return None
 
 
@@ -591,6 +595,9 @@ def read_split(root: str | os.PathLike, split: str = "train", fmt: str = "auto",
             if path is None:
                 missing.append(line)
             paths.append(path)
+        for name, files in index.ambiguous:
+            problems.append(f"image {name!r} is {' and '.join(str(f) for f in files)}, files whose names differ only in "
+                            f"the case of their extension: remove or rename all but one")
         if missing:
             where = " or ".join(str(d) for d in image_dirs)
             example = dict(names)[missing[0]]

@@ -332,7 +332,8 @@ def compare_arms(arms: list[Arm], resamples: int = RESAMPLES, epoch: str = "sele
         seeds = sorted(set(done_a) & set(done_b))
         if missing or not seeds:
             reason = "; ".join(missing) or f"no seed in common ({sorted(done_a)} and {sorted(done_b)})"
-            results.append({**entry, "status": f"not compared: {reason}"})
+            absent = [name for name, arm in ((pair.name_a, pair.a), (pair.name_b, pair.b)) if arm is None or not arm.runs]
+            results.append({**entry, "status": f"not compared: {reason}", **({"absent": absent} if absent else {})})
             continue
         found_a, found_b = ([done_a[k].predictions(epoch) for k in seeds],
                             [done_b[k].predictions(epoch) for k in seeds])

@@ -129,6 +129,11 @@ def comparisons_table(comparisons: list[dict]) -> Table:
                  f"correction over all {len(made)}; unmarked ones may be chance findings.")
     table = Table("comparisons", "Paired comparisons (A - B on the same test images)", note, columns,
                   numeric=frozenset([*(key for key, _ in PAIR_METRICS), "agree", "qwk_p", "counts", "p"]))
+    # Comparisons an arm with no run at all rules out: one line for all of them, not one per pair and epoch.
+    absent = list(dict.fromkeys(name for c in comparisons for name in c.get("absent", ())))
+    if absent:
+        table.rows.append(Row(["not compared: no run of " + ", ".join(absent)], "notrun"))
+    comparisons = [c for c in comparisons if not c.get("absent")]
     for epoch, title in EPOCH_TITLES.items():
         shown = [c for c in comparisons if c["epoch"] == epoch]
         if shown:
