@@ -143,6 +143,8 @@ class DataConfig:
     val_fraction: float = 0.1  # hold out this share of the training split (whole patients, stratified by grade):
     # the epoch is chosen on it (train.select_by), the temperature (and regression.fit_thresholds=val) fitted on it.
     # 0, or a held-out part under min_val_images: nothing is chosen, the final epoch is the result
+    val_split: str = ""  # an official validation split as the held-out part (DDR's valid), instead of
+    # data.val_fraction of the training split ('' : the fraction)
     min_val_images: int = 50  # a held-out part smaller than this would choose epochs by noise: nothing is held out
     # then (a warning names the sizes), unless something must be fitted there (an error then)
     split_seed: int = 0  # which patients are held out: its own seed, so train.seed varies the training, not the data
@@ -466,9 +468,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if HEAD_SPECS[cfg.model.head].has_thresholds and cfg.regression.fit_thresholds == "val" and cfg.data.val_fraction == 0:
+    held_out = cfg.data.val_fraction > 0 or bool(cfg.data.val_split)
+    if HEAD_SPECS[cfg.model.head].has_thresholds and cfg.regression.fit_thresholds == "val" and not held_out:
         raise ConfigError("regression.fit_thresholds=val needs a held-out set: set data.val_fraction (e.g. 0.1)")
-    if cfg.train.calibration == "temperature" and (cfg.data.val_fraction == 0
+    if cfg.data.val_split and cfg.data.val_split in (cfg.data.train_split, cfg.data.test_split):
+        raise ConfigError(f"data.val_split={cfg.data.val_split} is also the training or test split: name another split")
+    if cfg.train.calibration == "temperature" and (not held_out
                                                    or not HEAD_SPECS[cfg.model.head].has_probabilities):
         raise ConfigError("train.calibration=temperature fits the probabilities on a held-out set: set data.val_fraction "
                           "(e.g. 0.1), with the classification or ordinal head (a regression head has no probabilities)")

@@ -138,8 +138,9 @@ def published_copy(src: Path, dst: Path, kind: str) -> dict[str, list[tuple[str,
         write(dst / "messidor-2.csv", [["left", "right"], *([files[i], files[i + 1]] for i in range(0, len(files) - 1, 2))],
               delimiter=";")
         expected = {"test": kept}
-    elif kind == "ddr":  # DR_grading: <split>.txt lines "<file> <grade>", grade 5 = ungradable
-        for name, split in splits.items():
+    elif kind == "ddr":  # DR_grading: <split>.txt lines "<file> <grade>", grade 5 = ungradable; its official
+        # validation split `valid` (here: the training images again, under their own names)
+        for name, split in {**splits, "valid": splits["train"]}.items():
             lines, kept = [], []
             for i, (n, g, p) in enumerate(zip(split.names, split.labels, split.paths)):
                 file = f"007-{i:04d}-{name[:2]}.jpg"

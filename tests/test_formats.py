@@ -328,3 +328,23 @@ def test_two_files_whose_extensions_differ_only_in_case_are_an_error_naming_both
     shutil.copyfile(jpeg, jpeg.with_suffix(".JPEG"))
     message = str(pytest.raises(DatasetError, read_split, tmp_path / "k", "test", "kaggle").value)
     assert f"image '{name}' is {jpeg} and {jpeg.with_suffix('.JPEG')}" in message
+
+
+def test_an_official_validation_split_is_the_held_out_part(copies, tmp_path):
+    """DDR ships valid.txt: data.val_split=valid chooses the epoch on it, whole, instead of a fraction of
+    training."""
+    import json
+
+    from dr_resnet.training.train import main
+
+    from helpers import demo_args, metrics_rows
+
+    root, expected = copies["ddr"]
+    run_dir = tmp_path / "run"
+    assert main(demo_args(root, run_dir, "data.format=ddr", "data.val_split=valid", "data.image_size=32",
+                          "train.epochs=2", "train.warmup_epochs=0", batch_size=4, workers=0)) == 0
+    rows = metrics_rows(run_dir)
+    assert all("val_qwk" in r for r in rows) and sum(map(sum, rows[-1]["val_confusion_matrix"])) == len(expected["valid"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["selected_on"] == "val" and sum(map(sum, rows[-1]["confusion_matrix"])) == len(expected["test"])
+    assert f"held-out part: the 'valid' split ({len(expected['valid'])} images)" in (run_dir / "train.log").read_text()

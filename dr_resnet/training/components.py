@@ -56,18 +56,23 @@ class Datasets:
 
 
 def datasets(cfg: Config) -> Datasets:
-    """The training and test splits, and the held-out part of training (whole patients, stratified by
-    grade, drawn by data.split_seed: the same images whatever train.seed) when data.val_fraction > 0
-    and it would hold at least data.min_val_images; below that, a warning names the sizes and nothing
-    is held out (the final epoch is then the run's result)."""
+    """The training and test splits, every photo checked (data.bad_images), and the held-out part: the
+    dataset's own validation split with data.val_split, else part of training (whole patients,
+    stratified by grade, drawn by data.split_seed: the same images whatever train.seed) when
+    data.val_fraction > 0 and it would hold at least data.min_val_images; below that, a warning names
+    the sizes and nothing is held out (the final epoch is then the run's result)."""
     d = cfg.data
     options = TableOptions.of(d)
-    train = RetinopathyDataset(d.root, d.train_split, format=d.format, image_size=d.image_size, options=options)
-    test = RetinopathyDataset(d.root, d.test_split, format=d.format, image_size=d.image_size, options=options)
-    checked, skipped = check.screen({"train": train, "test": test}, d.bad_images, max(1, d.workers), d.image_size,
+    read = {name: RetinopathyDataset(d.root, split, format=d.format, image_size=d.image_size, options=options)
+            for name, split in (("train", d.train_split), ("test", d.test_split), ("val", d.val_split)) if split}
+    checked, skipped = check.screen(read, d.bad_images, max(1, d.workers), d.image_size,
                                     "Replace or remove them, or set data.bad_images=skip to train and test without them "
                                     "(they are then named in the log, summary.json and the report)", log)
     train, test = checked["train"], checked["test"]
+    if d.val_split:  # the dataset's own validation split (DDR's valid): whole, as its publisher drew it
+        log.info("held-out part: the '%s' split (%d images); data.val_fraction is not used", d.val_split,
+                 len(checked["val"]))
+        return Datasets(train, test, checked["val"], skipped)
     if d.val_fraction <= 0:
         return Datasets(train, test, None, skipped)
     held_out = holdout_mask(train.patients, train.labels, d.val_fraction, d.split_seed)
