@@ -232,3 +232,34 @@ def test_an_image_that_became_unreadable_is_named_with_its_row(data, tmp_path, c
     # Found by the check at start (data/check.py), before any step: named with its row and split.
     assert f"{image} (row 3, split 'train'): cannot be decoded" in err
     assert "Traceback" not in err and "DataLoader worker" not in err
+
+
+def test_a_resumed_momentum_buffer_is_laid_out_like_its_parameter_and_fused_sgd_updates_right():
+    """A checkpoint written with NCHW weights resumed into a channels_last model (a CPU checkpoint on CUDA,
+    or train.channels_last changed): load_state_dict keeps the buffer's NCHW strides, and fused SGD then
+    computes a wrong update on CPU (a crash on CUDA). After loading, each buffer is laid out like its
+    parameter and the fused step equals the foreach step."""
+    from dr_resnet.training.components import load_optimizer_state, sgd
+
+    torch.manual_seed(0)
+    writer = torch.nn.Conv2d(3, 8, 3)
+    opt = sgd(writer.parameters(), 0.1, 0.9, 1e-4, fused=False)
+    writer(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    opt.step()
+    saved = opt.state_dict()
+    grad = torch.randn_like(writer.weight)
+
+    def step(fused: bool) -> torch.Tensor:
+        model = torch.nn.Conv2d(3, 8, 3)
+        model.load_state_dict(writer.state_dict())
+        model = model.to(memory_format=torch.channels_last)
+        optimizer = sgd(model.parameters(), 0.1, 0.9, 1e-4, fused=fused)
+        load_optimizer_state(optimizer, saved)
+        buffer = optimizer.state[model.weight]["momentum_buffer"]
+        assert buffer.stride() == model.weight.stride() and buffer.is_contiguous(memory_format=torch.channels_last)
+        model.weight.grad = grad.contiguous(memory_format=torch.channels_last)
+        model.bias.grad = torch.zeros_like(model.bias)
+        optimizer.step()
+        return model.weight.detach().clone()
+
+    torch.testing.assert_close(step(fused=True), step(fused=False), rtol=0, atol=1e-6)

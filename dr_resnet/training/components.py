@@ -321,6 +321,20 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     for group, own in zip(optimizer.param_groups, flags):
         group.update(own)
     zero_momentum(optimizer)
+    relay_like_parameters(optimizer)
+
+
+def relay_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Each state tensor shaped like its parameter laid out like it: load_state_dict moves a buffer with
+    .to(device) and keeps the writer's layout, so a CPU (NCHW) checkpoint resumed with channels_last, or
+    with train.channels_last changed, gives momentum strides unlike the gradient's. Fused SGD then fails
+    on CUDA, and on CPU silently mixes elements up (the update is wrong)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def optimisation(t: TrainConfig, lr: float, network: nn.Module, steps_per_epoch: int, execution: Execution) -> Optimisation:
