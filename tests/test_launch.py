@@ -154,7 +154,8 @@ def sbatch_dry_run(tmp_path, **slurm) -> str:
 def test_sbatch_script_counts_processes_from_slurms_gpus_and_gives_them_the_cpus(tmp_path, slurm, processes):
     out = sbatch_dry_run(tmp_path, SLURM_CPUS_PER_TASK="36", **slurm)
     command = out.strip().splitlines()[-1]
-    assert command.startswith("srun --kill-on-bad-exit=1 --cpus-per-task 36 ")
+    # One task (one torchrun) a node, whatever --ntasks-per-node the job was submitted with.
+    assert command.startswith("srun --kill-on-bad-exit=1 --nodes 2 --ntasks 2 --ntasks-per-node=1 --cpus-per-task 36 ")
     assert f"--nnodes 2 --nproc_per_node {processes} " in command and "--rdzv_id 4242" in command
     assert f":{master_port(4242)} " in command  # the rendezvous port rule of dr_resnet.distributed
     assert command.endswith("-m dr_resnet.train --config configs/base.yaml")
@@ -292,6 +293,17 @@ def test_the_batch_script_follows_the_one_requeue_policy():
     # torchrun's grace for the workers' checkpoint after the signal: the lead time less a margin, not its 30 s
     assert requeue.SHUTDOWN_LINE in (REPO / "slurm" / "train.sbatch").read_text().splitlines()
     assert 30 < requeue.SHUTDOWN_S < requeue.SIGNAL_LEAD_S
+    # The stop signal goes to the step's tasks (scancel --signal), never to srun, which would kill the step.
+    script = (REPO / "slurm" / "train.sbatch").read_text()
+    assert 'scancel --signal=TERM "$step"' in script and 'kill -TERM "$training"' in script.split("else")[-1]
+
+
+def test_the_batch_scripts_cpus_are_one_gpus_as_launch_sweep_counts_them():
+    """launch.sweep gives a task data.workers + 1 CPUs; train.sbatch's default is one GPU's of base.yaml."""
+    from dr_resnet import config
+
+    workers = config.load(REPO / "configs" / "base.yaml").data.workers
+    assert f"#SBATCH --cpus-per-task={workers + 1}" in (REPO / "slurm" / "train.sbatch").read_text().splitlines()
 
 
 def test_the_launcher_calls_no_private_submitit_method():

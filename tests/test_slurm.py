@@ -140,10 +140,16 @@ def test_an_interrupted_array_task_is_requeued_and_finishes_every_epoch_once(clu
 
 
 def test_sbatch_script_runs_two_nodes_and_requeues_on_usr1(cluster, data, tmp_path):
+    """Submitted with two tasks a node (the script still starts one torchrun a node); at USR1 the step's
+    tasks get SIGTERM (srun would have killed them), the leg ends with a checkpoint written on the signal,
+    and the next leg resumes exactly there."""
+    import re
+
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHON": sys.executable, "NPROC_PER_NODE": "1"}
     job_id = subprocess.run(
-        ["sbatch", "--parsable", "--nodes", "2", "--cpus-per-task", "1", "--output", str(tmp_path / "slurm-%j.out"),
+        ["sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "2", "--cpus-per-task", "1",
+         "--output", str(tmp_path / "slurm-%j.out"),
          str(SCRIPTS[0]), "--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", *TINY,
          "train.epochs=4", f"output.dir={run_dir}"],
         env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
@@ -155,6 +161,10 @@ def test_sbatch_script_runs_two_nodes_and_requeues_on_usr1(cluster, data, tmp_pa
         time.sleep(1)
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "USR1: the time limit is near; requeueing" in log and "(restart 1)" in log and "resumed" in log
+    assert f"SIGTERM to the tasks of job step {job_id}.0" in log
+    stopped = re.search(r"stopped by SIGTERM (in epoch \d+ after step \d+ of \d+|after epoch \d+);", log)
+    assert stopped, log[-3000:]  # the leg wrote its checkpoint on the signal...
+    assert re.search(r"resumed \S+checkpoint_last\.pt " + stopped.group(1), log), log[-3000:]  # ...and the next went on there
     assert "gloo uses interface" in log  # two nodes: gloo told which interface reaches the master
     assert epochs_logged(run_dir) == [1, 2, 3, 4]
     summary = json.loads((run_dir / "summary.json").read_text())
