@@ -201,8 +201,9 @@ def test_one_gpu_torchrun_run_resumes_and_its_checkpoint_predicts_the_same_on_cp
 @pytest.mark.slow  # torch.compile: make gpu-check-full, not the quick tier
 def test_compiled_training_resumes_with_plain_checkpoints(tiny, tmp_path):
     run_dir = tmp_path / "compiled"
-    run_training(1, tiny, run_dir, "train.epochs=1", "train.compile=true")
-    second = run_training(1, tiny, run_dir, "train.epochs=2", "train.compile=true")
+    # train.sync_bn=true with compile is refused by the config: compile runs with SyncBatchNorm off.
+    run_training(1, tiny, run_dir, "train.epochs=1", "train.compile=true", "train.sync_bn=false")
+    second = run_training(1, tiny, run_dir, "train.epochs=2", "train.compile=true", "train.sync_bn=false")
     assert "resumed" in second.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(np.isfinite(r["test_loss"]) for r in rows)
@@ -222,19 +223,21 @@ def test_more_processes_than_gpus_is_an_error_with_the_counts(tiny, tmp_path):
 def test_predict_on_the_gpu_grades_as_the_cpu_and_draws_heat_maps(runs, photos, tmp_path):
     """predict --device cuda (bf16 autocast on recent GPUs, channels_last) against --device cpu (fp32)."""
     import csv
-
-    pytest.importorskip("captum", reason="the heat maps (--cam) need captum")
+    import importlib.util
 
     from dr_resnet.serving.predict import main as predict_main
 
+    cam = importlib.util.find_spec("captum") is not None  # the heat maps need captum; the grading does not
     images = [str(p) for p in sorted((photos / "raw" / "images").iterdir())[:16]]
     for device in ("cpu", "cuda"):
         args = ["--checkpoint", str(runs["ordinal"] / "checkpoint_best.pt"), "--images", *images, "--device", device,
                 "--out", str(tmp_path / f"{device}.csv"), "--workers", "2"]
-        assert predict_main(args + (["--cam", str(tmp_path / "cam")] if device == "cuda" else [])) == 0
+        assert predict_main(args + (["--cam", str(tmp_path / "cam")] if device == "cuda" and cam else [])) == 0
     rows = {d: list(csv.DictReader(open(tmp_path / f"{d}.csv"))) for d in ("cpu", "cuda")}
     p = {d: np.array([[float(r[f"p_grade{k}"]) for k in range(5)] for r in rows[d]]) for d in rows}
     assert np.abs(p["cpu"] - p["cuda"]).max() < 0.05  # bf16 rounding
+    if not cam:
+        pytest.skip("graded alike on CPU and GPU; the heat maps (--cam) need captum, not installed here")
     assert len(list((tmp_path / "cam").iterdir())) == 16
 
 
