@@ -692,3 +692,50 @@ def test_one_process_decides_at_each_boundary_on_its_own_flags():
     assert boundary.decide(nonfinite_seen=True).nonfinite
     signals.received = int(signal.SIGUSR1)
     assert boundary.decide().stop_signal == signal.SIGUSR1 and boundary.decide().checkpoint
+
+
+def _skip_on_one_rank(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        trainer = tiny_trainer("classification", clip=0.0)
+        trainer.model = DistributedDataParallel(trainer.model)
+        trainer.nonfinite = "skip"
+        loss = trainer.head.loss
+        # Rank 1's loss is infinite while its gradients stay finite (a constant added to the loss).
+        trainer.head.loss = (lambda o, y: loss(o, y) + float("inf")) if rank == 1 else loss
+        totals = EpochTotals(torch.device("cpu"), keep_outputs=True)
+        trainer.run_steps(batches(2, 16)[rank:rank + 1], epoch_generator(0, 0, rank), totals)
+        torch.save({"params": [p.detach().clone() for p in trainer.model.module.parameters()],
+                    "nonfinite": int(totals.nonfinite)}, f"{out}.{rank}")
+        # A rank that had no step at all: the epoch's reduction still gathers every rank's outputs.
+        empty = EpochTotals(torch.device("cpu"), keep_outputs=True)
+        if rank == 0:
+            empty.add(0, torch.tensor(1.0), torch.ones(3, 5), torch.tensor([1, 2, 3]), torch.tensor(1), torch.tensor(True))
+        stats = empty.reduce(seconds=1.0)
+        torch.save({"outputs": torch.from_numpy(stats["outputs"]), "labels": torch.from_numpy(stats["labels"])},
+                   f"{out}.gathered.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skip_mode_decides_on_all_reduced_values_and_an_empty_rank_gathers():
+    """train.nonfinite=skip with 2 gloo processes, rank 1's loss infinite and its gradients finite: both
+    ranks take the step (the all-reduced gradient decides), so the replicas stay equal; rank 1 still counts
+    its step as non-finite. And a rank with no steps in an epoch gathers the others' outputs."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_skip_on_one_rank, args=(f"{folder}/store", f"{folder}/out"), nprocs=2, start_method="spawn")
+        ranks = [torch.load(f"{folder}/out.{r}", weights_only=True) for r in (0, 1)]
+        start = tiny_trainer("classification").model.parameters()
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+        assert not all(torch.equal(a, s) for a, s in zip(ranks[0]["params"], start))  # the step was taken
+        assert [r["nonfinite"] for r in ranks] == [0, 1]
+        for r in (0, 1):
+            gathered = torch.load(f"{folder}/out.gathered.{r}", weights_only=True)
+            assert torch.equal(gathered["outputs"], torch.ones(3, 5)) and gathered["labels"].tolist() == [1, 2, 3]

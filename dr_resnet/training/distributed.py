@@ -281,13 +281,27 @@ def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
     return torch.stack(shards, dim=1).reshape(longest * world, *local.shape[1:])[:total]
 
 
+ROW_DIMS = 3  # gather_rows: the most dimensions a row may have
+
+
 def gather_rows(local: torch.Tensor) -> torch.Tensor:
     """Every rank's rows, concatenated in rank order (on the tensor's device). Ranks may hold different
-    numbers of rows (an epoch resumed by another number of processes: rank 0 carries the rows so far):
-    the lengths are gathered first, every shard padded to the longest and trimmed after."""
+    numbers of rows (an epoch resumed by another number of processes: rank 0 carries the rows so far),
+    none at all included (a rank left without steps near the epoch's end, whose empty tensor may not know
+    the rows' shape): each rank's row count and row shape are gathered first, every shard padded to the
+    longest and trimmed after."""
     if _group_size() == 1:
         return local
-    lengths = torch.cat(_all_gather_rows(torch.tensor([local.shape[0]], device=local.device), 1)).tolist()
+    if local.dim() - 1 > ROW_DIMS:
+        raise ValueError(f"rows of {local.dim() - 1} dimensions: gather_rows takes up to {ROW_DIMS}")
+    row = list(local.shape[1:]) + [-1] * (ROW_DIMS - (local.dim() - 1))
+    headers = [h.tolist() for h in _all_gather_rows(torch.tensor([[local.shape[0], *row]], device=local.device), 1)]
+    lengths = [h[0][0] for h in headers]
+    if not any(lengths):
+        return local
+    shape = [d for d in next(h[0][1:] for h in headers if h[0][0]) if d >= 0]
+    if local.shape[0] == 0:
+        local = local.new_zeros((0, *shape))
     shards = _all_gather_rows(local, max(lengths))
     return torch.cat([shard[:n] for shard, n in zip(shards, lengths)])
 

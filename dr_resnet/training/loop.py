@@ -18,7 +18,7 @@ from dr_resnet.data.augment import DeviceAugment
 from dr_resnet.errors import UserError
 from dr_resnet.registry import NONFINITE
 from dr_resnet.results import metrics
-from dr_resnet.training.distributed import all_reduce_max, all_reduce_sum, gather_rows, gather_sharded
+from dr_resnet.training.distributed import all_reduce_max, all_reduce_sum, gather_rows, gather_sharded, is_distributed
 from dr_resnet.training.runtime import Precision, Stopwatch
 
 if TYPE_CHECKING:
@@ -170,9 +170,10 @@ class EpochTotals:
             stats.update(grad_norm_mean=norm_sum / steps, grad_norm_max=norm_max)
             if self.clipping:
                 stats["clipped_share"] = clipped / steps
-        if self.keep_outputs:
-            stats["outputs"] = gather_rows(torch.cat(self.outputs)).cpu().numpy()
-            stats["labels"] = gather_rows(torch.cat(self.labels)).cpu().numpy()
+        if self.keep_outputs:  # a rank may have had no step (more processes after a resume near the epoch's end)
+            empty = torch.zeros(0, device=self.device)
+            stats["outputs"] = gather_rows(torch.cat(self.outputs) if self.outputs else empty).cpu().numpy()
+            stats["labels"] = gather_rows(torch.cat(self.labels) if self.labels else empty.long()).cpu().numpy()
         return stats
 
 
@@ -257,7 +258,10 @@ class Trainer:
         if not self.scaler.is_enabled():  # fp16: the scaler checks the gradients itself
             finite = finite & torch.isfinite(norm)
         if skipping and not self.scaler.is_enabled():
-            self._step_unless(finite)
+            # Every rank must take the same decision, or the replicas part for good (DDP never re-syncs them):
+            # with several processes, decide on the all-reduced gradients alone (the same on every rank),
+            # never on this rank's own loss (an infinite loss can come with finite gradients).
+            self._step_unless(torch.isfinite(norm) if is_distributed() else finite)
         else:
             self.scaler.step(self.optimizer)  # fp16: the scaler skips steps whose gradients overflowed
         if buffers:  # BatchNorm's running statistics, as they were unless the step's forward pass was finite
