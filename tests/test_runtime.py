@@ -739,3 +739,30 @@ def test_skip_mode_decides_on_all_reduced_values_and_an_empty_rank_gathers():
         for r in (0, 1):
             gathered = torch.load(f"{folder}/out.gathered.{r}", weights_only=True)
             assert torch.equal(gathered["outputs"], torch.ones(3, 5)) and gathered["labels"].tolist() == [1, 2, 3]
+
+
+def _agree(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from dr_resnet.training.components import agreed, execution
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        own = execution("bf16" if rank == 0 else "off", torch.device("cpu"))  # as amp=auto on two GPU kinds would
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(f"{own.precision.name} {agreed(own, rank == 0).precision.name}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_chose_different_precisions_all_run_the_most_conservative():
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_agree, args=(f"{folder}/store", f"{folder}/out"), nprocs=2, start_method="spawn")
+        assert [open(f"{folder}/out.{r}").read() for r in (0, 1)] == ["bf16 fp32", "fp32 fp32"]
+    from dr_resnet.training.runtime import CONSERVATIVE
+
+    assert min(["bf16", "fp16"], key=CONSERVATIVE.index) == "fp16"  # a GPU without native bf16 runs fp16

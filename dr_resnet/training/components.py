@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -31,11 +31,11 @@ from dr_resnet.data.split import holdout_mask
 from dr_resnet.model.heads import Head, head_for
 from dr_resnet.model.resnet import build_resnet
 from dr_resnet.seeds import derive_seed
-from dr_resnet.training import checkpoint
+from dr_resnet.training import checkpoint, distributed
 from dr_resnet.training.distributed import DistInfo
 from dr_resnet.training.loop import Execution, ShardSampler
 from dr_resnet.training.preemption import STOP_SIGNALS
-from dr_resnet.training.runtime import resolve_precision
+from dr_resnet.training.runtime import CONSERVATIVE, Precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,18 @@ def execution(amp: str, device: torch.device, data: DataConfig | None = None, ch
     layout = channels_last and device.type == "cuda"
     augment = DeviceAugment(data.max_rotation, data.flips, channels_last=layout) if data else DeviceAugment(channels_last=layout)
     return Execution(device, resolve_precision(amp, device, key=key), augment)
+
+
+def agreed(execution: Execution, is_main: bool) -> Execution:
+    """The execution with one precision on every rank: train.amp=auto chooses per GPU, and DDP must never
+    average fp16-scaled gradients with unscaled ones. Where the ranks chose differently, the most
+    conservative of their choices (runtime.CONSERVATIVE), logged once by rank 0."""
+    chosen = distributed.all_gather_objects(execution.precision.name)
+    agreed_name = min(chosen, key=CONSERVATIVE.index)
+    if len(set(chosen)) > 1 and is_main:
+        log.warning("the processes chose different precisions (%s): every one runs %s",
+                    ", ".join(f"rank {r} {name}" for r, name in enumerate(chosen)), agreed_name)
+    return replace(execution, precision=Precision.named(agreed_name))
 
 
 def model(cfg: Config, head: Head, execution: Execution, first_shares: np.ndarray | None = None,

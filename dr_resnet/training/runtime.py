@@ -47,6 +47,15 @@ class Precision:
     def name(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
+    @staticmethod
+    def named(name: str) -> "Precision":
+        return Precision({"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name])
+
+
+# Most conservative first: what every rank can run when the ranks' own choices differ (amp=auto on a job
+# mixing GPU kinds): full fp32 over any autocast, then fp16 (with its loss scale), which every GPU runs.
+CONSERVATIVE = ("fp32", "fp16", "bf16")
+
 
 def native_bf16(device: torch.device) -> bool:
     """Whether the GPU computes bf16 in hardware. torch.cuda.is_bf16_supported() also says yes for

@@ -119,7 +119,7 @@ def build(cfg: Config, info: DistInfo) -> Run:
     shortfall = cpu_shortfall(cfg.data.workers, launch_env().local_world_size or 1, usable_cpus())
     if shortfall and info.local_rank == 0:  # once a node
         log.warning(shortfall)
-    execution = components.execution(t.amp, info.device, cfg.data, t.channels_last)
+    execution = components.agreed(components.execution(t.amp, info.device, cfg.data, t.channels_last), info.is_main)
     data = components.datasets(cfg)
     train_loader, train_sampler = components.training_loader(data.train, cfg, info)
 
