@@ -489,10 +489,10 @@ def test_resume_refuses_a_changed_config_and_starts_over_only_when_told(tiny, tm
 
 
 def test_a_user_error_under_torchrun_is_printed_once_and_names_the_root_cause(tmp_path):
-    """Every rank meets the same bad data.root: one error line, not one per rank, and torchrun's failure
-    summary names the error (its error file) instead of <N/A>."""
+    """Every rank of 3 meets the same bad data.root: one error line, not one per rank, and torchrun's
+    failure summary names the error (its error file) instead of <N/A>, in one line, without our traceback."""
     missing = tmp_path / "nowhere"
-    cmd = TORCHRUN + ["--standalone", "--nproc_per_node", "2", "-m", "dr_resnet.train", "--config",
+    cmd = TORCHRUN + ["--standalone", "--nproc_per_node", "3", "-m", "dr_resnet.train", "--config",
                       str(REPO / "configs" / "demo.yaml"), f"data.root={missing}", "train.device=cpu",
                       f"output.dir={tmp_path / 'run'}"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -500,3 +500,8 @@ def test_a_user_error_under_torchrun_is_printed_once_and_names_the_root_cause(tm
     ours = [line for line in result.stderr.splitlines() if "ERROR dr_resnet" in line]
     assert len(ours) == 1 and f"data root {missing} is not a directory" in ours[0], result.stderr[-3000:]
     assert f"DatasetError: data root {missing} is not a directory" in result.stderr  # the summary's root cause
+    # ... in one line a rank: the error files carry the message, not our traceback (torchrun's own stays).
+    assert "fit(build(cfg, info))" not in result.stderr and "read_split(" not in result.stderr, result.stderr[-3000:]
+    for line in result.stderr.splitlines():
+        if line.strip().startswith("traceback :") and "DatasetError" in line:
+            assert line.strip() == f"traceback : DatasetError: data root {missing} is not a directory"

@@ -10,12 +10,14 @@ On CUDA the group has NCCL for GPU tensors and gloo for CPU objects; on CPU, glo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import socket
 import subprocess
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from dr_resnet.errors import USER_ERRORS
+from dr_resnet.files import write_text
 from dr_resnet.training.runtime import DeviceError, select_device, too_many_processes
 
 log = logging.getLogger(__name__)
@@ -332,11 +335,12 @@ def run_entry(work: Callable[[DistInfo], int | None], device: str = "auto") -> i
         log.info("launch: %s; device %s", env.describe(), _describe_device(info.device))
         return work(info) or 0
     except USER_ERRORS as exc:
-        _record_for_torchrun(exc)  # every rank's error file: whichever torchrun finds first names the cause
+        _record_for_torchrun(exc, user_error=True)  # every rank's error file: whichever torchrun finds first names it
         if first_to_report(env):  # every rank usually meets the same error: one line, not one per rank
             log.error("%s", exc)
         return 2
-    except Exception:  # logged, so that a run log (log_to_file) holds it too; the exit code stays 1
+    except Exception as exc:  # logged, so that a run log (log_to_file) holds it too; the exit code stays 1
+        _record_for_torchrun(exc, user_error=False)
         log.exception("stopped by an unexpected error")
         return 1
     finally:
@@ -361,13 +365,22 @@ def first_to_report(env: LaunchEnv) -> bool:
         return False
 
 
-def _record_for_torchrun(exc: BaseException) -> None:
+def _record_for_torchrun(exc: BaseException, user_error: bool) -> None:
     """The error in torchrun's error file (TORCHELASTIC_ERROR_FILE), so that its failure summary names the
-    root cause instead of <N/A>."""
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+    root cause instead of <N/A>: a user error as its one-line message where the summary shows a traceback
+    (its "py_callstack"; our traceback would only bury the cause, once a rank), a bug with its traceback
+    (torch's own handler, called while the exception is being handled)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    if not user_error:
         from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
         get_error_handler().record_exception(exc)
+        return
+    line = f"{type(exc).__name__}: " + " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    write_text(path, json.dumps({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                            "timestamp": str(int(time.time()))}}}))
 
 
 def _describe_device(device: torch.device) -> str:
