@@ -505,3 +505,36 @@ def test_a_user_error_under_torchrun_is_printed_once_and_names_the_root_cause(tm
     for line in result.stderr.splitlines():
         if line.strip().startswith("traceback :") and "DatasetError" in line:
             assert line.strip() == f"traceback : DatasetError: data root {missing} is not a directory"
+
+
+def test_a_failed_write_on_rank_0_stops_every_process_of_a_launch_without_a_watchdog(tiny, tmp_path):
+    """Two processes started as a plain srun or submitit's local executor starts them (no agent to end the
+    others when one dies): rank 0 cannot write config.yaml (the kernel refuses files over 2 KB to it), and
+    rank 1 stops at once with the same error instead of waiting in its first collective for 30 minutes."""
+    import resource
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "dr_resnet.train", *overrides(tiny, tmp_path / "run", "train.epochs=1")]
+
+    def start(rank: int) -> subprocess.Popen:
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DR_RESNET_CACHE": str(tmp_path / f"cache{rank}")}
+
+        def small_files_only():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+        return subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=small_files_only if rank == 0 else None)
+
+    started = time.monotonic()
+    ranks = [start(0), start(1)]
+    outputs = [p.communicate(timeout=240) for p in ranks]
+    assert time.monotonic() - started < 200
+    assert [p.returncode for p in ranks] == [2, 2], outputs[1][1][-2000:]
+    # One of them reports (the first; with torchrun's variables both count as one launch): the cause, or rank
+    # 0's failure to write as rank 1 learnt it.
+    both = outputs[0][1] + outputs[1][1]
+    assert ("rank 0 could not write the run folder's config.yaml and metrics.jsonl" in both
+            or "cannot write the run folder's config.yaml and metrics.jsonl: [Errno 27] File too large" in both), both[-3000:]

@@ -27,7 +27,7 @@ from typing import Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from dr_resnet.errors import USER_ERRORS
+from dr_resnet.errors import USER_ERRORS, UserError
 from dr_resnet.files import write_text
 from dr_resnet.training.runtime import DeviceError, select_device, too_many_processes
 
@@ -316,6 +316,27 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
     if is_distributed():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+class RunFilesError(UserError, OSError):
+    """Rank 0 could not write a run file (disk full, permissions): every rank stops with it."""
+
+
+def rank0_writes(what: str, work: Callable[[], object], is_main: bool) -> object:
+    """Rank 0 runs `work` (the run's files: it alone writes them) and every rank learns whether it worked:
+    a write that fails stops every process at once with one error, instead of leaving the others waiting
+    in their next collective until its timeout (what a launcher without a watchdog would do: submitit's
+    local executor, a plain srun without --kill-on-bad-exit). Returns `work`'s result on rank 0."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = work()
+        except OSError as exc:
+            error = RunFilesError(f"cannot write {what}: {exc}. Free disk space or fix the run folder's permissions, "
+                                  f"then start the run again: it resumes from its last checkpoint")
+    if all_reduce_max(torch.tensor([int(error is not None)])).item():
+        raise error or RunFilesError(f"rank 0 could not write {what}: its train.log says why")
+    return result
 
 
 def barrier() -> None:

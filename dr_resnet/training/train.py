@@ -430,38 +430,46 @@ def start_tracking(run: Run, wandb_id: str | None, effective: dict) -> Tracker:
     return tracker
 
 
+def start_run_folder(run: Run, resumed: Resumed) -> dict:
+    """Rank 0 at the start of a launch: the run folder, its config.yaml (with the effective settings it
+    returns), its metrics log trimmed to the resume point, its pending predictions settled; and the
+    start's log lines."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_unfinished(run.run_dir)
+    effective = effective_settings(run)
+    config.save(run.cfg, run.run_dir / CONFIG_FILE, recorded={"recipe": run.recipe.to_dict(), "effective": effective})
+    run.rows = read_metrics(run.run_dir, resumed.epoch)
+    rewrite_metrics(run.run_dir, run.rows)
+    for done in settle_pending(run.run_dir, selection(run.rows, run.cfg.train.select_by).get("epoch")):
+        log.info("%s: %s", run.run_dir, done)
+    held_out = f"{len(run.val_loader.dataset)} held-out / " if run.val_loader else ""
+    log.info("%s: resnet%d (%s weights), %d train / %s%d test images, %d process(es) on %s, precision %s, "
+             "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
+             len(run.train_loader.dataset), held_out, len(run.test_loader.dataset), run.info.world_size, run.info.device,
+             run.trainer.execution.precision.name, 100 * run.test_baseline)
+    log.info("learning rate %.6g (%s), global batch %d, %d warm-up steps of %d; sampler %s, grade shares %s in "
+             "epoch 1, %s in epoch %d; epoch selection: %s", effective["lr"], effective["lr_rule"],
+             effective["global_batch"], effective["warmup_steps"], effective["total_steps"], run.cfg.train.sampler,
+             effective["first_epoch_grade_shares"], effective["final_epoch_grade_shares"], run.cfg.train.epochs,
+             effective["selection"])
+    log.info("patients: %s; %d in training, %d in test", run.patients["identity"], run.patients["train_patients"],
+             run.patients["test_patients"])
+    for line in overlap_warnings(run.patients, run.cfg.data.test_split):
+        log.warning(line)
+    if run.head.fit_on == "val" and run.head.spec.has_thresholds and run.cfg.train.select_by == "qwk":
+        log.warning("regression.fit_thresholds=val fits the thresholds for QWK on the held-out images whose QWK "
+                    "then selects the epoch: the held-out QWK is in-sample (optimistic); fit_thresholds=train "
+                    "leaves the held-out part out of sample")
+    return effective
+
+
 def fit(run: Run) -> dict | None:
     """The epoch loop; returns the summary on rank 0. SIGTERM, SIGUSR1 and SIGUSR2 stop it at the next
     step boundary after a checkpoint (RunStopped)."""
     info = run.info
     resumed = resume(run)
-    if info.is_main:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_unfinished(run.run_dir)
-        effective = effective_settings(run)
-        config.save(run.cfg, run.run_dir / CONFIG_FILE, recorded={"recipe": run.recipe.to_dict(), "effective": effective})
-        run.rows = read_metrics(run.run_dir, resumed.epoch)
-        rewrite_metrics(run.run_dir, run.rows)
-        for done in settle_pending(run.run_dir, selection(run.rows, run.cfg.train.select_by).get("epoch")):
-            log.info("%s: %s", run.run_dir, done)
-        held_out = f"{len(run.val_loader.dataset)} held-out / " if run.val_loader else ""
-        log.info("%s: resnet%d (%s weights), %d train / %s%d test images, %d process(es) on %s, precision %s, "
-                 "majority baseline %.1f%%", run.run_dir, run.cfg.model.depth, run.cfg.model.weights,
-                 len(run.train_loader.dataset), held_out, len(run.test_loader.dataset), info.world_size, info.device,
-                 run.trainer.execution.precision.name, 100 * run.test_baseline)
-        log.info("learning rate %.6g (%s), global batch %d, %d warm-up steps of %d; sampler %s, grade shares %s in "
-                 "epoch 1, %s in epoch %d; epoch selection: %s", effective["lr"], effective["lr_rule"],
-                 effective["global_batch"], effective["warmup_steps"], effective["total_steps"], run.cfg.train.sampler,
-                 effective["first_epoch_grade_shares"], effective["final_epoch_grade_shares"], run.cfg.train.epochs,
-                 effective["selection"])
-        log.info("patients: %s; %d in training, %d in test", run.patients["identity"], run.patients["train_patients"],
-                 run.patients["test_patients"])
-        for line in overlap_warnings(run.patients, run.cfg.data.test_split):
-            log.warning(line)
-        if run.head.fit_on == "val" and run.head.spec.has_thresholds and run.cfg.train.select_by == "qwk":
-            log.warning("regression.fit_thresholds=val fits the thresholds for QWK on the held-out images whose QWK "
-                        "then selects the epoch: the held-out QWK is in-sample (optimistic); fit_thresholds=train "
-                        "leaves the held-out part out of sample")
+    effective = distributed.rank0_writes("the run folder's config.yaml and metrics.jsonl",
+                                         lambda: start_run_folder(run, resumed), info.is_main)
     tracker = start_tracking(run, resumed.wandb_id, effective) if info.is_main else None
     run.wandb_id = tracker.run_id if tracker is not None else None
     try:
@@ -514,24 +522,31 @@ def score_epoch(run: Run, epoch: int, stats: dict, lr: float, started: float) ->
 def record_epoch(run: Run, epoch: int, row: dict, test: EvalResult, val: EvalResult | None, tracker: Tracker | None) -> None:
     """Rank 0 appends the row to metrics.jsonl; every rank takes part in the checkpoint (and
     checkpoint_best.pt when the selection moved to this epoch); rank 0 then writes the epoch's
-    predictions, the summary, W&B and the log line."""
-    state, improved = None, False
-    if run.info.is_main:
+    predictions, the summary, W&B and the log line. Every rank learns whether rank 0's writes worked
+    (distributed.rank0_writes), so that a full disk stops them all."""
+    def before_checkpoint() -> tuple[bool, checkpoint.TrainingState]:
         append_metrics(run.run_dir, row)
         run.rows.append(row)
         improved = selection(run.rows, run.cfg.train.select_by)["epoch"] == epoch + 1
         if improved:  # pending until checkpoint_best.pt is written: a kill leaves the old pair whole
             write_epoch_predictions(run, epoch + 1, test, val)
-        state = training_state(run, epoch + 1, metrics=row)
+        return improved, training_state(run, epoch + 1, metrics=row)
+
+    def after_checkpoint() -> None:
+        if improved:
+            commit_pending(run.run_dir)
+        if epoch + 1 == run.cfg.train.epochs:
+            write_epoch_predictions(run, epoch + 1, test, None, final=True)
+        write_summary(run, figure=False)
+
+    improved, state = distributed.rank0_writes(f"epoch {epoch + 1}'s metrics and predictions", before_checkpoint,
+                                               run.info.is_main) or (False, None)
     save_checkpoint(run, state, best=improved)
+    distributed.rank0_writes(f"epoch {epoch + 1}'s predictions and summary", after_checkpoint, run.info.is_main)
     if not run.info.is_main:
         return
     if improved:
-        commit_pending(run.run_dir)
         tracker.log_checkpoint(run.run_dir / BEST_CHECKPOINT, checkpoint_metadata(run, row))
-    if epoch + 1 == run.cfg.train.epochs:
-        write_epoch_predictions(run, epoch + 1, test, None, final=True)
-    write_summary(run, figure=False)
     tracker.log_epoch(row)
     held_out = f"val QWK {row['val_qwk']:.3f}  " if val is not None else ""
     skipped = f"  {row['nonfinite_steps']} non-finite step(s) left out" if row["nonfinite_steps"] else ""
