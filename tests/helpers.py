@@ -22,7 +22,7 @@ def preprocessed_dataset(base: Path, train: int, test: int, seed: int, size: int
     return base / "data"
 
 
-TIMING_KEYS = {"images_per_s", "train_seconds", "eval_seconds", "epoch_seconds"}
+TIMING_KEYS = {"images_per_s", "train_seconds", "eval_seconds", "epoch_seconds", "data_wait_share"}
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:

@@ -766,3 +766,20 @@ def test_ranks_that_chose_different_precisions_all_run_the_most_conservative():
     from dr_resnet.training.runtime import CONSERVATIVE
 
     assert min(["bf16", "fp16"], key=CONSERVATIVE.index) == "fp16"  # a GPU without native bf16 runs fp16
+
+
+def test_the_share_of_an_epoch_spent_waiting_for_data_is_measured():
+    """data_wait_share (metrics.jsonl, W&B): the host's wait for the loader over the epoch's time, what
+    tells whether the GPU starves for data (more data.workers, more CPUs per GPU) or not."""
+    import time
+
+    def slow(batches_):
+        for batch in batches_:
+            time.sleep(1.0)  # a loader that decodes slowly (a step here takes about 0.3 s)
+            yield batch
+
+    trainer = tiny_trainer("classification")
+    fast = trainer.epoch(batches(3), epoch_generator(0, 0, 0))
+    starved = trainer.epoch(slow(batches(3)), epoch_generator(0, 1, 0))
+    assert 0 <= fast["data_wait_share"] < 0.2 and starved["data_wait_share"] > 0.5
+    assert starved["data_wait_share"] <= 1

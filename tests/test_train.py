@@ -66,8 +66,9 @@ def test_torchrun_two_processes_writes_the_run_directory(straight_run, tiny):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     required = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_qwk", "lr", "images_per_s",
                 "test_recall", "confusion_matrix", "epoch_seconds", "test_referable_sensitivity",
-                "test_referable_specificity", "test_referable_auc", "grad_norm_mean", "grad_norm_max", "clipped_share"}
-    assert all(required <= r.keys() for r in rows)
+                "test_referable_specificity", "test_referable_auc", "grad_norm_mean", "grad_norm_max", "clipped_share",
+                "data_wait_share"}
+    assert all(required <= r.keys() for r in rows) and all(0 <= r["data_wait_share"] <= 1 for r in rows)
     assert all(0 < r["grad_norm_mean"] <= r["grad_norm_max"] and 0 <= r["clipped_share"] <= 1 for r in rows)
     # 40 images, 2 ranks, batch 8: 2 full batches a rank, 32 images an epoch; 13 test images each epoch.
     assert all(np.sum(r["confusion_matrix"]) == 13 for r in rows)

@@ -7,6 +7,7 @@ once per epoch, and the progress bar shows a loss copied back asynchronously (a 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -86,6 +87,7 @@ class EpochTotals:
     first_nonfinite: Tensor = field(init=False)  # (step, loss) of the first one; step -1 while none
     grad: Tensor = field(init=False)  # the gradients' global norm before clipping: sum, max, steps clipped, steps
     clipping: bool = False  # whether the norms were clipped (clipped_share is reported only then)
+    data_wait: float = 0.0  # seconds the host waited for the loader's next batch (host time: no device sync)
     outputs: list[Tensor] = field(default_factory=list)
     labels: list[Tensor] = field(default_factory=list)
 
@@ -142,7 +144,7 @@ class EpochTotals:
     def state(self) -> dict:
         """This rank's totals on the CPU, for a checkpoint."""
         return {"images": self.images, "sums": self.sums.cpu(), "nonfinite": self.nonfinite.cpu(), "grad": self.grad.cpu(),
-                "clipping": self.clipping,
+                "clipping": self.clipping, "data_wait": self.data_wait,
                 "outputs": torch.cat(self.outputs).cpu() if self.outputs else None,
                 "labels": torch.cat(self.labels).cpu() if self.labels else None}
 
@@ -153,6 +155,7 @@ class EpochTotals:
         if "grad" in state:  # not in checkpoints written before 0.3
             self.grad = state["grad"].to(self.device, torch.float64)
         self.clipping = bool(state.get("clipping", self.clipping))  # an epoch resumed after its last step adds no norm
+        self.data_wait = float(state.get("data_wait", 0.0))  # not in checkpoints written before 0.4
         if self.keep_outputs and state["outputs"] is not None:
             self.outputs, self.labels = [state["outputs"].to(self.device)], [state["labels"].to(self.device)]
 
@@ -166,6 +169,9 @@ class EpochTotals:
                  "nonfinite_steps": int(all_reduce_max(self.nonfinite.clone()))}
         # DDP gives every rank the same gradients, so the same norms: the max over ranks is any rank's.
         norm_sum, norm_max, clipped, steps = all_reduce_max(self.grad.clone()).tolist()
+        # The share of the epoch the slowest rank's host spent waiting for data: what sizes CPUs per GPU.
+        waited = float(all_reduce_max(torch.tensor([self.data_wait], dtype=torch.float64)).item())
+        stats["data_wait_share"] = min(1.0, waited / seconds) if seconds > 0 else 0.0
         if steps:
             stats.update(grad_norm_mean=norm_sum / steps, grad_norm_max=norm_max)
             if self.clipping:
@@ -303,7 +309,7 @@ class Trainer:
         (by raising); `first_step` is the steps done before (a resumed epoch)."""
         self.model.train()
         shown = LaggedValue(self.device) if progress is not None and not progress.disable else None
-        for step, (images, labels) in enumerate(loader, start=first_step):
+        for step, (images, labels) in enumerate(_timed(loader, totals), start=first_step):
             images, labels = _to_device(images, labels, self.device)
             loss, outputs, finite, norm = self.step(images, labels, generator)
             totals.add(step, loss, outputs, labels, (self.head.predict_outputs(outputs.detach()) == labels).sum(), finite)
@@ -328,6 +334,19 @@ class Trainer:
         watch = Stopwatch(self.device)
         self.run_steps(loader, generator, totals, progress, log_every, first_step, boundary)
         return totals.reduce(seconds_before + watch.seconds())
+
+
+def _timed(loader: Iterable, totals: EpochTotals) -> Iterator:
+    """The loader's batches, the host's wait for each added to totals.data_wait."""
+    iterator = iter(loader)
+    while True:
+        started = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        totals.data_wait += time.perf_counter() - started
+        yield batch
 
 
 @dataclass(frozen=True)

@@ -511,7 +511,7 @@ def score_epoch(run: Run, epoch: int, stats: dict, lr: float, started: float) ->
     if val is not None:
         val = EvalResult.of(val.outputs, val.targets, run.head)  # scored by the head as its hook left it
         row.update(split_metrics("val", val), val_confusion_matrix=val.confusion_matrix.tolist())
-    row.update({k: stats[k] for k in ("grad_norm_mean", "grad_norm_max", "clipped_share") if k in stats})
+    row.update({k: stats[k] for k in ("grad_norm_mean", "grad_norm_max", "clipped_share", "data_wait_share") if k in stats})
     row.update({"lr": lr, "nonfinite_steps": stats["nonfinite_steps"], "images_per_s": stats["images_per_s"],
                 "train_seconds": stats["train_seconds"], "eval_seconds": time.perf_counter() - eval_start,
                 "epoch_seconds": time.perf_counter() - started + stats["resumed_seconds"],
