@@ -20,7 +20,6 @@ About 6.5 minutes (ResNet18) and 13.5 (ResNet50) a run alone on the project's 2-
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -30,19 +29,11 @@ import numpy as np
 from kappa_heads import ensure_data  # the demo's dataset, made if absent (bench/ is this script's folder)
 
 from dr_resnet.results.metrics import collapse
+from dr_resnet.results.rundir import is_finished as finished
 from dr_resnet.results.rundir import read_metrics, selected_row
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"margin_min": 0.10, "qwk_min": 0.75, "qwk_sd_max": 0.05, "margin_mean_min": 0.15}
-
-
-def finished(run_dir: Path) -> bool:
-    """Whether the run has completed every planned epoch and written its final summary."""
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        return False
-    content = json.loads(summary.read_text())
-    return content["epochs_completed"] >= content["epochs_planned"] and "intervals" in content
 
 
 def train(out: Path, arm: str, seed: int, data: Path, overrides: list[str]) -> None:

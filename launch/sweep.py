@@ -35,9 +35,9 @@ import yaml
 from dr_resnet import config
 from dr_resnet.config import ConfigError
 from dr_resnet.errors import run_command
-from dr_resnet.results.rundir import CONFIG_FILE, STATUS_FILE
+from dr_resnet.results.rundir import CONFIG_FILE, STATUS_FILE, is_finished, read_metrics
 
-from . import requeue
+from . import requeue, trials
 from .task import TrainTask
 from .watch import LiveView, watch
 
@@ -51,6 +51,7 @@ class Sweep:
     arms: dict[str, list[str]]
     overrides: list[str] = field(default_factory=list)
     out: str = ""
+    grid: dict[str, list[str]] = field(default_factory=dict)  # section.key -> values: a trial per combination
 
     @staticmethod
     def load(path: str | Path) -> "Sweep":
@@ -58,14 +59,15 @@ class Sweep:
         if not path.is_file():
             raise ConfigError(f"sweep file not found: {path}")
         content = yaml.safe_load(path.read_text()) or {}
-        unknown = set(content) - {"name", "config", "arms", "overrides", "out"}
+        unknown = set(content) - {"name", "config", "arms", "overrides", "out", "grid"}
         if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} (known: name, config, arms, overrides, out)")
+            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} (known: name, config, arms, overrides, out, grid)")
         if not isinstance(content.get("arms"), dict) or not content["arms"]:
             raise ConfigError(f"{path}: 'arms' must map arm names to lists of section.key=value overrides")
         return Sweep(str(content.get("name") or path.stem), (path.parent / content.get("config", "base.yaml")).resolve(),
                      {arm: [str(o) for o in (ovs or [])] for arm, ovs in content["arms"].items()},
-                     [str(o) for o in content.get("overrides") or []], str(content.get("out") or ""))
+                     [str(o) for o in content.get("overrides") or []], str(content.get("out") or ""),
+                     trials.grid_of(content.get("grid"), str(path)))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 1)[1] + "\n\n" + config.help_text())
     p.add_argument("--config", default="configs/sweep.yaml", help="sweep file (arms and their recipe)")
     p.add_argument("--runs", help="comma-separated subset of the arms (default: all)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a trial per combination of these values, for every arm (repeat for more keys; with the sweep "
+                        "file's grid:), each in SWEEP_DIR/<arm>/<trial>/, e.g. --grid train.lr=0.01,0.05")
     p.add_argument("--seeds", help="comma-separated train.seed values: every arm once per seed, in "
                                    "SWEEP_DIR/<arm>/seed<k>/ (default: one run per arm, in SWEEP_DIR/<arm>/)")
     p.add_argument("--out", help="sweep folder (default: the sweep file's 'out', else runs/<name>)")
@@ -198,20 +203,30 @@ def gpus_in_gres(gres: str) -> int:
 
 
 def arm_argv(sweep: Sweep, arm: str, run_dir: Path, cli_overrides: list[str], seed: int | None = None,
-             group: str = "") -> list[str]:
-    """The training arguments of one arm: recipe, arm, sweep-wide and command-line overrides, its folder
-    (and with a seed, train.seed and a W&B run name that tells the seeds apart). The W&B group is the
-    sweep folder's name (`group`), as slurm/sweep.sh sets it: one rule for both launchers."""
-    seeded = [f"train.seed={seed}", f"wandb.name={arm}_seed{seed}"] if seed is not None else []
-    return ["--config", str(sweep.base_config), *sweep.arms[arm], *sweep.overrides, *cli_overrides, *seeded,
-            f"output.dir={run_dir}", f"wandb.group={group or sweep.name}"]
+             group: str = "", trial: dict[str, str] | None = None) -> list[str]:
+    """The training arguments of one run: recipe, arm, sweep-wide and command-line overrides, the trial's
+    values, its folder (and a W&B run name that tells its trial and seed apart). The W&B group is the sweep
+    folder's name (`group`), as slurm/sweep.sh sets it: one rule for both launchers."""
+    trial = trial or {}
+    label = "_".join(filter(None, [arm, trials.trial_name(trial), f"seed{seed}" if seed is not None else ""]))
+    named = [f"wandb.name={label}"] if seed is not None or trial else []
+    seeded = [f"train.seed={seed}"] if seed is not None else []
+    return ["--config", str(sweep.base_config), *sweep.arms[arm], *sweep.overrides, *cli_overrides,
+            *trials.overrides_of(trial), *seeded, *named, f"output.dir={run_dir}", f"wandb.group={group or sweep.name}"]
 
 
-def run_names(arms: list[str], seeds: list[int]) -> dict[str, tuple[str, str, int | None]]:
-    """Each run's name -> (arm, folder under the sweep folder, seed): one per arm, or one per arm and seed."""
-    if not seeds:
-        return {arm: (arm, arm, None) for arm in arms}
-    return {f"{arm}_seed{k}": (arm, f"{arm}/seed{k}", k) for arm in arms for k in seeds}
+def run_names(arms: list[str], seeds: list[int], grid: list[dict[str, str]] = ({},)
+              ) -> dict[str, tuple[str, str, int | None, dict[str, str]]]:
+    """Each run's name -> (arm, folder under the sweep folder, seed, trial values): one per arm, trial and
+    seed (SWEEP_DIR/<arm>[/<trial>][/seed<k>]); every arm gets every trial."""
+    found = {}
+    for arm in arms:
+        for values in grid:
+            trial = trials.trial_name(values)
+            for seed in seeds or [None]:
+                parts = [arm, trial, f"seed{seed}" if seed is not None else ""]
+                found["_".join(filter(None, parts))] = (arm, "/".join(filter(None, parts)), seed, values)
+    return found
 
 
 def missing_weights(cfg: config.Config) -> str:
@@ -389,11 +404,15 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
     if unknown:
         raise ConfigError(f"--runs: unknown arm(s) {unknown} (in {args.config}: {', '.join(sweep.arms)})")
     out = Path(args.out or sweep.out or f"runs/{sweep.name}").resolve()
+    grid = {**sweep.grid, **trials.parse_grid(args.grid)}
+    clash = sorted({o.split("=", 1)[0] for o in args.overrides} & set(grid))
+    if clash:
+        raise ConfigError(f"{', '.join(clash)}: set by an override and searched by the grid; give it in one place")
     plans = {}
-    for name, (arm, folder, seed) in run_names(arms, args.seeds).items():
+    for name, (arm, folder, seed, values) in run_names(arms, args.seeds, trials.expand(grid)).items():
         # every run's config is resolved (and so validated) before anything is submitted
         run_dir = out / folder
-        argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed, group=out.name)
+        argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed, group=out.name, trial=values)
         plans[name] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
     res = resources(args, [cfg for _, _, cfg in plans.values()])
     slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
@@ -426,6 +445,11 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     tasks, reasons = {}, {}
     for arm, (run_dir, argv_arm, cfg) in plans.items():
+        if is_finished(run_dir) and read_metrics(run_dir)[-1]["epoch"] >= cfg.train.epochs:
+            # Run again after an interruption, the sweep goes on where it stopped: a finished run is kept.
+            print(f"{arm}: finished earlier ({run_dir}): not run again")
+            manifest["runs"][arm] = {"status": "finished", "run_dir": str(run_dir)}
+            continue
         weights = (cfg.model.weights, cfg.model.depth)  # the seeds of an arm share it: looked up once
         if weights not in reasons:
             reasons[weights] = missing_weights(cfg)
@@ -496,7 +520,7 @@ def wait_and_report(jobs: dict, plans: dict, out: Path, poll_s: float = 5.0) -> 
     from dr_resnet.results.report import report
 
     runs = {name: (run_dir, cfg.train.epochs) for name, (run_dir, _, cfg) in plans.items()}
-    watch(runs, lambda name: jobs[name].state if name in jobs else "not run",
+    watch(runs, lambda name: jobs[name].state if name in jobs else ("FINISHED" if is_finished(runs[name][0]) else "not run"),
           lambda: all(job.done() for job in jobs.values()), LiveView(), poll_s)
     failed = []
     for arm, job in jobs.items():

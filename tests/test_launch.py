@@ -346,3 +346,58 @@ def test_the_slurm_tests_leave_the_machine_alone_unless_asked(tmp_path):
     assert done.returncode == 0 and "1 skipped" in done.stdout, done.stdout[-2000:]
     assert "set DR_RESNET_SLURM_TESTS=1 to run them" in done.stdout
     assert (sorted(Path("/etc/slurm").iterdir()) if Path("/etc/slurm").is_dir() else None) == before
+
+
+def test_a_grid_gives_every_arm_the_same_trials_with_stable_names(tmp_path, capsys):
+    """--grid (and the sweep file's grid:) expand to a trial per combination for every arm, each in
+    SWEEP_DIR/<arm>/<trial>[/seed<k>]/ with a name made of its values, the same on every machine."""
+    import yaml
+
+    from launch.trials import expand, parse_grid, trial_name
+
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"name": "grid", "config": str(REPO / "configs" / "demo.yaml"),
+                                          "arms": {"r18": ["model.depth=18", "model.weights=none"],
+                                                   "r50": ["model.depth=50", "model.weights=none"]},
+                                          "grid": {"data.image_size": [64, 96]}}))
+    assert main(["--config", str(sweep_file), "--out", str(tmp_path / "out"), "--grid", "train.lr=0.01,0.05",
+                 "--seeds", "0,1", "--print-config"]) == 0
+    docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert len(docs) == 2 * 2 * 2 * 2  # arms x image sizes x rates x seeds
+    folders = sorted(d["output"]["dir"].split("/out/")[1] for d in docs)
+    assert folders[:4] == ["r18/image_size64-lr0.01/seed0", "r18/image_size64-lr0.01/seed1",
+                           "r18/image_size64-lr0.05/seed0", "r18/image_size64-lr0.05/seed1"]
+    per_arm = {arm: sorted({f.split("/")[1] for f in folders if f.startswith(arm + "/")}) for arm in ("r18", "r50")}
+    assert per_arm["r18"] == per_arm["r50"] and len(per_arm["r18"]) == 4
+    for d in docs:  # each run holds its trial's values
+        trial = d["output"]["dir"].split("/")[-2]
+        assert trial == trial_name({"data.image_size": str(d["data"]["image_size"]), "train.lr": str(d["train"]["lr"])})
+        assert d["wandb"]["name"].endswith(f"_{trial}_seed{d['train']['seed']}")
+    # Stable: the same values give the same names, in the given order; long ones are shortened by a hash.
+    assert [trial_name(t) for t in expand(parse_grid(["train.lr=0.1,1e-3", "model.head=ce"]))] == [
+        "lr0.1-headce", "lr1e-3-headce"]
+    long = trial_name({f"train.key{i}": "x" * 10 for i in range(8)})
+    assert len(long) == 60 and long == trial_name({f"train.key{i}": "x" * 10 for i in range(8)})
+    with pytest.raises(Exception, match="set by an override and searched by the grid"):
+        from launch.sweep import launch, parse_args
+        launch(parse_args(["--config", str(sweep_file), "--grid", "train.lr=0.1,0.2", "train.lr=0.3",
+                           "--print-config"]), None)
+
+
+def test_a_sweep_run_again_skips_the_runs_that_finished(tmp_path, capsys):
+    """After an interruption the same command goes on: runs that finished are not trained again."""
+    from helpers import preprocessed_dataset
+
+    data = preprocessed_dataset(tmp_path / "d", 24, 9, seed=2, size=32)
+    args = ["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--executor", "local", "--runs", "resnet18_scratch",
+            "--out", str(tmp_path / "sweep"), "--grid", "train.lr=0.01,0.02", "--time", "20", f"data.root={data}",
+            "data.image_size=32", "train.epochs=1", "train.batch_size=8", "data.workers=0", "train.warmup_epochs=0"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "resnet18_scratch_lr0.01: done" in first and "resnet18_scratch_lr0.02: done" in first
+    runs = tmp_path / "sweep" / "resnet18_scratch"
+    stamps = {p: (p / "checkpoint_last.pt").stat().st_mtime_ns for p in runs.iterdir()}
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert again.count("finished earlier") == 2
+    assert {p: (p / "checkpoint_last.pt").stat().st_mtime_ns for p in runs.iterdir()} == stamps

@@ -171,3 +171,15 @@ def last_launch_error(run_dir: Path) -> str:
                 return f"{found.group(1)}: {more[-1]}"  # an unexpected error: the exception is the last line
             return " ".join([found.group(1), *more])
     return ""
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run completed every planned epoch and wrote its final summary (with its intervals)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return False
+    try:
+        content = json.loads(path.read_text())
+    except ValueError:
+        return False
+    return content.get("epochs_completed", 0) >= content.get("epochs_planned", 1) and "intervals" in content
