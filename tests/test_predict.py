@@ -156,14 +156,14 @@ def test_external_validation_on_raw_and_prepared_copies_in_other_formats(runs, p
     for root, fmt in ((idrid, "idrid"), (folders, "folders")):
         assert evaluate_main(["--checkpoint", str(run / "checkpoint_best.pt"), "--data-root", str(root), "--format", fmt,
                               "--workers", "0", "--device", "cpu", "--resamples", "200"]) == 0
-    from_raw = json.loads((run / "evaluations" / "B. Disease Grading-test" / "metrics.json").read_text())
+    from_raw = json.loads((run / "evaluations" / "idrid-test" / "metrics.json").read_text())
     from_copy = json.loads((run / "evaluations" / "graded_folders-test" / "metrics.json").read_text())
     own = next(r for r in metrics_rows(run) if r["epoch"] == from_copy["epoch"])
     assert from_copy["format"] == "folders" and from_raw["format"] == "idrid"
     assert from_copy["num_samples"] == from_raw["num_samples"] == 24
     assert from_copy["confusion_matrix"] == own["confusion_matrix"] and from_copy["qwk"] == pytest.approx(own["test_qwk"])
     raw_p = np.array([[float(r[f"p_grade{k}"]) for k in range(5)]
-                      for r in read_rows(run / "evaluations" / "B. Disease Grading-test" / "predictions.csv")])
+                      for r in read_rows(run / "evaluations" / "idrid-test" / "predictions.csv")])
     copy_rows = {r["image"]: r for r in read_rows(run / "evaluations" / "graded_folders-test" / "predictions.csv")}
     names = RetinopathyDataset(photos / "data", "test").names  # IDRiD_001 ... in the test split's order
     copy_p = np.array([[float(copy_rows[n][f"p_grade{k}"]) for k in range(5)] for n in names])
@@ -173,7 +173,16 @@ def test_external_validation_on_raw_and_prepared_copies_in_other_formats(runs, p
     section = page[page.index("## Test results on other datasets"):]
     assert [line.split(" | ")[1:3] for line in section.splitlines() if line.startswith(f"| {run.name} |")] == [
         [config.load(run / "config.yaml").data.root.rsplit("/", 1)[-1], "test (its own)"],
-        ["B. Disease Grading", "test"], ["graded_folders", "test"]]
+        ["graded_folders", "test"], ["idrid", "test"]]  # a published layout by its name, else the folder's
+    # Another dataset in a folder of the same name: its own evaluation folder, nothing overwritten.
+    other = tmp_path / "elsewhere" / "graded_folders"
+    shutil.copytree(folders, other)
+    assert evaluate_main(["--checkpoint", str(run / "checkpoint_best.pt"), "--data-root", str(other), "--format",
+                          "folders", "--workers", "0", "--device", "cpu", "--resamples", "0"]) == 0
+    evaluated = sorted(p.name for p in (run / "evaluations").iterdir())
+    assert len(evaluated) == 3 and "graded_folders-test" in evaluated and "idrid-test" in evaluated
+    assert json.loads((run / "evaluations" / "graded_folders-test" / "metrics.json").read_text())["data_root"] == str(
+        folders.resolve())
 
 
 def test_bad_files_get_their_row_and_the_batch_goes_on(runs, photos, tmp_path, capsys):

@@ -7,14 +7,17 @@ raw photo is cropped, squared and resized first.
     python -m dr_resnet.evaluate --checkpoint RUN/checkpoint_best.pt --data-root DIR [--split test]
         [--format F data.KEY=VALUE ...] [--out DIR]
 
-Without --out the results go to RUN/evaluations/<data root's name>-<split>/, where the report finds them
-and shows them beside the run's own test split.
+Without --out the results go to RUN/evaluations/<dataset>-<split>/ (the dataset: a published layout's
+name, messidor2, idrid, ..., else the data root's folder name; where that folder already holds another
+root's evaluation, a short hash of this root's path is added, so nothing is overwritten), where the
+report finds them and shows them beside the run's own test split.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -24,6 +27,7 @@ from dr_resnet.data import check
 from dr_resnet.data.dataset import RetinopathyDataset
 from dr_resnet.data.formats import add_format_arguments, format_arguments
 from dr_resnet.data.recipe import Recipe
+from dr_resnet.registry import DATASETS
 from dr_resnet.results.metrics import expected_calibration_error
 from dr_resnet.results.predictions import write_predictions
 from dr_resnet.results.rundir import CONFUSION_PNG, EVALUATIONS_DIR, PREDICTIONS_FILE
@@ -62,13 +66,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_format_arguments(p)
     args = p.parse_intermixed_args(argv)
     if not args.out:
-        args.out = str(default_out(args.checkpoint, args.data_root, args.split))
+        args.out = str(default_out(args.checkpoint, args.data_root, args.split, args.format))
     return args
 
 
-def default_out(checkpoint: str | Path, data_root: str | Path, split: str) -> Path:
-    """Where an evaluation goes without --out: beside the checkpoint, named by the dataset and split."""
-    return Path(checkpoint).resolve().parent / EVALUATIONS_DIR / f"{Path(data_root).resolve().name}-{split}"
+def dataset_label(data_root: str | Path, fmt: str) -> str:
+    """What an evaluation calls its dataset: a published layout's name, else the data root's folder name."""
+    return fmt if fmt in DATASETS else Path(data_root).resolve().name
+
+
+def default_out(checkpoint: str | Path, data_root: str | Path, split: str, fmt: str = "auto") -> Path:
+    """Where an evaluation goes without --out: beside the checkpoint, named by the dataset and split; a
+    short hash of the root's path is added where that folder holds another root's evaluation."""
+    root = Path(data_root).resolve()
+    folder = Path(checkpoint).resolve().parent / EVALUATIONS_DIR / f"{dataset_label(root, fmt)}-{split}"
+    earlier = folder / "metrics.json"
+    if earlier.is_file() and Path(json.loads(earlier.read_text()).get("data_root", "")).resolve() != root:
+        folder = folder.with_name(f"{folder.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:8]}")
+    return folder
 
 
 def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
@@ -94,8 +109,8 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
     intervals = bootstrap_intervals(evaluation.targets, grades, evaluation.referable_scores, dataset.patients,
                                     resamples=args.resamples) if args.resamples and info.is_main else None
     calibration = expected_calibration_error(values, evaluation.targets) if head.spec.has_probabilities else None
-    result = {"checkpoint": str(args.checkpoint), "epoch": int(state.epoch), "data_root": str(args.data_root),
-              "dataset": Path(args.data_root).resolve().name, "format": dataset.format, "split": args.split,
+    result = {"checkpoint": str(args.checkpoint), "epoch": int(state.epoch), "data_root": str(Path(args.data_root).resolve()),
+              "dataset": dataset_label(args.data_root, fmt), "format": dataset.format, "split": args.split,
               "image_size": size, "head": cfg.model.head, **head.state(), "tta": args.tta,
               "device": str(info.device), "precision": precision.name,
               "loss": evaluation.loss, **evaluation.scores(), **({"intervals": intervals} if intervals else {}),
