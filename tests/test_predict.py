@@ -347,3 +347,22 @@ def test_grad_cam_keeps_no_graph_for_the_parameters():
     for p in network.parameters():
         p.requires_grad_(False)
     assert torch.equal(maps, grad_cam(network, inputs, targets))  # frozen or not: the same maps
+
+
+def test_predict_reads_a_datasets_own_table(runs, tmp_path, capsys):
+    """predict --images ROOT --format aptos --split test: APTOS's unlabelled test.csv names its photos by
+    id_code in test_images/; predict grades them in the table's order, as training would read them."""
+    from dr_resnet.data.synthetic import generate
+
+    root = generate(tmp_path / "aptos", {"train": 4, "test": 6}, seed=5, fmt="aptos", size=64, progress=False)
+    ids = [row[0] for row in csv.reader(open(root / "test.csv"))][1:]
+    (root / "test.csv").write_text("id_code\n" + "".join(f"{i}\n" for i in ids))
+    out = tmp_path / "graded.csv"
+    assert predict_main(["--checkpoint", str(runs["classification"] / "checkpoint_best.pt"), "--images", str(root),
+                         "--format", "aptos", "--split", "test", "--out", str(out), "--workers", "0"]) == 0
+    rows = read_rows(out)
+    assert [r["path"] for r in rows] == [str(root / "test_images" / f"{i}.png") for i in ids]
+    assert all(r["error"] == "" for r in rows)
+    with pytest.raises(SystemExit):
+        predict_main(["--checkpoint", "x.pt", "--images", "a.png", "data.image_column=x"])
+    assert "give its --format" in capsys.readouterr().err

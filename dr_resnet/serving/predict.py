@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dr_resnet.data.formats import add_format_arguments, format_arguments, read_split
 from dr_resnet.data.preprocess import BadImageError
 from dr_resnet.data.recipe import Recipe
 from dr_resnet.errors import UserError, run_command
@@ -198,7 +199,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True,
                    help="a training checkpoint (.pt), or a model dr_resnet.export wrote (.onnx, .ts, or its folder)")
     p.add_argument("--images", required=True, nargs="+", metavar="PATH",
-                   help="image files, folders (searched recursively), or CSVs with an image column")
+                   help="image files, folders (searched recursively), or CSVs with an image column; with --format, "
+                        "a dataset's folder, read as training reads it (its table's image column and image folder)")
+    p.add_argument("--split", default="test", help="with --format: the dataset's split to grade (labelled or not)")
     p.add_argument("--out", default="predictions.csv", help="the CSV to write")
     p.add_argument("--tta", default="none", choices=TTA_MODES, help="flips: average over h-, v- and hv-flips")
     p.add_argument("--batch-size", type=int, default=32)
@@ -206,10 +209,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: a GPU if CUDA is there")
     p.add_argument("--cam", metavar="DIR", help="write each photo with its Grad-CAM heat map (PNG) into DIR")
     p.add_argument("--strict", action="store_true", help="exit 1 if any image failed (default: only if all did)")
-    args = p.parse_args(argv)
+    add_format_arguments(p)
+    p.set_defaults(format=None)  # none: --images names files, folders or CSVs
+    args = p.parse_intermixed_args(argv)
+    keys = [a for a in args.images if a.startswith("data.") and "=" in a]  # nargs="+" also took the data keys
+    args.images, args.data_keys = [a for a in args.images if a not in keys], [*args.data_keys, *keys]
     if args.batch_size < 1 or args.workers < 0:
         p.error("need --batch-size >= 1 and --workers >= 0")
+    if args.format and len(args.images) != 1:
+        p.error(f"--format {args.format}: --images names the dataset's one folder, got {len(args.images)} paths")
+    if args.data_keys and not args.format:
+        p.error(f"{' '.join(args.data_keys)}: data.* keys say how to read a dataset: give its --format")
     return args
+
+
+def dataset_images(root: str, split: str, args: argparse.Namespace) -> list[Path]:
+    """A dataset's split's photos, read as training reads them (any format; its labels, if any, unused)."""
+    fmt, options = format_arguments(args)
+    return read_split(root, split, fmt, options, unlabelled_ok=True).paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         device = select_device(args.device, 0, 1)
         grader = load_grader(args.checkpoint, device)
-        paths = list_images(args.images)
+        paths = dataset_images(args.images[0], args.split, args) if args.format else list_images(args.images)
         counts = predict(grader, paths, Path(args.out), args.tta, args.batch_size, args.workers,
                          Path(args.cam) if args.cam else None, progress=sys.stderr.isatty())
         failed = f", {counts.failed} failed (their reasons: the error column)" if counts.failed else ""
