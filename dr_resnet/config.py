@@ -136,6 +136,8 @@ class DataConfig:
     bad_images: BadImages = "stop"  # photos that cannot be decoded to their last byte, or are blank, found at start
     # (checked once, cached per file): stop (an error naming every one) | skip (train and test without them,
     # named in the log, summary.json and the report)
+    stage_to: str = ""  # copy the prepared dataset once per node to this node-local folder at job start and read it
+    # there (e.g. /dev/shm or $TMPDIR: variables expanded); a later job finds an unchanged copy and starts at once
     workers: int = 4  # data-loading processes per training process
     max_rotation: float = 180.0  # degrees, random rotation within +-max_rotation (on the device); 180: any angle,
     # since a fundus photo's orientation carries no grade
@@ -528,7 +530,7 @@ def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:
 # reruns) of one arm. The report groups runs by every other key (results/arms.py).
 NOT_THE_ARM = ("train.seed", "train.device", "train.compile", "train.cudnn_benchmark", "train.deterministic",
                "train.channels_last", "train.log_every", "train.checkpoint_every_minutes", "train.eval_batch_size",
-               "data.workers", "output.", "wandb.")
+               "data.workers", "data.stage_to", "output.", "wandb.")
 
 
 # Keys a resumed run may change: how long it goes on (train.epochs extends it), where and how it runs, what
@@ -537,7 +539,7 @@ NOT_THE_ARM = ("train.seed", "train.device", "train.compile", "train.cudnn_bench
 ON_RESUME = ("train.epochs", "train.resume", "train.device", "train.amp", "train.compile", "train.cudnn_benchmark",
              "train.deterministic", "train.channels_last", "train.sync_bn", "train.log_every",
              "train.checkpoint_every_minutes", "train.eval_batch_size", "train.nonfinite", "train.nonfinite_skip_limit",
-             "data.workers", "output.", "wandb.")
+             "data.workers", "data.stage_to", "output.", "wandb.")
 
 
 def changed_on_resume(saved: dict[str, Any], requested: Config) -> list[str]:

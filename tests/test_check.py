@@ -90,3 +90,26 @@ def test_evaluate_names_every_bad_photo_or_skips_them(data, tmp_path, capfd, mon
     assert evaluate_main([*args, "--out", str(tmp_path / "eval"), "--bad-images", "skip"]) == 0
     found = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert found["num_samples"] == 38 and len(found["skipped_images"]) == 2
+
+
+def test_the_dataset_is_staged_once_a_node_and_read_there(data, tmp_path, capfd):
+    """data.stage_to copies the prepared dataset to node-local storage at start (its time logged), the run
+    reads the copy, a second start finds it unchanged, and a changed dataset is copied again."""
+    from dr_resnet.data.stage import staged_path
+
+    run_args = ["train.epochs=1", f"data.stage_to={tmp_path / 'local'}"]
+    assert train.main(demo_args(data, tmp_path / "run", *run_args, workers=0)) == 0
+    staged = staged_path(data, str(tmp_path / "local"))
+    err = capfd.readouterr().err
+    assert f"data.stage_to: staged {data.resolve()} to {staged}:" in err and " s\n" in err
+    assert sorted(p.name for p in (staged / "images").iterdir()) == sorted(p.name for p in (data / "images").iterdir())
+    assert train.main(demo_args(data, tmp_path / "run2", *run_args, workers=0)) == 0
+    assert f"{staged} already holds an unchanged copy" in capfd.readouterr().err
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    assert train.main(demo_args(copy, tmp_path / "run3", *run_args, workers=0)) == 0
+    assert "data.stage_to: staged" in capfd.readouterr().err
+    # The run's config keeps its own data.root (a resume on another node stages again, and is not refused).
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["root"] == str(data)

@@ -140,9 +140,9 @@ def test_an_interrupted_array_task_is_requeued_and_finishes_every_epoch_once(clu
 
 
 def test_sbatch_script_runs_two_nodes_and_requeues_on_usr1(cluster, data, tmp_path):
-    """Submitted with two tasks a node (the script still starts one torchrun a node); at USR1 the step's
-    tasks get SIGTERM (srun would have killed them), the leg ends with a checkpoint written on the signal,
-    and the next leg resumes exactly there."""
+    """Submitted with two tasks a node (the script still starts one torchrun a node), the dataset staged to
+    node-local storage; at USR1 the step's tasks get SIGTERM (srun would have killed them), the leg ends with a
+    checkpoint written on the signal, and the next leg resumes exactly there."""
     import re
 
     run_dir = tmp_path / "run"
@@ -151,7 +151,7 @@ def test_sbatch_script_runs_two_nodes_and_requeues_on_usr1(cluster, data, tmp_pa
         ["sbatch", "--parsable", "--nodes", "2", "--ntasks-per-node", "2", "--cpus-per-task", "1",
          "--output", str(tmp_path / "slurm-%j.out"),
          str(SCRIPTS[0]), "--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", *TINY,
-         "train.epochs=4", f"output.dir={run_dir}"],
+         "train.epochs=4", f"output.dir={run_dir}", f"data.stage_to={tmp_path / 'node_local'}"],
         env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     wait_for_file(run_dir / "checkpoint_last.pt", 300)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)  # what --signal=B:USR1@120 sends
@@ -162,6 +162,9 @@ def test_sbatch_script_runs_two_nodes_and_requeues_on_usr1(cluster, data, tmp_pa
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "USR1: the time limit is near; requeueing" in log and "(restart 1)" in log and "resumed" in log
     assert f"SIGTERM to the tasks of job step {job_id}.0" in log
+    # data.stage_to: one copy a node (both emulated nodes share this disk: one folder), its time logged,
+    # found unchanged by the requeued leg.
+    assert "data.stage_to: staged" in log and "already holds an unchanged copy" in log
     stopped = re.search(r"stopped by SIGTERM (in epoch \d+ after step \d+ of \d+|after epoch \d+);", log)
     assert stopped, log[-3000:]  # the leg wrote its checkpoint on the signal...
     assert re.search(r"resumed \S+checkpoint_last\.pt " + stopped.group(1), log), log[-3000:]  # ...and the next went on there

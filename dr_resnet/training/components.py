@@ -55,15 +55,16 @@ class Datasets:
                                 self.train.patient_source)
 
 
-def datasets(cfg: Config) -> Datasets:
+def datasets(cfg: Config, root: str | os.PathLike | None = None) -> Datasets:
     """The training and test splits, every photo checked (data.bad_images), and the held-out part: the
     dataset's own validation split with data.val_split, else part of training (whole patients,
     stratified by grade, drawn by data.split_seed: the same images whatever train.seed) when
     data.val_fraction > 0 and it would hold at least data.min_val_images; below that, a warning names
-    the sizes and nothing is held out (the final epoch is then the run's result)."""
+    the sizes and nothing is held out (the final epoch is then the run's result). `root`: where to read
+    data.root's files from instead (its staged copy, data.stage_to)."""
     d = cfg.data
     options = TableOptions.of(d)
-    read = {name: RetinopathyDataset(d.root, split, format=d.format, image_size=d.image_size, options=options)
+    read = {name: RetinopathyDataset(root or d.root, split, format=d.format, image_size=d.image_size, options=options)
             for name, split in (("train", d.train_split), ("test", d.test_split), ("val", d.val_split)) if split}
     checked, skipped = check.screen(read, d.bad_images, max(1, d.workers), d.image_size,
                                     "Replace or remove them, or set data.bad_images=skip to train and test without them "
