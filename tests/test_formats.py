@@ -348,3 +348,18 @@ def test_an_official_validation_split_is_the_held_out_part(copies, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["selected_on"] == "val" and sum(map(sum, rows[-1]["confusion_matrix"])) == len(expected["test"])
     assert f"held-out part: the 'valid' split ({len(expected['valid'])} images)" in (run_dir / "train.log").read_text()
+
+
+def test_split_says_the_rows_a_datasets_rules_leave_out(copies, tmp_path, capsys):
+    """A label the dataset's rules drop (data.label_map=7=drop): split names the count, file and rule."""
+    import shutil
+
+    from dr_resnet.data.split import main as split_main
+
+    root = tmp_path / "eyepacs"
+    shutil.copytree(copies["eyepacs"][0], root)
+    labels = (root / "trainLabels.csv").read_text().splitlines()
+    labels[3] = labels[3].rsplit(",", 1)[0] + ",7"
+    (root / "trainLabels.csv").write_text("\n".join(labels) + "\n")
+    assert split_main(["--src", str(root), "--dst", str(tmp_path / "out"), "data.label_map=7=drop"]) == 0
+    assert "train: 1 row(s) left out by the label map (7=drop) (trainLabels.csv)" in capsys.readouterr().out

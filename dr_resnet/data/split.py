@@ -24,7 +24,8 @@ import numpy as np
 
 from dr_resnet import NUM_GRADES
 from dr_resnet.errors import run_command
-from dr_resnet.data.formats import DatasetError, SplitLayout, find_splits, image_stem, read_split, split_names
+from dr_resnet.data.formats import (DatasetError, SplitLayout, TableOptions, add_format_arguments, find_splits,
+                                     format_arguments, image_stem, read_split, split_names)
 from dr_resnet.registry import FORMAT_CHOICES, FORMATS
 from dr_resnet.seeds import derive_seed
 
@@ -105,7 +106,8 @@ def balance(labels: np.ndarray) -> np.ndarray:
 
 
 def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0, fmt: str = "auto",
-          copy: bool = False, say: Callable[[str], None] = log.info) -> dict[str, tuple[list[str], np.ndarray, list[str]]]:
+          copy: bool = False, say: Callable[[str], None] = log.info, options: TableOptions | None = None
+          ) -> dict[str, tuple[list[str], np.ndarray, list[str]]]:
     """Write DST's train and test splits from every labelled split under SRC (an unlabelled one, such as
     APTOS's test.csv, is prediction only: left out, and `say` is told); returns {side: (names, labels,
     patients)}."""
@@ -118,7 +120,7 @@ def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0,
                            f"--format {fmt} is read but not written: train on it as it is, or hold out by patient with "
                            f"data.val_fraction and data.patient_column")
     if fmt in WRITTEN_AS:
-        found = [(name, fmt) for name in split_names(src, fmt)]
+        found = [(name, fmt) for name in split_names(src, fmt, options)]
     else:
         found = find_splits(src)
         if fmt != "auto":
@@ -134,10 +136,12 @@ def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0,
     say(f"pooling the {fmt} split(s) {', '.join(name for name, _ in found)} of {src}")
     names, paths, labels, patients = [], [], [], []
     for name, _ in found:
-        part = read_split(src, name, fmt, unlabelled_ok=True)
+        part = read_split(src, name, fmt, options, unlabelled_ok=True)
         if not part.labelled:
             say(f"left out the '{name}' split: {part.index_file.name} has no grades (prediction only)")
             continue
+        for line in part.left_out:  # the dataset's own rules (ungradable rows, a filter)
+            say(f"{name}: {line} ({part.index_file.name})")
         names += part.names
         paths += part.paths
         labels += part.labels.tolist()
@@ -167,13 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dst", required=True, help="output dataset folder (train and test splits, same format)")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", default="auto", choices=FORMAT_CHOICES)
     p.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
-    args = p.parse_args(argv)
+    add_format_arguments(p)
+    args = p.parse_intermixed_args(argv)
     if not 0 < args.test_fraction < 1:
         p.error("--test-fraction must be between 0 and 1")
-    return run_command(lambda: _report(split(args.src, args.dst, args.test_fraction, args.seed, args.format,
-                                              args.copy, say=print)))
+
+    def work() -> None:
+        fmt, options = format_arguments(args)
+        _report(split(args.src, args.dst, args.test_fraction, args.seed, fmt, args.copy, say=print, options=options))
+    return run_command(work)
 
 
 def _report(result: dict) -> None:
