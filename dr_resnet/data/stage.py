@@ -52,9 +52,10 @@ def stage(root: str | os.PathLike, stage_to: str) -> tuple[Path, str]:
     shutil.copytree(root, temporary, copy_function=shutil.copy2)
     write_text(temporary / MANIFEST, json.dumps(wanted))
     if target.exists():
-        if _manifest(target) == wanted:  # another process of this node's kind finished first
+        if _manifest(target) == wanted:  # another node's process on the same disk finished first
             shutil.rmtree(temporary, ignore_errors=True)
-            return target, f"{target} was staged meanwhile ({len(wanted)} files)"
+            return target, (f"{target} was staged meanwhile by another process ({len(wanted)} files; "
+                            f"{time.perf_counter() - started:.1f} s)")
         shutil.rmtree(target)
     try:
         temporary.rename(target)
