@@ -5,8 +5,9 @@ each task running the same training entry as torchrun. SLURM by default, or this
     python -m launch.sweep --config configs/demo_sweep.yaml --executor local --tasks-per-node 2
     python -m launch.sweep ... --dry-run          # print each job's sbatch script, submit nothing
 
-Each run's directory is SWEEP_DIR/<arm>/ (with --seeds 0,1,2: SWEEP_DIR/<arm>/seed<k>/, one W&B run each in
-the sweep's group, tagged with its seed); submitit's logs are SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest
+Each run's directory is SWEEP_DIR/<arm>/ (with --grid KEY=V1,V2: SWEEP_DIR/<arm>/<trial>/; with --seeds 0,1,2:
+.../seed<k>/ under it, one W&B run each in the sweep's group, tagged with its seed); a finished run is not run
+again; submitit's logs are SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest
 (runs, job ids, arguments) is SWEEP_DIR/sweep.json. A pretrained arm whose ImageNet weights cannot be
 had is not trained from scratch instead: it is reported as not run, with the missing file named.
 
