@@ -36,7 +36,7 @@ import yaml
 from dr_resnet import config
 from dr_resnet.config import ConfigError
 from dr_resnet.errors import run_command
-from dr_resnet.results.rundir import CONFIG_FILE, STATUS_FILE, is_finished, read_metrics
+from dr_resnet.results.rundir import CONFIG_FILE, STATUS_FILE, is_finished
 
 from . import requeue, trials
 from .task import TrainTask
@@ -446,7 +446,7 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     tasks, reasons = {}, {}
     for arm, (run_dir, argv_arm, cfg) in plans.items():
-        if is_finished(run_dir) and read_metrics(run_dir)[-1]["epoch"] >= cfg.train.epochs:
+        if is_finished(run_dir, cfg.train.epochs):
             # Run again after an interruption, the sweep goes on where it stopped: a finished run is kept.
             print(f"{arm}: finished earlier ({run_dir}): not run again")
             manifest["runs"][arm] = {"status": "finished", "run_dir": str(run_dir)}

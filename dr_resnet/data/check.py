@@ -123,8 +123,7 @@ def screen(datasets: dict[str, object], policy: str, workers: int, image_size: i
     every bad photo (`fix` says what else to do); "skip": each dataset without its bad photos, which are
     logged; returns the datasets and the skipped photos. Small photos are warned about either way."""
     verdicts = check_images([p for d in datasets.values() for p in d.paths], workers)
-    bad = {name: bad_rows(d, verdicts) for name, d in datasets.items()}
-    every = [b for rows in bad.values() for b in rows]
+    every = [b for d in datasets.values() for b in bad_rows(d, verdicts)]
     small = small_photos(list(datasets.values()), verdicts, image_size)
     if small:
         log.warning("%d photo(s) far below the %d px the network sees (upscaled into blur), e.g. %s", len(small),

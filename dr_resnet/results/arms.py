@@ -84,7 +84,11 @@ class RunRecord:
 
     @cached_property
     def _selected_predictions(self) -> Predictions | None:
-        return None if self.predictions_problem else self._read(PREDICTIONS_FILE)
+        return None if self.predictions_problem else self._selected_file
+
+    @cached_property
+    def _selected_file(self) -> Predictions | None:
+        return self._read(PREDICTIONS_FILE)
 
     @cached_property
     def _final_predictions(self) -> Predictions | None:
@@ -111,7 +115,7 @@ class RunRecord:
         if pending:
             return (f"stopped while writing a newly selected epoch's files ({pending[0].name} is left): running its "
                     f"command again resumes the run and completes them")
-        found = self._read(PREDICTIONS_FILE)
+        found = self._selected_file
         chosen = self.chosen()
         if found is not None and found.epoch is not None and chosen is not None and found.epoch != chosen["epoch"]:
             return (f"{PREDICTIONS_FILE} holds epoch {found.epoch}'s predictions but the run selects epoch "

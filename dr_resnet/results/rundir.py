@@ -173,8 +173,9 @@ def last_launch_error(run_dir: Path) -> str:
     return ""
 
 
-def is_finished(run_dir: Path) -> bool:
-    """Whether the run completed every planned epoch and wrote its final summary (with its intervals)."""
+def is_finished(run_dir: Path, epochs: int | None = None) -> bool:
+    """Whether the run completed every planned epoch (or `epochs`, where a config now plans more) and
+    wrote its final summary (with its intervals)."""
     path = Path(run_dir) / SUMMARY_FILE
     if not path.is_file():
         return False
@@ -182,4 +183,5 @@ def is_finished(run_dir: Path) -> bool:
         content = json.loads(path.read_text())
     except ValueError:
         return False
-    return content.get("epochs_completed", 0) >= content.get("epochs_planned", 1) and "intervals" in content
+    planned = max(content.get("epochs_planned", 1), epochs or 0)
+    return content.get("epochs_completed", 0) >= planned and "intervals" in content

@@ -326,11 +326,14 @@ def rank0_writes(what: str, work: Callable[[], object], is_main: bool) -> object
     """Rank 0 runs `work` (the run's files: it alone writes them) and every rank learns whether it worked:
     a write that fails stops every process at once with one error, instead of leaving the others waiting
     in their next collective until its timeout (what a launcher without a watchdog would do: submitit's
-    local executor, a plain srun without --kill-on-bad-exit). Returns `work`'s result on rank 0."""
+    local executor, a plain srun without --kill-on-bad-exit). A user error `work` raises (a checkpoint
+    write's, naming its file) stops them as it is. Returns `work`'s result on rank 0."""
     result, error = None, None
     if is_main:
         try:
             result = work()
+        except UserError as exc:
+            error = exc
         except OSError as exc:
             error = RunFilesError(f"cannot write {what}: {exc}. Free disk space or fix the run folder's permissions, "
                                   f"then start the run again: it resumes from its last checkpoint")

@@ -167,10 +167,10 @@ class EpochTotals:
         stats = {"train_loss": loss_sum / max(1.0, images), "train_acc": correct / max(1.0, images),
                  "train_images": int(images), "train_seconds": seconds, "images_per_s": images / seconds,
                  "nonfinite_steps": int(all_reduce_max(self.nonfinite.clone()))}
-        # DDP gives every rank the same gradients, so the same norms: the max over ranks is any rank's.
-        norm_sum, norm_max, clipped, steps = all_reduce_max(self.grad.clone()).tolist()
-        # The share of the epoch the slowest rank's host spent waiting for data: what sizes CPUs per GPU.
-        waited = float(all_reduce_max(torch.tensor([self.data_wait], dtype=torch.float64)).item())
+        # DDP gives every rank the same gradients, so the same norms: the max over ranks is any rank's; the
+        # slowest rank's wait for data, in the same reduction, is what sizes CPUs per GPU.
+        waits = torch.tensor([self.data_wait], dtype=torch.float64, device=self.device)
+        norm_sum, norm_max, clipped, steps, waited = all_reduce_max(torch.cat([self.grad, waits])).tolist()
         stats["data_wait_share"] = min(1.0, waited / seconds) if seconds > 0 else 0.0
         if steps:
             stats.update(grad_norm_mean=norm_sum / steps, grad_norm_max=norm_max)

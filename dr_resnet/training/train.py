@@ -59,7 +59,7 @@ from dr_resnet.results.rundir import (
 )
 from dr_resnet.results.stats import bootstrap_intervals, operating_points
 from dr_resnet.training import checkpoint, components, distributed
-from dr_resnet.training.checkpoint import CheckpointWriteError, EpochPosition
+from dr_resnet.training.checkpoint import EpochPosition
 from dr_resnet.training.distributed import DistInfo, launch_env
 from dr_resnet.training.loop import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
 from dr_resnet.training.preemption import Decision, RunStopped, StepBoundary, StopSignals
@@ -180,17 +180,12 @@ def save_checkpoint(run: Run, state: checkpoint.TrainingState | None, best: bool
     """Rank 0 writes `state` (None on the other ranks) as the resume point, keeping the one before as
     checkpoint_prev.pt, and (first) as checkpoint_best.pt too when `best`. Every rank learns whether that
     worked, so that a failed write stops them all with the same error instead of leaving them waiting."""
-    error = None
-    if run.info.is_main:
-        try:
-            # The best first: a resume point that selects an epoch always finds that epoch's checkpoint_best.pt.
-            if best:
-                state.save(run.run_dir / BEST_CHECKPOINT)
-            state.save(run.run_dir / LAST_CHECKPOINT, keep_previous=run.run_dir / PREV_CHECKPOINT)
-        except CheckpointWriteError as exc:
-            error = exc
-    if distributed.all_reduce_max(torch.tensor([int(error is not None)])).item():
-        raise error or CheckpointWriteError("rank 0 could not write the checkpoint (its error in train.log says why)")
+    def write() -> None:
+        # The best first: a resume point that selects an epoch always finds that epoch's checkpoint_best.pt.
+        if best:
+            state.save(run.run_dir / BEST_CHECKPOINT)
+        state.save(run.run_dir / LAST_CHECKPOINT, keep_previous=run.run_dir / PREV_CHECKPOINT)
+    distributed.rank0_writes("the checkpoint", write, run.info.is_main)
 
 
 @dataclass(frozen=True)
