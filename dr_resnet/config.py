@@ -150,11 +150,17 @@ class DataConfig:
     min_val_images: int = 50  # a held-out part smaller than this would choose epochs by noise: nothing is held out
     # then (a warning names the sizes), unless something must be fitted there (an error then)
     split_seed: int = 0  # which patients are held out: its own seed, so train.seed varies the training, not the data
+    train_fraction: float = 1.0  # train on this share of the training patients (after the held-out part is drawn),
+    # drawn by data.split_seed, stratified by each patient's worse grade and nested: a smaller share's patients are
+    # all in every larger share's, and the held-out part is the same at every share (learning curves over data)
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 30  # a larger value in a resumed run extends it
+    length: float = 1.0  # a multiple of the schedule: train.epochs (rounded) and train.warmup_epochs are multiplied by
+    # it when the config is read, so warm-up and decay stretch with the run (learning curves over training length);
+    # config.yaml keeps the resulting epochs (and length 1), `effective.schedule_length` the multiple
     batch_size: int = 32  # per process: the global batch is batch_size x processes
     eval_batch_size: int = 0  # per process; 0 means 2 x batch_size
     lr: float | None = None  # auto (None): the linear-scaling rule, lr_base_* x global batch / lr_base_batch, with
@@ -190,6 +196,8 @@ class TrainConfig:
     # never (move the folder's files aside into replaced-<time>/ and start over) | must (an error without one)
     nonfinite: NonFinite = "stop"  # a non-finite loss or gradient: stop (an error naming the step) | skip (leave the step out)
     nonfinite_skip_limit: float = 0.01  # with skip: stop when more than this share of an epoch's steps were left out
+    ema: float = 0.0  # an exponential moving average of the weights with this decay per step (e.g. 0.999; 0: off),
+    # evaluated, selected and saved in place of the raw weights (the checkpoint keeps both, for resume)
     calibration: Calibration = "none"  # none | temperature (fit a temperature on the held-out split after each epoch, for
     # calibrated probabilities: classification and ordinal heads, needs data.val_fraction)
 
@@ -211,6 +219,8 @@ class WandbConfig:
     init_timeout: float = 20.0  # seconds an online start may take before falling back to offline
     log_checkpoint: bool = False  # upload the best checkpoint as an artifact at the end
     log_predictions: bool = False  # log the selected epoch's per-image test predictions as a W&B Table at the end
+    trial: str = ""  # launch.sweep sets it: the keys its grid or search varies (comma-separated), logged as flat
+    # config keys trial/<section.key> with the run's values, for W&B's parallel coordinates and run comparison
 
 
 @dataclass
@@ -221,6 +231,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # train.length as it was given, once load() has applied it (a record, not a setting: config.yaml has its result)
+    schedule_length = 1.0  # unannotated: not a dataclass field
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -468,6 +480,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
     if not 0 <= cfg.train.momentum < 1:
         raise ConfigError(f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
+    if not 0 < cfg.data.train_fraction <= 1:
+        raise ConfigError(f"data.train_fraction must be in (0, 1] (a share of the training patients), got "
+                          f"{cfg.data.train_fraction}")
+    if not cfg.train.length > 0:
+        raise ConfigError(f"train.length must be > 0 (a multiple of the schedule), got {cfg.train.length}")
+    if not 0 <= cfg.train.ema < 1:
+        raise ConfigError(f"train.ema must be in [0, 1) (the average's decay per step; 0: off), got {cfg.train.ema}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     held_out = cfg.data.val_fraction > 0 or bool(cfg.data.val_split)
@@ -500,7 +519,20 @@ def load(config_file: str | os.PathLike | None = None, overrides: list[str] = ()
     if not cfg.output.dir.strip():
         cfg.output.dir = new_run_dir(config_file)
     validate(cfg)
+    stretch_schedule(cfg)
     return cfg
+
+
+def stretch_schedule(cfg: Config) -> None:
+    """Apply train.length: epochs and warm-up multiplied (the cosine decay follows the epochs), and the
+    multiple recorded in `cfg.schedule_length`; the config then says length 1, so a saved config read
+    again trains the same number of epochs."""
+    multiple = cfg.train.length
+    if multiple != 1.0:
+        cfg.train.epochs = max(1, round(cfg.train.epochs * multiple))
+        cfg.train.warmup_epochs = min(cfg.train.warmup_epochs * multiple, cfg.train.epochs)
+        cfg.train.length = 1.0
+    cfg.schedule_length = multiple
 
 
 def new_run_dir(config_file: str | os.PathLike | None) -> str:

@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 
 # What a stream is for: two purposes never share a stream, whatever their other keys.
-PURPOSES = ("init", "order", "augment", "holdout", "bootstrap")
+PURPOSES = ("init", "order", "augment", "holdout", "bootstrap", "subset", "search")
 
 
 def derive_seed(seed: int, purpose: str, *keys: int) -> int:

@@ -36,6 +36,7 @@ import yaml
 from dr_resnet import config
 from dr_resnet.config import ConfigError
 from dr_resnet.errors import run_command
+from dr_resnet.results import tuning
 from dr_resnet.results.rundir import CONFIG_FILE, STATUS_FILE, is_finished
 
 from . import requeue, trials
@@ -53,6 +54,8 @@ class Sweep:
     overrides: list[str] = field(default_factory=list)
     out: str = ""
     grid: dict[str, list[str]] = field(default_factory=dict)  # section.key -> values: a trial per combination
+    grid_per_arm: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # an arm's own grid keys
+    search: trials.Search | None = None  # trials drawn per arm (trials.Search)
 
     @staticmethod
     def load(path: str | Path) -> "Sweep":
@@ -60,15 +63,20 @@ class Sweep:
         if not path.is_file():
             raise ConfigError(f"sweep file not found: {path}")
         content = yaml.safe_load(path.read_text()) or {}
-        unknown = set(content) - {"name", "config", "arms", "overrides", "out", "grid"}
+        known = ("name", "config", "arms", "overrides", "out", "grid", "search")
+        unknown = set(content) - set(known)
         if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} (known: name, config, arms, overrides, out, grid)")
+            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} (known: {', '.join(known)})")
         if not isinstance(content.get("arms"), dict) or not content["arms"]:
             raise ConfigError(f"{path}: 'arms' must map arm names to lists of section.key=value overrides")
+        arms = list(content["arms"])
+        grid, grid_per_arm = trials.split_per_arm(content.get("grid"), f"{path}: grid", arms)
         return Sweep(str(content.get("name") or path.stem), (path.parent / content.get("config", "base.yaml")).resolve(),
                      {arm: [str(o) for o in (ovs or [])] for arm, ovs in content["arms"].items()},
                      [str(o) for o in content.get("overrides") or []], str(content.get("out") or ""),
-                     trials.grid_of(content.get("grid"), str(path)))
+                     trials.grid_of(grid, str(path)),
+                     {arm: trials.grid_of(g, f"{path}: grid: arms: {arm}") for arm, g in grid_per_arm.items()},
+                     trials.Search.of(content.get("search"), f"{path}: search", arms))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -83,6 +91,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "file's grid:), each in SWEEP_DIR/<arm>/<trial>/, e.g. --grid train.lr=0.01,0.05")
     p.add_argument("--seeds", help="comma-separated train.seed values: every arm once per seed, in "
                                    "SWEEP_DIR/<arm>/seed<k>/ (default: one run per arm, in SWEEP_DIR/<arm>/)")
+    p.add_argument("--tune", type=int, metavar="N",
+                   help="two phases: N trials an arm drawn from the sweep file's search: (on --tune-seed, in "
+                        "SWEEP_DIR/tune/<arm>/<trial>/), each arm's winner chosen on its held-out figures only "
+                        "(SWEEP_DIR/tuning.json), then the winners on every --seeds (SWEEP_DIR/<arm>/<trial>/seed<k>/) "
+                        "and the report; waits for phase 1 (run again after an interruption: nothing runs twice)")
+    p.add_argument("--tune-seed", type=int, default=0,
+                   help="--tune: phase 1's train.seed (default 0). Give --seeds without it (e.g. 1,2,3): a winner "
+                        "rerun on the seed it won on would carry its lucky draw into the comparison")
+    p.add_argument("--parallel", type=int,
+                   help="local executor without GPUs: at most this many runs at once (default: all of them)")
     p.add_argument("--out", help="sweep folder (default: the sweep file's 'out', else runs/<name>)")
     p.add_argument("--executor", choices=("slurm", "local"), default="slurm")
     p.add_argument("--nodes", type=int, default=1)
@@ -140,6 +158,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--seeds: a seed appears twice ({args.seeds})")
     if args.executor == "local" and args.nodes != 1:
         p.error("--executor local runs on this machine: --nodes must be 1")
+    if args.tune is not None and args.tune < 1:
+        p.error("--tune N: N trials an arm, N >= 1")
+    if args.parallel is not None and (args.parallel < 1 or args.executor != "local" or args.gpus_per_node):
+        p.error("--parallel N (N >= 1) limits the local executor's runs on CPU (with GPUs each run waits for a free group)")
     if args.executor == "local" and args.array and args.gpus_per_node:
         p.error("--array with the local executor's GPU groups: leave --array out (each run waits for a free group)")
     return args
@@ -211,22 +233,23 @@ def arm_argv(sweep: Sweep, arm: str, run_dir: Path, cli_overrides: list[str], se
     trial = trial or {}
     label = "_".join(filter(None, [arm, trials.trial_name(trial), f"seed{seed}" if seed is not None else ""]))
     named = [f"wandb.name={label}"] if seed is not None or trial else []
+    named += [f"wandb.trial={','.join(trial)}"] if trial else []
     seeded = [f"train.seed={seed}"] if seed is not None else []
     return ["--config", str(sweep.base_config), *sweep.arms[arm], *sweep.overrides, *cli_overrides,
             *trials.overrides_of(trial), *seeded, *named, f"output.dir={run_dir}", f"wandb.group={group or sweep.name}"]
 
 
-def run_names(arms: list[str], seeds: list[int], grid: list[dict[str, str]] = ({},)
+def run_names(arm_trials: dict[str, list[dict[str, str]]], seeds: list[int], under: str = "", seed_folders: bool = True
               ) -> dict[str, tuple[str, str, int | None, dict[str, str]]]:
     """Each run's name -> (arm, folder under the sweep folder, seed, trial values): one per arm, trial and
-    seed (SWEEP_DIR/<arm>[/<trial>][/seed<k>]); every arm gets every trial."""
+    seed ([under/]<arm>[/<trial>][/seed<k>]; no seed folder with seed_folders=False: one seed)."""
     found = {}
-    for arm in arms:
-        for values in grid:
+    for arm, values_list in arm_trials.items():
+        for values in values_list:
             trial = trials.trial_name(values)
             for seed in seeds or [None]:
-                parts = [arm, trial, f"seed{seed}" if seed is not None else ""]
-                found["_".join(filter(None, parts))] = (arm, "/".join(filter(None, parts)), seed, values)
+                parts = [arm, trial, f"seed{seed}" if seed is not None and seed_folders else ""]
+                found["_".join(filter(None, parts))] = (arm, "/".join(filter(None, [under, *parts])), seed, values)
     return found
 
 
@@ -325,7 +348,8 @@ def submit_each(executor, tasks: dict, slots: list[list[int]] = (), array_name: 
         gpus = None
         if scheduler is not None:
             gpus = scheduler.acquire()
-            executor.update_parameters(visible_gpus=gpus)
+            if gpus is not None:  # a GPU group; None: a CPU slot (--parallel)
+                executor.update_parameters(visible_gpus=gpus)
         if isinstance(executor, submitit.SlurmExecutor):  # SLURM: the job's name in squeue
             executor.update_parameters(job_name=name)
         job = executor.submit(task)
@@ -398,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Resolve (and so validate) every run's config before anything is submitted, then print, submit or run
-    the jobs; with --wait (always for local jobs) the live view and the report."""
+    the jobs; with --wait (always for local jobs) the live view and the report. --tune: the two phases."""
     sweep = Sweep.load(args.config)
     arms = args.runs.split(",") if args.runs else list(sweep.arms)
     unknown = [a for a in arms if a not in sweep.arms]
@@ -406,27 +430,54 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise ConfigError(f"--runs: unknown arm(s) {unknown} (in {args.config}: {', '.join(sweep.arms)})")
     out = Path(args.out or sweep.out or f"runs/{sweep.name}").resolve()
     grid = {**sweep.grid, **trials.parse_grid(args.grid)}
-    clash = sorted({o.split("=", 1)[0] for o in args.overrides} & set(grid))
+    searched = set(grid) | {k for g in sweep.grid_per_arm.values() for k in g}
+    if sweep.search:
+        searched |= set(sweep.search.space) | {k for s in sweep.search.per_arm.values() for k in s}
+    clash = sorted({o.split("=", 1)[0] for o in args.overrides} & searched)
     if clash:
-        raise ConfigError(f"{', '.join(clash)}: set by an override and searched by the grid; give it in one place")
+        raise ConfigError(f"{', '.join(clash)}: set by an override and searched by the grid or search; give it in one place")
+    if args.tune and not sweep.search:
+        raise ConfigError(f"--tune {args.tune} draws trials from the sweep file's search: block, and {args.config} has "
+                          f"none (see configs/demo_tune.yaml)")
+    count = args.tune or (sweep.search.trials if sweep.search else 0)
+    if sweep.search and not count:
+        raise ConfigError(f"{args.config}: search: give trials: N (trials an arm), or --tune N")
+    by_arm = trials.arm_trials(arms, grid, sweep.grid_per_arm, sweep.search, count)
+    if args.tune:
+        return tune(args, argv, sweep, out, by_arm)
+    plans = plan(sweep, args, out, run_names(by_arm, args.seeds))
+    shown = show(args, sweep, arms, out, plans)
+    if shown is not None:
+        return shown
+    jobs = submit(args, argv, plans, out)
+    if not (args.wait or args.executor == "local"):  # local jobs are this process's children: always wait
+        print(f"report when done: python -m dr_resnet.report {out}")
+        return 0
+    return wait_and_report(jobs, plans, out)
+
+
+def plan(sweep: Sweep, args: argparse.Namespace, out: Path, names: dict) -> dict:
+    """name -> (run folder, training arguments, resolved config): every config resolved (and so validated)
+    before anything is submitted."""
     plans = {}
-    for name, (arm, folder, seed, values) in run_names(arms, args.seeds, trials.expand(grid)).items():
-        # every run's config is resolved (and so validated) before anything is submitted
+    for name, (arm, folder, seed, values) in names.items():
         run_dir = out / folder
         argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed, group=out.name, trial=values)
         plans[name] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
-    res = resources(args, [cfg for _, _, cfg in plans.values()])
-    slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
-        if args.executor == "local" and args.gpus_per_node else []
+    return plans
+
+
+def show(args: argparse.Namespace, sweep: Sweep, arms: list[str], out: Path, plans: dict) -> int | None:
+    """--print-config, --print-arms and --dry-run (0: shown, nothing submitted); else the resources line
+    (SLURM) and None."""
     if args.print_config:
-        print("\n".join(f"--- # {name}\n" + config.to_yaml(cfg).rstrip()
-                        for name, (_, _, cfg) in plans.items()))
+        print("\n".join(f"--- # {name}\n" + config.to_yaml(cfg).rstrip() for name, (_, _, cfg) in plans.items()))
         return 0
     if args.print_arms:
         for arm in arms:
             print("\t".join([arm, str(sweep.base_config), *sweep.arms[arm], *sweep.overrides]))
         return 0
-
+    res = resources(args, [cfg for _, _, cfg in plans.values()])
     if args.executor == "slurm":
         print(f"each job: {args.nodes} node(s) x {args.tasks_per_node} task(s), {res.cpus_per_task} CPU(s) a task, "
               f"{res.mem} a node" + (f", {args.gpus_per_node} GPU(s) a node" if args.gpus_per_node else "")
@@ -435,14 +486,23 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.dry_run:
         dry_run(args, res, plans, out)
         return 0
+    return None
 
+
+def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: Path, manifest_file: str = "sweep.json"
+           ) -> dict:
+    """Submit (or, locally, start) every run of `plans` not finished earlier; the manifest (runs, job ids,
+    arguments) in out/manifest_file. Returns name -> job."""
+    res = resources(args, [cfg for _, _, cfg in plans.values()])
+    slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
+        if args.executor == "local" and args.gpus_per_node else [None] * args.parallel if args.parallel else []
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"name": sweep.name, "sweep_file": str(Path(args.config).resolve()), "executor": args.executor,
+    manifest = {"name": out.name, "sweep_file": str(Path(args.config).resolve()), "executor": args.executor,
                 "command": [sys.executable, "-m", "launch.sweep", *(argv if argv is not None else sys.argv[1:])],
                 "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "resources": res.__dict__, "runs": {}}
 
     def write_manifest() -> None:
-        (out / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (out / manifest_file).write_text(json.dumps(manifest, indent=2) + "\n")
 
     tasks, reasons = {}, {}
     for arm, (run_dir, argv_arm, cfg) in plans.items():
@@ -474,18 +534,83 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
         shown = f"  GPU(s) {','.join(map(str, gpus))}" if gpus is not None else ""
         print(f"{arm}: job {job.job_id}{shown}  log {manifest['runs'][arm]['log']}", flush=True)
     write_manifest()
-    print(f"sweep folder {out} (manifest sweep.json)")
-    if args.executor == "slurm":
+    print(f"sweep folder {out} (manifest {manifest_file})")
+    if args.executor == "slurm" and jobs:
         print(f"follow: squeue -j {','.join(j.job_id for j in jobs.values())}   tail -f {out}/submitit/*_0_log.out")
-    if not (args.wait or args.executor == "local"):  # local jobs are this process's children: always wait
-        print(f"report when done: python -m dr_resnet.report {out}")
-        return 0
-    return wait_and_report(jobs, plans, out)
+    return jobs
+
+
+def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Path,
+         by_arm: dict[str, list[dict[str, str]]]) -> int:
+    """--tune N: phase 1 runs each arm's N trials on the first seed (SWEEP_DIR/tune/<arm>/<trial>/) and waits for
+    them; each arm's winner is the trial with the best held-out figure (results.tuning.winners: no test figure
+    is read); tuning.json records them; phase 2 runs each winner's exact settings on every seed
+    (SWEEP_DIR/<arm>/<trial>/seed<k>/), then the report. Finished runs of either phase are never run again."""
+    phase1 = plan(sweep, args, out, run_names(by_arm, [args.tune_seed], under=tuning.TUNE_DIR, seed_folders=False))
+    if args.tune_seed in args.seeds:
+        print(f"warning: --seeds {','.join(map(str, args.seeds))} holds --tune-seed {args.tune_seed}: each winner's run on "
+              f"that seed repeats the run it won with, lucky draw included", file=sys.stderr)
+    if args.print_config or args.dry_run or args.print_arms:
+        print(f"# phase 1 of --tune: {len(phase1)} runs ({args.tune} trials an arm, seed {args.tune_seed}); phase 2 "
+              f"(each arm's winner on seeds {','.join(map(str, args.seeds)) or 'the recipe'}) is planned once phase 1 "
+              f"has finished")
+        return show(args, sweep, list(by_arm), out, phase1) or 0
+    jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json")
+    failed = wait_for_all(jobs, phase1)
+    choice = tuning.choose(out / tuning.TUNE_DIR, {arm: {trials.trial_name(v): v for v in values}
+                                                   for arm, values in by_arm.items()})
+    (out / tuning.TUNING_FILE).write_text(json.dumps(choice, indent=2) + "\n")
+    for arm in by_arm:
+        entry = choice["arms"][arm]
+        if "winner" in entry:
+            print(f"{arm}: winner {entry['winner']['trial']} ({entry['metric']} {entry['winner']['held_out']:.4f} "
+                  f"held-out, {entry['finished']} of {len(by_arm[arm])} trials finished)")
+        else:
+            print(f"{arm}: no winner: {entry['reason']}", file=sys.stderr)
+    winners = {arm: [choice["arms"][arm]["winner"]["values"]] for arm in by_arm if "winner" in choice["arms"][arm]}
+    for arm, values in winners.items():
+        set_aside_earlier_winners(out / arm, trials.trial_name(values[0]))
+    if not winners:
+        print(f"no arm has a winner: phase 2 not run (tuning.json: {out / tuning.TUNING_FILE})", file=sys.stderr)
+        return 1
+    phase2 = plan(sweep, args, out, run_names(winners, args.seeds))
+    log_winners(choice, out, next(iter(phase2.values()))[2])
+    jobs = submit(args, argv, phase2, out)
+    code = wait_and_report(jobs, phase2, out)
+    return 1 if failed or len(winners) < len(by_arm) else code
+
+
+def log_winners(choice: dict, out: Path, cfg: config.Config) -> None:
+    """The winners in W&B (the recipe's wandb settings, in the sweep's group): one run of job type `tune`
+    holding an artifact tuning-<arm> per arm, aliased `winner` and with the trial's name."""
+    from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
+
+    w = cfg.wandb
+    tracker = Tracker(TrackingSettings(w.mode, w.project, w.entity, out.name, f"{out.name}-tuning", job_type="tune",
+                                       init_timeout=w.init_timeout), out, new_run_id(),
+                      {"arms": {arm: entry.get("winner", {}).get("values") for arm, entry in choice["arms"].items()}})
+    for arm, entry in choice["arms"].items():
+        if "winner" in entry:
+            tracker.log_tuning(out / tuning.TUNING_FILE, arm, entry["winner"])
+    tracker.finish()
+
+
+def set_aside_earlier_winners(arm_dir: Path, winner: str) -> None:
+    """Phase 2's folders of an arm's earlier winner (a rerun with more trials chose another) move to
+    SWEEP_DIR/superseded/, so that the report compares the current winners only."""
+    if not arm_dir.is_dir():
+        return
+    for folder in sorted(p for p in arm_dir.iterdir() if p.is_dir() and p.name != winner):
+        target = arm_dir.parent / "superseded" / arm_dir.name / folder.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        print(f"{arm_dir.name}: the earlier winner's runs {folder} moved to {target}")
+        folder.rename(target)
 
 
 class GpuSlots:
-    """The local executor's GPU groups: an arm gets a free group, or waits until a running arm's job
-    ends (submitit's local executor would otherwise give every job the same GPUs)."""
+    """The local executor's GPU groups (or, with --parallel, plain CPU slots: None): an arm gets a free
+    group, or waits until a running arm's job ends (submitit's local executor would otherwise give every
+    job the same GPUs, and start every job at once)."""
 
     def __init__(self, slots: list[list[int]], poll_s: float = 2.0) -> None:
         self.free, self.busy, self.poll_s = list(slots), [], poll_s
@@ -516,10 +641,20 @@ def wait_for(job, poll_s: float = 5.0) -> list:
 
 
 def wait_and_report(jobs: dict, plans: dict, out: Path, poll_s: float = 5.0) -> int:
-    """Show the live view (on a terminal) until every job has ended, then collect each job's result, mark
-    failed runs, and write and print the report; 1 if any run failed."""
+    """wait_for_all, then write and print the report; 1 if any run failed."""
     from dr_resnet.results.report import report
 
+    failed = wait_for_all(jobs, plans, poll_s)
+    written = report(out)  # a damaged run file: one line naming it (main's frame), exit 2: the runs are done
+    print("report: " + ", ".join(str(p) for p in written))
+    results = (out / "results.md").read_text()
+    print(results)
+    return 1 if failed else 0
+
+
+def wait_for_all(jobs: dict, plans: dict, poll_s: float = 5.0) -> list[str]:
+    """Show the live view (on a terminal) until every job has ended, then collect each job's result and mark
+    failed runs; returns their names."""
     runs = {name: (run_dir, cfg.train.epochs) for name, (run_dir, _, cfg) in plans.items()}
     watch(runs, lambda name: jobs[name].state if name in jobs else ("FINISHED" if is_finished(runs[name][0]) else "not run"),
           lambda: all(job.done() for job in jobs.values()), LiveView(), poll_s)
@@ -536,11 +671,7 @@ def wait_and_report(jobs: dict, plans: dict, out: Path, poll_s: float = 5.0) -> 
             run_dir, _, cfg = plans[arm]
             set_status(run_dir, cfg, "failed", f"job {job.job_id}: {reason}")
             print(f"{arm}: FAILED (job {job.job_id}): {reason}", file=sys.stderr)
-    written = report(out)  # a damaged run file: one line naming it (main's frame), exit 2: the runs are done
-    print("report: " + ", ".join(str(p) for p in written))
-    results = (out / "results.md").read_text()
-    print(results)
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":

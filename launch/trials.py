@@ -5,6 +5,13 @@ them and checks them before anything is submitted.
 
 Names are short, readable and stable across runs and machines: made from the keys' last parts and the
 values, in key order (`lr0.05-image_size384`), with a hash of the whole where that would be too long.
+
+A search draws its trials instead of listing them: `loguniform(lo, hi)` (rates), `uniform(lo, hi)`,
+`intuniform(lo, hi)` or `choice(a, b, ...)` per key. Trial i's value of a key comes from a generator seeded by
+(the search's own seed, i, the key) alone: every arm gets the same number of trials and, where two arms search
+the same range, the same values (common random numbers: their difference is not a difference of luck); a larger
+trial count keeps the earlier draws (their folders, finished, are not run again). Values keep 3 significant
+digits, so a trial's name is its exact setting.
 """
 
 from __future__ import annotations
@@ -12,9 +19,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
 
 from dr_resnet.config import ConfigError
+from dr_resnet.seeds import derive_seed
 
 MAX_NAME = 60  # characters of a trial's folder name before it is shortened with a hash
 
@@ -37,9 +50,126 @@ def grid_of(content: object, origin: str) -> dict[str, list[str]]:
     """A sweep file's `grid:` (section.key -> list of values) as strings, checked."""
     if content is None:
         return {}
-    if not isinstance(content, dict) or not all(isinstance(v, list) and v for v in content.values()):
+    if not isinstance(content, dict) or not all(isinstance(v, list) and v and "." in str(k) for k, v in content.items()):
         raise ConfigError(f"{origin}: 'grid' maps section.key names to non-empty lists of values")
     return {str(k): [str(v) for v in values] for k, values in content.items()}
+
+
+def split_per_arm(content: object, origin: str, arms: list[str]) -> tuple[object, dict[str, object]]:
+    """A `grid:` or `search:` block's keys for every arm, and its `arms:` entry (arm -> keys that replace or
+    add to those for that arm), checked against the sweep's arms."""
+    if not isinstance(content, dict):
+        return content, {}
+    content = dict(content)
+    per_arm = content.pop("arms", None) or {}
+    if not isinstance(per_arm, dict):
+        raise ConfigError(f"{origin}: 'arms' maps arm names to their own keys")
+    unknown = sorted(set(per_arm) - set(arms))
+    if unknown:
+        raise ConfigError(f"{origin}: 'arms' names {unknown}, not arms of this sweep ({', '.join(arms)})")
+    return content, per_arm
+
+
+@dataclass(frozen=True)
+class Space:
+    """Where a search draws one key's values: loguniform, uniform or intuniform over [low, high], or choice."""
+
+    kind: str
+    low: float = 0.0
+    high: float = 0.0
+    options: tuple[str, ...] = ()
+
+    @staticmethod
+    def parse(key: str, text: object, origin: str) -> "Space":
+        if isinstance(text, list):
+            return Space("choice", options=tuple(str(v) for v in text))
+        match = re.fullmatch(r"\s*(loguniform|uniform|intuniform|choice)\((.*)\)\s*", str(text))
+        args = [a.strip() for a in match.group(2).split(",") if a.strip()] if match else []
+        if match and match.group(1) == "choice" and args:
+            return Space("choice", options=tuple(args))
+        try:
+            low, high = (float(a) for a in args)
+        except ValueError:
+            low = high = math.nan
+        if not match or not low < high or (match.group(1) == "loguniform" and low <= 0):
+            raise ConfigError(f"{origin}: {key}: {text!r} is not loguniform(low, high) (0 < low < high), "
+                              f"uniform(low, high), intuniform(low, high) or choice(a, b, ...) (inside YAML's "
+                              f"{{key: value}} quote it: its comma would end the value)")
+        return Space(match.group(1), low, high)
+
+    def value(self, u: float) -> str:
+        """The value at quantile u in [0, 1) of this space, as the override's text."""
+        if self.kind == "choice":
+            return self.options[min(int(u * len(self.options)), len(self.options) - 1)]
+        if self.kind == "intuniform":
+            return str(min(int(self.low + u * (self.high - self.low + 1)), int(self.high)))
+        if self.kind == "loguniform":
+            x = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
+        else:
+            x = self.low + u * (self.high - self.low)
+        return f"{float(f'{x:.3g}'):g}"
+
+
+@dataclass(frozen=True)
+class Search:
+    """A sweep's search: its spaces (for every arm, and per arm), trials an arm, and its own seed."""
+
+    space: dict[str, Space]
+    per_arm: dict[str, dict[str, Space]]
+    trials: int = 0
+    seed: int = 0
+
+    @staticmethod
+    def of(content: object, origin: str, arms: list[str]) -> "Search | None":
+        if content is None:
+            return None
+        content, per_arm = split_per_arm(content, origin, arms)
+        if not isinstance(content, dict):
+            raise ConfigError(f"{origin}: 'search' holds trials, seed, space and arms (see launch/trials.py)")
+        unknown = set(content) - {"trials", "seed", "space"}
+        if unknown:
+            raise ConfigError(f"{origin}: search: unknown key(s) {sorted(unknown)} (known: trials, seed, space, arms)")
+        spaces = {str(k): Space.parse(str(k), v, origin) for k, v in (content.get("space") or {}).items()}
+        arm_spaces = {arm: {str(k): Space.parse(str(k), v, origin) for k, v in (keys or {}).items()}
+                      for arm, keys in per_arm.items()}
+        if not spaces and not any(arm_spaces.values()):
+            raise ConfigError(f"{origin}: search: give a space (section.key: loguniform(low, high), ...)")
+        return Search(spaces, arm_spaces, int(content.get("trials") or 0), int(content.get("seed") or 0))
+
+    def draws(self, arm: str, count: int) -> list[dict[str, str]]:
+        """The arm's first `count` trials: its spaces' values at quantiles drawn per (seed, trial, key)."""
+        spaces = {**self.space, **self.per_arm.get(arm, {})}
+        return [{key: space.value(float(np.random.default_rng(
+            derive_seed(self.seed, "search", i, zlib.crc32(key.encode()))).random()))
+            for key, space in spaces.items()} for i in range(count)]
+
+
+def arm_trials(arms: list[str], grid: dict[str, list[str]], grid_per_arm: dict[str, dict[str, list[str]]],
+               search: Search | None, count: int) -> dict[str, list[dict[str, str]]]:
+    """Each arm's trials: every combination of its grid (the sweep's, with its own keys replacing or added),
+    times `count` draws of the search (none: the grid alone). Every arm must get the same number."""
+    found = {}
+    for arm in arms:
+        points = expand({**grid, **grid_per_arm.get(arm, {})})
+        draws = search.draws(arm, count) if search and count else [{}]
+        clash = sorted(set(points[0]) & set(draws[0]))
+        if clash:
+            raise ConfigError(f"{', '.join(clash)}: both in the grid and in the search; give it in one place")
+        combined = [{**point, **draw} for point in points for draw in draws]
+        names = [trial_name(c) for c in combined]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{arm}: two trials would share a folder name ({_first_repeat(names)}): the search "
+                              f"drew one setting twice; widen its space or use fewer trials")
+        found[arm] = combined
+    counts = {arm: len(t) for arm, t in found.items()}
+    if len(set(counts.values())) > 1:
+        raise ConfigError(f"the arms would get different numbers of trials ({counts}): a comparison at unequal "
+                          f"tuning budgets favours the arm tuned more; give each arm's grid as many points")
+    return found
+
+
+def _first_repeat(names: list[str]) -> str:
+    return next(n for i, n in enumerate(names) if n in names[:i])
 
 
 def expand(grid: dict[str, list[str]]) -> list[dict[str, str]]:

@@ -358,7 +358,8 @@ def test_report_html_loads_in_a_real_browser_with_its_tables_and_figures(runs, t
     text = page.read_text()
     assert "http://" not in text and "https://" not in text  # self-contained: nothing to fetch
     figures = sorted(p.name for p in written if p.suffix == ".png")
-    assert text.count('src="data:image/png;base64,') == len(figures) == 6  # curves, matrices, calibration, 3 galleries
+    # curves, matrices, calibration, the three heads against each other (factor_model_head.png), 3 galleries
+    assert text.count('src="data:image/png;base64,') == len(figures) == 7 and "factor_model_head.png" in figures
     dom = chromium("--dump-dom", page.as_uri())
     assert dom.returncode == 0, dom.stderr
     assert f'data-figures-shown="{len(figures)}"' in dom.stdout  # every embedded figure decoded by the browser

@@ -334,7 +334,7 @@ def test_training_state_reads_earlier_checkpoints_and_refuses_other_files(tiny, 
     assert state.epoch == 1 and state.precision == "fp32" and set(state.rng) == {"torch"}
     written = checkpoint.load(run_dir / "checkpoint_last.pt")
     assert set(written) == {"model", "optimizer", "scheduler", "scaler", "precision", "epoch", "best", "rng",
-                            "config", "wandb_id", "head", "position", "recipe", "provenance", "metrics"}
+                            "config", "wandb_id", "head", "position", "recipe", "provenance", "metrics", "ema"}
     # (exactly the keys checkpoint.py's docstring lists)
     assert written["position"] == {}  # written at the epoch's end
     old = {k: v for k, v in written.items()  # as version 0.1 wrote it

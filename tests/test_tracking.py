@@ -68,7 +68,7 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     run_dir = tmp_path / "run"
     assert train(tiny, run_dir, "wandb.mode=offline", "wandb.group=sweep-a", "wandb.log_checkpoint=true",
                  "wandb.log_predictions=true", "model.head=regression", "train.clip_grad_norm=1.0",
-                 "data.val_fraction=0.25", "data.min_val_images=1") == 0
+                 "data.val_fraction=0.25", "data.min_val_images=1", "wandb.trial=train.lr,data.image_size") == 0
     [folder] = offline_runs(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     history = [r["history"]["item"] for r in inspect(folder) if r.get("type") == "history"]
@@ -97,6 +97,9 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     # What the run derived, not the config's "auto" (None): the rate it trained with, global batch, precision.
     effective = yaml.safe_load((run_dir / "config.yaml").read_text())["effective"]
     assert state["config"]["train"]["lr"] == pytest.approx(effective["lr"]) and effective["lr"] > 0
+    # A sweep's trial values as flat keys (launch.sweep sets wandb.trial), typed: parallel coordinates read them.
+    assert state["config"]["trial/train.lr"] == pytest.approx(effective["lr"])
+    assert state["config"]["trial/data.image_size"] == 32
     assert state["config"]["effective"]["global_batch"] == effective["global_batch"] == 8
     assert state["config"]["effective"]["precision"] == effective["precision"] == "fp32"
     assert state["config"]["effective"]["first_epoch_grade_shares"] == effective["first_epoch_grade_shares"]
@@ -124,6 +127,23 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     content = json.loads(table.read_text())
     predictions = (run_dir / "predictions.csv").read_text().splitlines()
     assert content["columns"] == predictions[0].split(",") and len(content["data"]) == len(predictions) - 1 == 9
+
+
+def test_a_tuning_winner_is_an_artifact_aliased_winner(tmp_path):
+    record = tmp_path / "tuning.json"
+    record.write_text(json.dumps({"arms": {"r18": {"winner": {"trial": "lr0.05"}}}}))
+    tracker = Tracker(TrackingSettings("offline", group="sweep-t", name="sweep-t-tuning", job_type="tune"), tmp_path,
+                      new_run_id(), {"arms": {"r18": {"train.lr": "0.05"}}})
+    tracker.log_tuning(record, "r18", {"trial": "lr0.05", "values": {"train.lr": "0.05"}, "held_out": 0.8})
+    tracker.finish()
+    [folder] = offline_runs(tmp_path)
+    records = inspect(folder)
+    [artifact] = [r["artifact"] for r in records if r.get("type") == "artifact"]
+    assert artifact["name"] == "tuning-r18" and artifact["type"] == "tuning"
+    assert {"winner", "lr0.05"} <= set(artifact["aliases"])
+    assert json.loads(artifact["metadata"])["values"] == {"train.lr": "0.05"}
+    run_record = next(r for r in records if r.get("type") == "run")["run"]
+    assert run_record["job_type"] == "tune" and run_record["run_group"] == "sweep-t"
 
 
 def test_wandb_variables_fill_what_the_config_leaves_empty(tiny, tmp_path, monkeypatch):

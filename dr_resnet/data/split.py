@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import sys
@@ -62,6 +63,24 @@ def holdout_mask(patients: Sequence[str], labels: np.ndarray, fraction: float, s
         images[patient].append(i)
     held_out = assign(images, labels, fraction, seed)
     return np.array([patient in held_out for patient in patients], dtype=bool)
+
+
+def nested_share(patients: Sequence[str], labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True for the images of the first `fraction` of the patients (at least one a stratum) in one order
+    drawn by `seed`, taken per stratum (the patient's worse grade): the patients of a smaller fraction are
+    all in every larger fraction's, whatever the fractions, and each grade keeps its share."""
+    labels = np.asarray(labels, dtype=np.int64)
+    worst: dict[str, int] = {}
+    for patient, label in zip(patients, labels):
+        worst[patient] = max(worst.get(patient, 0), int(label))
+    rng = np.random.default_rng(derive_seed(seed, "subset"))
+    names = sorted(worst)
+    order = [names[i] for i in rng.permutation(len(names))]
+    chosen: set[str] = set()
+    for grade in sorted(set(worst.values())):
+        stratum = [p for p in order if worst[p] == grade]
+        chosen.update(stratum[:max(1, math.ceil(fraction * len(stratum) - 1e-9))])
+    return np.array([patient in chosen for patient in patients], dtype=bool)
 
 
 def _refine(names: list[str], counts: dict[str, np.ndarray], test: set[str], frequency: np.ndarray,

@@ -183,12 +183,15 @@ def load_imagenet_state_dict(depth: int) -> dict[str, Tensor]:
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A plain state dict, or a dr_resnet checkpoint (its ``model`` entry); ``module.`` prefixes stripped."""
+    """A plain state dict, or a dr_resnet checkpoint (the weights it evaluated: its ``ema`` entry's average
+    with train.ema, else its ``model`` entry); ``module.`` prefixes stripped."""
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+    if isinstance(state, Mapping) and state.get("ema") and isinstance(state["ema"], Mapping):
+        state = {k: v for k, v in state["ema"].items() if k.startswith("module.")}
+    elif isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a state dict or a checkpoint with a 'model' entry, got {type(state).__name__}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -39,8 +39,6 @@ from dr_resnet.results.rundir import (
 )
 from dr_resnet.results.stats import RESAMPLES, bootstrap_intervals, holm, paired_comparison
 
-SEED_FOLDER = re.compile(r"seed\d+")  # launch.sweep --seeds: SWEEP_DIR/<arm>/seed<k>/
-
 
 @dataclass
 class RunRecord:
@@ -60,6 +58,11 @@ class RunRecord:
     @property
     def pretrained(self) -> bool:
         return is_pretrained(self.weights)
+
+    @property
+    def complete(self) -> bool:
+        """Whether it trained every planned epoch (a run still going would lend its last epoch as final)."""
+        return bool(self.rows) and self.rows[-1]["epoch"] >= self.epochs_planned
 
     @property
     def has_val(self) -> bool:
@@ -154,25 +157,37 @@ class RunRecord:
         return majority_baseline(np.array(self.rows[-1]["confusion_matrix"])) if self.rows else None
 
 
+# Folders of a sweep that hold runs the sweep's comparison is not about: --tune's trials (reported on their
+# own and in the tuning section), an arm's earlier winners, submitit's logs. Reporting such a folder itself
+# (python -m dr_resnet.report SWEEP/tune) reads its runs.
+NOT_COMPARED = ("tune", "superseded", "submitit")
+
+
 def find_runs(root: Path) -> list[RunRecord]:
-    """Run directories under root (root itself, or up to two levels down), sorted by depth then name."""
-    candidates = [root] + sorted(p for p in root.glob("*") if p.is_dir()) + sorted(p for p in root.glob("*/*") if p.is_dir())
+    """Run directories at or under root (a folder with config.yaml; never looked into further), outside
+    NOT_COMPARED folders, sorted by depth then name (its path under root)."""
+    root = Path(root)
     runs = []
-    for path in candidates:
-        config_file, status_file = path / CONFIG_FILE, path / STATUS_FILE
-        if not config_file.is_file():
-            continue
-        cfg = yaml.safe_load(config_file.read_text()) or {}
-        rows = read_metrics(path)
-        status = json.loads(status_file.read_text()) if status_file.is_file() else {}
-        reason = f"{status.get('status', 'failed')}: {status.get('reason', '')}" if status else ""
-        replicate = SEED_FOLDER.fullmatch(path.name) is not None and path != root
-        name = f"{path.parent.name}/{path.name}" if replicate else path.name
-        settings = settings_of(cfg)
-        runs.append(RunRecord(name, path, int(settings["model.depth"]), str(settings["model.weights"]),
-                              int(settings["train.epochs"]), rows, reason, str(settings["train.select_by"]),
-                              int(settings["train.seed"]), settings, effective=cfg.get("effective") or {}))
+    for folder, subfolders, files in os.walk(root):
+        path = Path(folder)
+        if CONFIG_FILE in files:
+            subfolders.clear()  # a run's own folders (evaluations, wandb) are not runs
+            runs.append(read_run(path, path.relative_to(root).as_posix() if path != root else path.name))
+        else:
+            subfolders[:] = sorted(s for s in subfolders if s not in NOT_COMPARED and not s.startswith("."))
     return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.name, r.seed))
+
+
+def read_run(path: Path, name: str = "") -> RunRecord:
+    """The run in `path` (its config.yaml, metrics, launcher status), named `name` (default: the folder's)."""
+    cfg = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
+    status_file = path / STATUS_FILE
+    status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+    reason = f"{status.get('status', 'failed')}: {status.get('reason', '')}" if status else ""
+    settings = settings_of(cfg)
+    return RunRecord(name or path.name, path, int(settings["model.depth"]), str(settings["model.weights"]),
+                     int(settings["train.epochs"]), read_metrics(path), reason, str(settings["train.select_by"]),
+                     int(settings["train.seed"]), settings, effective=cfg.get("effective") or {})
 
 
 @dataclass
@@ -201,7 +216,7 @@ class Arm:
     @property
     def finished(self) -> list[RunRecord]:
         """Its runs that completed every planned epoch (a run still going would lend its last epoch as final)."""
-        return [r for r in self.runs if r.rows and r.rows[-1]["epoch"] >= r.epochs_planned]
+        return [r for r in self.runs if r.complete]
 
 
 def _identity(run: RunRecord) -> tuple:
@@ -244,6 +259,8 @@ class Pair:
     b: Arm | None
     name_a: str
     name_b: str
+    factor: str = ""  # what differs: "pretraining", "depth", or a factor's key
+    setting: dict = field(default_factory=dict)  # the factors both arms share
 
 
 def arm_pairs(arms: list[Arm]) -> list[Pair]:
@@ -267,19 +284,20 @@ def arm_pairs(arms: list[Arm]) -> list[Pair]:
         where = "".join(f", {k}={v}" for k, v in factors.items())
         for d in depths:
             pairs.append(Pair(f"pretraining at ResNet{d}{where}", find(d, True, factors), find(d, False, factors),
-                              named(d, True, factors), named(d, False, factors)))
+                              named(d, True, factors), named(d, False, factors), "pretraining", factors))
         for shallow, deep in zip(depths, depths[1:]):
             for init in (True, False):
                 pairs.append(Pair(f"depth {deep} vs {shallow}, {initialisation(init)}{where}",
                                   find(deep, init, factors), find(shallow, init, factors),
-                                  named(deep, init, factors), named(shallow, init, factors)))
+                                  named(deep, init, factors), named(shallow, init, factors), "depth", factors))
     for i, a in enumerate(arms):
         for b in arms[i + 1:]:
             apart = [k for k in a.factors if a.factors[k] != b.factors[k]]
             if (a.depth, a.pretrained) == (b.depth, b.pretrained) and len(apart) == 1:
                 key = apart[0]
                 alike = Arm(a.depth, a.pretrained, {k: v for k, v in a.factors.items() if k != key}, [])
-                pairs.append(Pair(f"{key}: {a.factors[key]} vs {b.factors[key]} at {alike.name}", a, b, a.name, b.name))
+                pairs.append(Pair(f"{key}: {a.factors[key]} vs {b.factors[key]} at {alike.name}", a, b, a.name, b.name,
+                                  key, alike.factors))
     return pairs
 
 
@@ -328,7 +346,8 @@ def compare_arms(arms: list[Arm], resamples: int = RESAMPLES, epoch: str = "sele
         raise ValueError(f"epoch must be one of {', '.join(COMPARED_EPOCHS)}, got {epoch!r}")
     results = []
     for pair in arm_pairs(arms):
-        entry = {"comparison": pair.question, "epoch": epoch, "a": pair.name_a, "b": pair.name_b}
+        entry = {"comparison": pair.question, "epoch": epoch, "a": pair.name_a, "b": pair.name_b, "factor": pair.factor,
+                 "setting": pair.setting}
         done_a, done_b = ({r.seed: r for r in arm.runs if r.predictions(epoch) is not None} if arm else {}
                           for arm in (pair.a, pair.b))
         missing = [_why_not(n, arm, epoch) for n, arm, done in ((pair.name_a, pair.a, done_a), (pair.name_b, pair.b, done_b))

@@ -30,6 +30,7 @@ from dr_resnet.results.arms import (
     mark_multiplicity,
     seed_summary,
 )
+from dr_resnet.results.factors import convergence, differences, factor_keys, numeric, points
 from dr_resnet.results.html import write_html
 from dr_resnet.results.metrics import expected_calibration_error
 from dr_resnet.results.plots import pyplot
@@ -38,23 +39,30 @@ from dr_resnet.results.tables import (
     COLUMNS,
     Table,
     comparisons_table,
+    convergence_table,
     datasets_table,
+    factor_table,
     markdown,
     operating_points_table,
     results_table,
     seeds_table,
+    tuning_table,
 )
+from dr_resnet.results.tuning import curves_of, ranking_note, read_choice
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 # a depth's arms in order: pretrained first, so the core experiment is blue (pretrained) and orange (scratch)
 COMPARISONS_FILE = "comparisons.json"
 FIGURE_CAPTIONS = {"confusion_matrices.png": "confusion matrices at each run's selected epoch (row-normalised)",
+                   "expected_best.png": "expected best held-out score over k trials per arm (Dodge et al. 2019), band +-1 sd",
                    "calibration.png": "reliability diagram: top grade probability against the share graded right"}
 
 
 def caption(figure: Path) -> str:
     if figure.name.startswith("accuracy_resnet"):
         return f"ResNet{figure.stem.removeprefix('accuracy_resnet')}: accuracy and QWK per epoch, per arm"
+    if figure.name.startswith("factor_"):
+        return f"test QWK at the selected epoch against {figure.stem.removeprefix('factor_')}, per arm (mean, 95% CI over seeds)"
     if figure.name.startswith("gallery_"):
         return f"{figure.stem.removeprefix('gallery_')}: test photos graded right and wrong, with Grad-CAM heat maps"
     return FIGURE_CAPTIONS.get(figure.name, figure.stem)
@@ -100,6 +108,93 @@ def plot_curves(arms: list[Arm], depth: int, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_expected_best(curves: dict[str, list[dict]], metric: str, path: Path) -> None:
+    """Per arm: the expected best held-out score over k trials (Dodge et al. 2019), band +-1 sd."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.4))
+    for index, (arm, curve) in enumerate(curves.items()):
+        k = [c["k"] for c in curve]
+        mean, sd = np.array([c["mean"] for c in curve]), np.array([c["std"] for c in curve])
+        colour = COLOURS[index % len(COLOURS)]
+        ax.fill_between(k, mean - sd, mean + sd, color=colour, alpha=0.15, lw=0)
+        ax.plot(k, mean, "-o", ms=3, color=colour, label=arm)
+    ax.set(title="expected best held-out score over k trials", xlabel="trials (k)", ylabel=f"expected best {metric}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_factor(key: str, lines: dict[str, list[dict]], path: Path) -> None:
+    """Test QWK at the selected epoch against one factor, per line (depth and initialisation): a curve for
+    a numeric factor (a log axis where its values span 8x or more), bars for a categorical one; mean over
+    seeds with its 95% interval."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.4))
+    values = sorted({str(e["value"]) for entries in lines.values() for e in entries},
+                    key=lambda v: float(v) if numeric([v]) else 0)
+    as_curve = numeric(values)
+    width = 0.8 / max(1, len(lines))
+    for index, (line, entries) in enumerate(lines.items()):
+        colour = COLOURS[index % len(COLOURS)]
+        x = [float(e["value"]) for e in entries] if as_curve else \
+            [values.index(str(e["value"])) + (index - (len(lines) - 1) / 2) * width for e in entries]
+        mean = np.array([e["mean"] for e in entries])
+        errors = np.array([[e["mean"] - e["low"], e["high"] - e["mean"]] if e["low"] is not None else [0, 0]
+                           for e in entries]).T
+        label = f"{line} (n={max(e['n'] for e in entries)} seeds)"
+        if as_curve:
+            ax.errorbar(x, mean, yerr=errors, fmt="-o", ms=4, capsize=3, color=colour, label=label)
+        else:
+            ax.bar(x, mean, width, yerr=errors, capsize=3, color=colour, alpha=0.8, label=label)
+    if as_curve and min(float(v) for v in values) > 0 and max(float(v) for v in values) >= 8 * min(float(v) for v in values):
+        ax.set_xscale("log")
+    if not as_curve:
+        ax.set_xticks(range(len(values)), values)
+    ax.set(title=f"test QWK (selected epoch) against {key}", xlabel=key, ylabel="test QWK")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def factor_tables(arms: list[Arm], comparisons: list[dict], out: Path) -> tuple[list[Table], list[Path]]:
+    """Per factor (a key that tells arms of one depth and initialisation apart): its figure and the table of
+    paired differences at each value; and the convergence table where runs held images out."""
+    tables, written = [], []
+    for key in factor_keys(arms):
+        lines = points(arms, key)
+        if not lines:
+            continue
+        path = out / f"factor_{key.replace('.', '_')}.png"
+        plot_factor(key, lines, path)
+        written.append(path)
+        rows = differences(comparisons, key)
+        if rows:
+            tables.append(factor_table(key, rows))
+    reached = convergence(arms)
+    if reached:
+        tables.append(convergence_table(reached))
+    return tables, written
+
+
+def tuning_tables(root: Path, out: Path) -> tuple[list[Table], list[Path]]:
+    """--tune's section: each arm's winner and expected-best curve (a table and expected_best.png)."""
+    choice = read_choice(root)
+    if choice is None:
+        return [], []
+    curves = curves_of(choice)
+    written = []
+    if curves:
+        metric = next((e["metric"] for e in choice["arms"].values() if e.get("metric")), "score")
+        plot_expected_best(curves, metric, out / "expected_best.png")
+        written.append(out / "expected_best.png")
+    return [tuning_table(choice, curves, ranking_note(curves))], written
 
 
 def plot_calibration(runs: list[RunRecord], path: Path) -> bool:
@@ -312,6 +407,10 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         print(f"warning: {warning}", file=sys.stderr)
     rows = result_rows(runs)
     tables = tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows), operating_rows(runs))
+    more, figures = factor_tables(arms, comparisons, out)
+    tuned, tuning_figures = tuning_tables(root, out)
+    tables += more + tuned
+    written += figures + tuning_figures
     write_tables(rows, out, tables, comparisons)
     if comparisons:
         written.append(out / COMPARISONS_FILE)

@@ -200,6 +200,68 @@ def datasets_table(rows: list[dict]) -> Table:
     return table
 
 
+FACTOR_NOTE = (
+    "{key}: at each value, the paired comparisons of pretraining and depth (QWK A - B on the same test images at each "
+    "run's selected epoch, chosen on its held-out part), with their 95% interval (over seed pairs and patients where "
+    "there are several seeds). 'holds' names the better arm where the interval excludes 0. The figure "
+    "factor_{file}.png draws each arm's test QWK against {key} (mean over seeds, 95% t-interval).")
+
+
+def factor_table(key: str, rows: list[dict]) -> Table:
+    columns = [Column("value", key), Column("comparison", "comparison"), Column("qwk", "QWK A - B (95% CI)"),
+               Column("seeds", "seeds"), Column("holds", "holds")]
+    table = Table(f"factor_{key}", f"Along {key}", FACTOR_NOTE.format(key=key, file=key.replace(".", "_")), columns,
+                  numeric=frozenset(("qwk", "seeds")))
+    for row in rows:
+        if row["status"] != "compared":
+            table.rows.append(Row([str(row["value"]), row["comparison"], row["status"]], "notrun"))
+            continue
+        table.rows.append(Row([str(row["value"]), row["comparison"],
+                               f"{row['difference']:+.3f} ({row['low']:+.3f} to {row['high']:+.3f})", str(row["seeds"]),
+                               row["holds"]]))
+    return table
+
+
+def convergence_table(rows: list[dict]) -> Table:
+    columns = [Column("arm", "arm"), Column("epochs", "epochs planned"), Column("reach", "epochs to 95% (mean)"),
+               Column("per_seed", "per seed"), Column("final", "final held-out QWK")]
+    table = Table("convergence", "Epochs to reach 95% of the final held-out QWK",
+                  "The first epoch whose held-out QWK reaches 95% of the final epoch's, per seed and its mean: how fast "
+                  "each arm converges (He et al. 2019: from scratch needs longer).", columns,
+                  numeric=frozenset(("epochs", "reach", "final")))
+    for row in rows:
+        table.rows.append(Row([row["arm"], str(row["epochs"]), f"{row['mean']:.1f}",
+                               ", ".join(f"seed {s}: {e}" for s, e in row["per_seed"].items()),
+                               f"{row['final_val_qwk']:.3f}"]))
+    return table
+
+
+TUNING_NOTE = (
+    "launch.sweep --tune: each arm's trials (the same number for every arm, drawn from the sweep file's search:) "
+    "trained on one seed; the winner is the trial with the best held-out figure at its selected epoch, chosen without "
+    "reading any test figure (tuning.json); phase 2 ran the winner's settings on every seed. Expected best: Dodge et al. "
+    "(2019)'s expected maximum held-out score over k trials, +- its standard deviation; where the arms' order changes "
+    "between few and all trials, the comparison depends on the tuning budget.")
+
+
+def tuning_table(choice: dict, curves: dict[str, list[dict]], ranking: str) -> Table:
+    columns = [Column("arm", "arm"), Column("trials", "trials finished"), Column("winner", "winner"),
+               Column("held_out", "held-out"), Column("epoch", "epoch"),
+               *(Column(f"k{k}", f"expected best, k={k}") for k in sorted({c["k"] for cs in curves.values() for c in cs}))]
+    table = Table("tuning", "Tuning (phase 1 of --tune) and expected best held-out score", f"{TUNING_NOTE} {ranking}",
+                  columns, numeric=frozenset(["trials", "held_out", "epoch", *(c.key for c in columns[5:])]))
+    for arm, entry in choice["arms"].items():
+        finished = f"{entry['finished']} of {len(entry['trials'])}"
+        if "winner" not in entry:
+            table.rows.append(Row([arm, finished, entry.get("reason", "no winner")], "notrun"))
+            continue
+        w = entry["winner"]
+        values = ", ".join(f"{k}={v}" for k, v in w["values"].items())
+        table.rows.append(Row([arm, finished, f"{w['trial']} ({values})", f"{w['held_out']:.4f}", str(w["epoch"]),
+                               *(f"{c['mean']:.3f} +- {c['std']:.3f}" for c in curves.get(arm, []))]))
+    return table
+
+
 def markdown(table: Table, level: int = 2) -> list[str]:
     """The table as markdown lines: its title, its note, every column."""
     width = len(table.columns)

@@ -21,6 +21,8 @@ The file holds one dict with exactly TrainingState's fields:
              and class counts (absent before 0.2: {})
   metrics    the metrics.jsonl row of the epoch this state completes ({} in the middle of an epoch, and
              before 0.2)
+  ema        train.ema's AveragedModel state (module.* weights and statistics, n_averaged): the weights the
+             run evaluated and selected, which every reader loads (TrainingState.weights); {} without
 File names: rundir.LAST_CHECKPOINT, rundir.PREV_CHECKPOINT (the one before, kept until the next is
 complete), rundir.BEST_CHECKPOINT.
 """
@@ -85,7 +87,7 @@ class EpochPosition:
 class TrainingState:
     """Everything a resume, an evaluation or a weights file needs from a run, in one typed record."""
 
-    model: dict[str, Any]
+    model: dict[str, Any]  # the trained weights (what a resume trains on)
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     scaler: dict[str, Any]
@@ -100,6 +102,13 @@ class TrainingState:
     recipe: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    ema: dict[str, Any] = field(default_factory=dict)  # train.ema: AveragedModel's state ({} without)
+
+    def weights(self) -> dict[str, Any]:
+        """The weights the run evaluated and selected: the average's with train.ema, else the model's."""
+        if not self.ema:
+            return self.model
+        return {k.removeprefix("module."): v for k, v in self.ema.items() if k.startswith("module.")}
 
     def save(self, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
         save({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, path, keep_previous)

@@ -27,7 +27,7 @@ from dr_resnet.data.augment import DeviceAugment
 from dr_resnet.data.dataset import RetinopathyDataset
 from dr_resnet.data.formats import TableOptions
 from dr_resnet.data.samplers import DistributedBalancedSampler, EpochSampler, ProgressiveSampler, ShuffledSampler
-from dr_resnet.data.split import holdout_mask
+from dr_resnet.data.split import holdout_mask, nested_share
 from dr_resnet.model.heads import Head, head_for
 from dr_resnet.model.resnet import build_resnet
 from dr_resnet.seeds import derive_seed
@@ -73,9 +73,9 @@ def datasets(cfg: Config, root: str | os.PathLike | None = None) -> Datasets:
     if d.val_split:  # the dataset's own validation split (DDR's valid): whole, as its publisher drew it
         log.info("held-out part: the '%s' split (%d images); data.val_fraction is not used", d.val_split,
                  len(checked["val"]))
-        return Datasets(train, test, checked["val"], skipped)
+        return Datasets(share_of(train, d), test, checked["val"], skipped)
     if d.val_fraction <= 0:
-        return Datasets(train, test, None, skipped)
+        return Datasets(share_of(train, d), test, None, skipped)
     held_out = holdout_mask(train.patients, train.labels, d.val_fraction, d.split_seed)
     if held_out.sum() < d.min_val_images:
         if config.needs_held_out(cfg):
@@ -89,8 +89,20 @@ def datasets(cfg: Config, root: str | os.PathLike | None = None) -> Datasets:
     if held_out.all():
         raise ConfigError(f"data.val_fraction={d.val_fraction} holds out all {len(train)} training images in {d.root}: "
                           f"choose a fraction that leaves images to train on")
-    return Datasets(train.subset(~held_out, d.train_split), test, train.subset(held_out, f"{d.train_split}:held-out"),
-                    skipped)
+    return Datasets(share_of(train.subset(~held_out, d.train_split), d), test,
+                    train.subset(held_out, f"{d.train_split}:held-out"), skipped)
+
+
+def share_of(train: RetinopathyDataset, d: DataConfig) -> RetinopathyDataset:
+    """data.train_fraction of the training patients (split.nested_share: nested across fractions, drawn
+    after the held-out part, so that part is the same at every fraction); the whole set at 1."""
+    if d.train_fraction >= 1:
+        return train
+    kept = nested_share(train.patients, train.labels, d.train_fraction, d.split_seed)
+    log.info("data.train_fraction=%g: training on %d of %d images (%d of %d patients, nested by data.split_seed=%d)",
+             d.train_fraction, kept.sum(), len(train), len({p for p, k in zip(train.patients, kept) if k}),
+             len(set(train.patients)), d.split_seed)
+    return train.subset(kept, f"{train.split}:{d.train_fraction:g}")
 
 
 def training_loader(dataset: RetinopathyDataset, cfg: Config, info: DistInfo
@@ -350,6 +362,16 @@ def relay_like_parameters(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
+def weight_average(network: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """train.ema: torch's AveragedModel keeping an exponential moving average of the weights and of the
+    BatchNorm statistics (use_buffers), updated after every step; None when decay is 0."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def optimisation(t: TrainConfig, lr: float, network: nn.Module, steps_per_epoch: int, execution: Execution) -> Optimisation:
     """SGD with learning rate `lr` (config.learning_rate's), train's momentum and weight decay, its
     per-step schedule, and a loss scaler that is on for fp16 only. Fused SGD on CUDA: one kernel for the
@@ -383,5 +405,5 @@ def trained_model(path: str | os.PathLike, device: torch.device, amp: str = "aut
     trained_head = head(cfg, None, device)
     trained_head.load_state(state.head)
     network = model(cfg, trained_head, run, pretrained=False)
-    network.load_state_dict(state.model)
+    network.load_state_dict(state.weights())
     return TrainedModel(state, cfg, trained_head, network.eval(), run)

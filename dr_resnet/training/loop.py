@@ -231,6 +231,7 @@ class Trainer:
     execution: Execution
     clip_grad_norm: float = 0.0
     nonfinite: str = "stop"
+    ema: nn.Module | None = None  # train.ema: an AveragedModel of the model, updated after every step
     _statistics: tuple[list[Tensor], list[Tensor]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -276,6 +277,8 @@ class Trainer:
                 buffer.copy_(torch.where(intact, buffer, saved))
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:  # a left-out step leaves the weights as they were: the average moves towards them
+            self.ema.update_parameters(self.model)
         return loss, outputs, finite, norm
 
     def _save_statistics(self) -> tuple[list[Tensor], list[Tensor]]:

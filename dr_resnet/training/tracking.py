@@ -228,6 +228,20 @@ class Tracker:
             self.run.log_artifact(artifact, aliases=aliases)
         self._guard("checkpoint artifact", upload)
 
+    def log_tuning(self, path: Path, arm: str, winner: dict[str, Any]) -> None:
+        """An arm's tuning record (tuning.json) as an artifact tuning-<arm>, aliased `winner` and with the
+        winning trial's name; the winner's values as its metadata."""
+        if self.run is None:
+            return
+
+        def upload():
+            import wandb
+
+            artifact = wandb.Artifact(f"tuning-{arm}", type="tuning", metadata=winner)
+            artifact.add_file(str(path))
+            self.run.log_artifact(artifact, aliases=["winner", winner["trial"]])
+        self._guard("tuning artifact", upload)
+
     def log_predictions(self, path: Path) -> None:
         """The selected epoch's predictions.csv as a W&B Table ("predictions"), so arms can be compared
         image by image in the W&B UI too."""

@@ -92,7 +92,8 @@ class Run:
     fit_loader: DataLoader | None  # the training images in eval mode, for a head whose fit_on is "train"
     train_sampler: EpochSampler
     model: nn.Module  # bare module (for checkpoints)
-    eval_model: nn.Module  # the bare module, compiled with train.compile
+    eval_model: nn.Module  # what is evaluated and selected: the bare module (its weight average with train.ema),
+    # compiled with train.compile
     trainer: Trainer  # the training step: DDP (and compiled) model, optimizer, scheduler, scaler, head, augmentation
     train_baseline: float
     test_baseline: float
@@ -109,7 +110,7 @@ class Run:
         return self.trainer.head
 
     def evaluate(self, loader: DataLoader) -> EvalResult:
-        compiled = self.eval_model is not self.model  # train.compile: one graph for the ragged last batch too
+        compiled = self.cfg.train.compile  # one graph for the ragged last batch too
         return evaluate(self.eval_model, loader, self.head, self.trainer.execution, fixed_batch=compiled)
 
 
@@ -143,10 +144,11 @@ def build(cfg: Config, info: DistInfo) -> Run:
     lr = config.learning_rate(t, cfg.model.pretrained, info.world_size)
     o = components.optimisation(t, lr.lr, model, len(train_loader), execution)
     trainer = Trainer(compile_model(ddp_model, t.compile), o.optimizer, o.scheduler, o.scaler, head, execution,
-                      t.clip_grad_norm, t.nonfinite)
+                      t.clip_grad_norm, t.nonfinite, components.weight_average(model, t.ema))
+    evaluated = trainer.ema.module if trainer.ema is not None else model  # train.ema: the average is the result
     return Run(cfg=cfg, info=info, run_dir=Path(cfg.output.dir), train_loader=train_loader, test_loader=test_loader,
                val_loader=val_loader, fit_loader=fit_loader, train_sampler=train_sampler, model=model,
-               eval_model=compile_model(model, t.compile), trainer=trainer, train_baseline=data.train.majority_baseline,
+               eval_model=compile_model(evaluated, t.compile), trainer=trainer, train_baseline=data.train.majority_baseline,
                test_baseline=data.test.majority_baseline, recipe=Recipe.of_data(cfg.data.root, cfg.data.image_size),
                provenance=provenance(cfg, data), learning_rate=lr, patients=data.patient_overlap(),
                skipped_images=data.skipped)
@@ -168,7 +170,8 @@ def training_state(run: Run, epoch: int, position: EpochPosition | None = None,
     (at `position`); the selection so far from the run's rows."""
     trainer = run.trainer
     return checkpoint.TrainingState(
-        model=run.model.state_dict(), optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
+        model=run.model.state_dict(), ema=trainer.ema.state_dict() if trainer.ema is not None else {},
+        optimizer=trainer.optimizer.state_dict(), scheduler=trainer.scheduler.state_dict(),
         scaler=trainer.scaler.state_dict(), precision=trainer.execution.precision.name, epoch=epoch,
         best=selection(run.rows, run.cfg.train.select_by), rng=checkpoint.rng_state(), config=run.cfg.to_dict(),
         wandb_id=run.wandb_id, head=run.head.state(),
@@ -228,6 +231,8 @@ def resume(run: Run) -> Resumed:
     trainer = run.trainer
     precision = trainer.execution.precision
     run.model.load_state_dict(state.model)
+    if trainer.ema is not None:
+        trainer.ema.load_state_dict(state.ema)
     components.load_optimizer_state(trainer.optimizer, state.optimizer)
     trainer.scheduler.load_state_dict(state.scheduler)
     where = EpochPosition.of(state.position)
@@ -296,6 +301,7 @@ def effective_settings(run: Run) -> dict:
             "total_steps": t.epochs * steps, "first_epoch_grade_shares": [round(float(x), 4) for x in sampler.grade_shares(0)],
             "final_epoch_grade_shares": [round(float(x), 4) for x in sampler.grade_shares(t.epochs - 1)],
             "held_out_images": len(run.val_loader.dataset) if run.val_loader else 0,
+            "training_images": len(run.train_loader.dataset), "schedule_length": run.cfg.schedule_length,
             "sync_bn": any(isinstance(m, torch.nn.SyncBatchNorm) for m in run.model.modules()),
             "selection": f"best held-out {t.select_by}" if run.val_loader else "the final epoch (nothing held out)"}
 
@@ -423,6 +429,8 @@ def start_tracking(run: Run, wandb_id: str | None, effective: dict) -> Tracker:
     w, who = run.cfg.wandb, identity(run.cfg.model, run.cfg.train.seed)
     logged = run.cfg.to_dict()
     logged["train"] = {**logged["train"], "lr": effective["lr"]}
+    flat = {f"{section}.{key}": value for section, values in logged.items() for key, value in values.items()}
+    logged.update({f"trial/{key}": flat[key] for key in filter(None, w.trial.split(",")) if key in flat})
     settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name, job_type="train", tags=identity_tags(who),
                                 init_timeout=w.init_timeout, log_checkpoint=w.log_checkpoint,
                                 log_predictions=w.log_predictions)
@@ -506,6 +514,8 @@ def score_epoch(run: Run, epoch: int, stats: dict, lr: float, started: float) ->
     evaluations (every rank takes part); with the test and held-out results."""
     eval_start = time.perf_counter()
     distributed.broadcast_buffers(run.model)  # evaluate the model the checkpoint saves (rank 0's statistics)
+    if run.trainer.ema is not None:  # the average's statistics, too (each rank averaged its own)
+        distributed.broadcast_buffers(run.trainer.ema.module)
     val = run.evaluate(run.val_loader) if run.val_loader else None
     fitted = end_of_epoch(run, stats, val)
     result = run.evaluate(run.test_loader)

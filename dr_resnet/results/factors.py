@@ -1,0 +1,107 @@
+"""Runs along a factor: learning curves (data.train_fraction, train.epochs / train.length) and any ablation
+(model.head, data.sampler, data.image_size, train.ema, ...). Torch-free, read from the arms.
+
+For each key that tells arms of one depth and initialisation apart (Arm.factors), `points` gives each
+(depth, initialisation) line's test QWK at the selected epoch per value, over its finished seeds; `differences`
+lists, per value, the paired comparisons of pretraining and depth made at that value (compare_arms), marking
+where the interval excludes 0; `convergence` the epochs each arm needs to reach 95% of its final held-out QWK.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from dr_resnet.results.arms import Arm
+from dr_resnet.results.rundir import selected_on
+
+REACHED = 0.95  # convergence: the share of its final held-out QWK an arm must reach
+# Student's t, two-sided 95%, by degrees of freedom (1..9; the normal's 1.96 beyond)
+T95 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def numeric(values: list) -> bool:
+    """Whether every value of a factor reads as a number (a curve), else categorical (bars)."""
+    try:
+        [float(v) for v in values]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def factor_keys(arms: list[Arm]) -> list[str]:
+    return sorted({k for a in arms for k in a.factors})
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, and a 95% t-interval over seeds (None with one seed)."""
+    v = np.asarray(values, dtype=float)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return {"mean": mean, "low": None, "high": None, "n": len(v)}
+    half = T95.get(len(v) - 1, 1.96) * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(v)}
+
+
+def points(arms: list[Arm], key: str, metric: str = "test_qwk") -> dict[str, list[dict]]:
+    """Per line (depth, initialisation and any other factor), per value of `key`: the selected epoch's
+    `metric` over the arm's finished seeds (spread), sorted by value (numerically where it can be)."""
+    lines: dict[str, list[dict]] = {}
+    for arm in arms:
+        if key not in arm.factors or not arm.finished:
+            continue
+        others = "".join(f", {k}={v}" for k, v in arm.factors.items() if k != key)
+        line = f"resnet{arm.depth} {'pretrained' if arm.pretrained else 'scratch'}{others}"
+        values = [r.chosen()[metric] for r in arm.finished if metric in r.chosen()]
+        if values:
+            lines.setdefault(line, []).append({"value": arm.factors[key], **spread(values)})
+    for entries in lines.values():
+        entries.sort(key=lambda e: float(e["value"]) if numeric([e["value"]]) else str(e["value"]))
+    return lines
+
+
+def differences(comparisons: list[dict], key: str) -> list[dict]:
+    """The pretraining and depth comparisons at the selected epoch, per value of `key` (their shared
+    setting): A - B in QWK with its interval (over seeds where there are several), and what holds."""
+    found = []
+    for c in comparisons:
+        if (c.get("epoch") != "selected" or c.get("factor") not in ("pretraining", "depth")
+                or key not in c.get("setting", {}) or c.get("absent")):  # an arm with no run: the comparisons table says so
+            continue
+        entry = {"value": c["setting"][key], "comparison": c["comparison"], "a": c["a"], "b": c["b"]}
+        if c["status"] != "compared":
+            found.append({**entry, "status": c["status"]})
+            continue
+        several = len(c["seeds"]) > 1
+        q = c["qwk"]
+        low, high = (q["seeds_low"], q["seeds_high"]) if several else (q["low"], q["high"])
+        holds = f"{c['a']} better" if low > 0 else f"{c['b']} better" if high < 0 else "cannot tell"
+        found.append({**entry, "status": "compared", "difference": q["difference"], "low": low, "high": high,
+                      "seeds": len(c["seeds"]), "holds": holds})
+    found.sort(key=lambda e: (float(e["value"]) if numeric([e["value"]]) else 0, str(e["value"]), e["comparison"]))
+    return found
+
+
+def epochs_to_reach(rows: list[dict], share: float = REACHED) -> int | None:
+    """The first epoch whose held-out QWK reaches `share` of the final epoch's (None without a held-out
+    part, or a final held-out QWK <= 0: nothing learnt to reach)."""
+    if not rows or selected_on(rows[-1]) != "val" or rows[-1]["val_qwk"] <= 0:
+        return None
+    target = share * rows[-1]["val_qwk"]
+    return next(r["epoch"] for r in rows if r["val_qwk"] >= target)
+
+
+def convergence(arms: list[Arm]) -> list[dict]:
+    """Per arm with finished runs that held images out: epochs to reach 95% of the final held-out QWK (mean
+    over seeds, and each seed's), of the epochs planned."""
+    found = []
+    for arm in arms:
+        reached = [(r.seed, epochs_to_reach(r.rows)) for r in arm.finished]
+        reached = [(s, e) for s, e in reached if e is not None]
+        if reached:
+            found.append({"arm": arm.name, "epochs": arm.finished[0].epochs_planned,
+                          "mean": float(np.mean([e for _, e in reached])), "per_seed": dict(reached),
+                          "final_val_qwk": float(np.mean([r.rows[-1]["val_qwk"] for r in arm.finished
+                                                          if selected_on(r.rows[-1]) == "val"]))})
+    return found

@@ -1,0 +1,235 @@
+"""Tuning at equal budgets: search draws, the held-out winner rule, the expected-best estimator, nested
+training fractions and the stretched schedule; and (slow) the two-phase sweep, run and resumed for real."""
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dr_resnet import config
+from dr_resnet.config import ConfigError
+from dr_resnet.data.split import holdout_mask, nested_share
+from dr_resnet.results import tuning
+from launch import trials
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- the expected best of k trials --------------------------------------------------------------------
+
+@pytest.mark.parametrize("scores", [[0.3, 0.7, 0.5, 0.9, 0.1], [0.2, 0.2, 0.6, 0.4]])
+def test_expected_best_matches_brute_force_over_every_draw_and_every_subset(scores):
+    n = len(scores)
+    for k in range(1, n + 1):
+        # Dodge et al.: k draws with replacement, every one of the n**k sequences equally likely
+        maxima = np.array([max(draw) for draw in itertools.product(scores, repeat=k)])
+        mean, std = tuning.expected_best(scores, k)
+        assert mean == pytest.approx(maxima.mean(), abs=1e-12) and std == pytest.approx(maxima.std(), abs=1e-12)
+        # k distinct trials: every k-subset equally likely
+        maxima = np.array([max(subset) for subset in itertools.combinations(scores, k)])
+        mean, std = tuning.expected_best(scores, k, replace=False)
+        assert mean == pytest.approx(maxima.mean(), abs=1e-12) and std == pytest.approx(maxima.std(), abs=1e-12)
+    curve = tuning.expected_best_curve(scores)
+    assert [c["k"] for c in curve] == list(range(1, n + 1))
+    assert curve[0]["mean"] == pytest.approx(np.mean(scores)) and curve[-1]["mean"] < max(scores)
+    assert all(a["mean"] <= b["mean"] for a, b in zip(curve, curve[1:]))
+    with pytest.raises(ValueError):
+        tuning.expected_best(scores, n + 1, replace=False)
+
+
+def test_ranking_at_reads_each_arms_curve_at_k():
+    curves = {"a": tuning.expected_best_curve([0.5, 0.5, 0.5]), "b": tuning.expected_best_curve([0.1, 0.2, 0.9])}
+    assert tuning.ranking_at(curves, 1) == ["a", "b"] and tuning.ranking_at(curves, 3) == ["b", "a"]
+
+
+# -- search draws and equal budgets ------------------------------------------------------------------
+
+def search(content: dict, arms=("r18", "r50")) -> trials.Search:
+    return trials.Search.of(content, "sweep.yaml: search", list(arms))
+
+
+def test_search_draws_are_stable_equal_per_arm_and_keep_earlier_trials():
+    s = search({"seed": 3, "space": {"train.lr": "loguniform(0.01, 1.0)", "model.head": "choice(classification, regression)",
+                                     "train.weight_decay": "uniform(0, 0.001)", "data.image_size": "intuniform(64, 128)"},
+                "arms": {"r50": {"train.lr": "loguniform(0.001, 0.1)"}}})
+    six = trials.arm_trials(["r18", "r50"], {}, {}, s, 6)
+    assert len(six["r18"]) == len(six["r50"]) == 6
+    assert six == trials.arm_trials(["r18", "r50"], {}, {}, search(
+        {"seed": 3, "space": {"train.lr": "loguniform(0.01, 1.0)", "model.head": "choice(classification, regression)",
+                              "train.weight_decay": "uniform(0, 0.001)", "data.image_size": "intuniform(64, 128)"},
+         "arms": {"r50": {"train.lr": "loguniform(0.001, 0.1)"}}}), 6)  # stable: a pure function of the file
+    assert trials.arm_trials(["r18", "r50"], {}, {}, s, 9)["r18"][:6] == six["r18"]  # more trials keep the first six
+    for a, b in zip(six["r18"], six["r50"]):  # the same quantiles: r50's range is r18's divided by 10
+        assert float(a["train.lr"]) == pytest.approx(10 * float(b["train.lr"]), rel=2e-2)
+        assert a["model.head"] == b["model.head"] and a["data.image_size"] == b["data.image_size"]
+    for t in six["r18"]:
+        assert 0.01 <= float(t["train.lr"]) <= 1.0 and t["train.lr"] == f"{float(t['train.lr']):.3g}"
+        assert 64 <= int(t["data.image_size"]) <= 128 and t["model.head"] in ("classification", "regression")
+    logs = np.log10([float(t["train.lr"]) for t in s.draws("r18", 1000)])
+    quarters = np.histogram(logs, bins=4, range=(-2, 0))[0]  # log-uniform: a quarter of the draws in each half decade
+    assert quarters.sum() == 1000 and all(200 <= q <= 300 for q in quarters), quarters
+    other = search({"seed": 4, "space": {"train.lr": "loguniform(0.01, 1.0)"}})
+    assert other.draws("r18", 6) != search({"seed": 3, "space": {"train.lr": "loguniform(0.01, 1.0)"}}).draws("r18", 6)
+
+
+def test_unequal_budgets_and_bad_spaces_are_refused():
+    with pytest.raises(ConfigError, match="different numbers of trials"):
+        trials.arm_trials(["r18", "r50"], {"train.lr": ["0.1", "0.2"]}, {"r50": {"data.image_size": ["64", "96"]}},
+                          None, 0)
+    same = trials.arm_trials(["r18", "r50"], {"train.lr": ["0.1", "0.2"]}, {"r50": {"train.lr": ["0.01", "0.02"]}}, None, 0)
+    assert [t["train.lr"] for t in same["r50"]] == ["0.01", "0.02"]
+    for bad in ("loguniform(0, 1)", "uniform(1, 0.5)", "normal(0, 1)", "loguniform(0.1)"):
+        with pytest.raises(ConfigError, match="train.lr"):
+            search({"space": {"train.lr": bad}})
+    with pytest.raises(ConfigError, match="not arms of this sweep"):
+        search({"space": {"train.lr": "uniform(0, 1)"}, "arms": {"r34": {}}})
+    with pytest.raises(ConfigError, match="both in the grid and in the search"):
+        trials.arm_trials(["r18"], {"train.lr": ["0.1"]}, {}, search({"space": {"train.lr": "uniform(0.1, 1)"}}), 2)
+
+
+# -- the winner: held-out figures only ------------------------------------------------------------------
+
+def write_trial(folder: Path, val_qwk: list[float], test_qwk: list[float], lr: str, epochs: int | None = None) -> None:
+    folder.mkdir(parents=True)
+    cfg = config.load(REPO / "configs" / "demo.yaml", [f"train.lr={lr}", f"train.epochs={epochs or len(val_qwk)}",
+                                                      "train.warmup_epochs=0", f"output.dir={folder}"])
+    config.save(cfg, folder / "config.yaml")
+    rows = [{"epoch": e + 1, "val_qwk": v, "val_acc": 0.5, "val_loss": 1.0, "test_qwk": t, "test_acc": 0.5,
+             "test_loss": 1.0, "confusion_matrix": np.eye(5, dtype=int).tolist()}
+            for e, (v, t) in enumerate(zip(val_qwk, test_qwk))]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_the_winner_is_the_held_out_best_where_the_test_split_says_otherwise(tmp_path):
+    tune = tmp_path / "tune"
+    write_trial(tune / "r18" / "lr0.1", [0.50, 0.70, 0.60], [0.90, 0.95, 0.99], "0.1")  # test's favourite
+    write_trial(tune / "r18" / "lr0.3", [0.60, 0.80, 0.75], [0.30, 0.40, 0.35], "0.3")  # held-out best (epoch 2)
+    write_trial(tune / "r18" / "lr1", [0.90], [0.99], "1", epochs=3)  # still going: not a candidate
+    write_trial(tune / "r50" / "lr0.1", [0.40, 0.45], [0.10, 0.20], "0.1")
+    choice = tuning.choose(tune, {"r18": {"lr0.1": {"train.lr": "0.1"}, "lr0.3": {"train.lr": "0.3"},
+                                          "lr1": {"train.lr": "1"}},
+                                  "r50": {"lr0.1": {"train.lr": "0.1"}, "lr0.3": {"train.lr": "0.3"}}})
+    r18, r50 = choice["arms"]["r18"], choice["arms"]["r50"]
+    assert r18["winner"] == {"trial": "lr0.3", "values": {"train.lr": "0.3"}, "held_out": 0.80, "epoch": 2,
+                             "run_dir": str(tune / "r18" / "lr0.3")}
+    assert [t["status"] for t in r18["trials"]] == ["finished", "finished", "not finished"] and r18["finished"] == 2
+    assert r50["winner"]["trial"] == "lr0.1" and r50["trials"][1]["status"] == "not finished"
+    assert r18["metric"] == "held-out qwk"
+    # The rule sees no test figure: with every test figure gone, the same winner.
+    rows = [json.loads(line) for line in (tune / "r18" / "lr0.1" / "metrics.jsonl").read_text().splitlines()]
+    assert all(not k.startswith("test_") and k != "confusion_matrix" for r in tuning.held_out_view(rows) for k in r)
+    write_trial(tmp_path / "none" / "r18" / "lr0.1", [0.5], [0.9], "0.1")
+    lines = (tmp_path / "none" / "r18" / "lr0.1" / "metrics.jsonl").read_text().replace('"val_qwk": 0.5, ', "")
+    (tmp_path / "none" / "r18" / "lr0.1" / "metrics.jsonl").write_text(lines.replace('"val_acc": 0.5, "val_loss": 1.0, ', ""))
+    nothing = tuning.choose(tmp_path / "none", {"r18": {"lr0.1": {"train.lr": "0.1"}}})["arms"]["r18"]
+    assert "winner" not in nothing and "no held-out part" in nothing["trials"][0]["status"]
+
+
+# -- learning-curve axes -----------------------------------------------------------------------------
+
+def test_training_fractions_are_nested_whole_patient_and_keep_the_held_out_part():
+    rng = np.random.default_rng(0)
+    patients = [f"p{i // 2}" for i in range(400)]  # two eyes a patient
+    labels = np.minimum(rng.geometric(0.5, 400) - 1, 4)
+    held_out = holdout_mask(patients, labels, 0.1, seed=7)
+    rest = [p for p, h in zip(patients, held_out) if not h]
+    rest_labels = labels[~held_out]
+    shares = {f: nested_share(rest, rest_labels, f, seed=7) for f in (0.1, 0.25, 0.5, 1.0)}
+    chosen = {f: {p for p, k in zip(rest, mask) if k} for f, mask in shares.items()}
+    assert chosen[0.1] < chosen[0.25] < chosen[0.5] < chosen[1.0] == set(rest)
+    for mask in shares.values():  # whole patients: both eyes in, or both out
+        assert all(mask[i] == mask[j] for i in range(len(rest)) for j in (i + 1,) if j < len(rest) and rest[i] == rest[j])
+    n = len(set(rest))
+    assert abs(len(chosen[0.25]) - 0.25 * n) <= 5  # one rounding a stratum
+    assert set(np.unique(rest_labels[shares[0.1]])) == set(np.unique(rest_labels))  # every grade present
+    assert (nested_share(rest, rest_labels, 0.25, seed=7) == shares[0.25]).all()
+    assert not (nested_share(rest, rest_labels, 0.25, seed=8) == shares[0.25]).all()
+
+
+def test_the_training_fraction_trains_on_nested_patients_with_the_same_held_out_part(tmp_path):
+    from dr_resnet.training.components import datasets
+
+    from helpers import preprocessed_dataset
+
+    data = preprocessed_dataset(tmp_path / "d", 120, 10, seed=1, size=32)
+    found = {f: datasets(config.load(REPO / "configs" / "demo.yaml", [f"data.root={data}", f"data.train_fraction={f}",
+                                                                      "data.image_size=32", "data.val_fraction=0.2",
+                                                                      "data.min_val_images=5"]))
+             for f in (0.25, 0.5, 1.0)}
+    val = {f: d.val.names for f, d in found.items()}
+    assert val[0.25] == val[0.5] == val[1.0]
+    train = {f: set(d.train.names) for f, d in found.items()}
+    assert train[0.25] < train[0.5] < train[1.0] and not train[1.0] & set(val[1.0])
+    assert abs(len({p for p in found[0.5].train.patients}) - 0.5 * len(set(found[1.0].train.patients))) <= 5
+
+
+def test_train_length_stretches_epochs_and_warm_up(tmp_path):
+    base = config.load(REPO / "configs" / "demo.yaml")
+    twice = config.load(REPO / "configs" / "demo.yaml", ["train.length=2"])
+    half = config.load(REPO / "configs" / "demo.yaml", ["train.length=0.5"])
+    assert twice.train.epochs == 2 * base.train.epochs and twice.train.warmup_epochs == 2 * base.train.warmup_epochs
+    assert half.train.epochs == round(base.train.epochs / 2) and half.train.warmup_epochs == base.train.warmup_epochs / 2
+    assert twice.train.length == 1.0 and twice.schedule_length == 2.0 and base.schedule_length == 1.0
+    config.save(twice, tmp_path / "config.yaml")  # read again, a saved config trains the same epochs
+    again = config.load(tmp_path / "config.yaml")
+    assert (again.train.epochs, again.train.warmup_epochs) == (twice.train.epochs, twice.train.warmup_epochs)
+    with pytest.raises(ConfigError, match="train.length"):
+        config.load(None, ["train.length=0"])
+    with pytest.raises(ConfigError, match="data.train_fraction"):
+        config.load(None, ["data.train_fraction=1.5"])
+
+
+# -- the two phases, for real -------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_phase_sweep_runs_each_winner_on_the_seeds_and_resumes_without_rerunning(tmp_path, capsys):
+    """--tune 2 --seeds 0,1 on the local executor: 2 trials an arm on seed 0, the held-out winner's exact
+    settings on both seeds, the report; run again after losing one phase-2 run, only that run trains."""
+    from launch.sweep import main
+
+    from helpers import preprocessed_dataset
+
+    data = preprocessed_dataset(tmp_path / "d", 60, 12, seed=2, size=32)
+    sweep_file = tmp_path / "tune.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "t", "config": str(REPO / "configs" / "demo.yaml"),
+        "arms": {"r18": ["model.depth=18", "model.weights=none"], "r34": ["model.depth=34", "model.weights=none"]},
+        "search": {"seed": 1, "space": {"train.lr": "loguniform(0.001, 0.3)"}}}))
+    args = ["--config", str(sweep_file), "--executor", "local", "--parallel", "2", "--tune", "2", "--seeds", "0,1",
+            "--out", str(tmp_path / "sweep"), f"data.root={data}", "data.image_size=32", "train.epochs=2",
+            "train.batch_size=8", "data.workers=0", "train.warmup_epochs=0", "data.val_fraction=0.2",
+            "data.min_val_images=5"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    sweep = tmp_path / "sweep"
+    choice = json.loads((sweep / "tuning.json").read_text())
+    for arm in ("r18", "r34"):
+        entry = choice["arms"][arm]
+        assert entry["finished"] == 2 and len(entry["trials"]) == 2
+        best = max(entry["trials"], key=lambda t: t["held_out"])
+        assert entry["winner"]["trial"] == best["trial"]
+        for seed in (0, 1):  # phase 2: exactly the winner's settings, on each seed
+            run = sweep / arm / best["trial"] / f"seed{seed}"
+            saved = yaml.safe_load((run / "config.yaml").read_text())
+            assert str(saved["train"]["lr"]) == best["values"]["train.lr"] and saved["train"]["seed"] == seed
+            assert saved["wandb"]["trial"] == "train.lr"
+            assert (run / "summary.json").is_file()
+        assert f"{arm}: winner {best['trial']}" in out
+    results = (sweep / "results.md").read_text()
+    assert "Tuning" in results and "expected best" in results.lower()
+    from dr_resnet.results.rundir import LAUNCH_LINE
+
+    launches = {p: len(LAUNCH_LINE.findall(p.read_text())) for p in sweep.rglob("train.log")}
+    assert set(launches.values()) == {1}
+    assert len(launches) == 8
+    lost = sweep / "r18" / choice["arms"]["r18"]["winner"]["trial"] / "seed1"
+    import shutil
+    shutil.rmtree(lost)
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert again.count("finished earlier") == 7  # 4 trials and 3 phase-2 runs
+    assert {p: len(LAUNCH_LINE.findall(p.read_text())) for p in sweep.rglob("train.log")} == launches
+    assert (lost / "summary.json").is_file()
