@@ -7,10 +7,14 @@
    (SWEEP/curve/...; the fraction 1.0 is phase 2 itself).
 3. The report over both (expected-best curves, the curve over data.train_fraction with the paired
    differences at each fraction, epochs to 95%), and its figures copied to docs/figures/.
+4. With --ema D1,D2: train.ema (0 and each decay) for ResNet18 at its winning rate on the same seeds, in a
+   folder of its own (--out + "_ema": its train.ema=0 runs repeat phase 2's, which would count twice in
+   one report), and its report (the spread over seeds with and without).
 The pretrained arms need ImageNet weights, which cannot be downloaded here: they are left out. Finished
 runs are read, not retrained: run it again to print the tables at no cost.
 
     python bench/tune_demo.py [--trials 6] [--seeds 1,2,3] [--fractions 0.1,0.25,0.5] [--out runs/demo_tune]
+                              [--ema 0.9,0.98]
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/demo_tune")
     p.add_argument("--data", default="data/synthetic_64")
     p.add_argument("--figures", default="docs/figures", help="where the report's figures are copied")
+    p.add_argument("--ema", default="", help="train.ema decays to compare with 0 (ResNet18, its winning rate)")
     args = p.parse_args()
     out, data = (REPO / args.out).resolve(), (REPO / args.data).resolve()
     ensure_data(data, 64)
@@ -91,6 +96,22 @@ def main() -> None:
         if (out / name).is_file():
             shutil.copy2(out / name, figures / f"demo_tune_{name}")
             print(f"figure: {figures / f'demo_tune_{name}'}")
+    if args.ema:
+        ema_out = out.with_name(out.name + "_ema")
+        ema_out.mkdir(parents=True, exist_ok=True)
+        ema_file = ema_out / "ema.yaml"
+        ema_file.write_text(yaml.safe_dump({
+            "name": "demo_tune_ema", "config": str(REPO / "configs" / "demo.yaml"),
+            "arms": {"resnet18_scratch": ["model.depth=18", "model.weights=none"]},
+            "overrides": ["data.image_size=64", *(f"{k}={v}" for k, v in winners["resnet18_scratch"].items())],
+            "grid": {"train.ema": ["0", *args.ema.split(",")]}}))
+        minutes = sweep(["--config", str(ema_file), *LOCAL, "--seeds", args.seeds, "--out", str(ema_out), *common], log)
+        print(f"weight EMA: {minutes:.1f} min")
+        subprocess.run([sys.executable, "-m", "dr_resnet.report", str(ema_out)], check=True, cwd=REPO,
+                       stdout=subprocess.DEVNULL)
+        print((ema_out / "results.md").read_text())
+        if (ema_out / "factor_train_ema.png").is_file():
+            shutil.copy2(ema_out / "factor_train_ema.png", figures / "demo_tune_factor_train_ema.png")
 
 
 if __name__ == "__main__":

@@ -333,6 +333,11 @@ def test_arms_are_the_runs_that_trained_the_same_thing(runs, tmp_path):
     # The comparisons an absent arm rules out: one line in the table, not a row per pair and epoch.
     assert md.count("| not compared: no run of resnet50 scratch, model.head=ordinal |") == 1
     assert "ordinal has no run" not in md
+    # Along the factor: the pretraining comparison made at each value of model.head, its figure.
+    along = md.split("## Along model.head")[1].split("\n## ")[0]
+    row = f"| classification | pretraining at ResNet50, model.head=classification | {pretraining['qwk']['difference']:+.3f} ("
+    assert row in along and "ordinal" not in along.split("|---|")[-1]  # no comparison was made at ordinal
+    assert (tmp_path / "out" / "factor_model_head.png").is_file()
     assert "| resnet50 pretrained, model.head=classification | 0, 1 | " in md  # the seeds table: one arm of two
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count("<tr") == md.count("\n| ")  # the same tables, heading rows and rows, on the page

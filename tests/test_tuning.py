@@ -3,6 +3,7 @@ training fractions and the stretched schedule; and (slow) the two-phase sweep, r
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -233,3 +234,15 @@ def test_two_phase_sweep_runs_each_winner_on_the_seeds_and_resumes_without_rerun
     assert again.count("finished earlier") == 7  # 4 trials and 3 phase-2 runs
     assert {p: len(LAUNCH_LINE.findall(p.read_text())) for p in sweep.rglob("train.log")} == launches
     assert (lost / "summary.json").is_file()
+
+
+def test_epochs_to_reach_and_the_spread_over_seeds():
+    from dr_resnet.results.factors import epochs_to_reach, spread
+
+    rows = [{"epoch": e, "val_qwk": q} for e, q in enumerate([0.2, 0.5, 0.78, 0.81, 0.80], start=1)]
+    assert epochs_to_reach(rows) == 3  # 0.78 >= 0.95 x 0.80 = 0.76
+    assert epochs_to_reach([{"epoch": 1, "test_qwk": 0.5}]) is None  # no held-out part
+    assert epochs_to_reach([{"epoch": 1, "val_qwk": 0.0}]) is None
+    one, three = spread([0.5]), spread([0.8, 0.9, 1.0])
+    assert one == {"mean": 0.5, "low": None, "high": None, "n": 1}
+    assert three["mean"] == pytest.approx(0.9) and three["high"] - 0.9 == pytest.approx(4.303 * 0.1 / math.sqrt(3))
