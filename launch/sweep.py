@@ -504,12 +504,17 @@ def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: P
     def write_manifest() -> None:
         (out / manifest_file).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    tasks, reasons = {}, {}
+    tasks, reasons, jobs = {}, {}, {}
+    alive = jobs_still_queued(out / manifest_file, out / "submitit") if args.executor == "slurm" else {}
     for arm, (run_dir, argv_arm, cfg) in plans.items():
         if is_finished(run_dir, cfg.train.epochs):
             # Run again after an interruption, the sweep goes on where it stopped: a finished run is kept.
             print(f"{arm}: finished earlier ({run_dir}): not run again")
             manifest["runs"][arm] = {"status": "finished", "run_dir": str(run_dir)}
+            continue
+        if arm in alive:  # submitted by an earlier launch and still queued or running: never twice in one folder
+            jobs[arm], manifest["runs"][arm] = alive[arm]
+            print(f"{arm}: job {jobs[arm].job_id} of an earlier launch is still in SLURM: followed, not submitted again")
             continue
         weights = (cfg.model.weights, cfg.model.depth)  # the seeds of an arm share it: looked up once
         if weights not in reasons:
@@ -522,7 +527,6 @@ def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: P
         else:
             set_status(run_dir, cfg)
             tasks[arm] = TrainTask(argv_arm, threads=res.threads)
-    jobs = {}
     array_name = out.name if args.array else ""
     for arm, job, gpus in submit_each(make_executor(args, out / "submitit", res), tasks, slots, array_name):
         jobs[arm] = job
@@ -538,6 +542,21 @@ def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: P
     if args.executor == "slurm" and jobs:
         print(f"follow: squeue -j {','.join(j.job_id for j in jobs.values())}   tail -f {out}/submitit/*_0_log.out")
     return jobs
+
+
+def jobs_still_queued(manifest: Path, folder: Path) -> dict:
+    """name -> (job, its manifest entry) for the runs an earlier launch's manifest lists as submitted whose
+    SLURM job is still alive (requeue.ALIVE: pending, running, requeued, ...)."""
+    if not manifest.is_file():
+        return {}
+    found = {}
+    for name, entry in json.loads(manifest.read_text()).get("runs", {}).items():
+        if entry.get("status") != "submitted":
+            continue
+        job = submitit.SlurmJob(folder, entry["job_id"])
+        if job.state.split()[0] in requeue.ALIVE:
+            found[name] = (job, entry)
+    return found
 
 
 def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Path,

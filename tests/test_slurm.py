@@ -82,24 +82,32 @@ def test_an_array_sweep_runs_two_arms_and_two_seeds_across_two_nodes(cluster, da
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(torchvision.models.resnet50().state_dict(), path)
     out = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, "-m", "launch.sweep", "--config", str(REPO / "configs" / "demo_sweep.yaml"), "--executor",
-         "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "0:20:00", "--out", str(out),
-         "--runs", "resnet18_scratch,resnet50_pretrained", "--seeds", "0,1", "--array-parallelism", "2",
-         "--wait", f"data.root={data}", "train.epochs=1", *TINY],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
+    command = [sys.executable, "-m", "launch.sweep", "--config", str(REPO / "configs" / "demo_sweep.yaml"), "--executor",
+               "slurm", "--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "0:20:00", "--out",
+               str(out), "--runs", "resnet18_scratch,resnet50_pretrained", "--seeds", "0,1", "--array-parallelism", "2",
+               f"data.root={data}", "train.epochs=1", *TINY]
+    submitted = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)  # submits, returns
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    submitted_runs = json.loads((out / "sweep.json").read_text())["runs"]
+    first = {name: entry["job_id"] for name, entry in submitted_runs.items()}
+    # The same command again while the array is queued or running (a launcher that lost its terminal): the
+    # jobs are followed, never submitted a second time into the same folders.
+    result = subprocess.run([*command, "--wait"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("followed, not submitted again") + result.stdout.count("finished earlier") == 4
+    assert "Submitted" not in result.stdout and " log " not in result.stdout
     manifest = json.loads((out / "sweep.json").read_text())
-    array_ids = {manifest["runs"][name]["job_id"].split("_")[0] for name in manifest["runs"]}
+    assert {n: e["job_id"] for n, e in manifest["runs"].items() if "job_id" in e}.items() <= first.items()
+    array_ids = {first[name].split("_")[0] for name in manifest["runs"]}
     assert len(manifest["runs"]) == 4 and len(array_ids) == 1  # one array job
     for arm in ("resnet18_scratch", "resnet50_pretrained"):
         for seed in (0, 1):
             name = f"{arm}_seed{seed}"
             summary = json.loads((out / arm / f"seed{seed}" / "summary.json").read_text())
             assert summary["world_size"] == 2 and summary["num_test_samples"] == 9 and summary["epochs_completed"] == 1
-            assert job_state(manifest["runs"][name]["job_id"]) == "COMPLETED"
-            assert "2 process(es)" in Path(manifest["runs"][name]["log"]).read_text()
-    nodes = {subprocess.run(["sacct", "-n", "-X", "-P", "-j", manifest["runs"][a]["job_id"], "-o", "NodeList"],
+            assert job_state(first[name]) == "COMPLETED"
+            assert "2 process(es)" in Path(submitted_runs[name]["log"]).read_text()
+    nodes = {subprocess.run(["sacct", "-n", "-X", "-P", "-j", first[a], "-o", "NodeList"],
                             capture_output=True, text=True).stdout.strip() for a in manifest["runs"]}
     assert nodes == {"n[1-2]"}
     assert "| resnet50_pretrained/seed1 | 50 | imagenet | done | 1/1 |" in (out / "results.md").read_text()

@@ -246,3 +246,25 @@ def test_epochs_to_reach_and_the_spread_over_seeds():
     one, three = spread([0.5]), spread([0.8, 0.9, 1.0])
     assert one == {"mean": 0.5, "low": None, "high": None, "n": 1}
     assert three["mean"] == pytest.approx(0.9) and three["high"] - 0.9 == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+
+
+def test_tune_plans_phase_one_from_the_search_and_refuses_without_one(tmp_path, capsys):
+    from launch.sweep import main
+
+    assert main(["--config", str(REPO / "configs" / "demo_tune.yaml"), "--tune", "3", "--seeds", "1,2",
+                 "--runs", "resnet18_scratch,resnet50_scratch", "--out", str(tmp_path / "t"), "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "phase 1 of --tune: 6 runs (3 trials an arm, seed 0)" in text
+    docs = [d for d in yaml.safe_load_all(text.split("\n", 1)[1]) if d]
+    assert len(docs) == 6 and {d["train"]["seed"] for d in docs} == {0}
+    folders = sorted(d["output"]["dir"].split("/t/")[1] for d in docs)
+    lrs = {arm: sorted(d["train"]["lr"] for d in docs if f"/{arm}/" in d["output"]["dir"])
+           for arm in ("resnet18_scratch", "resnet50_scratch")}
+    assert lrs["resnet18_scratch"] == lrs["resnet50_scratch"]  # one search range: the same draws
+    assert all(f.startswith("tune/resnet") and f.count("/") == 2 for f in folders)
+    assert all(d["wandb"]["trial"] == "train.lr" and 0.005 <= d["train"]["lr"] <= 0.5 for d in docs)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"name": "p", "config": str(REPO / "configs" / "demo.yaml"),
+                                     "arms": {"r18": ["model.depth=18"]}}))
+    assert main(["--config", str(plain), "--tune", "2", "--print-config"]) == 2
+    assert "draws trials from the sweep file's search" in capsys.readouterr().err
