@@ -561,8 +561,8 @@ def jobs_still_queued(manifest: Path, folder: Path) -> dict:
 
 def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Path,
          by_arm: dict[str, list[dict[str, str]]]) -> int:
-    """--tune N: phase 1 runs each arm's N trials on the first seed (SWEEP_DIR/tune/<arm>/<trial>/) and waits for
-    them; each arm's winner is the trial with the best held-out figure (results.tuning.winners: no test figure
+    """--tune N: phase 1 runs each arm's N trials on --tune-seed (SWEEP_DIR/tune/<arm>/<trial>/) and waits for
+    them; each arm's winner is the trial with the best held-out figure (results.tuning.choose: no test figure
     is read); tuning.json records them; phase 2 runs each winner's exact settings on every seed
     (SWEEP_DIR/<arm>/<trial>/seed<k>/), then the report. Finished runs of either phase are never run again."""
     phase1 = plan(sweep, args, out, run_names(by_arm, [args.tune_seed], under=tuning.TUNE_DIR, seed_folders=False))
@@ -582,8 +582,8 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     for arm in by_arm:
         entry = choice["arms"][arm]
         if "winner" in entry:
-            print(f"{arm}: winner {entry['winner']['trial']} ({entry['metric']} {entry['winner']['held_out']:.4f} "
-                  f"held-out, {entry['finished']} of {len(by_arm[arm])} trials finished)")
+            print(f"{arm}: winner {entry['winner']['trial']} ({entry['metric']} {entry['winner']['held_out']:.4f} at "
+                  f"epoch {entry['winner']['epoch']}; {entry['finished']} of {len(by_arm[arm])} trials finished)")
         else:
             print(f"{arm}: no winner: {entry['reason']}", file=sys.stderr)
     winners = {arm: [choice["arms"][arm]["winner"]["values"]] for arm in by_arm if "winner" in choice["arms"][arm]}
