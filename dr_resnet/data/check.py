@@ -15,12 +15,12 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from dr_resnet import processes
 from dr_resnet.data.formats import DatasetError
 from dr_resnet.files import write_text
 
@@ -86,7 +86,7 @@ def check_images(paths: Sequence[Path], workers: int = 1, cache: Path | None = N
             todo.append(path)
     if todo:
         if workers > 1 and len(todo) > 64:
-            with Pool(workers) as pool:
+            with processes.context().Pool(workers, initializer=processes.default_stop_signals) as pool:
                 verdicts = pool.map(check_file, todo, chunksize=16)
         else:
             verdicts = [check_file(p) for p in todo]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dr_resnet import processes
 from dr_resnet.data.formats import add_format_arguments, format_arguments, read_split
 from dr_resnet.data.preprocess import BadImageError
 from dr_resnet.data.recipe import Recipe
@@ -144,7 +145,9 @@ def predict(grader: Grader, paths: list[Path], out: Path, tta: str = "none", bat
         cam_dir.mkdir(parents=True, exist_ok=True)
         cam_names = _cam_names(paths)
     loader = DataLoader(PhotoDataset(paths, grader.recipe), batch_size=batch_size, num_workers=workers,
-                        pin_memory=grader.device.type == "cuda")
+                        pin_memory=grader.device.type == "cuda",
+                        **({"multiprocessing_context": processes.context(), "worker_init_fn": processes.default_stop_signals}
+                           if workers > 0 else {}))
     thresholds = " ".join(f"{t:g}" for t in grader.head_state.get("thresholds", []))
     header = columns(grader.head_kind) + (["cam"] if cam_dir is not None else [])
     counts = Counts()

@@ -6,12 +6,11 @@ for training; ``evaluate`` builds the same head, model and execution around a sa
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
 import os
-import signal
-import threading
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -20,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from dr_resnet import config, patients
+from dr_resnet import config, patients, processes
 from dr_resnet.config import Config, ConfigError, DataConfig, TrainConfig
 from dr_resnet.data import check
 from dr_resnet.data.augment import DeviceAugment
@@ -34,7 +33,6 @@ from dr_resnet.seeds import derive_seed
 from dr_resnet.training import checkpoint, distributed
 from dr_resnet.training.distributed import DistInfo
 from dr_resnet.training.loop import Execution, ShardSampler
-from dr_resnet.training.preemption import STOP_SIGNALS
 from dr_resnet.training.runtime import CONSERVATIVE, Precision, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -125,32 +123,24 @@ def training_loader(dataset: RetinopathyDataset, cfg: Config, info: DistInfo
     # epoch and would otherwise hold data.workers idle processes each, per GPU.
     loader = DataLoader(dataset, t.batch_size, sampler=sampler, drop_last=True, num_workers=d.workers,
                         pin_memory=info.device.type == "cuda", persistent_workers=d.workers > 0,
-                        generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
+                        generator=torch.Generator(), **worker_start(d.workers))
     return loader, sampler
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """In each data worker: leave the stop signals to the training process. torchrun and SLURM signal the
-    whole process group or job; a worker killed by that SIGTERM would fail the step before the training
-    process could write its checkpoint. The signals are blocked and a thread waits for them: sent by the
-    training process itself (multiprocessing or DataLoader ending its workers), the worker exits at once;
-    sent by anyone else, it is ignored. Workers also end when their training process does."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    parent = os.getppid()
-
-    def wait_for_signals() -> None:
-        while True:
-            if signal.sigwaitinfo(STOP_SIGNALS).si_pid == parent:
-                os._exit(0)
-
-    threading.Thread(target=wait_for_signals, daemon=True, name="stop-signals").start()
 
 
 def evaluation_loader(dataset: RetinopathyDataset, batch_size: int, workers: int, info: DistInfo) -> DataLoader:
     """Every image once across the ranks, in the split's order (ShardSampler); its workers leave the stop
     signals to the training process too (a signal during evaluation: the epoch's checkpoint still comes)."""
     return DataLoader(dataset, batch_size, num_workers=workers, pin_memory=info.device.type == "cuda",
-                      sampler=ShardSampler(len(dataset), info.rank, info.world_size), worker_init_fn=ignore_stop_signals)
+                      sampler=ShardSampler(len(dataset), info.rank, info.world_size), **worker_start(workers))
+
+
+def worker_start(workers: int) -> dict:
+    """A DataLoader's worker options: started by this process's fork server (dr_resnet.processes: never by
+    forking the threaded training process), leaving the stop signals to it."""
+    if workers <= 0:
+        return {}
+    return {"multiprocessing_context": processes.context(),
+            "worker_init_fn": functools.partial(processes.leave_stop_signals_to, os.getpid())}
 
 
 def class_weights(counts: np.ndarray) -> torch.Tensor:

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from dr_resnet.processes import STOP_SIGNALS
 from dr_resnet.training import distributed
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class RunStopped(Exception):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dr_resnet import __version__, config
+from dr_resnet import __version__, config, processes
 from dr_resnet.config import Config, ConfigError, TrainConfig
 from dr_resnet.data.augment import epoch_generator
 from dr_resnet.data.dataset import RetinopathyDataset
@@ -117,6 +117,8 @@ class Run:
 def build(cfg: Config, info: DistInfo) -> Run:
     """The run's parts (components) assembled for training on this process's device."""
     t = cfg.train
+    if cfg.data.workers > 0:  # its imports overlap with reading the data (dr_resnet.processes)
+        processes.start_fork_server()
     configure_backends(info.device, t.cudnn_benchmark, t.deterministic)
     shortfall = cpu_shortfall(cfg.data.workers, launch_env().local_world_size or 1, usable_cpus())
     if shortfall and info.local_rank == 0:  # once a node

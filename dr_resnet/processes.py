@@ -1,0 +1,68 @@
+"""Helper processes (data loaders' workers, the photo check's pool): how they start, and the signals that
+stop a run, which they leave to the training process.
+
+They start from a fork server, never by forking the training process. The training process has threads
+(gloo's, the DataLoader's queue feeders, tqdm's monitor, W&B's), and on CPython before 3.12 a fork while one
+of them starts or ends can copy the interpreter's thread-list lock held: the child waits for it forever
+(CPython gh-112275). Seen here twice in an hour of runs: a run stuck at its first evaluation, whose loader
+forks its workers anew each epoch. The fork server (multiprocessing's "forkserver" context: one
+single-threaded process per training process, started at the first worker, `torch` already imported by
+`dr_resnet._fork_server`) forks every worker instead, in a few milliseconds.
+
+torchrun and SLURM send the stop signals to every process of the job: the fork server ignores them (were it
+to die, every worker would follow it, and the step before the checkpoint would fail), and each worker
+leaves them to the training process (`leave_stop_signals_to`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+from multiprocessing.context import BaseContext
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # what stops a run at its next step boundary
+FORK_SERVER_PRELOAD = ["dr_resnet._fork_server"]  # imports torch and the datasets, ignores STOP_SIGNALS
+
+
+def context() -> BaseContext:
+    """multiprocessing's fork-server context, with the preload that readies it for data workers."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    return ctx
+
+
+def start_fork_server() -> None:
+    """Start this process's fork server now (it imports torch, about 2-3 s of one core), so that it is ready
+    by the first worker: a training run calls it before reading its data."""
+    context()
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+
+
+def leave_stop_signals_to(training_pid: int, worker_id: int = 0) -> None:
+    """In each data worker (a DataLoader's worker_init_fn, bound to the training process's pid with
+    functools.partial): torchrun and SLURM signal the whole job, and a worker killed by that SIGTERM would
+    fail the step before the training process could write its checkpoint. The signals are blocked and a
+    thread waits for them: sent by the training process itself (the DataLoader ending its workers), the
+    worker exits at once; sent by anyone else, it is ignored. Workers also end when their training process
+    does (torch's watchdog: the fork server exits with it)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    for sig in STOP_SIGNALS:  # the fork server's SIG_IGN would discard them before sigwaitinfo sees them
+        signal.signal(sig, signal.SIG_DFL)
+
+    def wait_for_signals() -> None:
+        while True:
+            if signal.sigwaitinfo(STOP_SIGNALS).si_pid == training_pid:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_signals, daemon=True, name="stop-signals").start()
+
+
+def default_stop_signals(*_) -> None:
+    """A pool's or a DataLoader's worker initializer where the worker need not outlive the stop signals
+    (the photo check, predict): they end it as usual (Pool.terminate sends SIGTERM)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)

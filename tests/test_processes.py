@@ -1,0 +1,64 @@
+"""Data workers start from a fork server, never by forking the (threaded) training process, whose forks can
+deadlock on CPython < 3.12 (gh-112275); the server outlives the stop signals a job gets, and each worker
+leaves them to its training process. Real processes and signals."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from torch.utils.data import DataLoader
+
+from dr_resnet.data.dataset import RetinopathyDataset
+from dr_resnet.training.components import worker_start
+
+from helpers import preprocessed_dataset
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return RetinopathyDataset(preprocessed_dataset(tmp_path_factory.mktemp("workers"), 24, 4, seed=3, size=32),
+                              "train", image_size=32)
+
+
+def test_workers_come_from_a_fork_server_that_outlives_the_stop_signals(dataset):
+    loader = DataLoader(dataset, 4, num_workers=2, persistent_workers=True, **worker_start(2))
+    batches = iter(loader)
+    next(batches)
+    workers = [w.pid for w in batches._workers]
+    servers = {parent_of(pid) for pid in workers}
+    assert os.getpid() not in servers and len(servers) == 1  # never forked from this (threaded) process
+    [server] = servers
+    assert parent_of(server) == os.getpid()
+    # What SLURM or torchrun does at a time limit: every process of the job gets SIGTERM (here from another
+    # process, as from them). The server and the workers stay; the loader goes on to the epoch's end.
+    for pid in (server, *workers):
+        subprocess.run(["kill", "-TERM", str(pid)], check=True)
+    time.sleep(1.0)
+    assert alive(server) and all(alive(pid) for pid in workers)
+    assert sum(len(labels) for _, labels in batches) == len(dataset) - 4
+    assert sum(len(labels) for _, labels in loader) == len(dataset)  # the next epoch, same workers
+    # The training process's own SIGTERM (how it ends a worker that does not stop) ends a worker at once.
+    os.kill(workers[0], signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while alive(workers[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a child's exit: nothing to wait on but its state
+    assert not alive(workers[0])
+
+
+def test_no_workers_no_fork_server():
+    assert worker_start(0) == {}
