@@ -11,15 +11,20 @@ single-threaded process per training process, started at the first worker, `torc
 
 torchrun and SLURM send the stop signals to every process of the job: the fork server ignores them (were it
 to die, every worker would follow it, and the step before the checkpoint would fail), and each worker
-leaves them to the training process (`leave_stop_signals_to`).
+leaves them to the training process (`leave_stop_signals_to`) and ends with it (`end_with`). As with
+multiprocessing's spawn, a script of one's own that trains (calls dr_resnet.training.train.main) needs the
+`if __name__ == "__main__":` guard: workers import the main script; `python -m dr_resnet.train`, torchrun and
+launch.sweep have it.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
 import threading
+import time
 from multiprocessing.context import BaseContext
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # what stops a run at its next step boundary
@@ -42,13 +47,40 @@ def start_fork_server() -> None:
     forkserver.ensure_running()
 
 
+def end_with(training_pid: int) -> None:
+    """End this worker when the training process ends, however it ends (kill -9 too). Torch's own watchdog
+    watches the parent, which is the fork server here, and the server lives while any worker holds its
+    client's end of their shared pipe: without this, a killed training process would leave its server and
+    workers behind for good (holding the job's output open, so that torchrun's restart never finishes)."""
+    def wait() -> None:
+        try:
+            handle = os.pidfd_open(training_pid)  # readable once the process has ended (Linux >= 5.3)
+        except (AttributeError, OSError):
+            handle = None
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while True:
+                os.kill(training_pid, 0)  # ProcessLookupError once it is gone
+                time.sleep(1)  # nothing to wait on without a pidfd
+        os._exit(0)
+
+    def guarded() -> None:
+        try:
+            wait()
+        except ProcessLookupError:
+            os._exit(0)
+
+    threading.Thread(target=guarded, daemon=True, name="end-with-training").start()
+
+
 def leave_stop_signals_to(training_pid: int, worker_id: int = 0) -> None:
     """In each data worker (a DataLoader's worker_init_fn, bound to the training process's pid with
     functools.partial): torchrun and SLURM signal the whole job, and a worker killed by that SIGTERM would
     fail the step before the training process could write its checkpoint. The signals are blocked and a
     thread waits for them: sent by the training process itself (the DataLoader ending its workers), the
     worker exits at once; sent by anyone else, it is ignored. Workers also end when their training process
-    does (torch's watchdog: the fork server exits with it)."""
+    does (end_with)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     for sig in STOP_SIGNALS:  # the fork server's SIG_IGN would discard them before sigwaitinfo sees them
         signal.signal(sig, signal.SIG_DFL)
@@ -59,10 +91,13 @@ def leave_stop_signals_to(training_pid: int, worker_id: int = 0) -> None:
                 os._exit(0)
 
     threading.Thread(target=wait_for_signals, daemon=True, name="stop-signals").start()
+    end_with(training_pid)
 
 
-def default_stop_signals(*_) -> None:
-    """A pool's or a DataLoader's worker initializer where the worker need not outlive the stop signals
-    (the photo check, predict): they end it as usual (Pool.terminate sends SIGTERM)."""
+def default_stop_signals(training_pid: int, *_) -> None:
+    """A pool's or a DataLoader's worker initializer (bound to the pid of the process that uses it) where the
+    worker need not outlive the stop signals (the photo check, predict): they end it as usual
+    (Pool.terminate sends SIGTERM), and so does the end of that process."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    end_with(training_pid)

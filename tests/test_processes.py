@@ -5,6 +5,7 @@ leaves them to its training process. Real processes and signals."""
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,3 +63,35 @@ def test_workers_come_from_a_fork_server_that_outlives_the_stop_signals(dataset)
 
 def test_no_workers_no_fork_server():
     assert worker_start(0) == {}
+
+
+def test_a_killed_training_process_leaves_no_server_or_worker_behind(dataset, tmp_path):
+    """kill -9 of the process that owns the loader: its fork server and workers end within seconds (they
+    would otherwise live on, holding the job's output open: torchrun's restart then never finished)."""
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from torch.utils.data import DataLoader\n"
+        "from dr_resnet.data.dataset import RetinopathyDataset\n"
+        "from dr_resnet.training.components import worker_start\n"
+        "if __name__ == '__main__':  # the fork server's workers import the main script, as spawn's do\n"
+        "    loader = DataLoader(RetinopathyDataset(sys.argv[1], 'train', image_size=32), 4, num_workers=2,\n"
+        "                        persistent_workers=True, **worker_start(2))\n"
+        "    batches = iter(loader)\n"
+        "    next(batches)\n"
+        "    print(' '.join(str(w.pid) for w in batches._workers), flush=True)\n"
+        "    time.sleep(600)\n")
+    owner = subprocess.Popen([sys.executable, str(script), str(dataset.root), str(Path(__file__).parent)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in owner.stdout.readline().split()]
+        [server] = {parent_of(pid) for pid in workers}
+        owner.kill()
+        owner.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(alive(pid) for pid in (server, *workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)  # other processes' exits: nothing to wait on but their state
+        assert not any(alive(pid) for pid in (server, *workers))
+    finally:
+        owner.kill()

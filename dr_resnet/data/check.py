@@ -86,7 +86,8 @@ def check_images(paths: Sequence[Path], workers: int = 1, cache: Path | None = N
             todo.append(path)
     if todo:
         if workers > 1 and len(todo) > 64:
-            with processes.context().Pool(workers, initializer=processes.default_stop_signals) as pool:
+            with processes.context().Pool(workers, initializer=processes.default_stop_signals,
+                                          initargs=(os.getpid(),)) as pool:
                 verdicts = pool.map(check_file, todo, chunksize=16)
         else:
             verdicts = [check_file(p) for p in todo]

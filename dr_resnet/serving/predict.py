@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -146,7 +147,8 @@ def predict(grader: Grader, paths: list[Path], out: Path, tta: str = "none", bat
         cam_names = _cam_names(paths)
     loader = DataLoader(PhotoDataset(paths, grader.recipe), batch_size=batch_size, num_workers=workers,
                         pin_memory=grader.device.type == "cuda",
-                        **({"multiprocessing_context": processes.context(), "worker_init_fn": processes.default_stop_signals}
+                        **({"multiprocessing_context": processes.context(),
+                            "worker_init_fn": functools.partial(processes.default_stop_signals, os.getpid())}
                            if workers > 0 else {}))
     thresholds = " ".join(f"{t:g}" for t in grader.head_state.get("thresholds", []))
     header = columns(grader.head_kind) + (["cam"] if cam_dir is not None else [])
