@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -546,17 +547,21 @@ def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: P
 
 def jobs_still_queued(manifest: Path, folder: Path) -> dict:
     """name -> (job, its manifest entry) for the runs an earlier launch's manifest lists as submitted whose
-    SLURM job is still alive (requeue.ALIVE: pending, running, requeued, ...)."""
+    SLURM job is still in the queue (pending, running, requeued: listed by squeue, which asks the controller
+    itself; accounting, what submitit's job.state reads, may not know a job submitted a moment ago)."""
     if not manifest.is_file():
         return {}
-    found = {}
-    for name, entry in json.loads(manifest.read_text()).get("runs", {}).items():
-        if entry.get("status") != "submitted":
-            continue
-        job = submitit.SlurmJob(folder, entry["job_id"])
-        if job.state.split()[0] in requeue.ALIVE:
-            found[name] = (job, entry)
-    return found
+    submitted = {name: entry for name, entry in json.loads(manifest.read_text()).get("runs", {}).items()
+                 if entry.get("status") == "submitted"}
+    if not submitted:
+        return {}
+    listed = subprocess.run(["squeue", "--noheader", "--array", "--format=%i"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise ConfigError(f"squeue failed ({listed.stderr.strip()}): cannot tell whether the jobs of the earlier "
+                          f"launch ({manifest}) are still queued; run again once squeue answers")
+    queued = set(listed.stdout.split())
+    return {name: (submitit.SlurmJob(folder, entry["job_id"]), entry) for name, entry in submitted.items()
+            if entry["job_id"] in queued}
 
 
 def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Path,
