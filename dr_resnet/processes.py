@@ -19,6 +19,7 @@ launch.sweep have it.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import select
@@ -54,24 +55,17 @@ def end_with(training_pid: int) -> None:
     workers behind for good (holding the job's output open, so that torchrun's restart never finishes)."""
     def wait() -> None:
         try:
-            handle = os.pidfd_open(training_pid)  # readable once the process has ended (Linux >= 5.3)
-        except (AttributeError, OSError):
-            handle = None
-        if handle is not None:
-            select.select([handle], [], [])
-        else:
-            while True:
-                os.kill(training_pid, 0)  # ProcessLookupError once it is gone
-                time.sleep(1)  # nothing to wait on without a pidfd
+            select.select([os.pidfd_open(training_pid)], [], [])  # readable once it has ended (Linux >= 5.3)
+        except ProcessLookupError:
+            pass  # already gone
+        except (AttributeError, OSError):  # no pidfd here: poll
+            with contextlib.suppress(ProcessLookupError):
+                while True:
+                    os.kill(training_pid, 0)  # ProcessLookupError once it is gone
+                    time.sleep(1)  # nothing to wait on without a pidfd
         os._exit(0)
 
-    def guarded() -> None:
-        try:
-            wait()
-        except ProcessLookupError:
-            os._exit(0)
-
-    threading.Thread(target=guarded, daemon=True, name="end-with-training").start()
+    threading.Thread(target=wait, daemon=True, name="end-with-training").start()
 
 
 def leave_stop_signals_to(training_pid: int, worker_id: int = 0) -> None:

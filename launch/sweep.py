@@ -431,9 +431,7 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise ConfigError(f"--runs: unknown arm(s) {unknown} (in {args.config}: {', '.join(sweep.arms)})")
     out = Path(args.out or sweep.out or f"runs/{sweep.name}").resolve()
     grid = {**sweep.grid, **trials.parse_grid(args.grid)}
-    searched = set(grid) | {k for g in sweep.grid_per_arm.values() for k in g}
-    if sweep.search:
-        searched |= set(sweep.search.space) | {k for s in sweep.search.per_arm.values() for k in s}
+    searched = set(grid).union(*sweep.grid_per_arm.values(), sweep.search.keys if sweep.search else ())
     clash = sorted({o.split("=", 1)[0] for o in args.overrides} & searched)
     if clash:
         raise ConfigError(f"{', '.join(clash)}: set by an override and searched by the grid or search; give it in one place")

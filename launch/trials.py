@@ -136,6 +136,11 @@ class Search:
             raise ConfigError(f"{origin}: search: give a space (section.key: loguniform(low, high), ...)")
         return Search(spaces, arm_spaces, int(content.get("trials") or 0), int(content.get("seed") or 0))
 
+    @property
+    def keys(self) -> set[str]:
+        """Every key it varies, for any arm."""
+        return set(self.space).union(*self.per_arm.values())
+
     def draws(self, arm: str, count: int) -> list[dict[str, str]]:
         """The arm's first `count` trials: its spaces' values at quantiles drawn per (seed, trial, key)."""
         spaces = {**self.space, **self.per_arm.get(arm, {})}

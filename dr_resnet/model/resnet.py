@@ -182,6 +182,14 @@ def load_imagenet_state_dict(depth: int) -> dict[str, Tensor]:
         ) from exc
 
 
+def evaluated_weights(model: Mapping[str, Tensor], ema: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """The weights a dr_resnet checkpoint evaluated and selected: with train.ema its AveragedModel's
+    (`ema`: module.* weights and statistics, and n_averaged), else the model's own."""
+    if not ema:
+        return model
+    return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """A plain state dict, or a dr_resnet checkpoint (the weights it evaluated: its ``ema`` entry's average
     with train.ema, else its ``model`` entry); ``module.`` prefixes stripped."""
@@ -189,10 +197,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and state.get("ema") and isinstance(state["ema"], Mapping):
-        state = {k: v for k, v in state["ema"].items() if k.startswith("module.")}
-    elif isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = evaluated_weights(state["model"], state.get("ema") or {})
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a state dict or a checkpoint with a 'model' entry, got {type(state).__name__}")
     return {k.removeprefix("module."): v for k, v in state.items()}

@@ -53,7 +53,7 @@ def points(arms: list[Arm], key: str, metric: str = "test_qwk") -> dict[str, lis
             continue
         others = "".join(f", {k}={v}" for k, v in arm.factors.items() if k != key)
         line = f"resnet{arm.depth} {'pretrained' if arm.pretrained else 'scratch'}{others}"
-        values = [r.chosen()[metric] for r in arm.finished if metric in r.chosen()]
+        values = [row[metric] for row in (r.chosen() for r in arm.finished) if metric in row]
         if values:
             lines.setdefault(line, []).append({"value": arm.factors[key], **spread(values)})
     for entries in lines.values():

@@ -135,9 +135,9 @@ def plot_factor(key: str, lines: dict[str, list[dict]], path: Path) -> None:
     seeds with its 95% interval."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.4))
-    values = sorted({str(e["value"]) for entries in lines.values() for e in entries},
-                    key=lambda v: float(v) if numeric([v]) else 0)
-    as_curve = numeric(values)
+    values = {str(e["value"]) for entries in lines.values() for e in entries}
+    as_curve = numeric(list(values))
+    values = sorted(values, key=float) if as_curve else sorted(values)
     width = 0.8 / max(1, len(lines))
     for index, (line, entries) in enumerate(lines.items()):
         colour = COLOURS[index % len(COLOURS)]
@@ -151,7 +151,7 @@ def plot_factor(key: str, lines: dict[str, list[dict]], path: Path) -> None:
             ax.errorbar(x, mean, yerr=errors, fmt="-o", ms=4, capsize=3, color=colour, label=label)
         else:
             ax.bar(x, mean, width, yerr=errors, capsize=3, color=colour, alpha=0.8, label=label)
-    if as_curve and min(float(v) for v in values) > 0 and max(float(v) for v in values) >= 8 * min(float(v) for v in values):
+    if as_curve and 0 < float(values[0]) and float(values[-1]) >= 8 * float(values[0]):
         ax.set_xscale("log")
     if not as_curve:
         ax.set_xticks(range(len(values)), values)

@@ -106,9 +106,9 @@ class TrainingState:
 
     def weights(self) -> dict[str, Any]:
         """The weights the run evaluated and selected: the average's with train.ema, else the model's."""
-        if not self.ema:
-            return self.model
-        return {k.removeprefix("module."): v for k, v in self.ema.items() if k.startswith("module.")}
+        from dr_resnet.model.resnet import evaluated_weights
+
+        return dict(evaluated_weights(self.model, self.ema))
 
     def save(self, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
         save({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, path, keep_previous)

@@ -431,7 +431,7 @@ def start_tracking(run: Run, wandb_id: str | None, effective: dict) -> Tracker:
     w, who = run.cfg.wandb, identity(run.cfg.model, run.cfg.train.seed)
     logged = run.cfg.to_dict()
     logged["train"] = {**logged["train"], "lr": effective["lr"]}
-    flat = {f"{section}.{key}": value for section, values in logged.items() for key, value in values.items()}
+    flat = config.settings_of(logged)
     logged.update({f"trial/{key}": flat[key] for key in filter(None, w.trial.split(",")) if key in flat})
     settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name, job_type="train", tags=identity_tags(who),
                                 init_timeout=w.init_timeout, log_checkpoint=w.log_checkpoint,
