@@ -16,6 +16,7 @@ from dr_resnet.model.resnet import imagenet_cache_path
 from dr_resnet.results.metrics import collapse
 from dr_resnet.results.report import main, report
 from dr_resnet.results.rundir import STATUS_FILE
+from dr_resnet.results.stats import t_quantile
 from dr_resnet.training import checkpoint
 from dr_resnet.training.train import main as train
 
@@ -60,6 +61,11 @@ def read_csv(path: Path) -> dict[str, dict]:
         return {r["run"]: r for r in csv.DictReader(f)}
 
 
+def comparisons_of(out):
+    """comparisons.json's comparisons, in order."""
+    return json.loads((out / "comparisons.json").read_text())["comparisons"]
+
+
 def test_four_runs(sweep, tmp_path):
     out = tmp_path / "report"
     assert main([str(sweep), "--out", str(out)]) == 0
@@ -93,13 +99,19 @@ def test_four_runs(sweep, tmp_path):
                 f"{row['collapsed']} | {chosen['test_acc']:.4f} | {chosen['test_qwk']:.4f} | "
                 f"{row['selected_acc_95ci']} | {row['selected_qwk_95ci']} | {row['selected_auc_95ci']} | patients | "
                 f"{chosen['test_ece']:.4f} | - |") in (out / "results.md").read_text()
-    # The four arms make 4 comparisons at each of 2 epochs: their count is said and Holm's correction marked.
-    from dr_resnet.results.stats import holm
+    # The four arms make 4 comparisons at each of 2 epochs. The question's family is declared (m = 4, the
+    # selected epoch's QWK); one seed a side: the test set's interval alone, no verdict, outside the family.
+    from dr_resnet.results.stats import ONE_SEED
 
-    comparisons = json.loads((out / "comparisons.json").read_text())
-    made = [c for c in comparisons if c["status"] == "compared"]
-    assert len(made) == 8 and [c["holm"] for c in made] == holm([c["qwk"]["p_value"] for c in made])
-    assert "8 comparisons were made in this report" in (out / "results.md").read_text()
+    found = json.loads((out / "comparisons.json").read_text())
+    made = [c for c in found["comparisons"] if c["status"] == "compared"]
+    assert len(made) == 8 and [f["family"] for f in found["families"]] == ["the question"]
+    family = found["families"][0]
+    assert family["m"] == 4 and family["metric"] == "qwk" and family["epoch"] == "selected"
+    assert sorted(family["members"]) == sorted(c["comparison"] for c in made if c["epoch"] == "selected")
+    assert all(c["qwk"]["over"] == ONE_SEED and "verdict" not in c["qwk"] for c in made)
+    md = (out / "results.md").read_text()
+    assert "the question (m = 4: pretraining at ResNet18" in md and "descriptive" in md
     # The run with a held-out part has referable DR at the screening operating points, fitted there; every
     # finished run has its final epoch's interval.
     summary = json.loads((sweep / "resnet18_scratch" / "summary.json").read_text())
@@ -205,7 +217,7 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     (sweep / "resnet50_pretrained" / "config.yaml").write_text(yaml.safe_dump(cfg))
     (sweep / "resnet50_pretrained" / "launch_status.json").write_text(json.dumps({"status": "not run", "reason": "no weights"}))
     report(sweep, tmp_path / "out")
-    every = json.loads((tmp_path / "out" / "comparisons.json").read_text())
+    every = comparisons_of(tmp_path / "out")
     assert [c["epoch"] for c in every] == ["selected"] * 4 + ["final"] * 4
     comparisons = {c["comparison"]: c for c in every if c["epoch"] == "selected"}
     assert set(comparisons) == {"pretraining at ResNet18", "pretraining at ResNet50", "depth 50 vs 18, pretrained",
@@ -220,7 +232,7 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     assert pretraining["accuracy"]["difference"] == pytest.approx(np.mean(a.grades == a.labels) - np.mean(b.grades == b.labels))
     md = (tmp_path / "out" / "results.md").read_text()
     assert "## Paired comparisons" in md
-    assert "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients) |" in md
+    assert "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients, one seed) |" in md
     with open(tmp_path / "out" / "results.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
     summary = json.loads((runs["classification"] / "summary.json").read_text())
@@ -231,7 +243,7 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     kept = (sweep / "resnet18_scratch" / "predictions.csv").read_text().splitlines()
     (sweep / "resnet18_scratch" / "predictions.csv").write_text("\n".join(kept[:-3]) + "\n")
     report(sweep, tmp_path / "out2")
-    refused = {(c["comparison"], c["epoch"]): c for c in json.loads((tmp_path / "out2" / "comparisons.json").read_text())}
+    refused = {(c["comparison"], c["epoch"]): c for c in comparisons_of(tmp_path / "out2")}
     assert "resnet18_pretrained and resnet18_scratch were evaluated on different images (24 and 21)" in \
         refused["pretraining at ResNet18", "selected"]["status"]
     # The final epochs are compared from predictions_final.csv, untouched here: nothing was held out, so the
@@ -240,7 +252,7 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     assert final["status"] == "compared" and final["qwk"] == pretraining["qwk"]
     (sweep / "resnet18_scratch" / "predictions_final.csv").unlink()
     report(sweep, tmp_path / "out3")
-    gone = {(c["comparison"], c["epoch"]): c for c in json.loads((tmp_path / "out3" / "comparisons.json").read_text())}
+    gone = {(c["comparison"], c["epoch"]): c for c in comparisons_of(tmp_path / "out3")}
     assert gone["pretraining at ResNet18", "final"]["status"].startswith(
         "not compared: resnet18 scratch has no predictions_final.csv (trained before dr-resnet 0.3.1")
 
@@ -273,15 +285,27 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
     # The final epochs too (the fixtures' runs hold nothing out, so the same values), and the collapsed seeds.
     seeds = md[md.index("## Seeds"):]
     assert seeds.count(f"{qwk.mean():.3f} +- {qwk.std(ddof=1):.3f}") == 2 and "final-epoch QWK" in seeds
-    pooled, pooled_final = json.loads((tmp_path / "out" / "comparisons.json").read_text())
-    assert pooled_final["epoch"] == "final" and pooled_final["qwk"] == pooled["qwk"]  # nothing held out: the same epoch
+    pooled, pooled_final = comparisons_of(tmp_path / "out")
+    # nothing held out: the same epoch; the selected one is in the question's family and has its verdict
+    assert pooled_final["epoch"] == "final" and pooled_final["family"] == "" and "verdict" not in pooled_final["qwk"]
+    assert {k: v for k, v in pooled["qwk"].items() if k in pooled_final["qwk"]} == pooled_final["qwk"]
     assert pooled["status"] == "compared" and pooled["seeds"] == [0, 1] and len(pooled["mcnemar"]) == 2
     a = [read_predictions(runs[h] / "predictions.csv") for h in ("ordinal", "classification")]
     b = [read_predictions(runs[h] / "predictions.csv") for h in ("classification", "regression")]
     expected = paired_comparison(a[0].labels, [(p.grades, p.referable_scores) for p in a],
                                  [(p.grades, p.referable_scores) for p in b], a[0].patients)
-    assert pooled["qwk"] == expected["qwk"]
-    assert "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients, seeds 0, 1) |" in md
+    assert {k: pooled["qwk"][k] for k in expected["qwk"]} == expected["qwk"]
+    # ResNet18 alone: the question's family is pretraining at ResNet18 (m = 1), at 95%, t with 1 degree of freedom
+    q = pooled["qwk"]
+    assert json.loads((tmp_path / "out" / "comparisons.json").read_text())["families"][0]["m"] == 1
+    half = t_quantile(0.95, 1) * q["se"]
+    assert (q["family_low"], q["family_high"]) == pytest.approx((q["difference"] - half, q["difference"] + half))
+    assert q["verdict"].startswith("no difference detected") or q["verdict"].endswith("better")
+    assert (q["family_low"] > 0 or q["family_high"] < 0) == q["verdict"].endswith("better")
+    assert ("| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | 24 (patients, seeds 0, 1) | "
+            f"{q['difference']:+.3f} | {q['family_low']:+.3f} to {q['family_high']:+.3f} (95% simultaneous, "
+            f"the question, m = 1) | {q['verdict']} |") in md
+    assert "## What these seeds can detect" in md
     # A seed still going (1 of its 2 epochs) is not counted in the seed table, which says so.
     going = arm_copy(runs["ordinal"], sweep / "resnet18_scratch" / "seed2", 18, "none", 2, like=runs["classification"])
     lines = (going / "metrics.jsonl").read_text().splitlines()
@@ -319,7 +343,7 @@ def test_arms_are_the_runs_that_trained_the_same_thing(runs, tmp_path):
         ("resnet50 pretrained, model.head=ordinal", ["r50_ord"]),
         ("resnet50 scratch, model.head=classification", ["r50_scratch"])]
     report(sweep, tmp_path / "out")
-    comparisons = {(c["comparison"], c["epoch"]): c for c in json.loads((tmp_path / "out" / "comparisons.json").read_text())}
+    comparisons = {(c["comparison"], c["epoch"]): c for c in comparisons_of(tmp_path / "out")}
     heads = comparisons["model.head: classification vs ordinal at resnet50 pretrained", "selected"]
     assert heads["a"] == "resnet50 pretrained, model.head=classification" and heads["seeds"] == [0]
     a, b = (read_predictions(runs[k] / "predictions.csv") for k in ("classification", "ordinal"))
@@ -423,6 +447,6 @@ def test_runs_of_one_comparison_that_ran_in_other_precisions_are_named(runs, tmp
     report(sweep, tmp_path / "out")
     expected = "runs differ in precision fp32 (resnet18_pretrained); bf16 (resnet18_scratch)"
     assert f"warning: pretraining at ResNet18: {expected}" in capsys.readouterr().err
-    comparisons = json.loads((tmp_path / "out" / "comparisons.json").read_text())
+    comparisons = comparisons_of(tmp_path / "out")
     assert {c["warning"] for c in comparisons if c["status"] == "compared"} == {expected}
     assert f"(warning: {expected})" in (tmp_path / "out" / "results.md").read_text()

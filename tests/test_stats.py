@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 from scipy.stats import binomtest
 
 from dr_resnet.patients import patients_of
@@ -78,7 +79,7 @@ def test_paired_comparison_and_mcnemar():
     labels, better, scores = random_predictions(500, seed=3, right=0.9)
     rng = np.random.default_rng(4)
     worse = np.where(rng.random(500) < 0.15, (labels + 2) % 5, better)
-    result = stats.paired_comparison(labels, (better, scores), (worse, scores), resamples=1000)
+    result = stats.paired_comparison(labels, (better, scores), (worse, scores))
     acc = result["accuracy"]
     assert acc["difference"] == pytest.approx(np.mean(better == labels) - np.mean(worse == labels))
     assert 0 < acc["low"] < acc["difference"] < acc["high"]
@@ -86,10 +87,11 @@ def test_paired_comparison_and_mcnemar():
     m = result["mcnemar"]
     assert m["a_only_right"] == int(((better == labels) & (worse != labels)).sum()) and m["b_only_right"] == 0
     assert m["p_value"] < 1e-6
-    # The same model against itself: no difference, p = 1.
-    same = stats.paired_comparison(labels, (better, scores), (better, scores), resamples=200)
-    assert same["qwk"] == {"a": same["qwk"]["a"], "b": same["qwk"]["a"], "difference": 0.0, "low": 0.0, "high": 0.0,
-                           "p_value": 1.0}
+    # The same model against itself: no difference, no spread, p = 1.
+    same = stats.paired_comparison(labels, (better, scores), (better, scores))
+    q = same["qwk"]
+    assert (q["difference"], q["se"], q["low"], q["high"], q["p_value"]) == (0.0, 0.0, 0.0, 0.0, 1.0)
+    assert q["over"] == stats.ONE_SEED and q["df"] is None
     assert same["mcnemar"]["p_value"] == 1.0
 
 
@@ -107,12 +109,12 @@ def test_seeds_pool_into_one_comparison():
     rng = np.random.default_rng(7)
     a = [(np.where(rng.random(300) < 0.1, (labels + 1) % 5, labels), scores) for _ in range(2)]
     b = [(np.where(rng.random(300) < 0.3, (labels + 1) % 5, labels), scores) for _ in range(2)]
-    pooled = stats.paired_comparison(labels, a, b, resamples=300)
+    pooled = stats.paired_comparison(labels, a, b)
     mean_acc = np.mean([np.mean(g == labels) for g, _ in a]) - np.mean([np.mean(g == labels) for g, _ in b])
     assert pooled["accuracy"]["difference"] == pytest.approx(mean_acc) and pooled["runs_per_side"] == 2
     assert pooled["accuracy"]["low"] < mean_acc < pooled["accuracy"]["high"] and len(pooled["mcnemar"]) == 2
-    single = stats.paired_comparison(labels, [a[0]], [b[0]], resamples=300)
-    assert single == stats.paired_comparison(labels, a[0], b[0], resamples=300)
+    single = stats.paired_comparison(labels, [a[0]], [b[0]])
+    assert single == stats.paired_comparison(labels, a[0], b[0])
     with pytest.raises(ValueError, match="2 on one side, 1 on the other"):
         stats.paired_comparison(labels, a, [b[0]])
 
@@ -130,7 +132,7 @@ def test_mcnemar_clustered_by_patient_holds_its_level_where_the_per_image_test_d
         b = np.repeat(~discordant | ~a_wins, 2)
         per_image.append(stats.mcnemar(a, b)["p_value"] < 0.05)
         found = stats.mcnemar(a, b, units)
-        assert found["test"] == "clustered by patient"
+        assert found["test"] == stats.MCNEMAR_CLUSTERED
         clustered.append(found["p_value"] < 0.05)
     assert np.mean(per_image) > 0.12 and 0.02 <= np.mean(clustered) <= 0.085
     # One image a patient: the exact test.
@@ -138,28 +140,92 @@ def test_mcnemar_clustered_by_patient_holds_its_level_where_the_per_image_test_d
     two = stats.mcnemar(np.r_[a, a], np.r_[b, b], np.r_[np.arange(6), np.arange(6) + 6])
     assert two["test"] == "exact"
     pairs = stats.mcnemar(np.r_[a, True], np.r_[b, True], np.r_[np.arange(6), 0])
-    # Patients' d: +1, +1, 0, -1, 0, 0 (the 7th image, patient 0's second, both right): X2 = 1^2 / 3.
-    assert pairs["p_value"] == pytest.approx(math.erfc(math.sqrt(1 / 3 / 2)))
+    # Patients' d (Durkalski: per image of the patient): 1/2 (patient 0: +1 and its 7th image, both right), +1,
+    # 0, -1, 0, 0: X2 = 0.5^2 / (0.25 + 1 + 1) = 1/9.
+    assert pairs["statistic"] == pytest.approx(1 / 9)
+    assert pairs["p_value"] == pytest.approx(math.erfc(math.sqrt(1 / 9 / 2)))
 
 
-def test_seed_pairs_and_patients_are_both_resampled_when_an_arm_has_seeds():
-    """Seed pairs whose differences disagree: the hierarchical interval holds the spread between seeds
-    (wider than the test set's alone), each pair's own difference is reported, and the signs counted."""
+def test_clustered_mcnemar_is_durkalskis_form_on_a_worked_example():
+    """4 two-image and 6 one-image patients. Only-A-right minus only-B-right per patient: (2, 1, 0, -1) for the
+    two-image ones, (1, 1, 1, -1, 0, 0) for the others. Durkalski et al. (2003) divide each by the patient's
+    images: d = 1, 0.5, 0, -0.5, 1, 1, 1, -1, 0, 0; X2 = 3^2 / 5.5 = 1.636 (the image-weighted form, without
+    the division, gives 4^2 / 10 = 1.6)."""
+    a, b, units = [], [], []
+    for patient, (only_a, only_b, images) in enumerate([(2, 0, 2), (1, 0, 2), (1, 1, 2), (0, 1, 2), (1, 0, 1), (1, 0, 1),
+                                                        (1, 0, 1), (0, 1, 1), (0, 0, 1), (0, 0, 1)]):
+        kinds = [(True, False)] * only_a + [(False, True)] * only_b
+        kinds += [(True, True)] * (images - len(kinds))
+        a += [x for x, _ in kinds]
+        b += [y for _, y in kinds]
+        units += [patient] * images
+    found = stats.mcnemar(np.array(a), np.array(b), np.array(units))
+    assert found["statistic"] == pytest.approx(9 / 5.5) and found["test"] == stats.MCNEMAR_CLUSTERED
+    assert found["p_value"] == pytest.approx(math.erfc(math.sqrt(9 / 5.5 / 2)))
+
+
+def test_leaving_one_patient_out_equals_recomputing_without_them():
+    """The jackknife's leave-one-patient-out values (subtracted confusion counts; the AUC's pair counts, ties
+    half, a patient with a positive and a negative eye) equal the metrics recomputed without that patient."""
+    labels, grades, scores = random_predictions(120, seed=11)
+    names = [f"{i // 2}_{'left' if i % 2 else 'right'}" if i < 80 else f"solo{i}" for i in range(120)]
+    units, unit = stats.resampling_units(patients_of(names))
+    found = stats.leave_one_out(labels, grades, scores, units, ("accuracy", "qwk", "referable_auc"))
+    assert unit == "patients" and len(found["qwk"]) == 40 + 40
+    for u in range(units.max() + 1):
+        keep = units != u
+        cm = metrics.confusion_matrix(labels[keep], grades[keep])
+        assert found["qwk"][u] == pytest.approx(metrics.quadratic_weighted_kappa(cm))
+        assert found["accuracy"][u] == pytest.approx(metrics.accuracy(cm))
+        assert found["referable_auc"][u] == pytest.approx(metrics.roc_auc(labels[keep] >= 2, scores[keep]))
+
+
+def test_the_seed_level_error_counts_the_seeds_and_the_shared_test_set():
+    """se^2 = s^2/S + C: seed pairs whose differences disagree widen the interval beyond the test set's alone;
+    the pairs' own differences are reported and their signs counted; t with S - 1 degrees of freedom."""
     labels, _, scores = random_predictions(400, seed=8, right=0.85)
     rng = np.random.default_rng(9)
     noise = [0.02, 0.30, 0.05, 0.25]  # B's error rate per seed: A wins by a lot, then barely
     a = [(np.where(rng.random(400) < 0.12, (labels + 1) % 5, labels), scores) for _ in noise]
     b = [(np.where(rng.random(400) < r, (labels + 1) % 5, labels), scores) for r in noise]
     names = [f"{i // 2}_{'left' if i % 2 else 'right'}" for i in range(400)]
-    found = stats.paired_comparison(labels, a, b, patients_of(names), resamples=400)
+    found = stats.paired_comparison(labels, a, b, patients_of(names))
     acc = found["accuracy"]
-    singles = [stats.paired_comparison(labels, x, y, patients_of(names), resamples=50)["accuracy"]["difference"]
-               for x, y in zip(a, b)]
-    assert acc["per_seed"] == pytest.approx(singles) and acc["difference"] == pytest.approx(np.mean(singles))
-    assert acc["seeds_agree"] == int(np.sum(np.sign(singles) == np.sign(np.mean(singles))))
-    assert acc["seeds_high"] - acc["seeds_low"] > 1.5 * (acc["high"] - acc["low"])
-    assert all(len(m) == 4 for m in [found["mcnemar"]]) and found["mcnemar"][0]["test"] == "clustered by patient"
-    assert 0 < acc["p_value"] <= 1
+    singles = [stats.paired_comparison(labels, x, y, patients_of(names))["accuracy"] for x, y in zip(a, b)]
+    d = np.array([s["difference"] for s in singles])
+    assert acc["per_seed"] == pytest.approx(d) and acc["difference"] == pytest.approx(d.mean())
+    assert acc["seeds_agree"] == int(np.sum(np.sign(d) == np.sign(d.mean())))
+    assert acc["seed_variance"] == pytest.approx(d.var(ddof=1)) and acc["df"] == 3
+    assert acc["se"] ** 2 == pytest.approx(d.var(ddof=1) / 4 + max(acc["test_set_covariance"], 0))
+    assert acc["over"] == stats.OVER_SEEDS
+    half = stats.t_quantile(0.95, 3) * acc["se"]
+    assert (acc["low"], acc["high"]) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert acc["high"] - acc["low"] > 1.5 * (singles[0]["high"] - singles[0]["low"])  # one seed: the test set alone
+    assert found["mcnemar"][0]["test"] == stats.MCNEMAR_CLUSTERED and len(found["mcnemar"]) == 4
+    t = abs(d.mean()) / acc["se"]
+    assert acc["p_value"] == pytest.approx(2 * scipy_stats.t.sf(t, 3))
+
+
+def test_power_and_detectable_differences_follow_the_noncentral_t():
+    """At 5 seed pairs a difference of 1.7 standard deviations of one pair's difference (se * sqrt(5)) is found
+    in about 80% of tests at alpha 0.05; a family of 4 needs about 2.5. The power integral equals scipy's
+    non-central t where that is stable; more seeds never need a larger difference; the test set's own term
+    bounds what seeds can do."""
+    assert stats.detectable(4, 0.95) / math.sqrt(5) == pytest.approx(1.68, abs=0.01)
+    assert stats.detectable(4, 1 - 0.05 / 4) / math.sqrt(5) == pytest.approx(2.48, abs=0.01)
+    for df, nc in ((1, 3.0), (4, 3.8), (9, 2.0)):
+        crit = scipy_stats.t.ppf(0.975, df)
+        exact = scipy_stats.nct.sf(crit, df, nc) + scipy_stats.nct.cdf(-crit, df, nc)
+        assert stats.power(nc, df, 0.95) == pytest.approx(exact, abs=1e-6)
+    sizes = [stats.detectable(s - 1, 0.95) / math.sqrt(s) for s in (2, 3, 5, 10, 20)]
+    assert sizes == sorted(sizes, reverse=True)
+    def nct_power(seeds: int) -> float:
+        crit, nc = scipy_stats.t.ppf(0.975, seeds - 1), 0.05 / math.sqrt(0.004 / seeds)
+        return scipy_stats.nct.sf(crit, seeds - 1, nc) + scipy_stats.nct.cdf(-crit, seeds - 1, nc)
+    needed = stats.seeds_needed(0.05, seed_variance=0.004, covariance=0.0, level=0.95)
+    assert nct_power(needed) >= 0.8 > nct_power(needed - 1) and needed == 15
+    assert stats.seeds_needed(0.05, seed_variance=0.004, covariance=0.0009, level=0.95) is None  # C alone: 0.03 se
+    assert stats.t_quantile(0.95, 10) == pytest.approx(2.228, abs=1e-3)  # 11 seeds: not the normal's 1.96
 
 
 def test_holm_rejects_in_steps():
@@ -167,6 +233,9 @@ def test_holm_rejects_in_steps():
     assert stats.holm([0.01, 0.02, 0.03]) == [True, True, True]  # 0.01 <= 0.05/3, 0.02 <= 0.05/2, 0.03 <= 0.05
     assert stats.holm([0.2, 0.001]) == [False, True]
     assert stats.holm([]) == []
+    # A missing test (NaN) is never a rejection, and it still counts in the family's size.
+    assert stats.holm([0.01, math.nan, 0.02]) == [True, False, True]
+    assert stats.holm([math.nan, 0.03]) == [False, False]  # 0.03 > 0.05/2: the NaN still counts in m
 
 
 def test_operating_points_fit_the_threshold_on_held_out_and_measure_on_test():

@@ -37,7 +37,13 @@ from dr_resnet.results.rundir import (
     selected_on,
     selected_row,
 )
-from dr_resnet.results.stats import RESAMPLES, bootstrap_intervals, holm, paired_comparison
+from dr_resnet.results.stats import (
+    bootstrap_intervals,
+    detectable,
+    paired_comparison,
+    seeds_needed,
+    t_interval,
+)
 
 
 @dataclass
@@ -337,11 +343,11 @@ def unlike(runs: list[RunRecord]) -> str:
     return "runs differ in " + " and ".join(found) if found else ""
 
 
-def compare_arms(arms: list[Arm], resamples: int = RESAMPLES, epoch: str = "selected") -> list[dict]:
+def compare_arms(arms: list[Arm], epoch: str = "selected") -> list[dict]:
     """For each pair of arm_pairs: A - B in accuracy, QWK and referable AUC at each run's selected epoch
-    (predictions.csv) or `epoch="final"` its final planned epoch (predictions_final.csv), with
-    paired-bootstrap 95% intervals and McNemar's test; arms with seeds are paired seed by seed and pooled
-    (the mean difference over the seeds they share); or why not."""
+    (predictions.csv) or `epoch="final"` its final planned epoch (predictions_final.csv), paired seed by seed
+    over the seeds both arms have (stats.paired_comparison: the mean difference, its standard error over
+    seed pairs and test patients, 95% intervals) and McNemar's test; or why not."""
     if epoch not in COMPARED_EPOCHS:
         raise ValueError(f"epoch must be one of {', '.join(COMPARED_EPOCHS)}, got {epoch!r}")
     results = []
@@ -371,7 +377,7 @@ def compare_arms(arms: list[Arm], resamples: int = RESAMPLES, epoch: str = "sele
                                                f"comparison needs the same test set"})
             continue
         paired = paired_comparison(first.labels, [(p.grades, p.referable_scores) for p in found_a],
-                                   [(p.grades, p.referable_scores) for p in found_b], first.patients, resamples=resamples)
+                                   [(p.grades, p.referable_scores) for p in found_b], first.patients)
         mcnemar = paired["mcnemar"] if isinstance(paired["mcnemar"], list) else [paired["mcnemar"]]
         warning = unlike([done_a[k] for k in seeds] + [done_b[k] for k in seeds])
         results.append({**entry, "status": "compared", "images": len(first.names), "resampled": paired["unit"],
@@ -380,19 +386,76 @@ def compare_arms(arms: list[Arm], resamples: int = RESAMPLES, epoch: str = "sele
     return results
 
 
-HOLM_FROM = 8  # comparisons in one report from which their count is said and Holm's correction marked
-HOLM_METRIC = "qwk"  # the metric whose p-values the correction runs over (the experiment's primary metric)
+ALPHA = 0.05  # each declared family's family-wise error rate
+FAMILY_METRIC = "qwk"  # the metric the families' verdicts are about (the experiment's primary metric)
+QUESTION = "the question"  # the primary family: pretraining at each depth, depth at each initialisation
 
 
-def mark_multiplicity(comparisons: list[dict], alpha: float = 0.05) -> int:
-    """With HOLM_FROM or more compared pairs in one report, mark each one's `holm`: whether its QWK
-    difference stays significant under Holm's correction over all of them (both epochs: one family).
-    Returns the number of comparisons made."""
-    made = [c for c in comparisons if c["status"] == "compared"]
-    if len(made) >= HOLM_FROM:
-        for c, kept in zip(made, holm([c[HOLM_METRIC]["p_value"] for c in made], alpha)):
-            c["holm"] = kept
-    return len(made)
+def family_of(comparison: dict) -> str:
+    """The declared family a comparison belongs to, '' for a descriptive one. Declared by the design, before
+    any result is read: the question's comparisons (pretraining, depth) at each run's selected epoch form
+    the primary family; made along factor keys (a learning curve's data fraction), one family per set of
+    factor keys. Final-epoch comparisons, and those between values of one factor within an arm, describe."""
+    if comparison["epoch"] != "selected" or comparison["factor"] not in ("pretraining", "depth"):
+        return ""
+    setting = comparison.get("setting") or {}
+    return "along " + ", ".join(sorted(setting)) if setting else QUESTION
+
+
+def declare_families(comparisons: list[dict], alpha: float = ALPHA) -> list[dict]:
+    """Mark each comparison's family (every planned one counts in its family's size m, made or not) and, for
+    those made with several seed pairs, the simultaneous (Bonferroni, 1 - alpha/m) t-interval of its QWK
+    difference and the verdict read from that same interval. One seed a side: no verdict (the seeds'
+    variation is unknown), outside the correction. Returns the families: name, m, alpha, metric, members."""
+    families: dict[str, list[dict]] = {}
+    for c in comparisons:
+        name = family_of(c)
+        c["family"] = name
+        if name:
+            families.setdefault(name, []).append(c)
+    declared = []
+    for name, members in families.items():
+        m = len(members)
+        level = 1 - alpha / m
+        for c in members:
+            entry = c.get(FAMILY_METRIC)
+            if c["status"] != "compared" or entry["df"] is None:
+                continue
+            low, high = t_interval(entry, level)
+            entry.update(family_level=level, family_low=low, family_high=high,
+                         verdict=verdict(c["a"], c["b"], low, high),
+                         detectable=detectable(entry["df"], level) * entry["se"])
+        declared.append({"family": name, "m": m, "alpha": alpha, "metric": FAMILY_METRIC, "epoch": "selected",
+                         "interval": f"simultaneous t-interval at 1 - {alpha}/{m} (Bonferroni)",
+                         "members": [c["comparison"] for c in members]})
+    return declared
+
+
+def verdict(a: str, b: str, low: float, high: float) -> str:
+    """What an interval of A - B says: which is better where it excludes 0, else the differences it rules out."""
+    if low > 0:
+        return f"{a} better"
+    if high < 0:
+        return f"{b} better"
+    return f"no difference detected (differences below {low:+.3f} or above {high:+.3f} ruled out)"
+
+
+PLANNING_DIFFERENCES = (0.02, 0.05)  # QWK differences the report says the seeds needed for
+
+
+def smallest_detectable(comparisons: list[dict]) -> list[dict]:
+    """Per compared family member: the smallest QWK difference its seeds could detect (80% power at the
+    family's level), and the seed pairs that PLANNING_DIFFERENCES would need on this test set (None: none
+    would do, the test set's own term is too large)."""
+    found = []
+    for c in comparisons:
+        entry = c.get(FAMILY_METRIC) or {}
+        if c.get("family") and "detectable" in entry:
+            needed = {d: seeds_needed(d, entry["seed_variance"], entry["test_set_covariance"], entry["family_level"])
+                      for d in PLANNING_DIFFERENCES}
+            found.append({"comparison": c["comparison"], "family": c["family"], "seeds": len(c["seeds"]),
+                          "detectable": entry["detectable"], "seeds_needed": needed})
+    return found
 
 
 SEED_COLUMNS = (*PAIR_METRICS, *((f"final_{name}", f"final-epoch {METRICS[name].label}") for name in ("accuracy", "qwk")))

@@ -15,10 +15,9 @@ import numpy as np
 
 from dr_resnet.results.arms import Arm
 from dr_resnet.results.rundir import selected_on
+from dr_resnet.results.stats import LEVEL, t_quantile
 
 REACHED = 0.95  # convergence: the share of its final held-out QWK an arm must reach
-# Student's t, two-sided 95%, by degrees of freedom (1..9; the normal's 1.96 beyond)
-T95 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def numeric(values: list) -> bool:
@@ -40,7 +39,7 @@ def spread(values: list[float]) -> dict:
     mean = float(v.mean())
     if len(v) < 2:
         return {"mean": mean, "low": None, "high": None, "n": len(v)}
-    half = T95.get(len(v) - 1, 1.96) * float(v.std(ddof=1)) / math.sqrt(len(v))
+    half = t_quantile(LEVEL, len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(v)}
 
 
@@ -61,22 +60,26 @@ def points(arms: list[Arm], key: str, metric: str = "test_qwk") -> dict[str, lis
     return lines
 
 
-def differences(comparisons: list[dict], key: str) -> list[dict]:
+def differences(comparisons: list[dict], key: str, families: list[dict] = ()) -> list[dict]:
     """The pretraining and depth comparisons at the selected epoch, per value of `key` (their shared
-    setting): A - B in QWK with its interval (over seeds where there are several), and what holds."""
+    setting): A - B in QWK with the interval its verdict is read from (the family's simultaneous one; the
+    test set's alone, and no verdict, with one seed a side)."""
+    sizes = {f["family"]: f["m"] for f in families}
     found = []
     for c in comparisons:
         if (c.get("epoch") != "selected" or c.get("factor") not in ("pretraining", "depth")
                 or key not in c.get("setting", {}) or c.get("absent")):  # an arm with no run: the comparisons table says so
             continue
-        entry = {"value": c["setting"][key], "comparison": c["comparison"], "a": c["a"], "b": c["b"]}
+        entry = {"value": c["setting"][key], "comparison": c["comparison"], "a": c["a"], "b": c["b"],
+                 "m": sizes.get(c.get("family", ""))}
         if c["status"] != "compared":
             found.append({**entry, "status": c["status"]})
             continue
-        several = len(c["seeds"]) > 1
         q = c["qwk"]
-        low, high = (q["seeds_low"], q["seeds_high"]) if several else (q["low"], q["high"])
-        holds = f"{c['a']} better" if low > 0 else f"{c['b']} better" if high < 0 else "cannot tell"
+        if "verdict" in q:
+            low, high, holds = q["family_low"], q["family_high"], q["verdict"]
+        else:
+            low, high, holds = q["low"], q["high"], "no verdict: " + q["over"]
         found.append({**entry, "status": "compared", "difference": q["difference"], "low": low, "high": high,
                       "seeds": len(c["seeds"]), "holds": holds})
     found.sort(key=lambda e: (float(e["value"]) if numeric([e["value"]]) else 0, str(e["value"]), e["comparison"]))

@@ -25,10 +25,11 @@ from dr_resnet.results.arms import (
     Arm,
     RunRecord,
     compare_arms,
+    declare_families,
     find_runs,
     group_arms,
-    mark_multiplicity,
     seed_summary,
+    smallest_detectable,
 )
 from dr_resnet.results.factors import convergence, differences, factor_keys, numeric, points
 from dr_resnet.results.html import write_html
@@ -41,6 +42,7 @@ from dr_resnet.results.tables import (
     comparisons_table,
     convergence_table,
     datasets_table,
+    detectable_table,
     factor_table,
     markdown,
     operating_points_table,
@@ -163,7 +165,8 @@ def plot_factor(key: str, lines: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def factor_tables(arms: list[Arm], comparisons: list[dict], out: Path) -> tuple[list[Table], list[Path]]:
+def factor_tables(arms: list[Arm], comparisons: list[dict], families: list[dict], out: Path
+                  ) -> tuple[list[Table], list[Path]]:
     """Per factor (a key that tells arms of one depth and initialisation apart): its figure and the table of
     paired differences at each value; and the convergence table where runs held images out."""
     tables, written = [], []
@@ -174,7 +177,7 @@ def factor_tables(arms: list[Arm], comparisons: list[dict], out: Path) -> tuple[
         path = out / f"factor_{key.replace('.', '_')}.png"
         plot_factor(key, lines, path)
         written.append(path)
-        rows = differences(comparisons, key)
+        rows = differences(comparisons, key, families)
         if rows:
             tables.append(factor_table(key, rows))
     reached = convergence(arms)
@@ -330,7 +333,7 @@ def operating_rows(runs: list[RunRecord]) -> list[dict]:
 
 
 def tables_of(rows: list[dict], comparisons: list[dict], seeds: list[dict], datasets: list[dict] = (),
-              operating: list[dict] = ()) -> list[Table]:
+              operating: list[dict] = (), families: list[dict] = ()) -> list[Table]:
     """The report's tables, the same for results.md and report.html: results; referable DR at screening
     operating points when a run has them; seeds when an arm has several; the paired comparisons when there
     are any; other datasets when evaluate scored a run on any."""
@@ -340,14 +343,19 @@ def tables_of(rows: list[dict], comparisons: list[dict], seeds: list[dict], data
     if any(len(row["seeds"]) + row["unfinished"] > 1 for row in seeds):
         tables.append(seeds_table(seeds))
     if comparisons:
-        tables.append(comparisons_table(comparisons))
+        tables.append(comparisons_table(comparisons, families))
+        detectable = smallest_detectable(comparisons)
+        if detectable:
+            tables.append(detectable_table(detectable))
     if datasets:
         tables.append(datasets_table(datasets))
     return tables
 
 
-def write_tables(rows: list[dict], out: Path, tables: list[Table], comparisons: list[dict] = ()) -> None:
-    """results.csv (every value, unformatted), results.md (the tables) and comparisons.json."""
+def write_tables(rows: list[dict], out: Path, tables: list[Table], comparisons: list[dict] = (),
+                 families: list[dict] = ()) -> None:
+    """results.csv (every value, unformatted), results.md (the tables) and comparisons.json (the declared
+    families and every comparison)."""
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
@@ -356,7 +364,8 @@ def write_tables(rows: list[dict], out: Path, tables: list[Table], comparisons: 
     for table in tables:
         lines += (["" ] if lines else []) + markdown(table, level=1 if table.id == "results" else 2)
     if comparisons:
-        (out / COMPARISONS_FILE).write_text(json.dumps(comparisons, indent=2) + "\n")
+        found = {"families": list(families), "comparisons": comparisons}
+        (out / COMPARISONS_FILE).write_text(json.dumps(found, indent=2) + "\n")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -402,16 +411,16 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     if plot_calibration(runs, out / "calibration.png"):
         written.append(out / "calibration.png")
     comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(arms, epoch=epoch)]
-    mark_multiplicity(comparisons)
+    families = declare_families(comparisons)
     for warning in dict.fromkeys(f"{c['comparison']}: {c['warning']}" for c in comparisons if c.get("warning")):
         print(f"warning: {warning}", file=sys.stderr)
     rows = result_rows(runs)
-    tables = tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows), operating_rows(runs))
-    more, figures = factor_tables(arms, comparisons, out)
+    tables = tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows), operating_rows(runs), families)
+    more, figures = factor_tables(arms, comparisons, families, out)
     tuned, tuning_figures = tuning_tables(root, out)
     tables += more + tuned
     written += figures + tuning_figures
-    write_tables(rows, out, tables, comparisons)
+    write_tables(rows, out, tables, comparisons, families)
     if comparisons:
         written.append(out / COMPARISONS_FILE)
     if gallery:

@@ -15,6 +15,9 @@ import math
 from typing import Iterator, Sequence
 
 import numpy as np
+from scipy import stats as scipy_stats
+from scipy.integrate import quad
+from scipy.optimize import brentq
 
 from dr_resnet import NUM_GRADES
 from dr_resnet.results.metrics import METRICS, REFERABLE_GRADE, of_confusion
@@ -114,18 +117,21 @@ def bootstrap_intervals(labels: Sequence[int], grades: Sequence[int], scores: Se
 def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool], units: np.ndarray | None = None) -> dict:
     """McNemar's test on paired right/wrong: the images only A got right against those only B got right.
     Images of one patient (`units`: resampling_units' ids) are not independent: where some patient has
-    several images, the clustered form (Durkalski et al. 2003, equal weight per image): X2 = (sum_k d_k)^2 /
-    sum_k d_k^2, d_k = patient k's images only A got right minus those only B got right, chi-square with 1
-    degree of freedom under no difference (it is McNemar's chi-square when every patient has one image).
+    several images, Durkalski et al.'s (2003) clustered form: X2 = (sum_k d_k)^2 / sum_k d_k^2, d_k = (patient
+    k's images only A got right minus those only B got right) / its number of images, chi-square with 1
+    degree of freedom under no difference (McNemar's chi-square when every patient has one image).
     Otherwise the exact test: two-sided binomial p-value at 1/2."""
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     if units is not None and len(units) and int(units.max()) + 1 < len(units):
-        d = np.bincount(units, weights=(a & ~b).astype(float) - (~a & b), minlength=int(units.max()) + 1)
+        n_units = int(units.max()) + 1
+        d = (np.bincount(units, weights=(a & ~b).astype(float) - (~a & b), minlength=n_units)
+             / np.bincount(units, minlength=n_units))
         spread = float(np.sum(d ** 2))
         statistic = float(d.sum()) ** 2 / spread if spread > 0 else 0.0
         p = math.erfc(math.sqrt(statistic / 2))  # chi-square, 1 degree of freedom
-        return {"a_only_right": only_a, "b_only_right": only_b, "p_value": p, "test": "clustered by patient"}
+        return {"a_only_right": only_a, "b_only_right": only_b, "statistic": statistic, "p_value": p,
+                "test": MCNEMAR_CLUSTERED}
     n, k = only_a + only_b, min(only_a, only_b)
     if n == 0:
         p = 1.0
@@ -136,30 +142,174 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool], units: np.ndar
     return {"a_only_right": only_a, "b_only_right": only_b, "p_value": p, "test": "exact"}
 
 
-def bootstrap_p_value(differences: np.ndarray) -> float:
-    """Two-sided bootstrap p-value of a difference being 0: twice the smaller share of resamples on either
-    side of 0 (at least one resample's worth: a p-value is never reported as 0)."""
-    d = np.asarray(differences, dtype=float)
-    d = d[~np.isnan(d)]
-    if not len(d):
-        return 1.0
-    return float(min(1.0, 2 * max(min(np.mean(d <= 0), np.mean(d >= 0)), 1 / len(d))))
+MCNEMAR_CLUSTERED = "clustered by patient (Durkalski et al. 2003)"
+
+
+def _auc_leave_one_out(positive: np.ndarray, scores: np.ndarray, units: np.ndarray, n_units: int) -> np.ndarray:
+    """(n_units,) referable AUCs, each with one unit's images left out: the Mann-Whitney count less the
+    pairs that unit's images take part in (ties count half); 0.5 where a class is left empty."""
+    neg_sorted, pos_sorted = np.sort(scores[~positive]), np.sort(scores[positive])
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    # each positive's negatives below it, each negative's positives above it (ties half)
+    lo, hi = np.searchsorted(neg_sorted, scores, "left"), np.searchsorted(neg_sorted, scores, "right")
+    below = lo + 0.5 * (hi - lo)
+    lo, hi = np.searchsorted(pos_sorted, scores, "left"), np.searchsorted(pos_sorted, scores, "right")
+    above = (n_pos - hi) + 0.5 * (hi - lo)
+    wins = float(below[positive].sum())
+    share = np.where(positive, below, above)  # the pairs each image takes part in
+    removed = np.bincount(units, weights=share, minlength=n_units)
+    # a unit's own positive-negative pairs were taken away twice (once per image): give them back once
+    order = np.argsort(units, kind="stable")
+    u, s, p = units[order], scores[order], positive[order]
+    starts = np.r_[0, np.flatnonzero(u[1:] != u[:-1]) + 1]
+    sizes = np.diff(np.r_[starts, len(u)])
+    inside = np.zeros(n_units)
+    rank = np.arange(len(u)) - np.repeat(starts, sizes)  # position within its unit
+    for offset in range(1, int(sizes.max()) if len(sizes) else 0):
+        i = np.flatnonzero(rank + offset < np.repeat(sizes, sizes))
+        j = i + offset
+        mixed = p[i] != p[j]
+        i, j = i[mixed], j[mixed]
+        pos_s, neg_s = np.where(p[i], s[i], s[j]), np.where(p[i], s[j], s[i])
+        np.add.at(inside, u[i], (pos_s > neg_s) + 0.5 * (pos_s == neg_s))
+    pos_left = n_pos - np.bincount(units, weights=positive, minlength=n_units)
+    neg_left = n_neg - np.bincount(units, weights=~positive, minlength=n_units)
+    pairs = pos_left * neg_left
+    return np.divide(wins - removed + inside, pairs, out=np.full(n_units, 0.5), where=pairs > 0)
+
+
+def leave_one_out(labels: np.ndarray, grades: np.ndarray, scores: np.ndarray, units: np.ndarray,
+                  metrics: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each metric with each resampling unit (patient) left out in turn, (n_units,) per metric: confusion
+    matrices add up, so a unit's own counts are subtracted from the whole; the AUC by its pair counts."""
+    n_units = int(units.max()) + 1 if len(units) else 0
+    cells = NUM_GRADES * NUM_GRADES
+    own = np.bincount(units * cells + labels * NUM_GRADES + grades, minlength=n_units * cells).reshape(n_units, cells)
+    left = (own.sum(axis=0) - own).reshape(n_units, NUM_GRADES, NUM_GRADES).astype(np.float64)
+    found = {m: METRICS[m].of_confusion(left) for m in metrics if METRICS[m].of_confusion is not None}
+    if "referable_auc" in metrics:
+        found["referable_auc"] = _auc_leave_one_out(labels >= REFERABLE_GRADE, scores, units, n_units)
+    return found
+
+
+def jackknife_covariance(left_out: np.ndarray) -> np.ndarray:
+    """(S, S) jackknife covariance of S statistics from their (n_units, S) leave-one-unit-out values:
+    (n - 1)/n times the sum of the centred products (Efron & Stein: a test-set sampling covariance)."""
+    n = len(left_out)
+    centred = left_out - left_out.mean(axis=0)
+    return (n - 1) / n * centred.T @ centred
+
+
+def t_quantile(level: float, df: float | None) -> float:
+    """The two-sided `level` quantile of Student's t with df degrees of freedom (the normal's for None)."""
+    upper = 1 - (1 - level) / 2
+    return float(scipy_stats.norm.ppf(upper) if df is None else scipy_stats.t.ppf(upper, df))
+
+
+ONE_SEED = "one seed: the variation between seeds is unknown"
+OVER_SEEDS = "seed pairs and test patients (seed-pair t, S - 1 degrees of freedom, with the test set's covariance)"
+
+
+def seed_pair_test(labels: np.ndarray, runs_a: list[tuple[np.ndarray, np.ndarray]],
+                   runs_b: list[tuple[np.ndarray, np.ndarray]], units: np.ndarray,
+                   metrics: Sequence[str]) -> dict[str, dict]:
+    """A - B per metric over S seed pairs scored on one test set: the mean of the pairs' differences, and
+    its standard error se^2 = s^2/S + C, s^2 the pairs' sample variance (the seeds) and C the mean
+    jackknife covariance between different pairs' differences (the shared test set, which s^2 cannot see:
+    two arms right on different patients differ alike in every pair); t with S - 1 degrees of freedom.
+    One pair: the test set's (jackknife) standard error alone, normal, `over` saying so."""
+    pairs = len(runs_a)
+    ones = np.ones((1, len(labels)))
+    found = {}
+    point = [[metrics_of(labels, g, s, ones) for g, s in side] for side in (runs_a, runs_b)]
+    left = [[leave_one_out(labels, g, s, units, metrics) for g, s in side] for side in (runs_a, runs_b)]
+    for m in metrics:
+        a = np.array([v[m][0] for v in point[0]])
+        b = np.array([v[m][0] for v in point[1]])
+        d = a - b
+        left_d = np.stack([x[m] - y[m] for x, y in zip(left[0], left[1])], axis=1)  # (units, S)
+        cov = jackknife_covariance(left_d) if len(left_d) > 1 else np.full((pairs, pairs), math.nan)
+        difference = float(d.mean())
+        entry = {"a": float(a.mean()), "b": float(b.mean()), "difference": difference, "per_seed": d.tolist()}
+        if pairs == 1:
+            variance, df, over = float(cov[0, 0]), None, ONE_SEED
+        else:
+            seeds = float(d.var(ddof=1))
+            shared = float((cov.sum() - np.trace(cov)) / (pairs * (pairs - 1)))
+            # a negative covariance estimate would claim the shared test set makes the mean surer than
+            # independent test sets would: it cannot, so it counts as 0
+            variance, df, over = seeds / pairs + max(shared, 0.0), pairs - 1, OVER_SEEDS
+            entry.update(seed_variance=seeds, test_set_covariance=shared,
+                         seeds_agree=int(np.sum(np.sign(d) == np.sign(difference))) if difference else 0)
+        se = math.sqrt(variance) if variance >= 0 else math.nan
+        entry.update(se=se, df=df, over=over, p_value=t_p_value(difference, se, df))
+        found[m] = entry
+    return found
+
+
+def t_p_value(difference: float, se: float, df: float | None) -> float:
+    """Two-sided p-value of difference / se against t(df) (normal for None); 1 for a zero difference."""
+    if difference == 0 or math.isnan(se):
+        return 1.0 if difference == 0 else math.nan
+    if se == 0:
+        return 0.0
+    statistic = abs(difference) / se
+    return float(2 * (scipy_stats.norm.sf(statistic) if df is None else scipy_stats.t.sf(statistic, df)))
+
+
+def t_interval(entry: dict, level: float = LEVEL) -> tuple[float, float]:
+    """difference +- the t quantile at `level` times its standard error (seed_pair_test's entry)."""
+    half = t_quantile(level, entry["df"]) * entry["se"]
+    return entry["difference"] - half, entry["difference"] + half
+
+
+def power(noncentrality: float, df: float | None, level: float) -> float:
+    """The chance that a two-sided t-test at 1 - level rejects when difference / se = noncentrality: the
+    non-central t's tails, integrated over the chi-square of the standard error (stable where scipy's nct
+    is not, at the large noncentralities that one or two seeds need)."""
+    crit = t_quantile(level, df)
+    if df is None:
+        return float(scipy_stats.norm.sf(crit - noncentrality) + scipy_stats.norm.cdf(-crit - noncentrality))
+
+    def rejects(v: float) -> float:
+        bound = crit * math.sqrt(v / df)
+        return (scipy_stats.norm.sf(bound - noncentrality) + scipy_stats.norm.cdf(-bound - noncentrality)) \
+            * scipy_stats.chi2.pdf(v, df)
+    return float(quad(rejects, 0, np.inf, limit=200)[0])
+
+
+POWER = 0.8  # the chance of finding a difference that the report's "smallest detectable difference" means
+
+
+def detectable(df: float | None, level: float, target: float = POWER) -> float:
+    """The difference, in standard errors, that a two-sided t-test at 1 - level finds with chance `target`."""
+    high = 1.0
+    while power(high, df, level) < target:
+        high *= 2
+    return float(brentq(lambda x: power(x, df, level) - target, 0.0, high))
+
+
+def seeds_needed(difference: float, seed_variance: float, covariance: float, level: float, target: float = POWER,
+                 most: int = 200) -> int | None:
+    """The fewest seed pairs whose test (se^2 = s^2/S + C on this test set) finds `difference` with chance
+    `target`; None when even `most` do not (the test set's own term C does not shrink with seeds)."""
+    for seeds in range(2, most + 1):
+        se = math.sqrt(max(seed_variance, 0.0) / seeds + max(covariance, 0.0))
+        if se == 0 or power(abs(difference) / se, seeds - 1, level) >= target:
+            return seeds
+    return None
 
 
 Scored = tuple[Sequence[int], Sequence[float]]  # one run's (grades, referable scores) per image
 
 
 def paired_comparison(labels: Sequence[int], a: Scored | list[Scored], b: Scored | list[Scored],
-                      patients: Sequence[str] | None = None, resamples: int = RESAMPLES, seed: int = 0,
-                      level: float = LEVEL, metrics: Sequence[str] = ("accuracy", "qwk", "referable_auc")) -> dict:
+                      patients: Sequence[str] | None = None, level: float = LEVEL,
+                      metrics: Sequence[str] = ("accuracy", "qwk", "referable_auc")) -> dict:
     """A minus B on the same images, each side one run's (grades, referable scores) or a list of them (the
-    seeds of an arm, paired seed by seed). Per metric: the difference of the (seed-averaged) metrics; its
-    paired-bootstrap interval over patients (low, high: the test set's uncertainty about that mean, every
-    run scored on each resample); with several seed pairs also the hierarchical interval (seeds_low,
-    seeds_high: seed pairs and patients both resampled, so the spread between seeds counts too), each
-    seed pair's own difference and how many of them share the mean's sign; and a bootstrap p-value (from
-    the hierarchical resamples when there are several seeds). McNemar's test per pair of runs, clustered
-    by patient where patients have several images."""
+    seeds of an arm, paired seed by seed). Per metric, seed_pair_test's entry with its `level` interval
+    (low, high: over seed pairs and patients; over patients alone with one seed a side). McNemar's test
+    per pair of runs (descriptive), clustered by patient where patients have several images."""
     side_a, side_b = (list(x) if isinstance(x, list) else [x] for x in (a, b))
     if len(side_a) != len(side_b) or not side_a:
         raise ValueError(f"paired runs: {len(side_a)} on one side, {len(side_b)} on the other")
@@ -167,36 +317,9 @@ def paired_comparison(labels: Sequence[int], a: Scored | list[Scored], b: Scored
     runs_a = [_arrays(labels, *run)[1:] for run in side_a]
     runs_b = [_arrays(labels, *run)[1:] for run in side_b]
     units, unit = resampling_units(patients if patients is not None else [str(i) for i in range(len(labels))])
-    pairs = len(runs_a)
-
-    def per_pair(weights) -> dict[str, np.ndarray]:  # (pairs, R) differences, A_k - B_k
-        va = [metrics_of(labels, grades, scores, weights) for grades, scores in runs_a]
-        vb = [metrics_of(labels, grades, scores, weights) for grades, scores in runs_b]
-        return {m: np.stack([x[m] - y[m] for x, y in zip(va, vb)]) for m in metrics}
-
-    ones = np.ones((1, len(labels)))
-    point_a = {m: float(np.mean([metrics_of(labels, g, s, ones)[m][0] for g, s in runs_a])) for m in metrics}
-    point_b = {m: float(np.mean([metrics_of(labels, g, s, ones)[m][0] for g, s in runs_b])) for m in metrics}
-    own = per_pair(ones)  # each seed pair's difference on the test set as it is
-    pooled, hierarchical = {m: [] for m in metrics}, {m: [] for m in metrics}
-    seed_draws = np.random.default_rng(derive_seed(seed, "bootstrap", 1))
-    for weights in bootstrap_weights(units, resamples, seed):
-        differences = per_pair(weights)
-        drawn = seed_draws.multinomial(pairs, np.full(pairs, 1 / pairs), size=len(weights)).T / pairs  # (pairs, R)
-        for m in metrics:
-            pooled[m].append(differences[m].mean(axis=0))
-            hierarchical[m].append((differences[m] * drawn).sum(axis=0))
-    result: dict = {"unit": unit, "resamples": resamples, "level": level, "images": len(labels), "runs_per_side": pairs}
-    for m in metrics:
-        low, high = _interval(np.concatenate(pooled[m]), level)
-        difference = point_a[m] - point_b[m]
-        entry = {"a": point_a[m], "b": point_b[m], "difference": difference, "low": low, "high": high}
-        samples = np.concatenate(hierarchical[m] if pairs > 1 else pooled[m])
-        if pairs > 1:
-            entry["seeds_low"], entry["seeds_high"] = _interval(samples, level)
-            entry["per_seed"] = own[m][:, 0].tolist()
-            entry["seeds_agree"] = int(np.sum(np.sign(own[m][:, 0]) == np.sign(difference))) if difference else 0
-        entry["p_value"] = bootstrap_p_value(samples) if difference else 1.0
+    result: dict = {"unit": unit, "level": level, "images": len(labels), "runs_per_side": len(runs_a)}
+    for m, entry in seed_pair_test(labels, runs_a, runs_b, units, metrics).items():
+        entry["low"], entry["high"] = t_interval(entry, level)
         result[m] = entry
     tests = [mcnemar(ga == labels, gb == labels, units) for (ga, _), (gb, _) in zip(runs_a, runs_b)]
     result["mcnemar"] = tests[0] if len(tests) == 1 else tests
@@ -205,11 +328,13 @@ def paired_comparison(labels: Sequence[int], a: Scored | list[Scored], b: Scored
 
 def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
     """Holm's step-down correction: which of the hypotheses are rejected with the family-wise error rate
-    held at alpha (p-values in any order; the answer in the same order)."""
-    order = np.argsort(p_values, kind="stable")
-    rejected = [False] * len(p_values)
+    held at alpha (p-values in any order; the answer in the same order). A NaN p-value (no test) is never
+    rejected and still counts in the family."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(np.where(np.isnan(p), np.inf, p), kind="stable")
+    rejected = [False] * len(p)
     for rank, i in enumerate(order):
-        if p_values[i] > alpha / (len(p_values) - rank):
+        if not p[i] <= alpha / (len(p) - rank):
             break
         rejected[i] = True
     return rejected

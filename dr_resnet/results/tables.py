@@ -7,7 +7,8 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 
-from dr_resnet.results.arms import PAIR_METRICS, SEED_COLUMNS
+from dr_resnet.results.arms import PAIR_METRICS, PLANNING_DIFFERENCES, SEED_COLUMNS
+from dr_resnet.results.stats import MCNEMAR_CLUSTERED, ONE_SEED
 
 NOT_RUN = ("not run", "failed")  # a results row whose status starts so is drawn as not run
 
@@ -105,35 +106,40 @@ def seeds_table(seeds: list[dict]) -> Table:
 
 
 COMPARISONS_NOTE = (
-    "A - B on the same test images, at each run's selected epoch (chosen on its held-out part, else its final epoch) "
-    "and at its final epoch (predictions_final.csv). 95% intervals from a paired bootstrap that resamples patients "
-    "(both runs scored on each resample; images where no image shares a patient). Arms with several seeds are paired "
-    "seed by seed and averaged, and the interval then resamples the seed pairs too (hierarchical: the spread between "
-    "seeds counts, not only the test set's); 'seeds agree' counts the seed pairs whose own QWK difference has the "
-    "mean's sign. QWK p: the bootstrap's two-sided p-value for a QWK difference of 0. McNemar's test on the images one "
-    "run graded right and the other wrong (one per seed pair): clustered by patient (Durkalski et al. 2003) where "
-    "patients have several images, exact otherwise. An interval that holds 0 means the data cannot tell the two "
-    "apart.")
+    "A - B on the same test images, paired seed by seed over the seeds both arms have, at each run's selected epoch "
+    "(chosen on its held-out part, else its final epoch) and at its final epoch. The difference is the mean of the "
+    "seed pairs' differences; its standard error counts both sources of uncertainty: the seeds (the pairs' variance / "
+    "S) and the shared test set (the mean covariance between different pairs' differences, from a jackknife that "
+    "leaves one patient out at a time: arms right on different patients differ alike in every pair), with Student's t "
+    "at S - 1 degrees of freedom. Families, declared before any result is read: {families}. Within a family the QWK "
+    "interval is simultaneous (Bonferroni: 1 - 0.05/m) and the verdict is read from that same interval; 'no "
+    "difference detected' names the differences the interval rules out. Everything else is descriptive, with "
+    "marginal 95% intervals and no verdict: accuracy and referable AUC, final-epoch figures, comparisons between "
+    "values of one factor, McNemar's tests ({mcnemar} where patients have several images, exact otherwise; one per "
+    "seed pair). One seed a side: the interval is the test set's alone ({one_seed}), with no verdict and outside "
+    "every family.")
 EPOCH_TITLES = {"selected": "each run's selected epoch", "final": "each run's final epoch"}
 
 
-def comparisons_table(comparisons: list[dict]) -> Table:
+def family_text(families: list[dict]) -> str:
+    return "; ".join(f"{f['family']} (m = {f['m']}: {', '.join(f['members'])})" for f in families) or "none"
+
+
+def comparisons_table(comparisons: list[dict], families: list[dict]) -> Table:
     columns = [Column("comparison", "comparison"), Column("a", "A"), Column("b", "B"), Column("images", "images"),
-               *(Column(key, f"{label} A - B (95% CI)") for key, label in PAIR_METRICS),
-               Column("agree", "seeds agree"), Column("qwk_p", "QWK p"),
-               Column("counts", "only A right / only B right"), Column("p", "McNemar p")]
-    made = [c for c in comparisons if c["status"] == "compared"]
-    note = COMPARISONS_NOTE
-    if any("holm" in c for c in made):
-        note += (f" {len(made)} comparisons were made in this report: a QWK p marked * stays below 0.05 after Holm's "
-                 f"correction over all {len(made)}; unmarked ones may be chance findings.")
+               Column("qwk", "QWK A - B"), Column("interval", "QWK interval"), Column("verdict", "verdict"),
+               *(Column(key, f"{label} A - B (95% CI)") for key, label in PAIR_METRICS if key != "qwk"),
+               Column("agree", "seeds agree"), Column("counts", "only A right / only B right"),
+               Column("p", "McNemar p")]
+    note = COMPARISONS_NOTE.format(families=family_text(families), mcnemar=MCNEMAR_CLUSTERED, one_seed=ONE_SEED)
     table = Table("comparisons", "Paired comparisons (A - B on the same test images)", note, columns,
-                  numeric=frozenset([*(key for key, _ in PAIR_METRICS), "agree", "qwk_p", "counts", "p"]))
+                  numeric=frozenset(["qwk", *(key for key, _ in PAIR_METRICS), "agree", "counts", "p"]))
     # Comparisons an arm with no run at all rules out: one line for all of them, not one per pair and epoch.
     absent = list(dict.fromkeys(name for c in comparisons for name in c.get("absent", ())))
     if absent:
         table.rows.append(Row(["not compared: no run of " + ", ".join(absent)], "notrun"))
     comparisons = [c for c in comparisons if not c.get("absent")]
+    sizes = {f["family"]: f["m"] for f in families}
     for epoch, title in EPOCH_TITLES.items():
         shown = [c for c in comparisons if c["epoch"] == epoch]
         if shown:
@@ -144,15 +150,38 @@ def comparisons_table(comparisons: list[dict]) -> Table:
                 table.rows.append(Row([*start, c["status"]], "notrun"))
                 continue
             several = len(c["seeds"]) > 1
-            seeds = f", seeds {', '.join(map(str, c['seeds']))}" if several else ""
-            low, high = ("seeds_low", "seeds_high") if several else ("low", "high")
-            cells = [f"{c[m]['difference']:+.3f} ({c[m][low]:+.3f} to {c[m][high]:+.3f})" for m, _ in PAIR_METRICS]
-            agree = f"{c['qwk']['seeds_agree']} of {len(c['seeds'])}" if several else "-"
-            qwk_p = f"{c['qwk']['p_value']:.3g}" + ("*" if c.get("holm") else "")
+            q = c["qwk"]
+            seeds = f", seeds {', '.join(map(str, c['seeds']))}" if several else ", one seed"
+            if "verdict" in q:
+                interval = (f"{q['family_low']:+.3f} to {q['family_high']:+.3f} ({100 * q['family_level']:g}% simultaneous, "
+                            f"{c['family']}, m = {sizes[c['family']]})")
+                judged = q["verdict"]
+            else:
+                over = "test set only: " + ONE_SEED if not several else "seeds and patients"
+                interval, judged = f"{q['low']:+.3f} to {q['high']:+.3f} (95%, {over})", "descriptive"
+            cells = [f"{c[m]['difference']:+.3f} ({c[m]['low']:+.3f} to {c[m]['high']:+.3f})"
+                     for m, _ in PAIR_METRICS if m != "qwk"]
+            agree = f"{q['seeds_agree']} of {len(c['seeds'])}" if several else "-"
             counts = ", ".join(f"{m['a_only_right']} / {m['b_only_right']}" for m in c["mcnemar"])
             p_values = ", ".join(f"{m['p_value']:.3g}" for m in c["mcnemar"])
-            table.rows.append(Row([*start, f"{c['images']} ({c['resampled']}{seeds})", *cells, agree, qwk_p, counts,
-                                   p_values]))
+            table.rows.append(Row([*start, f"{c['images']} ({c['resampled']}{seeds})", f"{q['difference']:+.3f}",
+                                   interval, judged, *cells, agree, counts, p_values]))
+    return table
+
+
+def detectable_table(rows: list[dict]) -> Table:
+    columns = [Column("comparison", "comparison"), Column("family", "family"), Column("seeds", "seed pairs"),
+               Column("detectable", "smallest detectable QWK difference"),
+               *(Column(f"needed_{d}", f"seed pairs for {d}") for d in PLANNING_DIFFERENCES)]
+    table = Table("detectable", "What these seeds can detect", (
+        "Per comparison of a family: the QWK difference its test finds with 80% chance at the family's corrected level, "
+        "given the spread its seeds and test set showed; and how many seed pairs a difference of "
+        f"{' or '.join(map(str, PLANNING_DIFFERENCES))} would need on this test set ('not on this test set': the test "
+        "set's own share of the uncertainty, which more seeds do not shrink, is too large: a larger test set is needed)."),
+        columns, numeric=frozenset(["seeds", "detectable", *(f"needed_{d}" for d in PLANNING_DIFFERENCES)]))
+    for row in rows:
+        table.rows.append(Row([row["comparison"], row["family"], str(row["seeds"]), f"{row['detectable']:.3f}",
+                               *(str(n) if n else "not on this test set" for n in row["seeds_needed"].values())]))
     return table
 
 
@@ -202,16 +231,18 @@ def datasets_table(rows: list[dict]) -> Table:
 
 FACTOR_NOTE = (
     "{key}: at each value, the paired comparisons of pretraining and depth (QWK A - B on the same test images at each "
-    "run's selected epoch, chosen on its held-out part), with their 95% interval (over seed pairs and patients where "
-    "there are several seeds). 'holds' names the better arm where the interval excludes 0. The figure "
-    "factor_{file}.png draws each arm's test QWK against {key} (mean over seeds, 95% t-interval).")
+    "run's selected epoch, chosen on its held-out part). They form one declared family (m = {m}): each interval is "
+    "simultaneous over it (Bonferroni) and the verdict is read from it; one seed a side gives the test set's interval "
+    "alone and no verdict. The figure factor_{file}.png draws each arm's test QWK against {key} (mean over seeds, 95% "
+    "t-interval).")
 
 
 def factor_table(key: str, rows: list[dict]) -> Table:
-    columns = [Column("value", key), Column("comparison", "comparison"), Column("qwk", "QWK A - B (95% CI)"),
-               Column("seeds", "seeds"), Column("holds", "holds")]
-    table = Table(f"factor_{key}", f"Along {key}", FACTOR_NOTE.format(key=key, file=key.replace(".", "_")), columns,
-                  numeric=frozenset(("qwk", "seeds")))
+    columns = [Column("value", key), Column("comparison", "comparison"), Column("qwk", "QWK A - B (interval)"),
+               Column("seeds", "seeds"), Column("holds", "verdict")]
+    m = next((row["m"] for row in rows if row.get("m")), len(rows))
+    table = Table(f"factor_{key}", f"Along {key}", FACTOR_NOTE.format(key=key, file=key.replace(".", "_"), m=m),
+                  columns, numeric=frozenset(("qwk", "seeds")))
     for row in rows:
         if row["status"] != "compared":
             table.rows.append(Row([str(row["value"]), row["comparison"], row["status"]], "notrun"))
