@@ -105,7 +105,8 @@ def normalised_weights(weights: str) -> str:
 class RegressionConfig:
     """The regression head's settings (model.head=regression); the other heads have none."""
 
-    loss: RegressionLoss = "mse"  # mse | smooth_l1
+    loss: RegressionLoss = "mse"  # mse | smooth_l1 (mse by principle: QWK charges an error by its squared grade
+    # distance, and squared error is the loss whose minimiser, the conditional mean grade, that charge rewards)
     fit_thresholds: FitThresholds = "train"  # after each epoch re-fit the grade thresholds for QWK on train (an eval-mode
     # pass over the training images) | val (the held-out part, data.val_fraction) | batches (the epoch's
     # augmented training outputs: no extra pass) | none (keep 0.5, 1.5, 2.5, 3.5)
@@ -197,7 +198,8 @@ class TrainConfig:
     nonfinite: NonFinite = "stop"  # a non-finite loss or gradient: stop (an error naming the step) | skip (leave the step out)
     nonfinite_skip_limit: float = 0.01  # with skip: stop when more than this share of an epoch's steps were left out
     ema: float = 0.0  # an exponential moving average of the weights with this decay per step (e.g. 0.999; 0: off),
-    # evaluated, selected and saved in place of the raw weights (the checkpoint keeps both, for resume)
+    # evaluated, selected and saved in place of the raw weights (the checkpoint keeps both, for resume). Off: a
+    # default changes only on a held-out difference the seed-level test detects, and 0.9's was not (README)
     calibration: Calibration = "none"  # none | temperature (fit a temperature on the held-out split after each epoch, for
     # calibrated probabilities: classification and ordinal heads, needs data.val_fraction)
 

@@ -254,5 +254,12 @@ def test_operating_points_fit_the_threshold_on_held_out_and_measure_on_test():
         assert p["specificity"]["value"] == pytest.approx((~refer[~positive]).mean())
         assert p["sensitivity"]["low"] <= p["sensitivity"]["value"] <= p["sensitivity"]["high"] and p["unit"] == "patients"
         assert p["held_out_specificity"] >= p["target_specificity"]
+    # 50 held-out negatives: too few for either target (100 for 90%, 500 for 98%); 98% rests on one above it.
+    assert [p["held_out_negatives"] for p in points] == [50, 50]
+    assert points[1]["warning"] == ("50 held-out negatives: the threshold rests on the 1 scoring above it (about 500 "
+                                    "are needed for a 98% specificity)")
+    enough = stats.operating_points((np.r_[np.zeros(100, int), [3] * 5], np.r_[np.arange(100) / 100, [0.99] * 5]),
+                                    (labels, scores), patients_of(names), specificities=(0.9,), resamples=50)
+    assert "warning" not in enough[0] and stats.enough_negatives(0.98) == 500
     with pytest.raises(ValueError, match="no negative"):
         stats.specificity_threshold(np.ones(3, dtype=bool), np.zeros(3), 0.9)

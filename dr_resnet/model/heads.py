@@ -227,8 +227,8 @@ class RegressionHead:
         return values
 
     def start_bias(self, shares: np.ndarray) -> float:
-        """A fresh output starts at the mean grade of what the run trains on first, not 0 (measured:
-        +0.014 QWK on the demo)."""
+        """A fresh output starts at the mean grade of what the run trains on first, not 0: by principle ("init
+        well", as the classification head starts at its log-prior), not on a measured figure."""
         return float(np.dot(np.arange(NUM_GRADES), shares))
 
     def state(self) -> dict:

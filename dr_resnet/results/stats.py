@@ -343,6 +343,11 @@ def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
 SCREENING_SPECIFICITIES = (0.90, 0.98)  # the operating points Gulshan et al. (2016) report for referable DR
 
 
+def enough_negatives(specificity: float) -> int:
+    """Held-out negatives a specificity threshold needs to rest on about 10 of them above it: 10 / (1 - target)."""
+    return math.ceil(10 / (1 - specificity) - 1e-9)
+
+
 def specificity_threshold(positive: np.ndarray, scores: np.ndarray, specificity: float) -> float:
     """The lowest referral threshold (refer when score >= it) at which at least `specificity` of the
     negatives score below it: fitted on held-out images, never on test."""
@@ -377,9 +382,14 @@ def operating_points(held_out: tuple[Sequence[int], Sequence[float]], test: tupl
                 total = (weights * members).sum(axis=1)
                 samples[name].append(np.divide((weights * (members & hit)).sum(axis=1), total,
                                                out=np.full(len(weights), np.nan), where=total > 0))
+        negatives = int((~val_positive).sum())
         entry = {"target_specificity": target, "threshold": threshold,
                  "held_out_specificity": float((np.asarray(held_out[1]) < threshold)[~val_positive].mean()),
-                 "unit": unit}
+                 "held_out_negatives": negatives, "unit": unit}
+        if negatives < enough_negatives(target):
+            entry["warning"] = (f"{negatives} held-out negatives: the threshold rests on the "
+                                f"{negatives - math.ceil(target * negatives)} scoring above it (about "
+                                f"{enough_negatives(target)} are needed for a {target:.0%} specificity)")
         for name in samples:
             low, high = _interval(np.concatenate(samples[name]), level)
             entry[name] = {"value": point[name], "low": low, "high": high}

@@ -190,19 +190,23 @@ OPERATING_NOTE = (
     "specificity, the referral threshold on the referable score is fitted on the run's held-out part "
     "(predictions_val.csv; its specificity there is shown), then the test split's sensitivity and specificity at that "
     "threshold, with patient-bootstrap 95% intervals. Nothing is fitted on test; a run without a held-out part has no "
-    "row.")
+    "row. A threshold needs about 10 / (1 - target) held-out negatives (100 for 90%, 500 for 98%) to rest on some 10 "
+    "images above it: with fewer, the row carries a warning.")
 
 
 def operating_points_table(rows: list[dict]) -> Table:
     columns = [Column("run", "run"), Column("target", "target specificity"), Column("threshold", "threshold"),
-               Column("held_out", "held-out specificity"), Column("sensitivity", "test sensitivity (95% CI)"),
-               Column("specificity", "test specificity (95% CI)")]
+               Column("held_out", "held-out specificity"), Column("negatives", "held-out negatives"),
+               Column("sensitivity", "test sensitivity (95% CI)"), Column("specificity", "test specificity (95% CI)")]
     table = Table("operating_points", "Referable DR at screening operating points", OPERATING_NOTE, columns,
-                  numeric=frozenset(("target", "threshold", "held_out", "sensitivity", "specificity")))
+                  numeric=frozenset(("target", "threshold", "held_out", "negatives", "sensitivity", "specificity")))
     for row in rows:
         for point in row["points"]:
+            negatives = point.get("held_out_negatives")
+            warning = f" (warning: {point['warning']})" if point.get("warning") else ""
+            shown = "-" if negatives is None else f"{negatives}{warning}"
             table.rows.append(Row([row["run"], f"{point['target_specificity']:.0%}", f"{point['threshold']:.4g}",
-                                   f"{point['held_out_specificity']:.3f}",
+                                   f"{point['held_out_specificity']:.3f}", shown,
                                    *(f"{point[k]['value']:.3f} ({point[k]['low']:.3f}-{point[k]['high']:.3f})"
                                      for k in ("sensitivity", "specificity"))]))
     return table
