@@ -223,6 +223,8 @@ class WandbConfig:
     log_predictions: bool = False  # log the selected epoch's per-image test predictions as a W&B Table at the end
     trial: str = ""  # launch.sweep sets it: the keys its grid or search varies (comma-separated), logged as flat
     # config keys trial/<section.key> with the run's values, for W&B's parallel coordinates and run comparison
+    tags: str = ""  # more tags for the run (comma-separated; WANDB_TAGS adds more): launch.sweep --tune sets tune on
+    # phase 1's trials and final on phase 2's runs, so that W&B tells them apart
 
 
 @dataclass

@@ -68,7 +68,8 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     run_dir = tmp_path / "run"
     assert train(tiny, run_dir, "wandb.mode=offline", "wandb.group=sweep-a", "wandb.log_checkpoint=true",
                  "wandb.log_predictions=true", "model.head=regression", "train.clip_grad_norm=1.0",
-                 "data.val_fraction=0.25", "data.min_val_images=1", "wandb.trial=train.lr,data.image_size") == 0
+                 "data.val_fraction=0.25", "data.min_val_images=1", "wandb.trial=train.lr,data.image_size",
+                 "wandb.tags=final") == 0
     [folder] = offline_runs(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     history = [r["history"]["item"] for r in inspect(folder) if r.get("type") == "history"]
@@ -107,7 +108,8 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     records = inspect(folder)
     run_record = next(r for r in records if r.get("type") == "run")["run"]
     assert run_record["run_group"] == "sweep-a" and run_record["job_type"] == "train"  # W&B's meaning: what it does
-    assert sorted(run_record["tags"]) == ["resnet18", "resnet18_scratch", "scratch", "seed0"]
+    assert sorted(run_record["tags"]) == ["final", "resnet18", "resnet18_scratch", "scratch", "seed0"]  # + wandb.tags
+    assert state["config"]["wandb_mode_used"] == "offline" and state["config"]["wandb"]["mode"] == "offline"
     assert state["config"]["run"] == {"arm": "resnet18_scratch", "depth": 18, "initialisation": "scratch", "seed": 0}
     assert run_record["project"] == "dr-resnet" and run_record["display_name"] == "run"
     # The selected checkpoint as a model artifact each time the selection moved, and at the end with the
@@ -223,10 +225,13 @@ def test_unreachable_server_falls_back_offline(tiny, tmp_path, monkeypatch, sile
 
 
 def test_no_api_key_goes_offline_with_a_warning(tmp_path, caplog):
-    tracker = Tracker(TrackingSettings(mode="online"), tmp_path / "t", new_run_id(), {})
+    tracker = Tracker(TrackingSettings(mode="online"), tmp_path / "t", new_run_id(), {"wandb": {"mode": "online"}})
     assert tracker.mode == "offline"
     assert "no API key" in caplog.text
     tracker.finish()
+    # The run's W&B config says what was asked for and what was used.
+    [state] = inspect(offline_runs(tmp_path / "t")[0], "--summary")
+    assert state["config"]["wandb"]["mode"] == "online" and state["config"]["wandb_mode_used"] == "offline"
 
 
 def test_wandb_dying_mid_run_never_reaches_training(tmp_path, caplog):

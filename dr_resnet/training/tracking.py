@@ -118,6 +118,8 @@ class Tracker:
             self.run = self._init(wandb, "offline")
         if self.run is not None:
             self.mode = mode if self.run.settings.mode != "offline" else "offline"
+            # wandb.mode says what was asked for; an online start that fell back to offline is recorded too
+            self._guard("config", self.run.config.update, {"wandb_mode_used": self.mode}, allow_val_change=True)
             self.run.define_metric("epoch")
             self.run.define_metric("*", step_metric="epoch")
         self.start_seconds = time.perf_counter() - start

@@ -433,7 +433,9 @@ def start_tracking(run: Run, wandb_id: str | None, effective: dict) -> Tracker:
     logged["train"] = {**logged["train"], "lr": effective["lr"]}
     flat = config.settings_of(logged)
     logged.update({f"trial/{key}": flat[key] for key in filter(None, w.trial.split(",")) if key in flat})
-    settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name, job_type="train", tags=identity_tags(who),
+    extra = tuple(t.strip() for t in w.tags.split(",") if t.strip())
+    settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name, job_type="train",
+                                tags=(*identity_tags(who), *extra),
                                 init_timeout=w.init_timeout, log_checkpoint=w.log_checkpoint,
                                 log_predictions=w.log_predictions)
     tracker = Tracker(settings, run.run_dir, wandb_id or new_run_id(), {**logged, "effective": effective, "run": who},
