@@ -95,8 +95,10 @@ def test_four_runs(sweep, tmp_path):
         assert row["recall_at_selected"] == " ".join(f"{r:.2f}" for r in chosen["test_recall"])
         assert row["collapsed"] == (collapse(np.array(chosen["confusion_matrix"])) or "no")
         assert row["selected_acc_95ci"].startswith(f"{chosen['test_acc']:.3f} (") and row["ci_resampled"] == "patients"
+        held_out = f"{chosen['val_qwk']:.4f}" if arm == "resnet18_scratch" else "-"  # only it held images out
+        assert row["held_out_qwk"] == ("" if held_out == "-" else str(chosen["val_qwk"]))
         assert (f"| {arm} | {ARMS[arm][0]} | {ARMS[arm][1]} | done | 2/2 | {row['selected_by']} | {row['selected_epoch']} | "
-                f"{row['collapsed']} | {chosen['test_acc']:.4f} | {chosen['test_qwk']:.4f} | "
+                f"{held_out} | {row['collapsed']} | {chosen['test_acc']:.4f} | {chosen['test_qwk']:.4f} | "
                 f"{row['selected_acc_95ci']} | {row['selected_qwk_95ci']} | {row['selected_auc_95ci']} | patients | "
                 f"{chosen['test_ece']:.4f} | - |") in (out / "results.md").read_text()
     # The four arms make 4 comparisons at each of 2 epochs. The question's family is declared (m = 4, the

@@ -271,6 +271,7 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
         if run.predictions_problem:
             status += f"; predictions not used: {run.predictions_problem}"
         table.append({**row, "status": status, "selected_by": how, "selected_epoch": chosen["epoch"],
+                      "held_out_qwk": chosen.get("val_qwk") if run.has_val else None,
                       "collapsed": run.collapsed or "no", "selected_test_acc": chosen["test_acc"],
                       "selected_qwk": chosen["test_qwk"], "selected_ece": chosen.get("test_ece"),
                       "ece_before_temperature": chosen.get("test_ece_before"),
