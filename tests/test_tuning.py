@@ -46,6 +46,21 @@ def test_ranking_at_reads_each_arms_curve_at_k():
     assert tuning.ranking_at(curves, 1) == ["a", "b"] and tuning.ranking_at(curves, 3) == ["b", "a"]
 
 
+def test_a_nan_held_out_epoch_is_never_selected():
+    from dr_resnet.results.rundir import selectable, selected_row
+
+    def row(epoch: int, qwk: float, loss: float = 1.0) -> dict:
+        return {"epoch": epoch, "val_qwk": qwk, "val_acc": 0.5, "val_loss": loss}
+
+    nan, inf = math.nan, math.inf
+    # A NaN first epoch used to win every comparison after it (NaN compares false both ways).
+    assert selected_row([row(1, nan), row(2, 0.3), row(3, nan), row(4, 0.5)], "qwk")["epoch"] == 4
+    assert selected_row([row(1, 0.2), row(2, nan)], "qwk")["epoch"] == 1
+    assert selected_row([row(1, 0, nan), row(2, 0, inf), row(3, 0, 5.0)], "loss")["epoch"] == 3
+    every = selected_row([row(1, nan), row(2, nan)], "qwk")  # nothing finite: the first, and it says so
+    assert every["epoch"] == 1 and not selectable(every, "qwk")
+
+
 # -- search draws and equal budgets ------------------------------------------------------------------
 
 def search(content: dict, arms=("r18", "r50")) -> trials.Search:
