@@ -164,12 +164,14 @@ def plot_expected_best(curves: dict[str, list[dict]], metric: str, path: Path, p
         n = f"N={len(curve)}" if (planned or {}).get(arm, len(curve)) == len(curve) else \
             f"N={len(curve)} of {planned[arm]} planned: incomplete"
         ax.plot(k, median, "-o", ms=3, color=colour, label=f"{arm} ({n})")
+        ax.plot(k, low, k, high, alpha=0)  # the axes' limits take in the band: it is filled below, once they are set
         bands.append((k, low, high, colour))
-    rows = below_the_scores(ax, len(curves)) if any(c["median"] is None for cs in curves.values() for c in cs) else []
-    bottom = ax.get_ylim()[0]
+    failed = any(c["median"] is None or c["low"] is None for cs in curves.values() for c in cs)
+    rows = below_the_scores(ax, len(curves)) if failed else []
+    limits = ax.get_ylim()
     for k, low, high, colour in bands:  # a "failed" lower end reaches down to the failures
-        ax.fill_between(k, np.where(np.isnan(low), bottom, low), high, color=colour, alpha=0.15, lw=0)
-    ax.set_ylim(bottom, None)
+        ax.fill_between(k, np.where(np.isnan(low), limits[0], low), high, color=colour, alpha=0.15, lw=0)
+    ax.set_ylim(*limits)
     for index, (arm, curve) in enumerate(curves.items()):
         failed = [c["k"] for c in curve if c["median"] is None]
         if failed and rows:
