@@ -582,8 +582,27 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     named = {arm: {trials.trial_name(v): v for v in values} for arm, values in by_arm.items()}
     choice = tuning.choose(out / tuning.TUNE_DIR, named)
     (out / tuning.TUNING_FILE).write_text(json.dumps(choice, indent=2) + "\n")
-    for arm in by_arm:
-        entry = choice["arms"][arm]
+    say_winners(choice)
+    # Phase 2 runs the trial's own text (tuning.json holds typed values): the folder name and the
+    # config keep the exact drawn value.
+    winners = {arm: [named[arm][choice["arms"][arm]["winner"]["trial"]]] for arm in by_arm
+               if "winner" in choice["arms"][arm]}
+    for arm, values in winners.items():
+        set_aside_earlier_winners(out / arm, trials.trial_name(values[0]))
+    if not winners:
+        print(f"no arm has a winner: phase 2 not run (tuning.json: {out / tuning.TUNING_FILE})", file=sys.stderr)
+        return 1
+    phase2 = plan(sweep, args, out, run_names(winners, args.seeds))
+    log_winners(choice, out, next(iter(phase2.values()))[2])
+    jobs = submit(args, argv, phase2, out)
+    code = wait_and_report(jobs, phase2, out)
+    return 1 if failed or len(winners) < len(by_arm) else code
+
+
+def say_winners(choice: dict) -> None:
+    """Each arm's winner (or why none) with its trials' counts, the tie it was picked from, the trials to
+    rerun and a collapsed winner (tuning.choose's record)."""
+    for arm, entry in choice["arms"].items():
         counts = (f"{entry['finished']} of {entry['planned']} trials finished, {entry['failed']} failed, "
                   f"{entry['diverged']} diverged")
         if entry["to_rerun"]:
@@ -599,20 +618,6 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
                       f"{w['collapsed_on']} confusion matrix)", file=sys.stderr)
         else:
             print(f"{arm}: no winner: {entry['reason']}; {counts}", file=sys.stderr)
-    # Phase 2 runs the trial's own text (tuning.json holds typed values): the folder name and the
-    # config keep the exact drawn value.
-    winners = {arm: [named[arm][choice["arms"][arm]["winner"]["trial"]]] for arm in by_arm
-               if "winner" in choice["arms"][arm]}
-    for arm, values in winners.items():
-        set_aside_earlier_winners(out / arm, trials.trial_name(values[0]))
-    if not winners:
-        print(f"no arm has a winner: phase 2 not run (tuning.json: {out / tuning.TUNING_FILE})", file=sys.stderr)
-        return 1
-    phase2 = plan(sweep, args, out, run_names(winners, args.seeds))
-    log_winners(choice, out, next(iter(phase2.values()))[2])
-    jobs = submit(args, argv, phase2, out)
-    code = wait_and_report(jobs, phase2, out)
-    return 1 if failed or len(winners) < len(by_arm) else code
 
 
 def log_winners(choice: dict, out: Path, cfg: config.Config) -> None:

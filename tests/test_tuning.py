@@ -213,6 +213,20 @@ def test_failed_diverged_and_nan_trials_count_below_every_finished_one(tmp_path)
     assert tuning.curves_of(choice)["r18"] == curve  # seeded band: the same report twice
 
 
+def test_the_sweep_says_the_failures_the_trials_to_rerun_and_a_tie(tmp_path, capsys):
+    from launch.sweep import say_winners
+
+    say_winners(failing_arm(tmp_path / "tune"))
+    out = capsys.readouterr().out
+    assert ("r18: winner lr0.05 (held-out qwk 0.7000 at epoch 1; 4 of 7 trials finished, 1 failed, 1 diverged, 1 to "
+            "rerun (lr2: N is incomplete; run the sweep again))") in out
+    for lr in ("0.1", "0.3"):
+        write_trial(tmp_path / "tie" / "r50" / f"lr{lr}", [0.5], [0.5], lr)
+    say_winners(tuning.choose(tmp_path / "tie", {"r50": {f"lr{lr}": {"train.lr": lr} for lr in ("0.1", "0.3")}}))
+    assert "r50: winner lr0.1 (held-out qwk 0.5000 at epoch 1, tie among 2 trials: the first is run;" in \
+        capsys.readouterr().out
+
+
 def test_ties_are_recorded_and_a_collapsed_winner_flagged_on_its_held_out_confusion_matrix(tmp_path):
     tune = tmp_path / "tune"
     grade_0 = [[20, 0, 0, 0, 0], [5, 0, 0, 0, 0], [5, 0, 0, 0, 0], [3, 0, 0, 0, 0], [2, 0, 0, 0, 0]]
