@@ -579,17 +579,14 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
         return show(args, sweep, list(by_arm), out, phase1) or 0
     jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json")
     failed = wait_for_all(jobs, phase1)
-    choice = tuning.choose(out / tuning.TUNE_DIR, {arm: {trials.trial_name(v): v for v in values}
-                                                   for arm, values in by_arm.items()})
+    named = {arm: {trials.trial_name(v): v for v in values} for arm, values in by_arm.items()}
+    choice = tuning.choose(out / tuning.TUNE_DIR, named)
     (out / tuning.TUNING_FILE).write_text(json.dumps(choice, indent=2) + "\n")
-    for arm in by_arm:
-        entry = choice["arms"][arm]
-        if "winner" in entry:
-            print(f"{arm}: winner {entry['winner']['trial']} ({entry['metric']} {entry['winner']['held_out']:.4f} at "
-                  f"epoch {entry['winner']['epoch']}; {entry['finished']} of {len(by_arm[arm])} trials finished)")
-        else:
-            print(f"{arm}: no winner: {entry['reason']}", file=sys.stderr)
-    winners = {arm: [choice["arms"][arm]["winner"]["values"]] for arm in by_arm if "winner" in choice["arms"][arm]}
+    say_winners(choice)
+    # Phase 2 runs the trial's own text (tuning.json holds typed values): the folder name and the
+    # config keep the exact drawn value.
+    winners = {arm: [named[arm][choice["arms"][arm]["winner"]["trial"]]] for arm in by_arm
+               if "winner" in choice["arms"][arm]}
     for arm, values in winners.items():
         set_aside_earlier_winners(out / arm, trials.trial_name(values[0]))
     if not winners:
@@ -600,6 +597,27 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     jobs = submit(args, argv, phase2, out)
     code = wait_and_report(jobs, phase2, out)
     return 1 if failed or len(winners) < len(by_arm) else code
+
+
+def say_winners(choice: dict) -> None:
+    """Each arm's winner (or why none) with its trials' counts, the tie it was picked from, the trials to
+    rerun and a collapsed winner (tuning.choose's record)."""
+    for arm, entry in choice["arms"].items():
+        counts = (f"{entry['finished']} of {entry['planned']} trials finished, {entry['failed']} failed, "
+                  f"{entry['diverged']} diverged")
+        if entry["to_rerun"]:
+            counts += (f", {len(entry['to_rerun'])} to rerun ({', '.join(entry['to_rerun'])}: N is incomplete; "
+                       f"run the sweep again)")
+        if "winner" in entry:
+            w = entry["winner"]
+            tie = f", tie among {len(w['tied'])} trials: the first is run" if w["tie"] else ""
+            print(f"{arm}: winner {w['trial']} ({entry['metric']} {w['held_out']:.4f} at epoch {w['epoch']}{tie}; "
+                  f"{counts})")
+            if w.get("collapsed"):
+                print(f"{arm}: warning: the winner's selected epoch looks collapsed ({w['collapsed']}; "
+                      f"{w['collapsed_on']} confusion matrix)", file=sys.stderr)
+        else:
+            print(f"{arm}: no winner: {entry['reason']}; {counts}", file=sys.stderr)
 
 
 def log_winners(choice: dict, out: Path, cfg: config.Config) -> None:

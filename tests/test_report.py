@@ -434,6 +434,27 @@ def test_the_results_layer_and_the_report_run_without_torch(sweep, tmp_path):
     assert {"results.md", "results.csv", "comparisons.json", "report.html"} <= {p.name for p in out.iterdir()}
 
 
+def test_a_tune_sweeps_report_has_its_tuning_section_without_torch(sweep, tmp_path):
+    """A sweep folder with tuning.json (failed, diverged and lost trials among them): the tuning table and
+    its figures in results.md and report.html, the report still torch-free."""
+    from test_tuning import failing_arm
+
+    folder = tmp_path / "sweep"
+    shutil.copytree(sweep, folder)
+    (folder / "tuning.json").write_text(json.dumps(failing_arm(folder / "tune")))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", TORCH_BLOCKED, str(folder), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = (out / "results.md").read_text()
+    assert "## Tuning (phase 1 of --tune)" in results and "| r18 | 7 | 4 | 1 / 1 | 1 (lr2): N incomplete |" in results
+    page = (out / "report.html").read_text()
+    assert 'id="tuning"' in page and "median best held-out score of k trials" in page  # figures: by their captions
+    assert "held-out score against train_lr" in page
+    assert (out / "slice_train_lr.png").is_file() and (out / "expected_best.png").is_file()
+    assert not (out / "tune").exists()  # the trials are not compared as arms of the sweep
+
+
 def test_runs_of_one_comparison_that_ran_in_other_precisions_are_named(runs, tmp_path, capsys):
     """amp=auto on a mixed cluster can give one arm bf16 and the other fp16: the configs agree, what ran
     differs. The report says so, naming the runs, in one line and beside the comparison."""

@@ -33,17 +33,55 @@ def test_expected_best_matches_brute_force_over_every_draw_and_every_subset(scor
         maxima = np.array([max(subset) for subset in itertools.combinations(scores, k)])
         mean, std = tuning.expected_best(scores, k, replace=False)
         assert mean == pytest.approx(maxima.mean(), abs=1e-12) and std == pytest.approx(maxima.std(), abs=1e-12)
-    curve = tuning.expected_best_curve(scores)
-    assert [c["k"] for c in curve] == list(range(1, n + 1))
-    assert curve[0]["mean"] == pytest.approx(np.mean(scores)) and curve[-1]["mean"] < max(scores)
-    assert all(a["mean"] <= b["mean"] for a, b in zip(curve, curve[1:]))
+    assert tuning.expected_best(scores, n)[0] < max(scores)  # with replacement, k = N is not the best of N
+    assert tuning.expected_best(scores, n, replace=False)[0] == max(scores)
     with pytest.raises(ValueError):
         tuning.expected_best(scores, n + 1, replace=False)
 
 
-def test_ranking_at_reads_each_arms_curve_at_k():
-    curves = {"a": tuning.expected_best_curve([0.5, 0.5, 0.5]), "b": tuning.expected_best_curve([0.1, 0.2, 0.9])}
-    assert tuning.ranking_at(curves, 1) == ["a", "b"] and tuning.ranking_at(curves, 3) == ["b", "a"]
+@pytest.mark.parametrize("values", [[0.3, 0.7, -math.inf, 0.5, 0.9, -math.inf],  # N=6, 2 failed
+                                    [0.2, -math.inf, 0.2, 0.6, -math.inf, -math.inf, 0.4],  # ties, 3 of 7 failed
+                                    [-math.inf, -math.inf, 0.5]])  # mostly failed: the median is "failed" at k=1
+def test_median_best_of_k_and_all_failed_chance_equal_brute_force_over_every_subset(values):
+    n = len(values)
+    curve = tuning.best_of_k_curve(values)
+    assert [c["k"] for c in curve] == list(range(1, n + 1))
+    for point in curve:
+        subsets = list(itertools.combinations(values, point["k"]))
+        median = np.median([max(s) for s in subsets])  # a failure is -inf: below every finished trial
+        assert point["median"] == (pytest.approx(median, abs=1e-12) if math.isfinite(median) else None)
+        assert point["all_failed"] == pytest.approx(np.mean([max(s) == -math.inf for s in subsets]), abs=1e-12)
+        assert point["low"] is None or point["median"] is None or point["low"] <= point["high"]
+    assert curve[-1]["median"] == max(values) and curve[-1]["all_failed"] == 0  # k = N: the observed best
+    assert curve == tuning.best_of_k_curve(values)  # the band is seeded
+    assert (curve[-1]["low"] or -1) < curve[-1]["high"] == max(values)  # at k = N the band is still a band
+
+
+def test_ranking_note_describes_the_order_or_a_tie_and_names_no_better_arm():
+    curves = {"a": tuning.best_of_k_curve([0.5, 0.5, 0.5]), "b": tuning.best_of_k_curve([0.1, 0.2, 0.9])}
+    assert tuning.ranking_at(curves, 1) == [["a"], ["b"]] and tuning.ranking_at(curves, 3) == [["b"], ["a"]]
+    note = tuning.ranking_note(curves)
+    assert "k=1: a (0.500) > b (0.200)" in note and "k=3: b (0.900) > a (0.500)" in note
+    assert "better" not in note and "verdict" not in note
+    same = {"a": tuning.best_of_k_curve([0.0, 0.0, 0.0]), "b": tuning.best_of_k_curve([0.0, 0.0, 0.0])}
+    assert tuning.ranking_at(same, 3) == [["a", "b"]] and "k=3: tie (a, b: 0.000)" in tuning.ranking_note(same)
+    failed = {"a": tuning.best_of_k_curve([-math.inf] * 3), "b": tuning.best_of_k_curve([-math.inf, -math.inf, 0.4])}
+    assert "k=1: tie (a, b: failed)" in tuning.ranking_note(failed)
+
+
+def test_a_nan_held_out_epoch_is_never_selected():
+    from dr_resnet.results.rundir import selectable, selected_row
+
+    def row(epoch: int, qwk: float, loss: float = 1.0) -> dict:
+        return {"epoch": epoch, "val_qwk": qwk, "val_acc": 0.5, "val_loss": loss}
+
+    nan, inf = math.nan, math.inf
+    # A NaN first epoch used to win every comparison after it (NaN compares false both ways).
+    assert selected_row([row(1, nan), row(2, 0.3), row(3, nan), row(4, 0.5)], "qwk")["epoch"] == 4
+    assert selected_row([row(1, 0.2), row(2, nan)], "qwk")["epoch"] == 1
+    assert selected_row([row(1, 0, nan), row(2, 0, inf), row(3, 0, 5.0)], "loss")["epoch"] == 3
+    every = selected_row([row(1, nan), row(2, nan)], "qwk")  # nothing finite: the first, and it says so
+    assert every["epoch"] == 1 and not selectable(every, "qwk")
 
 
 # -- search draws and equal budgets ------------------------------------------------------------------
@@ -93,15 +131,22 @@ def test_unequal_budgets_and_bad_spaces_are_refused():
 
 # -- the winner: held-out figures only ------------------------------------------------------------------
 
-def write_trial(folder: Path, val_qwk: list[float], test_qwk: list[float], lr: str, epochs: int | None = None) -> None:
+def write_trial(folder: Path, val_qwk: list[float], test_qwk: list[float], lr: str, epochs: int | None = None,
+                val_cm: list | None = None, status: str = "") -> None:
+    """A trial's run folder: its config and metrics log (val_cm: every epoch's held-out confusion matrix;
+    status: the launcher's word, launch_status.json)."""
     folder.mkdir(parents=True)
     cfg = config.load(REPO / "configs" / "demo.yaml", [f"train.lr={lr}", f"train.epochs={epochs or len(val_qwk)}",
                                                       "train.warmup_epochs=0", f"output.dir={folder}"])
     config.save(cfg, folder / "config.yaml")
     rows = [{"epoch": e + 1, "val_qwk": v, "val_acc": 0.5, "val_loss": 1.0, "test_qwk": t, "test_acc": 0.5,
-             "test_loss": 1.0, "confusion_matrix": np.eye(5, dtype=int).tolist()}
+             "test_loss": 1.0, "confusion_matrix": np.eye(5, dtype=int).tolist(),
+             **({"val_confusion_matrix": val_cm} if val_cm is not None else {})}
             for e, (v, t) in enumerate(zip(val_qwk, test_qwk))]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if status:
+        (folder / "launch_status.json").write_text(json.dumps({"status": status.split(": ")[0],
+                                                               "reason": status.split(": ", 1)[1]}))
 
 
 def test_the_winner_is_the_held_out_best_where_the_test_split_says_otherwise(tmp_path):
@@ -114,9 +159,11 @@ def test_the_winner_is_the_held_out_best_where_the_test_split_says_otherwise(tmp
                                           "lr1": {"train.lr": "1"}},
                                   "r50": {"lr0.1": {"train.lr": "0.1"}, "lr0.3": {"train.lr": "0.3"}}})
     r18, r50 = choice["arms"]["r18"], choice["arms"]["r50"]
-    assert r18["winner"] == {"trial": "lr0.3", "values": {"train.lr": "0.3"}, "held_out": 0.80, "epoch": 2,
-                             "run_dir": str(tune / "r18" / "lr0.3")}
+    assert r18["winner"] == {"trial": "lr0.3", "values": {"train.lr": 0.3}, "held_out": 0.80, "epoch": 2,
+                             "run_dir": str(tune / "r18" / "lr0.3"), "collapsed": "",
+                             "collapsed_on": "test (no held-out confusion matrix logged)", "tie": False}
     assert [t["status"] for t in r18["trials"]] == ["finished", "finished", "not finished"] and r18["finished"] == 2
+    assert r18["to_rerun"] == ["lr1"] and not r18["complete"] and r18["planned"] == 3
     assert r50["winner"]["trial"] == "lr0.1" and r50["trials"][1]["status"] == "not finished"
     assert r18["metric"] == "held-out qwk"
     # The rule sees no test figure: with every test figure gone, the same winner.
@@ -127,6 +174,125 @@ def test_the_winner_is_the_held_out_best_where_the_test_split_says_otherwise(tmp
     (tmp_path / "none" / "r18" / "lr0.1" / "metrics.jsonl").write_text(lines.replace('"val_acc": 0.5, "val_loss": 1.0, ', ""))
     nothing = tuning.choose(tmp_path / "none", {"r18": {"lr0.1": {"train.lr": "0.1"}}})["arms"]["r18"]
     assert "winner" not in nothing and "no held-out part" in nothing["trials"][0]["status"]
+
+
+def failing_arm(tune: Path) -> dict:
+    """Arm r18: 7 planned trials: 4 finished (one with a NaN first epoch), 1 failed, 1 diverged, 1 never
+    started (to rerun)."""
+    nan = math.nan
+    write_trial(tune / "r18" / "lr0.01", [0.50, 0.60], [0.9, 0.9], "0.01")
+    write_trial(tune / "r18" / "lr0.02", [nan, 0.40], [0.9, 0.9], "0.02")  # NaN at epoch 1: epoch 2 is selected
+    write_trial(tune / "r18" / "lr0.5", [nan, nan], [0.9, 0.9], "0.5")  # every held-out epoch NaN: diverged
+    write_trial(tune / "r18" / "lr1", [0.95], [0.9], "1", epochs=2, status="failed: job 7: NonFiniteError: loss nan")
+    write_trial(tune / "r18" / "lr0.05", [0.70, 0.65], [0.1, 0.1], "0.05")
+    write_trial(tune / "r18" / "lr0.1", [0.30, 0.20], [0.9, 0.9], "0.1")
+    names = ["lr0.01", "lr0.02", "lr0.5", "lr1", "lr0.05", "lr0.1", "lr2"]
+    return tuning.choose(tune, {"r18": {n: {"train.lr": n.removeprefix("lr")} for n in names}})
+
+
+def test_failed_diverged_and_nan_trials_count_below_every_finished_one(tmp_path):
+    choice = failing_arm(tmp_path / "tune")
+    r18 = choice["arms"]["r18"]
+    status = {t["trial"]: t["status"] for t in r18["trials"]}
+    assert status == {"lr0.01": "finished", "lr0.02": "finished", "lr0.5": "diverged", "lr1": "failed",
+                      "lr0.05": "finished", "lr0.1": "finished", "lr2": "not finished"}
+    assert (r18["planned"], r18["finished"], r18["failed"], r18["diverged"], r18["to_rerun"], r18["complete"]) == \
+        (7, 4, 1, 1, ["lr2"], False)
+    nan_first = next(t for t in r18["trials"] if t["trial"] == "lr0.02")
+    assert (nan_first["epoch"], nan_first["held_out"]) == (2, 0.40)  # the NaN epoch is never the selected one
+    failed = next(t for t in r18["trials"] if t["trial"] == "lr1")
+    assert "score" not in failed and "NonFiniteError" in failed["reason"]  # no fake worst score
+    assert r18["winner"]["trial"] == "lr0.05" and r18["winner"]["epoch"] == 1  # never the failed trial's 0.95
+    json.dumps(choice, allow_nan=False)  # tuning.json stays valid JSON: no NaN in it
+    # N = 6 (the trial to rerun waits): the failures lower the curve; the finished trials alone flatter the arm.
+    curve = tuning.curves_of(choice)["r18"]
+    finished = [t["score"] for t in r18["trials"] if t["status"] == "finished"]
+    assert len(curve) == 6 and curve[-1]["median"] == max(finished) == 0.70
+    assert curve[0]["median"] < tuning.best_of_k_curve(finished)[0]["median"]
+    assert curve[0]["all_failed"] == pytest.approx(2 / 6) and curve[1]["all_failed"] == pytest.approx(1 / 15)
+    assert tuning.curves_of(choice)["r18"] == curve  # seeded band: the same report twice
+
+
+def test_the_sweep_says_the_failures_the_trials_to_rerun_and_a_tie(tmp_path, capsys):
+    from launch.sweep import say_winners
+
+    say_winners(failing_arm(tmp_path / "tune"))
+    out = capsys.readouterr().out
+    assert ("r18: winner lr0.05 (held-out qwk 0.7000 at epoch 1; 4 of 7 trials finished, 1 failed, 1 diverged, 1 to "
+            "rerun (lr2: N is incomplete; run the sweep again))") in out
+    for lr in ("0.1", "0.3"):
+        write_trial(tmp_path / "tie" / "r50" / f"lr{lr}", [0.5], [0.5], lr)
+    say_winners(tuning.choose(tmp_path / "tie", {"r50": {f"lr{lr}": {"train.lr": lr} for lr in ("0.1", "0.3")}}))
+    assert "r50: winner lr0.1 (held-out qwk 0.5000 at epoch 1, tie among 2 trials: the first is run;" in \
+        capsys.readouterr().out
+
+
+def test_ties_are_recorded_and_a_collapsed_winner_flagged_on_its_held_out_confusion_matrix(tmp_path):
+    tune = tmp_path / "tune"
+    grade_0 = [[20, 0, 0, 0, 0], [5, 0, 0, 0, 0], [5, 0, 0, 0, 0], [3, 0, 0, 0, 0], [2, 0, 0, 0, 0]]
+    for lr in ("0.1", "0.3", "1"):  # every trial collapsed to grade 0: the same held-out QWK
+        write_trial(tune / "r18" / f"lr{lr}", [0.0, 0.0], [0.5, 0.6], lr, val_cm=grade_0)
+    choice = tuning.choose(tune, {"r18": {f"lr{lr}": {"train.lr": lr} for lr in ("0.1", "0.3", "1")}})
+    winner = choice["arms"]["r18"]["winner"]
+    assert winner["trial"] == "lr0.1" and winner["epoch"] == 1 and winner["tie"] is True
+    assert winner["tied"] == ["lr0.1", "lr0.3", "lr1"]
+    assert "grade 0 predicted" in winner["collapsed"] and winner["collapsed_on"] == "held-out"
+    from dr_resnet.results.tables import markdown, tuning_table
+
+    curves = tuning.curves_of(choice)
+    text = "\n".join(markdown(tuning_table(choice, curves, tuning.ranking_note(curves))))
+    assert "tie among 3 trials (lr0.1, lr0.3, lr1): the first, lr0.1 (train.lr=0.1), is run" in text
+    assert "yes: grade 0 predicted" in text and "one tuning seed's trials resampled" in text
+
+
+def test_tuning_json_keeps_values_typed_and_older_files_still_read(tmp_path):
+    assert [tuning.typed(v) for v in ("0.188", "64", "true", "False", "regression", "1e-3", "nan", 0.5)] == \
+        [0.188, 64, True, False, "regression", 0.001, "nan", 0.5]
+    tune = tmp_path / "tune"
+    write_trial(tune / "r18" / "a", [0.5], [0.5], "0.188")
+    choice = tuning.choose(tune, {"r18": {"a": {"train.lr": "0.188", "data.image_size": "64", "model.head": "regression",
+                                                "train.amp": "true"}}})
+    (tmp_path / "tuning.json").write_text(json.dumps(choice))
+    again = tuning.read_choice(tmp_path)
+    values = {"train.lr": 0.188, "data.image_size": 64, "model.head": "regression", "train.amp": True}
+    assert again["arms"]["r18"]["winner"]["values"] == values == again["arms"]["r18"]["trials"][0]["values"]
+    assert json.loads((tmp_path / "tuning.json").read_text())["arms"]["r18"]["winner"]["values"]["train.lr"] == 0.188
+    old = {"arms": {"r18": {  # before failures counted: values as text, a failure's status its launcher's word
+        "trials": [{"trial": "lr0.1", "values": {"train.lr": "0.1"}, "run_dir": "x", "status": "finished",
+                    "metric": "held-out qwk", "held_out": 0.5, "epoch": 2, "score": 0.5},
+                   {"trial": "lr1", "values": {"train.lr": "1"}, "run_dir": "y", "status": "failed: job 3: boom"},
+                   {"trial": "lr3", "values": {"train.lr": "3"}, "run_dir": "z", "status": "not finished"}],
+        "finished": 1, "metric": "held-out qwk",
+        "winner": {"trial": "lr0.1", "values": {"train.lr": "0.1"}, "held_out": 0.5, "epoch": 2, "run_dir": "x"}}}}
+    (tmp_path / "tuning.json").write_text(json.dumps(old))
+    read = tuning.read_choice(tmp_path)["arms"]["r18"]
+    assert read["winner"]["values"] == {"train.lr": 0.1} and read["winner"]["tie"] is False
+    assert (read["planned"], read["finished"], read["failed"], read["to_rerun"]) == (3, 1, 1, ["lr3"])
+    # The old failure counts: with 1 of 2 failed, half the single trials failed, so the median at k=1 is "failed".
+    assert [c["median"] for c in tuning.curves_of({"arms": {"r18": read}})["r18"]] == [None, 0.5]
+
+
+def test_the_tuning_section_draws_a_slice_per_searched_key_and_the_best_of_k_curve(tmp_path):
+    from dr_resnet.results.report import tuning_tables
+    from dr_resnet.results.tables import markdown
+
+    choice = failing_arm(tmp_path / "tune")
+    other = tmp_path / "tune" / "r50"
+    for lr, val in (("0.01", 0.4), ("0.02", 0.5), ("0.5", 0.6), ("1", 0.2), ("0.05", 0.45), ("0.1", 0.3), ("2", 0.1)):
+        write_trial(other / f"lr{lr}", [val], [0.5], lr)
+    choice["arms"]["r50"] = tuning.choose(tmp_path / "tune", {"r50": {f"lr{lr}": {"train.lr": lr}
+                                                                      for lr in ("0.01", "0.02", "0.5", "1", "0.05",
+                                                                                 "0.1", "2")}})["arms"]["r50"]
+    (tmp_path / "tuning.json").write_text(json.dumps(choice))
+    out = tmp_path / "out"
+    out.mkdir()
+    tables, written = tuning_tables(tmp_path, out)
+    assert sorted(p.name for p in written) == ["expected_best.png", "slice_train_lr.png"]
+    assert all(p.stat().st_size > 10_000 for p in written)
+    text = "\n".join(markdown(tables[0]))
+    assert "| r18 | 7 | 4 | 1 / 1 | 1 (lr2): N incomplete | lr0.05 (train.lr=0.05) | 0.7000 | 1 | no |" in text
+    assert "all failed 33%" in text and "Median best-of-k held-out score, k=2: " in text and "better" not in text
+    assert "verdicts on the arms come from the seed-level comparison of phase 2" in text
 
 
 # -- learning-curve axes -----------------------------------------------------------------------------
@@ -215,7 +381,7 @@ def test_two_phase_sweep_runs_each_winner_on_the_seeds_and_resumes_without_rerun
         for seed in (0, 1):  # phase 2: exactly the winner's settings, on each seed
             run = sweep / arm / best["trial"] / f"seed{seed}"
             saved = yaml.safe_load((run / "config.yaml").read_text())
-            assert str(saved["train"]["lr"]) == best["values"]["train.lr"] and saved["train"]["seed"] == seed
+            assert saved["train"]["lr"] == best["values"]["train.lr"] and saved["train"]["seed"] == seed
             assert saved["wandb"]["trial"] == "train.lr"
             assert (run / "summary.json").is_file()
         assert f"{arm}: winner {best['trial']}" in out

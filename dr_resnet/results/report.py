@@ -50,13 +50,23 @@ from dr_resnet.results.tables import (
     seeds_table,
     tuning_table,
 )
-from dr_resnet.results.tuning import curves_of, ranking_note, read_choice
+from dr_resnet.results.tuning import (
+    BAND_LABEL,
+    DIVERGED,
+    FAILED,
+    FINISHED,
+    curves_of,
+    kind_of,
+    ranking_note,
+    read_choice,
+)
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 # a depth's arms in order: pretrained first, so the core experiment is blue (pretrained) and orange (scratch)
 COMPARISONS_FILE = "comparisons.json"
 FIGURE_CAPTIONS = {"confusion_matrices.png": "confusion matrices at each run's selected epoch (row-normalised)",
-                   "expected_best.png": "expected best held-out score over k trials per arm (Dodge et al. 2019), band +-1 sd",
+                   "expected_best.png": "median best held-out score of k trials per arm, failures counted (after Dodge et al. "
+                                        f"2019); band: {BAND_LABEL}; below, where a trial failed: the chance all k failed",
                    "calibration.png": "reliability diagram: top grade probability against the share graded right"}
 
 
@@ -65,6 +75,9 @@ def caption(figure: Path) -> str:
         return f"ResNet{figure.stem.removeprefix('accuracy_resnet')}: accuracy and QWK per epoch, per arm"
     if figure.name.startswith("factor_"):
         return f"test QWK at the selected epoch against {figure.stem.removeprefix('factor_')}, per arm (mean, 95% CI over seeds)"
+    if figure.name.startswith("slice_"):
+        return (f"each tuning trial's held-out score against {figure.stem.removeprefix('slice_')}, per arm (failed and "
+                f"diverged trials: crosses at the bottom; the winner ringed)")
     if figure.name.startswith("gallery_"):
         return f"{figure.stem.removeprefix('gallery_')}: test photos graded right and wrong, with Grad-CAM heat maps"
     return FIGURE_CAPTIONS.get(figure.name, figure.stem)
@@ -112,22 +125,127 @@ def plot_curves(arms: list[Arm], depth: int, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_expected_best(curves: dict[str, list[dict]], metric: str, path: Path) -> None:
-    """Per arm: the expected best held-out score over k trials (Dodge et al. 2019), band +-1 sd."""
+def legend_outside(ax, **kwargs) -> None:
+    """The legend to the right of the axes, where it hides no point (the figure is saved with
+    bbox_inches="tight" to keep it)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, **kwargs)
+
+
+def below_the_scores(ax, rows: int) -> list[float]:
+    """Room at the bottom of the axes for `rows` rows of "failed" markers, below every score drawn and
+    without a tick (the axes fractions where they go): a failure has no score, so it is drawn at no fake one."""
+    from matplotlib.patches import Rectangle  # matplotlib only where a figure is drawn (pyplot() chose its backend)
+
+    share = 0.04 + 0.04 * rows
+    low, high = ax.get_ylim()
+    ticks = [t for t in ax.get_yticks() if low <= t <= high]
+    ax.set_ylim(low - (high - low) * share / (1 - share), high)
+    ax.set_yticks(ticks)
+    ax.add_patch(Rectangle((0, 0), 1, share, transform=ax.transAxes, color="grey", alpha=0.12, lw=0))
+    ax.text(-0.01, share / 2, "no score", transform=ax.transAxes, ha="right", va="center", fontsize=7, color="grey")
+    return [0.025 + 0.04 * i for i in range(rows)]
+
+
+def plot_expected_best(curves: dict[str, list[dict]], metric: str, path: Path, planned: dict[str, int] | None = None
+                       ) -> None:
+    """Per arm: the median best held-out score of k trials (failures counted, ranked lowest), with its band
+    (the trials resampled), a cross at the bottom where the median is "failed"; below it, where any
+    trial failed, the chance that all k trials failed."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.4))
+    failures = any(c["all_failed"] > 0 for curve in curves.values() for c in curve)
+    fig, axes = plt.subplots(2 if failures else 1, 1, figsize=(7.5, 6.0 if failures else 4.4), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]} if failures else None)
+    ax = axes[0, 0]
+    bands = []
     for index, (arm, curve) in enumerate(curves.items()):
-        k = [c["k"] for c in curve]
-        mean, sd = np.array([c["mean"] for c in curve]), np.array([c["std"] for c in curve])
+        k = np.array([c["k"] for c in curve])
+        median, low, high = (np.array([math.nan if c[key] is None else c[key] for c in curve], dtype=float)
+                             for key in ("median", "low", "high"))
         colour = COLOURS[index % len(COLOURS)]
-        ax.fill_between(k, mean - sd, mean + sd, color=colour, alpha=0.15, lw=0)
-        ax.plot(k, mean, "-o", ms=3, color=colour, label=arm)
-    ax.set(title="expected best held-out score over k trials", xlabel="trials (k)", ylabel=f"expected best {metric}")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+        n = f"N={len(curve)}" if (planned or {}).get(arm, len(curve)) == len(curve) else \
+            f"N={len(curve)} of {planned[arm]} planned: incomplete"
+        ax.plot(k, median, "-o", ms=3, color=colour, label=f"{arm} ({n})")
+        ax.plot(k, low, k, high, alpha=0)  # the axes' limits take in the band: it is filled below, once they are set
+        bands.append((k, low, high, colour))
+    failed = any(c["median"] is None or c["low"] is None for cs in curves.values() for c in cs)
+    rows = below_the_scores(ax, len(curves)) if failed else []
+    limits = ax.get_ylim()
+    for k, low, high, colour in bands:  # a "failed" lower end reaches down to the failures
+        ax.fill_between(k, np.where(np.isnan(low), limits[0], low), high, color=colour, alpha=0.15, lw=0)
+    ax.set_ylim(*limits)
+    for index, (arm, curve) in enumerate(curves.items()):
+        failed = [c["k"] for c in curve if c["median"] is None]
+        if failed and rows:
+            ax.plot(failed, [rows[index]] * len(failed), "x", color=COLOURS[index % len(COLOURS)], clip_on=False,
+                    transform=ax.get_xaxis_transform(), label=f"{arm}: median failed")
+    ax.set(title="median best held-out score of k trials (failures counted)", ylabel=f"median best {metric}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend_outside(ax, title=f"band: {BAND_LABEL}", title_fontsize=8)
+    if failures:
+        chance = axes[1, 0]
+        for index, (arm, curve) in enumerate(curves.items()):
+            chance.plot([c["k"] for c in curve], [100 * c["all_failed"] for c in curve], "-o", ms=3,
+                        color=COLOURS[index % len(COLOURS)], label=arm)
+        chance.set(ylabel="all k failed (%)", ylim=(-5, 105))
+        chance.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("trials (k)")
+    axes[-1, 0].xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def searched_keys(choice: dict) -> list[str]:
+    """The keys the trials' values name, in their first appearance's order."""
+    return list(dict.fromkeys(k for entry in choice["arms"].values() for t in entry["trials"] for k in t["values"]))
+
+
+def plot_slice(choice: dict, key: str, path: Path) -> None:
+    """Per arm: each trial's held-out score against its value of `key` (a log axis where the values are
+    positive numbers spanning 8x or more; categories side by side), the winner ringed, failed and diverged
+    trials as crosses at the bottom (they have no score); trials to rerun are not drawn."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    arms = choice["arms"]
+    values = [t["values"][key] for entry in arms.values() for t in entry["trials"] if key in t["values"]]
+    as_number = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    categories = [] if as_number else sorted({str(v) for v in values})
+    width = 0.6 / max(1, len(arms))
+
+    def x_of(index: int, value: object) -> float:
+        if as_number:
+            return float(value)
+        return categories.index(str(value)) + (index - (len(arms) - 1) / 2) * width
+
+    failed: dict[int, list[float]] = {}
+    for index, (arm, entry) in enumerate(arms.items()):
+        colour = COLOURS[index % len(COLOURS)]
+        trials = [t for t in entry["trials"] if key in t["values"]]
+        scored = [t for t in trials if kind_of(t) == FINISHED]
+        ax.plot([x_of(index, t["values"][key]) for t in scored], [t["held_out"] for t in scored], "o", ms=5,
+                color=colour, alpha=0.8, label=f"{arm} ({len(scored)} of {entry['planned']} finished)")
+        winner = entry.get("winner")
+        if winner and key in winner["values"]:
+            ax.plot([x_of(index, winner["values"][key])], [winner["held_out"]], "o", ms=12, mfc="none", mec=colour,
+                    mew=1.5, label=f"{arm}: winner" + (" (tie: the first)" if winner.get("tie") else ""))
+        failed[index] = [x_of(index, t["values"][key]) for t in trials if kind_of(t) in (FAILED, DIVERGED)]
+    rows = below_the_scores(ax, len(arms)) if any(failed.values()) else []
+    for index, xs in failed.items():
+        if xs:
+            ax.plot(xs, [rows[index]] * len(xs), "x", ms=7, mew=1.5, color=COLOURS[index % len(COLOURS)], clip_on=False,
+                    transform=ax.get_xaxis_transform(), label=f"{list(arms)[index]}: failed or diverged ({len(xs)})")
+    numbers = [float(v) for v in values] if as_number else []
+    if numbers and min(numbers) > 0 and max(numbers) >= 8 * min(numbers):
+        ax.set_xscale("log")
+    if categories:
+        ax.set_xticks(range(len(categories)), categories)
+    metric = next((e["metric"] for e in arms.values() if e.get("metric")), "held-out score")
+    ax.set(title=f"{metric} of each trial against {key}", xlabel=key, ylabel=metric)
+    ax.grid(alpha=0.3)
+    legend_outside(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -187,7 +305,8 @@ def factor_tables(arms: list[Arm], comparisons: list[dict], families: list[dict]
 
 
 def tuning_tables(root: Path, out: Path) -> tuple[list[Table], list[Path]]:
-    """--tune's section: each arm's winner and expected-best curve (a table and expected_best.png)."""
+    """--tune's section: each arm's trials, winner and best-of-k curve (a table, expected_best.png and a
+    slice_<key>.png per searched key)."""
     choice = read_choice(root)
     if choice is None:
         return [], []
@@ -195,8 +314,13 @@ def tuning_tables(root: Path, out: Path) -> tuple[list[Table], list[Path]]:
     written = []
     if curves:
         metric = next((e["metric"] for e in choice["arms"].values() if e.get("metric")), "score")
-        plot_expected_best(curves, metric, out / "expected_best.png")
+        plot_expected_best(curves, metric, out / "expected_best.png",
+                           {arm: entry["planned"] for arm, entry in choice["arms"].items()})
         written.append(out / "expected_best.png")
+    for key in searched_keys(choice):
+        path = out / f"slice_{key.replace('.', '_')}.png"
+        plot_slice(choice, key, path)
+        written.append(path)
     return [tuning_table(choice, curves, ranking_note(curves))], written
 
 

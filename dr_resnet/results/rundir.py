@@ -22,6 +22,7 @@ names. No torch here, so the report stays light.
 from __future__ import annotations
 
 import json
+import math
 import re
 import typing
 from pathlib import Path
@@ -91,18 +92,35 @@ def selection_value(row: dict, select_by: str, on: str = "val") -> float:
     that show how optimistic choosing on test would be)."""
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
-    return {"qwk": row[f"{on}_qwk"], "accuracy": row[f"{on}_acc"], "loss": -row[f"{on}_loss"]}[select_by]
+    if select_by == "loss":
+        loss = row[f"{on}_loss"]
+        return -loss if loss is not None else math.nan
+    return row[f"{on}_qwk"] if select_by == "qwk" else row[f"{on}_acc"]
 
 
 def selected_row(rows: list[dict], select_by: str, on: str | None = None) -> dict:
     """THE selected epoch's row: the best by train.select_by on the held-out part (ties: the earlier
-    epoch), or the final epoch without one. It is the epoch of checkpoint_best.pt, the summary's
-    "selected", the report's and the benchmarks' choice. `on="test"` forces the choice on the test
-    split, only for showing how optimistic that would be: never a result."""
+    epoch; a NaN or infinite value never wins), or the final epoch without one. It is the epoch of
+    checkpoint_best.pt, the summary's "selected", the report's and the benchmarks' choice. `on="test"`
+    forces the choice on the test split, only for showing how optimistic that would be: never a result."""
     on = on or selected_on(rows[-1])
     if on == FINAL:
         return rows[-1]
-    return max(rows, key=lambda r: (selection_value(r, select_by, on), -r["epoch"]))
+    # NaN compares false both ways, so a plain max kept a NaN first epoch against every later one: a
+    # non-finite value ranks below every finite one. With no finite epoch the first is returned, and
+    # `selectable` says so (tuning counts such a run as diverged).
+    return max(rows, key=lambda r: (selectable(r, select_by, on), _finite_or_zero(selection_value(r, select_by, on)),
+                                    -r["epoch"]))
+
+
+def selectable(row: dict, select_by: str, on: str = "val") -> bool:
+    """Whether the row's selection value is a finite number (a diverged epoch logs NaN or inf)."""
+    value = selection_value(row, select_by, on)
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _finite_or_zero(value: float | None) -> float:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from dr_resnet.results.arms import PAIR_METRICS, PLANNING_DIFFERENCES, SEED_COLUMNS
 from dr_resnet.results.stats import MCNEMAR_CLUSTERED, ONE_SEED
+from dr_resnet.results.tuning import BAND_LABEL, BAND_RESAMPLES
 
 NOT_RUN = ("not run", "failed")  # a results row whose status starts so is drawn as not run
 
@@ -278,27 +279,67 @@ def convergence_table(rows: list[dict]) -> Table:
 
 TUNING_NOTE = (
     "launch.sweep --tune: each arm's trials (the same number for every arm, drawn from the sweep file's search:) "
-    "trained on one seed; the winner is the trial with the best held-out figure at its selected epoch, chosen without "
-    "reading any test figure (tuning.json); phase 2 ran the winner's settings on every seed. Expected best: Dodge et al. "
-    "(2019)'s expected maximum held-out score over k trials, +- its standard deviation; where the arms' order changes "
-    "between few and all trials, the comparison depends on the tuning budget.")
+    "trained on one seed; the winner is the finished trial with the best held-out figure at its selected epoch, "
+    "chosen without reading any test figure (tuning.json; equal scores: the earlier trial, marked as a tie); phase 2 "
+    "ran the winner's settings on every seed. Every planned trial counts: a failed or diverged trial ranks below "
+    "every finished one; a trial the infrastructure lost is 'to rerun' (running the sweep again reruns it) and "
+    "leaves N incomplete. 'collapsed': the winner's selected epoch predicts one grade for most images or is below "
+    "the majority baseline (a flag, not a choice). Best of k (after Dodge et al. 2019): the median, over every set "
+    "of k distinct trials of the N, of the set's best held-out score ('failed' where half the sets or more failed "
+    "entirely; at k = N the observed best), with the chance that all k failed; in brackets a 95% band from {band} "
+    "({resamples} bootstrap resamples of the N trials, the median recomputed on each): not an uncertainty over "
+    "tuning seeds. The curve describes the trials; verdicts on the arms come from the seed-level comparison of "
+    "phase 2.")
+SHOWN_K = 8  # up to this many trials the table has a column for every k; beyond, k = 1, 2, N/3, N/2 and N
+
+
+def shown_k(n: int) -> list[int]:
+    """The k whose best-of-k columns the table shows for N = n trials."""
+    return list(range(1, n + 1)) if n <= SHOWN_K else sorted({1, 2, max(1, round(n / 3)), max(1, round(n / 2)), n})
+
+
+def best_of_k_cell(point: dict) -> str:
+    """'0.812 [0.700, 0.850]', 'failed [...]', and the chance that all k trials failed where there is one."""
+    def score(value: float | None) -> str:
+        return "failed" if value is None else f"{value:.3f}"
+
+    cell = f"{score(point['median'])} [{score(point['low'])}, {score(point['high'])}]"
+    return cell + (f"; all failed {point['all_failed']:.0%}" if point["all_failed"] > 0 else "")
+
+
+def winner_cell(winner: dict) -> str:
+    """The winner's trial and values, or the tie it was picked from."""
+    values = ", ".join(f"{k}={v}" for k, v in winner["values"].items())
+    if winner.get("tie"):
+        tied = winner.get("tied", [])
+        return f"tie among {len(tied)} trials ({', '.join(tied)}): the first, {winner['trial']} ({values}), is run"
+    return f"{winner['trial']} ({values})"
 
 
 def tuning_table(choice: dict, curves: dict[str, list[dict]], ranking: str) -> Table:
-    columns = [Column("arm", "arm"), Column("trials", "trials finished"), Column("winner", "winner"),
-               Column("held_out", "held-out"), Column("epoch", "epoch"),
-               *(Column(f"k{k}", f"expected best, k={k}") for k in sorted({c["k"] for cs in curves.values() for c in cs}))]
-    table = Table("tuning", "Tuning (phase 1 of --tune) and expected best held-out score", f"{TUNING_NOTE} {ranking}",
-                  columns, numeric=frozenset(["trials", "held_out", "epoch", *(c.key for c in columns[5:])]))
+    """Per arm: planned trials, finished, failed / diverged, to rerun, the winner (or the tie), its held-out
+    score and epoch, whether it looks collapsed, and the median best of k with its band."""
+    ks = sorted({k for curve in curves.values() for k in shown_k(len(curve))})
+    columns = [Column("arm", "arm"), Column("planned", "trials planned (N)"), Column("finished", "finished"),
+               Column("failed", "failed / diverged"), Column("to_rerun", "to rerun"), Column("winner", "winner"),
+               Column("held_out", "held-out"), Column("epoch", "epoch"), Column("collapsed", "collapsed"),
+               *(Column(f"k{k}", f"best of k={k}: median [band]") for k in ks)]
+    note = f"{TUNING_NOTE.format(band=BAND_LABEL, resamples=BAND_RESAMPLES)} {ranking}".strip()
+    table = Table("tuning", "Tuning (phase 1 of --tune) and the best held-out score of k trials", note, columns,
+                  numeric=frozenset(["planned", "finished", "held_out", "epoch", *(f"k{k}" for k in ks)]))
     for arm, entry in choice["arms"].items():
-        finished = f"{entry['finished']} of {len(entry['trials'])}"
+        rerun = entry["to_rerun"]
+        counts = [arm, str(entry["planned"]), str(entry["finished"]), f"{entry['failed']} / {entry['diverged']}",
+                  f"{len(rerun)} ({', '.join(rerun)}): N incomplete" if rerun else "0"]
         if "winner" not in entry:
-            table.rows.append(Row([arm, finished, entry.get("reason", "no winner")], "notrun"))
+            table.rows.append(Row([*counts, entry.get("reason", "no winner")], "notrun"))
             continue
         w = entry["winner"]
-        values = ", ".join(f"{k}={v}" for k, v in w["values"].items())
-        table.rows.append(Row([arm, finished, f"{w['trial']} ({values})", f"{w['held_out']:.4f}", str(w["epoch"]),
-                               *(f"{c['mean']:.3f} +- {c['std']:.3f}" for c in curves.get(arm, []))]))
+        collapsed = f"yes: {w['collapsed']} ({w.get('collapsed_on', 'held-out')} confusion matrix)" if w.get("collapsed") \
+            else "no" if "collapsed" in w else "-"
+        curve = {c["k"]: c for c in curves.get(arm, [])}
+        table.rows.append(Row([*counts, winner_cell(w), f"{w['held_out']:.4f}", str(w["epoch"]), collapsed,
+                               *(best_of_k_cell(curve[k]) if k in curve else "-" for k in ks)]))
     return table
 
 
