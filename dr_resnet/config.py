@@ -160,7 +160,7 @@ class TrainConfig:
     epochs: int = 30  # a larger value in a resumed run extends it
     length: float = 1.0  # a multiple of the schedule: train.epochs (rounded) and train.warmup_epochs are multiplied by
     # it when the config is read, so warm-up and decay stretch with the run (learning curves over training length);
-    # config.yaml keeps the resulting epochs (and length 1), `effective.schedule_length` the multiple
+    # config.yaml keeps the epochs as given and the multiple (the report groups runs by it), `effective` the result
     batch_size: int = 32  # per process: the global batch is batch_size x processes
     eval_batch_size: int = 0  # per process; 0 means 2 x batch_size
     lr: float | None = None  # auto (None): the linear-scaling rule, lr_base_* x global batch / lr_base_batch, with
@@ -231,11 +231,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    # train.length as it was given, once load() has applied it (a record, not a setting: config.yaml has its result)
-    schedule_length = 1.0  # unannotated: not a dataclass field
+    # (epochs, warm-up) as given and as stretched by train.length, once load() has applied it: the fields hold
+    # what trains, the saved config what was given (see to_dict)
+    stretched = None  # unannotated: not a dataclass field (nor compared, nor saved)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """The settings as given: with train.length, the epochs and warm-up before it (reading them again
+        stretches them again); where they were changed after load, the schedule as it now is, length 1."""
+        content = dataclasses.asdict(self)
+        train = content["train"]
+        if self.stretched is not None:
+            given, result = self.stretched
+            if (train["epochs"], train["warmup_epochs"]) == result:
+                train["epochs"], train["warmup_epochs"] = given
+            else:
+                train["length"] = 1.0
+        return content
 
 
 def _choices() -> dict[str, tuple]:
@@ -524,15 +535,19 @@ def load(config_file: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def stretch_schedule(cfg: Config) -> None:
-    """Apply train.length: epochs and warm-up multiplied (the cosine decay follows the epochs), and the
-    multiple recorded in `cfg.schedule_length`; the config then says length 1, so a saved config read
-    again trains the same number of epochs."""
-    multiple = cfg.train.length
-    if multiple != 1.0:
-        cfg.train.epochs = max(1, round(cfg.train.epochs * multiple))
-        cfg.train.warmup_epochs = min(cfg.train.warmup_epochs * multiple, cfg.train.epochs)
-        cfg.train.length = 1.0
-    cfg.schedule_length = multiple
+    """Apply train.length to the epochs and warm-up (the cosine decay follows the epochs); train.length keeps
+    the multiple and the saved config the given epochs, so a saved config read again trains the same."""
+    given = (cfg.train.epochs, cfg.train.warmup_epochs)
+    cfg.train.epochs, cfg.train.warmup_epochs = schedule_of(*given, cfg.train.length)
+    cfg.stretched = (given, (cfg.train.epochs, cfg.train.warmup_epochs)) if cfg.train.length != 1.0 else None
+
+
+def schedule_of(epochs: int, warmup_epochs: float, length: float) -> tuple[int, float]:
+    """THE train.length rule: (epochs, warm-up epochs) a run with these settings trains."""
+    if length == 1.0:
+        return epochs, warmup_epochs
+    stretched = max(1, round(epochs * length))
+    return stretched, min(warmup_epochs * length, stretched)
 
 
 def new_run_dir(config_file: str | os.PathLike | None) -> str:
@@ -615,4 +630,5 @@ def from_dict(content: dict[str, Any]) -> Config:
     cfg = Config()
     _apply(cfg, content, SAVED)
     validate(cfg)
+    stretch_schedule(cfg)
     return cfg

@@ -173,10 +173,21 @@ def test_train_length_stretches_epochs_and_warm_up(tmp_path):
     half = config.load(REPO / "configs" / "demo.yaml", ["train.length=0.5"])
     assert twice.train.epochs == 2 * base.train.epochs and twice.train.warmup_epochs == 2 * base.train.warmup_epochs
     assert half.train.epochs == round(base.train.epochs / 2) and half.train.warmup_epochs == base.train.warmup_epochs / 2
-    assert twice.train.length == 1.0 and twice.schedule_length == 2.0 and base.schedule_length == 1.0
+    assert twice.train.length == 2.0 and base.train.length == 1.0
     config.save(twice, tmp_path / "config.yaml")  # read again, a saved config trains the same epochs
     again = config.load(tmp_path / "config.yaml")
     assert (again.train.epochs, again.train.warmup_epochs) == (twice.train.epochs, twice.train.warmup_epochs)
+    assert again == twice and config.from_dict(twice.to_dict()) == twice
+    # the saved config keeps the epochs as given and the multiple: runs group along train.length in the report
+    saved = config.settings_of(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert (saved["train.length"], saved["train.epochs"]) == (2.0, base.train.epochs)
+    from dr_resnet.results.arms import read_run
+
+    assert read_run(tmp_path).epochs_planned == twice.train.epochs
+    changed = config.load(tmp_path / "config.yaml")  # changed after reading: saved as the schedule it now is
+    changed.train.epochs = 3
+    config.save(changed, tmp_path / "changed.yaml")
+    assert config.load(tmp_path / "changed.yaml").train.epochs == 3
     with pytest.raises(ConfigError, match="train.length"):
         config.load(None, ["train.length=0"])
     with pytest.raises(ConfigError, match="data.train_fraction"):
