@@ -580,6 +580,27 @@ NOT_THE_ARM = ("train.seed", "train.device", "train.compile", "train.cudnn_bench
                "data.workers", "data.stage_to", "output.", "wandb.")
 
 
+# Keys no grid or search may vary, and why: they decide the held-out score the trials are chosen on, or
+# which arm a run is (a `--grid model.depth=18,50` would run a "resnet18" arm at depth 50, and the report
+# would merge it into resnet50's). Temperature calibration leaves QWK and accuracy alone but is fitted on
+# the held-out part, so a held-out loss (select_by=loss) would score it on its own fit: refused outright.
+ARM_FIX = "give each value an arm of its own in the sweep file's arms:"
+NOT_SEARCHED = {
+    "model.depth": f"decides the arm (resnet<depth>_<initialisation>): {ARM_FIX}",
+    "model.weights": f"decides the arm (pretrained or scratch, and from what): {ARM_FIX}",
+    "train.select_by": "decides the held-out figure every trial is scored and chosen on: set it once (overrides:)",
+    "data.val_fraction": "decides the held-out part the trials are scored on: set it once (overrides:)",
+    "data.val_split": "decides the held-out part the trials are scored on: set it once (overrides:)",
+    "data.split_seed": "decides which patients are held out to score the trials: set it once (overrides:)",
+    "data.train_split": "decides the split the held-out part is drawn from: set it once (overrides:)",
+    "data.min_val_images": "decides whether anything is held out to score the trials: set it once (overrides:)",
+    "regression.fit_thresholds": "can fit the grade thresholds on the held-out part the trials are scored on (val): "
+                                 "set it once (overrides:)",
+    "train.calibration": "fits a temperature on the held-out part the trials are scored on (its loss with it): "
+                         "set it once (overrides:)",
+}
+
+
 # Keys a resumed run may change: how long it goes on (train.epochs extends it), where and how it runs, what
 # it logs, and what a bad step does. Any other difference from the checkpoint's config stops the resume
 # (train.resume, the `resume` function in training/train.py).

@@ -72,12 +72,13 @@ class Sweep:
             raise ConfigError(f"{path}: 'arms' must map arm names to lists of section.key=value overrides")
         arms = list(content["arms"])
         grid, grid_per_arm = trials.split_per_arm(content.get("grid"), f"{path}: grid", arms)
+        grid, grid_per_arm = (trials.grid_of(grid, f"{path}: grid"),
+                              {arm: trials.grid_of(g, f"{path}: grid: arms: {arm}") for arm, g in grid_per_arm.items()})
+        trials.equal_keys({arm: set(grid) | set(grid_per_arm.get(arm, {})) for arm in arms}, f"{path}: grid", "varies")
         return Sweep(str(content.get("name") or path.stem), (path.parent / content.get("config", "base.yaml")).resolve(),
                      {arm: [str(o) for o in (ovs or [])] for arm, ovs in content["arms"].items()},
                      [str(o) for o in content.get("overrides") or []], str(content.get("out") or ""),
-                     trials.grid_of(grid, str(path)),
-                     {arm: trials.grid_of(g, f"{path}: grid: arms: {arm}") for arm, g in grid_per_arm.items()},
-                     trials.Search.of(content.get("search"), f"{path}: search", arms))
+                     grid, grid_per_arm, trials.Search.of(content.get("search"), f"{path}: search", arms))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

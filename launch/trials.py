@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dr_resnet.config import ConfigError
+from dr_resnet.config import NOT_SEARCHED, ConfigError
 from dr_resnet.seeds import derive_seed
 
 MAX_NAME = 60  # characters of a trial's folder name before it is shortened with a hash
@@ -43,6 +43,7 @@ def parse_grid(texts: list[str]) -> dict[str, list[str]]:
         if key in grid:
             raise ConfigError(f"--grid names {key} twice: give its values once, comma-separated")
         grid[key.strip()] = listed
+    check_varied(grid, "--grid")
     return grid
 
 
@@ -52,7 +53,26 @@ def grid_of(content: object, origin: str) -> dict[str, list[str]]:
         return {}
     if not isinstance(content, dict) or not all(isinstance(v, list) and v and "." in str(k) for k, v in content.items()):
         raise ConfigError(f"{origin}: 'grid' maps section.key names to non-empty lists of values")
+    check_varied(content, origin)
     return {str(k): [str(v) for v in values] for k, values in content.items()}
+
+
+def check_varied(keys: object, origin: str) -> None:
+    """Refuse a grid or search over a key that decides the held-out score or the arm (config.NOT_SEARCHED)."""
+    for key in keys:
+        if str(key) in NOT_SEARCHED:
+            raise ConfigError(f"{origin}: {key} may not be varied by a grid or search: it {NOT_SEARCHED[str(key)]}")
+
+
+def equal_keys(per_arm: dict[str, set[str]], origin: str, verb: str) -> None:
+    """Refuse arms that vary different keys: equal budgets mean equal search spaces (ranges may differ)."""
+    every = set().union(*per_arm.values()) if per_arm else set()
+    for arm, keys in per_arm.items():
+        missing = sorted(every - keys)
+        if missing:
+            other = next(a for a, k in per_arm.items() if missing[0] in k)
+            raise ConfigError(f"{origin}: arm {arm} {verb} no {missing[0]}, arm {other} does: equal budgets need "
+                              f"equal search spaces; give {missing[0]} to every arm (each may have its own values)")
 
 
 def split_per_arm(content: object, origin: str, arms: list[str]) -> tuple[object, dict[str, object]]:
@@ -134,6 +154,8 @@ class Search:
                       for arm, keys in per_arm.items()}
         if not spaces and not any(arm_spaces.values()):
             raise ConfigError(f"{origin}: search: give a space (section.key: loguniform(low, high), ...)")
+        check_varied(set(spaces).union(*arm_spaces.values()), origin)
+        equal_keys({arm: set(spaces) | set(arm_spaces.get(arm, {})) for arm in arms}, origin, "searches")
         return Search(spaces, arm_spaces, int(content.get("trials") or 0), int(content.get("seed") or 0))
 
     @property

@@ -91,6 +91,40 @@ def test_unequal_budgets_and_bad_spaces_are_refused():
         trials.arm_trials(["r18"], {"train.lr": ["0.1"]}, {}, search({"space": {"train.lr": "uniform(0.1, 1)"}}), 2)
 
 
+def test_keys_that_decide_the_held_out_score_or_the_arm_are_never_varied(tmp_path, capsys):
+    from launch.sweep import main
+
+    with pytest.raises(ConfigError, match="--grid: model.depth may not be varied by a grid or search: it decides the arm"):
+        trials.parse_grid(["model.depth=18,50"])
+    for key in ("train.select_by", "data.val_fraction", "data.split_seed", "data.val_split", "regression.fit_thresholds",
+                "train.calibration", "model.weights"):
+        with pytest.raises(ConfigError, match=f"search: {key} may not be varied"):
+            search({"space": {"train.lr": "uniform(0.1, 1)", key: "choice(a, b)"}})
+        with pytest.raises(ConfigError, match=f"{key} may not be varied"):
+            trials.grid_of({key: ["a", "b"]}, "sweep.yaml: grid")
+    with pytest.raises(ConfigError, match="data.val_fraction may not be varied"):  # an arm's own block too
+        search({"space": {"train.lr": "uniform(0.1, 1)"}, "arms": {"r18": {"data.val_fraction": "uniform(0.1, 0.2)"},
+                                                                   "r50": {"data.val_fraction": "uniform(0.1, 0.2)"}}})
+    assert main(["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--grid", "model.depth=18,50", "--print-config"]) == 2
+    assert "model.depth may not be varied" in capsys.readouterr().err
+
+
+def test_every_arm_searches_and_grids_the_same_keys(tmp_path):
+    from launch.sweep import Sweep
+
+    with pytest.raises(ConfigError, match="arm r18 searches no train.weight_decay, arm r50 does: equal budgets"):
+        search({"space": {"train.lr": "loguniform(0.01, 1)"}, "arms": {"r50": {"train.weight_decay": "uniform(0, 0.01)"}}})
+    both = search({"space": {"train.lr": "loguniform(0.01, 1)"},  # ranges per arm may differ: the keys may not
+                   "arms": {"r18": {"train.weight_decay": "uniform(0, 0.01)"}, "r50": {"train.weight_decay": "uniform(0, 0.1)"}}})
+    assert sorted(both.keys) == ["train.lr", "train.weight_decay"]
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"name": "g", "config": str(REPO / "configs" / "demo.yaml"),
+                                          "arms": {"r18": ["model.depth=18"], "r50": ["model.depth=50"]},
+                                          "grid": {"train.lr": [0.1, 0.2], "arms": {"r50": {"data.image_size": [64, 96]}}}}))
+    with pytest.raises(ConfigError, match="arm r18 varies no data.image_size, arm r50 does"):
+        Sweep.load(sweep_file)
+
+
 # -- the winner: held-out figures only ------------------------------------------------------------------
 
 def write_trial(folder: Path, val_qwk: list[float], test_qwk: list[float], lr: str, epochs: int | None = None) -> None:
