@@ -6,10 +6,11 @@ each task running the same training entry as torchrun. SLURM by default, or this
     python -m launch.sweep ... --dry-run          # print each job's sbatch script, submit nothing
 
 Each run's directory is SWEEP_DIR/<arm>/ (with --grid KEY=V1,V2: SWEEP_DIR/<arm>/<trial>/; with --seeds 0,1,2:
-.../seed<k>/ under it, one W&B run each in the sweep's group, tagged with its seed); a finished run is not run
-again; submitit's logs are SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest
-(runs, job ids, arguments) is SWEEP_DIR/sweep.json. A pretrained arm whose ImageNet weights cannot be
-had is not trained from scratch instead: it is reported as not run, with the missing file named.
+.../seed<k>/ under it, one W&B run each in the sweep's group, tagged with its seed); a search's trials are
+t<i>-<values, rounded> (launch/trials.py); a finished run is not run again; submitit's logs are
+SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest (runs, job ids, arguments, a search's drawn values) is
+SWEEP_DIR/sweep.json (--tune's phase 1: SWEEP_DIR/tune/sweep.json). A pretrained arm whose ImageNet weights cannot
+be had is not trained from scratch instead: it is reported as not run, with the missing file named.
 
 Resources: each task gets data.workers + 1 CPUs (the decoders and the training process) and each node
 tasks x (6 + data.workers) GB unless --cpus-per-task / --mem say otherwise; every srun passes
@@ -228,12 +229,12 @@ def gpus_in_gres(gres: str) -> int:
 
 
 def arm_argv(sweep: Sweep, arm: str, run_dir: Path, cli_overrides: list[str], seed: int | None = None,
-             group: str = "", trial: dict[str, str] | None = None) -> list[str]:
+             group: str = "", trial: dict[str, str] | None = None, trial_name: str = "") -> list[str]:
     """The training arguments of one run: recipe, arm, sweep-wide and command-line overrides, the trial's
     values, its folder (and a W&B run name that tells its trial and seed apart). The W&B group is the sweep
     folder's name (`group`), as slurm/sweep.sh sets it: one rule for both launchers."""
     trial = trial or {}
-    label = "_".join(filter(None, [arm, trials.trial_name(trial), f"seed{seed}" if seed is not None else ""]))
+    label = "_".join(filter(None, [arm, trial_name, f"seed{seed}" if seed is not None else ""]))
     named = [f"wandb.name={label}"] if seed is not None or trial else []
     named += [f"wandb.trial={','.join(trial)}"] if trial else []
     seeded = [f"train.seed={seed}"] if seed is not None else []
@@ -241,17 +242,16 @@ def arm_argv(sweep: Sweep, arm: str, run_dir: Path, cli_overrides: list[str], se
             *trials.overrides_of(trial), *seeded, *named, f"output.dir={run_dir}", f"wandb.group={group or sweep.name}"]
 
 
-def run_names(arm_trials: dict[str, list[dict[str, str]]], seeds: list[int], under: str = "", seed_folders: bool = True
-              ) -> dict[str, tuple[str, str, int | None, dict[str, str]]]:
-    """Each run's name -> (arm, folder under the sweep folder, seed, trial values): one per arm, trial and
-    seed ([under/]<arm>[/<trial>][/seed<k>]; no seed folder with seed_folders=False: one seed)."""
+def run_names(arm_trials: dict[str, dict[str, dict[str, str]]], seeds: list[int], under: str = "", seed_folders: bool = True
+              ) -> dict[str, tuple[str, str, int | None, str, dict[str, str]]]:
+    """Each run's name -> (arm, folder under the sweep folder, seed, trial name, trial values): one per arm, trial
+    (name -> values) and seed ([under/]<arm>[/<trial>][/seed<k>]; no seed folder with seed_folders=False: one seed)."""
     found = {}
-    for arm, values_list in arm_trials.items():
-        for values in values_list:
-            trial = trials.trial_name(values)
+    for arm, named in arm_trials.items():
+        for trial, values in named.items():
             for seed in seeds or [None]:
                 parts = [arm, trial, f"seed{seed}" if seed is not None and seed_folders else ""]
-                found["_".join(filter(None, parts))] = (arm, "/".join(filter(None, [under, *parts])), seed, values)
+                found["_".join(filter(None, parts))] = (arm, "/".join(filter(None, [under, *parts])), seed, trial, values)
     return found
 
 
@@ -443,26 +443,42 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
     if sweep.search and not count:
         raise ConfigError(f"{args.config}: search: give trials: N (trials an arm), or --tune N")
     by_arm = trials.arm_trials(arms, grid, sweep.grid_per_arm, sweep.search, count)
+    record = drawn_record(sweep.search, arms, count, out / tuning.TUNE_DIR if args.tune else out)
     if args.tune:
-        return tune(args, argv, sweep, out, by_arm)
+        return tune(args, argv, sweep, out, by_arm, record)
     plans = plan(sweep, args, out, run_names(by_arm, args.seeds))
     shown = show(args, sweep, arms, out, plans)
     if shown is not None:
         return shown
-    jobs = submit(args, argv, plans, out)
+    jobs = submit(args, argv, plans, out, extra={"search": record} if record else None)
     if not (args.wait or args.executor == "local"):  # local jobs are this process's children: always wait
         print(f"report when done: python -m dr_resnet.report {out}")
         return 0
     return wait_and_report(jobs, plans, out)
 
 
+def drawn_record(search: trials.Search | None, arms: list[str], count: int, folder: Path) -> dict | None:
+    """The search's drawn values as the manifest in `folder` will record them, checked against those an earlier
+    launch recorded there (a changed seed or key would give its trials other values); repeats are warned of."""
+    if not search or not count:
+        return None
+    record = trials.search_record(search, arms, count)
+    manifest = folder / "sweep.json"
+    recorded = json.loads(manifest.read_text()).get("search") if manifest.is_file() else None
+    if recorded:
+        trials.check_recorded(recorded, record, str(manifest))
+    for line in trials.repeat_warnings(record):
+        print(line, file=sys.stderr)
+    return trials.merged_record(recorded, record)
+
+
 def plan(sweep: Sweep, args: argparse.Namespace, out: Path, names: dict) -> dict:
     """name -> (run folder, training arguments, resolved config): every config resolved (and so validated)
     before anything is submitted."""
     plans = {}
-    for name, (arm, folder, seed, values) in names.items():
+    for name, (arm, folder, seed, trial, values) in names.items():
         run_dir = out / folder
-        argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed, group=out.name, trial=values)
+        argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed, group=out.name, trial=values, trial_name=trial)
         plans[name] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
     return plans
 
@@ -489,17 +505,17 @@ def show(args: argparse.Namespace, sweep: Sweep, arms: list[str], out: Path, pla
     return None
 
 
-def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: Path, manifest_file: str = "sweep.json"
-           ) -> dict:
+def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: Path, manifest_file: str = "sweep.json",
+           extra: dict | None = None) -> dict:
     """Submit (or, locally, start) every run of `plans` not finished earlier; the manifest (runs, job ids,
-    arguments) in out/manifest_file. Returns name -> job."""
+    arguments, and `extra`: a search's drawn values) in out/manifest_file. Returns name -> job."""
     res = resources(args, [cfg for _, _, cfg in plans.values()])
     slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
         if args.executor == "local" and args.gpus_per_node else [None] * args.parallel if args.parallel else []
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"name": out.name, "sweep_file": str(Path(args.config).resolve()), "executor": args.executor,
                 "command": [sys.executable, "-m", "launch.sweep", *(argv if argv is not None else sys.argv[1:])],
-                "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "resources": res.__dict__, "runs": {}}
+                "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "resources": res.__dict__, **(extra or {}), "runs": {}}
 
     def write_manifest() -> None:
         (out / manifest_file).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -564,7 +580,7 @@ def jobs_still_queued(manifest: Path, folder: Path) -> dict:
 
 
 def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Path,
-         by_arm: dict[str, list[dict[str, str]]]) -> int:
+         by_arm: dict[str, dict[str, dict[str, str]]], record: dict | None = None) -> int:
     """--tune N: phase 1 runs each arm's N trials on --tune-seed (SWEEP_DIR/tune/<arm>/<trial>/) and waits for
     them; each arm's winner is the trial with the best held-out figure (results.tuning.choose: no test figure
     is read); tuning.json records them; phase 2 runs each winner's exact settings on every seed
@@ -578,10 +594,11 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
               f"(each arm's winner on seeds {','.join(map(str, args.seeds)) or 'the recipe'}) is planned once phase 1 "
               f"has finished")
         return show(args, sweep, list(by_arm), out, phase1) or 0
-    jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json")
+    jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json", extra={"search": record} if record else None)
     failed = wait_for_all(jobs, phase1)
-    choice = tuning.choose(out / tuning.TUNE_DIR, {arm: {trials.trial_name(v): v for v in values}
-                                                   for arm, values in by_arm.items()})
+    choice = tuning.choose(out / tuning.TUNE_DIR, by_arm)
+    if record:  # the expected-best curve counts each repeat of a configuration as a trial of its own
+        choice.update(repeats=record["repeats"], distinct_configurations=record["distinct_configurations"])
     (out / tuning.TUNING_FILE).write_text(json.dumps(choice, indent=2) + "\n")
     for arm in by_arm:
         entry = choice["arms"][arm]
@@ -590,9 +607,10 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
                   f"epoch {entry['winner']['epoch']}; {entry['finished']} of {len(by_arm[arm])} trials finished)")
         else:
             print(f"{arm}: no winner: {entry['reason']}", file=sys.stderr)
-    winners = {arm: [choice["arms"][arm]["winner"]["values"]] for arm in by_arm if "winner" in choice["arms"][arm]}
-    for arm, values in winners.items():
-        set_aside_earlier_winners(out / arm, trials.trial_name(values[0]))
+    winners = {arm: {choice["arms"][arm]["winner"]["trial"]: choice["arms"][arm]["winner"]["values"]}
+               for arm in by_arm if "winner" in choice["arms"][arm]}
+    for arm, named in winners.items():
+        set_aside_earlier_winners(out / arm, next(iter(named)))
     if not winners:
         print(f"no arm has a winner: phase 2 not run (tuning.json: {out / tuning.TUNING_FILE})", file=sys.stderr)
         return 1
