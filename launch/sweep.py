@@ -444,9 +444,10 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise ConfigError(f"{args.config}: search: give trials: N (trials an arm), or --tune N")
     by_arm = trials.arm_trials(arms, grid, sweep.grid_per_arm, sweep.search, count)
     record = drawn_record(sweep.search, arms, count, out / tuning.TUNE_DIR if args.tune else out)
+    gridded = set(grid).union(*sweep.grid_per_arm.values())
     if args.tune:
-        return tune(args, argv, sweep, out, by_arm, record)
-    plans = plan(sweep, args, out, run_names(by_arm, args.seeds))
+        return tune(args, argv, sweep, out, by_arm, record, gridded)
+    plans = plan(sweep, args, out, run_names(by_arm, args.seeds), gridded)
     shown = show(args, sweep, arms, out, plans)
     if shown is not None:
         return shown
@@ -472,15 +473,29 @@ def drawn_record(search: trials.Search | None, arms: list[str], count: int, fold
     return trials.merged_record(recorded, record)
 
 
-def plan(sweep: Sweep, args: argparse.Namespace, out: Path, names: dict) -> dict:
+def plan(sweep: Sweep, args: argparse.Namespace, out: Path, names: dict, gridded: set[str] = frozenset()) -> dict:
     """name -> (run folder, training arguments, resolved config): every config resolved (and so validated)
-    before anything is submitted."""
+    before anything is submitted; `gridded`: the keys a grid varies (train.length's values are checked)."""
     plans = {}
     for name, (arm, folder, seed, trial, values) in names.items():
         run_dir = out / folder
         argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed, group=out.name, trial=values, trial_name=trial)
         plans[name] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
+    if "train.length" in gridded:
+        same_schedules(names, plans)
     return plans
+
+
+def same_schedules(names: dict, plans: dict) -> None:
+    """Refuse a grid over train.length whose values give one schedule (the same epochs once rounded)."""
+    seen: dict[tuple, tuple[str, int]] = {}
+    for name, (arm, _, seed, _, values) in names.items():
+        length, epochs = values.get("train.length"), plans[name][2].train.epochs
+        others = tuple(sorted((k, v) for k, v in values.items() if k != "train.length"))
+        earlier = seen.setdefault((arm, seed, others, epochs), (length, epochs))
+        if earlier[0] != length:
+            raise ConfigError(f"grid train.length: {earlier[0]} and {length} both give {epochs} epochs (train.epochs x "
+                              f"length, rounded): one schedule twice; give lengths that differ by at least an epoch")
 
 
 def show(args: argparse.Namespace, sweep: Sweep, arms: list[str], out: Path, plans: dict) -> int | None:
@@ -580,12 +595,14 @@ def jobs_still_queued(manifest: Path, folder: Path) -> dict:
 
 
 def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Path,
-         by_arm: dict[str, dict[str, dict[str, str]]], record: dict | None = None) -> int:
+         by_arm: dict[str, dict[str, dict[str, str]]], record: dict | None = None, gridded: set[str] = frozenset()
+         ) -> int:
     """--tune N: phase 1 runs each arm's N trials on --tune-seed (SWEEP_DIR/tune/<arm>/<trial>/) and waits for
     them; each arm's winner is the trial with the best held-out figure (results.tuning.choose: no test figure
     is read); tuning.json records them; phase 2 runs each winner's exact settings on every seed
     (SWEEP_DIR/<arm>/<trial>/seed<k>/), then the report. Finished runs of either phase are never run again."""
-    phase1 = plan(sweep, args, out, run_names(by_arm, [args.tune_seed], under=tuning.TUNE_DIR, seed_folders=False))
+    phase1 = plan(sweep, args, out, run_names(by_arm, [args.tune_seed], under=tuning.TUNE_DIR, seed_folders=False),
+                  gridded)
     if args.tune_seed in args.seeds:
         print(f"warning: --seeds {','.join(map(str, args.seeds))} holds --tune-seed {args.tune_seed}: each winner's run on "
               f"that seed repeats the run it won with, lucky draw included", file=sys.stderr)

@@ -326,6 +326,19 @@ def test_train_length_stretches_epochs_and_warm_up(tmp_path):
         config.load(None, ["data.train_fraction=1.5"])
 
 
+def test_a_grid_over_train_length_refuses_two_values_with_one_schedule(tmp_path, capsys):
+    from launch.sweep import main
+
+    epochs = config.load(REPO / "configs" / "demo.yaml").train.epochs
+    args = ["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--out", str(tmp_path / "o"), "--print-config",
+            "--runs", "resnet18_scratch"]
+    assert main([*args, "--grid", "train.length=0.5,1,2"]) == 0
+    lengths = [(d["train"]["length"], d["train"]["epochs"]) for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert lengths == [(0.5, epochs), (1.0, epochs), (2.0, epochs)]  # as given: the report's axis
+    assert main([*args, "--grid", f"train.length=1,{1 + 0.4 / epochs}"]) == 2
+    assert f"grid train.length: 1 and {1 + 0.4 / epochs} both give {epochs} epochs" in capsys.readouterr().err
+
+
 # -- the two phases, for real -------------------------------------------------------------------------
 
 @pytest.mark.slow
