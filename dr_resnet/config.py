@@ -161,7 +161,7 @@ class TrainConfig:
     epochs: int = 30  # a larger value in a resumed run extends it
     length: float = 1.0  # a multiple of the schedule: train.epochs (rounded) and train.warmup_epochs are multiplied by
     # it when the config is read, so warm-up and decay stretch with the run (learning curves over training length);
-    # config.yaml keeps the resulting epochs (and length 1), `effective.schedule_length` the multiple
+    # config.yaml keeps the epochs as given and the multiple (the report groups runs by it), `effective` the result
     batch_size: int = 32  # per process: the global batch is batch_size x processes
     eval_batch_size: int = 0  # per process; 0 means 2 x batch_size
     lr: float | None = None  # auto (None): the linear-scaling rule, lr_base_* x global batch / lr_base_batch, with
@@ -235,11 +235,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    # train.length as it was given, once load() has applied it (a record, not a setting: config.yaml has its result)
-    schedule_length = 1.0  # unannotated: not a dataclass field
+    # (epochs, warm-up) as given and as stretched by train.length, once load() has applied it: the fields hold
+    # what trains, the saved config what was given (see to_dict)
+    stretched = None  # unannotated: not a dataclass field (nor compared, nor saved)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """The settings as given: with train.length, the epochs and warm-up before it (reading them again
+        stretches them again); where they were changed after load, the schedule as it now is, length 1."""
+        content = dataclasses.asdict(self)
+        train = content["train"]
+        if self.stretched is not None:
+            given, result = self.stretched
+            if (train["epochs"], train["warmup_epochs"]) == result:
+                train["epochs"], train["warmup_epochs"] = given
+            else:
+                train["length"] = 1.0
+        return content
 
 
 def _choices() -> dict[str, tuple]:
@@ -528,15 +539,19 @@ def load(config_file: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def stretch_schedule(cfg: Config) -> None:
-    """Apply train.length: epochs and warm-up multiplied (the cosine decay follows the epochs), and the
-    multiple recorded in `cfg.schedule_length`; the config then says length 1, so a saved config read
-    again trains the same number of epochs."""
-    multiple = cfg.train.length
-    if multiple != 1.0:
-        cfg.train.epochs = max(1, round(cfg.train.epochs * multiple))
-        cfg.train.warmup_epochs = min(cfg.train.warmup_epochs * multiple, cfg.train.epochs)
-        cfg.train.length = 1.0
-    cfg.schedule_length = multiple
+    """Apply train.length to the epochs and warm-up (the cosine decay follows the epochs); train.length keeps
+    the multiple and the saved config the given epochs, so a saved config read again trains the same."""
+    given = (cfg.train.epochs, cfg.train.warmup_epochs)
+    cfg.train.epochs, cfg.train.warmup_epochs = schedule_of(*given, cfg.train.length)
+    cfg.stretched = (given, (cfg.train.epochs, cfg.train.warmup_epochs)) if cfg.train.length != 1.0 else None
+
+
+def schedule_of(epochs: int, warmup_epochs: float, length: float) -> tuple[int, float]:
+    """THE train.length rule: (epochs, warm-up epochs) a run with these settings trains."""
+    if length == 1.0:
+        return epochs, warmup_epochs
+    stretched = max(1, round(epochs * length))
+    return stretched, min(warmup_epochs * length, stretched)
 
 
 def new_run_dir(config_file: str | os.PathLike | None) -> str:
@@ -567,6 +582,27 @@ def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:
 NOT_THE_ARM = ("train.seed", "train.device", "train.compile", "train.cudnn_benchmark", "train.deterministic",
                "train.channels_last", "train.log_every", "train.checkpoint_every_minutes", "train.eval_batch_size",
                "data.workers", "data.stage_to", "output.", "wandb.")
+
+
+# Keys no grid or search may vary, and why: they decide the held-out score the trials are chosen on, or
+# which arm a run is (a `--grid model.depth=18,50` would run a "resnet18" arm at depth 50, and the report
+# would merge it into resnet50's). Temperature calibration leaves QWK and accuracy alone but is fitted on
+# the held-out part, so a held-out loss (select_by=loss) would score it on its own fit: refused outright.
+ARM_FIX = "give each value an arm of its own in the sweep file's arms:"
+NOT_SEARCHED = {
+    "model.depth": f"decides the arm (resnet<depth>_<initialisation>): {ARM_FIX}",
+    "model.weights": f"decides the arm (pretrained or scratch, and from what): {ARM_FIX}",
+    "train.select_by": "decides the held-out figure every trial is scored and chosen on: set it once (overrides:)",
+    "data.val_fraction": "decides the held-out part the trials are scored on: set it once (overrides:)",
+    "data.val_split": "decides the held-out part the trials are scored on: set it once (overrides:)",
+    "data.split_seed": "decides which patients are held out to score the trials: set it once (overrides:)",
+    "data.train_split": "decides the split the held-out part is drawn from: set it once (overrides:)",
+    "data.min_val_images": "decides whether anything is held out to score the trials: set it once (overrides:)",
+    "regression.fit_thresholds": "can fit the grade thresholds on the held-out part the trials are scored on (val): "
+                                 "set it once (overrides:)",
+    "train.calibration": "fits a temperature on the held-out part the trials are scored on (its loss with it): "
+                         "set it once (overrides:)",
+}
 
 
 # Keys a resumed run may change: how long it goes on (train.epochs extends it), where and how it runs, what
@@ -619,4 +655,5 @@ def from_dict(content: dict[str, Any]) -> Config:
     cfg = Config()
     _apply(cfg, content, SAVED)
     validate(cfg)
+    stretch_schedule(cfg)
     return cfg

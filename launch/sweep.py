@@ -6,10 +6,11 @@ each task running the same training entry as torchrun. SLURM by default, or this
     python -m launch.sweep ... --dry-run          # print each job's sbatch script, submit nothing
 
 Each run's directory is SWEEP_DIR/<arm>/ (with --grid KEY=V1,V2: SWEEP_DIR/<arm>/<trial>/; with --seeds 0,1,2:
-.../seed<k>/ under it, one W&B run each in the sweep's group, tagged with its seed); a finished run is not run
-again; submitit's logs are SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest
-(runs, job ids, arguments) is SWEEP_DIR/sweep.json. A pretrained arm whose ImageNet weights cannot be
-had is not trained from scratch instead: it is reported as not run, with the missing file named.
+.../seed<k>/ under it, one W&B run each in the sweep's group, tagged with its seed); a search's trials are
+t<i>-<values, rounded> (launch/trials.py); a finished run is not run again; submitit's logs are
+SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest (runs, job ids, arguments, a search's drawn values) is
+SWEEP_DIR/sweep.json (--tune's phase 1: SWEEP_DIR/tune/sweep.json). A pretrained arm whose ImageNet weights cannot
+be had is not trained from scratch instead: it is reported as not run, with the missing file named.
 
 Resources: each task gets data.workers + 1 CPUs (the decoders and the training process) and each node
 tasks x (6 + data.workers) GB unless --cpus-per-task / --mem say otherwise; every srun passes
@@ -72,12 +73,13 @@ class Sweep:
             raise ConfigError(f"{path}: 'arms' must map arm names to lists of section.key=value overrides")
         arms = list(content["arms"])
         grid, grid_per_arm = trials.split_per_arm(content.get("grid"), f"{path}: grid", arms)
+        grid, grid_per_arm = (trials.grid_of(grid, f"{path}: grid"),
+                              {arm: trials.grid_of(g, f"{path}: grid: arms: {arm}") for arm, g in grid_per_arm.items()})
+        trials.equal_keys({arm: set(grid) | set(grid_per_arm.get(arm, {})) for arm in arms}, f"{path}: grid", "varies")
         return Sweep(str(content.get("name") or path.stem), (path.parent / content.get("config", "base.yaml")).resolve(),
                      {arm: [str(o) for o in (ovs or [])] for arm, ovs in content["arms"].items()},
                      [str(o) for o in content.get("overrides") or []], str(content.get("out") or ""),
-                     trials.grid_of(grid, str(path)),
-                     {arm: trials.grid_of(g, f"{path}: grid: arms: {arm}") for arm, g in grid_per_arm.items()},
-                     trials.Search.of(content.get("search"), f"{path}: search", arms))
+                     grid, grid_per_arm, trials.Search.of(content.get("search"), f"{path}: search", arms))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -227,12 +229,12 @@ def gpus_in_gres(gres: str) -> int:
 
 
 def arm_argv(sweep: Sweep, arm: str, run_dir: Path, cli_overrides: list[str], seed: int | None = None,
-             group: str = "", trial: dict[str, str] | None = None) -> list[str]:
+             group: str = "", trial: dict[str, str] | None = None, trial_name: str = "") -> list[str]:
     """The training arguments of one run: recipe, arm, sweep-wide and command-line overrides, the trial's
     values, its folder (and a W&B run name that tells its trial and seed apart). The W&B group is the sweep
     folder's name (`group`), as slurm/sweep.sh sets it: one rule for both launchers."""
     trial = trial or {}
-    label = "_".join(filter(None, [arm, trials.trial_name(trial), f"seed{seed}" if seed is not None else ""]))
+    label = "_".join(filter(None, [arm, trial_name, f"seed{seed}" if seed is not None else ""]))
     named = [f"wandb.name={label}"] if seed is not None or trial else []
     named += [f"wandb.trial={','.join(trial)}"] if trial else []
     seeded = [f"train.seed={seed}"] if seed is not None else []
@@ -240,17 +242,16 @@ def arm_argv(sweep: Sweep, arm: str, run_dir: Path, cli_overrides: list[str], se
             *trials.overrides_of(trial), *seeded, *named, f"output.dir={run_dir}", f"wandb.group={group or sweep.name}"]
 
 
-def run_names(arm_trials: dict[str, list[dict[str, str]]], seeds: list[int], under: str = "", seed_folders: bool = True
-              ) -> dict[str, tuple[str, str, int | None, dict[str, str]]]:
-    """Each run's name -> (arm, folder under the sweep folder, seed, trial values): one per arm, trial and
-    seed ([under/]<arm>[/<trial>][/seed<k>]; no seed folder with seed_folders=False: one seed)."""
+def run_names(arm_trials: dict[str, dict[str, dict[str, str]]], seeds: list[int], under: str = "", seed_folders: bool = True
+              ) -> dict[str, tuple[str, str, int | None, str, dict[str, str]]]:
+    """Each run's name -> (arm, folder under the sweep folder, seed, trial name, trial values): one per arm, trial
+    (name -> values) and seed ([under/]<arm>[/<trial>][/seed<k>]; no seed folder with seed_folders=False: one seed)."""
     found = {}
-    for arm, values_list in arm_trials.items():
-        for values in values_list:
-            trial = trials.trial_name(values)
+    for arm, named in arm_trials.items():
+        for trial, values in named.items():
             for seed in seeds or [None]:
                 parts = [arm, trial, f"seed{seed}" if seed is not None and seed_folders else ""]
-                found["_".join(filter(None, parts))] = (arm, "/".join(filter(None, [under, *parts])), seed, values)
+                found["_".join(filter(None, parts))] = (arm, "/".join(filter(None, [under, *parts])), seed, trial, values)
     return found
 
 
@@ -442,28 +443,59 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
     if sweep.search and not count:
         raise ConfigError(f"{args.config}: search: give trials: N (trials an arm), or --tune N")
     by_arm = trials.arm_trials(arms, grid, sweep.grid_per_arm, sweep.search, count)
+    record = drawn_record(sweep.search, arms, count, out / tuning.TUNE_DIR if args.tune else out)
+    gridded = set(grid).union(*sweep.grid_per_arm.values())
     if args.tune:
-        return tune(args, argv, sweep, out, by_arm)
-    plans = plan(sweep, args, out, run_names(by_arm, args.seeds))
+        return tune(args, argv, sweep, out, by_arm, record, gridded)
+    plans = plan(sweep, args, out, run_names(by_arm, args.seeds), gridded)
     shown = show(args, sweep, arms, out, plans)
     if shown is not None:
         return shown
-    jobs = submit(args, argv, plans, out)
+    jobs = submit(args, argv, plans, out, extra={"search": record} if record else None)
     if not (args.wait or args.executor == "local"):  # local jobs are this process's children: always wait
         print(f"report when done: python -m dr_resnet.report {out}")
         return 0
     return wait_and_report(jobs, plans, out)
 
 
-def plan(sweep: Sweep, args: argparse.Namespace, out: Path, names: dict) -> dict:
+def drawn_record(search: trials.Search | None, arms: list[str], count: int, folder: Path) -> dict | None:
+    """The search's drawn values as the manifest in `folder` will record them, checked against those an earlier
+    launch recorded there (a changed seed or key would give its trials other values); repeats are warned of."""
+    if not search or not count:
+        return None
+    record = trials.search_record(search, arms, count)
+    manifest = folder / "sweep.json"
+    recorded = json.loads(manifest.read_text()).get("search") if manifest.is_file() else None
+    if recorded:
+        trials.check_recorded(recorded, record, str(manifest))
+    for line in trials.repeat_warnings(record):
+        print(line, file=sys.stderr)
+    return trials.merged_record(recorded, record)
+
+
+def plan(sweep: Sweep, args: argparse.Namespace, out: Path, names: dict, gridded: set[str] = frozenset()) -> dict:
     """name -> (run folder, training arguments, resolved config): every config resolved (and so validated)
-    before anything is submitted."""
+    before anything is submitted; `gridded`: the keys a grid varies (train.length's values are checked)."""
     plans = {}
-    for name, (arm, folder, seed, values) in names.items():
+    for name, (arm, folder, seed, trial, values) in names.items():
         run_dir = out / folder
-        argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed, group=out.name, trial=values)
+        argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed, group=out.name, trial=values, trial_name=trial)
         plans[name] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
+    if "train.length" in gridded:
+        same_schedules(names, plans)
     return plans
+
+
+def same_schedules(names: dict, plans: dict) -> None:
+    """Refuse a grid over train.length whose values give one schedule (the same epochs once rounded)."""
+    seen: dict[tuple, tuple[str, int]] = {}
+    for name, (arm, _, seed, _, values) in names.items():
+        length, epochs = values.get("train.length"), plans[name][2].train.epochs
+        others = tuple(sorted((k, v) for k, v in values.items() if k != "train.length"))
+        earlier = seen.setdefault((arm, seed, others, epochs), (length, epochs))
+        if earlier[0] != length:
+            raise ConfigError(f"grid train.length: {earlier[0]} and {length} both give {epochs} epochs (train.epochs x "
+                              f"length, rounded): one schedule twice; give lengths that differ by at least an epoch")
 
 
 def show(args: argparse.Namespace, sweep: Sweep, arms: list[str], out: Path, plans: dict) -> int | None:
@@ -488,17 +520,17 @@ def show(args: argparse.Namespace, sweep: Sweep, arms: list[str], out: Path, pla
     return None
 
 
-def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: Path, manifest_file: str = "sweep.json"
-           ) -> dict:
+def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: Path, manifest_file: str = "sweep.json",
+           extra: dict | None = None) -> dict:
     """Submit (or, locally, start) every run of `plans` not finished earlier; the manifest (runs, job ids,
-    arguments) in out/manifest_file. Returns name -> job."""
+    arguments, and `extra`: a search's drawn values) in out/manifest_file. Returns name -> job."""
     res = resources(args, [cfg for _, _, cfg in plans.values()])
     slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
         if args.executor == "local" and args.gpus_per_node else [None] * args.parallel if args.parallel else []
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"name": out.name, "sweep_file": str(Path(args.config).resolve()), "executor": args.executor,
                 "command": [sys.executable, "-m", "launch.sweep", *(argv if argv is not None else sys.argv[1:])],
-                "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "resources": res.__dict__, "runs": {}}
+                "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "resources": res.__dict__, **(extra or {}), "runs": {}}
 
     def write_manifest() -> None:
         (out / manifest_file).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -563,12 +595,14 @@ def jobs_still_queued(manifest: Path, folder: Path) -> dict:
 
 
 def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Path,
-         by_arm: dict[str, list[dict[str, str]]]) -> int:
+         by_arm: dict[str, dict[str, dict[str, str]]], record: dict | None = None, gridded: set[str] = frozenset()
+         ) -> int:
     """--tune N: phase 1 runs each arm's N trials on --tune-seed (SWEEP_DIR/tune/<arm>/<trial>/) and waits for
     them; each arm's winner is the trial with the best held-out figure (results.tuning.choose: no test figure
     is read); tuning.json records them; phase 2 runs each winner's exact settings on every seed
     (SWEEP_DIR/<arm>/<trial>/seed<k>/), then the report. Finished runs of either phase are never run again."""
-    phase1 = plan(sweep, args, out, run_names(by_arm, [args.tune_seed], under=tuning.TUNE_DIR, seed_folders=False))
+    phase1 = plan(sweep, args, out, run_names(by_arm, [args.tune_seed], under=tuning.TUNE_DIR, seed_folders=False),
+                  gridded)
     if args.tune_seed in args.seeds:
         print(f"warning: --seeds {','.join(map(str, args.seeds))} holds --tune-seed {args.tune_seed}: each winner's run on "
               f"that seed repeats the run it won with, lucky draw included", file=sys.stderr)
@@ -577,18 +611,19 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
               f"(each arm's winner on seeds {','.join(map(str, args.seeds)) or 'the recipe'}) is planned once phase 1 "
               f"has finished")
         return show(args, sweep, list(by_arm), out, phase1) or 0
-    jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json")
+    jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json", extra={"search": record} if record else None)
     failed = wait_for_all(jobs, phase1)
-    named = {arm: {trials.trial_name(v): v for v in values} for arm, values in by_arm.items()}
-    choice = tuning.choose(out / tuning.TUNE_DIR, named)
+    choice = tuning.choose(out / tuning.TUNE_DIR, by_arm)
+    if record:  # the best-of-k curve counts each repeat of a configuration as a trial of its own
+        choice.update(repeats=record["repeats"], distinct_configurations=record["distinct_configurations"])
     (out / tuning.TUNING_FILE).write_text(json.dumps(choice, indent=2) + "\n")
     say_winners(choice)
-    # Phase 2 runs the trial's own text (tuning.json holds typed values): the folder name and the
-    # config keep the exact drawn value.
-    winners = {arm: [named[arm][choice["arms"][arm]["winner"]["trial"]]] for arm in by_arm
-               if "winner" in choice["arms"][arm]}
-    for arm, values in winners.items():
-        set_aside_earlier_winners(out / arm, trials.trial_name(values[0]))
+    # Phase 2 runs the trial's own text (tuning.json holds typed values): the folder name and the config keep
+    # the exact drawn value.
+    winners = {arm: {entry["winner"]["trial"]: by_arm[arm][entry["winner"]["trial"]]}
+               for arm, entry in choice["arms"].items() if "winner" in entry}
+    for arm, named in winners.items():
+        set_aside_earlier_winners(out / arm, next(iter(named)))
     if not winners:
         print(f"no arm has a winner: phase 2 not run (tuning.json: {out / tuning.TUNING_FILE})", file=sys.stderr)
         return 1

@@ -3,15 +3,26 @@ comparison is about (depth x initialisation); a trial is one point of a grid ove
 rate, an image size, a head); a run is (arm, trial, seed). Torch-free: the sweep expands trials, names
 them and checks them before anything is submitted.
 
-Names are short, readable and stable across runs and machines: made from the keys' last parts and the
-values, in key order (`lr0.05-image_size384`), with a hash of the whole where that would be too long.
+A grid trial's name is made from its keys' last parts and values, in key order (`lr0.05-image_size384`):
+the user gave those values exactly. A name too long is shortened with a hash.
 
 A search draws its trials instead of listing them: `loguniform(lo, hi)` (rates), `uniform(lo, hi)`,
-`intuniform(lo, hi)` or `choice(a, b, ...)` per key. Trial i's value of a key comes from a generator seeded by
-(the search's own seed, i, the key) alone: every arm gets the same number of trials and, where two arms search
-the same range, the same values (common random numbers: their difference is not a difference of luck); a larger
-trial count keeps the earlier draws (their folders, finished, are not run again). Values keep 3 significant
-digits, so a trial's name is its exact setting.
+`intuniform(lo, hi)` or `choice(a, b, ...)` per key. Trial i of every arm is point i of one scrambled Sobol
+sequence (seeded by the search's own seed), one dimension per searched key, the keys in name order:
+- every arm gets the same quantiles (common random numbers: two arms searching one range get the same values;
+  an arm's own range maps the same quantile through that range), so their difference is not one of luck;
+- a larger trial count keeps the earlier points (a prefix of the sequence): finished folders are not run again;
+- 2^k trials put one point in each 2^-k-th of every key's range: 8 trials cover every quarter of a log range.
+Adding, removing or renaming a searched key changes the number of dimensions, and the scrambling with it: the
+points of every dimension change (all but the first). So does another scipy's scrambling. The launcher records
+the drawn values in the sweep's manifest and refuses a rerun that would give a recorded trial other values.
+A discrete space (choice and intuniform keys only) with fewer settings than trials repeats whole settings:
+each repeat is a trial folder of its own (another run of the same settings) and counts as a trial in the
+expected-best curve; the launcher warns, and the manifest says so (`search_record`).
+
+A drawn trial's override holds the exact value (the float's repr: phase 2 reruns exactly what won); its name
+is `t<index>-` and the values rounded to 3 significant digits for reading (`t03-lr0.00104`), so two trials
+never share a folder, whatever their values round to.
 """
 
 from __future__ import annotations
@@ -21,15 +32,13 @@ import itertools
 import json
 import math
 import re
-import zlib
 from dataclasses import dataclass
+from decimal import Decimal
 
-import numpy as np
-
-from dr_resnet.config import ConfigError
-from dr_resnet.seeds import derive_seed
+from dr_resnet.config import NOT_SEARCHED, ConfigError
 
 MAX_NAME = 60  # characters of a trial's folder name before it is shortened with a hash
+SHOWN_DIGITS = 3  # significant digits of a drawn value in a trial's name (the override keeps every digit)
 
 
 def parse_grid(texts: list[str]) -> dict[str, list[str]]:
@@ -43,6 +52,7 @@ def parse_grid(texts: list[str]) -> dict[str, list[str]]:
         if key in grid:
             raise ConfigError(f"--grid names {key} twice: give its values once, comma-separated")
         grid[key.strip()] = listed
+    check_varied(grid, "--grid")
     return grid
 
 
@@ -52,7 +62,26 @@ def grid_of(content: object, origin: str) -> dict[str, list[str]]:
         return {}
     if not isinstance(content, dict) or not all(isinstance(v, list) and v and "." in str(k) for k, v in content.items()):
         raise ConfigError(f"{origin}: 'grid' maps section.key names to non-empty lists of values")
+    check_varied(content, origin)
     return {str(k): [str(v) for v in values] for k, values in content.items()}
+
+
+def check_varied(keys: object, origin: str) -> None:
+    """Refuse a grid or search over a key that decides the held-out score or the arm (config.NOT_SEARCHED)."""
+    for key in keys:
+        if str(key) in NOT_SEARCHED:
+            raise ConfigError(f"{origin}: {key} may not be varied by a grid or search: it {NOT_SEARCHED[str(key)]}")
+
+
+def equal_keys(per_arm: dict[str, set[str]], origin: str, verb: str) -> None:
+    """Refuse arms that vary different keys: equal budgets mean equal search spaces (ranges may differ)."""
+    every = set().union(*per_arm.values()) if per_arm else set()
+    for arm, keys in per_arm.items():
+        missing = sorted(every - keys)
+        if missing:
+            other = next(a for a, k in per_arm.items() if missing[0] in k)
+            raise ConfigError(f"{origin}: arm {arm} {verb} no {missing[0]}, arm {other} does: equal budgets need "
+                              f"equal search spaces; give {missing[0]} to every arm (each may have its own values)")
 
 
 def split_per_arm(content: object, origin: str, arms: list[str]) -> tuple[object, dict[str, object]]:
@@ -95,19 +124,54 @@ class Space:
             raise ConfigError(f"{origin}: {key}: {text!r} is not loguniform(low, high) (0 < low < high), "
                               f"uniform(low, high), intuniform(low, high) or choice(a, b, ...) (inside YAML's "
                               f"{{key: value}} quote it: its comma would end the value)")
+        if match.group(1) == "intuniform" and not (low.is_integer() and high.is_integer()):
+            raise ConfigError(f"{origin}: {key}: {text!r}: intuniform takes whole-number bounds (both inclusive)")
         return Space(match.group(1), low, high)
 
-    def value(self, u: float) -> str:
-        """The value at quantile u in [0, 1) of this space, as the override's text."""
+    @property
+    def near_one(self) -> bool:
+        """A uniform range closer to 1 than it is wide (an EMA decay, a momentum): drawn and rounded in 1 - x.
+        Linear in 1 - x, not log: the draw stays the uniform the user asked for; only the rounding for the name
+        moves, to the digits that differ (0.999127, never 1)."""
+        return self.kind == "uniform" and 0 < self.low < self.high < 1 and 1 - self.high < self.high - self.low
+
+    @property
+    def size(self) -> int | None:
+        """How many distinct values it has (None: continuous)."""
         if self.kind == "choice":
-            return self.options[min(int(u * len(self.options)), len(self.options) - 1)]
-        if self.kind == "intuniform":
-            return str(min(int(self.low + u * (self.high - self.low + 1)), int(self.high)))
+            return len(self.options)
+        return int(self.high - self.low) + 1 if self.kind == "intuniform" else None
+
+    def value(self, u: float) -> tuple[str, str]:
+        """The value at quantile u in [0, 1): (the override's exact text, the text its trial's name shows)."""
+        if self.kind == "choice":
+            option = self.options[min(math.floor(u * len(self.options)), len(self.options) - 1)]
+            return option, option
+        if self.kind == "intuniform":  # floor over [low, high + 1): each whole number equally likely, both ends
+            whole = str(min(int(self.low) + math.floor(u * (self.high - self.low + 1)), int(self.high)))
+            return whole, whole
+        if self.near_one:
+            gap = (1 - self.low) - u * (self.high - self.low)  # 1 - x, so that x never rounds to 1
+            exact = min(max(1 - gap, self.low), self.high)
+            low_gap, high_gap = 1 - Decimal(repr(self.high)), 1 - Decimal(repr(self.low))
+            shown = 1 - min(max(Decimal(f"{gap:.{SHOWN_DIGITS}g}"), low_gap), high_gap)
+            return repr(exact), format(shown.normalize(), "f")
         if self.kind == "loguniform":
             x = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
         else:
             x = self.low + u * (self.high - self.low)
-        return f"{float(f'{x:.3g}'):g}"
+        exact = min(max(x, self.low), self.high)  # exp(log(...)) may step a hair past an end
+        shown = min(max(float(f"{exact:.{SHOWN_DIGITS}g}"), self.low), self.high)  # never rounded out of the range
+        return repr(exact), f"{shown:g}" if float(f"{shown:g}") == shown else repr(shown)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One drawn trial of an arm: its index in the sequence, exact override values and the values its name shows."""
+
+    index: int
+    values: dict[str, str]
+    shown: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -134,47 +198,72 @@ class Search:
                       for arm, keys in per_arm.items()}
         if not spaces and not any(arm_spaces.values()):
             raise ConfigError(f"{origin}: search: give a space (section.key: loguniform(low, high), ...)")
+        check_varied(set(spaces).union(*arm_spaces.values()), origin)
+        equal_keys({arm: set(spaces) | set(arm_spaces.get(arm, {})) for arm in arms}, origin, "searches")
         return Search(spaces, arm_spaces, int(content.get("trials") or 0), int(content.get("seed") or 0))
 
     @property
-    def keys(self) -> set[str]:
-        """Every key it varies, for any arm."""
-        return set(self.space).union(*self.per_arm.values())
+    def keys(self) -> list[str]:
+        """Every key it varies, for any arm, in name order: one Sobol dimension each."""
+        return sorted(set(self.space).union(*self.per_arm.values()))
 
-    def draws(self, arm: str, count: int) -> list[dict[str, str]]:
-        """The arm's first `count` trials: its spaces' values at quantiles drawn per (seed, trial, key)."""
-        spaces = {**self.space, **self.per_arm.get(arm, {})}
-        return [{key: space.value(float(np.random.default_rng(
-            derive_seed(self.seed, "search", i, zlib.crc32(key.encode()))).random()))
-            for key, space in spaces.items()} for i in range(count)]
+    def spaces(self, arm: str) -> dict[str, Space]:
+        """The arm's space per key (its own range where it has one), in name order."""
+        mine = {**self.space, **self.per_arm.get(arm, {})}
+        return {key: mine[key] for key in sorted(mine)}
+
+    def quantiles(self, count: int) -> list[list[float]]:
+        """The first `count` points of the search's scrambled Sobol sequence, one coordinate per key."""
+        from scipy.stats import qmc  # only a search needs scipy
+
+        if count < 1:
+            return []
+        # random_base2 draws 2^m points, the first `count` of which are any shorter draw's (a Sobol prefix);
+        # random(count) would say the same points and warn that count is not a power of 2
+        points = qmc.Sobol(len(self.keys), scramble=True, seed=self.seed).random_base2(max(0, (count - 1).bit_length()))
+        return points[:count].tolist()
+
+    def draws(self, arm: str, count: int) -> list[Draw]:
+        """The arm's first `count` trials: point i of the sequence through the arm's spaces."""
+        spaces, keys = self.spaces(arm), self.keys
+        found = []
+        for index, point in enumerate(self.quantiles(count)):
+            pairs = {key: space.value(point[keys.index(key)]) for key, space in spaces.items()}
+            found.append(Draw(index, {k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}))
+        return found
+
+    def distinct_configurations(self, arm: str) -> int | None:
+        """How many distinct settings the arm's space holds (None: a continuous key makes it endless)."""
+        sizes = [space.size for space in self.spaces(arm).values()]
+        return None if None in sizes else math.prod(sizes)
 
 
 def arm_trials(arms: list[str], grid: dict[str, list[str]], grid_per_arm: dict[str, dict[str, list[str]]],
-               search: Search | None, count: int) -> dict[str, list[dict[str, str]]]:
-    """Each arm's trials: every combination of its grid (the sweep's, with its own keys replacing or added),
-    times `count` draws of the search (none: the grid alone). Every arm must get the same number."""
+               search: Search | None, count: int) -> dict[str, dict[str, dict[str, str]]]:
+    """Each arm's trials (trial name -> exact values): every combination of its grid (the sweep's, with its own
+    keys replacing or added), times `count` draws of the search (none: the grid alone). Every arm must get the
+    same number."""
     found = {}
     for arm in arms:
         points = expand({**grid, **grid_per_arm.get(arm, {})})
-        draws = search.draws(arm, count) if search and count else [{}]
-        clash = sorted(set(points[0]) & set(draws[0]))
+        draws = search.draws(arm, count) if search and count else []
+        clash = sorted(set(points[0]) & set(draws[0].values)) if draws else []
         if clash:
             raise ConfigError(f"{', '.join(clash)}: both in the grid and in the search; give it in one place")
-        combined = [{**point, **draw} for point in points for draw in draws]
-        names = [trial_name(c) for c in combined]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"{arm}: two trials would share a folder name ({_first_repeat(names)}): the search "
-                              f"drew one setting twice; widen its space or use fewer trials")
+        combined = {}
+        for point in points:
+            if not draws:
+                combined[trial_name(point)] = point
+            for draw in draws:
+                combined[trial_name({**point, **draw.shown}, draw.index)] = {**point, **draw.values}
+        if len(combined) != len(points) * max(1, len(draws)):  # a hash of 8 hex digits would have to collide
+            raise ConfigError(f"{arm}: two trials would share a folder name: shorten the searched keys' names")
         found[arm] = combined
     counts = {arm: len(t) for arm, t in found.items()}
     if len(set(counts.values())) > 1:
         raise ConfigError(f"the arms would get different numbers of trials ({counts}): a comparison at unequal "
                           f"tuning budgets favours the arm tuned more; give each arm's grid as many points")
     return found
-
-
-def _first_repeat(names: list[str]) -> str:
-    return next(n for i, n in enumerate(names) if n in names[:i])
 
 
 def expand(grid: dict[str, list[str]]) -> list[dict[str, str]]:
@@ -188,13 +277,16 @@ def expand(grid: dict[str, list[str]]) -> list[dict[str, str]]:
     return combos
 
 
-def trial_name(values: dict[str, str]) -> str:
-    """A trial's folder name: '' for no trial, else its keys' last parts with their values."""
-    if not values:
+def trial_name(values: dict[str, str], index: int | None = None) -> str:
+    """A trial's folder name: '' for no trial, else `t<index>-` (a drawn trial) and its keys' last parts with
+    their values (rounded, for a drawn one)."""
+    if not values and index is None:
         return ""
-    name = "-".join(f"{key.rsplit('.', 1)[-1]}{_safe(value)}" for key, value in values.items())
+    parts = ([f"t{index:02d}"] if index is not None else []) + [
+        f"{key.rsplit('.', 1)[-1]}{_safe(value)}" for key, value in values.items()]
+    name = "-".join(parts)
     if len(name) > MAX_NAME:
-        digest = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+        digest = hashlib.sha1(json.dumps([index, values], sort_keys=True).encode()).hexdigest()[:8]
         name = f"{name[:MAX_NAME - 9]}-{digest}"
     return name
 
@@ -205,3 +297,47 @@ def _safe(value: str) -> str:
 
 def overrides_of(values: dict[str, str]) -> list[str]:
     return [f"{key}={value}" for key, value in values.items()]
+
+
+# -- the drawn values on record ---------------------------------------------------------------------------
+
+def search_record(search: Search, arms: list[str], count: int) -> dict:
+    """What a manifest keeps of a search: its seed and keys, each arm's drawn values per trial (`t<index>`), and
+    whether whole configurations repeat (a discrete space smaller than the trials: each repeat is a trial folder
+    of its own, an independent run with the same settings, and counts as a trial in the expected-best curve)."""
+    draws = {arm: search.draws(arm, count) for arm in arms}
+    distinct = {arm: search.distinct_configurations(arm) for arm in arms}
+    repeats = {arm: count - len({json.dumps(d.values, sort_keys=True) for d in draws[arm]}) for arm in arms}
+    return {"seed": search.seed, "keys": search.keys, "trials": count,
+            "draws": {arm: {f"t{d.index:02d}": d.values for d in found} for arm, found in draws.items()},
+            "distinct_configurations": distinct, "repeats": any(repeats.values()),
+            "repeated_trials": {arm: n for arm, n in repeats.items() if n}}
+
+
+def repeat_warnings(record: dict) -> list[str]:
+    """One line per arm whose draws repeat a whole configuration."""
+    return [f"warning: {arm}: {record['trials']} trials over {record['distinct_configurations'][arm] or 'more'} distinct "
+            f"configurations of its discrete search: {n} repeat an earlier trial's settings; each repeat is its own "
+            f"trial folder (an independent run with the same settings) and counts as a trial in the expected-best curve"
+            for arm, n in record["repeated_trials"].items()]
+
+
+def check_recorded(recorded: dict, current: dict, manifest: str) -> None:
+    """Refuse draws that give a trial on record (an earlier launch's manifest) other values than it ran with."""
+    for arm, trials in (recorded.get("draws") or {}).items():
+        now = current["draws"].get(arm, {})
+        for trial in sorted(set(trials) & set(now)):
+            was, will = trials[trial], now[trial]
+            for key in sorted(set(was) | set(will)):
+                if was.get(key) != will.get(key):
+                    raise ConfigError(f"{manifest}: trial {trial} of {arm} ran with {key}={was.get(key, '(not searched)')}, "
+                                      f"the search now draws {will.get(key, '(not searched)')}: its seed or keys changed; "
+                                      f"put them back, or give this search another --out")
+
+
+def merged_record(recorded: dict | None, current: dict) -> dict:
+    """The current record, keeping any trial on record beyond its count (a rerun with fewer trials)."""
+    if not recorded:
+        return current
+    draws = {arm: {**trials, **current["draws"].get(arm, {})} for arm, trials in (recorded.get("draws") or {}).items()}
+    return {**current, "draws": {**draws, **{a: t for a, t in current["draws"].items() if a not in draws}}}

@@ -184,8 +184,8 @@ def test_every_float_field_takes_scientific_notation_from_both_places(tmp_path):
     for key in floats:
         section, name = key.split(".")
         expected = 0.2  # train.warmup_epochs=1e0 stretched by train.length=0.2 too
-        if key == "train.length":  # applied when read (epochs x 0.2): the multiple is kept as schedule_length
-            assert (cli.train.length, cli.schedule_length, cli.train.epochs) == (1.0, 0.2, 6)
+        if key == "train.length":  # applied when read (epochs x 0.2); the multiple is kept
+            assert (cli.train.length, cli.train.epochs) == (0.2, 6)
             continue
         assert getattr(getattr(cli, section), name) == expected, key
     assert (from_file.train.lr, from_file.train.weight_decay, from_file.data.max_rotation) == (0.03, 5e-4, 20.0)

@@ -91,36 +91,168 @@ def search(content: dict, arms=("r18", "r50")) -> trials.Search:
 
 
 def test_search_draws_are_stable_equal_per_arm_and_keep_earlier_trials():
-    s = search({"seed": 3, "space": {"train.lr": "loguniform(0.01, 1.0)", "model.head": "choice(classification, regression)",
-                                     "train.weight_decay": "uniform(0, 0.001)", "data.image_size": "intuniform(64, 128)"},
-                "arms": {"r50": {"train.lr": "loguniform(0.001, 0.1)"}}})
+    content = {"seed": 3, "space": {"train.lr": "loguniform(0.01, 1.0)", "model.head": "choice(classification, regression)",
+                                    "train.weight_decay": "uniform(0, 0.001)", "data.image_size": "intuniform(64, 128)"},
+               "arms": {"r50": {"train.lr": "loguniform(0.001, 0.1)"}}}
+    s = search(content)
     six = trials.arm_trials(["r18", "r50"], {}, {}, s, 6)
     assert len(six["r18"]) == len(six["r50"]) == 6
-    assert six == trials.arm_trials(["r18", "r50"], {}, {}, search(
-        {"seed": 3, "space": {"train.lr": "loguniform(0.01, 1.0)", "model.head": "choice(classification, regression)",
-                              "train.weight_decay": "uniform(0, 0.001)", "data.image_size": "intuniform(64, 128)"},
-         "arms": {"r50": {"train.lr": "loguniform(0.001, 0.1)"}}}), 6)  # stable: a pure function of the file
-    assert trials.arm_trials(["r18", "r50"], {}, {}, s, 9)["r18"][:6] == six["r18"]  # more trials keep the first six
-    for a, b in zip(six["r18"], six["r50"]):  # the same quantiles: r50's range is r18's divided by 10
-        assert float(a["train.lr"]) == pytest.approx(10 * float(b["train.lr"]), rel=2e-2)
+    assert six == trials.arm_trials(["r18", "r50"], {}, {}, search(content), 6)  # stable: a pure function of the file
+    assert list(trials.arm_trials(["r18", "r50"], {}, {}, s, 9)["r18"].items())[:6] == list(six["r18"].items())
+    for a, b in zip(six["r18"].values(), six["r50"].values()):  # the same quantiles: r50's range is r18's divided by 10
+        assert float(a["train.lr"]) == pytest.approx(10 * float(b["train.lr"]), rel=1e-9)
         assert a["model.head"] == b["model.head"] and a["data.image_size"] == b["data.image_size"]
-    for t in six["r18"]:
-        assert 0.01 <= float(t["train.lr"]) <= 1.0 and t["train.lr"] == f"{float(t['train.lr']):.3g}"
+    for name, t in six["r18"].items():  # the exact value in the override; the name shows it rounded
+        assert 0.01 <= float(t["train.lr"]) <= 1.0 and t["train.lr"] == repr(float(t["train.lr"]))
+        assert f"-lr{float(t['train.lr']):.3g}-" in name + "-" or float(t["train.lr"]) > 0.9995
         assert 64 <= int(t["data.image_size"]) <= 128 and t["model.head"] in ("classification", "regression")
-    logs = np.log10([float(t["train.lr"]) for t in s.draws("r18", 1000)])
-    quarters = np.histogram(logs, bins=4, range=(-2, 0))[0]  # log-uniform: a quarter of the draws in each half decade
-    assert quarters.sum() == 1000 and all(200 <= q <= 300 for q in quarters), quarters
+    assert [n[:4] for n in six["r18"]] == ["t00-", "t01-", "t02-", "t03-", "t04-", "t05-"]
+    logs = np.log10([float(d.values["train.lr"]) for d in s.draws("r18", 1024)])
+    quarters = np.histogram(logs, bins=4, range=(-2, 0))[0]  # a Sobol sequence's 1024 points: 256 in each quarter
+    assert quarters.tolist() == [256] * 4, quarters
     other = search({"seed": 4, "space": {"train.lr": "loguniform(0.01, 1.0)"}})
     assert other.draws("r18", 6) != search({"seed": 3, "space": {"train.lr": "loguniform(0.01, 1.0)"}}).draws("r18", 6)
 
 
+SPACES = {"train.lr": "loguniform(0.005, 0.5)", "train.ema": "uniform(0.99, 0.9999)",
+          "data.image_size": "intuniform(-2, 2)", "model.head": "choice(classification, regression, ordinal)"}
+
+
+@pytest.mark.parametrize("count", [6, 8, 20, 50])
+def test_drawn_trials_never_share_a_name_and_stay_in_their_ranges(count):
+    """Names carry the trial's index, so no two collide whatever the values round to; every exact and every
+    shown value lies in its range, a range near 1 never shows 1, and an intuniform draws both its ends."""
+    s = search({"seed": 0, "space": SPACES})
+    named = trials.arm_trials(["r18", "r50"], {}, {}, s, count)["r18"]
+    draws = s.draws("r18", count)
+    assert len(named) == count and [n.split("-")[0] for n in named] == [f"t{i:02d}" for i in range(count)]
+    for d in draws:
+        assert 0.005 <= float(d.values["train.lr"]) <= 0.5 and 0.005 <= float(d.shown["train.lr"]) <= 0.5
+        assert 0.99 <= float(d.values["train.ema"]) <= 0.9999 and 0.99 <= float(d.shown["train.ema"]) <= 0.9999
+        assert float(d.shown["train.ema"]) < 1 and d.shown["train.ema"] != "1"
+        assert d.values["data.image_size"] == d.shown["data.image_size"] and -2 <= int(d.values["data.image_size"]) <= 2
+        assert d.values["model.head"] in ("classification", "regression", "ordinal")
+    if count >= 8:  # 8 points: one in each eighth of every key's range
+        assert {int(d.values["data.image_size"]) for d in draws} >= {-2, 2}
+        assert {d.values["model.head"] for d in draws} == {"classification", "regression", "ordinal"}
+    if count == 50:
+        assert len({d.values["train.ema"] for d in draws}) == 50 and len({d.shown["train.ema"] for d in draws}) >= 30
+
+
+def test_a_larger_trial_count_keeps_the_smaller_counts_points():
+    s = search({"seed": 7, "space": SPACES})
+    assert np.array_equal(s.quantiles(50)[:5], s.quantiles(5))  # the Sobol sequence's prefix
+    fifty = trials.arm_trials(["r18"], {}, {}, s, 50)["r18"]
+    for n in (1, 6, 8, 20):
+        assert list(trials.arm_trials(["r18"], {}, {}, s, n)["r18"].items()) == list(fifty.items())[:n]
+    # a grid point x draws: each grid point keeps its own first draws too
+    gridded = trials.arm_trials(["r18"], {"data.sampler": ["random", "balanced"]}, {}, search(
+        {"seed": 7, "space": {"train.lr": "loguniform(0.005, 0.5)"}}), 8)["r18"]
+    assert len(gridded) == 16 and all(n.startswith("t0") for n in gridded)
+
+
+@pytest.mark.parametrize("others", [{}, {"data.image_size": "intuniform(64, 128)", "train.weight_decay": "uniform(0, 0.01)"}])
+def test_eight_trials_cover_every_quarter_of_a_log_range_at_every_seed(others):
+    for seed in range(200):
+        s = search({"seed": seed, "space": {"train.lr": "loguniform(0.005, 0.5)", **others}})
+        logs = np.log10([float(d.values["train.lr"]) for d in s.draws("r18", 8)])
+        quarters = np.histogram(logs, bins=4, range=(math.log10(0.005), math.log10(0.5)))[0]
+        assert quarters.min() >= 1, (seed, quarters)
+
+
+def test_a_discrete_space_smaller_than_the_trials_repeats_and_says_so(tmp_path, capsys):
+    from launch.sweep import main
+
+    s = search({"seed": 0, "space": {"model.head": "choice(classification, regression)", "data.image_size": "intuniform(1, 2)"}})
+    record = trials.search_record(s, ["r18", "r50"], 6)
+    assert record["distinct_configurations"] == {"r18": 4, "r50": 4} and record["repeats"] is True
+    assert record["repeated_trials"] == {"r18": 2, "r50": 2} and list(record["draws"]["r18"]) == [f"t0{i}" for i in range(6)]
+    assert trials.search_record(search({"space": {"train.lr": "uniform(0.1, 1)"}}), ["r18"], 6)["repeats"] is False
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"name": "d", "config": str(REPO / "configs" / "demo.yaml"),
+                                          "arms": {"r18": ["model.depth=18", "model.weights=none"]},
+                                          "search": {"trials": 3, "space": {"model.head": ["classification", "regression"]}}}))
+    assert main(["--config", str(sweep_file), "--out", str(tmp_path / "o"), "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: r18: 3 trials over 2 distinct configurations" in captured.err and "counts as a trial" in captured.err
+    assert len([d for d in yaml.safe_load_all(captured.out) if d]) == 3  # each repeat its own trial folder
+
+
+def test_the_manifest_records_the_draws_and_a_changed_search_is_refused(tmp_path, capsys, monkeypatch):
+    """The manifest keeps each trial's exact values; a rerun whose search would give a recorded trial other
+    values (another seed, another key) is refused, naming the trial and the key; more trials extend it."""
+    from launch import sweep
+
+    monkeypatch.setattr(sweep, "make_executor", lambda *a, **k: None)  # submit nothing: the manifest is the point
+    monkeypatch.setattr(sweep, "submit_each", lambda *a, **k: iter(()))
+    sweep_file, out = tmp_path / "sweep.yaml", tmp_path / "out"
+
+    def launch(count: int, seed: int = 1, **space) -> int:
+        sweep_file.write_text(yaml.safe_dump({"name": "m", "config": str(REPO / "configs" / "demo.yaml"),
+                                              "arms": {"r18": ["model.depth=18", "model.weights=none"]},
+                                              "search": {"trials": count, "seed": seed,
+                                                         "space": {"train.lr": "loguniform(0.005, 0.5)", **space}}}))
+        return sweep.main(["--config", str(sweep_file), "--out", str(out)])
+
+    assert launch(4) == 0
+    recorded = json.loads((out / "sweep.json").read_text())["search"]
+    assert recorded["seed"] == 1 and recorded["keys"] == ["train.lr"] and len(recorded["draws"]["r18"]) == 4
+    for trial, values in recorded["draws"]["r18"].items():  # the exact value each run's config got
+        folder = next((out / "r18").glob(f"{trial}-*"))
+        assert str(yaml.safe_load((folder / "config.yaml").read_text())["train"]["lr"]) == values["train.lr"]
+    assert launch(4) == 0 and launch(8) == 0  # the same search, and more of it: the first four are unchanged
+    assert len(json.loads((out / "sweep.json").read_text())["search"]["draws"]["r18"]) == 8
+    capsys.readouterr()
+    assert launch(8, seed=2) == 2
+    assert "trial t00 of r18 ran with train.lr=" in capsys.readouterr().err
+    assert launch(8, **{"train.weight_decay": "uniform(0, 0.001)"}) == 2  # a key more: every dimension re-scrambled
+    err = capsys.readouterr().err
+    assert "trial t00 of r18 ran with train.weight_decay=(not searched)" in err and "seed or keys changed" in err
+    assert launch(2) == 0  # fewer trials: the record keeps the others
+    assert len(json.loads((out / "sweep.json").read_text())["search"]["draws"]["r18"]) == 8
+
+
+def test_keys_that_decide_the_held_out_score_or_the_arm_are_never_varied(tmp_path, capsys):
+    from launch.sweep import main
+
+    with pytest.raises(ConfigError, match="--grid: model.depth may not be varied by a grid or search: it decides the arm"):
+        trials.parse_grid(["model.depth=18,50"])
+    for key in ("train.select_by", "data.val_fraction", "data.split_seed", "data.val_split", "regression.fit_thresholds",
+                "train.calibration", "model.weights"):
+        with pytest.raises(ConfigError, match=f"search: {key} may not be varied"):
+            search({"space": {"train.lr": "uniform(0.1, 1)", key: "choice(a, b)"}})
+        with pytest.raises(ConfigError, match=f"{key} may not be varied"):
+            trials.grid_of({key: ["a", "b"]}, "sweep.yaml: grid")
+    with pytest.raises(ConfigError, match="data.val_fraction may not be varied"):  # an arm's own block too
+        search({"space": {"train.lr": "uniform(0.1, 1)"}, "arms": {"r18": {"data.val_fraction": "uniform(0.1, 0.2)"},
+                                                                   "r50": {"data.val_fraction": "uniform(0.1, 0.2)"}}})
+    assert main(["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--grid", "model.depth=18,50", "--print-config"]) == 2
+    assert "model.depth may not be varied" in capsys.readouterr().err
+
+
+def test_every_arm_searches_and_grids_the_same_keys(tmp_path):
+    from launch.sweep import Sweep
+
+    with pytest.raises(ConfigError, match="arm r18 searches no train.weight_decay, arm r50 does: equal budgets"):
+        search({"space": {"train.lr": "loguniform(0.01, 1)"}, "arms": {"r50": {"train.weight_decay": "uniform(0, 0.01)"}}})
+    both = search({"space": {"train.lr": "loguniform(0.01, 1)"},  # ranges per arm may differ: the keys may not
+                   "arms": {"r18": {"train.weight_decay": "uniform(0, 0.01)"}, "r50": {"train.weight_decay": "uniform(0, 0.1)"}}})
+    assert sorted(both.keys) == ["train.lr", "train.weight_decay"]
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"name": "g", "config": str(REPO / "configs" / "demo.yaml"),
+                                          "arms": {"r18": ["model.depth=18"], "r50": ["model.depth=50"]},
+                                          "grid": {"train.lr": [0.1, 0.2], "arms": {"r50": {"data.image_size": [64, 96]}}}}))
+    with pytest.raises(ConfigError, match="arm r18 varies no data.image_size, arm r50 does"):
+        Sweep.load(sweep_file)
+
+
 def test_unequal_budgets_and_bad_spaces_are_refused():
     with pytest.raises(ConfigError, match="different numbers of trials"):
-        trials.arm_trials(["r18", "r50"], {"train.lr": ["0.1", "0.2"]}, {"r50": {"data.image_size": ["64", "96"]}},
+        trials.arm_trials(["r18", "r50"], {"train.lr": ["0.1", "0.2"]}, {"r50": {"train.lr": ["0.01", "0.02", "0.03"]}},
                           None, 0)
     same = trials.arm_trials(["r18", "r50"], {"train.lr": ["0.1", "0.2"]}, {"r50": {"train.lr": ["0.01", "0.02"]}}, None, 0)
-    assert [t["train.lr"] for t in same["r50"]] == ["0.01", "0.02"]
-    for bad in ("loguniform(0, 1)", "uniform(1, 0.5)", "normal(0, 1)", "loguniform(0.1)"):
+    assert [t["train.lr"] for t in same["r50"].values()] == ["0.01", "0.02"] and list(same["r50"]) == ["lr0.01", "lr0.02"]
+    for bad in ("loguniform(0, 1)", "uniform(1, 0.5)", "normal(0, 1)", "loguniform(0.1)", "intuniform(0.5, 3)"):
         with pytest.raises(ConfigError, match="train.lr"):
             search({"space": {"train.lr": bad}})
     with pytest.raises(ConfigError, match="not arms of this sweep"):
@@ -339,14 +471,38 @@ def test_train_length_stretches_epochs_and_warm_up(tmp_path):
     half = config.load(REPO / "configs" / "demo.yaml", ["train.length=0.5"])
     assert twice.train.epochs == 2 * base.train.epochs and twice.train.warmup_epochs == 2 * base.train.warmup_epochs
     assert half.train.epochs == round(base.train.epochs / 2) and half.train.warmup_epochs == base.train.warmup_epochs / 2
-    assert twice.train.length == 1.0 and twice.schedule_length == 2.0 and base.schedule_length == 1.0
+    assert twice.train.length == 2.0 and base.train.length == 1.0
     config.save(twice, tmp_path / "config.yaml")  # read again, a saved config trains the same epochs
     again = config.load(tmp_path / "config.yaml")
     assert (again.train.epochs, again.train.warmup_epochs) == (twice.train.epochs, twice.train.warmup_epochs)
+    assert again == twice and config.from_dict(twice.to_dict()) == twice
+    # the saved config keeps the epochs as given and the multiple: runs group along train.length in the report
+    saved = config.settings_of(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert (saved["train.length"], saved["train.epochs"]) == (2.0, base.train.epochs)
+    from dr_resnet.results.arms import read_run
+
+    assert read_run(tmp_path).epochs_planned == twice.train.epochs
+    changed = config.load(tmp_path / "config.yaml")  # changed after reading: saved as the schedule it now is
+    changed.train.epochs = 3
+    config.save(changed, tmp_path / "changed.yaml")
+    assert config.load(tmp_path / "changed.yaml").train.epochs == 3
     with pytest.raises(ConfigError, match="train.length"):
         config.load(None, ["train.length=0"])
     with pytest.raises(ConfigError, match="data.train_fraction"):
         config.load(None, ["data.train_fraction=1.5"])
+
+
+def test_a_grid_over_train_length_refuses_two_values_with_one_schedule(tmp_path, capsys):
+    from launch.sweep import main
+
+    epochs = config.load(REPO / "configs" / "demo.yaml").train.epochs
+    args = ["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--out", str(tmp_path / "o"), "--print-config",
+            "--runs", "resnet18_scratch"]
+    assert main([*args, "--grid", "train.length=0.5,1,2"]) == 0
+    lengths = [(d["train"]["length"], d["train"]["epochs"]) for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert lengths == [(0.5, epochs), (1.0, epochs), (2.0, epochs)]  # as given: the report's axis
+    assert main([*args, "--grid", f"train.length=1,{1 + 0.4 / epochs}"]) == 2
+    assert f"grid train.length: 1 and {1 + 0.4 / epochs} both give {epochs} epochs" in capsys.readouterr().err
 
 
 # -- the two phases, for real -------------------------------------------------------------------------
@@ -433,6 +589,14 @@ def test_tune_plans_phase_one_from_the_search_and_refuses_without_one(tmp_path, 
     assert lrs["resnet18_scratch"] == lrs["resnet50_scratch"]  # one search range: the same draws
     assert all(f.startswith("tune/resnet") and f.count("/") == 2 for f in folders)
     assert all(d["wandb"]["trial"] == "train.lr" and 0.005 <= d["train"]["lr"] <= 0.5 for d in docs)
+    # the demo's own search at 8 trials: every name its own (3 significant digits made two collide before)
+    assert main(["--config", str(REPO / "configs" / "demo_tune.yaml"), "--tune", "8", "--seeds", "1,2",
+                 "--out", str(tmp_path / "t8"), "--print-config"]) == 0
+    docs = [d for d in yaml.safe_load_all(capsys.readouterr().out.split("\n", 1)[1]) if d]
+    assert len(docs) == 32 and len({d["output"]["dir"] for d in docs}) == 32
+    scratch = [d["train"]["lr"] for d in docs if "/resnet18_scratch/" in d["output"]["dir"]]
+    quarters = np.histogram(np.log10(scratch), bins=4, range=(math.log10(0.005), math.log10(0.5)))[0]
+    assert quarters.tolist() == [2, 2, 2, 2]
     plain = tmp_path / "plain.yaml"
     plain.write_text(yaml.safe_dump({"name": "p", "config": str(REPO / "configs" / "demo.yaml"),
                                      "arms": {"r18": ["model.depth=18"]}}))

@@ -303,7 +303,8 @@ def effective_settings(run: Run) -> dict:
             "total_steps": t.epochs * steps, "first_epoch_grade_shares": [round(float(x), 4) for x in sampler.grade_shares(0)],
             "final_epoch_grade_shares": [round(float(x), 4) for x in sampler.grade_shares(t.epochs - 1)],
             "held_out_images": len(run.val_loader.dataset) if run.val_loader else 0,
-            "training_images": len(run.train_loader.dataset), "schedule_length": run.cfg.schedule_length,
+            "training_images": len(run.train_loader.dataset), "schedule_length": t.length,
+            "epochs": t.epochs, "warmup_epochs": t.warmup_epochs,  # train.length applied (config.schedule_of)
             "sync_bn": any(isinstance(m, torch.nn.SyncBatchNorm) for m in run.model.modules()),
             "selection": f"best held-out {t.select_by}" if run.val_loader else "the final epoch (nothing held out)"}
 
