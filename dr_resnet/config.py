@@ -37,6 +37,7 @@ HeadKind = Literal[HEADS]  # heads.HEAD_TYPES
 DataFormat = Literal[FORMAT_CHOICES]  # formats.SplitLayout
 NonFinite = Literal[NONFINITE]  # loop.Trainer
 RegressionLoss = Literal["mse", "smooth_l1"]
+StepsAtFraction = Literal["fewer", "same"]
 FitThresholds = Literal["train", "val", "batches", "none"]
 Scheduler = Literal["none", "cosine", "onecycle"]
 Amp = Literal["auto", "off", "bf16", "fp16"]
@@ -162,6 +163,9 @@ class TrainConfig:
     length: float = 1.0  # a multiple of the schedule: train.epochs (rounded) and train.warmup_epochs are multiplied by
     # it when the config is read, so warm-up and decay stretch with the run (learning curves over training length);
     # config.yaml keeps the epochs as given and the multiple (the report groups runs by it), `effective` the result
+    steps_at_fraction: StepsAtFraction = "fewer"  # with data.train_fraction < 1: fewer (the epochs as set: a tenth of
+    # the data is a tenth of the optimizer steps) | same (epochs and warm-up multiplied by 1 / data.train_fraction:
+    # the same steps at every fraction, a constant-step learning curve)
     batch_size: int = 32  # per process: the global batch is batch_size x processes
     eval_batch_size: int = 0  # per process; 0 means 2 x batch_size
     lr: float | None = None  # auto (None): the linear-scaling rule, lr_base_* x global batch / lr_base_batch, with
@@ -249,7 +253,7 @@ class Config:
             if (train["epochs"], train["warmup_epochs"]) == result:
                 train["epochs"], train["warmup_epochs"] = given
             else:
-                train["length"] = 1.0
+                train["length"], train["steps_at_fraction"] = 1.0, "fewer"
         return content
 
 
@@ -539,15 +543,24 @@ def load(config_file: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def stretch_schedule(cfg: Config) -> None:
-    """Apply train.length to the epochs and warm-up (the cosine decay follows the epochs); train.length keeps
-    the multiple and the saved config the given epochs, so a saved config read again trains the same."""
+    """Apply train.length (and train.steps_at_fraction=same) to the epochs and warm-up (the cosine decay follows
+    the epochs); train.length keeps the multiple and the saved config the given epochs, so a saved config read
+    again trains the same."""
     given = (cfg.train.epochs, cfg.train.warmup_epochs)
-    cfg.train.epochs, cfg.train.warmup_epochs = schedule_of(*given, cfg.train.length)
-    cfg.stretched = (given, (cfg.train.epochs, cfg.train.warmup_epochs)) if cfg.train.length != 1.0 else None
+    multiple = schedule_multiple(cfg.train.length, cfg.data.train_fraction, cfg.train.steps_at_fraction)
+    cfg.train.epochs, cfg.train.warmup_epochs = schedule_of(*given, multiple)
+    cfg.stretched = (given, (cfg.train.epochs, cfg.train.warmup_epochs)) if multiple != 1.0 else None
+
+
+def schedule_multiple(length: float, train_fraction: float, steps_at_fraction: str) -> float:
+    """What the schedule is multiplied by: train.length, and 1 / data.train_fraction for the same steps at
+    every fraction (train.steps_at_fraction=same)."""
+    return length / train_fraction if steps_at_fraction == "same" else length
 
 
 def schedule_of(epochs: int, warmup_epochs: float, length: float) -> tuple[int, float]:
-    """THE train.length rule: (epochs, warm-up epochs) a run with these settings trains."""
+    """THE schedule rule: (epochs, warm-up epochs) a run trains whose schedule is multiplied by `length`
+    (schedule_multiple)."""
     if length == 1.0:
         return epochs, warmup_epochs
     stretched = max(1, round(epochs * length))

@@ -488,6 +488,16 @@ def test_train_length_stretches_epochs_and_warm_up(tmp_path):
     assert config.load(tmp_path / "changed.yaml").train.epochs == 3
     with pytest.raises(ConfigError, match="train.length"):
         config.load(None, ["train.length=0"])
+    # Constant-step learning curves: at a quarter of the data, four times the epochs (and warm-up), so the
+    # optimizer takes as many steps as at the whole; the saved config keeps what was given.
+    quarter = config.load(REPO / "configs" / "demo.yaml", ["data.train_fraction=0.25", "train.steps_at_fraction=same"])
+    fewer = config.load(REPO / "configs" / "demo.yaml", ["data.train_fraction=0.25"])
+    assert (quarter.train.epochs, quarter.train.warmup_epochs) == (4 * base.train.epochs, 4 * base.train.warmup_epochs)
+    assert (fewer.train.epochs, fewer.train.warmup_epochs) == (base.train.epochs, base.train.warmup_epochs)
+    (tmp_path / "quarter").mkdir()
+    config.save(quarter, tmp_path / "quarter" / "config.yaml")
+    assert config.load(tmp_path / "quarter" / "config.yaml") == quarter
+    assert read_run(tmp_path / "quarter").epochs_planned == 4 * base.train.epochs
     with pytest.raises(ConfigError, match="data.train_fraction"):
         config.load(None, ["data.train_fraction=1.5"])
 

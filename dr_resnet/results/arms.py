@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from dr_resnet.config import defines_the_arm, initialisation, is_pretrained, schedule_of, settings_of
+from dr_resnet.config import (
+    defines_the_arm,
+    initialisation,
+    is_pretrained,
+    schedule_multiple,
+    schedule_of,
+    settings_of,
+)
 from dr_resnet.results.metrics import METRICS, collapse, majority_baseline
 from dr_resnet.results.predictions import Predictions, read_predictions
 from dr_resnet.results.rundir import (
@@ -192,8 +199,9 @@ def read_run(path: Path, name: str = "") -> RunRecord:
     reason = f"{status.get('status', 'failed')}: {status.get('reason', '')}" if status else ""
     settings = settings_of(cfg)
     # config.yaml keeps the epochs as given and train.length (older runs: the stretched epochs, length 1)
-    planned, _ = schedule_of(int(settings["train.epochs"]), float(settings["train.warmup_epochs"]),
-                             float(settings["train.length"]))
+    multiple = schedule_multiple(float(settings["train.length"]), float(settings["data.train_fraction"]),
+                                 str(settings["train.steps_at_fraction"]))
+    planned, _ = schedule_of(int(settings["train.epochs"]), float(settings["train.warmup_epochs"]), multiple)
     return RunRecord(name or path.name, path, int(settings["model.depth"]), str(settings["model.weights"]),
                      planned, read_metrics(path), reason, str(settings["train.select_by"]),
                      int(settings["train.seed"]), settings, effective=cfg.get("effective") or {})
