@@ -364,6 +364,17 @@ def test_arms_are_the_runs_that_trained_the_same_thing(runs, tmp_path):
     row = f"| classification | pretraining at ResNet50, model.head=classification | {pretraining['qwk']['difference']:+.3f} ("
     assert row in along and "ordinal" not in along.split("|---|")[-1]  # no comparison was made at ordinal
     assert (tmp_path / "out" / "factor_model_head.png").is_file()
+    # Its scores: a factor (no sweep.json names it searched), every value reported and none chosen; the runs
+    # held nothing out, so no held-out figure stands beside the test one.
+    scores = md.split("## Scores along model.head")[1].split("\n## ")[0]
+    assert "model.head is a factor: every value is the experiment, none is chosen" in scores
+    assert "| resnet50 pretrained | ordinal | - | " in scores and "chosen |" not in scores
+    # Named searched in the sweep's manifest, the key's held-out choice would be marked, and the report says how
+    # a fair comparison runs that choice (on fresh seeds).
+    (sweep / "sweep.json").write_text(json.dumps({"searched": ["model.head"]}))
+    report(sweep, tmp_path / "out2")
+    scores = (tmp_path / "out2" / "results.md").read_text().split("## Scores along model.head")[1].split("\n## ")[0]
+    assert "model.head is a searched key" in scores and "launch.sweep --tune" in scores
     assert "| resnet50 pretrained, model.head=classification | 0, 1 | " in md  # the seeds table: one arm of two
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count("<tr") == md.count("\n| ")  # the same tables, heading rows and rows, on the page
@@ -473,3 +484,29 @@ def test_runs_of_one_comparison_that_ran_in_other_precisions_are_named(runs, tmp
     comparisons = comparisons_of(tmp_path / "out")
     assert {c["warning"] for c in comparisons if c["status"] == "compared"} == {expected}
     assert f"(warning: {expected})" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_learning_curve_is_drawn_against_the_realised_share_and_a_searched_keys_choice_is_the_held_out_one(tmp_path):
+    """The held-out score's choice per line is the value with the best held-out mean, whatever the test figures
+    say; a learning curve's x-axis is the share of training images each fraction really used."""
+    from dr_resnet.results.factors import preferred, realised_shares
+    from dr_resnet.results.report import plot_factor
+    from dr_resnet.results.tables import factor_scores_table
+
+    def entry(value, mean, images=None):
+        return {"value": value, "mean": mean, "low": mean - 0.02, "high": mean + 0.02, "n": 3, "images": images}
+
+    held_out = {"resnet18 scratch": [entry("0.01", 0.70), entry("0.1", 0.80), entry("0.3", 0.75)]}
+    test = {"resnet18 scratch": [entry("0.01", 0.72), entry("0.1", 0.71), entry("0.3", 0.90)]}
+    chosen = preferred(held_out)
+    assert chosen == {"resnet18 scratch": "0.1"}  # held-out's best, not test's 0.3
+    table = factor_scores_table("train.lr", held_out, test, chosen, True, None)
+    marked = [row.cells for row in table.rows if row.cells[-1] == "chosen"]
+    assert marked == [["resnet18 scratch", "0.1", "0.800 (0.780 to 0.820)", "0.710 (0.690 to 0.730)", "3", "chosen"]]
+    # 10% of the patients kept 150 of 1000 images (whole patients, every grade): the curve is drawn at 15%.
+    curve = {"resnet18 scratch": [entry("0.1", 0.5, 150.0), entry("0.5", 0.7, 520.0), entry("1", 0.8, 1000.0)]}
+    assert realised_shares(curve) == {"resnet18 scratch": [0.15, 0.52, 1.0]}
+    assert realised_shares({"x": [entry("0.1", 0.5, 150.0)]}) is None  # no point at 1: the fractions as set
+    plot_factor("data.train_fraction", curve, curve, tmp_path / "curve.png", shares=realised_shares(curve),
+                steps="same")
+    assert (tmp_path / "curve.png").stat().st_size > 10_000

@@ -9,12 +9,14 @@ where the interval excludes 0; `convergence` the epochs each arm needs to reach 
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
 from dr_resnet.results.arms import Arm
-from dr_resnet.results.rundir import selected_on
+from dr_resnet.results.rundir import MetricsError, selected_on
 from dr_resnet.results.stats import LEVEL, t_quantile
 
 REACHED = 0.95  # convergence: the share of its final held-out QWK an arm must reach
@@ -45,7 +47,8 @@ def spread(values: list[float]) -> dict:
 
 def points(arms: list[Arm], key: str, metric: str = "test_qwk") -> dict[str, list[dict]]:
     """Per line (depth, initialisation and any other factor), per value of `key`: the selected epoch's
-    `metric` over the arm's finished seeds (spread), sorted by value (numerically where it can be)."""
+    `metric` over the arm's finished seeds (spread), with the mean number of training images its runs used,
+    sorted by value (numerically where it can be)."""
     lines: dict[str, list[dict]] = {}
     for arm in arms:
         if key not in arm.factors or not arm.finished:
@@ -53,11 +56,47 @@ def points(arms: list[Arm], key: str, metric: str = "test_qwk") -> dict[str, lis
         others = "".join(f", {k}={v}" for k, v in arm.factors.items() if k != key)
         line = f"resnet{arm.depth} {'pretrained' if arm.pretrained else 'scratch'}{others}"
         values = [row[metric] for row in (r.chosen() for r in arm.finished) if metric in row]
+        images = [r.effective["training_images"] for r in arm.finished if "training_images" in r.effective]
         if values:
-            lines.setdefault(line, []).append({"value": arm.factors[key], **spread(values)})
+            lines.setdefault(line, []).append({"value": arm.factors[key], **spread(values),
+                                               "images": float(np.mean(images)) if images else None})
     for entries in lines.values():
         entries.sort(key=lambda e: float(e["value"]) if numeric([e["value"]]) else str(e["value"]))
     return lines
+
+
+FRACTION = "data.train_fraction"
+
+
+def realised_shares(lines: dict[str, list[dict]]) -> dict[str, list[float]] | None:
+    """Along data.train_fraction: each point's training images as a share of its line's images at fraction 1
+    (the nested draw keeps whole patients and every grade, so a small fraction holds more than its share of
+    images, rare grades most); None unless every line has a point at 1 and image counts."""
+    found = {}
+    for line, entries in lines.items():
+        whole = next((e["images"] for e in entries if float(e["value"]) == 1.0 and e["images"]), None)
+        if whole is None or any(e["images"] is None for e in entries):
+            return None
+        found[line] = [e["images"] / whole for e in entries]
+    return found
+
+
+def preferred(lines: dict[str, list[dict]]) -> dict[str, str]:
+    """Per line, the value whose mean held-out score is highest (for a searched key: what held-out figures
+    would choose; the first of equals)."""
+    return {line: str(max(entries, key=lambda e: e["mean"])["value"]) for line, entries in lines.items() if entries}
+
+
+def declared_searched(root: Path) -> set[str]:
+    """The keys launch.sweep was told are searched (root/sweep.json's "searched"): chosen on held-out figures,
+    where any other varied key is a factor, every value of it reported."""
+    manifest = Path(root) / "sweep.json"
+    if not manifest.is_file():
+        return set()
+    try:
+        return set(json.loads(manifest.read_text()).get("searched", []))
+    except ValueError as exc:
+        raise MetricsError(f"{manifest}: not the sweep.json launch.sweep writes ({exc}): run the sweep again") from None
 
 
 def differences(comparisons: list[dict], key: str, families: list[dict] = ()) -> list[dict]:

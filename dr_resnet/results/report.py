@@ -31,7 +31,17 @@ from dr_resnet.results.arms import (
     seed_summary,
     smallest_detectable,
 )
-from dr_resnet.results.factors import convergence, differences, factor_keys, numeric, points
+from dr_resnet.results.factors import (
+    FRACTION,
+    convergence,
+    declared_searched,
+    differences,
+    factor_keys,
+    numeric,
+    points,
+    preferred,
+    realised_shares,
+)
 from dr_resnet.results.html import write_html
 from dr_resnet.results.metrics import expected_calibration_error
 from dr_resnet.results.plots import pyplot
@@ -43,6 +53,7 @@ from dr_resnet.results.tables import (
     convergence_table,
     datasets_table,
     detectable_table,
+    factor_scores_table,
     factor_table,
     markdown,
     operating_points_table,
@@ -74,7 +85,8 @@ def caption(figure: Path) -> str:
     if figure.name.startswith("accuracy_resnet"):
         return f"ResNet{figure.stem.removeprefix('accuracy_resnet')}: accuracy and QWK per epoch, per arm"
     if figure.name.startswith("factor_"):
-        return f"test QWK at the selected epoch against {figure.stem.removeprefix('factor_')}, per arm (mean, 95% CI over seeds)"
+        return (f"held-out QWK (what may choose) and test QWK (reported, not chosen on) at the selected epoch against "
+                f"{figure.stem.removeprefix('factor_')}, per arm (mean, 95% CI over seeds)")
     if figure.name.startswith("slice_"):
         return (f"each tuning trial's held-out score against {figure.stem.removeprefix('slice_')}, per arm (failed and "
                 f"diverged trials: crosses at the bottom; the winner ringed)")
@@ -249,52 +261,76 @@ def plot_slice(choice: dict, key: str, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_factor(key: str, lines: dict[str, list[dict]], path: Path) -> None:
-    """Test QWK at the selected epoch against one factor, per line (depth and initialisation): a curve for
-    a numeric factor (a log axis where its values span 8x or more), bars for a categorical one; mean over
-    seeds with its 95% interval."""
+def plot_factor(key: str, held_out: dict[str, list[dict]], test: dict[str, list[dict]], path: Path,
+                chosen: dict[str, str] | None = None, shares: dict[str, list[float]] | None = None,
+                steps: str = "") -> None:
+    """Per line (depth and initialisation) against one factor, held-out QWK first (what may choose) and test QWK
+    beside it (reported, not chosen on): a curve for a numeric factor (a log axis where its values span 8x or
+    more), bars for a categorical one; mean over seeds with its 95% interval. `chosen`: a searched key's value
+    the held-out score prefers per line (ringed); `shares`: the realised share of training images per point
+    (the x-axis of a learning curve over data.train_fraction); `steps`: what the schedule did at each fraction."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.4))
-    values = {str(e["value"]) for entries in lines.values() for e in entries}
+    panels = [(held_out, "held-out QWK (what a choice may use)"), (test, "test QWK (reported, not chosen on)")]
+    panels = [(lines, title) for lines, title in panels if lines]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 2.4, 4.4), squeeze=False)
+    values = {str(e["value"]) for lines, _ in panels for entries in lines.values() for e in entries}
     as_curve = numeric(list(values))
     values = sorted(values, key=float) if as_curve else sorted(values)
-    width = 0.8 / max(1, len(lines))
-    for index, (line, entries) in enumerate(lines.items()):
-        colour = COLOURS[index % len(COLOURS)]
-        x = [float(e["value"]) for e in entries] if as_curve else \
-            [values.index(str(e["value"])) + (index - (len(lines) - 1) / 2) * width for e in entries]
-        mean = np.array([e["mean"] for e in entries])
-        errors = np.array([[e["mean"] - e["low"], e["high"] - e["mean"]] if e["low"] is not None else [0, 0]
-                           for e in entries]).T
-        label = f"{line} (n={max(e['n'] for e in entries)} seeds)"
-        if as_curve:
-            ax.errorbar(x, mean, yerr=errors, fmt="-o", ms=4, capsize=3, color=colour, label=label)
-        else:
-            ax.bar(x, mean, width, yerr=errors, capsize=3, color=colour, alpha=0.8, label=label)
-    if as_curve and 0 < float(values[0]) and float(values[-1]) >= 8 * float(values[0]):
-        ax.set_xscale("log")
-    if not as_curve:
-        ax.set_xticks(range(len(values)), values)
-    ax.set(title=f"test QWK (selected epoch) against {key}", xlabel=key, ylabel="test QWK")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, (lines, title) in zip(axes[0], panels):
+        width = 0.8 / max(1, len(lines))
+        for index, (line, entries) in enumerate(lines.items()):
+            colour = COLOURS[index % len(COLOURS)]
+            if as_curve:
+                x = shares[line] if shares and line in shares else [float(e["value"]) for e in entries]
+            else:
+                x = [values.index(str(e["value"])) + (index - (len(lines) - 1) / 2) * width for e in entries]
+            mean = np.array([e["mean"] for e in entries])
+            errors = np.array([[e["mean"] - e["low"], e["high"] - e["mean"]] if e["low"] is not None else [0, 0]
+                               for e in entries]).T
+            label = f"{line} (n={max(e['n'] for e in entries)} seeds)"
+            if as_curve:
+                ax.errorbar(x, mean, yerr=errors, fmt="-o", ms=4, capsize=3, color=colour, label=label)
+            else:
+                ax.bar(x, mean, width, yerr=errors, capsize=3, color=colour, alpha=0.8, label=label)
+            pick = [i for i, e in enumerate(entries) if chosen and str(e["value"]) == chosen.get(line)]
+            if pick:
+                ax.plot([x[i] for i in pick], [mean[i] for i in pick], "o", ms=13, mfc="none", mec=colour, mew=1.5,
+                        label="ringed: the held-out score's choice" if ax is axes[0][-1] and index == 0 else None)
+        if as_curve and 0 < float(values[0]) and float(values[-1]) >= 8 * float(values[0]):
+            ax.set_xscale("log")
+        if not as_curve:
+            ax.set_xticks(range(len(values)), values)
+        xlabel = key
+        if shares:
+            xlabel = f"share of training images used (realised; {key} sets patients)"
+        ax.set(title=title, xlabel=xlabel, ylabel="QWK at the selected epoch")
+        ax.grid(alpha=0.3)
+    note = f"; steps at each fraction: {steps}" if steps else ""
+    fig.suptitle(f"along {key}{note}", fontsize=10)
+    legend_outside(axes[0][-1])
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
-def factor_tables(arms: list[Arm], comparisons: list[dict], families: list[dict], out: Path
-                  ) -> tuple[list[Table], list[Path]]:
-    """Per factor (a key that tells arms of one depth and initialisation apart): its figure and the table of
-    paired differences at each value; and the convergence table where runs held images out."""
+def factor_tables(arms: list[Arm], comparisons: list[dict], families: list[dict], out: Path,
+                  searched: set[str] = frozenset()) -> tuple[list[Table], list[Path]]:
+    """Per factor (a key that tells arms of one depth and initialisation apart): its figure (held-out first),
+    the scores at each value (a searched key's held-out choice marked) and the table of paired differences at
+    each value; and the convergence table where runs held images out."""
     tables, written = [], []
     for key in factor_keys(arms):
-        lines = points(arms, key)
-        if not lines:
+        test, held_out = points(arms, key), points(arms, key, "val_qwk")
+        if not test:
             continue
+        chosen = preferred(held_out) if key in searched else None
+        shares = realised_shares(test) if key == FRACTION else None
+        steps = ", ".join(sorted({str(r.settings.get("train.steps_at_fraction")) for a in arms for r in a.finished
+                                  if key in a.factors})) if key == FRACTION else ""
         path = out / f"factor_{key.replace('.', '_')}.png"
-        plot_factor(key, lines, path)
+        plot_factor(key, held_out, test, path, chosen, shares, steps)
         written.append(path)
+        tables.append(factor_scores_table(key, held_out, test, chosen, key in searched, shares))
         rows = differences(comparisons, key, families)
         if rows:
             tables.append(factor_table(key, rows))
@@ -541,7 +577,7 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         print(f"warning: {warning}", file=sys.stderr)
     rows = result_rows(runs)
     tables = tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows), operating_rows(runs), families)
-    more, figures = factor_tables(arms, comparisons, families, out)
+    more, figures = factor_tables(arms, comparisons, families, out, declared_searched(root))
     tuned, tuning_figures = tuning_tables(root, out)
     tables += more + tuned
     written += figures + tuning_figures

@@ -247,6 +247,33 @@ FACTOR_NOTE = (
     "t-interval).")
 
 
+def factor_scores_table(key: str, held_out: dict[str, list[dict]], test: dict[str, list[dict]],
+                        chosen: dict[str, str] | None, searched: bool, shares: dict[str, list[float]] | None) -> Table:
+    """Per line and value of a factor: the held-out QWK first, then the test QWK (reported, not chosen on)."""
+    columns = [Column("line", "arm"), Column("value", key), *([Column("share", "share of images")] if shares else []),
+               Column("held_out", "held-out QWK (mean, 95% CI)"), Column("test", "test QWK (reported, not chosen on)"),
+               Column("seeds", "seeds"), Column("choice", "held-out's choice")]
+    kind = ("a searched key: the held-out score's choice is marked; comparing the arms at their choices on the same "
+            "seeds favours the noisier arm, so run the choice on fresh seeds (launch.sweep --tune)") if searched else \
+        "a factor: every value is the experiment, none is chosen"
+    table = Table(f"scores_{key}", f"Scores along {key}", f"{key} is {kind}. Mean over each arm's finished seeds at "
+                  f"their selected epochs, with 95% t-intervals over seeds.", columns,
+                  numeric=frozenset(("share", "held_out", "test", "seeds")))
+
+    def shown(e: dict | None) -> str:
+        if e is None:
+            return "-"
+        return f"{e['mean']:.3f}" + (f" ({e['low']:.3f} to {e['high']:.3f})" if e["low"] is not None else "")
+    for line, entries in test.items():
+        by_value = {str(e["value"]): e for e in held_out.get(line, [])}
+        for index, e in enumerate(entries):
+            value = str(e["value"])
+            mark = "chosen" if chosen and chosen.get(line) == value else ""
+            share = [f"{shares[line][index]:.1%}"] if shares else []
+            table.rows.append(Row([line, value, *share, shown(by_value.get(value)), shown(e), str(e["n"]), mark]))
+    return table
+
+
 def factor_table(key: str, rows: list[dict]) -> Table:
     columns = [Column("value", key), Column("comparison", "comparison"), Column("qwk", "QWK A - B (interval)"),
                Column("seeds", "seeds"), Column("holds", "verdict")]
