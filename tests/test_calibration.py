@@ -46,10 +46,11 @@ def test_one_seed_a_side_gives_a_test_set_interval_that_holds_where_it_is_valid(
 def test_a_real_difference_of_1_7_deviations_is_found_four_times_in_five_at_5_seeds():
     """Arm A's error 37% smaller, 5 seed pairs: the mean QWK difference is about 1.7 standard deviations of one
     seed pair's difference (the test set's term included: sd of the mean over replications times sqrt(5)), and
-    the test at alpha 0.05 finds it in about 80% of replications, as the non-central t with 4 degrees of freedom
-    predicts for that effect."""
+    the test at alpha 0.05 finds it in about 80% of replications: at least as often as the non-central t with 4
+    degrees of freedom predicts for that effect (a lower bound: the test set's share of the error is estimated
+    from every patient, not from 4 degrees of freedom)."""
     found = claims(Setting(5, seed_sd=0.12, patient_effect=0.0, effect=0.37), REPLICATIONS, seed=5)
     standardised = found["mean_difference"] / (found["sd_difference"] * math.sqrt(5))
     predicted = power(found["mean_difference"] / found["sd_difference"], 4, 0.95)
     assert 1.5 <= standardised <= 1.9, found
-    assert 0.7 <= found["claimed"] <= 0.9 and abs(found["claimed"] - predicted) < 0.06, (found, predicted)
+    assert 0.7 <= found["claimed"] <= 0.92 and found["claimed"] >= predicted - 0.03, (found, predicted)
