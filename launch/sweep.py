@@ -8,9 +8,14 @@ each task running the same training entry as torchrun. SLURM by default, or this
 Each run's directory is SWEEP_DIR/<arm>/ (with --grid KEY=V1,V2: SWEEP_DIR/<arm>/<trial>/; with --seeds 0,1,2:
 .../seed<k>/ under it, one W&B run each in the sweep's group, tagged with its seed); a search's trials are
 t<i>-<values, rounded> (launch/trials.py); a finished run is not run again; submitit's logs are
-SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest (runs, job ids, arguments, a search's drawn values) is
-SWEEP_DIR/sweep.json (--tune's phase 1: SWEEP_DIR/tune/sweep.json). A pretrained arm whose ImageNet weights cannot
-be had is not trained from scratch instead: it is reported as not run, with the missing file named.
+SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest (runs, job ids, arguments, a search's drawn values, the
+searched keys and the factors) is SWEEP_DIR/sweep.json (--tune's phase 1: SWEEP_DIR/tune/sweep.json). A pretrained
+arm whose ImageNet weights cannot be had is not trained from scratch instead: it is reported as not run, with the
+missing file named.
+
+A searched key (a learning rate: every search: key, and a grid key named in searched: or by --searched) is tuned:
+chosen on held-out figures, then the choice run on fresh seeds (--tune). Any other grid key is a factor (a data
+fraction, the schedule's length, an ablation): the experiment itself, every value reported, none chosen.
 
 Resources: each task gets data.workers + 1 CPUs (the decoders and the training process) and each node
 tasks x (6 + data.workers) GB unless --cpus-per-task / --mem say otherwise; every srun passes
@@ -58,6 +63,7 @@ class Sweep:
     grid: dict[str, list[str]] = field(default_factory=dict)  # section.key -> values: a trial per combination
     grid_per_arm: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # an arm's own grid keys
     search: trials.Search | None = None  # trials drawn per arm (trials.Search)
+    searched: list[str] = field(default_factory=list)  # grid keys that are tuned, not factors (trials.roles)
 
     @staticmethod
     def load(path: str | Path) -> "Sweep":
@@ -65,7 +71,7 @@ class Sweep:
         if not path.is_file():
             raise ConfigError(f"sweep file not found: {path}")
         content = yaml.safe_load(path.read_text()) or {}
-        known = ("name", "config", "arms", "overrides", "out", "grid", "search")
+        known = ("name", "config", "arms", "overrides", "out", "grid", "search", "searched")
         unknown = set(content) - set(known)
         if unknown:
             raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} (known: {', '.join(known)})")
@@ -76,10 +82,13 @@ class Sweep:
         grid, grid_per_arm = (trials.grid_of(grid, f"{path}: grid"),
                               {arm: trials.grid_of(g, f"{path}: grid: arms: {arm}") for arm, g in grid_per_arm.items()})
         trials.equal_keys({arm: set(grid) | set(grid_per_arm.get(arm, {})) for arm in arms}, f"{path}: grid", "varies")
+        searched = content.get("searched") or []
+        if not isinstance(searched, list) or not all(isinstance(k, str) and "." in k for k in searched):
+            raise ConfigError(f"{path}: 'searched' lists grid keys as section.key names, e.g. searched: [train.lr]")
         return Sweep(str(content.get("name") or path.stem), (path.parent / content.get("config", "base.yaml")).resolve(),
                      {arm: [str(o) for o in (ovs or [])] for arm, ovs in content["arms"].items()},
                      [str(o) for o in content.get("overrides") or []], str(content.get("out") or ""),
-                     grid, grid_per_arm, trials.Search.of(content.get("search"), f"{path}: search", arms))
+                     grid, grid_per_arm, trials.Search.of(content.get("search"), f"{path}: search", arms), searched)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,7 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", help="comma-separated subset of the arms (default: all)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a trial per combination of these values, for every arm (repeat for more keys; with the sweep "
-                        "file's grid:), each in SWEEP_DIR/<arm>/<trial>/, e.g. --grid train.lr=0.01,0.05")
+                        "file's grid:), each in SWEEP_DIR/<arm>/<trial>/, e.g. --grid train.lr=0.01,0.05; a factor "
+                        "(every value reported, none chosen) unless named by --searched")
+    p.add_argument("--searched", action="append", default=[], metavar="KEY",
+                   help="a grid key that is tuned (chosen on held-out figures, as --tune does), not a factor of the "
+                        "experiment (repeat for more keys; with the sweep file's searched:); search: keys always are")
     p.add_argument("--seeds", help="comma-separated train.seed values: every arm once per seed, in "
                                    "SWEEP_DIR/<arm>/seed<k>/ (default: one run per arm, in SWEEP_DIR/<arm>/)")
     p.add_argument("--tune", type=int, metavar="N",
@@ -432,8 +445,9 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise ConfigError(f"--runs: unknown arm(s) {unknown} (in {args.config}: {', '.join(sweep.arms)})")
     out = Path(args.out or sweep.out or f"runs/{sweep.name}").resolve()
     grid = {**sweep.grid, **trials.parse_grid(args.grid)}
-    searched = set(grid).union(*sweep.grid_per_arm.values(), sweep.search.keys if sweep.search else ())
-    clash = sorted({o.split("=", 1)[0] for o in args.overrides} & searched)
+    gridded = set(grid).union(*sweep.grid_per_arm.values())
+    varied = gridded.union(sweep.search.keys if sweep.search else ())
+    clash = sorted({o.split("=", 1)[0] for o in args.overrides} & varied)
     if clash:
         raise ConfigError(f"{', '.join(clash)}: set by an override and searched by the grid or search; give it in one place")
     if args.tune and not sweep.search:
@@ -442,16 +456,24 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
     count = args.tune or (sweep.search.trials if sweep.search else 0)
     if sweep.search and not count:
         raise ConfigError(f"{args.config}: search: give trials: N (trials an arm), or --tune N")
+    searched, factors = trials.roles(gridded, sweep.search.keys if sweep.search else [],
+                                     {f"{args.config}: searched": sweep.searched, "--searched": args.searched})
+    if args.tune and factors:
+        # phase 1 picks one trial an arm: over a factor's values, that would choose what the experiment reports
+        raise ConfigError(f"--tune with the grid factor(s) {', '.join(factors)}: phase 1 would choose among a factor's "
+                          f"values; name each in searched: (or --searched KEY) to tune it, or run one sweep per value")
+    roles = {"searched": searched, "factors": factors}
     by_arm = trials.arm_trials(arms, grid, sweep.grid_per_arm, sweep.search, count)
     record = drawn_record(sweep.search, arms, count, out / tuning.TUNE_DIR if args.tune else out)
-    gridded = set(grid).union(*sweep.grid_per_arm.values())
     if args.tune:
-        return tune(args, argv, sweep, out, by_arm, record, gridded)
+        return tune(args, argv, sweep, out, by_arm, record, gridded, roles)
+    if trials.untuned_warning(searched):
+        print(trials.untuned_warning(searched), file=sys.stderr)
     plans = plan(sweep, args, out, run_names(by_arm, args.seeds), gridded)
     shown = show(args, sweep, arms, out, plans)
     if shown is not None:
         return shown
-    jobs = submit(args, argv, plans, out, extra={"search": record} if record else None)
+    jobs = submit(args, argv, plans, out, extra={**roles, **({"search": record} if record else {})})
     if not (args.wait or args.executor == "local"):  # local jobs are this process's children: always wait
         print(f"report when done: python -m dr_resnet.report {out}")
         return 0
@@ -595,8 +617,8 @@ def jobs_still_queued(manifest: Path, folder: Path) -> dict:
 
 
 def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Path,
-         by_arm: dict[str, dict[str, dict[str, str]]], record: dict | None = None, gridded: set[str] = frozenset()
-         ) -> int:
+         by_arm: dict[str, dict[str, dict[str, str]]], record: dict | None = None, gridded: set[str] = frozenset(),
+         roles: dict[str, list[str]] | None = None) -> int:
     """--tune N: phase 1 runs each arm's N trials on --tune-seed (SWEEP_DIR/tune/<arm>/<trial>/) and waits for
     them; each arm's winner is the trial with the best held-out figure (results.tuning.choose: no test figure
     is read); tuning.json records them; phase 2 runs each winner's exact settings on every seed
@@ -611,7 +633,9 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
               f"(each arm's winner on seeds {','.join(map(str, args.seeds)) or 'the recipe'}) is planned once phase 1 "
               f"has finished")
         return show(args, sweep, list(by_arm), out, phase1) or 0
-    jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json", extra={"search": record} if record else None)
+    roles = roles or {}
+    jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json",
+                  extra={**roles, **({"search": record} if record else {})})
     failed = wait_for_all(jobs, phase1)
     choice = tuning.choose(out / tuning.TUNE_DIR, by_arm)
     if record:  # the best-of-k curve counts each repeat of a configuration as a trial of its own
@@ -629,7 +653,7 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
         return 1
     phase2 = plan(sweep, args, out, run_names(winners, args.seeds))
     log_winners(choice, out, next(iter(phase2.values()))[2])
-    jobs = submit(args, argv, phase2, out)
+    jobs = submit(args, argv, phase2, out, extra=roles)  # SWEEP_DIR/sweep.json: the manifest the report reads
     code = wait_and_report(jobs, phase2, out)
     return 1 if failed or len(winners) < len(by_arm) else code
 
