@@ -15,7 +15,9 @@ missing file named.
 
 A searched key (a learning rate: every search: key, and a grid key named in searched: or by --searched) is tuned:
 chosen on held-out figures, then the choice run on fresh seeds (--tune). Any other grid key is a factor (a data
-fraction, the schedule's length, an ablation): the experiment itself, every value reported, none chosen.
+fraction, the schedule's length, an ablation): the experiment itself, every value reported, none chosen. In W&B,
+--tune's phase-1 trials are tagged tune, phase 2's runs final, an earlier winner's runs set aside superseded; the
+winners are artifacts of the sweep's one tuning run.
 
 Resources: each task gets data.workers + 1 CPUs (the decoders and the training process) and each node
 tasks x (6 + data.workers) GB unless --cpus-per-task / --mem say otherwise; every srun passes
@@ -44,12 +46,15 @@ from dr_resnet import config
 from dr_resnet.config import ConfigError
 from dr_resnet.errors import run_command
 from dr_resnet.results import tuning
-from dr_resnet.results.rundir import CONFIG_FILE, STATUS_FILE, is_finished
+from dr_resnet.results.rundir import CONFIG_FILE, LAST_CHECKPOINT, STATUS_FILE, is_finished
 
 from . import requeue, trials
 from .task import TrainTask
 from .watch import LiveView, watch
 
+# W&B tags that tell --tune's runs apart: phase 1's trials, phase 2's runs, and an earlier winner's runs set aside
+TUNE_TAG, FINAL_TAG, SUPERSEDED_TAG = "tune", "final", "superseded"
+TUNING_ID_FILE = ".wandb_tuning_id"  # SWEEP_DIR/.wandb_tuning_id: the sweep's one W&B run of job type tune
 
 @dataclass
 class Sweep:
@@ -495,17 +500,28 @@ def drawn_record(search: trials.Search | None, arms: list[str], count: int, fold
     return trials.merged_record(recorded, record)
 
 
-def plan(sweep: Sweep, args: argparse.Namespace, out: Path, names: dict, gridded: set[str] = frozenset()) -> dict:
+def plan(sweep: Sweep, args: argparse.Namespace, out: Path, names: dict, gridded: set[str] = frozenset(),
+         tag: str = "") -> dict:
     """name -> (run folder, training arguments, resolved config): every config resolved (and so validated)
-    before anything is submitted; `gridded`: the keys a grid varies (train.length's values are checked)."""
+    before anything is submitted; `gridded`: the keys a grid varies (train.length's values are checked);
+    `tag`: a W&B tag every run gets besides those its recipe and overrides give (wandb.tags)."""
     plans = {}
     for name, (arm, folder, seed, trial, values) in names.items():
         run_dir = out / folder
         argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed, group=out.name, trial=values, trial_name=trial)
-        plans[name] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
+        cfg = config.load(argv_arm[1], argv_arm[2:])
+        if tag:  # extends the tags of every layer (recipe file, arm, sweep, command line): replaces none of them
+            argv_arm.append(f"wandb.tags={with_tag(cfg.wandb.tags, tag)}")
+            cfg = config.load(argv_arm[1], argv_arm[2:])
+        plans[name] = (run_dir, argv_arm, cfg)
     if "train.length" in gridded:
         same_schedules(names, plans)
     return plans
+
+
+def with_tag(tags: str, tag: str) -> str:
+    """wandb.tags (comma-separated) with `tag` added once."""
+    return ",".join(dict.fromkeys([*(t.strip() for t in tags.split(",") if t.strip()), tag]))
 
 
 def same_schedules(names: dict, plans: dict) -> None:
@@ -623,8 +639,8 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     them; each arm's winner is the trial with the best held-out figure (results.tuning.choose: no test figure
     is read); tuning.json records them; phase 2 runs each winner's exact settings on every seed
     (SWEEP_DIR/<arm>/<trial>/seed<k>/), then the report. Finished runs of either phase are never run again."""
-    phase1 = plan(sweep, args, out, run_names(by_arm, [args.tune_seed], under=tuning.TUNE_DIR, seed_folders=False),
-                  gridded)
+    names1 = run_names(by_arm, [args.tune_seed], under=tuning.TUNE_DIR, seed_folders=False)
+    phase1 = plan(sweep, args, out, names1, gridded, tag=TUNE_TAG)
     if args.tune_seed in args.seeds:
         print(f"warning: --seeds {','.join(map(str, args.seeds))} holds --tune-seed {args.tune_seed}: each winner's run on "
               f"that seed repeats the run it won with, lucky draw included", file=sys.stderr)
@@ -646,13 +662,14 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     # the exact drawn value.
     winners = {arm: {entry["winner"]["trial"]: by_arm[arm][entry["winner"]["trial"]]}
                for arm, entry in choice["arms"].items() if "winner" in entry}
-    for arm, named in winners.items():
-        set_aside_earlier_winners(out / arm, next(iter(named)))
     if not winners:
         print(f"no arm has a winner: phase 2 not run (tuning.json: {out / tuning.TUNING_FILE})", file=sys.stderr)
         return 1
-    phase2 = plan(sweep, args, out, run_names(winners, args.seeds))
-    log_winners(choice, out, next(iter(phase2.values()))[2])
+    phase2 = plan(sweep, args, out, run_names(winners, args.seeds), tag=FINAL_TAG)
+    recipe = next(iter(phase2.values()))[2]
+    for arm, named in winners.items():
+        set_aside_earlier_winners(out / arm, next(iter(named)), recipe.wandb)
+    log_winners(choice, out, recipe)
     jobs = submit(args, argv, phase2, out, extra=roles)  # SWEEP_DIR/sweep.json: the manifest the report reads
     code = wait_and_report(jobs, phase2, out)
     return 1 if failed or len(winners) < len(by_arm) else code
@@ -680,13 +697,14 @@ def say_winners(choice: dict) -> None:
 
 
 def log_winners(choice: dict, out: Path, cfg: config.Config) -> None:
-    """The winners in W&B (the recipe's wandb settings, in the sweep's group): one run of job type `tune`
-    holding an artifact tuning-<arm> per arm, aliased `winner` and with the trial's name."""
-    from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
+    """The winners in W&B (the recipe's wandb settings, in the sweep's group): the sweep's one run of job type
+    `tune` (resumed by every launch: tuning_run_id) holding an artifact tuning-<arm> per arm, aliased `winner`
+    and with the trial's name."""
+    from dr_resnet.training.tracking import Tracker, TrackingSettings
 
     w = cfg.wandb
     tracker = Tracker(TrackingSettings(w.mode, w.project, w.entity, out.name, f"{out.name}-tuning", job_type="tune",
-                                       init_timeout=w.init_timeout), out, new_run_id(),
+                                       init_timeout=w.init_timeout), out, tuning_run_id(out),
                       {"arms": {arm: entry.get("winner", {}).get("values") for arm, entry in choice["arms"].items()}})
     for arm, entry in choice["arms"].items():
         if "winner" in entry:
@@ -694,9 +712,24 @@ def log_winners(choice: dict, out: Path, cfg: config.Config) -> None:
     tracker.finish()
 
 
-def set_aside_earlier_winners(arm_dir: Path, winner: str) -> None:
+def tuning_run_id(out: Path) -> str:
+    """The W&B id of the sweep's tuning run: made on first use and kept in SWEEP_DIR/.wandb_tuning_id, so
+    that every launch of the sweep logs to one run, not one per launch."""
+    from dr_resnet.training.tracking import new_run_id
+
+    path = out / TUNING_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = new_run_id()
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def set_aside_earlier_winners(arm_dir: Path, winner: str, wandb: config.WandbConfig | None = None) -> None:
     """Phase 2's folders of an arm's earlier winner (a rerun with more trials chose another) move to
-    SWEEP_DIR/superseded/, so that the report compares the current winners only."""
+    SWEEP_DIR/superseded/, so that the report compares the current winners only; with `wandb` (the recipe's
+    settings), their W&B runs are tagged superseded."""
     if not arm_dir.is_dir():
         return
     for folder in sorted(p for p in arm_dir.iterdir() if p.is_dir() and p.name != winner):
@@ -704,6 +737,37 @@ def set_aside_earlier_winners(arm_dir: Path, winner: str) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         print(f"{arm_dir.name}: the earlier winner's runs {folder} moved to {target}")
         folder.rename(target)
+        if wandb is not None:
+            tag_superseded(target, wandb)
+
+
+def tag_superseded(folder: Path, wandb: config.WandbConfig) -> None:
+    """Tag `superseded` the W&B run of every run under `folder` (resumed by the id its checkpoint keeps, in
+    the recipe's mode), so that W&B tells them from the current winners' runs. Nothing with W&B disabled,
+    for a run without an id, or one trained with W&B off (its id names no W&B run)."""
+    from dr_resnet.training import checkpoint
+    from dr_resnet.training.tracking import Tracker, TrackingSettings, identity, requested_mode, training_tags
+
+    if requested_mode(wandb.mode) == "disabled":
+        return
+    for path in sorted(folder.rglob(LAST_CHECKPOINT)):
+        try:
+            state = checkpoint.load(path)
+            run_cfg = config.from_dict(state["config"])
+        except Exception as exc:  # a damaged checkpoint must not stop the sweep: the run stays set aside, untagged
+            print(f"warning: {path}: cannot be read ({type(exc).__name__}): its W&B run is not tagged "
+                  f"{SUPERSEDED_TAG}", file=sys.stderr)
+            continue
+        w = run_cfg.wandb
+        if not state.get("wandb_id") or requested_mode(w.mode) == "disabled":
+            continue
+        # the run's own project, group, name and tags: resuming with others would rename or move it
+        settings = TrackingSettings(wandb.mode, w.project, w.entity, w.group, w.name, job_type="train",
+                                    tags=training_tags(identity(run_cfg.model, run_cfg.train.seed), w.tags),
+                                    init_timeout=wandb.init_timeout)
+        tracker = Tracker(settings, path.parent, state["wandb_id"], {})
+        tracker.add_tags(SUPERSEDED_TAG)
+        tracker.finish()
 
 
 class GpuSlots:

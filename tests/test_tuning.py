@@ -658,3 +658,46 @@ def test_tune_refuses_a_grid_factor_and_tunes_a_searched_grid_key(tmp_path, caps
     assert main([*args, "--searched", "train.weight_decay"]) == 0
     captured = capsys.readouterr()
     assert "phase 1 of --tune: 4 runs" in captured.out and "without --tune" not in captured.err
+
+
+def test_tune_records_the_roles_at_the_sweeps_top_and_tags_each_phase_in_wandb(tmp_path, monkeypatch):
+    """--tune end to end with the jobs faked (phase 1's metrics written as its trials would): both manifests
+    list the searched keys and factors, phase 1's runs get wandb.tags=tune and phase 2's final, each added to
+    the user's own tags."""
+    from launch import sweep
+
+    monkeypatch.setattr(sweep, "make_executor", lambda *a, **k: None)
+    monkeypatch.setattr(sweep, "submit_each", lambda *a, **k: iter(()))
+    monkeypatch.setattr(sweep, "wait_and_report", lambda *a, **k: 0)
+    submitted = []
+    original = sweep.submit
+
+    def submit(args, argv, plans, out, *rest, **kwargs):
+        submitted.append(plans)
+        return original(args, argv, plans, out, *rest, **kwargs)
+
+    def phase_one_done(jobs, plans, poll_s=5.0):
+        for index, (run_dir, _, cfg) in enumerate(plans.values()):
+            rows = [{"epoch": e, "val_qwk": 0.1 * index + 0.01 * e, "test_qwk": 0.5,
+                     "val_confusion_matrix": np.eye(5, dtype=int).tolist()} for e in range(1, cfg.train.epochs + 1)]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return []
+    monkeypatch.setattr(sweep, "submit", submit)
+    monkeypatch.setattr(sweep, "wait_for_all", phase_one_done)
+    sweep_file, out = tmp_path / "sweep.yaml", tmp_path / "out"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "p", "config": str(REPO / "configs" / "demo.yaml"),
+        "arms": {"r18": ["model.depth=18", "model.weights=none", "wandb.tags=cohort-a"]},
+        "grid": {"train.weight_decay": [0, 0.0001]}, "searched": ["train.weight_decay"],
+        "search": {"space": {"train.lr": "loguniform(0.01, 0.1)"}}}))
+    assert sweep.main(["--config", str(sweep_file), "--out", str(out), "--tune", "2", "--seeds", "1,2",
+                       "wandb.project=mine"]) == 0
+    for manifest in (out / "sweep.json", out / "tune" / "sweep.json"):
+        content = json.loads(manifest.read_text())
+        assert (content["searched"], content["factors"]) == (["train.lr", "train.weight_decay"], []), manifest
+    phase1, phase2 = submitted
+    assert len(phase1) == 4 and len(phase2) == 2
+    for plans, tag in ((phase1, "tune"), (phase2, "final")):
+        for run_dir, argv, cfg in plans.values():
+            assert argv[-1] == f"wandb.tags=cohort-a,{tag}" and cfg.wandb.tags == f"cohort-a,{tag}"
+            assert yaml.safe_load((run_dir / "config.yaml").read_text())["wandb"]["tags"] == f"cohort-a,{tag}"
