@@ -652,7 +652,7 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     roles = roles or {}
     jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json",
                   extra={**roles, **({"search": record} if record else {})})
-    failed = wait_for_all(jobs, phase1)
+    failed = wait_for_all(jobs, phase1, trials_of={name: (arm, trial) for name, (arm, _, _, trial, _) in names1.items()})
     choice = tuning.choose(out / tuning.TUNE_DIR, by_arm)
     if record:  # the best-of-k curve counts each repeat of a configuration as a trial of its own
         choice.update(repeats=record["repeats"], distinct_configurations=record["distinct_configurations"])
@@ -815,12 +815,13 @@ def wait_and_report(jobs: dict, plans: dict, out: Path, poll_s: float = 5.0) -> 
     return 1 if failed else 0
 
 
-def wait_for_all(jobs: dict, plans: dict, poll_s: float = 5.0) -> list[str]:
-    """Show the live view (on a terminal) until every job has ended, then collect each job's result and mark
-    failed runs; returns their names."""
+def wait_for_all(jobs: dict, plans: dict, poll_s: float = 5.0, trials_of: dict[str, tuple[str, str]] | None = None
+                 ) -> list[str]:
+    """Show the live view (on a terminal; trials_of: run name -> (arm, trial) in --tune's phase 1) until every
+    job has ended, then collect each job's result and mark failed runs; returns their names."""
     runs = {name: (run_dir, cfg.train.epochs) for name, (run_dir, _, cfg) in plans.items()}
     watch(runs, lambda name: jobs[name].state if name in jobs else ("FINISHED" if is_finished(runs[name][0]) else "not run"),
-          lambda: all(job.done() for job in jobs.values()), LiveView(), poll_s)
+          lambda: all(job.done() for job in jobs.values()), LiveView(), poll_s, trials_of)
     failed = []
     for arm, job in jobs.items():
         try:

@@ -663,20 +663,21 @@ def test_tune_refuses_a_grid_factor_and_tunes_a_searched_grid_key(tmp_path, caps
 def test_tune_records_the_roles_at_the_sweeps_top_and_tags_each_phase_in_wandb(tmp_path, monkeypatch):
     """--tune end to end with the jobs faked (phase 1's metrics written as its trials would): both manifests
     list the searched keys and factors, phase 1's runs get wandb.tags=tune and phase 2's final, each added to
-    the user's own tags."""
+    the user's own tags; the live view of phase 1 knows each run's arm and trial."""
     from launch import sweep
 
     monkeypatch.setattr(sweep, "make_executor", lambda *a, **k: None)
     monkeypatch.setattr(sweep, "submit_each", lambda *a, **k: iter(()))
     monkeypatch.setattr(sweep, "wait_and_report", lambda *a, **k: 0)
-    submitted = []
+    submitted, watched = [], {}
     original = sweep.submit
 
     def submit(args, argv, plans, out, *rest, **kwargs):
         submitted.append(plans)
         return original(args, argv, plans, out, *rest, **kwargs)
 
-    def phase_one_done(jobs, plans, poll_s=5.0):
+    def phase_one_done(jobs, plans, poll_s=5.0, trials_of=None):
+        watched.update(trials_of or {})
         for index, (run_dir, _, cfg) in enumerate(plans.values()):
             rows = [{"epoch": e, "val_qwk": 0.1 * index + 0.01 * e, "test_qwk": 0.5,
                      "val_confusion_matrix": np.eye(5, dtype=int).tolist()} for e in range(1, cfg.train.epochs + 1)]
@@ -701,3 +702,4 @@ def test_tune_records_the_roles_at_the_sweeps_top_and_tags_each_phase_in_wandb(t
         for run_dir, argv, cfg in plans.values():
             assert argv[-1] == f"wandb.tags=cohort-a,{tag}" and cfg.wandb.tags == f"cohort-a,{tag}"
             assert yaml.safe_load((run_dir / "config.yaml").read_text())["wandb"]["tags"] == f"cohort-a,{tag}"
+    assert watched == {name: ("r18", name.removeprefix("r18_")) for name in phase1}
