@@ -542,7 +542,8 @@ def test_two_phase_sweep_runs_each_winner_on_the_seeds_and_resumes_without_rerun
             assert (run / "summary.json").is_file()
         assert f"{arm}: winner {best['trial']}" in out
     results = (sweep / "results.md").read_text()
-    assert "Tuning" in results and "expected best" in results.lower()
+    assert "Tuning (phase 1 of --tune) and the best held-out score of k trials" in results  # the table's title now
+    assert (sweep / "expected_best.png").is_file()
     from dr_resnet.results.rundir import LAUNCH_LINE
 
     launches = {p: len(LAUNCH_LINE.findall(p.read_text())) for p in sweep.rglob("train.log")}
