@@ -8,9 +8,16 @@ each task running the same training entry as torchrun. SLURM by default, or this
 Each run's directory is SWEEP_DIR/<arm>/ (with --grid KEY=V1,V2: SWEEP_DIR/<arm>/<trial>/; with --seeds 0,1,2:
 .../seed<k>/ under it, one W&B run each in the sweep's group, tagged with its seed); a search's trials are
 t<i>-<values, rounded> (launch/trials.py); a finished run is not run again; submitit's logs are
-SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest (runs, job ids, arguments, a search's drawn values) is
-SWEEP_DIR/sweep.json (--tune's phase 1: SWEEP_DIR/tune/sweep.json). A pretrained arm whose ImageNet weights cannot
-be had is not trained from scratch instead: it is reported as not run, with the missing file named.
+SWEEP_DIR/submitit/<job>_<task>_log.out; the manifest (runs, job ids, arguments, a search's drawn values, the
+searched keys and the factors) is SWEEP_DIR/sweep.json (--tune's phase 1: SWEEP_DIR/tune/sweep.json). A pretrained
+arm whose ImageNet weights cannot be had is not trained from scratch instead: it is reported as not run, with the
+missing file named.
+
+A searched key (a learning rate: every search: key, and a grid key named in searched: or by --searched) is tuned:
+chosen on held-out figures, then the choice run on fresh seeds (--tune). Any other grid key is a factor (a data
+fraction, the schedule's length, an ablation): the experiment itself, every value reported, none chosen. In W&B,
+--tune's phase-1 trials are tagged tune, phase 2's runs final, an earlier winner's runs set aside superseded; the
+winners are artifacts of the sweep's one tuning run.
 
 Resources: each task gets data.workers + 1 CPUs (the decoders and the training process) and each node
 tasks x (6 + data.workers) GB unless --cpus-per-task / --mem say otherwise; every srun passes
@@ -39,12 +46,15 @@ from dr_resnet import config
 from dr_resnet.config import ConfigError
 from dr_resnet.errors import run_command
 from dr_resnet.results import tuning
-from dr_resnet.results.rundir import CONFIG_FILE, STATUS_FILE, is_finished
+from dr_resnet.results.rundir import CONFIG_FILE, LAST_CHECKPOINT, STATUS_FILE, is_finished
 
 from . import requeue, trials
 from .task import TrainTask
 from .watch import LiveView, watch
 
+# W&B tags that tell --tune's runs apart: phase 1's trials, phase 2's runs, and an earlier winner's runs set aside
+TUNE_TAG, FINAL_TAG, SUPERSEDED_TAG = "tune", "final", "superseded"
+TUNING_ID_FILE = ".wandb_tuning_id"  # SWEEP_DIR/.wandb_tuning_id: the sweep's one W&B run of job type tune
 
 @dataclass
 class Sweep:
@@ -58,6 +68,7 @@ class Sweep:
     grid: dict[str, list[str]] = field(default_factory=dict)  # section.key -> values: a trial per combination
     grid_per_arm: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # an arm's own grid keys
     search: trials.Search | None = None  # trials drawn per arm (trials.Search)
+    searched: list[str] = field(default_factory=list)  # grid keys that are tuned, not factors (trials.roles)
 
     @staticmethod
     def load(path: str | Path) -> "Sweep":
@@ -65,7 +76,7 @@ class Sweep:
         if not path.is_file():
             raise ConfigError(f"sweep file not found: {path}")
         content = yaml.safe_load(path.read_text()) or {}
-        known = ("name", "config", "arms", "overrides", "out", "grid", "search")
+        known = ("name", "config", "arms", "overrides", "out", "grid", "search", "searched")
         unknown = set(content) - set(known)
         if unknown:
             raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} (known: {', '.join(known)})")
@@ -76,10 +87,13 @@ class Sweep:
         grid, grid_per_arm = (trials.grid_of(grid, f"{path}: grid"),
                               {arm: trials.grid_of(g, f"{path}: grid: arms: {arm}") for arm, g in grid_per_arm.items()})
         trials.equal_keys({arm: set(grid) | set(grid_per_arm.get(arm, {})) for arm in arms}, f"{path}: grid", "varies")
+        searched = content.get("searched") or []
+        if not isinstance(searched, list) or not all(isinstance(k, str) and "." in k for k in searched):
+            raise ConfigError(f"{path}: 'searched' lists grid keys as section.key names, e.g. searched: [train.lr]")
         return Sweep(str(content.get("name") or path.stem), (path.parent / content.get("config", "base.yaml")).resolve(),
                      {arm: [str(o) for o in (ovs or [])] for arm, ovs in content["arms"].items()},
                      [str(o) for o in content.get("overrides") or []], str(content.get("out") or ""),
-                     grid, grid_per_arm, trials.Search.of(content.get("search"), f"{path}: search", arms))
+                     grid, grid_per_arm, trials.Search.of(content.get("search"), f"{path}: search", arms), searched)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,7 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", help="comma-separated subset of the arms (default: all)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a trial per combination of these values, for every arm (repeat for more keys; with the sweep "
-                        "file's grid:), each in SWEEP_DIR/<arm>/<trial>/, e.g. --grid train.lr=0.01,0.05")
+                        "file's grid:), each in SWEEP_DIR/<arm>/<trial>/, e.g. --grid train.lr=0.01,0.05; a factor "
+                        "(every value reported, none chosen) unless named by --searched")
+    p.add_argument("--searched", action="append", default=[], metavar="KEY",
+                   help="a grid key that is tuned (chosen on held-out figures, as --tune does), not a factor of the "
+                        "experiment (repeat for more keys; with the sweep file's searched:); search: keys always are")
     p.add_argument("--seeds", help="comma-separated train.seed values: every arm once per seed, in "
                                    "SWEEP_DIR/<arm>/seed<k>/ (default: one run per arm, in SWEEP_DIR/<arm>/)")
     p.add_argument("--tune", type=int, metavar="N",
@@ -432,8 +450,9 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
         raise ConfigError(f"--runs: unknown arm(s) {unknown} (in {args.config}: {', '.join(sweep.arms)})")
     out = Path(args.out or sweep.out or f"runs/{sweep.name}").resolve()
     grid = {**sweep.grid, **trials.parse_grid(args.grid)}
-    searched = set(grid).union(*sweep.grid_per_arm.values(), sweep.search.keys if sweep.search else ())
-    clash = sorted({o.split("=", 1)[0] for o in args.overrides} & searched)
+    gridded = set(grid).union(*sweep.grid_per_arm.values())
+    varied = gridded.union(sweep.search.keys if sweep.search else ())
+    clash = sorted({o.split("=", 1)[0] for o in args.overrides} & varied)
     if clash:
         raise ConfigError(f"{', '.join(clash)}: set by an override and searched by the grid or search; give it in one place")
     if args.tune and not sweep.search:
@@ -442,16 +461,24 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
     count = args.tune or (sweep.search.trials if sweep.search else 0)
     if sweep.search and not count:
         raise ConfigError(f"{args.config}: search: give trials: N (trials an arm), or --tune N")
+    searched, factors = trials.roles(gridded, sweep.search.keys if sweep.search else [],
+                                     {f"{args.config}: searched": sweep.searched, "--searched": args.searched})
+    if args.tune and factors:
+        # phase 1 picks one trial an arm: over a factor's values, that would choose what the experiment reports
+        raise ConfigError(f"--tune with the grid factor(s) {', '.join(factors)}: phase 1 would choose among a factor's "
+                          f"values; name each in searched: (or --searched KEY) to tune it, or run one sweep per value")
+    roles = {"searched": searched, "factors": factors}
     by_arm = trials.arm_trials(arms, grid, sweep.grid_per_arm, sweep.search, count)
     record = drawn_record(sweep.search, arms, count, out / tuning.TUNE_DIR if args.tune else out)
-    gridded = set(grid).union(*sweep.grid_per_arm.values())
     if args.tune:
-        return tune(args, argv, sweep, out, by_arm, record, gridded)
+        return tune(args, argv, sweep, out, by_arm, record, gridded, roles)
+    if trials.untuned_warning(searched):
+        print(trials.untuned_warning(searched), file=sys.stderr)
     plans = plan(sweep, args, out, run_names(by_arm, args.seeds), gridded)
     shown = show(args, sweep, arms, out, plans)
     if shown is not None:
         return shown
-    jobs = submit(args, argv, plans, out, extra={"search": record} if record else None)
+    jobs = submit(args, argv, plans, out, extra={**roles, **({"search": record} if record else {})})
     if not (args.wait or args.executor == "local"):  # local jobs are this process's children: always wait
         print(f"report when done: python -m dr_resnet.report {out}")
         return 0
@@ -473,17 +500,28 @@ def drawn_record(search: trials.Search | None, arms: list[str], count: int, fold
     return trials.merged_record(recorded, record)
 
 
-def plan(sweep: Sweep, args: argparse.Namespace, out: Path, names: dict, gridded: set[str] = frozenset()) -> dict:
+def plan(sweep: Sweep, args: argparse.Namespace, out: Path, names: dict, gridded: set[str] = frozenset(),
+         tag: str = "") -> dict:
     """name -> (run folder, training arguments, resolved config): every config resolved (and so validated)
-    before anything is submitted; `gridded`: the keys a grid varies (train.length's values are checked)."""
+    before anything is submitted; `gridded`: the keys a grid varies (train.length's values are checked);
+    `tag`: a W&B tag every run gets besides those its recipe and overrides give (wandb.tags)."""
     plans = {}
     for name, (arm, folder, seed, trial, values) in names.items():
         run_dir = out / folder
         argv_arm = arm_argv(sweep, arm, run_dir, args.overrides, seed, group=out.name, trial=values, trial_name=trial)
-        plans[name] = (run_dir, argv_arm, config.load(argv_arm[1], argv_arm[2:]))
+        cfg = config.load(argv_arm[1], argv_arm[2:])
+        if tag:  # extends the tags of every layer (recipe file, arm, sweep, command line): replaces none of them
+            argv_arm.append(f"wandb.tags={with_tag(cfg.wandb.tags, tag)}")
+            cfg = config.load(argv_arm[1], argv_arm[2:])
+        plans[name] = (run_dir, argv_arm, cfg)
     if "train.length" in gridded:
         same_schedules(names, plans)
     return plans
+
+
+def with_tag(tags: str, tag: str) -> str:
+    """wandb.tags (comma-separated) with `tag` added once."""
+    return ",".join(dict.fromkeys([*(t.strip() for t in tags.split(",") if t.strip()), tag]))
 
 
 def same_schedules(names: dict, plans: dict) -> None:
@@ -595,14 +633,14 @@ def jobs_still_queued(manifest: Path, folder: Path) -> dict:
 
 
 def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Path,
-         by_arm: dict[str, dict[str, dict[str, str]]], record: dict | None = None, gridded: set[str] = frozenset()
-         ) -> int:
+         by_arm: dict[str, dict[str, dict[str, str]]], record: dict | None = None, gridded: set[str] = frozenset(),
+         roles: dict[str, list[str]] | None = None) -> int:
     """--tune N: phase 1 runs each arm's N trials on --tune-seed (SWEEP_DIR/tune/<arm>/<trial>/) and waits for
     them; each arm's winner is the trial with the best held-out figure (results.tuning.choose: no test figure
     is read); tuning.json records them; phase 2 runs each winner's exact settings on every seed
     (SWEEP_DIR/<arm>/<trial>/seed<k>/), then the report. Finished runs of either phase are never run again."""
-    phase1 = plan(sweep, args, out, run_names(by_arm, [args.tune_seed], under=tuning.TUNE_DIR, seed_folders=False),
-                  gridded)
+    names1 = run_names(by_arm, [args.tune_seed], under=tuning.TUNE_DIR, seed_folders=False)
+    phase1 = plan(sweep, args, out, names1, gridded, tag=TUNE_TAG)
     if args.tune_seed in args.seeds:
         print(f"warning: --seeds {','.join(map(str, args.seeds))} holds --tune-seed {args.tune_seed}: each winner's run on "
               f"that seed repeats the run it won with, lucky draw included", file=sys.stderr)
@@ -611,8 +649,10 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
               f"(each arm's winner on seeds {','.join(map(str, args.seeds)) or 'the recipe'}) is planned once phase 1 "
               f"has finished")
         return show(args, sweep, list(by_arm), out, phase1) or 0
-    jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json", extra={"search": record} if record else None)
-    failed = wait_for_all(jobs, phase1)
+    roles = roles or {}
+    jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json",
+                  extra={**roles, **({"search": record} if record else {})})
+    failed = wait_for_all(jobs, phase1, trials_of={name: (arm, trial) for name, (arm, _, _, trial, _) in names1.items()})
     choice = tuning.choose(out / tuning.TUNE_DIR, by_arm)
     if record:  # the best-of-k curve counts each repeat of a configuration as a trial of its own
         choice.update(repeats=record["repeats"], distinct_configurations=record["distinct_configurations"])
@@ -622,14 +662,15 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     # the exact drawn value.
     winners = {arm: {entry["winner"]["trial"]: by_arm[arm][entry["winner"]["trial"]]}
                for arm, entry in choice["arms"].items() if "winner" in entry}
-    for arm, named in winners.items():
-        set_aside_earlier_winners(out / arm, next(iter(named)))
     if not winners:
         print(f"no arm has a winner: phase 2 not run (tuning.json: {out / tuning.TUNING_FILE})", file=sys.stderr)
         return 1
-    phase2 = plan(sweep, args, out, run_names(winners, args.seeds))
-    log_winners(choice, out, next(iter(phase2.values()))[2])
-    jobs = submit(args, argv, phase2, out)
+    phase2 = plan(sweep, args, out, run_names(winners, args.seeds), tag=FINAL_TAG)
+    recipe = next(iter(phase2.values()))[2]
+    for arm, named in winners.items():
+        set_aside_earlier_winners(out / arm, next(iter(named)), recipe.wandb)
+    log_winners(choice, out, recipe)
+    jobs = submit(args, argv, phase2, out, extra=roles)  # SWEEP_DIR/sweep.json: the manifest the report reads
     code = wait_and_report(jobs, phase2, out)
     return 1 if failed or len(winners) < len(by_arm) else code
 
@@ -656,13 +697,14 @@ def say_winners(choice: dict) -> None:
 
 
 def log_winners(choice: dict, out: Path, cfg: config.Config) -> None:
-    """The winners in W&B (the recipe's wandb settings, in the sweep's group): one run of job type `tune`
-    holding an artifact tuning-<arm> per arm, aliased `winner` and with the trial's name."""
-    from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
+    """The winners in W&B (the recipe's wandb settings, in the sweep's group): the sweep's one run of job type
+    `tune` (resumed by every launch: tuning_run_id) holding an artifact tuning-<arm> per arm, aliased `winner`
+    and with the trial's name."""
+    from dr_resnet.training.tracking import Tracker, TrackingSettings
 
     w = cfg.wandb
     tracker = Tracker(TrackingSettings(w.mode, w.project, w.entity, out.name, f"{out.name}-tuning", job_type="tune",
-                                       init_timeout=w.init_timeout), out, new_run_id(),
+                                       init_timeout=w.init_timeout), out, tuning_run_id(out),
                       {"arms": {arm: entry.get("winner", {}).get("values") for arm, entry in choice["arms"].items()}})
     for arm, entry in choice["arms"].items():
         if "winner" in entry:
@@ -670,9 +712,24 @@ def log_winners(choice: dict, out: Path, cfg: config.Config) -> None:
     tracker.finish()
 
 
-def set_aside_earlier_winners(arm_dir: Path, winner: str) -> None:
+def tuning_run_id(out: Path) -> str:
+    """The W&B id of the sweep's tuning run: made on first use and kept in SWEEP_DIR/.wandb_tuning_id, so
+    that every launch of the sweep logs to one run, not one per launch."""
+    from dr_resnet.training.tracking import new_run_id
+
+    path = out / TUNING_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = new_run_id()
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def set_aside_earlier_winners(arm_dir: Path, winner: str, wandb: config.WandbConfig | None = None) -> None:
     """Phase 2's folders of an arm's earlier winner (a rerun with more trials chose another) move to
-    SWEEP_DIR/superseded/, so that the report compares the current winners only."""
+    SWEEP_DIR/superseded/, so that the report compares the current winners only; with `wandb` (the recipe's
+    settings), their W&B runs are tagged superseded."""
     if not arm_dir.is_dir():
         return
     for folder in sorted(p for p in arm_dir.iterdir() if p.is_dir() and p.name != winner):
@@ -680,6 +737,37 @@ def set_aside_earlier_winners(arm_dir: Path, winner: str) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         print(f"{arm_dir.name}: the earlier winner's runs {folder} moved to {target}")
         folder.rename(target)
+        if wandb is not None:
+            tag_superseded(target, wandb)
+
+
+def tag_superseded(folder: Path, wandb: config.WandbConfig) -> None:
+    """Tag `superseded` the W&B run of every run under `folder` (resumed by the id its checkpoint keeps, in
+    the recipe's mode), so that W&B tells them from the current winners' runs. Nothing with W&B disabled,
+    for a run without an id, or one trained with W&B off (its id names no W&B run)."""
+    from dr_resnet.training import checkpoint
+    from dr_resnet.training.tracking import Tracker, TrackingSettings, identity, requested_mode, training_tags
+
+    if requested_mode(wandb.mode) == "disabled":
+        return
+    for path in sorted(folder.rglob(LAST_CHECKPOINT)):
+        try:
+            state = checkpoint.load(path)
+            run_cfg = config.from_dict(state["config"])
+        except Exception as exc:  # a damaged checkpoint must not stop the sweep: the run stays set aside, untagged
+            print(f"warning: {path}: cannot be read ({type(exc).__name__}): its W&B run is not tagged "
+                  f"{SUPERSEDED_TAG}", file=sys.stderr)
+            continue
+        w = run_cfg.wandb
+        if not state.get("wandb_id") or requested_mode(w.mode) == "disabled":
+            continue
+        # the run's own project, group, name and tags: resuming with others would rename or move it
+        settings = TrackingSettings(wandb.mode, w.project, w.entity, w.group, w.name, job_type="train",
+                                    tags=training_tags(identity(run_cfg.model, run_cfg.train.seed), w.tags),
+                                    init_timeout=wandb.init_timeout)
+        tracker = Tracker(settings, path.parent, state["wandb_id"], {})
+        tracker.add_tags(SUPERSEDED_TAG)
+        tracker.finish()
 
 
 class GpuSlots:
@@ -727,12 +815,13 @@ def wait_and_report(jobs: dict, plans: dict, out: Path, poll_s: float = 5.0) -> 
     return 1 if failed else 0
 
 
-def wait_for_all(jobs: dict, plans: dict, poll_s: float = 5.0) -> list[str]:
-    """Show the live view (on a terminal) until every job has ended, then collect each job's result and mark
-    failed runs; returns their names."""
+def wait_for_all(jobs: dict, plans: dict, poll_s: float = 5.0, trials_of: dict[str, tuple[str, str]] | None = None
+                 ) -> list[str]:
+    """Show the live view (on a terminal; trials_of: run name -> (arm, trial) in --tune's phase 1) until every
+    job has ended, then collect each job's result and mark failed runs; returns their names."""
     runs = {name: (run_dir, cfg.train.epochs) for name, (run_dir, _, cfg) in plans.items()}
     watch(runs, lambda name: jobs[name].state if name in jobs else ("FINISHED" if is_finished(runs[name][0]) else "not run"),
-          lambda: all(job.done() for job in jobs.values()), LiveView(), poll_s)
+          lambda: all(job.done() for job in jobs.values()), LiveView(), poll_s, trials_of)
     failed = []
     for arm, job in jobs.items():
         try:

@@ -299,6 +299,30 @@ def overrides_of(values: dict[str, str]) -> list[str]:
     return [f"{key}={value}" for key, value in values.items()]
 
 
+# -- searched keys and factors ----------------------------------------------------------------------------
+
+def roles(gridded: set[str], search_keys: list[str], named: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    """(searched, factors), each sorted: a search's keys and the grid keys `named` (origin -> keys) are tuned;
+    every other grid key is a factor of the experiment, reported at every value and never chosen."""
+    for origin, keys in named.items():
+        for key in keys:
+            if key not in gridded:
+                varied = ", ".join(sorted(gridded)) or "nothing"
+                raise ConfigError(f"{origin}: {key} is not a grid key (the grid varies {varied}): name only grid keys "
+                                  f"there (search: keys are searched already)")
+    searched = set(search_keys) | {key for keys in named.values() for key in keys}
+    return sorted(searched), sorted(gridded - searched)
+
+
+def untuned_warning(searched: list[str]) -> str:
+    """The warning for searched keys run without --tune ('' when there are none)."""
+    if not searched:
+        return ""
+    return (f"warning: {', '.join(searched)} searched without --tune: choosing among its values on the same seeds that "
+            f"are then compared on test favours the noisier arm; use --tune (phase 1 chooses on held-out figures, phase 2 "
+            f"runs the choice on fresh seeds)")
+
+
 # -- the drawn values on record ---------------------------------------------------------------------------
 
 def search_record(search: Search, arms: list[str], count: int) -> dict:

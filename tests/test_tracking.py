@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dr_resnet import config
 from dr_resnet.training import checkpoint
 from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
 from dr_resnet.training.train import main
@@ -146,6 +147,62 @@ def test_a_tuning_winner_is_an_artifact_aliased_winner(tmp_path):
     assert json.loads(artifact["metadata"])["values"] == {"train.lr": "0.05"}
     run_record = next(r for r in records if r.get("type") == "run")["run"]
     assert run_record["job_type"] == "tune" and run_record["run_group"] == "sweep-t"
+
+
+def test_a_sweep_has_one_tuning_run_whatever_the_launches(tmp_path):
+    """log_winners resumes the sweep's tuning run (its id kept in the sweep folder), not a new run a launch."""
+    from launch.sweep import TUNING_ID_FILE, log_winners
+
+    out = tmp_path / "sweep-t"
+    out.mkdir()
+    choice = {"arms": {"r18": {"winner": {"trial": "lr0.05", "values": {"train.lr": 0.05}, "held_out": 0.8}}}}
+    (out / "tuning.json").write_text(json.dumps(choice))
+    recipe = config.load(REPO / "configs" / "demo.yaml", ["wandb.mode=offline"])
+    log_winners(choice, out, recipe)
+    run_id = (out / TUNING_ID_FILE).read_text().strip()
+    log_winners(choice, out, recipe)  # a later launch of the same sweep (more trials, say)
+    folders = offline_runs(out)
+    assert len(folders) == 2 and all(run_id in f.name for f in folders)
+    assert {next(r for r in inspect(f) if r.get("type") == "run")["run"]["run_id"] for f in folders} == {run_id}
+    assert (out / TUNING_ID_FILE).read_text().strip() == run_id
+
+
+def earlier_winner_run(run_dir: Path, mode: str = "offline") -> str:
+    """A phase-2 run of an earlier winner as training leaves it for W&B: its offline run, and the id and
+    config in its last checkpoint."""
+    cfg = config.load(REPO / "configs" / "demo.yaml", [f"wandb.mode={mode}", "wandb.group=sweep-s", "wandb.tags=final",
+                                                        "wandb.name=r18_lr0.1_seed1", "train.seed=1", f"output.dir={run_dir}"])
+    run_id = new_run_id()
+    tracker = Tracker(TrackingSettings(mode, group="sweep-s", name="r18_lr0.1_seed1", tags=("resnet18_scratch", "final")),
+                      run_dir, run_id, {})
+    tracker.finish()
+    checkpoint.save({"config": cfg.to_dict(), "wandb_id": run_id, "epoch": 1}, run_dir / "checkpoint_last.pt")
+    return run_id
+
+
+def test_an_earlier_winners_runs_set_aside_are_tagged_superseded(tmp_path, capsys):
+    from launch.sweep import set_aside_earlier_winners
+
+    arm = tmp_path / "sweep-s" / "r18"
+    run_id = earlier_winner_run(arm / "lr0.1" / "seed1")
+    (arm / "lr0.1" / "seed2").mkdir()  # failed before its first checkpoint: no W&B id, nothing to tag
+    (arm / "lr0.3").mkdir()  # the current winner: left alone
+    set_aside_earlier_winners(arm, "lr0.3", config.load(REPO / "configs" / "demo.yaml", ["wandb.mode=offline"]).wandb)
+    moved = tmp_path / "sweep-s" / "superseded" / "r18" / "lr0.1" / "seed1"
+    assert (moved / "checkpoint_last.pt").is_file() and (arm / "lr0.3").is_dir() and not (arm / "lr0.1").exists()
+    first, tagged = offline_runs(moved)
+    for folder in (first, tagged):
+        assert next(r for r in inspect(folder) if r.get("type") == "run")["run"]["run_id"] == run_id
+    runs = [r["run"] for r in inspect(tagged) if r.get("type") == "run"]
+    assert {"superseded", "final", "resnet18_scratch", "seed1"} <= set(runs[-1]["tags"])
+    assert runs[0]["run_group"] == "sweep-s" and runs[0]["display_name"] == "r18_lr0.1_seed1"  # not renamed or moved
+    assert not any("superseded" in r["run"].get("tags", []) for r in inspect(first) if r.get("type") == "run")
+    assert not (moved.parent / "seed2" / "wandb").exists()
+    # W&B disabled (the recipe's mode): the runs move, and no W&B run is started
+    other = tmp_path / "sweep-d" / "r18"
+    earlier_winner_run(other / "lr0.1" / "seed1")
+    set_aside_earlier_winners(other, "lr0.3", config.load(REPO / "configs" / "demo.yaml").wandb)
+    assert len(offline_runs(tmp_path / "sweep-d" / "superseded" / "r18" / "lr0.1" / "seed1")) == 1
 
 
 def test_wandb_variables_fill_what_the_config_leaves_empty(tiny, tmp_path, monkeypatch):

@@ -552,7 +552,8 @@ def test_two_phase_sweep_runs_each_winner_on_the_seeds_and_resumes_without_rerun
             assert (run / "summary.json").is_file()
         assert f"{arm}: winner {best['trial']}" in out
     results = (sweep / "results.md").read_text()
-    assert "Tuning" in results and "best of k" in results.lower()
+    assert "Tuning (phase 1 of --tune) and the best held-out score of k trials" in results  # the table's title now
+    assert (sweep / "expected_best.png").is_file()
     from dr_resnet.results.rundir import LAUNCH_LINE
 
     launches = {p: len(LAUNCH_LINE.findall(p.read_text())) for p in sweep.rglob("train.log")}
@@ -612,3 +613,104 @@ def test_tune_plans_phase_one_from_the_search_and_refuses_without_one(tmp_path, 
                                      "arms": {"r18": ["model.depth=18"]}}))
     assert main(["--config", str(plain), "--tune", "2", "--print-config"]) == 2
     assert "draws trials from the sweep file's search" in capsys.readouterr().err
+
+
+# -- searched keys and factors --------------------------------------------------------------------------
+
+def test_searched_keys_and_factors_are_told_apart_recorded_and_warned_of(tmp_path, capsys, monkeypatch):
+    """A grid key is a factor unless searched: names it (or --searched); a search: key always is searched;
+    the manifest lists both; searched keys without --tune get one warning line; an unknown name is an error."""
+    from launch import sweep
+
+    monkeypatch.setattr(sweep, "make_executor", lambda *a, **k: None)  # submit nothing: the manifest is the point
+    monkeypatch.setattr(sweep, "submit_each", lambda *a, **k: iter(()))
+    sweep_file, out = tmp_path / "sweep.yaml", tmp_path / "out"
+
+    def launch(*extra: str, **content) -> dict:
+        sweep_file.write_text(yaml.safe_dump({"name": "f", "config": str(REPO / "configs" / "demo.yaml"),
+                                              "arms": {"r18": ["model.depth=18", "model.weights=none"]},
+                                              "grid": {"train.lr": [0.01, 0.1]}, **content}))
+        assert sweep.main(["--config", str(sweep_file), "--out", str(out), "--grid", "data.train_fraction=0.5,1",
+                           *extra]) == 0
+        manifest = json.loads((out / "sweep.json").read_text())
+        return {"searched": manifest["searched"], "factors": manifest["factors"], "err": capsys.readouterr().err}
+
+    plain = launch()
+    assert (plain["searched"], plain["factors"]) == ([], ["data.train_fraction", "train.lr"])
+    assert "warning" not in plain["err"]  # factors only: every value is reported, nothing chosen
+    for named in (launch(searched=["train.lr"]), launch("--searched", "train.lr")):
+        assert (named["searched"], named["factors"]) == (["train.lr"], ["data.train_fraction"])
+        [line] = [line for line in named["err"].splitlines() if "warning" in line]
+        assert line == ("warning: train.lr searched without --tune: choosing among its values on the same seeds that are "
+                        "then compared on test favours the noisier arm; use --tune (phase 1 chooses on held-out figures, "
+                        "phase 2 runs the choice on fresh seeds)")
+    drawn = launch(grid={"data.image_size": [32, 48]}, search={"trials": 2, "space": {"train.lr": "loguniform(0.01, 0.1)"}})
+    assert (drawn["searched"], drawn["factors"]) == (["train.lr"], ["data.image_size", "data.train_fraction"])
+    assert drawn["err"].count("searched without --tune") == 1
+    with pytest.raises(ConfigError, match=r"--searched: train.momentum is not a grid key \(the grid varies "
+                                          r"data.train_fraction, train.lr\)"):
+        trials.roles({"train.lr", "data.train_fraction"}, [], {"--searched": ["train.momentum"]})
+    sweep_file.write_text(sweep_file.read_text().replace("search:", "searched: [train.weight_decay]\nsearch:"))
+    assert sweep.main(["--config", str(sweep_file), "--print-config"]) == 2
+    assert f"{sweep_file}: searched: train.weight_decay is not a grid key" in capsys.readouterr().err
+    sweep_file.write_text(sweep_file.read_text().replace("searched: [train.weight_decay]", "searched: lr"))
+    assert sweep.main(["--config", str(sweep_file), "--print-config"]) == 2
+    assert "'searched' lists grid keys as section.key names" in capsys.readouterr().err
+
+
+def test_tune_refuses_a_grid_factor_and_tunes_a_searched_grid_key(tmp_path, capsys):
+    from launch.sweep import main
+
+    args = ["--config", str(REPO / "configs" / "demo_tune.yaml"), "--tune", "2", "--seeds", "1", "--runs",
+            "resnet18_scratch", "--out", str(tmp_path / "t"), "--print-config", "--grid", "train.weight_decay=0,0.0001"]
+    assert main(args) == 2
+    assert ("--tune with the grid factor(s) train.weight_decay: phase 1 would choose among a factor's values"
+            in capsys.readouterr().err)
+    assert main([*args, "--searched", "train.weight_decay"]) == 0
+    captured = capsys.readouterr()
+    assert "phase 1 of --tune: 4 runs" in captured.out and "without --tune" not in captured.err
+
+
+def test_tune_records_the_roles_at_the_sweeps_top_and_tags_each_phase_in_wandb(tmp_path, monkeypatch):
+    """--tune end to end with the jobs faked (phase 1's metrics written as its trials would): both manifests
+    list the searched keys and factors, phase 1's runs get wandb.tags=tune and phase 2's final, each added to
+    the user's own tags; the live view of phase 1 knows each run's arm and trial."""
+    from launch import sweep
+
+    monkeypatch.setattr(sweep, "make_executor", lambda *a, **k: None)
+    monkeypatch.setattr(sweep, "submit_each", lambda *a, **k: iter(()))
+    monkeypatch.setattr(sweep, "wait_and_report", lambda *a, **k: 0)
+    submitted, watched = [], {}
+    original = sweep.submit
+
+    def submit(args, argv, plans, out, *rest, **kwargs):
+        submitted.append(plans)
+        return original(args, argv, plans, out, *rest, **kwargs)
+
+    def phase_one_done(jobs, plans, poll_s=5.0, trials_of=None):
+        watched.update(trials_of or {})
+        for index, (run_dir, _, cfg) in enumerate(plans.values()):
+            rows = [{"epoch": e, "val_qwk": 0.1 * index + 0.01 * e, "test_qwk": 0.5,
+                     "val_confusion_matrix": np.eye(5, dtype=int).tolist()} for e in range(1, cfg.train.epochs + 1)]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return []
+    monkeypatch.setattr(sweep, "submit", submit)
+    monkeypatch.setattr(sweep, "wait_for_all", phase_one_done)
+    sweep_file, out = tmp_path / "sweep.yaml", tmp_path / "out"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "p", "config": str(REPO / "configs" / "demo.yaml"),
+        "arms": {"r18": ["model.depth=18", "model.weights=none", "wandb.tags=cohort-a"]},
+        "grid": {"train.weight_decay": [0, 0.0001]}, "searched": ["train.weight_decay"],
+        "search": {"space": {"train.lr": "loguniform(0.01, 0.1)"}}}))
+    assert sweep.main(["--config", str(sweep_file), "--out", str(out), "--tune", "2", "--seeds", "1,2",
+                       "wandb.project=mine"]) == 0
+    for manifest in (out / "sweep.json", out / "tune" / "sweep.json"):
+        content = json.loads(manifest.read_text())
+        assert (content["searched"], content["factors"]) == (["train.lr", "train.weight_decay"], []), manifest
+    phase1, phase2 = submitted
+    assert len(phase1) == 4 and len(phase2) == 2
+    for plans, tag in ((phase1, "tune"), (phase2, "final")):
+        for run_dir, argv, cfg in plans.values():
+            assert argv[-1] == f"wandb.tags=cohort-a,{tag}" and cfg.wandb.tags == f"cohort-a,{tag}"
+            assert yaml.safe_load((run_dir / "config.yaml").read_text())["wandb"]["tags"] == f"cohort-a,{tag}"
+    assert watched == {name: ("r18", name.removeprefix("r18_")) for name in phase1}

@@ -66,6 +66,22 @@ def identity_tags(run: dict[str, Any]) -> tuple[str, ...]:
     return (run["arm"], f"resnet{run['depth']}", run["initialisation"], f"seed{run['seed']}")
 
 
+def training_tags(run: dict[str, Any], tags: str) -> tuple[str, ...]:
+    """A training run's tags: what it is (identity_tags) and wandb.tags (comma-separated)."""
+    return (*identity_tags(run), *(t.strip() for t in tags.split(",") if t.strip()))
+
+
+def requested_mode(mode: str) -> str:
+    """The mode a run asks for: WANDB_MODE, else `mode` (wandb.mode); an unknown one disables tracking."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower() or mode
+    if mode == "dryrun":  # W&B's old name for offline
+        mode = "offline"
+    if mode not in MODES:
+        log.warning("W&B: unknown mode %r (WANDB_MODE or wandb.mode): tracking disabled", mode)
+        return "disabled"
+    return mode
+
+
 def new_run_id() -> str:
     """8 characters of [a-z0-9], W&B's run-id alphabet; made here so the checkpoint can keep it."""
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
@@ -87,17 +103,8 @@ class Tracker:
     def active(self) -> bool:
         return self.run is not None
 
-    def _requested_mode(self) -> str:
-        mode = os.environ.get("WANDB_MODE", "").strip().lower() or self.settings.mode
-        if mode == "dryrun":  # W&B's old name for offline
-            mode = "offline"
-        if mode not in MODES:
-            log.warning("W&B: unknown mode %r (WANDB_MODE or wandb.mode): tracking disabled", mode)
-            return "disabled"
-        return mode
-
     def _start(self) -> None:
-        mode = self._requested_mode()
+        mode = requested_mode(self.settings.mode)
         if mode == "disabled":
             return
         start = time.perf_counter()
@@ -243,6 +250,10 @@ class Tracker:
             artifact.add_file(str(path))
             self.run.log_artifact(artifact, aliases=["winner", winner["trial"]])
         self._guard("tuning artifact", upload)
+
+    def add_tags(self, *tags: str) -> None:
+        """Add tags to those the run has (a resumed run's too)."""
+        self._guard("tags", lambda: setattr(self.run, "tags", tuple(dict.fromkeys([*(self.run.tags or ()), *tags]))))
 
     def log_predictions(self, path: Path) -> None:
         """The selected epoch's predictions.csv as a W&B Table ("predictions"), so arms can be compared

@@ -64,7 +64,7 @@ from dr_resnet.training.distributed import DistInfo, launch_env
 from dr_resnet.training.loop import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
 from dr_resnet.training.preemption import Decision, RunStopped, StepBoundary, StopSignals
 from dr_resnet.training.runtime import compile_model, configure_backends, cpu_shortfall, environment, usable_cpus
-from dr_resnet.training.tracking import Tracker, TrackingSettings, identity, identity_tags, new_run_id
+from dr_resnet.training.tracking import Tracker, TrackingSettings, identity, new_run_id, training_tags
 
 log = logging.getLogger("dr_resnet.train")
 
@@ -434,9 +434,8 @@ def start_tracking(run: Run, wandb_id: str | None, effective: dict) -> Tracker:
     logged["train"] = {**logged["train"], "lr": effective["lr"]}
     flat = config.settings_of(logged)
     logged.update({f"trial/{key}": flat[key] for key in filter(None, w.trial.split(",")) if key in flat})
-    extra = tuple(t.strip() for t in w.tags.split(",") if t.strip())
     settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name, job_type="train",
-                                tags=(*identity_tags(who), *extra),
+                                tags=training_tags(who, w.tags),
                                 init_timeout=w.init_timeout, log_checkpoint=w.log_checkpoint,
                                 log_predictions=w.log_predictions)
     tracker = Tracker(settings, run.run_dir, wandb_id or new_run_id(), {**logged, "effective": effective, "run": who},
