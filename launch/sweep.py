@@ -46,7 +46,7 @@ from dr_resnet import config
 from dr_resnet.config import ConfigError
 from dr_resnet.errors import run_command
 from dr_resnet.results import tuning
-from dr_resnet.results.rundir import CONFIG_FILE, LAST_CHECKPOINT, STATUS_FILE, is_finished
+from dr_resnet.results.rundir import CONFIG_FILE, LAST_CHECKPOINT, STATUS_FILE, is_finished, last_launch_error
 
 from . import requeue, trials
 from .task import TrainTask
@@ -425,7 +425,8 @@ def visible_gpus(spec: str | None) -> list[int]:
 
 def set_status(run_dir: Path, cfg: config.Config, status: str = "", reason: str = "") -> None:
     """Save the arm's resolved config (so the report lists it whatever happens) and the launcher's
-    status for it ('not run' or 'failed', with the reason), or clear that status."""
+    status for it ('not run', 'failed': its own error, or 'lost': its job ended from outside; with the
+    reason), or clear that status."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config.save(cfg, run_dir / CONFIG_FILE)
     path = run_dir / STATUS_FILE
@@ -833,8 +834,14 @@ def wait_for_all(jobs: dict, plans: dict, poll_s: float = 5.0, trials_of: dict[s
             errors = [line for line in lines if "Error:" in line]  # the task's own exception, not the log path
             reason = (errors or lines or [type(exc).__name__])[-1]
             run_dir, _, cfg = plans[arm]
-            set_status(run_dir, cfg, "failed", f"job {job.job_id}: {reason}")
-            print(f"{arm}: FAILED (job {job.job_id}): {reason}", file=sys.stderr)
+            # The run's own error (its train.log says why) is a failure of what it trains; a job ended from
+            # outside (a lost node, a time-out, a cancel, a kill) lost the run, and running the sweep again
+            # reruns it: a tuning trial lost so is never counted as failed.
+            own = last_launch_error(run_dir)
+            status = "failed" if own else "lost"
+            set_status(run_dir, cfg, status, f"job {job.job_id}: {own or reason}")
+            print(f"{arm}: {status.upper()} (job {job.job_id}): {own or reason}"
+                  + ("" if own else " (not the run's own error: running the sweep again reruns it)"), file=sys.stderr)
     return failed
 
 

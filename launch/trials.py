@@ -18,7 +18,7 @@ points of every dimension change (all but the first). So does another scipy's sc
 the drawn values in the sweep's manifest and refuses a rerun that would give a recorded trial other values.
 A discrete space (choice and intuniform keys only) with fewer settings than trials repeats whole settings:
 each repeat is a trial folder of its own (another run of the same settings) and counts as a trial in the
-expected-best curve; the launcher warns, and the manifest says so (`search_record`).
+best-of-k curve; the launcher warns, and the manifest says so (`search_record`).
 
 A drawn trial's override holds the exact value (the float's repr: phase 2 reruns exactly what won); its name
 is `t<index>-` and the values rounded to 3 significant digits for reading (`t03-lr0.00104`), so two trials
@@ -328,7 +328,7 @@ def untuned_warning(searched: list[str]) -> str:
 def search_record(search: Search, arms: list[str], count: int) -> dict:
     """What a manifest keeps of a search: its seed and keys, each arm's drawn values per trial (`t<index>`), and
     whether whole configurations repeat (a discrete space smaller than the trials: each repeat is a trial folder
-    of its own, an independent run with the same settings, and counts as a trial in the expected-best curve)."""
+    of its own, an independent run with the same settings, and counts as a trial in the best-of-k curve)."""
     draws = {arm: search.draws(arm, count) for arm in arms}
     distinct = {arm: search.distinct_configurations(arm) for arm in arms}
     repeats = {arm: count - len({json.dumps(d.values, sort_keys=True) for d in draws[arm]}) for arm in arms}
@@ -342,7 +342,7 @@ def repeat_warnings(record: dict) -> list[str]:
     """One line per arm whose draws repeat a whole configuration."""
     return [f"warning: {arm}: {record['trials']} trials over {record['distinct_configurations'][arm] or 'more'} distinct "
             f"configurations of its discrete search: {n} repeat an earlier trial's settings; each repeat is its own "
-            f"trial folder (an independent run with the same settings) and counts as a trial in the expected-best curve"
+            f"trial folder (an independent run with the same settings) and counts as a trial in the best-of-k curve"
             for arm, n in record["repeated_trials"].items()]
 
 

@@ -101,19 +101,16 @@ def test_four_runs(sweep, tmp_path):
                 f"{held_out} | {row['collapsed']} | {chosen['test_acc']:.4f} | {chosen['test_qwk']:.4f} | "
                 f"{row['selected_acc_95ci']} | {row['selected_qwk_95ci']} | {row['selected_auc_95ci']} | patients | "
                 f"{chosen['test_ece']:.4f} | - |") in (out / "results.md").read_text()
-    # The four arms make 4 comparisons at each of 2 epochs. The question's family is declared (m = 4, the
-    # selected epoch's QWK); one seed a side: the test set's interval alone, no verdict, outside the family.
+    # The four arms make 4 comparisons at each of 2 epochs. One seed a side: the test set's interval alone, no
+    # verdict, outside every family: no family is left to correct.
     from dr_resnet.results.stats import ONE_SEED
 
     found = json.loads((out / "comparisons.json").read_text())
     made = [c for c in found["comparisons"] if c["status"] == "compared"]
-    assert len(made) == 8 and [f["family"] for f in found["families"]] == ["the question"]
-    family = found["families"][0]
-    assert family["m"] == 4 and family["metric"] == "qwk" and family["epoch"] == "selected"
-    assert sorted(family["members"]) == sorted(c["comparison"] for c in made if c["epoch"] == "selected")
-    assert all(c["qwk"]["over"] == ONE_SEED and "verdict" not in c["qwk"] for c in made)
+    assert len(made) == 8 and found["families"] == []
+    assert all(c["qwk"]["over"] == ONE_SEED and "verdict" not in c["qwk"] and c["family"] == "" for c in made)
     md = (out / "results.md").read_text()
-    assert "the question (m = 4: pretraining at ResNet18" in md and "descriptive" in md
+    assert "Families, declared before any result is read: none" in md and "descriptive" in md
     # The run with a held-out part has referable DR at the screening operating points, fitted there; every
     # finished run has its final epoch's interval.
     summary = json.loads((sweep / "resnet18_scratch" / "summary.json").read_text())
@@ -510,3 +507,29 @@ def test_a_learning_curve_is_drawn_against_the_realised_share_and_a_searched_key
     plot_factor("data.train_fraction", curve, curve, tmp_path / "curve.png", shares=realised_shares(curve),
                 steps="same")
     assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_families_count_every_planned_member_but_one_seed_comparisons_and_an_undefined_error_gives_no_verdict():
+    """The question's family: 5 planned comparisons, one not made (an arm did not run: still counted), one made
+    with one seed a side (outside the correction), three with seeds: m = 4, intervals at 1 - 0.05/4, each
+    verdict read from its own interval; a NaN standard error (one test patient) gives no verdict at all."""
+    import math
+
+    from dr_resnet.results.arms import declare_families
+
+    def made(name, difference, se, df):
+        entry = {"difference": difference, "se": se, "df": df, "seed_variance": 0.0, "test_set_covariance": se ** 2}
+        return {"comparison": name, "epoch": "selected", "factor": "depth", "setting": {}, "status": "compared",
+                "a": "A", "b": "B", "seeds": [0, 1, 2] if df else [0], "qwk": entry}
+
+    comparisons = [made("wide", 0.01, 0.01, 2), made("clear", 0.2, 0.01, 2), made("one seed", 0.3, 0.01, None),
+                   {"comparison": "absent", "epoch": "selected", "factor": "pretraining", "setting": {},
+                    "status": "not compared: no run"}, made("undefined", 0.1, math.nan, 2)]
+    [family] = declare_families(comparisons)
+    assert family["m"] == 4 and family["members"] == ["wide", "clear", "absent", "undefined"]
+    wide, clear, one, _, undefined = (c.get("qwk") for c in comparisons)
+    half = t_quantile(1 - 0.05 / 4, 2) * 0.01
+    assert (wide["family_low"], wide["family_high"]) == pytest.approx((0.01 - half, 0.01 + half))
+    assert wide["verdict"].startswith("no difference detected (differences below") and clear["verdict"] == "A better"
+    assert "verdict" not in one and comparisons[2]["family"] == ""
+    assert undefined["verdict"].startswith("cannot be judged") and "family_low" not in undefined

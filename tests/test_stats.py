@@ -228,16 +228,6 @@ def test_power_and_detectable_differences_follow_the_noncentral_t():
     assert stats.t_quantile(0.95, 10) == pytest.approx(2.228, abs=1e-3)  # 11 seeds: not the normal's 1.96
 
 
-def test_holm_rejects_in_steps():
-    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]
-    assert stats.holm([0.01, 0.02, 0.03]) == [True, True, True]  # 0.01 <= 0.05/3, 0.02 <= 0.05/2, 0.03 <= 0.05
-    assert stats.holm([0.2, 0.001]) == [False, True]
-    assert stats.holm([]) == []
-    # A missing test (NaN) is never a rejection, and it still counts in the family's size.
-    assert stats.holm([0.01, math.nan, 0.02]) == [True, False, True]
-    assert stats.holm([math.nan, 0.03]) == [False, False]  # 0.03 > 0.05/2: the NaN still counts in m
-
-
 def test_operating_points_fit_the_threshold_on_held_out_and_measure_on_test():
     val_labels = np.array([0] * 50 + [3] * 10)
     val_scores = np.r_[np.arange(50) / 50, np.full(10, 0.99)]  # negatives 0.00 .. 0.98

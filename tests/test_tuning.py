@@ -21,24 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 # -- the expected best of k trials --------------------------------------------------------------------
 
-@pytest.mark.parametrize("scores", [[0.3, 0.7, 0.5, 0.9, 0.1], [0.2, 0.2, 0.6, 0.4]])
-def test_expected_best_matches_brute_force_over_every_draw_and_every_subset(scores):
-    n = len(scores)
-    for k in range(1, n + 1):
-        # Dodge et al.: k draws with replacement, every one of the n**k sequences equally likely
-        maxima = np.array([max(draw) for draw in itertools.product(scores, repeat=k)])
-        mean, std = tuning.expected_best(scores, k)
-        assert mean == pytest.approx(maxima.mean(), abs=1e-12) and std == pytest.approx(maxima.std(), abs=1e-12)
-        # k distinct trials: every k-subset equally likely
-        maxima = np.array([max(subset) for subset in itertools.combinations(scores, k)])
-        mean, std = tuning.expected_best(scores, k, replace=False)
-        assert mean == pytest.approx(maxima.mean(), abs=1e-12) and std == pytest.approx(maxima.std(), abs=1e-12)
-    assert tuning.expected_best(scores, n)[0] < max(scores)  # with replacement, k = N is not the best of N
-    assert tuning.expected_best(scores, n, replace=False)[0] == max(scores)
-    with pytest.raises(ValueError):
-        tuning.expected_best(scores, n + 1, replace=False)
-
-
 @pytest.mark.parametrize("values", [[0.3, 0.7, -math.inf, 0.5, 0.9, -math.inf],  # N=6, 2 failed
                                     [0.2, -math.inf, 0.2, 0.6, -math.inf, -math.inf, 0.4],  # ties, 3 of 7 failed
                                     [-math.inf, -math.inf, 0.5]])  # mostly failed: the median is "failed" at k=1
@@ -714,3 +696,51 @@ def test_tune_records_the_roles_at_the_sweeps_top_and_tags_each_phase_in_wandb(t
             assert argv[-1] == f"wandb.tags=cohort-a,{tag}" and cfg.wandb.tags == f"cohort-a,{tag}"
             assert yaml.safe_load((run_dir / "config.yaml").read_text())["wandb"]["tags"] == f"cohort-a,{tag}"
     assert watched == {name: ("r18", name.removeprefix("r18_")) for name in phase1}
+
+
+def test_a_job_ended_from_outside_is_lost_and_rerun_not_counted_as_failed(tmp_path, capsys):
+    """A trial whose job died with its own error in train.log failed; one whose job was ended from outside (a
+    lost node, a time-out: no error of its own) is lost: tuning counts it as 'to rerun', never as failed."""
+    from launch.sweep import wait_for_all
+
+    class Ended:
+        job_id, state = "41", "NODE_FAIL"
+
+        def done(self) -> bool:
+            return True
+
+        def result(self):
+            raise RuntimeError("Job 41 (task: 0) with path /x/41_0_result.pkl has not produced any output (state: NODE_FAIL)")
+
+        results = result
+
+    tune = tmp_path / "tune"
+    write_trial(tune / "r18" / "own", [0.5], [0.5], "0.1", epochs=3)
+    (tune / "r18" / "own" / "train.log").write_text(
+        "2026-12-07 10:00:00 INFO dr_resnet.train: dr_resnet 0.4.0: config x\n"
+        "2026-12-07 10:01:00 ERROR dr_resnet.train: NonFiniteError: loss is nan at step 12\n")
+    write_trial(tune / "r18" / "away", [0.5], [0.5], "0.2", epochs=3)
+    plans = {name: (tune / "r18" / name, [], config.load(REPO / "configs" / "demo.yaml", ["train.epochs=3"]))
+             for name in ("own", "away")}
+    assert wait_for_all({name: Ended() for name in plans}, plans, poll_s=0) == ["own", "away"]
+    err = capsys.readouterr().err
+    assert "own: FAILED (job 41): NonFiniteError: loss is nan at step 12" in err
+    assert "away: LOST (job 41)" in err and "running the sweep again reruns it" in err
+    choice = tuning.choose(tune, {"r18": {"own": {"train.lr": "0.1"}, "away": {"train.lr": "0.2"}}})
+    status = {t["trial"]: t["status"] for t in choice["arms"]["r18"]["trials"]}
+    assert status == {"own": "failed", "away": "not finished"} and choice["arms"]["r18"]["to_rerun"] == ["away"]
+
+
+def test_the_tuning_table_says_how_repeated_configurations_are_counted(tmp_path):
+    from dr_resnet.results.tables import markdown, tuning_table
+
+    tune = tmp_path / "tune"
+    for name, lr in (("t00-lr0.1", "0.1"), ("t01-lr0.1", "0.1"), ("t02-lr0.3", "0.3")):
+        write_trial(tune / "r18" / name, [0.5], [0.5], lr)
+    choice = tuning.choose(tune, {"r18": {n: {"train.lr": n.rsplit("lr", 1)[1]} for n in ("t00-lr0.1", "t01-lr0.1",
+                                                                                        "t02-lr0.3")}})
+    curves = tuning.curves_of(choice)
+    assert "repeat" not in "\n".join(markdown(tuning_table(choice, curves, "")))
+    choice.update(repeats=True, distinct_configurations={"r18": 2})
+    text = "\n".join(markdown(tuning_table(choice, curves, "")))
+    assert "fewer distinct configurations than trials ({'r18': 2})" in text and "each counts as one trial in N" in text

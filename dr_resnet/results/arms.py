@@ -414,15 +414,17 @@ def family_of(comparison: dict) -> str:
 
 
 def declare_families(comparisons: list[dict], alpha: float = ALPHA) -> list[dict]:
-    """Mark each comparison's family (every planned one counts in its family's size m, made or not) and, for
-    those made with several seed pairs, the simultaneous (Bonferroni, 1 - alpha/m) t-interval of its QWK
-    difference and the verdict read from that same interval. One seed a side: no verdict (the seeds'
-    variation is unknown), outside the correction. Returns the families: name, m, alpha, metric, members."""
+    """Mark each comparison's family and, for those made with several seed pairs, the simultaneous
+    (Bonferroni, 1 - alpha/m) t-interval of its QWK difference and the verdict read from that same interval.
+    m counts every planned member (made or not: an arm that did not run still belonged to the question) but
+    those made with one seed a side, which stay outside the correction with no verdict (the seeds' variation
+    is unknown). Returns the families: name, m, alpha, metric, members."""
     families: dict[str, list[dict]] = {}
     for c in comparisons:
         name = family_of(c)
-        c["family"] = name
-        if name:
+        one_seed = c["status"] == "compared" and c[FAMILY_METRIC]["df"] is None
+        c["family"] = "" if one_seed else name
+        if c["family"]:
             families.setdefault(name, []).append(c)
     declared = []
     for name, members in families.items():
@@ -430,7 +432,10 @@ def declare_families(comparisons: list[dict], alpha: float = ALPHA) -> list[dict
         level = 1 - alpha / m
         for c in members:
             entry = c.get(FAMILY_METRIC)
-            if c["status"] != "compared" or entry["df"] is None:
+            if c["status"] != "compared":
+                continue
+            if not entry["se"] >= 0:  # NaN: a test set of one patient, or a metric undefined on it
+                entry["verdict"] = "cannot be judged: the difference's standard error is undefined on this test set"
                 continue
             low, high = t_interval(entry, level)
             entry.update(family_level=level, family_low=low, family_high=high,

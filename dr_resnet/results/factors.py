@@ -116,7 +116,7 @@ def differences(comparisons: list[dict], key: str, families: list[dict] = ()) ->
             continue
         q = c["qwk"]
         if "verdict" in q:
-            low, high, holds = q["family_low"], q["family_high"], q["verdict"]
+            low, high, holds = q.get("family_low", math.nan), q.get("family_high", math.nan), q["verdict"]
         else:
             low, high, holds = q["low"], q["high"], "no verdict: " + q["over"]
         found.append({**entry, "status": "compared", "difference": q["difference"], "low": low, "high": high,

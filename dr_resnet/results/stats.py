@@ -326,20 +326,6 @@ def paired_comparison(labels: Sequence[int], a: Scored | list[Scored], b: Scored
     return result
 
 
-def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
-    """Holm's step-down correction: which of the hypotheses are rejected with the family-wise error rate
-    held at alpha (p-values in any order; the answer in the same order). A NaN p-value (no test) is never
-    rejected and still counts in the family."""
-    p = np.asarray(p_values, dtype=float)
-    order = np.argsort(np.where(np.isnan(p), np.inf, p), kind="stable")
-    rejected = [False] * len(p)
-    for rank, i in enumerate(order):
-        if not p[i] <= alpha / (len(p) - rank):
-            break
-        rejected[i] = True
-    return rejected
-
-
 SCREENING_SPECIFICITIES = (0.90, 0.98)  # the operating points Gulshan et al. (2016) report for referable DR
 
 

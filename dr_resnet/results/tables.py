@@ -53,7 +53,7 @@ RESULT_COLUMNS = (("run", "run"), ("depth", None), ("weights", None), ("status",
                   ("selected_test_acc", None), ("selected_qwk", None),
                   ("selected_acc_95ci", "test accuracy (95% CI; reported, not chosen on)"),
                   ("selected_qwk_95ci", "test QWK (95% CI; reported, not chosen on)"),
-                  ("selected_auc_95ci", "test referable AUC (95% CI)"),
+                  ("selected_auc_95ci", "test referable AUC (95% CI; reported, not chosen on)"),
                   ("ci_resampled", "resampled"), ("selected_ece", "ECE"), ("ece_before_temperature", None),
                   ("recall_at_selected", "recall per grade"), ("referable_sens_at_selected", None),
                   ("referable_spec_at_selected", None), ("final_test_acc", None), ("final_qwk", None),
@@ -158,7 +158,9 @@ def comparisons_table(comparisons: list[dict], families: list[dict]) -> Table:
             several = len(c["seeds"]) > 1
             q = c["qwk"]
             seeds = f", seeds {', '.join(map(str, c['seeds']))}" if several else ", one seed"
-            if "verdict" in q:
+            if "verdict" in q and "family_low" not in q:  # no interval to read a verdict from
+                interval, judged = "-", q["verdict"]
+            elif "verdict" in q:
                 interval = (f"{q['family_low']:+.3f} to {q['family_high']:+.3f} ({100 * q['family_level']:g}% simultaneous, "
                             f"{c['family']}, m = {sizes[c['family']]})")
                 judged = q["verdict"]
@@ -243,8 +245,8 @@ FACTOR_NOTE = (
     "{key}: at each value, the paired comparisons of pretraining and depth (QWK A - B on the same test images at each "
     "run's selected epoch, chosen on its held-out part). They form one declared family (m = {m}): each interval is "
     "simultaneous over it (Bonferroni) and the verdict is read from it; one seed a side gives the test set's interval "
-    "alone and no verdict. The figure factor_{file}.png draws each arm's test QWK against {key} (mean over seeds, 95% "
-    "t-interval).")
+    "alone and no verdict. The figure factor_{file}.png draws each arm's held-out QWK (what a choice may use) and test "
+    "QWK (reported, not chosen on) against {key} (mean over seeds, 95% t-interval).")
 
 
 def factor_scores_table(key: str, held_out: dict[str, list[dict]], test: dict[str, list[dict]],
@@ -352,6 +354,11 @@ def tuning_table(choice: dict, curves: dict[str, list[dict]], ranking: str) -> T
                Column("held_out", "held-out"), Column("epoch", "epoch"), Column("collapsed", "collapsed"),
                *(Column(f"k{k}", f"best of k={k}: median [band]") for k in ks)]
     note = f"{TUNING_NOTE.format(band=BAND_LABEL, resamples=BAND_RESAMPLES)} {ranking}".strip()
+    if choice.get("repeats"):
+        distinct = choice.get("distinct_configurations") or {}
+        note += (f" The search space holds fewer distinct configurations than trials ({distinct}): whole configurations "
+                 f"repeat, each repeat an independent run in a folder of its own, and each counts as one trial in N and "
+                 f"in the best of k.")
     table = Table("tuning", "Tuning (phase 1 of --tune) and the best held-out score of k trials", note, columns,
                   numeric=frozenset(["planned", "finished", "held_out", "epoch", *(f"k{k}" for k in ks)]))
     for arm, entry in choice["arms"].items():

@@ -167,23 +167,6 @@ def choose(tune_dir: Path, arm_trials: dict[str, dict[str, dict[str, str]]]) -> 
     return found
 
 
-def expected_best(scores: Sequence[float], k: int, replace: bool = True) -> tuple[float, float]:
-    """The mean maximum of k trials' scores, and its standard deviation, over the finished trials only (no
-    failure counts: the report shows median_best_of_k). replace=True: Dodge et al. 2019's estimator
-    (P(max <= v_(i)) = (i/N)^k); replace=False: k distinct trials (P(max = v_(i)) = C(i-1, k-1) / C(N, k))."""
-    v = np.sort(np.asarray(scores, dtype=float))
-    n = len(v)
-    if n == 0 or k < 1 or (not replace and k > n):
-        raise ValueError(f"expected best of k={k} from {n} scores" + ("" if replace else " without replacement"))
-    i = np.arange(1, n + 1)
-    if replace:
-        weights = (i / n) ** k - ((i - 1) / n) ** k
-    else:
-        weights = np.array([math.comb(j - 1, k - 1) for j in i], dtype=float) / math.comb(n, k)
-    mean = float(weights @ v)
-    return mean, math.sqrt(max(0.0, float(weights @ v**2) - mean**2))
-
-
 def median_positions(n: int, k: int) -> tuple[int, int]:
     """The 0-based places in n sorted trials whose mean is the median best of a random k-subset: the best
     is at place i or below with chance C(i+1, k) / C(n, k) (order statistics; exact integers)."""
