@@ -113,7 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", help="comma-separated train.seed values: every arm once per seed, in "
                                    "SWEEP_DIR/<arm>/seed<k>/ (default: one run per arm, in SWEEP_DIR/<arm>/)")
     p.add_argument("--tune", type=int, metavar="N",
-                   help="two phases: N trials an arm drawn from the sweep file's search: (on --tune-seed, in "
+                   help="two phases: N trials an arm drawn from the sweep file's search: or the points of a grid over "
+                        "searched keys (on --tune-seed, in "
                         "SWEEP_DIR/tune/<arm>/<trial>/), each arm's winner chosen on its held-out figures only "
                         "(SWEEP_DIR/tuning.json), then the winners on every --seeds (SWEEP_DIR/<arm>/<trial>/seed<k>/) "
                         "and the report; waits for phase 1 (run again after an interruption: nothing runs twice)")
@@ -456,20 +457,28 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
     clash = sorted({o.split("=", 1)[0] for o in args.overrides} & varied)
     if clash:
         raise ConfigError(f"{', '.join(clash)}: set by an override and searched by the grid or search; give it in one place")
-    if args.tune and not sweep.search:
-        raise ConfigError(f"--tune {args.tune} draws trials from the sweep file's search: block, and {args.config} has "
-                          f"none (see configs/demo_tune.yaml)")
-    count = args.tune or (sweep.search.trials if sweep.search else 0)
-    if sweep.search and not count:
-        raise ConfigError(f"{args.config}: search: give trials: N (trials an arm), or --tune N")
     searched, factors = trials.roles(gridded, sweep.search.keys if sweep.search else [],
                                      {f"{args.config}: searched": sweep.searched, "--searched": args.searched})
+    if args.tune and not args.seeds:
+        raise ConfigError(f"--tune {args.tune} needs --seeds (e.g. --seeds 1,2,3): phase 2 runs each winner on fresh "
+                          f"seeds, never only on the seed that chose it (--tune-seed {args.tune_seed})")
     if args.tune and factors:
         # phase 1 picks one trial an arm: over a factor's values, that would choose what the experiment reports
         raise ConfigError(f"--tune with the grid factor(s) {', '.join(factors)}: phase 1 would choose among a factor's "
                           f"values; name each in searched: (or --searched KEY) to tune it, or run one sweep per value")
+    if args.tune and not sweep.search and not searched:
+        raise ConfigError(f"--tune {args.tune} tunes the sweep file's search: block or the grid keys named searched "
+                          f"(searched: in the sweep file, or --searched KEY), and {args.config} has neither (see "
+                          f"configs/demo_tune.yaml)")
+    count = (args.tune or sweep.search.trials) if sweep.search else 0
+    if sweep.search and not count:
+        raise ConfigError(f"{args.config}: search: give trials: N (trials an arm), or --tune N")
     roles = {"searched": searched, "factors": factors}
     by_arm = trials.arm_trials(arms, grid, sweep.grid_per_arm, sweep.search, count)
+    points = len(next(iter(by_arm.values())))
+    if args.tune and not sweep.search and args.tune != points:  # the searched grid's points are the trials
+        raise ConfigError(f"--tune {args.tune}: the grid over the searched key(s) {', '.join(searched)} gives {points} "
+                          f"trials an arm: give --tune {points}")
     record = drawn_record(sweep.search, arms, count, out / tuning.TUNE_DIR if args.tune else out)
     if args.tune:
         return tune(args, argv, sweep, out, by_arm, record, gridded, roles)
@@ -544,6 +553,12 @@ def show(args: argparse.Namespace, sweep: Sweep, arms: list[str], out: Path, pla
         print("\n".join(f"--- # {name}\n" + config.to_yaml(cfg).rstrip() for name, (_, _, cfg) in plans.items()))
         return 0
     if args.print_arms:
+        if sweep.grid or any(sweep.grid_per_arm.values()) or sweep.search or args.grid or args.tune:
+            # one line an arm cannot carry a trial's settings: slurm/sweep.sh, which reads these lines, would
+            # submit each arm once at its recipe's values and silently drop the grid or search
+            raise ConfigError(f"--print-arms lists one line an arm, and {args.config} has a grid or search (or --grid, "
+                              f"--tune was given): run it with python -m launch.sweep --executor slurm, which submits "
+                              f"its trials (slurm/sweep.sh runs plain arms only)")
         for arm in arms:
             print("\t".join([arm, str(sweep.base_config), *sweep.arms[arm], *sweep.overrides]))
         return 0
@@ -647,7 +662,7 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
               f"that seed repeats the run it won with, lucky draw included", file=sys.stderr)
     if args.print_config or args.dry_run or args.print_arms:
         print(f"# phase 1 of --tune: {len(phase1)} runs ({args.tune} trials an arm, seed {args.tune_seed}); phase 2 "
-              f"(each arm's winner on seeds {','.join(map(str, args.seeds)) or 'the recipe'}) is planned once phase 1 "
+              f"(each arm's winner on seeds {','.join(map(str, args.seeds))}) is planned once phase 1 "
               f"has finished")
         return show(args, sweep, list(by_arm), out, phase1) or 0
     roles = roles or {}

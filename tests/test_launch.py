@@ -401,3 +401,16 @@ def test_a_sweep_run_again_skips_the_runs_that_finished(tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.count("finished earlier") == 2
     assert {p: (p / "checkpoint_last.pt").stat().st_mtime_ns for p in runs.iterdir()} == stamps
+
+
+def test_print_arms_refuses_a_sweep_with_trials_that_one_line_an_arm_would_drop(capsys):
+    """slurm/sweep.sh submits one job an arm from --print-arms' lines: a grid or search there would be silently
+    dropped, so --print-arms refuses such a sweep with one line naming the launcher that runs its trials."""
+    from launch.sweep import main
+
+    assert main(["--config", str(REPO / "configs" / "demo_tune.yaml"), "--print-arms"]) == 2
+    assert "has a grid or search" in capsys.readouterr().err
+    assert main(["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--print-arms", "--grid", "train.lr=0.1,0.2"]) == 2
+    capsys.readouterr()
+    assert main(["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--print-arms"]) == 0
+    assert capsys.readouterr().out.count("\n") == 4

@@ -524,12 +524,19 @@ def test_families_count_every_planned_member_but_one_seed_comparisons_and_an_und
 
     comparisons = [made("wide", 0.01, 0.01, 2), made("clear", 0.2, 0.01, 2), made("one seed", 0.3, 0.01, None),
                    {"comparison": "absent", "epoch": "selected", "factor": "pretraining", "setting": {},
-                    "status": "not compared: no run"}, made("undefined", 0.1, math.nan, 2)]
+                    "status": "not compared: resnet50 pretrained has no predictions.csv (not run: no weights)"},
+                   made("undefined", 0.1, math.nan, 2),
+                   {"comparison": "never planned", "epoch": "selected", "factor": "pretraining", "setting": {},
+                    "status": "not compared: no run", "absent": ["resnet18 pretrained"]}]
     [family] = declare_families(comparisons)
     assert family["m"] == 4 and family["members"] == ["wide", "clear", "absent", "undefined"]
-    wide, clear, one, _, undefined = (c.get("qwk") for c in comparisons)
+    wide, clear, one, _, undefined, _ = (c.get("qwk") for c in comparisons)
     half = t_quantile(1 - 0.05 / 4, 2) * 0.01
     assert (wide["family_low"], wide["family_high"]) == pytest.approx((0.01 - half, 0.01 + half))
     assert wide["verdict"].startswith("no difference detected (differences below") and clear["verdict"] == "A better"
     assert "verdict" not in one and comparisons[2]["family"] == ""
     assert undefined["verdict"].startswith("cannot be judged") and "family_low" not in undefined
+    # No spread at all (both arms collapsed to one grade: every difference 0, se 0): no verdict, no detectable size.
+    flat = [made("flat", 0.0, 0.0, 2)]
+    declare_families(flat)
+    assert flat[0]["qwk"]["verdict"].startswith("cannot be judged: no spread") and "detectable" not in flat[0]["qwk"]

@@ -226,6 +226,9 @@ def test_power_and_detectable_differences_follow_the_noncentral_t():
     assert nct_power(needed) >= 0.8 > nct_power(needed - 1) and needed == 15
     assert stats.seeds_needed(0.05, seed_variance=0.004, covariance=0.0009, level=0.95) is None  # C alone: 0.03 se
     assert stats.t_quantile(0.95, 10) == pytest.approx(2.228, abs=1e-3)  # 11 seeds: not the normal's 1.96
+    # A t-interval at 1 degree of freedom can reach past what a difference can be: kept within it.
+    assert stats.clipped("accuracy", (-4.5, 4.3)) == (-1.0, 1.0) and stats.clipped("qwk", (-2.5, 0.1)) == (-2.0, 0.1)
+    assert math.isnan(stats.t_p_value(0.1, 0.0, 3)) and stats.t_p_value(0.0, 0.0, 3) == 1.0  # no spread: no test
 
 
 def test_operating_points_fit_the_threshold_on_held_out_and_measure_on_test():

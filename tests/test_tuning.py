@@ -593,8 +593,8 @@ def test_tune_plans_phase_one_from_the_search_and_refuses_without_one(tmp_path, 
     plain = tmp_path / "plain.yaml"
     plain.write_text(yaml.safe_dump({"name": "p", "config": str(REPO / "configs" / "demo.yaml"),
                                      "arms": {"r18": ["model.depth=18"]}}))
-    assert main(["--config", str(plain), "--tune", "2", "--print-config"]) == 2
-    assert "draws trials from the sweep file's search" in capsys.readouterr().err
+    assert main(["--config", str(plain), "--tune", "2", "--seeds", "1", "--print-config"]) == 2
+    assert "tunes the sweep file's search: block or the grid keys named searched" in capsys.readouterr().err
 
 
 # -- searched keys and factors --------------------------------------------------------------------------
@@ -744,3 +744,20 @@ def test_the_tuning_table_says_how_repeated_configurations_are_counted(tmp_path)
     choice.update(repeats=True, distinct_configurations={"r18": 2})
     text = "\n".join(markdown(tuning_table(choice, curves, "")))
     assert "fewer distinct configurations than trials ({'r18': 2})" in text and "each counts as one trial in N" in text
+
+
+def test_tune_over_a_searched_grid_without_a_search_block_and_never_without_fresh_seeds(tmp_path, capsys):
+    """--tune tunes a grid over keys named searched (its points are the trials, so N must be their count);
+    without --seeds phase 2 would rerun each winner on the seed that chose it: refused."""
+    from launch.sweep import main
+
+    args = ["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--runs", "resnet18_scratch", "--out",
+            str(tmp_path / "t"), "--print-config", "--grid", "train.lr=0.01,0.05", "--searched", "train.lr"]
+    assert main([*args, "--tune", "2", "--seeds", "1,2"]) == 0
+    assert "phase 1 of --tune: 2 runs (2 trials an arm, seed 0)" in capsys.readouterr().out
+    assert main([*args, "--tune", "3", "--seeds", "1,2"]) == 2
+    assert "gives 2 trials an arm: give --tune 2" in capsys.readouterr().err
+    assert main([*args, "--tune", "2"]) == 2
+    assert "--tune 2 needs --seeds" in capsys.readouterr().err
+    assert main([a for a in args if a not in ("--searched", "train.lr")] + ["--tune", "2", "--seeds", "1"]) == 2
+    assert "--tune with the grid factor(s) train.lr" in capsys.readouterr().err

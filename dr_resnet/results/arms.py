@@ -46,6 +46,7 @@ from dr_resnet.results.rundir import (
 )
 from dr_resnet.results.stats import (
     bootstrap_intervals,
+    clipped,
     detectable,
     paired_comparison,
     seeds_needed,
@@ -336,6 +337,11 @@ def _why_not(name: str, arm: Arm | None, epoch: str) -> str:
             f"{run.path / file})")
 
 
+def collapsed_at(run: RunRecord, epoch: str) -> str:
+    """Why the run's selected (or final) epoch looks collapsed on test ('' when it does not)."""
+    return run.collapsed if epoch == "selected" else collapse(np.array(run.rows[-1]["confusion_matrix"]))
+
+
 COMPARED_EPOCHS = ("selected", "final")  # compare_arms(epoch=...): the report compares the arms at both
 ALIKE = ("precision", "global_batch")  # what the runs of one comparison must share beyond their config (effective)
 
@@ -391,9 +397,10 @@ def compare_arms(arms: list[Arm], epoch: str = "selected") -> list[dict]:
                                    [(p.grades, p.referable_scores) for p in found_b], first.patients)
         mcnemar = paired["mcnemar"] if isinstance(paired["mcnemar"], list) else [paired["mcnemar"]]
         warning = unlike([done_a[k] for k in seeds] + [done_b[k] for k in seeds])
+        collapsed = [r.name for r in [done_a[k] for k in seeds] + [done_b[k] for k in seeds] if collapsed_at(r, epoch)]
         results.append({**entry, "status": "compared", "images": len(first.names), "resampled": paired["unit"],
                         "seeds": seeds, **{m: paired[m] for m, _ in PAIR_METRICS}, "mcnemar": mcnemar,
-                        **({"warning": warning} if warning else {})})
+                        **({"warning": warning} if warning else {}), **({"collapsed": collapsed} if collapsed else {})})
     return results
 
 
@@ -423,7 +430,9 @@ def declare_families(comparisons: list[dict], alpha: float = ALPHA) -> list[dict
     for c in comparisons:
         name = family_of(c)
         one_seed = c["status"] == "compared" and c[FAMILY_METRIC]["df"] is None
-        c["family"] = "" if one_seed else name
+        # an arm the sweep never planned (--runs left it out: no folder at all) is no member; one planned that
+        # could not run still is
+        c["family"] = "" if one_seed or c.get("absent") else name
         if c["family"]:
             families.setdefault(name, []).append(c)
     declared = []
@@ -434,10 +443,12 @@ def declare_families(comparisons: list[dict], alpha: float = ALPHA) -> list[dict
             entry = c.get(FAMILY_METRIC)
             if c["status"] != "compared":
                 continue
-            if not entry["se"] >= 0:  # NaN: a test set of one patient, or a metric undefined on it
-                entry["verdict"] = "cannot be judged: the difference's standard error is undefined on this test set"
+            if not entry["se"] > 0:  # NaN (one test patient) or 0 (e.g. both arms collapsed to one grade)
+                entry["verdict"] = ("cannot be judged: " + ("no spread at all (every seed pair and patient gives the "
+                                    "same difference: collapsed runs?)" if entry["se"] == 0 else
+                                    "the difference's standard error is undefined on this test set"))
                 continue
-            low, high = t_interval(entry, level)
+            low, high = clipped(FAMILY_METRIC, t_interval(entry, level))
             entry.update(family_level=level, family_low=low, family_high=high,
                          verdict=verdict(c["a"], c["b"], low, high),
                          detectable=detectable(entry["df"], level) * entry["se"])

@@ -1,5 +1,5 @@
 """Runs along a factor: learning curves (data.train_fraction, train.epochs / train.length) and any ablation
-(model.head, data.sampler, data.image_size, train.ema, ...). Torch-free, read from the arms.
+(model.head, train.sampler, data.image_size, train.ema, ...). Torch-free, read from the arms.
 
 For each key that tells arms of one depth and initialisation apart (Arm.factors), `points` gives each
 (depth, initialisation) line's test QWK at the selected epoch per value, over its finished seeds; `differences`

@@ -247,12 +247,19 @@ def seed_pair_test(labels: np.ndarray, runs_a: list[tuple[np.ndarray, np.ndarray
     return found
 
 
+def clipped(metric: str, interval: tuple[float, float]) -> tuple[float, float]:
+    """An interval of a difference kept within what the difference can be (QWK: -2..2, the others -1..1): with
+    one or two degrees of freedom a t-interval can reach far beyond."""
+    bound = 2.0 if metric == "qwk" else 1.0
+    return max(interval[0], -bound), min(interval[1], bound)
+
+
 def t_p_value(difference: float, se: float, df: float | None) -> float:
     """Two-sided p-value of difference / se against t(df) (normal for None); 1 for a zero difference."""
     if difference == 0 or math.isnan(se):
         return 1.0 if difference == 0 else math.nan
-    if se == 0:
-        return 0.0
+    if se == 0:  # a difference with no spread at all (collapsed runs): no test can be read from it
+        return math.nan
     statistic = abs(difference) / se
     return float(2 * (scipy_stats.norm.sf(statistic) if df is None else scipy_stats.t.sf(statistic, df)))
 
@@ -319,7 +326,7 @@ def paired_comparison(labels: Sequence[int], a: Scored | list[Scored], b: Scored
     units, unit = resampling_units(patients if patients is not None else [str(i) for i in range(len(labels))])
     result: dict = {"unit": unit, "level": level, "images": len(labels), "runs_per_side": len(runs_a)}
     for m, entry in seed_pair_test(labels, runs_a, runs_b, units, metrics).items():
-        entry["low"], entry["high"] = t_interval(entry, level)
+        entry["low"], entry["high"] = clipped(m, t_interval(entry, level))
         result[m] = entry
     tests = [mcnemar(ga == labels, gb == labels, units) for (ga, _), (gb, _) in zip(runs_a, runs_b)]
     result["mcnemar"] = tests[0] if len(tests) == 1 else tests

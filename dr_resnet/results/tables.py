@@ -151,7 +151,8 @@ def comparisons_table(comparisons: list[dict], families: list[dict]) -> Table:
         if shown:
             table.rows.append(Row([f"at {title}"], "group"))
         for c in shown:
-            start = [c["comparison"] + (f" (warning: {c['warning']})" if c.get("warning") else ""), c["a"], c["b"]]
+            start = [c["comparison"] + (f" (warning: {c['warning']})" if c.get("warning") else "")
+                     + (f" (collapsed: {', '.join(c['collapsed'])})" if c.get("collapsed") else ""), c["a"], c["b"]]
             if c["status"] != "compared":
                 table.rows.append(Row([*start, c["status"]], "notrun"))
                 continue
@@ -169,7 +170,7 @@ def comparisons_table(comparisons: list[dict], families: list[dict]) -> Table:
                 interval, judged = f"{q['low']:+.3f} to {q['high']:+.3f} (95%, {over})", "descriptive"
             cells = [f"{c[m]['difference']:+.3f} ({c[m]['low']:+.3f} to {c[m]['high']:+.3f})"
                      for m, _ in PAIR_METRICS if m != "qwk"]
-            agree = f"{q['seeds_agree']} of {len(c['seeds'])}" if several else "-"
+            agree = f"{q['seeds_agree']} of {len(c['seeds'])}" if several and q["difference"] else "-"
             counts = ", ".join(f"{m['a_only_right']} / {m['b_only_right']}" for m in c["mcnemar"])
             p_values = ", ".join(f"{m['p_value']:.3g}" for m in c["mcnemar"])
             table.rows.append(Row([*start, f"{c['images']} ({c['resampled']}{seeds})", f"{q['difference']:+.3f}",
