@@ -274,9 +274,11 @@ def test_a_network_target_warns_and_memory_counts_against_the_jobs_limit(tmp_pat
 
 # -- the command and slurm/train.sbatch's staging step ---------------------------------------------------
 
-def test_the_stage_command_copies_shows_and_cleans(tmp_path):
+def test_the_stage_command_copies_shows_and_cleans(tmp_path, monkeypatch):
+    """python -m dr_resnet.stage: --root/--to, --train (slurm/train.sbatch's staging step, whose copy the
+    training step's node leaders then take without listing the source again), --clean."""
     root = source(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"}
 
     def command(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dr_resnet.stage", *args], env=env, cwd=tmp_path,
@@ -289,6 +291,13 @@ def test_the_stage_command_copies_shows_and_cleans(tmp_path):
     assert command("--train", "--show", *train_args).stdout == "\n"
     found = command("--train", *train_args, f"data.stage_to={tmp_path / 'local'}")
     assert "already holds an unchanged copy" in found.stdout, found.stderr
+    # The training step of the same job leg: its leader reads the copy's name from the staging step's record.
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setattr(stage, "manifest_of", lambda root: pytest.fail("the source was listed again"))
+    said = stage.stage(root, str(tmp_path / "local")).said
+    assert "already holds an unchanged copy" in said and "as this job's staging step recorded" in said
+    release(Path(said.split()[0]))  # so that --clean below, another process, may take it
     bad = command("--root", str(root), "--to", "relative")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --to=relative is a relative")
     cleaned = command("--clean", str(tmp_path / "local"), "--older-than", "0")
