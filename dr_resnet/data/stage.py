@@ -281,13 +281,12 @@ def _copy_tree(root: Path, temporary: Path, manifest: dict[str, list[int]], thre
 def _make_copy(root: Path, base: Path, name: str, manifest: dict[str, list[int]], threads: int,
                progress_s: float) -> None:
     """Copy `root` to base/name through a temporary folder; on any failure, nothing is left behind."""
-    check_room(base, root, manifest)
     temporary, target = _temporary(base, name), base / name
     try:
         try:
             if target.exists():  # without its manifest (a clean cut short): never used, so never in use
                 shutil.rmtree(target)
-            shutil.rmtree(temporary, ignore_errors=True)
+            check_room(base, root, manifest)
             temporary.mkdir()
             _copy_tree(root, temporary, manifest, threads, progress_s)
             write_text(temporary / MANIFEST, json.dumps(manifest))
@@ -324,7 +323,8 @@ def stage(root: str | os.PathLike, stage_to: str, key: str = "data.stage_to", th
     target = base / name
 
     def make() -> None:
-        listed.setdefault("files", manifest_of(root))  # the recorded copy was cleaned meanwhile
+        if "files" not in listed:  # the recorded copy was cleaned meanwhile
+            listed["files"] = manifest_of(root)
         _make_copy(root, base, name, listed["files"], threads, progress_s)
     made = _use(base, name, make, f"{root} into {target}", progress_s)
     if marker is not None:
@@ -395,6 +395,15 @@ def release(target: Path) -> None:
         os.close(fd)
 
 
+def _used_within(target: Path, now: float, days: float) -> bool:
+    used = target / LAST_USED
+    try:
+        last = used.stat().st_mtime if used.exists() else (target / MANIFEST).stat().st_mtime
+    except FileNotFoundError:  # removed meanwhile (another clean)
+        return True
+    return now - last < days * 86400
+
+
 def clean(base: Path, older_than_days: float) -> list[str]:
     """Remove this user's copies in `base` that no process holds (their lock taken exclusively, without
     waiting) and no job used for `older_than_days`; also their jobs' markers. Returns what was removed."""
@@ -405,14 +414,14 @@ def clean(base: Path, older_than_days: float) -> list[str]:
         lock = _lock_file(base, target.name)
         if not lock.exists():
             continue  # not a copy made by this code
-        used = target / LAST_USED
-        last = used.stat().st_mtime if used.exists() else (target / MANIFEST).stat().st_mtime
-        if now - last < older_than_days * 86400:
+        if _used_within(target, now, older_than_days):
             continue
         fd = os.open(lock, os.O_RDWR)
         try:
-            if not _try_lock(fd, fcntl.LOCK_EX):
-                continue  # in use
+            # Not held, and still unused once it is ours: a job touches LAST_USED before it lets go of its
+            # exclusive lock, so no job can start using it between the two checks.
+            if not _try_lock(fd, fcntl.LOCK_EX) or _used_within(target, now, older_than_days):
+                continue
             (target / MANIFEST).unlink()  # first: a half-removed copy is never taken for a complete one
             shutil.rmtree(target, ignore_errors=True)
             removed.append(str(target))
