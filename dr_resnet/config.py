@@ -139,7 +139,11 @@ class DataConfig:
     # (checked once, cached per file): stop (an error naming every one) | skip (train and test without them,
     # named in the log, summary.json and the report)
     stage_to: str = ""  # copy the prepared dataset once per node to this node-local folder at job start and read it
-    # there (e.g. /dev/shm or $TMPDIR: variables expanded); a later job finds an unchanged copy and starts at once
+    # there (an absolute path, e.g. /dev/shm or '$TMPDIR': variables expanded on the node); a later job finds an
+    # unchanged copy and starts at once; `python -m dr_resnet.stage --clean DIR --older-than DAYS` removes old copies
+    stage_timeout_minutes: float = 120.0  # how long a process waits for its node's copy (data.stage_to) before it
+    # stops: long enough for EyePACS' 88k photos from a busy shared file system; the wait is on the process group's
+    # store, not in a collective, so the process group's timeout does not apply to it
     workers: int = 4  # data-loading processes per training process
     max_rotation: float = 180.0  # degrees, random rotation within +-max_rotation (on the device); 180: any angle,
     # since a fundus photo's orientation carries no grade
@@ -506,6 +510,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.length must be > 0 (a multiple of the schedule), got {cfg.train.length}")
     if not 0 <= cfg.train.ema < 1:
         raise ConfigError(f"train.ema must be in [0, 1) (the average's decay per step; 0: off), got {cfg.train.ema}")
+    if not cfg.data.stage_timeout_minutes > 0:
+        raise ConfigError(f"data.stage_timeout_minutes must be positive (minutes a process waits for its node's copy), "
+                          f"got {cfg.data.stage_timeout_minutes}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     held_out = cfg.data.val_fraction > 0 or bool(cfg.data.val_split)
@@ -594,7 +601,7 @@ def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:
 # reruns) of one arm. The report groups runs by every other key (results/arms.py).
 NOT_THE_ARM = ("train.seed", "train.device", "train.compile", "train.cudnn_benchmark", "train.deterministic",
                "train.channels_last", "train.log_every", "train.checkpoint_every_minutes", "train.eval_batch_size",
-               "data.workers", "data.stage_to", "output.", "wandb.")
+               "data.workers", "data.stage_to", "data.stage_timeout_minutes", "output.", "wandb.")
 
 
 # Keys no grid or search may vary, and why: they decide the held-out score the trials are chosen on, or
@@ -624,7 +631,7 @@ NOT_SEARCHED = {
 ON_RESUME = ("train.epochs", "train.resume", "train.device", "train.amp", "train.compile", "train.cudnn_benchmark",
              "train.deterministic", "train.channels_last", "train.sync_bn", "train.log_every",
              "train.checkpoint_every_minutes", "train.eval_batch_size", "train.nonfinite", "train.nonfinite_skip_limit",
-             "data.workers", "data.stage_to", "output.", "wandb.")
+             "data.workers", "data.stage_to", "data.stage_timeout_minutes", "output.", "wandb.")
 
 
 def changed_on_resume(saved: dict[str, Any], requested: Config) -> list[str]:

@@ -94,12 +94,13 @@ def test_evaluate_names_every_bad_photo_or_skips_them(data, tmp_path, capfd, mon
 
 def test_the_dataset_is_staged_once_a_node_and_read_there(data, tmp_path, capfd):
     """data.stage_to copies the prepared dataset to node-local storage at start (its time logged), the run
-    reads the copy, a second start finds it unchanged, and a changed dataset is copied again."""
-    from dr_resnet.data.stage import staged_path
+    reads the copy, a second start finds it unchanged, and a changed dataset is copied to a new folder (the
+    old copy, which another job may be reading, stays)."""
+    from dr_resnet.data.stage import copy_name, manifest_of
 
     run_args = ["train.epochs=1", f"data.stage_to={tmp_path / 'local'}"]
     assert train.main(demo_args(data, tmp_path / "run", *run_args, workers=0)) == 0
-    staged = staged_path(data, str(tmp_path / "local"))
+    staged = tmp_path / "local" / copy_name(data.resolve(), manifest_of(data.resolve()))
     err = capfd.readouterr().err
     assert f"data.stage_to: staged {data.resolve()} to {staged}:" in err and " s\n" in err
     assert sorted(p.name for p in (staged / "images").iterdir()) == sorted(p.name for p in (data / "images").iterdir())
@@ -109,6 +110,7 @@ def test_the_dataset_is_staged_once_a_node_and_read_there(data, tmp_path, capfd)
     shutil.copytree(data, copy)
     assert train.main(demo_args(copy, tmp_path / "run3", *run_args, workers=0)) == 0
     assert "data.stage_to: staged" in capfd.readouterr().err
+    assert len([p for p in (tmp_path / "local").iterdir() if not p.name.startswith(".")]) == 2
     # The run's config keeps its own data.root (a resume on another node stages again, and is not refused).
     import yaml
 

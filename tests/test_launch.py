@@ -139,10 +139,13 @@ def test_a_local_array_sweep_of_two_arms_and_two_seeds_runs_each_in_its_folder(t
     assert "resnet50_scratch/seed1" in (out / "results.md").read_text()
 
 
-def sbatch_dry_run(tmp_path, **slurm) -> str:
+BASE = str(REPO / "configs" / "base.yaml")  # the script reads the config (data.stage_to) also in a dry run
+
+
+def sbatch_dry_run(tmp_path, *args: str, **slurm) -> str:
     env = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[1-2]",
            "SLURM_NNODES": "2", "PYTHON": sys.executable, "PYTHONPATH": str(REPO), **slurm}
-    result = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), "--config", "configs/base.yaml"],
+    result = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), "--config", BASE, *args],
                             env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -158,8 +161,18 @@ def test_sbatch_script_counts_processes_from_slurms_gpus_and_gives_them_the_cpus
     assert command.startswith("srun --kill-on-bad-exit=1 --nodes 2 --ntasks 2 --ntasks-per-node=1 --cpus-per-task 36 ")
     assert f"--nnodes 2 --nproc_per_node {processes} " in command and "--rdzv_id 4242" in command
     assert f":{master_port(4242)} " in command  # the rendezvous port rule of dr_resnet.distributed
-    assert command.endswith("-m dr_resnet.train --config configs/base.yaml")
+    assert command.endswith(f"-m dr_resnet.train --config {BASE}")
     assert f"2 node(s) x {processes} process(es)" in out and "36 CPU(s) a node" in out
+    assert "dr_resnet.stage" not in out  # no data.stage_to: no staging step
+
+
+def test_the_sbatch_script_stages_the_dataset_in_a_step_of_its_own_before_training(tmp_path):
+    """data.stage_to: one task a node copies the dataset in its own step, under no process group's timeout,
+    then the training step starts; a '$TMPDIR' reaches the nodes unexpanded (each expands its own)."""
+    lines = sbatch_dry_run(tmp_path, "data.stage_to=$TMPDIR", SLURM_CPUS_PER_TASK="9").strip().splitlines()
+    assert lines[-2] == (f"srun --kill-on-bad-exit=1 --nodes 2 --ntasks 2 --ntasks-per-node=1 --cpus-per-task 9 "
+                         f"{sys.executable} -m dr_resnet.stage --train --config {BASE} data.stage_to=$TMPDIR")
+    assert lines[-1].endswith(f"-m dr_resnet.train --config {BASE} data.stage_to=$TMPDIR")
 
 
 def test_the_sbatch_script_runs_its_setup_first_and_says_how_to_submit_it_outside_slurm(tmp_path):

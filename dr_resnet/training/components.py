@@ -12,6 +12,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from dr_resnet import config, patients, processes
 from dr_resnet.config import Config, ConfigError, DataConfig, TrainConfig
-from dr_resnet.data import check
+from dr_resnet.data import check, stage
 from dr_resnet.data.augment import DeviceAugment
 from dr_resnet.data.dataset import RetinopathyDataset
 from dr_resnet.data.formats import TableOptions
@@ -51,6 +52,20 @@ class Datasets:
         """patients.overlap of these splits: the patients shared between training, held-out part and test."""
         return patients.overlap(self.train.patients, self.test.patients, self.val.patients if self.val else (),
                                 self.train.patient_source)
+
+
+def staged_root(d: DataConfig, local_rank: int) -> Path:
+    """data.root's node-local copy (data.stage_to): each node's leader makes or finds it, and every process
+    waits for every node's (distributed.once_a_node: its own deadline, data.stage_timeout_minutes, never a
+    collective's) and reads the folder its leader names, without listing the source itself."""
+    stage.stage_base(d.stage_to)  # a bad folder: the same line from every process at once, none left waiting
+
+    def copy() -> str:
+        staged = stage.stage(d.root, d.stage_to)
+        log.info("data.stage_to: %s", staged.said)
+        return str(staged.path)
+    return Path(distributed.once_a_node(f"the copy of {d.root} in data.stage_to={d.stage_to}", copy, local_rank,
+                                        d.stage_timeout_minutes, "data.stage_timeout_minutes"))
 
 
 def datasets(cfg: Config, root: str | os.PathLike | None = None) -> Datasets:

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
@@ -340,6 +341,95 @@ def rank0_writes(what: str, work: Callable[[], object], is_main: bool) -> object
     if all_reduce_max(torch.tensor([int(error is not None)])).item():
         raise error or RunFilesError(f"rank 0 could not write {what}: its train.log says why")
     return result
+
+
+class NodeWorkError(UserError):
+    """A node leader's work (its copy of the dataset) failed or did not end in time: every rank stops with its line."""
+
+
+WAIT_PROGRESS_S = 60.0  # how often a process waiting for the node leaders' work says so
+
+
+def node_key(env: Mapping[str, str] = os.environ) -> str:
+    """This process's node within the launch: its hostname and, where the launcher numbers nodes (torchrun's
+    GROUP_RANK, srun's SLURM_NODEID), that number (emulated nodes share a hostname)."""
+    number = env.get("GROUP_RANK", env.get("SLURM_NODEID", ""))
+    return socket.gethostname() + (f"#{number}" if number else "")
+
+
+def once_a_node(what: str, work: Callable[[], str], local_rank: int, deadline_minutes: float,
+                deadline_key: str) -> str:
+    """Each node's leader (local rank 0) runs `work` and publishes its result, or its one-line error, on the
+    process group's store; every process waits there, not in a collective (whose timeout a long copy would
+    pass), until every node's leader has published, at most `deadline_minutes` (named by `deadline_key`), and
+    returns its own node's result. A failure anywhere stops every process with the leader's line."""
+    if not is_distributed():
+        return work()
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store, rank, mine = _get_default_store(), dist.get_rank(), node_key()
+    # Quick, before anyone works: who leads which node, and a name for this call that no other launch,
+    # restart or call shares (the store may outlive a restart: pytorch#135712).
+    nodes = all_gather_objects((mine, local_rank, uuid.uuid4().hex))
+    leaders: dict[str, int] = {}
+    for r, (node, local, _) in enumerate(nodes):
+        if local == 0:
+            leaders.setdefault(node, r)
+    if mine not in leaders:
+        raise NodeWorkError(f"no process of local rank 0 on {mine} to do {what}: launch the processes with torchrun or srun")
+    prefix = f"dr_resnet/once_a_node/{nodes[0][2]}/"
+    if leaders[mine] == rank:
+        try:
+            result = work()
+        except BaseException as exc:
+            line = " ".join(str(exc).split()) if isinstance(exc, USER_ERRORS) else \
+                f"{type(exc).__name__}: {exc} ({mine}'s log has the traceback)"
+            store.set(prefix + str(rank), json.dumps({"error": line}))
+            _until_read(store, prefix + "stopped", len(nodes) - 1)
+            raise
+        store.set(prefix + str(rank), json.dumps({"ok": result}))
+    try:
+        return _wait_for_leaders(store, prefix, leaders, mine, what, deadline_minutes, deadline_key)
+    except NodeWorkError:
+        store.add(prefix + "stopped", 1)  # a failed leader waits for this before it leaves (it may host the store)
+        raise
+    except RuntimeError as exc:  # the store itself is gone: its host (rank 0, or torchrun's agent) stopped
+        raise NodeWorkError(f"{what}: the process group's store stopped answering ({exc}); rank 0's log says why") \
+            from None
+
+
+def _wait_for_leaders(store, prefix: str, leaders: dict[str, int], mine: str, what: str, deadline_minutes: float,
+                      deadline_key: str) -> str:
+    waiting = {prefix + str(r): node for node, r in leaders.items()}
+    results: dict[str, str] = {}
+    started = said_at = time.monotonic()
+    while waiting:
+        for key in [k for k in waiting if store.check([k])]:
+            node, answer = waiting.pop(key), json.loads(store.get(key))
+            if "error" in answer:
+                raise NodeWorkError(answer["error"] if node == mine else f"{node}: {answer['error']}")
+            results[node] = answer["ok"]
+        elapsed = time.monotonic() - started
+        if waiting and elapsed > deadline_minutes * 60:
+            raise NodeWorkError(f"{what} on {', '.join(sorted(waiting.values()))} did not end within {deadline_key}="
+                                f"{deadline_minutes:g} ({elapsed:.0f} s): raise it, or stage in a step of its own before "
+                                f"training (README: Plain sbatch)")
+        if waiting and time.monotonic() - said_at >= WAIT_PROGRESS_S:
+            said_at = time.monotonic()
+            log.info("waiting for %s on %s: %.0f s", what, ", ".join(sorted(waiting.values())), elapsed)
+        if waiting:
+            time.sleep(0.2)
+    return results[mine]
+
+
+def _until_read(store, key: str, count: int, seconds: float = 30.0) -> None:
+    """Wait (at most `seconds`) until `count` processes have added to `key`: they have read an error."""
+    deadline = time.monotonic() + seconds
+    try:
+        while store.add(key, 0) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except RuntimeError:  # the store is gone: no one is left to read
+        pass
 
 
 def barrier() -> None:

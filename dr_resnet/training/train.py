@@ -29,7 +29,6 @@ from dr_resnet.data.augment import epoch_generator
 from dr_resnet.data.dataset import RetinopathyDataset
 from dr_resnet.data.recipe import Recipe
 from dr_resnet.data.samplers import EpochSampler
-from dr_resnet.data.stage import stage, staged_path
 from dr_resnet.files import write_text
 from dr_resnet.model.heads import Head
 from dr_resnet.patients import overlap_warnings
@@ -125,12 +124,8 @@ def build(cfg: Config, info: DistInfo) -> Run:
         log.warning(shortfall)
     execution = components.agreed(components.execution(t.amp, info.device, cfg.data, t.channels_last), info.is_main)
     root = None
-    if cfg.data.stage_to:  # one process a node copies; every process learns whether that worked
-        said = distributed.rank0_writes(f"the copy of {cfg.data.root} in data.stage_to={cfg.data.stage_to}",
-                                        lambda: stage(cfg.data.root, cfg.data.stage_to)[1], info.local_rank == 0)
-        if said:
-            log.info("data.stage_to: %s", said)
-        root = staged_path(cfg.data.root, cfg.data.stage_to)
+    if cfg.data.stage_to:  # one process a node copies; every process learns whether every node's copy worked
+        root = components.staged_root(cfg.data, info.local_rank)
     data = components.datasets(cfg, root)
     train_loader, train_sampler = components.training_loader(data.train, cfg, info)
 

@@ -1,0 +1,10 @@
+"""`python -m dr_resnet.stage`: the command; the code is in dr_resnet.data.stage."""
+
+import sys
+
+from dr_resnet.data.stage import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())
