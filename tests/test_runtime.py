@@ -773,13 +773,15 @@ def test_the_share_of_an_epoch_spent_waiting_for_data_is_measured():
     tells whether the GPU starves for data (more data.workers, more CPUs per GPU) or not."""
     import time
 
-    def slow(batches_):
+    def slow(batches_, wait: float):
         for batch in batches_:
-            time.sleep(1.0)  # a loader that decodes slowly (a step here takes about 0.3 s)
+            time.sleep(wait)  # a loader that decodes slowly
             yield batch
 
     trainer = tiny_trainer("classification")
+    started = time.perf_counter()
     fast = trainer.epoch(batches(3), epoch_generator(0, 0, 0))
-    starved = trainer.epoch(slow(batches(3)), epoch_generator(0, 1, 0))
+    step = (time.perf_counter() - started) / 3  # about 0.3 s here; more on a loaded machine
+    starved = trainer.epoch(slow(batches(3), max(1.0, 3 * step)), epoch_generator(0, 1, 0))  # waits 3x a step
     assert 0 <= fast["data_wait_share"] < 0.2 and starved["data_wait_share"] > 0.5
     assert starved["data_wait_share"] <= 1
