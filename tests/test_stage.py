@@ -193,6 +193,7 @@ def test_a_failed_copy_leaves_no_temporary_and_a_full_disk_is_one_line(tmp_path,
     lock = threading.Lock()
 
     def fills_up(src: str, dst: str) -> None:
+        time.sleep(0.05)  # a copy takes a while: the pool's other threads take the next files meanwhile
         with lock:
             copied.append(threading.current_thread().name)
             if len(copied) > 10:
