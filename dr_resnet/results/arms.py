@@ -337,7 +337,7 @@ def _why_not(name: str, arm: Arm | None, epoch: str) -> str:
             f"{run.path / file})")
 
 
-def collapsed_at(run: RunRecord, epoch: str) -> str:
+def collapsed_on_test(run: RunRecord, epoch: str) -> str:
     """Why the run's selected (or final) epoch looks collapsed on test ('' when it does not)."""
     return run.collapsed if epoch == "selected" else collapse(np.array(run.rows[-1]["confusion_matrix"]))
 
@@ -397,7 +397,7 @@ def compare_arms(arms: list[Arm], epoch: str = "selected") -> list[dict]:
                                    [(p.grades, p.referable_scores) for p in found_b], first.patients)
         mcnemar = paired["mcnemar"] if isinstance(paired["mcnemar"], list) else [paired["mcnemar"]]
         warning = unlike([done_a[k] for k in seeds] + [done_b[k] for k in seeds])
-        collapsed = [r.name for r in [done_a[k] for k in seeds] + [done_b[k] for k in seeds] if collapsed_at(r, epoch)]
+        collapsed = [r.name for r in [done_a[k] for k in seeds] + [done_b[k] for k in seeds] if collapsed_on_test(r, epoch)]
         results.append({**entry, "status": "compared", "images": len(first.names), "resampled": paired["unit"],
                         "seeds": seeds, **{m: paired[m] for m, _ in PAIR_METRICS}, "mcnemar": mcnemar,
                         **({"warning": warning} if warning else {}), **({"collapsed": collapsed} if collapsed else {})})
