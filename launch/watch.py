@@ -116,9 +116,10 @@ def best_trials(views: list[RunView], trials_of: dict[str, tuple[str, str]]) -> 
 class LiveView:
     """Redraws the lines in place on a terminal (ANSI cursor movement); does nothing elsewhere."""
 
-    def __init__(self, stream: TextIO = sys.stdout) -> None:
-        self.stream, self.shown, self.started = stream, 0, time.monotonic()
-        self.enabled = stream.isatty()
+    def __init__(self, stream: TextIO | None = None) -> None:
+        # sys.stdout as it is now, not as it was at import (a default argument would keep a replaced stream)
+        self.stream, self.shown, self.started = stream or sys.stdout, 0, time.monotonic()
+        self.enabled = self.stream.isatty()
 
     def show(self, views: list[RunView], trials_of: dict[str, tuple[str, str]] | None = None) -> None:
         if not self.enabled:
