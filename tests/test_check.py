@@ -148,7 +148,7 @@ def failing_reads(monkeypatch, photo: Path, failures: int) -> list[int]:
         opened = real_open(file, *args, **kwargs)
         return Flaky(opened) if str(file) == str(photo) and len(failed) < failures else opened
     monkeypatch.setattr(builtins, "open", open_)
-    monkeypatch.setattr(check, "RETRY_S", 0.01)
+    monkeypatch.setattr(check, "RETRY_S", 0.01, raising=False)
     return failed
 
 
@@ -305,8 +305,12 @@ def test_evaluate_after_a_staged_training_decodes_nothing(data, tmp_path, monkey
     monkeypatch.setenv("DR_RESNET_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
     assert train.main(demo_args(data, run_dir, "train.epochs=1", f"data.stage_to={tmp_path / 'local'}", workers=0)) == 0
-    decoded = []
-    monkeypatch.setattr(check, "check_file", lambda path: decoded.append(path))
+    decoded, real_check = [], check.check_file
+
+    def counted(path):
+        decoded.append(path)
+        return real_check(path)
+    monkeypatch.setattr(check, "check_file", counted)
     assert evaluate_main(["--checkpoint", str(run_dir / "checkpoint_best.pt"), "--data-root", str(data), "--workers",
                           "0", "--device", "cpu", "--resamples", "0", "--out", str(tmp_path / "eval")]) == 0
     assert decoded == [] and json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_samples"] == 13
