@@ -181,13 +181,21 @@ def _stamp(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def _answered(answers) -> list:
+    """`answers` (a lazy iterable) up to the first ReadFailure, which stops the check at once (a file system
+    that failed one read is likely to fail the next thousands, each tried READ_TRIES times)."""
+    found = []
+    for answer in answers:
+        if isinstance(answer, ReadFailure):
+            raise PhotoReadError(answer.line)
+        found.append(answer)
+    return found
+
+
 def _check_share(paths: list[Path], keys: list[str], cached: dict[str, list], workers: int) -> list[tuple]:
     """This process's photos' answers, in order: (problem, width, height, stamp), the stamp ([size, mtime])
     where the photo was decoded now, None where its verdict came from the cache."""
-    stamps = [_retrying(lambda p=p: _stamp(p), p) for p in paths]
-    failed = [s for s in stamps if isinstance(s, ReadFailure)]
-    if failed:
-        raise PhotoReadError(failed[0].line)
+    stamps = _answered(_retrying(lambda p=p: _stamp(p), p) for p in paths)
     answers: list[tuple | None] = [None] * len(paths)
     todo = []
     for i, (key, stamp) in enumerate(zip(keys, stamps)):
@@ -198,13 +206,10 @@ def _check_share(paths: list[Path], keys: list[str], cached: dict[str, list], wo
             todo.append(i)
     if workers > 1 and len(todo) > 64:
         with processes.context().Pool(workers, initializer=processes.default_stop_signals,
-                                      initargs=(os.getpid(),)) as pool:
-            verdicts = pool.map(check_file, [paths[i] for i in todo], chunksize=16)
+                                      initargs=(os.getpid(),)) as pool:  # leaving it early ends its workers
+            verdicts = _answered(pool.imap(check_file, [paths[i] for i in todo], chunksize=16))
     else:
-        verdicts = [check_file(paths[i]) for i in todo]
-    failed = [v for v in verdicts if isinstance(v, ReadFailure)]
-    if failed:
-        raise PhotoReadError(failed[0].line)
+        verdicts = _answered(map(check_file, [paths[i] for i in todo]))
     for i, verdict in zip(todo, verdicts):
         answers[i] = (verdict.problem, verdict.width, verdict.height, stamps[i])
     return answers
@@ -224,12 +229,13 @@ def check_images(paths: Sequence[Path], root: str | os.PathLike, workers: int = 
     file = cache_file(source)
     started = time.monotonic()
     share = range(ranks.rank, len(paths), ranks.size)
-    answers, failure, error = [], "", None
+    answers, failure, error = [], None, None
     try:
         answers = _check_share([paths[i] for i in share], [keys[i] for i in share], _read_cache(file, source), workers)
     except Exception as exc:  # the others learn it in the gather, instead of waiting there until its timeout
-        error, failure = exc, str(exc) if isinstance(exc, PhotoReadError) else \
-            f"{type(exc).__name__}: {exc} (its log has the traceback)"
+        error = exc
+        failure = (True, str(exc)) if isinstance(exc, PhotoReadError) else \
+            (False, f"{type(exc).__name__}: {exc} (its log has the traceback)")
     listed = (len(paths), hashlib.sha1("\n".join(keys).encode()).hexdigest())
     gathered = ranks.gather((listed, failure, answers))
     if error is not None:
@@ -238,9 +244,10 @@ def check_images(paths: Sequence[Path], root: str | os.PathLike, workers: int = 
         counts = ", ".join(f"rank {r}: {n}" for r, ((n, _), _, _) in enumerate(gathered))
         raise PhotoListsDifferError(f"the processes were given different photos to check ({counts}; equal counts: "
                                     f"other files): every process must read the same dataset, the same copy of {source}")
-    for r, (_, line, _) in enumerate(gathered):
-        if line:
-            raise PhotoReadError(f"rank {r}: {line}")
+    for r, (_, failed, _) in enumerate(gathered):
+        if failed:
+            read_error, line = failed
+            raise (PhotoReadError if read_error else RuntimeError)(f"rank {r}: {line}")
     verdicts: dict[Path, Verdict] = {}
     new: dict[str, list] = {}
     for r, (_, _, theirs) in enumerate(gathered):
