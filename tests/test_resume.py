@@ -123,6 +123,32 @@ def test_sigterm_stops_mid_epoch_and_the_resumed_run_is_bitwise_a_straight_one(d
 
 
 @pytest.mark.slow
+def test_with_train_ema_a_run_stopped_mid_epoch_resumes_bitwise_average_included(data, tmp_path):
+    """The weight average and its count of updates (a Python int while training) are saved mid-epoch and go
+    on exactly: the resumed run's average equals the straight run's, tensor for tensor."""
+    ema = ("train.ema=0.9", "train.checkpoint_every_minutes=0")
+    (tmp_path / "straight").mkdir()
+    reference = straight(data, tmp_path / "straight", "train.ema=0.9")
+    run_dir, log = tmp_path / "run", tmp_path / "first.log"
+    agent = start(2, args(data, run_dir, *ema), log)
+    wait_for_line(log, "epoch 1/2  train loss")
+    wait_for_line(log, "epoch 2/2:")
+    os.kill(agent.pid, signal.SIGTERM)
+    agent.wait(timeout=120)
+    stopped = checkpoint.load(run_dir / "checkpoint_last.pt")
+    position = stopped["position"]
+    assert position["epoch"] == 1 and 0 < position["step"] < position["steps"] == 10, log.read_text()[-3000:]
+    assert int(stopped["ema"]["n_averaged"]) == 10 + position["step"]  # one update after every step so far
+
+    finish(start(2, args(data, run_dir, *ema), tmp_path / "second.log"), tmp_path / "second.log")
+    assert_bitwise_equal_runs(reference, run_dir)  # the average too (helpers.assert_same_training_state)
+    final = checkpoint.load(run_dir / "checkpoint_last.pt")
+    assert int(final["ema"]["n_averaged"]) == 20
+    counts = {k: v for k, v in final["model"].items() if not v.is_floating_point()}  # BatchNorm's batches seen
+    assert counts and all(torch.equal(final["ema"][f"module.{k}"], v) for k, v in counts.items())  # copied, not averaged
+
+
+@pytest.mark.slow
 def test_killed_at_random_moments_it_ends_bitwise_a_straight_run(data, straight_balanced, tmp_path):
     """kill -9 of every process (agent, training processes, data workers), three times, with a checkpoint
     after every step: whatever was being written, the run continues from the last complete checkpoint."""

@@ -21,8 +21,9 @@ The file holds one dict with exactly TrainingState's fields:
              and class counts (absent before 0.2: {})
   metrics    the metrics.jsonl row of the epoch this state completes ({} in the middle of an epoch, and
              before 0.2)
-  ema        train.ema's AveragedModel state (module.* weights and statistics, n_averaged): the weights the
-             run evaluated and selected, which every reader loads (TrainingState.weights); {} without
+  ema        train.ema's weight average (training.average: module.* weights and statistics, n_averaged): the
+             weights the run evaluated and selected, which every reader loads (TrainingState.weights); {}
+             without
 File names: rundir.LAST_CHECKPOINT, rundir.PREV_CHECKPOINT (the one before, kept until the next is
 complete), rundir.BEST_CHECKPOINT.
 """
@@ -102,7 +103,7 @@ class TrainingState:
     recipe: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    ema: dict[str, Any] = field(default_factory=dict)  # train.ema: AveragedModel's state ({} without)
+    ema: dict[str, Any] = field(default_factory=dict)  # train.ema: ExponentialAverage's state ({} without)
 
     def weights(self) -> dict[str, Any]:
         """The weights the run evaluated and selected: the average's with train.ema, else the model's."""

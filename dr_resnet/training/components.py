@@ -34,6 +34,7 @@ from dr_resnet.model.heads import Head, head_for
 from dr_resnet.model.resnet import build_resnet
 from dr_resnet.seeds import derive_seed
 from dr_resnet.training import checkpoint, distributed
+from dr_resnet.training.average import ExponentialAverage
 from dr_resnet.training.distributed import DistInfo
 from dr_resnet.training.loop import Execution, ShardSampler
 from dr_resnet.training.runtime import CONSERVATIVE, Precision, resolve_precision
@@ -431,14 +432,10 @@ def relay_like_parameters(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
-def weight_average(network: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
-    """train.ema: torch's AveragedModel keeping an exponential moving average of the weights and of the
-    BatchNorm statistics (use_buffers), updated after every step; None when decay is 0."""
-    if decay <= 0:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+def weight_average(network: nn.Module, decay: float) -> ExponentialAverage | None:
+    """train.ema: an exponential moving average of the weights and of the BatchNorm statistics, updated
+    after every step; None when decay is 0."""
+    return ExponentialAverage(network, decay) if decay > 0 else None
 
 
 def optimisation(t: TrainConfig, lr: float, network: nn.Module, steps_per_epoch: int, execution: Execution) -> Optimisation:
