@@ -318,7 +318,7 @@ def plot_factor(key: str, held_out: dict[str, list[dict]], test: dict[str, list[
 
 
 def factor_tables(arms: list[Arm], comparisons: list[dict], families: list[dict], out: Path,
-                  heads: list[Headline] = ()) -> tuple[list[Table], list[Path]]:
+                  heads: list[Headline] = (), searched: set[str] = frozenset()) -> tuple[list[Table], list[Path]]:
     """Per factor (a key that tells arms of one depth and initialisation apart): its figure (held-out first),
     the scores at each value (a searched key's held-out choice marked) and the table of paired differences at
     each value; and the convergence table where runs held images out."""
@@ -329,14 +329,13 @@ def factor_tables(arms: list[Arm], comparisons: list[dict], families: list[dict]
             continue
         chosen = {line_of(c, key): str(c.factors[key]) for h in heads if h.arm for c in h.candidates
                   if c.runs is h.arm.runs and key in c.factors and key not in h.arm.factors} or None
-        searched = any(key in c.factors and key not in h.arm.factors for h in heads if h.arm for c in h.candidates)
         shares = realised_shares(test) if key == FRACTION else None
         steps = ", ".join(sorted({str(r.settings.get("train.steps_at_fraction")) for a in arms for r in a.finished
                                   if key in a.factors})) if key == FRACTION else ""
         path = out / f"factor_{key.replace('.', '_')}.png"
         plot_factor(key, held_out, test, path, chosen, shares, steps)
         written.append(path)
-        tables.append(factor_scores_table(key, held_out, test, chosen, searched, shares))
+        tables.append(factor_scores_table(key, held_out, test, chosen, key in searched, shares))
         rows = differences(comparisons, key, families)
         if rows:
             tables.append(factor_table(key, rows))
@@ -589,7 +588,8 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         written.append(out / "confusion_matrices.png")
     if plot_calibration(runs, out / "calibration.png"):
         written.append(out / "calibration.png")
-    heads = headline(arms, declared_searched(root), read_choice(root))
+    searched = declared_searched(root)
+    heads = headline(arms, searched, read_choice(root))
     answered = [h.arm for h in heads if h.arm]  # winners meet winners: a searched key's settings are not compared
     comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(answered, epoch=epoch)]
     families = declare_families(comparisons)
@@ -598,7 +598,7 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     rows = result_rows(runs)
     detectable = smallest_detectable(comparisons)
     tables = answer_tables(heads, comparisons, families, detectable, root)
-    more, figures = factor_tables(arms, comparisons, families, out, heads)
+    more, figures = factor_tables(arms, comparisons, families, out, heads, searched)
     tuned, tuning_figures = tuning_tables(root, out)
     tables += more + tuned + tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows),
                                        operating_rows([r for a in answered for r in a.runs]), families)
