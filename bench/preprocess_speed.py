@@ -2,9 +2,10 @@
 it made before session 9, and a naive full decode, side by side in one run.
 
 Synthetic fundus photos at full-size camera resolutions (6-15 MP, every side a multiple of 8), JPEG
-quality 75-95; each path crops and JPEG-encodes every photo in this process, one core, the three paths
-alternating, best of --repeats. Prints ms per photo, decodes per photo, the ratios, and how far the
-one-decode crops are from the two-decode ones (crop box in full-size pixels, mean pixel difference).
+quality 75-89; each path crops and JPEG-encodes every photo in this process, one core, the three paths
+alternating, best of --repeats. Prints ms per photo (and of them decoding), decodes per photo, the
+ratios, and how far the one-decode crops are from the two-decode ones (crop box in full-size pixels,
+mean pixel difference).
 
     python bench/preprocess_speed.py [--images 20] [--size 512] [--repeats 3]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -137,18 +139,24 @@ def naive_crop(src: Path, settings: Settings) -> Image.Image:
 
 
 class DecodeCounter:
-    """Counts the decodes PIL makes (ImageFile.load with pixels still to read) while it is entered."""
+    """Counts the decodes PIL makes (ImageFile.load with pixels still to read) while it is entered, and the
+    seconds they take."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.count, self.seconds = 0, 0.0
 
     def __enter__(self) -> DecodeCounter:
         self._load = load = ImageFile.ImageFile.load
 
         def counting_load(image: ImageFile.ImageFile):
-            if image.tile:
-                self.count += 1
-            return load(image)
+            if not image.tile:
+                return load(image)
+            self.count += 1
+            start = time.perf_counter()
+            try:
+                return load(image)
+            finally:
+                self.seconds += time.perf_counter() - start
 
         ImageFile.ImageFile.load = counting_load
         return self
@@ -162,11 +170,24 @@ def box_in_full_pixels(square: tuple[float, float, float, float], full: tuple[in
     return np.array(square) * np.array([full[0], full[1], full[0], full[1]])
 
 
-def ms_per_photo(crop: Callable[[Path, Settings], Image.Image], photos: list[Path], settings: Settings) -> float:
-    start = time.perf_counter()
-    for path in photos:
-        crop(path, settings).save(io.BytesIO(), format="JPEG", quality=settings.quality)
-    return (time.perf_counter() - start) / len(photos) * 1000
+def ms_per_photo(crop: Callable[[Path, Settings], Image.Image], photos: list[Path],
+                 settings: Settings) -> tuple[float, float, float]:
+    """Milliseconds per photo for crop + JPEG encode, of them decoding, and decodes per photo."""
+    with DecodeCounter() as decodes:
+        start = time.perf_counter()
+        for path in photos:
+            crop(path, settings).save(io.BytesIO(), format="JPEG", quality=settings.quality)
+        total = time.perf_counter() - start
+    return total / len(photos) * 1000, decodes.seconds / len(photos) * 1000, decodes.count / len(photos)
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -180,20 +201,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_pre_"))
     try:
         photos = write_photos(work, args.images)
+        load_before = os.getloadavg()[0]
         sizes = [Image.open(f).size for f in photos]
         paths = {"two decodes (before)": two_decode_crop, "one decode (now)": crop_square}
         if not args.no_naive:
             paths["naive full decode"] = naive_crop
-        decodes = {}
-        for name, crop in paths.items():
-            with DecodeCounter() as counter:
-                for path in photos:
-                    crop(path, settings)
-            decodes[name] = counter.count / len(photos)
-        timings: dict[str, list[float]] = {name: [] for name in paths}
+        timings: dict[str, list[tuple[float, float, float]]] = {name: [] for name in paths}
         for r in range(args.repeats):
             for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
                 timings[name].append(ms_per_photo(paths[name], photos, settings))
+        load_after = os.getloadavg()[0]
         box_diff, pixel_diff = [], []
         for path, full in zip(photos, sizes):
             before, now = two_decode_square(path, settings)[1], retina_square(path, settings)[1]
@@ -205,13 +222,17 @@ def main() -> None:
         mean_mb = sum(f.stat().st_size for f in photos) / len(photos) / 1e6
         print(f"{args.images} synthetic full-size JPEGs ({', '.join(f'{w}x{h}' for w, h in FULL_SIZES)}; mean "
               f"{mean_mp:.1f} MP, {mean_mb:.2f} MB), output {args.size} px, crop + JPEG encode, one core, best of {args.repeats}")
-        best = {name: min(t) for name, t in timings.items()}
+        print(f"{cpu_model()}, {os.cpu_count()} cores; load average {load_before:.1f} before the timings, "
+              f"{load_after:.1f} after")
+        best = {name: min(t) for name, t in timings.items()}  # the fastest repeat, with its decode time
         for name in paths:
-            print(f"{name:22s} {best[name]:7.1f} ms/photo  {1000 / best[name]:5.1f} photos/s  "
-                  f"{decodes[name]:.2f} decodes/photo")
-        print(f"two decodes / one decode: {best['two decodes (before)'] / best['one decode (now)']:.2f}x")
+            total, decoding, decodes = best[name]
+            print(f"{name:22s} {total:7.1f} ms/photo ({decoding:6.1f} ms decoding, {decodes:.2f} decodes)  "
+                  f"{1000 / total:5.1f} photos/s")
+        two, one = best["two decodes (before)"], best["one decode (now)"]
+        print(f"two decodes / one decode: {two[0] / one[0]:.2f}x per photo, {two[1] / one[1]:.2f}x decoding")
         if not args.no_naive:
-            print(f"naive / one decode: {best['naive full decode'] / best['one decode (now)']:.2f}x")
+            print(f"naive / one decode: {best['naive full decode'][0] / one[0]:.2f}x per photo")
         print(f"one decode vs two: crop box differs by at most {max(box_diff):.1f} full-size px (mean "
               f"{np.mean(box_diff):.1f}); output pixels by {np.mean(pixel_diff):.2f} grey levels on average "
               f"(worst photo {max(pixel_diff):.2f})")
