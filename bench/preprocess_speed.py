@@ -3,7 +3,7 @@ it made before session 9, and a naive full decode, side by side in one run.
 
 Synthetic fundus photos at full-size camera resolutions (6-15 MP, every side a multiple of 8), JPEG
 quality 75-89; each path crops and JPEG-encodes every photo in this process, one core, the three paths
-alternating, best of --repeats. Prints ms per photo (and of them decoding), decodes per photo, the
+alternating, each photo's best of --repeats. Prints ms per photo (and of them decoding), decodes per photo, the
 ratios, and how far the one-decode crops are from the two-decode ones (crop box in full-size pixels,
 mean pixel difference).
 
@@ -170,15 +170,13 @@ def box_in_full_pixels(square: tuple[float, float, float, float], full: tuple[in
     return np.array(square) * np.array([full[0], full[1], full[0], full[1]])
 
 
-def ms_per_photo(crop: Callable[[Path, Settings], Image.Image], photos: list[Path],
-                 settings: Settings) -> tuple[float, float, float]:
-    """Milliseconds per photo for crop + JPEG encode, of them decoding, and decodes per photo."""
+def timed_photo(crop: Callable[[Path, Settings], Image.Image], path: Path, settings: Settings) -> tuple[float, float, int]:
+    """Milliseconds for crop + JPEG encode of one photo, of them decoding, and its decodes."""
     with DecodeCounter() as decodes:
         start = time.perf_counter()
-        for path in photos:
-            crop(path, settings).save(io.BytesIO(), format="JPEG", quality=settings.quality)
+        crop(path, settings).save(io.BytesIO(), format="JPEG", quality=settings.quality)
         total = time.perf_counter() - start
-    return total / len(photos) * 1000, decodes.seconds / len(photos) * 1000, decodes.count / len(photos)
+    return total * 1000, decodes.seconds * 1000, decodes.count
 
 
 def cpu_model() -> str:
@@ -206,10 +204,13 @@ def main() -> None:
         paths = {"two decodes (before)": two_decode_crop, "one decode (now)": crop_square}
         if not args.no_naive:
             paths["naive full decode"] = naive_crop
-        timings: dict[str, list[tuple[float, float, float]]] = {name: [] for name in paths}
+        # Each photo through each path in turn (the order alternating), --repeats times; each photo's fastest
+        # time a path, so a burst of other work on the machine spoils one timing, not the figure.
+        timings = {name: np.full((args.repeats, len(photos), 3), np.inf) for name in paths}
         for r in range(args.repeats):
-            for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
-                timings[name].append(ms_per_photo(paths[name], photos, settings))
+            for i, path in enumerate(photos):
+                for name in (list(paths) if (r + i) % 2 == 0 else list(paths)[::-1]):
+                    timings[name][r, i] = timed_photo(paths[name], path, settings)
         load_after = os.getloadavg()[0]
         box_diff, pixel_diff = [], []
         for path, full in zip(photos, sizes):
@@ -221,10 +222,14 @@ def main() -> None:
         mean_mp = sum(w * h for w, h in sizes) / len(sizes) / 1e6
         mean_mb = sum(f.stat().st_size for f in photos) / len(photos) / 1e6
         print(f"{args.images} synthetic full-size JPEGs ({', '.join(f'{w}x{h}' for w, h in FULL_SIZES)}; mean "
-              f"{mean_mp:.1f} MP, {mean_mb:.2f} MB), output {args.size} px, crop + JPEG encode, one core, best of {args.repeats}")
+              f"{mean_mp:.1f} MP, {mean_mb:.2f} MB), output {args.size} px, crop + JPEG encode, one core, "
+              f"each photo's best of {args.repeats}")
         print(f"{cpu_model()}, {os.cpu_count()} cores; load average {load_before:.1f} before the timings, "
               f"{load_after:.1f} after")
-        best = {name: min(t) for name, t in timings.items()}  # the fastest repeat, with its decode time
+        best = {}  # per path: ms a photo, ms of it decoding, decodes a photo (each photo's fastest repeat)
+        for name, times in timings.items():
+            fastest = times[times[..., 0].argmin(axis=0), np.arange(len(photos))]
+            best[name] = fastest.mean(axis=0)
         for name in paths:
             total, decoding, decodes = best[name]
             print(f"{name:22s} {total:7.1f} ms/photo ({decoding:6.1f} ms decoding, {decodes:.2f} decodes)  "

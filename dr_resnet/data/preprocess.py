@@ -112,7 +112,7 @@ def _decode(src: Path, scale_for: Callable[[int], int]) -> tuple[Image.Image, in
         full_width = image.width
         drafted = image.draft("RGB", (max(1, full_width // scale), max(1, image.height // scale)))
         scale = round(full_width / drafted[1][2]) if drafted else 1
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)  # not a copy of every pixel when there is nothing to turn
     if image.mode != "RGB":
         # Alpha is dropped onto black (the border colour); CMYK, greyscale and palettes convert as PIL does.
         image = image.convert("RGBA").convert("RGB") if "A" in image.getbands() else image.convert("RGB")
