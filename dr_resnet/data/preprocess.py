@@ -6,10 +6,11 @@ OUT is a dataset of the same format and layout as RAW (split files copied, image
 format other than lab, kaggle, aptos and folders is named with --format and its data.* keys). Fast on
 3-18 MP EyePACS photos: a JPEG is decoded once at reduced DCT scale (PIL ``draft``), the coarsest that
 still gives `size` pixels across a retina spanning RETINA_SHARE of the short side, and the retina is
-found on that image (a smaller retina costs a second, finer decode). Re-running skips finished images
-(each is written to a temporary name and renamed); OUT/preprocess.json records the settings and the
-crops' VERSION, and a re-run with other ones is refused. Unreadable images are an error naming each
-file, or with --skip-bad are left out of OUT's split files and listed in OUT/skipped.csv.
+found on that image (a smaller retina costs a second, finer decode; a larger one is reduced in memory
+to the scale it needs). Re-running skips finished images (each is written to a temporary name and
+renamed); OUT/preprocess.json records the settings and the crops' VERSION, and a re-run with other ones
+is refused. Unreadable images are an error naming each file, or with --skip-bad are left out of OUT's
+split files and listed in OUT/skipped.csv.
 """
 
 from __future__ import annotations
@@ -99,12 +100,13 @@ def retina_box(grey: np.ndarray, threshold: int, min_share: float = 0.05) -> tup
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def _decode(src: Path, scale_for: Callable[[int], int]) -> tuple[Image.Image, int]:
-    """`src` decoded once, EXIF orientation applied, in RGB, and the reduction it was decoded at: a JPEG at
-    the DCT reduction (1, 2, 4 or 8) that scale_for picks from the photo's short side, read from its header
-    before decoding; other formats in full."""
+def _decode(src: Path, scale_for: Callable[[int], int]) -> tuple[Image.Image, int, bool]:
+    """`src` decoded once, EXIF orientation applied, in RGB, the reduction it was decoded at, and whether it
+    is a JPEG: a JPEG at the DCT reduction (1, 2, 4 or 8) that scale_for picks from the photo's short side,
+    read from its header before decoding; other formats in full."""
     image = Image.open(src)
-    scale = scale_for(min(image.size)) if image.format == "JPEG" else 1
+    is_jpeg = image.format == "JPEG"
+    scale = scale_for(min(image.size)) if is_jpeg else 1
     if scale > 1:
         # draft takes the largest reduction s with size // requested >= s on both sides, so asking for the
         # floor of size / scale gets exactly `scale` (the ceiling fell back to the next finer one at odd
@@ -116,7 +118,7 @@ def _decode(src: Path, scale_for: Callable[[int], int]) -> tuple[Image.Image, in
     if image.mode != "RGB":
         # Alpha is dropped onto black (the border colour); CMYK, greyscale and palettes convert as PIL does.
         image = image.convert("RGBA").convert("RGB") if "A" in image.getbands() else image.convert("RGB")
-    return image, scale
+    return image, scale, is_jpeg
 
 
 def _coarsest_scale(side: float, needed: int) -> int:
@@ -137,17 +139,20 @@ def _locate(image: Image.Image, threshold: int) -> tuple[float, float, float, fl
 
 
 def retina_square(src: Path, settings: Settings) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """`src` decoded (a JPEG at the coarsest DCT scale that keeps settings.size pixels across the retina)
-    and the square centred on its retina, as (left, top, right, bottom) fractions of the decoded width and
-    height: the same square maps onto any picture of the photo's geometry (a lesion mask, say).
+    """`src` decoded (a JPEG at the coarsest of the reductions 1, 2, 4 and 8 that keeps settings.size pixels
+    across the retina) and the square centred on its retina, as (left, top, right, bottom) fractions of the
+    decoded width and height: the same square maps onto any picture of the photo's geometry (a lesion
+    mask, say).
 
     One decode serves both: the square's side is the retina's larger extent, which for a fundus photo is
     at least RETINA_SHARE of the short side (the whole short side where the disc is clipped), so a JPEG is
-    decoded at the coarsest scale that keeps that many pixels at settings.size, and the retina is located
-    on that image. Only a retina smaller than that (the square under settings.size pixels) costs a second,
-    finer decode."""
+    decoded at the coarsest DCT scale that keeps that many pixels at settings.size, and the retina is
+    located on that image. Only a retina smaller than that (the square under settings.size pixels) costs a
+    second, finer decode; a larger one is reduced in memory to the scale a decode sized for it would have
+    given (pixel blocks averaged, as the DCT reduction does), so the resize to settings.size does no more
+    work than before."""
     try:
-        image, scale = _decode(src, lambda short: _coarsest_scale(RETINA_SHARE * short, settings.size))
+        image, scale, is_jpeg = _decode(src, lambda short: _coarsest_scale(RETINA_SHARE * short, settings.size))
         rel = _locate(image, settings.threshold)
         if rel is None:
             raise BadImageError(f"{src}: no retina found (no pixel brighter than --threshold {settings.threshold}; "
@@ -155,7 +160,11 @@ def retina_square(src: Path, settings: Settings) -> tuple[Image.Image, tuple[flo
         side = max((rel[2] - rel[0]) * image.width, (rel[3] - rel[1]) * image.height)
         if scale > 1 and side < settings.size:
             finer = _coarsest_scale(side * scale, settings.size)
-            image, scale = _decode(src, lambda short: finer)
+            image, scale, _ = _decode(src, lambda short: finer)
+        elif is_jpeg:
+            further = min(_coarsest_scale(side, settings.size), 8 // scale)  # as far as a DCT reduction goes
+            if further > 1:
+                image = image.reduce(further)
         w, h = image.size
         left, top, right, bottom = rel[0] * w, rel[1] * h, rel[2] * w, rel[3] * h
         side = max(right - left, bottom - top)
