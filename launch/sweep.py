@@ -20,7 +20,8 @@ fraction, the schedule's length, an ablation): the experiment itself, every valu
 winners are artifacts of the sweep's one tuning run.
 
 Resources: each task gets data.workers + 1 CPUs (the decoders and the training process) and each node
-tasks x (6 + data.workers) GB unless --cpus-per-task / --mem say otherwise; every srun passes
+tasks x (6.4 + data.workers) GB, rounded up (6 for the training process, 1 a decoder, 0.4 for the fork server
+that starts the decoders), unless --cpus-per-task / --mem say otherwise; every srun passes
 --kill-on-bad-exit=1, so one crashed rank ends the job instead of leaving the others waiting in NCCL.
 The local executor with --gpus-per-node gives each arm GPUs of its own and runs the arms that do not
 fit once earlier ones have finished.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -42,7 +44,7 @@ from pathlib import Path
 import submitit
 import yaml
 
-from dr_resnet import config
+from dr_resnet import config, processes
 from dr_resnet.config import ConfigError
 from dr_resnet.errors import run_command
 from dr_resnet.results import tuning
@@ -134,7 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qos")
     p.add_argument("--time", default="60", help="time limit: minutes, or SLURM's formats (12:00:00, 1-00:00:00, 2-12)")
     p.add_argument("--mem", help="memory per node: SLURM's format (64G, 64000M, 1T) or a number of GB "
-                                 "(default: tasks per node x (6 + data.workers) GB)")
+                                 "(default: tasks per node x (6.4 + data.workers) GB, rounded up; each task's "
+                                 "fork server, which starts its decoders, holds 0.4 GB of its own)")
     p.add_argument("--gres", help="generic resources, as sbatch takes them (gpu:4, gpu:a100:4): in place of "
                                   "--gpus-per-node on clusters that count GPUs so; its GPU count sets the tasks per node")
     p.add_argument("--setup", action="append", default=[], metavar="LINE",
@@ -304,7 +307,13 @@ def resources(args: argparse.Namespace, configs: list[config.Config]) -> Resourc
     core for the training process; the training process keeps the cores its decoders do not use."""
     workers = max(cfg.data.workers for cfg in configs)
     cpus = args.cpus_per_task or workers + 1
-    return Resources(cpus, max(1, cpus - workers), args.mem or f"{args.tasks_per_node * (6 + workers)}G")
+    return Resources(cpus, max(1, cpus - workers), args.mem or default_memory(args.tasks_per_node, workers))
+
+
+def default_memory(tasks_per_node: int, workers: int) -> str:
+    """A node's memory request: per task 6 GB for the training process, 1 GB a decoder and the fork server's
+    own 0.4 GB (processes.FORK_SERVER_GB), rounded up to whole GB (sbatch takes whole numbers)."""
+    return f"{math.ceil(tasks_per_node * (6 + workers + processes.FORK_SERVER_GB))}G"
 
 
 def make_executor(args: argparse.Namespace, folder: Path, res: Resources):
