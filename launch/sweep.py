@@ -17,7 +17,8 @@ A searched key (a learning rate: every search: key, and a grid key named in sear
 chosen on held-out figures, then the choice run on fresh seeds (--tune). Any other grid key is a factor (a data
 fraction, the schedule's length, an ablation): the experiment itself, every value reported, none chosen. In W&B,
 --tune's phase-1 trials are tagged tune, phase 2's runs final, an earlier winner's runs set aside superseded; the
-winners are artifacts of the sweep's one tuning run.
+winners are artifacts of the sweep's one tuning run. --keep-checkpoints winners deletes the losing runs'
+checkpoints once the winners are chosen (launch/pruning.py).
 
 Resources: each task gets data.workers + 1 CPUs (the decoders and the training process) and each node
 tasks x (6.4 + data.workers) GB, rounded up (6 for the training process, 1 a decoder, 0.4 for the fork server
@@ -50,7 +51,7 @@ from dr_resnet.errors import run_command
 from dr_resnet.results import tuning
 from dr_resnet.results.rundir import CONFIG_FILE, LAST_CHECKPOINT, STATUS_FILE, is_finished, last_launch_error
 
-from . import requeue, trials
+from . import pruning, requeue, trials
 from .task import TrainTask
 from .watch import LiveView, watch
 
@@ -123,6 +124,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tune-seed", type=int, default=0,
                    help="--tune: phase 1's train.seed (default 0). Give --seeds without it (e.g. 1,2,3): a winner "
                         "rerun on the seed it won on would carry its lucky draw into the comparison")
+    p.add_argument("--keep-checkpoints", choices=pruning.KEEP_CHECKPOINTS, default="all",
+                   help="--tune: winners deletes the checkpoints of the finished runs that lost once each arm's "
+                        "winner is chosen (phase 1's other trials, an earlier winner's runs), keeping their "
+                        "summaries, logs and predictions (default: all, nothing deleted)")
     p.add_argument("--parallel", type=int,
                    help="local executor without GPUs: at most this many runs at once (default: all of them)")
     p.add_argument("--out", help="sweep folder (default: the sweep file's 'out', else runs/<name>)")
@@ -185,6 +190,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--executor local runs on this machine: --nodes must be 1")
     if args.tune is not None and args.tune < 1:
         p.error("--tune N: N trials an arm, N >= 1")
+    if args.keep_checkpoints != "all" and args.tune is None:
+        p.error(f"--keep-checkpoints {args.keep_checkpoints} prunes once --tune has chosen the winners: give --tune N")
     if args.parallel is not None and (args.parallel < 1 or args.executor != "local" or args.gpus_per_node):
         p.error("--parallel N (N >= 1) limits the local executor's runs on CPU (with GPUs each run waits for a free group)")
     if args.executor == "local" and args.array and args.gpus_per_node:
@@ -694,6 +701,8 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     recipe = next(iter(phase2.values()))[2]
     for arm, named in winners.items():
         set_aside_earlier_winners(out / arm, next(iter(named)), recipe.wandb)
+    if args.keep_checkpoints == "winners":  # after the set-aside, which reads the W&B ids in their checkpoints
+        print(pruning.prune_losers(out, choice))
     log_winners(choice, out, recipe)
     jobs = submit(args, argv, phase2, out, extra=roles)  # SWEEP_DIR/sweep.json: the manifest the report reads
     code = wait_and_report(jobs, phase2, out)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dr_resnet.model.resnet import load_state_dict_file
-from dr_resnet.training import checkpoint
+from dr_resnet.training import checkpoint, train
 from dr_resnet.training.train import main
 
 from helpers import assert_same_training_state, demo_args, metrics_rows, preprocessed_dataset
@@ -27,9 +27,16 @@ def ema_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_weight_average_is_evaluated_saved_and_resumed_bitwise(data, tmp_path):
-    straight = tmp_path / "straight"
+def test_the_weight_average_is_evaluated_saved_and_resumed_bitwise(data, tmp_path, monkeypatch):
+    straight, epoch_1 = tmp_path / "straight", tmp_path / "epoch1.pt"
+    real = train.finish
+
+    def finish(run, tracker):  # epoch 1's checkpoint, before the finished run drops its checkpoint_prev.pt
+        shutil.copyfile(run.run_dir / "checkpoint_prev.pt", epoch_1)
+        return real(run, tracker)
+    monkeypatch.setattr(train, "finish", finish)
     assert main(ema_args(data, straight)) == 0
+    monkeypatch.undo()
     state = checkpoint.TrainingState.load(straight / "checkpoint_last.pt")
     assert int(state.ema["n_averaged"]) == 2 * (40 // 8)  # updated after every step of both epochs
     average = state.weights()
@@ -48,10 +55,10 @@ def test_the_weight_average_is_evaluated_saved_and_resumed_bitwise(data, tmp_pat
     last = metrics_rows(straight)[-1]
     assert scored["loss"] == pytest.approx(last["test_loss"], abs=1e-6) and scored["qwk"] == last["test_qwk"]
 
-    # Resumed from the end of epoch 1 (checkpoint_prev.pt), the run ends as the straight one, average included.
+    # Resumed from the end of epoch 1, the run ends as the straight one, average included.
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
-    (resumed / "checkpoint_prev.pt").replace(resumed / "checkpoint_last.pt")
+    shutil.copyfile(epoch_1, resumed / "checkpoint_last.pt")
     (resumed / "checkpoint_best.pt").unlink()
     assert main(ema_args(data, resumed)) == 0
     assert "resumed" in (resumed / "train.log").read_text()
