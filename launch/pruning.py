@@ -39,10 +39,19 @@ def losing_runs(out: Path, choice: dict) -> tuple[list[Path], list[Path]]:
         superseded = out / SUPERSEDED_DIR / arm
         if superseded.is_dir():
             folders += sorted(p for p in superseded.iterdir() if p.is_dir() and p.name != winner)
-        for folder in folders:
-            for run_dir in sorted(c.parent for c in folder.rglob(CONFIG_FILE)):
-                (finished if is_finished(run_dir) else unfinished).append(run_dir)
+        for run_dir in (r for folder in folders for r in run_folders(folder)):
+            (finished if is_finished(run_dir) else unfinished).append(run_dir)
     return finished, unfinished
+
+
+def run_folders(folder: Path) -> list[Path]:
+    """The run folders (with a config.yaml) at or under `folder`, never looked into further (a run's own
+    folders, replaced-<time>/ and evaluations/, are not runs of the sweep)."""
+    if (folder / CONFIG_FILE).is_file():
+        return [folder]
+    if not folder.is_dir():
+        return []
+    return [run for sub in sorted(folder.iterdir()) if sub.is_dir() for run in run_folders(sub)]
 
 
 def checkpoint_files(run_dir: Path) -> list[Path]:
