@@ -7,7 +7,9 @@ of them starts or ends can copy the interpreter's thread-list lock held: the chi
 (CPython gh-112275). Seen here twice in an hour of runs: a run stuck at its first evaluation, whose loader
 forks its workers anew each epoch. The fork server (multiprocessing's "forkserver" context: one
 single-threaded process per training process, started at the first worker, `torch` already imported by
-`dr_resnet._fork_server`) forks every worker instead, in a few milliseconds.
+`dr_resnet._fork_server`) forks every worker instead, in a few milliseconds. Each server holds about 0.4 GB
+of its own (674 MB resident, the rest library pages shared with its training process): launch.sweep's default
+memory request counts it (FORK_SERVER_GB).
 
 torchrun and SLURM send the stop signals to every process of the job: the fork server ignores them (were it
 to die, every worker would follow it, and the step before the checkpoint would fail), and each worker
@@ -30,6 +32,7 @@ from multiprocessing.context import BaseContext
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # what stops a run at its next step boundary
 FORK_SERVER_PRELOAD = ["dr_resnet._fork_server"]  # imports torch and the datasets, ignores STOP_SIGNALS
+FORK_SERVER_GB = 0.4  # the memory each training process's fork server holds of its own (not shared with it)
 
 
 def context() -> BaseContext:

@@ -17,10 +17,12 @@ A searched key (a learning rate: every search: key, and a grid key named in sear
 chosen on held-out figures, then the choice run on fresh seeds (--tune). Any other grid key is a factor (a data
 fraction, the schedule's length, an ablation): the experiment itself, every value reported, none chosen. In W&B,
 --tune's phase-1 trials are tagged tune, phase 2's runs final, an earlier winner's runs set aside superseded; the
-winners are artifacts of the sweep's one tuning run.
+winners are artifacts of the sweep's one tuning run. --keep-checkpoints winners deletes the losing runs'
+checkpoints once the winners are chosen (launch/pruning.py).
 
 Resources: each task gets data.workers + 1 CPUs (the decoders and the training process) and each node
-tasks x (6 + data.workers) GB unless --cpus-per-task / --mem say otherwise; every srun passes
+tasks x (6.4 + data.workers) GB, rounded up (6 for the training process, 1 a decoder, 0.4 for the fork server
+that starts the decoders), unless --cpus-per-task / --mem say otherwise; every srun passes
 --kill-on-bad-exit=1, so one crashed rank ends the job instead of leaving the others waiting in NCCL.
 The local executor with --gpus-per-node gives each arm GPUs of its own and runs the arms that do not
 fit once earlier ones have finished.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -42,13 +45,13 @@ from pathlib import Path
 import submitit
 import yaml
 
-from dr_resnet import config
+from dr_resnet import config, processes
 from dr_resnet.config import ConfigError
 from dr_resnet.errors import run_command
 from dr_resnet.results import tuning
 from dr_resnet.results.rundir import CONFIG_FILE, LAST_CHECKPOINT, STATUS_FILE, is_finished, last_launch_error
 
-from . import requeue, trials
+from . import pruning, requeue, trials
 from .task import TrainTask
 from .watch import LiveView, watch
 
@@ -121,6 +124,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tune-seed", type=int, default=0,
                    help="--tune: phase 1's train.seed (default 0). Give --seeds without it (e.g. 1,2,3): a winner "
                         "rerun on the seed it won on would carry its lucky draw into the comparison")
+    p.add_argument("--keep-checkpoints", choices=pruning.KEEP_CHECKPOINTS, default="all",
+                   help="--tune: winners deletes the checkpoints of the finished runs that lost once each arm's "
+                        "winner is chosen (phase 1's other trials, an earlier winner's runs), keeping their "
+                        "summaries, logs and predictions (default: all, nothing deleted)")
     p.add_argument("--parallel", type=int,
                    help="local executor without GPUs: at most this many runs at once (default: all of them)")
     p.add_argument("--out", help="sweep folder (default: the sweep file's 'out', else runs/<name>)")
@@ -134,7 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qos")
     p.add_argument("--time", default="60", help="time limit: minutes, or SLURM's formats (12:00:00, 1-00:00:00, 2-12)")
     p.add_argument("--mem", help="memory per node: SLURM's format (64G, 64000M, 1T) or a number of GB "
-                                 "(default: tasks per node x (6 + data.workers) GB)")
+                                 "(default: tasks per node x (6.4 + data.workers) GB, rounded up; each task's "
+                                 "fork server, which starts its decoders, holds 0.4 GB of its own)")
     p.add_argument("--gres", help="generic resources, as sbatch takes them (gpu:4, gpu:a100:4): in place of "
                                   "--gpus-per-node on clusters that count GPUs so; its GPU count sets the tasks per node")
     p.add_argument("--setup", action="append", default=[], metavar="LINE",
@@ -182,6 +190,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--executor local runs on this machine: --nodes must be 1")
     if args.tune is not None and args.tune < 1:
         p.error("--tune N: N trials an arm, N >= 1")
+    if args.keep_checkpoints != "all" and args.tune is None:
+        p.error(f"--keep-checkpoints {args.keep_checkpoints} prunes once --tune has chosen the winners: give --tune N")
     if args.parallel is not None and (args.parallel < 1 or args.executor != "local" or args.gpus_per_node):
         p.error("--parallel N (N >= 1) limits the local executor's runs on CPU (with GPUs each run waits for a free group)")
     if args.executor == "local" and args.array and args.gpus_per_node:
@@ -304,7 +314,13 @@ def resources(args: argparse.Namespace, configs: list[config.Config]) -> Resourc
     core for the training process; the training process keeps the cores its decoders do not use."""
     workers = max(cfg.data.workers for cfg in configs)
     cpus = args.cpus_per_task or workers + 1
-    return Resources(cpus, max(1, cpus - workers), args.mem or f"{args.tasks_per_node * (6 + workers)}G")
+    return Resources(cpus, max(1, cpus - workers), args.mem or default_memory(args.tasks_per_node, workers))
+
+
+def default_memory(tasks_per_node: int, workers: int) -> str:
+    """A node's memory request: per task 6 GB for the training process, 1 GB a decoder and the fork server's
+    own 0.4 GB (processes.FORK_SERVER_GB), rounded up to whole GB (sbatch takes whole numbers)."""
+    return f"{math.ceil(tasks_per_node * (6 + workers + processes.FORK_SERVER_GB))}G"
 
 
 def make_executor(args: argparse.Namespace, folder: Path, res: Resources):
@@ -685,6 +701,8 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     recipe = next(iter(phase2.values()))[2]
     for arm, named in winners.items():
         set_aside_earlier_winners(out / arm, next(iter(named)), recipe.wandb)
+    if args.keep_checkpoints == "winners":  # after the set-aside, which reads the W&B ids in their checkpoints
+        print(pruning.prune_losers(out, choice))
     log_winners(choice, out, recipe)
     jobs = submit(args, argv, phase2, out, extra=roles)  # SWEEP_DIR/sweep.json: the manifest the report reads
     code = wait_and_report(jobs, phase2, out)

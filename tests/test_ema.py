@@ -12,7 +12,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dr_resnet.model.resnet import load_state_dict_file
-from dr_resnet.training import checkpoint, components
+from dr_resnet.training import checkpoint, components, train
 from dr_resnet.training.train import main
 
 from helpers import assert_same_training_state, demo_args, metrics_rows, preprocessed_dataset
@@ -28,11 +28,28 @@ def ema_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
                      *extra, workers=0)
 
 
+def trained_keeping_epoch_one(args: list[str], run_dir: Path) -> Path:
+    """Train a two-epoch run, keeping a copy of its checkpoint after epoch 1 (a finished run drops its
+    checkpoint_prev.pt) beside the run folder; returns the run folder."""
+    real = train.finish
+
+    def finish(run, tracker):
+        shutil.copyfile(run.run_dir / "checkpoint_prev.pt", epoch_one(run_dir))
+        return real(run, tracker)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "finish", finish)
+        assert main(args) == 0
+    return run_dir
+
+
+def epoch_one(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}-epoch1.pt"
+
+
 @pytest.fixture(scope="module")
 def straight(data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    assert main(ema_args(data, run_dir)) == 0
-    return run_dir
+    return trained_keeping_epoch_one(ema_args(data, run_dir), run_dir)
 
 
 def evaluated_test_metrics(path: Path, data: Path, out: Path) -> dict:
@@ -44,9 +61,9 @@ def evaluated_test_metrics(path: Path, data: Path, out: Path) -> dict:
 
 
 def resumed_from_epoch_one(run_dir: Path, to: Path) -> Path:
-    """A copy of a two-epoch run as it was after its first epoch (its checkpoint_prev.pt)."""
+    """A copy of a two-epoch run as it was after its first epoch (trained_keeping_epoch_one's copy)."""
     shutil.copytree(run_dir, to)
-    (to / "checkpoint_prev.pt").replace(to / "checkpoint_last.pt")
+    shutil.copyfile(epoch_one(run_dir), to / "checkpoint_last.pt")
     (to / "checkpoint_best.pt").unlink()
     return to
 
@@ -68,7 +85,7 @@ def test_the_weight_average_is_evaluated_saved_and_resumed_bitwise(data, straigh
     last = metrics_rows(straight)[-1]
     assert scored["loss"] == pytest.approx(last["test_loss"], abs=1e-6) and scored["qwk"] == last["test_qwk"]
 
-    # Resumed from the end of epoch 1 (checkpoint_prev.pt), the run ends as the straight one, average included.
+    # Resumed from the end of epoch 1, the run ends as the straight one, average included.
     resumed = resumed_from_epoch_one(straight, tmp_path / "resumed")
     assert main(ema_args(data, resumed)) == 0
     assert "resumed" in (resumed / "train.log").read_text()
@@ -95,7 +112,7 @@ def test_a_checkpoint_averaged_model_wrote_evaluates_and_resumes(data, straight,
     old = tmp_path / "old"
     with monkeypatch.context() as patch:  # the run as the version before trained it
         patch.setattr(components, "weight_average", weight_average_before)
-        assert main(ema_args(data, old)) == 0
+        trained_keeping_epoch_one(ema_args(data, old), old)
     state = checkpoint.TrainingState.load(old / "checkpoint_last.pt")
     assert list(state.ema) == ["n_averaged", *(f"module.{k}" for k in state.model)]  # the layout readers know
     count = "bn1.num_batches_tracked"

@@ -68,8 +68,11 @@ def test_dry_run_defaults_fit_the_data_workers(tmp_path, capsys, monkeypatch):
     assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--gpus-per-node", "4", "--dry-run",
                  "--runs", "resnet18_scratch", "data.workers=6"]) == 0
     out = capsys.readouterr().out
-    assert "4 task(s), 7 CPU(s) a task, 48G a node, 4 GPU(s) a node" in out  # 4 x (6 + 6) GB
-    assert "#SBATCH --cpus-per-task=7" in out and "#SBATCH --mem=48G" in out
+    # 4 x (6 + 6 + 0.4) = 49.6 GB, rounded up: each task's fork server holds 0.4 GB of its own
+    assert "4 task(s), 7 CPU(s) a task, 50G a node, 4 GPU(s) a node" in out
+    assert "#SBATCH --cpus-per-task=7" in out and "#SBATCH --mem=50G" in out
+    assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--dry-run", "--runs", "resnet18_scratch"]) == 0
+    assert "#SBATCH --mem=15G" in capsys.readouterr().out  # one task, base.yaml's 8 workers: 6 + 8 + 0.4 = 14.4
     assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--dry-run", "--runs", "resnet18_scratch",
                  "--cpus-per-task", "3", "--mem", "20"]) == 0
     out = capsys.readouterr().out

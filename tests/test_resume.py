@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dr_resnet.training import checkpoint
+from dr_resnet.training import checkpoint, train
 from dr_resnet.training.train import main
 
 from helpers import (
@@ -173,13 +173,26 @@ def test_killed_at_random_moments_it_ends_bitwise_a_straight_run(data, straight_
     assert not list(run_dir.glob(".*.tmp"))
 
 
-def test_damaged_checkpoints_fall_back_to_the_previous_one_or_say_what_to_delete(data, tmp_path, capfd):
+def test_damaged_checkpoints_fall_back_to_the_previous_one_or_say_what_to_delete(data, tmp_path, capfd, monkeypatch):
     run_dir = tmp_path / "run"
     one = ["data.workers=0", "train.batch_size=8"]
     assert main(args(data, run_dir, *one, "train.epochs=1")) == 0
     assert not (run_dir / "checkpoint_prev.pt").exists()
-    assert main(args(data, run_dir, *one, "train.epochs=2")) == 0
-    assert checkpoint.load(run_dir / "checkpoint_prev.pt")["epoch"] == 1
+    # Extended by an epoch, it keeps epoch 1's checkpoint as checkpoint_prev.pt while it trains, and drops it
+    # once it has finished (checkpoint_last.pt stays: extending the run needs it).
+    epoch_1 = tmp_path / "epoch1.pt"
+    with monkeypatch.context() as patch:
+        real = train.finish
+
+        def finish(run, tracker):
+            shutil.copyfile(run.run_dir / "checkpoint_prev.pt", epoch_1)
+            return real(run, tracker)
+        patch.setattr(train, "finish", finish)
+        assert main(args(data, run_dir, *one, "train.epochs=2")) == 0
+    assert checkpoint.load(epoch_1)["epoch"] == 1
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_best.pt", "checkpoint_last.pt"]
+    # A run stopped after epoch 2 of more (preempted between epochs) holds both, and a damaged last one...
+    shutil.copyfile(epoch_1, run_dir / "checkpoint_prev.pt")
     last = run_dir / "checkpoint_last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a disk that lost the end of the file
     capfd.readouterr()

@@ -46,7 +46,7 @@ from dr_resnet.results.factors import (
 from dr_resnet.results.html import write_html
 from dr_resnet.results.metrics import expected_calibration_error
 from dr_resnet.results.plots import pyplot
-from dr_resnet.results.rundir import BEST_CHECKPOINT, CONFIG_FILE, FINAL
+from dr_resnet.results.rundir import BEST_CHECKPOINT, CONFIG_FILE, FINAL, missing_checkpoint, pruned_note
 from dr_resnet.results.tables import (
     COLUMNS,
     Table,
@@ -555,6 +555,8 @@ def galleries(runs: list[RunRecord], out: Path, per_cell: int = 2) -> list[Path]
     for run in runs:
         best = run.path / BEST_CHECKPOINT
         if not best.is_file():
+            if pruned_note(run.path):  # its weights are gone on purpose: say so rather than leave it out unsaid
+                print(f"{run.name}: no gallery: {missing_checkpoint(best)}", file=sys.stderr)
             continue
         cfg = yaml.safe_load((run.path / CONFIG_FILE).read_text())
         path = out / f"gallery_{run.name}.png"

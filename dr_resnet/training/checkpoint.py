@@ -25,7 +25,7 @@ The file holds one dict with exactly TrainingState's fields:
              weights the run evaluated and selected, which every reader loads (TrainingState.weights); {}
              without
 File names: rundir.LAST_CHECKPOINT, rundir.PREV_CHECKPOINT (the one before, kept until the next is
-complete), rundir.BEST_CHECKPOINT.
+complete; dropped when the run finishes), rundir.BEST_CHECKPOINT.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch
 
 from dr_resnet.errors import UserError
 from dr_resnet.files import atomic_path, sync_folder, temporary_name
+from dr_resnet.results.rundir import missing_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def _reason(exc: BaseException) -> str:
 def load(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(missing_checkpoint(path))  # pruned by launch.sweep: says so
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
