@@ -417,13 +417,14 @@ def test_report_html_loads_in_a_real_browser_with_its_tables_and_figures(runs, t
     assert 'id="comparisons"' in dom.stdout and "(95% CI)" in dom.stdout
     assert "Uncaught" not in dom.stderr and "CONSOLE" not in dom.stderr  # no script error, no failed load
     shot = tmp_path / "shot.png"
-    # Tall enough for the tables above the figures (the results table, the comparisons and their notes).
-    result = chromium(f"--screenshot={shot}", "--window-size=1280,3600", "--hide-scrollbars", page.as_uri())
+    # Tall enough for the tables above the figures (the answer, the comparisons, every run's row and their notes).
+    result = chromium(f"--screenshot={shot}", "--window-size=1280,7000", "--hide-scrollbars", page.as_uri())
     assert result.returncode == 0 and shot.is_file(), result.stderr
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
-    assert pixels.shape[:2] == (3600, 1280)
+    assert pixels.shape[:2] == (7000, 1280)
     top, rest = pixels[:500], pixels[500:]
-    assert (top.sum(axis=2) < 200).sum() > 2000  # the title and the results table: dark text on white
+    assert (top.sum(axis=2) < 200).sum() > 2000  # the title and the answer: dark text on white
+    assert text.index('id="answer"') < text.index('id="comparisons"') < text.index('id="results"')  # the answer first
     colourful = (rest.max(axis=2) - rest.min(axis=2)) > 100  # the figures' coloured curves, matrices, heat maps
     assert colourful.sum() > 20_000
 
