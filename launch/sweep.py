@@ -31,6 +31,7 @@ fit once earlier ones have finished.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -39,8 +40,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import submitit
 import yaml
@@ -51,7 +54,7 @@ from dr_resnet.errors import run_command
 from dr_resnet.results import tuning
 from dr_resnet.results.rundir import CONFIG_FILE, LAST_CHECKPOINT, STATUS_FILE, is_finished, last_launch_error
 
-from . import pruning, requeue, trials
+from . import interrupt, pruning, requeue, trials
 from .task import TrainTask
 from .watch import LiveView, watch
 
@@ -367,16 +370,28 @@ class DryRunSlurmExecutor(submitit.SlurmExecutor):
         return [sys.executable, "-c", f"print('Submitted batch job {len(self.scripts)} (dry run)')"]
 
 
-def submit_each(executor, tasks: dict, slots: list[list[int]] = (), array_name: str = ""):
+def start_now(submission: Callable[[], Any]) -> Any:
+    """Make a submission as it is: SLURM's jobs are the scheduler's, not this process's children (the local
+    executor's go through interrupt.LocalJobs.start instead)."""
+    return submission()
+
+
+def submit_each(executor, tasks: dict, slots: list[list[int]] = (), array_name: str = "",
+                start: Callable[[Callable[[], Any]], Any] = start_now):
     """Submit each named task (a picklable callable: a TrainTask, or any other, an evaluation say) as
     one job on `executor`, named after it on SLURM; with array_name, all of them as one job array of
     that name (submitit's batch submission). With GPU slots (the local executor), each job gets a group
-    of its own and waits until one is free. Yields (name, job, gpus or None) as each job goes in."""
+    of its own and waits until one is free. `start` makes each submission (start_now, or a launcher's
+    LocalJobs.start). Yields (name, job, gpus or None) as each job goes in."""
     if array_name:
         if isinstance(executor, submitit.SlurmExecutor):
             executor.update_parameters(job_name=array_name)
-        with executor.batch():
-            jobs = [executor.submit(task) for task in tasks.values()]
+
+        def submit_array() -> list:
+            with executor.batch():
+                submitted = [executor.submit(task) for task in tasks.values()]
+            return submitted
+        jobs = start(submit_array)
         for name, job in zip(tasks, jobs):
             yield name, job, None
         return
@@ -389,7 +404,7 @@ def submit_each(executor, tasks: dict, slots: list[list[int]] = (), array_name: 
                 executor.update_parameters(visible_gpus=gpus)
         if isinstance(executor, submitit.SlurmExecutor):  # SLURM: the job's name in squeue
             executor.update_parameters(job_name=name)
-        job = executor.submit(task)
+        job = start(functools.partial(executor.submit, task))
         if scheduler is not None:
             scheduler.hold(job, gpus)
         yield name, job, gpus
@@ -455,12 +470,15 @@ def set_status(run_dir: Path, cfg: config.Config, status: str = "", reason: str 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.executor == "local":  # its jobs are this process's children: a stop signal stops them too
+        return interrupt.stoppable(lambda jobs: run_command(lambda: launch(args, argv, jobs.start)))
     return run_command(lambda: launch(args, argv))
 
 
-def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
+def launch(args: argparse.Namespace, argv: list[str] | None, start: Callable = start_now) -> int:
     """Resolve (and so validate) every run's config before anything is submitted, then print, submit or run
-    the jobs; with --wait (always for local jobs) the live view and the report. --tune: the two phases."""
+    the jobs; with --wait (always for local jobs) the live view and the report. --tune: the two phases.
+    `start` makes each submission (submit_each)."""
     sweep = Sweep.load(args.config)
     arms = args.runs.split(",") if args.runs else list(sweep.arms)
     unknown = [a for a in arms if a not in sweep.arms]
@@ -497,14 +515,14 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
                           f"trials an arm: give --tune {points}")
     record = drawn_record(sweep.search, arms, count, out / tuning.TUNE_DIR if args.tune else out)
     if args.tune:
-        return tune(args, argv, sweep, out, by_arm, record, gridded, roles)
+        return tune(args, argv, sweep, out, by_arm, record, gridded, roles, start)
     if trials.untuned_warning(searched):
         print(trials.untuned_warning(searched), file=sys.stderr)
     plans = plan(sweep, args, out, run_names(by_arm, args.seeds), gridded)
     shown = show(args, sweep, arms, out, plans)
     if shown is not None:
         return shown
-    jobs = submit(args, argv, plans, out, extra={**roles, **({"search": record} if record else {})})
+    jobs = submit(args, argv, plans, out, extra={**roles, **({"search": record} if record else {})}, start=start)
     if not (args.wait or args.executor == "local"):  # local jobs are this process's children: always wait
         print(f"report when done: python -m dr_resnet.report {out}")
         return 0
@@ -591,9 +609,10 @@ def show(args: argparse.Namespace, sweep: Sweep, arms: list[str], out: Path, pla
 
 
 def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: Path, manifest_file: str = "sweep.json",
-           extra: dict | None = None) -> dict:
+           extra: dict | None = None, start: Callable = start_now) -> dict:
     """Submit (or, locally, start) every run of `plans` not finished earlier; the manifest (runs, job ids,
-    arguments, and `extra`: a search's drawn values) in out/manifest_file. Returns name -> job."""
+    arguments, and `extra`: a search's drawn values) in out/manifest_file; `start` makes each submission
+    (submit_each). Returns name -> job."""
     res = resources(args, [cfg for _, _, cfg in plans.values()])
     slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
         if args.executor == "local" and args.gpus_per_node else [None] * args.parallel if args.parallel else []
@@ -629,7 +648,7 @@ def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: P
             set_status(run_dir, cfg)
             tasks[arm] = TrainTask(argv_arm, threads=res.threads)
     array_name = out.name if args.array else ""
-    for arm, job, gpus in submit_each(make_executor(args, out / "submitit", res), tasks, slots, array_name):
+    for arm, job, gpus in submit_each(make_executor(args, out / "submitit", res), tasks, slots, array_name, start):
         jobs[arm] = job
         entry = {"gpus": gpus} if gpus is not None else {}
         manifest["runs"][arm] = {"status": "submitted", "job_id": job.job_id, "run_dir": str(plans[arm][0]),
@@ -666,7 +685,7 @@ def jobs_still_queued(manifest: Path, folder: Path) -> dict:
 
 def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Path,
          by_arm: dict[str, dict[str, dict[str, str]]], record: dict | None = None, gridded: set[str] = frozenset(),
-         roles: dict[str, list[str]] | None = None) -> int:
+         roles: dict[str, list[str]] | None = None, start: Callable = start_now) -> int:
     """--tune N: phase 1 runs each arm's N trials on --tune-seed (SWEEP_DIR/tune/<arm>/<trial>/) and waits for
     them; each arm's winner is the trial with the best held-out figure (results.tuning.choose: no test figure
     is read); tuning.json records them; phase 2 runs each winner's exact settings on every seed
@@ -683,7 +702,7 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
         return show(args, sweep, list(by_arm), out, phase1) or 0
     roles = roles or {}
     jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json",
-                  extra={**roles, **({"search": record} if record else {})})
+                  extra={**roles, **({"search": record} if record else {})}, start=start)
     failed = wait_for_all(jobs, phase1, trials_of={name: (arm, trial) for name, (arm, _, _, trial, _) in names1.items()})
     choice = tuning.choose(out / tuning.TUNE_DIR, by_arm)
     if record:  # the best-of-k curve counts each repeat of a configuration as a trial of its own
@@ -704,7 +723,7 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     if args.keep_checkpoints == "winners":  # after the set-aside, which reads the W&B ids in their checkpoints
         print(pruning.prune_losers(out, choice))
     log_winners(choice, out, recipe)
-    jobs = submit(args, argv, phase2, out, extra=roles)  # SWEEP_DIR/sweep.json: the manifest the report reads
+    jobs = submit(args, argv, phase2, out, extra=roles, start=start)  # SWEEP_DIR/sweep.json: the manifest the report reads
     code = wait_and_report(jobs, phase2, out)
     return 1 if failed or len(winners) < len(by_arm) else code
 
