@@ -214,6 +214,14 @@ def test_a_failed_copy_leaves_no_temporary_and_a_full_disk_is_one_line(tmp_path,
     monkeypatch.setattr(stage, "_copy_file", shutil.copy2)
     staged = stage.stage(root, str(local)).path
     assert not stale.exists() and len(list((staged / "images").iterdir())) == 40
+    # One left by a killed copy whose pid is this process's now (pids are reused): removed under the name's
+    # lock, never in the way of the new copy.
+    shutil.rmtree(staged)
+    os.close(stage._held.pop(staged))  # this process lets the copy go, as if a new one staged
+    mine = stage._temporary(local, staged.name)
+    (mine / "images").mkdir(parents=True)
+    again = stage.stage(root, str(local)).path
+    assert again == staged and not mine.exists() and len(list((again / "images").iterdir())) == 40
 
 
 # -- where the copy goes ------------------------------------------------------------------------------

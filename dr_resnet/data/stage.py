@@ -225,9 +225,17 @@ def remove_stale_temporaries(base: Path) -> list[Path]:
     host, removed = socket.gethostname(), []
     for entry in base.glob(f".*-{user()}-*{TEMPORARY}"):
         stem, _, pid = entry.name[: -len(TEMPORARY)].rpartition(".")
-        if stem.endswith(f".{host}") and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+        if not (stem.endswith(f".{host}") and pid.isdigit() and not _alive(int(pid))):
+            continue
+        # Only while no one copies that name (its lock free): a process of another pid namespace on this
+        # host (a container) may be alive though its pid is not here.
+        fd = os.open(_lock_file(base, stem[1:].removesuffix(f".{host}")), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if _try_lock(fd, fcntl.LOCK_EX):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        finally:
+            os.close(fd)  # closing releases the lock
     return removed
 
 
@@ -287,6 +295,10 @@ def _make_copy(root: Path, base: Path, name: str, manifest: dict[str, list[int]]
             if target.exists():  # without its manifest (a clean cut short): never used, so never in use
                 shutil.rmtree(target)
             check_room(base, root, manifest)
+            # Under the name's lock held exclusively no one else copies it: any temporary of it is a killed
+            # copy's, this process's own pid too (pids are reused).
+            for left in base.glob(f".{name}.*{TEMPORARY}"):
+                shutil.rmtree(left, ignore_errors=True)
             temporary.mkdir()
             _copy_tree(root, temporary, manifest, threads, progress_s)
             write_text(temporary / MANIFEST, json.dumps(manifest))
