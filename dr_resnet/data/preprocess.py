@@ -249,10 +249,12 @@ def _job(args) -> tuple[int, str | None]:
     return i, process_one(src, dst, settings)
 
 
-def _check_settings(dst: Path, settings: Settings, overwrite: bool, selection: dict) -> None:
+def _check_settings(dst: Path, settings: Settings, overwrite: bool, selection: dict) -> Callable[[], None]:
     """preprocess.json: the crops' VERSION and the image settings (a second run with another version or
     other settings is refused: one folder never mixes two kinds of crop) and which rows the copy holds
-    (`selection`: the format, data.filter, data.label_map and what they left out)."""
+    (`selection`: the format, data.filter, data.label_map and what they left out). Checked now; returns
+    what writes it, called once --overwrite has removed every old crop (a run killed while removing them
+    leaves the old file, so a rerun without --overwrite is still refused)."""
     path = dst / SETTINGS_FILE
     if path.exists() and not overwrite:
         saved = _read_manifest(path)
@@ -265,7 +267,7 @@ def _check_settings(dst: Path, settings: Settings, overwrite: bool, selection: d
             raise DatasetError(f"{path}: {dst} was made with {before}, not {asdict(settings)}: "
                                f"use another --dst, or --overwrite to redo every image")
     dst.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"version": VERSION, **asdict(settings), "selection": selection}) + "\n")
+    return lambda: path.write_text(json.dumps({"version": VERSION, **asdict(settings), "selection": selection}) + "\n")
 
 
 def _target(split: Split, i: int, dst: Path) -> Path:
@@ -351,8 +353,9 @@ def preprocess(src: str | os.PathLike, dst: str | os.PathLike, settings: Setting
             say(f"{split.name}: {line} ({split.index_file.name}): not prepared, not in {dst}'s table")
     targets = _targets(splits, dst)
     options = options or TableOptions()
-    _check_settings(dst, settings, overwrite, {"format": fmt, "filter": options.filter, "label_map": options.label_map,
-                                               "left_out": {s.name: s.left_out for s in splits if s.left_out}})
+    record = _check_settings(dst, settings, overwrite, {"format": fmt, "filter": options.filter,
+                                                        "label_map": options.label_map,
+                                                        "left_out": {s.name: s.left_out for s in splits if s.left_out}})
     jobs, owners = [], []
     for split, split_targets in zip(splits, targets):
         for i, (path, target) in enumerate(zip(split.paths, split_targets)):
@@ -361,6 +364,7 @@ def preprocess(src: str | os.PathLike, dst: str | os.PathLike, settings: Setting
                 target.unlink()
             jobs.append((len(jobs), path, target, settings))
             owners.append((split, i))
+    record()
     errors: dict[int, str] = {}
     with tqdm(total=len(jobs), desc="preprocess", unit="img", disable=not progress) as bar:
         pool = Pool(workers) if workers > 1 else None
