@@ -62,9 +62,11 @@ class LocalJobs:
     def start(self, submit: Callable[[], object]):
         """Run `submit` (one job, or a list of them: an array), the jobs' processes inheriting SIGINT and
         SIGHUP ignored (dispositions are what a child inherits; handlers are not): they leave the terminal's
-        signals to the launcher. The launcher ignores them too meanwhile, a few milliseconds a job; SIGTERM
-        is held until the jobs are recorded."""
+        signals to the launcher. The launcher ignores them too meanwhile, a few milliseconds a job (one that
+        arrives then is lost: press Ctrl-C again); SIGTERM is held until the jobs are recorded."""
         self._starting = True
+        # Ignored, not blocked: a process-directed signal goes to a thread that does not block it, and there
+        # an ignored one is dropped all the same (blocking in the main thread alone holds nothing).
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in TERMINAL_SIGNALS} if _main_thread() else {}
         try:
             jobs = submit()
@@ -83,7 +85,7 @@ class LocalJobs:
         job's processes are those seen below its controller meanwhile: a fork server still importing torch
         when its training process ends, say, outlives it by seconds, with parent 1."""
         running = [job for job in self.started if not job.done()]
-        processes = {job: set(process_tree(int(job.job_id))) for job in running}
+        processes = {job: set(identities(process_tree(int(job.job_id)))) for job in running}
         deadline = time.monotonic() + wait_s
         resend_at = time.monotonic()
         while time.monotonic() < deadline:
@@ -94,12 +96,12 @@ class LocalJobs:
                 resend_at = time.monotonic() + RESEND_S
             time.sleep(0.2)  # other processes' exits: nothing to wait on but their state
             for job in running:
-                processes[job] |= set(process_tree(int(job.job_id)))
+                processes[job] |= set(identities(process_tree(int(job.job_id))))
             running = [job for job in running if not job.done()]
-            if not running and not any(alive(pid) for pids in processes.values() for pid in pids):
+            if not running and not any(alive(*seen) for seen in processes.values() for seen in seen):
                 return
-        for job, pids in processes.items():
-            left = [pid for pid in pids if alive(pid)]
+        for job, seen in processes.items():
+            left = [pid for pid, start in seen if alive(pid, start)]  # the same processes, not a reused pid
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -142,12 +144,24 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie has ended: its parent, or init, reaps it)."""
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name (state first; [] when the process is gone)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return []
+
+
+def identities(pids: list[int]) -> list[tuple[int, str]]:
+    """Each pid with its start time (clock ticks after boot): a process's identity where pids are reused."""
+    return [(pid, fields[19]) for pid in pids for fields in [_stat(pid)] if len(fields) > 19]
+
+
+def alive(pid: int, start: str | None = None) -> bool:
+    """Whether `pid` runs (a zombie has ended: its parent, or init, reaps it) and, given its start time, is
+    still the same process."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z" and (start is None or (len(fields) > 19 and fields[19] == start))
 
 
 def say(line: str) -> None:

@@ -118,3 +118,4 @@ def test_a_local_job_stopped_by_sigterm_is_not_requeued(tmp_path):
     assert "resnet18_scratch_seed0: LOST" in err and "not requeued at SIGTERM" in err
     log = (run / "train.log").read_text()
     assert log.count("stopped by SIGTERM in epoch 1 after step") == 1 and "resumed" not in log
+
