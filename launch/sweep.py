@@ -51,6 +51,7 @@ import yaml
 from dr_resnet import config, processes
 from dr_resnet.config import ConfigError
 from dr_resnet.errors import run_command
+from dr_resnet.files import write_text
 from dr_resnet.results import tuning
 from dr_resnet.results.rundir import CONFIG_FILE, LAST_CHECKPOINT, STATUS_FILE, is_finished, last_launch_error
 
@@ -463,7 +464,7 @@ def set_status(run_dir: Path, cfg: config.Config, status: str = "", reason: str 
     config.save(cfg, run_dir / CONFIG_FILE)
     path = run_dir / STATUS_FILE
     if status:
-        path.write_text(json.dumps({"status": status, "reason": reason.splitlines()[0], "detail": reason}, indent=2) + "\n")
+        write_text(path, json.dumps({"status": status, "reason": reason.splitlines()[0], "detail": reason}, indent=2) + "\n")
     else:
         path.unlink(missing_ok=True)
 
@@ -622,7 +623,7 @@ def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: P
                 "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "resources": res.__dict__, **(extra or {}), "runs": {}}
 
     def write_manifest() -> None:
-        (out / manifest_file).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_text(out / manifest_file, json.dumps(manifest, indent=2) + "\n")  # whole, even if stopped mid-way
 
     tasks, reasons, jobs = {}, {}, {}
     alive = jobs_still_queued(out / manifest_file, out / "submitit") if args.executor == "slurm" else {}
@@ -707,7 +708,7 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     choice = tuning.choose(out / tuning.TUNE_DIR, by_arm)
     if record:  # the best-of-k curve counts each repeat of a configuration as a trial of its own
         choice.update(repeats=record["repeats"], distinct_configurations=record["distinct_configurations"])
-    (out / tuning.TUNING_FILE).write_text(json.dumps(choice, indent=2) + "\n")
+    write_text(out / tuning.TUNING_FILE, json.dumps(choice, indent=2) + "\n")
     say_winners(choice)
     # Phase 2 runs the trial's own text (tuning.json holds typed values): the folder name and the config keep
     # the exact drawn value.
