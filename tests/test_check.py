@@ -128,9 +128,9 @@ def test_the_dataset_is_staged_once_a_node_and_read_there(data, tmp_path, capfd)
 
 # -- what a failed read is, and what a bad photo is ------------------------------------------------------
 
-def failing_reads(monkeypatch, photo: Path, failures: int) -> list[int]:
-    """Reads of `photo` fail with EIO `failures` times (an NFS server's hiccup), mid-stream: its open works,
-    its first read raises. Returns the list the failed reads are counted in."""
+def failing_reads(monkeypatch, photo: Path, failures: int, code: int = errno.EIO) -> list[int]:
+    """Reads of `photo` fail with `code` (EIO: an NFS server's hiccup) `failures` times, mid-stream: its open
+    works, its first read raises. Returns the list the failed reads are counted in."""
     real_open, failed = builtins.open, []
 
     class Flaky:
@@ -139,7 +139,7 @@ def failing_reads(monkeypatch, photo: Path, failures: int) -> list[int]:
 
         def read(self, *args):
             failed.append(1)
-            raise OSError(errno.EIO, "Input/output error")
+            raise OSError(code, os.strerror(code))
 
         def __getattr__(self, name):
             return getattr(self._file, name)
@@ -171,6 +171,9 @@ def test_a_read_error_with_an_errno_is_retried_and_never_a_verdict_on_the_photo(
     assert isinstance(answer, ReadFailure) and len(failed) == check.READ_TRIES
     assert answer.line.startswith(f"cannot read {photo} on ") and "[Errno 5] Input/output error (EIO)" in answer.line
     assert "\n" not in answer.line
+    # An errno that is not the storage's (EINVAL: a seek past a damaged header) is the photo's: a verdict, at once.
+    failed = failing_reads(monkeypatch, photo, failures=100, code=errno.EINVAL)
+    assert check_file(photo) == Verdict("cannot be decoded ([Errno 22] Invalid argument)", 0, 0) and len(failed) == 1
 
 
 # -- several processes: one check a job, the same verdicts everywhere -------------------------------------

@@ -90,15 +90,23 @@ class Ranks:
     gather: Callable[[object], list] = _alone
 
 
+# The errors of the storage, not of the photo: retried, then the check stops naming the file (never a verdict
+# cached on the photo). An errno outside them (EINVAL from a seek past a damaged header, say) is the photo's.
+STORAGE_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EIO", "ESTALE", "EMFILE", "ENFILE", "ENOENT", "EACCES", "EPERM", "ETIMEDOUT", "EAGAIN", "EINTR", "ENOMEM",
+    "EBUSY", "ENOTCONN", "ECONNRESET", "ECONNABORTED", "EHOSTDOWN", "EHOSTUNREACH", "ENOLINK", "EREMOTEIO")
+    if hasattr(errno, name))
+
+
 def _retrying(work: Callable[[], object], path: Path) -> object:
-    """`work()`, tried again (after RETRY_S, then twice as long, ...) while it fails with an errno; after
+    """`work()`, tried again (after RETRY_S, then twice as long, ...) while it fails with a STORAGE_ERRNOS error; after
     READ_TRIES failures, a ReadFailure naming the file and the errno."""
     wait, started = RETRY_S, time.monotonic()
     for attempt in range(1, READ_TRIES + 1):
         try:
             return work()
         except OSError as exc:
-            if exc.errno is None:
+            if exc.errno not in STORAGE_ERRNOS:
                 raise
             if attempt == READ_TRIES:
                 name = errno.errorcode.get(exc.errno, str(exc.errno))
@@ -120,7 +128,7 @@ def _decode(path: Path) -> Verdict:
             image.load()
             brightest = int(np.asarray(image.convert("L")).max())
     except OSError as exc:
-        if exc.errno is not None:  # the read failed (EIO, ESTALE, EMFILE, ENOENT...): no verdict on the photo
+        if exc.errno in STORAGE_ERRNOS:  # the read failed: no verdict on the photo
             raise
         # PIL's own: "image file is truncated", "cannot identify image file" (UnidentifiedImageError), ...
         return Verdict(f"cannot be decoded ({exc})", 0, 0)
