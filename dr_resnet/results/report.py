@@ -191,7 +191,7 @@ def plot_curves(arms: list[Arm], depth: int, path: Path) -> Figure:
     groups = layout.groups
     per_row = 1 if len(groups) <= 3 else 2
     rows = math.ceil(len(groups) / per_row)
-    fig = new_figure(9.6 * per_row + (1.3 if layout.key else 0), 3.3 * rows + 1.3)
+    fig = new_figure((9.6 if per_row == 1 else 8.2) * per_row + (1.3 if layout.key else 0), 3.3 * rows + 1.3)
     axes = fig.subplots(rows, 2 * per_row, squeeze=False)
     baselines, with_val = [], False
     for index, (title, members) in enumerate(groups):
