@@ -7,8 +7,9 @@
 - A job in one of the ALIVE states will still run (again): a failure read while it is in one was
   written by an attempt that SLURM has since requeued.
 
-launch.sweep passes these to submitit; slurm/train.sbatch spells them as #SBATCH lines (shell cannot
-import them), and a test keeps those lines equal to SBATCH_LINES.
+launch.sweep passes these to submitit; slurm/train.sbatch spells them as #SBATCH lines and shell variables
+(shell cannot import them), and a test keeps those lines equal to SBATCH_LINES, SHUTDOWN_LINE and
+SLURM_CALL_LINE.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ SBATCH_LINES = (f"#SBATCH --signal=B:{BATCH_SIGNAL}@{SIGNAL_LEAD_S}", "#SBATCH -
 # system. The batch script gives them the signal's lead time less a margin for the requeue itself.
 SHUTDOWN_S = SIGNAL_LEAD_S - 20
 SHUTDOWN_LINE = f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-{SHUTDOWN_S}}}"
+# That margin holds the trap's SLURM commands: squeue (is the training step running?) and scancel (SIGTERM to
+# the steps' tasks) before torchrun's SHUTDOWN_S starts, scontrol requeue after the tasks ended, which must come
+# before the time limit. The trap cuts each off after SLURM_CALL_S (`timeout`): a controller slow to answer
+# must not spend the checkpoint's time. 2 x 5 + 100 + 5 = 115 s of the 120 s lead, SPARE_S = 5 s to spare.
+SLURM_CALL_S = 5
+TRAP_CALLS = 3  # squeue, scancel, scontrol requeue
+SPARE_S = SIGNAL_LEAD_S - SHUTDOWN_S - TRAP_CALLS * SLURM_CALL_S
+SLURM_CALL_LINE = f"SLURM_CALL_S={SLURM_CALL_S}"
 
 # SLURM states of a job that will still run (again). Preemption's `scontrol requeue` can kill the
 # handler that called it, which then reports a failure the requeued attempt later overwrites.

@@ -17,10 +17,12 @@ A searched key (a learning rate: every search: key, and a grid key named in sear
 chosen on held-out figures, then the choice run on fresh seeds (--tune). Any other grid key is a factor (a data
 fraction, the schedule's length, an ablation): the experiment itself, every value reported, none chosen. In W&B,
 --tune's phase-1 trials are tagged tune, phase 2's runs final, an earlier winner's runs set aside superseded; the
-winners are artifacts of the sweep's one tuning run.
+winners are artifacts of the sweep's one tuning run. --keep-checkpoints winners deletes the losing runs'
+checkpoints once the winners are chosen (launch/pruning.py).
 
 Resources: each task gets data.workers + 1 CPUs (the decoders and the training process) and each node
-tasks x (6 + data.workers) GB unless --cpus-per-task / --mem say otherwise; every srun passes
+tasks x (6.4 + data.workers) GB, rounded up (6 for the training process, 1 a decoder, 0.4 for the fork server
+that starts the decoders), unless --cpus-per-task / --mem say otherwise; every srun passes
 --kill-on-bad-exit=1, so one crashed rank ends the job instead of leaving the others waiting in NCCL.
 The local executor with --gpus-per-node gives each arm GPUs of its own and runs the arms that do not
 fit once earlier ones have finished.
@@ -29,26 +31,30 @@ fit once earlier ones have finished.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import submitit
 import yaml
 
-from dr_resnet import config
+from dr_resnet import config, processes
 from dr_resnet.config import ConfigError
 from dr_resnet.errors import run_command
 from dr_resnet.results import tuning
 from dr_resnet.results.rundir import CONFIG_FILE, LAST_CHECKPOINT, STATUS_FILE, is_finished, last_launch_error
 
-from . import requeue, trials
+from . import interrupt, pruning, requeue, trials
 from .task import TrainTask
 from .watch import LiveView, watch
 
@@ -121,6 +127,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tune-seed", type=int, default=0,
                    help="--tune: phase 1's train.seed (default 0). Give --seeds without it (e.g. 1,2,3): a winner "
                         "rerun on the seed it won on would carry its lucky draw into the comparison")
+    p.add_argument("--keep-checkpoints", choices=pruning.KEEP_CHECKPOINTS, default="all",
+                   help="--tune: winners deletes the checkpoints of the finished runs that lost once each arm's "
+                        "winner is chosen (phase 1's other trials, an earlier winner's runs), keeping their "
+                        "summaries, logs and predictions (default: all, nothing deleted)")
     p.add_argument("--parallel", type=int,
                    help="local executor without GPUs: at most this many runs at once (default: all of them)")
     p.add_argument("--out", help="sweep folder (default: the sweep file's 'out', else runs/<name>)")
@@ -134,7 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qos")
     p.add_argument("--time", default="60", help="time limit: minutes, or SLURM's formats (12:00:00, 1-00:00:00, 2-12)")
     p.add_argument("--mem", help="memory per node: SLURM's format (64G, 64000M, 1T) or a number of GB "
-                                 "(default: tasks per node x (6 + data.workers) GB)")
+                                 "(default: tasks per node x (6.4 + data.workers) GB, rounded up; each task's "
+                                 "fork server, which starts its decoders, holds 0.4 GB of its own)")
     p.add_argument("--gres", help="generic resources, as sbatch takes them (gpu:4, gpu:a100:4): in place of "
                                   "--gpus-per-node on clusters that count GPUs so; its GPU count sets the tasks per node")
     p.add_argument("--setup", action="append", default=[], metavar="LINE",
@@ -182,6 +193,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--executor local runs on this machine: --nodes must be 1")
     if args.tune is not None and args.tune < 1:
         p.error("--tune N: N trials an arm, N >= 1")
+    if args.keep_checkpoints != "all" and args.tune is None:
+        p.error(f"--keep-checkpoints {args.keep_checkpoints} prunes once --tune has chosen the winners: give --tune N")
     if args.parallel is not None and (args.parallel < 1 or args.executor != "local" or args.gpus_per_node):
         p.error("--parallel N (N >= 1) limits the local executor's runs on CPU (with GPUs each run waits for a free group)")
     if args.executor == "local" and args.array and args.gpus_per_node:
@@ -304,7 +317,13 @@ def resources(args: argparse.Namespace, configs: list[config.Config]) -> Resourc
     core for the training process; the training process keeps the cores its decoders do not use."""
     workers = max(cfg.data.workers for cfg in configs)
     cpus = args.cpus_per_task or workers + 1
-    return Resources(cpus, max(1, cpus - workers), args.mem or f"{args.tasks_per_node * (6 + workers)}G")
+    return Resources(cpus, max(1, cpus - workers), args.mem or default_memory(args.tasks_per_node, workers))
+
+
+def default_memory(tasks_per_node: int, workers: int) -> str:
+    """A node's memory request: per task 6 GB for the training process, 1 GB a decoder and the fork server's
+    own 0.4 GB (processes.FORK_SERVER_GB), rounded up to whole GB (sbatch takes whole numbers)."""
+    return f"{math.ceil(tasks_per_node * (6 + workers + processes.FORK_SERVER_GB))}G"
 
 
 def make_executor(args: argparse.Namespace, folder: Path, res: Resources):
@@ -351,16 +370,28 @@ class DryRunSlurmExecutor(submitit.SlurmExecutor):
         return [sys.executable, "-c", f"print('Submitted batch job {len(self.scripts)} (dry run)')"]
 
 
-def submit_each(executor, tasks: dict, slots: list[list[int]] = (), array_name: str = ""):
+def start_now(submission: Callable[[], Any]) -> Any:
+    """Make a submission as it is: SLURM's jobs are the scheduler's, not this process's children (the local
+    executor's go through interrupt.LocalJobs.start instead)."""
+    return submission()
+
+
+def submit_each(executor, tasks: dict, slots: list[list[int]] = (), array_name: str = "",
+                start: Callable[[Callable[[], Any]], Any] = start_now):
     """Submit each named task (a picklable callable: a TrainTask, or any other, an evaluation say) as
     one job on `executor`, named after it on SLURM; with array_name, all of them as one job array of
     that name (submitit's batch submission). With GPU slots (the local executor), each job gets a group
-    of its own and waits until one is free. Yields (name, job, gpus or None) as each job goes in."""
+    of its own and waits until one is free. `start` makes each submission (start_now, or a launcher's
+    LocalJobs.start). Yields (name, job, gpus or None) as each job goes in."""
     if array_name:
         if isinstance(executor, submitit.SlurmExecutor):
             executor.update_parameters(job_name=array_name)
-        with executor.batch():
-            jobs = [executor.submit(task) for task in tasks.values()]
+
+        def submit_array() -> list:
+            with executor.batch():
+                submitted = [executor.submit(task) for task in tasks.values()]
+            return submitted
+        jobs = start(submit_array)
         for name, job in zip(tasks, jobs):
             yield name, job, None
         return
@@ -373,7 +404,7 @@ def submit_each(executor, tasks: dict, slots: list[list[int]] = (), array_name: 
                 executor.update_parameters(visible_gpus=gpus)
         if isinstance(executor, submitit.SlurmExecutor):  # SLURM: the job's name in squeue
             executor.update_parameters(job_name=name)
-        job = executor.submit(task)
+        job = start(functools.partial(executor.submit, task))
         if scheduler is not None:
             scheduler.hold(job, gpus)
         yield name, job, gpus
@@ -439,12 +470,15 @@ def set_status(run_dir: Path, cfg: config.Config, status: str = "", reason: str 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.executor == "local":  # its jobs are this process's children: a stop signal stops them too
+        return interrupt.stoppable(lambda jobs: run_command(lambda: launch(args, argv, jobs.start)))
     return run_command(lambda: launch(args, argv))
 
 
-def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
+def launch(args: argparse.Namespace, argv: list[str] | None, start: Callable = start_now) -> int:
     """Resolve (and so validate) every run's config before anything is submitted, then print, submit or run
-    the jobs; with --wait (always for local jobs) the live view and the report. --tune: the two phases."""
+    the jobs; with --wait (always for local jobs) the live view and the report. --tune: the two phases.
+    `start` makes each submission (submit_each)."""
     sweep = Sweep.load(args.config)
     arms = args.runs.split(",") if args.runs else list(sweep.arms)
     unknown = [a for a in arms if a not in sweep.arms]
@@ -481,14 +515,14 @@ def launch(args: argparse.Namespace, argv: list[str] | None) -> int:
                           f"trials an arm: give --tune {points}")
     record = drawn_record(sweep.search, arms, count, out / tuning.TUNE_DIR if args.tune else out)
     if args.tune:
-        return tune(args, argv, sweep, out, by_arm, record, gridded, roles)
+        return tune(args, argv, sweep, out, by_arm, record, gridded, roles, start)
     if trials.untuned_warning(searched):
         print(trials.untuned_warning(searched), file=sys.stderr)
     plans = plan(sweep, args, out, run_names(by_arm, args.seeds), gridded)
     shown = show(args, sweep, arms, out, plans)
     if shown is not None:
         return shown
-    jobs = submit(args, argv, plans, out, extra={**roles, **({"search": record} if record else {})})
+    jobs = submit(args, argv, plans, out, extra={**roles, **({"search": record} if record else {})}, start=start)
     if not (args.wait or args.executor == "local"):  # local jobs are this process's children: always wait
         print(f"report when done: python -m dr_resnet.report {out}")
         return 0
@@ -575,9 +609,10 @@ def show(args: argparse.Namespace, sweep: Sweep, arms: list[str], out: Path, pla
 
 
 def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: Path, manifest_file: str = "sweep.json",
-           extra: dict | None = None) -> dict:
+           extra: dict | None = None, start: Callable = start_now) -> dict:
     """Submit (or, locally, start) every run of `plans` not finished earlier; the manifest (runs, job ids,
-    arguments, and `extra`: a search's drawn values) in out/manifest_file. Returns name -> job."""
+    arguments, and `extra`: a search's drawn values) in out/manifest_file; `start` makes each submission
+    (submit_each). Returns name -> job."""
     res = resources(args, [cfg for _, _, cfg in plans.values()])
     slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
         if args.executor == "local" and args.gpus_per_node else [None] * args.parallel if args.parallel else []
@@ -613,7 +648,7 @@ def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: P
             set_status(run_dir, cfg)
             tasks[arm] = TrainTask(argv_arm, threads=res.threads)
     array_name = out.name if args.array else ""
-    for arm, job, gpus in submit_each(make_executor(args, out / "submitit", res), tasks, slots, array_name):
+    for arm, job, gpus in submit_each(make_executor(args, out / "submitit", res), tasks, slots, array_name, start):
         jobs[arm] = job
         entry = {"gpus": gpus} if gpus is not None else {}
         manifest["runs"][arm] = {"status": "submitted", "job_id": job.job_id, "run_dir": str(plans[arm][0]),
@@ -650,7 +685,7 @@ def jobs_still_queued(manifest: Path, folder: Path) -> dict:
 
 def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Path,
          by_arm: dict[str, dict[str, dict[str, str]]], record: dict | None = None, gridded: set[str] = frozenset(),
-         roles: dict[str, list[str]] | None = None) -> int:
+         roles: dict[str, list[str]] | None = None, start: Callable = start_now) -> int:
     """--tune N: phase 1 runs each arm's N trials on --tune-seed (SWEEP_DIR/tune/<arm>/<trial>/) and waits for
     them; each arm's winner is the trial with the best held-out figure (results.tuning.choose: no test figure
     is read); tuning.json records them; phase 2 runs each winner's exact settings on every seed
@@ -667,7 +702,7 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
         return show(args, sweep, list(by_arm), out, phase1) or 0
     roles = roles or {}
     jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json",
-                  extra={**roles, **({"search": record} if record else {})})
+                  extra={**roles, **({"search": record} if record else {})}, start=start)
     failed = wait_for_all(jobs, phase1, trials_of={name: (arm, trial) for name, (arm, _, _, trial, _) in names1.items()})
     choice = tuning.choose(out / tuning.TUNE_DIR, by_arm)
     if record:  # the best-of-k curve counts each repeat of a configuration as a trial of its own
@@ -685,8 +720,10 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     recipe = next(iter(phase2.values()))[2]
     for arm, named in winners.items():
         set_aside_earlier_winners(out / arm, next(iter(named)), recipe.wandb)
+    if args.keep_checkpoints == "winners":  # after the set-aside, which reads the W&B ids in their checkpoints
+        print(pruning.prune_losers(out, choice))
     log_winners(choice, out, recipe)
-    jobs = submit(args, argv, phase2, out, extra=roles)  # SWEEP_DIR/sweep.json: the manifest the report reads
+    jobs = submit(args, argv, phase2, out, extra=roles, start=start)  # SWEEP_DIR/sweep.json: the manifest the report reads
     code = wait_and_report(jobs, phase2, out)
     return 1 if failed or len(winners) < len(by_arm) else code
 

@@ -5,7 +5,8 @@ It carries only the training arguments. On preemption or a time limit, SLURM sen
 (SIGUSR2) to every task: training writes a checkpoint at its next step boundary and stops, then this
 task hands the signal to submitit's own handler, which calls `checkpoint()` (a fresh task with the same
 arguments) and requeues the job. Training resumes from the run directory's last checkpoint (and the
-same W&B run, whose id that checkpoint holds), never from state kept in this object.
+same W&B run, whose id that checkpoint holds), never from state kept in this object. A local job stopped
+by SIGTERM (launch.interrupt) is not requeued: no scheduler preempts it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class TrainTask(submitit.helpers.Checkpointable):
         stopped_by = code - 128 if code > 128 else None  # dr_resnet.train's exit code after a stop signal
         if stopped_by not in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
             raise RuntimeError(f"dr_resnet.train exited with code {code}: the reason is logged above")
+        if stopped_by == signal.SIGTERM and submitit.JobEnvironment().cluster == "local":
+            # No scheduler preempts a local job: its SIGTERM comes from a person, `timeout` or the launcher
+            # stopping its jobs (launch.interrupt), and a requeued job would start again at once. Its time
+            # limit's signal is submitit's own, which still requeues it.
+            raise RuntimeError("dr_resnet.train stopped at SIGTERM after writing a checkpoint; a local job is not "
+                               "requeued at SIGTERM: the same launch.sweep command resumes it")
         # Training wrote a checkpoint and stopped, at submitit's preemption signal or at the SIGTERM that
         # SLURM sends first when it preempts a job: hand over to submitit's preemption handler (restored
         # when training stopped), which calls checkpoint() and requeues the job on rank 0 (a job being

@@ -41,6 +41,10 @@ def assert_same_training_state(a: Path, b: Path) -> None:
         assert torch.equal(sa["model"][key], sb["model"][key]), key
     for ma, mb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         assert torch.equal(ma["momentum_buffer"], mb["momentum_buffer"])
+    ema_a, ema_b = sa.get("ema") or {}, sb.get("ema") or {}  # train.ema's average and its count of updates
+    assert ema_a.keys() == ema_b.keys()
+    for key in ema_a:
+        assert torch.equal(ema_a[key], ema_b[key]), f"ema {key}"
     assert without_timing(metrics_rows(a)) == without_timing(metrics_rows(b))
 
 

@@ -2,9 +2,10 @@
 machine with one GPU or more; without CUDA every test here is skipped with one reason line.
 
 bf16 and fp16 steps, a training step that never waits for the host (CUDA's sync debug mode set to
-error), channels_last at conv1, a one-GPU torchrun run (NCCL, SyncBatchNorm, AMP) that resumes and
-whose checkpoint gives the same predictions on CPU, torch.compile, two processes on one GPU refused
-with the counts, and on 2+ GPUs the host waits of a DDP step with and without SyncBatchNorm."""
+error; train.ema's average too), channels_last at conv1, a one-GPU torchrun run (NCCL, SyncBatchNorm,
+AMP) that resumes and whose checkpoint gives the same predictions on CPU, torch.compile, two processes on
+one GPU refused with the counts, and on 2+ GPUs the host waits of a DDP step with and without
+SyncBatchNorm, and with train.ema."""
 
 import io
 import json
@@ -22,6 +23,7 @@ from dr_resnet.data.augment import DeviceAugment, epoch_generator
 from dr_resnet.model.heads import build_head
 from dr_resnet.model.resnet import build_resnet
 from dr_resnet.training import checkpoint
+from dr_resnet.training.components import weight_average
 from dr_resnet.training.loop import EpochTotals, Execution, ShardSampler, Trainer, evaluate
 from dr_resnet.training.runtime import Precision, native_bf16, resolve_precision
 
@@ -32,8 +34,9 @@ pytestmark = pytest.mark.gpu  # without CUDA, conftest.py skips every test so ma
 CUDA = torch.device("cuda", 0)
 
 
-def gpu_trainer(head_kind: str, dtype: torch.dtype, clip: float = 1.0) -> Trainer:
-    """The training step as train.build assembles it on CUDA: channels_last, fused SGD, fp16's scaler."""
+def gpu_trainer(head_kind: str, dtype: torch.dtype, clip: float = 1.0, ema: float = 0.0) -> Trainer:
+    """The training step as train.build assembles it on CUDA: channels_last, fused SGD, fp16's scaler,
+    train.ema's weight average (with `ema` > 0)."""
     torch.manual_seed(0)
     head = build_head(head_kind, device=CUDA)
     model = build_resnet(18, head.outputs).to(CUDA).to(memory_format=torch.channels_last)
@@ -41,7 +44,8 @@ def gpu_trainer(head_kind: str, dtype: torch.dtype, clip: float = 1.0) -> Traine
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     precision = Precision(dtype)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_scaler)
-    return Trainer(model, optimizer, scheduler, scaler, head, Execution(CUDA, precision, DeviceAugment(channels_last=True)), clip)
+    return Trainer(model, optimizer, scheduler, scaler, head, Execution(CUDA, precision, DeviceAugment(channels_last=True)), clip,
+                   ema=weight_average(model, ema))
 
 
 def pinned_batches(n: int, size: int = 128, batch: int = 16) -> list:
@@ -69,14 +73,16 @@ def test_mixed_precision_steps_have_finite_losses(dtype):
         assert trainer.scaler.get_scale() > 0
 
 
-@pytest.mark.parametrize("head_kind,dtype", [("classification", torch.bfloat16), ("regression", torch.bfloat16),
-                                             ("classification", torch.float16)], ids=["cls-bf16", "reg-bf16", "cls-fp16"])
-def test_training_steps_never_wait_for_the_host(head_kind, dtype):
+@pytest.mark.parametrize("head_kind,dtype,ema", [
+    ("classification", torch.bfloat16, 0.0), ("regression", torch.bfloat16, 0.0), ("classification", torch.float16, 0.0),
+    ("classification", torch.bfloat16, 0.999)], ids=["cls-bf16", "reg-bf16", "cls-fp16", "cls-bf16-ema"])
+def test_training_steps_never_wait_for_the_host(head_kind, dtype, ema):
+    """train.ema too (cls-bf16-ema): its average's update is foreach kernels with a count kept in Python."""
     if dtype == torch.bfloat16 and not native_bf16(CUDA):
         pytest.skip("this GPU has no native bf16")
     from tqdm import tqdm
 
-    trainer = gpu_trainer(head_kind, dtype)
+    trainer = gpu_trainer(head_kind, dtype, ema=ema)
     totals = EpochTotals(CUDA, keep_outputs=head_kind == "regression")
     trainer.run_steps(pinned_batches(3), epoch_generator(0, 0, 0, CUDA), totals)  # warm-up: cuDNN, allocator
     torch.cuda.synchronize()
@@ -87,6 +93,8 @@ def test_training_steps_never_wait_for_the_host(head_kind, dtype):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert totals.reduce(seconds=1.0)["train_images"] == 128
+    if ema:
+        assert trainer.ema.updates == 8  # the warm-up's 3 steps and the 5 watched moved the average
 
 
 def test_a_skipped_non_finite_step_is_left_out_on_the_device():
@@ -307,19 +315,20 @@ def test_a_cpu_checkpoint_resumes_on_the_gpu_in_fp16_with_skip(tiny, tmp_path):
 
 def test_host_syncs_per_step_on_two_gpus_with_and_without_sync_batchnorm(tmp_path):
     """2+ GPUs under torchrun: DDP's training step never makes the host wait without SyncBatchNorm (the
-    default from 16 images a GPU); PyTorch's SyncBatchNorm makes it wait in its forward. The counts go
-    to $GPU_OUT/host_syncs.json when make gpu-check sets it."""
+    default from 16 images a GPU), with train.ema's weight average too; PyTorch's SyncBatchNorm makes it
+    wait in its forward. The counts go to $GPU_OUT/host_syncs.json when make gpu-check sets it."""
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
     found = {}
-    for sync_bn in ("false", "true"):
-        out = tmp_path / f"{sync_bn}.json"
+    for name, sync_bn, ema in (("false", "false", "0"), ("false+ema", "false", "0.999"), ("true", "true", "0")):
+        out = tmp_path / f"{name}.json"
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                                 str(REPO / "tests" / "gpu_host_syncs.py"), "--sync-bn", sync_bn, "--out", str(out)],
-                                capture_output=True, text=True, timeout=300, cwd=REPO)
+                                 str(REPO / "tests" / "gpu_host_syncs.py"), "--sync-bn", sync_bn, "--ema", ema,
+                                 "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
         assert result.returncode == 0, result.stdout + result.stderr
-        found[sync_bn] = json.loads(out.read_text())
+        found[name] = json.loads(out.read_text())
     if os.environ.get("GPU_OUT"):
         Path(os.environ["GPU_OUT"], "host_syncs.json").write_text(json.dumps(found, indent=1))
     assert found["false"]["host_syncs"] == [0, 0]
+    assert found["false+ema"]["host_syncs"] == [0, 0] and found["false+ema"]["ema_updates"] == 8
     assert all(count > 0 for count in found["true"]["host_syncs"])

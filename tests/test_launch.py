@@ -68,8 +68,11 @@ def test_dry_run_defaults_fit_the_data_workers(tmp_path, capsys, monkeypatch):
     assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--gpus-per-node", "4", "--dry-run",
                  "--runs", "resnet18_scratch", "data.workers=6"]) == 0
     out = capsys.readouterr().out
-    assert "4 task(s), 7 CPU(s) a task, 48G a node, 4 GPU(s) a node" in out  # 4 x (6 + 6) GB
-    assert "#SBATCH --cpus-per-task=7" in out and "#SBATCH --mem=48G" in out
+    # 4 x (6 + 6 + 0.4) = 49.6 GB, rounded up: each task's fork server holds 0.4 GB of its own
+    assert "4 task(s), 7 CPU(s) a task, 50G a node, 4 GPU(s) a node" in out
+    assert "#SBATCH --cpus-per-task=7" in out and "#SBATCH --mem=50G" in out
+    assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--dry-run", "--runs", "resnet18_scratch"]) == 0
+    assert "#SBATCH --mem=15G" in capsys.readouterr().out  # one task, base.yaml's 8 workers: 6 + 8 + 0.4 = 14.4
     assert main(["--config", SWEEP, "--out", str(tmp_path / "s"), "--dry-run", "--runs", "resnet18_scratch",
                  "--cpus-per-task", "3", "--mem", "20"]) == 0
     out = capsys.readouterr().out
@@ -307,9 +310,27 @@ def test_the_batch_script_follows_the_one_requeue_policy():
     # torchrun's grace for the workers' checkpoint after the signal: the lead time less a margin, not its 30 s
     assert requeue.SHUTDOWN_LINE in (REPO / "slurm" / "train.sbatch").read_text().splitlines()
     assert 30 < requeue.SHUTDOWN_S < requeue.SIGNAL_LEAD_S
-    # The stop signal goes to the step's tasks (scancel --signal), never to srun, which would kill the step.
+    # The stop signal goes to the steps' tasks (scancel --signal, naming this array task alone), never to srun,
+    # which would kill the step.
     script = (REPO / "slurm" / "train.sbatch").read_text()
-    assert 'scancel --signal=TERM "$step"' in script and 'kill -TERM "$training"' in script.split("else")[-1]
+    assert 'scancel --signal=TERM "$JOB"' in script and 'kill -TERM "$training"' in script.split("else")[-1]
+    assert 'JOB=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}' in script
+
+
+def test_the_batch_scripts_trap_fits_in_the_signals_lead_time():
+    """USR1 comes SIGNAL_LEAD_S before the limit: the trap's every SLURM call is cut off after SLURM_CALL_S,
+    so that the calls and torchrun's SHUTDOWN_S for the checkpoint end before it, with seconds to spare."""
+    import re
+
+    from launch import requeue
+
+    script = (REPO / "slurm" / "train.sbatch").read_text()
+    assert requeue.SLURM_CALL_LINE in script.splitlines()
+    trap = script[script.index("requeue() {"):script.index("trap requeue USR1")]
+    calls = re.findall(r'(timeout "\$SLURM_CALL_S" )?\b(squeue|scancel|scontrol)\b', re.sub(r'echo "[^"]*"', "", trap))
+    assert sorted(name for _, name in calls) == ["scancel", "scontrol", "squeue"]
+    assert all(bounded for bounded, _ in calls) and len(calls) == requeue.TRAP_CALLS, calls
+    assert requeue.SIGNAL_LEAD_S - requeue.SHUTDOWN_S - requeue.TRAP_CALLS * requeue.SLURM_CALL_S == requeue.SPARE_S >= 5
 
 
 def test_the_batch_scripts_cpus_are_one_gpus_as_launch_sweep_counts_them():

@@ -1,4 +1,6 @@
 import csv
+import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -6,8 +8,22 @@ from PIL import Image
 
 from dr_resnet.data.dataset import RetinopathyDataset
 from dr_resnet.data.formats import DatasetError, read_split
-from dr_resnet.data.preprocess import SKIPPED_FILE, Settings, crop_square, main, preprocess, retina_box
+from dr_resnet.data.preprocess import (
+    SKIPPED_FILE,
+    VERSION,
+    Settings,
+    crop_square,
+    cut_square,
+    main,
+    preprocess,
+    read_settings,
+    retina_box,
+    retina_square,
+)
+from dr_resnet.data.recipe import Recipe
 from dr_resnet.data.synthetic import generate
+
+from helpers import REPO
 
 SIZE = 40
 
@@ -78,6 +94,76 @@ def test_large_jpeg_uses_reduced_decode_and_matches_full_decode(tmp_path):
     assert np.abs(fast - full).mean() < 2
 
 
+def test_odd_sized_jpeg_is_decoded_at_the_reduction_chosen(tmp_path):
+    """1601 x 1201 pixels for a 64-px crop: decoded at 1/8 (PIL's draft, asked for the ceiling of a side
+    over 8, fell back to 1/4), and the crop is still the full decode's."""
+    Image.fromarray(fundus(width=1601, height=1201, cx=800, cy=600, radius=560, noise=4)).save(tmp_path / "odd.jpeg")
+    image, square = retina_square(tmp_path / "odd.jpeg", Settings(size=64))
+    assert image.size == (201, 151) and (square[2] - square[0]) * image.width >= 64
+    full = Image.open(tmp_path / "odd.jpeg").convert("RGB")
+    reduced = np.asarray(cut_square(image, square, 64), dtype=int)
+    assert np.abs(reduced - np.asarray(cut_square(full, square, 64), dtype=int)).mean() < 2
+
+
+def _bench_module():
+    """bench/preprocess_speed.py: its full-size synthetic photos, its decode counter, and the two-decode path
+    of preprocess version 1 that it times the one decode against."""
+    spec = importlib.util.spec_from_file_location("preprocess_speed", REPO / "bench" / "preprocess_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def full_size(tmp_path_factory):
+    """Full-size JPEGs: three whose retina spans the short side (as EyePACS photos' do), and one of odd size
+    (3884 x 2588) whose retina spans about 1700 of its 2588 rows (a photo on a larger black canvas)."""
+    bench = _bench_module()
+    folder = tmp_path_factory.mktemp("full_size")
+    photos = {}
+    for index, (width, height) in ((0, (3888, 2592)), (2, (3216, 2136)), (8, (3456, 2304))):
+        photos[f"{width}x{height}"] = folder / f"{width}x{height}.jpeg"
+        bench.full_size_photo(index, width, height).save(photos[f"{width}x{height}"], quality=89)
+    canvas = Image.new("RGB", (3884, 2588))
+    canvas.paste(bench.full_size_photo(3, 2400, 1700), (700, 444))
+    photos["small retina"] = folder / "3884x2588.jpeg"
+    canvas.save(photos["small retina"], quality=89)
+    return bench, photos
+
+
+def test_one_decode_serves_locating_and_cropping_and_crops_as_two_did(full_size):
+    """One decode for a photo whose retina spans the short side, a second, finer one only for a smaller
+    retina; the image cropped is at the coarsest reduction that keeps `size` pixels across the retina (the
+    3456 x 2304 photo's retina needs only 1/4, but 80% of its short side needs 1/2: decoded at 1/2, reduced
+    in memory), so the crop never enlarges and costs no more to resize than before; and it is the two-decode
+    path's crop: the box within 8 full-size pixels (one pixel of that path's 1/8 locating decode, the
+    precision it had: under 2.5 output pixels for these retinas), the output within 1.5 grey levels on
+    average (a box a pixel off moves the disc's rim and the vessels' edges, not the picture), and no
+    further from a crop of the full-size decode than that path's was. (On the odd-sized photo that path
+    decoded at 1/4, where PIL's draft had fallen back to a finer scale when the retina was located, and
+    enlarged its crop: it is compared with the full-size decode only.)"""
+    bench, photos = full_size
+    settings = Settings(size=512)
+    for name, decodes, scale in (("3888x2592", 1, 4), ("3216x2136", 1, 2), ("3456x2304", 1, 4), ("small retina", 2, 2)):
+        path = photos[name]
+        with bench.DecodeCounter() as counter:
+            image, square = retina_square(path, settings)
+        full = Image.open(path).convert("RGB")
+        assert counter.count == decodes, name
+        assert image.size == (-(-full.width // scale), -(-full.height // scale)), name
+        assert settings.size <= (square[2] - square[0]) * image.width < 2 * settings.size or scale == 8, name
+        before_image, before = bench.two_decode_square(path, settings)
+        box_shift = bench.box_in_full_pixels(square, full.size) - bench.box_in_full_pixels(before, full.size)
+        assert np.abs(box_shift).max() <= 8, (name, box_shift)
+        now = np.asarray(cut_square(image, square, settings.size), dtype=float)
+        then = np.asarray(cut_square(before_image, before, settings.size), dtype=float)
+        if name != "small retina":
+            assert np.abs(now - then).mean() < 1.5, name
+        now_error = np.abs(now - np.asarray(cut_square(full, square, settings.size))).mean()
+        then_error = np.abs(then - np.asarray(cut_square(full, before, settings.size))).mean()
+        assert now_error < 1 and now_error <= then_error + 0.05, (name, now_error, then_error)
+
+
 @pytest.fixture
 def raw(tmp_path):
     return generate(tmp_path / "raw", {"train": 10, "test": 5}, seed=1, fmt="kaggle", size=96, progress=False)
@@ -119,13 +205,38 @@ def _break(raw):
     return names[1], names[3], test_name
 
 
-def test_settings_from_an_older_version_still_match(raw, tmp_path):
+def test_a_folder_of_version_1_is_still_read_but_not_added_to(raw, tmp_path, capsys):
+    """A folder preprocess wrote before it recorded a version (nor --normalize): training and predict read
+    its settings as before, but preprocess adds no crop of another version to it."""
     dst = tmp_path / "out"
     preprocess(raw, dst, Settings(size=SIZE), progress=False)
     (dst / "preprocess.json").write_text('{"size": 40, "threshold": 10, "quality": 95}\n')  # before --normalize
-    preprocess(raw, dst, Settings(size=SIZE), progress=False)  # the same settings: accepted
-    with pytest.raises(DatasetError, match="'normalize': 'none'"):
-        preprocess(raw, dst, Settings(size=SIZE, normalize="graham"), progress=False)
+    assert read_settings(dst) == Settings(size=SIZE) and Recipe.of_data(dst, 32).preprocess == Settings(size=SIZE)
+    assert len(RetinopathyDataset(dst, "train")) == 10
+    missing = read_split(dst, "train").paths[0]
+    missing.unlink()
+    assert main(["--src", str(raw), "--dst", str(dst), "--size", str(SIZE), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{dst / 'preprocess.json'}: {dst} holds crops of preprocess version 1" in err
+    assert f"this is version {VERSION}: use another --dst, or --overwrite to redo every image" in err
+    assert not missing.exists()  # nothing was added
+
+
+def test_the_version_is_recorded_and_overwrite_redoes_every_image(raw, tmp_path):
+    dst = tmp_path / "out"
+    preprocess(raw, dst, Settings(size=SIZE), progress=False)
+    manifest = json.loads((dst / "preprocess.json").read_text())
+    assert manifest["version"] == VERSION == 2
+    (dst / "preprocess.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(DatasetError, match="holds crops of preprocess version 1"):
+        preprocess(raw, dst, Settings(size=SIZE), progress=False)
+    done = read_split(dst, "train").paths + read_split(dst, "test").paths
+    stamps = {p: p.stat().st_mtime_ns for p in done}
+    preprocess(raw, dst, Settings(size=SIZE), overwrite=True, progress=False)
+    assert all(p.stat().st_mtime_ns != stamps[p] for p in done)  # every image redone
+    assert json.loads((dst / "preprocess.json").read_text())["version"] == VERSION
+    preprocess(raw, dst, Settings(size=SIZE), progress=False)  # this version's folder: accepted
+    assert read_settings(dst) == Settings(size=SIZE)
 
 
 def test_bad_images_are_an_error_naming_each_file(raw, tmp_path):

@@ -100,10 +100,11 @@ def test_four_runs(sweep, tmp_path):
         assert row["selected_acc_95ci"].startswith(f"{chosen['test_acc']:.3f} (") and row["ci_resampled"] == "patients"
         held_out = f"{chosen['val_qwk']:.4f}" if arm == "resnet18_scratch" else "-"  # only it held images out
         assert row["held_out_qwk"] == ("" if held_out == "-" else str(chosen["val_qwk"]))
-        assert (f"| {arm} | {ARMS[arm][0]} | {ARMS[arm][1]} | done | 2/2 | {row['selected_by']} | {row['selected_epoch']} | "
-                f"{held_out} | {row['collapsed']} | {chosen['test_acc']:.4f} | {chosen['test_qwk']:.4f} | "
+        # results.md shows the page's columns (results.csv every one): lines a reader can follow at 200 runs
+        assert (f"| {arm} | done | 2/2 | {row['selected_by']} | {row['selected_epoch']} | "
+                f"{held_out} | {row['collapsed']} | "
                 f"{row['selected_acc_95ci']} | {row['selected_qwk_95ci']} | {row['selected_auc_95ci']} | patients | "
-                f"{chosen['test_ece']:.4f} | - |") in (out / "results.md").read_text()
+                f"{chosen['test_ece']:.4f} | {row['recall_at_selected']} |") in (out / "results.md").read_text()
     # The four arms make 4 comparisons at each of 2 epochs. One seed a side: the test set's interval alone, no
     # verdict, outside every family: no family is left to correct.
     from dr_resnet.results.stats import ONE_SEED
@@ -419,13 +420,14 @@ def test_report_html_loads_in_a_real_browser_with_its_tables_and_figures(runs, t
     assert 'id="comparisons"' in dom.stdout and "(95% CI)" in dom.stdout
     assert "Uncaught" not in dom.stderr and "CONSOLE" not in dom.stderr  # no script error, no failed load
     shot = tmp_path / "shot.png"
-    # Tall enough for the tables above the figures (the results table, the comparisons and their notes).
-    result = chromium(f"--screenshot={shot}", "--window-size=1280,3600", "--hide-scrollbars", page.as_uri())
+    # Tall enough for the tables above the figures (the answer, the comparisons, every run's row and their notes).
+    result = chromium(f"--screenshot={shot}", "--window-size=1280,7000", "--hide-scrollbars", page.as_uri())
     assert result.returncode == 0 and shot.is_file(), result.stderr
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
-    assert pixels.shape[:2] == (3600, 1280)
+    assert pixels.shape[:2] == (7000, 1280)
     top, rest = pixels[:500], pixels[500:]
-    assert (top.sum(axis=2) < 200).sum() > 2000  # the title and the results table: dark text on white
+    assert (top.sum(axis=2) < 200).sum() > 2000  # the title and the answer: dark text on white
+    assert text.index('id="answer"') < text.index('id="comparisons"') < text.index('id="results"')  # the answer first
     colourful = (rest.max(axis=2) - rest.min(axis=2)) > 100  # the figures' coloured curves, matrices, heat maps
     assert colourful.sum() > 5_000  # (about 12,000 here: the figures at 100 dpi, the matrices in a compact grid)
 
@@ -552,3 +554,71 @@ def test_families_count_every_planned_member_but_one_seed_comparisons_and_an_und
     flat = [made("flat", 0.0, 0.0, 2)]
     declare_families(flat)
     assert flat[0]["qwk"]["verdict"].startswith("cannot be judged: no spread") and "detectable" not in flat[0]["qwk"]
+
+
+def grid_run(source: Path, target: Path, depth: int, weights: str, seed: int, lr: float, held_out_qwk: float,
+             shuffle: int) -> Path:
+    """A copy of a run that held images out, presented as one trial of a grid over train.lr: its config's depth,
+    weights, seed and learning rate set, every epoch's held-out QWK set to `held_out_qwk` (so its selected epoch
+    is the first), and its test grades redrawn (seeded by `shuffle`) so that arms differ."""
+    import yaml
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.pt"))
+    cfg = yaml.safe_load((target / "config.yaml").read_text())
+    cfg["model"].update(depth=depth, weights=weights)
+    cfg["train"].update(seed=seed, lr=lr)
+    (target / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = rows_of(target)
+    (target / "metrics.jsonl").write_text("".join(json.dumps({**r, "val_qwk": held_out_qwk}) + "\n" for r in rows))
+    lines = (target / "predictions.csv").read_text().splitlines()
+    rng = np.random.default_rng(shuffle)
+    redrawn = [lines[0]] + [",".join([*cells[:4], str(rng.integers(0, 5)), *cells[5:]])
+                            for cells in (line.split(",") for line in lines[1:])]
+    (target / "predictions.csv").write_text("\n".join(redrawn) + "\n")
+    return target
+
+
+def test_a_searched_grid_is_answered_by_its_held_out_choice_and_winners_meet_winners(sweep, tmp_path):
+    """A grid over a searched learning rate (sweep.json names it): each arm's answer is the rate its held-out score
+    prefers (not the one test prefers), the answer leads results.md, and only the winners are compared: no pair of
+    rates within an arm, no family along the searched key."""
+    from dr_resnet.results.arms import find_runs, group_arms
+    from dr_resnet.results.predictions import read_predictions
+
+    grid = tmp_path / "grid"
+    source = sweep / "resnet18_scratch"  # held out a quarter of its training images
+    held_out = {("imagenet", 0.01): 0.3, ("imagenet", 0.1): 0.6, ("none", 0.01): 0.5, ("none", 0.1): 0.2}
+    shuffle = 0
+    for (weights, lr), score in held_out.items():
+        for seed in (0, 1):
+            shuffle += 1
+            grid_run(source, grid / f"{weights}-lr{lr}" / f"seed{seed}", 18, weights, seed, lr, score + seed / 100, shuffle)
+    (grid / "sweep.json").write_text(json.dumps({"searched": ["train.lr"]}))
+    assert len(group_arms(find_runs(grid))) == 4  # two arms x two rates, before the answer chooses
+    out = tmp_path / "out"
+    report(grid, out)
+    md = (out / "results.md").read_text()
+    assert md.startswith("# Answer\n")
+    answer = md.split("## ")[0]
+    rows = [line for line in answer.splitlines() if line.startswith("| resnet18")]
+    assert [(r.split(" | ")[0].split(" (")[0], r.split(" | ")[1]) for r in rows] == [
+        ("| resnet18 pretrained", "held-out choice among 2 settings of train.lr (train.lr=0.1)"),
+        ("| resnet18 scratch", "held-out choice among 2 settings of train.lr (train.lr=0.01)")]
+    assert rows[0].split(" | ")[2] == "0.605 (held-out qwk)"  # the mean over its two seeds of the score that chose
+    assert rows[0].split(" | ")[-2] == "4"  # runs behind it: 2 rates x 2 seeds
+    comparisons = comparisons_of(out)
+    assert [(c["comparison"], c["epoch"]) for c in comparisons] == [("pretraining at ResNet18", "selected"),
+                                                                     ("pretraining at ResNet18", "final")]
+    chosen = comparisons[0]
+    assert chosen["family"] == "the question" and chosen["seeds"] == [0, 1]
+    # The pretrained side is the lr 0.1 trial's seeds: its QWK is theirs.
+    from sklearn.metrics import cohen_kappa_score
+    expected = np.mean([cohen_kappa_score(p.labels, p.grades, weights="quadratic") for p in
+                        (read_predictions(grid / "imagenet-lr0.1" / f"seed{s}" / "predictions.csv") for s in (0, 1))])
+    assert chosen["qwk"]["a"] == pytest.approx(expected)
+    assert "## The question: comparisons with a verdict" in md
+    assert "| resnet18 pretrained - resnet18 scratch | " in md.split("## The question")[1].split("\n## ")[0]
+    # The searched key's curve still shows every rate, the held-out choice ringed and marked in its table.
+    scores = md.split("## Scores along train.lr")[1].split("\n## ")[0]
+    assert scores.count(" | chosen |") == 2 and (out / "factor_train_lr.png").is_file()
+    assert "## Along train.lr" not in md  # no comparisons at each searched value

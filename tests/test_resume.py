@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dr_resnet.training import checkpoint
+from dr_resnet.training import checkpoint, train
 from dr_resnet.training.train import main
 
 from helpers import (
@@ -123,6 +123,32 @@ def test_sigterm_stops_mid_epoch_and_the_resumed_run_is_bitwise_a_straight_one(d
 
 
 @pytest.mark.slow
+def test_with_train_ema_a_run_stopped_mid_epoch_resumes_bitwise_average_included(data, tmp_path):
+    """The weight average and its count of updates (a Python int while training) are saved mid-epoch and go
+    on exactly: the resumed run's average equals the straight run's, tensor for tensor."""
+    ema = ("train.ema=0.9", "train.checkpoint_every_minutes=0")
+    (tmp_path / "straight").mkdir()
+    reference = straight(data, tmp_path / "straight", "train.ema=0.9")
+    run_dir, log = tmp_path / "run", tmp_path / "first.log"
+    agent = start(2, args(data, run_dir, *ema), log)
+    wait_for_line(log, "epoch 1/2  train loss")
+    wait_for_line(log, "epoch 2/2:")
+    os.kill(agent.pid, signal.SIGTERM)
+    agent.wait(timeout=120)
+    stopped = checkpoint.load(run_dir / "checkpoint_last.pt")
+    position = stopped["position"]
+    assert position["epoch"] == 1 and 0 < position["step"] < position["steps"] == 10, log.read_text()[-3000:]
+    assert int(stopped["ema"]["n_averaged"]) == 10 + position["step"]  # one update after every step so far
+
+    finish(start(2, args(data, run_dir, *ema), tmp_path / "second.log"), tmp_path / "second.log")
+    assert_bitwise_equal_runs(reference, run_dir)  # the average too (helpers.assert_same_training_state)
+    final = checkpoint.load(run_dir / "checkpoint_last.pt")
+    assert int(final["ema"]["n_averaged"]) == 20
+    counts = {k: v for k, v in final["model"].items() if not v.is_floating_point()}  # BatchNorm's batches seen
+    assert counts and all(torch.equal(final["ema"][f"module.{k}"], v) for k, v in counts.items())  # copied, not averaged
+
+
+@pytest.mark.slow
 def test_killed_at_random_moments_it_ends_bitwise_a_straight_run(data, straight_balanced, tmp_path):
     """kill -9 of every process (agent, training processes, data workers), three times, with a checkpoint
     after every step: whatever was being written, the run continues from the last complete checkpoint."""
@@ -147,13 +173,26 @@ def test_killed_at_random_moments_it_ends_bitwise_a_straight_run(data, straight_
     assert not list(run_dir.glob(".*.tmp"))
 
 
-def test_damaged_checkpoints_fall_back_to_the_previous_one_or_say_what_to_delete(data, tmp_path, capfd):
+def test_damaged_checkpoints_fall_back_to_the_previous_one_or_say_what_to_delete(data, tmp_path, capfd, monkeypatch):
     run_dir = tmp_path / "run"
     one = ["data.workers=0", "train.batch_size=8"]
     assert main(args(data, run_dir, *one, "train.epochs=1")) == 0
     assert not (run_dir / "checkpoint_prev.pt").exists()
-    assert main(args(data, run_dir, *one, "train.epochs=2")) == 0
-    assert checkpoint.load(run_dir / "checkpoint_prev.pt")["epoch"] == 1
+    # Extended by an epoch, it keeps epoch 1's checkpoint as checkpoint_prev.pt while it trains, and drops it
+    # once it has finished (checkpoint_last.pt stays: extending the run needs it).
+    epoch_1 = tmp_path / "epoch1.pt"
+    with monkeypatch.context() as patch:
+        real = train.finish
+
+        def finish(run, tracker):
+            shutil.copyfile(run.run_dir / "checkpoint_prev.pt", epoch_1)
+            return real(run, tracker)
+        patch.setattr(train, "finish", finish)
+        assert main(args(data, run_dir, *one, "train.epochs=2")) == 0
+    assert checkpoint.load(epoch_1)["epoch"] == 1
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_best.pt", "checkpoint_last.pt"]
+    # A run stopped after epoch 2 of more (preempted between epochs) holds both, and a damaged last one...
+    shutil.copyfile(epoch_1, run_dir / "checkpoint_prev.pt")
     last = run_dir / "checkpoint_last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a disk that lost the end of the file
     capfd.readouterr()

@@ -16,7 +16,7 @@ from dr_resnet.config import ConfigError
 from dr_resnet.data.augment import DeviceAugment, epoch_generator
 from dr_resnet.model.heads import build_head
 from dr_resnet.model.resnet import build_resnet
-from dr_resnet.training import checkpoint, distributed
+from dr_resnet.training import checkpoint, components, distributed
 from dr_resnet.training.distributed import (
     LaunchEnv,
     choose_gloo_interface,
@@ -161,7 +161,7 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def tiny_trainer(head_kind: str, channels_last: bool = False, clip: float = 1.0) -> Trainer:
+def tiny_trainer(head_kind: str, channels_last: bool = False, clip: float = 1.0, ema: float = 0.0) -> Trainer:
     torch.manual_seed(0)
     head = build_head(head_kind, torch.ones(5))
     model = build_resnet(18, head.outputs)
@@ -170,7 +170,8 @@ def tiny_trainer(head_kind: str, channels_last: bool = False, clip: float = 1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return Trainer(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), head,
-                   Execution(torch.device("cpu"), Precision(), DeviceAugment(channels_last=channels_last)), clip)
+                   Execution(torch.device("cpu"), Precision(), DeviceAugment(channels_last=channels_last)), clip,
+                   ema=components.weight_average(model, ema))  # train.ema as train.build makes it
 
 
 def batches(n: int, size: int = 32) -> list:
@@ -179,14 +180,18 @@ def batches(n: int, size: int = 32) -> list:
              torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("head_kind", ["classification", "regression"])
-def test_training_steps_read_nothing_back_and_build_no_tensor_from_host_numbers(head_kind):
-    trainer = tiny_trainer(head_kind)
+@pytest.mark.parametrize("head_kind,ema", [("classification", 0.0), ("regression", 0.0), ("classification", 0.9)],
+                         ids=["classification", "regression", "train.ema"])
+def test_training_steps_read_nothing_back_and_build_no_tensor_from_host_numbers(head_kind, ema):
+    """train.ema too: torch's AveragedModel, which it used before, read its count back twice a step."""
+    trainer = tiny_trainer(head_kind, ema=ema)
     totals = EpochTotals(torch.device("cpu"), keep_outputs=True)
     trainer.run_steps(batches(1), epoch_generator(0, 0, 0), totals)  # first-call set-up (constants) aside
     with HostReads() as reads:
         trainer.run_steps(batches(3), epoch_generator(0, 1, 0), totals)
     assert reads.seen == Counter(), reads.seen
+    if ema:
+        assert trainer.ema.updates == 4  # every step moved the average
     stats = totals.reduce(seconds=1.0)  # the once-an-epoch reduction is where values come back
     assert stats["train_images"] == 16 and len(stats["outputs"]) == 16 and 0 <= stats["train_acc"] <= 1
 

@@ -169,7 +169,7 @@ def test_sbatch_script_runs_two_nodes_and_requeues_on_usr1(cluster, data, tmp_pa
         time.sleep(1)
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert "USR1: the time limit is near; requeueing" in log and "(restart 1)" in log and "resumed" in log
-    assert re.search(rf"SIGTERM to the tasks of job step {job_id}\.\d+\n", log)  # the training step (after staging's)
+    assert re.search(rf"SIGTERM to the tasks of job {job_id}'s steps: {job_id}\.\d+\n", log)  # training's (staging's ended)
     # data.stage_to: staged in a step of its own, one task a node (both emulated nodes share this disk: one
     # copies, the other waits on the lock and reuses it), which the training step's leaders find recorded
     # without listing the source again; the requeued leg finds it unchanged.
@@ -183,6 +183,46 @@ def test_sbatch_script_runs_two_nodes_and_requeues_on_usr1(cluster, data, tmp_pa
     assert epochs_logged(run_dir) == [1, 2, 3, 4]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["num_test_samples"] == 9
+
+
+def test_an_array_task_of_the_batch_script_alone_checkpoints_and_requeues_on_usr1(cluster, data, tmp_path):
+    """sbatch --array=0-1 slurm/train.sbatch: USR1 to the batch shell of the task that keeps the array's id as
+    its SLURM_JOB_ID (an id that also names the other task): that task's steps get SIGTERM (srun would have
+    killed them), its leg ends with a checkpoint written on the signal, and it alone is requeued and resumes
+    exactly there; the other task is never signalled, never requeued, and trains to its end."""
+    import re
+
+    env = {**os.environ, "PYTHON": sys.executable, "NPROC_PER_NODE": "1", "PYTHONPATH": str(REPO)}
+    array_id = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", "--nodes", "1", "--cpus-per-task", "1", "--chdir", str(tmp_path),
+         "--output", str(tmp_path / "slurm-%A_%a.out"), str(SCRIPTS[0]), "--config", str(REPO / "configs" / "demo.yaml"),
+         f"data.root={data}", *TINY, "train.epochs=4", "output.dir="],
+        env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    # With no output.dir, each task trains in runs/demo-<its SLURM_JOB_ID>, the same folder after a requeue.
+    wait_for_file(tmp_path / "runs" / f"demo-{array_id}" / "checkpoint_last.pt", 300)
+    tasks = dict(line.split("|") for line in subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", array_id, "-o", "JobIDRaw,JobID"], capture_output=True, text=True,
+        check=True).stdout.split())
+    signalled = tasks[array_id]  # e.g. 1234_1: the task whose SLURM_JOB_ID is the array's
+    other = f"{array_id}_{1 - int(signalled.split('_')[1])}"
+    subprocess.run(["scancel", "--signal=USR1", "--batch", signalled], check=True)  # what --signal=B:USR1@120 sends
+    deadline = time.monotonic() + 300
+    while {job_state(signalled), job_state(other)} != {"COMPLETED"}:
+        assert time.monotonic() < deadline
+        assert not {job_state(signalled), job_state(other)} & {"FAILED", "CANCELLED", "TIMEOUT"}
+        time.sleep(1)
+    log, other_log = ((tmp_path / f"slurm-{task}.out").read_text() for task in (signalled, other))
+    stopped = re.search(r"stopped by SIGTERM (in epoch \d+ after step \d+ of \d+|after epoch \d+);", log)
+    assert stopped, log[-3000:]  # the leg wrote its checkpoint on the signal, at a step boundary...
+    assert "forcing job termination" not in log and "Killed" not in log  # (srun answers SIGTERM with SIGKILL)
+    assert re.search(r"resumed \S+checkpoint_last\.pt " + stopped.group(1), log), log[-3000:]  # ...and went on there
+    assert f"USR1: the time limit is near; requeueing job {signalled} " in log and "(restart 1)" in log
+    assert re.search(rf"SIGTERM to the tasks of job {signalled}'s steps: {signalled}\.\d+\n", log), log[-3000:]
+    # The other task: no signal, no requeue, every epoch in its first leg.
+    assert "(restart 0)" in other_log and "(restart 1)" not in other_log, other_log[-3000:]
+    assert not re.search("USR1|SIGTERM|stopped by|resumed|forcing job termination|CANCELLED", other_log), other_log[-3000:]
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(epochs_logged(run) == [1, 2, 3, 4] for run in runs)
 
 
 def test_a_process_started_in_the_batch_script_runs_alone(cluster, data, tmp_path):

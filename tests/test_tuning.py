@@ -502,7 +502,8 @@ def test_a_grid_over_train_length_refuses_two_values_with_one_schedule(tmp_path,
 @pytest.mark.slow
 def test_two_phase_sweep_runs_each_winner_on_the_seeds_and_resumes_without_rerunning(tmp_path, capsys):
     """--tune 2 --seeds 0,1 on the local executor: 2 trials an arm on seed 0, the held-out winner's exact
-    settings on both seeds, the report; run again after losing one phase-2 run, only that run trains."""
+    settings on both seeds, the report; with --keep-checkpoints winners, the losing trials' checkpoints
+    deleted; run again after losing one phase-2 run, only that run trains."""
     from launch.sweep import main
 
     from helpers import preprocessed_dataset
@@ -516,7 +517,7 @@ def test_two_phase_sweep_runs_each_winner_on_the_seeds_and_resumes_without_rerun
     args = ["--config", str(sweep_file), "--executor", "local", "--parallel", "2", "--tune", "2", "--seeds", "0,1",
             "--out", str(tmp_path / "sweep"), f"data.root={data}", "data.image_size=32", "train.epochs=2",
             "train.batch_size=8", "data.workers=0", "train.warmup_epochs=0", "data.val_fraction=0.2",
-            "data.min_val_images=5"]
+            "data.min_val_images=5", "--keep-checkpoints", "winners"]
     assert main(args) == 0
     out = capsys.readouterr().out
     sweep = tmp_path / "sweep"
@@ -532,7 +533,13 @@ def test_two_phase_sweep_runs_each_winner_on_the_seeds_and_resumes_without_rerun
             assert saved["train"]["lr"] == best["values"]["train.lr"] and saved["train"]["seed"] == seed
             assert saved["wandb"]["trial"] == "train.lr"
             assert (run / "summary.json").is_file()
+            assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_best.pt", "checkpoint_last.pt"]
         assert f"{arm}: winner {best['trial']}" in out
+        for trial in entry["trials"]:  # the winner keeps its checkpoints; the loser, its summary and a note
+            kept = sorted(p.name for p in (sweep / "tune" / arm / trial["trial"]).glob("checkpoint*"))
+            won = trial["trial"] == best["trial"]
+            assert kept == (["checkpoint_best.pt", "checkpoint_last.pt"] if won else ["checkpoints_pruned.txt"])
+    assert "the checkpoints of 2 losing run(s) deleted (0 pruned earlier" in out
     results = (sweep / "results.md").read_text()
     assert "Tuning (phase 1 of --tune) and the best held-out score of k trials" in results  # the table's title now
     assert (sweep / "expected_best.png").is_file()
@@ -547,6 +554,7 @@ def test_two_phase_sweep_runs_each_winner_on_the_seeds_and_resumes_without_rerun
     assert main(args) == 0
     again = capsys.readouterr().out
     assert again.count("finished earlier") == 7  # 4 trials and 3 phase-2 runs
+    assert "0.0 MB freed, the checkpoints of 0 losing run(s) deleted (2 pruned earlier" in again
     assert {p: len(LAUNCH_LINE.findall(p.read_text())) for p in sweep.rglob("train.log")} == launches
     assert (lost / "summary.json").is_file()
 
@@ -761,3 +769,119 @@ def test_tune_over_a_searched_grid_without_a_search_block_and_never_without_fres
     assert "--tune 2 needs --seeds" in capsys.readouterr().err
     assert main([a for a in args if a not in ("--searched", "train.lr")] + ["--tune", "2", "--seeds", "1"]) == 2
     assert "--tune with the grid factor(s) train.lr" in capsys.readouterr().err
+
+
+# -- --keep-checkpoints winners: the losers' checkpoints pruned once the winners are chosen ---------------
+
+@pytest.fixture(scope="module")
+def trained_trial(tmp_path_factory) -> tuple[Path, Path]:
+    """(the dataset, one real trial run: ResNet18, one epoch, a held-out part), copied below as every trial
+    and run of a tuned sweep."""
+    from dr_resnet.training.train import main
+
+    from helpers import demo_args, preprocessed_dataset
+
+    base = tmp_path_factory.mktemp("prune")
+    data = preprocessed_dataset(base, 40, 13, seed=5, size=48)
+    assert main(demo_args(data, base / "run", *TRIAL_ARGS, epochs=1, workers=0)) == 0
+    return data, base / "run"
+
+
+TRIAL_ARGS = ("model.depth=18", "data.val_fraction=0.25", "data.min_val_images=5")
+
+
+def trial_copy(run: Path, folder: Path, held_out: float | None = None) -> Path:
+    """A copy of the trained run in `folder`, its held-out QWK set to `held_out` (the tune's ranking)."""
+    import shutil
+
+    shutil.copytree(run, folder)
+    if held_out is not None:
+        rows = [{**json.loads(line), "val_qwk": held_out} for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_keep_checkpoints_winners_deletes_the_losers_checkpoints_and_nothing_else(trained_trial, tmp_path, capfd):
+    """After the choice: every checkpoint file of the losing finished runs (phase 1's other trials, an earlier
+    winner's runs on every seed) goes, with a note in each folder and one line of the space freed; the
+    winner's, the phase-2 runs' and an unfinished trial's stay (the next launch resumes it). The report still
+    builds, and says which galleries cannot be drawn; training in a pruned folder stops in one line instead
+    of starting over, and evaluate says why the checkpoint is gone."""
+    from dr_resnet.evaluate import main as evaluate
+    from dr_resnet.results.report import report
+    from dr_resnet.training.train import main as train
+    from launch.pruning import prune_losers, size_text
+
+    from helpers import demo_args
+
+    data, run = trained_trial
+    out = tmp_path / "sweep"
+    tune = out / "tune" / "r18"
+    scores = {"t00-lr0.01": 0.3, "t01-lr0.1": 0.8, "t02-lr1": 0.5}
+    for name, score in scores.items():
+        trial_copy(run, tune / name, score)
+    stopped = trial_copy(run, tune / "t03-lr3")  # stopped in its first epoch: a checkpoint, no epoch logged yet
+    (stopped / "metrics.jsonl").unlink()
+    (stopped / "summary.json").unlink()
+    earlier = [trial_copy(run, out / "superseded" / "r18" / "t00-lr0.01" / f"seed{k}") for k in (1, 2)]
+    final = trial_copy(run, out / "r18" / "t01-lr0.1" / "seed1")  # phase 2 of the winner
+    choice = tuning.choose(out / "tune", {"r18": {n: {"train.lr": n.rsplit("lr", 1)[1]} for n in [*scores, "t03-lr3"]}})
+    (out / tuning.TUNING_FILE).write_text(json.dumps(choice))
+    assert choice["arms"]["r18"]["winner"]["trial"] == "t01-lr0.1"
+    before = {p: p.stat().st_size for p in out.rglob("checkpoint_*.pt")}
+    files_of = {p.parent: sorted(f.name for f in p.parent.iterdir()) for p in out.rglob("config.yaml")}
+
+    line = prune_losers(out, choice, on="2026-12-08")
+    losers = [tune / "t00-lr0.01", tune / "t02-lr1", *earlier]
+    gone = set(before) - set(out.rglob("checkpoint_*.pt"))
+    assert gone == {d / name for d in losers for name in ("checkpoint_last.pt", "checkpoint_best.pt")}
+    freed = sum(before[p] for p in gone)
+    assert line == (f"--keep-checkpoints winners: {size_text(freed)} freed, the checkpoints of 4 losing run(s) deleted "
+                    f"(0 pruned earlier; their summaries, logs and predictions stay, and a note, checkpoints_pruned.txt); "
+                    f"1 unfinished kept theirs (the next launch resumes them)")
+    for folder in losers:
+        assert (folder / "checkpoints_pruned.txt").read_text() == (
+            f"checkpoints pruned by --keep-checkpoints winners on 2026-12-08 (checkpoint_last.pt, checkpoint_best.pt: "
+            f"{size_text(freed // 4)})\n")
+    for folder, names in files_of.items():  # every other file of every run is still there
+        assert sorted(f.name for f in folder.iterdir() if f.name != "checkpoints_pruned.txt") == \
+            [n for n in names if not (folder in losers and n.startswith("checkpoint_"))]
+    assert {p for p in before if p not in gone} == {d / n for d in (tune / "t01-lr0.1", stopped, final)
+                                                    for n in ("checkpoint_last.pt", "checkpoint_best.pt")}
+    assert prune_losers(out, choice).startswith("--keep-checkpoints winners: 0.0 MB freed, the checkpoints of 0 losing "
+                                                "run(s) deleted (4 pruned earlier")
+
+    # The report builds from the pruned sweep (tuning.json, the phase-2 run) and from the pruned runs alone.
+    assert (out / "results.md") in report(out)
+    assert "Tuning (phase 1 of --tune)" in (out / "results.md").read_text()
+    capfd.readouterr()
+    report(out / "superseded", gallery=True)
+    err = capfd.readouterr().err
+    for folder in earlier:
+        assert (f"r18/t00-lr0.01/{folder.name}: no gallery: {folder / 'checkpoint_best.pt'} is gone: checkpoints "
+                f"pruned by --keep-checkpoints winners on 2026-12-08") in err
+
+    # Training in a pruned folder stops in one line, trains nothing; evaluate names why the file is gone.
+    loser = tune / "t00-lr0.01"
+    logged = (loser / "metrics.jsonl").read_text()
+    capfd.readouterr()
+    assert train(demo_args(data, loser, *TRIAL_ARGS, epochs=2, workers=0)) == 2
+    err = capfd.readouterr().err
+    assert (f"{loser}: checkpoints pruned by --keep-checkpoints winners on 2026-12-08 (checkpoint_last.pt, "
+            f"checkpoint_best.pt: {size_text(freed // 4)}), so the run cannot resume, and it is not trained again from "
+            f"scratch in place: set output.dir (or launch.sweep's --out) to another folder, or delete {loser} to train "
+            f"it there anew") in err
+    assert "Traceback" not in err and "epoch 1/2" not in err
+    assert (loser / "metrics.jsonl").read_text() == logged and not (loser / "checkpoint_last.pt").exists()
+    assert evaluate(["--checkpoint", str(loser / "checkpoint_best.pt"), "--data-root", str(data), "--device", "cpu",
+                     "--workers", "0", "--out", str(tmp_path / "eval")]) == 2
+    assert f"{loser / 'checkpoint_best.pt'} is gone: checkpoints pruned by --keep-checkpoints winners" in capfd.readouterr().err
+
+
+def test_keep_checkpoints_winners_needs_tune(tmp_path, capsys):
+    from launch.sweep import main
+
+    with pytest.raises(SystemExit):
+        main(["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--out", str(tmp_path / "s"), "--print-config",
+              "--keep-checkpoints", "winners"])
+    assert "--keep-checkpoints winners prunes once --tune has chosen the winners: give --tune N" in capsys.readouterr().err

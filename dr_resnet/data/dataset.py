@@ -80,8 +80,9 @@ def fit_square(image: Tensor, size: int) -> Tensor:
 
 class RetinopathyDataset(Dataset):
     """Fundus images with grades 0..4 in any data.format (options: a table format's data.* keys).
-    ``ds[i]`` is ``(image, label)``, or ``(image, label, i)`` with return_index (a stable sample index, for exact distributed evaluation). Without a transform the
-    image is uint8 (3, S, S), ready for batched augmentation on the device."""
+    ``ds[i]`` is ``(image, label)``, or ``(image, label, i)`` with return_index (a stable sample index, for exact
+    distributed evaluation). Without a transform the image is uint8 (3, S, S), ready for batched augmentation on
+    the device."""
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None,
                  format: str = "auto", image_size: int | None = None, return_index: bool = False,

@@ -14,9 +14,18 @@ from pathlib import Path
 import numpy as np
 
 from dr_resnet import GRADES, NUM_GRADES
+from dr_resnet.data.formats import (
+    DETECTED,
+    PRESETS,
+    DatasetError,
+    TableOptions,
+    add_format_arguments,
+    find_splits,
+    format_arguments,
+    read_split,
+    split_names,
+)
 from dr_resnet.errors import run_command
-from dr_resnet.data.formats import (DETECTED, PRESETS, DatasetError, TableOptions, add_format_arguments, find_splits,
-                                     format_arguments, read_split, split_names)
 from dr_resnet.patients import identity_of, shared_patients
 from dr_resnet.registry import DATASETS
 

@@ -3,11 +3,14 @@
     python -m dr_resnet.preprocess --src RAW --dst OUT --size 512 --workers N [--skip-bad]
 
 OUT is a dataset of the same format and layout as RAW (split files copied, images as <name>.jpeg; a
-format other than lab, kaggle, aptos and folders is named with --format and its data.* keys). Fast on 3-18 MP EyePACS photos: JPEGs
-are decoded twice at reduced DCT scale (PIL ``draft``), once at 1/8 to find the retina and once at the
-coarsest scale that still gives `size` pixels across it. Re-running skips finished images (each is
-written to a temporary name and renamed). Unreadable images are an error naming each file, or with
---skip-bad are left out of OUT's split files and listed in OUT/skipped.csv.
+format other than lab, kaggle, aptos and folders is named with --format and its data.* keys). Fast on
+3-18 MP EyePACS photos: a JPEG is decoded once at reduced DCT scale (PIL ``draft``), the coarsest that
+still gives `size` pixels across a retina spanning RETINA_SHARE of the short side, and the retina is
+found on that image (a smaller retina costs a second, finer decode; a larger one is reduced in memory
+to the scale it needs). Re-running skips finished images (each is written to a temporary name and
+renamed); OUT/preprocess.json records the settings and the crops' VERSION, and a re-run with other ones
+is refused. Unreadable images are an error naming each file, or with --skip-bad are left out of OUT's
+split files and listed in OUT/skipped.csv.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -28,15 +30,30 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dr_resnet.data.formats import (
+    FORMATS,
+    DatasetError,
+    Split,
+    SplitLayout,
+    TableOptions,
+    add_format_arguments,
+    find_splits,
+    format_arguments,
+    image_stem,
+    read_split,
+    split_names,
+)
 from dr_resnet.errors import UserError, run_command
 from dr_resnet.files import atomic_path
-from dr_resnet.data.formats import (FORMATS, DatasetError, Split, SplitLayout, TableOptions, add_format_arguments,
-                                     find_splits, format_arguments, image_stem, read_split, split_names)
 
 log = logging.getLogger("dr_resnet.preprocess")
 SETTINGS_FILE = "preprocess.json"
 SKIPPED_FILE = "skipped.csv"
-LOCATE_SIDE = 256  # pixels on the short side of the copy the retina is located on
+LOCATE_SIDE = 256  # pixels on the short side of the copy the retina is located on (up to twice this)
+# The crops' version, recorded in preprocess.json so that one folder never holds two kinds: 1 (no "version"
+# key) located the retina on a decode of its own at up to 1/8; 2 locates it on the one decode that is cropped.
+VERSION = 2
+RETINA_SHARE = 0.8  # the least share of a fundus photo's short side its retina spans: the decode is sized for it
 
 
 class BadImageError(UserError, ValueError):
@@ -83,16 +100,25 @@ def retina_box(grey: np.ndarray, threshold: int, min_share: float = 0.05) -> tup
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def _open(path: Path, scale: int = 1) -> Image.Image:
-    """Decode (JPEGs at 1/scale through the DCT), apply EXIF orientation, convert to RGB."""
-    image = Image.open(path)
-    if scale > 1 and image.format == "JPEG":
-        image.draft("RGB", (math.ceil(image.width / scale), math.ceil(image.height / scale)))
-    image = ImageOps.exif_transpose(image)
+def _decode(src: Path, scale_for: Callable[[int], int]) -> tuple[Image.Image, int, bool]:
+    """`src` decoded once, EXIF orientation applied, in RGB, the reduction it was decoded at, and whether it
+    is a JPEG: a JPEG at the DCT reduction (1, 2, 4 or 8) that scale_for picks from the photo's short side,
+    read from its header before decoding; other formats in full."""
+    image = Image.open(src)
+    is_jpeg = image.format == "JPEG"
+    scale = scale_for(min(image.size)) if is_jpeg else 1
+    if scale > 1:
+        # draft takes the largest reduction s with size // requested >= s on both sides, so asking for the
+        # floor of size / scale gets exactly `scale` (the ceiling fell back to the next finer one at odd
+        # sizes). It returns the decoded box in original pixels, or None where it cannot reduce.
+        full_width = image.width
+        drafted = image.draft("RGB", (max(1, full_width // scale), max(1, image.height // scale)))
+        scale = round(full_width / drafted[1][2]) if drafted else 1
+    ImageOps.exif_transpose(image, in_place=True)  # not a copy of every pixel when there is nothing to turn
     if image.mode != "RGB":
         # Alpha is dropped onto black (the border colour); CMYK, greyscale and palettes convert as PIL does.
         image = image.convert("RGBA").convert("RGB") if "A" in image.getbands() else image.convert("RGB")
-    return image
+    return image, scale, is_jpeg
 
 
 def _coarsest_scale(side: float, needed: int) -> int:
@@ -100,29 +126,45 @@ def _coarsest_scale(side: float, needed: int) -> int:
     return max([s for s in (1, 2, 4, 8) if side / s >= needed], default=1)
 
 
+def _locate(image: Image.Image, threshold: int) -> tuple[float, float, float, float] | None:
+    """The retina's box as (left, top, right, bottom) fractions of the width and height, found on a copy
+    reduced in memory (pixel blocks averaged, as a reduced DCT decode does) to a short side of LOCATE_SIDE
+    to twice that: a box to within half a percent of the photo, at a few milliseconds."""
+    factor = max(1, min(image.size) // LOCATE_SIDE)
+    small = image.reduce(factor) if factor > 1 else image
+    box = retina_box(np.asarray(small.convert("L")), threshold)
+    if box is None:
+        return None
+    return box[0] / small.width, box[1] / small.height, box[2] / small.width, box[3] / small.height
+
+
 def retina_square(src: Path, settings: Settings) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """`src` decoded (a JPEG at the coarsest DCT scale that keeps settings.size pixels across the retina)
-    and the square centred on its retina, as (left, top, right, bottom) fractions of the decoded width and
-    height: the same square maps onto any picture of the photo's geometry (a lesion mask, say)."""
+    """`src` decoded (a JPEG at the coarsest of the reductions 1, 2, 4 and 8 that keeps settings.size pixels
+    across the retina) and the square centred on its retina, as (left, top, right, bottom) fractions of the
+    decoded width and height: the same square maps onto any picture of the photo's geometry (a lesion
+    mask, say).
+
+    One decode serves both: the square's side is the retina's larger extent, which for a fundus photo is
+    at least RETINA_SHARE of the short side (the whole short side where the disc is clipped), so a JPEG is
+    decoded at the coarsest DCT scale that keeps that many pixels at settings.size, and the retina is
+    located on that image. Only a retina smaller than that (the square under settings.size pixels) costs a
+    second, finer decode; a larger one is reduced in memory to the scale a decode sized for it would have
+    given (pixel blocks averaged, as the DCT reduction does), so the resize to settings.size does no more
+    work than before."""
     try:
-        with Image.open(src) as probe:
-            full_w, full_h = probe.size
-            is_jpeg = probe.format == "JPEG"
-        # Locate the retina on a copy decoded at the coarsest DCT scale that keeps LOCATE_SIDE pixels.
-        locate_scale = _coarsest_scale(min(full_w, full_h), LOCATE_SIDE) if is_jpeg else 1
-        small = _open(src, locate_scale)
-        box = retina_box(np.asarray(small.convert("L")), settings.threshold)
-        if box is None:
+        image, scale, is_jpeg = _decode(src, lambda short: _coarsest_scale(RETINA_SHARE * short, settings.size))
+        rel = _locate(image, settings.threshold)
+        if rel is None:
             raise BadImageError(f"{src}: no retina found (no pixel brighter than --threshold {settings.threshold}; "
                                 f"an all-black or blank image)")
-        # The box in relative units, so it maps onto the second decode whatever its scale.
-        rel = [box[0] / small.width, box[1] / small.height, box[2] / small.width, box[3] / small.height]
-        image = small
-        if is_jpeg:
-            retina_side = max(box[2] - box[0], box[3] - box[1]) * locate_scale
-            scale = _coarsest_scale(retina_side, settings.size)
-            if scale != locate_scale:
-                image = _open(src, scale)
+        side = max((rel[2] - rel[0]) * image.width, (rel[3] - rel[1]) * image.height)
+        if scale > 1 and side < settings.size:
+            finer = _coarsest_scale(side * scale, settings.size)
+            image, scale, _ = _decode(src, lambda short: finer)
+        elif is_jpeg:
+            further = min(_coarsest_scale(side, settings.size), 8 // scale)  # as far as a DCT reduction goes
+            if further > 1:
+                image = image.reduce(further)
         w, h = image.size
         left, top, right, bottom = rel[0] * w, rel[1] * h, rel[2] * w, rel[3] * h
         side = max(right - left, bottom - top)
@@ -159,16 +201,33 @@ def crop_square(src: Path, settings: Settings) -> Image.Image:
     return out
 
 
+def _read_manifest(path: Path) -> dict:
+    """preprocess.json's content; an error naming the file where it is not the one preprocess writes."""
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+        return saved
+    except ValueError as exc:
+        raise DatasetError(f"{path}: not the settings file preprocess writes ({exc})") from exc
+
+
+def _saved_settings(saved: dict) -> dict:
+    """The image settings of a preprocess.json: a key an older file lacks had its default then (the option
+    did not exist yet)."""
+    return {**asdict(Settings()), **{k: v for k, v in saved.items() if k in asdict(Settings())}}
+
+
 def read_settings(root: str | os.PathLike) -> Settings | None:
     """The settings a prepared dataset was made with (its preprocess.json); None for a folder that
-    preprocess did not write. Keys an older file lacks had their defaults then."""
+    preprocess did not write. Keys an older file lacks had their defaults then. The crops' version is not
+    a setting: training reads a folder of any version alike."""
     path = Path(root) / SETTINGS_FILE
     if not path.is_file():
         return None
     try:
-        saved = json.loads(path.read_text())
-        return Settings(**{**asdict(Settings()), **{k: v for k, v in saved.items() if k in asdict(Settings())}})
-    except (ValueError, TypeError) as exc:
+        return Settings(**_saved_settings(_read_manifest(path)))
+    except TypeError as exc:
         raise DatasetError(f"{path}: not the settings file preprocess writes ({exc})") from exc
 
 
@@ -191,18 +250,22 @@ def _job(args) -> tuple[int, str | None]:
 
 
 def _check_settings(dst: Path, settings: Settings, overwrite: bool, selection: dict) -> None:
-    """preprocess.json: the image settings (a second run with others is refused) and which rows the copy
-    holds (`selection`: the format, data.filter, data.label_map and what they left out)."""
+    """preprocess.json: the crops' VERSION and the image settings (a second run with another version or
+    other settings is refused: one folder never mixes two kinds of crop) and which rows the copy holds
+    (`selection`: the format, data.filter, data.label_map and what they left out)."""
     path = dst / SETTINGS_FILE
     if path.exists() and not overwrite:
-        # A key an older file lacks had its default then (the option did not exist yet).
-        saved = json.loads(path.read_text())
-        before = {**asdict(Settings()), **{k: v for k, v in saved.items() if k in asdict(Settings())}}
+        saved = _read_manifest(path)
+        made_by = saved.get("version", 1)  # version 1 recorded none
+        if made_by != VERSION:
+            raise DatasetError(f"{path}: {dst} holds crops of preprocess version {made_by}, and this is version "
+                               f"{VERSION}: use another --dst, or --overwrite to redo every image")
+        before = _saved_settings(saved)
         if before != asdict(settings):
             raise DatasetError(f"{path}: {dst} was made with {before}, not {asdict(settings)}: "
                                f"use another --dst, or --overwrite to redo every image")
     dst.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**asdict(settings), "selection": selection}) + "\n")
+    path.write_text(json.dumps({"version": VERSION, **asdict(settings), "selection": selection}) + "\n")
 
 
 def _target(split: Split, i: int, dst: Path) -> Path:

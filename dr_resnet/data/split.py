@@ -24,10 +24,19 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dr_resnet import NUM_GRADES
+from dr_resnet.data.formats import (
+    DatasetError,
+    SplitLayout,
+    TableOptions,
+    add_format_arguments,
+    find_splits,
+    format_arguments,
+    image_stem,
+    read_split,
+    split_names,
+)
 from dr_resnet.errors import run_command
-from dr_resnet.data.formats import (DatasetError, SplitLayout, TableOptions, add_format_arguments, find_splits,
-                                     format_arguments, image_stem, read_split, split_names)
-from dr_resnet.registry import FORMAT_CHOICES, FORMATS
+from dr_resnet.registry import FORMATS
 from dr_resnet.seeds import derive_seed
 
 log = logging.getLogger("dr_resnet.split")

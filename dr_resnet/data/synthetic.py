@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from dr_resnet import NUM_GRADES
+from dr_resnet.data.formats import FORMATS, SplitLayout
 from dr_resnet.errors import run_command
 from dr_resnet.files import atomic_path
-from dr_resnet.data.formats import FORMATS, SplitLayout
 
 # EyePACS training set: 25810 / 2443 / 5292 / 873 / 708 of 35126 images.
 EYEPACS_BALANCE = (0.7348, 0.0696, 0.1507, 0.0249, 0.0202)

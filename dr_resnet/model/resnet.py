@@ -183,8 +183,9 @@ def load_imagenet_state_dict(depth: int) -> dict[str, Tensor]:
 
 
 def evaluated_weights(model: Mapping[str, Tensor], ema: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-    """The weights a dr_resnet checkpoint evaluated and selected: with train.ema its AveragedModel's
-    (`ema`: module.* weights and statistics, and n_averaged), else the model's own."""
+    """The weights a dr_resnet checkpoint evaluated and selected: with train.ema its weight average's
+    (`ema`: module.* weights and statistics, and n_averaged, the layout of torch's AveragedModel, which
+    wrote it before training.average did), else the model's own."""
     if not ema:
         return model
     return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}

@@ -284,8 +284,11 @@ class Pair:
 def arm_pairs(arms: list[Arm]) -> list[Pair]:
     """The comparisons between arms that differ in one factor: pretrained vs scratch at each depth and
     ResNet50 vs ResNet18 at each initialisation (the core experiment: an arm it lacks is named, with no
-    run), for each setting of the other factors; and, per other factor, its values against each other
-    with everything else alike."""
+    run), for each setting of the other factors; and, per categorical factor (an ablation: a head, a sampler),
+    each value against the first arm's, with everything else alike. A numeric factor (a learning rate, a
+    data fraction) is a curve with its band, never compared pair by pair: that grows with the square of
+    its values. Arms whose searched keys the held-out score chose (answer.headline) come reduced to one
+    per setting, so winners meet winners."""
     def find(depth: int, pretrained: bool, factors: dict) -> Arm | None:
         return next((a for a in arms if (a.depth, a.pretrained, a.factors) == (depth, pretrained, factors)), None)
 
@@ -308,15 +311,31 @@ def arm_pairs(arms: list[Arm]) -> list[Pair]:
                 pairs.append(Pair(f"depth {deep} vs {shallow}, {initialisation(init)}{where}",
                                   find(deep, init, factors), find(shallow, init, factors),
                                   named(deep, init, factors), named(shallow, init, factors), "depth", factors))
-    for i, a in enumerate(arms):
-        for b in arms[i + 1:]:
-            apart = [k for k in a.factors if a.factors[k] != b.factors[k]]
-            if (a.depth, a.pretrained) == (b.depth, b.pretrained) and len(apart) == 1:
-                key = apart[0]
-                alike = Arm(a.depth, a.pretrained, {k: v for k, v in a.factors.items() if k != key}, [])
-                pairs.append(Pair(f"{key}: {a.factors[key]} vs {b.factors[key]} at {alike.name}", a, b, a.name, b.name,
+    for key in sorted({k for a in arms for k in a.factors}):
+        values = [a.factors[key] for a in arms]
+        if numeric(values):
+            continue  # a curve (report.plot_factor, with its band): its values are not compared pair by pair
+        reference = values[0]
+        for b in arms:
+            if b.factors[key] == reference:
+                continue
+            # the same arm at the reference value: every other factor alike
+            a = next((x for x in arms if (x.depth, x.pretrained) == (b.depth, b.pretrained)
+                      and x.factors == {**b.factors, key: reference}), None)
+            if a is not None:
+                alike = Arm(b.depth, b.pretrained, {k: v for k, v in b.factors.items() if k != key}, [])
+                pairs.append(Pair(f"{key}: {reference} vs {b.factors[key]} at {alike.name}", a, b, a.name, b.name,
                                   key, alike.factors))
     return pairs
+
+
+def numeric(values: list) -> bool:
+    """Whether every value of a factor reads as a number (a curve), else categorical (bars)."""
+    try:
+        [float(v) for v in values]
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _why_not(name: str, arm: Arm | None, epoch: str) -> str:

@@ -15,20 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dr_resnet.results.arms import Arm
+from dr_resnet.results.arms import Arm, numeric
 from dr_resnet.results.rundir import MetricsError, selected_on
 from dr_resnet.results.stats import LEVEL, t_quantile
 
 REACHED = 0.95  # convergence: the share of its final held-out QWK an arm must reach
-
-
-def numeric(values: list) -> bool:
-    """Whether every value of a factor reads as a number (a curve), else categorical (bars)."""
-    try:
-        [float(v) for v in values]
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def factor_keys(arms: list[Arm]) -> list[str]:
@@ -45,6 +36,11 @@ def spread(values: list[float]) -> dict:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(v)}
 
 
+def line_of(arm: Arm, key: str) -> str:
+    """The line an arm is a point of along `key`: its depth, initialisation and every other factor."""
+    return Arm(arm.depth, arm.pretrained, {k: v for k, v in arm.factors.items() if k != key}, []).name
+
+
 def points(arms: list[Arm], key: str, metric: str = "test_qwk") -> dict[str, list[dict]]:
     """Per line (depth, initialisation and any other factor), per value of `key`: the selected epoch's
     `metric` over the arm's finished seeds (spread), with the mean number of training images its runs used,
@@ -53,8 +49,7 @@ def points(arms: list[Arm], key: str, metric: str = "test_qwk") -> dict[str, lis
     for arm in arms:
         if key not in arm.factors or not arm.finished:
             continue
-        others = "".join(f", {k}={v}" for k, v in arm.factors.items() if k != key)
-        line = f"resnet{arm.depth} {'pretrained' if arm.pretrained else 'scratch'}{others}"
+        line = line_of(arm, key)
         values = [row[metric] for row in (r.chosen() for r in arm.finished) if metric in row]
         images = [r.effective["training_images"] for r in arm.finished if "training_images" in r.effective]
         if values:
@@ -79,12 +74,6 @@ def realised_shares(lines: dict[str, list[dict]]) -> dict[str, list[float]] | No
             return None
         found[line] = [e["images"] / whole for e in entries]
     return found
-
-
-def preferred(lines: dict[str, list[dict]]) -> dict[str, str]:
-    """Per line, the value whose mean held-out score is highest (for a searched key: what held-out figures
-    would choose; the first of equals)."""
-    return {line: str(max(entries, key=lambda e: e["mean"])["value"]) for line, entries in lines.items() if entries}
 
 
 def declared_searched(root: Path) -> set[str]:

@@ -22,6 +22,7 @@ import numpy as np
 import yaml
 
 from dr_resnet.errors import run_command
+from dr_resnet.results.answer import Headline, answer_rows, headline, question, weigh
 from dr_resnet.results.arms import (
     COMPARED_EPOCHS,
     Arm,
@@ -39,9 +40,9 @@ from dr_resnet.results.factors import (
     declared_searched,
     differences,
     factor_keys,
+    line_of,
     numeric,
     points,
-    preferred,
     realised_shares,
 )
 from dr_resnet.results.html import write_html
@@ -57,10 +58,11 @@ from dr_resnet.results.plots import (
     save,
     wrapped,
 )
-from dr_resnet.results.rundir import BEST_CHECKPOINT, CONFIG_FILE, FINAL
+from dr_resnet.results.rundir import BEST_CHECKPOINT, CONFIG_FILE, FINAL, missing_checkpoint, pruned_note
 from dr_resnet.results.tables import (
     COLUMNS,
     Table,
+    answer_table,
     comparisons_table,
     convergence_table,
     datasets_table,
@@ -69,9 +71,11 @@ from dr_resnet.results.tables import (
     factor_table,
     markdown,
     operating_points_table,
+    question_table,
     results_table,
     seeds_table,
     tuning_table,
+    weigh_table,
 )
 from dr_resnet.results.tuning import (
     BAND_LABEL,
@@ -446,7 +450,7 @@ def plot_factor(key: str, held_out: dict[str, list[dict]], test: dict[str, list[
 
 
 def factor_tables(arms: list[Arm], comparisons: list[dict], families: list[dict], out: Path,
-                  searched: set[str] = frozenset()) -> tuple[list[Table], list[Path]]:
+                  heads: list[Headline] = (), searched: set[str] = frozenset()) -> tuple[list[Table], list[Path]]:
     """Per factor (a key that tells arms of one depth and initialisation apart): its figure (held-out first),
     the scores at each value (a searched key's held-out choice marked) and the table of paired differences at
     each value; and the convergence table where runs held images out."""
@@ -455,7 +459,8 @@ def factor_tables(arms: list[Arm], comparisons: list[dict], families: list[dict]
         test, held_out = points(arms, key), points(arms, key, "val_qwk")
         if not test:
             continue
-        chosen = preferred(held_out) if key in searched else None
+        chosen = {line_of(c, key): str(c.factors[key]) for h in heads if h.arm for c in h.candidates
+                  if c.runs is h.arm.runs and key in c.factors and key not in h.arm.factors} or None
         shares = realised_shares(test) if key == FRACTION else None
         steps = ", ".join(sorted({str(r.settings.get("train.steps_at_fraction")) for a in arms for r in a.finished
                                   if key in a.factors})) if key == FRACTION else ""
@@ -672,21 +677,33 @@ def operating_rows(runs: list[RunRecord]) -> list[dict]:
             if run.summary.get("operating_points") and not run.predictions_problem]
 
 
+def answer_tables(heads: list[Headline], comparisons: list[dict], families: list[dict], detectable: list[dict],
+                  root: Path) -> list[Table]:
+    """The report's opening: each arm at its chosen setting with its test scores, the declared families'
+    comparisons with their verdicts, what the answer rests on, and what the seeds could detect."""
+    tables = [answer_table(answer_rows(heads))]
+    members = question(comparisons)
+    if members:
+        tables.append(question_table(members, families))
+    tables.append(weigh_table(weigh(heads, root, detectable)))
+    if detectable:
+        tables.append(detectable_table(detectable))
+    return tables
+
+
 def tables_of(rows: list[dict], comparisons: list[dict], seeds: list[dict], datasets: list[dict] = (),
               operating: list[dict] = (), families: list[dict] = ()) -> list[Table]:
-    """The report's tables, the same for results.md and report.html: results; referable DR at screening
-    operating points when a run has them; seeds when an arm has several; the paired comparisons when there
-    are any; other datasets when evaluate scored a run on any."""
-    tables = [results_table(rows)]
-    if operating:
-        tables.append(operating_points_table(operating))
-    if any(len(row["seeds"]) + row["unfinished"] > 1 for row in seeds):
-        tables.append(seeds_table(seeds))
+    """The details after the answer, the same for results.md and report.html: every paired comparison made
+    (descriptive ones too); seeds when an arm has several; every run's row; referable DR at screening
+    operating points for the answer's runs; other datasets when evaluate scored a run on any."""
+    tables = []
     if comparisons:
         tables.append(comparisons_table(comparisons, families))
-        detectable = smallest_detectable(comparisons)
-        if detectable:
-            tables.append(detectable_table(detectable))
+    if any(len(row["seeds"]) + row["unfinished"] > 1 for row in seeds):
+        tables.append(seeds_table(seeds))
+    tables.append(results_table(rows))
+    if operating:
+        tables.append(operating_points_table(operating))
     if datasets:
         tables.append(datasets_table(datasets))
     return tables
@@ -702,7 +719,7 @@ def write_tables(rows: list[dict], out: Path, tables: list[Table], comparisons: 
         writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
     lines = []
     for table in tables:
-        lines += (["" ] if lines else []) + markdown(table, level=1 if table.id == "results" else 2)
+        lines += (["" ] if lines else []) + markdown(table, level=1 if table.id == "answer" else 2)
     if comparisons:
         found = {"families": list(families), "comparisons": comparisons}
         (out / COMPARISONS_FILE).write_text(json.dumps(found, indent=2) + "\n")
@@ -717,6 +734,8 @@ def galleries(runs: list[RunRecord], out: Path, per_cell: int = 2) -> list[Path]
     for run in runs:
         best = run.path / BEST_CHECKPOINT
         if not best.is_file():
+            if pruned_note(run.path):  # its weights are gone on purpose: say so rather than leave it out unsaid
+                print(f"{run.name}: no gallery: {missing_checkpoint(best)}", file=sys.stderr)
             continue
         cfg = yaml.safe_load((run.path / CONFIG_FILE).read_text())
         path = out / f"gallery_{run.name}.png"
@@ -750,15 +769,20 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         written.append(out / "confusion_matrices.png")
     if plot_calibration(arms, out / "calibration.png") is not None:
         written.append(out / "calibration.png")
-    comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(arms, epoch=epoch)]
+    searched = declared_searched(root)
+    heads = headline(arms, searched, read_choice(root))
+    answered = [h.arm for h in heads if h.arm]  # winners meet winners: a searched key's settings are not compared
+    comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(answered, epoch=epoch)]
     families = declare_families(comparisons)
     for warning in dict.fromkeys(f"{c['comparison']}: {c['warning']}" for c in comparisons if c.get("warning")):
         print(f"warning: {warning}", file=sys.stderr)
     rows = result_rows(runs)
-    tables = tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows), operating_rows(runs), families)
-    more, figures = factor_tables(arms, comparisons, families, out, declared_searched(root))
+    detectable = smallest_detectable(comparisons)
+    tables = answer_tables(heads, comparisons, families, detectable, root)
+    more, figures = factor_tables(arms, comparisons, families, out, heads, searched)
     tuned, tuning_figures = tuning_tables(root, out)
-    tables += more + tuned
+    tables += more + tuned + tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows),
+                                       operating_rows([r for a in answered for r in a.runs]), families)
     written += figures + tuning_figures
     write_tables(rows, out, tables, comparisons, families)
     if comparisons:

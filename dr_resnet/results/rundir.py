@@ -6,7 +6,8 @@ names. No torch here, so the report stays light.
     metrics.jsonl         one JSON object per epoch               (train; read by report, benchmarks)
     summary.json          selected and final epochs' metrics, collapse flag (train)
     checkpoint_last.pt    the resume point (end of epoch or mid-epoch) (train, checkpoint.py's layout)
-    checkpoint_prev.pt    the resume point before it, kept until the next one is complete (train)
+    checkpoint_prev.pt    the resume point before it, kept until the next one is complete; gone once the run has
+                          finished (train)
     checkpoint_best.pt    the selected epoch's training state     (train)
     confusion_matrix.png  the selected epoch's confusion matrix   (train; evaluate writes one in its --out)
     predictions.csv       the selected epoch's per-image test predictions (train; evaluate writes one in its --out)
@@ -17,6 +18,8 @@ names. No torch here, so the report stays light.
                           the next start renames or deletes (settle_pending), and that the report refuses to guess on
     launch_status.json    a launcher's word: not run / failed     (launch.sweep; read by report)
     train.log             rank 0's log and every rank's warnings  (train; appended across resumes and requeues)
+    checkpoints_pruned.txt  one line: the checkpoints were deleted, by what and when (launch.sweep --keep-checkpoints
+                          winners, for a tuning trial that lost); training refuses to start over in such a folder
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ VAL_PREDICTIONS_FILE = "predictions_val.csv"
 FINAL_PREDICTIONS_FILE = "predictions_final.csv"
 EVALUATIONS_DIR = "evaluations"  # evaluate's results on other datasets and splits: evaluations/<dataset>-<split>/
 STATUS_FILE = "launch_status.json"  # {"status": "not run" | "failed", "reason": ..., "detail": ...}
+PRUNED_FILE = "checkpoints_pruned.txt"  # a run whose checkpoints were deleted (pruned_note)
+CHECKPOINT_FILES = (LAST_CHECKPOINT, PREV_CHECKPOINT, BEST_CHECKPOINT)  # what pruning deletes (also the .damaged one)
 SELECTED_PREDICTIONS = (PREDICTIONS_FILE, VAL_PREDICTIONS_FILE)  # the files that go with checkpoint_best.pt
 PENDING_SUFFIX = ".pending"
 
@@ -203,3 +208,22 @@ def is_finished(run_dir: Path, epochs: int | None = None) -> bool:
         return False
     planned = max(content.get("epochs_planned", 1), epochs or 0)
     return content.get("epochs_completed", 0) >= planned and "intervals" in content
+
+
+def pruned_note(run_dir: Path) -> str:
+    """The line that says the run's checkpoints were pruned, by what and when ('' when they were not)."""
+    path = Path(run_dir) / PRUNED_FILE
+    if not path.is_file():
+        return ""
+    lines = path.read_text(errors="replace").strip().splitlines()
+    return lines[0] if lines else "checkpoints pruned"
+
+
+def missing_checkpoint(path: Path) -> str:
+    """Why a checkpoint file is not there, in one line: pruned (the run folder's note, and what stays), or
+    plainly not found."""
+    note = pruned_note(Path(path).parent)
+    if note:
+        return (f"{path} is gone: {note} (the run's summary, logs and predictions stay); to have its weights, "
+                f"train it again in another folder")
+    return f"checkpoint not found: {path}"

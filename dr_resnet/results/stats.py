@@ -210,15 +210,35 @@ ONE_SEED = "one seed: the variation between seeds is unknown"
 OVER_SEEDS = "seed pairs and test patients (seed-pair t, S - 1 degrees of freedom, with the test set's covariance)"
 
 
+def over_seeds(values: np.ndarray, left_out: np.ndarray) -> dict:
+    """The mean of S per-seed values scored on one test set and its standard error se^2 = s^2/S + C: s^2
+    the values' sample variance (the seeds) and C the mean jackknife covariance between different seeds'
+    values (the shared test set, which s^2 cannot see), from their (units, S) leave-one-unit-out values; t
+    with S - 1 degrees of freedom. One seed: the test set's (jackknife) standard error alone, normal, `over`
+    saying so. The seed-pair test's differences and an arm's own scores are both such values."""
+    count = len(values)
+    cov = jackknife_covariance(left_out) if len(left_out) > 1 else np.full((count, count), math.nan)
+    mean = float(values.mean())
+    entry = {"per_seed": values.tolist()}
+    if count == 1:
+        variance, df, over = float(cov[0, 0]), None, ONE_SEED
+    else:
+        seeds = float(values.var(ddof=1))
+        shared = float((cov.sum() - np.trace(cov)) / (count * (count - 1)))
+        # a negative covariance estimate would claim the shared test set makes the mean surer than
+        # independent test sets would: it cannot, so it counts as 0
+        variance, df, over = seeds / count + max(shared, 0.0), count - 1, OVER_SEEDS
+        entry.update(seed_variance=seeds, test_set_covariance=shared)
+    se = math.sqrt(variance) if variance >= 0 else math.nan
+    return {**entry, "mean": mean, "se": se, "df": df, "over": over}
+
+
 def seed_pair_test(labels: np.ndarray, runs_a: list[tuple[np.ndarray, np.ndarray]],
                    runs_b: list[tuple[np.ndarray, np.ndarray]], units: np.ndarray,
                    metrics: Sequence[str]) -> dict[str, dict]:
-    """A - B per metric over S seed pairs scored on one test set: the mean of the pairs' differences, and
-    its standard error se^2 = s^2/S + C, s^2 the pairs' sample variance (the seeds) and C the mean
-    jackknife covariance between different pairs' differences (the shared test set, which s^2 cannot see:
-    two arms right on different patients differ alike in every pair); t with S - 1 degrees of freedom.
-    One pair: the test set's (jackknife) standard error alone, normal, `over` saying so."""
-    pairs = len(runs_a)
+    """A - B per metric over S seed pairs scored on one test set: over_seeds of the pairs' differences (two
+    arms right on different patients differ alike in every pair: the test set's covariance term counts
+    that), with its p-value and how many pairs agree in sign."""
     ones = np.ones((1, len(labels)))
     found = {}
     point = [[metrics_of(labels, g, s, ones) for g, s in side] for side in (runs_a, runs_b)]
@@ -227,22 +247,30 @@ def seed_pair_test(labels: np.ndarray, runs_a: list[tuple[np.ndarray, np.ndarray
         a = np.array([v[m][0] for v in point[0]])
         b = np.array([v[m][0] for v in point[1]])
         d = a - b
-        left_d = np.stack([x[m] - y[m] for x, y in zip(left[0], left[1])], axis=1)  # (units, S)
-        cov = jackknife_covariance(left_d) if len(left_d) > 1 else np.full((pairs, pairs), math.nan)
-        difference = float(d.mean())
-        entry = {"a": float(a.mean()), "b": float(b.mean()), "difference": difference, "per_seed": d.tolist()}
-        if pairs == 1:
-            variance, df, over = float(cov[0, 0]), None, ONE_SEED
-        else:
-            seeds = float(d.var(ddof=1))
-            shared = float((cov.sum() - np.trace(cov)) / (pairs * (pairs - 1)))
-            # a negative covariance estimate would claim the shared test set makes the mean surer than
-            # independent test sets would: it cannot, so it counts as 0
-            variance, df, over = seeds / pairs + max(shared, 0.0), pairs - 1, OVER_SEEDS
-            entry.update(seed_variance=seeds, test_set_covariance=shared,
-                         seeds_agree=int(np.sum(np.sign(d) == np.sign(difference))) if difference else 0)
-        se = math.sqrt(variance) if variance >= 0 else math.nan
-        entry.update(se=se, df=df, over=over, p_value=t_p_value(difference, se, df))
+        summary = over_seeds(d, np.stack([x[m] - y[m] for x, y in zip(left[0], left[1])], axis=1))
+        difference = summary.pop("mean")
+        entry = {"a": float(a.mean()), "b": float(b.mean()), "difference": difference, **summary}
+        if len(d) > 1:
+            entry["seeds_agree"] = int(np.sum(np.sign(d) == np.sign(difference))) if difference else 0
+        entry["p_value"] = t_p_value(difference, entry["se"], entry["df"])
+        found[m] = entry
+    return found
+
+
+def seed_mean_test(labels: np.ndarray, runs: list[tuple[np.ndarray, np.ndarray]], units: np.ndarray,
+                   metrics: Sequence[str], level: float = LEVEL) -> dict[str, dict]:
+    """An arm's score per metric over its S seeds on one test set (over_seeds: the seeds and the test
+    patients both count), with its `level` t-interval (low, high) and the seeds' standard deviation."""
+    ones = np.ones((1, len(labels)))
+    found = {}
+    point = [metrics_of(labels, g, s, ones) for g, s in runs]
+    left = [leave_one_out(labels, g, s, units, metrics) for g, s in runs]
+    for m in metrics:
+        values = np.array([v[m][0] for v in point])
+        entry = over_seeds(values, np.stack([x[m] for x in left], axis=1))
+        half = t_quantile(level, entry["df"]) * entry["se"]
+        entry.update(low=entry["mean"] - half, high=entry["mean"] + half, level=level,
+                     sd=float(values.std(ddof=1)) if len(values) > 1 else None)
         found[m] = entry
     return found
 

@@ -83,6 +83,80 @@ RESULTS_NOTE = (
     "(data.bad_images=skip; summary.json names each).")
 
 
+ANSWER_NOTE = (
+    "Each arm at the setting that stands for it (never chosen on test: its --tune winner, or the searched setting "
+    "with the best held-out score), at each run's selected epoch. Test QWK and accuracy: the mean over the arm's "
+    "finished seeds, with a 95% t-interval that counts both the seeds and the test patients (S - 1 degrees of "
+    "freedom; the test set's jackknife alone, normal, with one seed); sd: the seeds' standard deviation. Accuracy "
+    "means something only above the majority baseline (always answering the commonest grade). Runs: every run "
+    "behind the arm's answer (its searched settings' seeds, or its --tune trials and final seeds), and their "
+    "training minutes: the compute its place in the table cost.")
+
+
+def _estimate(entry: dict | None) -> str:
+    if not entry:
+        return "-"
+    if entry.get("low") is None:
+        return f"{entry['mean']:.3f} (no interval)"
+    return f"{entry['mean']:.3f} ({entry['low']:.3f} to {entry['high']:.3f})"
+
+
+def answer_table(rows: list[dict]) -> Table:
+    columns = [Column("arm", "arm"), Column("how", "setting (how chosen)"), Column("held_out", "held-out score"),
+               Column("qwk", "test QWK (95% CI)"), Column("accuracy", "test accuracy (95% CI)"),
+               Column("sd", "seeds' sd (QWK)"), Column("baseline", "majority baseline"), Column("seeds", "seeds"),
+               Column("runs", "runs behind it"), Column("minutes", "training minutes")]
+    table = Table("answer", "Answer", ANSWER_NOTE, columns,
+                  numeric=frozenset(["held_out", "qwk", "accuracy", "sd", "baseline", "seeds", "runs", "minutes"]))
+    for row in rows:
+        held = (f"{row['held_out']:.3f} ({row['held_out_metric']})" if row.get("held_out") is not None else "-")
+        if "qwk" not in row:
+            table.rows.append(Row([row["arm"], row["how"], held, row["status"]], "notrun"))
+            continue
+        arm = row["arm"] + (f" (collapsed seeds: {', '.join(map(str, row['collapsed']))})" if row.get("collapsed") else "")
+        arm += f" ({row['status']})" if row.get("status", "finished") != "finished" else ""
+        arm += f" ({row['no_interval']})" if row.get("no_interval") else ""
+        sd = row["qwk"].get("sd")
+        table.rows.append(Row([arm, row["how"], held, _estimate(row["qwk"]), _estimate(row["accuracy"]),
+                               f"{sd:.3f}" if sd is not None else "-", number(row.get("baseline"), 3), str(row["seeds"]),
+                               str(row["trials"]), f"{row['minutes']:.1f}"]))
+    return table
+
+
+QUESTION_NOTE = (
+    "The comparisons the experiment was designed to make, declared before any result is read: {families}. A - B in "
+    "test QWK at each run's selected epoch, paired seed by seed; the interval is simultaneous within its family "
+    "(Bonferroni, 1 - 0.05/m; t over seed pairs with the shared test set's covariance) and the verdict is read from "
+    "that same interval. 'No difference detected' is not 'no difference': it names the differences the interval "
+    "rules out.")
+
+
+def question_table(members: list[dict], families: list[dict]) -> Table:
+    columns = [Column("comparison", "comparison"), Column("qwk", "QWK A - B"), Column("interval", "simultaneous interval"),
+               Column("verdict", "verdict"), Column("seeds", "seed pairs")]
+    table = Table("question", "The question: comparisons with a verdict", QUESTION_NOTE.format(
+        families=family_text(families)), columns, numeric=frozenset(["qwk", "seeds"]))
+    sizes = {f["family"]: f["m"] for f in families}
+    for c in members:
+        name = f"{c['a']} - {c['b']}"
+        if c["status"] != "compared":
+            table.rows.append(Row([name, c["status"]], "notrun"))
+            continue
+        q = c["qwk"]
+        interval = (f"{q['family_low']:+.3f} to {q['family_high']:+.3f} ({100 * q['family_level']:.2f}%, {c['family']}, "
+                    f"m = {sizes[c['family']]})" if "family_low" in q else "-")
+        table.rows.append(Row([name, f"{q['difference']:+.3f}", interval, q.get("verdict", "-"), str(len(c["seeds"]))]))
+    return table
+
+
+def weigh_table(lines: list[tuple[str, str]]) -> Table:
+    table = Table("weigh", "What the answer rests on", "What a reviewer weighs the answer by (after Dodge et al. 2019, "
+                  "'Show your work'): the seeds and the test set behind every interval, what chose the settings, and "
+                  "what the seeds could have found.", [Column("what", "what"), Column("value", "")])
+    table.rows += [Row([what, value]) for what, value in lines]
+    return table
+
+
 def results_table(rows: list[dict]) -> Table:
     columns = [Column(key, heading or key, heading is not None) for key, heading in RESULT_COLUMNS]
     table = Table("results", "Results", RESULTS_NOTE, columns, csv_headings=True,
@@ -380,15 +454,18 @@ def tuning_table(choice: dict, curves: dict[str, list[dict]], ranking: str) -> T
 
 
 def markdown(table: Table, level: int = 2) -> list[str]:
-    """The table as markdown lines: its title, its note, every column."""
-    width = len(table.columns)
-    headings = [c.key if table.csv_headings else c.heading for c in table.columns]
+    """The table as markdown lines: its title, its note, the columns shown on the page (results.csv holds every
+    one of the results table's)."""
+    shown = [i for i, c in enumerate(table.columns) if c.on_page]
+    width = len(shown)
+    headings = [table.columns[i].key if table.csv_headings else table.columns[i].heading for i in shown]
     lines = [f"{'#' * level} {table.title}", "", table.note, "", "| " + " | ".join(headings) + " |", "|" + "---|" * width]
     for row in table.rows:
         if row.kind == "group":
             lines.append(f"| **{row.cells[0]}** |" + " |" * (width - 1))
         else:
-            lines.append("| " + " | ".join(row.cells) + " |" + " |" * (width - len(row.cells)))
+            cells = [row.cells[i] for i in shown if i < len(row.cells)]
+            lines.append("| " + " | ".join(cells) + " |" + " |" * (width - len(cells)))
     return lines
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from dr_resnet.data.recipe import Recipe
 from dr_resnet.errors import UserError
 from dr_resnet.model.heads import Head, build_head
+from dr_resnet.results.rundir import missing_checkpoint, pruned_note
 from dr_resnet.training import components
 from dr_resnet.training.loop import TTA_MODES, _views
 from dr_resnet.training.runtime import Precision
@@ -190,7 +191,7 @@ def load_grader(path: str | os.PathLike, device: torch.device, amp: str = "auto"
             raise ModelLoadError(f"{path}: a folder without a model.onnx or model.ts (dr_resnet.export writes them)")
         path = found[0]
     if not path.is_file():
-        raise FileNotFoundError(f"model not found: {path}")
+        raise FileNotFoundError(missing_checkpoint(path) if pruned_note(path.parent) else f"model not found: {path}")
     if path.suffix in (ONNX_SUFFIX, TORCHSCRIPT_SUFFIX):
         return ExportedGrader(path, device)
     return CheckpointGrader(path, device, amp)

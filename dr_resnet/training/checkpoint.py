@@ -21,10 +21,11 @@ The file holds one dict with exactly TrainingState's fields:
              and class counts (absent before 0.2: {})
   metrics    the metrics.jsonl row of the epoch this state completes ({} in the middle of an epoch, and
              before 0.2)
-  ema        train.ema's AveragedModel state (module.* weights and statistics, n_averaged): the weights the
-             run evaluated and selected, which every reader loads (TrainingState.weights); {} without
+  ema        train.ema's weight average (training.average: module.* weights and statistics, n_averaged): the
+             weights the run evaluated and selected, which every reader loads (TrainingState.weights); {}
+             without
 File names: rundir.LAST_CHECKPOINT, rundir.PREV_CHECKPOINT (the one before, kept until the next is
-complete), rundir.BEST_CHECKPOINT.
+complete; dropped when the run finishes), rundir.BEST_CHECKPOINT.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from dr_resnet.errors import UserError
 from dr_resnet.files import atomic_path, sync_folder, temporary_name
+from dr_resnet.results.rundir import missing_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ class TrainingState:
     recipe: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    ema: dict[str, Any] = field(default_factory=dict)  # train.ema: AveragedModel's state ({} without)
+    ema: dict[str, Any] = field(default_factory=dict)  # train.ema: ExponentialAverage's state ({} without)
 
     def weights(self) -> dict[str, Any]:
         """The weights the run evaluated and selected: the average's with train.ema, else the model's."""
@@ -197,7 +199,7 @@ def _reason(exc: BaseException) -> str:
 def load(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(missing_checkpoint(path))  # pruned by launch.sweep: says so
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -11,6 +11,7 @@ import inspect
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,13 +26,15 @@ from dr_resnet.config import Config, ConfigError, DataConfig, TrainConfig
 from dr_resnet.data import check, stage
 from dr_resnet.data.augment import DeviceAugment
 from dr_resnet.data.dataset import RetinopathyDataset
-from dr_resnet.data.formats import TableOptions
+from dr_resnet.data.formats import DatasetError, TableOptions
 from dr_resnet.data.samplers import DistributedBalancedSampler, EpochSampler, ProgressiveSampler, ShuffledSampler
 from dr_resnet.data.split import holdout_mask, nested_share
+from dr_resnet.errors import USER_ERRORS
 from dr_resnet.model.heads import Head, head_for
 from dr_resnet.model.resnet import build_resnet
 from dr_resnet.seeds import derive_seed
 from dr_resnet.training import checkpoint, distributed
+from dr_resnet.training.average import ExponentialAverage
 from dr_resnet.training.distributed import DistInfo
 from dr_resnet.training.loop import Execution, ShardSampler
 from dr_resnet.training.runtime import CONSERVATIVE, Precision, resolve_precision
@@ -74,14 +77,26 @@ def datasets(cfg: Config, root: str | os.PathLike | None = None) -> Datasets:
     stratified by grade, drawn by data.split_seed: the same images whatever train.seed) when
     data.val_fraction > 0 and it would hold at least data.min_val_images; below that, a warning names
     the sizes and nothing is held out (the final epoch is then the run's result). `root`: where to read
-    data.root's files from instead (its staged copy, data.stage_to)."""
+    data.root's files from instead (its staged copy, data.stage_to). The processes of a run share the
+    photo check out, and every one ends with the same sets or stops with one line (same_everywhere)."""
     d = cfg.data
     options = TableOptions.of(d)
-    read = {name: RetinopathyDataset(root or d.root, split, format=d.format, image_size=d.image_size, options=options)
-            for name, split in (("train", d.train_split), ("test", d.test_split), ("val", d.val_split)) if split}
+    read = read_everywhere(lambda: {
+        name: RetinopathyDataset(root or d.root, split, format=d.format, image_size=d.image_size, options=options)
+        for name, split in (("train", d.train_split), ("test", d.test_split), ("val", d.val_split)) if split})
     checked, skipped = check.screen(read, d.bad_images, max(1, d.workers), d.image_size,
                                     "Replace or remove them, or set data.bad_images=skip to train and test without them "
-                                    "(they are then named in the log, summary.json and the report)", log)
+                                    "(they are then named in the log, summary.json and the report)", log,
+                                    source=d.root, ranks=check_ranks())
+    built = held_out_and_share(cfg, checked, skipped)
+    same_everywhere({"training": built.train, "held-out": built.val, "test": built.test})
+    return built
+
+
+def held_out_and_share(cfg: Config, checked: dict[str, RetinopathyDataset], skipped: list[dict]) -> Datasets:
+    """The checked splits made into the run's datasets: the held-out part (the dataset's own or drawn from
+    training) and data.train_fraction of the rest (see datasets)."""
+    d = cfg.data
     train, test = checked["train"], checked["test"]
     if d.val_split:  # the dataset's own validation split (DDR's valid): whole, as its publisher drew it
         log.info("held-out part: the '%s' split (%d images); data.val_fraction is not used", d.val_split,
@@ -104,6 +119,56 @@ def datasets(cfg: Config, root: str | os.PathLike | None = None) -> Datasets:
                           f"choose a fraction that leaves images to train on")
     return Datasets(share_of(train.subset(~held_out, d.train_split), d), test,
                     train.subset(held_out, f"{d.train_split}:held-out"), skipped)
+
+
+class DatasetsDifferError(DatasetError):
+    """The processes of a run hold different datasets, or one could not read its own."""
+
+
+def check_ranks() -> check.Ranks:
+    """The photo check shared out over every process of the run (check.Ranks), or this one alone."""
+    rank, size = distributed.rank_and_size()
+    return check.Ranks(rank, size, distributed.all_gather_objects) if size > 1 else check.Ranks()
+
+
+def read_everywhere(read: Callable[[], dict[str, RetinopathyDataset]]) -> dict[str, RetinopathyDataset]:
+    """`read()`'s datasets (name -> dataset), read by every process, which stop together (same_everywhere)
+    where any could not read them or they differ: before a collective would leave the others waiting."""
+    try:
+        parts = read()
+    except USER_ERRORS as exc:
+        same_everywhere({}, exc)
+        raise
+    same_everywhere(parts)
+    return parts
+
+
+def same_everywhere(parts: dict[str, RetinopathyDataset | None], failure: BaseException | None = None) -> None:
+    """Every process holds the same images with the same grades in each part (name -> dataset; None: no
+    such part), compared by count and a hash of the images' names and grades (check.fingerprint), or every
+    one stops with one line: what nodes that staged different copies, or a rank that left out other photos,
+    would otherwise train on (DDP waits forever or averages different samples). A process that could not
+    read its datasets (`failure`) stops the others with its line. A no-op in a world of one."""
+    if not distributed.is_distributed():
+        return
+    mine = {name: check.fingerprint(p) for name, p in parts.items() if p is not None}
+    every = distributed.all_gather_objects((" ".join(str(failure).split()) if failure else "", mine,
+                                            distributed.node_key()))
+    if failure is not None:
+        return  # the caller raises its own error
+    for rank, (line, _, node) in enumerate(every):
+        if line:
+            raise DatasetsDifferError(f"rank {rank} ({node}) could not read its dataset: {line}")
+    _, first, first_node = every[0]
+    for rank, (_, theirs, node) in enumerate(every):
+        for name in sorted(set(first) | set(theirs), key=list(parts).index):
+            if first.get(name) != theirs.get(name):
+                (n0, _), (n, _) = first.get(name, (0, "")), theirs.get(name, (0, ""))
+                how = f"{n} images on rank {rank} ({node}), {n0} on rank 0 ({first_node})" + \
+                    (" but not the same images or grades" if n == n0 else "")
+                raise DatasetsDifferError(f"the processes hold different {name} sets: {how}. Every process must read "
+                                          f"the same dataset: a node's staged copy (data.stage_to) or the tables it "
+                                          f"reads differ from the others'; start again once they agree")
 
 
 def share_of(train: RetinopathyDataset, d: DataConfig) -> RetinopathyDataset:
@@ -367,14 +432,10 @@ def relay_like_parameters(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
-def weight_average(network: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
-    """train.ema: torch's AveragedModel keeping an exponential moving average of the weights and of the
-    BatchNorm statistics (use_buffers), updated after every step; None when decay is 0."""
-    if decay <= 0:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+def weight_average(network: nn.Module, decay: float) -> ExponentialAverage | None:
+    """train.ema: an exponential moving average of the weights and of the BatchNorm statistics, updated
+    after every step; None when decay is 0."""
+    return ExponentialAverage(network, decay) if decay > 0 else None
 
 
 def optimisation(t: TrainConfig, lr: float, network: nn.Module, steps_per_epoch: int, execution: Execution) -> Optimisation:

@@ -233,6 +233,11 @@ def is_distributed() -> bool:
     return _group_size() > 1
 
 
+def rank_and_size() -> tuple[int, int]:
+    """This process's rank and the number of processes in its group ((0, 1) without one)."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over all processes (in place, and returned); a no-op in a world of one."""
     if is_distributed():

@@ -96,12 +96,13 @@ def run(args: argparse.Namespace, info: distributed.DistInfo) -> dict:
         recipe = dataclasses.replace(recipe, image_size=args.image_size)
     size = recipe.image_size
     fmt, options = format_arguments(args)
-    dataset = RetinopathyDataset(args.data_root, args.split, format=fmt, image_size=size, options=options,
-                                 prepare=recipe.prepare)
+    dataset = components.read_everywhere(lambda: {args.split: RetinopathyDataset(
+        args.data_root, args.split, format=fmt, image_size=size, options=options, prepare=recipe.prepare)})[args.split]
     checked, skipped = check.screen({args.split: dataset}, args.bad_images, max(1, args.workers), size,
                                     "Replace or remove them, or pass --bad-images skip to evaluate without them",
-                                    log)
+                                    log, ranks=components.check_ranks())
     dataset = checked[args.split]
+    components.same_everywhere(checked)
     loader = components.evaluation_loader(dataset, args.batch_size, args.workers, info)
     evaluation = evaluate(model, loader, head, execution, tta=args.tta)
     precision = execution.precision

@@ -19,6 +19,7 @@ from dr_resnet.data.augment import DeviceAugment
 from dr_resnet.errors import UserError
 from dr_resnet.registry import NONFINITE
 from dr_resnet.results import metrics
+from dr_resnet.training.average import ExponentialAverage
 from dr_resnet.training.distributed import all_reduce_max, all_reduce_sum, gather_rows, gather_sharded, is_distributed
 from dr_resnet.training.runtime import Precision, Stopwatch
 
@@ -231,7 +232,7 @@ class Trainer:
     execution: Execution
     clip_grad_norm: float = 0.0
     nonfinite: str = "stop"
-    ema: nn.Module | None = None  # train.ema: an AveragedModel of the model, updated after every step
+    ema: ExponentialAverage | None = None  # train.ema: the model's weight average, updated after every step
     _statistics: tuple[list[Tensor], list[Tensor]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -278,7 +279,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         if self.ema is not None:  # a left-out step leaves the weights as they were: the average moves towards them
-            self.ema.update_parameters(self.model)
+            self.ema.update(self.model)
         return loss, outputs, finite, norm
 
     def _save_statistics(self) -> tuple[list[Tensor], list[Tensor]]:

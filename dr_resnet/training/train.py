@@ -49,6 +49,7 @@ from dr_resnet.results.rundir import (
     append_metrics,
     commit_pending,
     pending_path,
+    pruned_note,
     read_metrics,
     rewrite_metrics,
     selected_on,
@@ -578,13 +579,32 @@ def checkpoint_metadata(run: Run, row: dict) -> dict:
 
 def finish(run: Run, tracker: Tracker) -> dict:
     """Rank 0 after the last epoch: the summary with its intervals and figure, and W&B's summary, best
-    checkpoint and predictions table."""
+    checkpoint and predictions table; checkpoint_prev.pt is dropped."""
     summary = write_summary(run, figure=True)
+    drop_previous_checkpoint(run.run_dir)
     tracker.log_summary(summary, run.run_dir / CONFUSION_PNG)
     tracker.log_checkpoint(run.run_dir / BEST_CHECKPOINT,
                            {**checkpoint_metadata(run, summary["selected"]), "intervals": summary.get("intervals", {})})
     tracker.log_predictions(run.run_dir / PREDICTIONS_FILE)
     return summary
+
+
+def drop_previous_checkpoint(run_dir: Path) -> None:
+    """A finished run's checkpoint_prev.pt goes: it was the fallback while checkpoint_last.pt could be half
+    written, and a trial kept three checkpoints (30 small tuning trials took 12 GB). checkpoint_last.pt
+    stays: a larger train.epochs extends the run from it, and older report paths name it."""
+    (run_dir / PREV_CHECKPOINT).unlink(missing_ok=True)
+
+
+def refuse_pruned(run_dir: Path, resume_policy: str) -> None:
+    """Stop, in one line, in a run folder whose checkpoints were pruned (launch.sweep --keep-checkpoints):
+    it cannot resume, and training it from scratch in place would silently replace a finished run's
+    results. train.resume=never asks for that start over (its files are moved aside, not deleted)."""
+    note = pruned_note(run_dir)
+    if note and resume_policy != "never" and not (run_dir / LAST_CHECKPOINT).exists():
+        raise checkpoint.CheckpointError(
+            f"{run_dir}: {note}, so the run cannot resume, and it is not trained again from scratch in place: "
+            f"set output.dir (or launch.sweep's --out) to another folder, or delete {run_dir} to train it there anew")
 
 
 def combined_totals(ranks: list[dict]) -> dict:
@@ -738,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
                  f" + {' '.join(overrides)}" if overrides else "")
         log.info("environment: %s; %d process(es) (%s) on %s", environment(), info.world_size, info.launcher,
                  info.device)
+        refuse_pruned(Path(cfg.output.dir), cfg.train.resume)  # before any data is read
         try:
             summary = fit(build(cfg, info))
         except RunStopped as stop:

@@ -1,0 +1,251 @@
+"""What the report leads with: the answer to the question the runs were made for, and what a reviewer weighs it
+by. Torch-free, read from the arms.
+
+Per arm, the setting that stands for it, never chosen on test: its --tune winner (the sweep's folder holds only
+winners), or, where a searched key's values were run side by side (a grid over `searched:` keys), the arm whose
+held-out score is best over its seeds; `headline` reduces the arms to those, so that the comparisons meet winner
+against winner and grow with the arms, not with the trials. A factor (a learning curve's data fraction, an
+ablation's head) is never reduced: each of its values stays an arm of its own. `answer_rows` scores each
+headline arm on test with intervals over its seeds and the test patients (stats.seed_mean_test), and `weigh`
+says what the answer rests on: seeds, test and held-out sizes, the search space, trials and compute per arm
+(Dodge et al. 2019, "Show your work"), and the smallest difference the seeds could detect.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dr_resnet.results.arms import FAMILY_METRIC, QUESTION, Arm, RunRecord
+from dr_resnet.results.rundir import read_metrics
+from dr_resnet.results.stats import resampling_units, seed_mean_test
+from dr_resnet.results.tuning import held_out_score
+
+ANSWER_METRICS = ("qwk", "accuracy")  # the answer table's test scores, with intervals over seeds and patients
+SCORE_RANGE = {"qwk": (-1.0, 1.0), "accuracy": (0.0, 1.0)}  # an interval is kept within what the score can be
+
+
+@dataclass
+class Headline:
+    """One arm of the answer: the arm at its chosen setting (None when nothing could choose one)."""
+
+    name: str  # the arm's name without its searched keys
+    arm: Arm | None
+    how: str  # how its setting was chosen, in words
+    candidates: list[Arm] = field(default_factory=list)  # every searched setting of it (itself alone without any)
+    tuning: dict | None = None  # its --tune entry (tuning.json), where the sweep tuned it
+    held_out: float | None = None  # the mean held-out score (train.select_by) over its finished seeds
+    metric: str = ""  # what held_out is
+
+
+def held_out_mean(arm: Arm) -> tuple[float | None, str]:
+    """The arm's held-out score at each finished seed's selected epoch (higher is better; the loss itself for
+    select_by=loss), averaged over the seeds that have a finite one; None without any, and its name."""
+    found = [(held_out_score(r), r.select_by) for r in arm.finished]
+    scores = [(value, by) for score, by in found if score is not None for value in [score[0]] if math.isfinite(value)]
+    if not scores:
+        return None, ""
+    by = scores[0][1]
+    mean = float(np.mean([v for v, _ in scores]))
+    return (-mean if by == "loss" else mean), f"held-out {by}"
+
+
+def _tuned(arm: Arm, choice: dict | None) -> dict | None:
+    """The --tune entry of the sweep arm whose folder holds this arm's runs (tuning.json's arms are folders)."""
+    if not choice or not arm.runs:
+        return None
+    folders = {r.name.split("/")[0] for r in arm.runs}
+    entries = [choice["arms"][f] for f in folders if f in choice.get("arms", {})]
+    return entries[0] if len(entries) == 1 else None
+
+
+def headline(arms: list[Arm], searched: set[str] = frozenset(), choice: dict | None = None) -> list[Headline]:
+    """The arms the answer is about: arms alike but for searched keys become one, the one whose held-out score
+    is best (the first of equals; none where no seed held images out or every score is NaN); every other arm
+    as it is. `choice`: tuning.json (launch.sweep --tune) to say how a tuned arm's winner was chosen."""
+    lines: dict[tuple, list[Arm]] = {}
+    for arm in arms:
+        kept = tuple((k, v) for k, v in arm.factors.items() if k not in searched)
+        lines.setdefault((arm.depth, arm.pretrained, kept), []).append(arm)
+    found = []
+    for (depth, pretrained, kept), members in lines.items():
+        name = Arm(depth, pretrained, dict(kept), []).name
+        keys = sorted({k for a in members for k in a.factors if k in searched})
+        if not keys:
+            arm = members[0]
+            entry = _tuned(arm, choice)
+            if entry and entry.get("winner"):
+                values = ", ".join(f"{k}={v}" for k, v in entry["winner"]["values"].items())
+                how = f"--tune: best held-out score of {entry['planned']} trials ({values})"
+            else:
+                how = "its only setting"
+            score, metric = held_out_mean(arm)
+            found.append(Headline(name, arm, how, [arm], entry, score, metric))
+            continue
+        scored = [(held_out_mean(a), a) for a in members]
+        ranked = [(score, metric, a) for (score, metric), a in scored if score is not None]
+        if not ranked:
+            found.append(Headline(name, None, f"not chosen: no held-out score among its {len(members)} settings of "
+                                              f"{', '.join(keys)} (data.val_fraction=0, or none finished)", members))
+            continue
+        sign = -1 if ranked[0][1].endswith("loss") else 1
+        score, metric, best = max(ranked, key=lambda r: sign * r[0])  # max keeps the first of equals
+        setting = ", ".join(f"{k}={best.factors[k]}" for k in keys)
+        chosen = Arm(depth, pretrained, dict(kept), best.runs)
+        found.append(Headline(name, chosen, f"held-out choice among {len(members)} settings of {', '.join(keys)} "
+                                            f"({setting})", members, None, score, metric))
+    return found
+
+
+def _predictions(runs: list[RunRecord]) -> list:
+    return [r.predictions() for r in runs if r.predictions() is not None]
+
+
+def answer_rows(headlines: list[Headline]) -> list[dict]:
+    """Per headline arm: how its setting was chosen, the held-out score that chose it, its finished seeds' test
+    QWK and accuracy at the selected epoch with t-intervals over seeds and patients (mean of the seeds alone
+    where predictions are missing), the seeds' spread, the majority baseline, trials and training minutes."""
+    rows = []
+    for h in headlines:
+        row = {"arm": h.name, "how": h.how, "held_out": h.held_out, "held_out_metric": h.metric,
+               "trials": trials_of(h), "minutes": minutes_of(h)}
+        arm = h.arm
+        finished = arm.finished if arm else []
+        row["seeds"] = len(finished)
+        if not finished:
+            row["status"] = ("not run: " + arm.runs[0].launch_status if arm and arm.runs and arm.runs[0].launch_status
+                             else h.how if arm is None else "no finished run yet")
+            rows.append(row)
+            continue
+        chosen = [r.chosen() for r in finished]
+        row.update(baseline=finished[0].baseline, collapsed=[r.seed for r in finished if r.collapsed],
+                   status="finished" if len(finished) == len(arm.runs) else
+                   f"{len(arm.runs) - len(finished)} of {len(arm.runs)} runs not finished (not counted)")
+        found = _predictions(finished)
+        same = len(found) == len(finished) and all(p.names == found[0].names for p in found)
+        if same:
+            units, unit = resampling_units(found[0].patients)
+            tested = seed_mean_test(found[0].labels, [(p.grades, p.referable_scores) for p in found], units,
+                                    ANSWER_METRICS)
+            for m in ANSWER_METRICS:
+                entry = {k: tested[m][k] for k in ("mean", "low", "high", "sd", "over", "df")}
+                entry["low"], entry["high"] = max(entry["low"], SCORE_RANGE[m][0]), min(entry["high"], SCORE_RANGE[m][1])
+                row[m] = entry
+            row["resampled"] = unit
+        else:
+            for m, key in (("qwk", "test_qwk"), ("accuracy", "test_acc")):
+                values = np.array([c[key] for c in chosen], dtype=float)
+                row[m] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else None}
+            row["no_interval"] = ("runs scored on different test images" if len(found) == len(finished)
+                                  else "no predictions.csv for every seed")
+        rows.append(row)
+    return rows
+
+
+def trials_of(h: Headline) -> int:
+    """The runs this arm's answer cost: its --tune trials and final seeds, or every seed of every searched
+    setting."""
+    runs = sum(len(a.runs) for a in h.candidates)
+    return runs + (h.tuning["planned"] if h.tuning else 0)
+
+
+def minutes_of(h: Headline) -> float:
+    """Training minutes of every run behind this arm's answer (its searched settings' and --tune trials' too)."""
+    seconds = sum(row.get("epoch_seconds", 0.0) for a in h.candidates for r in a.runs for row in r.rows)
+    for trial in (h.tuning or {}).get("trials", []):
+        if trial.get("run_dir") and Path(trial["run_dir"]).is_dir():
+            seconds += sum(row.get("epoch_seconds", 0.0) for row in read_metrics(Path(trial["run_dir"])))
+    return seconds / 60
+
+
+def question(comparisons: list[dict]) -> list[dict]:
+    """The declared families' comparisons at the selected epoch (the primary family first), as made."""
+    members = [c for c in comparisons if c.get("family")]
+    return sorted(members, key=lambda c: (c["family"] != QUESTION, c["family"]))
+
+
+def weigh(headlines: list[Headline], root: Path, detectable: list[dict]) -> list[tuple[str, str]]:
+    """What the answer rests on, as (what, value) lines: seeds, the test set, the held-out part, the search
+    space, and the smallest difference the primary family's seeds could detect."""
+    runs = [r for h in headlines if h.arm for r in h.arm.finished]
+    lines = []
+    seeds = sorted({len(h.arm.finished) for h in headlines if h.arm})
+    if seeds:
+        lines.append(("seeds per arm", " to ".join(map(str, dict.fromkeys([seeds[0], seeds[-1]])))
+                      + " (the answer's intervals count both the seeds and the test patients)"))
+    found = next((r.predictions() for r in runs if r.predictions() is not None), None)
+    if runs:
+        first = runs[0]
+        where = f"split '{first.settings.get('data.test_split', 'test')}' of {Path(str(first.settings['data.root'])).name}"
+        if found is not None:
+            lines.append(("test set", f"{len(found.names)} images of {len(set(found.patients))} patients ({where})"))
+        else:
+            lines.append(("test set", f"{int(np.sum(first.chosen()['confusion_matrix']))} images ({where})"))
+        held: dict[str, list[str]] = {}
+        for h in headlines:
+            counts = sorted({int(r.effective["held_out_images"]) for r in (h.arm.finished if h.arm else [])
+                             if "held_out_images" in r.effective})
+            if counts:
+                shown = "none (each run's final epoch)" if counts == [0] else \
+                    " to ".join(map(str, dict.fromkeys([counts[0], counts[-1]]))) + " images of the training split"
+                held.setdefault(shown, []).append(h.name)
+        lines.append(("held-out part (what chose epochs and settings)",
+                      next(iter(held)) if len(held) == 1 else
+                      "; ".join(f"{shown} ({', '.join(names)})" for shown, names in held.items()) or "not recorded"))
+    lines.append(("search space", search_space(headlines, root)))
+    if any(h.how.startswith("held-out choice") for h in headlines):
+        lines.append(("chosen on the seeds it is tested with", "a searched grid's setting was chosen on the same seeds "
+                      "whose test scores the answer reports: the choice favours lucky seeds, the noisier arm most "
+                      "(launch.sweep --tune chooses on its own seed and trains the winner on fresh ones)"))
+    if seeds and seeds[-1] < 2:
+        lines.append(("verdicts", "none: one seed per arm, so the variation between seeds is unknown and no "
+                                  "comparison can be judged (launch.sweep --seeds 0,1,2 runs more)"))
+    primary = [d for d in detectable if d["family"] == QUESTION]
+    if primary:
+        low, high = min(d["detectable"] for d in primary), max(d["detectable"] for d in primary)
+        span = f"{low:.3f}" if math.isclose(low, high, abs_tol=5e-4) else f"{low:.3f} to {high:.3f}"
+        lines.append(("smallest detectable difference", f"{span} {FAMILY_METRIC.upper()} (80% power at the primary "
+                                                         f"family's level; per comparison below)"))
+    return lines
+
+
+def search_space(headlines: list[Headline], root: Path) -> str:
+    """The searched keys and what was tried: a grid's values, or --tune's distributions and trials."""
+    manifest = Path(root) / "sweep.json"
+    record = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    search = record.get("search") or {}
+    if search.get("keys"):
+        drawn: dict[str, list] = {}
+        for h in headlines:
+            for trial in (h.tuning or {}).get("trials", []):
+                for k, v in trial.get("values", {}).items():
+                    drawn.setdefault(k, []).append(v)
+        shown = "; ".join(f"{k}: {_span(drawn.get(k, []))}" for k in search["keys"])
+        return (f"--tune: {search.get('trials')} trials per arm (scrambled Sobol draws, seed {search.get('seed')}; "
+                f"the ranges are {manifest.parent.name}'s sweep file's) of {shown}")
+    grids = {}
+    for h in headlines:
+        for arm in h.candidates:
+            for k in set(arm.factors) - set(h.arm.factors if h.arm else {}):
+                grids.setdefault(k, set()).add(str(arm.factors[k]))
+    if grids:
+        return "; ".join(f"{k}: {len(v)} values ({', '.join(sorted(v, key=_order))})" for k, v in sorted(grids.items()))
+    return "none: every arm ran its one setting"
+
+
+def _order(value: str) -> tuple:
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _span(values: list) -> str:
+    """Drawn values as a range (numbers) or the distinct values (categories)."""
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return f"drawn {min(values):.4g} to {max(values):.4g}"
+    return ", ".join(sorted({str(v) for v in values})) or "no trial on record"
