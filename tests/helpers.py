@@ -163,3 +163,122 @@ def published_copy(src: Path, dst: Path, kind: str) -> dict[str, list[tuple[str,
     else:
         raise ValueError(kind)
     return expected
+
+
+def synthetic_run(path: Path, depth: int, weights: str, seed: int, skill: float, settings: dict | None = None,
+                  epochs: int = 6, images: int = 250) -> Path:
+    """A finished run directory written by hand, in the layout training writes (config.yaml with `settings`,
+    flat keys such as train.lr; metrics.jsonl; summary.json with its intervals; predictions.csv and
+    predictions_final.csv), without training: the report's scale tests copy a sweep's shape (hundreds of runs)
+    in a second. Every run grades the same test set (`images` images, two per patient, DR-like grade shares);
+    `skill` (0..1) is how often its last epochs grade an image right, and every seed draws its own errors."""
+    import zlib
+
+    import numpy as np
+    import yaml
+
+    from dr_resnet.results.metrics import epoch_entries, expected_calibration_error, roc_auc, summarize
+    from dr_resnet.results.predictions import write_predictions
+
+    settings = {"data.val_fraction": 0.1, "train.epochs": epochs, "train.warmup_epochs": 0, "train.select_by": "qwk",
+                **(settings or {}), "model.depth": depth, "model.weights": weights, "train.seed": seed}
+    shares = [0.6, 0.1, 0.15, 0.08, 0.07]
+    names = [f"{i // 2}_{('left', 'right')[i % 2]}" for i in range(images)]
+    labels = np.random.default_rng(0).choice(5, size=images, p=shares)
+    val_labels = np.random.default_rng(1).choice(5, size=images // 2, p=shares)
+    rng = np.random.default_rng(zlib.crc32(repr(sorted(settings.items())).encode()))
+
+    def graded(right_share: float, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        count = len(truth)
+        right = rng.random(count) < right_share
+        wrong = np.where(rng.random(count) < 0.5, 0, np.clip(truth + rng.choice([-1, 1], count), 0, 4))
+        grades = np.where(right, truth, wrong)
+        confidence = rng.uniform(0.35, 0.95, count)
+        probabilities = np.tile(((1 - confidence) / 4)[:, None], (1, 5))
+        probabilities[np.arange(count), grades] = confidence
+        cm = np.zeros((5, 5), dtype=np.int64)
+        np.add.at(cm, (truth, grades), 1)
+        scores = {**summarize(cm), "referable_auc": roc_auc(truth >= 2, probabilities[:, 2:].sum(axis=1))}
+        return grades, probabilities, scores
+
+    rows, predictions = [], []
+    for epoch in range(1, epochs + 1):
+        share = skill * (1 - 0.6 ** epoch)
+        grades, probabilities, test = graded(share, labels)
+        _, _, val = graded(share, val_labels)
+        rows.append({"epoch": epoch, "train_loss": 1.5 - share, "train_acc": min(1.0, share + 0.1),
+                     **epoch_entries("test", test, 1.4 - share),
+                     "test_ece": expected_calibration_error(probabilities, labels)["ece"],
+                     **epoch_entries("val", val, 1.4 - share), "lr": settings.get("train.lr", 0.01),
+                     "epoch_seconds": 30.0 + depth / 10, "confusion_matrix": test["confusion_matrix"],
+                     "val_confusion_matrix": val["confusion_matrix"]})
+        predictions.append((grades, probabilities))
+    path.mkdir(parents=True, exist_ok=True)
+    config: dict = {}
+    for key, value in settings.items():
+        section, name = key.split(".", 1)
+        config.setdefault(section, {})[name] = value
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    best = max(rows, key=lambda r: (r["val_qwk"], -r["epoch"]))
+
+    def intervals(row: dict) -> dict:
+        return {"unit": "patients", **{name: {"value": row[f"test_{key}"], "low": row[f"test_{key}"] - 0.05,
+                                              "high": row[f"test_{key}"] + 0.05}
+                                       for name, key in (("accuracy", "acc"), ("qwk", "qwk"),
+                                                         ("referable_auc", "referable_auc"))}}
+
+    (path / "summary.json").write_text(json.dumps({
+        "epochs_completed": epochs, "epochs_planned": epochs, "confusion_matrix": best["confusion_matrix"],
+        "patients_in_train_and_test": 0, "skipped_images": [], "intervals": intervals(best),
+        "final_intervals": intervals(rows[-1])}))
+    for file, epoch in (("predictions.csv", best["epoch"]), ("predictions_final.csv", epochs)):
+        grades, probabilities = predictions[epoch - 1]
+        write_predictions(path / file, names, labels, grades, probabilities, probabilities[:, 2:].sum(axis=1),
+                          "classification", epoch=epoch)
+    return path
+
+
+def synthetic_sweep(root: Path, seeds: dict[tuple[int, str], int], grid: dict[str, tuple] | None = None,
+                    epochs: int = 6) -> Path:
+    """A sweep folder of synthetic runs: per (depth, weights) arm its number of seeds, at every combination
+    of `grid`'s values (flat config keys, e.g. {"train.lr": (0.001, 0.01)}: factors of the sweep):
+    root/resnet<depth>_<init>/<lr0.001_...>/seed<seed>. The runs' skill is higher pretrained and deeper and
+    peaks at lr 0.01, so the figures have something to show."""
+    import itertools
+    import math
+
+    grid = grid or {}
+    for (depth, weights), count in seeds.items():
+        init = "scratch" if weights == "none" else "pretrained"
+        for values in itertools.product(*grid.values()):
+            setting = dict(zip(grid, values))
+            lr = float(setting.get("train.lr", 0.01))
+            skill = 0.55 + 0.1 * (init == "pretrained") + 0.05 * (depth > 18) - 0.04 * math.log10(lr / 0.01) ** 2
+            where = "_".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in setting.items())
+            for seed in range(count):
+                synthetic_run(root / f"resnet{depth}_{init}" / where / f"seed{seed}", depth, weights, seed,
+                              max(0.05, skill), setting, epochs)
+    return root
+
+
+def legends_over_axes(fig) -> list[str]:
+    """Each legend (an axes' or the figure's) that covers part of an axes' plotting area (a colour bar's
+    included), as "'<first entry>' over '<axes title or label>'", in a saved figure (its layout as saved; the
+    report's figures are on an Agg canvas)."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    found = []
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            overlap = Bbox.intersection(box, ax.get_window_extent(renderer))
+            if overlap is not None and overlap.width > 1 and overlap.height > 1:
+                name = ax.get_title() or ax.get_ylabel() or ax.get_label()
+                first = legend.get_texts()[0].get_text() if legend.get_texts() else ""
+                found.append(f"{first!r} over {name!r}")
+    return found

@@ -14,7 +14,9 @@ import csv
 import json
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
@@ -45,7 +47,17 @@ from dr_resnet.results.factors import (
 )
 from dr_resnet.results.html import write_html
 from dr_resnet.results.metrics import expected_calibration_error
-from dr_resnet.results.plots import pyplot
+from dr_resnet.results.plots import (
+    COLOURS,
+    colour_bar,
+    colour_scale,
+    draw_confusion_matrix,
+    grid_shape,
+    line_colours,
+    new_figure,
+    save,
+    wrapped,
+)
 from dr_resnet.results.rundir import BEST_CHECKPOINT, CONFIG_FILE, FINAL, missing_checkpoint, pruned_note
 from dr_resnet.results.tables import (
     COLUMNS,
@@ -76,18 +88,23 @@ from dr_resnet.results.tuning import (
     read_choice,
 )
 
-COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
-# a depth's arms in order: pretrained first, so the core experiment is blue (pretrained) and orange (scratch)
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 COMPARISONS_FILE = "comparisons.json"
-FIGURE_CAPTIONS = {"confusion_matrices.png": "confusion matrices at each run's selected epoch (row-normalised)",
+FIGURE_CAPTIONS = {"confusion_matrices.png": "confusion matrices per arm at each run's selected epoch, its seeds pooled "
+                                              "(counts summed, then row-normalised; each run's own: confusion_matrix.png "
+                                              "in its folder)",
                    "expected_best.png": "median best held-out score of k trials per arm, failures counted (after Dodge et al. "
                                         f"2019); band: {BAND_LABEL}; below, where a trial failed: the chance all k failed",
-                   "calibration.png": "reliability diagram: top grade probability against the share graded right"}
+                   "calibration.png": "reliability diagram per arm, its seeds pooled: top grade probability against "
+                                      "the share graded right"}
 
 
 def caption(figure: Path) -> str:
     if figure.name.startswith("accuracy_resnet"):
-        return f"ResNet{figure.stem.removeprefix('accuracy_resnet')}: accuracy and QWK per epoch, per arm"
+        return (f"ResNet{figure.stem.removeprefix('accuracy_resnet')}: accuracy and QWK per epoch, per arm (mean over "
+                f"seeds, band +-1 sd)")
     if figure.name.startswith("factor_"):
         return (f"held-out QWK (what may choose) and test QWK (reported, not chosen on) at the selected epoch against "
                 f"{figure.stem.removeprefix('factor_')}, per arm (mean, 95% CI over seeds)")
@@ -97,61 +114,173 @@ def caption(figure: Path) -> str:
     if figure.name.startswith("gallery_"):
         return f"{figure.stem.removeprefix('gallery_')}: test photos graded right and wrong, with Grad-CAM heat maps"
     return FIGURE_CAPTIONS.get(figure.name, figure.stem)
-def plot_curves(arms: list[Arm], depth: int, path: Path) -> None:
-    """Per arm of one depth: accuracy (train dashed, test solid, majority baseline dotted) and test QWK per
-    epoch; an arm with several seeds as their mean with a band of +-1 standard deviation."""
-    plt = pyplot()
-    fig, (acc_ax, qwk_ax) = plt.subplots(1, 2, figsize=(12, 4.6))
-    baselines = []
-    for index, arm in enumerate(arms):
-        group = arm.done
-        if not group:
-            continue
-        colour, label = COLOURS[index % len(COLOURS)], arm.label
-        epochs = list(range(1, min(len(r.rows) for r in group) + 1))
-        curves = {k: np.array([[r.rows[e - 1].get(k, math.nan) for e in epochs] for r in group])
-                  for k in ("train_acc", "test_acc", "test_qwk", "val_qwk")}
-        if len(group) > 1:
-            label = f"{label} (mean of {len(group)} seeds, band +-1 sd)"
-            for ax, key, scale in ((acc_ax, "test_acc", 100), (qwk_ax, "test_qwk", 1)):
-                mean, sd = curves[key].mean(axis=0), curves[key].std(axis=0, ddof=1)
-                ax.fill_between(epochs, scale * (mean - sd), scale * (mean + sd), color=colour, alpha=0.2, lw=0)
-        acc_ax.plot(epochs, 100 * curves["train_acc"].mean(axis=0), "--", color=colour, label=f"{label} train")
-        acc_ax.plot(epochs, 100 * curves["test_acc"].mean(axis=0), "-o", ms=3, color=colour, label=f"{label} test")
-        qwk_ax.plot(epochs, curves["test_qwk"].mean(axis=0), "-o", ms=3, color=colour, label=f"{label} test")
-        if all(r.has_val for r in group):
-            qwk_ax.plot(epochs, curves["val_qwk"].mean(axis=0), ":s", ms=3, color=colour, label=f"{label} held-out")
-        baselines += [r.baseline for r in group]
-    if baselines:
-        acc_ax.axhline(100 * max(baselines), color="grey", ls=":", label=f"majority baseline ({100 * max(baselines):.1f}%)")
-    acc_ax.set(title=f"ResNet{depth}: accuracy per epoch", xlabel="epoch", ylabel="accuracy (%)")
-    qwk_ax.set(title=f"ResNet{depth}: quadratic weighted kappa", xlabel="epoch", ylabel="QWK", ylim=(-0.05, 1.0))
-    qwk_ax.axhline(0, color="grey", ls=":", label="chance (and always-grade-0)")
-    not_run = sorted({f"{a.label}: {r.launch_status.split(':')[0]}" for a in arms for r in a.runs if r.launch_status})
-    for ax in (acc_ax, qwk_ax):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best", title="\n".join(not_run) or None, title_fontsize=8)
-        if not baselines:
-            ax.text(0.5, 0.5, "\n".join(["no epoch finished yet", *not_run]), ha="center", va="center",
-                    transform=ax.transAxes, color="grey")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+
+@dataclass
+class Panels:
+    """How a figure of arms is laid out: panels (a title and the arms drawn in it) and each arm's colour. A
+    few arms share one panel, a colour each. More share a panel per depth and initialisation: along a numeric
+    factor (a learning rate, a data fraction, train.length) coloured by a colour map over it (`key`, `scale`),
+    else a colour per combination of the other factors, the same in every panel (`legend`)."""
+
+    groups: list[tuple[str, list[Arm]]]
+    colours: dict[str, object]  # arm name -> colour
+    key: str | None = None
+    scale: object = None  # plots.colour_scale over the key's values
+    legend: dict[str, object] = field(default_factory=dict)  # the factors' combination -> its colour
+
+    def colour_key(self, fig, axes) -> None:
+        if self.key:
+            colour_bar(fig, self.scale, axes, self.key,
+                       [float(a.factors[self.key]) for _, members in self.groups for a in members])
+
+
+def continuous_key(arms: list[Arm]) -> str | None:
+    """The numeric factor with the most values among the arms (None: no factor is a number)."""
+    found = []
+    for key in sorted({k for a in arms for k in a.factors}):
+        values = {str(a.factors.get(key)) for a in arms}
+        if len(values) > 1 and numeric(list(values)):
+            found.append((-len(values), key))
+    return min(found)[1] if found else None
+
+
+def arrange(arms: list[Arm], title=lambda arm: arm.name, together: int = len(COLOURS)) -> Panels:
+    """The panels for `arms` (see Panels): up to `together` arms without a numeric factor in one panel;
+    `title` names a panel from an arm with the factors it does not tell apart."""
+    key = continuous_key(arms)
+    if key is None and len(arms) <= together:
+        return Panels([("", arms)], {a.name: COLOURS[i] for i, a in enumerate(arms)})
+    groups: dict[str, list[Arm]] = {}
+    for arm in arms:
+        rest = {k: v for k, v in arm.factors.items() if k != key} if key else {}
+        groups.setdefault(title(Arm(arm.depth, arm.pretrained, rest, arm.runs)), []).append(arm)
+    if key:
+        for members in groups.values():
+            members.sort(key=lambda a: float(a.factors[key]))
+        scale = colour_scale([float(a.factors[key]) for a in arms])
+        return Panels(list(groups.items()), {a.name: scale.to_rgba(float(a.factors[key])) for a in arms}, key, scale)
+    combinations = list(dict.fromkeys(combination(a) for a in arms))
+    legend = dict(zip(combinations, line_colours(len(combinations))))
+    return Panels(list(groups.items()), {a.name: legend[combination(a)] for a in arms}, legend=legend)
+
+
+def combination(arm: Arm) -> str:
+    """The arm's factors (beyond depth and initialisation), as a legend names them."""
+    return ", ".join(f"{k}={v}" for k, v in arm.factors.items()) or arm.name
+
+
+def seeds_note(arms: list[Arm], key: str | None) -> str:
+    """How many seeds a panel's lines are the mean of."""
+    counts = sorted({len(a.done) for a in arms})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    seeds = "1 seed" if seeds == "1" else f"mean of {seeds} seeds, band +-1 sd"
+    return f"{len(arms)} values of {key}, {seeds} each" if key else seeds
+
+
+def not_run_note(arms: list[Arm]) -> str:
+    """The arms' runs the launcher could not run or that failed, named (a few) or counted."""
+    found = sorted({f"{a.label}: {r.launch_status.split(':')[0]}" for a in arms for r in a.runs if r.launch_status})
+    if len(found) > 4:
+        return f"{len(found)} arms with runs not run or failed (see the results table)"
+    return "\n".join(found)
+
+
+def plot_curves(arms: list[Arm], depth: int, path: Path) -> Figure:
+    """Per arm of one depth: accuracy (train dashed, test solid) and QWK (test solid, held-out dotted) per
+    epoch, each arm's seeds as their mean with a band of +-1 standard deviation, the majority baseline and
+    chance dash-dotted; laid out by `arrange` (a colour map along a numeric factor, a pair of panels per
+    initialisation), the key outside the axes. Returns the figure (saved to `path`)."""
+    layout = arrange(arms, lambda a: a.label)
+    groups = layout.groups
+    per_row = 1 if len(groups) <= 3 else 2
+    rows = math.ceil(len(groups) / per_row)
+    fig = new_figure((9.6 if per_row == 1 else 8.2) * per_row + (1.3 if layout.key else 0), 3.3 * rows + 1.3)
+    axes = fig.subplots(rows, 2 * per_row, squeeze=False)
+    baselines, with_val = [], False
+    for index, (title, members) in enumerate(groups):
+        acc_ax, qwk_ax = axes[index // per_row, 2 * (index % per_row):2 * (index % per_row) + 2]
+        drawn = [a for a in members if a.done]
+        markers = "o" if len(members) <= 4 else ""
+        for arm in drawn:
+            colour, group = layout.colours[arm.name], arm.done
+            epochs = list(range(1, min(len(r.rows) for r in group) + 1))
+            curves = {k: np.array([[r.rows[e - 1].get(k, math.nan) for e in epochs] for r in group])
+                      for k in ("train_acc", "test_acc", "test_qwk", "val_qwk")}
+            if len(group) > 1:
+                for ax, key, scale in ((acc_ax, "test_acc", 100), (qwk_ax, "test_qwk", 1)):
+                    mean, sd = curves[key].mean(axis=0), curves[key].std(axis=0, ddof=1)
+                    ax.fill_between(epochs, scale * (mean - sd), scale * (mean + sd), color=colour, lw=0,
+                                    alpha=0.2 if len(members) <= 4 else 0.08)
+            acc_ax.plot(epochs, 100 * curves["train_acc"].mean(axis=0), "--", color=colour, lw=1)
+            acc_ax.plot(epochs, 100 * curves["test_acc"].mean(axis=0), "-", marker=markers, ms=3, color=colour)
+            qwk_ax.plot(epochs, curves["test_qwk"].mean(axis=0), "-", marker=markers, ms=3, color=colour)
+            if all(r.has_val for r in group):
+                with_val = True
+                qwk_ax.plot(epochs, curves["val_qwk"].mean(axis=0), ":", marker="s" if markers else "", ms=3,
+                            color=colour)
+        baseline = [r.baseline for a in drawn for r in a.done]
+        if baseline:
+            baselines.append(max(baseline))
+            acc_ax.axhline(100 * max(baseline), color="grey", ls="-.", lw=1)
+        qwk_ax.axhline(0, color="grey", ls="-.", lw=1)
+        note = seeds_note(drawn, layout.key) if drawn and (title or layout.key) else ""
+        head = f"{title}: " if title else ""
+        acc_ax.set_title(f"{head}accuracy" + (f"\n{note}" if note else ""), fontsize=9)
+        qwk_ax.set_title(f"{head}quadratic weighted kappa" + (f"\n{note}" if note else ""), fontsize=9)
+        acc_ax.set(xlabel="epoch", ylabel="accuracy (%)")
+        qwk_ax.set(xlabel="epoch", ylabel="QWK", ylim=(-0.05, 1.0))
+        for ax in (acc_ax, qwk_ax):
+            ax.grid(alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            if not drawn:
+                ax.text(0.5, 0.5, "no epoch finished yet", ha="center", va="center", transform=ax.transAxes,
+                        color="grey")
+    for ax in list(axes.flat)[2 * len(groups):]:
+        ax.set_visible(False)
+    shown = [ax for ax in axes.flat if ax.get_visible()]
+    accuracy_axes = shown[0::2]
+    low = min(ax.get_ylim()[0] for ax in accuracy_axes)
+    high = max(ax.get_ylim()[1] for ax in accuracy_axes)
+    for ax in accuracy_axes:
+        ax.set_ylim(low, high)
+    fig.suptitle(f"ResNet{depth}: accuracy and quadratic weighted kappa per epoch", fontsize=11)
+    layout.colour_key(fig, shown)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colour, lw=2, label=label) for label, colour in layout.legend.items()]
+    if not layout.key and len(groups) == 1:  # a few arms in one pair of panels: a colour each
+        handles += [Line2D([], [], color=layout.colours[a.name], lw=2,
+                           label=f"{a.label} ({seeds_note([a], None)})" if a.done else f"{a.label} (no epoch yet)")
+                    for a in groups[0][1]]
+    handles += [Line2D([], [], color="black", ls="--", lw=1, label="train"),
+                Line2D([], [], color="black", ls="-", label="test")]
+    if with_val:
+        handles.append(Line2D([], [], color="black", ls=":", label="held-out (what chooses the epoch)"))
+    baseline = (f"majority baseline ({100 * baselines[0]:.1f}%)" if len(set(baselines)) == 1 else
+                "majority baseline (each panel's)") if baselines else ""
+    handles.append(Line2D([], [], color="grey", ls="-.", lw=1,
+                          label=f"{baseline + ' on accuracy; ' if baseline else ''}chance (and always grade 0) on QWK"))
+    note = not_run_note(arms)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=8,
+               title=note or None, title_fontsize=8)
+    save(fig, path)
+    return fig
 
 
 def legend_outside(ax, **kwargs) -> None:
-    """The legend to the right of the axes, where it hides no point (the figure is saved with
-    bbox_inches="tight" to keep it)."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, **kwargs)
+    """The legend to the right of the axes, where it hides no point (the figure is saved cropped to what is
+    drawn, so it is kept), in columns of at most 20 entries."""
+    entries = len(ax.get_legend_handles_labels()[0])
+    if entries:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+                  ncols=math.ceil(entries / 20), **kwargs)
 
 
 def below_the_scores(ax, rows: int) -> list[float]:
     """Room at the bottom of the axes for `rows` rows of "failed" markers, below every score drawn and
     without a tick (the axes fractions where they go): a failure has no score, so it is drawn at no fake one."""
-    from matplotlib.patches import Rectangle  # matplotlib only where a figure is drawn (pyplot() chose its backend)
+    from matplotlib.patches import Rectangle  # matplotlib only where a figure is drawn
 
     share = 0.04 + 0.04 * rows
     low, high = ax.get_ylim()
@@ -163,22 +292,23 @@ def below_the_scores(ax, rows: int) -> list[float]:
     return [0.025 + 0.04 * i for i in range(rows)]
 
 
-def plot_expected_best(curves: dict[str, list[dict]], metric: str, path: Path, planned: dict[str, int] | None = None
-                       ) -> None:
+def plot_expected_best(curves: dict[str, list[dict]], metric: str, path: Path,
+                       planned: dict[str, int] | None = None) -> Figure:
     """Per arm: the median best held-out score of k trials (failures counted, ranked lowest), with its band
     (the trials resampled), a cross at the bottom where the median is "failed"; below it, where any
-    trial failed, the chance that all k trials failed."""
-    plt = pyplot()
+    trial failed, the chance that all k trials failed. Returns the figure (saved to `path`)."""
     failures = any(c["all_failed"] > 0 for curve in curves.values() for c in curve)
-    fig, axes = plt.subplots(2 if failures else 1, 1, figsize=(7.5, 6.0 if failures else 4.4), sharex=True, squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1]} if failures else None)
+    fig = new_figure(7.5, 6.0 if failures else 4.4)
+    axes = fig.subplots(2 if failures else 1, 1, sharex=True, squeeze=False,
+                        gridspec_kw={"height_ratios": [3, 1]} if failures else None)
     ax = axes[0, 0]
     bands = []
+    colours = line_colours(len(curves))
     for index, (arm, curve) in enumerate(curves.items()):
         k = np.array([c["k"] for c in curve])
         median, low, high = (np.array([math.nan if c[key] is None else c[key] for c in curve], dtype=float)
                              for key in ("median", "low", "high"))
-        colour = COLOURS[index % len(COLOURS)]
+        colour = colours[index]
         n = f"N={len(curve)}" if (planned or {}).get(arm, len(curve)) == len(curve) else \
             f"N={len(curve)} of {planned[arm]} planned: incomplete"
         ax.plot(k, median, "-o", ms=3, color=colour, label=f"{arm} ({n})")
@@ -188,12 +318,13 @@ def plot_expected_best(curves: dict[str, list[dict]], metric: str, path: Path, p
     rows = below_the_scores(ax, len(curves)) if failed else []
     limits = ax.get_ylim()
     for k, low, high, colour in bands:  # a "failed" lower end reaches down to the failures
-        ax.fill_between(k, np.where(np.isnan(low), limits[0], low), high, color=colour, alpha=0.15, lw=0)
+        ax.fill_between(k, np.where(np.isnan(low), limits[0], low), high, color=colour, lw=0,
+                        alpha=0.15 if len(bands) <= 4 else 0.06)
     ax.set_ylim(*limits)
     for index, (arm, curve) in enumerate(curves.items()):
         failed = [c["k"] for c in curve if c["median"] is None]
         if failed and rows:
-            ax.plot(failed, [rows[index]] * len(failed), "x", color=COLOURS[index % len(COLOURS)], clip_on=False,
+            ax.plot(failed, [rows[index]] * len(failed), "x", color=colours[index], clip_on=False,
                     transform=ax.get_xaxis_transform(), label=f"{arm}: median failed")
     ax.set(title="median best held-out score of k trials (failures counted)", ylabel=f"median best {metric}")
     ax.grid(alpha=0.3)
@@ -202,14 +333,13 @@ def plot_expected_best(curves: dict[str, list[dict]], metric: str, path: Path, p
         chance = axes[1, 0]
         for index, (arm, curve) in enumerate(curves.items()):
             chance.plot([c["k"] for c in curve], [100 * c["all_failed"] for c in curve], "-o", ms=3,
-                        color=COLOURS[index % len(COLOURS)], label=arm)
+                        color=colours[index], label=arm)
         chance.set(ylabel="all k failed (%)", ylim=(-5, 105))
         chance.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("trials (k)")
     axes[-1, 0].xaxis.get_major_locator().set_params(integer=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
+    return fig
 
 
 def searched_keys(choice: dict) -> list[str]:
@@ -217,13 +347,15 @@ def searched_keys(choice: dict) -> list[str]:
     return list(dict.fromkeys(k for entry in choice["arms"].values() for t in entry["trials"] for k in t["values"]))
 
 
-def plot_slice(choice: dict, key: str, path: Path) -> None:
+def plot_slice(choice: dict, key: str, path: Path) -> Figure:
     """Per arm: each trial's held-out score against its value of `key` (a log axis where the values are
     positive numbers spanning 8x or more; categories side by side), the winner ringed, failed and diverged
-    trials as crosses at the bottom (they have no score); trials to rerun are not drawn."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    trials as crosses at the bottom (they have no score); trials to rerun are not drawn. Returns the figure
+    (saved to `path`)."""
+    fig = new_figure(7.5, 4.4)
+    ax = fig.subplots()
     arms = choice["arms"]
+    colours = line_colours(len(arms))
     values = [t["values"][key] for entry in arms.values() for t in entry["trials"] if key in t["values"]]
     as_number = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     categories = [] if as_number else sorted({str(v) for v in values})
@@ -236,7 +368,7 @@ def plot_slice(choice: dict, key: str, path: Path) -> None:
 
     failed: dict[int, list[float]] = {}
     for index, (arm, entry) in enumerate(arms.items()):
-        colour = COLOURS[index % len(COLOURS)]
+        colour = colours[index]
         trials = [t for t in entry["trials"] if key in t["values"]]
         scored = [t for t in trials if kind_of(t) == FINISHED]
         ax.plot([x_of(index, t["values"][key]) for t in scored], [t["held_out"] for t in scored], "o", ms=5,
@@ -249,7 +381,7 @@ def plot_slice(choice: dict, key: str, path: Path) -> None:
     rows = below_the_scores(ax, len(arms)) if any(failed.values()) else []
     for index, xs in failed.items():
         if xs:
-            ax.plot(xs, [rows[index]] * len(xs), "x", ms=7, mew=1.5, color=COLOURS[index % len(COLOURS)], clip_on=False,
+            ax.plot(xs, [rows[index]] * len(xs), "x", ms=7, mew=1.5, color=colours[index], clip_on=False,
                     transform=ax.get_xaxis_transform(), label=f"{list(arms)[index]}: failed or diverged ({len(xs)})")
     numbers = [float(v) for v in values] if as_number else []
     if numbers and min(numbers) > 0 and max(numbers) >= 8 * min(numbers):
@@ -260,30 +392,31 @@ def plot_slice(choice: dict, key: str, path: Path) -> None:
     ax.set(title=f"{metric} of each trial against {key}", xlabel=key, ylabel=metric)
     ax.grid(alpha=0.3)
     legend_outside(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
+    return fig
 
 
 def plot_factor(key: str, held_out: dict[str, list[dict]], test: dict[str, list[dict]], path: Path,
                 chosen: dict[str, str] | None = None, shares: dict[str, list[float]] | None = None,
-                steps: str = "") -> None:
+                steps: str = "") -> Figure:
     """Per line (depth and initialisation) against one factor, held-out QWK first (what may choose) and test QWK
     beside it (reported, not chosen on): a curve for a numeric factor (a log axis where its values span 8x or
     more), bars for a categorical one; mean over seeds with its 95% interval. `chosen`: a searched key's value
     the held-out score prefers per line (ringed); `shares`: the realised share of training images per point
-    (the x-axis of a learning curve over data.train_fraction); `steps`: what the schedule did at each fraction."""
-    plt = pyplot()
+    (the x-axis of a learning curve over data.train_fraction); `steps`: what the schedule did at each fraction.
+    Returns the figure (saved to `path`)."""
     panels = [(held_out, "held-out QWK (what a choice may use)"), (test, "test QWK (reported, not chosen on)")]
     panels = [(lines, title) for lines, title in panels if lines]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 2.4, 4.4), squeeze=False)
+    fig = new_figure(5.2 * len(panels) + 2.4, 4.4)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     values = {str(e["value"]) for lines, _ in panels for entries in lines.values() for e in entries}
     as_curve = numeric(list(values))
     values = sorted(values, key=float) if as_curve else sorted(values)
     for ax, (lines, title) in zip(axes[0], panels):
         width = 0.8 / max(1, len(lines))
+        colours = line_colours(len(lines))
         for index, (line, entries) in enumerate(lines.items()):
-            colour = COLOURS[index % len(COLOURS)]
+            colour = colours[index]
             if as_curve:
                 x = shares[line] if shares and line in shares else [float(e["value"]) for e in entries]
             else:
@@ -312,9 +445,8 @@ def plot_factor(key: str, held_out: dict[str, list[dict]], test: dict[str, list[
     note = f"; steps at each fraction: {steps}" if steps else ""
     fig.suptitle(f"along {key}{note}", fontsize=10)
     legend_outside(axes[0][-1])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
+    return fig
 
 
 def factor_tables(arms: list[Arm], comparisons: list[dict], families: list[dict], out: Path,
@@ -365,57 +497,104 @@ def tuning_tables(root: Path, out: Path) -> tuple[list[Table], list[Path]]:
     return [tuning_table(choice, curves, ranking_note(curves))], written
 
 
-def plot_calibration(runs: list[RunRecord], path: Path) -> bool:
-    """Reliability diagram: per run with grade probabilities in its predictions.csv, the accuracy of its
-    images binned by their top probability against that probability (the diagonal is perfect
-    calibration), with its expected calibration error. False (nothing drawn) when no run has any."""
-    shown = [(r, r.predictions()) for r in runs if r.rows]
-    shown = [(r, p) for r, p in shown if p is not None and p.values.ndim == 2]
-    if not shown:
-        return False
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 5.2))
-    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
-    for run, found in shown:
-        calibration = expected_calibration_error(found.values, found.labels)
-        points = calibration["bins"]
-        before = run.chosen().get("test_ece_before")
-        extra = f", {before:.3f} before temperature scaling" if before is not None else ""
-        ax.plot([b["confidence"] for b in points], [b["accuracy"] for b in points], "-o", ms=3,
-                label=f"{run.name}: ECE {calibration['ece']:.3f}{extra}")
-    ax.set(title="Reliability at each run's selected epoch (test)", xlabel="top grade probability (binned)",
-           ylabel="share graded right", xlim=(0, 1), ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+def plot_calibration(arms: list[Arm], path: Path) -> Figure | None:
+    """Reliability diagram per arm, its seeds pooled: the accuracy of the images binned by their top grade
+    probability against that probability (the diagonal is perfect calibration), with the pooled expected
+    calibration error; laid out by `arrange` (one line per arm: a colour each when few, a colour map along a
+    numeric factor, a panel per initialisation). Only runs with grade probabilities in their predictions.csv
+    count; None (nothing drawn) when no arm has any, else the figure (saved to `path`)."""
+    pooled = {}
+    for arm in arms:
+        found = [(r, p) for r, p in ((r, r.predictions()) for r in arm.done) if p is not None and p.values.ndim == 2]
+        if found:
+            calibration = expected_calibration_error(np.concatenate([p.values for _, p in found]),
+                                                     np.concatenate([p.labels for _, p in found]))
+            before = [r.chosen().get("test_ece_before") for r, _ in found]
+            before = [b for b in before if b is not None]
+            pooled[arm.name] = (calibration, len(found), float(np.mean(before)) if before else None)
+    if not pooled:
+        return None
+    layout = arrange([a for a in arms if a.name in pooled])
+    rows, columns = grid_shape(len(layout.groups), 4)
+    fig = new_figure(4.0 * columns + (1.3 if layout.key else 0), 3.8 * rows + 0.9)
+    axes = fig.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    for ax, (title, members) in zip(axes.flat, layout.groups):
+        ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
+        for arm in members:
+            calibration, seeds, before = pooled[arm.name]
+            extra = f", {before:.3f} before temperature scaling" if before is not None else ""
+            ax.plot([b["confidence"] for b in calibration["bins"]], [b["accuracy"] for b in calibration["bins"]],
+                    "-", marker="o" if len(members) <= 4 else "", ms=3, color=layout.colours[arm.name],
+                    label=f"{arm.name} ({seeds} seed{'s' * (seeds > 1)} pooled): ECE {calibration['ece']:.3f}{extra}")
+        if title:
+            eces = [pooled[a.name][0]["ece"] for a in members]
+            spread = f"{min(eces):.3f}" if len(eces) == 1 else f"{min(eces):.3f} to {max(eces):.3f}"
+            seeds = sorted({pooled[a.name][1] for a in members})
+            counted = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+            ax.set_title(f"{wrapped(title)}\n{counted} seed{'s' * (seeds[-1] > 1)} pooled; ECE {spread}", fontsize=9)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(layout.groups):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("top grade probability (binned)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("share graded right")
+    shown = [ax for ax in axes.flat if ax.get_visible()]
+    fig.suptitle("Reliability at each run's selected epoch (test), each arm's seeds pooled", fontsize=11)
+    layout.colour_key(fig, shown)
+    handles, labels = shown[0].get_legend_handles_labels()
+    if len(layout.groups) > 1 or layout.key:  # the panels' titles and the colour bar or legend name the lines
+        from matplotlib.lines import Line2D
+
+        handles = handles[:1] + [Line2D([], [], color=colour, lw=2) for colour in layout.legend.values()]
+        labels = labels[:1] + list(layout.legend)
+    fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncols=1 + len(labels) // 8)
+    save(fig, path)
+    return fig
 
 
-def plot_confusion_matrices(runs: list[RunRecord], path: Path) -> None:
-    """Each run's confusion matrix at its selected epoch (its train.select_by on the held-out set if it
-    has one, else its final epoch: the epoch of its checkpoint_best.pt), row-normalised, two to a row."""
-    from dr_resnet.results.plots import draw_confusion_matrix
-
-    plt = pyplot()
-    shown = [r for r in runs if r.rows]
-    cols = min(2, len(shown))
-    rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.6 * cols, 5.4 * rows), squeeze=False, layout="constrained")
+def plot_confusion_matrices(arms: list[Arm], path: Path) -> Figure:
+    """Per arm: its confusion matrix at its runs' selected epochs (each run's train.select_by on its held-out
+    part, else its final epoch: the epoch of its checkpoint_best.pt), its seeds pooled (counts summed), then
+    row-normalised; a near-square grid of at most 5 columns, so many arms stay one readable image (each run's
+    own is its folder's confusion_matrix.png, and its counts are in its summary.json). `arms`: the arms to
+    draw (those with no epoch yet are left out). Returns the figure (saved to `path`)."""
+    shown = [a for a in arms if a.done]
+    rows, columns = grid_shape(len(shown), 5)
+    fig = new_figure(2.75 * columns + 1.6, 2.85 * rows + 0.5)
+    axes = fig.subplots(rows, columns, squeeze=False)
     image = None
-    for ax, run in zip(axes.flat, shown):
-        best = run.chosen()
-        image = draw_confusion_matrix(ax, np.array(best["confusion_matrix"]),
-                                      f"{run.arm} ({run.name})\nepoch {best['epoch']} "
-                                      f"({f'best held-out {run.select_by}' if run.has_val else 'final'}), test: "
-                                      f"accuracy {best['test_acc']:.1%}, QWK {best['test_qwk']:.3f}"
-                                      + (" - COLLAPSED" if run.collapsed else ""))
+    for index, (ax, arm) in enumerate(zip(axes.flat, shown)):
+        runs = arm.done
+        chosen = [r.chosen() for r in runs]
+        matrix = np.sum([np.array(c["confusion_matrix"]) for c in chosen], axis=0)
+        how = ", ".join(sorted({f"held-out {r.select_by}" if r.has_val else "final" for r in runs}))
+        going = sum(not r.complete for r in runs)
+        collapsed = sum(bool(r.collapsed) for r in runs)
+        mean = " (mean)" if len(runs) > 1 else ""
+        title = (f"{wrapped(arm.name, 40)}\n{len(runs)} seed{'s' * (len(runs) > 1)} pooled"
+                 + (f", {going} still going" if going else "") + f"; {how}\n"
+                 f"accuracy {np.mean([c['test_acc'] for c in chosen]):.1%}, QWK "
+                 f"{np.mean([c['test_qwk'] for c in chosen]):.3f}{mean}"
+                 + (f"\nCOLLAPSED: {collapsed} of {len(runs)}" if collapsed else ""))
+        image = draw_confusion_matrix(ax, matrix, title, fontsize=6.5, totals=False)
+        last_row = index + columns >= len(shown)  # nothing below it: the grade names go here
+        if index % columns:
+            ax.set_yticklabels([])
+            ax.set_ylabel("")
+        if not last_row:
+            ax.set_xticklabels([])
+            ax.set_xlabel("")
     for ax in list(axes.flat)[len(shown):]:
         ax.set_visible(False)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="share of the true grade's images")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if image is not None:
+        fig.colorbar(image, ax=[ax for ax in axes.flat if ax.get_visible()], shrink=min(0.8, 3.0 / (2.85 * rows)),
+                     label="share of the true grade's images")
+    fig.suptitle("Test confusion matrices at each run's selected epoch, each arm's seeds pooled (counts summed, "
+                 "then row-normalised)", fontsize=10)
+    save(fig, path)
+    return fig
 
 
 def result_rows(runs: list[RunRecord]) -> list[dict]:
@@ -586,9 +765,9 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         plot_curves([a for a in arms if a.depth == depth], depth, path)
         written.append(path)
     if any(r.rows for r in runs):
-        plot_confusion_matrices(runs, out / "confusion_matrices.png")
+        plot_confusion_matrices(arms, out / "confusion_matrices.png")
         written.append(out / "confusion_matrices.png")
-    if plot_calibration(runs, out / "calibration.png"):
+    if plot_calibration(arms, out / "calibration.png") is not None:
         written.append(out / "calibration.png")
     searched = declared_searched(root)
     heads = headline(arms, searched, read_choice(root))

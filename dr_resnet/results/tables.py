@@ -36,6 +36,7 @@ class Table:
     rows: list[Row] = field(default_factory=list)
     numeric: frozenset = frozenset()  # keys of the columns whose cells are numbers (right-aligned on the page)
     csv_headings: bool = False  # markdown headings are the column keys (results.csv's names)
+    detail: bool = False  # a detail (a row per run): report.html shows it folded under its title; results.md in full
 
 
 def number(value, places: int = 4) -> str:
@@ -469,7 +470,8 @@ def markdown(table: Table, level: int = 2) -> list[str]:
 
 
 def to_html(table: Table) -> str:
-    """The table as an HTML section: its title, its note, the columns shown on the page."""
+    """The table as an HTML section: its title, its note, the columns shown on the page; a detail table
+    folded (<details>) under its title."""
     shown = [i for i, c in enumerate(table.columns) if c.on_page]
     head = "".join(f"<th>{html.escape(table.columns[i].heading)}</th>" for i in shown)
     rows = []
@@ -488,5 +490,10 @@ def to_html(table: Table) -> str:
             attributes += f' colspan="{span}"' if span > 1 else ""
             cells.append(f"<td{attributes}>{html.escape(value)}</td>")
         rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
-    return (f"<h2>{html.escape(table.title)}</h2><p class=\"note\">{html.escape(table.note)}</p>"
+    title = f"<h2>{html.escape(table.title)}</h2>"
+    body = (f'<p class="note">{html.escape(table.note)}</p>'
             f'<div class="wide"><table id="{table.id}"><tr>{head}</tr>{"".join(rows)}</table></div>')
+    if table.detail:  # folded: the title and its row count show, a click opens it
+        return (f'<details><summary>{title}<span class="rows">{len(table.rows)} rows: click to show</span>'
+                f"</summary>{body}</details>")
+    return title + body
