@@ -92,13 +92,14 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 COMPARISONS_FILE = "comparisons.json"
-FIGURE_CAPTIONS = {"confusion_matrices.png": "confusion matrices per arm at each run's selected epoch, its seeds pooled "
+FIGURE_CAPTIONS = {"confusion_matrices.png": "confusion matrices of the answer's arms (each at its chosen setting) at "
+                                              "each run's selected epoch, its seeds pooled "
                                               "(counts summed, then row-normalised; each run's own: confusion_matrix.png "
                                               "in its folder)",
                    "expected_best.png": "median best held-out score of k trials per arm, failures counted (after Dodge et al. "
                                         f"2019); band: {BAND_LABEL}; below, where a trial failed: the chance all k failed",
-                   "calibration.png": "reliability diagram per arm, its seeds pooled: top grade probability against "
-                                      "the share graded right"}
+                   "calibration.png": "reliability diagram per arm of the answer, its seeds pooled: top grade probability "
+                                      "against the share graded right"}
 
 
 def caption(figure: Path) -> str:
@@ -764,14 +765,14 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         path = out / f"accuracy_resnet{depth}.png"
         plot_curves([a for a in arms if a.depth == depth], depth, path)
         written.append(path)
-    if any(r.rows for r in runs):
-        plot_confusion_matrices(arms, out / "confusion_matrices.png")
-        written.append(out / "confusion_matrices.png")
-    if plot_calibration(arms, out / "calibration.png") is not None:
-        written.append(out / "calibration.png")
     searched = declared_searched(root)
     heads = headline(arms, searched, read_choice(root))
     answered = [h.arm for h in heads if h.arm]  # winners meet winners: a searched key's settings are not compared
+    if any(r.rows for a in answered for r in a.runs):  # the answer's arms: every other run's matrix is in its folder
+        plot_confusion_matrices(answered, out / "confusion_matrices.png")
+        written.append(out / "confusion_matrices.png")
+    if plot_calibration(answered, out / "calibration.png") is not None:
+        written.append(out / "calibration.png")
     comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(answered, epoch=epoch)]
     families = declare_families(comparisons)
     for warning in dict.fromkeys(f"{c['comparison']}: {c['warning']}" for c in comparisons if c.get("warning")):

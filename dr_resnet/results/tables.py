@@ -159,7 +159,7 @@ def weigh_table(lines: list[tuple[str, str]]) -> Table:
 
 def results_table(rows: list[dict]) -> Table:
     columns = [Column(key, heading or key, heading is not None) for key, heading in RESULT_COLUMNS]
-    table = Table("results", "Results", RESULTS_NOTE, columns, csv_headings=True,
+    table = Table("results", "Results", RESULTS_NOTE, columns, csv_headings=True, detail=True,
                   numeric=frozenset(k for k in COLUMNS if not k.endswith(("95ci", "recall_at_selected"))
                                     and k not in ("run", "weights", "status", "epochs", "selected_by", "collapsed",
                                                   "ci_resampled")))
@@ -282,7 +282,7 @@ def operating_points_table(rows: list[dict]) -> Table:
     columns = [Column("run", "run"), Column("target", "target specificity"), Column("threshold", "threshold"),
                Column("held_out", "held-out specificity"), Column("negatives", "held-out negatives"),
                Column("sensitivity", "test sensitivity (95% CI)"), Column("specificity", "test specificity (95% CI)")]
-    table = Table("operating_points", "Referable DR at screening operating points", OPERATING_NOTE, columns,
+    table = Table("operating_points", "Referable DR at screening operating points", OPERATING_NOTE, columns, detail=True,
                   numeric=frozenset(("target", "threshold", "held_out", "negatives", "sensitivity", "specificity")))
     for row in rows:
         for point in row["points"]:
