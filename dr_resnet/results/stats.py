@@ -1,20 +1,29 @@
 """Uncertainty of the grading metrics: bootstrap 95% intervals, paired comparisons of two models on the
-same images, McNemar's test. numpy only.
+same images, McNemar's test. numpy and scipy only.
 
 The bootstrap resamples patients (each image's id from dr_resnet.patients: EyePACS' <patient>_left|right,
 or a table's patient column; both eyes of a patient move together, as they are not independent) when some
-patient has several images, images otherwise; `unit` says which. It is vectorised: each resample is a
-vector of weights (how often each image was drawn), so a resample's confusion matrix is one matrix
-product and its referable-DR AUC one weighted rank sum; 10,000 images x 2,000 resamples take seconds.
+patient has several images, images otherwise; `unit` says which. A resample is a vector of counts, how
+often each unit was drawn (Resamples: drawn once per test set and seed, shared by every statistic on it).
+Every resampled statistic is a sum over images, so it is computed from per-unit sums: a resample's
+confusion matrix is its counts times each unit's confusion counts, its referable-DR AUC a weighted rank sum
+from each unit's images per run of equal scores (sparse), never an array per image and resample. All of
+it sums whole numbers (halves for ties), exactly, in any order. Chunks of resamples hold at most
+CHUNK_BYTES at once: 50,000 images x 2,000 resamples take seconds and about 100 MB beyond the draws.
 Intervals are percentile intervals, seeded.
+
+Paired comparisons of arms use the patient jackknife (leave_one_out, seed_pair_test): deterministic, no
+resamples; what each run contributes (RunScores) is computed once per run, whatever it is compared with.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+from scipy import sparse
 from scipy import stats as scipy_stats
 from scipy.integrate import quad
 from scipy.optimize import brentq
@@ -24,7 +33,7 @@ from dr_resnet.results.metrics import METRICS, REFERABLE_GRADE, of_confusion
 from dr_resnet.seeds import derive_seed
 
 RESAMPLES, LEVEL = 2000, 0.95
-CHUNK_CELLS = 20_000_000  # weights held at once (resamples x images): bounds memory (~160 MB)
+CHUNK_BYTES = 64 * 2**20  # what one chunk of resamples may hold at once, every array it makes counted
 
 
 def resampling_units(patients: Sequence[str] | None) -> tuple[np.ndarray, str]:
@@ -36,18 +45,58 @@ def resampling_units(patients: Sequence[str] | None) -> tuple[np.ndarray, str]:
     return units, "patients" if units.max() + 1 < len(patients) else "images"
 
 
+def _count(units: np.ndarray) -> int:
+    return int(units.max()) + 1 if len(units) else 0
+
+
+@dataclass(frozen=True)
+class Resamples:
+    """The bootstrap's draws on one test set: row k counts how often each unit (patient) is in resample k
+    (as many units drawn, with replacement, as there are). Drawing them costs more than the metrics (a
+    multinomial over every patient per resample), and a seed draws the same ones again: every statistic on
+    one test set (a run's intervals of each metric, its operating points; every run on it) shares them."""
+
+    units: np.ndarray  # each image's unit (resampling_units)
+    counts: np.ndarray  # (units, resamples), small whole numbers: a column per resample
+    seed: int
+
+    @property
+    def resamples(self) -> int:
+        return self.counts.shape[1]
+
+    def fits(self, units: np.ndarray, resamples: int, seed: int) -> bool:
+        """Whether these are the draws of `resamples` resamples of `units` with `seed`."""
+        return self.resamples == resamples and self.seed == seed and np.array_equal(self.units, units)
+
+    def chunks(self, bytes_per_resample: int) -> Iterator[np.ndarray]:
+        """The counts as (units, r) float64, r resamples at a time, so that these and what a resample's
+        statistics allocate (bytes_per_resample) stay within CHUNK_BYTES (a loop over them holds one chunk
+        while the next is made: two count)."""
+        step = max(1, CHUNK_BYTES // (2 * 8 * len(self.counts) + bytes_per_resample))
+        for start in range(0, self.resamples, step):
+            yield self.counts[:, start:start + step].astype(np.float64, order="C")
+
+
+def draw_resamples(units: np.ndarray, resamples: int, seed: int) -> Resamples:
+    """The bootstrap's resamples of `units` (resampling_units) for `seed`: the same draws whatever the chunks."""
+    rng = np.random.default_rng(derive_seed(seed, "bootstrap"))
+    n_units = _count(units)
+    counts = np.empty((n_units, resamples), dtype=np.uint8)
+    rows = max(1, CHUNK_BYTES // (16 * max(1, n_units)))  # numpy draws them as int64, and copies them once
+    for start in range(0, resamples, rows):
+        drawn = rng.multinomial(n_units, np.full(n_units, 1 / n_units), size=min(rows, resamples - start))
+        if drawn.max(initial=0) > np.iinfo(counts.dtype).max:  # a unit drawn over 255 times: a tiny test set
+            counts = counts.astype(np.min_scalar_type(n_units))
+        counts[:, start:start + len(drawn)] = drawn.T
+    return Resamples(np.asarray(units), counts, seed)
+
+
 def bootstrap_weights(units: np.ndarray, resamples: int, seed: int) -> Iterator[np.ndarray]:
     """(r, N) arrays, chunk by chunk, `resamples` rows in all: row k counts how often each image is in
-    resample k (its unit drawn with replacement, as many units as there are)."""
-    rng = np.random.default_rng(derive_seed(seed, "bootstrap"))
-    n_units = int(units.max()) + 1 if len(units) else 0
-    chunk = max(1, CHUNK_CELLS // max(1, len(units)))
-    done = 0
-    while done < resamples:
-        rows = min(chunk, resamples - done)
-        counts = rng.multinomial(n_units, np.full(n_units, 1 / n_units), size=rows)
-        yield counts[:, units].astype(np.float64)
-        done += rows
+    resample k (its unit drawn with replacement, as many units as there are). The statistics themselves
+    never make these (see Resamples); they show what a resample is."""
+    for counts in draw_resamples(units, resamples, seed).chunks(8 * len(units)):
+        yield counts.T[:, units]
 
 
 def weighted_confusion(labels: np.ndarray, grades: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -81,6 +130,66 @@ def metrics_of(labels: np.ndarray, grades: np.ndarray, scores: np.ndarray, weigh
     return values
 
 
+class UnitAuc:
+    """The referable AUC of resamples from their unit counts. Sorted by score, the images form runs of equal
+    scores; only the runs holding a positive matter one by one (K of them): a positive's wins are the
+    negatives in earlier runs and half of those in its own. So each unit's images are summed into three
+    sparse (K, units) tables: its positives per positive run, its negatives in that run, and its negatives
+    in the runs between two positive runs (a K + 1st column: those above every positive)."""
+
+    def __init__(self, positive: np.ndarray, scores: np.ndarray, units: np.ndarray):
+        n_units = _count(units)
+        order = np.argsort(scores, kind="mergesort")
+        s, pos, u = scores[order], positive[order], units[order]
+        group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1 if len(s) else np.zeros(0, dtype=np.int64)
+        holds = np.bincount(group, weights=pos, minlength=int(group[-1]) + 1 if len(s) else 0) > 0
+        self.runs = int(holds.sum())
+        run = (np.cumsum(holds) - 1)[group]  # each image's positive run (or the last one below it, -1 if none)
+        inside = holds[group]
+
+        def table(images: np.ndarray, columns: np.ndarray, width: int) -> sparse.csr_array:
+            return sparse.csr_array((np.ones(int(images.sum())), (columns[images], u[images])), shape=(width, n_units))
+
+        self.positives = table(pos, run, self.runs)
+        self.tied = table(~pos & inside, run, self.runs)
+        self.between = table(~pos & ~inside, run + 1, self.runs + 1)
+
+    @property
+    def bytes_per_resample(self) -> int:
+        return 8 * (6 * self.runs + 2)
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        """(r,) AUCs of the resamples `counts` ((units, r), Resamples.chunks)."""
+        pos, tied, between = self.positives @ counts, self.tied @ counts, self.between @ counts
+        w_pos, w_neg = pos.sum(axis=0), tied.sum(axis=0) + between.sum(axis=0)
+        below = np.cumsum(between[:-1], axis=0)  # negatives in the runs below each positive run
+        below += np.cumsum(tied, axis=0)
+        below -= 0.5 * tied  # earlier positive runs' negatives, and half of its own (ties)
+        wins = np.einsum("kr,kr->r", pos, below)
+        return np.divide(wins, w_pos * w_neg, out=np.full(counts.shape[1], 0.5), where=(w_pos > 0) & (w_neg > 0))
+
+
+class UnitMetrics:
+    """Every METRICS entry of resamples from their unit counts: each unit's images per confusion cell (a
+    sparse (25, units) table: a resample's matrix is its product with the counts) and its referable AUC
+    tables (UnitAuc)."""
+
+    def __init__(self, labels: np.ndarray, grades: np.ndarray, scores: np.ndarray, units: np.ndarray):
+        self.confusion = sparse.csr_array((np.ones(len(labels)), (labels * NUM_GRADES + grades, units)),
+                                          shape=(NUM_GRADES ** 2, _count(units)))
+        self.auc = UnitAuc(labels >= REFERABLE_GRADE, scores, units)
+
+    @property
+    def bytes_per_resample(self) -> int:
+        return 8 * 12 * NUM_GRADES ** 2 + self.auc.bytes_per_resample  # the matrices and the metrics' steps
+
+    def __call__(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        confusion = np.ascontiguousarray((self.confusion @ counts).T).reshape(-1, NUM_GRADES, NUM_GRADES)
+        values = of_confusion(confusion)
+        values["referable_auc"] = self.auc(counts)
+        return values
+
+
 def _arrays(labels, grades, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     labels, grades = np.asarray(labels, dtype=np.int64), np.asarray(grades, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
@@ -97,21 +206,33 @@ def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
 
 def bootstrap_intervals(labels: Sequence[int], grades: Sequence[int], scores: Sequence[float],
                         patients: Sequence[str] | None = None, resamples: int = RESAMPLES, seed: int = 0,
-                        level: float = LEVEL) -> dict:
+                        level: float = LEVEL, drawn: Resamples | None = None) -> dict:
     """{"unit", "resamples", "level", and per metric {"value", "low", "high"}}: the metric on these
-    images and its bootstrap percentile interval."""
+    images and its bootstrap percentile interval. `drawn`: the test set's resamples where they were drawn
+    already (for another run or statistic on the same images), else they are drawn here."""
     labels, grades, scores = _arrays(labels, grades, scores)
     units, unit = resampling_units(patients if patients is not None else [str(i) for i in range(len(labels))])
+    drawn = _resamples(drawn, units, resamples, seed)
     point = metrics_of(labels, grades, scores, np.ones((1, len(labels))))
+    resampled = UnitMetrics(labels, grades, scores, units)
     samples = {m: [] for m in METRICS}
-    for weights in bootstrap_weights(units, resamples, seed):
-        for m, v in metrics_of(labels, grades, scores, weights).items():
+    for counts in drawn.chunks(resampled.bytes_per_resample):
+        for m, v in resampled(counts).items():
             samples[m].append(v)
     result: dict = {"unit": unit, "resamples": resamples, "level": level, "seed": seed}
     for m in METRICS:
         low, high = _interval(np.concatenate(samples[m]), level)
         result[m] = {"value": float(point[m][0]), "low": low, "high": high}
     return result
+
+
+def _resamples(drawn: Resamples | None, units: np.ndarray, resamples: int, seed: int) -> Resamples:
+    if drawn is None:
+        return draw_resamples(units, resamples, seed)
+    if not drawn.fits(units, resamples, seed):
+        raise ValueError(f"resamples drawn for {len(drawn.units)} images ({drawn.resamples} resamples, seed "
+                         f"{drawn.seed}) given for {len(units)} images ({resamples}, seed {seed}) or other patients")
+    return drawn
 
 
 def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool], units: np.ndarray | None = None) -> dict:
@@ -355,14 +476,17 @@ def specificity_threshold(positive: np.ndarray, scores: np.ndarray, specificity:
 
 def operating_points(held_out: tuple[Sequence[int], Sequence[float]], test: tuple[Sequence[int], Sequence[float]],
                      patients: Sequence[str] | None = None, specificities: Sequence[float] = SCREENING_SPECIFICITIES,
-                     resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> list[dict]:
+                     resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL,
+                     drawn: Resamples | None = None) -> list[dict]:
     """Referable DR (grade >= 2) at screening operating points: for each target specificity, the threshold
     on the referable score fitted on the held-out (labels, scores), then the test split's sensitivity and
-    specificity at it with patient-bootstrap intervals (test `patients`, one per image)."""
+    specificity at it with patient-bootstrap intervals (test `patients`, one per image; `drawn`: their
+    resamples, as bootstrap_intervals)."""
     val_positive = np.asarray(held_out[0]) >= REFERABLE_GRADE
     positive = np.asarray(test[0]) >= REFERABLE_GRADE
     scores = np.asarray(test[1], dtype=np.float64)
     units, unit = resampling_units(patients if patients is not None else [str(i) for i in range(len(scores))])
+    drawn, n_units = _resamples(drawn, units, resamples, seed), _count(units)
     found = []
     for target in specificities:
         threshold = specificity_threshold(val_positive, held_out[1], target)
@@ -370,11 +494,14 @@ def operating_points(held_out: tuple[Sequence[int], Sequence[float]], test: tupl
         point = {"sensitivity": float(refer[positive].mean()) if positive.any() else math.nan,
                  "specificity": float((~refer[~positive]).mean()) if (~positive).any() else math.nan}
         samples = {"sensitivity": [], "specificity": []}
-        for weights in bootstrap_weights(units, resamples, seed):
-            for name, members, hit in (("sensitivity", positive, refer), ("specificity", ~positive, ~refer)):
-                total = (weights * members).sum(axis=1)
-                samples[name].append(np.divide((weights * (members & hit)).sum(axis=1), total,
-                                               out=np.full(len(weights), np.nan), where=total > 0))
+        # each unit's positives, positives referred, negatives and negatives not referred: (4, units)
+        counted = sparse.csr_array(np.stack([np.bincount(units, weights=members, minlength=n_units)
+                                             for members in (positive, positive & refer, ~positive, ~positive & ~refer)]))
+        for counts in drawn.chunks(8 * 8):
+            sums = counted @ counts  # (4, r)
+            for name, row in (("sensitivity", 0), ("specificity", 2)):
+                samples[name].append(np.divide(sums[row + 1], sums[row], out=np.full(counts.shape[1], np.nan),
+                                               where=sums[row] > 0))
         negatives = int((~val_positive).sum())
         entry = {"target_specificity": target, "threshold": threshold,
                  "held_out_specificity": float((np.asarray(held_out[1]) < threshold)[~val_positive].mean()),
