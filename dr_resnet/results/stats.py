@@ -18,12 +18,13 @@ resamples; what each run contributes (RunScores) is computed once per run, whate
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
-from scipy import sparse
+from scipy import sparse, special
 from scipy import stats as scipy_stats
 from scipy.integrate import quad
 from scipy.optimize import brentq
@@ -243,13 +244,19 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool], units: np.ndar
     degree of freedom under no difference (McNemar's chi-square when every patient has one image).
     Otherwise the exact test: two-sided binomial p-value at 1/2."""
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
-    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    share = None
     if units is not None and len(units) and int(units.max()) + 1 < len(units):
         n_units = int(units.max()) + 1
-        d = (np.bincount(units, weights=(a & ~b).astype(float) - (~a & b), minlength=n_units)
-             / np.bincount(units, minlength=n_units))
-        spread = float(np.sum(d ** 2))
-        statistic = float(d.sum()) ** 2 / spread if spread > 0 else 0.0
+        share = (np.bincount(units, weights=(a & ~b).astype(float) - (~a & b), minlength=n_units)
+                 / np.bincount(units, minlength=n_units))
+    return _mcnemar(int((a & ~b).sum()), int((~a & b).sum()), share)
+
+
+def _mcnemar(only_a: int, only_b: int, share: np.ndarray | None) -> dict:
+    """mcnemar's result from its counts and, clustered, each patient's d_k (None: the exact test)."""
+    if share is not None:
+        spread = float(np.sum(share ** 2))
+        statistic = float(share.sum()) ** 2 / spread if spread > 0 else 0.0
         p = math.erfc(math.sqrt(statistic / 2))  # chi-square, 1 degree of freedom
         return {"a_only_right": only_a, "b_only_right": only_b, "statistic": statistic, "p_value": p,
                 "test": MCNEMAR_CLUSTERED}
@@ -331,24 +338,58 @@ ONE_SEED = "one seed: the variation between seeds is unknown"
 OVER_SEEDS = "seed pairs and test patients (seed-pair t, S - 1 degrees of freedom, with the test set's covariance)"
 
 
+@dataclass(frozen=True)
+class RunScores:
+    """What one run's predictions on a test set bring to its paired comparisons, the same whatever it is
+    compared with: each metric's value and its values with each unit (patient) left out in turn (the
+    jackknife), and which images it graded right (McNemar's test), per image and summed per unit. A report
+    computes it once per run (and keeps it: cache.py), not once per comparison."""
+
+    point: dict[str, float]
+    left_out: dict[str, np.ndarray]  # (units,) per metric: leave_one_out
+    correct: np.ndarray  # (images,) bool
+    correct_per_unit: np.ndarray  # (units,) images graded right
+    unit_sizes: np.ndarray  # (units,) images
+    unit: str  # "patients" where some patient has several images, else "images" (resampling_units)
+
+    @property
+    def images(self) -> int:
+        return len(self.correct)
+
+
+def run_scores(labels: np.ndarray, grades: np.ndarray, scores: np.ndarray, units: np.ndarray,
+               metrics: Sequence[str]) -> RunScores:
+    """One run's RunScores on images `labels` with resampling units `units` (resampling_units)."""
+    n_units = _count(units)
+    point = metrics_of(labels, grades, scores, np.ones((1, len(labels))))
+    correct = np.asarray(grades) == np.asarray(labels)
+    return RunScores({m: float(point[m][0]) for m in metrics}, leave_one_out(labels, grades, scores, units, metrics),
+                     correct, np.bincount(units, weights=correct, minlength=n_units).astype(np.int64),
+                     np.bincount(units, minlength=n_units), "patients" if n_units < len(labels) else "images")
+
+
 def seed_pair_test(labels: np.ndarray, runs_a: list[tuple[np.ndarray, np.ndarray]],
                    runs_b: list[tuple[np.ndarray, np.ndarray]], units: np.ndarray,
                    metrics: Sequence[str]) -> dict[str, dict]:
+    """A - B per metric over S seed pairs scored on one test set, each run its (grades, referable scores):
+    seed_pair_test_of their RunScores."""
+    return seed_pair_test_of(*([run_scores(labels, g, s, units, metrics) for g, s in side] for side in (runs_a, runs_b)),
+                             metrics)
+
+
+def seed_pair_test_of(side_a: list[RunScores], side_b: list[RunScores], metrics: Sequence[str]) -> dict[str, dict]:
     """A - B per metric over S seed pairs scored on one test set: the mean of the pairs' differences, and
     its standard error se^2 = s^2/S + C, s^2 the pairs' sample variance (the seeds) and C the mean
     jackknife covariance between different pairs' differences (the shared test set, which s^2 cannot see:
     two arms right on different patients differ alike in every pair); t with S - 1 degrees of freedom.
     One pair: the test set's (jackknife) standard error alone, normal, `over` saying so."""
-    pairs = len(runs_a)
-    ones = np.ones((1, len(labels)))
+    pairs = len(side_a)
     found = {}
-    point = [[metrics_of(labels, g, s, ones) for g, s in side] for side in (runs_a, runs_b)]
-    left = [[leave_one_out(labels, g, s, units, metrics) for g, s in side] for side in (runs_a, runs_b)]
     for m in metrics:
-        a = np.array([v[m][0] for v in point[0]])
-        b = np.array([v[m][0] for v in point[1]])
+        a = np.array([run.point[m] for run in side_a])
+        b = np.array([run.point[m] for run in side_b])
         d = a - b
-        left_d = np.stack([x[m] - y[m] for x, y in zip(left[0], left[1])], axis=1)  # (units, S)
+        left_d = np.stack([x.left_out[m] - y.left_out[m] for x, y in zip(side_a, side_b)], axis=1)  # (units, S)
         cov = jackknife_covariance(left_d) if len(left_d) > 1 else np.full((pairs, pairs), math.nan)
         difference = float(d.mean())
         entry = {"a": float(a.mean()), "b": float(b.mean()), "difference": difference, "per_seed": d.tolist()}
@@ -394,23 +435,37 @@ def t_interval(entry: dict, level: float = LEVEL) -> tuple[float, float]:
 def power(noncentrality: float, df: float | None, level: float) -> float:
     """The chance that a two-sided t-test at 1 - level rejects when difference / se = noncentrality: the
     non-central t's tails, integrated over the chi-square of the standard error (stable where scipy's nct
-    is not, at the large noncentralities that one or two seeds need)."""
+    is not, at the large noncentralities that one or two seeds need). The integrand is scipy.stats' normal
+    tails and chi-square density as scipy computes them (ndtr; exp of the log density), called directly:
+    through the distribution objects a report's power figures took a minute."""
     crit = t_quantile(level, df)
     if df is None:
         return float(scipy_stats.norm.sf(crit - noncentrality) + scipy_stats.norm.cdf(-crit - noncentrality))
+    log_scale = special.gammaln(df / 2.) + (np.log(2) * df) / 2. - np.log(2 * df)
 
-    def rejects(v: float) -> float:
-        bound = crit * math.sqrt(v / df)
-        return (scipy_stats.norm.sf(bound - noncentrality) + scipy_stats.norm.cdf(-bound - noncentrality)) \
-            * scipy_stats.chi2.pdf(v, df)
-    return float(quad(rejects, 0, np.inf, limit=200)[0])
+    def rejects(x: float) -> float:  # x^2 = v / df, the chi-square over its degrees of freedom (mean 1)
+        bound = crit * x
+        v = x * x * df
+        density = x * np.exp(special.xlogy(df / 2. - 1, v) - v / 2. - log_scale) if v > 0 else 0.0
+        return (special.ndtr(-(bound - noncentrality)) + special.ndtr(-bound - noncentrality)) * density
+    # Only where both hold is there anything to integrate: the chi-square's own mass (between its 1e-15 and
+    # 1 - 1e-15 quantiles) and crit x below |noncentrality| + 12 (beyond, both tails are below 1e-32). Over v
+    # in (0, inf) at once quad missed the peak at v = df (narrow with many degrees of freedom: it answered 0
+    # from about 180 on) and, at one degree of freedom and a family's level, the spike near 0.
+    low, high = np.sqrt(scipy_stats.chi2.ppf([1e-15, 1 - 1e-15], df) / df)
+    high = min(high, (abs(noncentrality) + 12) / crit)
+    if high <= low:
+        return 0.0
+    return float(quad(rejects, low, high, limit=200, points=[1.0] if low < 1 < high else None)[0])
 
 
 POWER = 0.8  # the chance of finding a difference that the report's "smallest detectable difference" means
 
 
+@functools.lru_cache(maxsize=1024)
 def detectable(df: float | None, level: float, target: float = POWER) -> float:
-    """The difference, in standard errors, that a two-sided t-test at 1 - level finds with chance `target`."""
+    """The difference, in standard errors, that a two-sided t-test at 1 - level finds with chance `target`
+    (remembered: every member of a family asks it with the same degrees of freedom and level)."""
     high = 1.0
     while power(high, df, level) < target:
         high *= 2
@@ -420,12 +475,22 @@ def detectable(df: float | None, level: float, target: float = POWER) -> float:
 def seeds_needed(difference: float, seed_variance: float, covariance: float, level: float, target: float = POWER,
                  most: int = 200) -> int | None:
     """The fewest seed pairs whose test (se^2 = s^2/S + C on this test set) finds `difference` with chance
-    `target`; None when even `most` do not (the test set's own term C does not shrink with seeds)."""
-    for seeds in range(2, most + 1):
+    `target`; None when even `most` do not (the test set's own term C does not shrink with seeds). More
+    seeds only help (a smaller se, more degrees of freedom), so it is searched by halving."""
+    def enough(seeds: int) -> bool:
         se = math.sqrt(max(seed_variance, 0.0) / seeds + max(covariance, 0.0))
-        if se == 0 or power(abs(difference) / se, seeds - 1, level) >= target:
-            return seeds
-    return None
+        return se == 0 or power(abs(difference) / se, seeds - 1, level) >= target
+
+    if most < 2 or not enough(most):
+        return None
+    low, high = 2, most
+    while low < high:
+        middle = (low + high) // 2
+        if enough(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 Scored = tuple[Sequence[int], Sequence[float]]  # one run's (grades, referable scores) per image
@@ -442,16 +507,31 @@ def paired_comparison(labels: Sequence[int], a: Scored | list[Scored], b: Scored
     if len(side_a) != len(side_b) or not side_a:
         raise ValueError(f"paired runs: {len(side_a)} on one side, {len(side_b)} on the other")
     labels = np.asarray(labels, dtype=np.int64)
-    runs_a = [_arrays(labels, *run)[1:] for run in side_a]
-    runs_b = [_arrays(labels, *run)[1:] for run in side_b]
-    units, unit = resampling_units(patients if patients is not None else [str(i) for i in range(len(labels))])
-    result: dict = {"unit": unit, "level": level, "images": len(labels), "runs_per_side": len(runs_a)}
-    for m, entry in seed_pair_test(labels, runs_a, runs_b, units, metrics).items():
+    units, _ = resampling_units(patients if patients is not None else [str(i) for i in range(len(labels))])
+    scored = ([run_scores(labels, *_arrays(labels, *run)[1:], units, metrics) for run in side]
+              for side in (side_a, side_b))
+    return compare_scored(*scored, level=level, metrics=metrics)
+
+
+def compare_scored(side_a: list[RunScores], side_b: list[RunScores], level: float = LEVEL,
+                   metrics: Sequence[str] = ("accuracy", "qwk", "referable_auc")) -> dict:
+    """paired_comparison from each run's RunScores (all on one test set, paired seed by seed)."""
+    if len(side_a) != len(side_b) or not side_a:
+        raise ValueError(f"paired runs: {len(side_a)} on one side, {len(side_b)} on the other")
+    first = side_a[0]
+    result: dict = {"unit": first.unit, "level": level, "images": first.images, "runs_per_side": len(side_a)}
+    for m, entry in seed_pair_test_of(side_a, side_b, metrics).items():
         entry["low"], entry["high"] = clipped(m, t_interval(entry, level))
         result[m] = entry
-    tests = [mcnemar(ga == labels, gb == labels, units) for (ga, _), (gb, _) in zip(runs_a, runs_b)]
+    tests = [mcnemar_of(x, y) for x, y in zip(side_a, side_b)]
     result["mcnemar"] = tests[0] if len(tests) == 1 else tests
     return result
+
+
+def mcnemar_of(a: RunScores, b: RunScores) -> dict:
+    """mcnemar of two runs on one test set from their RunScores: the same test, the same numbers."""
+    share = (a.correct_per_unit - b.correct_per_unit) / a.unit_sizes if a.unit == "patients" else None
+    return _mcnemar(int((a.correct & ~b.correct).sum()), int((~a.correct & b.correct).sum()), share)
 
 
 SCREENING_SPECIFICITIES = (0.90, 0.98)  # the operating points Gulshan et al. (2016) report for referable DR
