@@ -31,6 +31,7 @@ from dr_resnet.results.arms import (
     seed_summary,
     smallest_detectable,
 )
+from dr_resnet.results.cache import CACHE_DIR, ResultsCache
 from dr_resnet.results.factors import (
     FRACTION,
     convergence,
@@ -43,7 +44,6 @@ from dr_resnet.results.factors import (
     realised_shares,
 )
 from dr_resnet.results.html import write_html
-from dr_resnet.results.metrics import expected_calibration_error
 from dr_resnet.results.plots import pyplot
 from dr_resnet.results.rundir import BEST_CHECKPOINT, CONFIG_FILE, FINAL
 from dr_resnet.results.tables import (
@@ -364,15 +364,14 @@ def plot_calibration(runs: list[RunRecord], path: Path) -> bool:
     """Reliability diagram: per run with grade probabilities in its predictions.csv, the accuracy of its
     images binned by their top probability against that probability (the diagonal is perfect
     calibration), with its expected calibration error. False (nothing drawn) when no run has any."""
-    shown = [(r, r.predictions()) for r in runs if r.rows]
-    shown = [(r, p) for r, p in shown if p is not None and p.values.ndim == 2]
+    shown = [(r, r.calibration()) for r in runs if r.rows]
+    shown = [(r, c) for r, c in shown if c is not None]
     if not shown:
         return False
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5.2))
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
-    for run, found in shown:
-        calibration = expected_calibration_error(found.values, found.labels)
+    for run, calibration in shown:
         points = calibration["bins"]
         before = run.chosen().get("test_ece_before")
         extra = f", {before:.3f} before temperature scaling" if before is not None else ""
@@ -442,7 +441,7 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
                       "patients_in_train_and_test": run.summary.get("patients_in_train_and_test"),
                       "skipped_images": len(run.summary["skipped_images"]) if "skipped_images" in run.summary else None,
                       "final_qwk_95ci": (_with_interval(run.summary["final_intervals"]["qwk"])
-                                         if "final_intervals" in run.summary and run.predictions("final") else None),
+                                         if "final_intervals" in run.summary and run.has_predictions("final") else None),
                       "train_minutes": sum(r["epoch_seconds"] for r in run.rows) / 60})
         intervals = run.intervals()
         if intervals:
@@ -553,7 +552,8 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     heat maps); returns the files written."""
     root = Path(root)
     out = Path(out) if out else root
-    runs = find_runs(root)
+    cache = ResultsCache(out / CACHE_DIR)
+    runs = find_runs(root, cache)
     if not runs:
         raise FileNotFoundError(f"no run directories (with config.yaml) under {root}")
     out.mkdir(parents=True, exist_ok=True)
@@ -589,6 +589,7 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     figures = [(p, caption(p)) for p in [*(w for w in written if w.suffix == ".png" and not w.name.startswith("gallery_")),
                                          *sorted(out.glob("gallery_*.png"))]]  # a gallery drawn earlier is shown too
     page = write_html(out, f"dr-resnet report: {root.resolve().name}", tables, figures)
+    print(cache.describe(), file=sys.stderr)
     return written + [out / "results.md", out / "results.csv", page]
 
 
