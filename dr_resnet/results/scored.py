@@ -51,8 +51,13 @@ def score_file(path: Path, metrics: Sequence[str]) -> dict[str, np.ndarray]:
     return {"facts": np.array(json.dumps(facts)), "metrics": np.array(list(metrics)),
             "point": np.array([scores.point[m] for m in metrics]),
             **{f"left_out.{m}": scores.left_out[m] for m in metrics},
-            "correct": np.packbits(scores.correct), "correct_per_unit": scores.correct_per_unit,
-            "unit_sizes": scores.unit_sizes, "unit": np.array(scores.unit)}
+            "correct": np.packbits(scores.correct), "correct_per_unit": small(scores.correct_per_unit),
+            "unit_sizes": small(scores.unit_sizes), "unit": np.array(scores.unit)}
+
+
+def small(counts: np.ndarray) -> np.ndarray:
+    """Counts in the fewest bytes that hold them (a patient's images: one byte), for the cache."""
+    return counts.astype(np.min_scalar_type(int(counts.max(initial=0))))
 
 
 def facts_of(arrays: dict[str, np.ndarray]) -> FileFacts:
@@ -65,5 +70,6 @@ def scored_of(arrays: dict[str, np.ndarray]) -> ScoredFile:
     scores = RunScores({m: float(v) for m, v in zip(metrics, arrays["point"])},
                        {m: arrays[f"left_out.{m}"] for m in metrics},
                        np.unpackbits(arrays["correct"], count=facts.images).astype(bool),
-                       arrays["correct_per_unit"], arrays["unit_sizes"], str(arrays["unit"]))
+                       arrays["correct_per_unit"].astype(np.int64), arrays["unit_sizes"].astype(np.int64),
+                       str(arrays["unit"]))
     return ScoredFile(facts, scores)
