@@ -134,7 +134,7 @@ class RunRecord:
 
     def _entry(self, epoch: str) -> dict:
         path = self.path / PREDICTION_FILES[epoch]
-        return self.cache.get("scores", path, lambda: score_file(path, COMPARED))
+        return self.cache.get(f"scores of {','.join(COMPARED)}", path, lambda: score_file(path, COMPARED))
 
     @cached_property
     def failure(self) -> str:
@@ -181,7 +181,7 @@ class RunRecord:
             drawn = self.cache.resamples(units, RESAMPLES, 0)
             return {"intervals": np.array(json.dumps(bootstrap_intervals(
                 found.labels, found.grades, found.referable_scores, found.patients, drawn=drawn)))}
-        return json.loads(str(self.cache.get("intervals", path, compute)["intervals"]))
+        return json.loads(str(self.cache.get(f"intervals of {RESAMPLES} resamples", path, compute)["intervals"]))
 
     def evaluations(self) -> list[dict]:
         """evaluate's results of this run on other datasets or splits (RUN/evaluations/<dataset>-<split>/
