@@ -97,6 +97,12 @@ def test_predictions_carry_each_images_patient_and_epoch(tmp_path):
     old.write_text("image,true_grade,grade,score,referable_score\n7_left,1,1,1.0,0.1\n7_right,2,2,2.0,0.9\n")
     found = read_predictions(old)
     assert found.patients == ["7", "7"] and found.epoch is None
+    # Names and patients the csv module quotes (a comma, a quote) read back as written; a regression head's score.
+    names, patients = ['a,"b".png', "c d.png", "e.png"], ["p,1", "p,1", 'q"']
+    write_predictions(path, names, labels, labels, labels * 1.25, labels / 4, "regression", patients, 3)
+    found = read_predictions(path)
+    assert (found.names, found.patients, found.epoch) == (names, patients, 3)
+    assert found.values.tolist() == [0.0, 2.5, 5.0] and found.referable_scores.tolist() == [0.0, 0.5, 1.0]
 
 
 def test_patients_in_both_training_and_test_are_counted_warned_and_reported(tmp_path, capfd):

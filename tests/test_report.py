@@ -155,6 +155,56 @@ def test_runs_in_progress_and_arms_not_run(sweep, tmp_path):
     assert (runs / "accuracy_resnet18.png").is_file() and not (runs / "accuracy_resnet50.png").exists()
 
 
+def test_a_second_report_reads_the_results_cache_and_a_rewritten_file_is_scored_again(sweep, tmp_path, capsys):
+    """The report keeps what each predictions file gives it (the comparisons' scores, the calibration) in its
+    out folder's .report_cache, keyed by the file's size, modification time and inode: a second report
+    computes nothing and writes the same results; a predictions.csv written again is scored again, alone;
+    damaged entries are computed again."""
+    import os
+    import re
+
+    runs, out = tmp_path / "sweep", tmp_path / "out"
+    shutil.copytree(sweep, runs, ignore=shutil.ignore_patterns("*.pt"))
+    files = sorted(runs.glob("*/predictions*.csv"))
+    files = [f for f in files if f.name in ("predictions.csv", "predictions_final.csv")]
+
+    def made() -> tuple[int, dict]:
+        report(runs, out)
+        line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("results cache")][-1]
+        assert line.startswith(f"results cache {out / '.report_cache'}: ")
+        return int(re.search(r"(\d+) computed", line).group(1)), {
+            name: (out / name).read_bytes() for name in ("comparisons.json", "results.csv", "results.md")}
+
+    computed, first = made()
+    assert computed == len(files) == 8 and len(list((out / ".report_cache").glob("*.npz"))) == 8
+    assert made() == (0, first)
+    touched = runs / "resnet18_scratch" / "predictions.csv"
+    touched.write_bytes(touched.read_bytes())
+    before = touched.stat()
+    os.utime(touched, ns=(before.st_atime_ns, before.st_mtime_ns + 2_000_000_000))
+    assert made() == (1, first)
+    for entry in (out / ".report_cache").glob("*.npz"):
+        entry.write_bytes(b"not an npz file")
+    assert made() == (8, first)
+    assert made() == (0, first)
+
+
+def test_the_runs_keep_no_predictions_once_compared(sweep):
+    """The comparisons read each run's predictions once (into the results cache) and keep none of them:
+    at 200 runs of 50,000 images every run's predictions held until the end filled gigabytes."""
+    import gc
+
+    from dr_resnet.results.arms import compare_arms, find_runs, group_arms
+    from dr_resnet.results.predictions import Predictions
+
+    runs = find_runs(sweep)
+    compared = [c for epoch in ("selected", "final") for c in compare_arms(group_arms(runs), epoch)]
+    assert [c["status"] for c in compared] == ["compared"] * 8
+    gc.collect()
+    assert sum(type(o) is Predictions for o in gc.get_objects()) == 0
+    assert all(r.calibration() is not None for r in runs)  # the calibration figure's bins, kept instead
+
+
 def test_no_runs_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no run directories" in capsys.readouterr().err

@@ -256,3 +256,89 @@ def test_operating_points_fit_the_threshold_on_held_out_and_measure_on_test():
     assert "warning" not in enough[0] and stats.enough_negatives(0.98) == 500
     with pytest.raises(ValueError, match="no negative"):
         stats.specificity_threshold(np.ones(3, dtype=bool), np.zeros(3), 0.9)
+
+
+def _per_image_intervals(labels, grades, scores, units, resamples: int, seed: int, level: float = 0.95) -> dict:
+    """The bootstrap as it was computed before (a weight per image and resample, every metric from those
+    weights): what bootstrap_intervals must still give, bit for bit."""
+    weights = np.concatenate(list(stats.bootstrap_weights(units, resamples, seed)))
+    values = stats.metrics_of(labels, grades, scores, weights)
+    tail = 100 * (1 - level) / 2
+    return {m: [float(x) for x in np.nanpercentile(values[m], [tail, 100 - tail])] for m in stats.METRICS}
+
+
+def test_the_bootstrap_holds_its_memory_bound_and_gives_the_intervals_of_per_image_weights():
+    """50,000 images of 25,000 patients, 2,000 resamples: the bootstrap computes every resample from the
+    patients' counts, in chunks of at most stats.CHUNK_BYTES, instead of a (resamples x images) weight array
+    and the AUC's several copies of it (1.15 GB at its peak before); the intervals are those of per-image
+    weights exactly (every sum is of whole numbers or halves), with ties, one class or one image."""
+    import tracemalloc
+
+    n = 50_000
+    rng = np.random.default_rng(7)
+    labels = rng.choice(5, size=n, p=[0.73, 0.07, 0.15, 0.025, 0.025])
+    grades = np.where(rng.random(n) < 0.8, labels, rng.integers(0, 5, size=n))
+    scores = np.round(rng.random(n), 4)
+    patients = [str(i // 2) for i in range(n)]
+    tracemalloc.start()
+    try:
+        found = stats.bootstrap_intervals(labels, grades, scores, patients)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the draws (25,000 patients x 2,000 resamples, a byte each: 48 MB) and a chunk's arrays (CHUNK_BYTES, 64 MB)
+    assert peak < 150 * 2**20, f"{peak / 2**20:.0f} MB"
+    assert found["unit"] == "patients" and found["qwk"]["low"] < found["qwk"]["value"] < found["qwk"]["high"]
+    for n, kind, grouped in ((3000, "ties", True), (401, "ties", False), (57, "positives", True), (40, "negatives", True),
+                             (33, "one score", True), (1, "ties", False)):
+        labels = {"positives": rng.integers(2, 5, size=n), "negatives": rng.integers(0, 2, size=n)}.get(
+            kind, rng.integers(0, 5, size=n))
+        grades = rng.integers(0, 5, size=n)
+        scores = np.full(n, 0.3) if kind == "one score" else np.round(rng.random(n), 2)
+        patients = [str(i // 3 if grouped else i) for i in range(n)]
+        units, _ = stats.resampling_units(patients)
+        got = stats.bootstrap_intervals(labels, grades, scores, patients, resamples=300, seed=n)
+        expected = _per_image_intervals(labels, grades, scores, units, 300, n)
+        assert {m: [got[m]["low"], got[m]["high"]] for m in stats.METRICS} == expected, (n, kind)
+
+
+def test_one_draw_of_resamples_serves_every_statistic_on_a_test_set():
+    """The patients' resamples are drawn once (Resamples) and given to each run's intervals and operating
+    points on that test set: the same intervals as drawing them again, in any chunk size; draws of another
+    seed or other patients are refused."""
+    labels, grades, scores = random_predictions(600, seed=21)
+    _, other_grades, other_scores = random_predictions(600, seed=22)
+    patients = [str(i // 2) for i in range(600)]
+    units, _ = stats.resampling_units(patients)
+    drawn = stats.draw_resamples(units, 400, seed=0)
+    assert drawn.counts.shape == (300, 400) and np.all(drawn.counts.sum(axis=0) == 300)
+    for g, s in ((grades, scores), (other_grades, other_scores)):
+        assert stats.bootstrap_intervals(labels, g, s, patients, resamples=400, drawn=drawn) == \
+            stats.bootstrap_intervals(labels, g, s, patients, resamples=400)
+    held_out = (labels[:200], scores[:200])
+    assert stats.operating_points(held_out, (labels, scores), patients, resamples=400, drawn=drawn) == \
+        stats.operating_points(held_out, (labels, scores), patients, resamples=400)
+    chunked = np.concatenate(list(drawn.chunks(stats.CHUNK_BYTES - 2 * 8 * 300 * 7)), axis=1)  # 7 a chunk
+    assert np.array_equal(chunked, drawn.counts)
+    with pytest.raises(ValueError, match="resamples drawn for 600 images"):
+        stats.bootstrap_intervals(labels, grades, scores, patients, resamples=400, seed=1, drawn=drawn)
+    with pytest.raises(ValueError, match="other patients"):
+        stats.bootstrap_intervals(labels, grades, scores, [str(i) for i in range(600)], resamples=400, drawn=drawn)
+
+
+def test_power_and_the_seeds_needed_hold_at_many_seeds_and_a_familys_level():
+    """Where a difference needs many seeds (over 150) or a family's level meets one degree of freedom, the
+    power integral still equals scipy's non-central t (over the chi-square in one piece it answered 0 there),
+    and seeds_needed (halving) finds the fewest seed pairs that the non-central t says are enough."""
+    for df, level, nc in ((199, 0.95, 2.8), (1000, 0.95, 1.0), (1, 1 - 0.05 / 40, 5.0), (2, 1 - 0.05 / 40, 6.0)):
+        crit = scipy_stats.t.ppf(1 - (1 - level) / 2, df)
+        exact = scipy_stats.nct.sf(crit, df, nc) + scipy_stats.nct.cdf(-crit, df, nc)
+        assert stats.power(nc, df, level) == pytest.approx(exact, abs=1e-9), (df, level, nc)
+
+    def nct_power(seeds: int, variance: float, covariance: float) -> float:
+        crit, nc = scipy_stats.t.ppf(0.975, seeds - 1), 0.05 / math.sqrt(variance / seeds + covariance)
+        return scipy_stats.nct.sf(crit, seeds - 1, nc) + scipy_stats.nct.cdf(-crit, seeds - 1, nc)
+    for variance, covariance in ((0.0063, 0.000278), (0.004, 0.0), (0.05, 0.0)):
+        needed = stats.seeds_needed(0.05, variance, covariance, level=0.95)
+        assert nct_power(needed, variance, covariance) >= 0.8 > nct_power(needed - 1, variance, covariance)
+    assert stats.seeds_needed(0.05, 0.0063, 0.000278, level=0.95) > 150

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dr_resnet.results.arms import FAMILY_METRIC, QUESTION, Arm, RunRecord
+from dr_resnet.results.arms import FAMILY_METRIC, QUESTION, Arm
 from dr_resnet.results.rundir import read_metrics
-from dr_resnet.results.stats import resampling_units, seed_mean_test
+from dr_resnet.results.stats import seed_mean_test_of
 from dr_resnet.results.tuning import held_out_score
 
 ANSWER_METRICS = ("qwk", "accuracy")  # the answer table's test scores, with intervals over seeds and patients
@@ -101,10 +101,6 @@ def headline(arms: list[Arm], searched: set[str] = frozenset(), choice: dict | N
     return found
 
 
-def _predictions(runs: list[RunRecord]) -> list:
-    return [r.predictions() for r in runs if r.predictions() is not None]
-
-
 def answer_rows(headlines: list[Headline]) -> list[dict]:
     """Per headline arm: how its setting was chosen, the held-out score that chose it, its finished seeds' test
     QWK and accuracy at the selected epoch with t-intervals over seeds and patients (mean of the seeds alone
@@ -125,12 +121,12 @@ def answer_rows(headlines: list[Headline]) -> list[dict]:
         row.update(baseline=finished[0].baseline, collapsed=[r.seed for r in finished if r.collapsed],
                    status="finished" if len(finished) == len(arm.runs) else
                    f"{len(arm.runs) - len(finished)} of {len(arm.runs)} runs not finished (not counted)")
-        found = _predictions(finished)
-        same = len(found) == len(finished) and all(p.names == found[0].names for p in found)
+        found = [r.scored() for r in finished if r.has_predictions()]  # from the results cache, scored once
+        same = len(found) == len(finished) and all(f.facts.test_set == found[0].facts.test_set and
+                                                   f.facts.patients == found[0].facts.patients for f in found)
         if same:
-            units, unit = resampling_units(found[0].patients)
-            tested = seed_mean_test(found[0].labels, [(p.grades, p.referable_scores) for p in found], units,
-                                    ANSWER_METRICS)
+            unit = found[0].scores.unit
+            tested = seed_mean_test_of([f.scores for f in found], ANSWER_METRICS)
             for m in ANSWER_METRICS:
                 entry = {k: tested[m][k] for k in ("mean", "low", "high", "sd", "over", "df")}
                 entry["low"], entry["high"] = max(entry["low"], SCORE_RANGE[m][0]), min(entry["high"], SCORE_RANGE[m][1])
@@ -177,12 +173,13 @@ def weigh(headlines: list[Headline], root: Path, detectable: list[dict]) -> list
     if seeds:
         lines.append(("seeds per arm", " to ".join(map(str, dict.fromkeys([seeds[0], seeds[-1]])))
                       + " (the answer's intervals count both the seeds and the test patients)"))
-    found = next((r.predictions() for r in runs if r.predictions() is not None), None)
+    found = next((r.scored() for r in runs if r.has_predictions()), None)
     if runs:
         first = runs[0]
         where = f"split '{first.settings.get('data.test_split', 'test')}' of {Path(str(first.settings['data.root'])).name}"
         if found is not None:
-            lines.append(("test set", f"{len(found.names)} images of {len(set(found.patients))} patients ({where})"))
+            patients = f" of {len(found.scores.unit_sizes)} patients" if found.scores.unit == "patients" else ""
+            lines.append(("test set", f"{found.facts.images} images{patients} ({where})"))
         else:
             lines.append(("test set", f"{int(np.sum(first.chosen()['confusion_matrix']))} images ({where})"))
         held: dict[str, list[str]] = {}

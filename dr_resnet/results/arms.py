@@ -25,6 +25,7 @@ from dr_resnet.config import (
     schedule_of,
     settings_of,
 )
+from dr_resnet.results.cache import ResultsCache
 from dr_resnet.results.metrics import METRICS, collapse, majority_baseline
 from dr_resnet.results.predictions import Predictions, read_predictions
 from dr_resnet.results.rundir import (
@@ -44,14 +45,19 @@ from dr_resnet.results.rundir import (
     selected_on,
     selected_row,
 )
+from dr_resnet.results.scored import FileFacts, ScoredFile, facts_of, score_file, scored_of
 from dr_resnet.results.stats import (
+    RESAMPLES,
     bootstrap_intervals,
     clipped,
+    compare_scored,
     detectable,
-    paired_comparison,
+    resampling_units,
     seeds_needed,
     t_interval,
 )
+
+PREDICTION_FILES = {"selected": PREDICTIONS_FILE, "final": FINAL_PREDICTIONS_FILE}  # each compared epoch's file
 
 
 @dataclass
@@ -68,6 +74,8 @@ class RunRecord:
     settings: dict = field(default_factory=dict)  # its config.yaml, flat (config.settings_of)
     arm: str = ""  # the name of the arm it is a seed of (group_arms)
     effective: dict = field(default_factory=dict)  # config.yaml's `effective` section: what the run derived
+    cache: ResultsCache = field(default_factory=ResultsCache, repr=False, compare=False)  # its costly results
+    _known: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # FileFacts per epoch
 
     @property
     def pretrained(self) -> bool:
@@ -95,23 +103,38 @@ class RunRecord:
 
     def predictions(self, epoch: str = "selected") -> Predictions | None:
         """The selected (or `epoch="final"`: the final planned) epoch's per-image test predictions,
-        predictions.csv or predictions_final.csv, if the run wrote them; each read once (the comparisons,
-        the intervals and the calibration figure all ask)."""
-        return self._selected_predictions if epoch == "selected" else self._final_predictions
+        predictions.csv or predictions_final.csv, if the run wrote them (has_predictions), read from the
+        file each time: nothing keeps them (200 runs of 50,000 images would fill the memory). What the
+        comparisons and the calibration figure need of them, scored() and calibration() keep."""
+        return read_predictions(self.path / PREDICTION_FILES[epoch]) if self.has_predictions(epoch) else None
 
-    @cached_property
-    def _selected_predictions(self) -> Predictions | None:
-        return None if self.predictions_problem else self._selected_file
+    def has_predictions(self, epoch: str = "selected") -> bool:
+        """Whether the selected (or final) epoch's predictions file is there and is that epoch's."""
+        facts = self._facts(epoch)
+        if facts is None:
+            return False
+        if epoch == "selected":
+            return not self.predictions_problem
+        return facts.epoch in (None, self.rows[-1]["epoch"] if self.rows else None)
 
-    @cached_property
-    def _selected_file(self) -> Predictions | None:
-        return self._read(PREDICTIONS_FILE)
+    def scored(self, epoch: str = "selected") -> ScoredFile | None:
+        """What the paired comparisons use of the selected (or final) epoch's predictions file (its test set,
+        its stats.RunScores), from the results cache or read and scored; None where has_predictions is not."""
+        return scored_of(self._entry(epoch)) if self.has_predictions(epoch) else None
 
-    @cached_property
-    def _final_predictions(self) -> Predictions | None:
-        found = self._read(FINAL_PREDICTIONS_FILE)
-        final = self.rows[-1]["epoch"] if self.rows else None
-        return found if found is not None and found.epoch in (None, final) else None
+    def calibration(self, epoch: str = "selected") -> dict | None:
+        """metrics.expected_calibration_error of the selected (or final) epoch's grade probabilities (None for
+        a head that gives a score, or without predictions)."""
+        return self._facts(epoch).calibration if self.has_predictions(epoch) else None
+
+    def _facts(self, epoch: str) -> FileFacts | None:
+        if epoch not in self._known:
+            self._known[epoch] = facts_of(self._entry(epoch)) if (self.path / PREDICTION_FILES[epoch]).is_file() else None
+        return self._known[epoch]
+
+    def _entry(self, epoch: str) -> dict:
+        path = self.path / PREDICTION_FILES[epoch]
+        return self.cache.get(f"scores of {','.join(COMPARED)}", path, lambda: score_file(path, COMPARED))
 
     @cached_property
     def failure(self) -> str:
@@ -132,7 +155,7 @@ class RunRecord:
         if pending:
             return (f"stopped while writing a newly selected epoch's files ({pending[0].name} is left): running its "
                     f"command again resumes the run and completes them")
-        found = self._selected_file
+        found = self._facts("selected")
         chosen = self.chosen()
         if found is not None and found.epoch is not None and chosen is not None and found.epoch != chosen["epoch"]:
             return (f"{PREDICTIONS_FILE} holds epoch {found.epoch}'s predictions but the run selects epoch "
@@ -140,20 +163,25 @@ class RunRecord:
                     f"rewrites them")
         return ""
 
-    def _read(self, name: str) -> Predictions | None:
-        path = self.path / name
-        return read_predictions(path) if path.is_file() else None
-
     def intervals(self) -> dict | None:
         """Bootstrap 95% intervals of the selected epoch's metrics: the run summary's, else computed from
-        its predictions.csv; None without either."""
+        its predictions.csv (and kept in the results cache); None without either."""
         if self.predictions_problem:
             return None
         recorded = self.summary.get("intervals")
         if recorded:
             return recorded
-        found = self.predictions()
-        return bootstrap_intervals(found.labels, found.grades, found.referable_scores, found.patients) if found else None
+        if not self.has_predictions():
+            return None
+        path = self.path / PREDICTIONS_FILE
+
+        def compute() -> dict:
+            found = read_predictions(path)
+            units, _ = resampling_units(found.patients)
+            drawn = self.cache.resamples(units, RESAMPLES, 0)
+            return {"intervals": np.array(json.dumps(bootstrap_intervals(
+                found.labels, found.grades, found.referable_scores, found.patients, drawn=drawn)))}
+        return json.loads(str(self.cache.get(f"intervals of {RESAMPLES} resamples", path, compute)["intervals"]))
 
     def evaluations(self) -> list[dict]:
         """evaluate's results of this run on other datasets or splits (RUN/evaluations/<dataset>-<split>/
@@ -177,23 +205,26 @@ class RunRecord:
 NOT_COMPARED = ("tune", "superseded", "submitit")
 
 
-def find_runs(root: Path) -> list[RunRecord]:
+def find_runs(root: Path, cache: ResultsCache | None = None) -> list[RunRecord]:
     """Run directories at or under root (a folder with config.yaml; never looked into further), outside
-    NOT_COMPARED folders, sorted by depth then name (its path under root)."""
+    NOT_COMPARED folders and hidden ones, sorted by depth then name (its path under root); each keeps its
+    costly results in `cache` (the report's; default: nowhere)."""
+    cache = cache or ResultsCache()
     root = Path(root)
     runs = []
     for folder, subfolders, files in os.walk(root):
         path = Path(folder)
         if CONFIG_FILE in files:
             subfolders.clear()  # a run's own folders (evaluations, wandb) are not runs
-            runs.append(read_run(path, path.relative_to(root).as_posix() if path != root else path.name))
+            runs.append(read_run(path, path.relative_to(root).as_posix() if path != root else path.name, cache))
         else:
             subfolders[:] = sorted(s for s in subfolders if s not in NOT_COMPARED and not s.startswith("."))
     return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.name, r.seed))
 
 
-def read_run(path: Path, name: str = "") -> RunRecord:
-    """The run in `path` (its config.yaml, metrics, launcher status), named `name` (default: the folder's)."""
+def read_run(path: Path, name: str = "", cache: ResultsCache | None = None) -> RunRecord:
+    """The run in `path` (its config.yaml, metrics, launcher status), named `name` (default: the folder's),
+    its costly results kept in `cache`."""
     cfg = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
     status_file = path / STATUS_FILE
     status = json.loads(status_file.read_text()) if status_file.is_file() else {}
@@ -205,7 +236,8 @@ def read_run(path: Path, name: str = "") -> RunRecord:
     planned, _ = schedule_of(int(settings["train.epochs"]), float(settings["train.warmup_epochs"]), multiple)
     return RunRecord(name or path.name, path, int(settings["model.depth"]), str(settings["model.weights"]),
                      planned, read_metrics(path), reason, str(settings["train.select_by"]),
-                     int(settings["train.seed"]), settings, effective=cfg.get("effective") or {})
+                     int(settings["train.seed"]), settings, effective=cfg.get("effective") or {},
+                     cache=cache or ResultsCache())
 
 
 @dataclass
@@ -390,7 +422,7 @@ def compare_arms(arms: list[Arm], epoch: str = "selected") -> list[dict]:
     for pair in arm_pairs(arms):
         entry = {"comparison": pair.question, "epoch": epoch, "a": pair.name_a, "b": pair.name_b, "factor": pair.factor,
                  "setting": pair.setting}
-        done_a, done_b = ({r.seed: r for r in arm.runs if r.predictions(epoch) is not None} if arm else {}
+        done_a, done_b = ({r.seed: r for r in arm.runs if r.has_predictions(epoch)} if arm else {}
                           for arm in (pair.a, pair.b))
         missing = [_why_not(n, arm, epoch) for n, arm, done in ((pair.name_a, pair.a, done_a), (pair.name_b, pair.b, done_b))
                    if not done]
@@ -400,24 +432,24 @@ def compare_arms(arms: list[Arm], epoch: str = "selected") -> list[dict]:
             absent = [name for name, arm in ((pair.name_a, pair.a), (pair.name_b, pair.b)) if arm is None or not arm.runs]
             results.append({**entry, "status": f"not compared: {reason}", **({"absent": absent} if absent else {})})
             continue
-        found_a, found_b = ([done_a[k].predictions(epoch) for k in seeds],
-                            [done_b[k].predictions(epoch) for k in seeds])
-        first = found_a[0]
-        different = [(r.name, len(p.names)) for r, p in zip([done_a[k] for k in seeds] + [done_b[k] for k in seeds],
-                                                            found_a + found_b)
-                     if p.names != first.names or not np.array_equal(p.labels, first.labels)]
+        found_a, found_b = ([done_a[k].scored(epoch) for k in seeds],  # read one comparison at a time
+                            [done_b[k].scored(epoch) for k in seeds])
+        first = found_a[0].facts
+        different = [(r.name, p.facts.images) for r, p in zip([done_a[k] for k in seeds] + [done_b[k] for k in seeds],
+                                                              found_a + found_b)
+                     if (p.facts.test_set, p.facts.patients) != (first.test_set, first.patients)]
         if different:
             name, count = different[0]
             results.append({**entry, "status": f"not compared: {done_a[seeds[0]].name} and {name} were evaluated on "
-                                               f"different images ({len(first.names)} and {count}): a paired "
+                                               f"different images ({first.images} and {count}"
+                                               f"{', or other patients' if count == first.images else ''}): a paired "
                                                f"comparison needs the same test set"})
             continue
-        paired = paired_comparison(first.labels, [(p.grades, p.referable_scores) for p in found_a],
-                                   [(p.grades, p.referable_scores) for p in found_b], first.patients)
+        paired = compare_scored([p.scores for p in found_a], [p.scores for p in found_b])
         mcnemar = paired["mcnemar"] if isinstance(paired["mcnemar"], list) else [paired["mcnemar"]]
         warning = unlike([done_a[k] for k in seeds] + [done_b[k] for k in seeds])
         collapsed = [r.name for r in [done_a[k] for k in seeds] + [done_b[k] for k in seeds] if collapsed_on_test(r, epoch)]
-        results.append({**entry, "status": "compared", "images": len(first.names), "resampled": paired["unit"],
+        results.append({**entry, "status": "compared", "images": first.images, "resampled": paired["unit"],
                         "seeds": seeds, **{m: paired[m] for m, _ in PAIR_METRICS}, "mcnemar": mcnemar,
                         **({"warning": warning} if warning else {}), **({"collapsed": collapsed} if collapsed else {})})
     return results

@@ -34,6 +34,7 @@ from dr_resnet.results.arms import (
     seed_summary,
     smallest_detectable,
 )
+from dr_resnet.results.cache import CACHE_DIR, ResultsCache
 from dr_resnet.results.factors import (
     FRACTION,
     convergence,
@@ -627,7 +628,7 @@ def result_rows(runs: list[RunRecord]) -> list[dict]:
                       "patients_in_train_and_test": run.summary.get("patients_in_train_and_test"),
                       "skipped_images": len(run.summary["skipped_images"]) if "skipped_images" in run.summary else None,
                       "final_qwk_95ci": (_with_interval(run.summary["final_intervals"]["qwk"])
-                                         if "final_intervals" in run.summary and run.predictions("final") else None),
+                                         if "final_intervals" in run.summary and run.has_predictions("final") else None),
                       "train_minutes": sum(r["epoch_seconds"] for r in run.rows) / 60})
         intervals = run.intervals()
         if intervals:
@@ -752,7 +753,8 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     heat maps); returns the files written."""
     root = Path(root)
     out = Path(out) if out else root
-    runs = find_runs(root)
+    cache = ResultsCache(out / CACHE_DIR)
+    runs = find_runs(root, cache)
     if not runs:
         raise FileNotFoundError(f"no run directories (with config.yaml) under {root}")
     out.mkdir(parents=True, exist_ok=True)
@@ -793,6 +795,7 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     figures = [(p, caption(p)) for p in [*(w for w in written if w.suffix == ".png" and not w.name.startswith("gallery_")),
                                          *sorted(out.glob("gallery_*.png"))]]  # a gallery drawn earlier is shown too
     page = write_html(out, f"dr-resnet report: {root.resolve().name}", tables, figures)
+    print(cache.describe(), file=sys.stderr)
     return written + [out / "results.md", out / "results.csv", page]
 
 

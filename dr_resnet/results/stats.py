@@ -1,20 +1,30 @@
 """Uncertainty of the grading metrics: bootstrap 95% intervals, paired comparisons of two models on the
-same images, McNemar's test. numpy only.
+same images, McNemar's test. numpy and scipy only.
 
 The bootstrap resamples patients (each image's id from dr_resnet.patients: EyePACS' <patient>_left|right,
 or a table's patient column; both eyes of a patient move together, as they are not independent) when some
-patient has several images, images otherwise; `unit` says which. It is vectorised: each resample is a
-vector of weights (how often each image was drawn), so a resample's confusion matrix is one matrix
-product and its referable-DR AUC one weighted rank sum; 10,000 images x 2,000 resamples take seconds.
+patient has several images, images otherwise; `unit` says which. A resample is a vector of counts, how
+often each unit was drawn (Resamples: drawn once per test set and seed, shared by every statistic on it).
+Every resampled statistic is a sum over images, so it is computed from per-unit sums: a resample's
+confusion matrix is its counts times each unit's confusion counts, its referable-DR AUC a weighted rank sum
+from each unit's images per run of equal scores (sparse), never an array per image and resample. All of
+it sums whole numbers (halves for ties), exactly, in any order. Chunks of resamples hold at most
+CHUNK_BYTES at once: 50,000 images x 2,000 resamples take seconds and about 100 MB beyond the draws.
 Intervals are percentile intervals, seeded.
+
+Paired comparisons of arms use the patient jackknife (leave_one_out, seed_pair_test): deterministic, no
+resamples; what each run contributes (RunScores) is computed once per run, whatever it is compared with.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+from scipy import sparse, special
 from scipy import stats as scipy_stats
 from scipy.integrate import quad
 from scipy.optimize import brentq
@@ -24,7 +34,7 @@ from dr_resnet.results.metrics import METRICS, REFERABLE_GRADE, of_confusion
 from dr_resnet.seeds import derive_seed
 
 RESAMPLES, LEVEL = 2000, 0.95
-CHUNK_CELLS = 20_000_000  # weights held at once (resamples x images): bounds memory (~160 MB)
+CHUNK_BYTES = 64 * 2**20  # what one chunk of resamples may hold at once, every array it makes counted
 
 
 def resampling_units(patients: Sequence[str] | None) -> tuple[np.ndarray, str]:
@@ -36,18 +46,58 @@ def resampling_units(patients: Sequence[str] | None) -> tuple[np.ndarray, str]:
     return units, "patients" if units.max() + 1 < len(patients) else "images"
 
 
+def _count(units: np.ndarray) -> int:
+    return int(units.max()) + 1 if len(units) else 0
+
+
+@dataclass(frozen=True)
+class Resamples:
+    """The bootstrap's draws on one test set: row k counts how often each unit (patient) is in resample k
+    (as many units drawn, with replacement, as there are). Drawing them costs more than the metrics (a
+    multinomial over every patient per resample), and a seed draws the same ones again: every statistic on
+    one test set (a run's intervals of each metric, its operating points; every run on it) shares them."""
+
+    units: np.ndarray  # each image's unit (resampling_units)
+    counts: np.ndarray  # (units, resamples), small whole numbers: a column per resample
+    seed: int
+
+    @property
+    def resamples(self) -> int:
+        return self.counts.shape[1]
+
+    def fits(self, units: np.ndarray, resamples: int, seed: int) -> bool:
+        """Whether these are the draws of `resamples` resamples of `units` with `seed`."""
+        return self.resamples == resamples and self.seed == seed and np.array_equal(self.units, units)
+
+    def chunks(self, bytes_per_resample: int) -> Iterator[np.ndarray]:
+        """The counts as (units, r) float64, r resamples at a time, so that these and what a resample's
+        statistics allocate (bytes_per_resample) stay within CHUNK_BYTES (a loop over them holds one chunk
+        while the next is made: two count)."""
+        step = max(1, CHUNK_BYTES // (2 * 8 * len(self.counts) + bytes_per_resample))
+        for start in range(0, self.resamples, step):
+            yield self.counts[:, start:start + step].astype(np.float64, order="C")
+
+
+def draw_resamples(units: np.ndarray, resamples: int, seed: int) -> Resamples:
+    """The bootstrap's resamples of `units` (resampling_units) for `seed`: the same draws whatever the chunks."""
+    rng = np.random.default_rng(derive_seed(seed, "bootstrap"))
+    n_units = _count(units)
+    counts = np.empty((n_units, resamples), dtype=np.uint8)
+    rows = max(1, CHUNK_BYTES // (16 * max(1, n_units)))  # numpy draws them as int64, and copies them once
+    for start in range(0, resamples, rows):
+        drawn = rng.multinomial(n_units, np.full(n_units, 1 / n_units), size=min(rows, resamples - start))
+        if drawn.max(initial=0) > np.iinfo(counts.dtype).max:  # a unit drawn over 255 times: a tiny test set
+            counts = counts.astype(np.min_scalar_type(n_units))
+        counts[:, start:start + len(drawn)] = drawn.T
+    return Resamples(np.asarray(units), counts, seed)
+
+
 def bootstrap_weights(units: np.ndarray, resamples: int, seed: int) -> Iterator[np.ndarray]:
     """(r, N) arrays, chunk by chunk, `resamples` rows in all: row k counts how often each image is in
-    resample k (its unit drawn with replacement, as many units as there are)."""
-    rng = np.random.default_rng(derive_seed(seed, "bootstrap"))
-    n_units = int(units.max()) + 1 if len(units) else 0
-    chunk = max(1, CHUNK_CELLS // max(1, len(units)))
-    done = 0
-    while done < resamples:
-        rows = min(chunk, resamples - done)
-        counts = rng.multinomial(n_units, np.full(n_units, 1 / n_units), size=rows)
-        yield counts[:, units].astype(np.float64)
-        done += rows
+    resample k (its unit drawn with replacement, as many units as there are). The statistics themselves
+    never make these (see Resamples); they show what a resample is."""
+    for counts in draw_resamples(units, resamples, seed).chunks(8 * len(units)):
+        yield counts.T[:, units]
 
 
 def weighted_confusion(labels: np.ndarray, grades: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -81,6 +131,66 @@ def metrics_of(labels: np.ndarray, grades: np.ndarray, scores: np.ndarray, weigh
     return values
 
 
+class UnitAuc:
+    """The referable AUC of resamples from their unit counts. Sorted by score, the images form runs of equal
+    scores; only the runs holding a positive matter one by one (K of them): a positive's wins are the
+    negatives in earlier runs and half of those in its own. So each unit's images are summed into three
+    sparse (K, units) tables: its positives per positive run, its negatives in that run, and its negatives
+    in the runs between two positive runs (a K + 1st column: those above every positive)."""
+
+    def __init__(self, positive: np.ndarray, scores: np.ndarray, units: np.ndarray):
+        n_units = _count(units)
+        order = np.argsort(scores, kind="mergesort")
+        s, pos, u = scores[order], positive[order], units[order]
+        group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1 if len(s) else np.zeros(0, dtype=np.int64)
+        holds = np.bincount(group, weights=pos, minlength=int(group[-1]) + 1 if len(s) else 0) > 0
+        self.runs = int(holds.sum())
+        run = (np.cumsum(holds) - 1)[group]  # each image's positive run (or the last one below it, -1 if none)
+        inside = holds[group]
+
+        def table(images: np.ndarray, columns: np.ndarray, width: int) -> sparse.csr_array:
+            return sparse.csr_array((np.ones(int(images.sum())), (columns[images], u[images])), shape=(width, n_units))
+
+        self.positives = table(pos, run, self.runs)
+        self.tied = table(~pos & inside, run, self.runs)
+        self.between = table(~pos & ~inside, run + 1, self.runs + 1)
+
+    @property
+    def bytes_per_resample(self) -> int:
+        return 8 * (6 * self.runs + 2)
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        """(r,) AUCs of the resamples `counts` ((units, r), Resamples.chunks)."""
+        pos, tied, between = self.positives @ counts, self.tied @ counts, self.between @ counts
+        w_pos, w_neg = pos.sum(axis=0), tied.sum(axis=0) + between.sum(axis=0)
+        below = np.cumsum(between[:-1], axis=0)  # negatives in the runs below each positive run
+        below += np.cumsum(tied, axis=0)
+        below -= 0.5 * tied  # earlier positive runs' negatives, and half of its own (ties)
+        wins = np.einsum("kr,kr->r", pos, below)
+        return np.divide(wins, w_pos * w_neg, out=np.full(counts.shape[1], 0.5), where=(w_pos > 0) & (w_neg > 0))
+
+
+class UnitMetrics:
+    """Every METRICS entry of resamples from their unit counts: each unit's images per confusion cell (a
+    sparse (25, units) table: a resample's matrix is its product with the counts) and its referable AUC
+    tables (UnitAuc)."""
+
+    def __init__(self, labels: np.ndarray, grades: np.ndarray, scores: np.ndarray, units: np.ndarray):
+        self.confusion = sparse.csr_array((np.ones(len(labels)), (labels * NUM_GRADES + grades, units)),
+                                          shape=(NUM_GRADES ** 2, _count(units)))
+        self.auc = UnitAuc(labels >= REFERABLE_GRADE, scores, units)
+
+    @property
+    def bytes_per_resample(self) -> int:
+        return 8 * 12 * NUM_GRADES ** 2 + self.auc.bytes_per_resample  # the matrices and the metrics' steps
+
+    def __call__(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        confusion = np.ascontiguousarray((self.confusion @ counts).T).reshape(-1, NUM_GRADES, NUM_GRADES)
+        values = of_confusion(confusion)
+        values["referable_auc"] = self.auc(counts)
+        return values
+
+
 def _arrays(labels, grades, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     labels, grades = np.asarray(labels, dtype=np.int64), np.asarray(grades, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
@@ -97,21 +207,33 @@ def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
 
 def bootstrap_intervals(labels: Sequence[int], grades: Sequence[int], scores: Sequence[float],
                         patients: Sequence[str] | None = None, resamples: int = RESAMPLES, seed: int = 0,
-                        level: float = LEVEL) -> dict:
+                        level: float = LEVEL, drawn: Resamples | None = None) -> dict:
     """{"unit", "resamples", "level", and per metric {"value", "low", "high"}}: the metric on these
-    images and its bootstrap percentile interval."""
+    images and its bootstrap percentile interval. `drawn`: the test set's resamples where they were drawn
+    already (for another run or statistic on the same images), else they are drawn here."""
     labels, grades, scores = _arrays(labels, grades, scores)
     units, unit = resampling_units(patients if patients is not None else [str(i) for i in range(len(labels))])
+    drawn = _resamples(drawn, units, resamples, seed)
     point = metrics_of(labels, grades, scores, np.ones((1, len(labels))))
+    resampled = UnitMetrics(labels, grades, scores, units)
     samples = {m: [] for m in METRICS}
-    for weights in bootstrap_weights(units, resamples, seed):
-        for m, v in metrics_of(labels, grades, scores, weights).items():
+    for counts in drawn.chunks(resampled.bytes_per_resample):
+        for m, v in resampled(counts).items():
             samples[m].append(v)
     result: dict = {"unit": unit, "resamples": resamples, "level": level, "seed": seed}
     for m in METRICS:
         low, high = _interval(np.concatenate(samples[m]), level)
         result[m] = {"value": float(point[m][0]), "low": low, "high": high}
     return result
+
+
+def _resamples(drawn: Resamples | None, units: np.ndarray, resamples: int, seed: int) -> Resamples:
+    if drawn is None:
+        return draw_resamples(units, resamples, seed)
+    if not drawn.fits(units, resamples, seed):
+        raise ValueError(f"resamples drawn for {len(drawn.units)} images ({drawn.resamples} resamples, seed "
+                         f"{drawn.seed}) given for {len(units)} images ({resamples}, seed {seed}) or other patients")
+    return drawn
 
 
 def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool], units: np.ndarray | None = None) -> dict:
@@ -122,13 +244,19 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool], units: np.ndar
     degree of freedom under no difference (McNemar's chi-square when every patient has one image).
     Otherwise the exact test: two-sided binomial p-value at 1/2."""
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
-    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    share = None
     if units is not None and len(units) and int(units.max()) + 1 < len(units):
         n_units = int(units.max()) + 1
-        d = (np.bincount(units, weights=(a & ~b).astype(float) - (~a & b), minlength=n_units)
-             / np.bincount(units, minlength=n_units))
-        spread = float(np.sum(d ** 2))
-        statistic = float(d.sum()) ** 2 / spread if spread > 0 else 0.0
+        share = (np.bincount(units, weights=(a & ~b).astype(float) - (~a & b), minlength=n_units)
+                 / np.bincount(units, minlength=n_units))
+    return _mcnemar(int((a & ~b).sum()), int((~a & b).sum()), share)
+
+
+def _mcnemar(only_a: int, only_b: int, share: np.ndarray | None) -> dict:
+    """mcnemar's result from its counts and, clustered, each patient's d_k (None: the exact test)."""
+    if share is not None:
+        spread = float(np.sum(share ** 2))
+        statistic = float(share.sum()) ** 2 / spread if spread > 0 else 0.0
         p = math.erfc(math.sqrt(statistic / 2))  # chi-square, 1 degree of freedom
         return {"a_only_right": only_a, "b_only_right": only_b, "statistic": statistic, "p_value": p,
                 "test": MCNEMAR_CLUSTERED}
@@ -233,21 +361,55 @@ def over_seeds(values: np.ndarray, left_out: np.ndarray) -> dict:
     return {**entry, "mean": mean, "se": se, "df": df, "over": over}
 
 
+@dataclass(frozen=True)
+class RunScores:
+    """What one run's predictions on a test set bring to its paired comparisons, the same whatever it is
+    compared with: each metric's value and its values with each unit (patient) left out in turn (the
+    jackknife), and which images it graded right (McNemar's test), per image and summed per unit. A report
+    computes it once per run (and keeps it: cache.py), not once per comparison."""
+
+    point: dict[str, float]
+    left_out: dict[str, np.ndarray]  # (units,) per metric: leave_one_out
+    correct: np.ndarray  # (images,) bool
+    correct_per_unit: np.ndarray  # (units,) images graded right
+    unit_sizes: np.ndarray  # (units,) images
+    unit: str  # "patients" where some patient has several images, else "images" (resampling_units)
+
+    @property
+    def images(self) -> int:
+        return len(self.correct)
+
+
+def run_scores(labels: np.ndarray, grades: np.ndarray, scores: np.ndarray, units: np.ndarray,
+               metrics: Sequence[str]) -> RunScores:
+    """One run's RunScores on images `labels` with resampling units `units` (resampling_units)."""
+    n_units = _count(units)
+    point = metrics_of(labels, grades, scores, np.ones((1, len(labels))))
+    correct = np.asarray(grades) == np.asarray(labels)
+    return RunScores({m: float(point[m][0]) for m in metrics}, leave_one_out(labels, grades, scores, units, metrics),
+                     correct, np.bincount(units, weights=correct, minlength=n_units).astype(np.int64),
+                     np.bincount(units, minlength=n_units), "patients" if n_units < len(labels) else "images")
+
+
 def seed_pair_test(labels: np.ndarray, runs_a: list[tuple[np.ndarray, np.ndarray]],
                    runs_b: list[tuple[np.ndarray, np.ndarray]], units: np.ndarray,
                    metrics: Sequence[str]) -> dict[str, dict]:
+    """A - B per metric over S seed pairs scored on one test set, each run its (grades, referable scores):
+    seed_pair_test_of their RunScores."""
+    return seed_pair_test_of(*([run_scores(labels, g, s, units, metrics) for g, s in side] for side in (runs_a, runs_b)),
+                             metrics)
+
+
+def seed_pair_test_of(side_a: list[RunScores], side_b: list[RunScores], metrics: Sequence[str]) -> dict[str, dict]:
     """A - B per metric over S seed pairs scored on one test set: over_seeds of the pairs' differences (two
     arms right on different patients differ alike in every pair: the test set's covariance term counts
     that), with its p-value and how many pairs agree in sign."""
-    ones = np.ones((1, len(labels)))
     found = {}
-    point = [[metrics_of(labels, g, s, ones) for g, s in side] for side in (runs_a, runs_b)]
-    left = [[leave_one_out(labels, g, s, units, metrics) for g, s in side] for side in (runs_a, runs_b)]
     for m in metrics:
-        a = np.array([v[m][0] for v in point[0]])
-        b = np.array([v[m][0] for v in point[1]])
+        a = np.array([run.point[m] for run in side_a])
+        b = np.array([run.point[m] for run in side_b])
         d = a - b
-        summary = over_seeds(d, np.stack([x[m] - y[m] for x, y in zip(left[0], left[1])], axis=1))
+        summary = over_seeds(d, np.stack([x.left_out[m] - y.left_out[m] for x, y in zip(side_a, side_b)], axis=1))
         difference = summary.pop("mean")
         entry = {"a": float(a.mean()), "b": float(b.mean()), "difference": difference, **summary}
         if len(d) > 1:
@@ -261,13 +423,15 @@ def seed_mean_test(labels: np.ndarray, runs: list[tuple[np.ndarray, np.ndarray]]
                    metrics: Sequence[str], level: float = LEVEL) -> dict[str, dict]:
     """An arm's score per metric over its S seeds on one test set (over_seeds: the seeds and the test
     patients both count), with its `level` t-interval (low, high) and the seeds' standard deviation."""
-    ones = np.ones((1, len(labels)))
+    return seed_mean_test_of([run_scores(labels, g, s, units, metrics) for g, s in runs], metrics, level)
+
+
+def seed_mean_test_of(runs: list[RunScores], metrics: Sequence[str], level: float = LEVEL) -> dict[str, dict]:
+    """seed_mean_test from the seeds' RunScores."""
     found = {}
-    point = [metrics_of(labels, g, s, ones) for g, s in runs]
-    left = [leave_one_out(labels, g, s, units, metrics) for g, s in runs]
     for m in metrics:
-        values = np.array([v[m][0] for v in point])
-        entry = over_seeds(values, np.stack([x[m] for x in left], axis=1))
+        values = np.array([run.point[m] for run in runs])
+        entry = over_seeds(values, np.stack([run.left_out[m] for run in runs], axis=1))
         half = t_quantile(level, entry["df"]) * entry["se"]
         entry.update(low=entry["mean"] - half, high=entry["mean"] + half, level=level,
                      sd=float(values.std(ddof=1)) if len(values) > 1 else None)
@@ -301,23 +465,37 @@ def t_interval(entry: dict, level: float = LEVEL) -> tuple[float, float]:
 def power(noncentrality: float, df: float | None, level: float) -> float:
     """The chance that a two-sided t-test at 1 - level rejects when difference / se = noncentrality: the
     non-central t's tails, integrated over the chi-square of the standard error (stable where scipy's nct
-    is not, at the large noncentralities that one or two seeds need)."""
+    is not, at the large noncentralities that one or two seeds need). The integrand is scipy.stats' normal
+    tails and chi-square density as scipy computes them (ndtr; exp of the log density), called directly:
+    through the distribution objects a report's power figures took a minute."""
     crit = t_quantile(level, df)
     if df is None:
         return float(scipy_stats.norm.sf(crit - noncentrality) + scipy_stats.norm.cdf(-crit - noncentrality))
+    log_scale = special.gammaln(df / 2.) + (np.log(2) * df) / 2. - np.log(2 * df)
 
-    def rejects(v: float) -> float:
-        bound = crit * math.sqrt(v / df)
-        return (scipy_stats.norm.sf(bound - noncentrality) + scipy_stats.norm.cdf(-bound - noncentrality)) \
-            * scipy_stats.chi2.pdf(v, df)
-    return float(quad(rejects, 0, np.inf, limit=200)[0])
+    def rejects(x: float) -> float:  # x^2 = v / df, the chi-square over its degrees of freedom (mean 1)
+        bound = crit * x
+        v = x * x * df
+        density = x * np.exp(special.xlogy(df / 2. - 1, v) - v / 2. - log_scale) if v > 0 else 0.0
+        return (special.ndtr(-(bound - noncentrality)) + special.ndtr(-bound - noncentrality)) * density
+    # Only where both hold is there anything to integrate: the chi-square's own mass (between its 1e-15 and
+    # 1 - 1e-15 quantiles) and crit x below |noncentrality| + 12 (beyond, both tails are below 1e-32). Over v
+    # in (0, inf) at once quad missed the peak at v = df (narrow with many degrees of freedom: it answered 0
+    # from about 180 on) and, at one degree of freedom and a family's level, the spike near 0.
+    low, high = np.sqrt(scipy_stats.chi2.ppf([1e-15, 1 - 1e-15], df) / df)
+    high = min(high, (abs(noncentrality) + 12) / crit)
+    if high <= low:
+        return 0.0
+    return float(quad(rejects, low, high, limit=200, points=[1.0] if low < 1 < high else None)[0])
 
 
 POWER = 0.8  # the chance of finding a difference that the report's "smallest detectable difference" means
 
 
+@functools.lru_cache(maxsize=1024)
 def detectable(df: float | None, level: float, target: float = POWER) -> float:
-    """The difference, in standard errors, that a two-sided t-test at 1 - level finds with chance `target`."""
+    """The difference, in standard errors, that a two-sided t-test at 1 - level finds with chance `target`
+    (remembered: every member of a family asks it with the same degrees of freedom and level)."""
     high = 1.0
     while power(high, df, level) < target:
         high *= 2
@@ -327,12 +505,22 @@ def detectable(df: float | None, level: float, target: float = POWER) -> float:
 def seeds_needed(difference: float, seed_variance: float, covariance: float, level: float, target: float = POWER,
                  most: int = 200) -> int | None:
     """The fewest seed pairs whose test (se^2 = s^2/S + C on this test set) finds `difference` with chance
-    `target`; None when even `most` do not (the test set's own term C does not shrink with seeds)."""
-    for seeds in range(2, most + 1):
+    `target`; None when even `most` do not (the test set's own term C does not shrink with seeds). More
+    seeds only help (a smaller se, more degrees of freedom), so it is searched by halving."""
+    def enough(seeds: int) -> bool:
         se = math.sqrt(max(seed_variance, 0.0) / seeds + max(covariance, 0.0))
-        if se == 0 or power(abs(difference) / se, seeds - 1, level) >= target:
-            return seeds
-    return None
+        return se == 0 or power(abs(difference) / se, seeds - 1, level) >= target
+
+    if most < 2 or not enough(most):
+        return None
+    low, high = 2, most
+    while low < high:
+        middle = (low + high) // 2
+        if enough(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 Scored = tuple[Sequence[int], Sequence[float]]  # one run's (grades, referable scores) per image
@@ -349,16 +537,31 @@ def paired_comparison(labels: Sequence[int], a: Scored | list[Scored], b: Scored
     if len(side_a) != len(side_b) or not side_a:
         raise ValueError(f"paired runs: {len(side_a)} on one side, {len(side_b)} on the other")
     labels = np.asarray(labels, dtype=np.int64)
-    runs_a = [_arrays(labels, *run)[1:] for run in side_a]
-    runs_b = [_arrays(labels, *run)[1:] for run in side_b]
-    units, unit = resampling_units(patients if patients is not None else [str(i) for i in range(len(labels))])
-    result: dict = {"unit": unit, "level": level, "images": len(labels), "runs_per_side": len(runs_a)}
-    for m, entry in seed_pair_test(labels, runs_a, runs_b, units, metrics).items():
+    units, _ = resampling_units(patients if patients is not None else [str(i) for i in range(len(labels))])
+    scored = ([run_scores(labels, *_arrays(labels, *run)[1:], units, metrics) for run in side]
+              for side in (side_a, side_b))
+    return compare_scored(*scored, level=level, metrics=metrics)
+
+
+def compare_scored(side_a: list[RunScores], side_b: list[RunScores], level: float = LEVEL,
+                   metrics: Sequence[str] = ("accuracy", "qwk", "referable_auc")) -> dict:
+    """paired_comparison from each run's RunScores (all on one test set, paired seed by seed)."""
+    if len(side_a) != len(side_b) or not side_a:
+        raise ValueError(f"paired runs: {len(side_a)} on one side, {len(side_b)} on the other")
+    first = side_a[0]
+    result: dict = {"unit": first.unit, "level": level, "images": first.images, "runs_per_side": len(side_a)}
+    for m, entry in seed_pair_test_of(side_a, side_b, metrics).items():
         entry["low"], entry["high"] = clipped(m, t_interval(entry, level))
         result[m] = entry
-    tests = [mcnemar(ga == labels, gb == labels, units) for (ga, _), (gb, _) in zip(runs_a, runs_b)]
+    tests = [mcnemar_of(x, y) for x, y in zip(side_a, side_b)]
     result["mcnemar"] = tests[0] if len(tests) == 1 else tests
     return result
+
+
+def mcnemar_of(a: RunScores, b: RunScores) -> dict:
+    """mcnemar of two runs on one test set from their RunScores: the same test, the same numbers."""
+    share = (a.correct_per_unit - b.correct_per_unit) / a.unit_sizes if a.unit == "patients" else None
+    return _mcnemar(int((a.correct & ~b.correct).sum()), int((~a.correct & b.correct).sum()), share)
 
 
 SCREENING_SPECIFICITIES = (0.90, 0.98)  # the operating points Gulshan et al. (2016) report for referable DR
@@ -383,14 +586,17 @@ def specificity_threshold(positive: np.ndarray, scores: np.ndarray, specificity:
 
 def operating_points(held_out: tuple[Sequence[int], Sequence[float]], test: tuple[Sequence[int], Sequence[float]],
                      patients: Sequence[str] | None = None, specificities: Sequence[float] = SCREENING_SPECIFICITIES,
-                     resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> list[dict]:
+                     resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL,
+                     drawn: Resamples | None = None) -> list[dict]:
     """Referable DR (grade >= 2) at screening operating points: for each target specificity, the threshold
     on the referable score fitted on the held-out (labels, scores), then the test split's sensitivity and
-    specificity at it with patient-bootstrap intervals (test `patients`, one per image)."""
+    specificity at it with patient-bootstrap intervals (test `patients`, one per image; `drawn`: their
+    resamples, as bootstrap_intervals)."""
     val_positive = np.asarray(held_out[0]) >= REFERABLE_GRADE
     positive = np.asarray(test[0]) >= REFERABLE_GRADE
     scores = np.asarray(test[1], dtype=np.float64)
     units, unit = resampling_units(patients if patients is not None else [str(i) for i in range(len(scores))])
+    drawn, n_units = _resamples(drawn, units, resamples, seed), _count(units)
     found = []
     for target in specificities:
         threshold = specificity_threshold(val_positive, held_out[1], target)
@@ -398,11 +604,14 @@ def operating_points(held_out: tuple[Sequence[int], Sequence[float]], test: tupl
         point = {"sensitivity": float(refer[positive].mean()) if positive.any() else math.nan,
                  "specificity": float((~refer[~positive]).mean()) if (~positive).any() else math.nan}
         samples = {"sensitivity": [], "specificity": []}
-        for weights in bootstrap_weights(units, resamples, seed):
-            for name, members, hit in (("sensitivity", positive, refer), ("specificity", ~positive, ~refer)):
-                total = (weights * members).sum(axis=1)
-                samples[name].append(np.divide((weights * (members & hit)).sum(axis=1), total,
-                                               out=np.full(len(weights), np.nan), where=total > 0))
+        # each unit's positives, positives referred, negatives and negatives not referred: (4, units)
+        counted = sparse.csr_array(np.stack([np.bincount(units, weights=members, minlength=n_units)
+                                             for members in (positive, positive & refer, ~positive, ~positive & ~refer)]))
+        for counts in drawn.chunks(8 * 8):
+            sums = counted @ counts  # (4, r)
+            for name, row in (("sensitivity", 0), ("specificity", 2)):
+                samples[name].append(np.divide(sums[row + 1], sums[row], out=np.full(counts.shape[1], np.nan),
+                                               where=sums[row] > 0))
         negatives = int((~val_positive).sum())
         entry = {"target_specificity": target, "threshold": threshold,
                  "held_out_specificity": float((np.asarray(held_out[1]) < threshold)[~val_positive].mean()),
