@@ -237,3 +237,24 @@ def expected_calibration_error(probabilities: np.ndarray, targets: Sequence[int]
             ece += inside.mean() * abs(acc - conf)
             points.append({"confidence": conf, "accuracy": acc, "count": int(inside.sum())})
     return {"ece": float(ece), "bins": points}
+
+
+def pooled_calibration(found: Sequence[dict], bins: int = CALIBRATION_BINS) -> dict:
+    """expected_calibration_error of several runs' images taken together, from each run's own result (its
+    bins' counts, mean confidences and accuracies: the same equal-width bins, so the sums are exact): what
+    concatenating their predictions would give, without reading them again."""
+    count, confidence, right = np.zeros(bins), np.zeros(bins), np.zeros(bins)
+    for calibration in found:
+        for point in calibration["bins"]:
+            b = min(int(point["confidence"] * bins), bins - 1)
+            count[b] += point["count"]
+            confidence[b] += point["count"] * point["confidence"]
+            right[b] += point["count"] * point["accuracy"]
+    total = count.sum()
+    if total == 0:
+        return {"ece": float("nan"), "bins": []}
+    kept = count > 0
+    conf, acc = confidence[kept] / count[kept], right[kept] / count[kept]
+    return {"ece": float(np.sum(count[kept] / total * np.abs(acc - conf))),
+            "bins": [{"confidence": float(c), "accuracy": float(a), "count": int(n)}
+                     for c, a, n in zip(conf, acc, count[kept])]}

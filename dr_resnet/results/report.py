@@ -47,7 +47,7 @@ from dr_resnet.results.factors import (
     realised_shares,
 )
 from dr_resnet.results.html import write_html
-from dr_resnet.results.metrics import expected_calibration_error
+from dr_resnet.results.metrics import pooled_calibration
 from dr_resnet.results.plots import (
     COLOURS,
     colour_bar,
@@ -507,10 +507,10 @@ def plot_calibration(arms: list[Arm], path: Path) -> Figure | None:
     count; None (nothing drawn) when no arm has any, else the figure (saved to `path`)."""
     pooled = {}
     for arm in arms:
-        found = [(r, p) for r, p in ((r, r.predictions()) for r in arm.done) if p is not None and p.values.ndim == 2]
+        # each run's own reliability, kept in the results cache, pooled exactly: no predictions file read again
+        found = [(r, c) for r, c in ((r, r.calibration()) for r in arm.done) if c is not None]
         if found:
-            calibration = expected_calibration_error(np.concatenate([p.values for _, p in found]),
-                                                     np.concatenate([p.labels for _, p in found]))
+            calibration = pooled_calibration([c for _, c in found])
             before = [r.chosen().get("test_ece_before") for r, _ in found]
             before = [b for b in before if b is not None]
             pooled[arm.name] = (calibration, len(found), float(np.mean(before)) if before else None)
