@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -642,8 +643,11 @@ def test_a_searched_grid_is_answered_by_its_held_out_choice_and_winners_meet_win
         for seed in (0, 1):
             shuffle += 1
             grid_run(source, grid / f"{weights}-lr{lr}" / f"seed{seed}", 18, weights, seed, lr, score + seed / 100, shuffle)
+    # A third rate whose one lucky seed scored best but whose other seed diverged (NaN): it never wins.
+    grid_run(source, grid / "imagenet-lr0.3" / "seed0", 18, "imagenet", 0, 0.3, 0.99, 90)
+    grid_run(source, grid / "imagenet-lr0.3" / "seed1", 18, "imagenet", 1, 0.3, math.nan, 91)
     (grid / "sweep.json").write_text(json.dumps({"searched": ["train.lr"]}))
-    assert len(group_arms(find_runs(grid))) == 4  # two arms x two rates, before the answer chooses
+    assert len(group_arms(find_runs(grid))) == 5  # two arms x two rates (and the third), before the answer chooses
     out = tmp_path / "out"
     report(grid, out)
     md = (out / "results.md").read_text()
@@ -651,10 +655,10 @@ def test_a_searched_grid_is_answered_by_its_held_out_choice_and_winners_meet_win
     answer = md.split("## ")[0]
     rows = [line for line in answer.splitlines() if line.startswith("| resnet18")]
     assert [(r.split(" | ")[0].split(" (")[0], r.split(" | ")[1]) for r in rows] == [
-        ("| resnet18 pretrained", "held-out choice among 2 settings of train.lr (train.lr=0.1)"),
+        ("| resnet18 pretrained", "held-out choice among 3 settings of train.lr (train.lr=0.1)"),
         ("| resnet18 scratch", "held-out choice among 2 settings of train.lr (train.lr=0.01)")]
     assert rows[0].split(" | ")[2] == "0.605 (held-out qwk)"  # the mean over its two seeds of the score that chose
-    assert rows[0].split(" | ")[-2] == "4"  # runs behind it: 2 rates x 2 seeds
+    assert rows[0].split(" | ")[-2] == "6"  # runs behind it: 3 rates x 2 seeds
     comparisons = comparisons_of(out)
     assert [(c["comparison"], c["epoch"]) for c in comparisons] == [("pretraining at ResNet18", "selected"),
                                                                      ("pretraining at ResNet18", "final")]

@@ -54,6 +54,12 @@ def held_out_mean(arm: Arm) -> tuple[float | None, str]:
     return (-mean if by == "loss" else mean), f"held-out {by}"
 
 
+def complete(arm: Arm) -> bool:
+    """Whether every run of the arm finished with a finite held-out score."""
+    scores = [held_out_score(r) for r in arm.runs] if arm.runs and len(arm.finished) == len(arm.runs) else [None]
+    return all(s is not None and math.isfinite(s[0]) for s in scores)
+
+
 def _tuned(arm: Arm, choice: dict | None) -> dict | None:
     """The --tune entry of the sweep arm whose folder holds this arm's runs (tuning.json's arms are folders)."""
     if not choice or not arm.runs:
@@ -78,19 +84,24 @@ def headline(arms: list[Arm], searched: set[str] = frozenset(), choice: dict | N
         if not keys:
             arm = members[0]
             entry = _tuned(arm, choice)
+            score, metric = held_out_mean(arm)
             if entry and entry.get("winner"):
                 values = ", ".join(f"{k}={v}" for k, v in entry["winner"]["values"].items())
                 how = f"--tune: best held-out score of {entry['planned']} trials ({values})"
+                # the score that chose it: the winning trial's, not its fresh seeds'
+                score, metric = entry["winner"]["held_out"], entry.get("metric") or metric
             else:
                 how = "its only setting"
-            score, metric = held_out_mean(arm)
             found.append(Headline(name, arm, how, [arm], entry, score, metric))
             continue
-        scored = [(held_out_mean(a), a) for a in members]
+        # A setting ranks once every one of its runs finished with a finite held-out score: one with a diverged
+        # or unfinished seed never wins on its lucky ones (as --tune ranks failed trials below every finished one).
+        scored = [(held_out_mean(a), a) for a in members if complete(a)]
         ranked = [(score, metric, a) for (score, metric), a in scored if score is not None]
         if not ranked:
-            found.append(Headline(name, None, f"not chosen: no held-out score among its {len(members)} settings of "
-                                              f"{', '.join(keys)} (data.val_fraction=0, or none finished)", members))
+            found.append(Headline(name, None, f"not chosen: no setting of {', '.join(keys)} among its {len(members)} has "
+                                              f"every run finished with a finite held-out score (data.val_fraction=0, "
+                                              f"runs still going, or diverged)", members))
             continue
         sign = -1 if ranked[0][1].endswith("loss") else 1
         score, metric, best = max(ranked, key=lambda r: sign * r[0])  # max keeps the first of equals
@@ -172,7 +183,8 @@ def weigh(headlines: list[Headline], root: Path, detectable: list[dict]) -> list
     seeds = sorted({len(h.arm.finished) for h in headlines if h.arm})
     if seeds:
         lines.append(("seeds per arm", " to ".join(map(str, dict.fromkeys([seeds[0], seeds[-1]])))
-                      + " (the answer's intervals count both the seeds and the test patients)"))
+                      + (" (the answer's intervals count both the seeds and the test patients)" if seeds[0] > 1 else
+                         " (with one seed an interval is the test set's alone: the seeds' variation is unknown)")))
     found = next((r.scored() for r in runs if r.has_predictions()), None)
     if runs:
         first = runs[0]
@@ -212,9 +224,12 @@ def weigh(headlines: list[Headline], root: Path, detectable: list[dict]) -> list
 
 def search_space(headlines: list[Headline], root: Path) -> str:
     """The searched keys and what was tried: a grid's values, or --tune's distributions and trials."""
-    manifest = Path(root) / "sweep.json"
-    record = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    search = record.get("search") or {}
+    search, manifest = {}, Path(root) / "sweep.json"
+    for manifest in (Path(root) / "sweep.json", Path(root) / "tune" / "sweep.json"):  # --tune's phase 1 holds the search
+        record = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        if record.get("search"):
+            search = record["search"]
+            break
     if search.get("keys"):
         drawn: dict[str, list] = {}
         for h in headlines:
@@ -222,8 +237,8 @@ def search_space(headlines: list[Headline], root: Path) -> str:
                 for k, v in trial.get("values", {}).items():
                     drawn.setdefault(k, []).append(v)
         shown = "; ".join(f"{k}: {_span(drawn.get(k, []))}" for k in search["keys"])
-        return (f"--tune: {search.get('trials')} trials per arm (scrambled Sobol draws, seed {search.get('seed')}; "
-                f"the ranges are {manifest.parent.name}'s sweep file's) of {shown}")
+        return (f"--tune: {search.get('trials')} trials per arm (scrambled Sobol draws, seed {search.get('seed')}) of "
+                f"{shown}")
     grids = {}
     for h in headlines:
         for arm in h.candidates:

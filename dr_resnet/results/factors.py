@@ -117,10 +117,10 @@ def differences(comparisons: list[dict], key: str, families: list[dict] = ()) ->
 def epochs_to_reach(rows: list[dict], share: float = REACHED) -> int | None:
     """The first epoch whose held-out QWK reaches `share` of the final epoch's (None without a held-out
     part, or a final held-out QWK <= 0: nothing learnt to reach)."""
-    if not rows or selected_on(rows[-1]) != "val" or rows[-1]["val_qwk"] <= 0:
-        return None
+    if not rows or selected_on(rows[-1]) != "val" or not math.isfinite(rows[-1]["val_qwk"]) or rows[-1]["val_qwk"] <= 0:
+        return None  # nothing learnt to reach (or a diverged final epoch: NaN)
     target = share * rows[-1]["val_qwk"]
-    return next(r["epoch"] for r in rows if r["val_qwk"] >= target)
+    return next((r["epoch"] for r in rows if r["val_qwk"] >= target), None)
 
 
 def convergence(arms: list[Arm]) -> list[dict]:

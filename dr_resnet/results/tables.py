@@ -98,7 +98,8 @@ def _estimate(entry: dict | None) -> str:
         return "-"
     if entry.get("low") is None:
         return f"{entry['mean']:.3f} (no interval)"
-    return f"{entry['mean']:.3f} ({entry['low']:.3f} to {entry['high']:.3f})"
+    alone = ", test set only" if "df" in entry and entry["df"] is None else ""  # one seed: the seeds' spread unknown
+    return f"{entry['mean']:.3f} ({entry['low']:.3f} to {entry['high']:.3f}{alone})"
 
 
 def answer_table(rows: list[dict]) -> Table:
