@@ -124,7 +124,7 @@ def answer_rows(headlines: list[Headline]) -> list[dict]:
         finished = arm.finished if arm else []
         row["seeds"] = len(finished)
         if not finished:
-            row["status"] = ("not run: " + arm.runs[0].launch_status if arm and arm.runs and arm.runs[0].launch_status
+            row["status"] = (arm.runs[0].launch_status if arm and arm.runs and arm.runs[0].launch_status
                              else h.how if arm is None else "no finished run yet")
             rows.append(row)
             continue
@@ -170,8 +170,11 @@ def minutes_of(h: Headline) -> float:
 
 
 def question(comparisons: list[dict]) -> list[dict]:
-    """The declared families' comparisons at the selected epoch (the primary family first), as made."""
-    members = [c for c in comparisons if c.get("family")]
+    """The declared families' comparisons at the selected epoch (the primary family first), as made; and the
+    question's comparisons made with one seed a side (outside every family: shown with the test set's
+    interval and no verdict)."""
+    members = [c for c in comparisons if c.get("family") or (
+        c["epoch"] == "selected" and c["factor"] in ("pretraining", "depth") and c["status"] == "compared")]
     return sorted(members, key=lambda c: (c["family"] != QUESTION, c["family"]))
 
 
@@ -180,7 +183,7 @@ def weigh(headlines: list[Headline], root: Path, detectable: list[dict]) -> list
     space, and the smallest difference the primary family's seeds could detect."""
     runs = [r for h in headlines if h.arm for r in h.arm.finished]
     lines = []
-    seeds = sorted({len(h.arm.finished) for h in headlines if h.arm})
+    seeds = sorted({len(h.arm.finished) for h in headlines if h.arm and h.arm.finished})  # arms that ran
     if seeds:
         lines.append(("seeds per arm", " to ".join(map(str, dict.fromkeys([seeds[0], seeds[-1]])))
                       + (" (the answer's intervals count both the seeds and the test patients)" if seeds[0] > 1 else

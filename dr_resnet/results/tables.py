@@ -114,7 +114,7 @@ def answer_table(rows: list[dict]) -> Table:
         if "qwk" not in row:
             table.rows.append(Row([row["arm"], row["how"], held, row["status"]], "notrun"))
             continue
-        arm = row["arm"] + (f" (collapsed seeds: {', '.join(map(str, row['collapsed']))})" if row.get("collapsed") else "")
+        arm = row["arm"] + (f" (collapsed: seed {', '.join(map(str, row['collapsed']))})" if row.get("collapsed") else "")
         arm += f" ({row['status']})" if row.get("status", "finished") != "finished" else ""
         arm += f" ({row['no_interval']})" if row.get("no_interval") else ""
         sd = row["qwk"].get("sd")
@@ -144,9 +144,15 @@ def question_table(members: list[dict], families: list[dict]) -> Table:
             table.rows.append(Row([name, c["status"]], "notrun"))
             continue
         q = c["qwk"]
-        interval = (f"{q['family_low']:+.3f} to {q['family_high']:+.3f} ({100 * q['family_level']:.2f}%, {c['family']}, "
-                    f"m = {sizes[c['family']]})" if "family_low" in q else "-")
-        table.rows.append(Row([name, f"{q['difference']:+.3f}", interval, q.get("verdict", "-"), str(len(c["seeds"]))]))
+        if "family_low" in q:
+            interval = (f"{q['family_low']:+.3f} to {q['family_high']:+.3f} ({100 * q['family_level']:.2f}%, "
+                        f"{c['family']}, m = {sizes[c['family']]})")
+        elif not c.get("family"):  # one seed a side: outside every family
+            interval = f"{q['low']:+.3f} to {q['high']:+.3f} (95%, test set only)"
+        else:
+            interval = "-"
+        verdict = q.get("verdict") or f"no verdict: {q['over']}"
+        table.rows.append(Row([name, f"{q['difference']:+.3f}", interval, verdict, str(len(c["seeds"]))]))
     return table
 
 
