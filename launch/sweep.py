@@ -864,9 +864,18 @@ def wait_and_report(jobs: dict, plans: dict, out: Path, poll_s: float = 5.0) -> 
     failed = wait_for_all(jobs, plans, poll_s)
     written = report(out)  # a damaged run file: one line naming it (main's frame), exit 2: the runs are done
     print("report: " + ", ".join(str(p) for p in written))
-    results = (out / "results.md").read_text()
-    print(results)
+    print(answer_of((out / "results.md").read_text()) + f"\n(every run's row, the comparisons and the figures: {out})")
     return 1 if failed else 0
+
+
+ANSWER_SECTIONS = ("# Answer", "## The question", "## What the answer rests on", "## What these seeds can detect")
+
+
+def answer_of(results: str) -> str:
+    """results.md's opening sections, the answer (what a sweep prints when it ends; the rest stays in the file)."""
+    sections = results.split("\n#")
+    kept = [sections[0]] + ["#" + s for s in sections[1:] if ("#" + s).startswith(ANSWER_SECTIONS)]
+    return "\n".join(kept).rstrip()
 
 
 def wait_for_all(jobs: dict, plans: dict, poll_s: float = 5.0, trials_of: dict[str, tuple[str, str]] | None = None
