@@ -342,3 +342,34 @@ def test_power_and_the_seeds_needed_hold_at_many_seeds_and_a_familys_level():
         needed = stats.seeds_needed(0.05, variance, covariance, level=0.95)
         assert nct_power(needed, variance, covariance) >= 0.8 > nct_power(needed - 1, variance, covariance)
     assert stats.seeds_needed(0.05, 0.0063, 0.000278, level=0.95) > 150
+
+
+def test_an_arms_mean_over_seeds_counts_the_seeds_and_the_shared_test_set():
+    """seed_mean_test_of, recomputed from its definition with scikit-learn's QWK: the mean of the seeds' QWK,
+    se^2 = their variance / S + the mean covariance between different seeds' leave-one-patient-out values
+    (jackknife, (n - 1)/n), t with S - 1 degrees of freedom; one seed: the jackknife alone, normal."""
+    from sklearn.metrics import cohen_kappa_score
+
+    rng = np.random.default_rng(5)
+    patients = np.repeat(np.arange(30), 2)
+    labels = rng.integers(0, 5, size=60)
+    runs = [np.where(rng.random(60) < 0.7, labels, rng.integers(0, 5, size=60)) for _ in range(3)]
+    units, _ = stats.resampling_units([str(p) for p in patients])
+    scored = [stats.run_scores(labels, g, np.zeros(60), units, ("qwk",)) for g in runs]
+    found = stats.seed_mean_test_of(scored, ("qwk",))["qwk"]
+
+    def qwk(keep, grades):
+        return cohen_kappa_score(labels[keep], grades[keep], weights="quadratic")
+    values = np.array([qwk(slice(None), g) for g in runs])
+    left = np.array([[qwk(patients != p, g) for g in runs] for p in range(30)])  # (patients, seeds)
+    centred = left - left.mean(axis=0)
+    cov = 29 / 30 * centred.T @ centred
+    shared = (cov.sum() - np.trace(cov)) / 6
+    se = math.sqrt(values.var(ddof=1) / 3 + max(shared, 0.0))
+    assert found["mean"] == pytest.approx(values.mean()) and found["se"] == pytest.approx(se) and found["df"] == 2
+    half = scipy_stats.t.ppf(0.975, 2) * se
+    assert (found["low"], found["high"]) == pytest.approx((values.mean() - half, values.mean() + half))
+    assert found["sd"] == pytest.approx(values.std(ddof=1))
+    one = stats.seed_mean_test_of(scored[:1], ("qwk",))["qwk"]
+    assert one["df"] is None and one["se"] == pytest.approx(math.sqrt(cov[0, 0]))
+    assert one["low"] == pytest.approx(values[0] - scipy_stats.norm.ppf(0.975) * math.sqrt(cov[0, 0]))
