@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from dr_resnet.data.preprocess import BadImageError, Settings, crop_square, cut_square, retina_box, retina_square
+from dr_resnet.data.preprocess import BadImageError, Settings, crop_square, cut_square, retina_box, retina_square, square_of
 
 # Width x height of common fundus cameras' photos (EyePACS: 3-18 MP), cycled through.
 FULL_SIZES = ((3888, 2592), (4752, 3168), (3216, 2136), (3456, 2304), (3072, 2048))
@@ -106,12 +106,7 @@ def two_decode_square(src: Path, settings: Settings) -> tuple[Image.Image, tuple
             scale = _coarsest_scale_before(retina_side, settings.size)
             if scale != locate_scale:
                 image = _open_before(src, scale)
-        w, h = image.size
-        left, top, right, bottom = rel[0] * w, rel[1] * h, rel[2] * w, rel[3] * h
-        side = max(right - left, bottom - top)
-        cx, cy = (left + right) / 2, (top + bottom) / 2
-        square = (round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2))
-        return image, (square[0] / w, square[1] / h, square[2] / w, square[3] / h)
+        return image, square_of(rel, image.size)
     except BadImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

@@ -165,12 +165,7 @@ def retina_square(src: Path, settings: Settings) -> tuple[Image.Image, tuple[flo
             further = min(_coarsest_scale(side, settings.size), 8 // scale)  # as far as a DCT reduction goes
             if further > 1:
                 image = image.reduce(further)
-        w, h = image.size
-        left, top, right, bottom = rel[0] * w, rel[1] * h, rel[2] * w, rel[3] * h
-        side = max(right - left, bottom - top)
-        cx, cy = (left + right) / 2, (top + bottom) / 2
-        square = (round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2))
-        return image, (square[0] / w, square[1] / h, square[2] / w, square[3] / h)
+        return image, square_of(rel, image.size)
     except BadImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -268,6 +263,17 @@ def _check_settings(dst: Path, settings: Settings, overwrite: bool, selection: d
                                f"use another --dst, or --overwrite to redo every image")
     dst.mkdir(parents=True, exist_ok=True)
     return lambda: path.write_text(json.dumps({"version": VERSION, **asdict(settings), "selection": selection}) + "\n")
+
+
+def square_of(rel: tuple[float, float, float, float], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The square around a retina's box (fractions of the image), whole pixels of an image of `size`, as
+    fractions again: the crop both decodes (one, or the bench's old two) cut."""
+    w, h = size
+    left, top, right, bottom = rel[0] * w, rel[1] * h, rel[2] * w, rel[3] * h
+    side = max(right - left, bottom - top)
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    square = (round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2))
+    return square[0] / w, square[1] / h, square[2] / w, square[3] / h
 
 
 def _target(split: Split, i: int, dst: Path) -> Path:
