@@ -675,3 +675,28 @@ def test_a_searched_grid_is_answered_by_its_held_out_choice_and_winners_meet_win
     scores = md.split("## Scores along train.lr")[1].split("\n## ")[0]
     assert scores.count(" | chosen |") == 2 and (out / "factor_train_lr.png").is_file()
     assert "## Along train.lr" not in md  # no comparisons at each searched value
+
+
+def test_a_searched_grid_that_could_not_be_chosen_still_counts_in_its_family(sweep, tmp_path):
+    """An arm whose every searched setting has a diverged seed is not chosen, but it was planned: its comparison
+    is a member of the question's family, made "not compared" with the reason, and m counts it."""
+    grid = tmp_path / "grid"
+    source = sweep / "resnet18_scratch"
+    shuffle = 0
+    for lr in (0.01, 0.1):
+        for seed in (0, 1):
+            shuffle += 1
+            grid_run(source, grid / f"imagenet-lr{lr}" / f"seed{seed}", 18, "imagenet", seed, lr, 0.5, shuffle)
+            grid_run(source, grid / f"none-lr{lr}" / f"seed{seed}", 18, "none", seed, lr,
+                     math.nan if seed else 0.4, shuffle + 50)
+    (grid / "sweep.json").write_text(json.dumps({"searched": ["train.lr"]}))
+    out = tmp_path / "out"
+    report(grid, out)
+    found = json.loads((out / "comparisons.json").read_text())
+    question = next(f for f in found["families"] if f["family"] == "the question")
+    assert question["m"] == 1 and question["members"] == ["pretraining at ResNet18"]
+    made = next(c for c in found["comparisons"] if c["epoch"] == "selected")
+    assert made["family"] == "the question" and "absent" not in made
+    assert made["status"].startswith("not compared: resnet18 scratch: not chosen: no setting of train.lr among its 2")
+    answer = (out / "results.md").read_text().split("\n## ")[0]
+    assert "| resnet18 scratch | not chosen: no setting of train.lr" in answer

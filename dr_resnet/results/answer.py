@@ -40,6 +40,14 @@ class Headline:
     tuning: dict | None = None  # its --tune entry (tuning.json), where the sweep tuned it
     held_out: float | None = None  # the mean held-out score (train.select_by) over its finished seeds
     metric: str = ""  # what held_out is
+    unchosen: Arm | None = None  # with no arm: the planned arm, runless, with why (it still counts in its family)
+
+
+def compared_arms(headlines: list[Headline]) -> list[Arm]:
+    """The arms the comparisons are made between: each headline's chosen arm, and in place of a searched grid
+    none of whose settings could be chosen, the arm it stood for with no runs and the reason, so that its
+    comparisons are made "not compared" members of their family (m counts them) rather than left out."""
+    return [h.arm or h.unchosen for h in headlines if h.arm or h.unchosen]
 
 
 def held_out_mean(arm: Arm) -> tuple[float | None, str]:
@@ -99,9 +107,9 @@ def headline(arms: list[Arm], searched: set[str] = frozenset(), choice: dict | N
         scored = [(held_out_mean(a), a) for a in members if complete(a)]
         ranked = [(score, metric, a) for (score, metric), a in scored if score is not None]
         if not ranked:
-            found.append(Headline(name, None, f"not chosen: no setting of {', '.join(keys)} among its {len(members)} has "
-                                              f"every run finished with a finite held-out score (data.val_fraction=0, "
-                                              f"runs still going, or diverged)", members))
+            how = (f"not chosen: no setting of {', '.join(keys)} among its {len(members)} has every run finished "
+                   f"with a finite held-out score (data.val_fraction=0, runs still going, or diverged)")
+            found.append(Headline(name, None, how, members, unchosen=Arm(depth, pretrained, dict(kept), [], how)))
             continue
         sign = -1 if ranked[0][1].endswith("loss") else 1
         score, metric, best = max(ranked, key=lambda r: sign * r[0])  # max keeps the first of equals

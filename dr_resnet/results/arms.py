@@ -248,6 +248,7 @@ class Arm:
     pretrained: bool
     factors: dict  # the keys (beyond depth and initialisation) that tell it apart from the arms beside it
     runs: list[RunRecord]
+    unavailable: str = ""  # why a planned arm has no runs to compare (a searched grid none of whose settings could be chosen)
 
     @property
     def label(self) -> str:
@@ -372,6 +373,8 @@ def numeric(values: list) -> bool:
 
 def _why_not(name: str, arm: Arm | None, epoch: str) -> str:
     file = PREDICTIONS_FILE if epoch == "selected" else FINAL_PREDICTIONS_FILE
+    if arm is not None and arm.unavailable:
+        return f"{name}: {arm.unavailable}"
     if arm is None or not arm.runs:
         return f"{name} has no run"
     runs = arm.runs
@@ -429,7 +432,10 @@ def compare_arms(arms: list[Arm], epoch: str = "selected") -> list[dict]:
         seeds = sorted(set(done_a) & set(done_b))
         if missing or not seeds:
             reason = "; ".join(missing) or f"no seed in common ({sorted(done_a)} and {sorted(done_b)})"
-            absent = [name for name, arm in ((pair.name_a, pair.a), (pair.name_b, pair.b)) if arm is None or not arm.runs]
+            # an arm the sweep never ran is absent (no family member); one it ran but could not choose a setting of
+            # still belonged to the question, and counts
+            absent = [name for name, arm in ((pair.name_a, pair.a), (pair.name_b, pair.b))
+                      if arm is None or (not arm.runs and not arm.unavailable)]
             results.append({**entry, "status": f"not compared: {reason}", **({"absent": absent} if absent else {})})
             continue
         found_a, found_b = ([done_a[k].scored(epoch) for k in seeds],  # read one comparison at a time

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from dr_resnet.errors import run_command
-from dr_resnet.results.answer import Headline, answer_rows, headline, question, weigh
+from dr_resnet.results.answer import Headline, answer_rows, compared_arms, headline, question, weigh
 from dr_resnet.results.arms import (
     COMPARED_EPOCHS,
     Arm,
@@ -775,7 +775,7 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         written.append(out / "confusion_matrices.png")
     if plot_calibration(answered, out / "calibration.png") is not None:
         written.append(out / "calibration.png")
-    comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(answered, epoch=epoch)]
+    comparisons = [c for epoch in COMPARED_EPOCHS for c in compare_arms(compared_arms(heads), epoch=epoch)]
     families = declare_families(comparisons)
     for warning in dict.fromkeys(f"{c['comparison']}: {c['warning']}" for c in comparisons if c.get("warning")):
         print(f"warning: {warning}", file=sys.stderr)
