@@ -252,6 +252,27 @@ def arm_copy(source: Path, target: Path, depth: int, weights: str, seed: int = 0
     return target
 
 
+def test_a_numeric_ablation_is_compared_each_value_against_the_smallest_and_describes(runs, tmp_path):
+    """Three EMA decays at ResNet18 scratch (a numeric factor): 0.99 and 0.999 each against 0 (no EMA), at both
+    epochs, outside every family (no verdict); never 0.99 against 0.999."""
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    for name, decay in (("classification", 0.0), ("ordinal", 0.999), ("regression", 0.99)):
+        run = arm_copy(runs[name], sweep / f"ema{decay}", 18, "none", like=runs["classification"])
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["train"]["ema"] = decay
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    report(sweep, tmp_path / "out")
+    comparisons = comparisons_of(tmp_path / "out")
+    ablation = [(c["comparison"], c["epoch"]) for c in comparisons if c["factor"] == "train.ema"]
+    assert ablation == [(f"train.ema: 0.0 vs {v} at resnet18 scratch", e) for e in ("selected", "final")
+                        for v in ("0.99", "0.999")]
+    made = [c for c in comparisons if c["factor"] == "train.ema"]
+    assert all(c["status"] == "compared" and c["family"] == "" and "verdict" not in c["qwk"] for c in made)
+    assert made[0]["a"] == "resnet18 scratch, train.ema=0.0" and made[0]["b"] == "resnet18 scratch, train.ema=0.99"
+
+
 def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_path):
     import numpy as np
 

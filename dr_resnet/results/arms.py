@@ -317,11 +317,12 @@ class Pair:
 def arm_pairs(arms: list[Arm]) -> list[Pair]:
     """The comparisons between arms that differ in one factor: pretrained vs scratch at each depth and
     ResNet50 vs ResNet18 at each initialisation (the core experiment: an arm it lacks is named, with no
-    run), for each setting of the other factors; and, per categorical factor (an ablation: a head, a sampler),
-    each value against the first arm's, with everything else alike. A numeric factor (a learning rate, a
-    data fraction) is a curve with its band, never compared pair by pair: that grows with the square of
-    its values. Arms whose searched keys the held-out score chose (answer.headline) come reduced to one
-    per setting, so winners meet winners."""
+    run), for each setting of the other factors; and, per factor (an ablation: a head, a sampler, an EMA decay,
+    an image size; a learning curve's fraction), each value against a reference value, with everything else
+    alike: the first arm's value of a categorical factor, the smallest of a numeric one. Never every pair of
+    values (that grows with their square): a numeric factor's answer is its curve with its band, these pairs
+    describe it. Arms whose searched keys the held-out score chose (answer.headline) come reduced to one per
+    setting, so winners meet winners."""
     def find(depth: int, pretrained: bool, factors: dict) -> Arm | None:
         return next((a for a in arms if (a.depth, a.pretrained, a.factors) == (depth, pretrained, factors)), None)
 
@@ -346,9 +347,9 @@ def arm_pairs(arms: list[Arm]) -> list[Pair]:
                                   named(deep, init, factors), named(shallow, init, factors), "depth", factors))
     for key in sorted({k for a in arms for k in a.factors}):
         values = [a.factors[key] for a in arms]
-        if numeric(values):
-            continue  # a curve (report.plot_factor, with its band): its values are not compared pair by pair
-        reference = values[0]
+        # each value against one reference (the smallest of a numeric factor, the first arm's of a categorical
+        # one): linear in the values, never every pair; descriptive, outside every family
+        reference = min(values, key=float) if numeric(values) else values[0]
         for b in arms:
             if b.factors[key] == reference:
                 continue
