@@ -695,6 +695,13 @@ def test_a_searched_grid_is_answered_by_its_held_out_choice_and_winners_meet_win
     # The searched key's curve still shows every rate, the held-out choice ringed and marked in its table.
     scores = md.split("## Scores along train.lr")[1].split("\n## ")[0]
     assert scores.count(" | chosen |") == 2 and (out / "factor_train_lr.png").is_file()
+    # Its test band counts the seeds and the test patients, as the answer's interval does.
+    from dr_resnet.results.arms import over_seeds_and_patients
+    arm = next(a for a in group_arms(find_runs(grid)) if a.name == "resnet18 pretrained, train.lr=0.1")
+    q = over_seeds_and_patients(arm.finished, ["qwk"])[0]["qwk"]
+    assert "| resnet18 pretrained | 0.1 | 0.605 (" in scores and \
+        f" | {q['mean']:.3f} ({q['low']:.3f} to {q['high']:.3f}) | 2 | chosen |" in scores
+    assert "test QWK over seeds and test patients" in scores
     assert "## Along train.lr" not in md  # no comparisons at each searched value
 
 

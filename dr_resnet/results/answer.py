@@ -20,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dr_resnet.results.arms import FAMILY_METRIC, QUESTION, Arm
+from dr_resnet.results.arms import FAMILY_METRIC, QUESTION, Arm, over_seeds_and_patients
 from dr_resnet.results.rundir import read_metrics
-from dr_resnet.results.stats import seed_mean_test_of
 from dr_resnet.results.tuning import held_out_score
 
 ANSWER_METRICS = ("qwk", "accuracy")  # the answer table's test scores, with intervals over seeds and patients
-SCORE_RANGE = {"qwk": (-1.0, 1.0), "accuracy": (0.0, 1.0)}  # an interval is kept within what the score can be
 
 
 @dataclass
@@ -140,23 +138,16 @@ def answer_rows(headlines: list[Headline]) -> list[dict]:
         row.update(baseline=finished[0].baseline, collapsed=[r.seed for r in finished if r.collapsed],
                    status="finished" if len(finished) == len(arm.runs) else
                    f"{len(arm.runs) - len(finished)} of {len(arm.runs)} runs not finished (not counted)")
-        found = [r.scored() for r in finished if r.has_predictions()]  # from the results cache, scored once
-        same = len(found) == len(finished) and all(f.facts.test_set == found[0].facts.test_set and
-                                                   f.facts.patients == found[0].facts.patients for f in found)
-        if same:
-            unit = found[0].scores.unit
-            tested = seed_mean_test_of([f.scores for f in found], ANSWER_METRICS)
+        tested, unit = over_seeds_and_patients(finished, ANSWER_METRICS)  # from the results cache, scored once
+        if tested is not None:
             for m in ANSWER_METRICS:
-                entry = {k: tested[m][k] for k in ("mean", "low", "high", "sd", "over", "df")}
-                entry["low"], entry["high"] = max(entry["low"], SCORE_RANGE[m][0]), min(entry["high"], SCORE_RANGE[m][1])
-                row[m] = entry
+                row[m] = {k: tested[m][k] for k in ("mean", "low", "high", "sd", "over", "df")}
             row["resampled"] = unit
         else:
             for m, key in (("qwk", "test_qwk"), ("accuracy", "test_acc")):
                 values = np.array([c[key] for c in chosen], dtype=float)
                 row[m] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else None}
-            row["no_interval"] = ("runs scored on different test images" if len(found) == len(finished)
-                                  else "no predictions.csv for every seed")
+            row["no_interval"] = unit
         rows.append(row)
     return rows
 

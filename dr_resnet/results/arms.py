@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -53,6 +54,7 @@ from dr_resnet.results.stats import (
     compare_scored,
     detectable,
     resampling_units,
+    seed_mean_test_of,
     seeds_needed,
     t_interval,
 )
@@ -268,6 +270,26 @@ class Arm:
     def finished(self) -> list[RunRecord]:
         """Its runs that completed every planned epoch (a run still going would lend its last epoch as final)."""
         return [r for r in self.runs if r.complete]
+
+
+SCORE_RANGE = {"qwk": (-1.0, 1.0), "accuracy": (0.0, 1.0), "referable_auc": (0.0, 1.0)}  # what a score can be
+
+
+def over_seeds_and_patients(runs: list[RunRecord], metrics: Sequence[str]) -> tuple[dict[str, dict] | None, str]:
+    """The runs' (an arm's finished seeds') mean score per metric at the selected epoch with its t-interval over
+    the seeds and the test patients both (stats.seed_mean_test_of, from the results cache), and the unit
+    resampled; (None, why) where a run has no predictions.csv or the runs were scored on different images."""
+    found = [r.scored() for r in runs if r.has_predictions()]
+    if len(found) < len(runs) or not found:
+        return None, "no predictions.csv for every seed"
+    first = found[0].facts
+    if any((f.facts.test_set, f.facts.patients) != (first.test_set, first.patients) for f in found):
+        return None, "runs scored on different test images"
+    tested = seed_mean_test_of([f.scores for f in found], metrics)
+    for m, entry in tested.items():  # kept within what the score can be
+        low, high = SCORE_RANGE.get(m, (-math.inf, math.inf))
+        entry["low"], entry["high"] = max(entry["low"], low), min(entry["high"], high)
+    return tested, found[0].scores.unit
 
 
 def _identity(run: RunRecord) -> tuple:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dr_resnet.results.arms import Arm, numeric
+from dr_resnet.results.arms import Arm, numeric, over_seeds_and_patients
 from dr_resnet.results.rundir import MetricsError, selected_on
 from dr_resnet.results.stats import LEVEL, t_quantile
 
@@ -43,8 +43,10 @@ def line_of(arm: Arm, key: str) -> str:
 
 def points(arms: list[Arm], key: str, metric: str = "test_qwk") -> dict[str, list[dict]]:
     """Per line (depth, initialisation and any other factor), per value of `key`: the selected epoch's
-    `metric` over the arm's finished seeds (spread), with the mean number of training images its runs used,
-    sorted by value (numerically where it can be)."""
+    `metric` over the arm's finished seeds with a 95% band, and the mean number of training images its runs
+    used, sorted by value (numerically where it can be). The band of test QWK counts the seeds and the shared
+    test set's patients (arms.over_seeds_and_patients: the answer table's interval) where every seed has its
+    predictions; otherwise, and for held-out scores, the seeds' t-interval alone ("band" says which)."""
     lines: dict[str, list[dict]] = {}
     for arm in arms:
         if key not in arm.factors or not arm.finished:
@@ -53,8 +55,15 @@ def points(arms: list[Arm], key: str, metric: str = "test_qwk") -> dict[str, lis
         values = [row[metric] for row in (r.chosen() for r in arm.finished) if metric in row]
         images = [r.effective["training_images"] for r in arm.finished if "training_images" in r.effective]
         if values:
-            lines.setdefault(line, []).append({"value": arm.factors[key], **spread(values),
-                                               "images": float(np.mean(images)) if images else None})
+            point = {"value": arm.factors[key], **spread(values), "band": "seeds",
+                     "images": float(np.mean(images)) if images else None}
+            tested = over_seeds_and_patients(arm.finished, ("qwk",))[0] if metric == "test_qwk" else None
+            if tested is not None:  # the test set's patients count too, as in the answer table
+                point.update(mean=tested["qwk"]["mean"], low=tested["qwk"]["low"], high=tested["qwk"]["high"],
+                             band="seeds and test patients")
+                if point["n"] < 2:
+                    point["band"] = "test patients (one seed)"
+            lines.setdefault(line, []).append(point)
     for entries in lines.values():
         entries.sort(key=lambda e: float(e["value"]) if numeric([e["value"]]) else str(e["value"]))
     return lines

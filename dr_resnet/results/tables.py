@@ -329,7 +329,7 @@ FACTOR_NOTE = (
     "run's selected epoch, chosen on its held-out part). They form one declared family (m = {m}): each interval is "
     "simultaneous over it (Bonferroni) and the verdict is read from it; one seed a side gives the test set's interval "
     "alone and no verdict. The figure factor_{file}.png draws each arm's held-out QWK (what a choice may use) and test "
-    "QWK (reported, not chosen on) against {key} (mean over seeds, 95% t-interval).")
+    "QWK (reported, not chosen on) against {key} (mean over seeds with the 95% band of the scores table).")
 
 
 def factor_scores_table(key: str, held_out: dict[str, list[dict]], test: dict[str, list[dict]],
@@ -341,8 +341,10 @@ def factor_scores_table(key: str, held_out: dict[str, list[dict]], test: dict[st
     kind = ("a searched key: the held-out score's choice is marked; comparing the arms at their choices on the same "
             "seeds favours the noisier arm, so run the choice on fresh seeds (launch.sweep --tune)") if searched else \
         "a factor: every value is the experiment, none is chosen"
+    bands = sorted({e.get("band", "seeds") for entries in test.values() for e in entries})
     table = Table(f"scores_{key}", f"Scores along {key}", f"{key} is {kind}. Mean over each arm's finished seeds at "
-                  f"their selected epochs, with 95% t-intervals over seeds.", columns,
+                  f"their selected epochs, with 95% t-intervals: held-out QWK over the seeds; test QWK over "
+                  f"{' or '.join(bands)} (the answer table's interval where every seed has its predictions).", columns,
                   numeric=frozenset(("share", "held_out", "test", "seeds")))
 
     def shown(e: dict | None) -> str:
