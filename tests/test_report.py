@@ -678,7 +678,7 @@ def test_a_searched_grid_is_answered_by_its_held_out_choice_and_winners_meet_win
     assert [(r.split(" | ")[0].split(" (")[0], r.split(" | ")[1]) for r in rows] == [
         ("| resnet18 pretrained", "held-out choice among 3 settings of train.lr (train.lr=0.1)"),
         ("| resnet18 scratch", "held-out choice among 2 settings of train.lr (train.lr=0.01)")]
-    assert rows[0].split(" | ")[2] == "0.605 (held-out qwk)"  # the mean over its two seeds of the score that chose
+    assert rows[0].split(" | ")[2] == "0.605"  # the mean over its two seeds of the score that chose (named once above)
     assert rows[0].split(" | ")[-2] == "6"  # runs behind it: 3 rates x 2 seeds
     comparisons = comparisons_of(out)
     assert [(c["comparison"], c["epoch"]) for c in comparisons] == [("pretraining at ResNet18", "selected"),
@@ -703,6 +703,40 @@ def test_a_searched_grid_is_answered_by_its_held_out_choice_and_winners_meet_win
         f" | {q['mean']:.3f} ({q['low']:.3f} to {q['high']:.3f}) | 2 | chosen |" in scores
     assert "test QWK over seeds and test patients" in scores
     assert "## Along train.lr" not in md  # no comparisons at each searched value
+
+
+def test_a_grid_not_declared_searched_is_a_curve_in_one_row_per_line_at_the_top(sweep, tmp_path):
+    """Four learning rates nobody declared searched are a factor, every value reported: the answer gives each
+    line (pretrained, scratch) one row with its curve's ends, the question one row for the family along it, and
+    the tables' notes follow them; every value stays in the sections after."""
+    grid = tmp_path / "grid"
+    shuffle = 0
+    for weights in ("imagenet", "none"):
+        for lr in (0.003, 0.01, 0.03, 0.1):
+            for seed in (0, 1):
+                shuffle += 1
+                grid_run(sweep / "resnet18_scratch", grid / f"{weights}-lr{lr}" / f"seed{seed}", 18, weights, seed, lr,
+                         0.5, shuffle)
+    out = tmp_path / "out"
+    report(grid, out)
+    md = (out / "results.md").read_text()
+    answer = md.split("\n## ")[0]
+    assert answer.startswith("# Answer\n\n| arm | setting (how chosen) | held-out score | ")
+    rows = [line for line in answer.splitlines() if line.startswith("| resnet18")]
+    assert [r.split(" | ")[0] for r in rows] == ["| resnet18 pretrained along train.lr", "| resnet18 scratch along train.lr"]
+    assert all(" | a curve of 4 values of train.lr, every one reported" in r and "train.lr=0.003: " in r and
+               "; train.lr=0.1: " in r and " | 2 | 8 | " in r for r in rows)
+    question = md.split("## The question: comparisons with a verdict")[1].split("\n## ")[0]
+    made = [line for line in question.splitlines() if line.startswith("| pretraining")]
+    assert len(made) == 1 and made[0].startswith(
+        "| pretraining and depth along train.lr (4 comparisons, every one in the section 'Along train.lr') | - | "
+        "simultaneous within the family (m = 4) | ")
+    along = md.split("## Along train.lr")[1].split("\n## ")[0]
+    assert sum(line.startswith(("| 0.003 |", "| 0.01 |", "| 0.03 |", "| 0.1 |")) for line in along.splitlines()) == 4
+    scores = md.split("## Scores along train.lr")[1].split("\n## ")[0]
+    assert sum(line.startswith("| resnet18 ") for line in scores.splitlines()) == 8
+    weighed = md.split("## What the answer rests on")[1]
+    assert weighed.startswith("\n\n| what | value |\n")
 
 
 def test_a_searched_grid_that_could_not_be_chosen_still_counts_in_its_family(sweep, tmp_path):

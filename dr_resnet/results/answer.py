@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dr_resnet.results.arms import FAMILY_METRIC, QUESTION, Arm, over_seeds_and_patients
+from dr_resnet.results.arms import FAMILY_METRIC, QUESTION, Arm, numeric, over_seeds_and_patients
+from dr_resnet.results.factors import line_of
 from dr_resnet.results.rundir import read_metrics
 from dr_resnet.results.tuning import held_out_score
 
@@ -168,6 +169,46 @@ def minutes_of(h: Headline) -> float:
     return seconds / 60
 
 
+CURVE_VALUES = 4  # a numeric factor with this many values along one line is a curve: the answer gives the line one row
+
+
+def curve_keys(headlines: list[Headline]) -> list[str]:
+    """The factors the answer shows as curves, not arm by arm: numeric ones (a learning curve's fraction, a
+    grid not declared searched) with CURVE_VALUES values or more along some line."""
+    arms = compared_arms(headlines)
+    found = []
+    for key in sorted({k for a in arms for k in a.factors}):
+        values = [a.factors[key] for a in arms if key in a.factors]
+        lines: dict[str, set] = {}
+        for a in arms:
+            lines.setdefault(line_of(a, key), set()).add(a.factors[key])
+        if numeric(values) and max(len(v) for v in lines.values()) >= CURVE_VALUES:
+            found.append(key)
+    return found
+
+
+def fold_curves(rows: list[dict], headlines: list[Headline], key: str) -> list[dict]:
+    """The answer rows with those along the curve `key` folded into one row per line: its values' rows in order
+    (every value is reported in the section 'Scores along key'), their runs and minutes summed."""
+    folded, lines = [], {}
+    for row, h in zip(rows, headlines):
+        arm = h.arm or h.unchosen
+        if arm is None or key not in arm.factors:
+            folded.append(row)
+            continue
+        line = line_of(arm, key)
+        if line not in lines:
+            lines[line] = {"arm": line, "curve": key, "points": [], "trials": 0, "minutes": 0.0}
+            folded.append(lines[line])
+        entry = lines[line]
+        entry["points"].append((arm.factors[key], row))
+        entry["trials"] += row["trials"]
+        entry["minutes"] += row["minutes"]
+    for entry in lines.values():
+        entry["points"].sort(key=lambda point: float(point[0]))
+    return folded
+
+
 def question(comparisons: list[dict]) -> list[dict]:
     """The declared families' comparisons at the selected epoch (the primary family first), as made; and the
     question's comparisons made with one seed a side (outside every family: shown with the test set's
@@ -175,6 +216,23 @@ def question(comparisons: list[dict]) -> list[dict]:
     members = [c for c in comparisons if c.get("family") or (
         c["epoch"] == "selected" and c["factor"] in ("pretraining", "depth") and c["status"] == "compared")]
     return sorted(members, key=lambda c: (c["family"] != QUESTION, c["family"]))
+
+
+def fold_question(members: list[dict], curves: list[str]) -> list[dict]:
+    """The question's rows with the comparisons made at each value of a curve folded into one row per family
+    along it (its members' verdicts counted; every row stays in the section 'Along key')."""
+    folded, groups = [], {}
+    for c in members:
+        setting = sorted(c.get("setting") or {})
+        if not set(setting) & set(curves):
+            folded.append(c)
+            continue
+        name = "along " + ", ".join(setting)
+        if name not in groups:
+            groups[name] = {"folded": name, "key": next(k for k in setting if k in curves), "members": []}
+            folded.append(groups[name])
+        groups[name]["members"].append(c)
+    return folded
 
 
 def weigh(headlines: list[Headline], root: Path, detectable: list[dict]) -> list[tuple[str, str]]:

@@ -22,7 +22,17 @@ import numpy as np
 import yaml
 
 from dr_resnet.errors import run_command
-from dr_resnet.results.answer import Headline, answer_rows, compared_arms, headline, question, weigh
+from dr_resnet.results.answer import (
+    Headline,
+    answer_rows,
+    compared_arms,
+    curve_keys,
+    fold_curves,
+    fold_question,
+    headline,
+    question,
+    weigh,
+)
 from dr_resnet.results.arms import (
     COMPARED_EPOCHS,
     Arm,
@@ -683,10 +693,13 @@ def answer_tables(heads: list[Headline], comparisons: list[dict], families: list
                   root: Path) -> list[Table]:
     """The report's opening: each arm at its chosen setting with its test scores, the declared families'
     comparisons with their verdicts, what the answer rests on, and what the seeds could detect."""
-    tables = [answer_table(answer_rows(heads))]
+    rows, curves = answer_rows(heads), curve_keys(heads)
+    if curves:  # a curve's line in one row (one curve: rows of arms along two curves are a grid, left as they are)
+        rows = fold_curves(rows, heads, curves[0])
+    tables = [answer_table(rows)]
     members = question(comparisons)
     if members:
-        tables.append(question_table(members, families))
+        tables.append(question_table(fold_question(members, curves), families))
     tables.append(weigh_table(weigh(heads, root, detectable)))
     if detectable:
         tables.append(detectable_table(detectable))

@@ -37,6 +37,7 @@ class Table:
     numeric: frozenset = frozenset()  # keys of the columns whose cells are numbers (right-aligned on the page)
     csv_headings: bool = False  # markdown headings are the column keys (results.csv's names)
     detail: bool = False  # a detail (a row per run): report.html shows it folded under its title; results.md in full
+    note_below: bool = False  # the note after the table (the answer's tables: the numbers are the first thing read)
 
 
 def number(value, places: int = 4) -> str:
@@ -103,14 +104,21 @@ def _estimate(entry: dict | None) -> str:
 
 
 def answer_table(rows: list[dict]) -> Table:
-    columns = [Column("arm", "arm"), Column("how", "setting (how chosen)"), Column("held_out", "held-out score"),
+    metrics = {row["held_out_metric"] for row in rows if row.get("held_out") is not None}
+    one = next(iter(metrics)) if len(metrics) == 1 else ""  # the same for every arm: said once, in the heading
+    columns = [Column("arm", "arm"), Column("how", "setting (how chosen)"),
+               Column("held_out", f"{one} that chose it" if one else "held-out score"),
                Column("qwk", "test QWK (95% CI)"), Column("accuracy", "test accuracy (95% CI)"),
                Column("sd", "seeds' sd (QWK)"), Column("baseline", "majority baseline"), Column("seeds", "seeds"),
                Column("runs", "runs behind it"), Column("minutes", "training minutes")]
-    table = Table("answer", "Answer", ANSWER_NOTE, columns,
+    table = Table("answer", "Answer", ANSWER_NOTE, columns, note_below=True,
                   numeric=frozenset(["held_out", "qwk", "accuracy", "sd", "baseline", "seeds", "runs", "minutes"]))
     for row in rows:
-        held = (f"{row['held_out']:.3f} ({row['held_out_metric']})" if row.get("held_out") is not None else "-")
+        if "curve" in row:
+            table.rows.append(curve_row(row))
+            continue
+        held = ("-" if row.get("held_out") is None else f"{row['held_out']:.3f}" if one else
+                f"{row['held_out']:.3f} ({row['held_out_metric']})")
         if "qwk" not in row:
             table.rows.append(Row([row["arm"], row["how"], held, row["status"]], "notrun"))
             continue
@@ -122,6 +130,22 @@ def answer_table(rows: list[dict]) -> Table:
                                f"{sd:.3f}" if sd is not None else "-", number(row.get("baseline"), 3), str(row["seeds"]),
                                str(row["trials"]), f"{row['minutes']:.1f}"]))
     return table
+
+
+def curve_row(row: dict) -> Row:
+    """One line of a curve (answer.fold_curves): its first and last values' test scores; every value's in the
+    section 'Scores along key'."""
+    key, points = row["curve"], row["points"]
+    scored = [(value, found) for value, found in points if "qwk" in found]
+    ends = [scored[0], scored[-1]] if len(scored) > 1 else scored
+
+    def at(metric: str) -> str:
+        return "; ".join(f"{key}={value}: {_estimate(found[metric])}" for value, found in ends) or "-"
+    seeds = sorted({found["seeds"] for _, found in points})
+    return Row([f"{row['arm']} along {key}", f"a curve of {len(points)} values of {key}, every one reported (section "
+                f"'Scores along {key}'; none chosen)", "-", at("qwk"), at("accuracy"), "-",
+                number(next((found.get("baseline") for _, found in scored), None), 3),
+                " to ".join(map(str, dict.fromkeys([seeds[0], seeds[-1]]))), str(row["trials"]), f"{row['minutes']:.1f}"])
 
 
 QUESTION_NOTE = (
@@ -136,9 +160,12 @@ def question_table(members: list[dict], families: list[dict]) -> Table:
     columns = [Column("comparison", "comparison"), Column("qwk", "QWK A - B"), Column("interval", "simultaneous interval"),
                Column("verdict", "verdict"), Column("seeds", "seed pairs")]
     table = Table("question", "The question: comparisons with a verdict", QUESTION_NOTE.format(
-        families=family_text(families)), columns, numeric=frozenset(["qwk", "seeds"]))
+        families=family_text(families)), columns, numeric=frozenset(["qwk", "seeds"]), note_below=True)
     sizes = {f["family"]: f["m"] for f in families}
     for c in members:
+        if "folded" in c:
+            table.rows.append(folded_row(c, sizes))
+            continue
         name = f"{c['a']} - {c['b']}"
         if c["status"] != "compared":
             table.rows.append(Row([name, c["status"]], "notrun"))
@@ -156,10 +183,27 @@ def question_table(members: list[dict], families: list[dict]) -> Table:
     return table
 
 
+def folded_row(group: dict, sizes: dict[str, int]) -> Row:
+    """A family along a curve in one row (answer.fold_question): how many of its comparisons found a difference,
+    naming them; every one is in the section 'Along key'."""
+    members = group["members"]
+    found = [c for c in members if c["status"] == "compared" and c["qwk"].get("verdict", "").endswith(" better")]
+    named = [f"{c['qwk']['verdict']} at {group['key']}={c['setting'][group['key']]}" for c in found]
+    made = sum(c["status"] == "compared" for c in members)
+    shown = "; ".join(named[:4]) + (f"; {len(named) - 4} more" if len(named) > 4 else "")
+    m = sizes.get(group["folded"])
+    seeds = sorted({len(c["seeds"]) for c in members if c["status"] == "compared"})
+    return Row([f"pretraining and depth {group['folded']} ({len(members)} comparisons, every one in the section "
+                f"'Along {group['key']}')", "-", f"simultaneous within the family (m = {m})" if m else
+                "test set only (one seed a side)", f"{len(found)} of {made} made find a difference" +
+                (f": {shown}" if shown else ""), " to ".join(map(str, dict.fromkeys(seeds[:1] + seeds[-1:]))) or "-"])
+
+
 def weigh_table(lines: list[tuple[str, str]]) -> Table:
     table = Table("weigh", "What the answer rests on", "What a reviewer weighs the answer by (after Dodge et al. 2019, "
                   "'Show your work'): the seeds and the test set behind every interval, what chose the settings, and "
-                  "what the seeds could have found.", [Column("what", "what"), Column("value", "")])
+                  "what the seeds could have found.", [Column("what", "what"), Column("value", "value")],
+                  note_below=True)
     table.rows += [Row([what, value]) for what, value in lines]
     return table
 
@@ -209,8 +253,13 @@ COMPARISONS_NOTE = (
 EPOCH_TITLES = {"selected": "each run's selected epoch", "final": "each run's final epoch"}
 
 
+FOLDED_FAMILY = 6  # a family of more members is summed up in one row (or its size alone) in the answer's tables
+
+
 def family_text(families: list[dict]) -> str:
-    return "; ".join(f"{f['family']} (m = {f['m']}: {', '.join(f['members'])})" for f in families) or "none"
+    """The families and their members (a family of more than six: its size alone; comparisons.json lists all)."""
+    return "; ".join(f"{f['family']} (m = {f['m']}" + (f": {', '.join(f['members'])})" if f["m"] <= FOLDED_FAMILY else ")")
+                     for f in families) or "none"
 
 
 def comparisons_table(comparisons: list[dict], families: list[dict]) -> Table:
@@ -269,10 +318,24 @@ def detectable_table(rows: list[dict]) -> Table:
         "given the spread its seeds and test set showed; and how many seed pairs a difference of "
         f"{' or '.join(map(str, PLANNING_DIFFERENCES))} would need on this test set ('not on this test set': the test "
         "set's own share of the uncertainty, which more seeds do not shrink, is too large: a larger test set is needed)."),
-        columns, numeric=frozenset(["seeds", "detectable", *(f"needed_{d}" for d in PLANNING_DIFFERENCES)]))
+        columns, numeric=frozenset(["seeds", "detectable", *(f"needed_{d}" for d in PLANNING_DIFFERENCES)]),
+        note_below=True)
+    families: dict[str, list[dict]] = {}
     for row in rows:
-        table.rows.append(Row([row["comparison"], row["family"], str(row["seeds"]), f"{row['detectable']:.3f}",
-                               *(str(n) if n else "not on this test set" for n in row["seeds_needed"].values())]))
+        families.setdefault(row["family"], []).append(row)
+    for family, members in families.items():
+        if len(members) > FOLDED_FAMILY:  # a family along a curve: its range in one row
+            low, high = min(r["detectable"] for r in members), max(r["detectable"] for r in members)
+            seeds = sorted({r["seeds"] for r in members})
+            needed = [[r["seeds_needed"][d] for r in members] for d in PLANNING_DIFFERENCES]
+            table.rows.append(Row([f"{len(members)} comparisons", family, " to ".join(map(str, dict.fromkeys(
+                seeds[:1] + seeds[-1:]))), f"{low:.3f} to {high:.3f}", *(
+                "not on this test set" if None in n else " to ".join(map(str, dict.fromkeys([min(n), max(n)])))
+                for n in needed)]))
+            continue
+        for row in members:
+            table.rows.append(Row([row["comparison"], row["family"], str(row["seeds"]), f"{row['detectable']:.3f}",
+                                   *(str(n) if n else "not on this test set" for n in row["seeds_needed"].values())]))
     return table
 
 
@@ -468,14 +531,15 @@ def markdown(table: Table, level: int = 2) -> list[str]:
     shown = [i for i, c in enumerate(table.columns) if c.on_page]
     width = len(shown)
     headings = [table.columns[i].key if table.csv_headings else table.columns[i].heading for i in shown]
-    lines = [f"{'#' * level} {table.title}", "", table.note, "", "| " + " | ".join(headings) + " |", "|" + "---|" * width]
+    lines = [f"{'#' * level} {table.title}", "", *([] if table.note_below else [table.note, ""]),
+             "| " + " | ".join(headings) + " |", "|" + "---|" * width]
     for row in table.rows:
         if row.kind == "group":
             lines.append(f"| **{row.cells[0]}** |" + " |" * (width - 1))
         else:
             cells = [row.cells[i] for i in shown if i < len(row.cells)]
             lines.append("| " + " | ".join(cells) + " |" + " |" * (width - len(cells)))
-    return lines
+    return lines + (["", table.note] if table.note_below else [])
 
 
 def to_html(table: Table) -> str:
@@ -500,8 +564,9 @@ def to_html(table: Table) -> str:
             cells.append(f"<td{attributes}>{html.escape(value)}</td>")
         rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
     title = f"<h2>{html.escape(table.title)}</h2>"
-    body = (f'<p class="note">{html.escape(table.note)}</p>'
-            f'<div class="wide"><table id="{table.id}"><tr>{head}</tr>{"".join(rows)}</table></div>')
+    note = f'<p class="note">{html.escape(table.note)}</p>'
+    grid = f'<div class="wide"><table id="{table.id}"><tr>{head}</tr>{"".join(rows)}</table></div>'
+    body = grid + note if table.note_below else note + grid
     if table.detail:  # folded: the title and its row count show, a click opens it
         return (f'<details><summary>{title}<span class="rows">{len(table.rows)} rows: click to show</span>'
                 f"</summary>{body}</details>")
