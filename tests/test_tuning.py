@@ -561,6 +561,21 @@ def test_two_phase_sweep_runs_each_winner_on_the_seeds_and_resumes_without_rerun
     assert "0.0 MB freed, the checkpoints of 0 losing run(s) deleted (2 pruned earlier" in again
     assert {p: len(LAUNCH_LINE.findall(p.read_text())) for p in sweep.rglob("train.log")} == launches
     assert (lost / "summary.json").is_file()
+    # The answer's training minutes count the trials too, found in the sweep's own layout: the same once the
+    # sweep folder is moved (tuning.json's recorded paths then point nowhere).
+    from dr_resnet.results.answer import answer_rows, headline
+    from dr_resnet.results.arms import find_runs, group_arms
+    from dr_resnet.results.tuning import read_choice
+
+    def minutes(root: Path) -> list[tuple[float, float]]:
+        heads = headline(group_arms(find_runs(root)), set(), read_choice(root))
+        finals = [sum(row["epoch_seconds"] for r in h.arm.runs for row in r.rows) / 60 for h in heads]
+        return [(row["minutes"], final) for row, final in zip(answer_rows(heads, root), finals)]
+    before = minutes(sweep)
+    assert len(before) == 2 and all(total > final > 0 for total, final in before)
+    moved = tmp_path / "moved"
+    shutil.move(sweep, moved)
+    assert minutes(moved) == before
 
 
 def test_epochs_to_reach_and_the_spread_over_seeds():

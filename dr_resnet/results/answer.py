@@ -5,8 +5,10 @@ Per arm, the setting that stands for it, never chosen on test: its --tune winner
 winners), or, where a searched key's values were run side by side (a grid over `searched:` keys), the arm whose
 held-out score is best over its seeds; `headline` reduces the arms to those, so that the comparisons meet winner
 against winner and grow with the arms, not with the trials. A factor (a learning curve's data fraction, an
-ablation's head) is never reduced: each of its values stays an arm of its own. `answer_rows` scores each
-headline arm on test with intervals over its seeds and the test patients (stats.seed_mean_test), and `weigh`
+ablation's head) is never reduced: each of its values stays an arm of its own, and a numeric one with many
+values (a curve) opens the report one row per line (`fold_curves`, `fold_question`), every value in the sections
+after. `answer_rows` scores each headline arm on test with intervals over its seeds and the test patients
+(stats.seed_mean_test), and `weigh`
 says what the answer rests on: seeds, test and held-out sizes, the search space, trials and compute per arm
 (Dodge et al. 2019, "Show your work"), and the smallest difference the seeds could detect.
 """
@@ -22,8 +24,8 @@ import numpy as np
 
 from dr_resnet.results.arms import FAMILY_METRIC, QUESTION, Arm, numeric, over_seeds_and_patients
 from dr_resnet.results.factors import line_of
-from dr_resnet.results.rundir import read_metrics
-from dr_resnet.results.tuning import held_out_score
+from dr_resnet.results.rundir import METRICS_FILE, read_metrics
+from dr_resnet.results.tuning import TUNE_DIR, held_out_score
 
 ANSWER_METRICS = ("qwk", "accuracy")  # the answer table's test scores, with intervals over seeds and patients
 
@@ -119,14 +121,14 @@ def headline(arms: list[Arm], searched: set[str] = frozenset(), choice: dict | N
     return found
 
 
-def answer_rows(headlines: list[Headline]) -> list[dict]:
+def answer_rows(headlines: list[Headline], root: Path) -> list[dict]:
     """Per headline arm: how its setting was chosen, the held-out score that chose it, its finished seeds' test
     QWK and accuracy at the selected epoch with t-intervals over seeds and patients (mean of the seeds alone
     where predictions are missing), the seeds' spread, the majority baseline, trials and training minutes."""
     rows = []
     for h in headlines:
         row = {"arm": h.name, "how": h.how, "held_out": h.held_out, "held_out_metric": h.metric,
-               "trials": trials_of(h), "minutes": minutes_of(h)}
+               "trials": trials_of(h), "minutes": minutes_of(h, root)}
         arm = h.arm
         finished = arm.finished if arm else []
         row["seeds"] = len(finished)
@@ -160,12 +162,17 @@ def trials_of(h: Headline) -> int:
     return runs + (h.tuning["planned"] if h.tuning else 0)
 
 
-def minutes_of(h: Headline) -> float:
-    """Training minutes of every run behind this arm's answer (its searched settings' and --tune trials' too)."""
+def minutes_of(h: Headline, root: Path) -> float:
+    """Training minutes of every run behind this arm's answer (its searched settings' and --tune trials' too: a
+    trial's folder found in the sweep's own layout, root/tune/<arm>/<trial>, so that a sweep copied elsewhere
+    still counts them; tuning.json's recorded path where that layout lacks it)."""
     seconds = sum(row.get("epoch_seconds", 0.0) for a in h.candidates for r in a.runs for row in r.rows)
+    folder = h.arm.runs[0].name.split("/")[0] if h.arm and h.arm.runs else ""
     for trial in (h.tuning or {}).get("trials", []):
-        if trial.get("run_dir") and Path(trial["run_dir"]).is_dir():
-            seconds += sum(row.get("epoch_seconds", 0.0) for row in read_metrics(Path(trial["run_dir"])))
+        found = [p for p in (Path(root) / TUNE_DIR / folder / trial["trial"], Path(trial.get("run_dir") or "/nonexistent"))
+                 if folder and (p / METRICS_FILE).is_file()]
+        if found:
+            seconds += sum(row.get("epoch_seconds", 0.0) for row in read_metrics(found[0]))
     return seconds / 60
 
 
@@ -285,7 +292,7 @@ def weigh(headlines: list[Headline], root: Path, detectable: list[dict]) -> list
 def search_space(headlines: list[Headline], root: Path) -> str:
     """The searched keys and what was tried: a grid's values, or --tune's distributions and trials."""
     search, manifest = {}, Path(root) / "sweep.json"
-    for manifest in (Path(root) / "sweep.json", Path(root) / "tune" / "sweep.json"):  # --tune's phase 1 holds the search
+    for manifest in (Path(root) / "sweep.json", Path(root) / TUNE_DIR / "sweep.json"):  # --tune's phase 1 holds the search
         record = json.loads(manifest.read_text()) if manifest.is_file() else {}
         if record.get("search"):
             search = record["search"]

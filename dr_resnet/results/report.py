@@ -693,7 +693,7 @@ def answer_tables(heads: list[Headline], comparisons: list[dict], families: list
                   root: Path) -> list[Table]:
     """The report's opening: each arm at its chosen setting with its test scores, the declared families'
     comparisons with their verdicts, what the answer rests on, and what the seeds could detect."""
-    rows, curves = answer_rows(heads), curve_keys(heads)
+    rows, curves = answer_rows(heads, root), curve_keys(heads)
     if curves:  # a curve's line in one row (one curve: rows of arms along two curves are a grid, left as they are)
         rows = fold_curves(rows, heads, curves[0])
     tables = [answer_table(rows)]
