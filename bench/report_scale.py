@@ -9,7 +9,7 @@ The report runs three times over one sweep: with no results cache (the first rep
 changed (everything read from the cache), and after one run's predictions.csv was rewritten (a sweep that
 grew or a run that moved on: that run alone is scored again).
 
-    python bench/report_scale.py [--arms 4] [--lrs 10] [--seeds 5] [--rows 50000] [--epochs 5] [--dir DIR]
+    python bench/report_scale.py [--arms 4] [--lrs 10] [--seeds 5] [--rows 50000] [--epochs 5] [--dir DIR] [--searched]
     python bench/report_scale.py --demo
     python bench/report_scale.py --comparison-costs [--rows 50000]
 
@@ -21,6 +21,13 @@ choose its epoch on. The summaries' intervals and operating points are computed 
 (default 20, not training's 2,000: the report only reads them, and building 200 runs would take an hour);
 --no-intervals leaves them out, so that the report computes every run's intervals itself (runs written
 before training recorded them, or still going).
+
+The sweep folder holds the sweep.json launch.sweep writes, whose roles decide what the report compares: by
+default the learning rate is a factor of the experiment (a grid key not named searched: every value is an arm
+of its own, compared at each value); with --searched it is a searched key (searched: [train.lr] in the sweep
+file, or launch.sweep --searched train.lr), and the answer reduces each arm's 10 rates to the one its held-out
+score prefers, so the comparisons are winner against winner. Besides the costs, each report's size is printed:
+its comparisons, results.md's lines, report.html's MB and the largest figure's pixels.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -56,6 +65,8 @@ ARMS = {"resnet18_pretrained": 0.55, "resnet18_scratch": 0.75, "resnet50_pretrai
 # each arm's noise (in sd of the latent severity) at the grid's best learning rate, final epoch
 SHARES = (0.73, 0.07, 0.15, 0.025, 0.025)  # EyePACS' grades
 MARKER = "bench_sweep.json"  # the parameters a sweep folder was built with: the same ones reuse it
+LAYOUT = 2  # in the marker: 2 lays the runs out as launch.sweep does (<arm>/lr0.003/seed1), 1 named trials t00
+LR_KEY = "train.lr"
 
 
 def cuts(values: np.ndarray) -> np.ndarray:
@@ -159,11 +170,12 @@ def learning_rates(count: int) -> list[float]:
     return [0.03] if count == 1 else [float(f"{v:.3g}") for v in np.geomspace(0.003, 0.3, count)]
 
 
-def build_sweep(folder: Path, args: argparse.Namespace) -> float:
-    """The sweep's run folders (<arm>/t<trial>/seed<k>/, as launch.sweep lays out a grid), reused when built
-    before with the same parameters; returns the seconds building took."""
+def build_sweep(folder: Path, sweep_file: Path, args: argparse.Namespace) -> float:
+    """The sweep's run folders where launch.sweep would put them for `sweep_file` (layout), reused when built
+    before with the same parameters; returns the seconds building took. sweep.json is written apart (its
+    roles differ with --searched, the runs do not)."""
     wanted = {k: getattr(args, k) for k in ("arms", "lrs", "seeds", "rows", "epochs", "summary_resamples",
-                                            "no_intervals")}
+                                            "no_intervals")} | {"layout": LAYOUT}
     marker = folder / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return 0.0
@@ -173,20 +185,61 @@ def build_sweep(folder: Path, args: argparse.Namespace) -> float:
     test, held_out = TestSet(args.rows, seed=0), TestSet(max(20, args.rows // 10), seed=1)
     rates = learning_rates(args.lrs)
     lr_best = rates[len(rates) // 2]
-    arms = list(ARMS)[:args.arms]
-    total = len(arms) * len(rates) * args.seeds
-    done = 0
-    for arm in arms:
-        for t, lr in enumerate(rates):
-            for seed in range(1, args.seeds + 1):
-                parts = [arm, f"t{t:02d}" if len(rates) > 1 else "", f"seed{seed}" if args.seeds > 1 else ""]
-                build_run(folder.joinpath(*filter(None, parts)), arm, lr, seed, lr_best, test, held_out, args.epochs,
-                          args.summary_resamples, not args.no_intervals)
-                done += 1
-                print(f"\rbuilt {done}/{total} runs", end="", file=sys.stderr, flush=True)
+    names = layout(sweep_file, args.seeds)[0]
+    for done, (arm, where, seed, _, values) in enumerate(names.values(), 1):
+        build_run(folder / where, arm, float(values.get(LR_KEY, rates[0])), seed or 1, lr_best, test, held_out,
+                  args.epochs, args.summary_resamples, not args.no_intervals)
+        print(f"\rbuilt {done}/{len(names)} runs", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     marker.write_text(json.dumps(wanted))
     return time.perf_counter() - started
+
+
+def write_sweep_file(path: Path, args: argparse.Namespace) -> Path:
+    """The sweep file a user would launch this grid with (launch.sweep's format): the arms, the epochs and
+    held-out share every run has, the learning rates as a grid, and with --searched `searched: [train.lr]`."""
+    rates = learning_rates(args.lrs)
+    content = {"name": "report_scale", "config": str(REPO / "configs" / "base.yaml"),
+               "arms": {arm: [f"model.depth={18 if '18' in arm else 50}",
+                              f"model.weights={'imagenet' if 'pretrained' in arm else 'none'}"]
+                        for arm in list(ARMS)[:args.arms]},
+               "overrides": [f"train.epochs={args.epochs}", "train.warmup_epochs=0", "data.val_fraction=0.1"],
+               **({"grid": {LR_KEY: [str(lr) for lr in rates]}} if len(rates) > 1 else {}),
+               **({"searched": [LR_KEY]} if args.searched and len(rates) > 1 else {})}
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+def layout(sweep_file: Path, seeds: int) -> tuple[dict, dict]:
+    """launch.sweep's own reading of the sweep file: run name -> (arm, folder, seed, trial, values)
+    (sweep.run_names over trials.arm_trials: <arm>[/lr<rate>][/seed<k>]), and the roles trials.roles gives the
+    grid's keys ({"searched": [...], "factors": [...]}), as sweep.json records them."""
+    from launch import sweep as launcher
+    from launch import trials
+
+    sweep = launcher.Sweep.load(sweep_file)
+    searched, factors = trials.roles(set(sweep.grid), [], {f"{sweep_file}: searched": sweep.searched})
+    by_arm = trials.arm_trials(list(sweep.arms), sweep.grid, sweep.grid_per_arm, None, 0)
+    names = launcher.run_names(by_arm, list(range(1, seeds + 1)) if seeds > 1 else [])
+    return names, {"searched": searched, "factors": factors}
+
+
+def write_manifest(folder: Path, sweep_file: Path, args: argparse.Namespace) -> Path:
+    """folder/sweep.json with the keys launch.sweep.submit writes (name, sweep_file, executor, command,
+    submitted, resources, the grid's roles, runs; every run finished, as a launch over finished runs records
+    them). The report reads its "searched" (factors.declared_searched): with --searched the learning rate is
+    searched, else a factor."""
+    names, roles = layout(sweep_file, args.seeds)
+    command = [sys.executable, "-m", "launch.sweep", "--config", str(sweep_file), "--executor", "local", "--out", str(folder),
+               *(["--seeds", ",".join(str(s) for s in range(1, args.seeds + 1))] if args.seeds > 1 else [])]
+    manifest = {"name": folder.name, "sweep_file": str(sweep_file.resolve()), "executor": "local", "command": command,
+                "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "resources": {"cpus_per_task": 9, "threads": 1, "mem": "15G"}, **roles,
+                "runs": {name: {"status": "finished", "run_dir": str(folder / where)}
+                         for name, (_, where, _, _, _) in names.items()}}
+    path = folder / "sweep.json"
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
 
 
 def run_report(folder: Path, out: Path) -> dict:
@@ -204,7 +257,21 @@ def run_report(folder: Path, out: Path) -> dict:
     comparisons = out / "comparisons.json"
     made = json.loads(comparisons.read_text())["comparisons"] if comparisons.is_file() else []
     return {"cpu": usage.ru_utime + usage.ru_stime, "wall": wall, "rss_mb": usage.ru_maxrss / 1024,
-            "comparisons": len(made), "compared": sum(c["status"] == "compared" for c in made)}
+            "comparisons": len(made), "compared": sum(c["status"] == "compared" for c in made), **sizes(out)}
+
+
+def sizes(out: Path) -> dict:
+    """What a reader gets: results.md's lines, report.html's MB, and the largest figure (by pixels) the report
+    drew, as 'name W x H'."""
+    largest, pixels = "none", 0
+    for path in sorted(out.glob("*.png")):
+        with Image.open(path) as image:
+            width, height = image.size
+        if width * height > pixels:
+            largest, pixels = f"{path.name} {width} x {height}", width * height
+    return {"md_lines": len((out / "results.md").read_text().splitlines()),
+            "html_mb": (out / "report.html").stat().st_size / 1e6, "figures": len(list(out.glob("*.png"))),
+            "largest": largest}
 
 
 def touch_one(folder: Path) -> Path:
@@ -263,6 +330,8 @@ def main() -> None:
     p.add_argument("--summary-resamples", type=int, default=20, help="the summaries' bootstrap resamples")
     p.add_argument("--no-intervals", action="store_true", help="summaries without intervals: the report computes them")
     p.add_argument("--demo", action="store_true", help="the demo's shape: 4 runs, 250 test images, 6 epochs")
+    p.add_argument("--searched", action="store_true",
+                   help="the learning rate a searched key (sweep.json's searched: [train.lr]), not a factor")
     p.add_argument("--dir", type=Path, help="where the sweep is built (default: a folder under /tmp named by its shape)")
     p.add_argument("--first-only", action="store_true", help="only the first report (no cache yet)")
     p.add_argument("--comparison-costs", action="store_true",
@@ -274,16 +343,21 @@ def main() -> None:
     if args.demo:
         args.arms, args.lrs, args.seeds, args.rows, args.epochs = 4, 1, 1, 250, 6
     folder = args.dir or Path("/tmp") / f"report_scale_{args.arms}x{args.lrs}x{args.seeds}_{args.rows}"
-    built = build_sweep(folder / "sweep", args)
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep_file = write_sweep_file(folder / "sweep_file.yaml", args)
+    built = build_sweep(folder / "sweep", sweep_file, args)
     runs = args.arms * args.lrs * args.seeds
-    print(f"{runs} runs x {args.rows} test images, {args.epochs} epochs: "
+    write_manifest(folder / "sweep", sweep_file, args)
+    role = ("none (one rate)" if args.lrs == 1 else f"{LR_KEY} searched" if args.searched else f"{LR_KEY} a factor")
+    print(f"{runs} runs x {args.rows} test images, {args.epochs} epochs, {role}: "
           + (f"built in {built:.0f} s" if built else "sweep reused") + f" ({folder / 'sweep'})")
     reports = folder / "reports"
     if reports.exists():
         shutil.rmtree(reports)
     reports.mkdir(parents=True)
-    print("| report | CPU s | wall s | peak RSS MB | comparisons (made) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| report | CPU s | wall s | peak RSS MB | comparisons (made) | results.md lines | report.html MB | "
+          "figures | largest figure (px) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     cases = [("first (no cache)", None), ("again (nothing changed)", None), ("one predictions.csv rewritten", touch_one)]
     cases = cases[:1] if args.first_only else cases
     out = reports / "report"
@@ -292,7 +366,8 @@ def main() -> None:
             change(folder / "sweep")
         found = run_report(folder / "sweep", out)
         print(f"| {label} | {found['cpu']:.1f} | {found['wall']:.1f} | {found['rss_mb']:.0f} | "
-              f"{found['comparisons']} ({found['compared']}) |", flush=True)
+              f"{found['comparisons']} ({found['compared']}) | {found['md_lines']} | {found['html_mb']:.2f} | "
+              f"{found['figures']} | {found['largest']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,16 @@ the demo's shape (4 arms, ResNet18/50 x pretrained/scratch, 1-3 seeds) and a gri
 learning rates x 5 seeds = 200 runs, 40 arms), and 12 arms told apart by names (model.head x train.sampler at
 ResNet18). Each figure stays within its size bounds with no legend over any
 axes; confusion matrices and reliability curves are one per arm, its seeds pooled; report.html loads in Chromium
-with every figure decoded and stays a few MB."""
+with every figure decoded and stays a few MB, both as write_html builds it from these figures and as report()
+itself writes it over the 200 runs (the learning rate a factor, and searched), the answer first and every run's
+row folded."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,7 @@ from dr_resnet.results.report import (
     plot_expected_best,
     plot_factor,
     plot_slice,
+    report,
     result_rows,
 )
 from dr_resnet.results.tables import results_table
@@ -198,8 +204,8 @@ def test_calibration_is_one_line_per_arm_its_seeds_predictions_pooled(sweeps, tm
         assert f"ECE {pooled['ece']:.3f}" in line.get_label()
 
 
-@pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="needs Chromium (Debian: apt-get install "
-                                                                            "chromium; .ci/run installs it)")
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (Debian: apt-get install chromium; "
+                                                           ".ci/run installs it)")
 @pytest.mark.parametrize("shape", [p for p in PARAMETERS if p.values[0] != "12 arms by name"])
 def test_report_html_at_scale_loads_in_chromium_with_every_figure_and_stays_a_few_mb(sweeps, drawn, shape):
     from test_report import chromium
@@ -227,3 +233,76 @@ def test_report_html_at_scale_loads_in_chromium_with_every_figure_and_stays_a_fe
     assert linked.stat().st_size < embedded - sum(path.stat().st_size for path, _ in files)
     dom = chromium("--dump-dom", linked.as_uri())
     assert f'data-figures-shown="{len(figures)}"' in dom.stdout
+
+
+class PageOutline(HTMLParser):
+    """What a page's DOM holds, in order: its tables' ids (each with whether a <details> folds it and whether
+    that one is open), every <details>' open attribute and its <img>s."""
+
+    def __init__(self, dom: str):
+        super().__init__()
+        self.tables: list[tuple[str, bool, bool]] = []  # (id, inside a <details>, that <details> open)
+        self.details: list[bool] = []  # each <details>: open?
+        self.images = 0
+        self._open: list[bool] = []  # the <details> the parser is inside, innermost last
+        self.feed(dom)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "details":
+            self.details.append("open" in attrs)
+            self._open.append("open" in attrs)
+        elif tag == "table":
+            self.tables.append((attrs.get("id", ""), bool(self._open), any(self._open)))
+        elif tag == "img":
+            self.images += 1
+
+    def handle_endtag(self, tag):
+        if tag == "details" and self._open:
+            self._open.pop()
+
+
+# The 200 runs' report as a reader gets it: with train.lr a factor (no sweep.json names it searched) every rate
+# is an arm of its own (40 arms, the answer a row each, pretraining and depth compared at each rate: 20 + 20
+# comparisons an epoch); searched (sweep.json: searched: [train.lr], as launch.sweep writes it), each arm's
+# rates reduce to the one its held-out score prefers (4 arms, winner against winner: 2 + 2 an epoch). Both at the
+# selected and the final epoch. report() over these 200 runs of 250 images, 6 epochs: about 15 CPU s (factor) and
+# 6 CPU s (searched) on the project's CPU machine, so the fast loop leaves it out.
+REPORTED = {"train.lr a factor": (False, 40, 80), "train.lr searched": (True, 4, 8)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (Debian: apt-get install chromium; "
+                                                           ".ci/run installs it)")
+@pytest.mark.parametrize("role", REPORTED)
+def test_report_over_200_runs_leads_with_the_answer_folds_every_run_and_loads_in_chromium(sweeps, tmp_path, role):
+    from test_report import chromium
+
+    searched, answer_rows, comparisons = REPORTED[role]
+    root = sweeps("200 runs")
+    if searched:  # a copy: the module's sweep stays a sweep without sweep.json for the other tests
+        root = Path(shutil.copytree(root, tmp_path / "sweep"))
+        (root / "sweep.json").write_text(json.dumps({"searched": ["train.lr"], "factors": []}))
+    out = tmp_path / "report"
+    written = report(root, out)
+    page = out / "report.html"
+    figures = [p for p in written if p.suffix == ".png"]
+    assert page in written and page.stat().st_size <= PAGE_BYTES, page.stat().st_size
+    assert len(json.loads((out / "comparisons.json").read_text())["comparisons"]) == comparisons
+    dom = chromium("--dump-dom", page.as_uri())
+    assert dom.returncode == 0 and "Uncaught" not in dom.stderr, dom.stderr
+    outline = PageOutline(dom.stdout)
+    # the answer is the first table on the page, a row per arm at its chosen setting (header row included)
+    assert outline.tables[0] == ("answer", False, False)
+    answer = re.search(r'<table id="answer">(.*?)</table>', dom.stdout, re.S).group(1)
+    assert answer.count("<tr") == 1 + answer_rows
+    if searched:
+        assert answer.count("held-out choice among 10 settings of train.lr") == answer_rows
+    # every figure the report drew is on the page and decoded by the browser (naturalWidth > 0)
+    assert outline.images == len(figures) >= 5
+    assert f'data-figures-shown="{len(figures)}"' in dom.stdout
+    # the per-run tables are folded, none open: a row per run (200) behind a click
+    assert outline.details and not any(outline.details)
+    tables = {name: (inside, opened) for name, inside, opened in outline.tables}
+    assert tables["results"] == (True, False)
+    assert re.search(r'<summary><h2>Results</h2><span class="rows">(\d+) rows', dom.stdout).group(1) == "200"
