@@ -216,6 +216,19 @@ def fold_curves(rows: list[dict], headlines: list[Headline], key: str) -> list[d
     return folded
 
 
+def curve_ends(headlines: list[Headline], key: str) -> list[Arm]:
+    """The answer's arms with those along the curve `key` reduced to each line's first and last values: what
+    the per-arm figures (confusion matrices) draw, so that they hold at any number of values."""
+    arms = [h.arm for h in headlines if h.arm]
+    lines: dict[str, list[Arm]] = {}
+    for arm in arms:
+        if key in arm.factors:
+            lines.setdefault(line_of(arm, key), []).append(arm)
+    ends = {id(a) for members in lines.values() for a in (min(members, key=lambda a: float(a.factors[key])),
+                                                        max(members, key=lambda a: float(a.factors[key])))}
+    return [a for a in arms if key not in a.factors or id(a) in ends]
+
+
 def question(comparisons: list[dict]) -> list[dict]:
     """The declared families' comparisons at the selected epoch (the primary family first), as made; and the
     question's comparisons made with one seed a side (outside every family: shown with the test set's

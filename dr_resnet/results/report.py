@@ -26,6 +26,7 @@ from dr_resnet.results.answer import (
     Headline,
     answer_rows,
     compared_arms,
+    curve_ends,
     curve_keys,
     fold_curves,
     fold_question,
@@ -566,12 +567,13 @@ def plot_calibration(arms: list[Arm], path: Path) -> Figure | None:
     return fig
 
 
-def plot_confusion_matrices(arms: list[Arm], path: Path) -> Figure:
+def plot_confusion_matrices(arms: list[Arm], path: Path, which: str = "") -> Figure:
     """Per arm: its confusion matrix at its runs' selected epochs (each run's train.select_by on its held-out
     part, else its final epoch: the epoch of its checkpoint_best.pt), its seeds pooled (counts summed), then
     row-normalised; a near-square grid of at most 5 columns, so many arms stay one readable image (each run's
     own is its folder's confusion_matrix.png, and its counts are in its summary.json). `arms`: the arms to
-    draw (those with no epoch yet are left out). Returns the figure (saved to `path`)."""
+    draw (those with no epoch yet are left out); `which`: what chose them, in the title (along a curve, its
+    ends). Returns the figure (saved to `path`)."""
     shown = [a for a in arms if a.done]
     rows, columns = grid_shape(len(shown), 5)
     fig = new_figure(2.75 * columns + 1.6, 2.85 * rows + 0.5)
@@ -604,7 +606,7 @@ def plot_confusion_matrices(arms: list[Arm], path: Path) -> Figure:
         fig.colorbar(image, ax=[ax for ax in axes.flat if ax.get_visible()], shrink=min(0.8, 3.0 / (2.85 * rows)),
                      label="share of the true grade's images")
     fig.suptitle("Test confusion matrices at each run's selected epoch, each arm's seeds pooled (counts summed, "
-                 "then row-normalised)", fontsize=10)
+                 "then row-normalised)" + (f"\n{which} (every run's own is in its folder)" if which else ""), fontsize=10)
     save(fig, path)
     return fig
 
@@ -761,6 +763,9 @@ def galleries(runs: list[RunRecord], out: Path, per_cell: int = 2) -> list[Path]
     return written
 
 
+FOLDED_ROWS = 20  # report.html folds a section after the answer with more rows than this (results.md shows all)
+
+
 def report(root: str | Path, out: str | Path | None = None, gallery: bool = False) -> list[Path]:
     """Write the figures and tables for every run under root (and with gallery, each run's gallery of
     heat maps); returns the files written."""
@@ -783,8 +788,10 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     searched = declared_searched(root)
     heads = headline(arms, searched, read_choice(root))
     answered = [h.arm for h in heads if h.arm]  # winners meet winners: a searched key's settings are not compared
+    curves = curve_keys(heads)
     if any(r.rows for a in answered for r in a.runs):  # the answer's arms: every other run's matrix is in its folder
-        plot_confusion_matrices(answered, out / "confusion_matrices.png")
+        plot_confusion_matrices(curve_ends(heads, curves[0]) if curves else answered, out / "confusion_matrices.png",
+                                f"{curves[0]}: each line's first and last values" if curves else "")
         written.append(out / "confusion_matrices.png")
     if plot_calibration(answered, out / "calibration.png") is not None:
         written.append(out / "calibration.png")
@@ -797,8 +804,11 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     tables = answer_tables(heads, comparisons, families, detectable, root)
     more, figures = factor_tables(arms, comparisons, families, out, heads, searched)
     tuned, tuning_figures = tuning_tables(root, out)
-    tables += more + tuned + tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows),
+    details = more + tuned + tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows),
                                        operating_rows([r for a in answered for r in a.runs]), families)
+    for table in details:  # after the answer, a long table (a row per arm, value or comparison) is folded on the page
+        table.detail = table.detail or len(table.rows) > FOLDED_ROWS
+    tables += details
     written += figures + tuning_figures
     write_tables(rows, out, tables, comparisons, families)
     if comparisons:
