@@ -17,13 +17,14 @@ from dr_resnet.model.resnet import imagenet_cache_path
 from dr_resnet.results.metrics import collapse
 from dr_resnet.results.report import main, report
 from dr_resnet.results.rundir import STATUS_FILE
-from dr_resnet.results.stats import t_quantile
+from dr_resnet.results.stats import OVER_SEEDS, t_quantile
 from dr_resnet.training import checkpoint
 from dr_resnet.training.train import main as train
 
 from helpers import (
     REPO,
     preprocessed_dataset,
+    synthetic_run,
 )
 
 ARMS = {"resnet18_pretrained": (18, "imagenet"), "resnet18_scratch": (18, "none"),
@@ -762,3 +763,39 @@ def test_a_searched_grid_that_could_not_be_chosen_still_counts_in_its_family(swe
     assert made["status"].startswith("not compared: resnet18 scratch: not chosen: no setting of train.lr among its 2")
     answer = (out / "results.md").read_text().split("\n## ")[0]
     assert "| resnet18 scratch | not chosen: no setting of train.lr" in answer
+
+
+def test_a_grid_selected_by_loss_is_answered_by_its_lowest_held_out_loss(tmp_path):
+    """train.select_by=loss: among a searched key's settings the answer takes the one with the lowest mean held-out
+    loss over its seeds (held_out_mean gives the loss itself; lower is better), not the one with the best held-out
+    QWK, and its row shows that mean loss, named, as the held-out score that chose it. Three learning rates of one
+    arm: 0.01 has the best held-out QWK, 0.1 the lowest loss, 0.3 the highest loss (which a choice of the largest
+    number would take)."""
+    from dr_resnet.results.answer import answer_rows, headline
+    from dr_resnet.results.arms import find_runs, group_arms
+    from dr_resnet.results.tables import answer_table, markdown
+
+    held_out = {0.01: (0.50, 0.90), 0.1: (0.30, 0.40), 0.3: (0.70, 0.60)}  # rate: (held-out loss, QWK) at its best
+    for lr, (loss, qwk) in held_out.items():
+        for seed in (0, 1):
+            run = synthetic_run(tmp_path / f"lr{lr}" / f"seed{seed}", 18, "none", seed, 0.6,
+                                {"train.lr": lr, "train.select_by": "loss"})
+            rows = rows_of(run)
+            # the epoch whose predictions synthetic_run wrote (its best held-out QWK): both scores peak there
+            best = max(rows, key=lambda r: (r["val_qwk"], -r["epoch"]))["epoch"]
+            (run / "metrics.jsonl").write_text("".join(
+                json.dumps({**r, "val_loss": loss + seed / 50 + abs(r["epoch"] - best) / 10,
+                            "val_qwk": qwk + seed / 50 - abs(r["epoch"] - best) / 10}) + "\n" for r in rows))
+    arms = group_arms(find_runs(tmp_path))
+    assert sorted(a.factors["train.lr"] for a in arms) == ["0.01", "0.1", "0.3"]
+    [head] = headline(arms, {"train.lr"})
+    assert head.how == "held-out choice among 3 settings of train.lr (train.lr=0.1)"
+    assert head.arm.runs is next(a for a in arms if a.factors["train.lr"] == "0.1").runs
+    assert (head.held_out, head.metric) == (pytest.approx(0.31), "held-out loss")  # the mean over its two seeds
+    [row] = answer_rows([head], tmp_path)
+    assert (row["held_out"], row["held_out_metric"]) == (pytest.approx(0.31), "held-out loss")
+    assert row["seeds"] == 2 and row["trials"] == 6 and row["qwk"]["over"] == OVER_SEEDS  # scored on test
+    lines = markdown(answer_table([row]), level=1)
+    [line] = [line for line in lines if line.startswith("| resnet18 scratch")]
+    assert line.split(" | ")[1:3] == ["held-out choice among 3 settings of train.lr (train.lr=0.1)", "0.310"]
+    assert lines[2].split(" | ")[2] == "held-out loss that chose it"  # one metric for every arm: named once

@@ -3,7 +3,9 @@ predictions whose truth is known."""
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from scipy.stats import binomtest
 
 from dr_resnet.patients import patients_of
 from dr_resnet.results import metrics, stats
+from dr_resnet.results.simulation import Setting, coverage, expected_scores
 
 
 def random_predictions(n: int, seed: int, right: float = 0.8):
@@ -373,3 +376,78 @@ def test_an_arms_mean_over_seeds_counts_the_seeds_and_the_shared_test_set():
     one = stats.seed_mean_test_of(scored[:1], ("qwk",))["qwk"]
     assert one["df"] is None and one["se"] == pytest.approx(math.sqrt(cov[0, 0]))
     assert one["low"] == pytest.approx(values[0] - scipy_stats.norm.ppf(0.975) * math.sqrt(cov[0, 0]))
+
+
+# An arm's interval over seeds and test patients (seed_mean_test, the answer table's) against the arm's
+# expected score, simulated (dr_resnet.results.simulation): one arm, S seeds on a fresh test set of two-eyed
+# patients each replication. Three regimes of its two error terms (se^2 = seed variance / S + the test set's
+# covariance), named for QWK: the test set dominates (seeds differ only by their per-image errors and share
+# a per-patient error: 125 patients), both (a fifth to five times each other), the seeds dominate (log-skill
+# sd 0.3, 1,000 patients: the seeds' QWK sd 0.08).
+TEST_SET_DOMINATES = Setting(1, seed_sd=0.0, patient_effect=0.8)
+BOTH = Setting(1, seed_sd=0.12, patient_effect=0.4)
+SEEDS_DOMINATE = Setting(1, seed_sd=0.3, patient_effect=0.0, patients=1000)
+REGIMES = {"test-set-dominates": TEST_SET_DOMINATES, "both": BOTH, "seeds-dominate": SEEDS_DOMINATE}
+TRUTH_DRAWS = 10_000  # the expected score's Monte-Carlo error: about 0.0005 QWK, against half-widths of 0.1-0.3
+
+
+def coverage_tolerance(replications: int) -> float:
+    """How far a coverage may sit from 95%: one point (what the jackknife's and the t's approximations give
+    at 125-1,000 patients: 94.1% with one seed whose runs differ only image by image, 4,000 replications) plus
+    two Monte-Carlo errors of 95% at `replications` (1,000: 2.4 points, a 95% interval passes between 92.6%
+    and 97.4%, a 90% or 99% one fails; 4,000: 1.7 points)."""
+    return 0.01 + 2 * math.sqrt(0.95 * 0.05 / replications)
+
+
+@functools.lru_cache(maxsize=None)
+def expected(setting: Setting) -> dict[str, float]:
+    return expected_scores(setting, TRUTH_DRAWS, seed=1, metrics=("qwk", "accuracy"))
+
+
+FAST_COVERAGE = [("test-set-dominates", 1), ("test-set-dominates", 3), ("seeds-dominate", 1), ("seeds-dominate", 3)]
+SLOW_COVERAGE = [(regime, seeds) for regime in REGIMES for seeds in (1, 3, 5)]
+
+
+@pytest.mark.parametrize("regime, seeds, replications",
+                         [(r, s, 1000) for r, s in FAST_COVERAGE]
+                         + [pytest.param(r, s, 4000, marks=pytest.mark.slow) for r, s in SLOW_COVERAGE],
+                         ids=lambda x: str(x))
+def test_an_arms_interval_covers_its_expected_score_over_seeds_and_test_sets(regime, seeds, replications):
+    """The 95% interval of an arm's QWK and accuracy over S seeds on one test set covers the arm's expected
+    score (over seeds and test sets: expected_scores) in at least 95% of replications, less coverage_tolerance.
+    Measured at 4,000 replications (QWK / accuracy):
+    - one seed whose runs differ only image by image: 94.1% / 94.8%, checked within the tolerance both ways;
+    - the seeds dominate: 95.5% / 97.4% at 3 seeds, 94.8% / 96.1% at 5; QWK's checked at most 95% plus the
+      tolerance too (the interval is not needlessly wide where its t is the right one);
+    - elsewhere the t with S - 1 degrees of freedom is conservative, the test set's term being known far better
+      than S - 1 degrees of freedom say: QWK 100% / 98.6% at 3 / 5 seeds where the test set dominates, 99.8% /
+      98.5% with both (Satterthwaite's degrees of freedom, which would narrow it, over-claimed at 2-3 seeds in
+      the comparisons' calibration: docs/benchmarks.md);
+    - the seeds alone (a t over the seeds' values, the test set taken as fixed) under-cover wherever the test
+      set's share is sizeable, the reason its term is there: QWK 68% / 45% at 3 / 5 seeds where it dominates,
+      88% / 76% with both;
+    - one seed where seeds vary: its interval knows the test set alone and under-covers (the report says so:
+      stats.ONE_SEED): QWK 86% with both, 26% where the seeds dominate.
+    Not checked: a wider, skewed spread of seeds (log-skill sd 0.5, the seeds' QWK sd 0.14, 250 patients) covered
+    QWK in 93.0% of 4,000 at 5 seeds, below the tolerance (94.7% at 3)."""
+    setting = replace(REGIMES[regime], seeds=seeds)
+    truth = expected(REGIMES[regime])
+    found = coverage(setting, replications, truth, seed=seeds)
+    tolerance = coverage_tolerance(replications)
+    for m in truth:
+        covered = found[m]["covered"]
+        if seeds == 1 and setting.seed_sd > 0:
+            assert covered < 0.95 - tolerance, (m, found[m])
+            continue
+        assert covered >= 0.95 - tolerance, (m, found[m])
+        if seeds == 1 or (regime == "seeds-dominate" and m == "qwk"):
+            assert covered <= 0.95 + tolerance, (m, found[m])
+        if seeds > 1 and regime != "seeds-dominate":
+            assert found[m]["seeds_alone_covered"] < 0.95 - tolerance, (m, found[m])
+    if seeds > 1:  # the regime is what it is named for (QWK's two terms, their means over replications)
+        seed_term, test_term = found["qwk"]["seed_term"], found["qwk"]["test_set_term"]
+        ratio = {"test-set-dominates": test_term / seed_term, "seeds-dominate": seed_term / test_term}.get(regime)
+        if ratio is None:
+            assert 1 / 5 < seed_term / test_term < 5, found["qwk"]
+        else:
+            assert ratio > 5, found["qwk"]

@@ -1,5 +1,7 @@
 """Simulated test sets and runs with a known truth, to check that the arms' comparison claims a difference
-no more often than it says (tests/test_calibration.py, bench/calibration.py). numpy only.
+no more often than it says (tests/test_calibration.py, bench/calibration.py), and that an arm's interval over
+its seeds and the test patients covers the arm's expected score as often as it says (tests/test_stats.py).
+numpy only.
 
 A test set: patients with two eyes whose DR severities are correlated; true grades cut from the severity at
 EyePACS's shares (73% grade 0). A run grades each eye as its severity plus an error made of three parts:
@@ -8,17 +10,21 @@ EyePACS's shares (73% grade 0). A run grades each eye as its severity plus an er
 - a per-run, per-image error;
 - the run's skill, which scales its whole error and varies between seeds (`seed_sd`: log-normal).
 Both arms draw from one distribution unless `effect` > 0, which shrinks arm A's error by that share. Each
-replication draws a fresh test set, fresh arms and fresh seeds.
+replication draws a fresh test set, fresh arms and fresh seeds. An arm's expected score, which its interval
+over seeds (seed_mean_test) estimates, averages over all three: a large Monte Carlo of one run on each of
+many fresh test sets (expected_scores).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats as scipy_stats
 
-from dr_resnet.results.stats import seed_pair_test, t_interval
+from dr_resnet import NUM_GRADES
+from dr_resnet.results.metrics import METRICS
+from dr_resnet.results.stats import LEVEL, seed_mean_test, seed_pair_test, t_interval, t_quantile
 
 GRADE_SHARES = (0.73, 0.07, 0.15, 0.025, 0.025)  # EyePACS' training labels, grade 0..4
 CUTS = scipy_stats.norm.ppf(np.cumsum(GRADE_SHARES)[:-1])
@@ -83,3 +89,56 @@ def claims(setting: Setting, replications: int, seed: int = 0, level: float = 0.
     return {"claimed": float(claimed.mean()), "naive_claimed": float(np.mean(naive)) if naive else None,
             "mean_difference": float(differences.mean()), "sd_difference": float(differences.std(ddof=1)),
             "mean_se": float(np.mean([e["se"] for e in found]))}
+
+
+def expected_scores(setting: Setting, draws: int, seed: int = 0, metrics: tuple[str, ...] = ("qwk",)) -> dict[str, float]:
+    """An arm's expected score per metric over seeds and test sets of `setting`'s size (an arm at arm B's
+    error: `effect` plays no part): one run, a fresh seed, on each of `draws` fresh test sets, averaged. The
+    mean over S seeds on one test set has the same expectation, so this is what seed_mean_test's interval is
+    about (of the test-set size simulated: QWK is a ratio, its expectation moves slightly with the number of
+    images). Metrics of the confusion matrix only (the matrices of all draws are scored at once)."""
+    for m in metrics:
+        if METRICS[m].of_confusion is None:
+            raise ValueError(f"expected_scores: {m} is not a metric of the confusion matrix")
+    rng = np.random.default_rng(seed)
+    one = replace(setting, seeds=1)
+    cells = NUM_GRADES * NUM_GRADES
+    confusion = np.empty((draws, cells))
+    for k in range(draws):
+        severity, labels, units = test_set(one, rng)
+        grades = arm_runs(one, severity, units, 1.0, rng)[0][0]
+        confusion[k] = np.bincount(labels * NUM_GRADES + grades, minlength=cells)
+    matrices = confusion.reshape(draws, NUM_GRADES, NUM_GRADES)
+    return {m: float(METRICS[m].of_confusion(matrices).mean()) for m in metrics}
+
+
+def coverage(setting: Setting, replications: int, truth: dict[str, float], seed: int = 0,
+             level: float = LEVEL) -> dict[str, dict]:
+    """Over `replications` fresh experiments (one arm, `setting.seeds` seeds on a fresh test set each), per
+    metric of `truth` (expected_scores): the share whose `level` interval (seed_mean_test) covers the
+    truth; the same share for a t-interval over the seeds' values alone (the test set taken as fixed; None
+    with one seed); the mean estimated seed variance over S and test-set covariance (se^2's two terms,
+    which say whether the seeds or the test set dominate; None with one seed); the mean se and width."""
+    rng = np.random.default_rng(seed)
+    metrics = tuple(truth)
+    found = []
+    for _ in range(replications):
+        severity, labels, units = test_set(setting, rng)
+        found.append(seed_mean_test(labels, arm_runs(setting, severity, units, 1.0, rng), units, metrics, level))
+    seeds = setting.seeds
+    summary = {}
+    for m in metrics:
+        entries = [e[m] for e in found]
+        covered = [e["low"] <= truth[m] <= e["high"] for e in entries]
+        alone = seed_terms = test_terms = None
+        if seeds > 1:
+            values = np.array([e["per_seed"] for e in entries])  # (replications, seeds)
+            half = t_quantile(level, seeds - 1) * values.std(axis=1, ddof=1) / np.sqrt(seeds)
+            alone = float(np.mean(np.abs(values.mean(axis=1) - truth[m]) <= half))
+            seed_terms = float(np.mean([e["seed_variance"] for e in entries])) / seeds
+            test_terms = float(np.mean([e["test_set_covariance"] for e in entries]))
+        summary[m] = {"covered": float(np.mean(covered)), "seeds_alone_covered": alone,
+                      "seed_term": seed_terms, "test_set_term": test_terms,
+                      "mean_se": float(np.mean([e["se"] for e in entries])),
+                      "mean_width": float(np.mean([e["high"] - e["low"] for e in entries]))}
+    return summary
