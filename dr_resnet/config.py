@@ -55,15 +55,27 @@ class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key (and file)."""
 
 
+HELP = "help"  # the metadata entry of a config key's help text
+
+
+def setting(default: Any, text: str) -> Any:
+    """A config key's field: its default and its help, kept in the declaration's metadata, where `train
+    --help`, `launch.sweep --help` and docs/reference/config.md read it (key_help): no source parsing, so the
+    help is there wherever the code runs."""
+    return field(default=default, metadata={HELP: text})
+
+
 @dataclass
 class ModelConfig:
-    depth: Depth = 18  # 18, 34 (BasicBlock), 50, 101, 152 (Bottleneck): registry.ARCHITECTURES
-    weights: str = "none"  # none (or scratch) | imagenet | path to a state dict or checkpoint
-    zero_init_residual: bool = True  # each residual block's last BatchNorm weight starts at 0, so every block starts
-    # as the identity (Goyal et al. 2017; torchvision's reference recipes): gradients 22x smaller at the start for
-    # ResNet50 from scratch. Loaded weights (model.weights) replace it: no effect on pretrained arms
-    head: HeadKind = "classification"  # classification (5 grades, cross-entropy) | regression (1 output, thresholds;
-    # its settings: the regression section) | ordinal (4 "grade > k" outputs, binary cross-entropies, consistent decoding)
+    depth: Depth = setting(18, "18, 34 (BasicBlock), 50, 101, 152 (Bottleneck): registry.ARCHITECTURES")
+    weights: str = setting("none", "none (or scratch) | imagenet | path to a state dict or checkpoint")
+    zero_init_residual: bool = setting(True, "each residual block's last BatchNorm weight starts at 0, so every block starts as "
+                                             "the identity (Goyal et al. 2017; torchvision's reference recipes): gradients 22x "
+                                             "smaller at the start for ResNet50 from scratch. Loaded weights (model.weights) "
+                                             "replace it: no effect on pretrained arms")
+    head: HeadKind = setting("classification", 'classification (5 grades, cross-entropy) | regression (1 output, thresholds; '
+                                               'its settings: the regression section) | ordinal (4 "grade > k" outputs, binary '
+                                               'cross-entropies, consistent decoding)')
 
     @property
     def pretrained(self) -> bool:
@@ -106,133 +118,154 @@ def normalised_weights(weights: str) -> str:
 class RegressionConfig:
     """The regression head's settings (model.head=regression); the other heads have none."""
 
-    loss: RegressionLoss = "mse"  # mse | smooth_l1 (mse by principle: QWK charges an error by its squared grade
-    # distance, and squared error is the loss whose minimiser, the conditional mean grade, that charge rewards)
-    fit_thresholds: FitThresholds = "train"  # after each epoch re-fit the grade thresholds for QWK on train (an eval-mode
-    # pass over the training images) | val (the held-out part, data.val_fraction) | batches (the epoch's
-    # augmented training outputs: no extra pass) | none (keep 0.5, 1.5, 2.5, 3.5)
+    loss: RegressionLoss = setting("mse", "mse | smooth_l1 (mse by principle: QWK charges an error by its squared grade "
+                                          "distance, and squared error is the loss whose minimiser, the conditional mean grade, "
+                                          "that charge rewards)")
+    fit_thresholds: FitThresholds = setting("train", "after each epoch re-fit the grade thresholds for QWK on train (an "
+                                                     "eval-mode pass over the training images) | val (the held-out part, "
+                                                     "data.val_fraction) | batches (the epoch's augmented training outputs: no "
+                                                     "extra pass) | none (keep 0.5, 1.5, 2.5, 3.5)")
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/synthetic_128"  # the dataset folder (a format below; python -m dr_resnet.preprocess writes one)
-    format: DataFormat = "auto"  # auto (lab, kaggle, aptos or folders, detected) | lab | kaggle | aptos | folders
-    # ({split}/{grade}/ image folders) | csv (any table: the keys below) | eyepacs | idrid | messidor2 | ddr (those
-    # datasets as shipped; the README's dataset table)
-    train_split: str = "train"  # the split trained on (and its held-out part)
-    test_split: str = "test"  # the split every epoch is tested on (never chosen on)
-    train_csv: str = ""  # csv format: the training split's table (relative to data.root)
-    test_csv: str = ""  # csv format: the test split's table (relative to data.root)
-    train_images: str = ""  # csv format: the training split's image folder (relative to data.root; '' : the root)
-    test_images: str = ""  # csv format: the test split's image folder (relative to data.root; '' : the root)
-    image_column: str = "image"  # csv format: the column of image names (with or without extension)
-    label_column: str = "level"  # csv format: the column of grades (0..4, or labels data.label_map maps)
-    image_suffix: str = ""  # csv format: the extension of names given without one, e.g. .jpg (others are tried too)
-    patient_column: str = ""  # any table format: the column naming each image's patient ('' : from the name,
-    # <patient>_left|right, else each image its own patient); the split, held-out part and bootstrap keep patients whole
-    filter: str = ""  # any table format: only rows with column=value (several: comma-separated, all must hold),
-    # e.g. adjudicated_gradable=1; the count left out is logged
-    label_map: str = ""  # any table format: the dataset's labels as grades, label=grade pairs (comma-separated);
-    # a label mapped to drop leaves its rows out (counted in the log), e.g. 5=drop
-    image_size: int = 512  # pixels a side the network sees (photos are resized to it)
-    bad_images: BadImages = "stop"  # photos that cannot be decoded to their last byte, or are blank, found at start
-    # (checked once, cached per file): stop (an error naming every one) | skip (train and test without them,
-    # named in the log, summary.json and the report)
-    stage_to: str = ""  # copy the prepared dataset once per node to this node-local folder at job start and read it
-    # there (an absolute path, e.g. /dev/shm or '$TMPDIR': variables expanded on the node); a later job finds an
-    # unchanged copy and starts at once; `python -m dr_resnet.stage --clean DIR --older-than DAYS` removes old copies
-    stage_timeout_minutes: float = 120.0  # how long a process waits for its node's copy (data.stage_to) before it
-    # stops: long enough for EyePACS' 88k photos from a busy shared file system; the wait is on the process group's
-    # store, not in a collective, so the process group's timeout does not apply to it
-    workers: int = 4  # data-loading processes per training process
-    max_rotation: float = 180.0  # degrees, random rotation within +-max_rotation (on the device); 180: any angle,
-    # since a fundus photo's orientation carries no grade
-    flips: bool = True  # random horizontal and vertical flips (on the device)
-    val_fraction: float = 0.1  # hold out this share of the training split (whole patients, stratified by grade):
-    # the epoch is chosen on it (train.select_by), the temperature (and regression.fit_thresholds=val) fitted on it.
-    # 0, or a held-out part under min_val_images: nothing is chosen, the final epoch is the result
-    val_split: str = ""  # an official validation split as the held-out part (DDR's valid), instead of
-    # data.val_fraction of the training split ('' : the fraction)
-    min_val_images: int = 50  # a held-out part smaller than this would choose epochs by noise: nothing is held out
-    # then (a warning names the sizes), unless something must be fitted there (an error then)
-    split_seed: int = 0  # which patients are held out: its own seed, so train.seed varies the training, not the data
-    train_fraction: float = 1.0  # train on this share of the training patients (after the held-out part is drawn),
-    # drawn by data.split_seed, stratified by each patient's worse grade and nested: a smaller share's patients are
-    # all in every larger share's, and the held-out part is the same at every share (learning curves over data)
+    root: str = setting("data/synthetic_128", "the dataset folder (a format below; python -m dr_resnet.preprocess writes one)")
+    format: DataFormat = setting("auto", "auto (lab, kaggle, aptos or folders, detected) | lab | kaggle | aptos | folders "
+                                         "({split}/{grade}/ image folders) | csv (any table: the keys below) | eyepacs | idrid "
+                                         "| messidor2 | ddr (those datasets as shipped); docs/reference/files.md says each "
+                                         "layout")
+    train_split: str = setting("train", "the split trained on (and its held-out part)")
+    test_split: str = setting("test", "the split every epoch is tested on (never chosen on)")
+    train_csv: str = setting("", "csv format: the training split's table (relative to data.root)")
+    test_csv: str = setting("", "csv format: the test split's table (relative to data.root)")
+    train_images: str = setting("", "csv format: the training split's image folder (relative to data.root; '' : the root)")
+    test_images: str = setting("", "csv format: the test split's image folder (relative to data.root; '' : the root)")
+    image_column: str = setting("image", "csv format: the column of image names (with or without extension)")
+    label_column: str = setting("level", "csv format: the column of grades (0..4, or labels data.label_map maps)")
+    image_suffix: str = setting("", "csv format: the extension of names given without one, e.g. .jpg (others are tried too)")
+    patient_column: str = setting("", "any table format: the column naming each image's patient ('' : from the name, "
+                                      "<patient>_left|right, else each image its own patient); the split, held-out part and "
+                                      "bootstrap keep patients whole")
+    filter: str = setting("", "any table format: only rows with column=value (several: comma-separated, all must hold), e.g. "
+                              "adjudicated_gradable=1; the count left out is logged")
+    label_map: str = setting("", "any table format: the dataset's labels as grades, label=grade pairs (comma-separated); a "
+                                 "label mapped to drop leaves its rows out (counted in the log), e.g. 5=drop")
+    image_size: int = setting(512, "pixels a side the network sees (photos are resized to it)")
+    bad_images: BadImages = setting("stop", "photos that cannot be decoded to their last byte, or are blank, found at start "
+                                            "(checked once, cached per file): stop (an error naming every one) | skip (train "
+                                            "and test without them, named in the log, summary.json and the report)")
+    stage_to: str = setting("", "copy the prepared dataset once per node to this node-local folder at job start and read it "
+                                "there (an absolute path, e.g. /dev/shm or '$TMPDIR': variables expanded on the node); a later "
+                                "job finds an unchanged copy and starts at once; `python -m dr_resnet.stage --clean DIR "
+                                "--older-than DAYS` removes old copies")
+    stage_timeout_minutes: float = setting(120.0, "how long a process waits for its node's copy (data.stage_to) before it "
+                                                  "stops: long enough for EyePACS' 88k photos from a busy shared file system; "
+                                                  "the wait is on the process group's store, not in a collective, so the "
+                                                  "process group's timeout does not apply to it")
+    workers: int = setting(4, "data-loading processes per training process")
+    max_rotation: float = setting(180.0, "degrees, random rotation within +-max_rotation (on the device); 180: any angle, since "
+                                         "a fundus photo's orientation carries no grade")
+    flips: bool = setting(True, "random horizontal and vertical flips (on the device)")
+    val_fraction: float = setting(0.1, "hold out this share of the training split (whole patients, stratified by grade): the "
+                                       "epoch is chosen on it (train.select_by), the temperature (and "
+                                       "regression.fit_thresholds=val) fitted on it. 0, or a held-out part under "
+                                       "min_val_images: nothing is chosen, the final epoch is the result")
+    val_split: str = setting("", "an official validation split as the held-out part (DDR's valid), instead of data.val_fraction "
+                                 "of the training split ('' : the fraction)")
+    min_val_images: int = setting(50, "a held-out part smaller than this would choose epochs by noise: nothing is held out then "
+                                      "(a warning names the sizes), unless something must be fitted there (an error then)")
+    split_seed: int = setting(0, "which patients are held out: its own seed, so train.seed varies the training, not the data")
+    train_fraction: float = setting(1.0, "train on this share of the training patients (after the held-out part is drawn), "
+                                         "drawn by data.split_seed, stratified by each patient's worse grade and nested: a "
+                                         "smaller share's patients are all in every larger share's, and the held-out part is "
+                                         "the same at every share (learning curves over data)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30  # a larger value in a resumed run extends it
-    length: float = 1.0  # a multiple of the schedule: train.epochs (rounded) and train.warmup_epochs are multiplied by
-    # it when the config is read, so warm-up and decay stretch with the run (learning curves over training length);
-    # config.yaml keeps the epochs as given and the multiple (the report groups runs by it), `effective` the result
-    steps_at_fraction: StepsAtFraction = "fewer"  # with data.train_fraction < 1: fewer (the epochs as set: a tenth of
-    # the data is a tenth of the optimizer steps) | same (epochs and warm-up multiplied by 1 / data.train_fraction:
-    # the same steps at every fraction, a constant-step learning curve)
-    batch_size: int = 32  # per process: the global batch is batch_size x processes
-    eval_batch_size: int = 0  # per process; 0 means 2 x batch_size
-    lr: float | None = None  # auto (None): the linear-scaling rule, lr_base_* x global batch / lr_base_batch, with
-    # the rate of the run's initialisation; a number: that learning rate, whatever the batch
-    lr_base_scratch: float = 0.1  # per lr_base_batch images of global batch, for a network trained from scratch
-    lr_base_pretrained: float = 0.01  # the same for a network started from loaded weights (fine-tuning: a tenth)
-    lr_base_batch: int = 256  # the linear-scaling rule's reference batch (Goyal et al. 2017)
-    momentum: float = 0.9  # SGD's
-    weight_decay: float = 5e-4  # SGD's L2 penalty
-    scheduler: Scheduler = "cosine"  # none | cosine (linear warm-up, cosine to 0) | onecycle (lr/25 up to lr, down to lr/25e4)
-    warmup_epochs: float = 5.0  # cosine: linear warm-up; onecycle: the rising part (0: 30% of the run)
-    device: Device = "auto"  # auto (one GPU per process if CUDA is there, else CPU) | cpu (gloo, even on a GPU box) | cuda
-    amp: Amp = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, fp32 on CPU) | off | bf16 | fp16
-    sync_bn: bool | None = None  # SyncBatchNorm across GPU processes (CUDA only). auto (None): on 2+ GPUs when each
-    # GPU's batch is below 16 images, where per-GPU statistics get noisy; true | false force it
-    channels_last: bool = True  # CUDA only
-    cudnn_benchmark: bool = True  # cuDNN picks the fastest kernels for the fixed input size (CUDA only)
-    deterministic: bool = False  # deterministic CUDA kernels where PyTorch has them (slower; cudnn_benchmark off)
-    compile: bool = False  # torch.compile the model for training and evaluation
-    seed: int = 0  # the training's randomness (initial weights, order, augmentation); not the held-out split's
-    class_weights: ClassWeights = "none"  # none | balanced (inverse class frequency in the loss)
-    clip_grad_norm: float = 5.0  # clip the gradients' global norm to this (0: off): a guard against spikes, above
-    # the usual norm (at 1.0 it clipped every demo step, which slowed ResNet50 most); the norm before clipping is
-    # logged per epoch (grad_norm_mean, grad_norm_max, clipped_share)
-    sampler: Sampler = "progressive"  # progressive (grades near-uniform at first, the natural distribution from
-    # natural_from of the run on) | random (DistributedSampler's order) | balanced (every grade equally likely)
-    natural_from: float = 0.6  # progressive: the share of the run by which sampling reaches the natural distribution
-    select_by: SelectBy = "qwk"  # the selected epoch (checkpoint_best.pt, summary "selected"), on the held-out part:
-    # qwk | accuracy | loss. Without a held-out part the final epoch is the result
-    log_every: int = 20  # batches between progress-bar updates of loss/accuracy
-    checkpoint_every_minutes: float = 20.0  # a resumable checkpoint inside an epoch after this long (0: at epoch ends only)
-    resume: Resume = "auto"  # a checkpoint in output.dir: auto (resume it if the config agrees: see ON_RESUME) |
-    # never (move the folder's files aside into replaced-<time>/ and start over) | must (an error without one)
-    nonfinite: NonFinite = "stop"  # a non-finite loss or gradient: stop (an error naming the step) | skip (leave the step out)
-    nonfinite_skip_limit: float = 0.01  # with skip: stop when more than this share of an epoch's steps were left out
-    ema: float = 0.0  # an exponential moving average of the weights with this decay per step (e.g. 0.999; 0: off),
-    # evaluated, selected and saved in place of the raw weights (the checkpoint keeps both, for resume). Off: a
-    # default changes only on a held-out difference the seed-level test detects, and 0.9's was not (README)
-    calibration: Calibration = "none"  # none | temperature (fit a temperature on the held-out split after each epoch, for
-    # calibrated probabilities: classification and ordinal heads, needs data.val_fraction)
+    epochs: int = setting(30, "a larger value in a resumed run extends it")
+    length: float = setting(1.0, "a multiple of the schedule: train.epochs (rounded) and train.warmup_epochs are multiplied by "
+                                 "it when the config is read, so warm-up and decay stretch with the run (learning curves over "
+                                 "training length); config.yaml keeps the epochs as given and the multiple (the report groups "
+                                 "runs by it), `effective` the result")
+    steps_at_fraction: StepsAtFraction = setting("fewer", "with data.train_fraction < 1: fewer (the epochs as set: a tenth of "
+                                                          "the data is a tenth of the optimizer steps) | same (epochs and "
+                                                          "warm-up multiplied by 1 / data.train_fraction: the same steps at "
+                                                          "every fraction, a constant-step learning curve)")
+    batch_size: int = setting(32, "per process: the global batch is batch_size x processes")
+    eval_batch_size: int = setting(0, "per process; 0 means 2 x batch_size")
+    lr: float | None = setting(None, "auto (None): the linear-scaling rule, lr_base_* x global batch / lr_base_batch, with the "
+                                     "rate of the run's initialisation; a number: that learning rate, whatever the batch")
+    lr_base_scratch: float = setting(0.1, "per lr_base_batch images of global batch, for a network trained from scratch")
+    lr_base_pretrained: float = setting(0.01, "the same for a network started from loaded weights (fine-tuning: a tenth)")
+    lr_base_batch: int = setting(256, "the linear-scaling rule's reference batch (Goyal et al. 2017)")
+    momentum: float = setting(0.9, "SGD's")
+    weight_decay: float = setting(5e-4, "SGD's L2 penalty")
+    scheduler: Scheduler = setting("cosine", "none | cosine (linear warm-up, cosine to 0) | onecycle (lr/25 up to lr, down to "
+                                             "lr/25e4)")
+    warmup_epochs: float = setting(5.0, "cosine: linear warm-up; onecycle: the rising part (0: 30% of the run)")
+    device: Device = setting("auto", "auto (one GPU per process if CUDA is there, else CPU) | cpu (gloo, even on a GPU box) | "
+                                     "cuda")
+    amp: Amp = setting("auto", "auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, fp32 on CPU) | off | bf16 "
+                               "| fp16")
+    sync_bn: bool | None = setting(None, "SyncBatchNorm across GPU processes (CUDA only). auto (None): on 2+ GPUs when each "
+                                         "GPU's batch is below 16 images, where per-GPU statistics get noisy; true | false "
+                                         "force it")
+    channels_last: bool = setting(True, "CUDA only")
+    cudnn_benchmark: bool = setting(True, "cuDNN picks the fastest kernels for the fixed input size (CUDA only)")
+    deterministic: bool = setting(False, "deterministic CUDA kernels where PyTorch has them (slower; cudnn_benchmark off)")
+    compile: bool = setting(False, "torch.compile the model for training and evaluation")
+    seed: int = setting(0, "the training's randomness (initial weights, order, augmentation); not the held-out split's")
+    class_weights: ClassWeights = setting("none", "none | balanced (inverse class frequency in the loss)")
+    clip_grad_norm: float = setting(5.0, "clip the gradients' global norm to this (0: off): a guard against spikes, above the "
+                                         "usual norm (at 1.0 it clipped every demo step, which slowed ResNet50 most); the norm "
+                                         "before clipping is logged per epoch (grad_norm_mean, grad_norm_max, clipped_share)")
+    sampler: Sampler = setting("progressive", "progressive (grades near-uniform at first, the natural distribution from "
+                                              "natural_from of the run on) | random (DistributedSampler's order) | balanced "
+                                              "(every grade equally likely)")
+    natural_from: float = setting(0.6, "progressive: the share of the run by which sampling reaches the natural distribution")
+    select_by: SelectBy = setting("qwk", 'the selected epoch (checkpoint_best.pt, summary "selected"), on the held-out part: '
+                                         'qwk | accuracy | loss. Without a held-out part the final epoch is the result')
+    log_every: int = setting(20, "batches between progress-bar updates of loss/accuracy")
+    checkpoint_every_minutes: float = setting(20.0, "a resumable checkpoint inside an epoch after this long (0: at epoch ends "
+                                                    "only)")
+    resume: Resume = setting("auto", "a checkpoint in output.dir: auto (resume it if the config agrees: see ON_RESUME) | never "
+                                     "(move the folder's files aside into replaced-<time>/ and start over) | must (an error "
+                                     "without one)")
+    nonfinite: NonFinite = setting("stop", "a non-finite loss or gradient: stop (an error naming the step) | skip (leave the "
+                                           "step out)")
+    nonfinite_skip_limit: float = setting(0.01, "with skip: stop when more than this share of an epoch's steps were left out")
+    ema: float = setting(0.0, "an exponential moving average of the weights with this decay per step (e.g. 0.999; 0: off), "
+                              "evaluated, selected and saved in place of the raw weights (the checkpoint keeps both, for "
+                              "resume). Off: a default changes only on a held-out difference the seed-level test detects, and "
+                              "0.9's was not (README)")
+    calibration: Calibration = setting("none", "none | temperature (fit a temperature on the held-out split after each epoch, "
+                                               "for calibrated probabilities: classification and ordinal heads, needs "
+                                               "data.val_fraction)")
 
 
 @dataclass
 class OutputConfig:
-    dir: str = ""  # the run directory: config, metrics, checkpoints, figures. '' : a new one per run,
-    # runs/<config file's name>-<launch id> (torchrun's run id, SLURM's job, else the start time), so a rerun
-    # starts its own run; launchers and the configs/ files name theirs, so that a requeued job resumes
+    dir: str = setting("", "the run directory: config, metrics, checkpoints, figures. '' : a new one per run, runs/<config "
+                           "file's name>-<launch id> (torchrun's run id, SLURM's job, else the start time), so a rerun starts "
+                           "its own run; launchers and the configs/ files name theirs, so that a requeued job resumes")
 
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = "disabled"  # online | offline | disabled (WANDB_MODE wins)
-    project: str = ""  # the W&B project ('' : WANDB_PROJECT if set, else dr-resnet)
-    entity: str = ""  # the W&B team or user ('' : the logged-in default)
-    group: str = ""  # the sweep folder's name (both launchers set it): the UI groups the arms by it ('' : WANDB_RUN_GROUP)
-    name: str = ""  # '' : WANDB_NAME if set, else the run directory's name
-    init_timeout: float = 20.0  # seconds an online start may take before falling back to offline
-    log_checkpoint: bool = False  # upload the best checkpoint as an artifact at the end
-    log_predictions: bool = False  # log the selected epoch's per-image test predictions as a W&B Table at the end
-    trial: str = ""  # launch.sweep sets it: the keys its grid or search varies (comma-separated), logged as flat
-    # config keys trial/<section.key> with the run's values, for W&B's parallel coordinates and run comparison
-    tags: str = ""  # more tags for the run (comma-separated; WANDB_TAGS adds more): launch.sweep --tune sets tune on
-    # phase 1's trials and final on phase 2's runs, so that W&B tells them apart
+    mode: WandbMode = setting("disabled", "online | offline | disabled (WANDB_MODE wins)")
+    project: str = setting("", "the W&B project ('' : WANDB_PROJECT if set, else dr-resnet)")
+    entity: str = setting("", "the W&B team or user ('' : the logged-in default)")
+    group: str = setting("", "the sweep folder's name (both launchers set it): the UI groups the arms by it ('' : "
+                             "WANDB_RUN_GROUP)")
+    name: str = setting("", "'' : WANDB_NAME if set, else the run directory's name")
+    init_timeout: float = setting(20.0, "seconds an online start may take before falling back to offline")
+    log_checkpoint: bool = setting(False, "upload the best checkpoint as an artifact at the end")
+    log_predictions: bool = setting(False, "log the selected epoch's per-image test predictions as a W&B Table at the end")
+    trial: str = setting("", "launch.sweep sets it: the keys its grid or search varies (comma-separated), logged as flat config "
+                             "keys trial/<section.key> with the run's values, for W&B's parallel coordinates and run comparison")
+    tags: str = setting("", "more tags for the run (comma-separated; WANDB_TAGS adds more): launch.sweep --tune sets tune on "
+                            "phase 1's trials and final on phase 2's runs, so that W&B tells them apart")
 
 
 @dataclass
@@ -411,39 +444,36 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
 @dataclass(frozen=True)
 class KeyHelp:
     key: str  # section.key
-    kind: str  # its type as written in the dataclass
+    kind: str  # its type: int, float, str, bool, "auto or float" for an optional one (None: auto); a Literal's
+    # values' type (their list: choices)
     default: Any
     choices: tuple  # the allowed values of a Literal field; () otherwise
-    text: str  # the comment beside the field (and the comment lines under it)
+    text: str  # the help in the field's declaration (setting)
+
+
+def type_name(hint: Any) -> str:
+    """A config key's type as help and the reference say it (see KeyHelp.kind)."""
+    if typing.get_origin(hint) is Literal:
+        return type(typing.get_args(hint)[0]).__name__
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+        inner = [k for k in typing.get_args(hint) if k is not type(None)]
+        return "auto or " + " or ".join(type_name(k) for k in inner)
+    return hint.__name__
 
 
 @functools.cache
 def key_help() -> tuple[KeyHelp, ...]:
-    """Every config key with its type, default, allowed values and the comment that documents it in this
-    file: the one source of `train --help`, so the help cannot drift from the dataclasses."""
-    import inspect
-    import re
-
+    """Every config key with its type, default, allowed values and help, from the dataclasses' fields and
+    their metadata (setting): the one source of `train --help` and docs/reference/config.md, so neither can
+    drift from the declarations."""
     found = []
     for section, kind in typing.get_type_hints(Config).items():
-        comments: dict[str, list[str]] = {}
-        last = None
-        for line in inspect.getsource(kind).splitlines():
-            field_line = re.match(r"\s+(\w+): [^=]+?=[^#]*?(?:#\s*(.*))?$", line)
-            if field_line:
-                last = field_line.group(1)
-                comments[last] = [field_line.group(2) or ""]
-            elif last and re.match(r"\s+#", line):
-                comments[last].append(line.strip().lstrip("#").strip())
-            else:
-                last = None
-        defaults = kind()
+        defaults, hints = kind(), typing.get_type_hints(kind)
         for f in dataclasses.fields(kind):
-            hint = typing.get_type_hints(kind)[f.name]
+            hint = hints[f.name]
             choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
-            name = "auto or float" if f.type in ("float | None", float | None) else getattr(hint, "__name__", str(hint))
-            found.append(KeyHelp(f"{section}.{f.name}", "one of" if choices else name, getattr(defaults, f.name),
-                                 choices, " ".join(t for t in comments.get(f.name, []) if t)))
+            found.append(KeyHelp(f"{section}.{f.name}", type_name(hint), getattr(defaults, f.name), choices,
+                                 f.metadata.get(HELP, "")))
     return tuple(found)
 
 

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 from dr_resnet.files import write_text
-from dr_resnet.results.rundir import CHECKPOINT_FILES, CONFIG_FILE, LAST_CHECKPOINT, PRUNED_FILE, is_finished
+from dr_resnet.results.rundir import CHECKPOINT_FILES, CONFIG_FILE, DAMAGED_CHECKPOINT, PRUNED_FILE, is_finished
 from dr_resnet.results.tuning import TUNE_DIR
 
 KEEP_CHECKPOINTS = ("all", "winners")  # --keep-checkpoints: every run's, or (after --tune) the winners' only
 SUPERSEDED_DIR = "superseded"  # SWEEP_DIR/superseded/<arm>/<trial>/: an earlier winner's phase-2 runs
-DAMAGED = LAST_CHECKPOINT + ".damaged"  # a last checkpoint that could not be read, moved aside by a resume
+DAMAGED = DAMAGED_CHECKPOINT
 
 
 def losing_runs(out: Path, choice: dict) -> tuple[list[Path], list[Path]]:

@@ -103,7 +103,9 @@ class Sweep:
                      grid, grid_per_arm, trials.Search.of(content.get("search"), f"{path}: search", arms), searched)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser, built without running anything: main parses with it, and
+    docs/reference/commands.md is rendered from its actions (python -m dr_resnet.reference)."""
     prog = "dr-sweep" if Path(sys.argv[0]).name == "dr-sweep" else "python -m launch.sweep"
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -135,14 +137,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int,
                    help="local executor without GPUs: at most this many runs at once (default: all of them)")
     p.add_argument("--out", help="sweep folder (default: the sweep file's 'out', else runs/<name>)")
-    p.add_argument("--executor", choices=("slurm", "local"), default="slurm")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--executor", choices=("slurm", "local"), default="slurm",
+                   help="slurm: a SLURM job per run (submitit) | local: processes on this machine")
+    p.add_argument("--nodes", type=int, default=1, help="nodes per run")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node a run takes (0: none, CPU processes)")
     p.add_argument("--tasks-per-node", type=int, help="processes per node (default: the GPUs per node, else 1)")
     p.add_argument("--cpus-per-task", type=int, help="default: data.workers + 1 (the decoders and the training process)")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--qos")
+    p.add_argument("--partition", help="sbatch's --partition")
+    p.add_argument("--account", help="sbatch's --account")
+    p.add_argument("--qos", help="sbatch's --qos")
     p.add_argument("--time", default="60", help="time limit: minutes, or SLURM's formats (12:00:00, 1-00:00:00, 2-12)")
     p.add_argument("--mem", help="memory per node: SLURM's format (64G, 64000M, 1T) or a number of GB "
                                  "(default: tasks per node x (6.4 + data.workers) GB, rounded up; each task's "
@@ -158,7 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--array-parallelism", type=int, help="with --array (implied): at most this many runs at once")
     p.add_argument("--visible-gpus", help="local executor: the GPUs the arms may use, e.g. 0,1,2,3 "
                                           "(default: CUDA_VISIBLE_DEVICES, else every GPU torch sees)")
-    p.add_argument("--constraint")
+    p.add_argument("--constraint", help="sbatch's --constraint")
     p.add_argument("--exclude", help="nodes to avoid")
     p.add_argument("--signal-delay", type=int, default=requeue.SIGNAL_LEAD_S,
                    help="seconds before the time limit to checkpoint and requeue")
@@ -169,6 +172,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--print-config", action="store_true",
                    help="print each run's resolved config (YAML documents, one per run) and exit; submit nothing")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         args.time = slurm_minutes(args.time)

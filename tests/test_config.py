@@ -223,6 +223,32 @@ def test_train_help_lists_every_key_and_print_config_shows_the_resolved_config(c
     assert printed == expected and printed["train"]["epochs"] == 3 and printed["model"]["weights"] == "none"
 
 
+def test_every_config_key_declares_its_help_in_its_field(monkeypatch):
+    """Each key's help is in its declaration's metadata (config.setting): `--help` and docs/reference/config.md
+    read it there, so a key declared without help fails here, and the help needs no source file."""
+    sections = [(s.name, s.default_factory) for s in dataclasses.fields(Config)]
+    declared = {f"{name}.{f.name}": f.metadata.get(config.HELP, "") for name, kind in sections
+                for f in dataclasses.fields(kind)}
+    missing = [key for key, text in declared.items() if not text.strip()]
+    assert not missing, f"config keys without help (declare them with config.setting(default, help)): {missing}"
+    import inspect
+
+    def no_source(*args, **kwargs):
+        raise OSError("no source")
+
+    monkeypatch.setattr(inspect, "getsource", no_source)  # an installed wheel without .py files, a frozen app
+    config.key_help.cache_clear()
+    try:
+        found = {k.key: k for k in config.key_help()}
+    finally:
+        config.key_help.cache_clear()
+    assert {key: k.text for key, k in found.items()} == declared and len(found) == len(declared)
+    assert found["train.sampler"].text.startswith("progressive (grades near-uniform at first")
+    assert (found["train.sync_bn"].kind, found["train.lr"].kind, found["model.depth"].kind) == ("auto or bool", "auto or float",
+                                                                                                "int")
+    assert found["model.depth"].choices == (18, 34, 50, 101, 152) and found["train.amp"].default == "auto"
+
+
 def test_a_run_without_output_dir_gets_its_own_folder_shared_by_its_processes(monkeypatch):
     for var in ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)

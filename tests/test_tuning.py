@@ -128,7 +128,7 @@ def test_a_larger_trial_count_keeps_the_smaller_counts_points():
     for n in (1, 6, 8, 20):
         assert list(trials.arm_trials(["r18"], {}, {}, s, n)["r18"].items()) == list(fifty.items())[:n]
     # a grid point x draws: each grid point keeps its own first draws too
-    gridded = trials.arm_trials(["r18"], {"data.sampler": ["random", "balanced"]}, {}, search(
+    gridded = trials.arm_trials(["r18"], {"train.sampler": ["random", "balanced"]}, {}, search(
         {"seed": 7, "space": {"train.lr": "loguniform(0.005, 0.5)"}}), 8)["r18"]
     assert len(gridded) == 16 and all(n.startswith("t0") for n in gridded)
 

@@ -69,10 +69,17 @@ def describe(root: str, fmt: str = "auto", options: TableOptions | None = None) 
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser, built without running anything: main parses with it, and
+    docs/reference/commands.md is rendered from its actions (python -m dr_resnet.reference)."""
     p = argparse.ArgumentParser(prog="python -m dr_resnet.describe", description=__doc__.split("\n\n")[0])
     p.add_argument("root", help="dataset folder")
     add_format_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_intermixed_args(argv)
     return run_command(lambda: print(describe(args.root, *format_arguments(args))))
 

@@ -1,12 +1,6 @@
-"""On-disk dataset formats: detect them, read and validate a split's index, write one.
-
-  lab        {split}_img.csv + {split}_label.csv, headerless, one value a line; images/<name>.jpeg or <name>.jpeg
-  kaggle     {split}Labels.csv with header image,level; images {split}/<image>.jpeg
-  aptos      {split}.csv with header id_code,diagnosis; images {split}_images/<id_code>.png
-  folders    {split}/{grade}/<name>.<ext>, a folder per grade 0..4 (torchvision's ImageFolder convention)
-  csv        any table with a header: data.train_csv / data.test_csv and data.train_images / data.test_images
-             (relative to the root), data.image_column, data.label_column, data.image_suffix
-  eyepacs, idrid, messidor2, ddr: those datasets as their publishers ship them (PRESETS)
+"""On-disk dataset formats: detect them, read and validate a split's index, write one. LAYOUTS says where
+lab, folders and csv keep a split; PRESETS where kaggle and aptos do, and eyepacs, idrid, messidor2 and ddr:
+those datasets as their publishers ship them.
 
 Every table format also takes data.filter (rows kept: column=value, all of them) and data.label_map (the
 dataset's labels to grades 0..4; a label mapped to "drop" leaves its rows out): rows left out are counted
@@ -85,6 +79,13 @@ class SplitLayout:
             writer.writerows(zip(names, (int(g) for g in labels)))
 
 
+# Where each format that is not a table of PRESETS keeps a split (docs/reference/files.md lists both).
+LAYOUTS = {
+    "lab": "{split}_img.csv + {split}_label.csv, headerless, one value a line; images/<name>.jpeg or <name>.jpeg",
+    "folders": "{split}/{grade}/<name>.<ext>, a folder per grade 0..4 (torchvision's ImageFolder convention)",
+    "csv": "any table with a header: data.train_csv / data.test_csv and data.train_images / data.test_images "
+           "(relative to the root), data.image_column, data.label_column, data.image_suffix",
+}
 SPLIT_FILE_SUFFIX = {"lab": "_img.csv", "kaggle": "Labels.csv", "aptos": ".csv"}
 DETECTED = ("lab", "kaggle", "aptos", "folders")  # what data.format=auto recognises; the others are named
 DROP = "drop"  # a data.label_map target that leaves the label's rows out (counted in the log)
@@ -163,6 +164,7 @@ class Preset:
     label_map: tuple[tuple[str, str], ...] = ()
     views: tuple[str, ...] = ()  # splits that are parts of another (EyePACS' leaderboard halves of its test split)
     pairs: str = ""  # a file of the images one patient's exam holds, a row each (Messidor-2's messidor-2.csv)
+    about: str = ""  # which dataset it is, and what of it is read
 
     def table(self, root: Path, split: str, options: TableOptions) -> Table | None:
         place = self.tables.get(split) or self.tables.get("*")
@@ -181,27 +183,30 @@ class Preset:
 
 _IDRID = "2. Groundtruths/{} IDRiD_Disease Grading_{} Labels.csv"
 PRESETS: dict[str, Preset] = {
-    "kaggle": Preset({"*": ("{split}Labels.csv", "{split}")}, "image", "level", ".jpeg"),
-    "aptos": Preset({"*": ("{split}.csv", "{split}_images")}, "id_code", "diagnosis", ".png"),
-    # Kaggle's Diabetic Retinopathy Detection: trainLabels.csv; the test labels released afterwards
-    # (retinopathy_solution.csv, column Usage: the public and private leaderboard halves)
+    "kaggle": Preset({"*": ("{split}Labels.csv", "{split}")}, "image", "level", ".jpeg",
+                     about="the layout of Kaggle's Diabetic Retinopathy Detection, for any split (dr-resnet writes it too)"),
+    "aptos": Preset({"*": ("{split}.csv", "{split}_images")}, "id_code", "diagnosis", ".png",
+                    about="the layout of Kaggle's APTOS 2019 Blindness Detection, for any split (dr-resnet writes it too)"),
     "eyepacs": Preset({"train": ("trainLabels.csv", "train"), "test": ("retinopathy_solution.csv", "test"),
                        "public": ("retinopathy_solution.csv", "test"), "private": ("retinopathy_solution.csv", "test")},
                       "image", "level", ".jpeg",
                       split_filters={"public": (("Usage", "Public"),), "private": (("Usage", "Private"),)},
-                      views=("public", "private")),
-    # IDRiD, part B (disease grading), unpacked: the root is the "B. Disease Grading" folder
+                      views=("public", "private"),
+                      about="Kaggle's Diabetic Retinopathy Detection (EyePACS): trainLabels.csv; the test labels released "
+                            "afterwards (retinopathy_solution.csv, column Usage: the public and private leaderboard halves)"),
     "idrid": Preset({"train": (_IDRID.format("a.", "Training"), "1. Original Images/a. Training Set"),
                      "test": (_IDRID.format("b.", "Testing"), "1. Original Images/b. Testing Set")},
-                    "Image name", "Retinopathy grade", ".jpg"),
-    # Messidor-2: ADCIS's IMAGES folder beside Google's adjudicated grades (messidor_data.csv, Kaggle
-    # google-brain/messidor2-dr-grades); the ungradable images carry no grade and are left out
-    # messidor-2.csv (ADCIS) pairs each exam's two images, "left;right" a row: a patient each
+                    "Image name", "Retinopathy grade", ".jpg",
+                    about='IDRiD, part B (disease grading), unpacked: the root is the "B. Disease Grading" folder'),
     "messidor2": Preset({"test": ("messidor_data.csv", "IMAGES")}, "image_id", "adjudicated_dr_grade", ".png",
-                        split_filters={"test": (("adjudicated_gradable", "1"),)}, pairs="messidor-2.csv"),
-    # DDR's grading part (the root is DR_grading): {split}.txt lines "<file> <grade>"; grade 5 is ungradable
+                        split_filters={"test": (("adjudicated_gradable", "1"),)}, pairs="messidor-2.csv",
+                        about="Messidor-2: ADCIS's IMAGES folder beside Google's adjudicated grades (messidor_data.csv, "
+                              "Kaggle google-brain/messidor2-dr-grades); the ungradable images carry no grade and are left "
+                              'out; messidor-2.csv (ADCIS) pairs each exam\'s two images, "left;right" a row: a patient each'),
     "ddr": Preset({"train": ("train.txt", "train"), "valid": ("valid.txt", "valid"), "test": ("test.txt", "test")},
-                  0, 1, ".jpg", header=False, delimiter=" ", label_map=(("5", DROP),)),
+                  0, 1, ".jpg", header=False, delimiter=" ", label_map=(("5", DROP),),
+                  about='DDR\'s grading part (the root is DR_grading): {split}.txt lines "<file> <grade>"; grade 5 is '
+                        "ungradable"),
 }
 
 

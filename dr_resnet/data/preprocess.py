@@ -404,12 +404,14 @@ def preprocess(src: str | os.PathLike, dst: str | os.PathLike, settings: Setting
     return skipped
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser, built without running anything: main parses with it, and
+    docs/reference/commands.md is rendered from its actions (python -m dr_resnet.reference)."""
     p = argparse.ArgumentParser(prog="python -m dr_resnet.preprocess", description=__doc__.split("\n\n")[0])
     p.add_argument("--src", required=True, help="raw dataset folder (any data.format; see --format)")
     p.add_argument("--dst", required=True, help="output dataset folder")
     p.add_argument("--size", type=int, default=Settings.size, help="output side in pixels")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
+    p.add_argument("--workers", type=int, help="processes (default: one per CPU)")
     p.add_argument("--threshold", type=int, default=Settings.threshold,
                    help="grey level (0-255) above which a pixel counts as retina")
     p.add_argument("--quality", type=int, default=Settings.quality, help="JPEG quality")
@@ -419,7 +421,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="leave unreadable images out of the output split files and list them in skipped.csv")
     p.add_argument("--overwrite", action="store_true", help="redo images that already exist in --dst")
     add_format_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_intermixed_args(argv)
+    if args.workers is None:
+        args.workers = os.cpu_count() or 1
     if args.size < 8 or not 0 <= args.threshold < 255 or not 1 <= args.quality <= 100 or args.workers < 1:
         p.error("need --size >= 8, 0 <= --threshold < 255, 1 <= --quality <= 100, --workers >= 1")
     settings = Settings(args.size, args.threshold, args.quality, args.normalize)

@@ -193,14 +193,21 @@ def split(src: str | Path, dst: str | Path, test_fraction: float, seed: int = 0,
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser, built without running anything: main parses with it, and
+    docs/reference/commands.md is rendered from its actions (python -m dr_resnet.reference)."""
     p = argparse.ArgumentParser(prog="python -m dr_resnet.split", description=__doc__.split("\n\n")[0])
     p.add_argument("--src", required=True, help="dataset folder (all its splits are pooled)")
     p.add_argument("--dst", required=True, help="output dataset folder (train and test splits, same format)")
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-fraction", type=float, default=0.2, help="the test side's share of the images (whole patients)")
+    p.add_argument("--seed", type=int, default=0, help="which patients go to the test side")
     p.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
     add_format_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_intermixed_args(argv)
     if not 0 < args.test_fraction < 1:
         p.error("--test-fraction must be between 0 and 1")

@@ -445,7 +445,9 @@ def clean(base: Path, older_than_days: float) -> list[str]:
     return removed
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser, built without running anything: main parses with it, and
+    docs/reference/commands.md is rendered from its actions (python -m dr_resnet.reference)."""
     p = argparse.ArgumentParser(prog="python -m dr_resnet.stage", description=__doc__.split("\n\n")[0],
                                 epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", help="the prepared dataset to copy (data.root)")
@@ -458,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--older-than", type=float, metavar="DAYS", help="with --clean: unused for this many days")
     p.add_argument("--threads", type=int, default=THREADS, help=f"files copied at once (default {THREADS})")
     p.add_argument("overrides", nargs="*", help="with --train: the training's section.key=value arguments")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {socket.gethostname()} %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -233,18 +233,27 @@ def generate(out: str | os.PathLike, splits: dict[str, int], seed: int = 0, fmt:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser, built without running anything: main parses with it, and
+    docs/reference/commands.md is rendered from its actions (python -m dr_resnet.reference)."""
     p = argparse.ArgumentParser(prog="python -m dr_resnet.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output dataset folder")
     p.add_argument("--train", type=int, default=1000, help="training images")
     p.add_argument("--test", type=int, default=250, help="test images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", choices=FORMATS, default="lab")
+    p.add_argument("--seed", type=int, default=0, help="image i of a split depends only on (seed, split, i)")
+    p.add_argument("--format", choices=FORMATS, default="lab", help="the layout written")
     p.add_argument("--size", type=int, default=512, help="typical canvas height in pixels (varies +-15%%)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, help="processes (default: one per CPU)")
     p.add_argument("--lesion-masks", action="store_true",
                    help=f"also write each image's lesion mask (OUT/{LESION_MASKS_DIR}/<name>.png, 255 on lesions)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.workers is None:
+        args.workers = os.cpu_count() or 1
     if args.train < 0 or args.test < 0 or args.size < 32:
         p.error("--train/--test must be >= 0 and --size >= 32")
 

@@ -272,7 +272,7 @@ class Arm:
         return [r for r in self.runs if r.complete]
 
 
-SCORE_RANGE = {"qwk": (-1.0, 1.0), "accuracy": (0.0, 1.0), "referable_auc": (0.0, 1.0)}  # what a score can be
+SCORE_RANGE = {m: METRICS[m].bounds for m in ("qwk", "accuracy", "referable_auc")}  # what a score can be
 
 
 def over_seeds_and_patients(runs: list[RunRecord], metrics: Sequence[str]) -> tuple[dict[str, dict] | None, str]:

@@ -92,6 +92,9 @@ class Metric:
     of_confusion: Callable[[np.ndarray], np.ndarray] | None  # (R, 5, 5) -> (R,); None: from per-image scores
     short: str = ""  # its key in an epoch row, after the split: test_<short>, val_<short> ('' = its name)
     headline: bool = False  # in the W&B run summary (selected/ and final/) besides the epoch rows
+    about: str = ""  # what it measures, for the people who read it (docs/reference/metrics.md)
+    bounds: tuple[float, float] = (0.0, 1.0)  # the lowest and highest value it can take
+    higher_is_better: bool = True
 
     @property
     def column(self) -> str:
@@ -102,13 +105,23 @@ class Metric:
         return f"{split}_{self.column}"
 
 
+_REFERABLE = f"grade >= {REFERABLE_GRADE}"
 METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("accuracy", "accuracy", ".1%", batch_accuracy, short="acc", headline=True),
-    Metric("qwk", "QWK", ".3f", batch_qwk, headline=True),
-    Metric("macro_f1", "macro-F1", ".3f", batch_macro_f1),
-    Metric("referable_sensitivity", "referable sensitivity", ".3f", batch_referable_sensitivity),
-    Metric("referable_specificity", "referable specificity", ".3f", batch_referable_specificity),
-    Metric("referable_auc", "referable AUC", ".3f", None),  # roc_auc; stats.weighted_auc per resample
+    Metric("accuracy", "accuracy", ".1%", batch_accuracy, short="acc", headline=True,
+           about="the share of images graded right"),
+    Metric("qwk", "QWK", ".3f", batch_qwk, headline=True, bounds=(-1.0, 1.0),
+           about="Cohen's kappa with quadratic weights (the Kaggle DR metric): agreement with the true grades beyond "
+                 "chance, each error charged by its squared grade distance; 1 perfect, 0 chance level"),
+    Metric("macro_f1", "macro-F1", ".3f", batch_macro_f1,
+           about="the mean F1 over the grades present in the true grades or the predictions (scikit-learn's 'macro')"),
+    Metric("referable_sensitivity", "referable sensitivity", ".3f", batch_referable_sensitivity,
+           about=f"the share of referable images ({_REFERABLE}: moderate or worse, refer to an ophthalmologist) "
+                 f"predicted {_REFERABLE}"),
+    Metric("referable_specificity", "referable specificity", ".3f", batch_referable_specificity,
+           about=f"the share of non-referable images (grade < {REFERABLE_GRADE}) predicted grade < {REFERABLE_GRADE}"),
+    Metric("referable_auc", "referable AUC", ".3f", None,  # roc_auc; stats.weighted_auc per resample
+           about=f"the area under the ROC curve of {_REFERABLE} from each image's referable score: the chance that a "
+                 "referable image scores above a non-referable one (ties count half)"),
 )}
 
 

@@ -822,12 +822,19 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     return written + [out / "results.md", out / "results.csv", page]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser, built without running anything: main parses with it, and
+    docs/reference/commands.md is rendered from its actions (python -m dr_resnet.reference)."""
     p = argparse.ArgumentParser(prog="python -m dr_resnet.report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs_dir", help="a run directory, or a folder of them (e.g. a sweep folder)")
     p.add_argument("--out", help="output folder (default: runs_dir)")
     p.add_argument("--gallery", action="store_true",
                    help="also draw, per run, test photos graded right and wrong with their Grad-CAM heat maps")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
 
     def work() -> None:

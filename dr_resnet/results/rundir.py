@@ -1,25 +1,6 @@
-"""The run directory: every file name in it, its per-epoch log (training appends to it and trims it on
-resume; the report reads it) and the rule that selects a run's epoch. Nothing else spells these
-names. No torch here, so the report stays light.
-
-    config.yaml           the resolved config                     (train, launch.sweep)
-    metrics.jsonl         one JSON object per epoch               (train; read by report, benchmarks)
-    summary.json          selected and final epochs' metrics, collapse flag (train)
-    checkpoint_last.pt    the resume point (end of epoch or mid-epoch) (train, checkpoint.py's layout)
-    checkpoint_prev.pt    the resume point before it, kept until the next one is complete; gone once the run has
-                          finished (train)
-    checkpoint_best.pt    the selected epoch's training state     (train)
-    confusion_matrix.png  the selected epoch's confusion matrix   (train; evaluate writes one in its --out)
-    predictions.csv       the selected epoch's per-image test predictions (train; evaluate writes one in its --out)
-    predictions_val.csv   the same on the held-out part of the training split (train, with data.val_fraction)
-    predictions_final.csv the final planned epoch's per-image test predictions (train; the report's final-epoch comparisons)
-    *.csv.pending         a newly selected epoch's predictions, written before its checkpoint_best.pt and renamed in
-                          place after it (commit_pending): a kill between leaves the old pair and a pending file that
-                          the next start renames or deletes (settle_pending), and that the report refuses to guess on
-    launch_status.json    a launcher's word: not run / failed     (launch.sweep; read by report)
-    train.log             rank 0's log and every rank's warnings  (train; appended across resumes and requeues)
-    checkpoints_pruned.txt  one line: the checkpoints were deleted, by what and when (launch.sweep --keep-checkpoints
-                          winners, for a tuning trial that lost); training refuses to start over in such a folder
+"""The run directory: every file name in it (RUN_FILES says what each holds and what writes it), its
+per-epoch log (training appends to it and trims it on resume; the report reads it) and the rule that
+selects a run's epoch. Nothing else spells these names. No torch here, so the report stays light.
 """
 
 from __future__ import annotations
@@ -28,6 +9,7 @@ import json
 import math
 import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 from dr_resnet.config import SelectBy
@@ -48,9 +30,57 @@ FINAL_PREDICTIONS_FILE = "predictions_final.csv"
 EVALUATIONS_DIR = "evaluations"  # evaluate's results on other datasets and splits: evaluations/<dataset>-<split>/
 STATUS_FILE = "launch_status.json"  # {"status": "not run" | "failed", "reason": ..., "detail": ...}
 PRUNED_FILE = "checkpoints_pruned.txt"  # a run whose checkpoints were deleted (pruned_note)
+DAMAGED_CHECKPOINT = LAST_CHECKPOINT + ".damaged"  # a last checkpoint that could not be read, moved aside by a resume
+REPLACED_PREFIX = "replaced-"  # replaced-<time>/: an earlier run's files, moved aside by train.resume=never
+WANDB_DIR = "wandb"  # W&B's own files for the run (wandb.init's dir is the run folder)
 CHECKPOINT_FILES = (LAST_CHECKPOINT, PREV_CHECKPOINT, BEST_CHECKPOINT)  # what pruning deletes (also the .damaged one)
 SELECTED_PREDICTIONS = (PREDICTIONS_FILE, VAL_PREDICTIONS_FILE)  # the files that go with checkpoint_best.pt
 PENDING_SUFFIX = ".pending"
+
+
+@dataclass(frozen=True)
+class RunFile:
+    """A file (or folder: a name ending in /) of the run directory, for the people who read it."""
+
+    name: str
+    holds: str  # what is in it
+    written_by: str  # the commands that write it (and, after a semicolon, those that read it)
+
+
+RUN_FILES = (
+    RunFile(CONFIG_FILE, "the resolved config, followed by what the run recorded: the recipe (what photos go through "
+            "before the network) and the values it derived (effective: learning rate, global batch, ...)", "train, launch.sweep"),
+    RunFile(METRICS_FILE, "one JSON object per epoch: the losses, every metric on the test split (and on the held-out "
+            "part), the confusion matrix, the learning rate, the gradients' norms, the timings", "train; read by report"),
+    RunFile(SUMMARY_FILE, "the selected and the final epochs' metrics (with their bootstrap intervals), the collapse "
+            "flag, the patients shared between the splits, the images left out", "train; read by report"),
+    RunFile(LAST_CHECKPOINT, "the resume point (the end of an epoch, or inside one)", "train"),
+    RunFile(PREV_CHECKPOINT, "the resume point before it, kept until the next one is complete; gone once the run has "
+            "finished", "train"),
+    RunFile(BEST_CHECKPOINT, "the selected epoch's training state: what evaluate, predict and export read", "train"),
+    RunFile(DAMAGED_CHECKPOINT, f"a {LAST_CHECKPOINT} that could not be read, moved aside when the run resumed from "
+            f"{PREV_CHECKPOINT}", "train"),
+    RunFile(CONFUSION_PNG, "the selected epoch's confusion matrix", "train (evaluate writes one in its --out)"),
+    RunFile(PREDICTIONS_FILE, "the selected epoch's per-image test predictions (layout: results/predictions.py)",
+            "train (evaluate writes one in its --out); read by report"),
+    RunFile(VAL_PREDICTIONS_FILE, "the same on the held-out part of the training split (with data.val_fraction)", "train"),
+    RunFile(FINAL_PREDICTIONS_FILE, "the final planned epoch's per-image test predictions (the report's final-epoch "
+            "comparisons)", "train; read by report"),
+    RunFile("*.csv" + PENDING_SUFFIX, f"a newly selected epoch's predictions, written before its {BEST_CHECKPOINT} and "
+            "renamed in place after it: a kill between them leaves the old pair and a pending file that the next start "
+            "renames or deletes, and that the report refuses to guess on", "train"),
+    RunFile(TRAIN_LOG, "rank 0's log and every rank's warnings, appended across resumes and requeues", "train"),
+    RunFile(STATUS_FILE, 'a launcher\'s word on a run it could not run: {"status": "not run" | "failed", "reason", '
+            '"detail"}', "launch.sweep; read by report"),
+    RunFile(PRUNED_FILE, "one line: the checkpoints were deleted, by what and when (a tuning trial that lost); "
+            "training refuses to start over in such a folder", "launch.sweep --keep-checkpoints winners"),
+    RunFile(EVALUATIONS_DIR + "/", "<dataset>-<split>/: evaluate's results on other datasets and splits "
+            "(metrics.json, predictions.csv, confusion_matrix.png)", "evaluate"),
+    RunFile(REPLACED_PREFIX + "<time>/", "an earlier run's files, moved aside by train.resume=never (its "
+            f"{TRAIN_LOG} stays in place)", "train"),
+    RunFile(WANDB_DIR + "/", "W&B's files for the run (offline runs: upload them with `wandb sync`)", "train, "
+            "with wandb.mode online or offline"),
+)
 
 
 class MetricsError(UserError, ValueError):

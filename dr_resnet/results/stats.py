@@ -268,9 +268,10 @@ def _mcnemar(only_a: int, only_b: int, share: np.ndarray | None) -> dict:
         logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
         top = max(logs)
         p = min(1.0, 2 * math.exp(top) * sum(math.exp(x - top) for x in logs))
-    return {"a_only_right": only_a, "b_only_right": only_b, "p_value": p, "test": "exact"}
+    return {"a_only_right": only_a, "b_only_right": only_b, "p_value": p, "test": MCNEMAR_EXACT}
 
 
+MCNEMAR_EXACT = "exact"
 MCNEMAR_CLUSTERED = "clustered by patient (Durkalski et al. 2003)"
 
 
@@ -441,9 +442,10 @@ def seed_mean_test_of(runs: list[RunScores], metrics: Sequence[str], level: floa
 
 
 def clipped(metric: str, interval: tuple[float, float]) -> tuple[float, float]:
-    """An interval of a difference kept within what the difference can be (QWK: -2..2, the others -1..1): with
-    one or two degrees of freedom a t-interval can reach far beyond."""
-    bound = 2.0 if metric == "qwk" else 1.0
+    """An interval of a difference kept within what the difference can be (the width of the metric's bounds:
+    QWK -2..2, the others -1..1): with one or two degrees of freedom a t-interval can reach far beyond."""
+    low, high = METRICS[metric].bounds
+    bound = high - low
     return max(interval[0], -bound), min(interval[1], bound)
 
 
@@ -626,3 +628,19 @@ def operating_points(held_out: tuple[Sequence[int], Sequence[float]], test: tupl
             entry[name] = {"value": point[name], "low": low, "high": high}
         found.append(entry)
     return found
+
+
+# The methods behind each uncertainty figure the report, evaluate and summary.json give, in the words their
+# results carry ("unit", "over", "test"): docs/reference/metrics.md lists them.
+METHODS = (
+    ("a run's metric", f"{LEVEL:.0%} percentile bootstrap interval over {RESAMPLES} seeded resamples of the test "
+                       "patients (of its images where no patient has two)"),
+    ("an arm's score, a difference between two arms", f"over {OVER_SEEDS}; {ONE_SEED}, the test set's jackknife alone "
+                                                      "(normal)"),
+    ("McNemar's test, one image a patient", f"{MCNEMAR_EXACT}: two-sided binomial p-value at 1/2 of the images only "
+                                            "one of the two runs graded right"),
+    ("McNemar's test, patients with several images", MCNEMAR_CLUSTERED),
+    ("screening operating points", "a threshold on the referable score fitted on the held-out part for each "
+                                   f"specificity of {', '.join(f'{s:.0%}' for s in SCREENING_SPECIFICITIES)}, the test "
+                                   "split's sensitivity and specificity at it with bootstrap intervals"),
+)

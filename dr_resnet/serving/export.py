@@ -190,11 +190,18 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> tuple[Path, dic
     return path, card, difference
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser, built without running anything: main parses with it, and
+    docs/reference/commands.md is rendered from its actions (python -m dr_resnet.reference)."""
     p = argparse.ArgumentParser(prog="python -m dr_resnet.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by dr_resnet.train")
-    p.add_argument("--format", required=True, choices=tuple(FORMATS))
+    p.add_argument("--format", required=True, choices=tuple(FORMATS), help="the exported model's format")
     p.add_argument("--out", required=True, help="folder for the model and its model card")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
 
     def work() -> None:

@@ -199,7 +199,9 @@ def _heat_maps(grader: Grader, images: torch.Tensor, graded) -> torch.Tensor:
     return grad_cam(grader.network, inputs, targets).cpu()
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser, built without running anything: main parses with it, and
+    docs/reference/commands.md is rendered from its actions (python -m dr_resnet.reference)."""
     p = argparse.ArgumentParser(prog="python -m dr_resnet.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="a training checkpoint (.pt), or a model dr_resnet.export wrote (.onnx, .ts, or its folder)")
@@ -209,14 +211,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="test", help="with --format: the dataset's split to grade (labelled or not)")
     p.add_argument("--out", default="predictions.csv", help="the CSV to write")
     p.add_argument("--tta", default="none", choices=TTA_MODES, help="flips: average over h-, v- and hv-flips")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes preparing photos")
+    p.add_argument("--batch-size", type=int, default=32, help="photos graded at once")
+    p.add_argument("--workers", type=int, help="processes preparing photos (default: 4, or the CPUs if fewer)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: a GPU if CUDA is there")
     p.add_argument("--cam", metavar="DIR", help="write each photo with its Grad-CAM heat map (PNG) into DIR")
     p.add_argument("--strict", action="store_true", help="exit 1 if any image failed (default: only if all did)")
     add_format_arguments(p)
     p.set_defaults(format=None)  # none: --images names files, folders or CSVs
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_intermixed_args(argv)
+    if args.workers is None:
+        args.workers = min(4, os.cpu_count() or 1)
     keys = [a for a in args.images if a.startswith("data.") and "=" in a]  # nargs="+" also took the data keys
     args.images, args.data_keys = [a for a in args.images if a not in keys], [*args.data_keys, *keys]
     if args.batch_size < 1 or args.workers < 0:

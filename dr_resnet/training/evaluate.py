@@ -40,14 +40,16 @@ from dr_resnet.training.tracking import MODES, Tracker, TrackingSettings, identi
 log = logging.getLogger("dr_resnet.evaluate")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser, built without running anything: main parses with it, and
+    docs/reference/commands.md is rendered from its actions (python -m dr_resnet.reference)."""
     p = argparse.ArgumentParser(prog="python -m dr_resnet.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by dr_resnet.train")
     p.add_argument("--data-root", required=True, help="dataset folder (any data.format: see --format)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="the dataset's split to evaluate on")
     p.add_argument("--image-size", type=int, default=0, help="default: the size the checkpoint was trained at")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes per process")
     p.add_argument("--amp", default="auto", choices=PRECISIONS,
                    help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto: one GPU per process if CUDA is there")
@@ -64,7 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="log the evaluation as a W&B run (job_type eval) in the training run's group, with the "
                         "training run's project and entity (WANDB_MODE wins)")
     add_format_arguments(p)
-    args = p.parse_intermixed_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_intermixed_args(argv)
     if not args.out:
         args.out = str(default_out(args.checkpoint, args.data_root, args.split, args.format))
     return args

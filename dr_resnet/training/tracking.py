@@ -23,6 +23,7 @@ from typing import Any
 
 from dr_resnet.config import ModelConfig, WandbMode
 from dr_resnet.results.metrics import METRICS
+from dr_resnet.results.rundir import WANDB_DIR
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +116,13 @@ class Tracker:
             return
         if mode == "online" and not self._has_api_key(wandb):
             log.warning("W&B: no API key (run `wandb login` or set WANDB_API_KEY): logging offline to %s; "
-                        "upload later with `wandb sync`", self.run_dir / "wandb")
+                        "upload later with `wandb sync`", self.run_dir / WANDB_DIR)
             mode = "offline"
         self.run = self._init(wandb, mode)
         if self.run is None and mode == "online":
             self._teardown(wandb)  # the failed attempt's service still holds the run id
             log.warning("W&B: online start failed or took over %.0f s: logging offline instead; "
-                        "upload later with `wandb sync %s`", self.settings.init_timeout, self.run_dir / "wandb")
+                        "upload later with `wandb sync %s`", self.settings.init_timeout, self.run_dir / WANDB_DIR)
             self.run = self._init(wandb, "offline")
         if self.run is not None:
             self.mode = mode if self.run.settings.mode != "offline" else "offline"

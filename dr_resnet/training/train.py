@@ -38,11 +38,13 @@ from dr_resnet.results.rundir import (
     BEST_CHECKPOINT,
     CONFIG_FILE,
     CONFUSION_PNG,
+    DAMAGED_CHECKPOINT,
     FINAL,
     FINAL_PREDICTIONS_FILE,
     LAST_CHECKPOINT,
     PREDICTIONS_FILE,
     PREV_CHECKPOINT,
+    REPLACED_PREFIX,
     SUMMARY_FILE,
     TRAIN_LOG,
     VAL_PREDICTIONS_FILE,
@@ -69,14 +71,20 @@ from dr_resnet.training.tracking import Tracker, TrackingSettings, identity, new
 log = logging.getLogger("dr_resnet.train")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser, built without running anything: main parses with it, and
+    docs/reference/commands.md is rendered from its actions (python -m dr_resnet.reference)."""
     prog = "dr-train" if Path(sys.argv[0]).name == "dr-train" else "python -m dr_resnet.train"
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=config.help_text(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (see configs/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 output.dir=runs/x")
-    return p.parse_intermixed_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_intermixed_args(argv)
 
 
 @dataclass
@@ -223,7 +231,7 @@ def resume(run: Run) -> Resumed:
                           f"into a replaced-<time> folder, nothing is deleted)")
     distributed.barrier()  # every rank has read its checkpoint before rank 0 moves anything
     if path != last and run.info.is_main and last.exists():
-        damaged = last.with_name(last.name + ".damaged")
+        damaged = last.with_name(DAMAGED_CHECKPOINT)
         last.replace(damaged)
         log.warning("moved the unreadable %s to %s", last, damaged)
     trainer = run.trainer
@@ -260,11 +268,11 @@ def resume(run: Run) -> Resumed:
 def set_aside(run_dir: Path) -> Path | None:
     """train.resume=never: the run folder's files (its train.log stays: it holds every attempt) moved into
     run_dir/replaced-<time>/; None when there is nothing to move."""
-    files = [p for p in run_dir.iterdir() if p.name != TRAIN_LOG and not p.name.startswith("replaced-")] \
+    files = [p for p in run_dir.iterdir() if p.name != TRAIN_LOG and not p.name.startswith(REPLACED_PREFIX)] \
         if run_dir.is_dir() else []
     if not files:
         return None
-    aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = run_dir / f"{REPLACED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir()
     for path in files:
         path.rename(aside / path.name)
