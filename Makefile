@@ -9,10 +9,11 @@ SHELL := /bin/bash
 
 .PHONY: demo test test-fast bench gpu-install gpu-check gpu-check-full gpu-bench clean
 
+# The extras: dev (tests, lint, the statistics' oracles), export (ONNX), cam (captum: the demo's heat maps).
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,export]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,export,cam]'
 	touch $@
 
 # The main job on the embedded default: synthetic EyePACS-like photos -> preprocessed 128 px dataset ->

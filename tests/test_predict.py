@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +272,7 @@ def manual_grad_cam(network, inputs: torch.Tensor, targets: torch.Tensor) -> tor
 
 @pytest.mark.parametrize("head", ["classification", "ordinal"])
 def test_grad_cam_is_grad_cam_of_the_predicted_grade(runs, photos, head):
+    pytest.importorskip("captum", reason="heat maps need the [cam] extra (captum)")
     grader = load_grader(runs[head] / "checkpoint_best.pt", torch.device("cpu"))
     images = torch.stack([grader.recipe.prepare(p) for p in sorted((photos / "raw" / "images").iterdir())[:6]])
     grades = torch.from_numpy(grader.grade(images).grades)
@@ -285,6 +287,11 @@ def test_grad_cam_is_grad_cam_of_the_predicted_grade(runs, photos, head):
 
 def test_cam_writes_a_heat_map_per_graded_photo(runs, photos, tmp_path):
     sources = sorted((photos / "raw" / "images").iterdir())[:5]
+    # An exported model has no network to explain: a clear error (with captum or without).
+    from dr_resnet.serving.export import export
+    path, _, _ = export(runs["regression"] / "checkpoint_best.pt", "torchscript", tmp_path / "exported")
+    assert predict_main(["--checkpoint", str(path), "--images", str(sources[0]), "--cam", str(tmp_path / "c2")]) == 2
+    pytest.importorskip("captum", reason="heat maps need the [cam] extra (captum)")
     (tmp_path / "broken.jpeg").write_text("no")
     # Two photos with the same name in different folders keep both maps.
     (tmp_path / "again").mkdir()
@@ -300,10 +307,28 @@ def test_cam_writes_a_heat_map_per_graded_photo(runs, photos, tmp_path):
         if row["cam"]:
             with Image.open(row["cam"]) as im:
                 assert im.size == (48, 48) and im.mode == "RGB"
-    # An exported model has no network to explain: a clear error.
-    from dr_resnet.serving.export import export
-    path, _, _ = export(runs["regression"] / "checkpoint_best.pt", "torchscript", tmp_path / "exported")
-    assert predict_main(["--checkpoint", str(path), "--images", str(sources[0]), "--cam", str(tmp_path / "c2")]) == 2
+
+
+def without_captum(monkeypatch) -> None:
+    """captum as if it were not installed: its import fails, as on a machine without the [cam] extra."""
+    for name in [m for m in sys.modules if m == "captum" or m.startswith("captum.")] + ["captum"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_heat_maps_without_captum_stop_at_once_with_one_line_naming_the_extra(runs, photos, tmp_path, monkeypatch,
+                                                                              capsys):
+    """captum is the [cam] extra: predict --cam without it exits 2 before grading, with one line that says
+    what to install, and writes neither the predictions nor the heat-map folder; grading alone still works."""
+    without_captum(monkeypatch)
+    source = str(sorted((photos / "raw" / "images").iterdir())[0])
+    args = ["--checkpoint", str(runs["classification"] / "checkpoint_best.pt"), "--images", source, "--workers", "0"]
+    assert predict_main([*args, "--out", str(tmp_path / "p.csv"), "--cam", str(tmp_path / "cam")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err], err
+    assert err.startswith("error: heat maps need captum") and err.endswith("pip install 'dr-resnet[cam]'")
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "cam").exists()
+    assert predict_main([*args, "--out", str(tmp_path / "graded.csv")]) == 0
+    assert len(read_rows(tmp_path / "graded.csv")) == 1
 
 
 def test_lesion_scores_count_mass_area_and_pointing():
@@ -323,7 +348,7 @@ def test_grad_cam_keeps_no_graph_for_the_parameters():
     """Grad-CAM needs the gradient of layer4's output only: what autograd saves for backward is a small
     share of what it saves with every parameter's graph (as predict did before), the maps are the same
     bit for bit, and the parameters are trainable again afterwards."""
-    from captum.attr import LayerGradCam
+    LayerGradCam = pytest.importorskip("captum.attr", reason="heat maps need the [cam] extra (captum)").LayerGradCam
 
     from dr_resnet.model.resnet import build_resnet
 

@@ -233,11 +233,24 @@ def test_gallery_shows_right_and_wrong_photos_per_grade_with_heat_maps(runs, tmp
     chosen = pick(np.array([0, 0, 0, 2, 2, 4]), np.array([0, 1, 0, 2, 0, 3]), per_cell=1)
     assert chosen[(0, True)] == [0] and chosen[(0, False)] == [1] and chosen[(2, True)] == [3]
     assert chosen[(2, False)] == [4] and chosen[(4, False)] == [5] and chosen[(1, True)] == []
+    pytest.importorskip("captum", reason="heat maps need the [cam] extra (captum)")
     written = report(runs["classification"].parent, tmp_path, gallery=True)
     galleries = sorted(p.name for p in written if p.name.startswith("gallery_"))
     assert galleries == ["gallery_cls.png", "gallery_ord.png", "gallery_reg.png"]
     with Image.open(tmp_path / "gallery_cls.png") as im:
         assert im.size[0] > 400 and im.size[1] > 600
+
+
+def test_gallery_without_captum_stops_at_once_with_one_line_naming_the_extra(runs, tmp_path, monkeypatch, capsys):
+    """report --gallery where captum (the [cam] extra) does not import: exit 2 with one line that says what to
+    install, before any figure or table is written."""
+    for name in [m for m in sys.modules if m == "captum" or m.startswith("captum.")] + ["captum"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main([str(runs["classification"].parent), "--out", str(tmp_path / "out"), "--gallery"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err], err
+    assert err.startswith("error: heat maps need captum") and err.endswith("pip install 'dr-resnet[cam]'")
+    assert not (tmp_path / "out").exists()
 
 
 def arm_copy(source: Path, target: Path, depth: int, weights: str, seed: int = 0, like: Path | None = None) -> Path:

@@ -16,7 +16,7 @@ import yaml
 
 from dr_resnet import config
 from dr_resnet.training import checkpoint
-from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
+from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id, table_of
 from dr_resnet.training.train import main
 
 from helpers import (
@@ -130,6 +130,25 @@ def test_offline_run_holds_every_epoch_and_the_summary(tiny, tmp_path):
     content = json.loads(table.read_text())
     predictions = (run_dir / "predictions.csv").read_text().splitlines()
     assert content["columns"] == predictions[0].split(",") and len(content["data"]) == len(predictions) - 1 == 9
+    assert content["data"] == table_of(run_dir / "predictions.csv")[1]  # names as text, numbers as numbers
+
+
+def test_the_predictions_table_keeps_names_as_text_and_numbers_as_numbers(tmp_path):
+    """The W&B Table's cells from predictions.csv (the csv module, no pandas): a patient id "007" stays
+    text, grades are ints, probabilities floats, and evaluate's empty epoch is no value."""
+    import numpy as np
+
+    from dr_resnet.results.predictions import write_predictions
+
+    path = write_predictions(tmp_path / "predictions.csv", ["007_left", "007_right"], np.array([2, 0]), np.array([1, 0]),
+                             np.array([[0.1, 0.2, 0.3, 0.25, 0.15], [0.9, 0.05, 0.05, 0, 0]]), np.array([0.7, 0.05]),
+                             "classification")
+    columns, rows = table_of(path)
+    assert columns == ["image", "patient", "epoch", "true_grade", "grade", *(f"p_grade{g}" for g in range(5)),
+                       "referable_score"]
+    assert rows == [["007_left", "007", None, 2, 1, 0.1, 0.2, 0.3, 0.25, 0.15, 0.7],
+                    ["007_right", "007", None, 0, 0, 0.9, 0.05, 0.05, 0, 0, 0.05]]
+    assert [type(v) for v in rows[0][3:6]] == [int, int, float]
 
 
 def test_a_tuning_winner_is_an_artifact_aliased_winner(tmp_path):

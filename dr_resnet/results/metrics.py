@@ -233,7 +233,13 @@ CALIBRATION_BINS = 15
 def expected_calibration_error(probabilities: np.ndarray, targets: Sequence[int], bins: int = CALIBRATION_BINS) -> dict:
     """Top-label calibration of (N, 5) grade probabilities: images binned by their highest probability
     (equal-width bins); ECE = the bins' |accuracy - mean confidence| weighted by their share of images.
-    Also each non-empty bin's confidence, accuracy and count (a reliability diagram's points)."""
+    Also each non-empty bin's confidence, accuracy and count (a reliability diagram's points).
+
+    Bin edges: an image of confidence c is in bin min(floor(c * bins), bins - 1), c in float64: bin b holds
+    [b/bins, (b+1)/bins), and the last bin is closed, so a confidence of exactly 1.0 shares it. This is
+    torchmetrics' multiclass_calibration_error(n_bins=15, norm="l1") except where that differs by design:
+    it gives c == 1.0 a 16th bin of its own, and compares float32 confidences with float32 edges, so a
+    confidence within float32 rounding of an edge can land in the neighbouring bin (tests/test_oracles.py)."""
     probabilities, targets = np.asarray(probabilities, dtype=np.float64), np.asarray(targets)
     if len(targets) == 0:
         return {"ece": 0.0, "bins": []}

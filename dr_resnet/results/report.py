@@ -771,6 +771,10 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
     heat maps); returns the files written."""
     root = Path(root)
     out = Path(out) if out else root
+    if gallery:  # its heat maps need captum: say so before any work, not after the figures and tables
+        from dr_resnet.serving.cam import require_captum
+
+        require_captum()
     cache = ResultsCache(out / CACHE_DIR)
     runs = find_runs(root, cache)
     if not runs:

@@ -15,10 +15,25 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from dr_resnet.errors import UserError
 from dr_resnet.registry import HEAD_SPECS
 
 CAM_LAYER = "layer4"
 OVERLAY_ALPHA = 0.45  # the heat map's weight where it is hottest
+CAM_EXTRA = "pip install 'dr-resnet[cam]'"  # captum is an extra: only the heat maps need it
+
+
+class HeatMapsUnavailableError(UserError, ImportError):
+    """Heat maps were asked for (predict --cam, report --gallery) where captum is not installed."""
+
+
+def require_captum() -> None:
+    """Raise HeatMapsUnavailableError, naming the extra to install, unless captum imports: called before any
+    work that ends in heat maps, so that a run of predict or the report fails at once, not after grading."""
+    try:
+        import captum.attr  # noqa: F401
+    except ImportError as exc:
+        raise HeatMapsUnavailableError(f"heat maps need captum, which does not import here ({exc}): {CAM_EXTRA}") from None
 
 
 def cam_targets(head_kind: str, grades: Tensor) -> Tensor | int:
@@ -36,6 +51,7 @@ def grad_cam(network: nn.Module, inputs: Tensor, targets: Tensor | int, layer: s
     target) at the inputs' size, from the normalised float `inputs`; `layer`: the stage explained. Only the
     layer's output needs a gradient: the parameters are frozen meanwhile, so autograd keeps no graph for
     them (ResNet50 at 512 px in a batch would otherwise hold every layer's activations, as training does)."""
+    require_captum()
     from captum.attr import LayerAttribution, LayerGradCam
 
     trainable = [p for p in network.parameters() if p.requires_grad]

@@ -138,11 +138,12 @@ def predict(grader: Grader, paths: list[Path], out: Path, tta: str = "none", bat
     from tqdm import tqdm
 
     if cam_dir is not None:
-        from dr_resnet.serving.cam import overlay  # matplotlib: only when heat maps are asked for
+        from dr_resnet.serving.cam import overlay, require_captum  # matplotlib, captum: only for heat maps
 
         if grader.network is None:
             raise ModelLoadError(f"heat maps (--cam) need the PyTorch network: pass the training checkpoint, "
                                  f"not the {grader.source} export")
+        require_captum()
         cam_dir.mkdir(parents=True, exist_ok=True)
         cam_names = _cam_names(paths)
     loader = DataLoader(PhotoDataset(paths, grader.recipe), batch_size=batch_size, num_workers=workers,

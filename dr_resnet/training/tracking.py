@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import secrets
@@ -56,6 +57,28 @@ def _confusion_media(wandb, cm: list[list[int]], png: Path | None) -> dict[str, 
     if png is not None and Path(png).is_file():
         media["confusion_matrix_png"] = wandb.Image(str(png))
     return media
+
+
+TEXT_COLUMNS = ("image", "patient")  # predictions.csv's names: text, so that patient "007" stays "007"
+
+
+def table_of(path: Path) -> tuple[list[str], list[list[Any]]]:
+    """A predictions.csv's header and rows for a W&B Table: the names as text, every other cell a number
+    (an int where it reads as one; an empty cell, such as evaluate's epoch, None), so that the UI sorts
+    and plots the columns as numbers."""
+    def number(cell: str) -> int | float | None:
+        if cell == "":
+            return None
+        try:
+            return int(cell)
+        except ValueError:
+            return float(cell)
+
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        columns = next(reader, [])
+        text = [c in TEXT_COLUMNS for c in columns]
+        return columns, [[cell if keep else number(cell) for cell, keep in zip(row, text)] for row in reader]
 
 
 def identity(model: ModelConfig, seed: int) -> dict[str, Any]:
@@ -263,10 +286,10 @@ class Tracker:
             return
 
         def write():
-            import pandas
             import wandb
 
-            self.run.log({"predictions": wandb.Table(dataframe=pandas.read_csv(path))})
+            columns, rows = table_of(path)
+            self.run.log({"predictions": wandb.Table(columns=columns, data=rows)})
         self._guard("predictions table", write)
 
     def _close(self) -> None:
