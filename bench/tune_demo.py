@@ -6,7 +6,7 @@
 2. The learning curve at the winners' rates: data.train_fraction (nested, whole patients) on the same seeds
    (SWEEP/curve/...; the fraction 1.0 is phase 2 itself).
 3. The report over both (expected-best curves, the curve over data.train_fraction with the paired
-   differences at each fraction, epochs to 95%), and its figures copied to docs/figures/.
+   differences at each fraction, epochs to 95%), and its figures copied to docs/results/figures/.
 4. With --ema D1,D2: train.ema (0 and each decay) for ResNet18 at its winning rate on the same seeds, in a
    folder of its own (--out + "_ema": its train.ema=0 runs repeat phase 2's, which would count twice in
    one report), and its report (the spread over seeds with and without).
@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--fractions", default="0.1,0.25,0.5")
     p.add_argument("--out", default="runs/demo_tune")
     p.add_argument("--data", default="data/synthetic_64")
-    p.add_argument("--figures", default="docs/figures", help="where the report's figures are copied")
+    p.add_argument("--figures", default="docs/results/figures", help="where the report's figures are copied")
     p.add_argument("--ema", default="", help="train.ema decays to compare with 0 (ResNet18, its winning rate)")
     args = p.parse_args()
     out, data = (REPO / args.out).resolve(), (REPO / args.data).resolve()

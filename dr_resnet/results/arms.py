@@ -3,7 +3,8 @@ launcher status, predictions, intervals); arms, the runs grouped by what was tra
 but the seed and where it ran: config.NOT_THE_ARM), named by depth, initialisation and any other key
 that tells arms of the same depth and initialisation apart; and the paired comparisons between arms
 that differ in one factor (pretrained vs scratch, ResNet50 vs ResNet18, or such a key), with
-paired-bootstrap intervals and McNemar's test. Reads only run-directory files; numpy only (no torch)."""
+t-intervals over seed pairs and test patients (stats.seed_pair_test: the patient jackknife, no bootstrap)
+and McNemar's test. Reads only run-directory files; numpy only (no torch)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ confusion matrix is its counts times each unit's confusion counts, its referable
 from each unit's images per run of equal scores (sparse), never an array per image and resample. All of
 it sums whole numbers (halves for ties), exactly, in any order. Chunks of resamples hold at most
 CHUNK_BYTES at once: 50,000 images (25,000 patients) x 2,000 resamples take 3 CPU seconds and 114 MB at
-their peak, the draws' 48 MB included (docs/benchmarks.md, Session 9).
+their peak, the draws' 48 MB included (docs/notebook/2026-12.md, Session 9).
 Intervals are percentile intervals, seeded.
 
 Paired comparisons of arms use the patient jackknife (leave_one_out, seed_pair_test): deterministic, no

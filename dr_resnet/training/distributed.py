@@ -418,7 +418,7 @@ def _wait_for_leaders(store, prefix: str, leaders: dict[str, int], mine: str, wh
         if waiting and elapsed > deadline_minutes * 60:
             raise NodeWorkError(f"{what} on {', '.join(sorted(waiting.values()))} did not end within {deadline_key}="
                                 f"{deadline_minutes:g} ({elapsed:.0f} s): raise it, or stage in a step of its own before "
-                                f"training (README: Plain sbatch)")
+                                f"training (docs/slurm.md, 'Plain sbatch')")
         if waiting and time.monotonic() - said_at >= WAIT_PROGRESS_S:
             said_at = time.monotonic()
             log.info("waiting for %s on %s: %.0f s", what, ", ".join(sorted(waiting.values())), elapsed)
