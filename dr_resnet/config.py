@@ -238,7 +238,7 @@ class TrainConfig:
     ema: float = setting(0.0, "an exponential moving average of the weights with this decay per step (e.g. 0.999; 0: off), "
                               "evaluated, selected and saved in place of the raw weights (the checkpoint keeps both, for "
                               "resume). Off: a default changes only on a held-out difference the seed-level test detects, and "
-                              "0.9's was not (README)")
+                              "0.9's was not (docs/recipe.md)")
     calibration: Calibration = setting("none", "none | temperature (fit a temperature on the held-out split after each epoch, "
                                                "for calibrated probabilities: classification and ordinal heads, needs "
                                                "data.val_fraction)")

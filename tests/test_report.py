@@ -753,6 +753,26 @@ def test_a_grid_not_declared_searched_is_a_curve_in_one_row_per_line_at_the_top(
     assert weighed.startswith("\n\n| what | value |\n")
 
 
+def test_a_run_still_going_is_compared_by_no_one_as_the_answer_does_not_count_it(sweep, tmp_path):
+    """ResNet50 scratch at epoch 2 of 3 (its predictions.csv that epoch's): the answer says no finished run, and
+    its comparisons say so too rather than pit its best epoch so far against finished arms."""
+    import yaml
+
+    copy = Path(shutil.copytree(sweep, tmp_path / "sweep", ignore=shutil.ignore_patterns("*.pt")))
+    config = copy / "resnet50_scratch" / "config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"]["epochs"] = 3  # planned 3: its 2 epochs so far are a run still going
+    config.write_text(yaml.safe_dump(cfg))
+    (copy / "resnet50_scratch" / "predictions_final.csv").unlink(missing_ok=True)
+    report(copy, tmp_path / "out")
+    comparisons = {(c["comparison"], c["epoch"]): c for c in comparisons_of(tmp_path / "out")}
+    for question in ("pretraining at ResNet50", "depth 50 vs 18, scratch"):
+        for epoch in ("selected", "final"):
+            assert comparisons[question, epoch]["status"] == (
+                "not compared: resnet50 scratch has no finished run yet (epoch 2 of 3)")
+    assert comparisons["pretraining at ResNet18", "selected"]["status"] == "compared"
+
+
 def test_a_searched_grid_that_could_not_be_chosen_still_counts_in_its_family(sweep, tmp_path):
     """An arm whose every searched setting has a diverged seed is not chosen, but it was planned: its comparison
     is a member of the question's family, made "not compared" with the reason, and m counts it."""

@@ -407,8 +407,8 @@ def _why_not(name: str, arm: Arm | None, epoch: str) -> str:
         return f"{name}: {run.predictions_problem}"
     if run.launch_status or not run.rows:
         return f"{name} has no {file} ({run.launch_status or 'no selected epoch yet'})"
-    if epoch == "final" and run.rows[-1]["epoch"] < run.epochs_planned:
-        return f"{name} has no {file} (epoch {run.rows[-1]['epoch']} of {run.epochs_planned}: not finished)"
+    if not arm.finished:
+        return f"{name} has no finished run yet (epoch {run.rows[-1]['epoch']} of {run.epochs_planned})"
     checkpoint, since = (BEST_CHECKPOINT, "0.2") if epoch == "selected" else (LAST_CHECKPOINT, "0.3.1")
     return (f"{name} has no {file} (trained before dr-resnet {since} wrote one: python -m dr_resnet.evaluate "
             f"--checkpoint {run.path / checkpoint} --out DIR writes DIR/{PREDICTIONS_FILE}; copy it to "
@@ -441,7 +441,7 @@ def unlike(runs: list[RunRecord]) -> str:
 def compare_arms(arms: list[Arm], epoch: str = "selected") -> list[dict]:
     """For each pair of arm_pairs: A - B in accuracy, QWK and referable AUC at each run's selected epoch
     (predictions.csv) or `epoch="final"` its final planned epoch (predictions_final.csv), paired seed by seed
-    over the seeds both arms have (stats.paired_comparison: the mean difference, its standard error over
+    over the finished seeds both arms have (stats.paired_comparison: the mean difference, its standard error over
     seed pairs and test patients, 95% intervals) and McNemar's test; or why not."""
     if epoch not in COMPARED_EPOCHS:
         raise ValueError(f"epoch must be one of {', '.join(COMPARED_EPOCHS)}, got {epoch!r}")
@@ -449,7 +449,8 @@ def compare_arms(arms: list[Arm], epoch: str = "selected") -> list[dict]:
     for pair in arm_pairs(arms):
         entry = {"comparison": pair.question, "epoch": epoch, "a": pair.name_a, "b": pair.name_b, "factor": pair.factor,
                  "setting": pair.setting}
-        done_a, done_b = ({r.seed: r for r in arm.runs if r.has_predictions(epoch)} if arm else {}
+        # finished runs only, as the answer counts them: a run still going lends its best epoch so far
+        done_a, done_b = ({r.seed: r for r in arm.finished if r.has_predictions(epoch)} if arm else {}
                           for arm in (pair.a, pair.b))
         missing = [_why_not(n, arm, epoch) for n, arm, done in ((pair.name_a, pair.a, done_a), (pair.name_b, pair.b, done_b))
                    if not done]
