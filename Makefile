@@ -45,7 +45,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/preprocess_speed.py
 	$(PY) bench/pipeline_efficiency.py
 
-# On a GPU machine (a loan may be 15 minutes in all, 10 a command), with that machine's own python and
+# On a GPU machine, with that machine's own python and
 # CUDA build of torch (GPU_PYTHON; installed with --no-deps, so nothing replaces its torch):
 #   gpu-check       the quick tier: the GPU tests without torch.compile (about 5 minutes on one H100-class GPU;
 #                   a test whose optional package is missing there is skipped with the reason)

@@ -1,7 +1,7 @@
 """What the report costs at the scale of a real sweep: a synthetic grid sweep of run folders in the formats
 training writes (config.yaml with its `effective` section, metrics.jsonl, summary.json with its intervals,
 predictions.csv and predictions_final.csv), then `python -m dr_resnet.report` over it in a subprocess, with
-its CPU time, wall time and peak resident memory. The target (issue 39): 200 runs (4 arms x 10 learning
+its CPU time, wall time and peak resident memory. The target: 200 runs (4 arms x 10 learning
 rates x 5 seeds) with 50,000-image test sets in under 15 CPU-minutes and 2 GB, and the demo's 4 runs of 250
 images in a few seconds.
 
@@ -285,8 +285,8 @@ def touch_one(folder: Path) -> Path:
 def comparison_costs(rows: int, seeds: int = 5) -> str:
     """What one comparison of two arms (`seeds` seed pairs) costs on `rows` test images, CPU seconds: reading
     a predictions file; paired_comparison from the predictions (what the report did for every comparison
-    before issue 39); and run_scores (once per run) with compare_scored (per comparison), what it does now.
-    Both give the same numbers."""
+    before it was redesigned for sweeps); and run_scores (once per run) with compare_scored (per comparison),
+    what it does now. Both give the same numbers."""
     from dr_resnet.results.predictions import read_predictions
     from dr_resnet.results.stats import compare_scored, paired_comparison, resampling_units, run_scores
 

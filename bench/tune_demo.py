@@ -1,4 +1,4 @@
-"""Issue 33's proof on the demo data: the scratch arms (depth) tuned at equal budgets, then compared.
+"""Depth compared fairly on the demo data: the scratch arms (depth) tuned at equal budgets, then compared.
 
 1. `launch.sweep --config configs/demo_tune.yaml --tune N --seeds S`: N learning rates an arm (ResNet18 and
    ResNet50 from scratch) on seed --tune-seed, each arm's winner chosen on held-out QWK only, the winners on

@@ -325,7 +325,9 @@ def test_heat_maps_without_captum_stop_at_once_with_one_line_naming_the_extra(ru
     assert predict_main([*args, "--out", str(tmp_path / "p.csv"), "--cam", str(tmp_path / "cam")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err], err
-    assert err.startswith("error: heat maps need captum") and err.endswith("pip install 'dr-resnet[cam]'")
+    from dr_resnet.serving.cam import CAM_EXTRA
+
+    assert err.startswith("error: heat maps need captum") and err.endswith(CAM_EXTRA)
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "cam").exists()
     assert predict_main([*args, "--out", str(tmp_path / "graded.csv")]) == 0
     assert len(read_rows(tmp_path / "graded.csv")) == 1

@@ -123,9 +123,9 @@ def test_launch_environment():
 
 def test_a_group_spanning_machines_gives_gloo_the_interface_towards_the_master(monkeypatch):
     """gloo binds to the address of this machine's hostname, which /etc/hosts often maps to a loopback
-    address (this project's machines: 127.0.0.1): unreachable from other nodes. A group spanning
-    machines gets the interface that reaches MASTER_ADDR instead (the default route's when the master's
-    name is loopback here); one machine, or a GLOO_SOCKET_IFNAME the user set, is left alone."""
+    address (127.0.0.1): unreachable from other nodes. A group spanning machines gets the interface that
+    reaches MASTER_ADDR instead (the default route's when the master's name is loopback here); one machine, or a
+    GLOO_SOCKET_IFNAME the user set, is left alone."""
     assert interface_of("127.0.0.1") == "lo" and interface_of("192.0.2.254") is None
     outward = distributed._source_address("192.0.2.1")
     if outward is None:

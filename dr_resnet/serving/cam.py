@@ -20,7 +20,8 @@ from dr_resnet.registry import HEAD_SPECS
 
 CAM_LAYER = "layer4"
 OVERLAY_ALPHA = 0.45  # the heat map's weight where it is hottest
-CAM_EXTRA = "pip install 'dr-resnet[cam]'"  # captum is an extra: only the heat maps need it
+# captum is an extra: only the heat maps need it
+CAM_EXTRA = "pip install -e '.[cam]' in a clone (pip install 'dr-resnet[cam]' where it was installed by name)"
 
 
 class HeatMapsUnavailableError(UserError, ImportError):
