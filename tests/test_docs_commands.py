@@ -231,6 +231,15 @@ def exists(module: str) -> bool:
         return False
 
 
+CHOICES = {k.key: tuple(str(c) for c in k.choices) for k in config.key_help() if k.choices}  # a Literal key's values
+
+
+def choices_of(parser: argparse.ArgumentParser) -> dict[str, tuple[str, ...]]:
+    """Each option with choices, and them as text."""
+    return {option: tuple(str(c) for c in action.choices) for action in parser._actions if action.choices
+            for option in action.option_strings}
+
+
 def options_of(parser: argparse.ArgumentParser) -> set[str]:
     return {option for action in parser._actions for option in action.option_strings}
 
@@ -242,6 +251,11 @@ def problems(command: Command) -> list[str]:
         key = OVERRIDE.match(word)
         if key and key.group(1) in SECTIONS and f"{key.group(1)}.{key.group(2)}" not in KEYS:
             found.append(f"{word.split('=')[0]}: no such config key")
+        elif key and key.group(1) in SECTIONS:
+            name, value = word.split("=", 1)
+            allowed = CHOICES.get(name)
+            if allowed and value.islower() and value not in allowed:  # an upper-case value is a placeholder
+                found.append(f"{name}={value}: not one of {', '.join(allowed)}")
     for call in invocations(command.words):
         if call.module:
             if not exists(call.module):
@@ -258,6 +272,11 @@ def problems(command: Command) -> list[str]:
             option = word.strip("[](),").split("=", 1)[0]
             if re.match(r"^--?[a-zA-Z][\w-]*$", option) and known is not None and option not in known:
                 found.append(f"{name}: no option {option}")
+            allowed = choices_of(parser).get(option) if parser else None
+            value = (word.split("=", 1)[1] if "=" in word else call.args[k + 1] if k + 1 < len(call.args) else "").strip("[](),")
+            # a placeholder (upper case, or the choices spelled a|b|c) is no value
+            if allowed and value.islower() and "|" not in value and value not in allowed:
+                found.append(f"{name} {option} {value}: not one of {', '.join(allowed)}")
             if option == "--config" and k + 1 < len(call.args):
                 named = call.args[k + 1]
                 if named.islower() and not (REPO / named).is_file():
@@ -393,6 +412,7 @@ def test_the_checker_finds_what_is_wrong(tmp_path):
         "python bench/no_such_bench.py --fast",
         "python bench/model_speed.py --no-such-option",
         "dr-split --src A --dst B --test-fractions 0.2",
+        "python -m launch.sweep --config configs/sweep.yaml --executor locl train.sampler=balanse --print-arms",
         "```",
         "```bash template",
         "python -m launch.sweep --config configs/missing.yaml --grid train.lr=0.1,0.2 data.KEY=VALUE --dry-run",
@@ -404,7 +424,7 @@ def test_the_checker_finds_what_is_wrong(tmp_path):
     commands = commands_of(page)
     assert [(c.where, c.marker) for c in commands] == [
         ("page.md:3", ""), ("page.md:5", ""), ("page.md:6", ""), ("page.md:7", ""), ("page.md:8", ""),
-        ("page.md:9", ""), ("page.md:10", ""), ("page.md:13", "template")]
+        ("page.md:9", ""), ("page.md:10", ""), ("page.md:11", ""), ("page.md:14", "template")]
     assert commands[0].words == ("python", "-m", "dr_resnet.train", "--config", "configs/demo.yaml", "train.epochs=2",
                                  "--print-config")
     assert invocations(commands[3].words) == [Invocation("dr_resnet.train", "", ("data.sampler=balanced",),
@@ -418,9 +438,13 @@ def test_the_checker_finds_what_is_wrong(tmp_path):
         ["bench/no_such_bench.py: no such script"],
         ["bench/model_speed.py: no option --no-such-option"],
         ["python -m dr_resnet.split: no option --test-fractions"],
+        [f"train.sampler=balanse: not one of {', '.join(CHOICES['train.sampler'])}",
+         "python -m launch.sweep --executor locl: not one of "
+         + ", ".join(choices_of(module_parser("launch.sweep"))["--executor"])],
         ["python -m launch.sweep --config configs/missing.yaml: no such file"],
     ]
-    assert [call.module for c in commands for call in runnable(c)] == ["dr_resnet.train", "dr_resnet.no_such_command"]
+    assert [call.module for c in commands for call in runnable(c)] == ["dr_resnet.train", "dr_resnet.no_such_command",
+                                                                       "launch.sweep"]
 
 
 def test_the_link_checker_finds_what_is_wrong(tmp_path):
