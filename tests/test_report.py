@@ -324,8 +324,8 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     md = (tmp_path / "out" / "results.md").read_text()
     assert "## Paired comparisons" in md
     # the comparison names its collapsed runs (at this size some are): the runs table says the same of each
-    named = "pretraining at ResNet18" + (f" (collapsed: {', '.join(pretraining['collapsed'])})"
-                                         if pretraining.get("collapsed") else "")
+    named = "pretraining at ResNet18" + (f" (collapsed: {len(pretraining['collapsed'])} of 2 runs; comparisons.json "
+                                         f"names them)" if pretraining.get("collapsed") else "")
     assert f"| {named} | resnet18 pretrained | resnet18 scratch | 24 (patients, one seed) |" in md
     with open(tmp_path / "out" / "results.csv") as f:
         flagged = {r["run"] for r in csv.DictReader(f) if r["collapsed"] not in ("no", "")}
@@ -401,7 +401,8 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
                                                                  min(q["difference"] + half, 2)))
     assert q["verdict"].startswith("no difference detected") or q["verdict"].endswith("better")
     assert (q["family_low"] > 0 or q["family_high"] < 0) == q["verdict"].endswith("better")
-    named = "pretraining at ResNet18" + (f" (collapsed: {', '.join(pooled['collapsed'])})" if pooled.get("collapsed") else "")
+    named = "pretraining at ResNet18" + (f" (collapsed: {len(pooled['collapsed'])} of 4 runs; comparisons.json names "
+                                         f"them)" if pooled.get("collapsed") else "")
     assert (f"| {named} | resnet18 pretrained | resnet18 scratch | 24 (patients, seeds 0, 1) | "
             f"{q['difference']:+.3f} | {q['family_low']:+.3f} to {q['family_high']:+.3f} (95% simultaneous, "
             f"the question, m = 1) | {q['verdict']} |") in md
@@ -745,16 +746,18 @@ def test_a_grid_not_declared_searched_is_a_curve_in_one_row_per_line_at_the_top(
     assert all(" | a curve of 4 values of train.lr, every one reported" in r and "train.lr=0.003: " in r and
                "; train.lr=0.1: " in r and " | 2 | 8 | " in r for r in rows)
     question = md.split("## The question: comparisons with a verdict")[1].split("\n## ")[0]
-    made = [line for line in question.splitlines() if line.startswith("| pretraining")]
+    made = [line for line in question.splitlines() if line.startswith("| resnet18")]
     assert len(made) == 1 and made[0].startswith(
-        "| pretraining and depth along train.lr (4 comparisons, every one in the section 'Along train.lr') | - | "
-        "simultaneous within the family (m = 4) | ")
+        "| resnet18 pretrained - resnet18 scratch along train.lr (4 values; section 'Along train.lr') | ")
+    assert " | simultaneous within along train.lr (m = 4) | of 4 values made: " in made[0]
     along = md.split("## Along train.lr")[1].split("\n## ")[0]
     assert sum(line.startswith(("| 0.003 |", "| 0.01 |", "| 0.03 |", "| 0.1 |")) for line in along.splitlines()) == 4
     scores = md.split("## Scores along train.lr")[1].split("\n## ")[0]
     assert sum(line.startswith("| resnet18 ") for line in scores.splitlines()) == 8
     weighed = md.split("## What the answer rests on")[1]
     assert weighed.startswith("\n\n| what | value |\n")
+    assert ("| search space | train.lr: a factor of 4 values (0.003, 0.01, 0.03, 0.1), every one reported, none chosen |"
+            in weighed)
 
 
 def test_a_run_still_going_is_compared_by_no_one_as_the_answer_does_not_count_it(sweep, tmp_path):

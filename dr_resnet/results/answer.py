@@ -27,7 +27,7 @@ from dr_resnet.results.factors import line_of
 from dr_resnet.results.rundir import METRICS_FILE, read_metrics
 from dr_resnet.results.tuning import TUNE_DIR, held_out_score
 
-ANSWER_METRICS = ("qwk", "accuracy")  # the answer table's test scores, with intervals over seeds and patients
+ANSWER_METRICS = ("qwk", "accuracy", "referable_auc")  # the answer's test scores, with intervals over seeds and patients
 
 
 @dataclass
@@ -239,19 +239,23 @@ def question(comparisons: list[dict]) -> list[dict]:
 
 
 def fold_question(members: list[dict], curves: list[str]) -> list[dict]:
-    """The question's rows with the comparisons made at each value of a curve folded into one row per family
-    along it (its members' verdicts counted; every row stays in the section 'Along key')."""
+    """The question's rows with the comparisons one question makes at each value of a curve (pretraining at
+    ResNet18 at each learning rate) folded into one row per question, its verdicts counted by value; every
+    comparison stays in the section 'Along key'."""
     folded, groups = [], {}
     for c in members:
-        setting = sorted(c.get("setting") or {})
-        if not set(setting) & set(curves):
+        setting = c.get("setting") or {}
+        key = next((k for k in sorted(setting) if k in curves), None)
+        if key is None:
             folded.append(c)
             continue
-        name = "along " + ", ".join(setting)
-        if name not in groups:
-            groups[name] = {"folded": name, "key": next(k for k in setting if k in curves), "members": []}
-            folded.append(groups[name])
-        groups[name]["members"].append(c)
+        suffix = f", {key}={setting[key]}"
+        question = c["comparison"].replace(suffix, "")
+        if question not in groups:
+            groups[question] = {"folded": question, "key": key, "family": "along " + ", ".join(sorted(setting)),
+                                "a": c["a"].replace(suffix, ""), "b": c["b"].replace(suffix, ""), "members": []}
+            folded.append(groups[question])
+        groups[question]["members"].append(c)
     return folded
 
 
@@ -324,9 +328,19 @@ def search_space(headlines: list[Headline], root: Path) -> str:
         for arm in h.candidates:
             for k in set(arm.factors) - set(h.arm.factors if h.arm else {}):
                 grids.setdefault(k, set()).add(str(arm.factors[k]))
-    if grids:
-        return "; ".join(f"{k}: {len(v)} values ({', '.join(sorted(v, key=_order))})" for k, v in sorted(grids.items()))
-    return "none: every arm ran its one setting"
+    factors: dict[str, set] = {}
+    for h in headlines:
+        for k, v in ((h.arm or h.unchosen).factors.items() if (h.arm or h.unchosen) else ()):
+            factors.setdefault(k, set()).add(str(v))
+    shown = [f"{k}: {len(v)} values ({', '.join(sorted(v, key=_order))})" for k, v in sorted(grids.items())]
+    shown += [f"{k}: a factor of {len(v)} values ({_values(v)}), every one reported, none chosen"
+              for k, v in sorted(factors.items())]
+    return "; ".join(shown) or "none: every arm ran its one setting"
+
+
+def _values(values: set) -> str:
+    ordered = sorted(values, key=_order)
+    return ", ".join(ordered) if len(ordered) <= 6 else f"{ordered[0]} to {ordered[-1]}"
 
 
 def _order(value: str) -> tuple:

@@ -86,7 +86,9 @@ RESULTS_NOTE = (
 
 ANSWER_NOTE = (
     "Each arm at the setting that stands for it (never chosen on test: its --tune winner, or the searched setting "
-    "with the best held-out score), at each run's selected epoch. Test QWK and accuracy: the mean over the arm's "
+    "with the best held-out score), at each run's selected epoch; along a curve (a numeric factor of many values, "
+    "none chosen) one row per line with its first and last values. Test QWK, accuracy and referable AUC (grade >= 2 "
+    "against the rest): the mean over the arm's "
     "finished seeds, with a 95% t-interval that counts both the seeds and the test patients (S - 1 degrees of "
     "freedom; the test set's jackknife alone, normal, with one seed); sd: the seeds' standard deviation. Accuracy "
     "means something only above the majority baseline (always answering the commonest grade). Runs: every run "
@@ -109,10 +111,12 @@ def answer_table(rows: list[dict]) -> Table:
     columns = [Column("arm", "arm"), Column("how", "setting (how chosen)"),
                Column("held_out", f"{one} that chose it" if one else "held-out score"),
                Column("qwk", "test QWK (95% CI)"), Column("accuracy", "test accuracy (95% CI)"),
+               Column("referable_auc", "test referable AUC (95% CI)"),
                Column("sd", "seeds' sd (QWK)"), Column("baseline", "majority baseline"), Column("seeds", "seeds"),
                Column("runs", "runs behind it"), Column("minutes", "training minutes")]
     table = Table("answer", "Answer", ANSWER_NOTE, columns, note_below=True,
-                  numeric=frozenset(["held_out", "qwk", "accuracy", "sd", "baseline", "seeds", "runs", "minutes"]))
+                  numeric=frozenset(["held_out", "qwk", "accuracy", "referable_auc", "sd", "baseline", "seeds", "runs",
+                                     "minutes"]))
     for row in rows:
         if "curve" in row:
             table.rows.append(curve_row(row))
@@ -127,6 +131,7 @@ def answer_table(rows: list[dict]) -> Table:
         arm += f" ({row['no_interval']})" if row.get("no_interval") else ""
         sd = row["qwk"].get("sd")
         table.rows.append(Row([arm, row["how"], held, _estimate(row["qwk"]), _estimate(row["accuracy"]),
+                               _estimate(row.get("referable_auc")),
                                f"{sd:.3f}" if sd is not None else "-", number(row.get("baseline"), 3), str(row["seeds"]),
                                str(row["trials"]), f"{row['minutes']:.1f}"]))
     return table
@@ -140,10 +145,10 @@ def curve_row(row: dict) -> Row:
     ends = [scored[0], scored[-1]] if len(scored) > 1 else scored
 
     def at(metric: str) -> str:
-        return "; ".join(f"{key}={value}: {_estimate(found[metric])}" for value, found in ends) or "-"
+        return "; ".join(f"{key}={value}: {_estimate(found.get(metric))}" for value, found in ends) or "-"
     seeds = sorted({found["seeds"] for _, found in points})
     return Row([f"{row['arm']} along {key}", f"a curve of {len(points)} values of {key}, every one reported (section "
-                f"'Scores along {key}'; none chosen)", "-", at("qwk"), at("accuracy"), "-",
+                f"'Scores along {key}'; none chosen)", "-", at("qwk"), at("accuracy"), at("referable_auc"), "-",
                 number(next((found.get("baseline") for _, found in scored), None), 3),
                 " to ".join(map(str, dict.fromkeys([seeds[0], seeds[-1]]))), str(row["trials"]), f"{row['minutes']:.1f}"])
 
@@ -184,19 +189,28 @@ def question_table(members: list[dict], families: list[dict]) -> Table:
 
 
 def folded_row(group: dict, sizes: dict[str, int]) -> Row:
-    """A family along a curve in one row (answer.fold_question): how many of its comparisons found a difference,
-    naming them; every one is in the section 'Along key'."""
-    members = group["members"]
-    found = [c for c in members if c["status"] == "compared" and c["qwk"].get("verdict", "").endswith(" better")]
-    named = [f"{c['qwk']['verdict']} at {group['key']}={c['setting'][group['key']]}" for c in found]
-    made = sum(c["status"] == "compared" for c in members)
-    shown = "; ".join(named[:4]) + (f"; {len(named) - 4} more" if len(named) > 4 else "")
-    m = sizes.get(group["folded"])
-    seeds = sorted({len(c["seeds"]) for c in members if c["status"] == "compared"})
-    return Row([f"pretraining and depth {group['folded']} ({len(members)} comparisons, every one in the section "
-                f"'Along {group['key']}')", "-", f"simultaneous within the family (m = {m})" if m else
-                "test set only (one seed a side)", f"{len(found)} of {made} made find a difference" +
-                (f": {shown}" if shown else ""), " to ".join(map(str, dict.fromkeys(seeds[:1] + seeds[-1:]))) or "-"])
+    """One question along a curve in one row (answer.fold_question): the range of its differences over the
+    values, and at which values its family's intervals found A or B better; every comparison is in the section
+    'Along key'."""
+    key, members = group["key"], group["members"]
+    made = [c for c in members if c["status"] == "compared"]
+    values = {side: [str(c["setting"][key]) for c in made if c["qwk"].get("verdict") == f"{c[side]} better"]
+              for side in ("a", "b")}
+    counted = [f"{group[side]} better at {len(v)} ({_listed(v)})" for side, v in values.items() if v]
+    undecided = len(made) - len(values["a"]) - len(values["b"])
+    counted += [f"no difference detected at {undecided}"] if undecided else []
+    differences = [c["qwk"]["difference"] for c in made]
+    m = sizes.get(group["family"])
+    seeds = sorted({len(c["seeds"]) for c in made})
+    return Row([f"{group['a']} - {group['b']} along {key} ({len(members)} values; section 'Along {key}')",
+                f"{min(differences):+.3f} to {max(differences):+.3f}" if differences else "-",
+                f"simultaneous within {group['family']} (m = {m})" if m else "test set only (one seed a side)",
+                (f"of {len(made)} values made: " + "; ".join(counted)) if made else "none made",
+                " to ".join(map(str, dict.fromkeys(seeds[:1] + seeds[-1:]))) or "-"])
+
+
+def _listed(values: list[str]) -> str:
+    return ", ".join(values) if len(values) <= 4 else f"{', '.join(values[:3])}, ... {values[-1]}"
 
 
 def weigh_table(lines: list[tuple[str, str]]) -> Table:
@@ -283,7 +297,8 @@ def comparisons_table(comparisons: list[dict], families: list[dict]) -> Table:
             table.rows.append(Row([f"at {title}"], "group"))
         for c in shown:
             start = [c["comparison"] + (f" (warning: {c['warning']})" if c.get("warning") else "")
-                     + (f" (collapsed: {', '.join(c['collapsed'])})" if c.get("collapsed") else ""), c["a"], c["b"]]
+                     + (f" (collapsed: {len(c['collapsed'])} of {2 * len(c.get('seeds') or [])} runs; "
+                        f"comparisons.json names them)" if c.get("collapsed") else ""), c["a"], c["b"]]
             if c["status"] != "compared":
                 table.rows.append(Row([*start, c["status"]], "notrun"))
                 continue
