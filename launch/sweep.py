@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before, between or after the options
     try:
         args.time = slurm_minutes(args.time)
         args.mem = slurm_memory(args.mem) if args.mem else None

@@ -449,3 +449,12 @@ def test_print_arms_refuses_a_sweep_with_trials_that_one_line_an_arm_would_drop(
     capsys.readouterr()
     assert main(["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--print-arms"]) == 0
     assert capsys.readouterr().out.count("\n") == 4
+
+
+def test_overrides_may_come_between_and_after_the_options():
+    """`section.key=value` anywhere on the line goes to every run, as with dr_resnet.train: after --runs too."""
+    from launch.sweep import parse_args
+
+    args = parse_args(["--config", str(REPO / "configs" / "demo_sweep.yaml"), "--executor", "local", "data.root=d",
+                       "--runs", "resnet18_scratch", "data.workers=1", "--dry-run"])
+    assert args.overrides == ["data.root=d", "data.workers=1"] and args.runs == "resnet18_scratch" and args.dry_run
