@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dr_resnet.results.arms import FAMILY_METRIC, QUESTION, Arm, numeric, over_seeds_and_patients
-from dr_resnet.results.factors import line_of
+from dr_resnet.results.factors import line_of, lines_along
 from dr_resnet.results.rundir import METRICS_FILE, read_metrics
 from dr_resnet.results.tuning import TUNE_DIR, held_out_score
 
@@ -43,12 +43,17 @@ class Headline:
     metric: str = ""  # what held_out is
     unchosen: Arm | None = None  # with no arm: the planned arm, runless, with why (it still counts in its family)
 
+    @property
+    def stands_for(self) -> Arm | None:
+        """The arm this headline is: the chosen one, else the planned arm no setting could be chosen for."""
+        return self.arm or self.unchosen
+
 
 def compared_arms(headlines: list[Headline]) -> list[Arm]:
     """The arms the comparisons are made between: each headline's chosen arm, and in place of a searched grid
     none of whose settings could be chosen, the arm it stood for with no runs and the reason, so that its
     comparisons are made "not compared" members of their family (m counts them) rather than left out."""
-    return [h.arm or h.unchosen for h in headlines if h.arm or h.unchosen]
+    return [h.stands_for for h in headlines if h.stands_for]
 
 
 def held_out_mean(arm: Arm) -> tuple[float | None, str]:
@@ -168,11 +173,11 @@ def minutes_of(h: Headline, root: Path) -> float:
     still counts them; tuning.json's recorded path where that layout lacks it)."""
     seconds = sum(row.get("epoch_seconds", 0.0) for a in h.candidates for r in a.runs for row in r.rows)
     folder = h.arm.runs[0].name.split("/")[0] if h.arm and h.arm.runs else ""
-    for trial in (h.tuning or {}).get("trials", []):
-        found = [p for p in (Path(root) / TUNE_DIR / folder / trial["trial"], Path(trial.get("run_dir") or "/nonexistent"))
-                 if folder and (p / METRICS_FILE).is_file()]
-        if found:
-            seconds += sum(row.get("epoch_seconds", 0.0) for row in read_metrics(found[0]))
+    for trial in (h.tuning or {}).get("trials", []) if folder else []:
+        places = [Path(root) / TUNE_DIR / folder / trial["trial"], *([Path(trial["run_dir"])] if trial.get("run_dir") else [])]
+        found = next((p for p in places if (p / METRICS_FILE).is_file()), None)
+        if found is not None:
+            seconds += sum(row.get("epoch_seconds", 0.0) for row in read_metrics(found))
     return seconds / 60
 
 
@@ -185,11 +190,9 @@ def curve_keys(headlines: list[Headline]) -> list[str]:
     arms = compared_arms(headlines)
     found = []
     for key in sorted({k for a in arms for k in a.factors}):
-        values = [a.factors[key] for a in arms if key in a.factors]
-        lines: dict[str, set] = {}
-        for a in arms:
-            lines.setdefault(line_of(a, key), set()).add(a.factors[key])
-        if numeric(values) and max(len(v) for v in lines.values()) >= CURVE_VALUES:
+        lines = lines_along(arms, key)
+        if numeric([a.factors[key] for members in lines.values() for a in members]) and \
+                max(len({a.factors[key] for a in members}) for members in lines.values()) >= CURVE_VALUES:
             found.append(key)
     return found
 
@@ -199,7 +202,7 @@ def fold_curves(rows: list[dict], headlines: list[Headline], key: str) -> list[d
     (every value is reported in the section 'Scores along key'), their runs and minutes summed."""
     folded, lines = [], {}
     for row, h in zip(rows, headlines):
-        arm = h.arm or h.unchosen
+        arm = h.stands_for
         if arm is None or key not in arm.factors:
             folded.append(row)
             continue
@@ -220,12 +223,8 @@ def curve_ends(headlines: list[Headline], key: str) -> list[Arm]:
     """The answer's arms with those along the curve `key` reduced to each line's first and last values: what
     the per-arm figures (confusion matrices) draw, so that they hold at any number of values."""
     arms = [h.arm for h in headlines if h.arm]
-    lines: dict[str, list[Arm]] = {}
-    for arm in arms:
-        if key in arm.factors:
-            lines.setdefault(line_of(arm, key), []).append(arm)
-    ends = {id(a) for members in lines.values() for a in (min(members, key=lambda a: float(a.factors[key])),
-                                                        max(members, key=lambda a: float(a.factors[key])))}
+    ends = {id(a) for members in lines_along(arms, key).values()
+            for a in (min(members, key=lambda a: float(a.factors[key])), max(members, key=lambda a: float(a.factors[key])))}
     return [a for a in arms if key not in a.factors or id(a) in ends]
 
 
@@ -330,7 +329,7 @@ def search_space(headlines: list[Headline], root: Path) -> str:
                 grids.setdefault(k, set()).add(str(arm.factors[k]))
     factors: dict[str, set] = {}
     for h in headlines:
-        for k, v in ((h.arm or h.unchosen).factors.items() if (h.arm or h.unchosen) else ()):
+        for k, v in (h.stands_for.factors.items() if h.stands_for else ()):
             factors.setdefault(k, set()).add(str(v))
     shown = [f"{k}: {len(v)} values ({', '.join(sorted(v, key=_order))})" for k, v in sorted(grids.items())]
     shown += [f"{k}: a factor of {len(v)} values ({_values(v)}), every one reported, none chosen"

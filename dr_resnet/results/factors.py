@@ -41,6 +41,15 @@ def line_of(arm: Arm, key: str) -> str:
     return Arm(arm.depth, arm.pretrained, {k: v for k, v in arm.factors.items() if k != key}, []).name
 
 
+def lines_along(arms: list[Arm], key: str) -> dict[str, list[Arm]]:
+    """The arms that have `key`, grouped by the line they are points of (line_of)."""
+    lines: dict[str, list[Arm]] = {}
+    for arm in arms:
+        if key in arm.factors:
+            lines.setdefault(line_of(arm, key), []).append(arm)
+    return lines
+
+
 def points(arms: list[Arm], key: str, metric: str = "test_qwk") -> dict[str, list[dict]]:
     """Per line (depth, initialisation and any other factor), per value of `key`: the selected epoch's
     `metric` over the arm's finished seeds with a 95% band, and the mean number of training images its runs

@@ -692,10 +692,11 @@ def operating_rows(runs: list[RunRecord]) -> list[dict]:
 
 
 def answer_tables(heads: list[Headline], comparisons: list[dict], families: list[dict], detectable: list[dict],
-                  root: Path) -> list[Table]:
+                  root: Path, curves: list[str] = ()) -> list[Table]:
     """The report's opening: each arm at its chosen setting with its test scores, the declared families'
-    comparisons with their verdicts, what the answer rests on, and what the seeds could detect."""
-    rows, curves = answer_rows(heads, root), curve_keys(heads)
+    comparisons with their verdicts, what the answer rests on, and what the seeds could detect; `curves`
+    (answer.curve_keys): the factors shown one row per line."""
+    rows = answer_rows(heads, root)
     if curves:  # a curve's line in one row (one curve: rows of arms along two curves are a grid, left as they are)
         rows = fold_curves(rows, heads, curves[0])
     tables = [answer_table(rows)]
@@ -805,7 +806,7 @@ def report(root: str | Path, out: str | Path | None = None, gallery: bool = Fals
         print(f"warning: {warning}", file=sys.stderr)
     rows = result_rows(runs)
     detectable = smallest_detectable(comparisons)
-    tables = answer_tables(heads, comparisons, families, detectable, root)
+    tables = answer_tables(heads, comparisons, families, detectable, root, curves)
     more, figures = factor_tables(arms, comparisons, families, out, heads, searched)
     tuned, tuning_figures = tuning_tables(root, out)
     details = more + tuned + tables_of(rows, comparisons, seed_summary(arms), dataset_rows(runs, rows),
