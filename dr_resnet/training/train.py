@@ -335,7 +335,7 @@ def start_probe(run: Run, resumed: Resumed) -> None:
     its own statistics: they are part of what it learned."""
     if not run.cfg.model.freeze_backbone or resumed.epoch or resumed.position:
         return
-    if run.cfg.model.pretrained:
+    if config.is_pretrained(run.cfg.model.weights):  # loaded weights, of whatever initialisation
         log.info("linear probe: only %s train; the loaded backbone's weights and BatchNorm statistics are kept as "
                  "loaded (its BatchNorm layers in eval mode)", ", ".join(probe.trained_names(run.model)))
         return
