@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import textwrap
@@ -84,30 +85,75 @@ class ModelConfig:
 
     @property
     def pretrained(self) -> bool:
+        """Whether it loads weights (any initialisation but scratch): is_pretrained."""
         return is_pretrained(self.weights)
 
     @property
     def initialisation(self) -> str:
-        return initialisation(self.pretrained)
+        """How it starts (INITIALISATIONS), by recorded_initialisation."""
+        return recorded_initialisation(self.weights)
 
     @property
     def arm(self) -> str:
-        """The arm of the core experiment this model is: resnet18_scratch, resnet50_pretrained, ..."""
+        """The arm of the core experiment this model is: resnet18_scratch, resnet50_pretrained, resnet18_ssl, ..."""
         return f"resnet{self.depth}_{self.initialisation}"
 
 
 SCRATCH_WEIGHTS = ("", "none", "scratch")  # model.weights that mean "from scratch" (validation writes them "none")
+# How an arm starts, as arm names, tags and tables say it, in the order the report lists them: random weights;
+# ImageNet's (its old name, so that old runs read as before); a backbone pretrained self-supervised on fundus
+# photos from random weights; the same started from ImageNet's (as RETFound was).
+INITIALISATIONS = ("scratch", "pretrained", "ssl", "imagenet+ssl")
+BACKBONE_SIDECAR = ".json"  # a backbone file's record beside it: backbone.pt -> backbone.json
 
 
 def is_pretrained(weights: str) -> bool:
-    """Whether model.weights loads weights (imagenet, or a file) rather than training from scratch: THE
-    rule for "is this arm pretrained?" (learning rate, arm names, W&B tags, the report's pairs)."""
+    """Whether model.weights loads weights (imagenet, or a file) rather than training from scratch. Which
+    initialisation the loaded weights are (the arm's name, its learning rate) is recorded_initialisation's."""
     return str(weights).strip().lower() not in SCRATCH_WEIGHTS
 
 
-def initialisation(pretrained: bool) -> str:
-    """How an arm starts, as names, tags and tables say it: pretrained or scratch."""
-    return "pretrained" if pretrained else "scratch"
+def backbone_record(weights: str) -> dict | None:
+    """The record beside a weights file (its sidecar, the file's name with BACKBONE_SIDECAR's suffix, which
+    `python -m dr_resnet.pretrain` writes: "initialisation" and "pretraining"), None where there is none
+    (scratch, imagenet, a file without one). Torch-free, so that config, results and launch read it alike."""
+    text = str(weights).strip()
+    if not is_pretrained(text) or text.lower() == "imagenet":
+        return None
+    sidecar = Path(text).with_suffix(BACKBONE_SIDECAR)
+    if not sidecar.is_file():
+        return None
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{sidecar}: the record beside model.weights={text} is not readable JSON ({exc}): "
+                          f"write it again or move it aside") from None
+    if not isinstance(record, dict):
+        return None
+    found = record.get("initialisation")
+    if found is not None and found not in INITIALISATIONS:
+        raise ConfigError(f"{sidecar}: initialisation {found!r} is not one of {', '.join(INITIALISATIONS)}")
+    return record
+
+
+def recorded_initialisation(weights: str) -> str:
+    """THE rule for how an arm starts (INITIALISATIONS): none -> scratch; imagenet -> pretrained; a file whose
+    sidecar (backbone_record) names its initialisation -> that one (ssl, imagenet+ssl); any other file ->
+    pretrained (a file of unknown origin reads as ImageNet-like weights, as before there were others)."""
+    if not is_pretrained(weights):
+        return "scratch"
+    record = backbone_record(weights) or {}
+    return record.get("initialisation") or "pretrained"
+
+
+def initialisation_record(weights: str) -> dict[str, Any]:
+    """What a run records of how it started (summary.json and config.yaml's `effective`): its initialisation
+    and, for a backbone file with a sidecar, the sidecar's "pretraining" record (method, pool, compute, ...)."""
+    record = backbone_record(weights) or {}
+    found = {"initialisation": recorded_initialisation(weights)}
+    if "pretraining" in record:
+        found["pretraining"] = record["pretraining"]
+    return found
 
 
 def normalised_weights(weights: str) -> str:
@@ -202,7 +248,11 @@ class TrainConfig:
     lr: float | None = setting(None, "auto (None): the linear-scaling rule, lr_base_* x global batch / lr_base_batch, with the "
                                      "rate of the run's initialisation; a number: that learning rate, whatever the batch")
     lr_base_scratch: float = setting(0.1, "per lr_base_batch images of global batch, for a network trained from scratch")
-    lr_base_pretrained: float = setting(0.01, "the same for a network started from loaded weights (fine-tuning: a tenth)")
+    lr_base_pretrained: float = setting(0.01, "the same for a network started from ImageNet's weights (the pretrained "
+                                              "initialisation; fine-tuning: a tenth)")
+    lr_base_ssl: float = setting(0.01, "the same for a network started from an in-domain self-supervised backbone (the ssl "
+                                       "and imagenet+ssl initialisations): ImageNet fine-tuning's rate, a starting point for "
+                                       "--tune, not measured here")
     lr_base_probe: float = setting(0.1, "the same for a linear probe (model.freeze_backbone): its own rate, a starting point "
                                         "for --tune, not measured here")
     lr_base_batch: int = setting(256, "the linear-scaling rule's reference batch (Goyal et al. 2017)")
@@ -313,7 +363,8 @@ def _choices() -> dict[str, tuple]:
 
 CHOICES = _choices()
 POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.lr_base_scratch",
-            "train.lr_base_pretrained", "train.lr_base_probe", "train.lr_base_batch", "train.log_every", "wandb.init_timeout")
+            "train.lr_base_pretrained", "train.lr_base_ssl", "train.lr_base_probe", "train.lr_base_batch", "train.log_every",
+            "wandb.init_timeout")
 # Keys that moved (old name -> new name): files, overrides and checkpoints that use the old name still load.
 RENAMED = {"train.regression_loss": "regression.loss", "train.fit_thresholds": "regression.fit_thresholds"}
 # Sections a run's config.yaml also holds that are records, not settings: training writes them (the
@@ -336,10 +387,10 @@ class LearningRate:
 PROBE_RULE = "linear probe: fc.* only, weight decay 0"  # what a probe's rule adds (model.freeze_backbone)
 
 
-def learning_rate(train: TrainConfig, pretrained: bool, processes: int, probe: bool = False) -> LearningRate:
-    """THE learning-rate rule: train.lr when it is set, else the initialisation's base rate scaled linearly
-    with the global batch (batch_size x processes). The same recipe on 1, 2 or 8 processes gives the same
-    learning rate per image: changing the number of processes changes the global batch, and the rate with it.
+def learning_rate(train: TrainConfig, initialisation: str, processes: int, probe: bool = False) -> LearningRate:
+    """THE learning-rate rule: train.lr when it is set, else the initialisation's base rate (base_rate) scaled
+    linearly with the global batch (batch_size x processes). The same recipe on 1, 2 or 8 processes gives the
+    same learning rate per image: changing the number of processes changes the global batch, and the rate with it.
     A linear probe (`probe`: model.freeze_backbone) has its own base rate, train.lr_base_probe, whatever the
     initialisation: one linear layer on fixed features is another problem than fine-tuning a network; its
     rule says it trains without weight decay (components.optimisation)."""
@@ -347,12 +398,19 @@ def learning_rate(train: TrainConfig, pretrained: bool, processes: int, probe: b
     if train.lr is not None:
         return LearningRate(train.lr, global_batch,
                             "train.lr (fixed, whatever the batch)" + (f"; {PROBE_RULE}" if probe else ""))
-    if probe:
-        base, init = train.lr_base_probe, PROBE_RULE
-    else:
-        base, init = (train.lr_base_pretrained, "pretrained") if pretrained else (train.lr_base_scratch, "scratch")
+    base, why = (train.lr_base_probe, PROBE_RULE) if probe else (base_rate(train, initialisation), initialisation)
     return LearningRate(base * global_batch / train.lr_base_batch, global_batch,
-                        f"{base:g} x {global_batch} / {train.lr_base_batch} ({init}, linear scaling)")
+                        f"{base:g} x {global_batch} / {train.lr_base_batch} ({why}, linear scaling)")
+
+
+def base_rate(train: TrainConfig, initialisation: str) -> float:
+    """The base learning rate (per lr_base_batch images) of an initialisation: lr_base_scratch from random
+    weights, lr_base_pretrained from ImageNet's, lr_base_ssl from an in-domain self-supervised backbone."""
+    rates = {"scratch": train.lr_base_scratch, "pretrained": train.lr_base_pretrained, "ssl": train.lr_base_ssl,
+             "imagenet+ssl": train.lr_base_ssl}
+    if initialisation not in rates:
+        raise ValueError(f"initialisation must be one of {', '.join(INITIALISATIONS)}, got {initialisation!r}")
+    return rates[initialisation]
 
 
 def _sections(cfg: Config) -> dict[str, Any]:
@@ -658,7 +716,7 @@ NOT_THE_ARM = ("train.seed", "train.device", "train.compile", "train.cudnn_bench
 ARM_FIX = "give each value an arm of its own in the sweep file's arms:"
 NOT_SEARCHED = {
     "model.depth": f"decides the arm (resnet<depth>_<initialisation>): {ARM_FIX}",
-    "model.weights": f"decides the arm (pretrained or scratch, and from what): {ARM_FIX}",
+    "model.weights": f"decides the arm (its initialisation: config.INITIALISATIONS, and from what): {ARM_FIX}",
     "train.select_by": "decides the held-out figure every trial is scored and chosen on: set it once (overrides:)",
     "data.val_fraction": "decides the held-out part the trials are scored on: set it once (overrides:)",
     "data.val_split": "decides the held-out part the trials are scored on: set it once (overrides:)",

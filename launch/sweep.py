@@ -1,5 +1,6 @@
-"""Submit the four runs (ResNet18/50 x pretrained/scratch), or a subset, with submitit: one job per run,
-each task running the same training entry as torchrun. SLURM by default, or this machine's processes.
+"""Submit the sweep file's arms (depth x initialisation: the four runs, ResNet18/50 x pretrained/scratch, by
+default), or a subset, with submitit: one job per run, each task running the same training entry as torchrun.
+SLURM by default, or this machine's processes.
 
     python -m launch.sweep --config configs/sweep.yaml --nodes 2 --gpus-per-node 4 --partition gpu --time 720
     python -m launch.sweep --config configs/demo_sweep.yaml --executor local --tasks-per-node 2
@@ -297,7 +298,8 @@ def run_names(arm_trials: dict[str, dict[str, dict[str, str]]], seeds: list[int]
 
 
 def missing_weights(cfg: config.Config) -> str:
-    """Why the arm's weights cannot be had ('' when they can); downloads ImageNet weights if possible."""
+    """Why the arm's weights cannot be had ('' when they can: none to load, or ImageNet's downloaded if
+    possible, or the file (a backbone's, or any) is there)."""
     weights = cfg.model.weights
     if not cfg.model.pretrained:
         return ""

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def test_the_four_runs_share_the_fair_recipe_with_their_initialisations_rate(nam
     # Everything but the initialisation is the same for the four runs.
     other = config.load(CONFIGS / "resnet18_scratch.yaml")
     assert (cfg.train, cfg.data) == (other.train, other.data)
-    assert config.learning_rate(cfg.train, cfg.model.pretrained, processes=8).lr == pytest.approx(lr)  # 8 x 32 = 256
+    assert config.learning_rate(cfg.train, cfg.model.initialisation, processes=8).lr == pytest.approx(lr)  # 8 x 32 = 256
 
 
 @pytest.mark.parametrize("written", ["scratch", "Scratch", "none", "NONE", " none ", ""])
@@ -47,19 +48,82 @@ def test_every_spelling_of_scratch_is_scratch_everywhere(written):
     assert config.load(None, ["model.weights=w/r50.pt"]).model.weights == "w/r50.pt"
 
 
+def backbone_file(folder: Path, initialisation: str | None, name: str = "backbone.pt") -> Path:
+    """A backbone file's path with the sidecar pretrain writes beside it (the .pt itself is not read here:
+    the rule is torch-free); initialisation None: a sidecar without one."""
+    path = folder / name
+    path.write_bytes(b"")
+    record = {"pretraining": {"method": "byol", "epochs": 3, "gpu_hours": 0.5, "finished": True}}
+    if initialisation is not None:
+        record["initialisation"] = initialisation
+    path.with_suffix(".json").write_text(json.dumps(record))
+    return path
+
+
+def test_the_initialisation_is_none_scratch_imagenet_pretrained_and_a_backbones_own_by_its_sidecar(tmp_path):
+    """The one rule (config.recorded_initialisation) names the arm, its learning rate and its record: a file
+    with a sidecar is what the sidecar says; a file of unknown origin reads as ImageNet-like, as before."""
+    ssl = backbone_file(tmp_path, "ssl")
+    both = backbone_file(tmp_path, "imagenet+ssl", "both.pt")
+    unknown = tmp_path / "someones_weights.pth"
+    unknown.write_bytes(b"")
+    undeclared = backbone_file(tmp_path, None, "undeclared.pt")  # a .json beside it without "initialisation"
+    cases = {"none": "scratch", "scratch": "scratch", "imagenet": "pretrained", "ImageNet": "pretrained", str(ssl): "ssl",
+             str(both): "imagenet+ssl", str(unknown): "pretrained", str(undeclared): "pretrained",
+             str(tmp_path / "not_there.pt"): "pretrained"}
+    assert {w: config.recorded_initialisation(w) for w in cases} == cases
+    assert config.INITIALISATIONS == ("scratch", "pretrained", "ssl", "imagenet+ssl")
+    arms = {w: config.load(None, [f"model.weights={w}", "model.depth=50"]).model for w in ("none", "imagenet", ssl, both)}
+    assert [m.arm for m in arms.values()] == ["resnet50_scratch", "resnet50_pretrained", "resnet50_ssl",
+                                              "resnet50_imagenet+ssl"]
+    assert [m.pretrained for m in arms.values()] == [False, True, True, True]  # whether it loads weights
+    # what the run records: the initialisation, and a backbone's pretraining record
+    assert config.initialisation_record(str(ssl)) == {
+        "initialisation": "ssl", "pretraining": {"method": "byol", "epochs": 3, "gpu_hours": 0.5, "finished": True}}
+    assert config.initialisation_record("imagenet") == {"initialisation": "pretrained"}
+    assert config.initialisation_record(str(unknown)) == {"initialisation": "pretrained"}
+    # a sidecar that cannot be read, or names no known initialisation: one line naming the file
+    ssl.with_suffix(".json").write_text("{not json")
+    with pytest.raises(ConfigError, match=re.escape(f"{ssl.with_suffix('.json')}: the record beside model.weights=")):
+        config.recorded_initialisation(str(ssl))
+    both.with_suffix(".json").write_text(json.dumps({"initialisation": "simclr"}))
+    with pytest.raises(ConfigError, match=r"initialisation 'simclr' is not one of scratch, pretrained, ssl, imagenet\+ssl"):
+        config.load(None, [f"model.weights={both}"]).model.arm
+
+
+def test_the_learning_rate_rule_follows_the_initialisation(tmp_path):
+    """scratch: lr_base_scratch; pretrained (ImageNet): lr_base_pretrained; ssl and imagenet+ssl: lr_base_ssl;
+    the rule's text names the initialisation; a name outside INITIALISATIONS is refused."""
+    train = config.load(None, ["train.batch_size=32", "train.lr_base_scratch=0.2", "train.lr_base_pretrained=0.02",
+                               "train.lr_base_ssl=0.03"]).train
+    found = {init: config.learning_rate(train, init, 4) for init in config.INITIALISATIONS}
+    assert {init: lr.lr for init, lr in found.items()} == pytest.approx(
+        {"scratch": 0.1, "pretrained": 0.01, "ssl": 0.015, "imagenet+ssl": 0.015})  # x 128 / 256
+    assert found["ssl"].rule == "0.03 x 128 / 256 (ssl, linear scaling)"
+    assert found["imagenet+ssl"].rule == "0.03 x 128 / 256 (imagenet+ssl, linear scaling)"
+    assert Config().train.lr_base_ssl == 0.01  # ImageNet fine-tuning's, a starting point for --tune
+    with pytest.raises(ValueError, match=r"initialisation must be one of scratch, pretrained, ssl, imagenet\+ssl, got True"):
+        config.learning_rate(train, True, 4)
+    with pytest.raises(ConfigError, match="train.lr_base_ssl must be > 0, got 0.0"):
+        config.load(None, ["train.lr_base_ssl=0"])
+    # the arm's own rate, from its weights: a backbone with an ssl sidecar gets lr_base_ssl
+    cfg = config.load(None, [f"model.weights={backbone_file(tmp_path, 'ssl')}", "train.batch_size=32"])
+    assert config.learning_rate(cfg.train, cfg.model.initialisation, 8).lr == pytest.approx(0.01)
+
+
 def test_the_lab_recipe_is_kept_for_reproduction():
     lab = config.load(CONFIGS / "lab.yaml")
     assert (lab.train.lr, lab.train.scheduler, lab.train.sampler, lab.train.clip_grad_norm) == (1e-3, "none", "random", 0.0)
     assert (lab.model.zero_init_residual, lab.data.max_rotation, lab.data.val_fraction) == (False, 20.0, 0.0)
     for processes in (1, 4, 8):  # a fixed rate: the same whatever the batch
-        assert config.learning_rate(lab.train, False, processes).lr == 1e-3
+        assert config.learning_rate(lab.train, "scratch", processes).lr == 1e-3
 
 
 @pytest.mark.parametrize("processes", [1, 2, 4])
 def test_the_learning_rate_rule_scales_with_the_global_batch(processes):
     cfg = config.load(CONFIGS / "resnet18_scratch.yaml", ["train.batch_size=16"])
-    scratch = config.learning_rate(cfg.train, False, processes)
-    pretrained = config.learning_rate(cfg.train, True, processes)
+    scratch = config.learning_rate(cfg.train, "scratch", processes)
+    pretrained = config.learning_rate(cfg.train, "pretrained", processes)
     assert scratch.global_batch == pretrained.global_batch == 16 * processes
     assert scratch.lr == pytest.approx(0.1 * 16 * processes / 256) and pretrained.lr == pytest.approx(scratch.lr / 10)
     assert scratch.rule == f"0.1 x {16 * processes} / 256 (scratch, linear scaling)"
@@ -68,9 +132,9 @@ def test_the_learning_rate_rule_scales_with_the_global_batch(processes):
     assert scratch.lr / scratch.global_batch == pytest.approx(0.1 / 256)
     # The demo's short schedule: the same rule at 4x the base rates (0.05 from scratch on its 2 processes).
     demo = config.load(CONFIGS / "demo.yaml").train
-    assert config.learning_rate(demo, False, processes).lr == pytest.approx(4 * scratch.lr)
-    assert config.learning_rate(demo, True, processes).lr == pytest.approx(4 * pretrained.lr)
-    fixed = config.learning_rate(config.load(CONFIGS / "demo.yaml", ["train.lr=0.02"]).train, False, processes)
+    assert config.learning_rate(demo, "scratch", processes).lr == pytest.approx(4 * scratch.lr)
+    assert config.learning_rate(demo, "pretrained", processes).lr == pytest.approx(4 * pretrained.lr)
+    fixed = config.learning_rate(config.load(CONFIGS / "demo.yaml", ["train.lr=0.02"]).train, "scratch", processes)
     assert fixed.lr == 0.02 and fixed.rule.startswith("train.lr (fixed")
     assert config.load(CONFIGS / "demo.yaml", ["train.lr=0.02", "train.lr=auto"]).train.lr is None
 

@@ -262,8 +262,8 @@ def test_local_sweep_runs_scratch_arms_and_marks_missing_weights_not_run(tmp_pat
     results = (out / "results.md").read_text()
     assert "| resnet18_pretrained/seed0 | not run: ImageNet weights missing:" in results  # results.md: the page's columns
     assert "| resnet18 scratch | 0, 1 | " in results  # the seeds table
-    assert "| pretraining at ResNet18 | resnet18 pretrained | resnet18 scratch | not compared: resnet18 pretrained has no " \
-        "predictions.csv (not run: ImageNet weights missing" in results
+    assert ("| pretrained vs scratch at ResNet18 | resnet18 pretrained | resnet18 scratch | not compared: resnet18 pretrained "
+            "has no predictions.csv (not run: ImageNet weights missing") in results
     assert (out / "accuracy_resnet18.png").is_file() and (out / "confusion_matrices.png").is_file()
 
 

@@ -130,3 +130,47 @@ def test_head_bias_starts_a_fresh_head_and_leaves_a_loaded_one(tmp_path):
     classifier = tmp_path / "classifier.pt"
     torch.save(build_resnet(18, 5).state_dict(), classifier)  # another head: the backbone only
     assert torch.equal(build_resnet(18, 1, weights=classifier, head_bias=0.75).fc.bias, torch.tensor([0.75]))
+
+
+def test_a_backbone_file_loads_strictly_with_only_its_missing_classifier_fresh(tmp_path, caplog):
+    """pretrain's backbone.pt ({"model": weights without fc.*, "initialisation", "pretraining"}) loads every
+    backbone weight and statistic exactly, the head stays the fresh one the seed gives; a backbone missing anything
+    else, or holding an extra key, is one line naming the counts and the first keys; a wrong depth stays one line."""
+    import logging
+
+    from dr_resnet.model.resnet import WeightsMismatchError
+
+    torch.manual_seed(1)
+    source = build_resnet(18)
+    with torch.no_grad():  # statistics that a fresh model does not have, so that loading them shows
+        source.bn1.running_mean.uniform_()
+    backbone = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    path = tmp_path / "backbone.pt"
+    torch.save({"model": backbone, "initialisation": "ssl", "pretraining": {"method": "byol", "epochs": 2}}, path)
+    torch.manual_seed(7)
+    fresh = build_resnet(18, head_bias=0.25)
+    torch.manual_seed(7)
+    with caplog.at_level(logging.INFO, logger="dr_resnet.model.resnet"):
+        model = build_resnet(18, weights=path, head_bias=0.25)
+    for key, value in backbone.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert torch.equal(model.fc.weight, fresh.fc.weight) and torch.equal(model.fc.bias, torch.full((5,), 0.25))
+    assert f"{path}: a backbone of initialisation ssl (method byol, epochs 2)" in caplog.text
+
+    lacking = dict(backbone)
+    del lacking["layer2.1.bn2.running_var"]
+    torch.save({"model": lacking, "initialisation": "ssl"}, tmp_path / "lacking.pt")
+    with pytest.raises(WeightsMismatchError) as refused:
+        build_resnet(18, weights=tmp_path / "lacking.pt")
+    assert str(refused.value) == (f"weights from {tmp_path / 'lacking.pt'} do not fit ResNet18: besides fc.weight, fc.bias, "
+                                  "1 key(s) missing (first ['layer2.1.bn2.running_var']), 0 unexpected (first [])")
+    extra = {**backbone, "projector.0.weight": torch.zeros(3)}  # a head of pretraining left in
+    torch.save({"model": extra, "initialisation": "ssl"}, tmp_path / "extra.pt")
+    with pytest.raises(WeightsMismatchError, match=r"besides fc.weight, fc.bias, 0 key\(s\) missing \(first \[\]\), "
+                                                   r"1 unexpected \(first \['projector.0.weight'\]\)$"):
+        build_resnet(18, weights=tmp_path / "extra.pt")
+    torch.save({"model": {k: v for k, v in build_resnet(50).state_dict().items() if not k.startswith("fc.")},
+                "initialisation": "ssl"}, tmp_path / "r50.pt")
+    with pytest.raises(WeightsMismatchError) as deeper:
+        build_resnet(18, weights=tmp_path / "r50.pt")
+    assert "\n" not in str(deeper.value) and "holds ResNet50 weights; model.depth=18 builds a ResNet18" in str(deeper.value)

@@ -133,9 +133,11 @@ def test_one_run_in_place(sweep, tmp_path):
     run = tmp_path / "resnet50_scratch"
     shutil.copytree(sweep / "resnet50_scratch", run)
     written = report(run)
+    # one arm: nothing to compare (no comparisons.json), and no initialisation it never had named as missing
     assert {p.name for p in written} == {"accuracy_resnet50.png", "confusion_matrices.png", "results.md", "results.csv",
-                                         "comparisons.json", "calibration.png", "report.html"}
+                                         "calibration.png", "report.html"}
     assert list(read_csv(run / "results.csv")) == ["resnet50_scratch"]
+    assert "no run of" not in (run / "results.md").read_text()
 
 
 def test_runs_in_progress_and_arms_not_run(sweep, tmp_path):
@@ -265,6 +267,17 @@ def arm_copy(source: Path, target: Path, depth: int, weights: str, seed: int = 0
     cfg["model"].update(depth=depth, weights=weights)
     cfg["train"]["seed"] = seed
     (target / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return started_as(target, weights)
+
+
+def started_as(target: Path, weights: str) -> Path:
+    """A copied run's record of its initialisation (summary.json) made that of the weights it is presented with:
+    the record, where there is one, is what the report reads."""
+    from dr_resnet.config import recorded_initialisation
+
+    initialisation = recorded_initialisation(weights)
+    summary = json.loads((target / "summary.json").read_text())
+    (target / "summary.json").write_text(json.dumps({**summary, "initialisation": initialisation}))
     return target
 
 
@@ -311,11 +324,11 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     every = comparisons_of(tmp_path / "out")
     assert [c["epoch"] for c in every] == ["selected"] * 4 + ["final"] * 4
     comparisons = {c["comparison"]: c for c in every if c["epoch"] == "selected"}
-    assert set(comparisons) == {"pretraining at ResNet18", "pretraining at ResNet50", "depth 50 vs 18, pretrained",
-                                "depth 50 vs 18, scratch"}
-    assert comparisons["pretraining at ResNet50"]["status"].startswith(
+    assert set(comparisons) == {"pretrained vs scratch at ResNet18", "pretrained vs scratch at ResNet50",
+                                "depth 50 vs 18, scratch", "depth 50 vs 18, pretrained"}
+    assert comparisons["pretrained vs scratch at ResNet50"]["status"].startswith(
         "not compared: resnet50 pretrained has no predictions.csv (not run")
-    pretraining = comparisons["pretraining at ResNet18"]
+    pretraining = comparisons["pretrained vs scratch at ResNet18"]
     a, b = (read_predictions(runs[k] / "predictions.csv") for k in ("ordinal", "classification"))
     expected = paired_comparison(a.labels, (a.grades, a.referable_scores), (b.grades, b.referable_scores), a.patients)
     assert pretraining["status"] == "compared" and pretraining["images"] == 24 and pretraining["resampled"] == "patients"
@@ -324,7 +337,7 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     md = (tmp_path / "out" / "results.md").read_text()
     assert "## Paired comparisons" in md
     # the comparison names its collapsed runs (at this size some are): the runs table says the same of each
-    named = "pretraining at ResNet18" + (f" (collapsed: {len(pretraining['collapsed'])} of 2 runs; comparisons.json "
+    named = "pretrained vs scratch at ResNet18" + (f" (collapsed: {len(pretraining['collapsed'])} of 2 runs; comparisons.json "
                                          f"names them)" if pretraining.get("collapsed") else "")
     assert f"| {named} | resnet18 pretrained | resnet18 scratch | 24 (patients, one seed) |" in md
     with open(tmp_path / "out" / "results.csv") as f:
@@ -342,15 +355,15 @@ def test_report_gives_intervals_and_paired_comparisons_of_the_arms(runs, tmp_pat
     report(sweep, tmp_path / "out2")
     refused = {(c["comparison"], c["epoch"]): c for c in comparisons_of(tmp_path / "out2")}
     assert "resnet18_pretrained and resnet18_scratch were evaluated on different images (24 and 21)" in \
-        refused["pretraining at ResNet18", "selected"]["status"]
+        refused["pretrained vs scratch at ResNet18", "selected"]["status"]
     # The final epochs are compared from predictions_final.csv, untouched here: nothing was held out, so the
     # final epoch is the selected one and the figures are the same as before the cut.
-    final = refused["pretraining at ResNet18", "final"]
+    final = refused["pretrained vs scratch at ResNet18", "final"]
     assert final["status"] == "compared" and final["qwk"] == pretraining["qwk"]
     (sweep / "resnet18_scratch" / "predictions_final.csv").unlink()
     report(sweep, tmp_path / "out3")
     gone = {(c["comparison"], c["epoch"]): c for c in comparisons_of(tmp_path / "out3")}
-    assert gone["pretraining at ResNet18", "final"]["status"].startswith(
+    assert gone["pretrained vs scratch at ResNet18", "final"]["status"].startswith(
         "not compared: resnet18 scratch has no predictions_final.csv (trained before dr-resnet 0.3.1")
 
 
@@ -369,9 +382,9 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
                  like=runs["classification"])
     report(sweep, tmp_path / "out")
     with open(tmp_path / "out" / "results.csv") as f:
-        assert [r["run"] for r in csv.DictReader(f)] == ["resnet18_pretrained/seed0", "resnet18_pretrained/seed1",
-                                                        "resnet18_pretrained/seed2", "resnet18_scratch/seed0",
-                                                        "resnet18_scratch/seed1"]
+        assert [r["run"] for r in csv.DictReader(f)] == ["resnet18_scratch/seed0", "resnet18_scratch/seed1",
+                                                        "resnet18_pretrained/seed0", "resnet18_pretrained/seed1",
+                                                        "resnet18_pretrained/seed2"]  # config.INITIALISATIONS' order
     md = (tmp_path / "out" / "results.md").read_text()
     chosen = {}
     for (arm, seed), head in replicates.items():
@@ -392,7 +405,7 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
     expected = paired_comparison(a[0].labels, [(p.grades, p.referable_scores) for p in a],
                                  [(p.grades, p.referable_scores) for p in b], a[0].patients)
     assert {k: pooled["qwk"][k] for k in expected["qwk"]} == expected["qwk"]
-    # ResNet18 alone: the question's family is pretraining at ResNet18 (m = 1), at 95%, t with 1 degree of freedom
+    # ResNet18 alone: the question's family is pretrained vs scratch at ResNet18 (m = 1), at 95%, t with 1 degree of freedom
     q = pooled["qwk"]
     assert json.loads((tmp_path / "out" / "comparisons.json").read_text())["families"][0]["m"] == 1
     half = t_quantile(0.95, 1) * q["se"]
@@ -401,7 +414,7 @@ def test_seed_replicates_are_summarised_and_compared_pooled(runs, tmp_path):
                                                                  min(q["difference"] + half, 2)))
     assert q["verdict"].startswith("no difference detected") or q["verdict"].endswith("better")
     assert (q["family_low"] > 0 or q["family_high"] < 0) == q["verdict"].endswith("better")
-    named = "pretraining at ResNet18" + (f" (collapsed: {len(pooled['collapsed'])} of 4 runs; comparisons.json names "
+    named = "pretrained vs scratch at ResNet18" + (f" (collapsed: {len(pooled['collapsed'])} of 4 runs; comparisons.json names "
                                          f"them)" if pooled.get("collapsed") else "")
     assert (f"| {named} | resnet18 pretrained | resnet18 scratch | 24 (patients, seeds 0, 1) | "
             f"{q['difference']:+.3f} | {q['family_low']:+.3f} to {q['family_high']:+.3f} (95% simultaneous, "
@@ -440,9 +453,9 @@ def test_arms_are_the_runs_that_trained_the_same_thing(runs, tmp_path):
     config.write_text(yaml.safe_dump(cfg))
     arms = group_arms(find_runs(sweep))
     assert [(a.name, [r.name for r in a.runs]) for a in arms] == [
+        ("resnet50 scratch, model.head=classification", ["r50_scratch"]),
         ("resnet50 pretrained, model.head=classification", ["r50_cls/seed0", "r50_cls/seed1"]),
-        ("resnet50 pretrained, model.head=ordinal", ["r50_ord"]),
-        ("resnet50 scratch, model.head=classification", ["r50_scratch"])]
+        ("resnet50 pretrained, model.head=ordinal", ["r50_ord"])]
     report(sweep, tmp_path / "out")
     comparisons = {(c["comparison"], c["epoch"]): c for c in comparisons_of(tmp_path / "out")}
     heads = comparisons["model.head: classification vs ordinal at resnet50 pretrained", "selected"]
@@ -450,9 +463,9 @@ def test_arms_are_the_runs_that_trained_the_same_thing(runs, tmp_path):
     a, b = (read_predictions(runs[k] / "predictions.csv") for k in ("classification", "ordinal"))
     assert heads["qwk"] == paired_comparison(a.labels, (a.grades, a.referable_scores), (b.grades, b.referable_scores),
                                              a.patients)["qwk"]
-    pretraining = comparisons["pretraining at ResNet50, model.head=classification", "selected"]
+    pretraining = comparisons["pretrained vs scratch at ResNet50, model.head=classification", "selected"]
     assert pretraining["status"] == "compared" and pretraining["b"] == "resnet50 scratch, model.head=classification"
-    assert comparisons["pretraining at ResNet50, model.head=ordinal", "selected"]["status"] == (
+    assert comparisons["pretrained vs scratch at ResNet50, model.head=ordinal", "selected"]["status"] == (
         "not compared: resnet50 scratch, model.head=ordinal has no run")
     md = (tmp_path / "out" / "results.md").read_text()
     # The comparisons an absent arm rules out: one line in the table, not a row per pair and epoch.
@@ -460,7 +473,8 @@ def test_arms_are_the_runs_that_trained_the_same_thing(runs, tmp_path):
     assert "ordinal has no run" not in md
     # Along the factor: the pretraining comparison made at each value of model.head, its figure.
     along = md.split("## Along model.head")[1].split("\n## ")[0]
-    row = f"| classification | pretraining at ResNet50, model.head=classification | {pretraining['qwk']['difference']:+.3f} ("
+    row = (f"| classification | pretrained vs scratch at ResNet50, model.head=classification | "
+           f"{pretraining['qwk']['difference']:+.3f} (")
     assert row in along and "ordinal" not in along.split("|---|")[-1]  # no comparison was made at ordinal
     assert (tmp_path / "out" / "factor_model_head.png").is_file()
     # Its scores: a factor (no sweep.json names it searched), every value reported and none chosen; the runs
@@ -582,7 +596,7 @@ def test_runs_of_one_comparison_that_ran_in_other_precisions_are_named(runs, tmp
     (sweep / "resnet18_scratch" / "config.yaml").write_text(yaml.safe_dump(cfg))
     report(sweep, tmp_path / "out")
     expected = "runs differ in precision fp32 (resnet18_pretrained); bf16 (resnet18_scratch)"
-    assert f"warning: pretraining at ResNet18: {expected}" in capsys.readouterr().err
+    assert f"warning: pretrained vs scratch at ResNet18: {expected}" in capsys.readouterr().err
     comparisons = comparisons_of(tmp_path / "out")
     assert {c["warning"] for c in comparisons if c["status"] == "compared"} == {expected}
     assert f"(warning: {expected})" in (tmp_path / "out" / "results.md").read_text()
@@ -627,10 +641,10 @@ def test_families_count_every_planned_member_but_one_seed_comparisons_and_an_und
                 "a": "A", "b": "B", "seeds": [0, 1, 2] if df else [0], "qwk": entry}
 
     comparisons = [made("wide", 0.01, 0.01, 2), made("clear", 0.2, 0.01, 2), made("one seed", 0.3, 0.01, None),
-                   {"comparison": "absent", "epoch": "selected", "factor": "pretraining", "setting": {},
+                   {"comparison": "absent", "epoch": "selected", "factor": "initialisation", "setting": {},
                     "status": "not compared: resnet50 pretrained has no predictions.csv (not run: no weights)"},
                    made("undefined", 0.1, math.nan, 2),
-                   {"comparison": "never planned", "epoch": "selected", "factor": "pretraining", "setting": {},
+                   {"comparison": "never planned", "epoch": "selected", "factor": "initialisation", "setting": {},
                     "status": "not compared: no run", "absent": ["resnet18 pretrained"]}]
     [family] = declare_families(comparisons)
     assert family["m"] == 4 and family["members"] == ["wide", "clear", "absent", "undefined"]
@@ -658,6 +672,7 @@ def grid_run(source: Path, target: Path, depth: int, weights: str, seed: int, lr
     cfg["model"].update(depth=depth, weights=weights)
     cfg["train"].update(seed=seed, lr=lr)
     (target / "config.yaml").write_text(yaml.safe_dump(cfg))
+    started_as(target, weights)
     rows = rows_of(target)
     (target / "metrics.jsonl").write_text("".join(json.dumps({**r, "val_qwk": held_out_qwk}) + "\n" for r in rows))
     lines = (target / "predictions.csv").read_text().splitlines()
@@ -695,13 +710,13 @@ def test_a_searched_grid_is_answered_by_its_held_out_choice_and_winners_meet_win
     answer = md.split("## ")[0]
     rows = [line for line in answer.splitlines() if line.startswith("| resnet18")]
     assert [(r.split(" | ")[0].split(" (")[0], r.split(" | ")[1]) for r in rows] == [
-        ("| resnet18 pretrained", "held-out choice among 3 settings of train.lr (train.lr=0.1)"),
-        ("| resnet18 scratch", "held-out choice among 2 settings of train.lr (train.lr=0.01)")]
-    assert rows[0].split(" | ")[2] == "0.605"  # the mean over its two seeds of the score that chose (named once above)
-    assert rows[0].split(" | ")[-2] == "6"  # runs behind it: 3 rates x 2 seeds
+        ("| resnet18 scratch", "held-out choice among 2 settings of train.lr (train.lr=0.01)"),
+        ("| resnet18 pretrained", "held-out choice among 3 settings of train.lr (train.lr=0.1)")]
+    assert rows[1].split(" | ")[2] == "0.605"  # the mean over its two seeds of the score that chose (named once above)
+    assert rows[1].split(" | ")[-2] == "6"  # runs behind it: 3 rates x 2 seeds
     comparisons = comparisons_of(out)
-    assert [(c["comparison"], c["epoch"]) for c in comparisons] == [("pretraining at ResNet18", "selected"),
-                                                                     ("pretraining at ResNet18", "final")]
+    assert [(c["comparison"], c["epoch"]) for c in comparisons] == [("pretrained vs scratch at ResNet18", "selected"),
+                                                                     ("pretrained vs scratch at ResNet18", "final")]
     chosen = comparisons[0]
     assert chosen["family"] == "the question" and chosen["seeds"] == [0, 1]
     # The pretrained side is the lr 0.1 trial's seeds: its QWK is theirs.
@@ -742,7 +757,7 @@ def test_a_grid_not_declared_searched_is_a_curve_in_one_row_per_line_at_the_top(
     answer = md.split("\n## ")[0]
     assert answer.startswith("# Answer\n\n| arm | setting (how chosen) | held-out score | ")
     rows = [line for line in answer.splitlines() if line.startswith("| resnet18")]
-    assert [r.split(" | ")[0] for r in rows] == ["| resnet18 pretrained along train.lr", "| resnet18 scratch along train.lr"]
+    assert [r.split(" | ")[0] for r in rows] == ["| resnet18 scratch along train.lr", "| resnet18 pretrained along train.lr"]
     assert all(" | a curve of 4 values of train.lr, every one reported" in r and "train.lr=0.003: " in r and
                "; train.lr=0.1: " in r and " | 2 | 8 | " in r for r in rows)
     question = md.split("## The question: comparisons with a verdict")[1].split("\n## ")[0]
@@ -773,11 +788,11 @@ def test_a_run_still_going_is_compared_by_no_one_as_the_answer_does_not_count_it
     (copy / "resnet50_scratch" / "predictions_final.csv").unlink(missing_ok=True)
     report(copy, tmp_path / "out")
     comparisons = {(c["comparison"], c["epoch"]): c for c in comparisons_of(tmp_path / "out")}
-    for question in ("pretraining at ResNet50", "depth 50 vs 18, scratch"):
+    for question in ("pretrained vs scratch at ResNet50", "depth 50 vs 18, scratch"):
         for epoch in ("selected", "final"):
             assert comparisons[question, epoch]["status"] == (
                 "not compared: resnet50 scratch has no finished run yet (epoch 2 of 3)")
-    assert comparisons["pretraining at ResNet18", "selected"]["status"] == "compared"
+    assert comparisons["pretrained vs scratch at ResNet18", "selected"]["status"] == "compared"
 
 
 def test_a_searched_grid_that_could_not_be_chosen_still_counts_in_its_family(sweep, tmp_path):
@@ -797,7 +812,7 @@ def test_a_searched_grid_that_could_not_be_chosen_still_counts_in_its_family(swe
     report(grid, out)
     found = json.loads((out / "comparisons.json").read_text())
     question = next(f for f in found["families"] if f["family"] == "the question")
-    assert question["m"] == 1 and question["members"] == ["pretraining at ResNet18"]
+    assert question["m"] == 1 and question["members"] == ["pretrained vs scratch at ResNet18"]
     made = next(c for c in found["comparisons"] if c["epoch"] == "selected")
     assert made["family"] == "the question" and "absent" not in made
     assert made["status"].startswith("not compared: resnet18 scratch: not chosen: no setting of train.lr among its 2")
@@ -839,3 +854,80 @@ def test_a_grid_selected_by_loss_is_answered_by_its_lowest_held_out_loss(tmp_pat
     [line] = [line for line in lines if line.startswith("| resnet18 scratch")]
     assert line.split(" | ")[1:3] == ["held-out choice among 3 settings of train.lr (train.lr=0.1)", "0.310"]
     assert lines[2].split(" | ")[2] == "held-out loss that chose it"  # one metric for every arm: named once
+
+
+def test_every_pair_of_initialisations_at_a_depth_is_a_member_of_the_question(tmp_path):
+    """Scratch, ImageNet and in-domain (ssl) arms at ResNet18, three seeds each: the three pairs are named for what
+    they compare (the later initialisation first, so pretrained vs scratch keeps its direction), all three in the
+    question's family (m = 3: one depth, so no depth pair), the arms listed in config.INITIALISATIONS' order, each
+    drawn in its initialisation's colour; imagenet+ssl, which the sweep never asked for, is nowhere. The scratch
+    and ImageNet runs are from before the record (no "initialisation" in their summary): they read as before, by
+    their weights; the ssl runs' summary says ssl, though their backbone file is not here to ask."""
+    from dr_resnet.results.arms import find_runs, group_arms
+    from dr_resnet.results.plots import INITIALISATION_COLOURS
+    from dr_resnet.results.report import arrange
+
+    sweep = tmp_path / "sweep"
+    pretraining = {"method": "byol", "epochs": 50, "images": 3000, "cpu_hours": 0.4, "gpu_hours": 0.0}
+    for arm, weights, skill in (("resnet18_ssl", "/elsewhere/backbone.pt", 0.7), ("resnet18_pretrained", "imagenet", 0.6),
+                                ("resnet18_scratch", "none", 0.5)):
+        for seed in range(3):
+            run = synthetic_run(sweep / arm / f"seed{seed}", 18, weights, seed, skill)
+            summary = json.loads((run / "summary.json").read_text())
+            assert "initialisation" not in summary  # written as a run from before the record
+            if arm == "resnet18_ssl":
+                (run / "summary.json").write_text(json.dumps({**summary, "initialisation": "ssl",
+                                                              "pretraining": pretraining}))
+    arms = group_arms(find_runs(sweep))
+    assert [(a.name, len(a.runs)) for a in arms] == [("resnet18 scratch", 3), ("resnet18 pretrained", 3),
+                                                     ("resnet18 ssl", 3)]
+    assert arrange(arms).colours == {
+        "resnet18 scratch": INITIALISATION_COLOURS["scratch"], "resnet18 pretrained": INITIALISATION_COLOURS["pretrained"],
+        "resnet18 ssl": INITIALISATION_COLOURS["ssl"]}
+    out = tmp_path / "out"
+    report(sweep, out)
+    found = json.loads((out / "comparisons.json").read_text())
+    selected = {c["comparison"]: c for c in found["comparisons"] if c["epoch"] == "selected"}
+    assert {name: (c["a"], c["b"], c["factor"], c["status"]) for name, c in selected.items()} == {
+        "pretrained vs scratch at ResNet18": ("resnet18 pretrained", "resnet18 scratch", "initialisation", "compared"),
+        "ssl vs scratch at ResNet18": ("resnet18 ssl", "resnet18 scratch", "initialisation", "compared"),
+        "ssl vs pretrained at ResNet18": ("resnet18 ssl", "resnet18 pretrained", "initialisation", "compared")}
+    [question] = [f for f in found["families"] if f["family"] == "the question"]
+    assert question["m"] == 3 and sorted(question["members"]) == sorted(selected)
+    assert all(c["family"] == "the question" and c["qwk"]["family_level"] == pytest.approx(1 - 0.05 / 3)
+               for c in selected.values())
+    md = (out / "results.md").read_text()
+    assert "imagenet+ssl" not in md and "no run of" not in md
+    assert md.index("| resnet18 scratch |") < md.index("| resnet18 pretrained |") < md.index("| resnet18 ssl |")
+
+
+def test_a_run_from_a_backbone_records_its_initialisation_and_pretraining_and_the_report_names_its_arm(tmp_path):
+    """model.weights = a backbone file with its sidecar: the run trains at lr_base_ssl's rate, records ssl and the
+    sidecar's pretraining record in summary.json and config.yaml's `effective`, and the report calls it resnet18 ssl
+    even once the backbone and its sidecar are gone."""
+    import yaml
+
+    from dr_resnet.model.resnet import build_resnet
+    from dr_resnet.results.arms import find_runs, group_arms
+
+    data = preprocessed_dataset(tmp_path, 24, 9, seed=8, size=32)
+    backbone = tmp_path / "pretraining" / "backbone.pt"
+    backbone.parent.mkdir()
+    record = {"method": "byol", "depth": 18, "initialisation": "ssl", "started_from": "none", "epochs": 1,
+              "images": 24, "gpu_hours": 0.0, "cpu_hours": 0.01, "finished": True}
+    torch.save({"model": {k: v for k, v in build_resnet(18).state_dict().items() if not k.startswith("fc.")},
+                "initialisation": "ssl", "pretraining": record}, backbone)
+    backbone.with_suffix(".json").write_text(json.dumps({"initialisation": "ssl", "pretraining": record}))
+    run = tmp_path / "sweep" / "resnet18_ssl"
+    assert train(["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=32",
+                  "train.batch_size=8", "train.epochs=1", "train.warmup_epochs=0", "data.workers=0",
+                  "data.val_fraction=0", f"model.weights={backbone}", "train.lr_base_ssl=0.032",
+                  f"output.dir={run}"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    effective = yaml.safe_load((run / "config.yaml").read_text())["effective"]
+    for recorded in (summary, effective):
+        assert recorded["initialisation"] == "ssl" and recorded["pretraining"] == record
+    assert effective["lr_rule"] == "0.032 x 8 / 256 (ssl, linear scaling)" and effective["lr"] == pytest.approx(0.001)
+    shutil.rmtree(backbone.parent)
+    [arm] = group_arms(find_runs(tmp_path / "sweep"))
+    assert arm.name == "resnet18 ssl" and arm.runs[0].weights == str(backbone)

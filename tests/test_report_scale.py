@@ -142,7 +142,9 @@ def test_every_figure_stays_small_with_its_legends_outside_the_axes(drawn, shape
     [legend] = curves.legends
     labels = [t.get_text() for t in legend.get_texts()]
     if shape == "4 arms":  # two arms in one pair of panels, a colour each, named in the legend with their seeds
-        assert labels[:2] == ["pretrained (mean of 3 seeds, band +-1 sd)", "scratch (mean of 2 seeds, band +-1 sd)"]
+        assert labels[:2] == ["scratch (mean of 2 seeds, band +-1 sd)", "pretrained (mean of 3 seeds, band +-1 sd)"]
+        # each initialisation in its own colour, the same in every figure (plots.INITIALISATION_COLOURS)
+        assert [to_rgba(h.get_color()) for h in legend.legend_handles[:2]] == [to_rgba("tab:orange"), to_rgba("tab:blue")]
         assert colour_bars(curves) == [] and len(curves.axes) == 2
         [cell] = figures["calibration.png"].axes
         assert len(cell.get_lines()) == 1 + 4  # the diagonal and one line per arm
@@ -157,7 +159,7 @@ def test_every_figure_stays_small_with_its_legends_outside_the_axes(drawn, shape
     else:  # 20 arms a depth: a pair of panels per initialisation, the learning rate as a colour map, no colour per run
         assert colour_bars(curves) == ["train.lr"] and len(curves.axes) == 4 + 1
         assert not any("lr" in label for label in labels) and len(labels) <= 5
-        assert [ax.get_title().split(":")[0] for ax in curves.axes[:4]] == ["pretrained", "pretrained", "scratch", "scratch"]
+        assert [ax.get_title().split(":")[0] for ax in curves.axes[:4]] == ["scratch", "scratch", "pretrained", "pretrained"]
         test_lines = [line for line in curves.axes[0].get_lines() if line.get_linestyle() == "-"]
         assert len(test_lines) == 10 and len({to_rgba(line.get_color()) for line in test_lines}) == 10
         assert colour_bars(figures["calibration.png"]) == ["train.lr"]
@@ -172,7 +174,8 @@ def test_every_figure_stays_small_with_its_legends_outside_the_axes(drawn, shape
 
 def test_confusion_matrices_are_one_per_arm_given_with_its_seeds_pooled(sweeps, tmp_path):
     arms = group_arms(find_runs(sweeps("4 arms")))
-    chosen = [arms[0], arms[-1]]  # the arms the answer leads with (3 seeds each): only these are drawn
+    chosen = [a for a in arms if len(a.runs) == 3]  # the arms the answer leads with: only these are drawn
+    assert [a.name for a in chosen] == ["resnet18 pretrained", "resnet50 scratch"]
     fig = plot_confusion_matrices(chosen, tmp_path / "chosen.png")
     panels = [ax for ax in fig.axes if ax.get_visible() and not hasattr(ax, "_colorbar")]
     assert [ax.get_title().splitlines()[:2] for ax in panels] == [[a.name, "3 seeds pooled; held-out qwk"]

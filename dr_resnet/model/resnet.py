@@ -193,11 +193,17 @@ def evaluated_weights(model: Mapping[str, Tensor], ema: Mapping[str, Tensor]) ->
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """A plain state dict, or a dr_resnet checkpoint (the weights it evaluated: its ``ema`` entry's average
-    with train.ema, else its ``model`` entry); ``module.`` prefixes stripped."""
+    with train.ema, else its ``model`` entry), or a backbone file (its ``model`` entry, without ``fc.*``; its
+    initialisation logged); ``module.`` prefixes stripped."""
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "initialisation" in state:  # a backbone `python -m dr_resnet.pretrain` wrote
+        pretraining = state.get("pretraining") if isinstance(state.get("pretraining"), Mapping) else {}
+        log.info("%s: a backbone of initialisation %s (%s)", path, state["initialisation"],
+                 ", ".join(f"{k} {pretraining[k]}" for k in ("method", "epochs", "images") if k in pretraining)
+                 or "no pretraining record")
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = evaluated_weights(state["model"], state.get("ema") or {})
     if not isinstance(state, Mapping):
@@ -210,8 +216,9 @@ def build_resnet(depth: int, num_classes: int = NUM_GRADES, weights: str | os.Pa
     """ResNet of `depth` (registry.DEPTHS: 18, 34, 50, 101, 152) with a `num_classes` head.
 
     weights: None (random init), "imagenet" (backbone from IMAGENET1K_V1, fresh head unless
-    num_classes == 1000) or a path to a state dict / checkpoint. A file whose head has another number
-    of classes gives the backbone and a fresh head; every other key must match exactly.
+    num_classes == 1000) or a path to a state dict / checkpoint / backbone file. A file whose head has another
+    number of classes, or none (a backbone: `python -m dr_resnet.pretrain`'s), gives the backbone and a fresh
+    head; every other key must match exactly.
     head_bias: the output bias of a fresh head, one value or one per output (a regression head starts at
     the mean training grade, an ordinal head at its training prevalences); a loaded head keeps its own.
     """
@@ -228,6 +235,9 @@ def build_resnet(depth: int, num_classes: int = NUM_GRADES, weights: str | os.Pa
         state, source = load_state_dict_file(weights), str(weights)
     _load_backbone(model, state, source, depth)
     return model
+
+
+HEAD_KEYS = ("fc.weight", "fc.bias")  # what a backbone (or weights with another head) leaves to a fresh head
 
 
 class WeightsMismatchError(UserError, ValueError):
@@ -250,21 +260,43 @@ def _load_backbone(model: ResNet, state: Mapping[str, Tensor], source: str, want
         what = f"ResNet{found} weights" if found else "no ResNet's weights (of registry.ARCHITECTURES)"
         hint = f": set model.depth={found} or give weights of a ResNet{wanted}" if found else ""
         raise WeightsMismatchError(f"{source} holds {what}; model.depth={wanted} builds a ResNet{wanted}{hint}")
-    if "fc.weight" in state and state["fc.weight"].shape != head_shape:
-        log.info("weights from %s: head has %d classes, model %d: keeping a fresh head",
-                 source, state["fc.weight"].shape[0], head_shape[0])
-        del state["fc.weight"], state["fc.bias"]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if set(missing) != {"fc.weight", "fc.bias"} or unexpected:
-            raise WeightsMismatchError(f"weights from {source} do not fit ResNet{wanted}: {len(missing)} key(s) "
-                                       f"missing (first {missing[:3]}), {len(unexpected)} unexpected")
+    backbone = not any(k in state for k in HEAD_KEYS)  # pretrain's backbone.pt: no classifier at all
+    if backbone or ("fc.weight" in state and state["fc.weight"].shape != head_shape):
+        if backbone:
+            log.info("weights from %s: a backbone without a classifier: keeping a fresh head", source)
+        else:
+            log.info("weights from %s: head has %d classes, model %d: keeping a fresh head",
+                     source, state["fc.weight"].shape[0], head_shape[0])
+            for k in HEAD_KEYS:
+                state.pop(k, None)
+        _load_all_but_head(model, state, source, wanted)
     else:
         try:
             model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:  # a shape or key that does not fit: torch lists each on its own line
-            raise WeightsMismatchError(f"weights from {source} do not fit ResNet{wanted}: "
-                                       f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
+        except RuntimeError as exc:  # a shape or key that does not fit
+            raise _mismatch(exc, source, wanted) from None
     log.info("loaded weights from %s", source)
+
+
+def _load_all_but_head(model: ResNet, state: Mapping[str, Tensor], source: str, wanted: int) -> None:
+    """`state` into every parameter and statistic of `model` but the head (HEAD_KEYS, which stays fresh): any
+    other key missing, unexpected or of another shape is one error naming the counts and the first keys."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a shape that does not fit
+        raise _mismatch(exc, source, wanted) from None
+    missing = [k for k in missing if k not in HEAD_KEYS]
+    if missing or unexpected:
+        raise WeightsMismatchError(f"weights from {source} do not fit ResNet{wanted}: besides {', '.join(HEAD_KEYS)}, "
+                                   f"{len(missing)} key(s) missing (first {missing[:3]}), {len(unexpected)} unexpected "
+                                   f"(first {list(unexpected)[:3]})")
+
+
+def _mismatch(exc: RuntimeError, source: str, wanted: int) -> WeightsMismatchError:
+    """torch's load_state_dict error as one line: its first listed problem (torch puts each on a line)."""
+    lines = str(exc).splitlines()
+    return WeightsMismatchError(f"weights from {source} do not fit ResNet{wanted}: "
+                                f"{lines[1].strip() if len(lines) > 1 else exc}")
 
 
 def resnet18(num_classes: int = NUM_GRADES, weights: str | os.PathLike | None = None, **kwargs) -> ResNet:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dr_resnet.results.arms import FAMILY_METRIC, QUESTION, Arm, numeric, over_seeds_and_patients
+from dr_resnet.results.arms import FAMILY_METRIC, QUESTION, QUESTION_FACTORS, Arm, numeric, over_seeds_and_patients
 from dr_resnet.results.factors import line_of, lines_along
 from dr_resnet.results.rundir import METRICS_FILE, read_metrics
 from dr_resnet.results.tuning import TUNE_DIR, held_out_score
@@ -90,10 +90,10 @@ def headline(arms: list[Arm], searched: set[str] = frozenset(), choice: dict | N
     lines: dict[tuple, list[Arm]] = {}
     for arm in arms:
         kept = tuple((k, v) for k, v in arm.factors.items() if k not in searched)
-        lines.setdefault((arm.depth, arm.pretrained, kept), []).append(arm)
+        lines.setdefault((arm.depth, arm.initialisation, kept), []).append(arm)
     found = []
-    for (depth, pretrained, kept), members in lines.items():
-        name = Arm(depth, pretrained, dict(kept), []).name
+    for (depth, initialisation, kept), members in lines.items():
+        name = Arm(depth, initialisation, dict(kept), []).name
         keys = sorted({k for a in members for k in a.factors if k in searched})
         if not keys:
             arm = members[0]
@@ -115,12 +115,12 @@ def headline(arms: list[Arm], searched: set[str] = frozenset(), choice: dict | N
         if not ranked:
             how = (f"not chosen: no setting of {', '.join(keys)} among its {len(members)} has every run finished "
                    f"with a finite held-out score (data.val_fraction=0, runs still going, or diverged)")
-            found.append(Headline(name, None, how, members, unchosen=Arm(depth, pretrained, dict(kept), [], how)))
+            found.append(Headline(name, None, how, members, unchosen=Arm(depth, initialisation, dict(kept), [], how)))
             continue
         sign = -1 if ranked[0][1].endswith("loss") else 1
         score, metric, best = max(ranked, key=lambda r: sign * r[0])  # max keeps the first of equals
         setting = ", ".join(f"{k}={best.factors[k]}" for k in keys)
-        chosen = Arm(depth, pretrained, dict(kept), best.runs)
+        chosen = Arm(depth, initialisation, dict(kept), best.runs)
         found.append(Headline(name, chosen, f"held-out choice among {len(members)} settings of {', '.join(keys)} "
                                             f"({setting})", members, None, score, metric))
     return found
@@ -233,13 +233,13 @@ def question(comparisons: list[dict]) -> list[dict]:
     question's comparisons made with one seed a side (outside every family: shown with the test set's
     interval and no verdict)."""
     members = [c for c in comparisons if c.get("family") or (
-        c["epoch"] == "selected" and c["factor"] in ("pretraining", "depth") and c["status"] == "compared")]
+        c["epoch"] == "selected" and c["factor"] in QUESTION_FACTORS and c["status"] == "compared")]
     return sorted(members, key=lambda c: (c["family"] != QUESTION, c["family"]))
 
 
 def fold_question(members: list[dict], curves: list[str]) -> list[dict]:
-    """The question's rows with the comparisons one question makes at each value of a curve (pretraining at
-    ResNet18 at each learning rate) folded into one row per question, its verdicts counted by value; every
+    """The question's rows with the comparisons one question makes at each value of a curve (pretrained vs
+    scratch at ResNet18 at each learning rate) folded into one row per question, its verdicts counted by value; every
     comparison stays in the section 'Along key'."""
     folded, groups = [], {}
     for c in members:

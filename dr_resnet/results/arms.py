@@ -2,7 +2,7 @@
 launcher status, predictions, intervals); arms, the runs grouped by what was trained (every config key
 but the seed and where it ran: config.NOT_THE_ARM), named by depth, initialisation and any other key
 that tells arms of the same depth and initialisation apart; and the paired comparisons between arms
-that differ in one factor (pretrained vs scratch, ResNet50 vs ResNet18, or such a key), with
+that differ in one factor (one initialisation against another, ResNet50 vs ResNet18, or such a key), with
 t-intervals over seed pairs and test patients (stats.seed_pair_test: the patient jackknife, no bootstrap)
 and McNemar's test. Reads only run-directory files; numpy only (no torch)."""
 
@@ -20,9 +20,9 @@ import numpy as np
 import yaml
 
 from dr_resnet.config import (
+    INITIALISATIONS,
     defines_the_arm,
-    initialisation,
-    is_pretrained,
+    recorded_initialisation,
     schedule_multiple,
     schedule_of,
     settings_of,
@@ -61,6 +61,10 @@ from dr_resnet.results.stats import (
 )
 
 PREDICTION_FILES = {"selected": PREDICTIONS_FILE, "final": FINAL_PREDICTIONS_FILE}  # each compared epoch's file
+# What the question's comparisons vary (Pair.factor): one initialisation against another at a depth, one depth
+# against the next at an initialisation.
+INITIALISATION, DEPTH = "initialisation", "depth"
+QUESTION_FACTORS = (INITIALISATION, DEPTH)
 
 
 @dataclass
@@ -80,9 +84,12 @@ class RunRecord:
     cache: ResultsCache = field(default_factory=ResultsCache, repr=False, compare=False)  # its costly results
     _known: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # FileFacts per epoch
 
-    @property
-    def pretrained(self) -> bool:
-        return is_pretrained(self.weights)
+    @cached_property
+    def initialisation(self) -> str:
+        """How it started (config.INITIALISATIONS): what its summary.json recorded, else what its weights say by
+        config.recorded_initialisation (a run from before the record: pretrained for any weights, as it was read
+        then; a run not run or before its first epoch: by its weights' sidecar)."""
+        return self.summary.get("initialisation") or recorded_initialisation(self.weights)
 
     @property
     def complete(self) -> bool:
@@ -222,7 +229,12 @@ def find_runs(root: Path, cache: ResultsCache | None = None) -> list[RunRecord]:
             runs.append(read_run(path, path.relative_to(root).as_posix() if path != root else path.name, cache))
         else:
             subfolders[:] = sorted(s for s in subfolders if s not in NOT_COMPARED and not s.startswith("."))
-    return sorted(runs, key=lambda r: (r.depth, not r.pretrained, r.name, r.seed))
+    return sorted(runs, key=lambda r: (r.depth, initialisation_order(r.initialisation), r.name, r.seed))
+
+
+def initialisation_order(initialisation: str) -> int:
+    """Where an initialisation comes in lists and figures: config.INITIALISATIONS' order (one not there last)."""
+    return INITIALISATIONS.index(initialisation) if initialisation in INITIALISATIONS else len(INITIALISATIONS)
 
 
 def read_run(path: Path, name: str = "", cache: ResultsCache | None = None) -> RunRecord:
@@ -248,15 +260,15 @@ class Arm:
     """Runs that trained the same thing (every key but config.NOT_THE_ARM alike): its seeds."""
 
     depth: int
-    pretrained: bool
+    initialisation: str  # config.INITIALISATIONS: scratch, pretrained (ImageNet), ssl, imagenet+ssl
     factors: dict  # the keys (beyond depth and initialisation) that tell it apart from the arms beside it
     runs: list[RunRecord]
     unavailable: str = ""  # why a planned arm has no runs to compare (a searched grid none of whose settings could be chosen)
 
     @property
     def label(self) -> str:
-        """pretrained / scratch, and its factors: how a ResNet{depth} figure tells its arms apart."""
-        return ", ".join([initialisation(self.pretrained), *(f"{k}={v}" for k, v in self.factors.items())])
+        """Its initialisation and its factors: how a ResNet{depth} figure tells its arms apart."""
+        return ", ".join([self.initialisation, *(f"{k}={v}" for k, v in self.factors.items())])
 
     @property
     def name(self) -> str:
@@ -309,15 +321,16 @@ def group_arms(runs: list[RunRecord]) -> list[Arm]:
     differing = sorted({k for v in values for k in v if len({str(o.get(k)) for o in values}) > 1})
     cells: dict[tuple, list[dict]] = {}
     for members, v in zip(groups.values(), values):
-        cells.setdefault((members[0].depth, members[0].pretrained), []).append(v)
+        cells.setdefault((members[0].depth, members[0].initialisation), []).append(v)
     factors = [k for k in differing if any(len({c.get(k) for c in cell}) > 1 for cell in cells.values())]
     arms = []
     for members, v in zip(groups.values(), values):
-        arm = Arm(members[0].depth, members[0].pretrained, {k: v.get(k) for k in factors}, sorted(members, key=lambda r: r.seed))
+        arm = Arm(members[0].depth, members[0].initialisation, {k: v.get(k) for k in factors},
+                  sorted(members, key=lambda r: r.seed))
         for run in members:
             run.arm = arm.name
         arms.append(arm)
-    return sorted(arms, key=lambda a: (a.depth, not a.pretrained, tuple(a.factors.values())))
+    return sorted(arms, key=lambda a: (a.depth, initialisation_order(a.initialisation), tuple(a.factors.values())))
 
 
 COMPARED = ("accuracy", "qwk", "referable_auc")  # the paired comparisons' and the seed table's metrics
@@ -333,26 +346,30 @@ class Pair:
     b: Arm | None
     name_a: str
     name_b: str
-    factor: str = ""  # what differs: "pretraining", "depth", or a factor's key
+    factor: str = ""  # what differs: INITIALISATION or DEPTH (QUESTION_FACTORS), or a factor's key
     setting: dict = field(default_factory=dict)  # the factors both arms share
 
 
 def arm_pairs(arms: list[Arm]) -> list[Pair]:
-    """The comparisons between arms that differ in one factor: pretrained vs scratch at each depth and
-    ResNet50 vs ResNet18 at each initialisation (the core experiment: an arm it lacks is named, with no
+    """The comparisons between arms that differ in one factor: every pair of initialisations at each depth
+    (ssl vs scratch, ssl vs pretrained, pretrained vs scratch, ...: the later in config.INITIALISATIONS first)
+    and ResNet50 vs ResNet18 at each initialisation (the core experiment: an arm it lacks is named, with no
     run), for each setting of the other factors; and, per factor (an ablation: a head, a sampler, an EMA decay,
     an image size; a learning curve's fraction), each value against a reference value, with everything else
     alike: the first arm's value of a categorical factor, the smallest of a numeric one. Never every pair of
     values (that grows with their square): a numeric factor's answer is its curve with its band, these pairs
-    describe it. Arms whose searched keys the held-out score chose (answer.headline) come reduced to one per
-    setting, so winners meet winners."""
-    def find(depth: int, pretrained: bool, factors: dict) -> Arm | None:
-        return next((a for a in arms if (a.depth, a.pretrained, a.factors) == (depth, pretrained, factors)), None)
+    describe it. The initialisations are those of the arms given (a planned arm that did not run is one): one
+    the sweep never asked for at any depth is not missing. Arms whose searched keys the held-out score chose
+    (answer.headline) come reduced to one per setting, so winners meet winners."""
+    def find(depth: int, init: str, factors: dict) -> Arm | None:
+        return next((a for a in arms if (a.depth, a.initialisation, a.factors) == (depth, init, factors)), None)
 
-    def named(depth: int, pretrained: bool, factors: dict) -> str:
-        return Arm(depth, pretrained, factors, []).name
+    def pair(question: str, a: tuple[int, str], b: tuple[int, str], factor: str, factors: dict) -> Pair:
+        return Pair(question, find(*a, factors), find(*b, factors), Arm(*a, factors, []).name,
+                    Arm(*b, factors, []).name, factor, factors)
 
     depths = sorted({a.depth for a in arms})
+    inits = sorted({a.initialisation for a in arms}, key=lambda i: (initialisation_order(i), i))
     settings = []
     for arm in arms:
         if arm.factors not in settings:
@@ -361,13 +378,14 @@ def arm_pairs(arms: list[Arm]) -> list[Pair]:
     for factors in settings:
         where = "".join(f", {k}={v}" for k, v in factors.items())
         for d in depths:
-            pairs.append(Pair(f"pretraining at ResNet{d}{where}", find(d, True, factors), find(d, False, factors),
-                              named(d, True, factors), named(d, False, factors), "pretraining", factors))
+            for index, later in enumerate(inits):
+                for earlier in inits[:index]:
+                    pairs.append(pair(f"{later} vs {earlier} at ResNet{d}{where}", (d, later), (d, earlier),
+                                      INITIALISATION, factors))
         for shallow, deep in zip(depths, depths[1:]):
-            for init in (True, False):
-                pairs.append(Pair(f"depth {deep} vs {shallow}, {initialisation(init)}{where}",
-                                  find(deep, init, factors), find(shallow, init, factors),
-                                  named(deep, init, factors), named(shallow, init, factors), "depth", factors))
+            for init in inits:
+                pairs.append(pair(f"depth {deep} vs {shallow}, {init}{where}", (deep, init), (shallow, init), DEPTH,
+                                  factors))
     for key in sorted({k for a in arms for k in a.factors}):
         values = [a.factors[key] for a in arms]
         # each value against one reference (the smallest of a numeric factor, the first arm's of a categorical
@@ -377,10 +395,10 @@ def arm_pairs(arms: list[Arm]) -> list[Pair]:
             if b.factors[key] == reference:
                 continue
             # the same arm at the reference value: every other factor alike
-            a = next((x for x in arms if (x.depth, x.pretrained) == (b.depth, b.pretrained)
+            a = next((x for x in arms if (x.depth, x.initialisation) == (b.depth, b.initialisation)
                       and x.factors == {**b.factors, key: reference}), None)
             if a is not None:
-                alike = Arm(b.depth, b.pretrained, {k: v for k, v in b.factors.items() if k != key}, [])
+                alike = Arm(b.depth, b.initialisation, {k: v for k, v in b.factors.items() if k != key}, [])
                 pairs.append(Pair(f"{key}: {reference} vs {b.factors[key]} at {alike.name}", a, b, a.name, b.name,
                                   key, alike.factors))
     return pairs
@@ -488,15 +506,15 @@ def compare_arms(arms: list[Arm], epoch: str = "selected") -> list[dict]:
 
 ALPHA = 0.05  # each declared family's family-wise error rate
 FAMILY_METRIC = "qwk"  # the metric the families' verdicts are about (the experiment's primary metric)
-QUESTION = "the question"  # the primary family: pretraining at each depth, depth at each initialisation
+QUESTION = "the question"  # the primary family: each pair of initialisations at each depth, depth at each initialisation
 
 
 def family_of(comparison: dict) -> str:
     """The declared family a comparison belongs to, '' for a descriptive one. Declared by the design, before
-    any result is read: the question's comparisons (pretraining, depth) at each run's selected epoch form
+    any result is read: the question's comparisons (initialisations, depth) at each run's selected epoch form
     the primary family; made along factor keys (a learning curve's data fraction), one family per set of
     factor keys. Final-epoch comparisons, and those between values of one factor within an arm, describe."""
-    if comparison["epoch"] != "selected" or comparison["factor"] not in ("pretraining", "depth"):
+    if comparison["epoch"] != "selected" or comparison["factor"] not in QUESTION_FACTORS:
         return ""
     setting = comparison.get("setting") or {}
     return "along " + ", ".join(sorted(setting)) if setting else QUESTION

@@ -3,7 +3,7 @@
 
 For each key that tells arms of one depth and initialisation apart (Arm.factors), `points` gives each
 (depth, initialisation) line's test QWK at the selected epoch per value, over its finished seeds; `differences`
-lists, per value, the paired comparisons of pretraining and depth made at that value (compare_arms), marking
+lists, per value, the paired comparisons of initialisations and depth made at that value (compare_arms), marking
 where the interval excludes 0; `convergence` the epochs each arm needs to reach 95% of its final held-out QWK.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dr_resnet.results.arms import Arm, numeric, over_seeds_and_patients
+from dr_resnet.results.arms import QUESTION_FACTORS, Arm, numeric, over_seeds_and_patients
 from dr_resnet.results.rundir import MetricsError, selected_on
 from dr_resnet.results.stats import LEVEL, t_quantile
 
@@ -38,7 +38,7 @@ def spread(values: list[float]) -> dict:
 
 def line_of(arm: Arm, key: str) -> str:
     """The line an arm is a point of along `key`: its depth, initialisation and every other factor."""
-    return Arm(arm.depth, arm.pretrained, {k: v for k, v in arm.factors.items() if k != key}, []).name
+    return Arm(arm.depth, arm.initialisation, {k: v for k, v in arm.factors.items() if k != key}, []).name
 
 
 def lines_along(arms: list[Arm], key: str) -> dict[str, list[Arm]]:
@@ -107,13 +107,13 @@ def declared_searched(root: Path) -> set[str]:
 
 
 def differences(comparisons: list[dict], key: str, families: list[dict] = ()) -> list[dict]:
-    """The pretraining and depth comparisons at the selected epoch, per value of `key` (their shared
+    """The initialisation and depth comparisons at the selected epoch, per value of `key` (their shared
     setting): A - B in QWK with the interval its verdict is read from (the family's simultaneous one; the
     test set's alone, and no verdict, with one seed a side)."""
     sizes = {f["family"]: f["m"] for f in families}
     found = []
     for c in comparisons:
-        if (c.get("epoch") != "selected" or c.get("factor") not in ("pretraining", "depth")
+        if (c.get("epoch") != "selected" or c.get("factor") not in QUESTION_FACTORS
                 or key not in c.get("setting", {}) or c.get("absent")):  # an arm with no run: the comparisons table says so
             continue
         entry = {"value": c["setting"][key], "comparison": c["comparison"], "a": c["a"], "b": c["b"],

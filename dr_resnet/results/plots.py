@@ -16,9 +16,11 @@ import numpy as np
 from dr_resnet import GRADES
 from dr_resnet.results.metrics import row_normalised
 
-# A few lines each get their own colour; pretrained first in a depth's arms, so the core experiment is blue
-# (pretrained) and orange (scratch).
+# A few lines each get their own colour.
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
+# A few arms that differ only in how they started: each initialisation (config.INITIALISATIONS) its own colour, the
+# same in every figure; the core experiment's blue (ImageNet) and orange (scratch) as before.
+INITIALISATION_COLOURS = {"scratch": "tab:orange", "pretrained": "tab:blue", "ssl": "tab:green", "imagenet+ssl": "tab:red"}
 # The report's figures are saved at this resolution, and as a palette PNG (below): at 200 runs every figure
 # stays a few hundred kB, so report.html can embed them all.
 DPI = 100

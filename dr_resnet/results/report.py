@@ -1,5 +1,5 @@
-"""Compare runs (see arms.py for what is compared): accuracy and QWK curves per depth (pretrained vs
-scratch), confusion matrices side by side, calibration, and the results, seeds and comparison tables.
+"""Compare runs (see arms.py for what is compared): accuracy and QWK curves per depth (an arm per
+initialisation), confusion matrices side by side, calibration, and the results, seeds and comparison tables.
 Works for any subset of runs; runs in progress are drawn up to their last epoch. Reads only the run
 directories' own files (metrics.jsonl, config.yaml, predictions.csv), never W&B. Writes the figures,
 results.md / results.csv, comparisons.json and report.html (all of it on one self-contained page).
@@ -61,6 +61,7 @@ from dr_resnet.results.html import write_html
 from dr_resnet.results.metrics import pooled_calibration
 from dr_resnet.results.plots import (
     COLOURS,
+    INITIALISATION_COLOURS,
     colour_bar,
     colour_scale,
     draw_confusion_matrix,
@@ -163,11 +164,11 @@ def arrange(arms: list[Arm], title=lambda arm: arm.name, together: int = len(COL
     `title` names a panel from an arm with the factors it does not tell apart."""
     key = continuous_key(arms)
     if key is None and len(arms) <= together:
-        return Panels([("", arms)], {a.name: COLOURS[i] for i, a in enumerate(arms)})
+        return Panels([("", arms)], few_colours(arms))
     groups: dict[str, list[Arm]] = {}
     for arm in arms:
         rest = {k: v for k, v in arm.factors.items() if k != key} if key else {}
-        groups.setdefault(title(Arm(arm.depth, arm.pretrained, rest, arm.runs)), []).append(arm)
+        groups.setdefault(title(Arm(arm.depth, arm.initialisation, rest, arm.runs)), []).append(arm)
     if key:
         for members in groups.values():
             members.sort(key=lambda a: float(a.factors[key]))
@@ -176,6 +177,15 @@ def arrange(arms: list[Arm], title=lambda arm: arm.name, together: int = len(COL
     combinations = list(dict.fromkeys(combination(a) for a in arms))
     legend = dict(zip(combinations, line_colours(len(combinations))))
     return Panels(list(groups.items()), {a.name: legend[combination(a)] for a in arms}, legend=legend)
+
+
+def few_colours(arms: list[Arm]) -> dict[str, object]:
+    """A colour per arm of a few in one panel: its initialisation's (plots.INITIALISATION_COLOURS) where each
+    arm is another initialisation, the same in every figure; else (two depths, or factors) one each in turn."""
+    inits = [a.initialisation for a in arms]
+    if len(set(inits)) == len(inits) and all(i in INITIALISATION_COLOURS for i in inits):
+        return {a.name: INITIALISATION_COLOURS[a.initialisation] for a in arms}
+    return {a.name: COLOURS[i] for i, a in enumerate(arms)}
 
 
 def combination(arm: Arm) -> str:

@@ -403,7 +403,7 @@ def datasets_table(rows: list[dict]) -> Table:
 
 
 FACTOR_NOTE = (
-    "{key}: at each value, the paired comparisons of pretraining and depth (QWK A - B on the same test images at each "
+    "{key}: at each value, the paired comparisons of initialisations and depth (QWK A - B on the same test images at each "
     "run's selected epoch, chosen on its held-out part). They form one declared family (m = {m}): each interval is "
     "simultaneous over it (Bonferroni) and the verdict is read from it; one seed a side gives the test set's interval "
     "alone and no verdict. The figure factor_{file}.png draws each arm's held-out QWK (what a choice may use) and test "

@@ -110,6 +110,7 @@ class Run:
     learning_rate: config.LearningRate  # the rate config.learning_rate's rule gives this run, and how
     patients: dict  # patients.overlap: how patients were identified, and any shared between the splits
     skipped_images: list[dict] = field(default_factory=list)  # photos data.bad_images=skip left out
+    origin: dict = field(default_factory=dict)  # config.initialisation_record: its initialisation (and pretraining)
     rows: list[dict] = field(default_factory=list)  # the epochs logged so far (rank 0's: the summary and selection)
     wandb_id: str | None = None  # the W&B run this run logs to (rank 0), saved in every checkpoint
 
@@ -150,7 +151,8 @@ def build(cfg: Config, info: DistInfo) -> Run:
         probe.freeze_backbone(model)
     ddp_model = components.distributed_model(model, cfg, info)
     model = getattr(ddp_model, "module", ddp_model)  # SyncBatchNorm's conversion makes a new module
-    lr = config.learning_rate(t, cfg.model.pretrained, info.world_size, probe=probing)
+    origin = config.initialisation_record(cfg.model.weights)  # read once: the sidecar as the weights were loaded
+    lr = config.learning_rate(t, origin["initialisation"], info.world_size, probe=probing)
     o = components.optimisation(t, lr.lr, model, len(train_loader), execution, probe=probing)
     trainer = Trainer(compile_model(ddp_model, t.compile), o.optimizer, o.scheduler, o.scaler, head, execution,
                       t.clip_grad_norm, t.nonfinite, components.weight_average(model, t.ema))
@@ -160,7 +162,7 @@ def build(cfg: Config, info: DistInfo) -> Run:
                eval_model=compile_model(evaluated, t.compile), trainer=trainer, train_baseline=data.train.majority_baseline,
                test_baseline=data.test.majority_baseline, recipe=Recipe.of_data(cfg.data.root, cfg.data.image_size),
                provenance=provenance(cfg, data), learning_rate=lr, patients=data.patient_overlap(),
-               skipped_images=data.skipped)
+               skipped_images=data.skipped, origin=origin)
 
 
 def provenance(cfg: Config, data: components.Datasets) -> dict:
@@ -314,7 +316,8 @@ def effective_settings(run: Run) -> dict:
             "epochs": t.epochs, "warmup_epochs": t.warmup_epochs,  # train.length applied (config.schedule_of)
             "sync_bn": any(isinstance(m, torch.nn.SyncBatchNorm) for m in run.model.modules()),
             **trained_settings(run),
-            "selection": f"best held-out {t.select_by}" if run.val_loader else "the final epoch (nothing held out)"}
+            "selection": f"best held-out {t.select_by}" if run.val_loader else "the final epoch (nothing held out)",
+            **run.origin}
 
 
 def trained_settings(run: Run) -> dict:
@@ -436,6 +439,7 @@ def write_summary(run: Run, figure: bool) -> dict:
         "run": run.run_dir.name,
         "depth": run.cfg.model.depth,
         "weights": run.cfg.model.weights,
+        **run.origin,  # initialisation, and a backbone's pretraining record
         "epochs_completed": final["epoch"],
         "epochs_planned": run.cfg.train.epochs,
         "world_size": run.info.world_size,
