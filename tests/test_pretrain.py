@@ -79,7 +79,7 @@ def test_the_backbone_loads_strictly_into_its_depth_and_records_what_it_learned_
     assert record["images"] == 40 and [s["images"] for s in record["pool"]] == [40]  # the whole training split
     assert record["epochs"] == 1 and record["finished"] and record["cpu_hours"] > 0 and record["gpu_hours"] == 0
     (row,) = rows(one_epoch)
-    assert row["photos"] == 40 // 8 * 8 and 0 < row["loss"] <= 4  # 2 - 2 cos per view order, summed over both
+    assert row["photos"] == 40 // 8 * 8 and 0 < row["loss"] <= 8  # 2 - 2 cos per view order, summed over both
     assert row["spread_x_sqrt_d"] > 0.1  # not collapsed
     assert (one_epoch / "pretraining.png").stat().st_size > 0
     assert not (one_epoch / "checkpoint_prev.pt").exists() and (one_epoch / "checkpoint_last.pt").exists()
@@ -118,7 +118,7 @@ def test_a_collapse_stops_the_run_with_one_line(data, tmp_path, capfd):
     # Above any healthy spread x sqrt(d) (about 1): the first epoch counts as collapsed.
     assert main(args(data, run_dir, "pretrain.collapse_below=5")) == 2
     err = capfd.readouterr().err
-    assert err.count("pretraining collapsed in epoch 1") == 1, err
+    assert err.count("pretraining collapsed at step") == 1, err
     assert not (run_dir / "backbone.pt").exists() and (run_dir / "pretraining.png").exists()
 
 

@@ -38,11 +38,14 @@ from dr_resnet.pretraining.byol import (
     CollapseError,
     OnlineNetwork,
     Projection,
+    drop_classifier,
     output_spread,
+    raise_if_collapsed,
     symmetric_loss,
     target_decay,
+    target_network,
 )
-from dr_resnet.pretraining.pool import PhotoPool, PoolDataset, photo_pool, refuse_test_overlap
+from dr_resnet.pretraining.pool import PhotoPool, PoolDataset, photo_pool
 from dr_resnet.pretraining.views import FundusViews
 from dr_resnet.results.rundir import (
     BACKBONE_FILE,
@@ -126,8 +129,7 @@ def build(cfg: Config, info: DistInfo) -> Pretraining:
     started_from = initialisation_of(cfg.model.weights)
     if d.stage_to:
         d = dataclasses.replace(d, root=str(components.staged_root(d, info.local_rank)))
-    pool, test = photo_pool(d, pre.pools, ranks=components.check_ranks())
-    refuse_test_overlap(pool, test)
+    pool, _ = photo_pool(d, pre.pools, ranks=components.check_ranks())  # refuses a pool that shares the test split's photos
     if len(pool.paths) < pre.batch_size * info.world_size:
         raise ConfigError(f"pretrain.batch_size={pre.batch_size} x {info.world_size} process(es) is more than the "
                           f"{len(pool.paths)} photos of the pool: lower pretrain.batch_size")
@@ -143,7 +145,7 @@ def build(cfg: Config, info: DistInfo) -> Pretraining:
     backbone = build_resnet(cfg.model.depth, weights=None if started_from == "ssl" else "imagenet",
                             zero_init_residual=cfg.model.zero_init_residual and started_from == "ssl")
     features = backbone.fc.in_features
-    backbone.fc = nn.Identity()  # the backbone's output: the pooled features the classifier would read
+    drop_classifier(backbone)  # its output: the pooled features the classifier would read
     online = OnlineNetwork(backbone, Projection(features, pre.hidden_dim, pre.projection_dim),
                            Projection(pre.projection_dim, pre.hidden_dim, pre.projection_dim)).to(info.device)
     if execution.channels_last:
@@ -158,8 +160,7 @@ def build(cfg: Config, info: DistInfo) -> Pretraining:
                    "normalises over its own batch")
     else:
         sync_bn = "one process: BatchNorm sees the whole batch"
-    target = ExponentialAverage(online.encoder, pre.target_decay)
-    target.update(online.encoder)  # the target starts as the online network (the average of one)
+    target = target_network(online, pre.target_decay)
     trained = online
     if info.distributed:
         trained = DistributedDataParallel(online, device_ids=[info.device.index] if cuda else None,
@@ -183,14 +184,11 @@ def step(run: Pretraining, images: Tensor, generator: torch.Generator, done: int
     target's projections of the other, SGD, then the target moves towards the online network by the decay of
     this step. Returns the loss and the online projections' spread (device tensors: nothing waits for them)."""
     first, second = run.views.pair(images, generator)
-    both = torch.cat([first, second])
     with run.execution.precision.autocast(run.execution.device):
-        projections, predictions = run.trained(both)
+        online = run.trained(first, second)
         with torch.no_grad():
-            targets = run.target.module(both)
-    half = images.shape[0]
-    predictions, targets = predictions.float(), targets.float()
-    loss = symmetric_loss(predictions[:half], predictions[half:], targets[:half], targets[half:])
+            targets = (run.target.module(first), run.target.module(second))
+    loss = symmetric_loss(online.predictions, targets)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)
@@ -198,7 +196,7 @@ def step(run: Pretraining, images: Tensor, generator: torch.Generator, done: int
     run.scheduler.step()
     run.target.decay = target_decay(done, run.total_steps, run.cfg.pretrain.target_decay)
     run.target.update(run.online.encoder)
-    return loss.detach(), output_spread(projections.detach().float())
+    return loss.detach(), output_spread(online.projections[0])
 
 
 @dataclass
@@ -405,16 +403,6 @@ def record_epoch(run: Pretraining, row: dict, tracker: Tracker | None) -> None:
                  row["target_decay"], row["photos_per_s"], row["epoch_seconds"])
 
 
-def collapsed(row: dict, below: float, projection_dim: int) -> str:
-    """Why the epoch's outputs look collapsed ('' when they do not): their spread x sqrt(d) under `below`."""
-    if row["spread_x_sqrt_d"] >= below:
-        return ""
-    return (f"pretraining collapsed in epoch {row['epoch']}: the normalised outputs' spread x sqrt({projection_dim}) is "
-            f"{row['spread_x_sqrt_d']:.3g}, below pretrain.collapse_below={below:g} (healthy: about 1), so every photo "
-            f"gets nearly the same output and the falling loss ({row['loss']:.4g}) means nothing. Lower pretrain.lr_base "
-            f"or raise pretrain.target_decay; the last healthy checkpoint is kept")
-
-
 def start_run_folder(run: Pretraining, epochs_done: int) -> None:
     """Rank 0: the folder, config.yaml with what the run derived, metrics.jsonl trimmed to the resume point."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -456,11 +444,13 @@ def fit(run: Pretraining) -> dict | None:
             boundary = StepBoundary(run.cfg.train.checkpoint_every_minutes, signals, info.is_main)
             for epoch in range(epochs_done, pre.epochs):
                 row = train_epoch(run, epoch, position if position and position.epoch == epoch else None, boundary)
-                why = collapsed(row, pre.collapse_below, pre.projection_dim)
-                if why:
-                    if info.is_main:
+                try:
+                    raise_if_collapsed(row["spread"], pre.projection_dim, pre.collapse_below,
+                                       (epoch + 1) * run.steps_per_epoch)
+                except CollapseError as exc:
+                    if info.is_main:  # the figure with the collapsed epoch: no checkpoint holds it
                         write_health_quietly(run, row)
-                    raise CollapseError(why)
+                    raise CollapseError(f"{exc} (epoch {epoch + 1}; the last healthy checkpoint is kept)") from None
                 record_epoch(run, row, tracker)
                 boundary.checkpointed()
                 decision = boundary.settle()
