@@ -77,6 +77,11 @@ class ModelConfig:
     head: HeadKind = setting("classification", 'classification (5 grades, cross-entropy) | regression (1 output, thresholds; '
                                                'its settings: the regression section) | ordinal (4 "grade > k" outputs, binary '
                                                'cross-entropies, consistent decoding)')
+    freeze_backbone: bool = setting(False, "the linear probe, the standard check of what a backbone learned: only the output "
+                                           "layer (fc.*) trains, the backbone's weights and BatchNorm statistics stay as "
+                                           "loaded (its BatchNorm in eval mode), at train.lr_base_probe's rate without "
+                                           "weight decay. A random backbone (model.weights=none) first re-estimates its "
+                                           "BatchNorm statistics on the training images, once at the run's start")
 
     @property
     def pretrained(self) -> bool:
@@ -199,6 +204,8 @@ class TrainConfig:
                                      "rate of the run's initialisation; a number: that learning rate, whatever the batch")
     lr_base_scratch: float = setting(0.1, "per lr_base_batch images of global batch, for a network trained from scratch")
     lr_base_pretrained: float = setting(0.01, "the same for a network started from loaded weights (fine-tuning: a tenth)")
+    lr_base_probe: float = setting(0.1, "the same for a linear probe (model.freeze_backbone): its own rate, a starting point "
+                                        "for --tune, not measured here")
     lr_base_batch: int = setting(256, "the linear-scaling rule's reference batch (Goyal et al. 2017)")
     momentum: float = setting(0.9, "SGD's")
     weight_decay: float = setting(5e-4, "SGD's L2 penalty")
@@ -338,8 +345,9 @@ def _choices() -> dict[str, tuple]:
 
 CHOICES = _choices()
 POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.lr_base_scratch",
-            "train.lr_base_pretrained", "train.lr_base_batch", "train.log_every", "wandb.init_timeout",
-            "pretrain.epochs", "pretrain.batch_size", "pretrain.lr_base", "pretrain.hidden_dim", "pretrain.projection_dim")
+            "train.lr_base_pretrained", "train.lr_base_probe", "train.lr_base_batch", "train.log_every",
+            "wandb.init_timeout", "pretrain.epochs", "pretrain.batch_size", "pretrain.lr_base", "pretrain.hidden_dim",
+            "pretrain.projection_dim")
 # Keys that moved (old name -> new name): files, overrides and checkpoints that use the old name still load.
 RENAMED = {"train.regression_loss": "regression.loss", "train.fit_thresholds": "regression.fit_thresholds"}
 # Sections a run's config.yaml also holds that are records, not settings: training writes them (the
@@ -360,14 +368,24 @@ class LearningRate:
     rule: str  # e.g. "0.1 x 32 / 256 (scratch, linear scaling)" or "train.lr (fixed)"
 
 
-def learning_rate(train: TrainConfig, pretrained: bool, processes: int) -> LearningRate:
+PROBE_RULE = "linear probe: fc.* only, weight decay 0"  # what a probe's rule adds (model.freeze_backbone)
+
+
+def learning_rate(train: TrainConfig, pretrained: bool, processes: int, probe: bool = False) -> LearningRate:
     """THE learning-rate rule: train.lr when it is set, else the initialisation's base rate scaled linearly
     with the global batch (batch_size x processes). The same recipe on 1, 2 or 8 processes gives the same
-    learning rate per image: changing the number of processes changes the global batch, and the rate with it."""
+    learning rate per image: changing the number of processes changes the global batch, and the rate with it.
+    A linear probe (`probe`: model.freeze_backbone) has its own base rate, train.lr_base_probe, whatever the
+    initialisation: one linear layer on fixed features is another problem than fine-tuning a network; its
+    rule says it trains without weight decay (components.optimisation)."""
     global_batch = train.batch_size * processes
     if train.lr is not None:
-        return LearningRate(train.lr, global_batch, "train.lr (fixed, whatever the batch)")
-    base, init = (train.lr_base_pretrained, "pretrained") if pretrained else (train.lr_base_scratch, "scratch")
+        return LearningRate(train.lr, global_batch,
+                            "train.lr (fixed, whatever the batch)" + (f"; {PROBE_RULE}" if probe else ""))
+    if probe:
+        base, init = train.lr_base_probe, PROBE_RULE
+    else:
+        base, init = (train.lr_base_pretrained, "pretrained") if pretrained else (train.lr_base_scratch, "scratch")
     return LearningRate(base * global_batch / train.lr_base_batch, global_batch,
                         f"{base:g} x {global_batch} / {train.lr_base_batch} ({init}, linear scaling)")
 

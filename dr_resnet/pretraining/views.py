@@ -138,7 +138,7 @@ class FundusViews:
             rgb = _colour(rgb, view_mask, grey_weights, *(f.to(device).view(n, 1, 1, 1)
                                                           for f in (params.brightness, params.contrast,
                                                                     params.saturation)))
-        rgb = rgb * view_mask
+        rgb = rgb * view_mask  # a new tensor, in the layout normalize reads best
         return normalize(rgb, constants=(mean, std), channels_last=self.channels_last), view_mask
 
 
@@ -147,12 +147,12 @@ def _colour(rgb: Tensor, mask: Tensor, weights: Tensor, brightness: Tensor, cont
     """Brightness, contrast, saturation in turn on [0, 255] images, clamped after each as torchvision's
     adjust_* are; `weights` (1, 3, 1, 1) make grey. Contrast pivots on the mean grey of the view's retina, not
     of the whole image: the black surround would pull the pivot down by however much of the view it fills."""
-    rgb = (rgb * brightness).clamp_(0, 255)
+    rgb = rgb.mul_(brightness).clamp_(0, 255)  # in place: `rgb` is render's own intermediate, spared copies
     grey = (rgb * weights).sum(dim=1, keepdim=True)
     pivot = (grey * mask).sum(dim=(2, 3), keepdim=True) / mask.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
-    rgb = (pivot + contrast * (rgb - pivot)).clamp_(0, 255)
+    rgb = rgb.sub_(pivot).mul_(contrast).add_(pivot).clamp_(0, 255)
     grey = (rgb * weights).sum(dim=1, keepdim=True)
-    return (grey + saturation * (rgb - grey)).clamp_(0, 255)
+    return rgb.sub_(grey).mul_(saturation).add_(grey).clamp_(0, 255)
 
 
 def _checked(images: Tensor) -> Tensor:

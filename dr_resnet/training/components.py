@@ -322,6 +322,9 @@ def distributed_model(network: nn.Module, cfg: Config, info: DistInfo) -> nn.Mod
         return network
     cuda = info.device.type == "cuda"
     sync_bn, why = sync_batchnorm(cfg.train, info.world_size, cuda)
+    if cfg.model.freeze_backbone:  # frozen statistics have nothing to share (and its start's pass is per rank)
+        sync_bn, why = False, ("model.freeze_backbone: the backbone's BatchNorm layers normalise with frozen "
+                               "statistics in eval mode, with nothing to share")
     if sync_bn:
         network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
         log.info("SyncBatchNorm on: %s; DDP does not broadcast buffers", why)
@@ -438,12 +441,16 @@ def weight_average(network: nn.Module, decay: float) -> ExponentialAverage | Non
     return ExponentialAverage(network, decay) if decay > 0 else None
 
 
-def optimisation(t: TrainConfig, lr: float, network: nn.Module, steps_per_epoch: int, execution: Execution) -> Optimisation:
+def optimisation(t: TrainConfig, lr: float, network: nn.Module, steps_per_epoch: int, execution: Execution,
+                 probe: bool = False) -> Optimisation:
     """SGD with learning rate `lr` (config.learning_rate's), train's momentum and weight decay, its
     per-step schedule, and a loss scaler that is on for fp16 only. Fused SGD on CUDA: one kernel for the
     update, and fp16's GradScaler checks for inf/NaN on the GPU instead of reading a flag back to the
-    host every step."""
-    optimizer = sgd(network.parameters(), lr, t.momentum, t.weight_decay, fused=execution.device.type == "cuda")
+    host every step. The optimizer holds the parameters that train (a linear probe's output layer alone:
+    probe.freeze_backbone); a probe (`probe`) trains without weight decay, as the common linear-evaluation
+    protocols (MoCo's) do, so that its score is the features' and not the penalty's."""
+    optimizer = sgd([p for p in network.parameters() if p.requires_grad], lr, t.momentum,
+                    0.0 if probe else t.weight_decay, fused=execution.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t.scheduler, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(execution.device.type, enabled=execution.precision.needs_scaler)

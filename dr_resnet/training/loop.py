@@ -21,6 +21,7 @@ from dr_resnet.registry import NONFINITE
 from dr_resnet.results import metrics
 from dr_resnet.training.average import ExponentialAverage
 from dr_resnet.training.distributed import all_reduce_max, all_reduce_sum, gather_rows, gather_sharded, is_distributed
+from dr_resnet.training.probe import frozen_batchnorm
 from dr_resnet.training.runtime import Precision, Stopwatch
 
 if TYPE_CHECKING:
@@ -210,6 +211,18 @@ def total_grad_norm(parameters) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
+def train_mode(model: nn.Module) -> nn.Module:
+    """THE switch to training mode (every one goes through here): model.train(), except the BatchNorm
+    layers whose weight and bias do not train (a linear probe's backbone, probe.frozen_batchnorm), which
+    stay in eval mode: they normalise with the statistics they hold and never move them, as their weights
+    stay. A network that trains every parameter is simply in train mode."""
+    model.train()
+    for module in model.modules():
+        if frozen_batchnorm(module):
+            module.eval()
+    return model
+
+
 @dataclass
 class Trainer:
     """What one training step needs. `model` is what training calls (DDP and/or compiled wrapper).
@@ -311,7 +324,7 @@ class Trainer:
         """The hot loop over `loader`. `progress` (a tqdm bar) shows the running loss every log_every
         batches. After each step, `boundary(steps done in the epoch)` may checkpoint or stop the run
         (by raising); `first_step` is the steps done before (a resumed epoch)."""
-        self.model.train()
+        train_mode(self.model)
         shown = LaggedValue(self.device) if progress is not None and not progress.disable else None
         for step, (images, labels) in enumerate(_timed(loader, totals), start=first_step):
             images, labels = _to_device(images, labels, self.device)

@@ -60,7 +60,7 @@ from dr_resnet.results.rundir import (
     settle_pending,
 )
 from dr_resnet.results.stats import bootstrap_intervals, operating_points
-from dr_resnet.training import checkpoint, components, distributed
+from dr_resnet.training import checkpoint, components, distributed, probe
 from dr_resnet.training.checkpoint import EpochPosition
 from dr_resnet.training.distributed import DistInfo, launch_env
 from dr_resnet.training.loop import EpochTotals, EvalResult, NonFiniteError, Trainer, evaluate
@@ -145,10 +145,13 @@ def build(cfg: Config, info: DistInfo) -> Run:
     val_loader = eval_loader(data.val) if data.val is not None else None
     fit_loader = eval_loader(data.train) if head.fit_on == "train" else None
     model = components.model(cfg, head, execution, train_sampler.grade_shares(0))
+    probing = cfg.model.freeze_backbone
+    if probing:  # before DDP, which hooks only the parameters that train
+        probe.freeze_backbone(model)
     ddp_model = components.distributed_model(model, cfg, info)
     model = getattr(ddp_model, "module", ddp_model)  # SyncBatchNorm's conversion makes a new module
-    lr = config.learning_rate(t, cfg.model.pretrained, info.world_size)
-    o = components.optimisation(t, lr.lr, model, len(train_loader), execution)
+    lr = config.learning_rate(t, cfg.model.pretrained, info.world_size, probe=probing)
+    o = components.optimisation(t, lr.lr, model, len(train_loader), execution, probe=probing)
     trainer = Trainer(compile_model(ddp_model, t.compile), o.optimizer, o.scheduler, o.scaler, head, execution,
                       t.clip_grad_norm, t.nonfinite, components.weight_average(model, t.ema))
     evaluated = trainer.ema.module if trainer.ema is not None else model  # train.ema: the average is the result
@@ -310,7 +313,44 @@ def effective_settings(run: Run) -> dict:
             "training_images": len(run.train_loader.dataset), "schedule_length": t.length,
             "epochs": t.epochs, "warmup_epochs": t.warmup_epochs,  # train.length applied (config.schedule_of)
             "sync_bn": any(isinstance(m, torch.nn.SyncBatchNorm) for m in run.model.modules()),
+            **trained_settings(run),
             "selection": f"best held-out {t.select_by}" if run.val_loader else "the final epoch (nothing held out)"}
+
+
+def trained_settings(run: Run) -> dict:
+    """Whether the run is a linear probe (model.freeze_backbone) and what it trains: the names of the
+    parameters that train ("fc.weight, fc.bias" in a probe, else "all") and how many numbers they hold."""
+    names = probe.trained_names(run.model)
+    everything = len(names) == len(list(run.model.parameters()))
+    return {"probe": run.cfg.model.freeze_backbone, "trained_parameters": "all" if everything else ", ".join(names),
+            "trained_parameter_count": probe.trained_count(run.model)}
+
+
+def start_probe(run: Run, resumed: Resumed) -> None:
+    """A linear probe's start (model.freeze_backbone). A random backbone (model.weights=none) first
+    re-estimates its BatchNorm statistics on the training images (probe.reestimate_batchnorm: one pass
+    without augmentation, normalised as evaluation normalises, each rank its share), once: a resumed run
+    keeps the checkpoint's. Without it the statistics are the initial 0 and 1, the random features reach the
+    probe at whatever scale the weights give them, and the probe measures nothing. A loaded backbone keeps
+    its own statistics: they are part of what it learned."""
+    if not run.cfg.model.freeze_backbone or resumed.epoch or resumed.position:
+        return
+    if config.is_pretrained(run.cfg.model.weights):  # loaded weights, of whatever initialisation
+        log.info("linear probe: only %s train; the loaded backbone's weights and BatchNorm statistics are kept as "
+                 "loaded (its BatchNorm layers in eval mode)", ", ".join(probe.trained_names(run.model)))
+        return
+    started = time.perf_counter()
+    dataset = run.train_loader.dataset
+    loader = components.evaluation_loader(dataset, run.cfg.train.eval_batch_size or 2 * run.cfg.train.batch_size,
+                                          run.cfg.data.workers, run.info)
+    execution = run.trainer.execution
+    batches = probe.reestimate_batchnorm(
+        run.model, (execution.augment.eval(images.to(run.info.device, non_blocking=True)) for images, _ in loader),
+        lambda: execution.precision.autocast(run.info.device))
+    log.info("linear probe of a random backbone: its BatchNorm statistics re-estimated on the %d training images "
+             "(%d batches over %d process(es), a cumulative average, without augmentation) in %.1f s: left at their "
+             "initial 0 and 1, the random features would reach the probe unnormalised and it would measure nothing",
+             len(dataset), batches, run.info.world_size, time.perf_counter() - started)
 
 
 def split_metrics(prefix: str, result: EvalResult) -> dict:
@@ -414,6 +454,7 @@ def write_summary(run: Run, figure: bool) -> dict:
         "patients_in_train_and_test": run.patients["patients_in_train_and_test"],
         "patients": run.patients,
         "skipped_images": run.skipped_images,  # data.bad_images=skip: split, row, file and why, each
+        **trained_settings(run),  # a linear probe (model.freeze_backbone) or full training, and what trained
     }
     if figure:
         summary.update(uncertainty(run.run_dir))
@@ -487,6 +528,7 @@ def fit(run: Run) -> dict | None:
     step boundary after a checkpoint (RunStopped)."""
     info = run.info
     resumed = resume(run)
+    start_probe(run, resumed)
     effective = distributed.rank0_writes("the run folder's config.yaml and metrics.jsonl",
                                          lambda: start_run_folder(run, resumed), info.is_main)
     tracker = start_tracking(run, resumed.wandb_id, effective) if info.is_main else None
