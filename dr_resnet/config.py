@@ -112,11 +112,13 @@ def initialisation(pretrained: bool) -> str:
 
 
 def normalised_weights(weights: str) -> str:
-    """model.weights as every reader sees it: "none" for any spelling of scratch, "imagenet" in any case,
-    else the path as given."""
+    """model.weights as every reader sees it: "none" for any spelling of scratch, "imagenet" and launch.sweep's
+    keywords (SWEEP_BACKBONES) in any case, else the path as given."""
     text = str(weights).strip()
     if not is_pretrained(text):
         return "none"
+    if text.lower() in SWEEP_BACKBONES:
+        return text.lower()
     return "imagenet" if text.lower() == "imagenet" else text
 
 
@@ -767,3 +769,43 @@ def from_dict(content: dict[str, Any]) -> Config:
     validate(cfg)
     stretch_schedule(cfg)
     return cfg
+
+
+# launch.sweep's keywords for model.weights: fine-tune from an in-domain self-supervised backbone that the sweep
+# pretrains first (launch/backbones.py), keyword -> where that pretraining starts (model.weights of the pretraining
+# run: the inverse of dr_resnet.pretraining.run.STARTED_FROM). Only the sweep gives them a file; a training run
+# alone is told so (refuse_sweep_keyword).
+SWEEP_BACKBONES = {"ssl": "none", "imagenet+ssl": "imagenet"}
+
+
+def refuse_sweep_keyword(cfg: Config) -> None:
+    """One line for model.weights=ssl (or imagenet+ssl) outside a sweep: no backbone file is named."""
+    if cfg.model.weights in SWEEP_BACKBONES:
+        raise ConfigError(f"model.weights={cfg.model.weights} is launch.sweep's keyword (the sweep pretrains the backbone, "
+                          f"then fine-tunes from it); alone, give the backbone file: model.weights=RUN/backbone.pt "
+                          f"(python -m dr_resnet.pretrain writes it)")
+
+
+# The settings that decide a pretrained backbone: the pretraining recipe, the network and where it starts, the
+# photos (the dataset, its splits and tables: the pool is the training split and the test split is refused in it)
+# and how they are read and viewed, the seed. Not data.train_fraction (the pool is the whole training split: the
+# fraction decides only how many labels fine-tuning sees), not the fine-tuning's train.* (lr, epochs, ...), nor
+# where or how it runs (output.*, wandb.*, data.workers, train.device).
+PRETRAINING_KEYS = ("pretrain.", "model.depth", "model.weights", "model.zero_init_residual", "data.root", "data.format",
+                    "data.train_split", "data.test_split", "data.train_csv", "data.test_csv", "data.train_images",
+                    "data.test_images", "data.image_column", "data.label_column", "data.image_suffix",
+                    "data.patient_column", "data.filter", "data.label_map", "data.image_size", "data.bad_images",
+                    "data.max_rotation", "data.flips", "train.seed")
+
+
+def pretraining_hash(cfg: Config) -> str:
+    """A short hash (16 hex digits) of a pretraining config's PRETRAINING_KEYS (data.root resolved): the backbone's
+    identity. Torch-free: the pretraining command records it in backbone.json, and launch.sweep names its cached
+    backbones by it and reuses one whose record has the same hash."""
+    import hashlib
+    import json
+
+    flat = settings_of(cfg.to_dict())
+    flat["data.root"] = str(Path(flat["data.root"]).expanduser().resolve())
+    chosen = {key: value for key, value in sorted(flat.items()) if listed(key, PRETRAINING_KEYS)}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -68,7 +68,9 @@ from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
 
 log = logging.getLogger("dr_resnet.pretrain")
 
-STARTED_FROM = {"none": "ssl", "imagenet": "imagenet+ssl"}  # model.weights -> the backbone's initialisation
+# model.weights -> the backbone's initialisation ({"none": "ssl", "imagenet": "imagenet+ssl"}): launch.sweep's keywords
+# (config.SWEEP_BACKBONES) read the other way
+STARTED_FROM = {start: initialisation for initialisation, start in config.SWEEP_BACKBONES.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,25 +349,11 @@ def record(run: Pretraining, finished: bool) -> dict:
     return {"initialisation": STARTED_FROM[cfg.model.weights], "method": pre.method, "depth": cfg.model.depth,
             "started_from": cfg.model.weights, "pool": run.pool.record(), "images": len(run.pool.paths),
             "epochs": len(run.rows), "epochs_planned": pre.epochs, "image_size": cfg.data.image_size,
-            "config_hash": config_hash(cfg), "processes": run.info.world_size,
+            "config_hash": config.pretraining_hash(cfg), "processes": run.info.world_size,
             "device": str(run.info.device.type), "gpu_hours": hours if cuda else 0.0,
             "cpu_hours": 0.0 if cuda else hours, "final_loss": run.rows[-1]["loss"] if run.rows else None,
             "final_spread_x_sqrt_d": run.rows[-1]["spread_x_sqrt_d"] if run.rows else None,
             "finished": finished, "dr_resnet": __version__}
-
-
-PRETRAINING_KEYS = ("pretrain.", "model.depth", "model.weights", "model.zero_init_residual", "data.image_size",
-                    "data.max_rotation", "data.flips", "train.seed")
-
-
-def config_hash(cfg: Config) -> str:
-    """A short hash of the settings that decide the backbone (the pretrain section, the depth, where it starts,
-    the image size and views, the seed): launch.sweep reuses a backbone whose hash and pool match."""
-    import hashlib
-
-    flat = config.settings_of(cfg.to_dict())
-    chosen = {k: v for k, v in sorted(flat.items()) if any(k == p or k.startswith(p) for p in PRETRAINING_KEYS)}
-    return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def write_backbone(run: Pretraining) -> dict:
@@ -410,7 +398,7 @@ def start_run_folder(run: Pretraining, epochs_done: int) -> None:
     effective = {"lr": run.lr, "lr_rule": run.lr_rule, "global_batch": run.cfg.pretrain.batch_size * run.info.world_size,
                  "steps_per_epoch": run.steps_per_epoch, "precision": run.execution.precision.name,
                  "sync_bn": run.sync_bn, "initialisation": STARTED_FROM[run.cfg.model.weights],
-                 "config_hash": config_hash(run.cfg), "pool": run.pool.record()}
+                 "config_hash": config.pretraining_hash(run.cfg), "pool": run.pool.record()}
     config.save(run.cfg, run.run_dir / CONFIG_FILE, recorded={"effective": effective})
     run.rows = run.rows[:epochs_done]
     write_text(run.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in run.rows))
