@@ -42,11 +42,11 @@ from pathlib import Path
 
 from dr_resnet import config
 from dr_resnet.files import write_text
-from dr_resnet.results.rundir import BACKBONE_FILE, BACKBONE_RECORD, last_launch_error
+from dr_resnet.results.rundir import BACKBONE_FILE, BACKBONE_RECORD, PRETRAINING_JOB_FILE, last_launch_error
 
 from .task import PretrainTask
 
-JOB_FILE = "job.json"  # <folder>/job.json: the SLURM job that pretrains it (job_id, log, submitted_at, sweep)
+JOB_FILE = PRETRAINING_JOB_FILE  # <folder>/job.json: the job that pretrains it (job_id, log, submitted_at)
 CACHE_DIR = "backbones"  # the default cache: the sweep folder's parent / CACHE_DIR
 MADE = ("reused", "pretrained")  # statuses whose backbone.pt exists: its runs start at once
 PENDING = ("submitted", "following")  # statuses whose SLURM job makes it: its runs wait for the job

@@ -63,6 +63,7 @@ def test_a_sweep_pretrains_once_for_every_seed_and_a_second_sweep_reuses_the_bac
         saved = yaml.safe_load((run / "config.yaml").read_text())
         assert saved["model"]["weights"] == str(folder / "backbone.pt") and saved["train"]["seed"] == seed
         assert json.loads((run / "summary.json").read_text())["initialisation"] == "ssl"
+        assert "(ssl, linear scaling)" in (run / "train.log").read_text()  # the ssl arms' learning-rate rule
         assert manifest["runs"][f"resnet18_ssl_seed{seed}"]["backbone"] == folder.name
         scratch = tmp_path / "a" / "resnet18_scratch" / f"seed{seed}"
         assert json.loads((scratch / "summary.json").read_text())["initialisation"] == "scratch"

@@ -28,6 +28,7 @@ PREDICTIONS_FILE = "predictions.csv"  # layout: predictions.py
 VAL_PREDICTIONS_FILE = "predictions_val.csv"
 FINAL_PREDICTIONS_FILE = "predictions_final.csv"
 EVALUATIONS_DIR = "evaluations"  # evaluate's results on other datasets and splits: evaluations/<dataset>-<split>/
+PRETRAINING_JOB_FILE = "job.json"  # a sweep's backbone folder: the SLURM job pretraining it (launch/backbones.py)
 STATUS_FILE = "launch_status.json"  # {"status": "not run" | "failed", "reason": ..., "detail": ...}
 PRUNED_FILE = "checkpoints_pruned.txt"  # a run whose checkpoints were deleted (pruned_note)
 DAMAGED_CHECKPOINT = LAST_CHECKPOINT + ".damaged"  # a last checkpoint that could not be read, moved aside by a resume
@@ -76,6 +77,9 @@ RUN_FILES = (
             "(ssl, imagenet+ssl) and its record; model.weights=PATH fine-tunes from it", "pretrain; read by train"),
     RunFile(BACKBONE_RECORD, "the backbone's record: initialisation, method, the pool of photos (each source with its "
             "counts), epochs, the settings' hash, CPU- or GPU-hours", "pretrain; read by train, report"),
+    RunFile(PRETRAINING_JOB_FILE, 'a sweep\'s backbone folder: the job that pretrains it, {"job_id", "log", '
+            '"submitted_at"}, so that a later or concurrent sweep waits on that job instead of submitting another',
+            "launch.sweep"),
     RunFile(PRETRAINING_PNG, "the pretraining's health per epoch: its loss and the outputs' spread x sqrt(d) (about 1 "
             "healthy, near 0 collapsed)", "pretrain"),
     RunFile(TRAIN_LOG, "rank 0's log and every rank's warnings, appended across resumes and requeues", "train"),
