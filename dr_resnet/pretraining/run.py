@@ -75,7 +75,8 @@ STARTED_FROM = {start: initialisation for initialisation, start in config.SWEEP_
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's parser (docs/reference/commands.md is rendered from it)."""
-    p = argparse.ArgumentParser(prog="python -m dr_resnet.pretrain", description=__doc__.split("\n\n")[0],
+    prog = "dr-pretrain" if Path(sys.argv[0]).name == "dr-pretrain" else "python -m dr_resnet.pretrain"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 epilog=config.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (see configs/pretrain_demo.yaml); its pretrain section is read")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
