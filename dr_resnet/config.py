@@ -50,6 +50,7 @@ Calibration = Literal["none", "temperature"]
 BadImages = Literal["stop", "skip"]  # data/check.py
 Resume = Literal["auto", "never", "must"]
 WandbMode = Literal["online", "offline", "disabled"]
+PretrainMethod = Literal["byol"]  # pretraining/byol.py
 
 
 class ConfigError(UserError, ValueError):
@@ -157,11 +158,13 @@ def initialisation_record(weights: str) -> dict[str, Any]:
 
 
 def normalised_weights(weights: str) -> str:
-    """model.weights as every reader sees it: "none" for any spelling of scratch, "imagenet" in any case,
-    else the path as given."""
+    """model.weights as every reader sees it: "none" for any spelling of scratch, "imagenet" and launch.sweep's
+    keywords (SWEEP_BACKBONES) in any case, else the path as given."""
     text = str(weights).strip()
     if not is_pretrained(text):
         return "none"
+    if text.lower() in SWEEP_BACKBONES:
+        return text.lower()
     return "imagenet" if text.lower() == "imagenet" else text
 
 
@@ -326,6 +329,36 @@ class WandbConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Self-supervised pretraining on fundus photos (python -m dr_resnet.pretrain); training ignores it. The
+    pretraining run also reads data.*, model.depth, model.weights (none or imagenet: where it starts), train.device,
+    amp, channels_last, sync_bn, seed, resume, checkpoint_every_minutes, output.dir and wandb.*."""
+
+    method: PretrainMethod = setting("byol", "byol (Grill et al. 2020: no negatives, so it holds up at a global batch of "
+                                             "about 256 and on a pool of a few thousand photos; docs/pretraining.md says why "
+                                             "not SimCLR, MoCo or DINO)")
+    epochs: int = setting(100, "passes over the pool")
+    batch_size: int = setting(64, "photos per process (each gives two views): the global batch is batch_size x processes")
+    lr_base: float = setting(0.05, "SGD's rate per 256 photos of global batch (SimSiam's recipe, linear scaling), with "
+                                   "linear warm-up and cosine decay; from the literature, not tuned here")
+    weight_decay: float = setting(1e-4, "SGD's L2 penalty (SimSiam's)")
+    momentum: float = setting(0.9, "SGD's")
+    warmup_epochs: float = setting(2.0, "linear warm-up of the learning rate")
+    target_decay: float = setting(0.99, "the target network's weight-average decay at the start, raised to 1 along a cosine "
+                                        "(BYOL's tau; 0.99 rather than its 0.996 for batches of hundreds, not thousands)")
+    hidden_dim: int = setting(4096, "the projector's and predictor's hidden width (BYOL's MLP)")
+    projection_dim: int = setting(256, "the projection's size d: a healthy run's spread is about 1/sqrt(d)")
+    crop_scale: float = setting(0.35, "the smallest share of the retina's area a random crop keeps")
+    colour: float = setting(0.2, "brightness and contrast change by up to this share (saturation by half of it); the "
+                                 "black surround stays black")
+    pools: str = setting("", "unlabelled photos beside data.root's training split: comma-separated ROOT[:SPLIT[:FORMAT]] "
+                             "(another dataset's folder, APTOS's test split); refused when it shares an image or a patient "
+                             "with data.test_split")
+    collapse_below: float = setting(0.1, "stop (one line) when an epoch's spread x sqrt(projection_dim) falls below this: a "
+                                         "collapsed network gives every photo the same output, and its loss still falls")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
@@ -333,6 +366,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     # (epochs, warm-up) as given and as stretched by train.length, once load() has applied it: the fields hold
     # what trains, the saved config what was given (see to_dict)
     stretched = None  # unannotated: not a dataclass field (nor compared, nor saved)
@@ -363,8 +397,9 @@ def _choices() -> dict[str, tuple]:
 
 CHOICES = _choices()
 POSITIVE = ("data.image_size", "train.epochs", "train.batch_size", "train.lr", "train.lr_base_scratch",
-            "train.lr_base_pretrained", "train.lr_base_ssl", "train.lr_base_probe", "train.lr_base_batch", "train.log_every",
-            "wandb.init_timeout")
+            "train.lr_base_pretrained", "train.lr_base_ssl", "train.lr_base_probe", "train.lr_base_batch",
+            "train.log_every", "wandb.init_timeout", "pretrain.epochs", "pretrain.batch_size", "pretrain.lr_base",
+            "pretrain.hidden_dim", "pretrain.projection_dim")
 # Keys that moved (old name -> new name): files, overrides and checkpoints that use the old name still load.
 RENAMED = {"train.regression_loss": "regression.loss", "train.fit_thresholds": "regression.fit_thresholds"}
 # Sections a run's config.yaml also holds that are records, not settings: training writes them (the
@@ -372,7 +407,8 @@ RENAMED = {"train.regression_loss": "regression.loss", "train.fit_thresholds": "
 RECORDED = ("recipe", "effective")  # effective: the values the run derived (learning rate, global batch, ...)
 NON_NEGATIVE = ("data.workers", "data.min_val_images", "data.max_rotation", "train.natural_from", "train.eval_batch_size",
                 "train.momentum", "train.clip_grad_norm", "train.weight_decay", "train.warmup_epochs",
-                "train.checkpoint_every_minutes", "train.nonfinite_skip_limit")
+                "train.checkpoint_every_minutes", "train.nonfinite_skip_limit",
+                "pretrain.weight_decay", "pretrain.warmup_epochs", "pretrain.collapse_below")
 
 
 @dataclass(frozen=True)
@@ -615,6 +651,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.length must be > 0 (a multiple of the schedule), got {cfg.train.length}")
     if not 0 <= cfg.train.ema < 1:
         raise ConfigError(f"train.ema must be in [0, 1) (the average's decay per step; 0: off), got {cfg.train.ema}")
+    pre = cfg.pretrain
+    if not 0 <= pre.target_decay <= 1 or not 0 <= pre.momentum < 1:
+        raise ConfigError(f"pretrain.target_decay must be in [0, 1] and pretrain.momentum in [0, 1), got "
+                          f"{pre.target_decay} and {pre.momentum}")
+    if not 0 < pre.crop_scale <= 1 or not 0 <= pre.colour < 1:
+        raise ConfigError(f"pretrain.crop_scale must be in (0, 1] (a share of the retina's area) and pretrain.colour in "
+                          f"[0, 1), got {pre.crop_scale} and {pre.colour}")
     if not cfg.data.stage_timeout_minutes > 0:
         raise ConfigError(f"data.stage_timeout_minutes must be positive (minutes a process waits for its node's copy), "
                           f"got {cfg.data.stage_timeout_minutes}")
@@ -706,7 +749,8 @@ def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:
 # reruns) of one arm. The report groups runs by every other key (results/arms.py).
 NOT_THE_ARM = ("train.seed", "train.device", "train.compile", "train.cudnn_benchmark", "train.deterministic",
                "train.channels_last", "train.log_every", "train.checkpoint_every_minutes", "train.eval_batch_size",
-               "data.workers", "data.stage_to", "data.stage_timeout_minutes", "output.", "wandb.")
+               "data.workers", "data.stage_to", "data.stage_timeout_minutes", "output.", "wandb.",
+               "pretrain.")  # read by the pretraining command only: a backbone file records its own
 
 
 # Keys no grid or search may vary, and why: they decide the held-out score the trials are chosen on, or
@@ -782,3 +826,43 @@ def from_dict(content: dict[str, Any]) -> Config:
     validate(cfg)
     stretch_schedule(cfg)
     return cfg
+
+
+# launch.sweep's keywords for model.weights: fine-tune from an in-domain self-supervised backbone that the sweep
+# pretrains first (launch/backbones.py), keyword -> where that pretraining starts (model.weights of the pretraining
+# run: the inverse of dr_resnet.pretraining.run.STARTED_FROM). Only the sweep gives them a file; a training run
+# alone is told so (refuse_sweep_keyword).
+SWEEP_BACKBONES = {"ssl": "none", "imagenet+ssl": "imagenet"}
+
+
+def refuse_sweep_keyword(cfg: Config) -> None:
+    """One line for model.weights=ssl (or imagenet+ssl) outside a sweep: no backbone file is named."""
+    if cfg.model.weights in SWEEP_BACKBONES:
+        raise ConfigError(f"model.weights={cfg.model.weights} is launch.sweep's keyword (the sweep pretrains the backbone, "
+                          f"then fine-tunes from it); alone, give the backbone file: model.weights=RUN/backbone.pt "
+                          f"(python -m dr_resnet.pretrain writes it)")
+
+
+# The settings that decide a pretrained backbone: the pretraining recipe, the network and where it starts, the
+# photos (the dataset, its splits and tables: the pool is the training split and the test split is refused in it)
+# and how they are read and viewed, the seed. Not data.train_fraction (the pool is the whole training split: the
+# fraction decides only how many labels fine-tuning sees), not the fine-tuning's train.* (lr, epochs, ...), nor
+# where or how it runs (output.*, wandb.*, data.workers, train.device).
+PRETRAINING_KEYS = ("pretrain.", "model.depth", "model.weights", "model.zero_init_residual", "data.root", "data.format",
+                    "data.train_split", "data.test_split", "data.train_csv", "data.test_csv", "data.train_images",
+                    "data.test_images", "data.image_column", "data.label_column", "data.image_suffix",
+                    "data.patient_column", "data.filter", "data.label_map", "data.image_size", "data.bad_images",
+                    "data.max_rotation", "data.flips", "train.seed")
+
+
+def pretraining_hash(cfg: Config) -> str:
+    """A short hash (16 hex digits) of a pretraining config's PRETRAINING_KEYS (data.root resolved): the backbone's
+    identity. Torch-free: the pretraining command records it in backbone.json, and launch.sweep names its cached
+    backbones by it and reuses one whose record has the same hash."""
+    import hashlib
+    import json
+
+    flat = settings_of(cfg.to_dict())
+    flat["data.root"] = str(Path(flat["data.root"]).expanduser().resolve())
+    chosen = {key: value for key, value in sorted(flat.items()) if listed(key, PRETRAINING_KEYS)}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]

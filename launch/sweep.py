@@ -14,6 +14,14 @@ searched keys and the factors) is SWEEP_DIR/sweep.json (--tune's phase 1: SWEEP_
 arm whose ImageNet weights cannot be had is not trained from scratch instead: it is reported as not run, with the
 missing file named.
 
+An arm with model.weights=ssl (or imagenet+ssl) fine-tunes from a backbone the sweep pretrains first
+(python -m dr_resnet.pretrain), once per pretraining config and pool: every seed, trial and data.train_fraction
+of the arm shares it (its train.seed is the recipe's, not a --seeds value: the seeds vary the fine-tuning). It is
+cached in --backbones (default: the sweep folder's parent's backbones/), named by a hash of the settings that
+decide it, and reused by any later or concurrent sweep; on SLURM the fine-tuning jobs wait for its job
+(--dependency=afterok), locally it runs first. A backbone that cannot be made leaves its arms not run
+(launch/backbones.py).
+
 A searched key (a learning rate: every search: key, and a grid key named in searched: or by --searched) is tuned:
 chosen on held-out figures, then the choice run on fresh seeds (--tune). Any other grid key is a factor (a data
 fraction, the schedule's length, an ablation): the experiment itself, every value reported, none chosen. In W&B,
@@ -56,7 +64,7 @@ from dr_resnet.files import write_text
 from dr_resnet.results import tuning
 from dr_resnet.results.rundir import CONFIG_FILE, LAST_CHECKPOINT, STATUS_FILE, is_finished, last_launch_error
 
-from . import interrupt, pruning, requeue, trials
+from . import backbones, interrupt, pruning, requeue, trials
 from .task import TrainTask
 from .watch import LiveView, watch
 
@@ -138,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int,
                    help="local executor without GPUs: at most this many runs at once (default: all of them)")
     p.add_argument("--out", help="sweep folder (default: the sweep file's 'out', else runs/<name>)")
+    p.add_argument("--backbones", metavar="DIR",
+                   help="where the backbones of ssl and imagenet+ssl arms are pretrained and cached, one folder each "
+                        "named by its settings' hash, shared by every sweep that names the same DIR (default: the "
+                        "sweep folder's parent / backbones, so runs/demo -> runs/backbones); needs a file system "
+                        "with working flock")
     p.add_argument("--executor", choices=("slurm", "local"), default="slurm",
                    help="slurm: a SLURM job per run (submitit) | local: processes on this machine")
     p.add_argument("--nodes", type=int, default=1, help="nodes per run")
@@ -337,17 +350,17 @@ def default_memory(tasks_per_node: int, workers: int) -> str:
     return f"{math.ceil(tasks_per_node * (6 + workers + processes.FORK_SERVER_GB))}G"
 
 
-def make_executor(args: argparse.Namespace, folder: Path, res: Resources):
+def make_executor(args: argparse.Namespace, folder: Path, res: Resources, scripts: list[str] | None = None):
     """submitit's SLURM executor (or, for a dry run without SLURM installed, one that only renders
-    scripts), or its local executor."""
+    scripts, into `scripts` when given: executors that share it number their jobs as one), or its local
+    executor."""
     if args.executor == "local":
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(tasks_per_node=args.tasks_per_node, timeout_min=args.time)
         if args.gpus_per_node:
             executor.update_parameters(gpus_per_node=args.gpus_per_node)
         return executor
-    cls = DryRunSlurmExecutor if args.dry_run else submitit.SlurmExecutor
-    executor = cls(folder=folder)
+    executor = DryRunSlurmExecutor(folder, scripts) if args.dry_run else submitit.SlurmExecutor(folder=folder)
     slurm = {"partition": args.partition, "account": args.account, "qos": args.qos, "constraint": args.constraint,
              "exclude": args.exclude, "gpus_per_node": args.gpus_per_node, "gres": args.gres,
              "setup": list(args.setup) or None, "array_parallelism": args.array_parallelism}
@@ -365,12 +378,13 @@ def make_executor(args: argparse.Namespace, folder: Path, res: Resources):
 class DryRunSlurmExecutor(submitit.SlurmExecutor):
     """submitit's SLURM executor with sbatch left out, for a dry run (also where SLURM is not installed):
     each submission's script, submitit's own as it would go to sbatch, is kept in `scripts` and nothing
-    is queued. It overrides two of the hooks submitit's executors are made of (the executor's affinity
+    is queued; job ids count the scripts (1, 2, ...: a fine-tuning job's dependency names its pretraining
+    job's). It overrides two of the hooks submitit's executors are made of (the executor's affinity
     and the submission command) and calls none of submitit's private methods."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, scripts: list[str] | None = None) -> None:
         super().__init__(folder=folder)
-        self.scripts: list[str] = []
+        self.scripts: list[str] = [] if scripts is None else scripts
 
     @classmethod
     def affinity(cls) -> int:
@@ -388,15 +402,21 @@ def start_now(submission: Callable[[], Any]) -> Any:
 
 
 def submit_each(executor, tasks: dict, slots: list[list[int]] = (), array_name: str = "",
-                start: Callable[[Callable[[], Any]], Any] = start_now):
+                start: Callable[[Callable[[], Any]], Any] = start_now, after: dict[str, str] | None = None):
     """Submit each named task (a picklable callable: a TrainTask, or any other, an evaluation say) as
     one job on `executor`, named after it on SLURM; with array_name, all of them as one job array of
     that name (submitit's batch submission). With GPU slots (the local executor), each job gets a group
     of its own and waits until one is free. `start` makes each submission (start_now, or a launcher's
-    LocalJobs.start). Yields (name, job, gpus or None) as each job goes in."""
+    LocalJobs.start). `after`: name -> the SLURM job it waits for (its backbone's pretraining): that
+    job's sbatch options gain --dependency=afterok:<id> (an array waits for all of them), the others' are
+    the executor's own (requeue.REQUEUE, --slurm's). Yields (name, job, gpus or None) as each job goes in."""
+    after = after or {}
+    slurm = isinstance(executor, submitit.SlurmExecutor)
+    sbatch_options = dict(executor.parameters.get("additional_parameters") or {}) if slurm else {}
     if array_name:
-        if isinstance(executor, submitit.SlurmExecutor):
-            executor.update_parameters(job_name=array_name)
+        if slurm:
+            executor.update_parameters(job_name=array_name, additional_parameters=backbones.dependency(
+                sbatch_options, [after[name] for name in tasks if name in after]))
 
         def submit_array() -> list:
             with executor.batch():
@@ -413,26 +433,49 @@ def submit_each(executor, tasks: dict, slots: list[list[int]] = (), array_name: 
             gpus = scheduler.acquire()
             if gpus is not None:  # a GPU group; None: a CPU slot (--parallel)
                 executor.update_parameters(visible_gpus=gpus)
-        if isinstance(executor, submitit.SlurmExecutor):  # SLURM: the job's name in squeue
-            executor.update_parameters(job_name=name)
+        if slurm:  # SLURM: the job's name in squeue, and what it waits for
+            executor.update_parameters(job_name=name, additional_parameters=backbones.dependency(
+                sbatch_options, [after[name]] if name in after else []))
         job = start(functools.partial(executor.submit, task))
         if scheduler is not None:
             scheduler.hold(job, gpus)
         yield name, job, gpus
 
 
-def dry_run(args: argparse.Namespace, res: Resources, plans: dict, out: Path) -> None:
-    """Print each arm's training arguments and the sbatch script submitit writes for it; submit nothing
-    and write nothing under the sweep folder (submitit's files go to a temporary folder)."""
+def dry_run(args: argparse.Namespace, res: Resources, plans: dict, out: Path, made: dict | None = None) -> None:
+    """Print each backbone's pretraining job (or that it is reused), then each arm's training arguments and
+    the sbatch script submitit writes for it, with its wait on its backbone's job; submit nothing and write
+    nothing under the sweep folder or the backbones' (submitit's files go to a temporary folder)."""
+    made = made or {}
     if args.executor != "slurm":
+        for backbone in made.values():
+            print(f"# ---- pretraining {backbone.name} for {backbone.label}: {backbones.describe(backbone)}\n"
+                  + ("(pretrained earlier: reused)\n" if backbone.finished() else
+                     "(local executor: runs first, its arms once it has finished)\n"))
         for arm, (_, argv_arm, _) in plans.items():
             print(f"# ---- {arm}: dr_resnet.train {shlex.join(argv_arm)}\n(local executor: no sbatch script)\n")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        executor = make_executor(args, Path(tmp), res)
+        scripts: list[str] = []  # one numbering for the pretraining and fine-tuning jobs
+        after = {}
+        for backbone in made.values():
+            if backbone.finished():
+                print(f"# ---- pretraining {backbone.name} for {backbone.label}: {backbone.folder} (pretrained "
+                      f"earlier): reused, no job\n")
+                continue
+            folder = Path(tmp) / "backbones" / backbone.name
+            executor = make_executor(args, folder, res, scripts)
+            executor.update_parameters(job_name=backbone.name)
+            job = executor.submit(backbones.task(backbone, res.threads))
+            after.update({run: job.job_id for run in backbone.runs})
+            text = scripts[-1].replace(str(folder), str(backbone.folder / "submitit"))
+            print(f"# ---- pretraining {backbone.name} for {backbone.label} (job {job.job_id}): "
+                  f"{backbones.describe(backbone)}\n{text}\n")
+        executor = make_executor(args, Path(tmp), res, scripts)
         tasks = {arm: TrainTask(argv_arm, threads=res.threads) for arm, (_, argv_arm, _) in plans.items()}
         if args.array:  # the one script an array submission writes: submitit's batch() sets map_count so
-            executor.update_parameters(job_name=out.name)
+            executor.update_parameters(job_name=out.name, additional_parameters=backbones.dependency(
+                executor.parameters.get("additional_parameters") or {}, list(after.values())))
             executor.parameters["map_count"] = len(tasks)  # (its --array=0-N%P line and %A_%a log names)
             for index, (arm, (_, argv_arm, _)) in enumerate(plans.items()):
                 print(f"# ---- array task {index}: {arm}: dr_resnet.train {shlex.join(argv_arm)}")
@@ -440,7 +483,7 @@ def dry_run(args: argparse.Namespace, res: Resources, plans: dict, out: Path) ->
             executor.submit(tasks[first])
             print(executor.scripts[-1].replace(tmp, str(out / "submitit")).replace("%j", "%A_%a"))
             return
-        for arm, _, _ in submit_each(executor, tasks):
+        for arm, _, _ in submit_each(executor, tasks, after=after):
             text = executor.scripts[-1].replace(tmp, str(out / "submitit"))  # where a real submission keeps its logs
             print(f"# ---- {arm}: dr_resnet.train {shlex.join(plans[arm][1])}\n{text}\n")
 
@@ -529,11 +572,14 @@ def launch(args: argparse.Namespace, argv: list[str] | None, start: Callable = s
         return tune(args, argv, sweep, out, by_arm, record, gridded, roles, start)
     if trials.untuned_warning(searched):
         print(trials.untuned_warning(searched), file=sys.stderr)
-    plans = plan(sweep, args, out, run_names(by_arm, args.seeds), gridded)
-    shown = show(args, sweep, arms, out, plans)
+    names = run_names(by_arm, args.seeds)
+    plans = plan(sweep, args, out, names, gridded)
+    made = pretrainings(sweep, args, out, names, plans)
+    shown = show(args, sweep, arms, out, plans, made)
     if shown is not None:
         return shown
-    jobs = submit(args, argv, plans, out, extra={**roles, **({"search": record} if record else {})}, start=start)
+    jobs = submit(args, argv, plans, out, extra={**roles, **({"search": record} if record else {})}, start=start,
+                  made=made)
     if not (args.wait or args.executor == "local"):  # local jobs are this process's children: always wait
         print(f"report when done: python -m dr_resnet.report {out}")
         return 0
@@ -574,6 +620,25 @@ def plan(sweep: Sweep, args: argparse.Namespace, out: Path, names: dict, gridded
     return plans
 
 
+def pretrainings(sweep: Sweep, args: argparse.Namespace, out: Path, names: dict, plans: dict
+                 ) -> dict[str, backbones.Backbone]:
+    """The backbones the runs of `plans` with model.weights=ssl or imagenet+ssl fine-tune from (backbones.plan:
+    their arguments and configs rewritten in `plans` to load them), each pretrained from the run's recipe (its
+    train.seed the recipe's, not a --seeds value); in --backbones (default: beside the sweep folder). A dry run
+    or --print-config writes nothing."""
+    # the recipe, the arm, the overrides and the trial's values that decide a backbone (a pretrain.* key, say; not
+    # data.train_fraction or train.lr, which every trial's backbone shares): no --seeds value, folder or W&B name
+    recipes = {name: ["--config", str(sweep.base_config), *sweep.arms[arm], *sweep.overrides, *args.overrides,
+                      *trials.overrides_of({k: v for k, v in values.items() if config.listed(k, config.PRETRAINING_KEYS)}),
+                      f"wandb.group={out.name}"]
+               for name, (arm, _, _, _, values) in names.items() if backbones.is_keyword(plans[name][2].model.weights)}
+    if not recipes:
+        return {}
+    cache = Path(args.backbones).resolve() if args.backbones else backbones.default_cache(out)
+    write = not (args.dry_run or args.print_config or args.print_arms)
+    return backbones.plan(plans, recipes, {name: names[name][0] for name in recipes}, cache, write)
+
+
 def with_tag(tags: str, tag: str) -> str:
     """wandb.tags (comma-separated) with `tag` added once."""
     return ",".join(dict.fromkeys([*(t.strip() for t in tags.split(",") if t.strip()), tag]))
@@ -591,11 +656,15 @@ def same_schedules(names: dict, plans: dict) -> None:
                               f"length, rounded): one schedule twice; give lengths that differ by at least an epoch")
 
 
-def show(args: argparse.Namespace, sweep: Sweep, arms: list[str], out: Path, plans: dict) -> int | None:
+def show(args: argparse.Namespace, sweep: Sweep, arms: list[str], out: Path, plans: dict, made: dict | None = None
+         ) -> int | None:
     """--print-config, --print-arms and --dry-run (0: shown, nothing submitted); else the resources line
-    (SLURM) and None."""
+    (SLURM) and None. `made`: the backbones the runs fine-tune from (their pretraining configs and jobs shown first)."""
+    made = made or {}
     if args.print_config:
-        print("\n".join(f"--- # {name}\n" + config.to_yaml(cfg).rstrip() for name, (_, _, cfg) in plans.items()))
+        print("\n".join([*(f"--- # pretraining {name} for {b.label}\n" + config.to_yaml(b.cfg).rstrip()
+                            for name, b in made.items()),
+                          *(f"--- # {name}\n" + config.to_yaml(cfg).rstrip() for name, (_, _, cfg) in plans.items())]))
         return 0
     if args.print_arms:
         if sweep.grid or any(sweep.grid_per_arm.values()) or sweep.search or args.grid or args.tune:
@@ -614,16 +683,18 @@ def show(args: argparse.Namespace, sweep: Sweep, arms: list[str], out: Path, pla
               + (f", --gres {args.gres}" if args.gres else "")
               + (f"; one job array of {len(plans)} runs" if args.array else ""))
     if args.dry_run:
-        dry_run(args, res, plans, out)
+        dry_run(args, res, plans, out, made)
         return 0
     return None
 
 
 def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: Path, manifest_file: str = "sweep.json",
-           extra: dict | None = None, start: Callable = start_now) -> dict:
+           extra: dict | None = None, start: Callable = start_now, made: dict | None = None) -> dict:
     """Submit (or, locally, start) every run of `plans` not finished earlier; the manifest (runs, job ids,
     arguments, and `extra`: a search's drawn values) in out/manifest_file; `start` makes each submission
-    (submit_each). Returns name -> job."""
+    (submit_each). `made`: the backbones the runs fine-tune from (pretrainings), made available first for the
+    runs still to run (backbones.prepare): reused, pretrained here, or a SLURM job their jobs wait for; a run
+    whose backbone cannot be made is not run. Returns name -> job."""
     res = resources(args, [cfg for _, _, cfg in plans.values()])
     slots = gpu_slots(visible_gpus(args.visible_gpus), args.gpus_per_node) \
         if args.executor == "local" and args.gpus_per_node else [None] * args.parallel if args.parallel else []
@@ -637,6 +708,18 @@ def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: P
 
     tasks, reasons, jobs = {}, {}, {}
     alive = jobs_still_queued(out / manifest_file, out / "submitit") if args.executor == "slurm" else {}
+    made = made or {}
+    to_run = {arm for arm, (run_dir, _, cfg) in plans.items() if not is_finished(run_dir, cfg.train.epochs)
+              and arm not in alive}
+    needed = {name: b for name, b in made.items() if to_run & set(b.runs)}
+    for name, backbone in made.items():
+        if name not in needed:
+            backbone.status = "not needed"  # its runs finished earlier or are still queued
+    backbones.prepare(needed, backbones.submitter(functools.partial(backbone_executor, args, res, slots), res.threads,
+                                                  start), args.executor == "slurm", queued_job_ids, missing_weights)
+    manifest["backbones"] = {name: b.manifest_entry() for name, b in made.items()}
+    write_manifest()
+    backbone_of, after = backbones.by_run(made), backbones.waits_on(made)
     for arm, (run_dir, argv_arm, cfg) in plans.items():
         if is_finished(run_dir, cfg.train.epochs):
             # Run again after an interruption, the sweep goes on where it stopped: a finished run is kept.
@@ -648,7 +731,10 @@ def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: P
             print(f"{arm}: job {jobs[arm].job_id} of an earlier launch is still in SLURM: followed, not submitted again")
             continue
         weights = (cfg.model.weights, cfg.model.depth)  # the seeds of an arm share it: looked up once
-        if weights not in reasons:
+        if arm in backbone_of:  # a backbone being made is not missing; one that cannot be made is
+            backbone = backbone_of[arm]
+            reasons[weights] = "" if backbone.status in (*backbones.MADE, *backbones.PENDING) else backbone.not_made()
+        elif weights not in reasons:
             reasons[weights] = missing_weights(cfg)
         reason = reasons[weights]
         if reason:
@@ -659,9 +745,12 @@ def submit(args: argparse.Namespace, argv: list[str] | None, plans: dict, out: P
             set_status(run_dir, cfg)
             tasks[arm] = TrainTask(argv_arm, threads=res.threads)
     array_name = out.name if args.array else ""
-    for arm, job, gpus in submit_each(make_executor(args, out / "submitit", res), tasks, slots, array_name, start):
+    for arm, job, gpus in submit_each(make_executor(args, out / "submitit", res), tasks, slots, array_name, start,
+                                      after):
         jobs[arm] = job
         entry = {"gpus": gpus} if gpus is not None else {}
+        if arm in backbone_of:
+            entry["backbone"] = backbone_of[arm].name
         manifest["runs"][arm] = {"status": "submitted", "job_id": job.job_id, "run_dir": str(plans[arm][0]),
                                  "log": str(job.paths.stdout).replace("%t", "0"), "argv": plans[arm][1],
                                  "submitted_at": time.time(), **entry}
@@ -685,13 +774,29 @@ def jobs_still_queued(manifest: Path, folder: Path) -> dict:
                  if entry.get("status") == "submitted"}
     if not submitted:
         return {}
-    listed = subprocess.run(["squeue", "--noheader", "--array", "--format=%i"], capture_output=True, text=True)
-    if listed.returncode != 0:
-        raise ConfigError(f"squeue failed ({listed.stderr.strip()}): cannot tell whether the jobs of the earlier "
-                          f"launch ({manifest}) are still queued; run again once squeue answers")
-    queued = set(listed.stdout.split())
+    queued = queued_job_ids(f"the jobs of the earlier launch ({manifest})")
     return {name: (submitit.SlurmJob(folder, entry["job_id"]), entry) for name, entry in submitted.items()
             if entry["job_id"] in queued}
+
+
+def queued_job_ids(what: str = "an earlier launch's pretraining job") -> set[str]:
+    """The ids of every job in the SLURM queue (squeue: pending, running, requeued; array tasks one by one)."""
+    listed = subprocess.run(["squeue", "--noheader", "--array", "--format=%i"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise ConfigError(f"squeue failed ({listed.stderr.strip()}): cannot tell whether {what} is still queued; run "
+                          f"again once squeue answers")
+    return set(listed.stdout.split())
+
+
+def backbone_executor(args: argparse.Namespace, res: Resources, slots: list, backbone: backbones.Backbone):
+    """The executor of a backbone's pretraining job: the arms' (same resources), its logs in the backbone's
+    folder (submitit/), named after it on SLURM; locally, the first GPU group (the arms wait for it anyway)."""
+    executor = make_executor(args, backbone.folder / "submitit", res)
+    if args.executor == "slurm":
+        executor.update_parameters(job_name=backbone.name)
+    elif slots and slots[0] is not None:
+        executor.update_parameters(visible_gpus=slots[0])
+    return executor
 
 
 def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Path,
@@ -703,6 +808,7 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     (SWEEP_DIR/<arm>/<trial>/seed<k>/), then the report. Finished runs of either phase are never run again."""
     names1 = run_names(by_arm, [args.tune_seed], under=tuning.TUNE_DIR, seed_folders=False)
     phase1 = plan(sweep, args, out, names1, gridded, tag=TUNE_TAG)
+    made1 = pretrainings(sweep, args, out, names1, phase1)  # phase 2's runs find the same backbones (same hash)
     if args.tune_seed in args.seeds:
         print(f"warning: --seeds {','.join(map(str, args.seeds))} holds --tune-seed {args.tune_seed}: each winner's run on "
               f"that seed repeats the run it won with, lucky draw included", file=sys.stderr)
@@ -710,10 +816,10 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
         print(f"# phase 1 of --tune: {len(phase1)} runs ({args.tune} trials an arm, seed {args.tune_seed}); phase 2 "
               f"(each arm's winner on seeds {','.join(map(str, args.seeds))}) is planned once phase 1 "
               f"has finished")
-        return show(args, sweep, list(by_arm), out, phase1) or 0
+        return show(args, sweep, list(by_arm), out, phase1, made1) or 0
     roles = roles or {}
     jobs = submit(args, argv, phase1, out / tuning.TUNE_DIR, "sweep.json",
-                  extra={**roles, **({"search": record} if record else {})}, start=start)
+                  extra={**roles, **({"search": record} if record else {})}, start=start, made=made1)
     failed = wait_for_all(jobs, phase1, trials_of={name: (arm, trial) for name, (arm, _, _, trial, _) in names1.items()})
     choice = tuning.choose(out / tuning.TUNE_DIR, by_arm)
     if record:  # the best-of-k curve counts each repeat of a configuration as a trial of its own
@@ -727,14 +833,16 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     if not winners:
         print(f"no arm has a winner: phase 2 not run (tuning.json: {out / tuning.TUNING_FILE})", file=sys.stderr)
         return 1
-    phase2 = plan(sweep, args, out, run_names(winners, args.seeds), tag=FINAL_TAG)
+    names2 = run_names(winners, args.seeds)
+    phase2 = plan(sweep, args, out, names2, tag=FINAL_TAG)
+    made2 = pretrainings(sweep, args, out, names2, phase2)
     recipe = next(iter(phase2.values()))[2]
     for arm, named in winners.items():
         set_aside_earlier_winners(out / arm, next(iter(named)), recipe.wandb)
     if args.keep_checkpoints == "winners":  # after the set-aside, which reads the W&B ids in their checkpoints
         print(pruning.prune_losers(out, choice))
     log_winners(choice, out, recipe)
-    jobs = submit(args, argv, phase2, out, extra=roles, start=start)  # SWEEP_DIR/sweep.json: the manifest the report reads
+    jobs = submit(args, argv, phase2, out, extra=roles, start=start, made=made2)  # SWEEP_DIR/sweep.json: the report's
     code = wait_and_report(jobs, phase2, out)
     return 1 if failed or len(winners) < len(by_arm) else code
 

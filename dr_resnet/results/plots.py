@@ -142,3 +142,24 @@ def save_confusion_matrix(cm: np.ndarray, path: str | os.PathLike, title: str) -
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def save_pretraining_health(rows: Sequence[dict], collapse_below: float, path: str | os.PathLike, title: str):
+    """A pretraining's health: its loss per epoch beside the normalised outputs' spread x sqrt(d), with the
+    collapse line (pretrain.collapse_below) and the healthy level (1) drawn. A falling loss alone proves nothing:
+    a collapsed network lowers it fastest. Returns the figure (saved to `path`)."""
+    epochs = [r["epoch"] for r in rows]
+    fig = new_figure(9, 3.4)
+    loss_axes, spread_axes = fig.subplots(1, 2)
+    loss_axes.plot(epochs, [r["loss"] for r in rows], marker="o", color=COLOURS[0])
+    loss_axes.set(xlabel="epoch", ylabel="BYOL loss (2 - 2 cos, both view orders)", title="loss")
+    spread_axes.plot(epochs, [r["spread_x_sqrt_d"] for r in rows], marker="o", color=COLOURS[1])
+    spread_axes.axhline(1.0, color="grey", linestyle=":", label="healthy (1/sqrt(d) per dimension)")
+    spread_axes.axhline(collapse_below, color="tab:red", linestyle="--", label=f"collapse (< {collapse_below:g})")
+    spread_axes.set(xlabel="epoch", ylabel="spread x sqrt(d)", title="outputs' spread", ylim=(0, None))
+    spread_axes.legend(fontsize="small")
+    for axes in (loss_axes, spread_axes):
+        axes.grid(alpha=0.3)
+    fig.suptitle(title, fontsize="medium")
+    save(fig, path)
+    return fig

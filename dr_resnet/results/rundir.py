@@ -28,10 +28,14 @@ PREDICTIONS_FILE = "predictions.csv"  # layout: predictions.py
 VAL_PREDICTIONS_FILE = "predictions_val.csv"
 FINAL_PREDICTIONS_FILE = "predictions_final.csv"
 EVALUATIONS_DIR = "evaluations"  # evaluate's results on other datasets and splits: evaluations/<dataset>-<split>/
+PRETRAINING_JOB_FILE = "job.json"  # a sweep's backbone folder: the SLURM job pretraining it (launch/backbones.py)
 STATUS_FILE = "launch_status.json"  # {"status": "not run" | "failed", "reason": ..., "detail": ...}
 PRUNED_FILE = "checkpoints_pruned.txt"  # a run whose checkpoints were deleted (pruned_note)
 DAMAGED_CHECKPOINT = LAST_CHECKPOINT + ".damaged"  # a last checkpoint that could not be read, moved aside by a resume
 REPLACED_PREFIX = "replaced-"  # replaced-<time>/: an earlier run's files, moved aside by train.resume=never
+BACKBONE_FILE = "backbone.pt"  # python -m dr_resnet.pretrain's result: what model.weights=PATH loads
+BACKBONE_RECORD = "backbone.json"  # beside it: its initialisation and what it learned from (config.recorded_initialisation)
+PRETRAINING_PNG = "pretraining.png"  # the pretraining's health: loss and spread per epoch
 WANDB_DIR = "wandb"  # W&B's own files for the run (wandb.init's dir is the run folder)
 CHECKPOINT_FILES = (LAST_CHECKPOINT, PREV_CHECKPOINT, BEST_CHECKPOINT)  # what pruning deletes (also the .damaged one)
 SELECTED_PREDICTIONS = (PREDICTIONS_FILE, VAL_PREDICTIONS_FILE)  # the files that go with checkpoint_best.pt
@@ -69,6 +73,15 @@ RUN_FILES = (
     RunFile("*.csv" + PENDING_SUFFIX, f"a newly selected epoch's predictions, written before its {BEST_CHECKPOINT} and "
             "renamed in place after it: a kill between them leaves the old pair and a pending file that the next start "
             "renames or deletes, and that the report refuses to guess on", "train"),
+    RunFile(BACKBONE_FILE, "a pretraining run's result: the backbone's weights without a classifier, its initialisation "
+            "(ssl, imagenet+ssl) and its record; model.weights=PATH fine-tunes from it", "pretrain; read by train"),
+    RunFile(BACKBONE_RECORD, "the backbone's record: initialisation, method, the pool of photos (each source with its "
+            "counts), epochs, the settings' hash, CPU- or GPU-hours", "pretrain; read by train, report"),
+    RunFile(PRETRAINING_JOB_FILE, 'a sweep\'s backbone folder: the job that pretrains it, {"job_id", "log", '
+            '"submitted_at"}, so that a later or concurrent sweep waits on that job instead of submitting another',
+            "launch.sweep"),
+    RunFile(PRETRAINING_PNG, "the pretraining's health per epoch: its loss and the outputs' spread x sqrt(d) (about 1 "
+            "healthy, near 0 collapsed)", "pretrain"),
     RunFile(TRAIN_LOG, "rank 0's log and every rank's warnings, appended across resumes and requeues", "train"),
     RunFile(STATUS_FILE, 'a launcher\'s word on a run it could not run: {"status": "not run" | "failed", "reason", '
             '"detail"}', "launch.sweep; read by report"),

@@ -206,6 +206,10 @@ class Tracker:
             values[f"thresholds/{i}"] = threshold
         self._guard("log", lambda: self.run.log(values))
 
+    def update_summary(self, values: dict[str, Any]) -> None:
+        """Values into the W&B run's summary (a pretraining's final loss and cost)."""
+        self._guard("summary", lambda: self.run.summary.update(values))
+
     def log_summary(self, summary: dict[str, Any], confusion_png: Path | None) -> None:
         """The selected and final epochs' values, the majority baseline, the collapse flag, and the
         confusion matrix (plot and image)."""

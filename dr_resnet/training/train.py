@@ -798,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     config_file, overrides = args.config, args.overrides
     try:
         cfg = config.load(config_file, overrides)
+        config.refuse_sweep_keyword(cfg)  # model.weights=ssl names no file outside launch.sweep
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
