@@ -152,8 +152,8 @@ def initialisation_record(weights: str) -> dict[str, Any]:
     and, for a backbone file with a sidecar, the sidecar's "pretraining" record (method, pool, compute, ...)."""
     record = backbone_record(weights) or {}
     found = {"initialisation": recorded_initialisation(weights)}
-    if "pretraining" in record:
-        found["pretraining"] = record["pretraining"]
+    if record:  # backbone.json is the pretraining's record itself (pretraining/run.py's record)
+        found["pretraining"] = record
     return found
 
 

@@ -53,7 +53,7 @@ def backbone_file(folder: Path, initialisation: str | None, name: str = "backbon
     the rule is torch-free); initialisation None: a sidecar without one."""
     path = folder / name
     path.write_bytes(b"")
-    record = {"pretraining": {"method": "byol", "epochs": 3, "gpu_hours": 0.5, "finished": True}}
+    record = {"method": "byol", "epochs": 3, "gpu_hours": 0.5, "finished": True}  # pretraining/run.py's record
     if initialisation is not None:
         record["initialisation"] = initialisation
     path.with_suffix(".json").write_text(json.dumps(record))
@@ -78,8 +78,8 @@ def test_the_initialisation_is_none_scratch_imagenet_pretrained_and_a_backbones_
                                               "resnet50_imagenet+ssl"]
     assert [m.pretrained for m in arms.values()] == [False, True, True, True]  # whether it loads weights
     # what the run records: the initialisation, and a backbone's pretraining record
-    assert config.initialisation_record(str(ssl)) == {
-        "initialisation": "ssl", "pretraining": {"method": "byol", "epochs": 3, "gpu_hours": 0.5, "finished": True}}
+    assert config.initialisation_record(str(ssl)) == {"initialisation": "ssl", "pretraining": {
+        "method": "byol", "epochs": 3, "gpu_hours": 0.5, "finished": True, "initialisation": "ssl"}}
     assert config.initialisation_record("imagenet") == {"initialisation": "pretrained"}
     assert config.initialisation_record(str(unknown)) == {"initialisation": "pretrained"}
     # a sidecar that cannot be read, or names no known initialisation: one line naming the file

@@ -917,7 +917,7 @@ def test_a_run_from_a_backbone_records_its_initialisation_and_pretraining_and_th
               "images": 24, "gpu_hours": 0.0, "cpu_hours": 0.01, "finished": True}
     torch.save({"model": {k: v for k, v in build_resnet(18).state_dict().items() if not k.startswith("fc.")},
                 "initialisation": "ssl", "pretraining": record}, backbone)
-    backbone.with_suffix(".json").write_text(json.dumps({"initialisation": "ssl", "pretraining": record}))
+    backbone.with_suffix(".json").write_text(json.dumps(record))  # the sidecar is the record itself
     run = tmp_path / "sweep" / "resnet18_ssl"
     assert train(["--config", str(REPO / "configs" / "demo.yaml"), f"data.root={data}", "data.image_size=32",
                   "train.batch_size=8", "train.epochs=1", "train.warmup_epochs=0", "data.workers=0",
