@@ -868,7 +868,10 @@ def test_every_pair_of_initialisations_at_a_depth_is_a_member_of_the_question(tm
     from dr_resnet.results.report import arrange
 
     sweep = tmp_path / "sweep"
-    pretraining = {"method": "byol", "epochs": 50, "images": 3000, "cpu_hours": 0.4, "gpu_hours": 0.0}
+    pretraining = {"method": "byol", "epochs": 50, "images": 3000, "cpu_hours": 0.4, "gpu_hours": 0.0,
+                   "initialisation": "ssl", "config_hash": "0bb06d56d424314e", "finished": True,
+                   "pool": [{"root": "/data/eyepacs", "split": "train", "format": "lab", "images": 1000, "patients": 500},
+                            {"root": "/data/aptos", "split": "test", "format": "aptos", "images": 2000, "patients": 2000}]}
     for arm, weights, skill in (("resnet18_ssl", "/elsewhere/backbone.pt", 0.7), ("resnet18_pretrained", "imagenet", 0.6),
                                 ("resnet18_scratch", "none", 0.5)):
         for seed in range(3):
@@ -899,6 +902,15 @@ def test_every_pair_of_initialisations_at_a_depth_is_a_member_of_the_question(tm
     md = (out / "results.md").read_text()
     assert "imagenet+ssl" not in md and "no run of" not in md
     assert md.index("| resnet18 scratch |") < md.index("| resnet18 pretrained |") < md.index("| resnet18 ssl |")
+    # the backbone's cost beside its arm in the answer, and what it learned from in the Backbones table
+    answer = md.split("# Answer")[1].split("\n#")[0].splitlines()  # the answer table, before the next section
+    [ssl_row] = [line for line in answer if line.startswith("| resnet18 ssl |")]
+    assert ssl_row.rstrip(" |").endswith("0.40 CPU-h (byol, 50 epochs on 3000 photos)")
+    others = [line for line in answer if line.startswith(("| resnet18 scratch |", "| resnet18 pretrained |"))]
+    assert len(others) == 2 and all(line.rstrip(" |").endswith("| -") for line in others)
+    backbones = md.split("## Backbones")[1]
+    assert ("| resnet18 ssl | ssl | /data/eyepacs:train (1000, 500); /data/aptos:test (2000, 2000) | 0.40 CPU-h (byol, "
+            "50 epochs on 3000 photos) | 0bb06d56d424314e |") in backbones
 
 
 def test_a_run_from_a_backbone_records_its_initialisation_and_pretraining_and_the_report_names_its_arm(tmp_path):

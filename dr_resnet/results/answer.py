@@ -129,7 +129,8 @@ def headline(arms: list[Arm], searched: set[str] = frozenset(), choice: dict | N
 def answer_rows(headlines: list[Headline], root: Path) -> list[dict]:
     """Per headline arm: how its setting was chosen, the held-out score that chose it, its finished seeds' test
     QWK and accuracy at the selected epoch with t-intervals over seeds and patients (mean of the seeds alone
-    where predictions are missing), the seeds' spread, the majority baseline, trials and training minutes."""
+    where predictions are missing), the seeds' spread, the majority baseline, trials and training minutes, and
+    its backbone's pretraining record (its cost said beside the arm: a backbone costs compute the minutes omit)."""
     rows = []
     for h in headlines:
         row = {"arm": h.name, "how": h.how, "held_out": h.held_out, "held_out_metric": h.metric,
@@ -137,6 +138,7 @@ def answer_rows(headlines: list[Headline], root: Path) -> list[dict]:
         arm = h.arm
         finished = arm.finished if arm else []
         row["seeds"] = len(finished)
+        row["pretraining"] = next((r.pretraining for r in (arm.runs if arm else []) if r.pretraining), {})
         if not finished:
             row["status"] = (arm.runs[0].launch_status if arm and arm.runs and arm.runs[0].launch_status
                              else h.how if arm is None else "no finished run yet")
@@ -214,6 +216,7 @@ def fold_curves(rows: list[dict], headlines: list[Headline], key: str) -> list[d
         entry["points"].append((arm.factors[key], row))
         entry["trials"] += row["trials"]
         entry["minutes"] += row["minutes"]
+        entry["pretraining"] = entry.get("pretraining") or row.get("pretraining")  # the line's one backbone
     for entry in lines.values():
         entry["points"].sort(key=lambda point: float(point[0]))
     return folded

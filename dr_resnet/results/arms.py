@@ -92,6 +92,12 @@ class RunRecord:
         return self.summary.get("initialisation") or recorded_initialisation(self.weights)
 
     @property
+    def pretraining(self) -> dict:
+        """Its backbone's pretraining record (pretraining/run.py's backbone.json: method, pool, epochs, cost), as its
+        summary or config.yaml's `effective` kept it; {} for a run that started from no such backbone."""
+        return self.summary.get("pretraining") or self.effective.get("pretraining") or {}
+
+    @property
     def complete(self) -> bool:
         """Whether it trained every planned epoch (a run still going would lend its last epoch as final)."""
         return bool(self.rows) and self.rows[-1]["epoch"] >= self.epochs_planned

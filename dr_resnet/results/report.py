@@ -76,6 +76,7 @@ from dr_resnet.results.tables import (
     COLUMNS,
     Table,
     answer_table,
+    backbones_table,
     comparisons_table,
     convergence_table,
     datasets_table,
@@ -710,12 +711,15 @@ def answer_tables(heads: list[Headline], comparisons: list[dict], families: list
     if curves:  # a curve's line in one row (one curve: rows of arms along two curves are a grid, left as they are)
         rows = fold_curves(rows, heads, curves[0])
     tables = [answer_table(rows)]
+    backbones = backbones_table(rows)
     members = question(comparisons)
     if members:
         tables.append(question_table(fold_question(members, curves), families))
     tables.append(weigh_table(weigh(heads, root, detectable)))
     if detectable:
         tables.append(detectable_table(detectable))
+    if backbones is not None:  # what the ssl arms learned from and what it cost, after what the answer rests on
+        tables.append(backbones)
     return tables
 
 

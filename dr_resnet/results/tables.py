@@ -113,7 +113,8 @@ def answer_table(rows: list[dict]) -> Table:
                Column("qwk", "test QWK (95% CI)"), Column("accuracy", "test accuracy (95% CI)"),
                Column("referable_auc", "test referable AUC (95% CI)"),
                Column("sd", "seeds' sd (QWK)"), Column("baseline", "majority baseline"), Column("seeds", "seeds"),
-               Column("runs", "runs behind it"), Column("minutes", "training minutes")]
+               Column("runs", "runs behind it"), Column("minutes", "training minutes"),
+               Column("pretraining", "pretraining (its backbone's cost)")]
     table = Table("answer", "Answer", ANSWER_NOTE, columns, note_below=True,
                   numeric=frozenset(["held_out", "qwk", "accuracy", "referable_auc", "sd", "baseline", "seeds", "runs",
                                      "minutes"]))
@@ -133,7 +134,41 @@ def answer_table(rows: list[dict]) -> Table:
         table.rows.append(Row([arm, row["how"], held, _estimate(row["qwk"]), _estimate(row["accuracy"]),
                                _estimate(row.get("referable_auc")),
                                f"{sd:.3f}" if sd is not None else "-", number(row.get("baseline"), 3), str(row["seeds"]),
-                               str(row["trials"]), f"{row['minutes']:.1f}"]))
+                               str(row["trials"]), f"{row['minutes']:.1f}", pretraining_cost(row.get("pretraining"))]))
+    return table
+
+
+def pretraining_cost(record: dict | None) -> str:
+    """A backbone's cost as the answer says it beside its arm: GPU- or CPU-hours, its method, epochs and photos;
+    '-' for an arm without one (ImageNet's weights cost this experiment nothing; scratch has none)."""
+    if not record:
+        return "-"
+    hours = (f"{record['gpu_hours']:.2f} GPU-h" if record.get("gpu_hours") else
+             f"{record.get('cpu_hours') or 0:.2f} CPU-h")
+    unfinished = "" if record.get("finished", True) else ", unfinished"
+    return (f"{hours} ({record.get('method', '?')}, {record.get('epochs', '?')} epochs on {record.get('images', '?')} "
+            f"photos{unfinished})")
+
+
+def backbones_table(rows: list[dict]) -> Table | None:
+    """The backbones the arms fine-tuned from: each one's pool (every source with its photos and patients), method,
+    epochs, settings' hash and cost; None when no arm started from one."""
+    found = [row for row in rows if row.get("pretraining")]
+    if not found:
+        return None
+    columns = [Column("arm", "arm"), Column("initialisation", "initialisation"), Column("pool", "pool (photos, patients)"),
+               Column("pretraining", "pretraining"), Column("hash", "settings' hash")]
+    table = Table("backbones", "Backbones",
+                  "Each arm's self-supervised backbone (python -m dr_resnet.pretrain): the photos it learned from, "
+                  "their grades unread, none of them in the test split (the pool is refused otherwise), and what it "
+                  "cost. The seeds of an arm share its backbone: they vary the fine-tuning, not the pretraining.",
+                  columns)
+    for row in found:
+        record = row["pretraining"]
+        pool = "; ".join(f"{s.get('root', '?')}:{s.get('split', '?')} ({s.get('images', '?')}, {s.get('patients', '?')})"
+                         for s in record.get("pool", [])) or "-"
+        table.rows.append(Row([row["arm"], str(record.get("initialisation", "-")), pool,
+                               pretraining_cost(record), str(record.get("config_hash", "-"))]))
     return table
 
 
@@ -150,7 +185,8 @@ def curve_row(row: dict) -> Row:
     return Row([f"{row['arm']} along {key}", f"a curve of {len(points)} values of {key}, every one reported (section "
                 f"'Scores along {key}'; none chosen)", "-", at("qwk"), at("accuracy"), at("referable_auc"), "-",
                 number(next((found.get("baseline") for _, found in scored), None), 3),
-                " to ".join(map(str, dict.fromkeys([seeds[0], seeds[-1]]))), str(row["trials"]), f"{row['minutes']:.1f}"])
+                " to ".join(map(str, dict.fromkeys([seeds[0], seeds[-1]]))), str(row["trials"]), f"{row['minutes']:.1f}",
+                pretraining_cost(row.get("pretraining"))])
 
 
 QUESTION_NOTE = (
