@@ -332,3 +332,22 @@ def test_host_syncs_per_step_on_two_gpus_with_and_without_sync_batchnorm(tmp_pat
     assert found["false"]["host_syncs"] == [0, 0]
     assert found["false+ema"]["host_syncs"] == [0, 0] and found["false+ema"]["ema_updates"] == 8
     assert all(count > 0 for count in found["true"]["host_syncs"])
+
+
+def test_pretraining_on_the_gpu_runs_in_mixed_precision_channels_last_and_writes_its_backbone(tiny, tmp_path):
+    """python -m dr_resnet.pretrain on one GPU: autocast (bf16 or fp16) and channels_last as training's, a finite
+    loss, a healthy spread and the backbone file, with GPU-hours recorded."""
+    import yaml
+
+    from dr_resnet.pretraining.run import main
+
+    run_dir = tmp_path / "pretrain"
+    assert main([f"data.root={tiny}", "data.image_size=64", "data.workers=2", "train.device=cuda",
+                 f"output.dir={run_dir}", "pretrain.epochs=1", "pretrain.batch_size=16", "pretrain.hidden_dim=256",
+                 "pretrain.projection_dim=64"]) == 0
+    effective = yaml.safe_load((run_dir / "config.yaml").read_text())["effective"]
+    assert effective["precision"] in ("bf16", "fp16")
+    record = json.loads((run_dir / "backbone.json").read_text())
+    assert record["device"] == "cuda" and record["gpu_hours"] > 0 and record["cpu_hours"] == 0
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(row["loss"]) and row["spread_x_sqrt_d"] > 0.1
