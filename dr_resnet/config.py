@@ -855,6 +855,14 @@ PRETRAINING_KEYS = ("pretrain.", "model.depth", "model.weights", "model.zero_ini
                     "data.max_rotation", "data.flips", "train.seed")
 
 
+def resolved_pools(pools: str) -> str:
+    """pretrain.pools with each entry's ROOT resolved (its :SPLIT[:FORMAT] as given): the same folders named
+    from another working folder, or by a relative path, are the same pool."""
+    entries = [entry.strip() for entry in pools.split(",") if entry.strip()]
+    return ",".join(str(Path(root).expanduser().resolve()) + (f":{rest}" if rest else "")
+                    for root, _, rest in (entry.partition(":") for entry in entries))
+
+
 def pretraining_hash(cfg: Config) -> str:
     """A short hash (16 hex digits) of a pretraining config's PRETRAINING_KEYS (data.root resolved): the backbone's
     identity. Torch-free: the pretraining command records it in backbone.json, and launch.sweep names its cached
@@ -864,5 +872,6 @@ def pretraining_hash(cfg: Config) -> str:
 
     flat = settings_of(cfg.to_dict())
     flat["data.root"] = str(Path(flat["data.root"]).expanduser().resolve())
+    flat["pretrain.pools"] = resolved_pools(flat["pretrain.pools"])
     chosen = {key: value for key, value in sorted(flat.items()) if listed(key, PRETRAINING_KEYS)}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import torchvision
@@ -146,7 +148,9 @@ def test_a_backbone_file_loads_strictly_with_only_its_missing_classifier_fresh(t
         source.bn1.running_mean.uniform_()
     backbone = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
     path = tmp_path / "backbone.pt"
-    torch.save({"model": backbone, "initialisation": "ssl", "pretraining": {"method": "byol", "epochs": 2}}, path)
+    record = {"initialisation": "ssl", "method": "byol", "epochs": 2}
+    torch.save({"model": backbone, "initialisation": "ssl", "pretraining": record}, path)
+    path.with_suffix(".json").write_text(json.dumps(record))  # the record pretrain writes beside it
     torch.manual_seed(7)
     fresh = build_resnet(18, head_bias=0.25)
     torch.manual_seed(7)
@@ -160,17 +164,20 @@ def test_a_backbone_file_loads_strictly_with_only_its_missing_classifier_fresh(t
     lacking = dict(backbone)
     del lacking["layer2.1.bn2.running_var"]
     torch.save({"model": lacking, "initialisation": "ssl"}, tmp_path / "lacking.pt")
+    (tmp_path / "lacking.json").write_text(json.dumps(record))
     with pytest.raises(WeightsMismatchError) as refused:
         build_resnet(18, weights=tmp_path / "lacking.pt")
     assert str(refused.value) == (f"weights from {tmp_path / 'lacking.pt'} do not fit ResNet18: besides fc.weight, fc.bias, "
                                   "1 key(s) missing (first ['layer2.1.bn2.running_var']), 0 unexpected (first [])")
     extra = {**backbone, "projector.0.weight": torch.zeros(3)}  # a head of pretraining left in
     torch.save({"model": extra, "initialisation": "ssl"}, tmp_path / "extra.pt")
+    (tmp_path / "extra.json").write_text(json.dumps(record))
     with pytest.raises(WeightsMismatchError, match=r"besides fc.weight, fc.bias, 0 key\(s\) missing \(first \[\]\), "
                                                    r"1 unexpected \(first \['projector.0.weight'\]\)$"):
         build_resnet(18, weights=tmp_path / "extra.pt")
     torch.save({"model": {k: v for k, v in build_resnet(50).state_dict().items() if not k.startswith("fc.")},
                 "initialisation": "ssl"}, tmp_path / "r50.pt")
+    (tmp_path / "r50.json").write_text(json.dumps(record))
     with pytest.raises(WeightsMismatchError) as deeper:
         build_resnet(18, weights=tmp_path / "r50.pt")
     assert "\n" not in str(deeper.value) and "holds ResNet50 weights; model.depth=18 builds a ResNet18" in str(deeper.value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def one_epoch(data, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_the_backbone_loads_strictly_into_its_depth_and_records_what_it_learned_from(one_epoch, data):
+def test_the_backbone_loads_strictly_into_its_depth_and_records_what_it_learned_from(one_epoch, data, tmp_path):
     saved = checkpoint.load(one_epoch / "backbone.pt")
     reference = build_resnet(18).state_dict()
     assert set(saved["model"]) == set(reference) - {"fc.weight", "fc.bias"}  # everything but the classifier
@@ -89,6 +90,10 @@ def test_the_backbone_loads_strictly_into_its_depth_and_records_what_it_learned_
         assert torch.equal(loaded.state_dict()[key], value), key
     with pytest.raises(WeightsMismatchError, match="ResNet18 weights; model.depth=50"):
         build_resnet(50, weights=one_epoch / "backbone.pt")
+    alone = tmp_path / "backbone.pt"  # copied without its record: it would be named and trained as pretrained
+    shutil.copy(one_epoch / "backbone.pt", alone)
+    with pytest.raises(WeightsMismatchError, match="a backbone of initialisation ssl, but the record beside it"):
+        build_resnet(18, weights=alone)
 
 
 def test_fine_tuning_from_the_backbone_is_an_ssl_arm(one_epoch, data, tmp_path):
@@ -168,5 +173,7 @@ def test_stopped_mid_epoch_or_killed_it_resumes_bit_for_bit(data, tmp_path):
     wait_for_line(log, "pretraining epoch 1/2  loss")
     process.kill()
     process.wait(timeout=60)
+    assert checkpoint.load(killed / "checkpoint_last.pt")["epoch"] == 1  # the kill landed inside epoch 2
+    assert not (killed / "backbone.pt").exists()
     assert main(args(data, killed, "train.checkpoint_every_minutes=0", epochs=2)) == 0
     assert_same_backbones(straight, killed)

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from dr_resnet.config import is_pretrained
+from dr_resnet.config import is_pretrained, recorded_initialisation
 from dr_resnet.errors import UserError
 from dr_resnet.registry import ARCHITECTURES, DEPTHS, Architecture
 
@@ -204,6 +204,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         log.info("%s: a backbone of initialisation %s (%s)", path, state["initialisation"],
                  ", ".join(f"{k} {pretraining[k]}" for k in ("method", "epochs", "images") if k in pretraining)
                  or "no pretraining record")
+        named = recorded_initialisation(str(path))
+        if named != state["initialisation"]:  # the arm's name and learning rate come from the record beside it
+            raise WeightsMismatchError(
+                f"{path} is a backbone of initialisation {state['initialisation']}, but the record beside it "
+                f"({path.with_suffix('.json').name}) is missing or says {named}: the run would be named and trained "
+                f"as {named}; copy the backbone's {path.with_suffix('.json').name} from its pretraining folder beside it")
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = evaluated_weights(state["model"], state.get("ema") or {})
     if not isinstance(state, Mapping):

@@ -11,10 +11,11 @@ The evaluation's test split (data.test_split of data.root) must stay unseen: a b
 photos, even without their grades, flatters every arm started from it. So an entry that shares an image or a patient
 with the test split stops the run with one line (refuse_test_overlap). An image is shared when it is the same file
 (its folder resolved: a link to the test folder counts) or a copy of one: the same name, extension aside, and the
-same number of bytes (the test folder copied elsewhere). A photo saved again under a test photo's name (another
-size) may be a preprocessed copy, or another dataset's photo with the same kind of name: it is named in a warning,
-not refused. A patient is shared when patients.py names it the same within the same dataset folder: patient ids
-are qualified by their folder, so two datasets' "10_left" are different people, while EyePACS' left eye in a pool
+same number of bytes (the test folder copied elsewhere). A source that holds half or more of the test photos' names
+at other sizes is the test split saved again (preprocessed at another size, say) and is refused too; a few such
+names may be another dataset's photos with the same kind of name: they are named in a warning, not refused. A
+patient is shared when patients.py names it the same within the same dataset folder: patient ids are qualified by
+their folder, so two datasets' "10_left" are different people, while EyePACS' left eye in a pool
 and its right eye in the test split are one. The training split is not checked: the arms train on it (its own
 patient overlap with the test split is train's warning), so pretraining on it shows the backbone nothing new.
 """
@@ -245,6 +246,9 @@ def _refuse_repeats(parts: list[_Photos]) -> None:
                                   f"(e.g. {', '.join(names[:SHOWN])}): each photo is in the pool once; leave the entry out")
 
 
+SAVED_AGAIN_SHARE = 0.5  # a source holding this share of the test split's names (at any size) is its copy
+
+
 def refuse_test_overlap(pool: PhotoPool, test: RetinopathyDataset | None) -> None:
     """Raise PoolOverlapError (one line) where a pretrain.pools entry shares images or patients with the evaluation's
     test split (see the module's docstring for what counts as the same); warn of photos carrying a test photo's name
@@ -284,6 +288,11 @@ def refuse_test_overlap(pool: PhotoPool, test: RetinopathyDataset | None) -> Non
                 patients[qualified(test_root, test.patients[j])] = test.patients[j]
             if pool.patients[i] in test_patients:
                 patients[pool.patients[i]] = test_patients[pool.patients[i]]
+        if len(look_alikes) >= SAVED_AGAIN_SHARE * len(test.paths):
+            # most of the test photos' names at other sizes: the test split saved again (preprocessed at another
+            # size, say), not another dataset's photos that happen to share a kind of name
+            images += look_alikes
+            look_alikes = []
         if images or patients:
             example = ", ".join(images[:SHOWN]) if images else "patient " + ", ".join(list(patients.values())[:SHOWN])
             lines.append(f"{source['root']}:{source['split']} shares {len(images)} image(s) and {len(patients)} "

@@ -61,7 +61,9 @@ from dr_resnet.results.rundir import (
 from dr_resnet.seeds import derive_seed
 from dr_resnet.training import checkpoint, components, distributed
 from dr_resnet.training.average import ExponentialAverage
+from dr_resnet.training.checkpoint import EpochPosition
 from dr_resnet.training.distributed import DistInfo
+from dr_resnet.training.loop import NonFiniteError
 from dr_resnet.training.preemption import RunStopped, StepBoundary, StopSignals
 from dr_resnet.training.runtime import Stopwatch, configure_backends, environment
 from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
@@ -182,7 +184,7 @@ def build(cfg: Config, info: DistInfo) -> Pretraining:
 
 # -- one step, one epoch -------------------------------------------------------------------------------------
 
-def step(run: Pretraining, images: Tensor, generator: torch.Generator, done: int) -> tuple[Tensor, Tensor]:
+def step(run: Pretraining, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """One BYOL step on a uint8 batch on the device: two views, the online predictions of each against the
     target's projections of the other, SGD, then the target moves towards the online network by the decay of
     this step. Returns the loss and the online projections' spread (device tensors: nothing waits for them)."""
@@ -197,42 +199,45 @@ def step(run: Pretraining, images: Tensor, generator: torch.Generator, done: int
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
-    run.target.decay = target_decay(done, run.total_steps, run.cfg.pretrain.target_decay)
+    # the run's step in its own steps (the scheduler's count: moved with the schedule on a resume by other processes)
+    run.target.decay = target_decay(min(run.scheduler.last_epoch, run.total_steps), run.total_steps,
+                                    run.cfg.pretrain.target_decay)
     run.target.update(run.online.encoder)
     return loss.detach(), output_spread(online.projections[0])
 
 
-@dataclass
-class Position:
-    """Inside an epoch: the steps done, and each rank's view stream and running sums (a mid-epoch checkpoint)."""
+def restore_position(position: EpochPosition, generator: torch.Generator, sums: Tensor, info: DistInfo) -> None:
+    """Each rank's view stream and running sums from a mid-epoch checkpoint. Resumed by another number of
+    processes (or on another kind of device), the epoch's remaining photos are shared out anew with fresh view
+    streams, rank 0 carrying the sums so far: close to, not bit for bit, an uninterrupted run."""
+    ranks = position.ranks
+    if len(ranks) == info.world_size and position.device in ("", generator.device.type):
+        generator.set_state(ranks[info.rank]["views"])
+        sums += torch.tensor(ranks[info.rank]["sums"], dtype=torch.float64, device=sums.device)
+        return
+    if info.is_main:
+        sums += torch.tensor([r["sums"] for r in ranks], dtype=torch.float64, device=sums.device).sum(0)
+        log.warning("the checkpoint was written by %d process(es) on %s inside pretraining epoch %d; %d process(es) on "
+                    "%s go on with its remaining photos and fresh view streams: close to, not bit for bit, an "
+                    "uninterrupted run", len(ranks), position.device or "?", position.epoch + 1, info.world_size,
+                    generator.device.type)
 
-    epoch: int
-    step: int
-    seconds: float
-    ranks: list[dict]  # per rank: {"views": generator state, "sums": [loss, spread, steps]}
 
-    def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seconds": self.seconds, "ranks": self.ranks}
-
-
-def train_epoch(run: Pretraining, epoch: int, position: Position | None, boundary: StepBoundary) -> dict:
+def train_epoch(run: Pretraining, epoch: int, position: EpochPosition | None, boundary: StepBoundary) -> dict:
     """The steps of one epoch (from `position` when resuming inside it), with the collective decision at each
     step boundary (a checkpoint on the clock or a signal; a stop). Returns the epoch's row."""
     from tqdm import tqdm
 
     info, pre = run.info, run.cfg.pretrain
-    first = position.step if position else 0
-    run.sampler.set_epoch(epoch, first * pre.batch_size * info.world_size)
+    first, began_with = (position.step, position.began_with) if position else (0, info.world_size)
+    images_before, seconds_before = (position.images, position.seconds) if position else (0, 0.0)
+    run.sampler.set_epoch(epoch, images_before, began_with)
     generator = epoch_generator(run.cfg.train.seed, epoch, info.rank, info.device)
     sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss, spread, steps
-    if position and len(position.ranks) == info.world_size:
-        generator.set_state(position.ranks[info.rank]["views"])
-        sums += torch.tensor(position.ranks[info.rank]["sums"], dtype=torch.float64, device=info.device)
-    elif position and info.is_main:
-        log.warning("the checkpoint was written by %d process(es) inside epoch %d; %d go on with fresh view streams",
-                    len(position.ranks), epoch + 1, info.world_size)
-    seconds_before = position.seconds if position else 0.0
-    steps = run.steps_per_epoch
+    if position:
+        restore_position(position, generator, sums, info)
+    steps = first + len(run.loader)
+    per_step = pre.batch_size * info.world_size
     watch = Stopwatch(info.device)
     bar = tqdm(total=steps * pre.batch_size, initial=first * pre.batch_size, desc=f"pretrain {epoch + 1}/{pre.epochs}",
                unit="photo", disable=not info.is_main, mininterval=1 if sys.stderr.isatty() else 30, leave=False)
@@ -241,14 +246,16 @@ def train_epoch(run: Pretraining, epoch: int, position: Position | None, boundar
     try:
         for done, (images, _) in enumerate(run.loader, start=first + 1):
             images = images.to(info.device, non_blocking=True)
-            loss, spread = step(run, images, generator, epoch * run.steps_per_epoch + done)
+            loss, spread = step(run, images, generator)
             sums += torch.stack([loss.double(), spread.double(), torch.ones((), dtype=torch.float64, device=info.device)])
             bar.update(images.shape[0])
             decision = boundary.decide()
             if decision.checkpoint:
-                here = Position(epoch, done, seconds_before + watch.seconds(),
-                                distributed.all_gather_objects({"views": generator.get_state(),
-                                                                "sums": sums.tolist()}))
+                here = EpochPosition(epoch, done, steps, began_with, info.world_size,
+                                     images_before + (done - first) * per_step, None, seconds_before + watch.seconds(),
+                                     distributed.all_gather_objects({"views": generator.get_state(),
+                                                                     "sums": sums.tolist()}),
+                                     generator.device.type)
                 save_checkpoint(run, state(run, epoch, here))
                 boundary.checkpointed()
                 log.info("checkpoint in pretraining epoch %d after step %d of %d", epoch + 1, done, steps)
@@ -257,19 +264,20 @@ def train_epoch(run: Pretraining, epoch: int, position: Position | None, boundar
             boundary.send()
     finally:
         bar.close()
-    seconds = seconds_before + watch.seconds()
+    session = watch.seconds()
     total = distributed.all_reduce_sum(sums.clone())
     loss, spread, count = (float(v) for v in total.cpu())
-    images = int(count) * pre.batch_size
+    photos_now = (steps - first) * per_step  # this launch's: the speed is theirs over its own time
     return {"epoch": epoch + 1, "loss": loss / max(count, 1), "spread": spread / max(count, 1),
             "spread_x_sqrt_d": spread / max(count, 1) * math.sqrt(pre.projection_dim),
-            "lr": run.optimizer.param_groups[0]["lr"], "target_decay": run.target.decay, "photos": images,
-            "photos_per_s": images / max(seconds - seconds_before, 1e-9) if count else 0.0, "epoch_seconds": seconds}
+            "lr": run.optimizer.param_groups[0]["lr"], "target_decay": run.target.decay,
+            "photos": images_before + photos_now, "photos_per_s": photos_now / max(session, 1e-9),
+            "epoch_seconds": seconds_before + session}
 
 
 # -- checkpoints and resume ------------------------------------------------------------------------------------
 
-def state(run: Pretraining, epochs_done: int, position: Position | None = None) -> dict:
+def state(run: Pretraining, epochs_done: int, position: EpochPosition | None = None) -> dict:
     """What a resume needs (rank 0 saves it): after `epochs_done` epochs, or inside the next one (`position`)."""
     return {"online": run.online.state_dict(), "target": run.target.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
@@ -285,7 +293,7 @@ def save_checkpoint(run: Pretraining, saved: dict) -> None:
         saved, run.run_dir / LAST_CHECKPOINT, keep_previous=run.run_dir / PREV_CHECKPOINT), run.info.is_main)
 
 
-def resume(run: Pretraining) -> tuple[int, Position | None]:
+def resume(run: Pretraining) -> tuple[int, EpochPosition | None]:
     """The run folder's resume point (checkpoint_last.pt, else checkpoint_prev.pt): epochs done and the position
     inside the next one. Nothing there: a fresh start; another config: one line saying what differs."""
     policy = run.cfg.train.resume
@@ -327,11 +335,10 @@ def resume(run: Pretraining) -> tuple[int, Position | None]:
     checkpoint.restore_rng(saved["rng"])
     run.rows = list(saved["rows"])
     run.wandb_id = saved.get("wandb_id")
-    where = saved["position"]
-    position = Position(where["epoch"], where["step"], where["seconds"], where["ranks"]) if where else None
+    position = EpochPosition.of(saved["position"])
     epochs = int(saved["epoch"])
     if position:
-        components.move_schedule(run.scheduler, position.epoch + position.step / run.steps_per_epoch, run.steps_per_epoch)
+        components.move_schedule(run.scheduler, position.epoch + position.step / position.steps, run.steps_per_epoch)
         log.info("resumed %s in pretraining epoch %d after step %d", path, position.epoch + 1, position.step)
     else:
         log.info("resumed %s after pretraining epoch %d", path, epochs)
@@ -433,6 +440,10 @@ def fit(run: Pretraining) -> dict | None:
             boundary = StepBoundary(run.cfg.train.checkpoint_every_minutes, signals, info.is_main)
             for epoch in range(epochs_done, pre.epochs):
                 row = train_epoch(run, epoch, position if position and position.epoch == epoch else None, boundary)
+                if not (math.isfinite(row["loss"]) and math.isfinite(row["spread"])):
+                    raise NonFiniteError(f"pretraining epoch {epoch + 1}: a non-finite loss or output ({row['loss']:.4g}); "
+                                         f"the last checkpoint is kept. Try a lower pretrain.lr_base (now "
+                                         f"{pre.lr_base:g}) or train.amp=off")
                 try:
                     raise_if_collapsed(row["spread"], pre.projection_dim, pre.collapse_below,
                                        (epoch + 1) * run.steps_per_epoch)
