@@ -70,7 +70,9 @@ def setting(default: Any, text: str) -> Any:
 @dataclass
 class ModelConfig:
     depth: Depth = setting(18, "18, 34 (BasicBlock), 50, 101, 152 (Bottleneck): registry.ARCHITECTURES")
-    weights: str = setting("none", "none (or scratch) | imagenet | path to a state dict or checkpoint")
+    weights: str = setting("none", "none (or scratch) | imagenet | path to a state dict, checkpoint or backbone.pt "
+                                   "(python -m dr_resnet.pretrain's) | ssl, imagenet+ssl (launch.sweep's arms: it "
+                                   "pretrains the backbone). Pretraining itself starts from none or imagenet only")
     zero_init_residual: bool = setting(True, "each residual block's last BatchNorm weight starts at 0, so every block starts as "
                                              "the identity (Goyal et al. 2017; torchvision's reference recipes): gradients 22x "
                                              "smaller at the start for ResNet50 from scratch. Loaded weights (model.weights) "

@@ -582,8 +582,15 @@ def launch(args: argparse.Namespace, argv: list[str] | None, start: Callable = s
                   made=made)
     if not (args.wait or args.executor == "local"):  # local jobs are this process's children: always wait
         print(f"report when done: python -m dr_resnet.report {out}")
-        return 0
-    return wait_and_report(jobs, plans, out)
+        return 1 if unmade(made) else 0
+    code = wait_and_report(jobs, plans, out)
+    return 1 if unmade(made) else code
+
+
+def unmade(made: dict) -> list[str]:
+    """The backbones whose pretraining failed (their arms were not run): a sweep with one exits 1, as with a failed
+    run. One not run for want of ImageNet's weights is not a failure, as a pretrained arm not run for them is not."""
+    return [name for name, b in made.items() if b.status == "failed"]
 
 
 def drawn_record(search: trials.Search | None, arms: list[str], count: int, folder: Path) -> dict | None:
@@ -844,7 +851,7 @@ def tune(args: argparse.Namespace, argv: list[str] | None, sweep: Sweep, out: Pa
     log_winners(choice, out, recipe)
     jobs = submit(args, argv, phase2, out, extra=roles, start=start, made=made2)  # SWEEP_DIR/sweep.json: the report's
     code = wait_and_report(jobs, phase2, out)
-    return 1 if failed or len(winners) < len(by_arm) else code
+    return 1 if failed or len(winners) < len(by_arm) or unmade(made1) or unmade(made2) else code
 
 
 def say_winners(choice: dict) -> None:

@@ -905,11 +905,11 @@ def test_every_pair_of_initialisations_at_a_depth_is_a_member_of_the_question(tm
     # the backbone's cost beside its arm in the answer, and what it learned from in the Backbones table
     answer = md.split("# Answer")[1].split("\n#")[0].splitlines()  # the answer table, before the next section
     [ssl_row] = [line for line in answer if line.startswith("| resnet18 ssl |")]
-    assert ssl_row.rstrip(" |").endswith("0.40 CPU-h (byol, 50 epochs on 3000 photos)")
+    assert ssl_row.rstrip(" |").endswith("24.0 CPU-min (byol, 50 epochs on 3000 photos)")
     others = [line for line in answer if line.startswith(("| resnet18 scratch |", "| resnet18 pretrained |"))]
     assert len(others) == 2 and all(line.rstrip(" |").endswith("| -") for line in others)
     backbones = md.split("## Backbones")[1]
-    assert ("| resnet18 ssl | ssl | /data/eyepacs:train (1000, 500); /data/aptos:test (2000, 2000) | 0.40 CPU-h (byol, "
+    assert ("| resnet18 ssl | ssl | /data/eyepacs:train (1000, 500); /data/aptos:test (2000, 2000) | 24.0 CPU-min (byol, "
             "50 epochs on 3000 photos) | 0bb06d56d424314e |") in backbones
 
 

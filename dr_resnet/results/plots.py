@@ -158,8 +158,11 @@ def save_pretraining_health(rows: Sequence[dict], collapse_below: float, path: s
     spread_axes.axhline(collapse_below, color="tab:red", linestyle="--", label=f"collapse (< {collapse_below:g})")
     spread_axes.set(xlabel="epoch", ylabel="spread x sqrt(d)", title="outputs' spread", ylim=(0, None))
     spread_axes.legend(fontsize="small")
+    from matplotlib.ticker import MaxNLocator
+
     for axes in (loss_axes, spread_axes):
         axes.grid(alpha=0.3)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     fig.suptitle(title, fontsize="medium")
     save(fig, path)
     return fig

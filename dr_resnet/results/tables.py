@@ -143,8 +143,8 @@ def pretraining_cost(record: dict | None) -> str:
     '-' for an arm without one (ImageNet's weights cost this experiment nothing; scratch has none)."""
     if not record:
         return "-"
-    hours = (f"{record['gpu_hours']:.2f} GPU-h" if record.get("gpu_hours") else
-             f"{record.get('cpu_hours') or 0:.2f} CPU-h")
+    kind, hours = ("GPU", record["gpu_hours"]) if record.get("gpu_hours") else ("CPU", record.get("cpu_hours") or 0.0)
+    hours = f"{hours:.1f} {kind}-h" if hours >= 1 else f"{hours * 60:.1f} {kind}-min"  # the training column's minutes
     unfinished = "" if record.get("finished", True) else ", unfinished"
     return (f"{hours} ({record.get('method', '?')}, {record.get('epochs', '?')} epochs on {record.get('images', '?')} "
             f"photos{unfinished})")
