@@ -713,7 +713,8 @@ def test_a_searched_grid_is_answered_by_its_held_out_choice_and_winners_meet_win
         ("| resnet18 scratch", "held-out choice among 2 settings of train.lr (train.lr=0.01)"),
         ("| resnet18 pretrained", "held-out choice among 3 settings of train.lr (train.lr=0.1)")]
     assert rows[1].split(" | ")[2] == "0.605"  # the mean over its two seeds of the score that chose (named once above)
-    assert rows[1].split(" | ")[-2] == "6"  # runs behind it: 3 rates x 2 seeds
+    assert rows[1].split(" | ")[-3] == "6"  # runs behind it: 3 rates x 2 seeds
+    assert rows[1].split(" | ")[-1] == "- |"  # no backbone: no pretraining cost
     comparisons = comparisons_of(out)
     assert [(c["comparison"], c["epoch"]) for c in comparisons] == [("pretrained vs scratch at ResNet18", "selected"),
                                                                      ("pretrained vs scratch at ResNet18", "final")]
