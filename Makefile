@@ -34,8 +34,9 @@ demo: $(VENV)/.installed
 # In-domain self-supervised pretraining against training from scratch, CPU-sized (docs/pretraining.md,
 # docs/results/ssl.md): the demo's synthetic photos at 64 px plus 2,000 unlabelled ones of another (APTOS-like)
 # dataset; the sweep pretrains a ResNet18 with BYOL once (cached in runs/backbones), fine-tunes scratch and ssl at
-# 10%, 25% and 100% of the labels on 3 seeds, then probes both backbones linearly; two reports. About 1.5 hours
-# on 2 cores: a benchmark, not the demo. Without ImageNet weights the pretrained arm is reported as not run.
+# 10%, 25% and 100% of the labels on 3 seeds, then probes both backbones linearly; two reports. About 2 hours
+# 10 minutes on a shared 2-core machine (the pretraining 1 h 40 min of it; docs/results/ssl.md): a benchmark,
+# not the demo. Without ImageNet weights the pretrained arm is reported as not run.
 ssl-proof: $(VENV)/.installed
 	test -f $(DATA)/synthetic_raw/train_label.csv || $(PY) -m dr_resnet.synthetic --out $(DATA)/synthetic_raw \
 		--train 1000 --test 250 --size 256 --seed 0 --lesion-masks
