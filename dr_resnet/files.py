@@ -1,10 +1,12 @@
 """Atomic file writes, the one way this project writes a file that someone may read while it is being
 written (a resuming run, the report, a killed process's successor): into a temporary file next to the
 target, renamed onto it only when complete. A reader finds the old file or the new one, never half of
-one; a failed write leaves the target as it was and no temporary file behind. No torch here."""
+one; a failed write leaves the target as it was and no temporary file behind. And the one non-blocking
+file lock (try_lock) that node-local copies and cached backbones are shared under. No torch here."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +14,17 @@ from pathlib import Path
 from typing import IO
 
 TEMPORARY_SUFFIX = ".tmp"  # .<name>.<pid>.tmp: hidden, and one per process (two writers never share one)
+
+
+def try_lock(fd: int, kind: int) -> bool:
+    """Take an flock of `kind` (fcntl.LOCK_SH or LOCK_EX) on an open file without waiting: False when another
+    process holds a lock that excludes it (a file system with working flock: node-local, or a cluster's that
+    says so)."""
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def temporary_name(path: Path) -> Path:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dr_resnet import config
-from dr_resnet.files import write_text
+from dr_resnet.files import try_lock, write_text
 from dr_resnet.results.rundir import BACKBONE_FILE, BACKBONE_RECORD, PRETRAINING_JOB_FILE, last_launch_error
 
 from .task import PretrainTask
@@ -176,15 +176,11 @@ def exclusive(lock: Path, what: str) -> Iterator[None]:
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         started, said = time.monotonic(), False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not said and time.monotonic() - started >= LOCK_SAID_S:
-                    print(f"waiting for another sweep's {what} (it holds {lock})", flush=True)
-                    said = True
-                time.sleep(0.5)  # another process's lock: flock has no wait with a timeout
+        while not try_lock(fd, fcntl.LOCK_EX):
+            if not said and time.monotonic() - started >= LOCK_SAID_S:
+                print(f"waiting for another sweep's {what} (it holds {lock})", flush=True)
+                said = True
+            time.sleep(0.5)  # another process's lock: flock has no wait with a timeout
         yield
     finally:
         os.close(fd)  # closing releases the lock

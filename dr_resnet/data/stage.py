@@ -31,7 +31,7 @@ from typing import Callable
 from dr_resnet import config
 from dr_resnet.config import ConfigError
 from dr_resnet.errors import UserError, run_command
-from dr_resnet.files import write_text
+from dr_resnet.files import try_lock, write_text
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def remove_stale_temporaries(base: Path) -> list[Path]:
         # host (a container) may be alive though its pid is not here.
         fd = os.open(_lock_file(base, stem[1:].removesuffix(f".{host}")), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if _try_lock(fd, fcntl.LOCK_EX):
+            if try_lock(fd, fcntl.LOCK_EX):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
         finally:
@@ -242,14 +242,6 @@ def remove_stale_temporaries(base: Path) -> list[Path]:
 def _lock_file(base: Path, name: str) -> Path:
     # Next to the copy, never inside it or on the source; kept when a copy is cleaned (a process may hold it open).
     return base / f".{name}.lock"
-
-
-def _try_lock(fd: int, kind: int) -> bool:
-    try:
-        fcntl.flock(fd, kind | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
 
 
 def _job_marker(base: Path, root: Path) -> Path | None:
@@ -372,12 +364,12 @@ def _use(base: Path, name: str, make: Callable[[], None], what: str, progress_s:
         while True:
             # Shared first: many jobs may use one complete copy at once, and a job holding it must never
             # keep another from starting.
-            if _try_lock(fd, fcntl.LOCK_SH):
+            if try_lock(fd, fcntl.LOCK_SH):
                 if (target / MANIFEST).is_file():
                     made = False
                     break
                 fcntl.flock(fd, fcntl.LOCK_UN)
-            if _try_lock(fd, fcntl.LOCK_EX):
+            if try_lock(fd, fcntl.LOCK_EX):
                 made = not (target / MANIFEST).is_file()
                 if made:
                     make()
@@ -432,7 +424,7 @@ def clean(base: Path, older_than_days: float) -> list[str]:
         try:
             # Not held, and still unused once it is ours: a job touches LAST_USED before it lets go of its
             # exclusive lock, so no job can start using it between the two checks.
-            if not _try_lock(fd, fcntl.LOCK_EX) or _used_within(target, now, older_than_days):
+            if not try_lock(fd, fcntl.LOCK_EX) or _used_within(target, now, older_than_days):
                 continue
             (target / MANIFEST).unlink()  # first: a half-removed copy is never taken for a complete one
             shutil.rmtree(target, ignore_errors=True)

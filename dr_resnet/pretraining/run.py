@@ -52,21 +52,22 @@ from dr_resnet.results.rundir import (
     BACKBONE_RECORD,
     CONFIG_FILE,
     LAST_CHECKPOINT,
-    METRICS_FILE,
     PRETRAINING_PNG,
     PREV_CHECKPOINT,
     SUMMARY_FILE,
-    TRAIN_LOG,
+    append_metrics,
+    rewrite_metrics,
 )
 from dr_resnet.seeds import derive_seed
 from dr_resnet.training import checkpoint, components, distributed
 from dr_resnet.training.average import ExponentialAverage
 from dr_resnet.training.checkpoint import EpochPosition
 from dr_resnet.training.distributed import DistInfo
-from dr_resnet.training.loop import NonFiniteError
+from dr_resnet.training.loop import Execution, NonFiniteError
 from dr_resnet.training.preemption import RunStopped, StepBoundary, StopSignals
-from dr_resnet.training.runtime import Stopwatch, configure_backends, environment
+from dr_resnet.training.runtime import Stopwatch, configure_backends
 from dr_resnet.training.tracking import Tracker, TrackingSettings, new_run_id
+from dr_resnet.training.train import announce_launch, drop_previous_checkpoint, set_aside
 
 log = logging.getLogger("dr_resnet.pretrain")
 
@@ -111,7 +112,7 @@ class Pretraining:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    execution: object  # loop.Execution: device and precision
+    execution: Execution  # device and precision
     views: FundusViews
     lr: float
     lr_rule: str
@@ -119,6 +120,11 @@ class Pretraining:
     steps_per_epoch: int  # an epoch's steps for each process (fixed: the loader is shorter in a resumed epoch)
     rows: list[dict] = field(default_factory=list)
     wandb_id: str | None = None
+
+    @property
+    def initialisation(self) -> str:
+        """What the backbone will be: ssl from random weights, imagenet+ssl from ImageNet's."""
+        return STARTED_FROM[self.cfg.model.weights]
 
     @property
     def total_steps(self) -> int:
@@ -299,8 +305,6 @@ def resume(run: Pretraining) -> tuple[int, EpochPosition | None]:
     policy = run.cfg.train.resume
     if policy == "never":
         if run.info.is_main:
-            from dr_resnet.training.train import set_aside
-
             set_aside(run.run_dir)
         distributed.barrier()
         return 0, None
@@ -354,7 +358,7 @@ def record(run: Pretraining, finished: bool) -> dict:
     seconds = sum(r["epoch_seconds"] for r in run.rows)
     hours = seconds * run.info.world_size / 3600
     cuda = run.info.device.type == "cuda"
-    return {"initialisation": STARTED_FROM[cfg.model.weights], "method": pre.method, "depth": cfg.model.depth,
+    return {"initialisation": run.initialisation, "method": pre.method, "depth": cfg.model.depth,
             "started_from": cfg.model.weights, "pool": run.pool.record(), "images": len(run.pool.paths),
             "epochs": len(run.rows), "epochs_planned": pre.epochs, "image_size": cfg.data.image_size,
             "config_hash": config.pretraining_hash(cfg), "processes": run.info.world_size,
@@ -375,22 +379,20 @@ def write_backbone(run: Pretraining) -> dict:
     return saved
 
 
-def write_health(run: Pretraining) -> None:
-    """pretraining.png: the loss and the spread x sqrt(d) per epoch, the collapse line drawn (rank 0)."""
+def write_health(run: Pretraining, rows: list[dict]) -> None:
+    """pretraining.png: the loss and the spread x sqrt(d) per epoch of `rows`, the collapse line drawn (rank 0)."""
     from dr_resnet.results.plots import save_pretraining_health
 
-    save_pretraining_health(run.rows, run.cfg.pretrain.collapse_below, run.run_dir / PRETRAINING_PNG,
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    save_pretraining_health(rows, run.cfg.pretrain.collapse_below, run.run_dir / PRETRAINING_PNG,
                             f"resnet{run.cfg.model.depth} BYOL on {len(run.pool.paths)} photos ({run.run_dir.name})")
 
 
 def record_epoch(run: Pretraining, row: dict, tracker: Tracker | None) -> None:
     """Rank 0 appends the row to metrics.jsonl, every rank takes part in the checkpoint, rank 0 logs."""
     run.rows.append(row)
-
-    def write() -> None:
-        with open(run.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
-    distributed.rank0_writes(f"pretraining epoch {row['epoch']}'s metrics", write, run.info.is_main)
+    distributed.rank0_writes(f"pretraining epoch {row['epoch']}'s metrics", lambda: append_metrics(run.run_dir, row),
+                             run.info.is_main)
     save_checkpoint(run, state(run, row["epoch"]))
     if run.info.is_main:
         tracker.log_epoch(row)
@@ -405,13 +407,13 @@ def start_run_folder(run: Pretraining, epochs_done: int) -> None:
     checkpoint.remove_unfinished(run.run_dir)
     effective = {"lr": run.lr, "lr_rule": run.lr_rule, "global_batch": run.cfg.pretrain.batch_size * run.info.world_size,
                  "steps_per_epoch": run.steps_per_epoch, "precision": run.execution.precision.name,
-                 "sync_bn": run.sync_bn, "initialisation": STARTED_FROM[run.cfg.model.weights],
+                 "sync_bn": run.sync_bn, "initialisation": run.initialisation,
                  "config_hash": config.pretraining_hash(run.cfg), "pool": run.pool.record()}
     config.save(run.cfg, run.run_dir / CONFIG_FILE, recorded={"effective": effective})
     run.rows = run.rows[:epochs_done]
-    write_text(run.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in run.rows))
+    rewrite_metrics(run.run_dir, run.rows)
     log.info("%s: BYOL pretraining of a resnet%d (%s) on %d photos (%s), %d process(es) on %s, precision %s",
-             run.run_dir, run.cfg.model.depth, STARTED_FROM[run.cfg.model.weights], len(run.pool.paths),
+             run.run_dir, run.cfg.model.depth, run.initialisation, len(run.pool.paths),
              "; ".join(f"{s['root']}:{s['split']} {s['images']}" for s in run.pool.record()), run.info.world_size,
              run.info.device, run.execution.precision.name)
     log.info("learning rate %.4g (%s), %d steps an epoch, target decay %g -> 1; %s", run.lr, run.lr_rule,
@@ -421,7 +423,7 @@ def start_run_folder(run: Pretraining, epochs_done: int) -> None:
 def start_tracking(run: Pretraining) -> Tracker:
     w = run.cfg.wandb
     settings = TrackingSettings(w.mode, w.project, w.entity, w.group, w.name, job_type="pretrain",
-                                tags=("pretrain", f"resnet{run.cfg.model.depth}", STARTED_FROM[run.cfg.model.weights],
+                                tags=("pretrain", f"resnet{run.cfg.model.depth}", run.initialisation,
                                       *filter(None, w.tags.split(","))), init_timeout=w.init_timeout)
     return Tracker(settings, run.run_dir, run.wandb_id or new_run_id(),
                    {**run.cfg.to_dict(), "pool": run.pool.record()}, run.info.is_main)
@@ -448,8 +450,8 @@ def fit(run: Pretraining) -> dict | None:
                     raise_if_collapsed(row["spread"], pre.projection_dim, pre.collapse_below,
                                        (epoch + 1) * run.steps_per_epoch)
                 except CollapseError as exc:
-                    if info.is_main:  # the figure with the collapsed epoch: no checkpoint holds it
-                        write_health_quietly(run, row)
+                    if info.is_main:  # the figure with the collapsed epoch (no checkpoint holds it)
+                        write_health(run, [*run.rows, row])
                     raise CollapseError(f"{exc} (epoch {epoch + 1}; the last healthy checkpoint is kept)") from None
                 record_epoch(run, row, tracker)
                 boundary.checkpointed()
@@ -462,24 +464,14 @@ def fit(run: Pretraining) -> dict | None:
             tracker.finish()
 
 
-def write_health_quietly(run: Pretraining, row: dict) -> None:
-    """The health figure with the collapsed epoch in it (it is not in metrics.jsonl: no checkpoint holds it)."""
-    rows, run.rows = run.rows, [*run.rows, row]
-    try:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        write_health(run)
-    finally:
-        run.rows = rows
-
-
 def finish(run: Pretraining, tracker: Tracker) -> dict:
     """Rank 0 after the last epoch: backbone.pt, backbone.json, summary.json, the health figure, W&B's summary."""
     saved = write_backbone(run)
-    write_health(run)
+    write_health(run, run.rows)
     summary = {"run": run.run_dir.name, "kind": "pretraining", **saved, "rows": len(run.rows),
                "pretraining_seconds": sum(r["epoch_seconds"] for r in run.rows)}
     write_text(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    (run.run_dir / PREV_CHECKPOINT).unlink(missing_ok=True)
+    drop_previous_checkpoint(run.run_dir)
     if tracker.active:
         tracker.update_summary({"final_loss": saved["final_loss"], "final_spread_x_sqrt_d": saved["final_spread_x_sqrt_d"],
                                 "cpu_hours": saved["cpu_hours"], "gpu_hours": saved["gpu_hours"]})
@@ -499,10 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def work(info: DistInfo) -> int:
-        distributed.log_to_file(Path(cfg.output.dir) / TRAIN_LOG, info)
-        log.info("dr_resnet %s pretrain: config %s%s", __version__, args.config or "(defaults)",
-                 f" + {' '.join(args.overrides)}" if args.overrides else "")
-        log.info("environment: %s; %d process(es) (%s) on %s", environment(), info.world_size, info.launcher, info.device)
+        announce_launch(log, Path(cfg.output.dir), args.config, args.overrides, info)
         started = time.perf_counter()
         try:
             saved = fit(build(cfg, info))

@@ -211,7 +211,8 @@ def settle_pending(run_dir: Path, selected_epoch: int | None) -> list[str]:
     return done
 
 
-LAUNCH_LINE = re.compile(r" INFO dr_resnet\.train: dr_resnet \S+: config ")  # train.log's first line of every launch
+# train.log's first line of every launch (training's or pretraining's: train.announce_launch)
+LAUNCH_LINE = re.compile(r" INFO dr_resnet\.(?:train|pretrain): dr_resnet \S+: config ")
 ERROR_LINE = re.compile(r"^\S+ \S+ (?:\[rank \d+\] )?ERROR \S+: (.*)$")
 
 

@@ -807,12 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def work(info: DistInfo) -> int:
-        distributed.log_to_file(Path(cfg.output.dir) / TRAIN_LOG, info)
-        # train.log's first line of each launch (results/rundir.py's LAUNCH_LINE finds the last launch by it)
-        log.info("dr_resnet %s: config %s%s", __version__, config_file or "(defaults)",
-                 f" + {' '.join(overrides)}" if overrides else "")
-        log.info("environment: %s; %d process(es) (%s) on %s", environment(), info.world_size, info.launcher,
-                 info.device)
+        announce_launch(log, Path(cfg.output.dir), config_file, overrides, info)
         refuse_pruned(Path(cfg.output.dir), cfg.train.resume)  # before any data is read
         try:
             summary = fit(build(cfg, info))
@@ -828,6 +823,18 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0 and fresh:
         remove_if_never_started(run_dir)
     return code
+
+
+def announce_launch(logger: logging.Logger, run_dir: Path, config_file: str | None, overrides: list[str],
+                    info: DistInfo) -> None:
+    """The run folder's train.log joined, and its first lines of a launch: the version, config and overrides
+    (results/rundir.py's LAUNCH_LINE finds the last launch by it: a failed run's own error is read after it),
+    then the environment. Training and pretraining both start so."""
+    distributed.log_to_file(run_dir / TRAIN_LOG, info)
+    logger.info("dr_resnet %s: config %s%s", __version__, config_file or "(defaults)",
+                f" + {' '.join(overrides)}" if overrides else "")
+    logger.info("environment: %s; %d process(es) (%s) on %s", environment(), info.world_size, info.launcher,
+                info.device)
 
 
 def remove_if_never_started(run_dir: Path) -> None:
